@@ -1,0 +1,56 @@
+# Two commands do everything on a fresh machine:
+#   make demo   create .venv, install, run the walkthrough
+#   make test   create .venv, install, lint, type-check, run the whole suite, check the package
+#
+# torch is installed in its own pip call *before* the project so that no dependency's
+# torch range pulls a CUDA build. GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format package bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev,viz,models]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python examples/walkthrough.py
+	$(BIN)/attnkit patterns --length 48
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) package
+
+# Build wheel + sdist, install the wheel into a fresh venv, import it and run one attention call.
+package: $(STAMP)
+	rm -rf dist /tmp/attnkit-pkg-venv
+	$(BIN)/python -m build -q --outdir dist . > /dev/null
+	$(PYTHON) -m venv /tmp/attnkit-pkg-venv
+	/tmp/attnkit-pkg-venv/bin/python -m pip install -q $(TORCH_SPEC)
+	/tmp/attnkit-pkg-venv/bin/python -m pip install -q dist/*.whl
+	cd /tmp && /tmp/attnkit-pkg-venv/bin/python -c "import attnkit, torch; \
+	q = torch.randn(1, 2, 5, 8); print('package ok:', attnkit.__version__, \
+	tuple(attnkit.attention(q, q, q, mask=attnkit.masks.causal()).shape))"
+	ls dist
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cpu.py
+
+clean:
+	rm -rf $(VENV) dist build out .pytest_cache .mypy_cache .ruff_cache

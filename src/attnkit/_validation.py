@@ -1,0 +1,121 @@
+"""Every check of user input, in one place, with messages that name the argument and shapes.
+
+Backends and modules call these at the boundary so that bad input never reaches a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit._types import Shapes
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_qkv(q: Any, k: Any, v: Any) -> Shapes:
+    """Validate q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) and return their sizes."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims (B, H, L, D), got shape {_shape(t)} with {t.dim()} dims"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(
+            f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (dim 0 must match)"
+        )
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if v.shape[1] != Hkv or v.shape[2] != Lk:
+        raise ValueError(
+            f"k and v must agree on heads and length: k {_shape(k)}, v {_shape(v)}"
+        )
+    if k.shape[3] != D:
+        raise ValueError(f"q and k head dims differ: q {_shape(q)}, k {_shape(k)} (dim 3)")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"query heads must be a multiple of key/value heads (GQA/MQA): "
+            f"q {_shape(q)} has {Hq}, k {_shape(k)} has {Hkv}"
+        )
+    if 0 in (B, Hq, Lq, D) or Lk == 0 or v.shape[3] == 0:
+        raise ValueError(
+            f"empty dimension: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (all sizes must be >= 1)"
+        )
+    return Shapes(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=v.shape[3])
+
+
+def check_scale(scale: Any, D: int) -> float:
+    """Return the softmax scale: ``scale`` if given (finite, non-zero), else 1/sqrt(D)."""
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale == 0:
+        raise ValueError(f"scale must be finite and non-zero, got {scale}")
+    return float(scale)
+
+
+def check_dropout(dropout_p: Any) -> float:
+    """Dropout probability must lie in [0, 1)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0 or math.isnan(dropout_p):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_bool_mask(mask: Tensor, s: Shapes) -> None:
+    """A tensor mask must be bool and broadcast to (B, Hq, Lq, Lk)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"mask tensor must be bool (True = attend), got {mask.dtype}; "
+            "use a score_mod for additive float biases"
+        )
+    target = (s.B, s.Hq, s.Lq, s.Lk)
+    if mask.dim() > 4:
+        raise ValueError(f"mask has {mask.dim()} dims, shape {_shape(mask)}; at most 4 allowed")
+    padded = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    if any(m not in (1, t) for m, t in zip(padded, target, strict=True)):
+        raise ValueError(
+            f"mask of shape {_shape(mask)} does not broadcast to (B, H, Lq, Lk) = {target}"
+        )
+
+
+def check_window(name: str, value: Any) -> int:
+    """A window side is a non-negative int, or -1 for unbounded."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (or -1 for unbounded), got {type(value).__name__}")
+    if value < -1:
+        raise ValueError(f"{name} must be >= 0, or -1 for unbounded, got {value}")
+    return value
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_align(align: Any) -> str:
+    if align not in ("bottom_right", "top_left"):
+        raise ValueError(f"align must be 'bottom_right' or 'top_left', got {align!r}")
+    return str(align)

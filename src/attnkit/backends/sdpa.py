@@ -1,0 +1,57 @@
+"""Delegate to ``torch.nn.functional.scaled_dot_product_attention`` where it can express the
+request: no mask, causal, or any mask as a dense bool tensor. It cannot return the LSE, apply
+a score_mod, or draw attnkit's reproducible dropout, and says so."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnkit.backends._common import Request, dense_mask
+from attnkit.masks import Mask
+
+NAME = "sdpa"
+
+
+def unsupported_reason(req: Request) -> str | None:
+    """Why SDPA cannot serve ``req``, or None when it can."""
+    if req.return_lse:
+        return "torch SDPA does not return the log-sum-exp (return_lse=True)"
+    if req.score_mod is not None:
+        return "torch SDPA cannot apply a score_mod"
+    if req.seed is not None:
+        return (
+            "torch SDPA draws dropout from the global RNG; attnkit's reproducible "
+            "counter-based dropout needs backend 'reference' or 'tiled'"
+        )
+    return None
+
+
+def _is_plain_causal(mask: object, Lq: int, Lk: int) -> bool:
+    """SDPA's is_causal is top-left aligned; bottom-right causal equals it when Lq == Lk."""
+    if not isinstance(mask, Mask) or mask.spec is None or mask.spec[0] != "causal":
+        return False
+    return mask.spec[1] == "top_left" or Lq == Lk
+
+
+def run(req: Request) -> tuple[Tensor, None]:
+    """Output (B, Hq, Lq, Dv) in q's dtype; fully masked rows are zeros."""
+    s = req.shapes
+    gqa = s.Hq != s.Hkv
+    if _is_plain_causal(req.mask, s.Lq, s.Lk):
+        out = F.scaled_dot_product_attention(
+            req.q, req.k, req.v, is_causal=True, scale=req.scale, enable_gqa=gqa
+        )
+        return out, None
+    allowed = dense_mask(req.mask, s, req.q.device)
+    if allowed is None:
+        out = F.scaled_dot_product_attention(req.q, req.k, req.v, scale=req.scale, enable_gqa=gqa)
+        return out, None
+    # SDPA turns a fully masked row into NaN (and NaN gradients). Let such rows attend
+    # everywhere, then zero their output: the zeroing also zeroes their gradient.
+    dead = ~allowed.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(
+        req.q, req.k, req.v, attn_mask=allowed | dead, scale=req.scale, enable_gqa=gqa
+    )
+    return out.masked_fill(dead, 0.0), None

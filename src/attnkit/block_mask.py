@@ -1,0 +1,175 @@
+"""BlockMask: which (q-tile, kv-tile) pairs of a mask are empty, partial or full.
+
+A tiled kernel skips empty tiles, computes full tiles without evaluating the mask and
+evaluates the mask predicate only on partial tiles. ``Mask.blocks()`` builds one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from attnkit._types import EMPTY, FULL, PARTIAL, MaskFn
+
+# Upper bound on predicate evaluations held in memory at once while refining tiles.
+_REFINE_CHUNK_ELEMENTS = 1 << 23
+
+
+class BlockMask:
+    """Per-tile map of a mask: 0 empty, 1 partial, 2 full.
+
+    Attributes:
+        kinds: int8 tensor (B|1, H|1, nQ, nK), nQ = ceil(q_len / block_q), nK likewise.
+        block_q, block_k: tile sizes along queries and keys.
+        q_len, kv_len: the lengths the mask was built for (Lq, Lk).
+        mask_fn: the bound predicate ``fn(b, h, q_idx, kv_idx)``, evaluated on partial tiles.
+        name: readable description of the mask it came from.
+    """
+
+    def __init__(
+        self,
+        kinds: Tensor,
+        block_q: int,
+        block_k: int,
+        q_len: int,
+        kv_len: int,
+        mask_fn: MaskFn | None,
+        name: str = "mask",
+    ) -> None:
+        n_q, n_k = -(-q_len // block_q), -(-kv_len // block_k)
+        if kinds.dim() != 4 or tuple(kinds.shape[2:]) != (n_q, n_k):
+            raise ValueError(
+                f"kinds must have shape (B|1, H|1, {n_q}, {n_k}) for q_len={q_len}, "
+                f"kv_len={kv_len}, blocks ({block_q}, {block_k}); got {tuple(kinds.shape)}"
+            )
+        if mask_fn is None and bool((kinds == PARTIAL).any()):
+            raise ValueError("a BlockMask with partial tiles needs mask_fn to evaluate them")
+        self.kinds = kinds.to(torch.int8)
+        self.block_q, self.block_k = block_q, block_k
+        self.q_len, self.kv_len = q_len, kv_len
+        self.mask_fn = mask_fn
+        self.name = name
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B|1, H|1, nQ, nK)."""
+        b, h, n_q, n_k = self.kinds.shape
+        return (b, h, n_q, n_k)
+
+    def tile_areas(self) -> Tensor:
+        """(nQ, nK) int64: number of score entries in each tile (edge tiles are smaller)."""
+        dev = self.kinds.device
+        rows = (self.q_len - torch.arange(0, self.q_len, self.block_q, device=dev)).clamp(
+            max=self.block_q
+        )
+        cols = (self.kv_len - torch.arange(0, self.kv_len, self.block_k, device=dev)).clamp(
+            max=self.block_k
+        )
+        return rows[:, None] * cols[None, :]
+
+    @property
+    def density(self) -> float:
+        """Fraction of the Lq×Lk score matrix a tiled kernel computes (non-empty tiles)."""
+        areas = self.tile_areas()
+        computed = ((self.kinds != EMPTY) * areas).sum(dim=(-1, -2)).double()
+        return float((computed / (self.q_len * self.kv_len)).mean())
+
+    def counts(self) -> dict[str, int]:
+        """Number of empty, partial and full tiles over all (b, h)."""
+        return {
+            "empty": int((self.kinds == EMPTY).sum()),
+            "partial": int((self.kinds == PARTIAL).sum()),
+            "full": int((self.kinds == FULL).sum()),
+        }
+
+    def to_dense(self) -> Tensor:
+        """Bool tensor (B|1, H|1, Lq, Lk): full tiles True, partial tiles by the predicate."""
+        b_n, h_n, _, _ = self.shape
+        out = (self.kinds == FULL).repeat_interleave(self.block_q, dim=2)
+        out = out.repeat_interleave(self.block_k, dim=3)[..., : self.q_len, : self.kv_len]
+        out = out.contiguous()
+        if self.mask_fn is not None:
+            for tiles, b, h, q, kv, valid in iter_partial_tiles(self):
+                vals = _eval(self.mask_fn, b, h, q, kv, valid)
+                for t in range(tiles.shape[0]):
+                    bi, hi, qi, ki = (int(x) for x in tiles[t])
+                    q0, k0 = qi * self.block_q, ki * self.block_k
+                    q1 = min(q0 + self.block_q, self.q_len)
+                    k1 = min(k0 + self.block_k, self.kv_len)
+                    out[bi, hi, q0:q1, k0:k1] = vals[t, : q1 - q0, : k1 - k0]
+        return out
+
+    def __repr__(self) -> str:
+        b, h, n_q, n_k = self.shape
+        c = self.counts()
+        return (
+            f"BlockMask({self.name}, B={b}, H={h}, q_len={self.q_len}, kv_len={self.kv_len}, "
+            f"block=({self.block_q}, {self.block_k}), tiles={n_q}x{n_k}, full={c['full']}, "
+            f"partial={c['partial']}, empty={c['empty']}, density={self.density:.3f})"
+        )
+
+    def __str__(self) -> str:
+        """Draw the tile map of (b=0, h=0): '#' full, '+' partial, '.' empty."""
+        limit = 96
+        grid = self.kinds[0, 0].tolist()
+        chars = {EMPTY: ".", PARTIAL: "+", FULL: "#"}
+        lines = [repr(self)]
+        for row in grid[:limit]:
+            line = "".join(chars[int(x)] for x in row[:limit])
+            lines.append(line + (" …" if len(row) > limit else ""))
+        if len(grid) > limit:
+            lines.append(f"… ({len(grid) - limit} more rows)")
+        return "\n".join(lines)
+
+
+def iter_partial_tiles(
+    bm: BlockMask,
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    """Yield partial tiles in chunks as broadcasting index tensors.
+
+    Yields:
+        tiles (n, 4) [b, h, q_tile, kv_tile]; b, h (n, 1, 1); q (n, bq, 1); kv (n, 1, bk)
+        clamped into range; valid (n, bq, bk) False where a padded edge tile runs past Lq or Lk.
+    """
+    tiles = (bm.kinds == PARTIAL).nonzero()
+    per_chunk = max(1, _REFINE_CHUNK_ELEMENTS // (bm.block_q * bm.block_k))
+    dev = bm.kinds.device
+    ar_q = torch.arange(bm.block_q, device=dev)
+    ar_k = torch.arange(bm.block_k, device=dev)
+    for start in range(0, tiles.shape[0], per_chunk):
+        t = tiles[start : start + per_chunk]
+        b = t[:, 0].view(-1, 1, 1)
+        h = t[:, 1].view(-1, 1, 1)
+        q = t[:, 2].view(-1, 1, 1) * bm.block_q + ar_q.view(1, -1, 1)
+        kv = t[:, 3].view(-1, 1, 1) * bm.block_k + ar_k.view(1, 1, -1)
+        valid = (q < bm.q_len) & (kv < bm.kv_len)
+        yield t, b, h, q.clamp(max=bm.q_len - 1), kv.clamp(max=bm.kv_len - 1), valid
+
+
+def _eval(fn: MaskFn, b: Tensor, h: Tensor, q: Tensor, kv: Tensor, valid: Tensor) -> Tensor:
+    return torch.as_tensor(fn(b, h, q, kv), device=valid.device).expand_as(valid) & valid
+
+
+def refine_partial_tiles(bm: BlockMask) -> BlockMask:
+    """Evaluate the predicate on every partial tile and reclassify it exactly (in place)."""
+    assert bm.mask_fn is not None
+    kinds = bm.kinds
+    for tiles, b, h, q, kv, valid in iter_partial_tiles(bm):
+        vals = _eval(bm.mask_fn, b, h, q, kv, valid)
+        any_ = vals.flatten(1).any(1)
+        all_ = (vals | ~valid).flatten(1).all(1)
+        new = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
+        kinds[tiles[:, 0], tiles[:, 1], tiles[:, 2], tiles[:, 3]] = new
+    return bm
+
+
+def count_attended(bm: BlockMask) -> Tensor:
+    """(B|1, H|1) int64: exact number of attended (q, kv) pairs, evaluating only partial tiles."""
+    total = ((bm.kinds == FULL) * bm.tile_areas()).sum(dim=(-1, -2))
+    if bm.mask_fn is not None:
+        for tiles, b, h, q, kv, valid in iter_partial_tiles(bm):
+            per_tile = _eval(bm.mask_fn, b, h, q, kv, valid).flatten(1).sum(1)
+            total.index_put_((tiles[:, 0], tiles[:, 1]), per_tile, accumulate=True)
+    return total

@@ -1,0 +1,221 @@
+"""The functional API: ``attention``, ``attention_weights``, ``dispatch``, ``backends``.
+
+Shape legend: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), Hq % Hkv == 0.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, overload
+
+import torch
+from torch import Tensor
+
+from attnkit import _dropout
+from attnkit import _validation as check
+from attnkit import backends as _backends
+from attnkit._types import DispatchDecision, ScoreModFn, Shapes, UnsupportedError
+from attnkit.backends import reference, sdpa
+from attnkit.backends._common import MaskLike, Request
+from attnkit.block_mask import BlockMask
+from attnkit.masks import Mask
+from attnkit.score_mods import ScoreMod, resolve
+
+BackendName = Literal["auto", "reference", "tiled", "sdpa", "triton"]
+_KNOWN = ("auto", "reference", "tiled", "sdpa", "triton")
+
+
+def _check_mask(mask: object, s: Shapes) -> MaskLike:
+    if mask is None or isinstance(mask, Tensor):
+        if mask is not None:
+            check.check_bool_mask(mask, s)
+        return mask
+    if isinstance(mask, Mask):
+        if mask.batch not in (None, s.B):
+            raise ValueError(f"mask {mask!r} is built for batch {mask.batch}, but q has B={s.B}")
+        if mask.heads not in (None, s.Hq):
+            raise ValueError(f"mask {mask!r} is built for {mask.heads} heads, but q has Hq={s.Hq}")
+        return mask
+    if isinstance(mask, BlockMask):
+        if (mask.q_len, mask.kv_len) != (s.Lq, s.Lk):
+            raise ValueError(
+                f"BlockMask was built for (Lq, Lk) = ({mask.q_len}, {mask.kv_len}), "
+                f"but q, k give ({s.Lq}, {s.Lk})"
+            )
+        b, h = mask.shape[:2]
+        if b not in (1, s.B) or h not in (1, s.Hq):
+            raise ValueError(f"BlockMask kinds {mask.shape} do not broadcast to B={s.B}, H={s.Hq}")
+        return mask
+    raise TypeError(
+        f"mask must be an attnkit Mask, a BlockMask, a bool tensor or None, got {type(mask).__name__}"
+    )
+
+
+def _request(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: object,
+    score_mod: ScoreMod | ScoreModFn | None,
+    scale: float | None,
+    dropout_p: float,
+    generator: torch.Generator | None,
+    return_lse: bool,
+) -> Request:
+    s = check.check_qkv(q, k, v)
+    p = check.check_dropout(dropout_p)
+    seed = _dropout.draw_seed(generator, q.device) if p > 0 else None
+    return Request(
+        q=q,
+        k=k,
+        v=v,
+        shapes=s,
+        mask=_check_mask(mask, s),
+        score_mod=resolve(score_mod, s.Lq, s.Lk),
+        scale=check.check_scale(scale, s.D),
+        dropout_p=p,
+        seed=seed,
+        return_lse=bool(return_lse),
+    )
+
+
+def _auto(req: Request) -> DispatchDecision:
+    why_not_sdpa = sdpa.unsupported_reason(req)
+    if why_not_sdpa is None:
+        return DispatchDecision("sdpa", "torch SDPA can express the request")
+    return DispatchDecision("reference", f"{why_not_sdpa}; the reference backend can")
+
+
+def _choose(req: Request, backend: str) -> DispatchDecision:
+    if not isinstance(backend, str) or backend not in _KNOWN:
+        raise ValueError(f"backend must be one of {', '.join(_KNOWN)}; got {backend!r}")
+    if backend == "auto":
+        return _auto(req)
+    if backend not in _backends.names():
+        raise UnsupportedError(f"backend {backend!r} is not available in this installation")
+    why = _backends.get(backend).unsupported_reason(req)
+    if why is not None:
+        raise UnsupportedError(f"backend {backend!r} cannot do this request: {why}")
+    return DispatchDecision(backend, "named explicitly")
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike = ...,
+    score_mod: ScoreMod | ScoreModFn | None = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    generator: torch.Generator | None = ...,
+    backend: BackendName = ...,
+    return_lse: Literal[False] = ...,
+) -> Tensor: ...
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike = ...,
+    score_mod: ScoreMod | ScoreModFn | None = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    generator: torch.Generator | None = ...,
+    backend: BackendName = ...,
+    return_lse: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike = None,
+    score_mod: ScoreMod | ScoreModFn | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    backend: BackendName = "auto",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention: softmax(q·kᵀ·scale + mods, masked) · v.
+
+    Args:
+        q: queries (B, Hq, Lq, D).
+        k: keys (B, Hkv, Lk, D); Hq must be a multiple of Hkv (GQA / MQA).
+        v: values (B, Hkv, Lk, Dv).
+        mask: an ``attnkit.masks`` Mask, a BlockMask, a bool tensor broadcastable to
+            (B, Hq, Lq, Lk) with True = attend (as SDPA), or None. Patterns align
+            bottom-right: query i lines up with key i + Lk - Lq.
+        score_mod: ``fn(score, b, h, q_idx, kv_idx) -> score``, applied after scaling and
+            before masking (``attnkit.score_mods`` has alibi, softcap, relative_bias).
+        scale: multiplies q·kᵀ; default 1/sqrt(D).
+        dropout_p: probability of dropping an attention weight (counter-based, reproducible).
+        generator: draws the dropout seed; the same generator state gives the same dropout.
+        backend: "auto", "reference", "tiled", "sdpa" or "triton". A named backend that
+            cannot do the request raises ``UnsupportedError``; "auto" follows ``dispatch``.
+        return_lse: also return the log-sum-exp of each row's scores.
+
+    Returns:
+        out (B, Hq, Lq, Dv) in q's dtype, and with ``return_lse`` also lse (B, Hq, Lq)
+        float32 (float64 for float64 inputs), natural log. A fully masked row gives zeros and
+        lse = -inf.
+
+    Raises:
+        ValueError, TypeError: bad shapes, dtypes, devices, mask or arguments (named).
+        UnsupportedError: the named backend cannot do this request.
+    """
+    req = _request(q, k, v, mask, score_mod, scale, dropout_p, generator, return_lse)
+    decision = _choose(req, backend)
+    out, lse = _backends.get(decision.backend).run(req)
+    if return_lse:
+        assert lse is not None
+        return out, lse
+    return out
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike = None,
+    score_mod: ScoreMod | ScoreModFn | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """The attention probabilities, materialised (for inspection and visualisation).
+
+    Args: as ``attention`` (q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)).
+
+    Returns:
+        (B, Hq, Lq, Lk) float32 (float64 for float64 inputs); each row sums to 1, or to 0
+        when the mask leaves it no key.
+    """
+    req = _request(q, k, v, mask, score_mod, scale, 0.0, None, False)
+    probs, _ = reference.probabilities(req)
+    return probs
+
+
+def dispatch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike = None,
+    score_mod: ScoreMod | ScoreModFn | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+) -> DispatchDecision:
+    """The backend ``attention(..., backend="auto")`` would pick for these inputs, and why.
+
+    Rule: SDPA when it can express the request (no score_mod, no LSE, no dropout; any mask
+    as a dense bool tensor); otherwise the reference backend.
+    """
+    req = _request(q, k, v, mask, score_mod, None, dropout_p, None, return_lse)
+    return _auto(req)
+
+
+def backends() -> list[str]:
+    """Names of the backends available here (besides "auto")."""
+    return _backends.names()

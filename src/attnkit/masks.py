@@ -1,0 +1,770 @@
+"""Masks: which keys each query may attend to, as predicates plus exact per-tile rules.
+
+A ``Mask`` is a recipe that, bound to lengths (Lq, Lk), gives
+
+* a predicate ``fn(b, h, q_idx, kv_idx) -> bool tensor`` (True = attend) over broadcasting
+  index tensors, as FlexAttention's ``mask_mod``; and
+* a tile rule that says, for every (q-tile, kv-tile) pair at once, whether *any* and whether
+  *all* of its positions attend. For built-in patterns the rule is exact and analytic, so a
+  BlockMask for 65,536 tokens builds without evaluating N² points.
+
+Positions line up bottom-right (query i sits at key i + Lk - Lq, as FlashAttention >= 2.1
+and KV-cache decoding need); pass ``align="top_left"`` for SDPA's ``is_causal`` convention.
+
+Example:
+    >>> from attnkit import masks
+    >>> m = masks.sliding_window(2) | masks.global_tokens([0])
+    >>> m.dense(5, 5)[0, 0].int()
+    tensor([[1, 1, 1, 1, 1],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0],
+            [1, 0, 1, 1, 1]], dtype=torch.int32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit import _validation as check
+from attnkit._types import EMPTY, FULL, PARTIAL, MaskFn
+from attnkit.block_mask import BlockMask, count_attended, refine_partial_tiles
+
+#: ``rule(q_lo, q_hi, k_lo, k_hi, B, H) -> (any, all)``: q_lo/q_hi (nQ, 1) and k_lo/k_hi (1, nK)
+#: are the first/last index of each tile; results broadcast to (B|1, H|1, nQ, nK).
+TileRule = Callable[[Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor]]
+
+__all__ = [
+    "BlockMask",
+    "Mask",
+    "bigbird",
+    "block_sparse",
+    "causal",
+    "custom",
+    "dilated",
+    "document",
+    "fixed",
+    "from_dense",
+    "from_padding_mask",
+    "full",
+    "global_tokens",
+    "key_padding",
+    "prefix_lm",
+    "sliding_window",
+    "strided",
+]
+
+
+@dataclass(frozen=True)
+class BoundMask:
+    """A mask bound to lengths: its predicate, its tile rule, and whether the rule is exact."""
+
+    fn: MaskFn
+    tiles: TileRule
+    exact: bool
+
+
+class Mask:
+    """A named mask pattern, combinable with ``&``, ``|`` and ``~``.
+
+    Args:
+        name: readable description, shown by ``repr``.
+        bind: ``bind(Lq, Lk) -> BoundMask``; patterns whose meaning depends on the lengths
+            (bottom-right alignment, BigBird's random blocks) resolve them here.
+        batch: the batch size the mask is tied to (e.g. per-sequence padding), or None.
+        heads: the head count the mask is tied to (e.g. a per-head layout), or None.
+        spec: a machine-readable description of built-in patterns, e.g. ("causal", align) or
+            ("sliding_window", left, right, align), so kernels can compute them in-kernel.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        bind: Callable[[int, int], BoundMask],
+        *,
+        batch: int | None = None,
+        heads: int | None = None,
+        spec: tuple[Any, ...] | None = None,
+    ) -> None:
+        self.name = name
+        self._bind = bind
+        self.batch = batch
+        self.heads = heads
+        self.spec = spec
+
+    def bind(self, Lq: int, Lk: int) -> BoundMask:
+        """Resolve the pattern for query length Lq and key length Lk."""
+        check.check_positive_int("Lq", Lq)
+        check.check_positive_int("Lk", Lk)
+        return self._bind(Lq, Lk)
+
+    def __repr__(self) -> str:
+        return self.name
+
+    # ---- combinators -------------------------------------------------------------------
+    def __and__(self, other: Mask) -> Mask:
+        return _combine(self, other, "&")
+
+    def __or__(self, other: Mask) -> Mask:
+        return _combine(self, other, "|")
+
+    def __invert__(self) -> Mask:
+        def bind(Lq: int, Lk: int) -> BoundMask:
+            a = self.bind(Lq, Lk)
+
+            def tiles(*args: object) -> tuple[Tensor, Tensor]:
+                any_a, all_a = a.tiles(*args)  # type: ignore[arg-type]
+                return ~all_a, ~any_a  # exact: complement swaps "all" and "any"
+
+            return BoundMask(lambda b, h, q, kv: ~a.fn(b, h, q, kv), tiles, a.exact)
+
+        return Mask(f"~{self.name}", bind, batch=self.batch, heads=self.heads)
+
+    # ---- materialisation ---------------------------------------------------------------
+    def _sizes(self, B: int | None, H: int | None) -> tuple[int, int]:
+        for arg, own, what in ((B, self.batch, "B"), (H, self.heads, "H")):
+            if arg is not None and own is not None and arg != own:
+                raise ValueError(f"{self!r} is built for {what}={own}, but {what}={arg} was asked")
+        return (B or self.batch or 1, H or self.heads or 1)
+
+    def dense(
+        self,
+        Lq: int,
+        Lk: int,
+        B: int | None = None,
+        H: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """Evaluate the predicate at every position.
+
+        Returns:
+            bool tensor (B|1, H|1, Lq, Lk); dims 0/1 are 1 when the mask does not vary there.
+        """
+        B, H = self._sizes(B, H)
+        bound = self.bind(Lq, Lk)
+        b = torch.arange(B, device=device).view(B, 1, 1, 1)
+        h = torch.arange(H, device=device).view(1, H, 1, 1)
+        q = torch.arange(Lq, device=device).view(1, 1, Lq, 1)
+        kv = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
+        out = torch.as_tensor(bound.fn(b, h, q, kv), device=device)
+        shape = torch.broadcast_shapes(out.shape, (1, 1, Lq, Lk))
+        return out.expand(shape).contiguous()
+
+    def blocks(
+        self,
+        Lq: int,
+        Lk: int,
+        block_q: int = 128,
+        block_k: int = 128,
+        *,
+        B: int | None = None,
+        H: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> BlockMask:
+        """Classify every (q-tile, kv-tile) pair as empty, partial or full.
+
+        Built-in patterns use their analytic rule; combinations refine the tiles their rule
+        leaves undecided by evaluating the predicate on those tiles only.
+        """
+        check.check_positive_int("block_q", block_q)
+        check.check_positive_int("block_k", block_k)
+        B, H = self._sizes(B, H)
+        bound = self.bind(Lq, Lk)
+        q_lo = torch.arange(0, Lq, block_q, device=device)
+        k_lo = torch.arange(0, Lk, block_k, device=device)
+        q_hi = (q_lo + block_q).clamp(max=Lq) - 1
+        k_hi = (k_lo + block_k).clamp(max=Lk) - 1
+        any_, all_ = bound.tiles(q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :], B, H)
+        kinds = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
+        shape = torch.broadcast_shapes(kinds.shape, (1, 1, q_lo.numel(), k_lo.numel()))
+        kinds = kinds.expand(shape).contiguous()
+        bm = BlockMask(kinds, block_q, block_k, Lq, Lk, bound.fn, name=self.name)
+        return bm if bound.exact else refine_partial_tiles(bm)
+
+    def density(self, Lq: int, Lk: int, B: int | None = None, H: int | None = None) -> float:
+        """Fraction of (query, key) pairs that attend, averaged over batch and heads."""
+        bm = self.blocks(Lq, Lk, 64, 64, B=B, H=H)
+        return float(count_attended(bm).double().mean()) / (Lq * Lk)
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def _offset(align: str, Lq: int, Lk: int) -> int:
+    return Lk - Lq if align == "bottom_right" else 0
+
+
+def _select(idx: Tensor, size: int) -> Tensor:
+    """Index a dim of ``size`` with ``idx``, broadcasting a size-1 dim."""
+    return idx if size > 1 else torch.zeros_like(idx)
+
+
+def _as_index_tensor(name: str, values: Sequence[int] | Tensor) -> Tensor:
+    t = torch.as_tensor(values)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+    return t.long()
+
+
+def _short(t: Tensor) -> str:
+    flat = t.flatten().tolist()
+    body = ", ".join(str(x) for x in flat[:6]) + (", …" if len(flat) > 6 else "")
+    return f"[{body}]" if t.dim() <= 1 else f"tensor{tuple(t.shape)}[{body}]"
+
+
+def _const_tiles(value: bool) -> TileRule:
+    def tiles(q_lo: Tensor, *_: object) -> tuple[Tensor, Tensor]:
+        t = torch.tensor(value, device=q_lo.device)
+        return t, t
+
+    return tiles
+
+
+def _merged_size(a: int | None, b: int | None, what: str) -> int | None:
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"cannot combine masks built for {what}={a} and {what}={b}")
+    return a if a is not None else b
+
+
+def _combine(a: Mask, b: Mask, op: str) -> Mask:
+    if not isinstance(b, Mask):
+        raise TypeError(f"can only combine a Mask with a Mask, got {type(b).__name__}")
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        ba, bb = a.bind(Lq, Lk), b.bind(Lq, Lk)
+
+        def fn(bi: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            x, y = ba.fn(bi, h, q, kv), bb.fn(bi, h, q, kv)
+            return x & y if op == "&" else x | y
+
+        def tiles(*args: object) -> tuple[Tensor, Tensor]:
+            any_a, all_a = ba.tiles(*args)  # type: ignore[arg-type]
+            any_b, all_b = bb.tiles(*args)  # type: ignore[arg-type]
+            if op == "&":  # all() is exact for AND; any() is an upper bound
+                return any_a & any_b, all_a & all_b
+            return any_a | any_b, all_a | all_b  # any() exact for OR; all() a lower bound
+
+        return BoundMask(fn, tiles, exact=False)
+
+    return Mask(
+        f"({a.name} {op} {b.name})",
+        bind,
+        batch=_merged_size(a.batch, b.batch, "B"),
+        heads=_merged_size(a.heads, b.heads, "H"),
+    )
+
+
+def _tile_counts(flags: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Per-tile count of True along the last dim, and each tile's length.
+
+    flags: (..., L) bool  ->  counts (..., nT), lengths (nT,)
+    """
+    L = flags.shape[-1]
+    pad = (-L) % block
+    padded = torch.nn.functional.pad(flags.long(), (0, pad))
+    counts = padded.view(*flags.shape[:-1], -1, block).sum(-1)
+    lengths = (L - torch.arange(0, L, block, device=flags.device)).clamp(max=block)
+    return counts, lengths
+
+
+def _diff_mask(
+    name: str, keep: Callable[[Tensor], Tensor], align: str, spec: tuple[Any, ...] | None = None
+) -> Mask:
+    """A mask that depends only on d = kv - (q + offset): causal, windows, dilated, strided.
+
+    A rectangular tile contains exactly the differences [k_lo - q_hi, k_hi - q_lo], so a prefix
+    sum of ``keep`` over all differences answers any()/all() for every tile in O(1): exact.
+    """
+    check.check_align(align)
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        off = _offset(align, Lq, Lk)
+
+        def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return keep(kv - q - off)
+
+        def tiles(
+            q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+        ) -> tuple[Tensor, Tensor]:
+            d_min = -(Lq - 1) - off
+            d = torch.arange(d_min, Lk - off, device=q_lo.device)
+            csum = torch.nn.functional.pad(keep(d).long().cumsum(0), (1, 0))
+            lo = k_lo - q_hi - off - d_min
+            hi = k_hi - q_lo - off - d_min
+            n = csum[hi + 1] - csum[lo]
+            return n > 0, n == hi - lo + 1
+
+        return BoundMask(fn, tiles, exact=True)
+
+    return Mask(name, bind, spec=spec)
+
+
+# ---- the pattern library -----------------------------------------------------------------
+
+
+def full() -> Mask:
+    """Every query attends to every key."""
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        return BoundMask(lambda b, h, q, kv: torch.ones_like(q - kv, dtype=torch.bool),
+                         _const_tiles(True), exact=True)
+
+    return Mask("full()", bind)
+
+
+def causal(*, align: str = "bottom_right") -> Mask:
+    """Query i attends to keys j <= i + offset (offset = Lk - Lq bottom-right, 0 top-left)."""
+    name = f"causal(align={align!r})" if align != "bottom_right" else "causal()"
+    return _diff_mask(name, lambda d: d <= 0, align, spec=("causal", align))
+
+
+def sliding_window(left: int, right: int = 0, *, align: str = "bottom_right") -> Mask:
+    """Keys in [i + off - left, i + off + right]; -1 leaves that side unbounded.
+
+    FlashAttention's ``window_size=(left, right)``: ``sliding_window(w)`` is a causal window of
+    w keys back plus the query's own position; ``sliding_window(-1, -1)`` is full attention.
+    """
+    left = check.check_window("left", left)
+    right = check.check_window("right", right)
+
+    def keep(d: Tensor) -> Tensor:
+        ok = torch.ones_like(d, dtype=torch.bool)
+        if left >= 0:
+            ok &= d >= -left
+        if right >= 0:
+            ok &= d <= right
+        return ok
+
+    name = f"sliding_window(left={left}, right={right})"
+    return _diff_mask(name, keep, align, spec=("sliding_window", left, right, align))
+
+
+def dilated(
+    window: int, dilation: int, *, causal: bool = False, align: str = "bottom_right"
+) -> Mask:
+    """Longformer's dilated window: ``window`` keys each side, ``dilation`` positions apart.
+
+    Attends where d = kv - (q + off) is a multiple of ``dilation`` with |d| <= window·dilation
+    (and d <= 0 when ``causal``).
+    """
+    check.check_positive_int("window", window)
+    check.check_positive_int("dilation", dilation)
+
+    def keep(d: Tensor) -> Tensor:
+        ok = (torch.remainder(d, dilation) == 0) & (d.abs() <= window * dilation)
+        return ok & (d <= 0) if causal else ok
+
+    return _diff_mask(f"dilated(window={window}, dilation={dilation}, causal={causal})", keep,
+                      align)
+
+
+def strided(stride: int, *, align: str = "bottom_right") -> Mask:
+    """Sparse Transformer's strided pattern (causal): the last ``stride`` keys, plus every
+    key a multiple of ``stride`` back."""
+    check.check_positive_int("stride", stride)
+
+    def keep(d: Tensor) -> Tensor:
+        back = -d
+        return (back >= 0) & ((back < stride) | (torch.remainder(back, stride) == 0))
+
+    return _diff_mask(f"strided(stride={stride})", keep, align)
+
+
+def fixed(block: int, summary: int = 1, *, align: str = "bottom_right") -> Mask:
+    """Sparse Transformer's fixed pattern (causal): keys in the query's own block of ``block``
+    positions, plus the last ``summary`` "summary" keys of every block."""
+    check.check_positive_int("block", block)
+    if isinstance(summary, bool) or not isinstance(summary, int) or not 0 <= summary <= block:
+        raise ValueError(f"summary must be an int in [0, block={block}], got {summary!r}")
+    check.check_align(align)
+    cut = block - summary  # columns with (j % block) >= cut are summary columns
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        off = _offset(align, Lq, Lk)
+
+        def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            p = q + off
+            return (kv <= p) & ((kv // block == p // block) | (kv % block >= cut))
+
+        def tiles(
+            q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+        ) -> tuple[Tensor, Tensor]:
+            a, z = q_lo + off, q_hi + off  # aligned query range [a, z]; keys [k_lo, k_hi]
+            # some key in the query's own block, at or before it
+            n_lo = torch.maximum(a // block, k_lo // block)
+            n_hi = torch.minimum(z // block, k_hi // block)
+            any_same = (n_lo <= n_hi) & (k_lo <= z)
+            # some summary column in [k_lo, min(k_hi, z)]
+            r = k_lo % block
+            first_summary = torch.where(r >= cut, k_lo, k_lo - r + cut)
+            any_summary = (first_summary <= torch.minimum(k_hi, z)) & (summary > 0)
+            # all: every key precedes every query, and every non-summary key shares the
+            # (single) block of all queries
+            first_ns = torch.where(r < cut, k_lo, k_lo - r + block)
+            re = k_hi % block
+            last_ns = torch.where(re < cut, k_hi, k_hi - re + cut - 1)
+            has_ns = (first_ns <= k_hi) & (cut > 0)
+            one_block = (
+                (first_ns // block == last_ns // block)
+                & (last_ns // block == a // block)
+                & (a // block == z // block)
+            )
+            return any_same | any_summary, (k_hi <= a) & (~has_ns | one_block)
+
+        return BoundMask(fn, tiles, exact=True)
+
+    return Mask(f"fixed(block={block}, summary={summary})", bind)
+
+
+def prefix_lm(prefix_len: int, *, align: str = "bottom_right") -> Mask:
+    """Bidirectional over the first ``prefix_len`` keys, causal after them."""
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
+        raise ValueError(f"prefix_len must be an int >= 0, got {prefix_len!r}")
+    check.check_align(align)
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        off = _offset(align, Lq, Lk)
+
+        def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return (kv < prefix_len) | (kv <= q + off)
+
+        def tiles(
+            q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+        ) -> tuple[Tensor, Tensor]:
+            return (k_lo < prefix_len) | (k_lo <= q_hi + off), (k_hi < prefix_len) | (
+                k_hi <= q_lo + off
+            )
+
+        return BoundMask(fn, tiles, exact=True)
+
+    return Mask(f"prefix_lm(prefix_len={prefix_len})", bind)
+
+
+def global_tokens(indices: Sequence[int] | Tensor, *, align: str = "bottom_right") -> Mask:
+    """Global tokens (Longformer/BigBird): they attend to all keys and all queries attend to them.
+
+    ``indices`` are key positions; query i is global when i + offset is one of them. Combine
+    with a window: ``sliding_window(w, w) | global_tokens([0])``.
+    """
+    idx = _as_index_tensor("indices", indices).flatten()
+    if idx.numel() and int(idx.min()) < 0:
+        raise ValueError(f"global token indices must be >= 0, got {_short(idx)}")
+    check.check_align(align)
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        if idx.numel() and int(idx.max()) >= Lk:
+            raise ValueError(f"global token index {int(idx.max())} is out of range for Lk={Lk}")
+        off = _offset(align, Lq, Lk)
+        g_k = torch.zeros(Lk, dtype=torch.bool)
+        g_k[idx] = True
+        pos = torch.arange(Lq) + off
+        g_q = torch.zeros(Lq, dtype=torch.bool)
+        inside = (pos >= 0) & (pos < Lk)
+        g_q[inside] = g_k[pos[inside]]
+
+        def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return g_q.to(q.device)[q] | g_k.to(kv.device)[kv]
+
+        def tiles(
+            q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+        ) -> tuple[Tensor, Tensor]:
+            block_q = int(q_hi[0, 0] - q_lo[0, 0]) + 1
+            block_k = int(k_hi[0, 0] - k_lo[0, 0]) + 1
+            cq, lq = _tile_counts(g_q.to(q_lo.device), block_q)
+            ck, lk = _tile_counts(g_k.to(q_lo.device), block_k)
+            any_ = (cq[:, None] > 0) | (ck[None, :] > 0)
+            all_ = (cq == lq)[:, None] | (ck == lk)[None, :]
+            return any_, all_
+
+        return BoundMask(fn, tiles, exact=True)
+
+    return Mask(f"global_tokens({_short(idx)})", bind)
+
+
+def key_padding(lengths: Sequence[int] | Tensor) -> Mask:
+    """Sequence b attends to its first ``lengths[b]`` keys only (right padding)."""
+    lens = _as_index_tensor("lengths", lengths).flatten()
+    if lens.numel() == 0 or int(lens.min()) < 0:
+        raise ValueError(f"lengths must be a non-empty list of ints >= 0, got {_short(lens)}")
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return kv < lens.to(kv.device)[_select(b, lens.numel())]
+
+        def tiles(
+            q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+        ) -> tuple[Tensor, Tensor]:
+            n = lens.to(q_lo.device).view(-1, 1, 1, 1)
+            return k_lo < n, k_hi < n
+
+        return BoundMask(fn, tiles, exact=True)
+
+    return Mask(f"key_padding(lengths={_short(lens)})", bind, batch=_batch_of(lens.numel()))
+
+
+def from_padding_mask(valid: Tensor) -> Mask:
+    """Keys where ``valid`` (B, Lk) is True are real tokens; False keys are padding.
+
+    Note the convention: True = keep (attend), as everywhere in attnkit. torch's
+    ``key_padding_mask`` is the opposite (True = ignore): pass ``~key_padding_mask``.
+    """
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or valid.dim() != 2:
+        raise TypeError("from_padding_mask expects a bool tensor of shape (B, Lk), True = keep")
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        if valid.shape[1] != Lk:
+            raise ValueError(f"padding mask has shape {tuple(valid.shape)}, but Lk={Lk}")
+
+        def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return valid.to(kv.device)[_select(b, valid.shape[0]), kv]
+
+        def tiles(
+            q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+        ) -> tuple[Tensor, Tensor]:
+            block_k = int(k_hi[0, 0] - k_lo[0, 0]) + 1
+            counts, lengths = _tile_counts(valid.to(q_lo.device), block_k)  # (B, nK)
+            return (counts > 0)[:, None, None, :], (counts == lengths)[:, None, None, :]
+
+        return BoundMask(fn, tiles, exact=True)
+
+    return Mask(f"from_padding_mask(B={valid.shape[0]})", bind, batch=_batch_of(valid.shape[0]))
+
+
+def document(
+    ids: Sequence[int] | Tensor,
+    kv_ids: Sequence[int] | Tensor | None = None,
+    *,
+    align: str = "bottom_right",
+) -> Mask:
+    """Packed sequences (varlen): a query attends only to keys of its own document.
+
+    Args:
+        ids: document id of every key position, (Lk,) or (B, Lk). Queries take the ids of
+            their aligned key positions (bottom-right: query i is key i + Lk - Lq).
+        kv_ids: give separate key ids, (Lk,) or (B, Lk), when ``ids`` are the query ids (Lq).
+
+    Combine with ``causal()`` for packed causal LM training.
+    """
+    q_src = _as_index_tensor("ids", ids)
+    k_src = q_src if kv_ids is None else _as_index_tensor("kv_ids", kv_ids)
+    for name, t in (("ids", q_src), ("kv_ids", k_src)):
+        if t.dim() not in (1, 2):
+            raise ValueError(f"{name} must be (L,) or (B, L), got shape {tuple(t.shape)}")
+    q2, k2 = q_src.view(-1, q_src.shape[-1]), k_src.view(-1, k_src.shape[-1])
+    if q2.shape[0] != k2.shape[0] and 1 not in (q2.shape[0], k2.shape[0]):
+        raise ValueError(f"ids and kv_ids batch sizes differ: {q2.shape[0]} vs {k2.shape[0]}")
+    check.check_align(align)
+    nb = max(q2.shape[0], k2.shape[0])
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        if k2.shape[1] != Lk:
+            raise ValueError(f"document ids have length {k2.shape[1]}, but Lk={Lk}")
+        if kv_ids is None:
+            off = _offset(align, Lq, Lk)
+            if off < 0:
+                raise ValueError(f"document(ids) needs Lq <= Lk, got Lq={Lq}, Lk={Lk}")
+            qi = q2[:, off : off + Lq]
+        else:
+            if q2.shape[1] != Lq:
+                raise ValueError(f"query document ids have length {q2.shape[1]}, but Lq={Lq}")
+            qi = q2
+
+        def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            qd = qi.to(q.device)[_select(b, qi.shape[0]), q]
+            kd = k2.to(kv.device)[_select(b, k2.shape[0]), kv]
+            return qd == kd
+
+        def tiles(
+            q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+        ) -> tuple[Tensor, Tensor]:
+            q_min, q_max = _tile_min_max(qi.to(q_lo.device), int(q_hi[0, 0] - q_lo[0, 0]) + 1)
+            k_min, k_max = _tile_min_max(k2.to(q_lo.device), int(k_hi[0, 0] - k_lo[0, 0]) + 1)
+            q_min, q_max = q_min[:, None, :, None], q_max[:, None, :, None]
+            k_min, k_max = k_min[:, None, None, :], k_max[:, None, None, :]
+            any_ = torch.maximum(q_min, k_min) <= torch.minimum(q_max, k_max)
+            all_ = (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
+            return any_, all_
+
+        # With ids sorted along the sequence, overlapping id ranges share an id: exact.
+        is_sorted = bool((qi.diff(dim=1) >= 0).all() and (k2.diff(dim=1) >= 0).all())
+        return BoundMask(fn, tiles, exact=is_sorted)
+
+    return Mask(f"document(ids={_short(q_src)})", bind, batch=_batch_of(nb))
+
+
+def _tile_min_max(ids: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Per-tile min and max of ids (B, L) -> (B, nT) each; the last tile is padded by repeats."""
+    pad = (-ids.shape[1]) % block
+    padded = torch.cat([ids, ids[:, -1:].expand(-1, pad)], dim=1) if pad else ids
+    tiles = padded.view(ids.shape[0], -1, block)
+    return tiles.amin(-1), tiles.amax(-1)
+
+
+def _batch_of(n: int) -> int | None:
+    return n if n > 1 else None
+
+
+def _layout_bound(layout: Tensor, block: int, q_shift: int) -> BoundMask:
+    """Predicate and exact tile rule of a block layout (H|1, nbq, nbk) of ``block``-sized cells.
+
+    Query i falls in layout row (i + q_shift) // block, key j in column j // block.
+    """
+    heads = layout.shape[0]
+    # 2-D prefix sums count attended cells in any rectangle of the layout in O(1).
+    csum = torch.nn.functional.pad(layout.long().cumsum(1).cumsum(2), (1, 0, 1, 0))
+
+    def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        lay = layout.to(q.device)
+        return lay[_select(h, heads), (q + q_shift) // block, kv // block]
+
+    def tiles(
+        q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+    ) -> tuple[Tensor, Tensor]:
+        c = csum.to(q_lo.device)
+        r0, r1 = (q_lo + q_shift) // block, (q_hi + q_shift) // block
+        c0, c1 = k_lo // block, k_hi // block
+        n = c[:, r1 + 1, c1 + 1] - c[:, r0, c1 + 1] - c[:, r1 + 1, c0] + c[:, r0, c0]
+        area = (r1 - r0 + 1) * (c1 - c0 + 1)
+        return (n > 0)[None], (n == area)[None]
+
+    return BoundMask(fn, tiles, exact=True)
+
+
+def block_sparse(layout: Tensor, block: int) -> Mask:
+    """DeepSpeed-style block-sparse attention from a block layout.
+
+    Args:
+        layout: bool (nbq, nbk) or per head (H, nbq, nbk); cell (r, c) True lets queries of
+            block r attend to keys of block c. Needs nbq >= ceil(Lq/block), nbk >= ceil(Lk/block).
+        block: cell size in tokens.
+    """
+    check.check_positive_int("block", block)
+    if not isinstance(layout, Tensor) or layout.dim() not in (2, 3):
+        raise TypeError("layout must be a tensor of shape (nbq, nbk) or (H, nbq, nbk)")
+    lay = layout.bool().view(-1, *layout.shape[-2:])
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        need = (-(-Lq // block), -(-Lk // block))
+        if lay.shape[1] < need[0] or lay.shape[2] < need[1]:
+            raise ValueError(
+                f"layout of shape {tuple(layout.shape)} is too small for Lq={Lq}, Lk={Lk} with "
+                f"block={block}: need at least {need} blocks"
+            )
+        return _layout_bound(lay, block, 0)
+
+    return Mask(
+        f"block_sparse(block={block}, layout={tuple(layout.shape)})",
+        bind,
+        heads=_batch_of(lay.shape[0]),
+    )
+
+
+def bigbird(
+    block: int,
+    num_window: int = 3,
+    num_global: int = 1,
+    num_random: int = 2,
+    seed: int = 0,
+    *,
+    align: str = "bottom_right",
+) -> Mask:
+    """BigBird: per block of queries, ``num_window`` neighbouring key blocks (centred),
+    ``num_global`` global blocks at the start (attending and attended everywhere) and
+    ``num_random`` random key blocks drawn with ``seed`` (reproducible)."""
+    check.check_positive_int("block", block)
+    for name, value in (("num_window", num_window), ("num_global", num_global),
+                        ("num_random", num_random)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    check.check_align(align)
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        off = _offset(align, Lq, Lk)
+        if off < 0:
+            raise ValueError(f"bigbird with bottom-right alignment needs Lq <= Lk, got {Lq}, {Lk}")
+        nb = -(-Lk // block)
+        r = torch.arange(nb)
+        layout = (r[:, None] - r[None, :]).abs() <= num_window // 2
+        layout[:num_global, :] = True
+        layout[:, :num_global] = True
+        gen = torch.Generator().manual_seed(seed)
+        for row in range(nb):
+            layout[row, torch.randperm(nb, generator=gen)[:num_random]] = True
+        return _layout_bound(layout[None], block, off)
+
+    return Mask(
+        f"bigbird(block={block}, window={num_window}, global={num_global}, "
+        f"random={num_random}, seed={seed})",
+        bind,
+    )
+
+
+def from_dense(mask: Tensor) -> Mask:
+    """Wrap a dense bool tensor (Lq, Lk), (H|1, Lq, Lk) or (B|1, H|1, Lq, Lk); True = attend."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or not 2 <= mask.dim() <= 4:
+        raise TypeError("from_dense expects a bool tensor with 2 to 4 dims (..., Lq, Lk)")
+    m4 = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        if tuple(m4.shape[2:]) != (Lq, Lk):
+            raise ValueError(f"dense mask has shape {tuple(mask.shape)}, but (Lq, Lk)=({Lq}, {Lk})")
+
+        def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            t = m4.to(q.device)
+            return t[_select(b, t.shape[0]), _select(h, t.shape[1]), q, kv]
+
+        def tiles(
+            q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+        ) -> tuple[Tensor, Tensor]:
+            bq = int(q_hi[0, 0] - q_lo[0, 0]) + 1
+            bk = int(k_hi[0, 0] - k_lo[0, 0]) + 1
+            t = m4.to(q_lo.device)
+            cols, len_k = _tile_counts(t, bk)  # (B, H, Lq, nK)
+            counts, len_q = _tile_counts(cols.transpose(-1, -2), bq)  # (B, H, nK, nQ)
+            counts = counts.transpose(-1, -2)
+            return counts > 0, counts == len_q[:, None] * len_k[None, :]
+
+        return BoundMask(fn, tiles, exact=True)
+
+    return Mask(
+        f"from_dense(shape={tuple(mask.shape)})",
+        bind,
+        batch=_batch_of(m4.shape[0]),
+        heads=_batch_of(m4.shape[1]),
+    )
+
+
+def custom(fn: MaskFn, name: str | None = None) -> Mask:
+    """Any predicate ``fn(b, h, q_idx, kv_idx) -> bool tensor`` over broadcasting indices.
+
+    Its tiles are classified by evaluating ``fn`` (O(Lq·Lk) once per BlockMask). The batch
+    and head dims it varies over are read off the shape of its result.
+    """
+    if not callable(fn):
+        raise TypeError(f"custom mask needs a callable fn(b, h, q_idx, kv_idx), got {fn!r}")
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        def tiles(
+            q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+        ) -> tuple[Tensor, Tensor]:
+            dev = q_lo.device
+            zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
+            probe = torch.as_tensor(
+                fn(torch.arange(B, device=dev).view(B, 1, 1, 1),
+                   torch.arange(H, device=dev).view(1, H, 1, 1), zero, zero),
+                device=dev,
+            )
+            shape = torch.broadcast_shapes(probe.shape, (1, 1, 1, 1))[:2] + (1, 1)
+            # Undecided everywhere: refinement evaluates fn on every tile.
+            return torch.ones(shape, dtype=torch.bool, device=dev), torch.zeros(
+                shape, dtype=torch.bool, device=dev
+            )
+
+        return BoundMask(fn, tiles, exact=False)
+
+    return Mask(name or f"custom({getattr(fn, '__name__', 'fn')})", bind)

@@ -1,0 +1,266 @@
+"""MultiHeadAttention: self-, cross- and grouped-query attention with the W0 output projection."""
+
+from __future__ import annotations
+
+from functools import reduce
+
+import torch
+from torch import Tensor, nn
+
+from attnkit import masks as _masks
+from attnkit._types import ScoreModFn
+from attnkit.backends._common import MaskLike
+from attnkit.block_mask import BlockMask
+from attnkit.functional import BackendName, attention, attention_weights
+from attnkit.masks import Mask
+from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.rope import RotaryEmbedding
+from attnkit.score_mods import ScoreMod
+
+
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: project, split into heads, attend, concatenate, project with W0.
+
+    ``key=None`` is self-attention; a ``key``/``value`` from another sequence is
+    cross-attention (decoder queries over encoder keys and values). With ``num_kv_heads`` <
+    ``num_heads`` it is grouped-query attention (1 = multi-query).
+
+    Args:
+        embed_dim: E, width of queries and output.
+        num_heads: Hq; head_dim = E / Hq.
+        num_kv_heads: Hkv (divides Hq); default Hq.
+        kdim, vdim: widths of key and value inputs (default E).
+        bias: biases in the four projections.
+        dropout: attention-weight dropout while training.
+        mask: a mask applied on every call (e.g. ``masks.causal()``), combined with the call's.
+        score_mod: applied on every call (e.g. ``score_mods.alibi(...)``).
+        rope: a ``RotaryEmbedding`` applied to q and k in self-attention.
+        backend: attention backend (see ``attnkit.attention``).
+        batch_first: inputs (B, L, E) when True, else (L, B, E).
+
+    Shapes:
+        query (B, Lq, E); key (B, Lk, kdim); value (B, Lk, vdim); output (B, Lq, E);
+        weights (B, Hq, Lq, Lk).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        mask: Mask | None = None,
+        score_mod: ScoreMod | ScoreModFn | None = None,
+        rope: RotaryEmbedding | None = None,
+        backend: BackendName = "auto",
+        batch_first: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _positive("embed_dim", embed_dim)
+        _positive("num_heads", num_heads)
+        kv_heads = _positive("num_kv_heads", num_kv_heads or num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if num_heads % kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {kv_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        if rope is not None and rope.head_dim != self.head_dim:
+            raise ValueError(f"rope head_dim {rope.head_dim} != head_dim {self.head_dim}")
+        self.dropout, self.mask, self.score_mod, self.rope = dropout, mask, score_mod, rope
+        self.backend: BackendName = backend
+        self.batch_first = batch_first
+        kw = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias, **kw)
+        self.k_proj = nn.Linear(self.kdim, kv_heads * self.head_dim, bias=bias, **kw)
+        self.v_proj = nn.Linear(self.vdim, kv_heads * self.head_dim, bias=bias, **kw)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **kw)  # W0
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        """(B, L, n·hd) -> (B, n, L, hd)."""
+        return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        mask: MaskLike = None,
+        key_padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from ``query`` to ``key``/``value`` (or to itself).
+
+        Args:
+            query: (B, Lq, E) (or (Lq, B, E) when not batch_first).
+            key: (B, Lk, kdim) for cross-attention; None for self-attention.
+            value: (B, Lk, vdim); defaults to ``key``.
+            mask: attention mask for this call (attnkit convention: True = attend), combined
+                with the module's ``mask``.
+            key_padding_mask: bool (B, Lk), torch's convention: True = padding, ignored.
+            cache: a ``KVCache``. Self-attention appends this step's keys/values and attends
+                over all cached ones (positions continue from the cache length); cross-attention
+                fills an empty cache from ``key``/``value`` and reuses it afterwards.
+            need_weights: also return per-head weights (B, Hq, Lq, Lk).
+
+        Returns:
+            (output (B, Lq, E), weights or None).
+        """
+        if not self.batch_first:
+            query = query.transpose(0, 1)
+            key = None if key is None else key.transpose(0, 1)
+            value = None if value is None else value.transpose(0, 1)
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"query must be (B, L, E={self.embed_dim}), got {tuple(query.shape)}"
+            )
+        is_self = key is None
+        if key is None:
+            key = query
+        if value is None:
+            value = key
+        B, Lq, _ = query.shape
+        q = self._heads(self.q_proj(query), self.num_heads)
+        reuse_cross = cache is not None and not is_self and cache.length > 0
+        if reuse_cross:
+            assert cache is not None
+            k, v = cache.keys, cache.values
+        else:
+            if key.dim() != 3 or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+                raise ValueError(
+                    f"key must be (B, Lk, kdim={self.kdim}) and value (B, Lk, vdim={self.vdim}), "
+                    f"got {tuple(key.shape)} and {tuple(value.shape)}"
+                )
+            k = self._heads(self.k_proj(key), self.num_kv_heads)
+            v = self._heads(self.v_proj(value), self.num_kv_heads)
+        if self.rope is not None and is_self:
+            start = cache.length if cache is not None else 0
+            q, k = self.rope(q, offset=start), self.rope(k, offset=start)
+        if cache is not None and not reuse_cross:
+            k, v = cache.append(k, v)
+        full_mask = self._combined_mask(mask, key_padding_mask, B, Lq, k.shape[2], q.device)
+        dropout_p = self.dropout if self.training else 0.0
+        out = attention(q, k, v, mask=full_mask, score_mod=self.score_mod, dropout_p=dropout_p,
+                        backend=self.backend)
+        weights = None
+        if need_weights:
+            weights = attention_weights(q, k, v, mask=full_mask, score_mod=self.score_mod)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _combined_mask(
+        self,
+        mask: MaskLike,
+        key_padding_mask: Tensor | None,
+        B: int,
+        Lq: int,
+        Lk: int,
+        device: torch.device,
+    ) -> MaskLike:
+        parts: list[Mask | BlockMask | Tensor] = [m for m in (self.mask, mask) if m is not None]
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Lk):
+                raise ValueError(
+                    f"key_padding_mask must be bool (B, Lk) = ({B}, {Lk}) with True = padding, "
+                    f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                )
+            parts.append(_masks.from_padding_mask(~key_padding_mask))
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        if all(isinstance(p, Mask) for p in parts):
+            return reduce(lambda a, b: a & b, parts)  # type: ignore[arg-type, return-value]
+        # Mixed kinds: materialise each part as a bool tensor and intersect.
+        dense = [
+            p.dense(Lq, Lk, B=p.batch, H=p.heads, device=device) if isinstance(p, Mask)
+            else p.to_dense().to(device) if isinstance(p, BlockMask)
+            else p
+            for p in parts
+        ]
+        return reduce(torch.logical_and, dense)
+
+    # ---- conversion to and from torch.nn.MultiheadAttention -----------------------------
+    @classmethod
+    def from_torch(cls, m: nn.MultiheadAttention) -> MultiHeadAttention:
+        """Build an equivalent module with ``m``'s weights (shares no storage)."""
+        if m.bias_k is not None or m.add_zero_attn:
+            raise ValueError("from_torch: add_bias_kv and add_zero_attn are not supported")
+        w = m.out_proj.weight
+        bias = m.in_proj_bias is not None
+        new = cls(
+            m.embed_dim, m.num_heads, kdim=m.kdim, vdim=m.vdim, bias=bias, dropout=m.dropout,
+            batch_first=m.batch_first, device=w.device, dtype=w.dtype,
+        )
+        E = m.embed_dim
+        with torch.no_grad():
+            if m.in_proj_weight is not None:
+                wq, wk, wv = m.in_proj_weight.split(E)
+            else:
+                wq, wk, wv = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+            for proj, weight in ((new.q_proj, wq), (new.k_proj, wk), (new.v_proj, wv)):
+                proj.weight.copy_(weight)
+            if bias:
+                for proj, b in zip((new.q_proj, new.k_proj, new.v_proj),
+                                   m.in_proj_bias.split(E), strict=True):
+                    assert proj.bias is not None
+                    proj.bias.copy_(b)
+            new.out_proj.weight.copy_(m.out_proj.weight)
+            if bias:
+                assert new.out_proj.bias is not None
+                new.out_proj.bias.copy_(m.out_proj.bias)
+        return new
+
+    def to_torch(self) -> nn.MultiheadAttention:
+        """An equivalent ``torch.nn.MultiheadAttention`` (needs num_kv_heads == num_heads)."""
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError("to_torch: torch.nn.MultiheadAttention has no grouped-query heads")
+        if self.rope is not None or self.score_mod is not None or self.mask is not None:
+            raise ValueError("to_torch: rope, score_mod and module masks have no torch equivalent")
+        w = self.q_proj.weight
+        bias = self.q_proj.bias is not None
+        m = nn.MultiheadAttention(
+            self.embed_dim, self.num_heads, dropout=self.dropout, bias=bias, kdim=self.kdim,
+            vdim=self.vdim, batch_first=self.batch_first, device=w.device, dtype=w.dtype,
+        )
+        with torch.no_grad():
+            weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+            if m.in_proj_weight is not None:
+                m.in_proj_weight.copy_(torch.cat(weights))
+            else:
+                m.q_proj_weight.copy_(weights[0])
+                m.k_proj_weight.copy_(weights[1])
+                m.v_proj_weight.copy_(weights[2])
+            if bias:
+                m.in_proj_bias.copy_(
+                    torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])  # type: ignore[list-item]
+                )
+                m.out_proj.bias.copy_(self.out_proj.bias)  # type: ignore[arg-type]
+            m.out_proj.weight.copy_(self.out_proj.weight)
+        return m
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, mask={self.mask!r}, "
+            f"backend={self.backend!r}"
+        )

@@ -1,0 +1,221 @@
+"""Score modifiers: ``fn(score, b, h, q_idx, kv_idx) -> score``, applied after scaling and before
+masking, as FlexAttention's ``score_mod``.
+
+Built-ins follow FlashAttention's conventions so results compare one to one: ALiBi is
+bottom-right aligned (query i sits at key i + Lk - Lq) and symmetric. Any plain callable with
+that signature works as a score_mod too; the ``ScoreMod`` wrapper adds a name and lets a mod
+depend on the lengths (Lq, Lk).
+
+Example:
+    >>> import torch, attnkit
+    >>> from attnkit import score_mods
+    >>> mod = score_mods.compose(score_mods.alibi(score_mods.alibi_slopes(2)),
+    ...                          score_mods.softcap(30.0))
+    >>> q = torch.randn(1, 2, 4, 8)
+    >>> attnkit.attention(q, q, q, score_mod=mod).shape
+    torch.Size([1, 2, 4, 8])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit._types import ScoreModFn
+
+__all__ = [
+    "ScoreMod",
+    "alibi",
+    "alibi_slopes",
+    "compose",
+    "custom",
+    "relative_bias",
+    "resolve",
+    "softcap",
+    "t5_bucket",
+]
+
+
+class ScoreMod:
+    """A named score modifier whose function may depend on the lengths (Lq, Lk).
+
+    Args:
+        name: readable description.
+        bind: ``bind(Lq, Lk) -> fn(score, b, h, q_idx, kv_idx)``.
+        kind: "alibi", "softcap", "relative_bias", "compose" or "custom" (lets a kernel
+            recognise mods it can apply in-kernel).
+        params: the mod's parameters (e.g. ``slopes`` for alibi, ``cap`` for softcap).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        bind: Callable[[int, int], ScoreModFn],
+        *,
+        kind: str = "custom",
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.bind = bind
+        self.kind = kind
+        self.params = params or {}
+
+    def __call__(self, score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        """Apply assuming Lq == Lk (no alignment offset); backends call ``bind(Lq, Lk)``."""
+        return self.bind(1, 1)(score, b, h, q, kv)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def resolve(score_mod: ScoreMod | ScoreModFn | None, Lq: int, Lk: int) -> ScoreModFn | None:
+    """Bind a ``ScoreMod`` to (Lq, Lk); plain callables and None pass through."""
+    if score_mod is None:
+        return None
+    if isinstance(score_mod, ScoreMod):
+        return score_mod.bind(Lq, Lk)
+    if callable(score_mod):
+        return score_mod
+    raise TypeError(
+        f"score_mod must be callable as fn(score, b, h, q_idx, kv_idx), got {score_mod!r}"
+    )
+
+
+def _select(idx: Tensor, size: int) -> Tensor:
+    return idx if size > 1 else torch.zeros_like(idx)
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """The standard ALiBi slopes (Press et al.): 2^(-8h/H) for h = 1..H when H is a power of 2,
+    interleaving the next power's slopes otherwise. Returns float32 (H,)."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two(closest)
+    if closest < num_heads:
+        slopes += power_of_two(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi(slopes: Tensor) -> ScoreMod:
+    """ALiBi: adds -slope_h · |i + (Lk - Lq) - j| to score (h, i, j).
+
+    Args:
+        slopes: (Hq,) per query head (see ``alibi_slopes``); may require grad.
+    """
+    if not isinstance(slopes, Tensor) or slopes.dim() != 1:
+        raise TypeError("alibi slopes must be a 1-D tensor (Hq,)")
+
+    def bind(Lq: int, Lk: int) -> ScoreModFn:
+        off = Lk - Lq
+
+        def fn(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            s = slopes.to(device=score.device, dtype=score.dtype)[_select(h, slopes.numel())]
+            return score - s * (q + off - kv).abs().to(score.dtype)
+
+        return fn
+
+    return ScoreMod(f"alibi(H={slopes.numel()})", bind, kind="alibi", params={"slopes": slopes})
+
+
+def softcap(cap: float) -> ScoreMod:
+    """Logit soft-capping (Gemma 2, Grok): s -> cap · tanh(s / cap)."""
+    if isinstance(cap, bool) or not isinstance(cap, int | float) or not cap > 0:
+        raise ValueError(f"softcap cap must be a positive number, got {cap!r}")
+    c = float(cap)
+
+    def bind(Lq: int, Lk: int) -> ScoreModFn:
+        return lambda score, b, h, q, kv: c * torch.tanh(score / c)
+
+    return ScoreMod(f"softcap({c:g})", bind, kind="softcap", params={"cap": c})
+
+
+def t5_bucket(relative: Tensor, num_buckets: int, max_distance: int, bidirectional: bool) -> Tensor:
+    """T5's bucketing of relative positions (key - query): exact for small distances,
+    logarithmic up to ``max_distance``, clipped beyond."""
+    buckets = torch.zeros_like(relative)
+    n = num_buckets
+    if bidirectional:
+        n //= 2
+        buckets = buckets + (relative > 0).long() * n
+        dist = relative.abs()
+    else:
+        dist = (-relative).clamp(min=0)
+    max_exact = n // 2
+    is_small = dist < max_exact
+    log_ratio = torch.log(dist.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (n - max_exact)).long()).clamp(max=n - 1)
+    return buckets + torch.where(is_small, dist, large)
+
+
+def relative_bias(
+    table: Tensor,
+    *,
+    t5_buckets: bool = False,
+    max_distance: int = 128,
+    bidirectional: bool = True,
+) -> ScoreMod:
+    """A learned bias per head and relative position (key - query, bottom-right aligned).
+
+    Args:
+        table: (H|1, T), typically an ``nn.Parameter``; gradients flow into it.
+            Plain mode: T = 2M + 1 and distances are clipped to [-M, M].
+            ``t5_buckets=True``: T buckets as in T5 (``t5_bucket``).
+        max_distance, bidirectional: T5 bucketing parameters.
+    """
+    if not isinstance(table, Tensor) or table.dim() != 2:
+        raise TypeError("relative_bias table must be a 2-D tensor (H|1, T)")
+    T = table.shape[1]
+    if not t5_buckets and T % 2 == 0:
+        raise ValueError(f"relative_bias table needs an odd width 2M+1, got T={T}")
+    radius = (T - 1) // 2
+
+    def bind(Lq: int, Lk: int) -> ScoreModFn:
+        off = Lk - Lq
+
+        def fn(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            rel = kv - (q + off)
+            if t5_buckets:
+                idx = t5_bucket(rel, T, max_distance, bidirectional)
+            else:
+                idx = rel.clamp(-radius, radius) + radius
+            tab = table.to(device=score.device, dtype=score.dtype)
+            return score + tab[_select(h, tab.shape[0]), idx]
+
+        return fn
+
+    name = f"relative_bias(H={table.shape[0]}, T={T}{', t5' if t5_buckets else ''})"
+    return ScoreMod(name, bind, kind="relative_bias", params={"table": table})
+
+
+def compose(*mods: ScoreMod | ScoreModFn) -> ScoreMod:
+    """Apply score mods left to right."""
+
+    def bind(Lq: int, Lk: int) -> ScoreModFn:
+        fns = [resolve(m, Lq, Lk) for m in mods]
+
+        def fn(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            for f in fns:
+                assert f is not None
+                score = f(score, b, h, q, kv)
+            return score
+
+        return fn
+
+    names = ", ".join(repr(m) if isinstance(m, ScoreMod) else "custom" for m in mods)
+    return ScoreMod(f"compose({names})", bind, kind="compose", params={"mods": mods})
+
+
+def custom(fn: ScoreModFn, name: str | None = None) -> ScoreMod:
+    """Wrap a plain ``fn(score, b, h, q_idx, kv_idx)`` with a name."""
+    if not callable(fn):
+        raise TypeError(f"custom score_mod needs a callable, got {fn!r}")
+    return ScoreMod(name or f"custom({getattr(fn, '__name__', 'fn')})", lambda Lq, Lk: fn)
