@@ -1,10 +1,10 @@
 """attnkit: the attention mechanism, complete, fast and visible.
 
-    >>> import torch, attnkit
-    >>> q = k = v = torch.randn(2, 4, 16, 32)          # (B, H, L, D)
-    >>> out = attnkit.attention(q, k, v, mask=attnkit.masks.causal())
-    >>> out.shape
-    torch.Size([2, 4, 16, 32])
+>>> import torch, attnkit
+>>> q = k = v = torch.randn(2, 4, 16, 32)          # (B, H, L, D)
+>>> out = attnkit.attention(q, k, v, mask=attnkit.masks.causal())
+>>> out.shape
+torch.Size([2, 4, 16, 32])
 """
 
 from attnkit import masks, score_mods

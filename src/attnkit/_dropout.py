@@ -1,9 +1,9 @@
-"""Counter-based attention dropout: the keep/drop decision of score (b, h, i, j) is a hash of
-(seed, b, h, i, j), as FlashAttention's Philox offsets are.
+"""Counter-based attention dropout.
 
-So every backend and every tile size drops exactly the same entries for one seed, the
-backward pass regenerates the forward's mask without storing it, and a tiled kernel can be
-checked against the reference with dropout on.
+The keep/drop decision of score (b, h, i, j) is a hash of (seed, b, h, i, j), as
+FlashAttention's Philox offsets are. So every backend and every tile size drops exactly the
+same entries for one seed, the backward pass regenerates the forward's mask without storing
+it, and a tiled kernel can be checked against the reference with dropout on.
 """
 
 from __future__ import annotations

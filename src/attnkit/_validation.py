@@ -30,9 +30,7 @@ def check_qkv(q: Any, k: Any, v: Any) -> Shapes:
                 f"{name} must have 4 dims (B, H, L, D), got shape {_shape(t)} with {t.dim()} dims"
             )
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-            )
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -44,9 +42,7 @@ def check_qkv(q: Any, k: Any, v: Any) -> Shapes:
         )
     Hkv, Lk = k.shape[1], k.shape[2]
     if v.shape[1] != Hkv or v.shape[2] != Lk:
-        raise ValueError(
-            f"k and v must agree on heads and length: k {_shape(k)}, v {_shape(v)}"
-        )
+        raise ValueError(f"k and v must agree on heads and length: k {_shape(k)}, v {_shape(v)}")
     if k.shape[3] != D:
         raise ValueError(f"q and k head dims differ: q {_shape(q)}, k {_shape(k)} (dim 3)")
     if Hkv == 0 or Hq % Hkv != 0:

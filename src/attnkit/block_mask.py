@@ -86,7 +86,7 @@ class BlockMask:
 
     def to_dense(self) -> Tensor:
         """Bool tensor (B|1, H|1, Lq, Lk): full tiles True, partial tiles by the predicate."""
-        b_n, h_n, _, _ = self.shape
+        _b_n, _h_n, _, _ = self.shape
         out = (self.kinds == FULL).repeat_interleave(self.block_q, dim=2)
         out = out.repeat_interleave(self.block_k, dim=3)[..., : self.q_len, : self.kv_len]
         out = out.contiguous()

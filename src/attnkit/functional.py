@@ -46,7 +46,8 @@ def _check_mask(mask: object, s: Shapes) -> MaskLike:
             raise ValueError(f"BlockMask kinds {mask.shape} do not broadcast to B={s.B}, H={s.Hq}")
         return mask
     raise TypeError(
-        f"mask must be an attnkit Mask, a BlockMask, a bool tensor or None, got {type(mask).__name__}"
+        "mask must be an attnkit Mask, a BlockMask, a bool tensor or None, "
+        f"got {type(mask).__name__}"
     )
 
 

@@ -152,7 +152,7 @@ class Mask:
         q = torch.arange(Lq, device=device).view(1, 1, Lq, 1)
         kv = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
         out = torch.as_tensor(bound.fn(b, h, q, kv), device=device)
-        shape = torch.broadcast_shapes(out.shape, (1, 1, Lq, Lk))
+        shape = _broadcast_shapes(out.shape, (1, 1, Lq, Lk))
         return out.expand(shape).contiguous()
 
     def blocks(
@@ -181,7 +181,7 @@ class Mask:
         k_hi = (k_lo + block_k).clamp(max=Lk) - 1
         any_, all_ = bound.tiles(q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :], B, H)
         kinds = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
-        shape = torch.broadcast_shapes(kinds.shape, (1, 1, q_lo.numel(), k_lo.numel()))
+        shape = _broadcast_shapes(kinds.shape, (1, 1, q_lo.numel(), k_lo.numel()))
         kinds = kinds.expand(shape).contiguous()
         bm = BlockMask(kinds, block_q, block_k, Lq, Lk, bound.fn, name=self.name)
         return bm if bound.exact else refine_partial_tiles(bm)
@@ -195,6 +195,10 @@ class Mask:
 # ---- helpers -----------------------------------------------------------------------------
 
 
+def _broadcast_shapes(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    return tuple(torch.broadcast_shapes(*shapes))  # type: ignore[no-untyped-call]
+
+
 def _offset(align: str, Lq: int, Lk: int) -> int:
     return Lk - Lq if align == "bottom_right" else 0
 
@@ -206,7 +210,7 @@ def _select(idx: Tensor, size: int) -> Tensor:
 
 def _as_index_tensor(name: str, values: Sequence[int] | Tensor) -> Tensor:
     t = torch.as_tensor(values)
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+    if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
     return t.long()
 
@@ -311,8 +315,11 @@ def full() -> Mask:
     """Every query attends to every key."""
 
     def bind(Lq: int, Lk: int) -> BoundMask:
-        return BoundMask(lambda b, h, q, kv: torch.ones_like(q - kv, dtype=torch.bool),
-                         _const_tiles(True), exact=True)
+        return BoundMask(
+            lambda b, h, q, kv: torch.ones_like(q - kv, dtype=torch.bool),
+            _const_tiles(True),
+            exact=True,
+        )
 
     return Mask("full()", bind)
 
@@ -359,13 +366,16 @@ def dilated(
         ok = (torch.remainder(d, dilation) == 0) & (d.abs() <= window * dilation)
         return ok & (d <= 0) if causal else ok
 
-    return _diff_mask(f"dilated(window={window}, dilation={dilation}, causal={causal})", keep,
-                      align)
+    return _diff_mask(
+        f"dilated(window={window}, dilation={dilation}, causal={causal})", keep, align
+    )
 
 
 def strided(stride: int, *, align: str = "bottom_right") -> Mask:
-    """Sparse Transformer's strided pattern (causal): the last ``stride`` keys, plus every
-    key a multiple of ``stride`` back."""
+    """Sparse Transformer's strided pattern (causal).
+
+    Attends to the last ``stride`` keys, plus every key a multiple of ``stride`` back.
+    """
     check.check_positive_int("stride", stride)
 
     def keep(d: Tensor) -> Tensor:
@@ -376,8 +386,11 @@ def strided(stride: int, *, align: str = "bottom_right") -> Mask:
 
 
 def fixed(block: int, summary: int = 1, *, align: str = "bottom_right") -> Mask:
-    """Sparse Transformer's fixed pattern (causal): keys in the query's own block of ``block``
-    positions, plus the last ``summary`` "summary" keys of every block."""
+    """Sparse Transformer's fixed pattern (causal).
+
+    Attends to keys in the query's own block of ``block`` positions, plus the last
+    ``summary`` "summary" keys of every block.
+    """
     check.check_positive_int("block", block)
     if isinstance(summary, bool) or not isinstance(summary, int) or not 0 <= summary <= block:
         raise ValueError(f"summary must be an int in [0, block={block}], got {summary!r}")
@@ -547,6 +560,7 @@ def document(
         ids: document id of every key position, (Lk,) or (B, Lk). Queries take the ids of
             their aligned key positions (bottom-right: query i is key i + Lk - Lq).
         kv_ids: give separate key ids, (Lk,) or (B, Lk), when ``ids`` are the query ids (Lq).
+        align: "bottom_right" or "top_left", as for ``causal``.
 
     Combine with ``causal()`` for packed causal LM training.
     """
@@ -673,12 +687,18 @@ def bigbird(
     *,
     align: str = "bottom_right",
 ) -> Mask:
-    """BigBird: per block of queries, ``num_window`` neighbouring key blocks (centred),
-    ``num_global`` global blocks at the start (attending and attended everywhere) and
-    ``num_random`` random key blocks drawn with ``seed`` (reproducible)."""
+    """BigBird's block pattern.
+
+    Per block of queries: ``num_window`` neighbouring key blocks (centred), ``num_global``
+    global blocks at the start (attending and attended everywhere) and ``num_random``
+    random key blocks drawn with ``seed`` (reproducible).
+    """
     check.check_positive_int("block", block)
-    for name, value in (("num_window", num_window), ("num_global", num_global),
-                        ("num_random", num_random)):
+    for name, value in (
+        ("num_window", num_window),
+        ("num_global", num_global),
+        ("num_random", num_random),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     check.check_align(align)
@@ -688,12 +708,13 @@ def bigbird(
         if off < 0:
             raise ValueError(f"bigbird with bottom-right alignment needs Lq <= Lk, got {Lq}, {Lk}")
         nb = -(-Lk // block)
-        r = torch.arange(nb)
-        layout = (r[:, None] - r[None, :]).abs() <= num_window // 2
+        rows = -(-(Lq + off) // block)  # query blocks, in aligned positions
+        r, c = torch.arange(rows), torch.arange(nb)
+        layout = (r[:, None] - c[None, :]).abs() <= num_window // 2
         layout[:num_global, :] = True
         layout[:, :num_global] = True
         gen = torch.Generator().manual_seed(seed)
-        for row in range(nb):
+        for row in range(rows):
             layout[row, torch.randperm(nb, generator=gen)[:num_random]] = True
         return _layout_bound(layout[None], block, off)
 
@@ -755,11 +776,15 @@ def custom(fn: MaskFn, name: str | None = None) -> Mask:
             dev = q_lo.device
             zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
             probe = torch.as_tensor(
-                fn(torch.arange(B, device=dev).view(B, 1, 1, 1),
-                   torch.arange(H, device=dev).view(1, H, 1, 1), zero, zero),
+                fn(
+                    torch.arange(B, device=dev).view(B, 1, 1, 1),
+                    torch.arange(H, device=dev).view(1, H, 1, 1),
+                    zero,
+                    zero,
+                ),
                 device=dev,
             )
-            shape = torch.broadcast_shapes(probe.shape, (1, 1, 1, 1))[:2] + (1, 1)
+            shape = (*_broadcast_shapes(probe.shape, (1, 1, 1, 1))[:2], 1, 1)
             # Undecided everywhere: refinement evaluates fn on every tile.
             return torch.ones(shape, dtype=torch.bool, device=dev), torch.zeros(
                 shape, dtype=torch.bool, device=dev

@@ -1,5 +1,6 @@
-"""Score modifiers: ``fn(score, b, h, q_idx, kv_idx) -> score``, applied after scaling and before
-masking, as FlexAttention's ``score_mod``.
+"""Score modifiers: ``fn(score, b, h, q_idx, kv_idx) -> score``.
+
+They are applied after scaling and before masking, as FlexAttention's ``score_mod``.
 
 Built-ins follow FlashAttention's conventions so results compare one to one: ALiBi is
 bottom-right aligned (query i sits at key i + Lk - Lq) and symmetric. Any plain callable with
@@ -90,8 +91,11 @@ def _select(idx: Tensor, size: int) -> Tensor:
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
-    """The standard ALiBi slopes (Press et al.): 2^(-8h/H) for h = 1..H when H is a power of 2,
-    interleaving the next power's slopes otherwise. Returns float32 (H,)."""
+    """The standard ALiBi slopes (Press et al.), float32 (H,).
+
+    2^(-8h/H) for h = 1..H when H is a power of 2; otherwise the slopes of the closest lower
+    power of two followed by every other slope of the next power.
+    """
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
 
@@ -139,8 +143,10 @@ def softcap(cap: float) -> ScoreMod:
 
 
 def t5_bucket(relative: Tensor, num_buckets: int, max_distance: int, bidirectional: bool) -> Tensor:
-    """T5's bucketing of relative positions (key - query): exact for small distances,
-    logarithmic up to ``max_distance``, clipped beyond."""
+    """T5's bucketing of relative positions (key - query).
+
+    Exact for small distances, logarithmic up to ``max_distance``, clipped beyond.
+    """
     buckets = torch.zeros_like(relative)
     n = num_buckets
     if bidirectional:
@@ -151,7 +157,9 @@ def t5_bucket(relative: Tensor, num_buckets: int, max_distance: int, bidirection
         dist = (-relative).clamp(min=0)
     max_exact = n // 2
     is_small = dist < max_exact
-    log_ratio = torch.log(dist.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    log_ratio = torch.log(dist.clamp(min=1).float() / max_exact) / math.log(
+        max_distance / max_exact
+    )
     large = (max_exact + (log_ratio * (n - max_exact)).long()).clamp(max=n - 1)
     return buckets + torch.where(is_small, dist, large)
 
@@ -169,7 +177,9 @@ def relative_bias(
         table: (H|1, T), typically an ``nn.Parameter``; gradients flow into it.
             Plain mode: T = 2M + 1 and distances are clipped to [-M, M].
             ``t5_buckets=True``: T buckets as in T5 (``t5_bucket``).
-        max_distance, bidirectional: T5 bucketing parameters.
+        t5_buckets: bucket distances as T5 does instead of clipping them.
+        max_distance: T5: distances beyond this share the last bucket.
+        bidirectional: T5: separate buckets for keys before and after the query.
     """
     if not isinstance(table, Tensor) or table.dim() != 2:
         raise TypeError("relative_bias table must be a 2-D tensor (H|1, T)")

@@ -1,19 +1,35 @@
 """Attention backends. Each module has ``NAME``, ``unsupported_reason(req)`` and ``run(req)``.
 
-    reference  the spec: materialised softmax in float32/64 (backends/reference.py)
-    sdpa       torch.nn.functional.scaled_dot_product_attention (backends/sdpa.py)
+reference  the spec: materialised softmax in float32/64 (backends/reference.py)
+sdpa       torch.nn.functional.scaled_dot_product_attention (backends/sdpa.py)
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Protocol
+
+from torch import Tensor
 
 from attnkit.backends import reference, sdpa
+from attnkit.backends._common import Request
 
-_REGISTRY: dict[str, ModuleType] = {reference.NAME: reference, sdpa.NAME: sdpa}
+
+class Backend(Protocol):
+    """What a backend module provides."""
+
+    NAME: str
+
+    def unsupported_reason(self, req: Request) -> str | None:
+        """Why this backend cannot serve ``req``, or None when it can."""
+
+    def run(self, req: Request) -> tuple[Tensor, Tensor | None]:
+        """Output (B, Hq, Lq, Dv) and, when the backend computes it, LSE (B, Hq, Lq)."""
 
 
-def get(name: str) -> ModuleType:
+_REGISTRY: dict[str, Backend] = {reference.NAME: reference, sdpa.NAME: sdpa}
+
+
+def get(name: str) -> Backend:
     """The backend module called ``name``."""
     return _REGISTRY[name]
 

@@ -49,13 +49,14 @@ def dense_mask(mask: MaskLike, s: Shapes, device: torch.device) -> Tensor | None
     if mask is None:
         return None
     if isinstance(mask, Mask):
-        return mask.dense(s.Lq, s.Lk, B=s.B if mask.batch else None,
-                          H=s.Hq if mask.heads else None, device=device)
+        return mask.dense(
+            s.Lq, s.Lk, B=s.B if mask.batch else None, H=s.Hq if mask.heads else None, device=device
+        )
     if isinstance(mask, BlockMask):
         return mask.to_dense().to(device)
     return mask.to(device)
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
-    """(B, Hkv, L, D) -> (B, Hkv·groups, L, D): each key/value head serves ``groups`` query heads."""
+    """(B, Hkv, L, D) -> (B, Hkv·groups, L, D): each kv head serves ``groups`` query heads."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)

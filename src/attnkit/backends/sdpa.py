@@ -1,10 +1,12 @@
-"""Delegate to ``torch.nn.functional.scaled_dot_product_attention`` where it can express the
-request: no mask, causal, or any mask as a dense bool tensor. It cannot return the LSE, apply
-a score_mod, or draw attnkit's reproducible dropout, and says so."""
+"""Delegate to ``torch.nn.functional.scaled_dot_product_attention``.
+
+Used where SDPA can express the request: no mask, causal, or any mask as a dense bool
+tensor. It cannot return the LSE, apply a score_mod, or draw attnkit's reproducible dropout,
+and says so.
+"""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

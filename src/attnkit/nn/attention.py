@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from functools import reduce
 
 import torch
@@ -128,9 +129,7 @@ class MultiHeadAttention(nn.Module):
             key = None if key is None else key.transpose(0, 1)
             value = None if value is None else value.transpose(0, 1)
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"query must be (B, L, E={self.embed_dim}), got {tuple(query.shape)}"
-            )
+            raise ValueError(f"query must be (B, L, E={self.embed_dim}), got {tuple(query.shape)}")
         is_self = key is None
         if key is None:
             key = query
@@ -157,8 +156,15 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.append(k, v)
         full_mask = self._combined_mask(mask, key_padding_mask, B, Lq, k.shape[2], q.device)
         dropout_p = self.dropout if self.training else 0.0
-        out = attention(q, k, v, mask=full_mask, score_mod=self.score_mod, dropout_p=dropout_p,
-                        backend=self.backend)
+        out = attention(
+            q,
+            k,
+            v,
+            mask=full_mask,
+            score_mod=self.score_mod,
+            dropout_p=dropout_p,
+            backend=self.backend,
+        )
         weights = None
         if need_weights:
             weights = attention_weights(q, k, v, mask=full_mask, score_mod=self.score_mod)
@@ -188,18 +194,24 @@ class MultiHeadAttention(nn.Module):
             return None
         if len(parts) == 1:
             return parts[0]
-        if all(isinstance(p, Mask) for p in parts):
-            return reduce(lambda a, b: a & b, parts)  # type: ignore[arg-type, return-value]
+        mask_objects = [p for p in parts if isinstance(p, Mask)]
+        if len(mask_objects) == len(parts):
+            return reduce(operator.and_, mask_objects)
         # Mixed kinds: materialise each part as a bool tensor and intersect.
         dense = [
-            p.dense(Lq, Lk, B=p.batch, H=p.heads, device=device) if isinstance(p, Mask)
-            else p.to_dense().to(device) if isinstance(p, BlockMask)
+            p.dense(Lq, Lk, B=p.batch, H=p.heads, device=device)
+            if isinstance(p, Mask)
+            else p.to_dense().to(device)
+            if isinstance(p, BlockMask)
             else p
             for p in parts
         ]
         return reduce(torch.logical_and, dense)
 
     # ---- conversion to and from torch.nn.MultiheadAttention -----------------------------
+    def _in_projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return self.q_proj, self.k_proj, self.v_proj
+
     @classmethod
     def from_torch(cls, m: nn.MultiheadAttention) -> MultiHeadAttention:
         """Build an equivalent module with ``m``'s weights (shares no storage)."""
@@ -208,26 +220,22 @@ class MultiHeadAttention(nn.Module):
         w = m.out_proj.weight
         bias = m.in_proj_bias is not None
         new = cls(
-            m.embed_dim, m.num_heads, kdim=m.kdim, vdim=m.vdim, bias=bias, dropout=m.dropout,
-            batch_first=m.batch_first, device=w.device, dtype=w.dtype,
+            m.embed_dim,
+            m.num_heads,
+            kdim=m.kdim,
+            vdim=m.vdim,
+            bias=bias,
+            dropout=m.dropout,
+            batch_first=m.batch_first,
+            device=w.device,
+            dtype=w.dtype,
         )
-        E = m.embed_dim
         with torch.no_grad():
-            if m.in_proj_weight is not None:
-                wq, wk, wv = m.in_proj_weight.split(E)
-            else:
-                wq, wk, wv = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
-            for proj, weight in ((new.q_proj, wq), (new.k_proj, wk), (new.v_proj, wv)):
+            for proj, weight, b in zip(new._in_projections(), *_torch_in_proj(m), strict=True):
                 proj.weight.copy_(weight)
-            if bias:
-                for proj, b in zip((new.q_proj, new.k_proj, new.v_proj),
-                                   m.in_proj_bias.split(E), strict=True):
-                    assert proj.bias is not None
+                if proj.bias is not None and b is not None:
                     proj.bias.copy_(b)
-            new.out_proj.weight.copy_(m.out_proj.weight)
-            if bias:
-                assert new.out_proj.bias is not None
-                new.out_proj.bias.copy_(m.out_proj.bias)
+            new.out_proj.load_state_dict(m.out_proj.state_dict())
         return new
 
     def to_torch(self) -> nn.MultiheadAttention:
@@ -239,28 +247,44 @@ class MultiHeadAttention(nn.Module):
         w = self.q_proj.weight
         bias = self.q_proj.bias is not None
         m = nn.MultiheadAttention(
-            self.embed_dim, self.num_heads, dropout=self.dropout, bias=bias, kdim=self.kdim,
-            vdim=self.vdim, batch_first=self.batch_first, device=w.device, dtype=w.dtype,
+            self.embed_dim,
+            self.num_heads,
+            dropout=self.dropout,
+            bias=bias,
+            kdim=self.kdim,
+            vdim=self.vdim,
+            batch_first=self.batch_first,
+            device=w.device,
+            dtype=w.dtype,
         )
         with torch.no_grad():
-            weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-            if m.in_proj_weight is not None:
-                m.in_proj_weight.copy_(torch.cat(weights))
+            ours = self._in_projections()
+            if m._qkv_same_embed_dim:
+                m.in_proj_weight.copy_(torch.cat([p.weight for p in ours]))
             else:
-                m.q_proj_weight.copy_(weights[0])
-                m.k_proj_weight.copy_(weights[1])
-                m.v_proj_weight.copy_(weights[2])
+                for p, name in zip(ours, ("q", "k", "v"), strict=True):
+                    getattr(m, f"{name}_proj_weight").copy_(p.weight)
             if bias:
-                m.in_proj_bias.copy_(
-                    torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])  # type: ignore[list-item]
-                )
-                m.out_proj.bias.copy_(self.out_proj.bias)  # type: ignore[arg-type]
-            m.out_proj.weight.copy_(self.out_proj.weight)
+                m.in_proj_bias.copy_(torch.cat([p.bias for p in ours if p.bias is not None]))
+            m.out_proj.load_state_dict(self.out_proj.state_dict())
         return m
 
     def extra_repr(self) -> str:
+        """Shown inside the module's repr."""
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, mask={self.mask!r}, "
             f"backend={self.backend!r}"
         )
+
+
+def _torch_in_proj(
+    m: nn.MultiheadAttention,
+) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
+    """Torch's q, k, v input projection weights and biases, packed or separate."""
+    if m._qkv_same_embed_dim:
+        weights = tuple(m.in_proj_weight.chunk(3))
+    else:
+        weights = (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
+    biases = tuple(m.in_proj_bias.chunk(3)) if m.in_proj_bias is not None else (None,) * 3
+    return weights, biases

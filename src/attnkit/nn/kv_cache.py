@@ -28,8 +28,12 @@ class KVCache:
         device: torch.device | str | None = None,
         value_dim: int | None = None,
     ) -> None:
-        for name, n in (("batch", batch), ("num_kv_heads", num_kv_heads),
-                        ("max_len", max_len), ("head_dim", head_dim)):
+        for name, n in (
+            ("batch", batch),
+            ("num_kv_heads", num_kv_heads),
+            ("max_len", max_len),
+            ("head_dim", head_dim),
+        ):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"KVCache {name} must be an int >= 1, got {n!r}")
         dv = head_dim if value_dim is None else value_dim

@@ -38,7 +38,9 @@ class RotaryEmbedding(nn.Module):
             (B, H, L, D) in x's dtype.
         """
         if x.shape[-1] != self.head_dim:
-            raise ValueError(f"x has head dim {x.shape[-1]}, RotaryEmbedding expects {self.head_dim}")
+            raise ValueError(
+                f"x has head dim {x.shape[-1]}, RotaryEmbedding expects {self.head_dim}"
+            )
         L = x.shape[-2]
         if positions is None:
             positions = torch.arange(offset, offset + L, device=x.device)
@@ -52,4 +54,5 @@ class RotaryEmbedding(nn.Module):
         return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
     def extra_repr(self) -> str:
+        """Shown inside the module's repr."""
         return f"head_dim={self.head_dim}, base={self.base:g}"

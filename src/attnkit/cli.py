@@ -1,0 +1,94 @@
+"""The ``attnkit`` command.
+
+attnkit patterns [--length N] [--png FILE]   draw the built-in sparse patterns
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from attnkit import masks
+from attnkit.masks import Mask
+
+
+def pattern_gallery(length: int) -> dict[str, Mask]:
+    """The built-in sparse patterns, sized for a sequence of ``length`` tokens."""
+    w = max(1, length // 8)
+    return {
+        "causal": masks.causal(),
+        f"sliding_window({w})": masks.sliding_window(w),
+        f"dilated({w // 2 or 1}, 2)": masks.dilated(w // 2 or 1, 2, causal=True),
+        f"strided({w})": masks.strided(w),
+        f"fixed({w}, 1)": masks.fixed(w, 1),
+        f"global[0] | window({w},{w})": masks.sliding_window(w, w) | masks.global_tokens([0]),
+        "bigbird": masks.bigbird(
+            block=max(1, length // 12), num_window=3, num_global=1, num_random=1, seed=0
+        ),
+        "block_sparse(diag)": masks.block_sparse(_diagonal_layout(length, w), w),
+        "document(3 docs)": masks.document(_three_docs(length)) & masks.causal(),
+        "prefix_lm": masks.prefix_lm(length // 3),
+    }
+
+
+def _diagonal_layout(length: int, block: int) -> torch.Tensor:
+    n = -(-length // block)
+    r = torch.arange(n)
+    return (r[:, None] == r[None, :]) | (r[None, :] == 0) | (r[:, None] == r[None, :] + 1)
+
+
+def _three_docs(length: int) -> list[int]:
+    cuts = [length // 3, length // 2, length]
+    return [sum(i >= c for c in cuts[:-1]) for i in range(length)]
+
+
+def draw(mask: Mask, length: int) -> str:
+    """Text picture of a mask at ``length`` tokens: '█' attends, '·' does not."""
+    dense = mask.dense(length, length)[0, 0]
+    return "\n".join("".join("█" if x else "·" for x in row.tolist()) for row in dense)
+
+
+def _cmd_patterns(args: argparse.Namespace) -> int:
+    gallery = pattern_gallery(args.length)
+    for name, mask in gallery.items():
+        print(f"{name}: density {mask.density(args.length, args.length):.3f}   ({mask!r})")
+        print(draw(mask, args.length))
+        print()
+    if args.png:
+        from attnkit.viz import save_pattern_grid
+
+        save_pattern_grid(gallery, args.length, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``attnkit`` command."""
+    parser = argparse.ArgumentParser(prog="attnkit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("patterns", help="draw the built-in sparse attention patterns")
+    p.add_argument("--length", type=_positive_int, default=32, help="sequence length (default 32)")
+    p.add_argument("--png", help="also save the patterns as a PNG grid (needs matplotlib)")
+    p.set_defaults(func=_cmd_patterns)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``attnkit`` command; returns the exit code (2 for usage errors)."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Shared test helpers: an independent float64 attention formula and DESIGN §7 tolerances."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def naive_attention(q, k, v, allowed=None, scale=None, bias=None):
+    """softmax(q·kᵀ·scale + bias, masked)·v in float64, written out; fully masked rows -> 0.
+
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv); allowed bool broadcastable.
+    Returns out (B, Hq, Lq, Dv) float64, lse (B, Hq, Lq) float64.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if bias is not None:
+        s = s + bias
+    if allowed is not None:
+        s = s.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return torch.einsum("bhij,bhjd->bhid", p, v), lse
+
+
+def rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32, requires_grad=False):
+    Dv = D if Dv is None else Dv
+    q = torch.randn(B, Hq, Lq, D, dtype=dtype)
+    k = torch.randn(B, Hkv, Lk, D, dtype=dtype)
+    v = torch.randn(B, Hkv, Lk, Dv, dtype=dtype)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v
+
+
+def assert_close_scaled(fast, ref64, ref_low, mult=2.0, floor=1e-5):
+    """DESIGN §7: a fast path in dtype X passes when its error vs the float64 reference is at
+    most ``mult`` x the error of the reference run in dtype X, plus a small floor."""
+    ref_err = (ref_low.double() - ref64).abs().max().item()
+    err = (fast.double() - ref64).abs().max().item()
+    assert err <= mult * ref_err + floor, (
+        f"error {err:.3g} > {mult} x ref error {ref_err:.3g} + {floor}"
+    )

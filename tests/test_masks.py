@@ -1,0 +1,305 @@
+"""Every mask's dense() against a direct definition; blocks() against dense() tile by tile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit import masks
+from attnkit._types import EMPTY, FULL, PARTIAL
+
+
+def direct(Lq, Lk, rule, B=1, H=1):
+    """Evaluate ``rule(b, h, i, j, off)`` position by position (off = Lk - Lq)."""
+    off = Lk - Lq
+    out = torch.zeros(B, H, Lq, Lk, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Lq):
+                for j in range(Lk):
+                    out[b, h, i, j] = bool(rule(b, h, i, j, off))
+    return out
+
+
+IDS = [0] * 9 + [1] * 14 + [2] * 3 + [3] * 27
+LAYOUT = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.4
+DENSE = torch.rand(2, 1, 37, 53, generator=torch.Generator().manual_seed(2)) < 0.5
+VALID = torch.arange(53)[None, :] < torch.tensor([[40], [53]])
+
+# (name, mask, direct rule, B, H) at Lq=37, Lk=53
+CASES = [
+    ("full", masks.full(), lambda b, h, i, j, o: True, 1, 1),
+    ("causal", masks.causal(), lambda b, h, i, j, o: j <= i + o, 1, 1),
+    ("causal_tl", masks.causal(align="top_left"), lambda b, h, i, j, o: j <= i, 1, 1),
+    ("window", masks.sliding_window(5), lambda b, h, i, j, o: i + o - 5 <= j <= i + o, 1, 1),
+    (
+        "window2",
+        masks.sliding_window(3, 4),
+        lambda b, h, i, j, o: i + o - 3 <= j <= i + o + 4,
+        1,
+        1,
+    ),
+    ("window_left_unb", masks.sliding_window(-1, 2), lambda b, h, i, j, o: j <= i + o + 2, 1, 1),
+    (
+        "window_tl",
+        masks.sliding_window(4, align="top_left"),
+        lambda b, h, i, j, o: i - 4 <= j <= i,
+        1,
+        1,
+    ),
+    (
+        "dilated",
+        masks.dilated(3, 2),
+        lambda b, h, i, j, o: (j - i - o) % 2 == 0 and abs(j - i - o) <= 6,
+        1,
+        1,
+    ),
+    (
+        "dilated_causal",
+        masks.dilated(4, 3, causal=True),
+        lambda b, h, i, j, o: (j - i - o) % 3 == 0 and -12 <= j - i - o <= 0,
+        1,
+        1,
+    ),
+    (
+        "strided",
+        masks.strided(4),
+        lambda b, h, i, j, o: i + o - j >= 0 and ((i + o - j) < 4 or (i + o - j) % 4 == 0),
+        1,
+        1,
+    ),
+    (
+        "fixed",
+        masks.fixed(8, 2),
+        lambda b, h, i, j, o: j <= i + o and (j // 8 == (i + o) // 8 or j % 8 >= 6),
+        1,
+        1,
+    ),
+    (
+        "fixed_nosum",
+        masks.fixed(5, 0),
+        lambda b, h, i, j, o: j <= i + o and j // 5 == (i + o) // 5,
+        1,
+        1,
+    ),
+    ("prefix_lm", masks.prefix_lm(20), lambda b, h, i, j, o: j < 20 or j <= i + o, 1, 1),
+    (
+        "global",
+        masks.global_tokens([0, 17, 40]),
+        lambda b, h, i, j, o: j in (0, 17, 40) or i + o in (0, 17, 40),
+        1,
+        1,
+    ),
+    ("key_padding", masks.key_padding([53, 20]), lambda b, h, i, j, o: j < [53, 20][b], 2, 1),
+    ("padding_mask", masks.from_padding_mask(VALID), lambda b, h, i, j, o: bool(VALID[b, j]), 2, 1),
+    ("document", masks.document(IDS), lambda b, h, i, j, o: IDS[i + o] == IDS[j], 1, 1),
+    (
+        "block_sparse",
+        masks.block_sparse(LAYOUT, 7),
+        lambda b, h, i, j, o: bool(LAYOUT[h, i // 7, j // 7]),
+        1,
+        3,
+    ),
+    ("from_dense", masks.from_dense(DENSE), lambda b, h, i, j, o: bool(DENSE[b, 0, i, j]), 2, 1),
+    (
+        "custom",
+        masks.custom(lambda b, h, q, kv: (q * 3 + kv) % 5 == 0),
+        lambda b, h, i, j, o: (i * 3 + j) % 5 == 0,
+        1,
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "mask", "rule", "B", "H"), CASES, ids=[c[0] for c in CASES])
+def test_dense_matches_direct_definition(name, mask, rule, B, H):
+    got = mask.dense(37, 53, B=B, H=H).expand(B, H, 37, 53)
+    torch.testing.assert_close(got, direct(37, 53, rule, B, H))
+
+
+def test_bigbird_structure_and_seed():
+    m = masks.bigbird(block=4, num_window=3, num_global=1, num_random=2, seed=3)
+    d = m.dense(32, 32)[0, 0]
+    blocks = d.view(8, 4, 8, 4)
+    # block-constant
+    assert bool((blocks.all(dim=(1, 3)) == blocks.any(dim=(1, 3))).all())
+    lay = blocks.any(dim=(1, 3))
+    r = torch.arange(8)
+    assert bool(lay[(r[:, None] - r[None, :]).abs() <= 1].all())  # window
+    assert bool(lay[0].all())
+    assert bool(lay[:, 0].all())
+    assert bool((lay.sum(1) >= 3).all())  # window (+ randoms)
+    torch.testing.assert_close(d, masks.bigbird(4, 3, 1, 2, seed=3).dense(32, 32)[0, 0])
+
+
+def test_bigbird_random_blocks_differ_by_seed():
+    a = masks.bigbird(4, 1, 0, 3, seed=0).dense(64, 64)
+    b = masks.bigbird(4, 1, 0, 3, seed=1).dense(64, 64)
+    assert not torch.equal(a, b)
+    lay = a[0, 0].view(16, 4, 16, 4).any(dim=(1, 3))
+    assert bool((lay.sum(1) <= 1 + 3).all())
+    assert bool((lay.sum(1) >= 1).all())
+
+
+def kinds_from_dense(dense, bq, bk):
+    """Tile kinds computed the slow, obvious way from a dense mask (B, H, Lq, Lk)."""
+    B, H, Lq, Lk = dense.shape
+    nq, nk = -(-Lq // bq), -(-Lk // bk)
+    out = torch.empty(B, H, nq, nk, dtype=torch.int8)
+    for a in range(nq):
+        for c in range(nk):
+            tile = dense[:, :, a * bq : (a + 1) * bq, c * bk : (c + 1) * bk].flatten(2)
+            out[:, :, a, c] = torch.where(
+                tile.all(-1), FULL, torch.where(tile.any(-1), PARTIAL, EMPTY)
+            )
+    return out
+
+
+def big_cases():
+    ids = torch.repeat_interleave(torch.arange(6), torch.tensor([100, 3, 200, 50, 60, 100]))
+    unsorted = ids[torch.randperm(513, generator=torch.Generator().manual_seed(0))]
+    layout = torch.rand(2, 9, 9, generator=torch.Generator().manual_seed(5)) < 0.3
+    base = {
+        "full": masks.full(),
+        "causal": masks.causal(),
+        "causal_tl": masks.causal(align="top_left"),
+        "window": masks.sliding_window(100),
+        "window_sym": masks.sliding_window(70, 70),
+        "window_unb": masks.sliding_window(-1, 30),
+        "dilated": masks.dilated(40, 3),
+        "dilated_causal": masks.dilated(20, 5, causal=True),
+        "strided": masks.strided(64),
+        "fixed": masks.fixed(64, 8),
+        "fixed_odd": masks.fixed(50, 3),
+        "prefix_lm": masks.prefix_lm(300),
+        "global": masks.global_tokens([0, 5, 300, 512]),
+        "key_padding": masks.key_padding([513, 100, 0]),
+        "document": masks.document(ids),
+        "document_unsorted": masks.document(unsorted),
+        "block_sparse": masks.block_sparse(layout, 64),
+        "bigbird": masks.bigbird(32, 3, 2, 2, seed=1),
+        "custom": masks.custom(lambda b, h, q, kv: (q + kv) % 7 < 2),
+    }
+    combos = {
+        "causal&padding": masks.causal() & masks.key_padding([400, 513]),
+        "window|global": masks.sliding_window(64, 64) | masks.global_tokens([0, 200]),
+        "~window": ~masks.sliding_window(50),
+        "document&causal": masks.document(unsorted) & masks.causal(),
+        "window&~dilated": masks.sliding_window(128) & ~masks.dilated(10, 4),
+    }
+    return {**base, **combos}
+
+
+CASES_BIG = big_cases()
+
+
+@pytest.mark.parametrize("name", list(CASES_BIG))
+@pytest.mark.parametrize(("bq", "bk"), [(32, 128), (64, 64)])
+def test_blocks_exact_against_dense(name, bq, bk):
+    mask = CASES_BIG[name]
+    Lq, Lk = 257, 513
+    bm = mask.blocks(Lq, Lk, bq, bk)
+    dense = mask.dense(Lq, Lk)
+    expected = kinds_from_dense(dense, bq, bk)
+    assert bm.kinds.shape[:2] == expected.shape[:2]
+    torch.testing.assert_close(bm.kinds, expected)
+    torch.testing.assert_close(bm.to_dense(), dense)
+
+
+@pytest.mark.parametrize("name", ["causal", "window", "fixed", "strided", "document", "bigbird"])
+def test_blocks_exact_when_queries_outnumber_keys(name):
+    mask = {
+        "causal": masks.causal(),
+        "window": masks.sliding_window(30, 10),
+        "fixed": masks.fixed(16, 4),
+        "strided": masks.strided(8),
+        "document": masks.document([0] * 50 + [1] * 100, kv_ids=[0] * 40 + [1] * 60),
+        "bigbird": masks.bigbird(16, align="top_left"),
+    }[name]
+    bm = mask.blocks(150, 100, 16, 32)
+    torch.testing.assert_close(bm.kinds, kinds_from_dense(mask.dense(150, 100), 16, 32))
+
+
+def test_dense_independent_of_tile_size():
+    mask = masks.sliding_window(33) | masks.global_tokens([3])
+    ref = mask.dense(200, 300)
+    for bq, bk in [(1, 1), (7, 13), (64, 128), (256, 512)]:
+        torch.testing.assert_close(mask.blocks(200, 300, bq, bk).to_dense(), ref)
+
+
+def test_sliding_window_65536_is_analytic():
+    """A 65,536-token BlockMask never evaluates the predicate on all N² points."""
+    calls = []
+    mask = masks.sliding_window(512)
+    real_bind = mask._bind
+
+    def spy(Lq, Lk):
+        bound = real_bind(Lq, Lk)
+        return type(bound)(lambda *a: calls.append(1) or bound.fn(*a), bound.tiles, bound.exact)
+
+    mask._bind = spy
+    bm = mask.blocks(65536, 65536, 128, 128)
+    assert calls == []
+    # rows 0-3 reach back to key 0 (full tiles r' < r); later rows: 3 full + 2 partial tiles
+    full, partial = (0 + 1 + 2 + 3) + 508 * 3, 4 + 508 * 2
+    assert bm.counts() == {"empty": 512 * 512 - full - partial, "partial": partial, "full": full}
+    # band structure: tile row r has full tiles r-3..r-1 (all keys 512 back), partial r-4 and r
+    row = bm.kinds[0, 0, 100]
+    assert row[100].item() == PARTIAL
+    assert row[96].item() == PARTIAL
+    assert bool((row[97:100] == FULL).all())
+    assert int((row != EMPTY).sum()) == 5
+
+
+def test_density_and_repr():
+    m = masks.causal()
+    assert abs(m.density(100, 100) - 5050 / 10000) < 1e-12
+    bm = m.blocks(100, 100, 32, 32)
+    assert "causal()" in repr(bm)
+    assert "tiles=4x4" in repr(bm)
+    drawing = str(bm).splitlines()[1:]
+    assert drawing == ["+...", "#+..", "##+.", "###+"]
+    assert (
+        repr(masks.sliding_window(3) & ~masks.causal())
+        == "(sliding_window(left=3, right=0) & ~causal())"
+    )
+
+
+def test_batch_size_checks():
+    m = masks.key_padding([3, 4])
+    with pytest.raises(ValueError, match="B=2"):
+        m.dense(4, 4, B=3)
+    with pytest.raises(ValueError, match="cannot combine"):
+        _ = m & masks.key_padding([1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("make", "err"),
+    [
+        (lambda: masks.sliding_window(-2), ValueError),
+        (lambda: masks.sliding_window(1.5), TypeError),
+        (lambda: masks.dilated(0, 2), ValueError),
+        (lambda: masks.strided(0), ValueError),
+        (lambda: masks.fixed(4, 5), ValueError),
+        (lambda: masks.prefix_lm(-1), ValueError),
+        (lambda: masks.global_tokens([-1]), ValueError),
+        (lambda: masks.key_padding([]), ValueError),
+        (lambda: masks.causal(align="left"), ValueError),
+        (lambda: masks.from_dense(torch.ones(3, 3)), TypeError),
+        (lambda: masks.block_sparse(torch.ones(3), 4), TypeError),
+        (lambda: masks.bigbird(0), ValueError),
+        (lambda: masks.custom(3), TypeError),
+    ],
+)
+def test_bad_pattern_arguments(make, err):
+    with pytest.raises(err):
+        make()
+
+
+def test_bad_lengths_at_bind():
+    with pytest.raises(ValueError, match="out of range"):
+        masks.global_tokens([10]).dense(5, 5)
+    with pytest.raises(ValueError, match="too small"):
+        masks.block_sparse(torch.ones(2, 2, dtype=torch.bool), 4).dense(16, 16)
+    with pytest.raises(ValueError, match="Lk=7"):
+        masks.document([0, 0, 1]).dense(3, 7)

@@ -1,0 +1,125 @@
+"""MultiHeadAttention against torch.nn.MultiheadAttention; GQA; KV-cache decoding; RoPE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit import masks
+from attnkit.nn import KVCache, MultiHeadAttention, RotaryEmbedding
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_torch_matches(cross, batch_first, bias):
+    E, H, B, Lq, Lk = 48, 6, 3, 7, 11
+    kdim, vdim = (24, 20) if cross else (None, None)
+    m = torch.nn.MultiheadAttention(E, H, bias=bias, kdim=kdim, vdim=vdim, batch_first=batch_first)
+    a = MultiHeadAttention.from_torch(m)
+    x = torch.randn(B, Lq, E)
+    key = torch.randn(B, Lk, kdim) if cross else x
+    value = torch.randn(B, Lk, vdim) if cross else x
+    Lkv = key.shape[1]
+    kpm = torch.zeros(B, Lkv, dtype=torch.bool)
+    kpm[1, Lkv - 3 :] = True
+    attn_mask = torch.rand(Lq, Lkv) < 0.3  # torch: True = masked out
+    attn_mask[:, 0] = False
+    tr = (lambda t: t) if batch_first else (lambda t: t.transpose(0, 1))
+    exp_out, exp_w = m(
+        tr(x),
+        tr(key),
+        tr(value),
+        key_padding_mask=kpm,
+        attn_mask=attn_mask,
+        average_attn_weights=False,
+    )
+    out, w = a(
+        tr(x),
+        None if not cross else tr(key),
+        None if not cross else tr(value),
+        key_padding_mask=kpm,
+        mask=~attn_mask,
+        need_weights=True,
+    )
+    torch.testing.assert_close(out, exp_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, exp_w, atol=1e-5, rtol=1e-5)
+
+
+def test_to_torch_round_trip():
+    a = MultiHeadAttention(32, 4, kdim=16, vdim=16)
+    m = a.to_torch()
+    x, kv = torch.randn(2, 5, 32), torch.randn(2, 6, 16)
+    torch.testing.assert_close(
+        a(x, kv)[0], m(x, kv, kv, need_weights=False)[0], atol=1e-6, rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="grouped-query"):
+        MultiHeadAttention(32, 4, num_kv_heads=2).to_torch()
+
+
+def test_gqa_equals_mha_with_repeated_heads():
+    E, H, Hkv = 64, 8, 2
+    g = MultiHeadAttention(E, H, num_kv_heads=Hkv)
+    m = MultiHeadAttention(E, H)
+    hd = E // H
+    with torch.no_grad():
+        m.q_proj.load_state_dict(g.q_proj.state_dict())
+        m.out_proj.load_state_dict(g.out_proj.state_dict())
+        for src, dst in ((g.k_proj, m.k_proj), (g.v_proj, m.v_proj)):
+            w = src.weight.view(Hkv, hd, E).repeat_interleave(H // Hkv, dim=0).reshape(E, E)
+            dst.weight.copy_(w)
+            dst.bias.copy_(src.bias.view(Hkv, hd).repeat_interleave(H // Hkv, dim=0).reshape(E))
+    x = torch.randn(2, 9, E)
+    torch.testing.assert_close(g(x, mask=masks.causal())[0], m(x, mask=masks.causal())[0])
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_kv_cache_decoding_equals_full_causal_pass(num_kv_heads, use_rope):
+    E, H, B, L = 32, 4, 2, 12
+    rope = RotaryEmbedding(E // H) if use_rope else None
+    a = MultiHeadAttention(E, H, num_kv_heads=num_kv_heads, mask=masks.causal(), rope=rope).eval()
+    x = torch.randn(B, L, E)
+    full, _ = a(x)
+    cache = KVCache(B, num_kv_heads, L, E // H)
+    steps = [a(x[:, :5], cache=cache)[0]]  # a prompt of 5, then one token at a time
+    steps += [a(x[:, t : t + 1], cache=cache)[0] for t in range(5, L)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == L
+
+
+def test_cross_attention_cache_reuses_encoder_keys():
+    a = MultiHeadAttention(32, 4, kdim=24, vdim=24).eval()
+    memory = torch.randn(2, 10, 24)
+    x = torch.randn(2, 3, 32)
+    cache = KVCache(2, 4, 10, 8)
+    first, _ = a(x[:, :1], memory, cache=cache)
+    assert cache.length == 10
+    later, _ = a(x[:, 1:], torch.zeros(2, 10, 24), cache=cache)  # key ignored: cache is filled
+    full, _ = a(x, memory)
+    torch.testing.assert_close(torch.cat([first, later], dim=1), full, atol=1e-6, rtol=1e-6)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rope = RotaryEmbedding(16)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m, n):
+        return (rope(q, offset=m) * rope(k, offset=n)).sum().item()
+
+    assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-4)
+    assert score(0, 0) == pytest.approx((q * k).sum().item(), abs=1e-5)
+    assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+    # norms are preserved
+    torch.testing.assert_close(rope(q, offset=7).norm(), q.norm())
+
+
+def test_module_mask_and_backend_and_dropout():
+    a = MultiHeadAttention(16, 2, mask=masks.sliding_window(2), dropout=0.5, backend="reference")
+    x = torch.randn(1, 6, 16)
+    _, w = a.eval()(x, need_weights=True)
+    assert bool((w[0, :, 5, :3] == 0).all())
+    assert bool((w[0, :, 5, 3:] > 0).all())
+    a.train()
+    y1, _ = a(x)
+    assert y1.shape == (1, 6, 16)

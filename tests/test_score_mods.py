@@ -1,0 +1,70 @@
+"""Score mods against their formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import score_mods
+from conftest import naive_attention, rand_qkv
+
+
+def test_alibi_slopes_standard():
+    torch.testing.assert_close(score_mods.alibi_slopes(8), 2.0 ** (-torch.arange(1, 9.0)))
+    s6 = score_mods.alibi_slopes(6)  # 4 from H=4, then every other of H=8
+    expected = [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]
+    torch.testing.assert_close(s6, torch.tensor(expected))
+
+
+@pytest.mark.parametrize(("Lq", "Lk"), [(7, 7), (5, 11)])
+def test_alibi_bottom_right_formula(Lq, Lk):
+    q, k, v = rand_qkv(1, 4, 4, Lq, Lk, 8, dtype=torch.float64)
+    slopes = score_mods.alibi_slopes(4).double()
+    i = torch.arange(Lq).view(-1, 1)
+    j = torch.arange(Lk).view(1, -1)
+    bias = -slopes.view(1, 4, 1, 1) * (i + (Lk - Lq) - j).abs()
+    out = attnkit.attention(q, k, v, score_mod=score_mods.alibi(slopes), backend="reference")
+    torch.testing.assert_close(out, naive_attention(q, k, v, bias=bias)[0])
+
+
+def test_softcap_and_compose():
+    q, k, v = rand_qkv(1, 2, 2, 6, 6, 8, dtype=torch.float64)
+    q = q * 10
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) / 8**0.5
+    capped = 3.0 * torch.tanh(scores / 3.0)
+    out = attnkit.attention(q, k, v, score_mod=score_mods.softcap(3.0), backend="reference")
+    torch.testing.assert_close(out, naive_attention(q, k, v, bias=capped - scores)[0])
+    slopes = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    i, j = torch.arange(6).view(-1, 1), torch.arange(6).view(1, -1)
+    both = 3.0 * torch.tanh((scores - slopes.view(1, 2, 1, 1) * (i - j).abs()) / 3.0)
+    mod = score_mods.compose(score_mods.alibi(slopes), score_mods.softcap(3.0))
+    out2 = attnkit.attention(q, k, v, score_mod=mod, backend="reference")
+    torch.testing.assert_close(out2, naive_attention(q, k, v, bias=both - scores)[0])
+    assert "alibi" in repr(mod)
+    assert "softcap(3)" in repr(mod)
+
+
+def test_relative_bias_plain_and_t5():
+    table = torch.randn(2, 7, dtype=torch.float64)
+    q, k, v = rand_qkv(1, 2, 2, 5, 9, 8, dtype=torch.float64)
+    rel = torch.arange(9).view(1, -1) - (torch.arange(5).view(-1, 1) + 4)
+    bias = table[:, (rel.clamp(-3, 3) + 3)].unsqueeze(0)
+    out = attnkit.attention(q, k, v, score_mod=score_mods.relative_bias(table), backend="reference")
+    torch.testing.assert_close(out, naive_attention(q, k, v, bias=bias)[0])
+    # T5 buckets: small distances exact, far ones share the last bucket
+    rel = torch.tensor([-200, -3, -1, 0, 1, 3, 200])
+    b = score_mods.t5_bucket(rel, num_buckets=32, max_distance=128, bidirectional=True)
+    assert b.tolist()[1:6] == [3, 1, 0, 17, 19]
+    assert b[0].item() == 15
+    assert b[-1].item() == 31
+
+
+def test_score_mod_validation():
+    with pytest.raises(ValueError, match="cap"):
+        score_mods.softcap(0)
+    with pytest.raises(ValueError, match="odd"):
+        score_mods.relative_bias(torch.zeros(2, 6))
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(TypeError, match="score_mod"):
+        attnkit.attention(q, q, q, score_mod=3)

@@ -1,0 +1,73 @@
+"""The SDPA backend equals the reference wherever it applies, and refuses what it cannot do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import masks
+from conftest import rand_qkv
+
+MASKS = {
+    "none": None,
+    "causal": masks.causal(),
+    "causal_tl": masks.causal(align="top_left"),
+    "window": masks.sliding_window(5, 3),
+    "padding": masks.key_padding([3, 19]),
+    "bool": torch.rand(19, 19) > 0.3,
+}
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize(
+    ("Hq", "Hkv", "Lq", "Lk"), [(4, 4, 19, 19), (4, 2, 11, 19), (6, 1, 19, 19)]
+)
+def test_sdpa_equals_reference(mask_name, Hq, Hkv, Lq, Lk):
+    mask = MASKS[mask_name]
+    if isinstance(mask, torch.Tensor):
+        mask = mask[:Lq, :Lk]
+    q, k, v = rand_qkv(2, Hq, Hkv, Lq, Lk, 16, dtype=torch.float64, requires_grad=True)
+    ref = attnkit.attention(q, k, v, mask=mask, backend="reference")
+    grads_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    out = attnkit.attention(q, k, v, mask=mask, backend="sdpa")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for g, gr in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, gr)
+
+
+def test_sdpa_fully_masked_rows_zero_with_finite_grads():
+    q, k, v = rand_qkv(1, 2, 2, 5, 5, 8, requires_grad=True)
+    allowed = torch.ones(5, 5, dtype=torch.bool)
+    allowed[1] = False
+    out = attnkit.attention(q, k, v, mask=allowed, backend="sdpa")
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    out.sum().backward()
+    assert all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"return_lse": True}, "log-sum-exp"),
+        ({"score_mod": attnkit.score_mods.softcap(5.0)}, "score_mod"),
+        ({"dropout_p": 0.1}, "dropout"),
+    ],
+)
+def test_sdpa_refuses_with_reason(kwargs, why):
+    q, k, v = rand_qkv(1, 2, 2, 4, 4, 8)
+    with pytest.raises(attnkit.UnsupportedError, match=why):
+        attnkit.attention(q, k, v, backend="sdpa", **kwargs)
+    # auto routes around it and says why
+    decision = attnkit.dispatch(
+        q, k, v, **{kk: vv for kk, vv in kwargs.items() if kk != "generator"}
+    )
+    assert decision.backend != "sdpa"
+    assert why in decision.reason
+
+
+def test_dispatch_prefers_sdpa_when_expressible():
+    q, k, v = rand_qkv(1, 2, 2, 4, 4, 8)
+    assert attnkit.dispatch(q, k, v, mask=masks.causal()).backend == "sdpa"
+    assert set(attnkit.backends()) >= {"reference", "sdpa"}

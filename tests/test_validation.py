@@ -1,0 +1,92 @@
+"""Every bad input gets a clear error that names the argument and the shapes seen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import masks
+from attnkit.nn import KVCache, MultiHeadAttention, RotaryEmbedding
+
+q4 = torch.randn(2, 4, 8, 16)
+k2 = torch.randn(2, 2, 10, 16)
+v2 = torch.randn(2, 2, 10, 12)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "err", "match"),
+    [
+        ((q4[0], k2, v2), {}, ValueError, r"q must have 4 dims.*\(4, 8, 16\)"),
+        ((q4, k2, v2.double()), {}, TypeError, "share a dtype"),
+        ((q4.int(), k2.int(), v2.int()), {}, TypeError, "q must be float16"),
+        (
+            (q4, torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 12)),
+            {},
+            ValueError,
+            r"multiple of key/value heads.*\(2, 3, 10, 16\)",
+        ),
+        ((q4, torch.randn(2, 2, 10, 8), v2), {}, ValueError, r"head dims differ.*\(2, 2, 10, 8\)"),
+        ((q4, k2, torch.randn(2, 2, 9, 12)), {}, ValueError, "k and v must agree"),
+        (
+            (q4, torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 12)),
+            {},
+            ValueError,
+            "batch sizes differ",
+        ),
+        ((q4, k2, v2), {"scale": float("nan")}, ValueError, "scale must be finite"),
+        ((q4, k2, v2), {"dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
+        ((q4, k2, v2), {"dropout_p": -0.1}, ValueError, "dropout_p"),
+        ((q4, k2, v2), {"backend": "cuda-magic"}, ValueError, "backend must be one of"),
+        (
+            (q4, k2, v2),
+            {"mask": torch.ones(8, 11, dtype=torch.bool)},
+            ValueError,
+            r"does not broadcast to \(B, H, Lq, Lk\) = \(2, 4, 8, 10\)",
+        ),
+        ((q4, k2, v2), {"mask": torch.ones(8, 10)}, TypeError, "must be bool"),
+        ((q4, k2, v2), {"mask": "causal"}, TypeError, "mask must be an attnkit Mask"),
+        ((q4, k2, v2), {"mask": masks.key_padding([1, 2, 3])}, ValueError, "batch 3"),
+        (
+            (q4, k2, v2),
+            {"mask": masks.causal().blocks(8, 12, 4, 4)},
+            ValueError,
+            r"\(Lq, Lk\) = \(8, 12\)",
+        ),
+        (
+            (q4, torch.randn(2, 2, 0, 16), torch.randn(2, 2, 0, 12)),
+            {},
+            ValueError,
+            "empty dimension",
+        ),
+        (("q", k2, v2), {}, TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_attention_rejects(args, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        attnkit.attention(*args, **kwargs)
+
+
+def test_named_backend_unavailable_raises_unsupported():
+    if "triton" not in attnkit.backends():
+        with pytest.raises(attnkit.UnsupportedError, match="triton"):
+            attnkit.attention(q4, k2, v2, backend="triton")
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        MultiHeadAttention(30, 4)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        MultiHeadAttention(32, 4, num_kv_heads=3)
+    m = MultiHeadAttention(32, 4)
+    with pytest.raises(ValueError, match=r"query must be \(B, L, E=32\)"):
+        m(torch.randn(2, 5, 31))
+    with pytest.raises(ValueError, match=r"key_padding_mask must be bool \(B, Lk\) = \(2, 5\)"):
+        m(torch.randn(2, 5, 32), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="even head_dim"):
+        RotaryEmbedding(7)
+    cache = KVCache(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="KVCache is full"):
+        cache.append(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8))
+    with pytest.raises(ValueError, match=r"expected \(B, Hkv, n, D\)"):
+        cache.append(torch.zeros(1, 3, 1, 8), torch.zeros(1, 3, 1, 8))
