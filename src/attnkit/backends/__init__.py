@@ -10,7 +10,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from attnkit.backends import reference, sdpa
+from attnkit.backends import reference, sdpa, tiled
 from attnkit.backends._common import Request
 
 
@@ -26,7 +26,7 @@ class Backend(Protocol):
         """Output (B, Hq, Lq, Dv) and, when the backend computes it, LSE (B, Hq, Lq)."""
 
 
-_REGISTRY: dict[str, Backend] = {reference.NAME: reference, sdpa.NAME: sdpa}
+_REGISTRY: dict[str, Backend] = {reference.NAME: reference, sdpa.NAME: sdpa, tiled.NAME: tiled}
 
 
 def get(name: str) -> Backend:

@@ -1,0 +1,379 @@
+"""The tiled backend: flash attention (online softmax) in PyTorch, forward and backward.
+
+Never materialises the Lq×Lk matrix. Queries are processed in tiles of ``block_q`` rows; for
+each, the BlockMask lists the kv tiles that are not empty, consecutive ones are merged into
+chunks of up to ``max_chunk`` keys, and each chunk is one batched matmul. Empty tiles are never
+touched, full tiles never evaluate the mask, partial tiles evaluate it on their columns only.
+
+Forward (FlashAttention-2): running max m, sum l and output accumulator in float32 (float64 for
+float64 inputs), rescaled by exp(m_old - m_new); divided by l once at the end; only the LSE is
+saved. Backward recomputes P = exp(S - LSE) tile by tile: dV += Pᵀ·dO, dP = dO·Vᵀ,
+dS = P∘(dP - rowsum(dO∘O)), dQ += dS·K, dK += dSᵀ·Q. Saved state is O(Lq + Lk) rows.
+
+GQA: q is viewed as (B, Hkv, G·tq, D) so each kv head multiplies all G query heads that share
+it in one matmul, and dK/dV sum over them for free: k and v are never repeated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit import _dropout
+from attnkit._types import EMPTY, FULL, MaskFn, ScoreModFn, Shapes
+from attnkit.backends._common import Request
+from attnkit.block_mask import BlockMask
+from attnkit.masks import Mask, from_dense
+
+NAME = "tiled"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes: ``block_q`` query rows per step, kv tiles of ``block_k`` keys merged into
+    chunks of at most ``max_chunk`` keys per matmul."""
+
+    block_q: int = 128
+    block_k: int = 128
+    max_chunk: int = 1024
+
+
+def default_config(s: Shapes) -> TileConfig:
+    """Tile sizes for these shapes (see README "Performance" for the measurements behind it)."""
+    block_q = min(128, max(16, 1 << (s.Lq - 1).bit_length()))
+    return TileConfig(block_q=block_q, block_k=128, max_chunk=1024)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Keys [start, end) processed in one matmul; ``partial`` lists sub-ranges [a, b) (absolute
+    key indices) whose tiles need the mask predicate."""
+
+    start: int
+    end: int
+    partial: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which kv chunks each query tile visits."""
+
+    block_q: int
+    rows: tuple[tuple[Chunk, ...], ...]
+    mask_fn: MaskFn | None
+    computed_fraction: float
+
+
+def _block_mask(req: Request, cfg: TileConfig) -> BlockMask | None:
+    s, mask = req.shapes, req.mask
+    if mask is None:
+        return None
+    if isinstance(mask, BlockMask):
+        return mask
+    if isinstance(mask, Tensor):
+        m4 = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        mask = from_dense(m4.expand(m4.shape[0], m4.shape[1], s.Lq, s.Lk))
+    assert isinstance(mask, Mask)
+    return mask.blocks(
+        s.Lq,
+        s.Lk,
+        cfg.block_q,
+        cfg.block_k,
+        B=s.B if mask.batch else None,
+        H=s.Hq if mask.heads else None,
+    )
+
+
+def make_plan(req: Request, cfg: TileConfig) -> Plan:
+    """Turn the request's mask into per-query-tile lists of kv chunks."""
+    s = req.shapes
+    bm = _block_mask(req, cfg)
+    if bm is None:
+        n_q = -(-s.Lq // cfg.block_q)
+        row = tuple(
+            Chunk(k0, min(k0 + cfg.max_chunk, s.Lk), ()) for k0 in range(0, s.Lk, cfg.max_chunk)
+        )
+        return Plan(cfg.block_q, (row,) * n_q, None, 1.0)
+    kinds = bm.kinds.to("cpu")
+    visit = (kinds != EMPTY).flatten(0, 1).any(0)  # (nQ, nK): non-empty for some (b, h)
+    exact = (kinds == FULL).flatten(0, 1).all(0)  # full for every (b, h): no predicate
+    tiles_per_chunk = max(1, cfg.max_chunk // bm.block_k)
+    rows = []
+    for v_row, f_row in zip(visit.tolist(), exact.tolist(), strict=True):
+        chunks: list[Chunk] = []
+        run: list[int] = []
+        for kt, needed in enumerate([*v_row, False]):
+            if needed and (not run or (kt == run[-1] + 1 and len(run) < tiles_per_chunk)):
+                run.append(kt)
+                continue
+            if run:
+                chunks.append(_chunk(run, f_row, bm.block_k, s.Lk))
+            run = [kt] if needed else []
+        rows.append(tuple(chunks))
+    return Plan(bm.block_q, tuple(rows), bm.mask_fn, bm.density)
+
+
+def _chunk(tiles: list[int], full_row: list[bool], block_k: int, Lk: int) -> Chunk:
+    partial: list[tuple[int, int]] = []
+    for t in tiles:
+        if not full_row[t]:
+            a, b = t * block_k, min((t + 1) * block_k, Lk)
+            if partial and partial[-1][1] == a:  # merge neighbouring partial tiles
+                a = partial.pop()[0]
+            partial.append((a, b))
+    return Chunk(tiles[0] * block_k, min((tiles[-1] + 1) * block_k, Lk), tuple(partial))
+
+
+# ---- the per-chunk score computation shared by forward and backward ------------------------
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """Everything a chunk needs besides the tensors."""
+
+    B: int
+    Hkv: int
+    G: int
+    scale: float
+    score_mod: ScoreModFn | None
+    mask_fn: MaskFn | None
+    seed: int | None
+    dropout_p: float
+
+
+def _indices(
+    c: _Ctx, q0: int, tq: int, k0: int, k1: int, device: torch.device
+) -> tuple[Tensor, ...]:
+    """Index tensors broadcasting over the 5-D view (B, Hkv, G, tq, keys)."""
+    return (
+        torch.arange(c.B, device=device).view(-1, 1, 1, 1, 1),
+        torch.arange(c.Hkv * c.G, device=device).view(1, c.Hkv, c.G, 1, 1),
+        torch.arange(q0, q0 + tq, device=device).view(1, 1, 1, -1, 1),
+        torch.arange(k0, k1, device=device).view(1, 1, 1, 1, -1),
+    )
+
+
+def _scores(c: _Ctx, raw: Tensor, q0: int, tq: int, chunk: Chunk) -> Tensor:
+    """Apply score_mod and the partial tiles' mask to raw scores (B, Hkv, G·tq, keys)."""
+    s = raw
+    if c.score_mod is not None:
+        b, h, qi, ki = _indices(c, q0, tq, chunk.start, chunk.end, raw.device)
+        s5 = c.score_mod(raw.view(c.B, c.Hkv, c.G, tq, -1), b, h, qi, ki)
+        s = s5.expand(c.B, c.Hkv, c.G, tq, raw.shape[-1]).reshape(raw.shape)
+    if chunk.partial and c.mask_fn is not None:
+        if s.requires_grad:  # in backward: keep autograd's copy of the scores intact
+            s = s.clone()
+        s5 = s.view(c.B, c.Hkv, c.G, tq, -1)
+        for a, z in chunk.partial:
+            b, h, qi, ki = _indices(c, q0, tq, a, z, raw.device)
+            keep = torch.as_tensor(c.mask_fn(b, h, qi, ki), device=raw.device)
+            cols = s5[..., a - chunk.start : z - chunk.start]
+            cols.masked_fill_(~keep.expand_as(cols), -math.inf)
+    return s
+
+
+def _dropout_scale(c: _Ctx, q0: int, tq: int, chunk: Chunk, like: Tensor) -> Tensor | None:
+    if c.seed is None:
+        return None
+    b, h, qi, ki = _indices(c, q0, tq, chunk.start, chunk.end, like.device)
+    keep = _dropout.keep_mask(c.seed, c.dropout_p, b, h, qi, ki)
+    z = keep.to(like.dtype) / (1.0 - c.dropout_p)
+    return z.expand(c.B, c.Hkv, c.G, tq, chunk.end - chunk.start).reshape(like.shape)
+
+
+def _q_tile(x: Tensor, c: _Ctx, q0: int, q1: int) -> Tensor:
+    """(B, Hq, Lq, X) -> rows q0..q1 as (B, Hkv, G·tq, X)."""
+    t = x[:, :, q0:q1]
+    return t.reshape(c.B, c.Hkv, c.G * (q1 - q0), t.shape[-1])
+
+
+def _untile(t: Tensor, c: _Ctx, tq: int) -> Tensor:
+    """(B, Hkv, G·tq, ...) -> (B, Hq, tq, ...)."""
+    return t.reshape(c.B, c.Hkv * c.G, tq, *t.shape[3:])
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, c: _Ctx) -> tuple[Tensor, Tensor]:
+    """Tiled forward in the compute dtype. Returns out (B, Hq, Lq, Dv), lse (B, Hq, Lq)."""
+    B, Hq, Lq, _ = q.shape
+    out = torch.zeros(B, Hq, Lq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Lq), -math.inf, dtype=q.dtype, device=q.device)
+    for qt_index, chunks in enumerate(plan.rows):
+        if not chunks:
+            continue  # every key masked: zeros and -inf, already there
+        q0 = qt_index * plan.block_q
+        q1 = min(q0 + plan.block_q, Lq)
+        tq = q1 - q0
+        qs = _q_tile(q, c, q0, q1) * c.scale
+        m = torch.full(qs.shape[:-1], -math.inf, dtype=q.dtype, device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(*qs.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        for chunk in chunks:
+            s = _scores(c, qs @ k[:, :, chunk.start : chunk.end].transpose(-1, -2), q0, tq, chunk)
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            # rows with no key yet keep m = -inf; shift by 0 there so exp() gives exact zeros
+            shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - shift.unsqueeze(-1))
+            alpha = torch.exp(m - shift)
+            l = l * alpha + p.sum(dim=-1)
+            z = _dropout_scale(c, q0, tq, chunk, p)
+            if z is not None:
+                p = p * z
+            acc = acc * alpha.unsqueeze(-1) + p @ v[:, :, chunk.start : chunk.end]
+            m = m_new
+        shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        out[:, :, q0:q1] = _untile(
+            acc / torch.where(l > 0, l, torch.ones_like(l)).unsqueeze(-1), c, tq
+        )
+        lse[:, :, q0:q1] = _untile(shift + torch.log(l), c, tq)
+    return out, lse
+
+
+def backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    plan: Plan,
+    c: _Ctx,
+    captured: tuple[Tensor, ...],
+    dlse: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor | None]]:
+    """Gradients for q, k, v and the score_mod's captured tensors (compute dtype).
+
+    ``dlse`` (B, Hq, Lq) is the gradient reaching the returned LSE; since dLSE/dS = P it
+    enters as dS = P∘(dP - rowsum(dO∘O) + dLSE).
+    """
+    Lq = q.shape[2]
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    d_captured: list[Tensor | None] = [None] * len(captured)
+    delta = (dout * out).sum(dim=-1)  # rowsum(dO ∘ O), (B, Hq, Lq)
+    if dlse is not None:
+        delta = delta - dlse
+    # a fully masked row has lse = -inf and only -inf scores: shift by 0 to get P = 0
+    lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    use_autograd = c.score_mod is not None
+    for qt_index, chunks in enumerate(plan.rows):
+        if not chunks:
+            continue
+        q0 = qt_index * plan.block_q
+        q1 = min(q0 + plan.block_q, Lq)
+        tq = q1 - q0
+        qs = _q_tile(q, c, q0, q1) * c.scale
+        do = _q_tile(dout, c, q0, q1)
+        lse_t = _q_tile(lse.unsqueeze(-1), c, q0, q1)
+        delta_t = _q_tile(delta.unsqueeze(-1), c, q0, q1)
+        dqs = torch.zeros_like(qs)
+        for chunk in chunks:
+            k_c = k[:, :, chunk.start : chunk.end]
+            v_c = v[:, :, chunk.start : chunk.end]
+            raw = qs @ k_c.transpose(-1, -2)
+            with torch.set_grad_enabled(use_autograd):
+                if use_autograd:
+                    raw.requires_grad_(True)
+                s = _scores(c, raw, q0, tq, chunk)
+            p = torch.exp(s.detach() - lse_t)
+            dp = do @ v_c.transpose(-1, -2)
+            z = _dropout_scale(c, q0, tq, chunk, p)
+            if z is not None:
+                dv[:, :, chunk.start : chunk.end] += (p * z).transpose(-1, -2) @ do
+                dp = dp * z
+            else:
+                dv[:, :, chunk.start : chunk.end] += p.transpose(-1, -2) @ do
+            ds = p * (dp - delta_t)
+            if use_autograd:
+                grads = torch.autograd.grad(s, (raw, *captured), ds, allow_unused=True)
+                ds = grads[0]
+                for i, g in enumerate(grads[1:]):
+                    if g is not None:
+                        d_captured[i] = g if d_captured[i] is None else d_captured[i] + g
+            dqs += ds @ k_c
+            dk[:, :, chunk.start : chunk.end] += ds.transpose(-1, -2) @ qs
+        dq[:, :, q0:q1] = _untile(dqs * c.scale, c, tq)
+    return dq, dk, dv, d_captured
+
+
+class _TiledAttention(torch.autograd.Function):
+    """Thin autograd wrapper over ``forward``/``backward``; extra inputs are the tensors a
+    score_mod captures, so their gradients flow."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, plan: Plan, c: _Ctx, *captured: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+        out, lse = forward(qc, kc, vc, plan, c)
+        ctx.save_for_backward(qc, kc, vc, out, lse, *captured)
+        ctx.plan, ctx.c, ctx.dtype = plan, c, q.dtype
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+        qc, kc, vc, out, lse, *captured = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.to(qc.dtype)
+        dlse = None if dlse is None else dlse.to(qc.dtype)
+        dq, dk, dv, d_cap = backward(
+            dout, qc, kc, vc, out, lse, ctx.plan, ctx.c, tuple(captured), dlse
+        )
+        dt = ctx.dtype
+        return (dq.to(dt), dk.to(dt), dv.to(dt), None, None, *d_cap)
+
+
+def captured_tensors(fn: object, depth: int = 4) -> tuple[Tensor, ...]:
+    """Tensors requiring grad that a score_mod closes over (its closure cells, recursively)."""
+    found: dict[int, Tensor] = {}
+
+    def visit(obj: object, d: int) -> None:
+        if isinstance(obj, Tensor):
+            if obj.requires_grad:
+                found.setdefault(id(obj), obj)
+        elif isinstance(obj, list | tuple):
+            for item in obj:
+                visit(item, d)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                visit(item, d)
+        elif callable(obj) and d > 0:
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    visit(cell.cell_contents, d - 1)
+                except ValueError:  # empty cell
+                    continue
+            for item in getattr(obj, "__defaults__", None) or ():
+                visit(item, d - 1)
+
+    visit(fn, depth)
+    return tuple(found.values())
+
+
+def unsupported_reason(req: Request) -> str | None:
+    """The tiled backend serves every request."""
+    return None
+
+
+def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]:
+    """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32 (float64 for float64)."""
+    s = req.shapes
+    cfg = config or default_config(s)
+    plan = make_plan(req, cfg)
+    c = _Ctx(
+        B=s.B,
+        Hkv=s.Hkv,
+        G=s.Hq // s.Hkv,
+        scale=req.scale,
+        score_mod=req.score_mod,
+        mask_fn=plan.mask_fn,
+        seed=req.seed,
+        dropout_p=req.dropout_p,
+    )
+    captured = captured_tensors(req.score_mod) if req.score_mod is not None else ()
+    out, lse = _TiledAttention.apply(req.q, req.k, req.v, plan, c, *captured)
+    return out, lse
