@@ -2,6 +2,7 @@
 
 reference  the spec: materialised softmax in float32/64 (backends/reference.py)
 sdpa       torch.nn.functional.scaled_dot_product_attention (backends/sdpa.py)
+tiled      flash attention (online softmax) in PyTorch, fwd + bwd, any device (tiled.py)
 """
 
 from __future__ import annotations

@@ -34,8 +34,11 @@ NAME = "tiled"
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile sizes: ``block_q`` query rows per step, kv tiles of ``block_k`` keys merged into
-    chunks of at most ``max_chunk`` keys per matmul."""
+    """Tile sizes of the tiled backend.
+
+    ``block_q`` query rows per step; kv tiles of ``block_k`` keys, merged into chunks of at
+    most ``max_chunk`` keys per matmul.
+    """
 
     block_q: int = 128
     block_k: int = 128
@@ -50,8 +53,10 @@ def default_config(s: Shapes) -> TileConfig:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Keys [start, end) processed in one matmul; ``partial`` lists sub-ranges [a, b) (absolute
-    key indices) whose tiles need the mask predicate."""
+    """Keys [start, end) processed in one matmul.
+
+    ``partial`` lists sub-ranges [a, b) (absolute key indices) whose tiles need the predicate.
+    """
 
     start: int
     end: int
@@ -209,7 +214,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, c: _Ctx) -> tuple[Tenso
         tq = q1 - q0
         qs = _q_tile(q, c, q0, q1) * c.scale
         m = torch.full(qs.shape[:-1], -math.inf, dtype=q.dtype, device=q.device)
-        l = torch.zeros_like(m)
+        row_sum = torch.zeros_like(m)
         acc = torch.zeros(*qs.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         for chunk in chunks:
             s = _scores(c, qs @ k[:, :, chunk.start : chunk.end].transpose(-1, -2), q0, tq, chunk)
@@ -218,7 +223,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, c: _Ctx) -> tuple[Tenso
             shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
             p = torch.exp(s - shift.unsqueeze(-1))
             alpha = torch.exp(m - shift)
-            l = l * alpha + p.sum(dim=-1)
+            row_sum = row_sum * alpha + p.sum(dim=-1)
             z = _dropout_scale(c, q0, tq, chunk, p)
             if z is not None:
                 p = p * z
@@ -226,9 +231,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, c: _Ctx) -> tuple[Tenso
             m = m_new
         shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         out[:, :, q0:q1] = _untile(
-            acc / torch.where(l > 0, l, torch.ones_like(l)).unsqueeze(-1), c, tq
+            acc / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)).unsqueeze(-1), c, tq
         )
-        lse[:, :, q0:q1] = _untile(shift + torch.log(l), c, tq)
+        lse[:, :, q0:q1] = _untile(shift + torch.log(row_sum), c, tq)
     return out, lse
 
 
@@ -292,8 +297,9 @@ def backward(
                 grads = torch.autograd.grad(s, (raw, *captured), ds, allow_unused=True)
                 ds = grads[0]
                 for i, g in enumerate(grads[1:]):
+                    prev = d_captured[i]
                     if g is not None:
-                        d_captured[i] = g if d_captured[i] is None else d_captured[i] + g
+                        d_captured[i] = g if prev is None else prev + g
             dqs += ds @ k_c
             dk[:, :, chunk.start : chunk.end] += ds.transpose(-1, -2) @ qs
         dq[:, :, q0:q1] = _untile(dqs * c.scale, c, tq)
@@ -301,8 +307,10 @@ def backward(
 
 
 class _TiledAttention(torch.autograd.Function):
-    """Thin autograd wrapper over ``forward``/``backward``; extra inputs are the tensors a
-    score_mod captures, so their gradients flow."""
+    """Thin autograd wrapper over ``forward``/``backward``.
+
+    Its extra inputs are the tensors a score_mod captures, so their gradients flow.
+    """
 
     @staticmethod
     def forward(
@@ -375,5 +383,7 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         dropout_p=req.dropout_p,
     )
     captured = captured_tensors(req.score_mod) if req.score_mod is not None else ()
-    out, lse = _TiledAttention.apply(req.q, req.k, req.v, plan, c, *captured)
+    out, lse = _TiledAttention.apply(  # type: ignore[no-untyped-call]
+        req.q, req.k, req.v, plan, c, *captured
+    )
     return out, lse

@@ -1,0 +1,256 @@
+"""The tiled (flash) backend against the float64 reference: outputs, LSE and gradients."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import masks, score_mods
+from attnkit.backends import tiled
+from attnkit.backends.tiled import TileConfig
+from conftest import assert_close_scaled, rand_qkv
+
+
+def run_both(q, k, v, backend_kwargs=None, **kw):
+    """(out, lse, dq, dk, dv) for the reference and tiled backends, same loss."""
+    results = []
+    for backend in ("reference", "tiled"):
+        gen = torch.Generator().manual_seed(7) if kw.get("dropout_p") else None
+        out, lse = attnkit.attention(q, k, v, backend=backend, return_lse=True, generator=gen, **kw)
+        weight = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
+        loss = (out * weight).sum() + 0.1 * lse.masked_fill(torch.isinf(lse), 0).sum()
+        grads = torch.autograd.grad(loss, (q, k, v))
+        results.append((out, lse, *grads))
+    return results
+
+
+def assert_match_float64(q, k, v, **kw):
+    ref, got = run_both(q, k, v, **kw)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ref, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+SHAPES = [  # B, Hq, Hkv, Lq, Lk, D, Dv
+    (1, 1, 1, 1, 1, 8, 8),
+    (2, 2, 2, 17, 17, 40, 40),
+    (1, 4, 2, 113, 203, 59, 64),
+    (1, 4, 1, 203, 113, 111, 8),
+    (1, 2, 2, 257, 257, 256, 128),
+    (1, 2, 1, 1023, 1024, 64, 64),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask_name", ["none", "causal", "window"])
+def test_grid_float64(shape, mask_name):
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    mask = {"none": None, "causal": masks.causal(), "window": masks.sliding_window(37, 5)}[
+        mask_name
+    ]
+    q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype=torch.float64, requires_grad=True)
+    assert_match_float64(q, k, v, mask=mask)
+
+
+def every_mask(Lq, Lk):
+    layout = torch.rand(2, -(-Lq // 32) + 1, -(-Lk // 32) + 1) < 0.4
+    ids = torch.arange(Lk) * 4 // Lk
+    return {
+        "full": masks.full(),
+        "causal": masks.causal(),
+        "causal_tl": masks.causal(align="top_left"),
+        "sliding_window": masks.sliding_window(50),
+        "sliding_sym": masks.sliding_window(20, 20),
+        "dilated": masks.dilated(8, 3),
+        "strided": masks.strided(16),
+        "fixed": masks.fixed(32, 4),
+        "global|window": masks.sliding_window(16, 16) | masks.global_tokens([0, 7]),
+        "bigbird": masks.bigbird(32, 3, 1, 1, seed=2),
+        "block_sparse": masks.block_sparse(layout, 32),
+        "key_padding": masks.key_padding([Lk, Lk // 3]),
+        "padding_mask": masks.from_padding_mask(torch.rand(2, Lk) > 0.3),
+        "document&causal": masks.document(ids) & masks.causal(),
+        "prefix_lm": masks.prefix_lm(40),
+        "custom": masks.custom(lambda b, h, q, kv: (q + 2 * kv) % 5 != 0),
+        "bool_tensor": torch.rand(2, 1, Lq, Lk) > 0.5,
+        "~window": ~masks.sliding_window(30),
+    }
+
+
+MASK_NAMES = list(every_mask(150, 150))
+
+
+@pytest.mark.parametrize("name", MASK_NAMES)
+def test_every_mask_float64(name):
+    Lq, Lk = 150, 181
+    mask = every_mask(Lq, Lk)[name]
+    q, k, v = rand_qkv(2, 2, 2, Lq, Lk, 16, dtype=torch.float64, requires_grad=True)
+    assert_match_float64(q, k, v, mask=mask)
+
+
+@pytest.mark.parametrize(
+    "mod_name", ["alibi", "softcap", "relative_bias", "relative_bias_t5", "compose"]
+)
+def test_score_mods_float64_with_captured_gradients(mod_name):
+    table = torch.randn(4, 33, dtype=torch.float64, requires_grad=True)
+    mods = {
+        "alibi": score_mods.alibi(score_mods.alibi_slopes(4).double()),
+        "softcap": score_mods.softcap(2.0),
+        "relative_bias": score_mods.relative_bias(table),
+        "relative_bias_t5": score_mods.relative_bias(table[:, :32], t5_buckets=True),
+        "compose": score_mods.compose(
+            score_mods.relative_bias(table), score_mods.alibi(score_mods.alibi_slopes(4).double())
+        ),
+    }
+    q, k, v = rand_qkv(1, 4, 2, 140, 170, 16, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for backend in ("reference", "tiled"):
+        out = attnkit.attention(
+            q, k, v, mask=masks.causal(), score_mod=mods[mod_name], backend=backend
+        )
+        grads.append(torch.autograd.grad((out**2).sum(), (q, k, v, table), allow_unused=True))
+    for a, b in zip(*grads, strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    if mod_name.startswith("relative") or mod_name == "compose":
+        assert grads[1][3].abs().sum() > 0
+
+
+def test_fully_masked_rows_zero_output_and_grads():
+    q, k, v = rand_qkv(1, 2, 2, 130, 130, 8, requires_grad=True)
+    allowed = torch.ones(130, 130, dtype=torch.bool)
+    allowed[5] = False
+    allowed[100:] = False
+    out, lse = attnkit.attention(q, k, v, mask=allowed, backend="tiled", return_lse=True)
+    assert torch.equal(out[:, :, 100:], torch.zeros_like(out[:, :, 100:]))
+    assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
+    assert bool(torch.isneginf(lse[:, :, 100:]).all())
+    out.sum().backward()
+    for t in (q, k, v):
+        assert bool(torch.isfinite(t.grad).all())
+    assert torch.equal(q.grad[:, :, 100:], torch.zeros_like(q.grad[:, :, 100:]))
+
+
+def test_dropout_matches_reference_and_is_reproducible():
+    q, k, v = rand_qkv(1, 4, 2, 140, 140, 16, dtype=torch.float64, requires_grad=True)
+    assert_match_float64(q, k, v, mask=masks.causal(), dropout_p=0.3)
+    a = attnkit.attention(
+        q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(1), backend="tiled"
+    )
+    b = attnkit.attention(
+        q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(1), backend="tiled"
+    )
+    c = attnkit.attention(
+        q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(2), backend="tiled"
+    )
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        TileConfig(16, 16, 16),
+        TileConfig(32, 64, 64),
+        TileConfig(64, 32, 256),
+        TileConfig(256, 128, 4096),
+    ],
+)
+def test_independent_of_tile_sizes(cfg):
+    q, k, v = rand_qkv(2, 4, 2, 201, 233, 24, dtype=torch.float64)
+    mask = masks.sliding_window(40, 3) | masks.global_tokens([2])
+    req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, True)
+    out, lse = tiled.run(req, cfg)
+    ref, ref_lse = attnkit.attention(q, k, v, mask=mask, backend="reference", return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "mask", [masks.causal(), masks.sliding_window(64)], ids=["causal", "window"]
+)
+def test_low_precision_within_scaled_reference_error(dtype, mask):
+    """DESIGN §7: error <= 2x (outputs) / 4x (gradients) the reference's own error in dtype."""
+    q64, k64, v64 = rand_qkv(1, 4, 2, 301, 333, 64, dtype=torch.float64)
+    low = [t.to(dtype).requires_grad_() for t in (q64, k64, v64)]
+    gold = [t.to(dtype).double().requires_grad_() for t in (q64, k64, v64)]
+    dout = torch.randn(1, 4, 301, 64, dtype=torch.float64)
+
+    def fwd_bwd(inputs, backend):
+        out = attnkit.attention(*inputs, mask=mask, backend=backend)
+        grads = torch.autograd.grad(out, inputs, dout.to(out.dtype))
+        return out, *grads
+
+    ref64 = fwd_bwd(gold, "reference")
+    ref_low = fwd_bwd(low, "reference")
+    got = fwd_bwd(low, "tiled")
+    for i, (g, r64, rl) in enumerate(zip(got, ref64, ref_low, strict=True)):
+        assert g.dtype == dtype
+        assert_close_scaled(g, r64, rl, mult=2.0 if i == 0 else 4.0, floor=1e-5)
+
+
+def test_lse_gradient_flows():
+    q, k, v = rand_qkv(1, 2, 2, 9, 9, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v):
+        return attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled", return_lse=True)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_gradcheck_with_score_mod_table_and_mask():
+    q, k, v = rand_qkv(1, 2, 1, 7, 11, 3, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v, table):
+        mod = score_mods.compose(score_mods.relative_bias(table), score_mods.softcap(3.0))
+        return attnkit.attention(
+            q, k, v, mask=masks.sliding_window(3, 2), score_mod=mod, backend="tiled"
+        )
+
+    assert torch.autograd.gradcheck(f, (q, k, v, table))
+
+
+def test_tiles_skipped_for_sparse_masks():
+    req = attnkit.functional._request(
+        *rand_qkv(1, 2, 2, 4096, 4096, 8), masks.sliding_window(256), None, None, 0.0, None, False
+    )
+    plan = tiled.make_plan(req, TileConfig(128, 128, 1024))
+    # q tile t sees key tiles max(t-2, 0)..t: 1, 2, then 3 tiles of 128 keys
+    visited = sum(c.end - c.start for row in plan.rows for c in row)
+    assert visited == (1 + 2 + 3 * 30) * 128
+    # from t >= 2 on: tile t-2 (window edge) and t (diagonal) are partial, t-1 is full
+    assert plan.rows[10] == (tiled.Chunk(1024, 1408, ((1024, 1152), (1280, 1408))),)
+    assert plan.rows[0] == (tiled.Chunk(0, 128, ((0, 128),)),)
+
+
+@pytest.mark.slow
+def test_memory_65536_tokens_forward_backward():
+    """Peak extra memory stays O(N): 65,536 tokens, B=1, H=8, D=64, sliding window 512."""
+    code = textwrap.dedent(
+        """
+        import resource, torch, attnkit
+        from attnkit import masks
+        torch.manual_seed(0)
+        N = 65536
+        q, k, v = (torch.randn(1, 8, N, 64, requires_grad=True) for _ in range(3))
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = attnkit.attention(q, k, v, mask=masks.sliding_window(512), backend="tiled")
+        out.sum().backward()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((peak - base) / 1024)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    extra_mb = float(res.stdout.strip())
+    inputs_mb = 3 * 8 * 65536 * 64 * 4 / 2**20  # 384 MB of q, k, v
+    # out + grads + fp32 copies are O(N·D) (a few x the inputs); an N² matrix would be 128 GB
+    assert extra_mb < 4 * inputs_mb + 400, f"peak extra memory {extra_mb:.0f} MB"
