@@ -71,3 +71,14 @@ def test_dispatch_prefers_sdpa_when_expressible():
     q, k, v = rand_qkv(1, 2, 2, 4, 4, 8)
     assert attnkit.dispatch(q, k, v, mask=masks.causal()).backend == "sdpa"
     assert set(attnkit.backends()) >= {"reference", "sdpa"}
+
+
+def test_dispatch_rule_on_cpu():
+    q, k, v = rand_qkv(1, 2, 2, 4096, 4096, 8)
+    assert attnkit.dispatch(q, k, v).backend == "sdpa"
+    assert attnkit.dispatch(q, k, v, mask=masks.causal()).backend == "sdpa"
+    sparse = attnkit.dispatch(q, k, v, mask=masks.sliding_window(256))
+    assert sparse.backend == "tiled"
+    assert "sparse mask" in sparse.reason
+    assert attnkit.dispatch(q, k, v, mask=~masks.sliding_window(256)).backend == "sdpa"
+    assert attnkit.dispatch(q, k, v, return_lse=True).backend == "tiled"

@@ -14,7 +14,7 @@ from attnkit import _dropout
 from attnkit import _validation as check
 from attnkit import backends as _backends
 from attnkit._types import DispatchDecision, ScoreModFn, Shapes, UnsupportedError
-from attnkit.backends import reference, sdpa
+from attnkit.backends import reference, sdpa, tiled
 from attnkit.backends._common import MaskLike, Request
 from attnkit.block_mask import BlockMask
 from attnkit.masks import Mask
@@ -79,11 +79,28 @@ def _request(
     )
 
 
+#: Below this fraction of computed tiles, the tiled backend beats SDPA with a dense bool mask on
+#: CPU (benchmarks/cpu.py on a 2-core AVX-512 machine: 4-5x faster at density 0.23, 0.75-0.85x
+#: SDPA's speed on fully dense work, so the crossover lies near 0.75; 0.6 leaves a margin).
+TILED_DENSITY_THRESHOLD = 0.6
+
+
 def _auto(req: Request) -> DispatchDecision:
     why_not_sdpa = sdpa.unsupported_reason(req)
-    if why_not_sdpa is None:
-        return DispatchDecision("sdpa", "torch SDPA can express the request")
-    return DispatchDecision("reference", f"{why_not_sdpa}; the reference backend can")
+    if why_not_sdpa is not None:
+        return DispatchDecision("tiled", f"{why_not_sdpa}; tiled can, in O(N) memory")
+    if req.mask is None or sdpa.is_plain_causal(req.mask, req.shapes.Lq, req.shapes.Lk):
+        return DispatchDecision("sdpa", "dense or causal: torch SDPA's fused kernel is fastest")
+    if req.q.device.type != "cpu":
+        return DispatchDecision("sdpa", "non-CPU tensors: SDPA with the mask as a bool tensor")
+    density = tiled.make_plan(req, tiled.default_config(req.shapes)).computed_fraction
+    if density < TILED_DENSITY_THRESHOLD:
+        return DispatchDecision(
+            "tiled", f"sparse mask: tiled computes {density:.0%} of the tiles, SDPA all of them"
+        )
+    return DispatchDecision(
+        "sdpa", f"dense-ish mask ({density:.0%} of tiles): SDPA with a bool mask is faster"
+    )
 
 
 def _choose(req: Request, backend: str) -> DispatchDecision:
@@ -210,8 +227,12 @@ def dispatch(
 ) -> DispatchDecision:
     """The backend ``attention(..., backend="auto")`` would pick for these inputs, and why.
 
-    Rule: SDPA when it can express the request (no score_mod, no LSE, no dropout; any mask
-    as a dense bool tensor); otherwise the reference backend.
+    Rule (measured on CPU, see README "Performance"):
+
+    1. SDPA cannot do it (score_mod, return_lse, dropout): tiled.
+    2. No mask, or plain causal: SDPA (its fused kernel wins on dense work).
+    3. A mask on CPU whose BlockMask leaves fewer than ``TILED_DENSITY_THRESHOLD`` of the
+       tiles to compute: tiled. Otherwise (and on other devices): SDPA with a bool mask.
     """
     req = _request(q, k, v, mask, score_mod, None, dropout_p, None, return_lse)
     return _auto(req)

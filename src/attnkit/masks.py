@@ -340,11 +340,12 @@ def sliding_window(left: int, right: int = 0, *, align: str = "bottom_right") ->
     right = check.check_window("right", right)
 
     def keep(d: Tensor) -> Tensor:
-        ok = torch.ones_like(d, dtype=torch.bool)
+        # out-of-place ops only: predicates must also trace under torch.compile (FlexAttention)
+        ok = d == d
         if left >= 0:
-            ok &= d >= -left
+            ok = ok & (d >= -left)
         if right >= 0:
-            ok &= d <= right
+            ok = ok & (d <= right)
         return ok
 
     name = f"sliding_window(left={left}, right={right})"

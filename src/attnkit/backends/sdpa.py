@@ -30,7 +30,7 @@ def unsupported_reason(req: Request) -> str | None:
     return None
 
 
-def _is_plain_causal(mask: object, Lq: int, Lk: int) -> bool:
+def is_plain_causal(mask: object, Lq: int, Lk: int) -> bool:
     """SDPA's is_causal is top-left aligned; bottom-right causal equals it when Lq == Lk."""
     if not isinstance(mask, Mask) or mask.spec is None or mask.spec[0] != "causal":
         return False
@@ -41,7 +41,7 @@ def run(req: Request) -> tuple[Tensor, None]:
     """Output (B, Hq, Lq, Dv) in q's dtype; fully masked rows are zeros."""
     s = req.shapes
     gqa = s.Hq != s.Hkv
-    if _is_plain_causal(req.mask, s.Lq, s.Lk):
+    if is_plain_causal(req.mask, s.Lq, s.Lk):
         out = F.scaled_dot_product_attention(
             req.q, req.k, req.v, is_causal=True, scale=req.scale, enable_gqa=gqa
         )

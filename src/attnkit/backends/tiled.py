@@ -31,6 +31,11 @@ from attnkit.masks import Mask, from_dense
 
 NAME = "tiled"
 
+# Scores are kept in log2 units (q pre-scaled by scale·log2(e)) so softmax uses exp2, which is
+# ~2.5x faster than exp on CPUs (and native on GPUs); LSE is converted back to natural log.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -163,11 +168,14 @@ def _indices(
 
 
 def _scores(c: _Ctx, raw: Tensor, q0: int, tq: int, chunk: Chunk) -> Tensor:
-    """Apply score_mod and the partial tiles' mask to raw scores (B, Hkv, G·tq, keys)."""
+    """Apply score_mod and the partial tiles' mask to raw scores (B, Hkv, G·tq, keys).
+
+    ``raw`` and the result are in log2 units; the score_mod sees natural units.
+    """
     s = raw
     if c.score_mod is not None:
         b, h, qi, ki = _indices(c, q0, tq, chunk.start, chunk.end, raw.device)
-        s5 = c.score_mod(raw.view(c.B, c.Hkv, c.G, tq, -1), b, h, qi, ki)
+        s5 = c.score_mod((raw * LN2).view(c.B, c.Hkv, c.G, tq, -1), b, h, qi, ki) * LOG2E
         s = s5.expand(c.B, c.Hkv, c.G, tq, raw.shape[-1]).reshape(raw.shape)
     if chunk.partial and c.mask_fn is not None:
         if s.requires_grad:  # in backward: keep autograd's copy of the scores intact
@@ -212,7 +220,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, c: _Ctx) -> tuple[Tenso
         q0 = qt_index * plan.block_q
         q1 = min(q0 + plan.block_q, Lq)
         tq = q1 - q0
-        qs = _q_tile(q, c, q0, q1) * c.scale
+        qs = _q_tile(q, c, q0, q1) * (c.scale * LOG2E)
         m = torch.full(qs.shape[:-1], -math.inf, dtype=q.dtype, device=q.device)
         row_sum = torch.zeros_like(m)
         acc = torch.zeros(*qs.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
@@ -221,8 +229,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, c: _Ctx) -> tuple[Tenso
             m_new = torch.maximum(m, s.amax(dim=-1))
             # rows with no key yet keep m = -inf; shift by 0 there so exp() gives exact zeros
             shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s - shift.unsqueeze(-1))
-            alpha = torch.exp(m - shift)
+            p = s.sub_(shift.unsqueeze(-1)).exp2_()  # s is ours: reuse its memory
+            alpha = torch.exp2(m - shift)
             row_sum = row_sum * alpha + p.sum(dim=-1)
             z = _dropout_scale(c, q0, tq, chunk, p)
             if z is not None:
@@ -233,7 +241,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, c: _Ctx) -> tuple[Tenso
         out[:, :, q0:q1] = _untile(
             acc / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)).unsqueeze(-1), c, tq
         )
-        lse[:, :, q0:q1] = _untile(shift + torch.log(row_sum), c, tq)
+        lse[:, :, q0:q1] = _untile((shift + torch.log2(row_sum)) * LN2, c, tq)
     return out, lse
 
 
@@ -263,7 +271,7 @@ def backward(
     if dlse is not None:
         delta = delta - dlse
     # a fully masked row has lse = -inf and only -inf scores: shift by 0 to get P = 0
-    lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse) * LOG2E
     use_autograd = c.score_mod is not None
     for qt_index, chunks in enumerate(plan.rows):
         if not chunks:
@@ -271,10 +279,11 @@ def backward(
         q0 = qt_index * plan.block_q
         q1 = min(q0 + plan.block_q, Lq)
         tq = q1 - q0
-        qs = _q_tile(q, c, q0, q1) * c.scale
+        qs = _q_tile(q, c, q0, q1) * (c.scale * LOG2E)
         do = _q_tile(dout, c, q0, q1)
+        do_ln2 = do * LN2  # gradients w.r.t. log2-unit scores carry a factor ln 2
         lse_t = _q_tile(lse.unsqueeze(-1), c, q0, q1)
-        delta_t = _q_tile(delta.unsqueeze(-1), c, q0, q1)
+        delta_t = _q_tile(delta.unsqueeze(-1), c, q0, q1) * LN2
         dqs = torch.zeros_like(qs)
         for chunk in chunks:
             k_c = k[:, :, chunk.start : chunk.end]
@@ -284,8 +293,8 @@ def backward(
                 if use_autograd:
                     raw.requires_grad_(True)
                 s = _scores(c, raw, q0, tq, chunk)
-            p = torch.exp(s.detach() - lse_t)
-            dp = do @ v_c.transpose(-1, -2)
+            p = torch.exp2(s.detach() - lse_t)
+            dp = do_ln2 @ v_c.transpose(-1, -2)
             z = _dropout_scale(c, q0, tq, chunk, p)
             if z is not None:
                 dv[:, :, chunk.start : chunk.end] += (p * z).transpose(-1, -2) @ do
@@ -302,7 +311,7 @@ def backward(
                         d_captured[i] = g if prev is None else prev + g
             dqs += ds @ k_c
             dk[:, :, chunk.start : chunk.end] += ds.transpose(-1, -2) @ qs
-        dq[:, :, q0:q1] = _untile(dqs * c.scale, c, tq)
+        dq[:, :, q0:q1] = _untile(dqs * (c.scale * LOG2E), c, tq)
     return dq, dk, dv, d_captured
 
 
