@@ -43,7 +43,7 @@ def flex_fn(mask: attnkit.Mask, N: int):
         )
         compiled = torch.compile(flex_attention)
         return lambda q, k, v: compiled(q, k, v, block_mask=bm), None
-    except Exception as exc:  # noqa: BLE001 - report whatever stops it
+    except Exception as exc:  # report whatever stops it: the table says why
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
 
 
@@ -79,7 +79,7 @@ def case(name, N, mask, dtype, peak, backward=False, with_flex=True):
             try:
                 fn(q, k, v)
                 row["flex_s"], row["flex_note"] = timed(fn), ""
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # compile errors surface on the first call
                 row["flex_note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
     elif backward:
         row["flex_note"] = "FlexAttention has no CPU backward"
