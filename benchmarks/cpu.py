@@ -24,7 +24,8 @@ B, H, D = 1, 8, 64
 
 
 def seconds(fn: Callable[[], object]) -> float:
-    return tb.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0).median
+    timer = tb.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=1.0).median
 
 
 def matmul_flops() -> float:

@@ -25,9 +25,10 @@ from torch import Tensor
 
 from attnkit import _dropout
 from attnkit._types import EMPTY, FULL, MaskFn, ScoreModFn, Shapes
+from attnkit.backends import cpu_kernel
 from attnkit.backends._common import Request
 from attnkit.block_mask import BlockMask
-from attnkit.masks import Mask, from_dense
+from attnkit.masks import from_dense
 
 NAME = "tiled"
 
@@ -45,15 +46,16 @@ class TileConfig:
     most ``max_chunk`` keys per matmul.
     """
 
-    block_q: int = 128
-    block_k: int = 128
-    max_chunk: int = 1024
+    block_q: int = 64
+    block_k: int = 64
+    max_chunk: int = 512
+    use_kernel: bool = True  #: use the compiled CPU forward where it applies
 
 
 def default_config(s: Shapes) -> TileConfig:
     """Tile sizes for these shapes (see README "Performance" for the measurements behind it)."""
-    block_q = min(128, max(16, 1 << (s.Lq - 1).bit_length()))
-    return TileConfig(block_q=block_q, block_k=128, max_chunk=1024)
+    block_q = min(64, max(16, 1 << (s.Lq - 1).bit_length()))
+    return TileConfig(block_q=block_q, block_k=64, max_chunk=512)
 
 
 @dataclass(frozen=True)
@@ -78,16 +80,18 @@ class Plan:
     computed_fraction: float
 
 
-def _block_mask(req: Request, cfg: TileConfig) -> BlockMask | None:
+def block_mask_for(req: Request, cfg: TileConfig) -> BlockMask:
+    """The request's mask as a BlockMask (all tiles full when there is no mask)."""
     s, mask = req.shapes, req.mask
-    if mask is None:
-        return None
     if isinstance(mask, BlockMask):
         return mask
+    if mask is None:
+        n_q, n_k = -(-s.Lq // cfg.block_q), -(-s.Lk // cfg.block_k)
+        kinds = torch.full((1, 1, n_q, n_k), FULL, dtype=torch.int8)
+        return BlockMask(kinds, cfg.block_q, cfg.block_k, s.Lq, s.Lk, None, name="full()")
     if isinstance(mask, Tensor):
         m4 = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
         mask = from_dense(m4.expand(m4.shape[0], m4.shape[1], s.Lq, s.Lk))
-    assert isinstance(mask, Mask)
     return mask.blocks(
         s.Lq,
         s.Lk,
@@ -100,18 +104,15 @@ def _block_mask(req: Request, cfg: TileConfig) -> BlockMask | None:
 
 def make_plan(req: Request, cfg: TileConfig) -> Plan:
     """Turn the request's mask into per-query-tile lists of kv chunks."""
-    s = req.shapes
-    bm = _block_mask(req, cfg)
-    if bm is None:
-        n_q = -(-s.Lq // cfg.block_q)
-        row = tuple(
-            Chunk(k0, min(k0 + cfg.max_chunk, s.Lk), ()) for k0 in range(0, s.Lk, cfg.max_chunk)
-        )
-        return Plan(cfg.block_q, (row,) * n_q, None, 1.0)
+    return plan_from_block_mask(block_mask_for(req, cfg), cfg.max_chunk)
+
+
+def plan_from_block_mask(bm: BlockMask, max_chunk: int) -> Plan:
+    """Per query tile, the runs of non-empty kv tiles, cut into chunks of <= max_chunk keys."""
     kinds = bm.kinds.to("cpu")
     visit = (kinds != EMPTY).flatten(0, 1).any(0)  # (nQ, nK): non-empty for some (b, h)
     exact = (kinds == FULL).flatten(0, 1).all(0)  # full for every (b, h): no predicate
-    tiles_per_chunk = max(1, cfg.max_chunk // bm.block_k)
+    tiles_per_chunk = max(1, max_chunk // bm.block_k)
     rows = []
     for v_row, f_row in zip(visit.tolist(), exact.tolist(), strict=True):
         chunks: list[Chunk] = []
@@ -121,7 +122,7 @@ def make_plan(req: Request, cfg: TileConfig) -> Plan:
                 run.append(kt)
                 continue
             if run:
-                chunks.append(_chunk(run, f_row, bm.block_k, s.Lk))
+                chunks.append(_chunk(run, f_row, bm.block_k, bm.kv_len))
             run = [kt] if needed else []
         rows.append(tuple(chunks))
     return Plan(bm.block_q, tuple(rows), bm.mask_fn, bm.density)
@@ -323,11 +324,21 @@ class _TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, q: Tensor, k: Tensor, v: Tensor, plan: Plan, c: _Ctx, *captured: Tensor
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        plan: Plan,
+        c: _Ctx,
+        kernel: tuple[BlockMask, int] | None,
+        *captured: Tensor,
     ) -> tuple[Tensor, Tensor]:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-        out, lse = forward(qc, kc, vc, plan, c)
+        if kernel is not None:  # compiled CPU forward: same math, one fused pass per tile
+            out, lse = cpu_kernel.forward(qc, kc, vc, kernel[0], kernel[1], c.scale)
+        else:
+            out, lse = forward(qc, kc, vc, plan, c)
         ctx.save_for_backward(qc, kc, vc, out, lse, *captured)
         ctx.plan, ctx.c, ctx.dtype = plan, c, q.dtype
         return out.to(q.dtype), lse
@@ -341,7 +352,7 @@ class _TiledAttention(torch.autograd.Function):
             dout, qc, kc, vc, out, lse, ctx.plan, ctx.c, tuple(captured), dlse
         )
         dt = ctx.dtype
-        return (dq.to(dt), dk.to(dt), dv.to(dt), None, None, *d_cap)
+        return (dq.to(dt), dk.to(dt), dv.to(dt), None, None, None, *d_cap)
 
 
 def captured_tensors(fn: object, depth: int = 4) -> tuple[Tensor, ...]:
@@ -380,7 +391,16 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
     """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32 (float64 for float64)."""
     s = req.shapes
     cfg = config or default_config(s)
-    plan = make_plan(req, cfg)
+    bm = block_mask_for(req, cfg)
+    plan = plan_from_block_mask(bm, cfg.max_chunk)
+    use_kernel = (
+        cfg.use_kernel
+        and req.q.device.type == "cpu"
+        and req.q.dtype != torch.float64
+        and req.score_mod is None
+        and req.seed is None
+        and cpu_kernel.available()
+    )
     c = _Ctx(
         B=s.B,
         Hkv=s.Hkv,
@@ -392,7 +412,8 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         dropout_p=req.dropout_p,
     )
     captured = captured_tensors(req.score_mod) if req.score_mod is not None else ()
+    kernel = (bm, cfg.max_chunk) if use_kernel else None
     out, lse = _TiledAttention.apply(  # type: ignore[no-untyped-call]
-        req.q, req.k, req.v, plan, c, *captured
+        req.q, req.k, req.v, plan, c, kernel, *captured
     )
     return out, lse

@@ -1,0 +1,83 @@
+"""The compiled CPU forward kernel of the tiled backend (csrc/tiled_forward_cpu.cpp).
+
+Built on first use with torch's C++ extension tooling (needs a C++ compiler; cached by torch
+under TORCH_EXTENSIONS_DIR) and registered as the custom op ``torch.ops.attnkit.tiled_forward``.
+Where it cannot be built, the tiled backend runs its PyTorch loop instead and logs why once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from attnkit._types import PARTIAL
+from attnkit.block_mask import BlockMask, iter_partial_tiles
+
+log = logging.getLogger("attnkit")
+SOURCE = Path(__file__).parent / "csrc" / "tiled_forward_cpu.cpp"
+
+
+@functools.cache
+def available() -> bool:
+    """Build (once) and load the kernel; False, with a logged reason, where that fails."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(
+            name="attnkit_tiled_forward_cpu",
+            sources=[str(SOURCE)],
+            # -fopenmp: at::parallel_for is inline OpenMP; without it the loop runs serially
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # compiler missing, headers missing, ...
+        log.warning("attnkit: compiled CPU kernel unavailable (%s); using the PyTorch loop", exc)
+        return False
+    return True
+
+
+def partial_bitmaps(bm: BlockMask) -> tuple[Tensor, Tensor]:
+    """Evaluate the predicate on every partial tile.
+
+    Returns:
+        tile_index int64 (B|1, H|1, nQ, nK): row in ``bitmaps`` of each partial tile, else -1;
+        bitmaps bool (nPartial, block_q, block_k): True = attend (False past Lq / Lk).
+    """
+    tile_index = torch.full(bm.kinds.shape, -1, dtype=torch.int64)
+    partial = bm.kinds == PARTIAL
+    n = int(partial.sum())
+    tile_index[partial] = torch.arange(n)
+    bitmaps = torch.zeros(n, bm.block_q, bm.block_k, dtype=torch.bool)
+    if n and bm.mask_fn is not None:
+        done = 0
+        for tiles, b, h, q, kv, valid in iter_partial_tiles(bm):
+            vals = torch.as_tensor(bm.mask_fn(b, h, q, kv)).expand_as(valid) & valid
+            bitmaps[done : done + tiles.shape[0]] = vals
+            done += tiles.shape[0]
+    return tile_index, bitmaps
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, bm: BlockMask, max_chunk: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Out (B, Hq, Lq, Dv) and lse (B, Hq, Lq), float32, from float32 q/k/v on the CPU."""
+    tile_index, bitmaps = partial_bitmaps(bm)
+    out, lse = torch.ops.attnkit.tiled_forward(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        bm.kinds.contiguous(),
+        tile_index,
+        bitmaps,
+        bm.block_q,
+        bm.block_k,
+        max_chunk,
+        scale,
+    )
+    return out, lse
