@@ -1,6 +1,7 @@
 """The ``attnkit`` command.
 
 attnkit patterns [--length N] [--png FILE]   draw the built-in sparse patterns
+attnkit bench [--quick] [--json F] [--png F]  tiled vs SDPA / FlexAttention, time and memory
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def _cmd_patterns(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from attnkit import bench
+
+    return bench.run(args.quick, args.json, args.png, scaling=not args.no_scaling)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -80,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=_positive_int, default=32, help="sequence length (default 32)")
     p.add_argument("--png", help="also save the patterns as a PNG grid (needs matplotlib)")
     p.set_defaults(func=_cmd_patterns)
+    b = sub.add_parser("bench", help="benchmark the tiled backend against torch on this machine")
+    b.add_argument("--quick", action="store_true", help="4x smaller sizes (a minute or two)")
+    b.add_argument("--json", help="save every figure and the machine description as JSON")
+    b.add_argument("--png", help="save time and memory vs N as a PNG (needs matplotlib)")
+    b.add_argument("--no-scaling", action="store_true", help="skip the time/memory-vs-N sweep")
+    b.set_defaults(func=_cmd_bench)
     return parser
 
 

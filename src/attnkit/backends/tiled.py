@@ -328,7 +328,7 @@ class _TiledAttention(torch.autograd.Function):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        plan: Plan,
+        plan: Plan | None,
         c: _Ctx,
         kernel: tuple[BlockMask, int] | None,
         *captured: Tensor,
@@ -338,6 +338,7 @@ class _TiledAttention(torch.autograd.Function):
         if kernel is not None:  # compiled CPU forward: same math, one fused pass per tile
             out, lse = cpu_kernel.forward(qc, kc, vc, kernel[0], kernel[1], c.scale)
         else:
+            assert plan is not None
             out, lse = forward(qc, kc, vc, plan, c)
         ctx.save_for_backward(qc, kc, vc, out, lse, *captured)
         ctx.plan, ctx.c, ctx.dtype = plan, c, q.dtype
@@ -392,7 +393,6 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
     s = req.shapes
     cfg = config or default_config(s)
     bm = block_mask_for(req, cfg)
-    plan = plan_from_block_mask(bm, cfg.max_chunk)
     use_kernel = (
         cfg.use_kernel
         and req.q.device.type == "cpu"
@@ -407,12 +407,17 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         G=s.Hq // s.Hkv,
         scale=req.scale,
         score_mod=req.score_mod,
-        mask_fn=plan.mask_fn,
+        mask_fn=bm.mask_fn,
         seed=req.seed,
         dropout_p=req.dropout_p,
     )
     captured = captured_tensors(req.score_mod) if req.score_mod is not None else ()
     kernel = (bm, cfg.max_chunk) if use_kernel else None
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (req.q, req.k, req.v, *captured)
+    )
+    # the chunk plan drives the PyTorch forward and the backward; the kernel needs neither
+    plan = plan_from_block_mask(bm, cfg.max_chunk) if kernel is None or needs_grad else None
     out, lse = _TiledAttention.apply(  # type: ignore[no-untyped-call]
         req.q, req.k, req.v, plan, c, kernel, *captured
     )
