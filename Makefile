@@ -50,7 +50,7 @@ package: $(STAMP)
 	ls dist
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/cpu.py
+	$(BIN)/attnkit bench --json benchmarks/results/cpu.json --png docs/tiled-scaling.png
 
 clean:
 	rm -rf $(VENV) dist build out .pytest_cache .mypy_cache .ruff_cache

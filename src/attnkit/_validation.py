@@ -111,7 +111,12 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
-def check_align(align: Any) -> str:
+def check_align(align: Any) -> str | int:
+    """'bottom_right', 'top_left', or an int offset (query i lines up with key i + offset)."""
+    if isinstance(align, int) and not isinstance(align, bool):
+        return align
     if align not in ("bottom_right", "top_left"):
-        raise ValueError(f"align must be 'bottom_right' or 'top_left', got {align!r}")
+        raise ValueError(
+            f"align must be 'bottom_right', 'top_left' or an int offset, got {align!r}"
+        )
     return str(align)

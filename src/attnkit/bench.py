@@ -125,18 +125,19 @@ def comparison_cases(quick: bool) -> list[tuple[str, int, Mask | None, torch.dty
 
 _MEMORY_PROBE = textwrap.dedent(
     """
-    import resource, sys, torch, attnkit
-    from attnkit import masks
+    import sys, torch, attnkit
+    from attnkit import _memory, masks
     N, backend, backward = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
     q, k, v = (torch.randn(1, 8, N, 64, requires_grad=backward) for _ in range(3))
     mask = masks.sliding_window(512)
     if backend == "sdpa":
         mask = mask.dense(N, N)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    attnkit.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], backend=backend)  # warm up
+    before = _memory.reset_peak()
     out = attnkit.attention(q, k, v, mask=mask, backend=backend)
     if backward:
         out.sum().backward()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    print((_memory.peak_kb() - before) / 1024)
     """
 )
 

@@ -199,7 +199,14 @@ def _broadcast_shapes(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
     return tuple(torch.broadcast_shapes(*shapes))  # type: ignore[no-untyped-call]
 
 
-def _offset(align: str, Lq: int, Lk: int) -> int:
+#: Where query i lines up: "bottom_right" (key i + Lk - Lq), "top_left" (key i), or an int
+#: offset (key i + offset: a chunk of a longer sequence, as ring attention needs).
+Align = str | int
+
+
+def _offset(align: Align, Lq: int, Lk: int) -> int:
+    if isinstance(align, int):
+        return align
     return Lk - Lq if align == "bottom_right" else 0
 
 
@@ -277,7 +284,7 @@ def _tile_counts(flags: Tensor, block: int) -> tuple[Tensor, Tensor]:
 
 
 def _diff_mask(
-    name: str, keep: Callable[[Tensor], Tensor], align: str, spec: tuple[Any, ...] | None = None
+    name: str, keep: Callable[[Tensor], Tensor], align: Align, spec: tuple[Any, ...] | None = None
 ) -> Mask:
     """A mask that depends only on d = kv - (q + offset): causal, windows, dilated, strided.
 
@@ -324,13 +331,13 @@ def full() -> Mask:
     return Mask("full()", bind)
 
 
-def causal(*, align: str = "bottom_right") -> Mask:
+def causal(*, align: Align = "bottom_right") -> Mask:
     """Query i attends to keys j <= i + offset (offset = Lk - Lq bottom-right, 0 top-left)."""
     name = f"causal(align={align!r})" if align != "bottom_right" else "causal()"
     return _diff_mask(name, lambda d: d <= 0, align, spec=("causal", align))
 
 
-def sliding_window(left: int, right: int = 0, *, align: str = "bottom_right") -> Mask:
+def sliding_window(left: int, right: int = 0, *, align: Align = "bottom_right") -> Mask:
     """Keys in [i + off - left, i + off + right]; -1 leaves that side unbounded.
 
     FlashAttention's ``window_size=(left, right)``: ``sliding_window(w)`` is a causal window of
@@ -353,7 +360,7 @@ def sliding_window(left: int, right: int = 0, *, align: str = "bottom_right") ->
 
 
 def dilated(
-    window: int, dilation: int, *, causal: bool = False, align: str = "bottom_right"
+    window: int, dilation: int, *, causal: bool = False, align: Align = "bottom_right"
 ) -> Mask:
     """Longformer's dilated window: ``window`` keys each side, ``dilation`` positions apart.
 
@@ -372,7 +379,7 @@ def dilated(
     )
 
 
-def strided(stride: int, *, align: str = "bottom_right") -> Mask:
+def strided(stride: int, *, align: Align = "bottom_right") -> Mask:
     """Sparse Transformer's strided pattern (causal).
 
     Attends to the last ``stride`` keys, plus every key a multiple of ``stride`` back.
@@ -386,7 +393,7 @@ def strided(stride: int, *, align: str = "bottom_right") -> Mask:
     return _diff_mask(f"strided(stride={stride})", keep, align)
 
 
-def fixed(block: int, summary: int = 1, *, align: str = "bottom_right") -> Mask:
+def fixed(block: int, summary: int = 1, *, align: Align = "bottom_right") -> Mask:
     """Sparse Transformer's fixed pattern (causal).
 
     Attends to keys in the query's own block of ``block`` positions, plus the last
@@ -435,7 +442,7 @@ def fixed(block: int, summary: int = 1, *, align: str = "bottom_right") -> Mask:
     return Mask(f"fixed(block={block}, summary={summary})", bind)
 
 
-def prefix_lm(prefix_len: int, *, align: str = "bottom_right") -> Mask:
+def prefix_lm(prefix_len: int, *, align: Align = "bottom_right") -> Mask:
     """Bidirectional over the first ``prefix_len`` keys, causal after them."""
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
         raise ValueError(f"prefix_len must be an int >= 0, got {prefix_len!r}")
@@ -459,7 +466,7 @@ def prefix_lm(prefix_len: int, *, align: str = "bottom_right") -> Mask:
     return Mask(f"prefix_lm(prefix_len={prefix_len})", bind)
 
 
-def global_tokens(indices: Sequence[int] | Tensor, *, align: str = "bottom_right") -> Mask:
+def global_tokens(indices: Sequence[int] | Tensor, *, align: Align = "bottom_right") -> Mask:
     """Global tokens (Longformer/BigBird): they attend to all keys and all queries attend to them.
 
     ``indices`` are key positions; query i is global when i + offset is one of them. Combine
@@ -553,7 +560,7 @@ def document(
     ids: Sequence[int] | Tensor,
     kv_ids: Sequence[int] | Tensor | None = None,
     *,
-    align: str = "bottom_right",
+    align: Align = "bottom_right",
 ) -> Mask:
     """Packed sequences (varlen): a query attends only to keys of its own document.
 
@@ -686,7 +693,7 @@ def bigbird(
     num_random: int = 2,
     seed: int = 0,
     *,
-    align: str = "bottom_right",
+    align: Align = "bottom_right",
 ) -> Mask:
     """BigBird's block pattern.
 
