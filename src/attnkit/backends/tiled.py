@@ -28,7 +28,7 @@ from attnkit._types import EMPTY, FULL, MaskFn, ScoreModFn, Shapes
 from attnkit.backends import cpu_kernel
 from attnkit.backends._common import Request
 from attnkit.block_mask import BlockMask
-from attnkit.masks import from_dense
+from attnkit.masks import Mask, from_dense
 
 NAME = "tiled"
 
@@ -422,3 +422,79 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         req.q, req.k, req.v, plan, c, kernel, *captured
     )
     return out, lse
+
+
+def block_forward(
+    q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Attention of q over one block of keys, without autograd (for ring attention).
+
+    Returns out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) float32.
+    """
+    from attnkit.functional import attention
+
+    with torch.no_grad():
+        return attention(q, k, v, mask=mask, scale=scale, backend="tiled", return_lse=True)
+
+
+def block_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    mask: Mask | None,
+    scale: float,
+    dlse: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients that one block of keys contributes, given the *global* out and LSE.
+
+    FlashAttention-2's backward needs only P = exp(S - LSE) and rowsum(dO∘O), so a block of
+    keys can be differentiated on its own once the output over all blocks is known.
+
+    Args:
+        dout: (B, Hq, Lq, Dv) gradient of the whole attention's output.
+        q: (B, Hq, Lq, D).
+        k: (B, Hkv, Lk, D), this block's keys.
+        v: (B, Hkv, Lk, Dv), this block's values.
+        out: (B, Hq, Lq, Dv) output of the whole attention (all blocks).
+        lse: (B, Hq, Lq) log-sum-exp over all blocks.
+        mask: which (query, key) pairs of this block attend (None: all).
+        scale: the softmax scale.
+        dlse: gradient reaching ``lse``, if any.
+
+    Returns:
+        dq (B, Hq, Lq, D), dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv), float32 (float64 in).
+    """
+    from attnkit.functional import _request
+
+    req = _request(q, k, v, mask, None, scale, 0.0, None, False)
+    s = req.shapes
+    cfg = default_config(s)
+    bm = block_mask_for(req, cfg)
+    c = _Ctx(
+        B=s.B,
+        Hkv=s.Hkv,
+        G=s.Hq // s.Hkv,
+        scale=req.scale,
+        score_mod=None,
+        mask_fn=bm.mask_fn,
+        seed=None,
+        dropout_p=0.0,
+    )
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq, dk, dv, _ = backward(
+        dout.to(ct),
+        q.to(ct),
+        k.to(ct),
+        v.to(ct),
+        out.to(ct),
+        lse.to(ct),
+        plan_from_block_mask(bm, cfg.max_chunk),
+        c,
+        (),
+        None if dlse is None else dlse.to(ct),
+    )
+    return dq, dk, dv

@@ -1,0 +1,259 @@
+"""Ring attention over torch.distributed: a sequence too long for one device, split over P ranks.
+
+Each rank keeps its queries and passes its key/value block around the ring. In step s, rank r
+attends over the block of rank r - s while the block of rank r - s - 1 is already in flight
+(isend/irecv overlap communication with compute). Partial results merge exactly through their
+log-sum-exp. Blocks a causal or window mask leaves empty are skipped (but still passed on).
+
+Backward (FlashAttention-2 style) runs the ring once more: each block travels with the
+gradient accumulators of its keys and values; every rank adds its queries' contribution,
+computed from the global output and LSE, and after P hops the accumulators are home.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from attnkit import _validation as check
+from attnkit._types import EMPTY, FULL
+from attnkit.backends.tiled import block_backward, block_forward
+from attnkit.distributed.layout import check_layout, chunks_of
+from attnkit.distributed.merge import merge_partials
+from attnkit.masks import Mask, causal, sliding_window
+
+
+@dataclass(frozen=True)
+class _Setup:
+    group: dist.ProcessGroup | None
+    rank: int
+    world: int
+    length: int  # global sequence length
+    layout: str
+    causal: bool
+    window: tuple[int, int] | None
+    scale: float
+
+
+def _pair_mask(
+    s: _Setup, q_chunk: tuple[int, int], k_chunk: tuple[int, int]
+) -> tuple[bool, Mask | None]:
+    """(visit, mask) for global query range × key range; mask None means every pair attends."""
+    offset = q_chunk[0] - k_chunk[0]  # local query i sits at local key i + offset
+    if s.window is not None:
+        left, right = s.window
+        mask = sliding_window(left, 0 if s.causal else right, align=offset)
+    elif s.causal:
+        mask = causal(align=offset)
+    else:
+        return True, None
+    lq, lk = q_chunk[1] - q_chunk[0], k_chunk[1] - k_chunk[0]
+    kind = int(mask.blocks(lq, lk, lq, lk).kinds.max())
+    if kind == EMPTY:
+        return False, None
+    return True, (None if kind == FULL else mask)
+
+
+def _local_slices(chunks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Local [start, end) of each global chunk within a rank's shard."""
+    out, offset = [], 0
+    for a, b in chunks:
+        out.append((offset, offset + b - a))
+        offset += b - a
+    return out
+
+
+def _exchange(s: _Setup, send: list[Tensor]) -> tuple[list[Any], list[Tensor]]:
+    """Start sending ``send`` to the next rank and receiving as many tensors from the previous."""
+    if s.world == 1:  # a ring of one: the block comes straight back
+        return [], list(send)
+    nxt = (
+        dist.get_global_rank(s.group, (s.rank + 1) % s.world) if s.group else (s.rank + 1) % s.world
+    )
+    prv = (
+        dist.get_global_rank(s.group, (s.rank - 1) % s.world) if s.group else (s.rank - 1) % s.world
+    )
+    recv = [torch.empty_like(t) for t in send]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, s.group) for t in send]
+    ops += [dist.P2POp(dist.irecv, t, prv, s.group) for t in recv]
+    return dist.batch_isend_irecv(ops), recv
+
+
+def _pairs(
+    s: _Setup, src: int
+) -> list[tuple[int, int, tuple[int, int], tuple[int, int], Mask | None]]:
+    """Pairs of chunks to compute when this rank's queries meet rank ``src``'s block.
+
+    Each is (q chunk index, k chunk index, local q range, local k range, mask).
+    """
+    q_chunks = chunks_of(s.rank, s.world, s.length, s.layout)
+    k_chunks = chunks_of(src, s.world, s.length, s.layout)
+    q_local, k_local = _local_slices(q_chunks), _local_slices(k_chunks)
+    todo = []
+    for i, qc in enumerate(q_chunks):
+        for j, kc in enumerate(k_chunks):
+            visit, mask = _pair_mask(s, qc, kc)
+            if visit:
+                todo.append((i, j, q_local[i], k_local[j], mask))
+    return todo
+
+
+def _forward(s: _Setup, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    n_chunks = len(chunks_of(s.rank, s.world, s.length, s.layout))
+    parts: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in range(n_chunks)]
+    kv = [k, v]
+    for step in range(s.world):
+        src = (s.rank - step) % s.world
+        pending = _exchange(s, kv) if step < s.world - 1 else None
+        for i, _, (qa, qb), (ka, kb), mask in _pairs(s, src):
+            o, lse = block_forward(
+                q[:, :, qa:qb], kv[0][:, :, ka:kb], kv[1][:, :, ka:kb], mask=mask, scale=s.scale
+            )
+            parts[i][0].append(o)
+            parts[i][1].append(lse)
+        if pending is not None:
+            for req in pending[0]:
+                req.wait()
+            kv = pending[1]
+    outs, lses = [], []
+    for (qa, qb), (os_, ls) in zip(
+        _local_slices(chunks_of(s.rank, s.world, s.length, s.layout)), parts, strict=True
+    ):
+        if os_:
+            o, lse = merge_partials(os_, ls)
+        else:  # no key at all for these queries
+            o = q.new_zeros(*q.shape[:2], qb - qa, v.shape[-1])
+            lse = torch.full((*q.shape[:2], qb - qa), -math.inf, dtype=torch.float32)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _backward(
+    s: _Setup,
+    dout: Tensor,
+    dlse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros_like(q, dtype=ct)
+    kv = [k, v]
+    dkv = [torch.zeros_like(k, dtype=ct), torch.zeros_like(v, dtype=ct)]
+    for step in range(s.world):
+        src = (s.rank - step) % s.world
+        pending_kv = _exchange(s, kv) if step < s.world - 1 else None
+        for _, _, (qa, qb), (ka, kb), mask in _pairs(s, src):
+            dq_p, dk_p, dv_p = block_backward(
+                dout[:, :, qa:qb],
+                q[:, :, qa:qb],
+                kv[0][:, :, ka:kb],
+                kv[1][:, :, ka:kb],
+                out[:, :, qa:qb],
+                lse[:, :, qa:qb],
+                mask=mask,
+                scale=s.scale,
+                dlse=None if dlse is None else dlse[:, :, qa:qb],
+            )
+            dq[:, :, qa:qb] += dq_p
+            dkv[0][:, :, ka:kb] += dk_p
+            dkv[1][:, :, ka:kb] += dv_p
+        # the accumulators follow their block; after P hops they are back with its owner
+        reqs, dkv = _exchange(s, dkv)
+        for req in reqs:
+            req.wait()
+        if pending_kv is not None:
+            for req in pending_kv[0]:
+                req.wait()
+            kv = pending_kv[1]
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, s: _Setup) -> tuple[Tensor, Tensor]:
+        out, lse = _forward(s, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.setup = s
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        dq, dk, dv = _backward(ctx.setup, dout, dlse, q, k, v, out, lse)
+        return dq, dk, dv, None
+
+
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    window: int | tuple[int, int] | None = None,
+    scale: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "zigzag",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Self-attention over a sequence sharded along dim 2 across the ranks of ``group``.
+
+    Args:
+        q: this rank's queries (B, Hq, L/P, D), sharded by ``layout`` (see ``shard_sequence``).
+        k: this rank's keys (B, Hkv, L/P, D); GQA allowed.
+        v: this rank's values (B, Hkv, L/P, Dv).
+        causal: query at global position i sees keys j <= i.
+        window: FlashAttention's window_size: (left, right), or an int w for (w, 0) when
+            causal and (w, w) otherwise; -1 leaves a side unbounded.
+        scale: default 1/sqrt(D).
+        group: the process group (default: the world).
+        layout: "zigzag" (balanced causal work: chunks r and 2P-1-r of 2P) or "contiguous".
+        return_lse: also return the LSE (B, Hq, L/P) of this rank's queries.
+
+    Returns:
+        this rank's output (B, Hq, L/P, Dv) (and LSE). Gradients flow to q, k and v.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ring_attention needs torch.distributed to be initialised")
+    shapes = check.check_qkv(q, k, v)
+    if shapes.Lq != shapes.Lk:
+        raise ValueError(
+            f"ring_attention is self-attention: q has {shapes.Lq} positions, k {shapes.Lk}"
+        )
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    lengths = torch.tensor([shapes.Lq, -shapes.Lq])
+    dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=group)
+    if int(lengths[0]) != -int(lengths[1]):
+        raise ValueError(
+            f"every rank must hold the same shard length; lengths range from {-int(lengths[1])} "
+            f"to {int(lengths[0])} (rank {rank} has {shapes.Lq})"
+        )
+    check_layout(layout, shapes.Lq * world, world)
+    win: tuple[int, int] | None = None
+    if window is not None:
+        pair = (window, 0 if causal else window) if isinstance(window, int) else tuple(window)
+        win = (
+            check.check_window("window left", pair[0]),
+            check.check_window("window right", pair[1]),
+        )
+    setup = _Setup(
+        group,
+        rank,
+        world,
+        shapes.Lq * world,
+        layout,
+        causal,
+        win,
+        check.check_scale(scale, shapes.D),
+    )
+    out, lse = _RingAttention.apply(q, k, v, setup)  # type: ignore[no-untyped-call]
+    return (out, lse) if return_lse else out

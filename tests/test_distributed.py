@@ -1,0 +1,150 @@
+"""Ring attention on real gloo process groups (loopback only, bounded time) vs one process."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import attnkit
+from attnkit import masks
+from attnkit.distributed import (
+    merge_partials,
+    ring_attention,
+    shard_sequence,
+    unshard_sequence,
+)
+from conftest import rand_qkv
+
+# (name, L, Hq, Hkv, causal, window, layout)
+CASES = [
+    ("full", 24, 2, 2, False, None, "contiguous"),
+    ("full_zigzag", 24, 2, 2, False, None, "zigzag"),
+    ("causal_contiguous", 24, 2, 2, True, None, "contiguous"),
+    ("causal_zigzag", 32, 4, 2, True, None, "zigzag"),
+    ("window", 40, 2, 1, True, 5, "zigzag"),
+    ("window_sym", 24, 2, 2, False, (3, 2), "contiguous"),
+]
+
+
+def global_mask(causal, window):
+    if window is not None:
+        left, right = (window, 0 if causal else window) if isinstance(window, int) else window
+        return masks.sliding_window(left, 0 if causal else right)
+    return masks.causal() if causal else None
+
+
+def _worker(rank, world, init_file, results_dir):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        for name, L, Hq, Hkv, causal, window, layout in CASES:
+            torch.manual_seed(0)  # the same global tensors on every rank
+            q, k, v = rand_qkv(2, Hq, Hkv, L, L, 8, 6, dtype=torch.float64, requires_grad=True)
+            weight = torch.randn(2, Hq, L, 6, dtype=torch.float64)
+            ref, ref_lse = attnkit.attention(
+                q, k, v, mask=global_mask(causal, window), backend="reference", return_lse=True
+            )
+            ((ref * weight).sum() + ref_lse.sum() * 0.1).backward()
+            shard = lambda t: shard_sequence(t.detach(), world, rank, layout)  # noqa: E731
+            lq, lk, lv = (shard(t).requires_grad_() for t in (q, k, v))
+            out, lse = ring_attention(
+                lq, lk, lv, causal=causal, window=window, layout=layout, return_lse=True
+            )
+            ((out * shard(weight)).sum() + lse.sum() * 0.1).backward()
+            for what, got, want in [
+                ("out", out, shard(ref)),
+                ("lse", lse, shard(ref_lse)),
+                ("dq", lq.grad, shard(q.grad)),
+                ("dk", lk.grad, shard(k.grad)),
+                ("dv", lv.grad, shard(v.grad)),
+            ]:
+                torch.testing.assert_close(
+                    got, want, rtol=1e-9, atol=1e-9, msg=lambda m, w=what, n=name: f"{n} {w}: {m}"
+                )
+        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_ring_attention_matches_single_process(world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("ok")) == [
+        f"ok{r}" for r in range(world)
+    ]
+
+
+def _odd_worker(rank, world, init_file, results_dir):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        q = torch.randn(1, 2, 5, 8)  # 10 positions over 2 ranks: not 4 zigzag chunks
+        with pytest.raises(ValueError, match="pad it to a multiple of 4"):
+            ring_attention(q, q, q, causal=True, layout="zigzag")
+        uneven = torch.randn(1, 2, 4 + rank, 8)
+        with pytest.raises(ValueError, match="same shard length"):
+            ring_attention(uneven, uneven, uneven)
+        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ring_attention_rejects_bad_shards(tmp_path):
+    mp.spawn(_odd_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("ok")) == ["ok0", "ok1"]
+
+
+def test_ring_attention_needs_a_process_group():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        ring_attention(q, q, q)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shard_unshard_round_trip(layout, world):
+    x = torch.arange(2 * 3 * 24 * 2).view(2, 3, 24, 2)
+    shards = [shard_sequence(x, world, r, layout) for r in range(world)]
+    assert all(s.shape == (2, 3, 24 // world, 2) for s in shards)
+    assert torch.equal(unshard_sequence(shards, layout), x)
+    if layout == "zigzag" and world == 2:  # chunks of 6: rank 0 holds 0 and 3, rank 1 holds 1, 2
+        assert shards[0][0, 0, :, 0].tolist() == [0, 2, 4, 6, 8, 10, 36, 38, 40, 42, 44, 46]
+
+
+def test_shard_rejects_uneven_lengths():
+    with pytest.raises(ValueError, match="pad it to a multiple of 6"):
+        shard_sequence(torch.zeros(1, 1, 10, 2), 3, 0, "zigzag")
+
+
+def test_merge_partials_equals_whole():
+    q, k, v = rand_qkv(1, 2, 2, 7, 12, 4, dtype=torch.float64)
+    allowed = masks.causal().dense(7, 12)
+    whole, whole_lse = attnkit.attention(q, k, v, mask=allowed, return_lse=True)
+    parts = [
+        attnkit.attention(q, k[:, :, a:b], v[:, :, a:b], mask=allowed[..., a:b], return_lse=True)
+        for a, b in [(0, 3), (3, 9), (9, 12)]
+    ]
+    out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+    torch.testing.assert_close(out, whole)
+    torch.testing.assert_close(lse, whole_lse)
+    with pytest.raises(ValueError, match="as many"):
+        merge_partials([out], [])
