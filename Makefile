@@ -45,6 +45,7 @@ package: $(STAMP)
 	/tmp/attnkit-pkg-venv/bin/python -m pip install -q $(TORCH_SPEC)
 	/tmp/attnkit-pkg-venv/bin/python -m pip install -q dist/*.whl
 	cd /tmp && /tmp/attnkit-pkg-venv/bin/python -c "import attnkit, torch; \
+	from attnkit.backends import cpu_kernel; assert cpu_kernel.SOURCE.exists(), 'kernel source'; \
 	q = torch.randn(1, 2, 5, 8); print('package ok:', attnkit.__version__, \
 	tuple(attnkit.attention(q, q, q, mask=attnkit.masks.causal()).shape))"
 	ls dist
