@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ def available() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
+
         load(
             name="attnkit_tiled_forward_cpu",
             sources=[str(SOURCE)],
@@ -40,6 +45,17 @@ def available() -> bool:
         log.warning("attnkit: compiled CPU kernel unavailable (%s); using the PyTorch loop", exc)
         return False
     return True
+
+
+def _put_ninja_on_path() -> None:
+    """Make the pip-installed ``ninja`` of this venv visible to torch's extension builder.
+
+    torch runs ``ninja`` from PATH, which lacks the venv's scripts folder unless the venv is
+    activated.
+    """
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
 
 def partial_bitmaps(bm: BlockMask) -> tuple[Tensor, Tensor]:
