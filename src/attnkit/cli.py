@@ -2,6 +2,7 @@
 
 attnkit patterns [--length N] [--png FILE]   draw the built-in sparse patterns
 attnkit bench [--quick] [--json F] [--png F]  tiled vs SDPA / FlexAttention, time and memory
+attnkit explain ["TEXT"] [--word W] [--layer L|all] [--steps] [--png F] [--html F] [--sparse M]
 """
 
 from __future__ import annotations
@@ -72,6 +73,61 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args.quick, args.json, args.png, scaling=not args.no_scaling)
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from attnkit import explain as ex
+    from attnkit.models import load_pretrained
+
+    console = Console(width=140)
+    try:
+        model = load_pretrained(args.model, backend=args.backend)
+    except (ValueError, ImportError, FileNotFoundError) as exc:
+        raise ex.UsageError(str(exc)) from exc
+    all_layers = args.layer == "all"
+    layer = None if all_layers else int(args.layer)
+    if layer is not None and layer < 0:
+        layer += model.config.num_hidden_layers
+    ex.check_layer_head(model, layer, args.head)
+    layer = model.config.num_hidden_layers - 1 if layer is None else layer
+    full = ex.run(model, args.text, truncate=args.truncate)
+    if full.encoding.truncated:
+        console.print(f"[yellow]warning: text cut to {len(full.tokens)} tokens[/yellow]")
+    i = ex.choose_token(full, args.word)
+    console.print(ex.render_tokens(full, i))
+    layers = list(range(model.config.num_hidden_layers)) if all_layers else [layer]
+    console.print(ex.render_heads(full, i, layers, args.top))
+    if args.steps:
+        for part in ex.render_steps(model, full, i, layer, args.head):
+            console.print(part)
+    if args.sparse:
+        mask = ex.parse_mask(args.sparse)
+        sparse = ex.run(model, args.text, mask=mask, truncate=args.truncate)
+        for part in ex.render_sparse(full, sparse, mask, i, layer, args.top):
+            console.print(part)
+    if args.png:
+        from attnkit.viz import save_head_grid
+
+        save_head_grid(
+            full.attention(layer),
+            full.tokens,
+            args.png,
+            title=f"{model.name}, layer {layer}: attention per head",
+        )
+        console.print(f"wrote {args.png}")
+    if args.html:
+        from attnkit.viz import save_head_view
+
+        save_head_view(
+            full.tokens,
+            [full.attention(n) for n in range(len(full.output.attentions))],
+            args.html,
+            title=f"{model.name} head view: {args.text[:60]}",
+        )
+        console.print(f"wrote {args.html}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -93,13 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--png", help="save time and memory vs N as a PNG (needs matplotlib)")
     b.add_argument("--no-scaling", action="store_true", help="skip the time/memory-vs-N sweep")
     b.set_defaults(func=_cmd_bench)
+    from attnkit.explain import DEFAULT_TEXT
+
+    e = sub.add_parser("explain", help="which words each head of a real model attends to")
+    e.add_argument("text", nargs="?", default=DEFAULT_TEXT, help=f"default: {DEFAULT_TEXT!r}")
+    e.add_argument("--word", help="the word to explain (default: the last word)")
+    e.add_argument("--layer", default="-1", help="layer index, negative from the end, or 'all'")
+    e.add_argument("--head", type=int, default=0, help="head for --steps (default 0)")
+    e.add_argument("--top", type=_positive_int, default=3, help="words shown per head")
+    e.add_argument("--steps", action="store_true", help="walk one head through Q, K, V")
+    e.add_argument("--png", help="save the layer's head heatmaps as a PNG")
+    e.add_argument("--html", help="save an interactive head view (self-contained HTML)")
+    e.add_argument("--sparse", help="compare with a sparse pattern, e.g. sliding_window:2,2")
+    e.add_argument("--model", default="all-MiniLM-L6-v2")
+    e.add_argument("--backend", default="auto", choices=["auto", "reference", "tiled", "sdpa"])
+    e.add_argument("--truncate", action="store_true", help="cut texts past 512 tokens")
+    e.set_defaults(func=_cmd_explain)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``attnkit`` command; returns the exit code (2 for usage errors)."""
-    args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from attnkit.explain import UsageError
+
+    try:
+        code: int = args.func(args)
+    except UsageError as exc:
+        parser.exit(2, f"attnkit {args.command}: error: {exc}\n")
     return code
 
 

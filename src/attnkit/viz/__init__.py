@@ -1,5 +1,7 @@
-"""Pictures of attention: sparse-pattern grids (matplotlib, imported lazily)."""
+"""Pictures of attention: pattern grids, head heatmaps (matplotlib, lazily) and an HTML head view."""
 
+from attnkit.viz.head_view import head_view_html, save_head_view
+from attnkit.viz.heatmap import save_head_grid
 from attnkit.viz.patterns import save_pattern_grid
 
-__all__ = ["save_pattern_grid"]
+__all__ = ["head_view_html", "save_head_grid", "save_head_view", "save_pattern_grid"]

@@ -1,0 +1,166 @@
+"""An interactive head view (in the spirit of bertviz) as one self-contained HTML file.
+
+No CDN and no network: the script and styles are inline, the weights are embedded as base64
+bytes (one byte per weight, 0-255), so texts of a few hundred tokens stay a few MB.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 16px; color: #222; }
+#controls { margin-bottom: 10px; display: flex; flex-wrap: wrap; gap: 10px; align-items: center; }
+.head-toggle-label { padding: 2px 6px; border-radius: 4px; color: white; cursor: pointer; }
+svg text { font: 13px system-ui, sans-serif; cursor: default; }
+svg text.active { font-weight: bold; }
+line.attn-line.hidden { display: none; }
+#note { color: #666; margin-top: 6px; }
+</style></head>
+<body>
+<h3>__TITLE__</h3>
+<div id="controls">
+  <label>Layer <select id="layer"></select></label>
+  <span id="heads"></span>
+  <label>hide weights below <input id="threshold" type="range" min="0" max="0.5" step="0.01">
+    <span id="threshold-value"></span></label>
+</div>
+<svg id="view" xmlns="__SVGNS__"></svg>
+<div id="note">Left: the token that attends (query). Right: the tokens it attends to (keys).
+Line opacity is the attention weight. Hover a token to see only its lines; click a head to
+toggle it.</div>
+<script>
+const DATA = __DATA__;
+const SVGNS = "__SVGNS__";
+const raw = Uint8Array.from(atob(DATA.weights), c => c.charCodeAt(0));
+const L = DATA.tokens.length, H = DATA.heads;
+const enabled = new Array(H).fill(true);
+if (DATA.initial_heads) { enabled.fill(false); DATA.initial_heads.forEach(h => enabled[h] = true); }
+const color = h => `hsl(${Math.round(360 * h / H)}, 70%, 45%)`;
+const weight = (layer, h, i, j) => raw[((layer * H + h) * L + i) * L + j] / 255;
+const layerSel = document.getElementById("layer");
+const thr = document.getElementById("threshold");
+thr.value = DATA.threshold;
+for (let l = 0; l < DATA.layers; l++) {
+  const o = document.createElement("option"); o.value = l; o.textContent = l; layerSel.appendChild(o);
+}
+layerSel.value = DATA.layers - 1;
+const headsBox = document.getElementById("heads");
+for (let h = 0; h < H; h++) {
+  const lab = document.createElement("label");
+  lab.className = "head-toggle-label"; lab.style.background = color(h);
+  const cb = document.createElement("input");
+  cb.type = "checkbox"; cb.className = "head-toggle"; cb.dataset.head = h; cb.checked = enabled[h];
+  cb.addEventListener("change", () => { enabled[h] = cb.checked; draw(); });
+  lab.appendChild(cb); lab.appendChild(document.createTextNode(" " + h));
+  headsBox.appendChild(lab);
+}
+function el(name, attrs, text) {
+  const e = document.createElementNS(SVGNS, name);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+function focus(side, idx) {
+  document.querySelectorAll("line.attn-line").forEach(ln => {
+    const hit = idx === null || ln.dataset[side] === String(idx);
+    ln.classList.toggle("hidden", !hit);
+  });
+  document.querySelectorAll("text.tok").forEach(t => t.classList.toggle("active",
+    idx !== null && t.dataset.side === side && t.dataset.index === String(idx)));
+}
+function draw() {
+  const svg = document.getElementById("view");
+  svg.innerHTML = "";
+  const rowH = 20, width = 520, left = 150, right = width - 150;
+  svg.setAttribute("width", width); svg.setAttribute("height", L * rowH + 20);
+  const layer = Number(layerSel.value), t = Number(thr.value);
+  document.getElementById("threshold-value").textContent = t.toFixed(2);
+  const lines = el("g", {id: "lines"});
+  for (let h = 0; h < H; h++) {
+    if (!enabled[h]) continue;
+    for (let i = 0; i < L; i++) for (let j = 0; j < L; j++) {
+      const w = weight(layer, h, i, j);
+      if (w <= t) continue;
+      lines.appendChild(el("line", {class: "attn-line", x1: left + 5, y1: 14 + i * rowH,
+        x2: right - 5, y2: 14 + j * rowH, stroke: color(h), "stroke-width": 2,
+        "stroke-opacity": Math.min(1, w).toFixed(3), "data-head": h, "data-i": i, "data-j": j}));
+    }
+  }
+  svg.appendChild(lines);
+  DATA.tokens.forEach((tok, i) => {
+    for (const [side, x, anchor] of [["i", left, "end"], ["j", right, "start"]]) {
+      const e = el("text", {x: x, y: 18 + i * rowH, "text-anchor": anchor, class: "tok",
+        "data-side": side, "data-index": i}, tok);
+      e.addEventListener("mouseenter", () => focus(side, i));
+      e.addEventListener("mouseleave", () => focus(side, null));
+      svg.appendChild(e);
+    }
+  });
+}
+layerSel.addEventListener("change", draw);
+thr.addEventListener("input", draw);
+draw();
+</script>
+</body></html>
+"""
+
+
+def quantize(attentions: Sequence[Tensor]) -> Tensor:
+    """(layers, H, L, L) uint8 weights, 0-255, as embedded in the page."""
+    stacked = torch.stack([a.float() for a in attentions])
+    return (stacked.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def head_view_html(
+    tokens: Sequence[str],
+    attentions: Sequence[Tensor],
+    *,
+    title: str = "attnkit head view",
+    threshold: float | None = None,
+) -> str:
+    """The page as a string.
+
+    Args:
+        tokens: the L tokens.
+        attentions: one (H, L, L) tensor of probabilities per layer.
+        title: page title.
+        threshold: lines below this weight are hidden (default: 0.02, or 0.1 past 100 tokens).
+    """
+    q = quantize(attentions)
+    n_layers, H, L, _ = q.shape
+    if len(tokens) != L:
+        raise ValueError(f"{len(tokens)} tokens but attention maps of size {L}")
+    data = {
+        "tokens": list(tokens),
+        "layers": n_layers,
+        "heads": H,
+        "threshold": threshold if threshold is not None else (0.02 if L <= 100 else 0.1),
+        "initial_heads": None if L <= 100 else [0],
+        "weights": base64.b64encode(q.numpy().tobytes()).decode("ascii"),
+    }
+    # the JSON sits inside <script>: escape "</" so a token cannot close the element
+    payload = json.dumps(data).replace("</", "<\\/")
+    return (
+        _PAGE.replace("__TITLE__", html.escape(title))
+        .replace("__SVGNS__", "http://www.w3.org/2000/svg")  # an XML namespace, never fetched
+        .replace("__DATA__", payload)
+    )
+
+
+def save_head_view(
+    tokens: Sequence[str], attentions: Sequence[Tensor], path: str | Path, **kwargs: object
+) -> Path:
+    """Write ``head_view_html(...)`` to ``path``."""
+    out = Path(path)
+    out.write_text(head_view_html(tokens, attentions, **kwargs), encoding="utf-8")  # type: ignore[arg-type]
+    return out

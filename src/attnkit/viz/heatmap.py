@@ -1,0 +1,48 @@
+"""Attention heatmaps: one panel per head, tokens on both axes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import Tensor
+
+from attnkit.viz.patterns import _pyplot
+
+
+def save_head_grid(
+    attention: Tensor, tokens: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """Save a grid of heatmaps.
+
+    Args:
+        attention: (H, L, L) probabilities of one layer (row i: where token i looks).
+        tokens: the L token labels.
+        path: PNG file to write.
+        title: figure title.
+    """
+    plt = _pyplot()
+    H, L, _ = attention.shape
+    cols = min(4, H)
+    rows = -(-H // cols)
+    size = 2.2 + 0.16 * min(L, 60)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
+    labels = L <= 60
+    for h, ax in enumerate(axes.flat):
+        if h >= H:
+            ax.axis("off")
+            continue
+        ax.imshow(attention[h].float().numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"head {h}", fontsize=9)
+        if labels:
+            ax.set_xticks(range(L), tokens, rotation=90, fontsize=7)
+            ax.set_yticks(range(L), tokens, fontsize=7)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title or "attention per head (rows: query token, columns: key token)")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
