@@ -231,8 +231,9 @@ def render_steps(model: PretrainedEncoder, r: Run, i: int, layer: int, head: int
         Markdown(
             f"Output of this head for **{tok}** = Σ weight·value = `{_fmt(s['out'])}`.\n\n"
             f"These weights {'match' if agree else 'DO NOT match'} the model's own attention "
-            f"(max difference {(s['weights'] - s['model_weights']).abs().max():.1e}). The 12 heads' "
-            f"outputs are concatenated and mixed by the output matrix W0 into the next layer."
+            f"(max difference {(s['weights'] - s['model_weights']).abs().max():.1e}). The "
+            "12 heads' outputs are concatenated and mixed by the output matrix W0 into the next "
+            "layer."
         )
     )
     return parts

@@ -121,7 +121,7 @@ class BertEncoder(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
-        B, L = input_ids.shape
+        L = input_ids.shape[1]
         if self.config.max_position_embeddings < L:
             raise ValueError(
                 f"{L} tokens exceed the model's {self.config.max_position_embeddings} positions"

@@ -107,9 +107,10 @@ class PretrainedEncoder(nn.Module):
         output_attentions: bool = False,
     ) -> EncoderOutput:
         """See ``BertEncoder.forward``: input_ids (B, L) -> last_hidden_state (B, L, E), ..."""
-        return self.encoder(
+        out: EncoderOutput = self.encoder(
             input_ids, attention_mask, mask=mask, output_attentions=output_attentions
         )
+        return out
 
 
 def load_pretrained(

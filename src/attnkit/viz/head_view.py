@@ -51,7 +51,8 @@ const layerSel = document.getElementById("layer");
 const thr = document.getElementById("threshold");
 thr.value = DATA.threshold;
 for (let l = 0; l < DATA.layers; l++) {
-  const o = document.createElement("option"); o.value = l; o.textContent = l; layerSel.appendChild(o);
+  const o = document.createElement("option");
+  o.value = l; o.textContent = l; layerSel.appendChild(o);
 }
 layerSel.value = DATA.layers - 1;
 const headsBox = document.getElementById("heads");
