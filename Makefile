@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   create .venv, install, run the walkthrough
+#   make demo   create .venv, install, explain attention on a real model (writes out/)
 #   make test   create .venv, install, lint, type-check, run the whole suite, check the package
 #
 # torch is installed in its own pip call *before* the project so that no dependency's
@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format package bench clean
+.PHONY: demo test lint format package bench browser clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,19 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python examples/walkthrough.py
-	$(BIN)/attnkit patterns --length 48
+	mkdir -p out
+	HF_HUB_OFFLINE=1 $(BIN)/attnkit explain --steps --sparse sliding_window:2,2 \
+		--png out/attention.png --html out/attention.html
+	@echo "open out/attention.html in a browser; out/attention.png is the layer's heatmaps"
+
+# Headless Chromium for the HTML head-view test; where apt-get cannot install it, that one
+# test is skipped with a message saying so.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+		>/dev/null 2>&1; then echo "installed chromium"; \
+	else echo "chromium could not be installed: the browser test will be skipped"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -33,8 +44,8 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: lint browser
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) package
 
 # Build wheel + sdist, install the wheel into a fresh venv, import it and run one attention call.

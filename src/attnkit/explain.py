@@ -251,7 +251,11 @@ def render_sparse(full: Run, sparse: Run, mask: Mask, i: int, layer: int, k: int
         f"{full.tokens[i]!r} may look at: {seen}",
         render_heads(sparse, i, [layer], k, title=f"layer {layer} under {mask!r}"),
     ]
-    table = Table(title=f"how the output of {full.tokens[i]!r} changes (cosine similarity to full)")
+    parts.append(
+        f"How the outputs change: cosine similarity to full attention, per layer, for "
+        f"{full.tokens[i]!r} and for the mean of all tokens (1.000 = unchanged)."
+    )
+    table = Table()
     table.add_column("layer", justify="right")
     table.add_column(f"token {i}", justify="right")
     table.add_column("mean of all tokens", justify="right")

@@ -1,0 +1,183 @@
+"""`attnkit explain` with each option, its pictures, its HTML in a real browser, bad input."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+
+import pytest
+import torch
+
+from attnkit.cli import main
+from attnkit.explain import DEFAULT_TEXT, parse_mask
+from attnkit.viz.head_view import head_view_html, quantize
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        data = f.read(32)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_explain_default_text_top_words(capsys):
+    assert main(["explain"]) == 0
+    out = capsys.readouterr().out
+    assert "9:a" in out  # the last word, highlighted
+    assert "what 'a' (token 9) attends to, per head" in out
+    assert out.count("│     5 │") == 12  # one row per head of the last layer
+
+
+def test_explain_all_layers_and_word(capsys):
+    assert main(["explain", DEFAULT_TEXT, "--word", "surgeon", "--layer", "all", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "what 'surgeon' (token 3)" in out
+    assert len(re.findall(r"│\s+\d+ │\s+\d+ │", out)) == 6 * 12
+
+
+def test_explain_steps_match_the_model(capsys):
+    assert main(["explain", "--steps", "--layer", "2", "--head", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "Layer 2, head 7" in out
+    assert "These weights match the model's own attention" in out
+    assert "÷√d" in out
+
+
+def test_explain_sparse(capsys):
+    assert main(["explain", "--sparse", "sliding_window:2,2+global:0"]) == 0
+    out = capsys.readouterr().out
+    assert "may look at: [CLS] patient with a [SEP]" in out
+    assert "cosine similarity to full attention, per layer" in out
+
+
+def test_explain_png_and_html(tmp_path, capsys):
+    png, page = tmp_path / "heads.png", tmp_path / "heads.html"
+    assert main(["explain", "--png", str(png), "--html", str(page)]) == 0
+    width, height = png_size(png)
+    assert width > 600
+    assert height > 400
+    assert os.path.getsize(png) > 20_000
+    text = page.read_text()
+    assert "<script" in text
+    assert "DATA" in text
+    # self-contained: nothing is loaded from elsewhere
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
+    assert "@import" not in text
+    assert "url(http" not in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["explain", ""], "text is empty"),
+        (["explain", "word " * 600], "reads at most 512"),
+        (["explain", "--layer", "6"], "layer 6 is out of range"),
+        (["explain", "--steps", "--head", "12"], "head 12 is out of range"),
+        (["explain", "--model", "bert-huge"], "unknown model 'bert-huge'"),
+        (["explain", "--word", "scalpel"], "word 'scalpel' is not a token"),
+        (["explain", "--sparse", "zigzag:3"], "unknown pattern 'zigzag'"),
+        (["explain", "--sparse", "sliding_window:-5"], "bad arguments"),
+        (["explain", "--top", "0"], "must be >= 1"),
+    ],
+)
+def test_explain_usage_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_explain_truncates_long_text_with_warning(capsys):
+    assert main(["explain", "word " * 600, "--truncate", "--top", "1"]) == 0
+    assert "warning: text cut to 512 tokens" in capsys.readouterr().out
+
+
+def test_parse_mask_union():
+    m = parse_mask("sliding_window:1,1+global:0")
+    assert m.dense(4, 4)[0, 0].int().tolist() == [
+        [1, 1, 1, 1],
+        [1, 1, 1, 0],
+        [1, 1, 1, 1],
+        [1, 0, 1, 1],
+    ]
+
+
+def test_html_escapes_script_closing_tokens():
+    page = head_view_html(["a", "</script><b>"], [torch.full((1, 2, 2), 0.5)])
+    assert "</script><b>" not in page
+
+
+# ---- the head view in a real browser --------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(
+            "chromium and chromedriver are not installed (make test installs them "
+            "with apt-get where it can): the browser test of the head view is skipped"
+        )
+    webdriver = pytest.importorskip("selenium.webdriver")
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let selenium fetch drivers
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1000,800",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.slow
+def test_head_view_in_chromium(browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from attnkit import explain
+    from attnkit.models import load_pretrained
+
+    model = load_pretrained()
+    r = explain.run(model, DEFAULT_TEXT)
+    attentions = [r.attention(n) for n in range(6)]
+    page = tmp_path / "view.html"
+    page.write_text(head_view_html(r.tokens, attentions))
+    browser.get(page.as_uri())
+
+    # the page draws the last layer: one line per (head, i, j) above the 0.02 threshold
+    weights = quantize(attentions)[5].float() / 255
+    drawn = (weights > 0.02).sum(dim=(1, 2))  # per head
+    lines = browser.find_elements(By.CSS_SELECTOR, "line.attn-line")
+    assert len(lines) == int(drawn.sum()) > 0
+
+    browser.find_element(By.CSS_SELECTOR, "input.head-toggle[data-head='3']").click()
+    assert len(browser.find_elements(By.CSS_SELECTOR, "line.attn-line")) == int(
+        drawn.sum() - drawn[3]
+    )
+    assert not browser.find_elements(By.CSS_SELECTOR, "line.attn-line[data-head='3']")
+
+    # hovering the query token 'surgeon' (index 3) leaves only its lines visible
+    token = browser.find_element(By.CSS_SELECTOR, "text.tok[data-side='i'][data-index='3']")
+    ActionChains(browser).move_to_element(token).perform()
+    visible = browser.find_elements(By.CSS_SELECTOR, "line.attn-line:not(.hidden)")
+    assert visible
+    assert {ln.get_attribute("data-i") for ln in visible} == {"3"}
+
+    shot = tmp_path / "view.png"
+    assert browser.save_screenshot(str(shot))
+    viewport = browser.execute_script("return [window.innerWidth, window.innerHeight]")
+    assert list(png_size(shot)) == viewport
+    assert os.path.getsize(shot) > 20_000  # lines and labels, not a blank page
