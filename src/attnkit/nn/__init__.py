@@ -1,7 +1,27 @@
-"""attnkit modules: MultiHeadAttention (self, cross, GQA), KVCache, RotaryEmbedding."""
+"""attnkit modules.
+
+MultiHeadAttention (self, cross, GQA), KVCache, RotaryEmbedding, and transformers built on them
+(encoder/decoder layers, Transformer, CausalLM).
+"""
 
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
+from attnkit.nn.transformer import (
+    CausalLM,
+    FeedForward,
+    Transformer,
+    TransformerDecoderLayer,
+    TransformerEncoderLayer,
+)
 
-__all__ = ["KVCache", "MultiHeadAttention", "RotaryEmbedding"]
+__all__ = [
+    "CausalLM",
+    "FeedForward",
+    "KVCache",
+    "MultiHeadAttention",
+    "RotaryEmbedding",
+    "Transformer",
+    "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
+]

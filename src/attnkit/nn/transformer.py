@@ -1,0 +1,462 @@
+"""Transformers built on attnkit attention.
+
+Encoder and decoder layers, an encoder–decoder ``Transformer`` and a decoder-only
+``CausalLM``, with KV-cached generation.
+
+Layers are pre-norm (x + f(LN(x))). Any attnkit mask drives self-attention, so the same model
+trains with full, sliding-window or other sparse attention. Positions: learned absolute
+embeddings, rotary (RoPE) or ALiBi; cross-attention uses none (it relates two sequences).
+
+Shape legend: B batch, S source length, T target length, E model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from attnkit import masks, score_mods
+from attnkit.functional import BackendName
+from attnkit.masks import Mask
+from attnkit.nn.attention import MultiHeadAttention
+from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.rope import RotaryEmbedding
+
+Positions = Literal["learned", "rope", "alibi"]
+
+
+def _self_attention(
+    d_model: int,
+    nhead: int,
+    num_kv_heads: int | None,
+    dropout: float,
+    mask: Mask | None,
+    positions: Positions,
+    backend: BackendName,
+) -> MultiHeadAttention:
+    rope = RotaryEmbedding(d_model // nhead) if positions == "rope" else None
+    mod = score_mods.alibi(score_mods.alibi_slopes(nhead)) if positions == "alibi" else None
+    return MultiHeadAttention(
+        d_model,
+        nhead,
+        num_kv_heads=num_kv_heads,
+        dropout=dropout,
+        mask=mask,
+        rope=rope,
+        score_mod=mod,
+        backend=backend,
+    )
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: Linear(E, F) → GELU → dropout → Linear(F, E)."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_model, dim_feedforward),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(dim_feedforward, d_model),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., E) -> (..., E)."""
+        out: Tensor = self.net(x)
+        return out
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Pre-norm self-attention + MLP. ``mask`` (any attnkit Mask) applies on every call.
+
+    Also the block of ``CausalLM`` (with a causal or causal sliding-window mask).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.0,
+        *,
+        num_kv_heads: int | None = None,
+        mask: Mask | None = None,
+        positions: Positions = "learned",
+        backend: BackendName = "auto",
+    ) -> None:
+        super().__init__()
+        self.self_attn = _self_attention(
+            d_model, nhead, num_kv_heads, dropout, mask, positions, backend
+        )
+        self.ff = FeedForward(d_model, dim_feedforward or 4 * d_model, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, L, E) -> (B, L, E); weights (B, H, L, Lk) when asked.
+
+        ``key_padding_mask`` (B, Lk): True = padding. ``cache``: incremental decoding.
+        """
+        a, w = self.self_attn(
+            self.norm1(x), key_padding_mask=key_padding_mask, cache=cache, need_weights=need_weights
+        )
+        x = x + self.drop(a)
+        return x + self.drop(self.ff(self.norm2(x))), w
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Pre-norm causal self-attention, then cross-attention over the encoder memory, then MLP."""
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.0,
+        *,
+        num_kv_heads: int | None = None,
+        mask: Mask | None = None,
+        positions: Positions = "learned",
+        backend: BackendName = "auto",
+    ) -> None:
+        super().__init__()
+        self.self_attn = _self_attention(
+            d_model, nhead, num_kv_heads, dropout, mask or masks.causal(), positions, backend
+        )
+        # decoder queries read the encoder's keys and values
+        self.cross_attn = MultiHeadAttention(
+            d_model, nhead, num_kv_heads=num_kv_heads, dropout=dropout, backend=backend
+        )
+        self.ff = FeedForward(d_model, dim_feedforward or 4 * d_model, dropout)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        *,
+        memory_key_padding_mask: Tensor | None = None,
+        self_cache: KVCache | None = None,
+        cross_cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, E), memory (B, S, E) -> (B, T, E); cross-attention weights (B, H, T, S).
+
+        ``memory_key_padding_mask`` (B, S): True = padded source token (gets zero weight).
+        Caches: ``self_cache`` grows each step; ``cross_cache`` is filled from ``memory`` once.
+        """
+        a, _ = self.self_attn(self.norm1(x), cache=self_cache)
+        x = x + self.drop(a)
+        c, w = self.cross_attn(
+            self.norm2(x),
+            memory,
+            key_padding_mask=memory_key_padding_mask,
+            cache=cross_cache,
+            need_weights=need_weights,
+        )
+        x = x + self.drop(c)
+        return x + self.drop(self.ff(self.norm3(x))), w
+
+
+def _sample(
+    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Tensor:
+    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else sampled."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class _Embedding(nn.Module):
+    """Token embeddings (+ learned absolute positions when ``positions == 'learned'``)."""
+
+    def __init__(
+        self, vocab: int, d_model: int, max_len: int, positions: Positions, dropout: float
+    ) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d_model)
+        self.positions = nn.Embedding(max_len, d_model) if positions == "learned" else None
+        self.drop = nn.Dropout(dropout)
+        self.max_len = max_len
+
+    def forward(self, ids: Tensor, start: int = 0) -> Tensor:
+        """ids (B, L) at positions start.. -> (B, L, E)."""
+        if start + ids.shape[1] > self.max_len:
+            raise ValueError(
+                f"positions up to {start + ids.shape[1]} exceed max_len {self.max_len}"
+            )
+        x = self.tokens(ids)
+        if self.positions is not None:
+            x = x + self.positions(torch.arange(start, start + ids.shape[1], device=ids.device))
+        out: Tensor = self.drop(x)
+        return out
+
+
+class Transformer(nn.Module):
+    """Encoder–decoder transformer (e.g. translation), with cached greedy/sampled generation.
+
+    Args:
+        src_vocab, tgt_vocab: vocabulary sizes; with ``tie_embeddings`` (default) and equal
+            sizes the source, target and output embeddings share one matrix.
+        d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout:
+            the usual sizes.
+        max_len: longest sequence (learned positions, cache size).
+        positions: "learned", "rope" or "alibi".
+        encoder_mask: attnkit Mask for encoder self-attention (None = full).
+        pad_id: padding token id of source and target.
+        backend: attention backend.
+    """
+
+    def __init__(
+        self,
+        src_vocab: int,
+        tgt_vocab: int,
+        *,
+        d_model: int = 128,
+        nhead: int = 4,
+        num_encoder_layers: int = 2,
+        num_decoder_layers: int = 2,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.0,
+        max_len: int = 256,
+        positions: Positions = "learned",
+        encoder_mask: Mask | None = None,
+        tie_embeddings: bool = True,
+        pad_id: int = 0,
+        backend: BackendName = "auto",
+    ) -> None:
+        super().__init__()
+        self.pad_id, self.max_len, self.nhead = pad_id, max_len, nhead
+        self.src_embed = _Embedding(src_vocab, d_model, max_len, positions, dropout)
+        self.tgt_embed = _Embedding(tgt_vocab, d_model, max_len, positions, dropout)
+        self.encoder = nn.ModuleList(
+            TransformerEncoderLayer(
+                d_model,
+                nhead,
+                dim_feedforward,
+                dropout,
+                mask=encoder_mask,
+                positions=positions,
+                backend=backend,
+            )
+            for _ in range(num_encoder_layers)
+        )
+        self.decoder = nn.ModuleList(
+            TransformerDecoderLayer(
+                d_model, nhead, dim_feedforward, dropout, positions=positions, backend=backend
+            )
+            for _ in range(num_decoder_layers)
+        )
+        self.enc_norm, self.dec_norm = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, tgt_vocab, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.tgt_embed.tokens.weight
+            if src_vocab == tgt_vocab:
+                self.src_embed.tokens.weight = self.tgt_embed.tokens.weight
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src (B, S) -> memory (B, S, E) and its padding mask (B, S), True = padding."""
+        padding = src == self.pad_id
+        x = self.src_embed(src)
+        for layer in self.encoder:
+            x, _ = layer(x, key_padding_mask=padding)
+        return self.enc_norm(x), padding
+
+    def decode(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_padding: Tensor,
+        *,
+        start: int = 0,
+        caches: list[tuple[KVCache, KVCache]] | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """tgt (B, T) at positions start.. -> logits (B, T, V), cross weights per layer."""
+        x = self.tgt_embed(tgt, start)
+        weights = []
+        for n, layer in enumerate(self.decoder):
+            self_cache, cross_cache = caches[n] if caches is not None else (None, None)
+            x, w = layer(
+                x,
+                memory,
+                memory_key_padding_mask=memory_padding,
+                self_cache=self_cache,
+                cross_cache=cross_cache,
+                need_weights=need_weights,
+            )
+            if w is not None:
+                weights.append(w)
+        return self.head(self.dec_norm(x)), weights
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """Teacher forcing: src (B, S), tgt (B, T) -> logits (B, T, V)."""
+        memory, padding = self.encode(src)
+        return self.decode(tgt, memory, padding)[0]
+
+    def new_caches(self, batch: int, src_len: int, max_new: int) -> list[tuple[KVCache, KVCache]]:
+        """One (self, cross) KVCache pair per decoder layer."""
+        caches = []
+        for layer in self.decoder:
+            assert isinstance(layer, TransformerDecoderLayer)
+            sa, ca = layer.self_attn, layer.cross_attn
+            p = sa.q_proj.weight
+            caches.append(
+                (
+                    KVCache(batch, sa.num_kv_heads, max_new, sa.head_dim, p.dtype, p.device),
+                    KVCache(batch, ca.num_kv_heads, src_len, ca.head_dim, p.dtype, p.device),
+                )
+            )
+        return caches
+
+    @torch.no_grad()
+    def generate(
+        self,
+        src: Tensor,
+        *,
+        bos_id: int,
+        eos_id: int,
+        max_len: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Decode token by token with KV caches (cross-attention keys/values computed once).
+
+        Returns:
+            (B, ≤ max_len) target ids after ``bos_id``; finished rows are padded with pad_id.
+            Stops when every row has produced ``eos_id`` (kept) or at ``max_len``.
+        """
+        memory, padding = self.encode(src)
+        B = src.shape[0]
+        caches = self.new_caches(B, src.shape[1], max_len)
+        token = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
+        done = torch.zeros(B, dtype=torch.bool, device=src.device)
+        out = []
+        for t in range(max_len):
+            logits, _ = self.decode(token, memory, padding, start=t, caches=caches)
+            nxt = _sample(logits[:, -1], temperature, top_k, generator)
+            nxt = nxt.masked_fill(done, self.pad_id)
+            out.append(nxt)
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+            token = nxt[:, None]
+        return torch.stack(out, dim=1)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model.
+
+    ``mask`` (default causal) may be any causal pattern, e.g. ``masks.sliding_window(64)``
+    for sliding-window attention.
+
+    Args: vocab, d_model, nhead, num_layers, dim_feedforward, dropout, max_len, positions,
+        num_kv_heads, mask, backend (as ``Transformer``). Output embedding tied to the input.
+    """
+
+    def __init__(
+        self,
+        vocab: int,
+        *,
+        d_model: int = 128,
+        nhead: int = 4,
+        num_layers: int = 4,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.0,
+        max_len: int = 512,
+        positions: Positions = "learned",
+        num_kv_heads: int | None = None,
+        mask: Mask | None = None,
+        backend: BackendName = "auto",
+    ) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.embed = _Embedding(vocab, d_model, max_len, positions, dropout)
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(
+                d_model,
+                nhead,
+                dim_feedforward,
+                dropout,
+                num_kv_heads=num_kv_heads,
+                mask=mask or masks.causal(),
+                positions=positions,
+                backend=backend,
+            )
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        self.head.weight = self.embed.tokens.weight
+
+    def forward(
+        self,
+        ids: Tensor,
+        *,
+        start: int = 0,
+        caches: list[KVCache] | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """ids (B, L) at positions start.. -> logits (B, L, V), weights per layer if asked."""
+        x = self.embed(ids, start)
+        weights = []
+        for n, layer in enumerate(self.layers):
+            x, w = layer(x, cache=None if caches is None else caches[n], need_weights=need_weights)
+            if w is not None:
+                weights.append(w)
+        return self.head(self.norm(x)), weights
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        """One KVCache per layer."""
+        caches = []
+        for layer in self.layers:
+            assert isinstance(layer, TransformerEncoderLayer)
+            sa = layer.self_attn
+            p = sa.q_proj.weight
+            caches.append(KVCache(batch, sa.num_kv_heads, max_len, sa.head_dim, p.dtype, p.device))
+        return caches
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue prompt (B, P) by up to ``max_new_tokens`` tokens with a KV cache."""
+        B, P = prompt.shape
+        total = P + max_new_tokens
+        if total > self.max_len:
+            raise ValueError(
+                f"prompt {P} + {max_new_tokens} new tokens exceed max_len {self.max_len}"
+            )
+        caches = self.new_caches(B, total)
+        logits, _ = self(prompt, caches=caches)
+        out = [prompt]
+        for t in range(max_new_tokens):
+            nxt = _sample(logits[:, -1], temperature, top_k, generator)[:, None]
+            out.append(nxt)
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                break
+            if t + 1 < max_new_tokens:
+                logits, _ = self(nxt, start=P + t, caches=caches)
+        return torch.cat(out, dim=1)

@@ -1,0 +1,169 @@
+"""Transformers on attnkit: cached decoding, masks, shapes, and a short real training run."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnkit import masks
+from attnkit.nn import CausalLM, Transformer
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope", "alibi"])
+def test_cached_decoding_equals_full_pass(positions):
+    model = Transformer(20, 20, d_model=32, nhead=4, max_len=32, positions=positions).eval()
+    src = torch.randint(3, 20, (2, 9))
+    src[1, 6:] = 0  # padding
+    tgt = torch.randint(3, 20, (2, 7))
+    with torch.no_grad():
+        memory, padding = model.encode(src)
+        full, _ = model.decode(tgt, memory, padding)
+        caches = model.new_caches(2, src.shape[1], tgt.shape[1])
+        steps = [
+            model.decode(tgt[:, t : t + 1], memory, padding, start=t, caches=caches)[0]
+            for t in range(tgt.shape[1])
+        ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # cross-attention keys/values were computed once: each cross cache holds the source
+    assert all(cross.length == src.shape[1] for _, cross in caches)
+
+
+@pytest.mark.parametrize(
+    ("positions", "mask"),
+    [("learned", None), ("rope", masks.sliding_window(3)), ("alibi", masks.sliding_window(4))],
+)
+def test_causal_lm_cached_equals_full(positions, mask):
+    lm = CausalLM(
+        30,
+        d_model=32,
+        nhead=4,
+        num_layers=2,
+        max_len=32,
+        positions=positions,
+        num_kv_heads=2,
+        mask=mask,
+    ).eval()
+    ids = torch.randint(0, 30, (2, 12))
+    with torch.no_grad():
+        full, _ = lm(ids)
+        caches = lm.new_caches(2, 12)
+        first, _ = lm(ids[:, :5], caches=caches)  # a prompt, then one token at a time
+        rest = [lm(ids[:, t : t + 1], start=t, caches=caches)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_model_equals_dense_mask_model():
+    torch.manual_seed(0)
+    window = CausalLM(
+        30, d_model=32, nhead=4, num_layers=2, mask=masks.sliding_window(3), backend="tiled"
+    ).eval()
+    dense = CausalLM(
+        30,
+        d_model=32,
+        nhead=4,
+        num_layers=2,
+        backend="reference",
+        mask=masks.from_dense(masks.sliding_window(3).dense(16, 16)[0, 0]),
+    ).eval()
+    dense.load_state_dict(window.state_dict())
+    ids = torch.randint(0, 30, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(window(ids)[0], dense(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_decoder_shapes_backward_and_padding():
+    model = Transformer(25, 25, d_model=32, nhead=4, dropout=0.1)
+    src = torch.randint(3, 25, (3, 10))
+    src[0, 7:] = 0
+    tgt = torch.randint(3, 25, (3, 6))
+    logits = model(src, tgt)
+    assert logits.shape == (3, 6, 25)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        memory, padding = model.encode(src)
+        assert memory.shape == (3, 10, 32)
+        _, weights = model.decode(tgt, memory, padding, need_weights=True)
+    assert len(weights) == 2
+    for w in weights:  # (B, H, T, S): padded source tokens get exactly zero attention
+        assert w.shape == (3, 4, 6, 10)
+        assert torch.equal(w[0, :, :, 7:], torch.zeros_like(w[0, :, :, 7:]))
+        torch.testing.assert_close(w.sum(-1), torch.ones(3, 4, 6))
+
+
+def test_generate_stops_at_eos_and_sampling_is_reproducible():
+    torch.manual_seed(0)
+    model = Transformer(12, 12, d_model=16, nhead=2, max_len=16).eval()
+    src = torch.randint(3, 12, (2, 5))
+    greedy = model.generate(src, bos_id=1, eos_id=3, max_len=8)
+    assert greedy.shape[0] == 2
+    assert greedy.shape[1] <= 8
+    with torch.no_grad():  # all logits equal: argmax picks token 0, our eos, at the first step
+        model.head.weight.zero_()
+    flat = model.generate(src, bos_id=1, eos_id=0, max_len=8)
+    assert flat.shape == (2, 1)  # argmax of all-equal logits is token 0 = eos for both rows
+    lm = CausalLM(40, d_model=16, nhead=2, num_layers=1, max_len=64).eval()
+    prompt = torch.randint(0, 40, (1, 4))
+    a = lm.generate(
+        prompt,
+        max_new_tokens=10,
+        temperature=0.8,
+        top_k=5,
+        generator=torch.Generator().manual_seed(3),
+    )
+    b = lm.generate(
+        prompt,
+        max_new_tokens=10,
+        temperature=0.8,
+        top_k=5,
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert torch.equal(a, b)
+    assert a.shape == (1, 14)
+    assert torch.equal(a[:, :4], prompt)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = Transformer(20, 20, d_model=16, nhead=2)
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    again = Transformer(20, 20, d_model=16, nhead=2)
+    again.load_state_dict(torch.load(path)["state_dict"])
+    src, tgt = torch.randint(3, 20, (1, 6)), torch.randint(3, 20, (1, 4))
+    torch.testing.assert_close(model.eval()(src, tgt), again.eval()(src, tgt))
+
+
+@pytest.mark.slow
+def test_date_task_training_smoke():
+    """A few hundred real training steps on the date task: the loss must fall below what any
+    model that ignores the source can reach.
+
+    The best such model (predicting each ISO character from the earlier ones, over all dates
+    of 1950-2049) scores 0.955 nats per character; 0.85 is only reachable by reading the
+    source. Measured here: about 4.2 at step 0, 0.63 after 300 steps of batch 64.
+    """
+    dates = load_example("translate_dates")
+    torch.manual_seed(0)
+    train_dates, test_dates = dates.split_dates(0)
+    model = dates.make_model()
+    losses = dates.train(model, train_dates, steps=300, minutes=10, batch_size=64, progress=False)
+    assert losses[0] > 3.0  # about log(vocab) at the start
+    assert sum(losses[-20:]) / 20 < 0.85, f"loss after 300 steps: {losses[-20:]}"
+    src, _, _ = dates.batch(test_dates, random.Random(1), 1)
+    assert model.generate(src, bos_id=dates.BOS, eos_id=dates.EOS, max_len=11).shape[1] <= 11
