@@ -1,6 +1,7 @@
 """Translate human-written dates into ISO dates with an encoder–decoder transformer on attnkit.
 
     python examples/translate_dates.py [--minutes 5] [--out out/dates]
+    python examples/translate_dates.py --load out/dates/dates.pt "march 3rd 1998" "4/7/76"
 
 "Tuesday, 3 March 1998", "03/03/98", "march 3rd 1998", "3.3.1998" ... -> "1998-03-03".
 Characters in, characters out. The decoder's cross-attention reads the encoder's keys and
@@ -225,7 +226,15 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=5.0, help="training time budget")
     ap.add_argument("--out", default="out/dates")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--load", help="a saved checkpoint: translate the given texts with it")
+    ap.add_argument("texts", nargs="*", help="dates to translate with --load")
     args = ap.parse_args()
+    if args.load:
+        model = make_model()
+        model.load_state_dict(torch.load(args.load)["state_dict"])
+        for text in args.texts or ["Tuesday, 3 March 1998"]:
+            print(f"{text!r} -> {translate(model.eval(), text)!r}")
+        return
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

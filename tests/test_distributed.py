@@ -38,7 +38,8 @@ def global_mask(causal, window):
     return masks.causal() if causal else None
 
 
-def _worker(rank, world, init_file, results_dir):
+def _join(rank, world, init_file):
+    """Join a loopback gloo group; a hung collective fails after 60 s instead of hanging."""
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
@@ -46,6 +47,10 @@ def _worker(rank, world, init_file, results_dir):
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
+
+
+def _worker(rank, world, init_file, results_dir):
+    _join(rank, world, init_file)
     try:
         for name, L, Hq, Hkv, causal, window, layout in CASES:
             torch.manual_seed(0)  # the same global tensors on every rank
@@ -90,13 +95,7 @@ def test_ring_attention_matches_single_process(world, tmp_path):
 
 
 def _odd_worker(rank, world, init_file, results_dir):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    _join(rank, world, init_file)
     try:
         q = torch.randn(1, 2, 5, 8)  # 10 positions over 2 ranks: not 4 zigzag chunks
         with pytest.raises(ValueError, match="pad it to a multiple of 4"):

@@ -190,6 +190,11 @@ class _Embedding(nn.Module):
         super().__init__()
         self.tokens = nn.Embedding(vocab, d_model)
         self.positions = nn.Embedding(max_len, d_model) if positions == "learned" else None
+        # small init (GPT-2's 0.02): the output head shares these weights, and N(0, 1)
+        # embeddings would start training with logits of size ~sqrt(d_model)
+        for table in (self.tokens, self.positions):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
         self.drop = nn.Dropout(dropout)
         self.max_len = max_len
 
