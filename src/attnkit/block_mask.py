@@ -173,3 +173,25 @@ def count_attended(bm: BlockMask) -> Tensor:
             per_tile = _eval(bm.mask_fn, b, h, q, kv, valid).flatten(1).sum(1)
             total.index_put_((tiles[:, 0], tiles[:, 1]), per_tile, accumulate=True)
     return total
+
+
+def partial_bitmaps(bm: BlockMask) -> tuple[Tensor, Tensor]:
+    """Evaluate the predicate on every partial tile.
+
+    Returns:
+        tile_index int64 (B|1, H|1, nQ, nK): row in ``bitmaps`` of each partial tile, else -1;
+        bitmaps bool (nPartial, block_q, block_k): True = attend (False past Lq / Lk).
+    """
+    dev = bm.kinds.device
+    tile_index = torch.full(bm.kinds.shape, -1, dtype=torch.int64, device=dev)
+    partial = bm.kinds == PARTIAL
+    n = int(partial.sum())
+    tile_index[partial] = torch.arange(n, device=dev)
+    bitmaps = torch.zeros(n, bm.block_q, bm.block_k, dtype=torch.bool, device=dev)
+    if n and bm.mask_fn is not None:
+        done = 0
+        for tiles, b, h, q, kv, valid in iter_partial_tiles(bm):
+            vals = torch.as_tensor(bm.mask_fn(b, h, q, kv)).expand_as(valid) & valid
+            bitmaps[done : done + tiles.shape[0]] = vals
+            done += tiles.shape[0]
+    return tile_index, bitmaps

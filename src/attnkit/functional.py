@@ -14,7 +14,7 @@ from attnkit import _dropout
 from attnkit import _validation as check
 from attnkit import backends as _backends
 from attnkit._types import DispatchDecision, ScoreModFn, Shapes, UnsupportedError
-from attnkit.backends import reference, sdpa, tiled
+from attnkit.backends import reference, sdpa, tiled, triton
 from attnkit.backends._common import MaskLike, Request
 from attnkit.block_mask import BlockMask
 from attnkit.masks import Mask
@@ -72,6 +72,7 @@ def _request(
         shapes=s,
         mask=_check_mask(mask, s),
         score_mod=resolve(score_mod, s.Lq, s.Lk),
+        score_mod_source=score_mod,
         scale=check.check_scale(scale, s.D),
         dropout_p=p,
         seed=seed,
@@ -87,6 +88,8 @@ TILED_DENSITY_THRESHOLD = 0.75
 
 
 def _auto(req: Request) -> DispatchDecision:
+    if req.q.device.type == "cuda" and triton.unsupported_reason(req) is None:
+        return DispatchDecision("triton", "CUDA tensors: attnkit's Triton kernels serve it")
     why_not_sdpa = sdpa.unsupported_reason(req)
     if why_not_sdpa is not None:
         return DispatchDecision("tiled", f"{why_not_sdpa}; tiled can, in O(N) memory")
@@ -109,8 +112,6 @@ def _choose(req: Request, backend: str) -> DispatchDecision:
         raise ValueError(f"backend must be one of {', '.join(_KNOWN)}; got {backend!r}")
     if backend == "auto":
         return _auto(req)
-    if backend not in _backends.names():
-        raise UnsupportedError(f"backend {backend!r} is not available in this installation")
     why = _backends.get(backend).unsupported_reason(req)
     if why is not None:
         raise UnsupportedError(f"backend {backend!r} cannot do this request: {why}")
@@ -230,6 +231,7 @@ def dispatch(
 
     Rule (measured on CPU, see README "Performance"):
 
+    0. CUDA tensors that the Triton kernels support: triton.
     1. SDPA cannot do it (score_mod, return_lse, dropout): tiled.
     2. No mask, or plain causal: SDPA (its fused kernel wins on dense work).
     3. A mask on CPU whose BlockMask leaves fewer than ``TILED_DENSITY_THRESHOLD`` of the

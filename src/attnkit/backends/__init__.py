@@ -3,6 +3,7 @@
 reference  the spec: materialised softmax in float32/64 (backends/reference.py)
 sdpa       torch.nn.functional.scaled_dot_product_attention (backends/sdpa.py)
 tiled      flash attention (online softmax) in PyTorch, fwd + bwd, any device (tiled.py)
+triton     flash attention kernels for GPUs, fwd + bwd, block-sparse (triton/)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from attnkit.backends import reference, sdpa, tiled
+from attnkit.backends import reference, sdpa, tiled, triton
 from attnkit.backends._common import Request
 
 
@@ -27,7 +28,12 @@ class Backend(Protocol):
         """Output (B, Hq, Lq, Dv) and, when the backend computes it, LSE (B, Hq, Lq)."""
 
 
-_REGISTRY: dict[str, Backend] = {reference.NAME: reference, sdpa.NAME: sdpa, tiled.NAME: tiled}
+_REGISTRY: dict[str, Backend] = {
+    reference.NAME: reference,
+    sdpa.NAME: sdpa,
+    tiled.NAME: tiled,
+    triton.NAME: triton,
+}
 
 
 def get(name: str) -> Backend:
@@ -36,5 +42,5 @@ def get(name: str) -> Backend:
 
 
 def names() -> list[str]:
-    """Names of the backends available in this installation."""
-    return list(_REGISTRY)
+    """Names of the backends available in this installation (triton only where installed)."""
+    return [n for n in _REGISTRY if n != triton.NAME or triton.installed()]

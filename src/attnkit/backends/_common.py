@@ -19,7 +19,8 @@ class Request:
     """One validated attention call.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv); ``score_mod`` is already bound
-    to (Lq, Lk); ``seed`` is the dropout seed (None when dropout_p == 0).
+    to (Lq, Lk) and ``score_mod_source`` is what the caller passed (kernels recognise built-in
+    ScoreMods by it); ``seed`` is the dropout seed (None when dropout_p == 0).
     """
 
     q: Tensor
@@ -28,6 +29,7 @@ class Request:
     shapes: Shapes
     mask: MaskLike
     score_mod: ScoreModFn | None
+    score_mod_source: object
     scale: float
     dropout_p: float
     seed: int | None

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from attnkit._types import PARTIAL
-from attnkit.block_mask import BlockMask, iter_partial_tiles
+from attnkit.block_mask import BlockMask, partial_bitmaps
 
 log = logging.getLogger("attnkit")
 SOURCE = Path(__file__).parent / "csrc" / "tiled_forward_cpu.cpp"
@@ -56,27 +55,6 @@ def _put_ninja_on_path() -> None:
     scripts = sysconfig.get_path("scripts")
     if shutil.which("ninja") is None and shutil.which("ninja", path=scripts):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
-
-
-def partial_bitmaps(bm: BlockMask) -> tuple[Tensor, Tensor]:
-    """Evaluate the predicate on every partial tile.
-
-    Returns:
-        tile_index int64 (B|1, H|1, nQ, nK): row in ``bitmaps`` of each partial tile, else -1;
-        bitmaps bool (nPartial, block_q, block_k): True = attend (False past Lq / Lk).
-    """
-    tile_index = torch.full(bm.kinds.shape, -1, dtype=torch.int64)
-    partial = bm.kinds == PARTIAL
-    n = int(partial.sum())
-    tile_index[partial] = torch.arange(n)
-    bitmaps = torch.zeros(n, bm.block_q, bm.block_k, dtype=torch.bool)
-    if n and bm.mask_fn is not None:
-        done = 0
-        for tiles, b, h, q, kv, valid in iter_partial_tiles(bm):
-            vals = torch.as_tensor(bm.mask_fn(b, h, q, kv)).expand_as(valid) & valid
-            bitmaps[done : done + tiles.shape[0]] = vals
-            done += tiles.shape[0]
-    return tile_index, bitmaps
 
 
 def forward(

@@ -1,0 +1,385 @@
+"""The triton backend: flash attention on GPUs (and on CPUs under TRITON_INTERPRET=1).
+
+Forward and backward kernels in ``kernels.py``; this module validates the request, picks tile
+sizes, turns the BlockMask into per-row and per-column lists of non-empty tiles, and wraps the
+kernels in torch custom ops (``attnkit::triton_forward`` / ``attnkit::triton_backward``) with
+autograd, so they work under torch.compile.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnkit._types import EMPTY
+from attnkit.backends._common import Request
+from attnkit.backends.tiled import TileConfig, block_mask_for
+from attnkit.block_mask import partial_bitmaps
+from attnkit.score_mods import ScoreMod
+
+NAME = "triton"
+
+
+def installed() -> bool:
+    """Whether the triton package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class Mods:
+    """The score mods the kernels apply in-kernel: ALiBi slopes and/or softcap, in that order."""
+
+    slopes: Tensor | None = None
+    softcap: float = 0.0
+
+
+def in_kernel_mods(score_mod: object) -> Mods | None:
+    """ALiBi, softcap, or compose(alibi, softcap); None when the kernels cannot apply it."""
+    if score_mod is None:
+        return Mods()
+    if not isinstance(score_mod, ScoreMod):
+        return None
+    if score_mod.kind == "alibi":
+        return Mods(slopes=score_mod.params["slopes"])
+    if score_mod.kind == "softcap":
+        return Mods(softcap=score_mod.params["cap"])
+    if score_mod.kind == "compose":
+        parts = [in_kernel_mods(m) for m in score_mod.params["mods"]]
+        kinds = [m.kind if isinstance(m, ScoreMod) else "" for m in score_mod.params["mods"]]
+        if kinds == ["alibi", "softcap"] and all(p is not None for p in parts):
+            assert parts[0] is not None
+            assert parts[1] is not None
+            return Mods(slopes=parts[0].slopes, softcap=parts[1].softcap)
+    return None
+
+
+def unsupported_reason(req: Request) -> str | None:
+    """Why the triton kernels cannot serve ``req``, or None when they can."""
+    if not installed():
+        return "triton is not installed (pip install 'attnkit[triton]')"
+    dev = req.q.device.type
+    if dev != "cuda" and not (dev == "cpu" and _interpreting()):
+        return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {dev}"
+    if req.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"triton kernels take float16, bfloat16 or float32, got {req.q.dtype}"
+    s = req.shapes
+    if max(s.D, s.Dv) > 256:
+        return f"head dims up to 256 are supported, got D={s.D}, Dv={s.Dv}"
+    if req.seed is not None:
+        return "dropout is not implemented in the triton kernels (use tiled)"
+    if in_kernel_mods(req.score_mod_source) is None:
+        return "only alibi, softcap and compose(alibi, softcap) score_mods run in-kernel"
+    return None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Tile sizes and launch parameters."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def choose_launch(D: int, dtype: torch.dtype, device: torch.device) -> Launch:
+    """Tiles per head dim and dtype: larger tiles for small D; fp32 halves them (registers)."""
+    if device.type != "cuda":
+        return Launch(16, 16, 1, 1)  # the interpreter: small tiles keep it quick
+    big = dtype in (torch.float16, torch.bfloat16)
+    if D <= 64:
+        return Launch(128 if big else 64, 64, 4, 3)
+    if D <= 128:
+        return Launch(128 if big else 64, 64 if big else 32, 8 if big else 4, 3)
+    return Launch(64, 32, 4, 2)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def tile_lists(req: Request, launch: Launch) -> dict[str, Tensor]:
+    """The BlockMask as the kernels read it, on the request's device.
+
+    Per q-tile row and per kv-tile column: the count of non-empty tiles and their indices
+    (non-empty first); and the partial tiles' bitmaps.
+    """
+    bm = block_mask_for(req, TileConfig(launch.block_m, launch.block_n, launch.block_n))
+    if (bm.block_q, bm.block_k) != (launch.block_m, launch.block_n):
+        raise ValueError(
+            f"triton needs a BlockMask with tiles ({launch.block_m}, {launch.block_n}), got "
+            f"({bm.block_q}, {bm.block_k}); build it with mask.blocks(..., "
+            f"{launch.block_m}, {launch.block_n})"
+        )
+    kinds = bm.kinds.cpu()
+    empty = (kinds == EMPTY).to(torch.int8)
+    rows_idx = torch.argsort(empty, dim=-1, stable=True)  # non-empty kv tiles first
+    cols = empty.transpose(-1, -2).contiguous()
+    cols_idx = torch.argsort(cols, dim=-1, stable=True)
+    tile_index, bitmaps = partial_bitmaps(bm)
+    dev = req.q.device
+    return {
+        "kv_num": (1 - empty).sum(-1).to(torch.int32).contiguous().to(dev),
+        "kv_idx": rows_idx.to(torch.int32).contiguous().to(dev),
+        "q_num": (1 - cols).sum(-1).to(torch.int32).contiguous().to(dev),
+        "q_idx": cols_idx.to(torch.int32).contiguous().to(dev),
+        "tile": tile_index.to(torch.int32).contiguous().to(dev),
+        "bits": bitmaps.to(torch.int8).contiguous().to(dev),
+    }
+
+
+def _grid_args(q: Tensor, k: Tensor, v: Tensor, lists: dict[str, Tensor]) -> dict[str, Any]:
+    H, Lq, D = q.shape[1:]
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Bm, Hm, nQ, nK = lists["tile"].shape
+    return {
+        "Lq": Lq,
+        "Lk": Lk,
+        "H": H,
+        "G": H // Hkv,
+        "D": D,
+        "DV": Dv,
+        "Bm": Bm,
+        "Hm": Hm,
+        "nQ": nQ,
+        "nK": nK,
+        "BLOCK_D": _pow2(D),
+        "BLOCK_DV": _pow2(Dv),
+    }
+
+
+@torch.library.custom_op("attnkit::triton_forward", mutates_args=())
+def triton_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num: Tensor,
+    kv_idx: Tensor,
+    tile: Tensor,
+    bits: Tensor,
+    slopes: Tensor,
+    scale: float,
+    softcap: float,
+    q_off: int,
+    has_alibi: bool,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+) -> tuple[Tensor, Tensor]:
+    """Flash-attention forward: out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32."""
+    from attnkit.backends.triton.kernels import attention_forward_kernel
+
+    B, H, Lq, _ = q.shape
+    out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    a = _grid_args(q, k, v, {"tile": tile})
+    grid = (-(-Lq // block_m), B * H)
+    attention_forward_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kv_num,
+        kv_idx,
+        tile,
+        bits,
+        slopes,
+        scale,
+        softcap,
+        a["Lq"],
+        a["Lk"],
+        q_off,
+        a["H"],
+        a["G"],
+        a["D"],
+        a["DV"],
+        a["Bm"],
+        a["Hm"],
+        a["nQ"],
+        a["nK"],
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:3],
+        HAS_ALIBI=has_alibi,
+        HAS_SOFTCAP=softcap > 0,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=a["BLOCK_D"],
+        BLOCK_DV=a["BLOCK_DV"],
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out, lse
+
+
+@triton_forward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+    B, H, Lq, _ = q.shape
+    return q.new_empty(B, H, Lq, v.shape[3]), q.new_empty(B, H, Lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("attnkit::triton_backward", mutates_args=())
+def triton_backward(
+    dout: Tensor,
+    dlse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    kv_num: Tensor,
+    kv_idx: Tensor,
+    q_num: Tensor,
+    q_idx: Tensor,
+    tile: Tensor,
+    bits: Tensor,
+    slopes: Tensor,
+    scale: float,
+    softcap: float,
+    q_off: int,
+    has_alibi: bool,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FlashAttention-2 backward: (dq, dk, dv).
+
+    Preprocess: delta = rowsum(dO ∘ O) - dLSE (the LSE's own gradient enters as dS += P·dLSE).
+    """
+    from attnkit.backends.triton.kernels import (
+        attention_backward_dkdv_kernel,
+        attention_backward_dq_kernel,
+    )
+
+    dout = dout.contiguous()
+    delta = ((dout.float() * out.float()).sum(-1) - dlse.float()).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    a = _grid_args(q, k, v, {"tile": tile})
+    common = (
+        scale,
+        softcap,
+        a["Lq"],
+        a["Lk"],
+        q_off,
+        a["H"],
+        a["G"],
+        a["D"],
+        a["DV"],
+        a["Bm"],
+        a["Hm"],
+        a["nQ"],
+        a["nK"],
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *dout.stride()[:3],
+    )
+    meta = {
+        "HAS_ALIBI": has_alibi,
+        "HAS_SOFTCAP": softcap > 0,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_D": a["BLOCK_D"],
+        "BLOCK_DV": a["BLOCK_DV"],
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
+    B, H = q.shape[:2]
+    attention_backward_dkdv_kernel[(-(-a["Lk"] // block_n), B * (H // a["G"]))](
+        q, k, v, dout, lse, delta, dk, dv, q_num, q_idx, tile, bits, slopes, *common, **meta
+    )
+    attention_backward_dq_kernel[(-(-a["Lq"] // block_m), B * H)](
+        q, k, v, dout, lse, delta, dq, kv_num, kv_idx, tile, bits, slopes, *common, **meta
+    )
+    return dq, dk, dv
+
+
+@triton_backward.register_fake
+def _(
+    dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, *args: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def run(req: Request) -> tuple[Tensor, Tensor]:
+    """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32."""
+    mods = in_kernel_mods(req.score_mod_source) or Mods()
+    s = req.shapes
+    launch = choose_launch(max(s.D, s.Dv), req.q.dtype, req.q.device)
+    lists = tile_lists(req, launch)
+    slopes = (mods.slopes if mods.slopes is not None else torch.zeros(1)).float().to(req.q.device)
+    q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
+    args = (
+        q,
+        k,
+        v,
+        lists["kv_num"],
+        lists["kv_idx"],
+        lists["tile"],
+        lists["bits"],
+        slopes,
+        req.scale,
+        mods.softcap,
+        s.Lk - s.Lq,
+        mods.slopes is not None,
+        launch.block_m,
+        launch.block_n,
+        launch.num_warps,
+        launch.num_stages,
+    )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out, lse = _TritonAttention.apply(  # type: ignore[no-untyped-call]
+            lists["q_num"], lists["q_idx"], *args
+        )
+    else:
+        out, lse = triton_forward(*args)
+    return out, lse
+
+
+class _TritonAttention(torch.autograd.Function):
+    """Autograd over the two custom ops; carries the column lists the dK/dV kernel walks."""
+
+    @staticmethod
+    def forward(ctx: Any, q_num: Tensor, q_idx: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+        out, lse = triton_forward(*args)
+        q, k, v, kv_num, kv_idx, tile, bits, slopes = args[:8]
+        ctx.save_for_backward(q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, tile, bits, slopes)
+        ctx.params = args[8:]
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, tile, bits, slopes = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        dq, dk, dv = triton_backward(
+            dout,
+            dlse,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            kv_num,
+            kv_idx,
+            q_num,
+            q_idx,
+            tile,
+            bits,
+            slopes,
+            *ctx.params,
+        )
+        return (None, None, dq, dk, dv, *([None] * (len(ctx.params) + 5)))

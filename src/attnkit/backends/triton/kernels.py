@@ -1,0 +1,429 @@
+"""Triton kernels of the triton backend: flash-attention forward and backward (dK/dV, dQ).
+
+Follows the Triton fused-attention tutorial: exp2 with log2(e) folded into the scale, fp32
+running max / sum / accumulator, LSE saved for the backward pass. Block sparsity: each
+program walks only the kv tiles (forward, dQ) or q tiles (dK/dV) that its BlockMask row or
+column lists as non-empty; partial tiles are masked by a precomputed bitmap, full tiles are
+not masked at all. ALiBi and softcap are applied in-kernel (natural units, before masking).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _scores(
+    q,
+    k,
+    rows,
+    cols,
+    h,
+    Lq,
+    Lk,
+    q_off,
+    sm_scale,
+    slope_ptr,
+    softcap,
+    tile_bits_ptr,
+    has_bits,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Scores of one tile in log2 units, and tanh(s/c) for the softcap gradient.
+
+    q (BLOCK_M, D), k (BLOCK_N, D); rows/cols: absolute query/key indices.
+    """
+    s = tl.dot(q, tl.trans(k)) * sm_scale  # natural units: score_mods see these
+    if HAS_ALIBI:
+        slope = tl.load(slope_ptr + h)
+        dist = tl.abs(rows[:, None] + q_off - cols[None, :]).to(tl.float32)
+        s = s - slope * dist
+    t = s
+    if HAS_SOFTCAP:
+        t = 2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0  # tanh(s / c)
+        s = softcap * t
+    valid = (rows[:, None] < Lq) & (cols[None, :] < Lk)
+    if has_bits:
+        r = tl.arange(0, BLOCK_M)[:, None]
+        c = tl.arange(0, BLOCK_N)[None, :]
+        bits = tl.load(tile_bits_ptr + r * BLOCK_N + c)
+        valid = valid & (bits != 0)
+    s = tl.where(valid, s * 1.4426950408889634, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def attention_forward_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    KV_NUM,
+    KV_IDX,
+    TILE,
+    BITS,
+    SLOPES,
+    sm_scale,
+    softcap,
+    Lq,
+    Lk,
+    q_off,
+    H,
+    G,
+    D,
+    DV,
+    Bm,
+    Hm,
+    nQ,
+    nK,
+    sqb,
+    sqh,
+    sqm,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    som,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """One program per (q tile, batch, query head): online softmax over its kv tiles."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dq = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + b * sqb + h * sqh + rows[:, None] * sqm + dq[None, :],
+        mask=(rows[:, None] < Lq) & (dq[None, :] < D),
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    mb = tl.where(Bm > 1, b, 0)
+    mh = tl.where(Hm > 1, h, 0)
+    row_base = (mb * Hm + mh) * nQ + pid_m
+    n_tiles = tl.load(KV_NUM + row_base)
+    for it in range(0, n_tiles):
+        kt = tl.load(KV_IDX + row_base * nK + it)
+        cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.load(
+            K + b * skb + hk * skh + cols[:, None] * skn + dq[None, :],
+            mask=(cols[:, None] < Lk) & (dq[None, :] < D),
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * svb + hk * svh + cols[:, None] * svn + dv[None, :],
+            mask=(cols[:, None] < Lk) & (dv[None, :] < DV),
+            other=0.0,
+        )
+        tile = tl.load(TILE + row_base * nK + kt)
+        s, _t = _scores(
+            q,
+            k,
+            rows,
+            cols,
+            h,
+            Lq,
+            Lk,
+            q_off,
+            sm_scale,
+            SLOPES,
+            softcap,
+            BITS + tl.maximum(tile, 0) * BLOCK_M * BLOCK_N,
+            tile >= 0,
+            HAS_ALIBI,
+            HAS_SOFTCAP,
+            BLOCK_M,
+            BLOCK_N,
+        )
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    shift = tl.where(m_i == float("-inf"), 0.0, m_i)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(
+        l_i > 0, (shift + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf")
+    )
+    tl.store(
+        Out + b * sob + h * soh + rows[:, None] * som + dv[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=(rows[:, None] < Lq) & (dv[None, :] < DV),
+    )
+    tl.store(LSE + pid_bh * Lq + rows, lse, mask=rows < Lq)
+
+
+@triton.jit
+def attention_backward_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV_,
+    Q_NUM,
+    Q_IDX,
+    TILE,
+    BITS,
+    SLOPES,
+    sm_scale,
+    softcap,
+    Lq,
+    Lk,
+    q_off,
+    H,
+    G,
+    D,
+    DV,
+    Bm,
+    Hm,
+    nQ,
+    nK,
+    sqb,
+    sqh,
+    sqm,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sdob,
+    sdoh,
+    sdom,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """One program per (kv tile, batch, kv head): sums over its G query heads and q tiles."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    Hkv = H // G
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dq_ = tl.arange(0, BLOCK_D)
+    dv_ = tl.arange(0, BLOCK_DV)
+    k = tl.load(
+        K + b * skb + hk * skh + cols[:, None] * skn + dq_[None, :],
+        mask=(cols[:, None] < Lk) & (dq_[None, :] < D),
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * svb + hk * svh + cols[:, None] * svn + dv_[None, :],
+        mask=(cols[:, None] < Lk) & (dv_[None, :] < DV),
+        other=0.0,
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    mb = tl.where(Bm > 1, b, 0)
+    for g in range(0, G):
+        h = hk * G + g
+        mh = tl.where(Hm > 1, h, 0)
+        col_base = (mb * Hm + mh) * nK + pid_n
+        n_tiles = tl.load(Q_NUM + col_base)
+        for it in range(0, n_tiles):
+            qt = tl.load(Q_IDX + col_base * nQ + it)
+            rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = rows < Lq
+            q = tl.load(
+                Q + b * sqb + h * sqh + rows[:, None] * sqm + dq_[None, :],
+                mask=rmask[:, None] & (dq_[None, :] < D),
+                other=0.0,
+            )
+            do = tl.load(
+                DO + b * sdob + h * sdoh + rows[:, None] * sdom + dv_[None, :],
+                mask=rmask[:, None] & (dv_[None, :] < DV),
+                other=0.0,
+            )
+            lse = tl.load(LSE + (b * H + h) * Lq + rows, mask=rmask, other=0.0)
+            delta = tl.load(DELTA + (b * H + h) * Lq + rows, mask=rmask, other=0.0)
+            tile = tl.load(TILE + ((mb * Hm + mh) * nQ + qt) * nK + pid_n)
+            s, t = _scores(
+                q,
+                k,
+                rows,
+                cols,
+                h,
+                Lq,
+                Lk,
+                q_off,
+                sm_scale,
+                SLOPES,
+                softcap,
+                BITS + tl.maximum(tile, 0) * BLOCK_M * BLOCK_N,
+                tile >= 0,
+                HAS_ALIBI,
+                HAS_SOFTCAP,
+                BLOCK_M,
+                BLOCK_N,
+            )
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+            p = tl.exp2(s - lse2[:, None])
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+            ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk = dk * sm_scale
+    tl.store(
+        DK + b * skb + hk * skh + cols[:, None] * skn + dq_[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=(cols[:, None] < Lk) & (dq_[None, :] < D),
+    )
+    tl.store(
+        DV_ + b * svb + hk * svh + cols[:, None] * svn + dv_[None, :],
+        dv.to(DV_.dtype.element_ty),
+        mask=(cols[:, None] < Lk) & (dv_[None, :] < DV),
+    )
+
+
+@triton.jit
+def attention_backward_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    KV_NUM,
+    KV_IDX,
+    TILE,
+    BITS,
+    SLOPES,
+    sm_scale,
+    softcap,
+    Lq,
+    Lk,
+    q_off,
+    H,
+    G,
+    D,
+    DV,
+    Bm,
+    Hm,
+    nQ,
+    nK,
+    sqb,
+    sqh,
+    sqm,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sdob,
+    sdoh,
+    sdom,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """One program per (q tile, batch, query head), walking the same kv tiles as forward."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < Lq
+    dq_ = tl.arange(0, BLOCK_D)
+    dv_ = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + b * sqb + h * sqh + rows[:, None] * sqm + dq_[None, :],
+        mask=rmask[:, None] & (dq_[None, :] < D),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * sdob + h * sdoh + rows[:, None] * sdom + dv_[None, :],
+        mask=rmask[:, None] & (dv_[None, :] < DV),
+        other=0.0,
+    )
+    lse = tl.load(LSE + pid_bh * Lq + rows, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + pid_bh * Lq + rows, mask=rmask, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    mb = tl.where(Bm > 1, b, 0)
+    mh = tl.where(Hm > 1, h, 0)
+    row_base = (mb * Hm + mh) * nQ + pid_m
+    n_tiles = tl.load(KV_NUM + row_base)
+    for it in range(0, n_tiles):
+        kt = tl.load(KV_IDX + row_base * nK + it)
+        cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.load(
+            K + b * skb + hk * skh + cols[:, None] * skn + dq_[None, :],
+            mask=(cols[:, None] < Lk) & (dq_[None, :] < D),
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * svb + hk * svh + cols[:, None] * svn + dv_[None, :],
+            mask=(cols[:, None] < Lk) & (dv_[None, :] < DV),
+            other=0.0,
+        )
+        tile = tl.load(TILE + row_base * nK + kt)
+        s, t = _scores(
+            q,
+            k,
+            rows,
+            cols,
+            h,
+            Lq,
+            Lk,
+            q_off,
+            sm_scale,
+            SLOPES,
+            softcap,
+            BITS + tl.maximum(tile, 0) * BLOCK_M * BLOCK_N,
+            tile >= 0,
+            HAS_ALIBI,
+            HAS_SOFTCAP,
+            BLOCK_M,
+            BLOCK_N,
+        )
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b * sqb + h * sqh + rows[:, None] * sqm + dq_[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=rmask[:, None] & (dq_[None, :] < D),
+    )

@@ -1,0 +1,124 @@
+"""Triton kernels checked on CPU with TRITON_INTERPRET=1 against the float64 reference.
+
+Small odd shapes keep the interpreter quick; on a GPU the same kernels are compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first compiled
+pytest.importorskip("triton", reason="triton is not installed (pip install 'attnkit[triton]')")
+
+import attnkit
+from attnkit import masks, score_mods
+from conftest import assert_close_scaled, rand_qkv
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs a GPU or TRITON_INTERPRET=1",
+)
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def check(shape, mask=None, score_mod=None, return_lse=False):
+    """Output (and LSE) and dq, dk, dv of triton in float32 vs the float64 reference, with
+    DESIGN §7 tolerances (2x / 4x the float32 reference's own error, plus a floor)."""
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q64, k64, v64 = (t.to(DEVICE) for t in rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv, torch.float64))
+    dout = torch.randn(B, Hq, Lq, Dv, dtype=torch.float64, device=DEVICE)
+    dlse = torch.randn(B, Hq, Lq, dtype=torch.float64, device=DEVICE)
+    results = {}
+    for name, dtype, backend in (
+        ("ref64", torch.float64, "reference"),
+        ("ref32", torch.float32, "reference"),
+        ("triton", torch.float32, "triton"),
+    ):
+        q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+        out, lse = attnkit.attention(
+            q, k, v, mask=mask, score_mod=score_mod, backend=backend, return_lse=True
+        )
+        grads_of = [out, lse] if return_lse else [out]
+        seeds = [dout.to(dtype), dlse.to(lse.dtype).masked_fill(torch.isinf(lse), 0)][
+            : len(grads_of)
+        ]
+        grads = torch.autograd.grad(grads_of, (q, k, v), seeds)
+        results[name] = (out, lse, *grads)
+    for i, (got, want, low) in enumerate(
+        zip(*(results[n] for n in ("triton", "ref64", "ref32")), strict=True)
+    ):
+        if i == 1:  # LSE: compare where finite, and -inf exactly where the reference has it
+            finite = torch.isfinite(want)
+            assert torch.equal(torch.isfinite(got), finite)
+            got, want, low = got[finite], want[finite], low[finite]
+        assert_close_scaled(got, want, low, mult=2.0 if i < 2 else 4.0, floor=2e-5)
+
+
+SHAPES = [  # B, Hq, Hkv, Lq, Lk, D, Dv
+    (1, 1, 1, 1, 1, 16, 16),
+    (1, 2, 2, 17, 17, 40, 40),
+    (1, 4, 2, 17, 33, 64, 40),  # GQA, Lq != Lk, Dv != D
+    (1, 2, 1, 33, 20, 128, 64),  # MQA, Lq > Lk
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask_name", ["none", "causal"])
+def test_shapes(shape, mask_name):
+    check(shape, mask=masks.causal() if mask_name == "causal" else None)
+
+
+@pytest.mark.slow
+def test_larger_odd_shape():
+    check((1, 2, 1, 113, 203, 64, 64), mask=masks.sliding_window(40, 8))
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        masks.sliding_window(7, 3),
+        masks.document([0] * 10 + [1] * 15 + [2] * 12),
+        masks.key_padding([37, 9]),
+        masks.block_sparse(torch.rand(3, 3, generator=torch.Generator().manual_seed(0)) < 0.5, 16),
+        masks.causal() & masks.key_padding([30, 37]),
+    ],
+    ids=["window", "document", "padding", "block_sparse", "causal&padding"],
+)
+def test_masks(mask):
+    check((2, 2, 1, 37, 37, 32, 32), mask=mask)
+
+
+@pytest.mark.parametrize(
+    "mod",
+    [
+        score_mods.alibi(score_mods.alibi_slopes(4)),
+        score_mods.softcap(2.0),
+        score_mods.compose(score_mods.alibi(score_mods.alibi_slopes(4)), score_mods.softcap(3.0)),
+    ],
+    ids=["alibi", "softcap", "alibi+softcap"],
+)
+def test_in_kernel_score_mods(mod):
+    check((1, 4, 2, 20, 29, 32, 32), mask=masks.causal(), score_mod=mod)
+
+
+def test_lse_and_its_gradient():
+    check((1, 2, 2, 21, 21, 16, 16), mask=masks.causal(), return_lse=True)
+
+
+def test_fully_masked_rows():
+    allowed = torch.ones(19, 19, dtype=torch.bool)
+    allowed[4] = False
+    check((1, 2, 2, 19, 19, 16, 16), mask=allowed)
+
+
+def test_refuses_what_it_cannot_do():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(attnkit.UnsupportedError, match="score_mods run in-kernel"):
+        attnkit.attention(q, q, q, score_mod=lambda s, b, h, i, j: s, backend="triton")
+    with pytest.raises(attnkit.UnsupportedError, match="dropout"):
+        attnkit.attention(q, q, q, dropout_p=0.1, backend="triton")
+    with pytest.raises(attnkit.UnsupportedError, match="float16, bfloat16 or float32"):
+        attnkit.attention(q.double(), q.double(), q.double(), backend="triton")
