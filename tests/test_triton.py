@@ -24,25 +24,25 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
-def check(shape, mask=None, score_mod=None, return_lse=False):
-    """Output (and LSE) and dq, dk, dv of triton in float32 vs the float64 reference, with
-    DESIGN §7 tolerances (2x / 4x the float32 reference's own error, plus a floor)."""
+def check(shape, mask=None, score_mod=None, return_lse=False, dtype=torch.float32):
+    """Output (and LSE) and dq, dk, dv of triton in ``dtype`` vs the float64 reference, with
+    DESIGN §7 tolerances (2x / 4x the reference's own error in ``dtype``, plus a floor)."""
     B, Hq, Hkv, Lq, Lk, D, Dv = shape
     q64, k64, v64 = (t.to(DEVICE) for t in rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv, torch.float64))
     dout = torch.randn(B, Hq, Lq, Dv, dtype=torch.float64, device=DEVICE)
     dlse = torch.randn(B, Hq, Lq, dtype=torch.float64, device=DEVICE)
     results = {}
-    for name, dtype, backend in (
+    for name, run_dtype, backend in (
         ("ref64", torch.float64, "reference"),
-        ("ref32", torch.float32, "reference"),
-        ("triton", torch.float32, "triton"),
+        ("ref32", dtype, "reference"),
+        ("triton", dtype, "triton"),
     ):
-        q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+        q, k, v = (t.to(run_dtype).requires_grad_() for t in (q64, k64, v64))
         out, lse = attnkit.attention(
             q, k, v, mask=mask, score_mod=score_mod, backend=backend, return_lse=True
         )
         grads_of = [out, lse] if return_lse else [out]
-        seeds = [dout.to(dtype), dlse.to(lse.dtype).masked_fill(torch.isinf(lse), 0)][
+        seeds = [dout.to(run_dtype), dlse.to(lse.dtype).masked_fill(torch.isinf(lse), 0)][
             : len(grads_of)
         ]
         grads = torch.autograd.grad(grads_of, (q, k, v), seeds)
@@ -122,3 +122,18 @@ def test_refuses_what_it_cannot_do():
         attnkit.attention(q, q, q, dropout_p=0.1, backend="triton")
     with pytest.raises(attnkit.UnsupportedError, match="float16, bfloat16 or float32"):
         attnkit.attention(q.double(), q.double(), q.double(), backend="triton")
+
+
+def test_float16_inputs():
+    check((1, 2, 1, 33, 33, 32, 32), mask=masks.causal(), dtype=torch.float16)
+
+
+def test_runs_under_torch_compile():
+    """The kernels are torch custom ops: compiled code calls them (building the BlockMask
+    is data dependent and stays outside the graph)."""
+    q, k, v = (torch.randn(1, 2, 33, 32, device=DEVICE) for _ in range(3))
+
+    def f(q, k, v):
+        return attnkit.attention(q, k, v, mask=masks.causal(), backend="triton")
+
+    torch.testing.assert_close(torch.compile(f)(q, k, v), f(q, k, v))

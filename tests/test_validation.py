@@ -70,7 +70,7 @@ def test_attention_rejects(args, kwargs, err, match):
 def test_named_backend_that_cannot_run_here_raises_unsupported(monkeypatch):
     """CPU tensors without TRITON_INTERPRET: triton says why (not installed, or needs CUDA)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(attnkit.UnsupportedError, match="triton (is not installed|runs on CUDA)"):
+    with pytest.raises(attnkit.UnsupportedError, match=r"triton (is not installed|runs on CUDA)"):
         attnkit.attention(q4, k2, v2, backend="triton")
 
 
