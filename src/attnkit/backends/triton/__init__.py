@@ -137,24 +137,58 @@ def tile_lists(req: Request, launch: Launch) -> dict[str, Tensor]:
     }
 
 
-def _grid_args(q: Tensor, k: Tensor, v: Tensor, lists: dict[str, Tensor]) -> dict[str, Any]:
+def _kernel_args(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o_like: Tensor,
+    tile: Tensor,
+    scale: float,
+    softcap: float,
+    q_off: int,
+    has_alibi: bool,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The scalar and stride arguments every kernel takes, and the compile-time ones.
+
+    ``o_like`` is the output (forward) or dO (backward): its strides come last.
+    """
     H, Lq, D = q.shape[1:]
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    Bm, Hm, nQ, nK = lists["tile"].shape
-    return {
-        "Lq": Lq,
-        "Lk": Lk,
-        "H": H,
-        "G": H // Hkv,
-        "D": D,
-        "DV": Dv,
-        "Bm": Bm,
-        "Hm": Hm,
-        "nQ": nQ,
-        "nK": nK,
+    Bm, Hm, nQ, nK = tile.shape
+    scalars = (
+        scale,
+        softcap,
+        Lq,
+        Lk,
+        q_off,
+        H,
+        H // Hkv,
+        D,
+        Dv,
+        Bm,
+        Hm,
+        nQ,
+        nK,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *o_like.stride()[:3],
+    )
+    meta = {
+        "HAS_ALIBI": has_alibi,
+        "HAS_SOFTCAP": softcap > 0,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
         "BLOCK_D": _pow2(D),
         "BLOCK_DV": _pow2(Dv),
+        "num_warps": num_warps,
+        "num_stages": num_stages,
     }
+    return scalars, meta
 
 
 @torch.library.custom_op("attnkit::triton_forward", mutates_args=())
@@ -182,44 +216,23 @@ def triton_forward(
     B, H, Lq, _ = q.shape
     out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    a = _grid_args(q, k, v, {"tile": tile})
-    grid = (-(-Lq // block_m), B * H)
-    attention_forward_kernel[grid](
+    scalars, meta = _kernel_args(
         q,
         k,
         v,
         out,
-        lse,
-        kv_num,
-        kv_idx,
         tile,
-        bits,
-        slopes,
         scale,
         softcap,
-        a["Lq"],
-        a["Lk"],
         q_off,
-        a["H"],
-        a["G"],
-        a["D"],
-        a["DV"],
-        a["Bm"],
-        a["Hm"],
-        a["nQ"],
-        a["nK"],
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *out.stride()[:3],
-        HAS_ALIBI=has_alibi,
-        HAS_SOFTCAP=softcap > 0,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=a["BLOCK_D"],
-        BLOCK_DV=a["BLOCK_DV"],
-        num_warps=num_warps,
-        num_stages=num_stages,
+        has_alibi,
+        block_m,
+        block_n,
+        num_warps,
+        num_stages,
+    )
+    attention_forward_kernel[(-(-Lq // block_m), B * H)](
+        q, k, v, out, lse, kv_num, kv_idx, tile, bits, slopes, *scalars, **meta
     )
     return out, lse
 
@@ -267,42 +280,28 @@ def triton_backward(
     dout = dout.contiguous()
     delta = ((dout.float() * out.float()).sum(-1) - dlse.float()).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    a = _grid_args(q, k, v, {"tile": tile})
-    common = (
+    scalars, meta = _kernel_args(
+        q,
+        k,
+        v,
+        dout,
+        tile,
         scale,
         softcap,
-        a["Lq"],
-        a["Lk"],
         q_off,
-        a["H"],
-        a["G"],
-        a["D"],
-        a["DV"],
-        a["Bm"],
-        a["Hm"],
-        a["nQ"],
-        a["nK"],
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *dout.stride()[:3],
+        has_alibi,
+        block_m,
+        block_n,
+        num_warps,
+        num_stages,
     )
-    meta = {
-        "HAS_ALIBI": has_alibi,
-        "HAS_SOFTCAP": softcap > 0,
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "BLOCK_D": a["BLOCK_D"],
-        "BLOCK_DV": a["BLOCK_DV"],
-        "num_warps": num_warps,
-        "num_stages": num_stages,
-    }
-    B, H = q.shape[:2]
-    attention_backward_dkdv_kernel[(-(-a["Lk"] // block_n), B * (H // a["G"]))](
-        q, k, v, dout, lse, delta, dk, dv, q_num, q_idx, tile, bits, slopes, *common, **meta
+    B, H, Lq = q.shape[:3]
+    Hkv, Lk = k.shape[1], k.shape[2]
+    attention_backward_dkdv_kernel[(-(-Lk // block_n), B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, q_num, q_idx, tile, bits, slopes, *scalars, **meta
     )
-    attention_backward_dq_kernel[(-(-a["Lq"] // block_m), B * H)](
-        q, k, v, dout, lse, delta, dq, kv_num, kv_idx, tile, bits, slopes, *common, **meta
+    attention_backward_dq_kernel[(-(-Lq // block_m), B * H)](
+        q, k, v, dout, lse, delta, dq, kv_num, kv_idx, tile, bits, slopes, *scalars, **meta
     )
     return dq, dk, dv
 
