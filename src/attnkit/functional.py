@@ -97,7 +97,8 @@ def _auto(req: Request) -> DispatchDecision:
         return DispatchDecision("sdpa", "dense or causal: torch SDPA's fused kernel is fastest")
     if req.q.device.type != "cpu":
         return DispatchDecision("sdpa", "non-CPU tensors: SDPA with the mask as a bool tensor")
-    density = tiled.make_plan(req, tiled.default_config(req.shapes)).computed_fraction
+    # the BlockMask alone gives the fraction of tiles computed (no chunk planning needed)
+    density = tiled.block_mask_for(req, tiled.default_config(req.shapes)).density
     if density < TILED_DENSITY_THRESHOLD:
         return DispatchDecision(
             "tiled", f"sparse mask: tiled computes {density:.0%} of the tiles, SDPA all of them"

@@ -77,7 +77,6 @@ class Plan:
     block_q: int
     rows: tuple[tuple[Chunk, ...], ...]
     mask_fn: MaskFn | None
-    computed_fraction: float
 
 
 def block_mask_for(req: Request, cfg: TileConfig) -> BlockMask:
@@ -125,7 +124,7 @@ def plan_from_block_mask(bm: BlockMask, max_chunk: int) -> Plan:
                 chunks.append(_chunk(run, f_row, bm.block_k, bm.kv_len))
             run = [kt] if needed else []
         rows.append(tuple(chunks))
-    return Plan(bm.block_q, tuple(rows), bm.mask_fn, bm.density)
+    return Plan(bm.block_q, tuple(rows), bm.mask_fn)
 
 
 def _chunk(tiles: list[int], full_row: list[bool], block_k: int, Lk: int) -> Chunk:
