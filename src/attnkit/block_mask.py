@@ -191,7 +191,7 @@ def partial_bitmaps(bm: BlockMask) -> tuple[Tensor, Tensor]:
     if n and bm.mask_fn is not None:
         done = 0
         for tiles, b, h, q, kv, valid in iter_partial_tiles(bm):
-            vals = torch.as_tensor(bm.mask_fn(b, h, q, kv)).expand_as(valid) & valid
+            vals = _eval(bm.mask_fn, b, h, q, kv, valid)
             bitmaps[done : done + tiles.shape[0]] = vals
             done += tiles.shape[0]
     return tile_index, bitmaps
