@@ -303,3 +303,19 @@ def test_bad_lengths_at_bind():
         masks.block_sparse(torch.ones(2, 2, dtype=torch.bool), 4).dense(16, 16)
     with pytest.raises(ValueError, match="Lk=7"):
         masks.document([0, 0, 1]).dense(3, 7)
+
+
+def test_blocks_cached_per_arguments():
+    """A mask object reuses its BlockMask (and partial bitmaps) for the same arguments only."""
+    from attnkit.block_mask import partial_bitmaps
+
+    m = masks.sliding_window(40)
+    a = m.blocks(300, 300, 32, 32)
+    assert m.blocks(300, 300, 32, 32) is a
+    assert partial_bitmaps(a) is partial_bitmaps(a)
+    for other in (m.blocks(301, 300, 32, 32), m.blocks(300, 300, 64, 32), m.blocks(300, 300)):
+        assert other is not a
+        assert torch.equal(other.to_dense(), m.dense(other.q_len, other.kv_len))
+    for Lq in range(1, 21):  # the cache is bounded: old entries go
+        m.blocks(Lq, 300, 32, 32)
+    assert m.blocks(300, 300, 32, 32) is not a

@@ -280,3 +280,36 @@ def test_float32_forward_paths_every_mask(name, use_kernel):
     finite = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse), finite)
     assert_close_scaled(lse[finite], lse64[finite], lse32[finite], mult=2.0, floor=1e-6)
+
+
+@pytest.mark.slow
+def test_portable_simd_kernel_every_mask():
+    """The kernel's portable loops (used where AVX-512 is missing) against the float64 reference.
+
+    The default build uses AVX-512 intrinsics on this machine, so the portable branch is built
+    as a second copy of the op under another namespace.
+    """
+    from attnkit.backends import cpu_kernel
+    from attnkit.block_mask import partial_bitmaps
+
+    cpu_kernel.build(
+        "attnkit_tiled_forward_cpu_portable",
+        ["ATTNKIT_PORTABLE_SIMD", "ATTNKIT_OP_NAMESPACE=attnkit_portable"],
+    )
+    Lq, Lk = 150, 181  # the last kv tile is 21 keys wide: a vector tail in both branches
+    for name, mask in every_mask(Lq, Lk).items():
+        q64, k64, v64 = rand_qkv(2, 2, 1, Lq, Lk, 24, dtype=torch.float64)
+        q, k, v = q64.float(), k64.float(), v64.float()
+        ref64, lse64 = attnkit.attention(
+            q64, k64, v64, mask=mask, backend="reference", return_lse=True
+        )
+        ref32 = attnkit.attention(q, k, v, mask=mask, backend="reference")
+        req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, True)
+        bm = tiled.block_mask_for(req, TileConfig(32, 32, 64))
+        tile_index, bitmaps = partial_bitmaps(bm)
+        args = (q, k, v, bm.kinds, tile_index, bitmaps, 32, 32, 64, 24**-0.5)
+        out, lse = torch.ops.attnkit_portable.tiled_forward(*args)
+        assert_close_scaled(out, ref64, ref32, mult=2.0, floor=1e-6)
+        finite = torch.isfinite(lse64)
+        assert torch.equal(torch.isfinite(lse), finite), name
+        torch.testing.assert_close(lse[finite], lse64[finite].float(), rtol=1e-5, atol=1e-5)

@@ -51,6 +51,7 @@ class BlockMask:
         self.q_len, self.kv_len = q_len, kv_len
         self.mask_fn = mask_fn
         self.name = name
+        self._bitmaps: tuple[Tensor, Tensor] | None = None  # partial_bitmaps(self), once
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -156,6 +157,7 @@ def refine_partial_tiles(bm: BlockMask) -> BlockMask:
     """Evaluate the predicate on every partial tile and reclassify it exactly (in place)."""
     assert bm.mask_fn is not None
     kinds = bm.kinds
+    bm._bitmaps = None  # tile kinds change: any bitmaps computed before are stale
     for tiles, b, h, q, kv, valid in iter_partial_tiles(bm):
         vals = _eval(bm.mask_fn, b, h, q, kv, valid)
         any_ = vals.flatten(1).any(1)
@@ -181,7 +183,10 @@ def partial_bitmaps(bm: BlockMask) -> tuple[Tensor, Tensor]:
     Returns:
         tile_index int64 (B|1, H|1, nQ, nK): row in ``bitmaps`` of each partial tile, else -1;
         bitmaps bool (nPartial, block_q, block_k): True = attend (False past Lq / Lk).
+        Computed once per BlockMask and kept on it.
     """
+    if bm._bitmaps is not None:
+        return bm._bitmaps
     dev = bm.kinds.device
     tile_index = torch.full(bm.kinds.shape, -1, dtype=torch.int64, device=dev)
     partial = bm.kinds == PARTIAL
@@ -194,4 +199,5 @@ def partial_bitmaps(bm: BlockMask) -> tuple[Tensor, Tensor]:
             vals = _eval(bm.mask_fn, b, h, q, kv, valid)
             bitmaps[done : done + tiles.shape[0]] = vals
             done += tiles.shape[0]
-    return tile_index, bitmaps
+    bm._bitmaps = (tile_index, bitmaps)
+    return bm._bitmaps

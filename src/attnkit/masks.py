@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,10 @@ __all__ = [
     "sliding_window",
     "strided",
 ]
+
+
+#: How many BlockMasks (different lengths / tile sizes / devices) a Mask keeps.
+_BLOCKS_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,9 @@ class Mask:
         self.batch = batch
         self.heads = heads
         self.spec = spec
+        # blocks() results by arguments: every layer and step that reuses this mask object
+        # skips the tile classification and the partial tiles' bitmaps (~10 ms at 16k tokens)
+        self._blocks_cache: OrderedDict[tuple[Any, ...], BlockMask] = OrderedDict()
 
     def bind(self, Lq: int, Lk: int) -> BoundMask:
         """Resolve the pattern for query length Lq and key length Lk."""
@@ -169,11 +177,32 @@ class Mask:
         """Classify every (q-tile, kv-tile) pair as empty, partial or full.
 
         Built-in patterns use their analytic rule; combinations refine the tiles their rule
-        leaves undecided by evaluating the predicate on those tiles only.
+        leaves undecided by evaluating the predicate on those tiles only. The result is cached
+        on this mask (the last few argument sets), since masks are immutable values.
         """
         check.check_positive_int("block_q", block_q)
         check.check_positive_int("block_k", block_k)
         B, H = self._sizes(B, H)
+        key = (Lq, Lk, block_q, block_k, B, H, str(torch.device(device or "cpu")))
+        if (cached := self._blocks_cache.get(key)) is not None:
+            self._blocks_cache.move_to_end(key)
+            return cached
+        bm = self._build_blocks(Lq, Lk, block_q, block_k, B, H, device)
+        self._blocks_cache[key] = bm
+        if len(self._blocks_cache) > _BLOCKS_CACHE_SIZE:
+            self._blocks_cache.popitem(last=False)
+        return bm
+
+    def _build_blocks(
+        self,
+        Lq: int,
+        Lk: int,
+        block_q: int,
+        block_k: int,
+        B: int,
+        H: int,
+        device: torch.device | str | None,
+    ) -> BlockMask:
         bound = self.bind(Lq, Lk)
         q_lo = torch.arange(0, Lq, block_q, device=device)
         k_lo = torch.arange(0, Lk, block_k, device=device)

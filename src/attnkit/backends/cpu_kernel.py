@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,23 +28,31 @@ SOURCE = Path(__file__).parent / "csrc" / "tiled_forward_cpu.cpp"
 def available() -> bool:
     """Build (once) and load the kernel; False, with a logged reason, where that fails."""
     try:
-        from torch.utils.cpp_extension import load
-
-        _put_ninja_on_path()
-
-        load(
-            name="attnkit_tiled_forward_cpu",
-            sources=[str(SOURCE)],
-            # -fopenmp: at::parallel_for is inline OpenMP; without it the loop runs serially
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        build("attnkit_tiled_forward_cpu")
     except Exception as exc:  # compiler missing, headers missing, ...
         log.warning("attnkit: compiled CPU kernel unavailable (%s); using the PyTorch loop", exc)
         return False
     return True
+
+
+def build(name: str, defines: Sequence[str] = ()) -> None:
+    """Compile and load the kernel as extension ``name`` (``-D`` flags in ``defines``).
+
+    The default op is ``torch.ops.attnkit.tiled_forward``; tests build a second copy with
+    ``ATTNKIT_OP_NAMESPACE=...`` and ``ATTNKIT_PORTABLE_SIMD`` to check the portable loops too.
+    """
+    from torch.utils.cpp_extension import load
+
+    _put_ninja_on_path()
+    load(
+        name=name,
+        sources=[str(SOURCE)],
+        # -fopenmp: at::parallel_for is inline OpenMP; without it the loop runs serially
+        extra_cflags=["-O3", "-march=native", "-fopenmp", *(f"-D{d}" for d in defines)],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 def _put_ninja_on_path() -> None:

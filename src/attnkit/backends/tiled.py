@@ -48,14 +48,14 @@ class TileConfig:
 
     block_q: int = 64
     block_k: int = 64
-    max_chunk: int = 512
+    max_chunk: int = 1024
     use_kernel: bool = True  #: use the compiled CPU forward where it applies
 
 
 def default_config(s: Shapes) -> TileConfig:
     """Tile sizes for these shapes (see README "Performance" for the measurements behind it)."""
     block_q = min(64, max(16, 1 << (s.Lq - 1).bit_length()))
-    return TileConfig(block_q=block_q, block_k=64, max_chunk=512)
+    return TileConfig(block_q=block_q, block_k=64, max_chunk=1024)
 
 
 @dataclass(frozen=True)
