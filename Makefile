@@ -50,15 +50,18 @@ test: lint browser
 
 # Build wheel + sdist, install the wheel into a fresh venv, import it and run one attention call.
 package: $(STAMP)
-	rm -rf dist /tmp/attnkit-pkg-venv
+	rm -rf dist /tmp/attnkit-pkg-venv /tmp/attnkit-pkg-ext
 	$(BIN)/python -m build -q --outdir dist . > /dev/null
 	$(PYTHON) -m venv /tmp/attnkit-pkg-venv
 	/tmp/attnkit-pkg-venv/bin/python -m pip install -q $(TORCH_SPEC)
 	/tmp/attnkit-pkg-venv/bin/python -m pip install -q dist/*.whl
-	cd /tmp && /tmp/attnkit-pkg-venv/bin/python -c "import attnkit, torch; \
-	from attnkit.backends import cpu_kernel; assert cpu_kernel.SOURCE.exists(), 'kernel source'; \
-	q = torch.randn(1, 2, 5, 8); print('package ok:', attnkit.__version__, \
-	tuple(attnkit.attention(q, q, q, mask=attnkit.masks.causal()).shape))"
+	# the wheel alone must build the CPU kernels (sources, header, ninja) and run them
+	cd /tmp && TORCH_EXTENSIONS_DIR=/tmp/attnkit-pkg-ext /tmp/attnkit-pkg-venv/bin/python -c \
+	"import attnkit, torch; from attnkit.backends import cpu_kernel; \
+	assert cpu_kernel.available(), 'CPU kernels did not build'; \
+	q = torch.randn(1, 2, 5, 8, requires_grad=True); \
+	out = attnkit.attention(q, q, q, mask=attnkit.masks.causal(), backend='tiled'); \
+	out.sum().backward(); print('package ok:', attnkit.__version__, tuple(q.grad.shape))"
 	ls dist
 
 bench: $(STAMP)

@@ -1,8 +1,9 @@
-"""The compiled CPU forward kernel of the tiled backend (csrc/tiled_forward_cpu.cpp).
+"""The compiled CPU kernels of the tiled backend (csrc/: forward, backward, op registration).
 
 Built on first use with torch's C++ extension tooling (needs a C++ compiler; cached by torch
-under TORCH_EXTENSIONS_DIR) and registered as the custom op ``torch.ops.attnkit.tiled_forward``.
-Where it cannot be built, the tiled backend runs its PyTorch loop instead and logs why once.
+under TORCH_EXTENSIONS_DIR) and registered as the custom ops ``torch.ops.attnkit.tiled_forward``
+and ``tiled_backward``. Where they cannot be built, the tiled backend runs its PyTorch loops
+instead and logs why once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from torch import Tensor
 from attnkit.block_mask import BlockMask, partial_bitmaps
 
 log = logging.getLogger("attnkit")
-SOURCE = Path(__file__).parent / "csrc" / "tiled_forward_cpu.cpp"
+LOG2E = 1.4426950408889634
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("ops.cpp", "tiled_forward_cpu.cpp", "tiled_backward_cpu.cpp")]
 
 
 @functools.cache
@@ -36,9 +39,9 @@ def available() -> bool:
 
 
 def build(name: str, defines: Sequence[str] = ()) -> None:
-    """Compile and load the kernel as extension ``name`` (``-D`` flags in ``defines``).
+    """Compile and load the kernels as extension ``name`` (``-D`` flags in ``defines``).
 
-    The default op is ``torch.ops.attnkit.tiled_forward``; tests build a second copy with
+    The default ops are ``torch.ops.attnkit.*``; tests build a second copy with
     ``ATTNKIT_OP_NAMESPACE=...`` and ``ATTNKIT_PORTABLE_SIMD`` to check the portable loops too.
     """
     from torch.utils.cpp_extension import load
@@ -46,7 +49,7 @@ def build(name: str, defines: Sequence[str] = ()) -> None:
     _put_ninja_on_path()
     load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in SOURCES],
         # -fopenmp: at::parallel_for is inline OpenMP; without it the loop runs serially
         extra_cflags=["-O3", "-march=native", "-fopenmp", *(f"-D{d}" for d in defines)],
         extra_ldflags=["-fopenmp"],
@@ -84,3 +87,40 @@ def forward(
         scale,
     )
     return out, lse
+
+
+def backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    bm: BlockMask,
+    max_rows: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (float32) from float32 tensors on the CPU; ``dlse`` is the LSE's gradient."""
+    delta = (dout * out).sum(dim=-1)  # rowsum(dO ∘ O), (B, Hq, Lq)
+    if dlse is not None:
+        delta = delta - dlse
+    # rows with no key have lse = -inf and only masked scores: any finite shift gives P = 0
+    lse2 = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse) * LOG2E
+    tile_index, bitmaps = partial_bitmaps(bm)
+    dq, dk, dv = torch.ops.attnkit.tiled_backward(
+        dout.contiguous(),
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        lse2.contiguous(),
+        delta.contiguous(),
+        bm.kinds.contiguous(),
+        tile_index,
+        bitmaps,
+        bm.block_q,
+        bm.block_k,
+        max_rows,
+        scale,
+    )
+    return dq, dk, dv

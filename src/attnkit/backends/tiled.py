@@ -1,4 +1,4 @@
-"""The tiled backend: flash attention (online softmax) in PyTorch, forward and backward.
+"""The tiled backend: flash attention (online softmax), forward and backward, any device.
 
 Never materialises the Lq×Lk matrix. Queries are processed in tiles of ``block_q`` rows; for
 each, the BlockMask lists the kv tiles that are not empty, consecutive ones are merged into
@@ -9,6 +9,11 @@ Forward (FlashAttention-2): running max m, sum l and output accumulator in float
 float64 inputs), rescaled by exp(m_old - m_new); divided by l once at the end; only the LSE is
 saved. Backward recomputes P = exp(S - LSE) tile by tile: dV += Pᵀ·dO, dP = dO·Vᵀ,
 dS = P∘(dP - rowsum(dO∘O)), dQ += dS·K, dK += dSᵀ·Q. Saved state is O(Lq + Lk) rows.
+
+On CPU, float32/bfloat16/float16 requests without score_mod or dropout run the same algorithm
+as compiled C++ (``cpu_kernel``: csrc/tiled_forward_cpu.cpp, csrc/tiled_backward_cpu.cpp); the
+PyTorch loops below serve everything else (float64, score_mod, dropout, other devices) and are
+the readable statement of what the kernels compute.
 
 GQA: q is viewed as (B, Hkv, G·tq, D) so each kv head multiplies all G query heads that share
 it in one matmul, and dK/dV sum over them for free: k and v are never repeated.
@@ -340,7 +345,7 @@ class _TiledAttention(torch.autograd.Function):
             assert plan is not None
             out, lse = forward(qc, kc, vc, plan, c)
         ctx.save_for_backward(qc, kc, vc, out, lse, *captured)
-        ctx.plan, ctx.c, ctx.dtype = plan, c, q.dtype
+        ctx.plan, ctx.c, ctx.kernel, ctx.dtype = plan, c, kernel, q.dtype
         return out.to(q.dtype), lse
 
     @staticmethod
@@ -348,9 +353,16 @@ class _TiledAttention(torch.autograd.Function):
         qc, kc, vc, out, lse, *captured = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.to(qc.dtype)
         dlse = None if dlse is None else dlse.to(qc.dtype)
-        dq, dk, dv, d_cap = backward(
-            dout, qc, kc, vc, out, lse, ctx.plan, ctx.c, tuple(captured), dlse
-        )
+        d_cap: list[Tensor | None] = []
+        if ctx.kernel is not None:  # compiled CPU backward (no score_mod, no dropout)
+            bm, max_rows = ctx.kernel
+            dq, dk, dv = cpu_kernel.backward(
+                dout, qc, kc, vc, out, lse, dlse, bm, max_rows, ctx.c.scale
+            )
+        else:
+            dq, dk, dv, d_cap = backward(
+                dout, qc, kc, vc, out, lse, ctx.plan, ctx.c, tuple(captured), dlse
+            )
         dt = ctx.dtype
         return (dq.to(dt), dk.to(dt), dv.to(dt), None, None, None, *d_cap)
 
@@ -412,11 +424,8 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
     )
     captured = captured_tensors(req.score_mod) if req.score_mod is not None else ()
     kernel = (bm, cfg.max_chunk) if use_kernel else None
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (req.q, req.k, req.v, *captured)
-    )
-    # the chunk plan drives the PyTorch forward and the backward; the kernel needs neither
-    plan = plan_from_block_mask(bm, cfg.max_chunk) if kernel is None or needs_grad else None
+    # the chunk plan drives the PyTorch forward and backward; the compiled kernels need neither
+    plan = plan_from_block_mask(bm, cfg.max_chunk) if kernel is None else None
     out, lse = _TiledAttention.apply(  # type: ignore[no-untyped-call]
         req.q, req.k, req.v, plan, c, kernel, *captured
     )

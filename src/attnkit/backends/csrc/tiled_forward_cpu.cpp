@@ -3,150 +3,19 @@
 // One work unit per (batch, query head, query tile), spread over threads by at::parallel_for.
 // Within a unit, maximal runs of non-empty kv tiles (at most max_chunk keys) form a chunk:
 //   S = Q_tile · K_chunkᵀ · scale·log2(e)      one sgemm (MKL, as torch's own CPU kernels)
-//   mask: EMPTY tiles (for this b, h) -> -inf, PARTIAL tiles -> precomputed bitmap, FULL: none
+//   EMPTY tiles (for this b, h) are skipped, PARTIAL tiles get their bitmap, FULL tiles nothing
 //   online softmax in log2 units: m, l per row; P = exp2(S - m) in place, fused with row sums
 //   acc = acc·exp2(m_old - m_new) + P · V_chunk  one sgemm
 // Output acc / l; LSE = (m + log2 l)·ln 2, -inf for rows with no key (output row 0).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "cpu_common.h"
 
-// Tests build a second copy with -DATTNKIT_PORTABLE_SIMD under another op namespace.
-#ifndef ATTNKIT_OP_NAMESPACE
-#define ATTNKIT_OP_NAMESPACE attnkit
-#endif
-
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-
-namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int8_t kEmpty = 0, kPartial = 1;
-
-// Column-major sgemm on row-major data: C[m×n] (ldc) = alpha·A·B + beta·C.
-void gemm_rowmajor(bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
-                   const float* b, int ldb, float beta, float* c, int ldc) {
-  // Row-major C = A·op(B) is column-major Cᵀ = op(B)ᵀ·Aᵀ.
-  const char ta = trans_b ? 'T' : 'N', tb = 'N';
-  sgemm_(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
-}
-
-// The two row passes of the online softmax: the row max, then P = 2^(S - max) in place with
-// its sum. The max must use several vector accumulators: a single `std::max` reduction runs at
-// the latency of one max per element and cost more than the exp pass (measured: 0.56 vs
-// 0.06 ns/element).
-#if defined(__AVX512F__) && !defined(ATTNKIT_PORTABLE_SIMD)
-
-// 16 lanes of 2^x for x <= 0 or -inf. vscalefps computes p·2^round(x) with correct underflow
-// (exactly 0 below 2^-149), so no exponent-bit arithmetic and no select are needed.
-inline __m512 exp2_16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));  // -inf -> -150 -> exactly 0
-  const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, xi);  // in [-0.5, 0.5]
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, xi);
-}
-
-inline __mmask16 tail_mask(int64_t count) {
-  return static_cast<__mmask16>((1u << count) - 1u);
-}
-
-inline float row_max(const float* s, int64_t n) {
-  __m512 m0 = _mm512_set1_ps(kNegInf), m1 = m0;
-  int64_t c = 0;
-  for (; c + 32 <= n; c += 32) {
-    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + c));
-    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + c + 16));
-  }
-  for (; c + 16 <= n; c += 16) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + c));
-  if (c < n) m1 = _mm512_mask_max_ps(m1, tail_mask(n - c), m1, _mm512_loadu_ps(s + c));
-  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
-}
-
-inline float exp2_shifted_row(float* s, int64_t n, float m) {
-  const __m512 mv = _mm512_set1_ps(m);
-  __m512 sum = _mm512_setzero_ps();
-  int64_t c = 0;
-  for (; c + 16 <= n; c += 16) {
-    const __m512 p = exp2_16(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv));
-    _mm512_storeu_ps(s + c, p);
-    sum = _mm512_add_ps(sum, p);
-  }
-  if (c < n) {
-    const __mmask16 tail = tail_mask(n - c);
-    const __m512 p = exp2_16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + c), mv));
-    _mm512_mask_storeu_ps(s + c, tail, p);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, p));
-  }
-  return _mm512_reduce_add_ps(sum);
-}
-
-#else  // portable: plain loops the compiler vectorises for the target (AVX2, NEON, ...)
-
-// 2^x for x <= 0 (or -inf): exact 0 below -126.
-inline float exp2_nonpositive(float x) {
-  const float xc = x < -126.0f ? -126.0f : x;
-  const float xi = std::nearbyint(xc);
-  const float f = xc - xi;  // in [-0.5, 0.5]
-  float p = 1.5403530393381606e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(xi) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -126.0f ? 0.0f : p * scale;
-}
-
-inline float row_max(const float* s, int64_t n) {
-  constexpr int64_t kLanes = 16;  // independent accumulators, kept in vector registers
-  float acc[kLanes];
-  std::fill(acc, acc + kLanes, kNegInf);
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] = acc[j] > s[c + j] ? acc[j] : s[c + j];
-  for (; c < n; ++c) acc[0] = acc[0] > s[c] ? acc[0] : s[c];
-  return *std::max_element(acc, acc + kLanes);
-}
-
-inline float exp2_shifted_row(float* s, int64_t n, float m) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < n; ++c) {
-    const float p = exp2_nonpositive(s[c] - m);
-    s[c] = p;
-    sum += p;
-  }
-  return sum;
-}
-
-#endif
-
-}  // namespace
+using namespace attnkit_cpu;
 
 std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const at::Tensor& q,            // (B, Hq, Lq, D) float32, contiguous
@@ -206,16 +75,11 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
         const int64_t k0 = kt0 * block_k, k1 = std::min(kt * block_k, Lk), n = k1 - k0;
         any = true;
         float* s = S.data();
-        gemm_rowmajor(true, tq, n, D, alpha_qk, qtile, D, kbase + k0 * D, D, 0.0f, s, n);
+        gemm_rowmajor(false, true, tq, n, D, alpha_qk, qtile, D, kbase + k0 * D, D, 0.0f, s, n);
         for (int64_t t = kt0; t < kt; ++t) {  // partial tiles: apply the predicate bitmap
           if (kind_row[t] != kPartial) continue;
-          const bool* bits = bmp + index_row[t] * block_q * block_k;
-          const int64_t c0 = t * block_k - k0, w = std::min(block_k, Lk - t * block_k);
-          for (int64_t r = 0; r < tq; ++r) {
-            float* srow = s + r * n + c0;
-            const bool* brow = bits + r * block_k;
-            for (int64_t c = 0; c < w; ++c) srow[c] = brow[c] ? srow[c] : kNegInf;
-          }
+          apply_bitmap(s + t * block_k - k0, n, bmp + index_row[t] * block_q * block_k, block_k,
+                       tq, std::min(block_k, Lk - t * block_k));
         }
         for (int64_t r = 0; r < tq; ++r) {
           float* srow = s + r * n;
@@ -233,7 +97,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
             for (int64_t c = 0; c < Dv; ++c) arow[c] *= rescale;
           }
         }
-        gemm_rowmajor(false, tq, Dv, n, 1.0f, s, n, vbase + k0 * Dv, Dv, 1.0f, acc.data(), Dv);
+        gemm_rowmajor(false, false, tq, Dv, n, 1.0f, s, n, vbase + k0 * Dv, Dv, 1.0f, acc.data(),
+                      Dv);
       }
       if (!any) continue;
       float* orow = op + ((b * Hq + h) * Lq + q0) * Dv;
@@ -250,11 +115,3 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   return {out, lse};
 }
 
-TORCH_LIBRARY(ATTNKIT_OP_NAMESPACE, m) {
-  m.def(
-      "tiled_forward(Tensor q, Tensor k, Tensor v, Tensor kinds, Tensor tile_index, "
-      "Tensor bitmaps, int block_q, int block_k, int max_chunk, float scale) "
-      "-> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(ATTNKIT_OP_NAMESPACE, CPU, m) { m.impl("tiled_forward", &tiled_forward); }

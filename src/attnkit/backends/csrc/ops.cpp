@@ -1,0 +1,36 @@
+// Registers the CPU kernels as torch custom ops: torch.ops.attnkit.tiled_forward/backward.
+// Tests build a second copy with -DATTNKIT_PORTABLE_SIMD under another op namespace.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#ifndef ATTNKIT_OP_NAMESPACE
+#define ATTNKIT_OP_NAMESPACE attnkit
+#endif
+
+std::tuple<at::Tensor, at::Tensor> tiled_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kinds,
+    const at::Tensor& tile_index, const at::Tensor& bitmaps, int64_t block_q, int64_t block_k,
+    int64_t max_chunk, double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& lse2, const at::Tensor& delta, const at::Tensor& kinds,
+    const at::Tensor& tile_index, const at::Tensor& bitmaps, int64_t block_q, int64_t block_k,
+    int64_t max_rows, double scale);
+
+TORCH_LIBRARY(ATTNKIT_OP_NAMESPACE, m) {
+  m.def(
+      "tiled_forward(Tensor q, Tensor k, Tensor v, Tensor kinds, Tensor tile_index, "
+      "Tensor bitmaps, int block_q, int block_k, int max_chunk, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "tiled_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse2, Tensor delta, "
+      "Tensor kinds, Tensor tile_index, Tensor bitmaps, int block_q, int block_k, "
+      "int max_rows, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ATTNKIT_OP_NAMESPACE, CPU, m) {
+  m.impl("tiled_forward", &tiled_forward);
+  m.impl("tiled_backward", &tiled_backward);
+}

@@ -1,0 +1,135 @@
+// Block-sparse flash-attention backward for CPUs (float32), FlashAttention-2's algorithm.
+//
+// One work unit per (batch, kv head, kv tile), taken by threads dynamically (causal masks
+// make units unequal). A unit keeps its tile's dK and dV in registers-to-L2 buffers and, for
+// every query head of its group, walks the runs of non-empty query tiles in its column
+// (at most max_rows rows per step), recomputing the probabilities from the saved LSE:
+//   S  = Q_rows · K_tileᵀ · scale·log2(e)      mask: bitmap on PARTIAL tiles
+//   P  = exp2(S - LSE·log2(e))                 (rows with no key have LSE = -inf: passed as 0)
+//   dV += Pᵀ · dO_rows          dP = dO_rows · V_tileᵀ
+//   dS = P ∘ (dP - delta)       delta = rowsum(dO ∘ O) - dLSE, computed by the caller
+//   dK += scale · dSᵀ · Q_rows  dQ_rows += scale · dS · K_tile
+// dQ rows are shared between units of different kv tiles: each adds its part under the query
+// tile's lock. Saved state is O(N): no Lq×Lk buffer exists.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "cpu_common.h"
+
+using namespace attnkit_cpu;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
+    const at::Tensor& dout,         // (B, Hq, Lq, Dv) float32, contiguous
+    const at::Tensor& q,            // (B, Hq, Lq, D)
+    const at::Tensor& k,            // (B, Hkv, Lk, D)
+    const at::Tensor& v,            // (B, Hkv, Lk, Dv)
+    const at::Tensor& lse2,         // (B, Hq, Lq): LSE·log2(e), 0 where LSE = -inf
+    const at::Tensor& delta,        // (B, Hq, Lq): rowsum(dO ∘ O) - dLSE
+    const at::Tensor& kinds,        // (Bm, Hm, nQ, nK) int8: 0 empty, 1 partial, 2 full
+    const at::Tensor& tile_index,   // (Bm, Hm, nQ, nK) int64: row of `bitmaps` or -1
+    const at::Tensor& bitmaps,      // (nPartial, block_q, block_k) bool
+    int64_t block_q, int64_t block_k, int64_t max_rows, double scale) {
+  for (const auto* t : {&dout, &q, &k, &v, &lse2, &delta}) {
+    TORCH_CHECK(t->dtype() == at::kFloat && t->is_contiguous(),
+                "tiled_backward: contiguous float32 inputs expected");
+  }
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
+  const int64_t G = Hq / Hkv;
+  const int64_t nQ = kinds.size(2), nK = kinds.size(3);
+  const int64_t Bm = kinds.size(0), Hm = kinds.size(1);
+  TORCH_CHECK(nQ == (Lq + block_q - 1) / block_q && nK == (Lk + block_k - 1) / block_k,
+              "tiled_backward: kinds does not match the tile grid");
+  const int64_t tiles_per_step = std::max<int64_t>(1, max_rows / block_q);
+  const int64_t rows_max = tiles_per_step * block_q;
+
+  auto dq = at::zeros_like(q);
+  auto dk = at::empty_like(k);
+  auto dv = at::empty_like(v);
+  const float *dop = dout.data_ptr<float>(), *qp = q.data_ptr<float>();
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *lp = lse2.data_ptr<float>(), *dlp = delta.data_ptr<float>();
+  const int8_t* kindp = kinds.data_ptr<int8_t>();
+  const int64_t* tip = tile_index.data_ptr<int64_t>();
+  const bool* bmp = bitmaps.numel() ? bitmaps.data_ptr<bool>() : nullptr;
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const float alpha_qk = static_cast<float>(scale * 1.4426950408889634);
+  const float fscale = static_cast<float>(scale);
+  // one lock per (b, query head, query tile): guards that tile's rows of dQ
+  std::unique_ptr<std::mutex[]> dq_locks(new std::mutex[B * Hq * nQ]);
+
+  const int64_t units = B * Hkv * nK;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> P(rows_max * block_k), dP(rows_max * block_k), dq_part(rows_max * D);
+    std::vector<float> dk_acc(block_k * D), dv_acc(block_k * Dv);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t unit = 0; unit < units; ++unit) {
+      const int64_t kt = unit % nK, hk = (unit / nK) % Hkv, b = unit / (nK * Hkv);
+      const int64_t k0 = kt * block_k, tk = std::min(block_k, Lk - k0);
+      const float* ktile = kp + ((b * Hkv + hk) * Lk + k0) * D;
+      const float* vtile = vp + ((b * Hkv + hk) * Lk + k0) * Dv;
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        const int64_t map_head = ((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * nQ * nK;
+        const int8_t* kind_col = kindp + map_head + kt;  // stride nK along query tiles
+        const int64_t* index_col = tip + map_head + kt;
+        const int64_t row_base = (b * Hq + h) * Lq;
+        int64_t qt = 0;
+        while (qt < nQ) {
+          if (kind_col[qt * nK] == kEmpty) { ++qt; continue; }
+          const int64_t qt0 = qt;
+          while (qt < nQ && kind_col[qt * nK] != kEmpty && qt - qt0 < tiles_per_step) ++qt;
+          const int64_t r0 = qt0 * block_q, rows = std::min(qt * block_q, Lq) - r0;
+          const float* qrows = qp + (row_base + r0) * D;
+          const float* dorows = dop + (row_base + r0) * Dv;
+          float* p = P.data();
+          float* dp = dP.data();
+          gemm_rowmajor(false, true, rows, tk, D, alpha_qk, qrows, D, ktile, D, 0.0f, p, tk);
+          for (int64_t t = qt0; t < qt; ++t) {
+            if (kind_col[t * nK] != kPartial) continue;
+            const bool* bits = bmp + index_col[t * nK] * block_q * block_k;
+            apply_bitmap(p + (t * block_q - r0) * tk, tk, bits, block_k,
+                         std::min(block_q, Lq - t * block_q), tk);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            exp2_shifted_row(p + r * tk, tk, lp[row_base + r0 + r]);
+          }
+          // dV += Pᵀ·dO ; dP = dO·Vᵀ
+          gemm_rowmajor(true, false, tk, Dv, rows, 1.0f, p, tk, dorows, Dv, 1.0f, dv_acc.data(),
+                        Dv);
+          gemm_rowmajor(false, true, rows, tk, Dv, 1.0f, dorows, Dv, vtile, Dv, 0.0f, dp, tk);
+          for (int64_t r = 0; r < rows; ++r) {  // dS = P∘(dP - delta), in place of P
+            const float d = dlp[row_base + r0 + r];
+            float* prow = p + r * tk;
+            const float* dprow = dp + r * tk;
+#pragma omp simd
+            for (int64_t c = 0; c < tk; ++c) prow[c] *= dprow[c] - d;
+          }
+          // dK += scale·dSᵀ·Q ; dQ_rows += scale·dS·K (added under each query tile's lock)
+          gemm_rowmajor(true, false, tk, D, rows, fscale, p, tk, qrows, D, 1.0f, dk_acc.data(), D);
+          gemm_rowmajor(false, false, rows, D, tk, fscale, p, tk, ktile, D, 0.0f, dq_part.data(),
+                        D);
+          for (int64_t t = qt0; t < qt; ++t) {
+            const int64_t a = t * block_q - r0, z = std::min((t + 1) * block_q, Lq) - r0;
+            float* dst = dqp + (row_base + r0 + a) * D;
+            const float* src = dq_part.data() + a * D;
+            std::lock_guard<std::mutex> guard(dq_locks[(b * Hq + h) * nQ + t]);
+#pragma omp simd
+            for (int64_t i = 0; i < (z - a) * D; ++i) dst[i] += src[i];
+          }
+        }
+      }
+      std::copy(dk_acc.begin(), dk_acc.begin() + tk * D, dkp + ((b * Hkv + hk) * Lk + k0) * D);
+      std::copy(dv_acc.begin(), dv_acc.begin() + tk * Dv, dvp + ((b * Hkv + hk) * Lk + k0) * Dv);
+    }
+  }
+  return {dq, dk, dv};
+}
