@@ -3,6 +3,7 @@
     python examples/tiny_lm.py [--minutes 2] [--window 32] [--out out/tiny_lm]
     python examples/tiny_lm.py --load out/tiny_lm/window.pt \
         --prompt "The skilled surgeon operated on the patient with a"
+    attnkit explain --checkpoint out/tiny_lm/window.pt --html out/tiny_lm/heads.html
 
 Trains the same model twice on the Book of Genesis (King James Version, public domain,
 examples/data/genesis_kjv.txt), once with full causal attention and once with a causal
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit import masks
-from attnkit.nn import CausalLM
+from attnkit.nn import CausalLM, load_checkpoint, save_checkpoint
 
 TEXT = Path(__file__).resolve().parent / "data" / "genesis_kjv.txt"
 SEQ = 128
@@ -171,10 +172,10 @@ def main() -> None:
     text = TEXT.read_text()
     chars = Chars(text)
     if args.load:
-        ckpt = torch.load(args.load)
-        model = make_model(len(chars.chars), ckpt["window"])
-        model.load_state_dict(ckpt["state_dict"])
-        explain_prompt(model.eval(), chars, args.prompt, args.new_tokens)
+        ckpt = load_checkpoint(args.load)
+        assert isinstance(ckpt.model, CausalLM)
+        assert ckpt.vocab == chars.chars, "the checkpoint was trained on another text"
+        explain_prompt(ckpt.model, chars, args.prompt, args.new_tokens)
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,9 +188,11 @@ def main() -> None:
         curves[label], final = train(model, data[:split], data[split:], args.minutes, label)
         models[label] = (model, window)
         print(f"{label}: validation loss {final:.3f} nats/char after {args.minutes} min")
-        torch.save(
-            {"window": window, "state_dict": model.state_dict()},
+        save_checkpoint(
             out / ("window.pt" if window else "full.pt"),
+            model,
+            vocab=chars.chars,
+            meta={"validation_loss": final, "minutes": args.minutes},
         )
     save_curves(curves, out / "loss_curves.png")
     for label, (model, _) in models.items():

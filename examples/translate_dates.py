@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attnkit.nn import Transformer
+from attnkit.nn import Transformer, load_checkpoint, save_checkpoint
 
 MONTHS = [
     "january",
@@ -231,10 +231,10 @@ def main() -> None:
     ap.add_argument("texts", nargs="*", help="dates to translate with --load")
     args = ap.parse_args()
     if args.load:
-        model = make_model()
-        model.load_state_dict(torch.load(args.load)["state_dict"])
+        model = load_checkpoint(args.load).model
+        assert isinstance(model, Transformer)
         for text in args.texts or ["Tuesday, 3 March 1998"]:
-            print(f"{text!r} -> {translate(model.eval(), text)!r}")
+            print(f"{text!r} -> {translate(model, text)!r}")
         return
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -258,7 +258,8 @@ def main() -> None:
     picture = out / "cross_attention.png"
     save_alignment(model, "Tuesday, 3 March 1998", picture)
     checkpoint = out / "dates.pt"
-    torch.save({"config": {"vocab": VOCAB}, "state_dict": model.state_dict()}, checkpoint)
+    vocab = ["<pad>", "<bos>", "<eos>", *CHARS]  # id -> symbol
+    save_checkpoint(checkpoint, model, vocab=vocab, meta={"exact_match": acc})
     print(f"wrote {picture} and {checkpoint}")
 
 

@@ -94,6 +94,77 @@ def test_explain_truncates_long_text_with_warning(capsys):
     assert "warning: text cut to 512 tokens" in capsys.readouterr().out
 
 
+@pytest.fixture
+def char_lm(tmp_path):
+    """A small character-level CausalLM with a sliding window, saved as a checkpoint."""
+    from attnkit import masks
+    from attnkit.nn import CausalLM, save_checkpoint
+
+    torch.manual_seed(0)
+    vocab = sorted(set(DEFAULT_TEXT))
+    model = CausalLM(len(vocab), d_model=32, nhead=2, num_layers=2, mask=masks.sliding_window(4))
+    return save_checkpoint(tmp_path / "lm.pt", model, vocab=vocab), model, vocab
+
+
+def test_explain_checkpoint_heads_pictures_and_guesses(char_lm, tmp_path, capsys):
+    from attnkit.explain import run_checkpoint
+    from attnkit.nn import load_checkpoint
+
+    path, model, vocab = char_lm
+    png, page = tmp_path / "heads.png", tmp_path / "heads.html"
+    argv = ["explain", "--checkpoint", str(path), "--word", "surgeon", "--layer", "all"]
+    assert main([*argv, "--png", str(png), "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    i = DEFAULT_TEXT.index("surgeon") + len("surgeon") - 1  # a word is its last character
+    assert f"what 'n' (token {i}) attends to, per head" in out
+    assert len(re.findall(r"│\s+\d+ │\s+\d+ │", out)) == 2 * 2  # layers x heads
+    assert "next-token guesses after the text" in out
+    assert png_size(png)[0] > 300
+    assert "DATA" in page.read_text()
+    # the weights shown are the model's own, inside its sliding window (4 back, causal)
+    r = run_checkpoint(load_checkpoint(path), DEFAULT_TEXT)
+    ids = torch.tensor([[vocab.index(c) for c in DEFAULT_TEXT]])
+    logits, weights = model.eval()(ids, need_weights=True)
+    for got, want in zip(r.output.attentions, weights, strict=True):
+        torch.testing.assert_close(got, want)
+    L = ids.shape[1]
+    allowed = torch.ones(L, L).tril().triu(-4).bool()
+    assert (r.attention(1)[:, ~allowed] == 0).all()
+    torch.testing.assert_close(r.attention(1).sum(-1), torch.ones(2, L))  # rows sum to 1
+    top = logits[0, -1].softmax(-1).argmax()
+    assert r.next_tokens[0][0] == {" ": "␣"}.get(vocab[top], vocab[top])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps"], "--steps and --sparse explain the pretrained encoder"),
+        (["The surgeon's scalpel!"], "not in the checkpoint's vocabulary"),
+        (["--word", "scalpel"], "word 'scalpel' is not in the text"),
+        (["--layer", "2"], "layer 2 is out of range"),
+    ],
+)
+def test_explain_checkpoint_usage_errors(char_lm, extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--checkpoint", str(char_lm[0]), *extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_explain_checkpoint_refuses_other_files(tmp_path, capsys):
+    from attnkit.nn import Transformer, save_checkpoint
+
+    seq2seq = save_checkpoint(tmp_path / "t.pt", Transformer(9, 9, d_model=16, nhead=2))
+    torch.save([1, 2], tmp_path / "junk.pt")
+    for path, message in (
+        (seq2seq, "takes a CausalLM checkpoint"),
+        (tmp_path / "junk.pt", "not an attnkit checkpoint"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["explain", "--checkpoint", str(path)])
+        assert message in capsys.readouterr().err
+
+
 def test_parse_mask_union():
     m = parse_mask("sliding_window:1,1+global:0")
     assert m.dense(4, 4)[0, 0].int().tolist() == [

@@ -77,8 +77,11 @@ def test_dispatch_rule_on_cpu():
     q, k, v = rand_qkv(1, 2, 2, 4096, 4096, 8)
     assert attnkit.dispatch(q, k, v).backend == "sdpa"
     assert attnkit.dispatch(q, k, v, mask=masks.causal()).backend == "sdpa"
-    sparse = attnkit.dispatch(q, k, v, mask=masks.sliding_window(256))
+    for mask in (masks.sliding_window(256), ~masks.sliding_window(256), masks.key_padding([9])):
+        assert attnkit.dispatch(q, k, v, mask=mask).backend == "tiled"
+    window = masks.sliding_window(256).dense(4096, 4096)
+    sparse = attnkit.dispatch(q, k, v, mask=window)
     assert sparse.backend == "tiled"
     assert "sparse mask" in sparse.reason
-    assert attnkit.dispatch(q, k, v, mask=~masks.sliding_window(256)).backend == "sdpa"
+    assert attnkit.dispatch(q, k, v, mask=~window).backend == "sdpa"  # bool tensor, dense-ish
     assert attnkit.dispatch(q, k, v, return_lse=True).backend == "tiled"

@@ -140,13 +140,35 @@ def test_generate_stops_at_eos_and_sampling_is_reproducible():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    model = Transformer(20, 20, d_model=16, nhead=2)
-    path = tmp_path / "model.pt"
-    torch.save({"state_dict": model.state_dict()}, path)
-    again = Transformer(20, 20, d_model=16, nhead=2)
-    again.load_state_dict(torch.load(path)["state_dict"])
+    """save/load_checkpoint rebuild both model classes: config, masks by spec, weights, vocab."""
+    from attnkit.nn import load_checkpoint, save_checkpoint
+
+    seq2seq = Transformer(20, 20, d_model=16, nhead=2, encoder_mask=masks.sliding_window(2, 2))
+    lm = CausalLM(
+        9, d_model=16, nhead=4, num_kv_heads=2, positions="rope", mask=masks.sliding_window(3)
+    )
     src, tgt = torch.randint(3, 20, (1, 6)), torch.randint(3, 20, (1, 4))
-    torch.testing.assert_close(model.eval()(src, tgt), again.eval()(src, tgt))
+    ids = torch.randint(0, 9, (1, 7))
+    for model, run in ((seq2seq, lambda m: m(src, tgt)), (lm, lambda m: m(ids)[0])):
+        path = save_checkpoint(tmp_path / "model.pt", model, vocab=list("abc"), meta={"step": 3})
+        ckpt = load_checkpoint(path)
+        assert type(ckpt.model) is type(model)
+        assert ckpt.vocab == ["a", "b", "c"]
+        assert ckpt.meta == {"step": 3}
+        assert not ckpt.model.training
+        torch.testing.assert_close(run(ckpt.model), run(model.eval()), rtol=0, atol=0)
+    assert repr(load_checkpoint(path).model.config["mask"]) == "sliding_window(left=3, right=0)"
+    # a mask without a spec is refused at save time and can be given again at load time
+    custom = CausalLM(9, d_model=16, nhead=2, mask=masks.causal() & masks.strided(2))
+    with pytest.raises(ValueError, match="has no spec"):
+        save_checkpoint(tmp_path / "custom.pt", custom)
+    custom.config["mask"] = None
+    path = save_checkpoint(tmp_path / "custom.pt", custom)
+    again = load_checkpoint(path, mask=masks.causal() & masks.strided(2)).model
+    torch.testing.assert_close(again(ids)[0], custom.eval()(ids)[0], rtol=0, atol=0)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an attnkit checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
 
 
 @pytest.mark.slow

@@ -120,6 +120,7 @@ def comparison_cases(quick: bool) -> list[tuple[str, int, Mask | None, torch.dty
     cases.append(
         (f"sliding_window({WINDOW})", 16384 // s, masks.sliding_window(WINDOW), torch.float32, True)
     )
+    cases.append(("causal", 8192 // s, masks.causal(), torch.float32, True))
     return cases
 
 

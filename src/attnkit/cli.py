@@ -3,6 +3,7 @@
 attnkit patterns [--length N] [--png FILE]   draw the built-in sparse patterns
 attnkit bench [--quick] [--json F] [--png F]  tiled vs SDPA / FlexAttention, time and memory
 attnkit explain ["TEXT"] [--word W] [--layer L|all] [--steps] [--png F] [--html F] [--sparse M]
+                [--checkpoint LM.pt]            the same for a CausalLM of one's own
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -77,30 +79,51 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from attnkit import explain as ex
-    from attnkit.models import load_pretrained
 
     console = Console(width=140)
-    try:
-        model = load_pretrained(args.model, backend=args.backend)
-    except (ValueError, ImportError, FileNotFoundError) as exc:
-        raise ex.UsageError(str(exc)) from exc
+    model = None
+    if args.checkpoint:
+        from attnkit.nn import load_checkpoint
+
+        if args.steps or args.sparse:
+            raise ex.UsageError("--steps and --sparse explain the pretrained encoder (--model)")
+        try:
+            ckpt = load_checkpoint(args.checkpoint)
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise ex.UsageError(f"cannot load {args.checkpoint}: {exc}") from exc
+        full = ex.run_checkpoint(ckpt, args.text, truncate=args.truncate)
+        name = Path(args.checkpoint).name
+    else:
+        from attnkit.models import load_pretrained
+
+        try:
+            model = load_pretrained(args.model, backend=args.backend)
+        except (ValueError, ImportError, FileNotFoundError) as exc:
+            raise ex.UsageError(str(exc)) from exc
+        full = ex.run(model, args.text, truncate=args.truncate)
+        name = model.name
+    n_layers = len(full.output.attentions)
     all_layers = args.layer == "all"
     layer = None if all_layers else int(args.layer)
     if layer is not None and layer < 0:
-        layer += model.config.num_hidden_layers
-    ex.check_layer_head(model, layer, args.head)
-    layer = model.config.num_hidden_layers - 1 if layer is None else layer
-    full = ex.run(model, args.text, truncate=args.truncate)
+        layer += n_layers
+    ex.check_layer_head(full, layer, args.head)
+    layer = n_layers - 1 if layer is None else layer
     if full.encoding.truncated:
         console.print(f"[yellow]warning: text cut to {len(full.tokens)} tokens[/yellow]")
     i = ex.choose_token(full, args.word)
     console.print(ex.render_tokens(full, i))
-    layers = list(range(model.config.num_hidden_layers)) if all_layers else [layer]
+    layers = list(range(n_layers)) if all_layers else [layer]
     console.print(ex.render_heads(full, i, layers, args.top))
+    if full.next_tokens:
+        guesses = ", ".join(f"{t!r} {p:.2f}" for t, p in full.next_tokens)
+        console.print(f"the model's next-token guesses after the text: {guesses}")
     if args.steps:
+        assert model is not None
         for part in ex.render_steps(model, full, i, layer, args.head):
             console.print(part)
     if args.sparse:
+        assert model is not None
         mask = ex.parse_mask(args.sparse)
         sparse = ex.run(model, args.text, mask=mask, truncate=args.truncate)
         for part in ex.render_sparse(full, sparse, mask, i, layer, args.top):
@@ -112,7 +135,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             full.attention(layer),
             full.tokens,
             args.png,
-            title=f"{model.name}, layer {layer}: attention per head",
+            title=f"{name}, layer {layer}: attention per head",
         )
         console.print(f"wrote {args.png}")
     if args.html:
@@ -122,7 +145,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             full.tokens,
             [full.attention(n) for n in range(len(full.output.attentions))],
             args.html,
-            title=f"{model.name} head view: {args.text[:60]}",
+            title=f"{name} head view: {args.text[:60]}",
         )
         console.print(f"wrote {args.html}")
     return 0
@@ -162,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--html", help="save an interactive head view (self-contained HTML)")
     e.add_argument("--sparse", help="compare with a sparse pattern, e.g. sliding_window:2,2")
     e.add_argument("--model", default="all-MiniLM-L6-v2")
+    e.add_argument(
+        "--checkpoint", help="explain a CausalLM saved by attnkit.nn.save_checkpoint instead"
+    )
     e.add_argument("--backend", default="auto", choices=["auto", "reference", "tiled", "sdpa"])
     e.add_argument("--truncate", action="store_true", help="cut texts past 512 tokens")
     e.set_defaults(func=_cmd_explain)

@@ -1,13 +1,15 @@
 """``attnkit explain``: which words each head of a real model attends to, and how Q, K, V get there.
 
 The model is all-MiniLM-L6-v2 (6 layers × 12 heads, width 384), run through attnkit's own
-modules. Output goes through rich; pictures through ``attnkit.viz``.
+modules, or a CausalLM checkpoint of one's own (``--checkpoint``, e.g. from examples/tiny_lm.py).
+Output goes through rich; pictures through ``attnkit.viz``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +19,8 @@ from attnkit import masks
 from attnkit.masks import Mask
 from attnkit.models.bert import BertLayer, EncoderOutput
 from attnkit.models.pretrained import Encoding, PretrainedEncoder
+from attnkit.nn import CausalLM
+from attnkit.nn.checkpoint import Checkpoint
 
 DEFAULT_TEXT = "The skilled surgeon operated on the patient with a"
 
@@ -65,10 +69,18 @@ def parse_mask(spec: str) -> Mask:
 
 @dataclass
 class Run:
-    """One pass of the model over a text."""
+    """One pass of the model over a text.
+
+    ``text`` and ``char_level`` matter for character-level checkpoints, where a word is found
+    in the text rather than among the tokens; ``next_tokens`` is a language model's top
+    predictions for the token after the text, [(token, probability), ...].
+    """
 
     encoding: Encoding
     output: EncoderOutput
+    text: str = ""
+    char_level: bool = False
+    next_tokens: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[str]:
@@ -93,12 +105,72 @@ def run(
     return Run(enc, out)
 
 
+def run_checkpoint(ckpt: Checkpoint, text: str, *, truncate: bool = False) -> Run:
+    """Tokenise ``text`` with a CausalLM checkpoint's vocabulary and run it with attentions.
+
+    A vocabulary of single characters tokenises by character, any other by whitespace.
+    """
+    model, vocab = ckpt.model, ckpt.vocab
+    if not isinstance(model, CausalLM) or not vocab:
+        raise UsageError(
+            "explain --checkpoint takes a CausalLM checkpoint saved with its vocabulary "
+            "(e.g. examples/tiny_lm.py); the date translator draws its own cross-attention"
+        )
+    char_level = all(len(t) == 1 for t in vocab)
+    pieces = list(text) if char_level else text.split()
+    index = {t: i for i, t in enumerate(vocab)}
+    unknown = sorted({p for p in pieces if p not in index})
+    if unknown:
+        raise UsageError(f"not in the checkpoint's vocabulary: {' '.join(map(repr, unknown))}")
+    if not pieces:
+        raise UsageError("the text is empty")
+    truncated = len(pieces) > model.max_len
+    if truncated and not truncate:
+        raise UsageError(
+            f"the text has {len(pieces)} tokens, the model at most {model.max_len}; "
+            "pass --truncate to cut it"
+        )
+    pieces = pieces[: model.max_len]
+    ids = torch.tensor([[index[p] for p in pieces]])
+    words: list[int | None] = []
+    n = 0
+    for p in pieces:  # a word index per token; spaces belong to no word
+        if char_level and p.isspace():
+            words.append(None)
+            n += 1
+        else:
+            words.append(n if char_level else len(words))
+    with torch.no_grad():
+        logits, weights = model(ids, need_weights=True)
+    probs, top = logits[0, -1].softmax(-1).topk(min(5, len(vocab)))
+    enc = Encoding(ids, [_show(p) for p in pieces], words, truncated)
+    return Run(
+        enc,
+        EncoderOutput(logits, attentions=list(weights)),
+        text="".join(pieces) if char_level else " ".join(pieces),
+        char_level=char_level,
+        next_tokens=[(_show(vocab[i]), float(w)) for i, w in zip(top, probs, strict=True)],
+    )
+
+
+def _show(token: str) -> str:
+    return {" ": "␣", "\n": "⏎"}.get(token, token)
+
+
 def choose_token(r: Run, word: str | None) -> int:
-    """Index of the token to explain: the last occurrence of ``word``, or the last word."""
+    """Index of the token to explain: the last occurrence of ``word``, or the last word.
+
+    In a character-level run, a word's last character stands for it.
+    """
     tokens = r.tokens
     if word is None:
         candidates = [i for i, w in enumerate(r.encoding.words) if w is not None]
         return candidates[-1]
+    if r.char_level and len(word) > 1:
+        found = [m.end() - 1 for m in re.finditer(rf"\b{re.escape(word)}\b", r.text, re.I)]
+        if not found:
+            raise UsageError(f"word {word!r} is not in the text {r.text!r}")
+        return found[-1]
     wanted = word.lower()
     matches = [i for i, t in enumerate(tokens) if t.lower() == wanted]
     if not matches:
@@ -106,9 +178,9 @@ def choose_token(r: Run, word: str | None) -> int:
     return matches[-1]
 
 
-def check_layer_head(model: PretrainedEncoder, layer: int | None, head: int | None) -> None:
+def check_layer_head(r: Run, layer: int | None, head: int | None) -> None:
     """UsageError when a layer or head index is out of range."""
-    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    n_layers, n_heads = len(r.output.attentions), r.attention(0).shape[0]
     if layer is not None and not 0 <= layer < n_layers:
         raise UsageError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
     if head is not None and not 0 <= head < n_heads:
@@ -156,7 +228,12 @@ def render_heads(r: Run, i: int, layers: list[int], k: int, title: str = "") -> 
         table.add_column(f"#{n + 1}")
     for layer in layers:
         for h, tops in enumerate(top_attended(r.attention(layer), i, k)):
-            cells = [f"{r.tokens[j]} [dim]{w:.2f}[/dim]" for j, w in tops]
+            # characters repeat: name them by position too
+            where = [f"@{j}" if r.char_level else "" for j, _ in tops]
+            cells = [
+                f"{r.tokens[j]}{at} [dim]{w:.2f}[/dim]"
+                for (j, w), at in zip(tops, where, strict=True)
+            ]
             table.add_row(str(layer), str(h), *cells)
     return table
 

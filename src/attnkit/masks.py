@@ -52,6 +52,7 @@ __all__ = [
     "fixed",
     "from_dense",
     "from_padding_mask",
+    "from_spec",
     "full",
     "global_tokens",
     "key_padding",
@@ -386,6 +387,20 @@ def sliding_window(left: int, right: int = 0, *, align: Align = "bottom_right") 
 
     name = f"sliding_window(left={left}, right={right})"
     return _diff_mask(name, keep, align, spec=("sliding_window", left, right, align))
+
+
+def from_spec(spec: Sequence[Any]) -> Mask:
+    """Rebuild a built-in mask from its ``spec`` (``Mask.spec``), e.g. when loading a checkpoint.
+
+    >>> from_spec(sliding_window(32).spec)
+    sliding_window(left=32, right=0)
+    """
+    name, *args = spec
+    if name == "causal":
+        return causal(align=args[0])
+    if name == "sliding_window":
+        return sliding_window(args[0], args[1], align=args[2])
+    raise ValueError(f"no built-in mask has the spec {tuple(spec)!r}")
 
 
 def dilated(

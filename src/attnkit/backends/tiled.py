@@ -22,7 +22,7 @@ it in one matmul, and dK/dV sum over them for free: k and v are never repeated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -57,10 +57,28 @@ class TileConfig:
     use_kernel: bool = True  #: use the compiled CPU forward where it applies
 
 
+#: Query tiles that visit at least this many keys on average get 128 rows instead of 64.
+#: Taller tiles make bigger GEMMs but widen a band's masked edge by block_q/2 keys per row;
+#: measured with benchmarks/cpu_tile_sizes.py (README "Performance"): causal at 8192 tokens
+#: runs 3 % (D=64) to 8 % (D=128) faster with 128 rows, a 512-key window 10 % slower.
+WIDE_ROW_KEYS = 1024
+
+
 def default_config(s: Shapes) -> TileConfig:
-    """Tile sizes for these shapes (see README "Performance" for the measurements behind it)."""
+    """Base tile sizes for these shapes: 64 query rows (fewer for short queries)."""
     block_q = min(64, max(16, 1 << (s.Lq - 1).bit_length()))
     return TileConfig(block_q=block_q, block_k=64, max_chunk=1024)
+
+
+def tuned_config(req: Request) -> TileConfig:
+    """``default_config``, with 128-row query tiles where rows are wide (``WIDE_ROW_KEYS``)."""
+    cfg = default_config(req.shapes)
+    if cfg.block_q < 64 or req.shapes.Lq < 2 * WIDE_ROW_KEYS:
+        return cfg
+    visited = (block_mask_for(req, cfg).kinds != EMPTY).sum(dim=-1).float().mean()
+    if float(visited) * cfg.block_k >= WIDE_ROW_KEYS:
+        return replace(cfg, block_q=128)
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -402,7 +420,7 @@ def unsupported_reason(req: Request) -> str | None:
 def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32 (float64 for float64)."""
     s = req.shapes
-    cfg = config or default_config(s)
+    cfg = config or tuned_config(req)
     bm = block_mask_for(req, cfg)
     use_kernel = (
         cfg.use_kernel
@@ -493,16 +511,12 @@ def block_backward(
         dropout_p=0.0,
     )
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq, dk, dv, _ = backward(
-        dout.to(ct),
-        q.to(ct),
-        k.to(ct),
-        v.to(ct),
-        out.to(ct),
-        lse.to(ct),
-        plan_from_block_mask(bm, cfg.max_chunk),
-        c,
-        (),
-        None if dlse is None else dlse.to(ct),
-    )
+    dout_c, q_c, k_c, v_c, out_c, lse_c = (t.to(ct) for t in (dout, q, k, v, out, lse))
+    dlse_c = None if dlse is None else dlse.to(ct)
+    if ct == torch.float32 and q.device.type == "cpu" and cpu_kernel.available():
+        return cpu_kernel.backward(
+            dout_c, q_c, k_c, v_c, out_c, lse_c, dlse_c, bm, cfg.max_chunk, req.scale
+        )
+    plan = plan_from_block_mask(bm, cfg.max_chunk)
+    dq, dk, dv, _ = backward(dout_c, q_c, k_c, v_c, out_c, lse_c, plan, c, (), dlse_c)
     return dq, dk, dv

@@ -5,6 +5,7 @@ MultiHeadAttention (self, cross, GQA), KVCache, RotaryEmbedding, and transformer
 """
 
 from attnkit.nn.attention import MultiHeadAttention
+from attnkit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.nn.transformer import (
@@ -17,6 +18,7 @@ from attnkit.nn.transformer import (
 
 __all__ = [
     "CausalLM",
+    "Checkpoint",
     "FeedForward",
     "KVCache",
     "MultiHeadAttention",
@@ -24,4 +26,6 @@ __all__ = [
     "Transformer",
     "TransformerDecoderLayer",
     "TransformerEncoderLayer",
+    "load_checkpoint",
+    "save_checkpoint",
 ]

@@ -12,7 +12,7 @@ Shape legend: B batch, S source length, T target length, E model width, V vocabu
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -245,6 +245,23 @@ class Transformer(nn.Module):
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
+        #: the constructor's arguments, so checkpoints can rebuild the model
+        self.config: dict[str, Any] = {
+            "src_vocab": src_vocab,
+            "tgt_vocab": tgt_vocab,
+            "d_model": d_model,
+            "nhead": nhead,
+            "num_encoder_layers": num_encoder_layers,
+            "num_decoder_layers": num_decoder_layers,
+            "dim_feedforward": dim_feedforward,
+            "dropout": dropout,
+            "max_len": max_len,
+            "positions": positions,
+            "encoder_mask": encoder_mask,
+            "tie_embeddings": tie_embeddings,
+            "pad_id": pad_id,
+            "backend": backend,
+        }
         self.pad_id, self.max_len, self.nhead = pad_id, max_len, nhead
         self.src_embed = _Embedding(src_vocab, d_model, max_len, positions, dropout)
         self.tgt_embed = _Embedding(tgt_vocab, d_model, max_len, positions, dropout)
@@ -390,6 +407,20 @@ class CausalLM(nn.Module):
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
+        #: the constructor's arguments, so checkpoints can rebuild the model
+        self.config: dict[str, Any] = {
+            "vocab": vocab,
+            "d_model": d_model,
+            "nhead": nhead,
+            "num_layers": num_layers,
+            "dim_feedforward": dim_feedforward,
+            "dropout": dropout,
+            "max_len": max_len,
+            "positions": positions,
+            "num_kv_heads": num_kv_heads,
+            "mask": mask,
+            "backend": backend,
+        }
         self.max_len = max_len
         self.embed = _Embedding(vocab, d_model, max_len, positions, dropout)
         self.layers = nn.ModuleList(
