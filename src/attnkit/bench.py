@@ -218,16 +218,26 @@ def save_plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 
 def run(
-    quick: bool, json_path: str | None, png_path: str | None, scaling: bool, flex: bool = True
+    quick: bool,
+    json_path: str | None,
+    png_path: str | None,
+    scaling: bool,
+    flex: bool = True,
+    cases: list[tuple[str, int, Mask | None, torch.dtype, bool]] | None = None,
+    ns: Sequence[int] | None = None,
 ) -> int:
-    """The ``attnkit bench`` command: ratio table, then the N sweep; returns the exit code."""
+    """The ``attnkit bench`` command: ratio table, then the N sweep; returns the exit code.
+
+    ``cases`` and ``ns`` replace the standard ratio cases and sweep lengths (tests use tiny ones).
+    """
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
     console = Console(width=150)
-    cases = comparison_cases(quick)
-    ns = [1024, 2048, 4096, 8192] if quick else [4096, 8192, 16384, 32768, 65536]
+    cases = comparison_cases(quick) if cases is None else cases
+    if ns is None:
+        ns = [1024, 2048, 4096, 8192] if quick else [4096, 8192, 16384, 32768, 65536]
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("matmul peak", total=len(cases) + (len(ns) if scaling else 0) + 1)
         peak = matmul_flops()

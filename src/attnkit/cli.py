@@ -2,6 +2,7 @@
 
 attnkit patterns [--length N] [--png FILE]   draw the built-in sparse patterns
 attnkit bench [--quick] [--json F] [--png F]  tiled vs SDPA / FlexAttention, time and memory
+attnkit bench --device cuda [--quick] [--json F] [--markdown F]   triton vs SDPA / Flex, TFLOP/s
 attnkit explain ["TEXT"] [--word W] [--layer L|all] [--steps] [--png F] [--html F] [--sparse M]
                 [--checkpoint LM.pt]            the same for a CausalLM of one's own
 """
@@ -70,6 +71,18 @@ def _cmd_patterns(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from attnkit.explain import UsageError
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch.cuda.is_available() is False on this machine")
+        if args.png:
+            raise UsageError("--png draws the CPU sweep; with --device cuda use --markdown/--json")
+        from attnkit import bench_gpu
+
+        return bench_gpu.run("cuda", args.quick, args.json, args.markdown)
+    if args.markdown:
+        raise UsageError("--markdown is for --device cuda; the CPU tables go to --json")
     from attnkit import bench
 
     return bench.run(args.quick, args.json, args.png, scaling=not args.no_scaling)
@@ -171,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="save every figure and the machine description as JSON")
     b.add_argument("--png", help="save time and memory vs N as a PNG (needs matplotlib)")
     b.add_argument("--no-scaling", action="store_true", help="skip the time/memory-vs-N sweep")
+    b.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: the tiled backend (default); cuda: the Triton kernels, in TFLOP/s",
+    )
+    b.add_argument("--markdown", help="with --device cuda: save the table as Markdown")
     b.set_defaults(func=_cmd_bench)
     from attnkit.explain import DEFAULT_TEXT
 

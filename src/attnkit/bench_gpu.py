@@ -1,0 +1,216 @@
+"""GPU benchmark behind ``attnkit bench --device cuda`` and ``benchmarks/gpu.py``.
+
+attnkit's Triton kernels against torch SDPA (flash; a dense bool mask where the mask is not
+causal) and compiled FlexAttention, in one run: TFLOP/s counted on the FLOPs each mask needs
+(4·B·H·D per attended pair forward, 3.5x that forward+backward), bf16, B=1, H=16 (so the GPU
+is busy at short N too), D = 64 and 128, N = 1k … 32k, dense, causal and sliding window
+(left 1024).
+
+``smoke=True`` runs every code path once on tiny shapes; on CPU tensors that needs
+``TRITON_INTERPRET=1`` and is how the test suite checks this file without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import attnkit
+from attnkit import masks
+from attnkit.masks import Mask
+
+H = 16
+WINDOW = 1024
+COLUMNS = (
+    "case",
+    "N",
+    "D",
+    "pass",
+    "triton TFLOP/s",
+    "SDPA TFLOP/s",
+    "Flex TFLOP/s",
+    "triton / SDPA",
+    "triton / Flex",
+)
+
+
+@dataclass(frozen=True)
+class GpuCase:
+    """One benchmark point: a mask at N tokens and head dim D, forward or forward+backward."""
+
+    name: str
+    mask: Mask | None
+    N: int
+    D: int
+    backward: bool
+
+
+def cases(quick: bool = False, smoke: bool = False) -> list[GpuCase]:
+    """Every (mask, D, N, pass) of the table; ``quick`` stops at 8k tokens and D=64."""
+    window = 16 if smoke else WINDOW
+    kinds = {
+        "dense": None,
+        "causal": masks.causal(),
+        f"sliding_window({window})": masks.sliding_window(window),
+    }
+    if smoke:
+        lengths, dims = [64], [32]
+    elif quick:
+        lengths, dims = [1024, 2048, 4096, 8192], [64]
+    else:
+        lengths, dims = [1024, 2048, 4096, 8192, 16384, 32768], [64, 128]
+    return [
+        GpuCase(name, mask, N, D, backward)
+        for name, mask in kinds.items()
+        for D in dims
+        for N in lengths
+        for backward in (False, True)
+    ]
+
+
+def seconds(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds per call: CUDA events on a GPU, the wall clock elsewhere."""
+    if not torch.cuda.is_available():
+        from torch.utils import benchmark as tb
+
+        return float(tb.Timer("fn()", globals={"fn": fn}).timeit(1).median)
+    fn()  # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _flex(mask: Mask | None, N: int, device: str) -> Callable[..., torch.Tensor]:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    block = None
+    if mask is not None:
+        block = create_block_mask(mask.bind(N, N).fn, None, None, N, N, device=device)
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block)
+
+
+def measure(case: GpuCase, device: str, dtype: torch.dtype, reps: int) -> dict[str, Any]:
+    """One row: seconds and TFLOP/s of triton, SDPA and FlexAttention (None if it fails)."""
+    N, D = case.N, case.D
+    qkv = [
+        torch.randn(1, H, N, D, device=device, dtype=dtype, requires_grad=case.backward)
+        for _ in range(3)
+    ]
+    density = 1.0 if case.mask is None else case.mask.density(N, N)
+    flops = 4 * H * D * density * N * N * (3.5 if case.backward else 1.0)
+    causal = case.name == "causal"
+    dense = None if case.mask is None or causal else case.mask.dense(N, N, device=device)
+
+    def timed(f: Callable[..., torch.Tensor]) -> float:
+        def step() -> None:
+            out = f(*qkv)
+            if case.backward:
+                out.sum().backward()
+
+        if case.backward:
+            return seconds(step, reps)
+        with torch.no_grad():
+            return seconds(step, reps)
+
+    row: dict[str, Any] = {"case": case.name, "N": N, "D": D}
+    row["pass"] = "fwd+bwd" if case.backward else "fwd"
+    row["flops"] = flops
+    row["triton_s"] = timed(
+        lambda q, k, v: attnkit.attention(q, k, v, mask=case.mask, backend="triton")
+    )
+    row["sdpa_s"] = timed(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=causal)
+    )
+    row["flex_s"], row["note"] = None, ""
+    try:
+        row["flex_s"] = timed(_flex(case.mask, N, device))
+    except Exception as exc:  # e.g. FlexAttention cannot compile here; reported, not fatal
+        row["note"] = f"FlexAttention: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
+    return row
+
+
+def cells(row: dict[str, Any]) -> list[str]:
+    """The table cells of one measured row, in ``COLUMNS`` order."""
+
+    def tflops(s: float | None) -> str:
+        return "—" if s is None else f"{row['flops'] / s / 1e12:.1f}"
+
+    flex = row["flex_s"]
+    return [
+        row["case"],
+        str(row["N"]),
+        str(row["D"]),
+        row["pass"],
+        tflops(row["triton_s"]),
+        tflops(row["sdpa_s"]),
+        tflops(flex),
+        f"{row['sdpa_s'] / row['triton_s']:.2f}x",
+        "—" if flex is None else f"{flex / row['triton_s']:.2f}x",
+    ]
+
+
+def markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """The table as Markdown, for ``benchmarks/results/`` and the README."""
+    lines = [f"# Triton backend benchmark\n\n{title}\n"]
+    lines.append("| " + " | ".join(COLUMNS) + " |")
+    lines.append("|" + "|".join("---" if c in ("case", "pass") else "---:" for c in COLUMNS) + "|")
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run(
+    device: str = "cuda",
+    quick: bool = False,
+    json_path: str | None = None,
+    markdown_path: str | None = None,
+    smoke: bool = False,
+) -> int:
+    """``attnkit bench --device cuda``: the table above, with a progress bar; the exit code."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    todo = cases(quick, smoke)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter: fp32
+    reps = 3 if smoke else 20
+    console = Console(width=150)
+    rows = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("", total=len(todo))
+        for case in todo:
+            progress.update(task, description=f"{case.name} N={case.N} D={case.D}")
+            rows.append(measure(case, device, dtype, reps))
+            progress.advance(task)
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU, TRITON_INTERPRET=1"
+    title = f"{where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, B=1, H={H}"
+    table = Table(title=f"attnkit triton vs torch: {title}")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col in ("case", "pass") else "right")
+    for r in rows:
+        table.add_row(*cells(r))
+    console.print(table)
+    for r in rows:
+        if r["note"]:
+            console.print(f"  {r['case']} N={r['N']} D={r['D']} {r['pass']}: {r['note']}")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"device": where, "rows": rows}, indent=1))
+        console.print(f"wrote {json_path}")
+    if markdown_path:
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown_path).write_text(markdown(rows, title))
+        console.print(f"wrote {markdown_path}")
+    return 0

@@ -1,0 +1,77 @@
+"""``attnkit bench``'s code paths on tiny sizes (figures are benchmarks, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnkit import bench, masks
+from attnkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_cpu_bench_writes_tables_json_and_plot(tmp_path, capsys):
+    cases = [
+        ("sliding_window(16)", 96, masks.sliding_window(16), torch.float32, False),
+        ("causal", 64, masks.causal(), torch.bfloat16, True),
+    ]
+    json_path, png_path = tmp_path / "cpu.json", tmp_path / "scaling.png"
+    code = bench.run(False, str(json_path), str(png_path), True, True, cases=cases, ns=[128, 256])
+    assert code == 0
+    shown = capsys.readouterr().out
+    assert "sliding_window(16)" in shown
+    assert "FlexAttention has no CPU backward" in shown
+    data = json.loads(json_path.read_text())
+    assert [r["case"] for r in data["rows"]] == ["sliding_window(16)", "causal"]
+    window, causal = data["rows"]
+    assert window["tiled_s"] > 0
+    assert window["sdpa_s"] > 0
+    assert window["flex_s"] > 0
+    assert causal["pass"] == "fwd+bwd"
+    assert causal["flex_s"] is None
+    assert [r["N"] for r in data["scaling"]] == [128, 256]
+    for r in data["scaling"]:
+        assert r["tiled_fwd_mb"] >= 0
+        assert r["sdpa_fwd_mb"] is not None
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--device", "cuda"], "torch.cuda.is_available() is False"),
+        (["--markdown", "x.md"], "--markdown is for --device cuda"),
+    ],
+)
+def test_bench_usage_errors(argv, why, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv])
+    assert exc.value.code == 2
+    assert why in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
+    """benchmarks/gpu.py --smoke: every case and pass once, Markdown and JSON written."""
+    pytest.importorskip("triton")
+    md, js = tmp_path / "gpu.md", tmp_path / "gpu.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks/gpu.py"), "--smoke", "--out", str(md)]
+    subprocess.run([*cmd, "--json", str(js)], env=env, check=True, capture_output=True)
+    rows = json.loads(js.read_text())["rows"]
+    assert {(r["case"], r["pass"]) for r in rows} == {
+        (c, p) for c in ("dense", "causal", "sliding_window(16)") for p in ("fwd", "fwd+bwd")
+    }
+    assert all(r["triton_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
+    table = [line for line in md.read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(rows)
