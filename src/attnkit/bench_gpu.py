@@ -74,23 +74,15 @@ def cases(quick: bool = False, smoke: bool = False) -> list[GpuCase]:
     ]
 
 
-def seconds(fn: Callable[[], object], reps: int) -> float:
-    """Median seconds per call: CUDA events on a GPU, the wall clock elsewhere."""
-    if not torch.cuda.is_available():
-        from torch.utils import benchmark as tb
+def seconds(fn: Callable[[], object], smoke: bool) -> float:
+    """Median seconds per call (torch's Timer synchronises CUDA around each measurement)."""
+    from torch.utils import benchmark as tb
 
-        return float(tb.Timer("fn()", globals={"fn": fn}).timeit(1).median)
+    timer = tb.Timer("fn()", globals={"fn": fn})
+    if smoke:
+        return float(timer.timeit(1).median)
     fn()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return float(timer.blocked_autorange(min_run_time=0.5).median)
 
 
 def _flex(mask: Mask | None, N: int, device: str) -> Callable[..., torch.Tensor]:
@@ -103,7 +95,7 @@ def _flex(mask: Mask | None, N: int, device: str) -> Callable[..., torch.Tensor]
     return lambda q, k, v: compiled(q, k, v, block_mask=block)
 
 
-def measure(case: GpuCase, device: str, dtype: torch.dtype, reps: int) -> dict[str, Any]:
+def measure(case: GpuCase, device: str, dtype: torch.dtype, smoke: bool = False) -> dict[str, Any]:
     """One row: seconds and TFLOP/s of triton, SDPA and FlexAttention (None if it fails)."""
     N, D = case.N, case.D
     qkv = [
@@ -119,12 +111,12 @@ def measure(case: GpuCase, device: str, dtype: torch.dtype, reps: int) -> dict[s
         def step() -> None:
             out = f(*qkv)
             if case.backward:
-                out.sum().backward()
+                torch.autograd.backward(out.sum())
 
         if case.backward:
-            return seconds(step, reps)
+            return seconds(step, smoke)
         with torch.no_grad():
-            return seconds(step, reps)
+            return seconds(step, smoke)
 
     row: dict[str, Any] = {"case": case.name, "N": N, "D": D}
     row["pass"] = "fwd+bwd" if case.backward else "fwd"
@@ -186,14 +178,13 @@ def run(
 
     todo = cases(quick, smoke)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter: fp32
-    reps = 3 if smoke else 20
     console = Console(width=150)
     rows = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("", total=len(todo))
         for case in todo:
             progress.update(task, description=f"{case.name} N={case.N} D={case.D}")
-            rows.append(measure(case, device, dtype, reps))
+            rows.append(measure(case, device, dtype, smoke))
             progress.advance(task)
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, TRITON_INTERPRET=1"
     title = f"{where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, B=1, H={H}"
