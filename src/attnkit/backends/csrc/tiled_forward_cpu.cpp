@@ -7,6 +7,7 @@
 //   online softmax in log2 units: m, l per row; P = exp2(S - m) in place, fused with row sums
 //   acc = acc·exp2(m_old - m_new) + P · V_chunk  one sgemm
 // Output acc / l; LSE = (m + log2 l)·ln 2, -inf for rows with no key (output row 0).
+// Every output row is written here (out and lse are allocated uninitialised).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,8 +39,9 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
               "tiled_forward: kinds does not match the tile grid");
   const int64_t tiles_per_chunk = std::max<int64_t>(1, max_chunk / block_k);
 
-  auto out = at::zeros({B, Hq, Lq, Dv}, q.options());
-  auto lse = at::full({B, Hq, Lq}, -std::numeric_limits<float>::infinity(), q.options());
+  // Uninitialised: every row is written by its unit, so first touches happen in parallel.
+  auto out = at::empty({B, Hq, Lq, Dv}, q.options());
+  auto lse = at::empty({B, Hq, Lq}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -100,14 +102,16 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
         gemm_rowmajor(false, false, tq, Dv, n, 1.0f, s, n, vbase + k0 * Dv, Dv, 1.0f, acc.data(),
                       Dv);
       }
-      if (!any) continue;
       float* orow = op + ((b * Hq + h) * Lq + q0) * Dv;
       float* lrow = lp + (b * Hq + h) * Lq + q0;
       for (int64_t r = 0; r < tq; ++r) {
-        if (l[r] > 0.0f) {
+        if (any && l[r] > 0.0f) {
           const float inv = 1.0f / l[r];
           for (int64_t c = 0; c < Dv; ++c) orow[r * Dv + c] = acc[r * Dv + c] * inv;
           lrow[r] = (m[r] + std::log2(l[r])) * 0.6931471805599453f;
+        } else {  // no key attended: output 0, LSE -inf
+          std::fill(orow + r * Dv, orow + (r + 1) * Dv, 0.0f);
+          lrow[r] = kNegInf;
         }
       }
     }
