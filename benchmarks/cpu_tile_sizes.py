@@ -3,7 +3,7 @@
     python benchmarks/cpu_tile_sizes.py [--json benchmarks/results/cpu_tile_sizes.json]
 
 Each row is one case, each column one tile configuration (block_k is 64 throughout), all timed
-in one run; the fastest is marked. ``attnkit.backends.tiled.default_config`` follows the result.
+in one run; the fastest is marked. ``attnkit.backends.tiled.tuned_config`` follows the result.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from attnkit import masks
+
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
@@ -54,3 +56,32 @@ def assert_close_scaled(fast, ref64, ref_low, mult=2.0, floor=1e-5):
     assert err <= mult * ref_err + floor, (
         f"error {err:.3g} > {mult} x ref error {ref_err:.3g} + {floor}"
     )
+
+
+def every_mask(Lq, Lk):
+    """Every built-in mask kind, combinations, a custom predicate and a bool tensor."""
+    layout = torch.rand(2, -(-Lq // 32) + 1, -(-Lk // 32) + 1) < 0.4
+    ids = torch.arange(Lk) * 4 // Lk
+    return {
+        "full": masks.full(),
+        "causal": masks.causal(),
+        "causal_tl": masks.causal(align="top_left"),
+        "sliding_window": masks.sliding_window(50),
+        "sliding_sym": masks.sliding_window(20, 20),
+        "dilated": masks.dilated(8, 3),
+        "strided": masks.strided(16),
+        "fixed": masks.fixed(32, 4),
+        "global|window": masks.sliding_window(16, 16) | masks.global_tokens([0, 7]),
+        "bigbird": masks.bigbird(32, 3, 1, 1, seed=2),
+        "block_sparse": masks.block_sparse(layout, 32),
+        "key_padding": masks.key_padding([Lk, Lk // 3]),
+        "padding_mask": masks.from_padding_mask(torch.rand(2, Lk) > 0.3),
+        "document&causal": masks.document(ids) & masks.causal(),
+        "prefix_lm": masks.prefix_lm(40),
+        "custom": masks.custom(lambda b, h, q, kv: (q + 2 * kv) % 5 != 0),
+        "bool_tensor": torch.rand(2, 1, Lq, Lk) > 0.5,
+        "~window": ~masks.sliding_window(30),
+    }
+
+
+MASK_NAMES = list(every_mask(150, 150))

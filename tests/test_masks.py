@@ -7,6 +7,7 @@ import torch
 
 from attnkit import masks
 from attnkit._types import EMPTY, FULL, PARTIAL
+from conftest import MASK_NAMES, every_mask
 
 
 def direct(Lq, Lk, rule, B=1, H=1):
@@ -319,3 +320,25 @@ def test_blocks_cached_per_arguments():
     for Lq in range(1, 21):  # the cache is bounded: old entries go
         m.blocks(Lq, 300, 32, 32)
     assert m.blocks(300, 300, 32, 32) is not a
+
+
+@pytest.mark.parametrize("name", MASK_NAMES)
+def test_from_spec_rebuilds_every_built_in_mask(name):
+    """``from_spec(m.spec)`` gives the same pattern; only custom masks have no spec."""
+    mask = every_mask(45, 70)[name]
+    if not isinstance(mask, masks.Mask):
+        mask = masks.from_dense(mask)
+    if name == "custom":
+        assert mask.spec is None
+        assert (mask & masks.causal()).spec is None
+        return
+    again = masks.from_spec(mask.spec)
+    assert repr(again) == repr(mask)
+    assert torch.equal(again.dense(45, 70, B=2), mask.dense(45, 70, B=2))
+
+
+def test_from_spec_rejects_unknown_specs():
+    with pytest.raises(ValueError, match="no built-in mask"):
+        masks.from_spec(("spiral", 3))
+    with pytest.raises(ValueError, match="causal takes 1 arguments"):
+        masks.from_spec(("causal", "bottom_right", 5))

@@ -13,7 +13,7 @@ import attnkit
 from attnkit import masks, score_mods
 from attnkit.backends import tiled
 from attnkit.backends.tiled import TileConfig
-from conftest import assert_close_scaled, rand_qkv
+from conftest import MASK_NAMES, assert_close_scaled, every_mask, rand_qkv
 
 
 def run_both(q, k, v, backend_kwargs=None, **kw):
@@ -54,34 +54,6 @@ def test_grid_float64(shape, mask_name):
     ]
     q, k, v = rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype=torch.float64, requires_grad=True)
     assert_match_float64(q, k, v, mask=mask)
-
-
-def every_mask(Lq, Lk):
-    layout = torch.rand(2, -(-Lq // 32) + 1, -(-Lk // 32) + 1) < 0.4
-    ids = torch.arange(Lk) * 4 // Lk
-    return {
-        "full": masks.full(),
-        "causal": masks.causal(),
-        "causal_tl": masks.causal(align="top_left"),
-        "sliding_window": masks.sliding_window(50),
-        "sliding_sym": masks.sliding_window(20, 20),
-        "dilated": masks.dilated(8, 3),
-        "strided": masks.strided(16),
-        "fixed": masks.fixed(32, 4),
-        "global|window": masks.sliding_window(16, 16) | masks.global_tokens([0, 7]),
-        "bigbird": masks.bigbird(32, 3, 1, 1, seed=2),
-        "block_sparse": masks.block_sparse(layout, 32),
-        "key_padding": masks.key_padding([Lk, Lk // 3]),
-        "padding_mask": masks.from_padding_mask(torch.rand(2, Lk) > 0.3),
-        "document&causal": masks.document(ids) & masks.causal(),
-        "prefix_lm": masks.prefix_lm(40),
-        "custom": masks.custom(lambda b, h, q, kv: (q + 2 * kv) % 5 != 0),
-        "bool_tensor": torch.rand(2, 1, Lq, Lk) > 0.5,
-        "~window": ~masks.sliding_window(30),
-    }
-
-
-MASK_NAMES = list(every_mask(150, 150))
 
 
 @pytest.mark.parametrize("name", MASK_NAMES)

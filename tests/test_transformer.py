@@ -158,13 +158,22 @@ def test_checkpoint_round_trip(tmp_path):
         assert not ckpt.model.training
         torch.testing.assert_close(run(ckpt.model), run(model.eval()), rtol=0, atol=0)
     assert repr(load_checkpoint(path).model.config["mask"]) == "sliding_window(left=3, right=0)"
-    # a mask without a spec is refused at save time and can be given again at load time
-    custom = CausalLM(9, d_model=16, nhead=2, mask=masks.causal() & masks.strided(2))
+    # combinations of built-in masks, tensor arguments included, are stored by their spec
+    mixed = masks.causal() & (
+        masks.strided(2) | masks.document(torch.tensor([0, 0, 1, 1, 1, 2, 2]))
+    )
+    lm = CausalLM(9, d_model=16, nhead=2, mask=mixed)
+    again = load_checkpoint(save_checkpoint(tmp_path / "mixed.pt", lm)).model
+    assert repr(again.config["mask"]) == repr(mixed)
+    torch.testing.assert_close(again(ids)[0], lm.eval()(ids)[0], rtol=0, atol=0)
+    # a custom mask has no spec: refused at save time, given again at load time
+    odd = masks.causal() & masks.custom(lambda b, h, q, kv: kv % 2 == 0)
+    custom = CausalLM(9, d_model=16, nhead=2, mask=odd)
     with pytest.raises(ValueError, match="has no spec"):
         save_checkpoint(tmp_path / "custom.pt", custom)
     custom.config["mask"] = None
     path = save_checkpoint(tmp_path / "custom.pt", custom)
-    again = load_checkpoint(path, mask=masks.causal() & masks.strided(2)).model
+    again = load_checkpoint(path, mask=odd).model
     torch.testing.assert_close(again(ids)[0], custom.eval()(ids)[0], rtol=0, atol=0)
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an attnkit checkpoint"):

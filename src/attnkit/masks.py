@@ -24,10 +24,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec
 
 import torch
 from torch import Tensor
@@ -84,8 +86,10 @@ class Mask:
             (bottom-right alignment, BigBird's random blocks) resolve them here.
         batch: the batch size the mask is tied to (e.g. per-sequence padding), or None.
         heads: the head count the mask is tied to (e.g. a per-head layout), or None.
-        spec: a machine-readable description of built-in patterns, e.g. ("causal", align) or
-            ("sliding_window", left, right, align), so kernels can compute them in-kernel.
+        spec: how a built-in pattern was made, so ``from_spec`` can rebuild it and backends can
+            recognise it: the factory's name and its arguments in signature order, e.g.
+            ("causal", align) or ("sliding_window", left, right, align); ("&", spec_a, spec_b),
+            ("|", …) and ("~", spec) for combinations; None for ``custom`` masks.
     """
 
     def __init__(
@@ -132,7 +136,8 @@ class Mask:
 
             return BoundMask(lambda b, h, q, kv: ~a.fn(b, h, q, kv), tiles, a.exact)
 
-        return Mask(f"~{self.name}", bind, batch=self.batch, heads=self.heads)
+        spec = None if self.spec is None else ("~", self.spec)
+        return Mask(f"~{self.name}", bind, batch=self.batch, heads=self.heads, spec=spec)
 
     # ---- materialisation ---------------------------------------------------------------
     def _sizes(self, B: int | None, H: int | None) -> tuple[int, int]:
@@ -297,6 +302,7 @@ def _combine(a: Mask, b: Mask, op: str) -> Mask:
         bind,
         batch=_merged_size(a.batch, b.batch, "B"),
         heads=_merged_size(a.heads, b.heads, "H"),
+        spec=None if a.spec is None or b.spec is None else (op, a.spec, b.spec),
     )
 
 
@@ -313,9 +319,7 @@ def _tile_counts(flags: Tensor, block: int) -> tuple[Tensor, Tensor]:
     return counts, lengths
 
 
-def _diff_mask(
-    name: str, keep: Callable[[Tensor], Tensor], align: Align, spec: tuple[Any, ...] | None = None
-) -> Mask:
+def _diff_mask(name: str, keep: Callable[[Tensor], Tensor], align: Align) -> Mask:
     """A mask that depends only on d = kv - (q + offset): causal, windows, dilated, strided.
 
     A rectangular tile contains exactly the differences [k_lo - q_hi, k_hi - q_lo], so a prefix
@@ -342,12 +346,33 @@ def _diff_mask(
 
         return BoundMask(fn, tiles, exact=True)
 
-    return Mask(name, bind, spec=spec)
+    return Mask(name, bind)
 
 
 # ---- the pattern library -----------------------------------------------------------------
 
+_P = ParamSpec("_P")
+#: built-in factories by name, for ``from_spec``
+_FACTORIES: dict[str, Callable[..., Mask]] = {}
 
+
+def _builtin(factory: Callable[_P, Mask]) -> Callable[_P, Mask]:
+    """Record each call of a built-in factory as its mask's ``spec``: name, then arguments."""
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def make(*args: _P.args, **kwargs: _P.kwargs) -> Mask:
+        mask = factory(*args, **kwargs)
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        mask.spec = (factory.__name__, *call.arguments.values())
+        return mask
+
+    _FACTORIES[factory.__name__] = make
+    return make
+
+
+@_builtin
 def full() -> Mask:
     """Every query attends to every key."""
 
@@ -361,12 +386,14 @@ def full() -> Mask:
     return Mask("full()", bind)
 
 
+@_builtin
 def causal(*, align: Align = "bottom_right") -> Mask:
     """Query i attends to keys j <= i + offset (offset = Lk - Lq bottom-right, 0 top-left)."""
     name = f"causal(align={align!r})" if align != "bottom_right" else "causal()"
-    return _diff_mask(name, lambda d: d <= 0, align, spec=("causal", align))
+    return _diff_mask(name, lambda d: d <= 0, align)
 
 
+@_builtin
 def sliding_window(left: int, right: int = 0, *, align: Align = "bottom_right") -> Mask:
     """Keys in [i + off - left, i + off + right]; -1 leaves that side unbounded.
 
@@ -386,23 +413,33 @@ def sliding_window(left: int, right: int = 0, *, align: Align = "bottom_right") 
         return ok
 
     name = f"sliding_window(left={left}, right={right})"
-    return _diff_mask(name, keep, align, spec=("sliding_window", left, right, align))
+    return _diff_mask(name, keep, align)
 
 
 def from_spec(spec: Sequence[Any]) -> Mask:
-    """Rebuild a built-in mask from its ``spec`` (``Mask.spec``), e.g. when loading a checkpoint.
+    """Rebuild a built-in mask (or a combination of them) from its ``Mask.spec``.
 
     >>> from_spec(sliding_window(32).spec)
     sliding_window(left=32, right=0)
+    >>> from_spec((causal() | global_tokens([0])).spec)
+    (causal() | global_tokens([0]))
     """
     name, *args = spec
-    if name == "causal":
-        return causal(align=args[0])
-    if name == "sliding_window":
-        return sliding_window(args[0], args[1], align=args[2])
-    raise ValueError(f"no built-in mask has the spec {tuple(spec)!r}")
+    if name in ("&", "|"):
+        a, b = (from_spec(s) for s in args)
+        return a & b if name == "&" else a | b
+    if name == "~":
+        return ~from_spec(args[0])
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        raise ValueError(f"no built-in mask has the spec {tuple(spec)!r}")
+    params = list(inspect.signature(factory).parameters)
+    if len(args) != len(params):
+        raise ValueError(f"spec {tuple(spec)!r}: {name} takes {len(params)} arguments")
+    return factory(**dict(zip(params, args, strict=True)))
 
 
+@_builtin
 def dilated(
     window: int, dilation: int, *, causal: bool = False, align: Align = "bottom_right"
 ) -> Mask:
@@ -423,6 +460,7 @@ def dilated(
     )
 
 
+@_builtin
 def strided(stride: int, *, align: Align = "bottom_right") -> Mask:
     """Sparse Transformer's strided pattern (causal).
 
@@ -437,6 +475,7 @@ def strided(stride: int, *, align: Align = "bottom_right") -> Mask:
     return _diff_mask(f"strided(stride={stride})", keep, align)
 
 
+@_builtin
 def fixed(block: int, summary: int = 1, *, align: Align = "bottom_right") -> Mask:
     """Sparse Transformer's fixed pattern (causal).
 
@@ -486,6 +525,7 @@ def fixed(block: int, summary: int = 1, *, align: Align = "bottom_right") -> Mas
     return Mask(f"fixed(block={block}, summary={summary})", bind)
 
 
+@_builtin
 def prefix_lm(prefix_len: int, *, align: Align = "bottom_right") -> Mask:
     """Bidirectional over the first ``prefix_len`` keys, causal after them."""
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
@@ -510,6 +550,7 @@ def prefix_lm(prefix_len: int, *, align: Align = "bottom_right") -> Mask:
     return Mask(f"prefix_lm(prefix_len={prefix_len})", bind)
 
 
+@_builtin
 def global_tokens(indices: Sequence[int] | Tensor, *, align: Align = "bottom_right") -> Mask:
     """Global tokens (Longformer/BigBird): they attend to all keys and all queries attend to them.
 
@@ -551,6 +592,7 @@ def global_tokens(indices: Sequence[int] | Tensor, *, align: Align = "bottom_rig
     return Mask(f"global_tokens({_short(idx)})", bind)
 
 
+@_builtin
 def key_padding(lengths: Sequence[int] | Tensor) -> Mask:
     """Sequence b attends to its first ``lengths[b]`` keys only (right padding)."""
     lens = _as_index_tensor("lengths", lengths).flatten()
@@ -572,6 +614,7 @@ def key_padding(lengths: Sequence[int] | Tensor) -> Mask:
     return Mask(f"key_padding(lengths={_short(lens)})", bind, batch=_batch_of(lens.numel()))
 
 
+@_builtin
 def from_padding_mask(valid: Tensor) -> Mask:
     """Keys where ``valid`` (B, Lk) is True are real tokens; False keys are padding.
 
@@ -600,6 +643,7 @@ def from_padding_mask(valid: Tensor) -> Mask:
     return Mask(f"from_padding_mask(B={valid.shape[0]})", bind, batch=_batch_of(valid.shape[0]))
 
 
+@_builtin
 def document(
     ids: Sequence[int] | Tensor,
     kv_ids: Sequence[int] | Tensor | None = None,
@@ -701,6 +745,7 @@ def _layout_bound(layout: Tensor, block: int, q_shift: int) -> BoundMask:
     return BoundMask(fn, tiles, exact=True)
 
 
+@_builtin
 def block_sparse(layout: Tensor, block: int) -> Mask:
     """DeepSpeed-style block-sparse attention from a block layout.
 
@@ -730,6 +775,7 @@ def block_sparse(layout: Tensor, block: int) -> Mask:
     )
 
 
+@_builtin
 def bigbird(
     block: int,
     num_window: int = 3,
@@ -777,6 +823,7 @@ def bigbird(
     )
 
 
+@_builtin
 def from_dense(mask: Tensor) -> Mask:
     """Wrap a dense bool tensor (Lq, Lk), (H|1, Lq, Lk) or (B|1, H|1, Lq, Lk); True = attend."""
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or not 2 <= mask.dim() <= 4:

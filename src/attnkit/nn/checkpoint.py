@@ -11,8 +11,9 @@
 (['a', 'b', ' '], sliding_window(left=4, right=0))
 
 The file is a plain dict that ``torch.load(weights_only=True)`` reads: ``format``, ``class``,
-``config`` (masks by their ``spec``), ``state_dict``, ``vocab`` and ``meta``. Masks without a
-spec (anything but causal and sliding_window) are passed again to ``load_checkpoint``.
+``config`` (masks by their ``spec``: built-in masks and their combinations, tensor arguments
+included), ``state_dict``, ``vocab`` and ``meta``. ``custom`` masks have no spec: save the
+model with ``config["mask"] = None`` and pass the mask again to ``load_checkpoint``.
 """
 
 from __future__ import annotations
