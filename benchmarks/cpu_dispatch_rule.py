@@ -2,8 +2,11 @@
 
     python benchmarks/cpu_dispatch_rule.py
 
-For N = 256, 1024, 4096 (B=1, H=8, D=64, float32, forward) and masks from fully dense to
-sparse, as Mask objects and as a bool tensor; prints what ``attnkit.dispatch`` picks.
+For N = 64 … 4096 (B=1, H=8, D=64): first no mask and causal (SDPA's fused kernels,
+no mask tensor) in float32/bfloat16, forward and forward+backward; then, in float32 forward,
+masks from fully dense to sparse, as Mask objects and as a bool tensor; and one query over a
+KV cache.
+Prints what ``attnkit.dispatch`` picks.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import attnkit
 from attnkit import masks
 from attnkit.bench import seconds
 
+LENGTHS = (64, 128, 256, 1024, 4096)
+
 
 def cases(N: int) -> dict[str, object]:
     return {
@@ -26,6 +31,70 @@ def cases(N: int) -> dict[str, object]:
         "bool tensor, random 90 %": torch.rand(N, N) < 0.9,
         "bool tensor, sliding_window(N/8)": masks.sliding_window(N // 8).dense(N, N)[0, 0],
     }
+
+
+def time_pass(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object, backend: str
+) -> float:
+    """Seconds for forward+backward (inputs that require grad) or forward."""
+    if not q.requires_grad:
+        return time_forward(q, k, v, mask, backend)
+    return seconds(
+        lambda: torch.autograd.backward(
+            attnkit.attention(q, k, v, mask=mask, backend=backend).sum()
+        )
+    )
+
+
+def unmasked_table() -> Table:
+    """No mask and causal: where SDPA runs its fused kernels without a mask tensor."""
+    table = Table(title="no mask / causal: tiled vs SDPA's fused kernels, ms (B=1, H=8, D=64)")
+    for col in ("N", "mask", "dtype", "pass", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
+        table.add_column(col, justify="left" if col in ("mask", "dtype", "pass") else "right")
+    for N in LENGTHS:
+        for dtype in (torch.float32, torch.bfloat16):
+            for backward in (False, True):
+                q, k, v = (
+                    torch.randn(1, 8, N, 64, dtype=dtype, requires_grad=backward) for _ in range(3)
+                )
+                for name, mask in (("none", None), ("causal", masks.causal())):
+                    t_tiled, t_sdpa = (time_pass(q, k, v, mask, b) for b in ("tiled", "sdpa"))
+                    table.add_row(
+                        str(N),
+                        name,
+                        str(dtype).removeprefix("torch."),
+                        "fwd+bwd" if backward else "fwd",
+                        f"{t_tiled * 1e3:.2f}",
+                        f"{t_sdpa * 1e3:.2f}",
+                        f"{t_sdpa / t_tiled:.2f}x",
+                        attnkit.dispatch(q, k, v, mask=mask).backend,
+                    )
+    return table
+
+
+def decoding_table() -> Table:
+    """One query over a KV cache (Lq = 1): bottom-right masks are general masks here."""
+    table = Table(title="decoding, Lq = 1 over Lk cached keys, forward µs (B=1, H=8, D=64, fp32)")
+    for col in ("Lk", "mask", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
+        table.add_column(col, justify="left" if col == "mask" else "right")
+    for Lk in (64, 1024, 4096):
+        q = torch.randn(1, 8, 1, 64)
+        k, v = (torch.randn(1, 8, Lk, 64) for _ in range(2))
+        for name, mask in (
+            ("none", None),
+            ("causal", masks.causal()),
+            ("sliding_window(256)", masks.sliding_window(256)),
+        ):
+            t_tiled, t_sdpa = (time_forward(q, k, v, mask, b) for b in ("tiled", "sdpa"))
+            table.add_row(
+                str(Lk),
+                name,
+                f"{t_tiled * 1e6:.0f}",
+                f"{t_sdpa * 1e6:.0f}",
+                f"{t_sdpa / t_tiled:.2f}x",
+                attnkit.dispatch(q, k, v, mask=mask).backend,
+            )
+    return table
 
 
 def time_forward(
@@ -40,21 +109,27 @@ def main() -> None:
     for col in ("N", "mask", "density", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
         table.add_column(col, justify="left" if col == "mask" else "right")
     torch.manual_seed(0)
-    for N in (256, 1024, 4096):
+    for N in LENGTHS:
         q, k, v = (torch.randn(1, 8, N, 64) for _ in range(3))
         for name, mask in cases(N).items():
-            dense = mask if isinstance(mask, torch.Tensor) else mask.dense(N, N)
+            if mask is None or isinstance(mask, torch.Tensor):
+                density = 1.0 if mask is None else float(mask.float().mean())
+            else:
+                density = mask.density(N, N)
             t_tiled, t_sdpa = (time_forward(q, k, v, mask, b) for b in ("tiled", "sdpa"))
             table.add_row(
                 str(N),
                 name,
-                f"{float(dense.float().mean()):.2f}",
+                f"{density:.2f}",
                 f"{t_tiled * 1e3:.2f}",
                 f"{t_sdpa * 1e3:.2f}",
                 f"{t_sdpa / t_tiled:.2f}x",
                 attnkit.dispatch(q, k, v, mask=mask).backend,
             )
-    Console(width=140).print(table)
+    console = Console(width=140)
+    console.print(unmasked_table())
+    console.print(decoding_table())
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -73,10 +75,30 @@ def test_dispatch_prefers_sdpa_when_expressible():
     assert set(attnkit.backends()) >= {"reference", "sdpa"}
 
 
+def test_dispatch_causal_on_cpu_by_size_and_dtype():
+    """Causal goes to tiled from TILED_CAUSAL_MIN_PAIRS pairs in float32/bfloat16 only."""
+    from attnkit.functional import TILED_CAUSAL_MIN_PAIRS
+
+    causal = masks.causal()
+    side = math.isqrt(TILED_CAUSAL_MIN_PAIRS // 4 - 1) + 1  # smallest L with 4·L² >= it
+    for L, dtype, expected in (
+        (side, torch.float32, "tiled"),
+        (side, torch.bfloat16, "tiled"),
+        (side - 1, torch.float32, "sdpa"),
+        (side, torch.float64, "sdpa"),
+        (side, torch.float16, "sdpa"),
+    ):
+        q, k, v = rand_qkv(2, 2, 1, L, L, 8, dtype=dtype)
+        assert attnkit.dispatch(q, k, v, mask=causal).backend == expected, (L, dtype)
+    q, k, v = rand_qkv(2, 2, 1, side, side + 5, 8)  # bottom-right, Lq != Lk: a general mask
+    assert attnkit.dispatch(q, k, v, mask=causal).backend == "tiled"
+
+
 def test_dispatch_rule_on_cpu():
     q, k, v = rand_qkv(1, 2, 2, 4096, 4096, 8)
     assert attnkit.dispatch(q, k, v).backend == "sdpa"
-    assert attnkit.dispatch(q, k, v, mask=masks.causal()).backend == "sdpa"
+    assert attnkit.dispatch(q, k, v, mask=masks.causal()).backend == "tiled"
+    assert attnkit.dispatch(q, k, v, mask=masks.causal(align="top_left")).backend == "tiled"
     for mask in (masks.sliding_window(256), ~masks.sliding_window(256), masks.key_padding([9])):
         assert attnkit.dispatch(q, k, v, mask=mask).backend == "tiled"
     window = masks.sliding_window(256).dense(4096, 4096)

@@ -86,6 +86,15 @@ def _request(
 #: once and cached, so they always go to tiled (1.3-1.4x SDPA even with every tile full).
 TILED_DENSITY_THRESHOLD = 0.75
 
+#: Plain causal attention on CPU goes to tiled from this many (query, key) pairs B·Hq·Lq·Lk
+#: (8 heads of 128²): tiled ran at 1.12-1.72x SDPA's is_causal from N = 128 to 4096 in fp32
+#: and bf16, forward and forward+backward, except bf16 fwd+bwd at 4096 (0.93x); at N = 64 it
+#: ran at 0.60-0.89x (1.5x for bf16 fwd+bwd), its fixed cost per call showing.
+TILED_CAUSAL_MIN_PAIRS = 8 * 128 * 128
+#: dtypes the compiled CPU kernels serve (bfloat16 converted around them); float64 and float16
+#: run tiled in PyTorch ops, not measured against SDPA
+_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def _auto(req: Request) -> DispatchDecision:
     if req.q.device.type == "cuda" and triton.unsupported_reason(req) is None:
@@ -93,8 +102,16 @@ def _auto(req: Request) -> DispatchDecision:
     why_not_sdpa = sdpa.unsupported_reason(req)
     if why_not_sdpa is not None:
         return DispatchDecision("tiled", f"{why_not_sdpa}; tiled can, in O(N) memory")
-    if req.mask is None or sdpa.is_plain_causal(req.mask, req.shapes.Lq, req.shapes.Lk):
-        return DispatchDecision("sdpa", "dense or causal: torch SDPA's fused kernel is fastest")
+    if req.mask is None:
+        return DispatchDecision("sdpa", "no mask: torch SDPA's fused kernel (tiled is no faster)")
+    if sdpa.is_plain_causal(req.mask, req.shapes.Lq, req.shapes.Lk):
+        s = req.shapes
+        big = s.B * s.Hq * s.Lq * s.Lk >= TILED_CAUSAL_MIN_PAIRS
+        if req.q.device.type == "cpu" and req.q.dtype in _CPU_KERNEL_DTYPES and big:
+            return DispatchDecision(
+                "tiled", "causal on CPU: tiled skips the upper tiles and beats SDPA's is_causal"
+            )
+        return DispatchDecision("sdpa", "causal: torch SDPA's fused is_causal kernel")
     if req.q.device.type != "cpu":
         return DispatchDecision("sdpa", "non-CPU tensors: SDPA with the mask as a bool tensor")
     if not isinstance(req.mask, Tensor):
@@ -240,10 +257,15 @@ def dispatch(
 
     0. CUDA tensors that the Triton kernels support: triton.
     1. SDPA cannot do it (score_mod, return_lse, dropout): tiled.
-    2. No mask, or plain causal: SDPA (torch's fused kernel; tiled runs at 1.00-1.06x its speed).
-    3. Any other Mask or BlockMask on CPU: tiled. A bool tensor mask on CPU: tiled when its
+    2. No mask: SDPA (torch's fused kernel; tiled runs at 0.55-1.8x its speed, with no
+       consistent winner).
+    3. Plain causal: on CPU in float32/bfloat16 with at least ``TILED_CAUSAL_MIN_PAIRS``
+       (query, key) pairs, tiled (it skips the upper tiles); otherwise SDPA's is_causal.
+    4. Any other Mask or BlockMask on CPU: tiled. A bool tensor mask on CPU: tiled when its
        BlockMask leaves fewer than ``TILED_DENSITY_THRESHOLD`` of the tiles to compute.
        Otherwise (and on other devices): SDPA with a bool mask.
+
+    ``python benchmarks/cpu_dispatch_rule.py`` measures each case on the machine at hand.
     """
     req = _request(q, k, v, mask, score_mod, None, dropout_p, None, return_lse)
     return _auto(req)

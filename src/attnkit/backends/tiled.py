@@ -33,7 +33,7 @@ from attnkit._types import EMPTY, FULL, MaskFn, ScoreModFn, Shapes
 from attnkit.backends import cpu_kernel
 from attnkit.backends._common import Request
 from attnkit.block_mask import BlockMask
-from attnkit.masks import Mask, from_dense
+from attnkit.masks import Mask, from_dense, full
 
 NAME = "tiled"
 
@@ -102,15 +102,16 @@ class Plan:
     mask_fn: MaskFn | None
 
 
+_NO_MASK = full()
+
+
 def block_mask_for(req: Request, cfg: TileConfig) -> BlockMask:
     """The request's mask as a BlockMask (all tiles full when there is no mask)."""
     s, mask = req.shapes, req.mask
     if isinstance(mask, BlockMask):
         return mask
     if mask is None:
-        n_q, n_k = -(-s.Lq // cfg.block_q), -(-s.Lk // cfg.block_k)
-        kinds = torch.full((1, 1, n_q, n_k), FULL, dtype=torch.int8)
-        return BlockMask(kinds, cfg.block_q, cfg.block_k, s.Lq, s.Lk, None, name="full()")
+        mask = _NO_MASK  # one shared Mask, so its BlockMasks are cached across calls
     if isinstance(mask, Tensor):
         m4 = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
         mask = from_dense(m4.expand(m4.shape[0], m4.shape[1], s.Lq, s.Lk))
