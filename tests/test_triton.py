@@ -137,3 +137,21 @@ def test_runs_under_torch_compile():
         return attnkit.attention(q, k, v, mask=masks.causal(), backend="triton")
 
     torch.testing.assert_close(torch.compile(f)(q, k, v), f(q, k, v))
+
+
+def test_tile_lists_built_once_per_mask_and_device():
+    """Calls that reuse a mask reuse its tile lists (no argsort or host-to-device copy)."""
+    from attnkit.backends import triton as tr
+    from attnkit.functional import _request
+
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 40, 40, 16))
+    launch = tr.choose_launch(16, q.dtype, q.device)
+
+    def lists(mask):
+        return tr.tile_lists(_request(q, k, v, mask, None, None, 0.0, None, False), launch)
+
+    mask = masks.sliding_window(9)
+    first = lists(mask)
+    assert lists(mask) is first
+    assert lists(masks.sliding_window(9)) is not first  # another mask object builds its own
+    assert first["kv_num"].device == q.device

@@ -6,12 +6,15 @@ evaluates the mask predicate only on partial tiles. ``Mask.blocks()`` builds one
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from attnkit._types import EMPTY, FULL, PARTIAL, MaskFn
+
+_T = TypeVar("_T")
 
 # Upper bound on predicate evaluations held in memory at once while refining tiles.
 _REFINE_CHUNK_ELEMENTS = 1 << 23
@@ -51,7 +54,20 @@ class BlockMask:
         self.q_len, self.kv_len = q_len, kv_len
         self.mask_fn = mask_fn
         self.name = name
-        self._bitmaps: tuple[Tensor, Tensor] | None = None  # partial_bitmaps(self), once
+        # what kernels derive from the tile map (bitmaps, per-device tile lists), by key
+        self._derived: dict[Hashable, Any] = {}
+
+    def derived(self, key: Hashable, build: Callable[[], _T]) -> _T:
+        """``build()``, computed once per ``key`` and kept on this BlockMask.
+
+        For data a kernel derives from the tile map (partial-tile bitmaps, tile lists on a
+        device): masks cache their BlockMasks, so every layer and step that reuses a mask
+        reuses these too.
+        """
+        if key not in self._derived:
+            self._derived[key] = build()
+        value: _T = self._derived[key]
+        return value
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -157,7 +173,7 @@ def refine_partial_tiles(bm: BlockMask) -> BlockMask:
     """Evaluate the predicate on every partial tile and reclassify it exactly (in place)."""
     assert bm.mask_fn is not None
     kinds = bm.kinds
-    bm._bitmaps = None  # tile kinds change: any bitmaps computed before are stale
+    bm._derived.clear()  # tile kinds change: anything derived from them before is stale
     for tiles, b, h, q, kv, valid in iter_partial_tiles(bm):
         vals = _eval(bm.mask_fn, b, h, q, kv, valid)
         any_ = vals.flatten(1).any(1)
@@ -185,8 +201,10 @@ def partial_bitmaps(bm: BlockMask) -> tuple[Tensor, Tensor]:
         bitmaps bool (nPartial, block_q, block_k): True = attend (False past Lq / Lk).
         Computed once per BlockMask and kept on it.
     """
-    if bm._bitmaps is not None:
-        return bm._bitmaps
+    return bm.derived("partial_bitmaps", lambda: _evaluate_partial_tiles(bm))
+
+
+def _evaluate_partial_tiles(bm: BlockMask) -> tuple[Tensor, Tensor]:
     dev = bm.kinds.device
     tile_index = torch.full(bm.kinds.shape, -1, dtype=torch.int64, device=dev)
     partial = bm.kinds == PARTIAL
@@ -199,5 +217,4 @@ def partial_bitmaps(bm: BlockMask) -> tuple[Tensor, Tensor]:
             vals = _eval(bm.mask_fn, b, h, q, kv, valid)
             bitmaps[done : done + tiles.shape[0]] = vals
             done += tiles.shape[0]
-    bm._bitmaps = (tile_index, bitmaps)
-    return bm._bitmaps
+    return tile_index, bitmaps

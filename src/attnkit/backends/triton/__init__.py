@@ -19,7 +19,7 @@ from torch import Tensor
 from attnkit._types import EMPTY
 from attnkit.backends._common import Request
 from attnkit.backends.tiled import TileConfig, block_mask_for
-from attnkit.block_mask import partial_bitmaps
+from attnkit.block_mask import BlockMask, partial_bitmaps
 from attnkit.score_mods import ScoreMod
 
 NAME = "triton"
@@ -111,7 +111,7 @@ def tile_lists(req: Request, launch: Launch) -> dict[str, Tensor]:
     """The BlockMask as the kernels read it, on the request's device.
 
     Per q-tile row and per kv-tile column: the count of non-empty tiles and their indices
-    (non-empty first); and the partial tiles' bitmaps.
+    (non-empty first); and the partial tiles' bitmaps. Built once per BlockMask and device.
     """
     bm = block_mask_for(req, TileConfig(launch.block_m, launch.block_n, launch.block_n))
     if (bm.block_q, bm.block_k) != (launch.block_m, launch.block_n):
@@ -120,13 +120,17 @@ def tile_lists(req: Request, launch: Launch) -> dict[str, Tensor]:
             f"({bm.block_q}, {bm.block_k}); build it with mask.blocks(..., "
             f"{launch.block_m}, {launch.block_n})"
         )
+    dev = req.q.device
+    return bm.derived(("triton_tile_lists", str(dev)), lambda: _build_tile_lists(bm, dev))
+
+
+def _build_tile_lists(bm: BlockMask, dev: torch.device) -> dict[str, Tensor]:
     kinds = bm.kinds.cpu()
     empty = (kinds == EMPTY).to(torch.int8)
     rows_idx = torch.argsort(empty, dim=-1, stable=True)  # non-empty kv tiles first
     cols = empty.transpose(-1, -2).contiguous()
     cols_idx = torch.argsort(cols, dim=-1, stable=True)
     tile_index, bitmaps = partial_bitmaps(bm)
-    dev = req.q.device
     return {
         "kv_num": (1 - empty).sum(-1).to(torch.int32).contiguous().to(dev),
         "kv_idx": rows_idx.to(torch.int32).contiguous().to(dev),
