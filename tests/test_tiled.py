@@ -279,7 +279,7 @@ def test_portable_simd_kernel_every_mask():
         req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, True)
         bm = tiled.block_mask_for(req, TileConfig(32, 32, 64))
         tile_index, bitmaps = partial_bitmaps(bm)
-        args = (q, k, v, bm.kinds, tile_index, bitmaps, 32, 32, 64, 24**-0.5)
+        args = (q, k, v, bm.kinds, tile_index, bitmaps, torch.empty(0), 32, 32, 64, 24**-0.5, 0.0)
         out, lse = torch.ops.attnkit_portable.tiled_forward(*args)
         assert_close_scaled(out, ref64, ref32, mult=2.0, floor=1e-6)
         finite = torch.isfinite(lse64)
@@ -342,3 +342,70 @@ def test_block_backward_matches_reference(dtype):
         assert_close_scaled(
             g, r64, r_low, mult=2.0, floor=1e-5 if dtype == torch.float32 else 1e-12
         )
+
+
+KERNEL_MODS = {
+    "alibi": lambda H: score_mods.alibi(score_mods.alibi_slopes(H)),
+    "softcap": lambda H: score_mods.softcap(2.0),
+    "alibi+softcap": lambda H: score_mods.compose(
+        score_mods.alibi(score_mods.alibi_slopes(H)), score_mods.softcap(2.0)
+    ),
+}
+
+
+@pytest.mark.parametrize("mask_name", ["none", "causal", "sliding_sym", "document&causal"])
+@pytest.mark.parametrize("mod_name", list(KERNEL_MODS))
+def test_compiled_kernels_apply_alibi_and_softcap(mod_name, mask_name, monkeypatch):
+    """ALiBi/softcap inside the float32 CPU kernels vs the float64 reference: out, LSE, grads."""
+    from attnkit.backends import cpu_kernel
+
+    calls = []
+    for fn in ("forward", "backward"):
+        real = getattr(cpu_kernel, fn)
+        monkeypatch.setattr(
+            cpu_kernel, fn, lambda *a, _f=real, _n=fn, **kw: calls.append(_n) or _f(*a, **kw)
+        )
+    Lq, Lk = 77, 130  # Lq != Lk: ALiBi's bottom-right offset matters
+    mask = None if mask_name == "none" else every_mask(Lq, Lk)[mask_name]
+    mod = KERNEL_MODS[mod_name](4)
+    q64, k64, v64 = rand_qkv(2, 4, 2, Lq, Lk, 24, dtype=torch.float64)
+    q64 = q64 * 3  # large scores, so the softcap bends them
+    dout = torch.randn(2, 4, Lq, 24, dtype=torch.float64)
+
+    def run(q, k, v, backend):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out, lse = attnkit.attention(
+            q, k, v, mask=mask, score_mod=mod, backend=backend, return_lse=True
+        )
+        loss = (out * dout.to(out.dtype)).sum() + lse.masked_fill(torch.isinf(lse), 0).sum()
+        return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
+
+    ref64 = run(q64, k64, v64, "reference")
+    q, k, v = q64.float(), k64.float(), v64.float()
+    ref32 = run(q, k, v, "reference")
+    got = run(q, k, v, "tiled")
+    assert calls == ["forward", "backward"]
+    for what, g, r64, r32 in zip(("out", "lse", "dq", "dk", "dv"), got, ref64, ref32, strict=True):
+        finite = torch.isfinite(r64)
+        assert torch.equal(torch.isfinite(g), finite), what
+        mult = 2.0 if what in ("out", "lse") else 4.0
+        assert_close_scaled(g[finite], r64[finite], r32[finite], mult=mult, floor=1e-5)
+
+
+def test_learnable_alibi_slopes_take_the_pytorch_path_and_get_gradients():
+    """The kernels compute no slope gradient, so trainable slopes run the PyTorch loops."""
+    slopes = score_mods.alibi_slopes(2).double().requires_grad_()
+    q, k, v = rand_qkv(1, 2, 2, 20, 20, 8, dtype=torch.float64)
+    grads = []
+    for backend, dtype in (("reference", torch.float64), ("tiled", torch.float32)):
+        s = slopes.detach().to(dtype).requires_grad_()
+        out = attnkit.attention(
+            q.to(dtype),
+            k.to(dtype),
+            v.to(dtype),
+            mask=masks.causal(),
+            score_mod=score_mods.alibi(s),
+            backend=backend,
+        )
+        grads.append(torch.autograd.grad(out.square().sum(), s)[0])
+    torch.testing.assert_close(grads[1].double(), grads[0], rtol=1e-4, atol=1e-5)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,11 +30,13 @@ from torch import Tensor
 from attnkit._types import ScoreModFn
 
 __all__ = [
+    "KernelMods",
     "ScoreMod",
     "alibi",
     "alibi_slopes",
     "compose",
     "custom",
+    "kernel_mods",
     "relative_bias",
     "resolve",
     "softcap",
@@ -229,3 +232,38 @@ def custom(fn: ScoreModFn, name: str | None = None) -> ScoreMod:
     if not callable(fn):
         raise TypeError(f"custom score_mod needs a callable, got {fn!r}")
     return ScoreMod(name or f"custom({getattr(fn, '__name__', 'fn')})", lambda Lq, Lk: fn)
+
+
+@dataclass(frozen=True)
+class KernelMods:
+    """Score mods that attnkit's kernels apply themselves: ALiBi slopes and/or a softcap.
+
+    Applied in that order, in natural units after scaling and before the mask, as
+    ``compose(alibi(slopes), softcap(cap))`` would. ``softcap`` 0 means none.
+    """
+
+    slopes: Tensor | None = None
+    softcap: float = 0.0
+
+    @property
+    def learns_slopes(self) -> bool:
+        """Whether the slopes want a gradient (kernels do not compute one)."""
+        return self.slopes is not None and self.slopes.requires_grad and torch.is_grad_enabled()
+
+
+def kernel_mods(score_mod: object) -> KernelMods | None:
+    """None, alibi, softcap or compose(alibi, softcap) as ``KernelMods``; None for any other."""
+    if score_mod is None:
+        return KernelMods()
+    if not isinstance(score_mod, ScoreMod):
+        return None
+    if score_mod.kind == "alibi":
+        return KernelMods(slopes=score_mod.params["slopes"])
+    if score_mod.kind == "softcap":
+        return KernelMods(softcap=score_mod.params["cap"])
+    if score_mod.kind == "compose":
+        mods = score_mod.params["mods"]
+        kinds = [m.kind if isinstance(m, ScoreMod) else "" for m in mods]
+        if kinds == ["alibi", "softcap"]:
+            return KernelMods(slopes=mods[0].params["slopes"], softcap=mods[1].params["cap"])
+    return None

@@ -20,10 +20,12 @@ import torch
 from torch import Tensor
 
 from attnkit.block_mask import BlockMask, partial_bitmaps
+from attnkit.score_mods import KernelMods
 
 log = logging.getLogger("attnkit")
 LOG2E = 1.4426950408889634
 CSRC = Path(__file__).parent / "csrc"
+NO_MODS = KernelMods()
 SOURCES = [CSRC / name for name in ("ops.cpp", "tiled_forward_cpu.cpp", "tiled_backward_cpu.cpp")]
 
 
@@ -69,8 +71,21 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
 
+def _slopes(mods: KernelMods) -> Tensor:
+    """The kernels' slopes argument: float32 (Hq,), or empty for no ALiBi."""
+    if mods.slopes is None:
+        return torch.empty(0)
+    return mods.slopes.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, bm: BlockMask, max_chunk: int, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bm: BlockMask,
+    max_chunk: int,
+    scale: float,
+    mods: KernelMods = NO_MODS,
 ) -> tuple[Tensor, Tensor]:
     """Out (B, Hq, Lq, Dv) and lse (B, Hq, Lq), float32, from float32 q/k/v on the CPU."""
     tile_index, bitmaps = partial_bitmaps(bm)
@@ -81,10 +96,12 @@ def forward(
         bm.kinds.contiguous(),
         tile_index,
         bitmaps,
+        _slopes(mods),
         bm.block_q,
         bm.block_k,
         max_chunk,
         scale,
+        mods.softcap,
     )
     return out, lse
 
@@ -100,6 +117,7 @@ def backward(
     bm: BlockMask,
     max_rows: int,
     scale: float,
+    mods: KernelMods = NO_MODS,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (float32) from float32 tensors on the CPU; ``dlse`` is the LSE's gradient."""
     delta = (dout * out).sum(dim=-1)  # rowsum(dO ∘ O), (B, Hq, Lq)
@@ -118,9 +136,11 @@ def backward(
         bm.kinds.contiguous(),
         tile_index,
         bitmaps,
+        _slopes(mods),
         bm.block_q,
         bm.block_k,
         max_rows,
         scale,
+        mods.softcap,
     )
     return dq, dk, dv

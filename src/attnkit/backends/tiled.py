@@ -34,6 +34,7 @@ from attnkit.backends import cpu_kernel
 from attnkit.backends._common import Request
 from attnkit.block_mask import BlockMask
 from attnkit.masks import Mask, from_dense, full
+from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "tiled"
 
@@ -339,6 +340,15 @@ def backward(
     return dq, dk, dv, d_captured
 
 
+@dataclass(frozen=True)
+class _Kernel:
+    """What the compiled CPU kernels need besides the tensors."""
+
+    block_mask: BlockMask
+    max_chunk: int  # keys per chunk in the forward, query rows per step in the backward
+    mods: KernelMods
+
+
 class _TiledAttention(torch.autograd.Function):
     """Thin autograd wrapper over ``forward``/``backward``.
 
@@ -353,13 +363,15 @@ class _TiledAttention(torch.autograd.Function):
         v: Tensor,
         plan: Plan | None,
         c: _Ctx,
-        kernel: tuple[BlockMask, int] | None,
+        kernel: _Kernel | None,
         *captured: Tensor,
     ) -> tuple[Tensor, Tensor]:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
         if kernel is not None:  # compiled CPU forward: same math, one fused pass per tile
-            out, lse = cpu_kernel.forward(qc, kc, vc, kernel[0], kernel[1], c.scale)
+            out, lse = cpu_kernel.forward(
+                qc, kc, vc, kernel.block_mask, kernel.max_chunk, c.scale, kernel.mods
+            )
         else:
             assert plan is not None
             out, lse = forward(qc, kc, vc, plan, c)
@@ -373,10 +385,10 @@ class _TiledAttention(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout.to(qc.dtype)
         dlse = None if dlse is None else dlse.to(qc.dtype)
         d_cap: list[Tensor | None] = []
-        if ctx.kernel is not None:  # compiled CPU backward (no score_mod, no dropout)
-            bm, max_rows = ctx.kernel
+        if ctx.kernel is not None:  # compiled CPU backward (ALiBi/softcap at most, no dropout)
+            kn: _Kernel = ctx.kernel
             dq, dk, dv = cpu_kernel.backward(
-                dout, qc, kc, vc, out, lse, dlse, bm, max_rows, ctx.c.scale
+                dout, qc, kc, vc, out, lse, dlse, kn.block_mask, kn.max_chunk, ctx.c.scale, kn.mods
             )
         else:
             dq, dk, dv, d_cap = backward(
@@ -423,11 +435,13 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
     s = req.shapes
     cfg = config or tuned_config(req)
     bm = block_mask_for(req, cfg)
+    mods = kernel_mods(req.score_mod_source)  # ALiBi / softcap run inside the CPU kernels
     use_kernel = (
         cfg.use_kernel
         and req.q.device.type == "cpu"
         and req.q.dtype != torch.float64
-        and req.score_mod is None
+        and mods is not None
+        and not mods.learns_slopes
         and req.seed is None
         and cpu_kernel.available()
     )
@@ -441,8 +455,10 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         seed=req.seed,
         dropout_p=req.dropout_p,
     )
-    captured = captured_tensors(req.score_mod) if req.score_mod is not None else ()
-    kernel = (bm, cfg.max_chunk) if use_kernel else None
+    kernel = _Kernel(bm, cfg.max_chunk, mods) if use_kernel and mods is not None else None
+    captured = (
+        () if kernel is not None or req.score_mod is None else captured_tensors(req.score_mod)
+    )
     # the chunk plan drives the PyTorch forward and backward; the compiled kernels need neither
     plan = plan_from_block_mask(bm, cfg.max_chunk) if kernel is None else None
     out, lse = _TiledAttention.apply(  # type: ignore[no-untyped-call]

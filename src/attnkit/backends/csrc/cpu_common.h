@@ -2,6 +2,8 @@
 // CPU attention uses), the partial-tile bitmap, and the two vectorised row passes of softmax.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +42,80 @@ inline void apply_bitmap(float* s, int64_t ld, const bool* bits, int64_t block_k
     const bool* brow = bits + r * block_k;
     for (int64_t c = 0; c < cols; ++c) srow[c] = brow[c] ? srow[c] : kNegInf;
   }
+}
+
+// 2^x for x <= 0 (or -inf): exact 0 below -126.
+inline float exp2_nonpositive(float x) {
+  const float xc = x < -126.0f ? -126.0f : x;
+  const float xi = std::nearbyint(xc);
+  const float f = xc - xi;  // in [-0.5, 0.5]
+  float p = 1.5403530393381606e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(xi) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -126.0f ? 0.0f : p * scale;
+}
+
+// tanh(x) = ±(1 - e) / (1 + e) with e = exp(-2|x|). Its error is absolute (~1e-7; relative
+// error grows near 0 where 1 - e cancels), which is what softcapped scores need: the softmax
+// sees c·tanh with an absolute error ~c·1e-7. Branch-free, so row loops vectorise.
+inline float tanh_float(float x) {
+  const float e = exp2_nonpositive(-2.8853900817779268f * std::fabs(x));  // 2^(-2|x|·log2 e)
+  return std::copysign((1.0f - e) / (1.0f + e), x);
+}
+
+// Score mods the kernels apply themselves (FlexAttention order: after scaling, before the mask).
+struct ScoreMods {
+  const float* slopes;  // (Hq,) ALiBi slopes, or nullptr
+  float softcap;        // c of c·tanh(s/c), or 0
+  int64_t offset;       // ALiBi's alignment: query i sits at key i + Lk - Lq
+  bool any() const { return slopes != nullptr || softcap > 0.0f; }
+};
+
+// The mods of one kernel call from its arguments (slopes: empty, or float32 (Hq,) contiguous).
+inline ScoreMods score_mods_for(const at::Tensor& slopes, int64_t Hq, double softcap,
+                                int64_t offset, const char* who) {
+  TORCH_CHECK(slopes.numel() == 0 || (slopes.dtype() == at::kFloat && slopes.is_contiguous() &&
+                                      slopes.numel() == Hq),
+              who, ": slopes must be empty or float32 (Hq,)");
+  TORCH_CHECK(softcap >= 0.0, who, ": softcap must be >= 0 (0: none)");
+  return {slopes.numel() ? slopes.data_ptr<float>() : nullptr, static_cast<float>(softcap),
+          offset};
+}
+
+// One row of scores in natural units (Q·Kᵀ·scale) for query `i` (head h) and keys j0, j0+1, ...:
+// ALiBi subtracts slope_h·|i + offset - j|, softcap maps s to c·tanh(s/c) (tanh kept in `trow`,
+// when given, for the backward's factor 1 - tanh²); the row ends in log2 units.
+inline void apply_score_mods(float* s, int64_t n, int64_t h, int64_t i, int64_t j0,
+                             const ScoreMods& mods, float* trow) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  if (mods.slopes != nullptr) {
+    const float slope = mods.slopes[h];
+    const float base = static_cast<float>(i + mods.offset - j0);
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) s[c] -= slope * std::fabs(base - static_cast<float>(c));
+  }
+  if (mods.softcap > 0.0f) {
+    const float cap = mods.softcap, inv = 1.0f / mods.softcap;
+    if (trow != nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) {
+        trow[c] = tanh_float(s[c] * inv);
+        s[c] = cap * trow[c];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) s[c] = cap * tanh_float(s[c] * inv);
+    }
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) s[c] *= kLog2e;
 }
 
 // The two row passes of the online softmax: the row max, then P = 2^(S - max) in place with
@@ -99,24 +175,6 @@ inline float exp2_shifted_row(float* s, int64_t n, float m) {
 }
 
 #else  // portable: plain loops the compiler vectorises for the target (AVX2, NEON, ...)
-
-// 2^x for x <= 0 (or -inf): exact 0 below -126.
-inline float exp2_nonpositive(float x) {
-  const float xc = x < -126.0f ? -126.0f : x;
-  const float xi = std::nearbyint(xc);
-  const float f = xc - xi;  // in [-0.5, 0.5]
-  float p = 1.5403530393381606e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(xi) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -126.0f ? 0.0f : p * scale;
-}
 
 inline float row_max(const float* s, int64_t n) {
   constexpr int64_t kLanes = 16;  // independent accumulators, kept in vector registers

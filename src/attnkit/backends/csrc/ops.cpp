@@ -10,24 +10,24 @@
 
 std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kinds,
-    const at::Tensor& tile_index, const at::Tensor& bitmaps, int64_t block_q, int64_t block_k,
-    int64_t max_chunk, double scale);
+    const at::Tensor& tile_index, const at::Tensor& bitmaps, const at::Tensor& slopes,
+    int64_t block_q, int64_t block_k, int64_t max_chunk, double scale, double softcap);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& lse2, const at::Tensor& delta, const at::Tensor& kinds,
-    const at::Tensor& tile_index, const at::Tensor& bitmaps, int64_t block_q, int64_t block_k,
-    int64_t max_rows, double scale);
+    const at::Tensor& tile_index, const at::Tensor& bitmaps, const at::Tensor& slopes,
+    int64_t block_q, int64_t block_k, int64_t max_rows, double scale, double softcap);
 
 TORCH_LIBRARY(ATTNKIT_OP_NAMESPACE, m) {
   m.def(
       "tiled_forward(Tensor q, Tensor k, Tensor v, Tensor kinds, Tensor tile_index, "
-      "Tensor bitmaps, int block_q, int block_k, int max_chunk, float scale) "
-      "-> (Tensor, Tensor)");
+      "Tensor bitmaps, Tensor slopes, int block_q, int block_k, int max_chunk, float scale, "
+      "float softcap) -> (Tensor, Tensor)");
   m.def(
       "tiled_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse2, Tensor delta, "
-      "Tensor kinds, Tensor tile_index, Tensor bitmaps, int block_q, int block_k, "
-      "int max_rows, float scale) -> (Tensor, Tensor, Tensor)");
+      "Tensor kinds, Tensor tile_index, Tensor bitmaps, Tensor slopes, int block_q, "
+      "int block_k, int max_rows, float scale, float softcap) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ATTNKIT_OP_NAMESPACE, CPU, m) {

@@ -5,9 +5,11 @@
 // every query head of its group, walks the runs of non-empty query tiles in its column
 // (at most max_rows rows per step), recomputing the probabilities from the saved LSE:
 //   S  = Q_rows · K_tileᵀ · scale·log2(e)      mask: bitmap on PARTIAL tiles
+//        (with ALiBi / softcap: the same mods as the forward, tanh kept for dS)
 //   P  = exp2(S - LSE·log2(e))                 (rows with no key have LSE = -inf: passed as 0)
 //   dV += Pᵀ · dO_rows          dP = dO_rows · V_tileᵀ
 //   dS = P ∘ (dP - delta)       delta = rowsum(dO ∘ O) - dLSE, computed by the caller
+//        ∘ (1 - tanh²)          with a softcap
 //   dK += scale · dSᵀ · Q_rows  dQ_rows += scale · dS · K_tile
 // dQ rows are shared between units of different kv tiles: each adds its part under the query
 // tile's lock. Saved state is O(N): no Lq×Lk buffer exists.
@@ -34,7 +36,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const at::Tensor& kinds,        // (Bm, Hm, nQ, nK) int8: 0 empty, 1 partial, 2 full
     const at::Tensor& tile_index,   // (Bm, Hm, nQ, nK) int64: row of `bitmaps` or -1
     const at::Tensor& bitmaps,      // (nPartial, block_q, block_k) bool
-    int64_t block_q, int64_t block_k, int64_t max_rows, double scale) {
+    const at::Tensor& slopes,       // (Hq,) float32 ALiBi slopes, or empty: no ALiBi
+    int64_t block_q, int64_t block_k, int64_t max_rows, double scale, double softcap) {
   for (const auto* t : {&dout, &q, &k, &v, &lse2, &delta}) {
     TORCH_CHECK(t->dtype() == at::kFloat && t->is_contiguous(),
                 "tiled_backward: contiguous float32 inputs expected");
@@ -59,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   const int64_t* tip = tile_index.data_ptr<int64_t>();
   const bool* bmp = bitmaps.numel() ? bitmaps.data_ptr<bool>() : nullptr;
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  const float alpha_qk = static_cast<float>(scale * 1.4426950408889634);
+  const ScoreMods mods = score_mods_for(slopes, Hq, softcap, Lk - Lq, "tiled_backward");
+  const float alpha_qk = static_cast<float>(mods.any() ? scale : scale * 1.4426950408889634);
   const float fscale = static_cast<float>(scale);
   // one lock per (b, query head, query tile): guards that tile's rows of dQ
   std::unique_ptr<std::mutex[]> dq_locks(new std::mutex[B * Hq * nQ]);
@@ -68,6 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> P(rows_max * block_k), dP(rows_max * block_k), dq_part(rows_max * D);
+    std::vector<float> T(mods.softcap > 0.0f ? rows_max * block_k : 0);  // tanh(s / c)
     std::vector<float> dk_acc(block_k * D), dv_acc(block_k * Dv);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t unit = 0; unit < units; ++unit) {
@@ -93,6 +98,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
           float* p = P.data();
           float* dp = dP.data();
           gemm_rowmajor(false, true, rows, tk, D, alpha_qk, qrows, D, ktile, D, 0.0f, p, tk);
+          if (mods.any()) {
+            for (int64_t r = 0; r < rows; ++r) {
+              apply_score_mods(p + r * tk, tk, h, r0 + r, k0, mods,
+                               T.empty() ? nullptr : T.data() + r * tk);
+            }
+          }
           for (int64_t t = qt0; t < qt; ++t) {
             if (kind_col[t * nK] != kPartial) continue;
             const bool* bits = bmp + index_col[t * nK] * block_q * block_k;
@@ -112,6 +123,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
             const float* dprow = dp + r * tk;
 #pragma omp simd
             for (int64_t c = 0; c < tk; ++c) prow[c] *= dprow[c] - d;
+            if (!T.empty()) {  // through the softcap: d(c·tanh(s/c))/ds = 1 - tanh²
+              const float* trow = T.data() + r * tk;
+#pragma omp simd
+              for (int64_t c = 0; c < tk; ++c) prow[c] *= 1.0f - trow[c] * trow[c];
+            }
           }
           // dK += scale·dSᵀ·Q ; dQ_rows += scale·dS·K (added under each query tile's lock)
           gemm_rowmajor(true, false, tk, D, rows, fscale, p, tk, qrows, D, 1.0f, dk_acc.data(), D);

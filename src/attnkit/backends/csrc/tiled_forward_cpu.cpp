@@ -3,6 +3,7 @@
 // One work unit per (batch, query head, query tile), spread over threads by at::parallel_for.
 // Within a unit, maximal runs of non-empty kv tiles (at most max_chunk keys) form a chunk:
 //   S = Q_tile · K_chunkᵀ · scale·log2(e)      one sgemm (MKL, as torch's own CPU kernels)
+//   (with ALiBi / softcap: S·scale, the mods, then ·log2(e); see apply_score_mods)
 //   EMPTY tiles (for this b, h) are skipped, PARTIAL tiles get their bitmap, FULL tiles nothing
 //   online softmax in log2 units: m, l per row; P = exp2(S - m) in place, fused with row sums
 //   acc = acc·exp2(m_old - m_new) + P · V_chunk  one sgemm
@@ -25,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const at::Tensor& kinds,        // (Bm, Hm, nQ, nK) int8: 0 empty, 1 partial, 2 full
     const at::Tensor& tile_index,   // (Bm, Hm, nQ, nK) int64: row of `bitmaps` or -1
     const at::Tensor& bitmaps,      // (nPartial, block_q, block_k) bool
-    int64_t block_q, int64_t block_k, int64_t max_chunk, double scale) {
+    const at::Tensor& slopes,       // (Hq,) float32 ALiBi slopes, or empty: no ALiBi
+    int64_t block_q, int64_t block_k, int64_t max_chunk, double scale, double softcap) {
   TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat,
               "tiled_forward: float32 inputs expected");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
@@ -50,7 +52,9 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   const bool* bmp = bitmaps.numel() ? bitmaps.data_ptr<bool>() : nullptr;
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  const float alpha_qk = static_cast<float>(scale * 1.4426950408889634);
+  const ScoreMods mods = score_mods_for(slopes, Hq, softcap, Lk - Lq, "tiled_forward");
+  // without mods, log2(e) folds into the GEMM; with them, the mods see natural units first
+  const float alpha_qk = static_cast<float>(mods.any() ? scale : scale * 1.4426950408889634);
 
   at::parallel_for(0, B * Hq * nQ, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(block_q * tiles_per_chunk * block_k);
@@ -78,6 +82,9 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
         any = true;
         float* s = S.data();
         gemm_rowmajor(false, true, tq, n, D, alpha_qk, qtile, D, kbase + k0 * D, D, 0.0f, s, n);
+        if (mods.any()) {
+          for (int64_t r = 0; r < tq; ++r) apply_score_mods(s + r * n, n, h, q0 + r, k0, mods, nullptr);
+        }
         for (int64_t t = kt0; t < kt; ++t) {  // partial tiles: apply the predicate bitmap
           if (kind_row[t] != kPartial) continue;
           apply_bitmap(s + t * block_k - k0, n, bmp + index_row[t] * block_q * block_k, block_k,

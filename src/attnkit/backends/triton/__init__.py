@@ -20,7 +20,7 @@ from attnkit._types import EMPTY
 from attnkit.backends._common import Request
 from attnkit.backends.tiled import TileConfig, block_mask_for
 from attnkit.block_mask import BlockMask, partial_bitmaps
-from attnkit.score_mods import ScoreMod
+from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "triton"
 
@@ -32,34 +32,6 @@ def installed() -> bool:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@dataclass(frozen=True)
-class Mods:
-    """The score mods the kernels apply in-kernel: ALiBi slopes and/or softcap, in that order."""
-
-    slopes: Tensor | None = None
-    softcap: float = 0.0
-
-
-def in_kernel_mods(score_mod: object) -> Mods | None:
-    """ALiBi, softcap, or compose(alibi, softcap); None when the kernels cannot apply it."""
-    if score_mod is None:
-        return Mods()
-    if not isinstance(score_mod, ScoreMod):
-        return None
-    if score_mod.kind == "alibi":
-        return Mods(slopes=score_mod.params["slopes"])
-    if score_mod.kind == "softcap":
-        return Mods(softcap=score_mod.params["cap"])
-    if score_mod.kind == "compose":
-        parts = [in_kernel_mods(m) for m in score_mod.params["mods"]]
-        kinds = [m.kind if isinstance(m, ScoreMod) else "" for m in score_mod.params["mods"]]
-        if kinds == ["alibi", "softcap"] and all(p is not None for p in parts):
-            assert parts[0] is not None
-            assert parts[1] is not None
-            return Mods(slopes=parts[0].slopes, softcap=parts[1].softcap)
-    return None
 
 
 def unsupported_reason(req: Request) -> str | None:
@@ -76,8 +48,11 @@ def unsupported_reason(req: Request) -> str | None:
         return f"head dims up to 256 are supported, got D={s.D}, Dv={s.Dv}"
     if req.seed is not None:
         return "dropout is not implemented in the triton kernels (use tiled)"
-    if in_kernel_mods(req.score_mod_source) is None:
+    mods = kernel_mods(req.score_mod_source)
+    if mods is None:
         return "only alibi, softcap and compose(alibi, softcap) score_mods run in-kernel"
+    if mods.learns_slopes:
+        return "ALiBi slopes that require grad get their gradient from reference or tiled only"
     return None
 
 
@@ -319,7 +294,7 @@ def _(
 
 def run(req: Request) -> tuple[Tensor, Tensor]:
     """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32."""
-    mods = in_kernel_mods(req.score_mod_source) or Mods()
+    mods = kernel_mods(req.score_mod_source) or KernelMods()
     s = req.shapes
     launch = choose_launch(max(s.D, s.Dv), req.q.dtype, req.q.device)
     lists = tile_lists(req, launch)
