@@ -280,6 +280,7 @@ def test_portable_simd_kernel_every_mask():
         bm = tiled.block_mask_for(req, TileConfig(32, 32, 64))
         tile_index, bitmaps = partial_bitmaps(bm)
         args = (q, k, v, bm.kinds, tile_index, bitmaps, torch.empty(0), 32, 32, 64, 24**-0.5, 0.0)
+        args = (*args, -1, 0, 0.0)  # no dropout
         out, lse = torch.ops.attnkit_portable.tiled_forward(*args)
         assert_close_scaled(out, ref64, ref32, mult=2.0, floor=1e-6)
         finite = torch.isfinite(lse64)
@@ -353,10 +354,9 @@ KERNEL_MODS = {
 }
 
 
-@pytest.mark.parametrize("mask_name", ["none", "causal", "sliding_sym", "document&causal"])
-@pytest.mark.parametrize("mod_name", list(KERNEL_MODS))
-def test_compiled_kernels_apply_alibi_and_softcap(mod_name, mask_name, monkeypatch):
-    """ALiBi/softcap inside the float32 CPU kernels vs the float64 reference: out, LSE, grads."""
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Records which compiled CPU kernels run ("forward", "backward")."""
     from attnkit.backends import cpu_kernel
 
     calls = []
@@ -365,6 +365,13 @@ def test_compiled_kernels_apply_alibi_and_softcap(mod_name, mask_name, monkeypat
         monkeypatch.setattr(
             cpu_kernel, fn, lambda *a, _f=real, _n=fn, **kw: calls.append(_n) or _f(*a, **kw)
         )
+    return calls
+
+
+@pytest.mark.parametrize("mask_name", ["none", "causal", "sliding_sym", "document&causal"])
+@pytest.mark.parametrize("mod_name", list(KERNEL_MODS))
+def test_compiled_kernels_apply_alibi_and_softcap(mod_name, mask_name, kernel_calls):
+    """ALiBi/softcap inside the float32 CPU kernels vs the float64 reference: out, LSE, grads."""
     Lq, Lk = 77, 130  # Lq != Lk: ALiBi's bottom-right offset matters
     mask = None if mask_name == "none" else every_mask(Lq, Lk)[mask_name]
     mod = KERNEL_MODS[mod_name](4)
@@ -384,7 +391,7 @@ def test_compiled_kernels_apply_alibi_and_softcap(mod_name, mask_name, monkeypat
     q, k, v = q64.float(), k64.float(), v64.float()
     ref32 = run(q, k, v, "reference")
     got = run(q, k, v, "tiled")
-    assert calls == ["forward", "backward"]
+    assert kernel_calls == ["forward", "backward"]
     for what, g, r64, r32 in zip(("out", "lse", "dq", "dk", "dv"), got, ref64, ref32, strict=True):
         finite = torch.isfinite(r64)
         assert torch.equal(torch.isfinite(g), finite), what
@@ -409,3 +416,30 @@ def test_learnable_alibi_slopes_take_the_pytorch_path_and_get_gradients():
         )
         grads.append(torch.autograd.grad(out.square().sum(), s)[0])
     torch.testing.assert_close(grads[1].double(), grads[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [None, 2**32 - 2], ids=["drawn", "near-2^32"])
+def test_compiled_kernels_apply_dropout(seed, kernel_calls, monkeypatch):
+    """Dropout inside the float32 CPU kernels drops exactly the reference's entries."""
+    from attnkit import _dropout
+
+    if seed is not None:  # seed + b passes 2^32: the hash's first step sees 33 bits
+        monkeypatch.setattr(_dropout, "draw_seed", lambda generator, device: seed)
+    Lq, Lk, mask = 70, 101, masks.sliding_window(30) | masks.global_tokens([0])
+    q64, k64, v64 = rand_qkv(4, 4, 2, Lq, Lk, 16, dtype=torch.float64)
+    dout = torch.randn(4, 4, Lq, 16, dtype=torch.float64)
+
+    def run(q, k, v, backend):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        gen = torch.Generator().manual_seed(5)
+        out = attnkit.attention(q, k, v, mask=mask, dropout_p=0.25, generator=gen, backend=backend)
+        return (out, *torch.autograd.grad((out * dout.to(out.dtype)).sum(), (q, k, v)))
+
+    ref64 = run(q64, k64, v64, "reference")
+    q, k, v = q64.float(), k64.float(), v64.float()
+    ref32 = run(q, k, v, "reference")
+    got = run(q, k, v, "tiled")
+    assert kernel_calls == ["forward", "backward"]
+    for what, g, r64, r32 in zip(("out", "dq", "dk", "dv"), got, ref64, ref32, strict=True):
+        mult = 2.0 if what == "out" else 4.0
+        assert_close_scaled(g, r64, r32, mult=mult, floor=1e-5)

@@ -37,5 +37,14 @@ def keep_mask(seed: int, p: float, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) 
     x = _mix((x + h) & _M32)
     x = _mix((x + q) & _M32)
     x = _mix((x + kv) & _M32)
-    threshold = int(p * (1 << 24))
-    return (x >> 8) >= threshold
+    return (x >> 8) >= threshold(p)
+
+
+def threshold(p: float) -> int:
+    """An entry is dropped when its 24-bit hash is below this (probability p)."""
+    return int(p * (1 << 24))
+
+
+def kernel_args(seed: int | None, p: float) -> tuple[int, int, float]:
+    """(seed, threshold, p) as the compiled CPU kernels take them; seed -1: no dropout."""
+    return (-1, 0, 0.0) if seed is None else (seed, threshold(p), p)

@@ -26,6 +26,7 @@ log = logging.getLogger("attnkit")
 LOG2E = 1.4426950408889634
 CSRC = Path(__file__).parent / "csrc"
 NO_MODS = KernelMods()
+NO_DROPOUT = (-1, 0, 0.0)  # attnkit._dropout.kernel_args(None, 0.0)
 SOURCES = [CSRC / name for name in ("ops.cpp", "tiled_forward_cpu.cpp", "tiled_backward_cpu.cpp")]
 
 
@@ -86,8 +87,12 @@ def forward(
     max_chunk: int,
     scale: float,
     mods: KernelMods = NO_MODS,
+    dropout: tuple[int, int, float] = NO_DROPOUT,
 ) -> tuple[Tensor, Tensor]:
-    """Out (B, Hq, Lq, Dv) and lse (B, Hq, Lq), float32, from float32 q/k/v on the CPU."""
+    """Out (B, Hq, Lq, Dv) and lse (B, Hq, Lq), float32, from float32 q/k/v on the CPU.
+
+    ``dropout`` is ``attnkit._dropout.kernel_args(seed, p)``.
+    """
     tile_index, bitmaps = partial_bitmaps(bm)
     out, lse = torch.ops.attnkit.tiled_forward(
         q.contiguous(),
@@ -102,6 +107,7 @@ def forward(
         max_chunk,
         scale,
         mods.softcap,
+        *dropout,
     )
     return out, lse
 
@@ -118,6 +124,7 @@ def backward(
     max_rows: int,
     scale: float,
     mods: KernelMods = NO_MODS,
+    dropout: tuple[int, int, float] = NO_DROPOUT,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (float32) from float32 tensors on the CPU; ``dlse`` is the LSE's gradient."""
     delta = (dout * out).sum(dim=-1)  # rowsum(dO ∘ O), (B, Hq, Lq)
@@ -142,5 +149,6 @@ def backward(
         max_rows,
         scale,
         mods.softcap,
+        *dropout,
     )
     return dq, dk, dv

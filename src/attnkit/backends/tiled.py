@@ -10,10 +10,11 @@ float64 inputs), rescaled by exp(m_old - m_new); divided by l once at the end; o
 saved. Backward recomputes P = exp(S - LSE) tile by tile: dV += Pᵀ·dO, dP = dO·Vᵀ,
 dS = P∘(dP - rowsum(dO∘O)), dQ += dS·K, dK += dSᵀ·Q. Saved state is O(Lq + Lk) rows.
 
-On CPU, float32/bfloat16/float16 requests without score_mod or dropout run the same algorithm
-as compiled C++ (``cpu_kernel``: csrc/tiled_forward_cpu.cpp, csrc/tiled_backward_cpu.cpp); the
-PyTorch loops below serve everything else (float64, score_mod, dropout, other devices) and are
-the readable statement of what the kernels compute.
+On CPU, float32/bfloat16/float16 requests whose score_mod is absent, ALiBi, softcap or both
+(with fixed slopes) run the same algorithm as compiled C++, dropout included (``cpu_kernel``:
+csrc/tiled_forward_cpu.cpp, csrc/tiled_backward_cpu.cpp); the PyTorch loops below serve
+everything else (float64, other score_mods, trainable slopes, other devices) and are the
+readable statement of what the kernels compute.
 
 GQA: q is viewed as (B, Hkv, G·tq, D) so each kv head multiplies all G query heads that share
 it in one matmul, and dK/dV sum over them for free: k and v are never repeated.
@@ -347,6 +348,7 @@ class _Kernel:
     block_mask: BlockMask
     max_chunk: int  # keys per chunk in the forward, query rows per step in the backward
     mods: KernelMods
+    dropout: tuple[int, int, float]  # _dropout.kernel_args(seed, p)
 
 
 class _TiledAttention(torch.autograd.Function):
@@ -370,7 +372,14 @@ class _TiledAttention(torch.autograd.Function):
         qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
         if kernel is not None:  # compiled CPU forward: same math, one fused pass per tile
             out, lse = cpu_kernel.forward(
-                qc, kc, vc, kernel.block_mask, kernel.max_chunk, c.scale, kernel.mods
+                qc,
+                kc,
+                vc,
+                kernel.block_mask,
+                kernel.max_chunk,
+                c.scale,
+                kernel.mods,
+                kernel.dropout,
             )
         else:
             assert plan is not None
@@ -385,10 +394,21 @@ class _TiledAttention(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout.to(qc.dtype)
         dlse = None if dlse is None else dlse.to(qc.dtype)
         d_cap: list[Tensor | None] = []
-        if ctx.kernel is not None:  # compiled CPU backward (ALiBi/softcap at most, no dropout)
+        if ctx.kernel is not None:  # compiled CPU backward (ALiBi/softcap at most, dropout)
             kn: _Kernel = ctx.kernel
             dq, dk, dv = cpu_kernel.backward(
-                dout, qc, kc, vc, out, lse, dlse, kn.block_mask, kn.max_chunk, ctx.c.scale, kn.mods
+                dout,
+                qc,
+                kc,
+                vc,
+                out,
+                lse,
+                dlse,
+                kn.block_mask,
+                kn.max_chunk,
+                ctx.c.scale,
+                kn.mods,
+                kn.dropout,
             )
         else:
             dq, dk, dv, d_cap = backward(
@@ -442,7 +462,6 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         and req.q.dtype != torch.float64
         and mods is not None
         and not mods.learns_slopes
-        and req.seed is None
         and cpu_kernel.available()
     )
     c = _Ctx(
@@ -455,7 +474,9 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         seed=req.seed,
         dropout_p=req.dropout_p,
     )
-    kernel = _Kernel(bm, cfg.max_chunk, mods) if use_kernel and mods is not None else None
+    kernel = None
+    if use_kernel and mods is not None:
+        kernel = _Kernel(bm, cfg.max_chunk, mods, _dropout.kernel_args(req.seed, req.dropout_p))
     captured = (
         () if kernel is not None or req.score_mod is None else captured_tensors(req.score_mod)
     )

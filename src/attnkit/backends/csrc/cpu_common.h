@@ -39,8 +39,13 @@ inline void apply_bitmap(float* s, int64_t ld, const bool* bits, int64_t block_k
                          int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     float* srow = s + r * ld;
-    const bool* brow = bits + r * block_k;
-    for (int64_t c = 0; c < cols; ++c) srow[c] = brow[c] ? srow[c] : kNegInf;
+    // bytes, not bool, and an unconditional load: only then does g++ vectorise the select
+    const uint8_t* brow = reinterpret_cast<const uint8_t*>(bits + r * block_k);
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      const float x = srow[c];
+      srow[c] = brow[c] ? x : kNegInf;
+    }
   }
 }
 
@@ -116,6 +121,50 @@ inline void apply_score_mods(float* s, int64_t n, int64_t h, int64_t i, int64_t 
   }
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) s[c] *= kLog2e;
+}
+
+// Counter-based attention dropout, the same decisions as attnkit/_dropout.py: score (b, h, i, j)
+// is kept when lowbias32(lowbias32(lowbias32(lowbias32(seed + b) + h) + i) + j) >> 8 is at
+// least threshold = p·2^24. seed + b may pass 2^32 (Python adds them unmasked), so the first
+// hash takes 64 bits; its first step is the only one where bits above 32 matter.
+inline uint32_t lowbias32_tail(uint32_t x) {  // all but the first xor-shift
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+inline uint32_t lowbias32(uint32_t x) { return lowbias32_tail(x ^ (x >> 16)); }
+inline uint32_t lowbias32_wide(uint64_t x) {  // for seed + b, which may need 33 bits
+  return lowbias32_tail(static_cast<uint32_t>(x ^ (x >> 16)));
+}
+
+struct Dropout {
+  int64_t seed;        // < 0: no dropout
+  int64_t threshold;   // keep when hash >> 8 >= threshold
+  float keep_scale;    // 1 / (1 - p)
+  bool on() const { return seed >= 0; }
+  // Row i of head h, batch b: the hash state before the key index is mixed in.
+  uint32_t row_state(int64_t b, int64_t h, int64_t i) const {
+    uint32_t x = lowbias32_wide(static_cast<uint64_t>(seed) + static_cast<uint64_t>(b));
+    x = lowbias32(static_cast<uint32_t>(x + static_cast<uint32_t>(h)));
+    return lowbias32(static_cast<uint32_t>(x + static_cast<uint32_t>(i)));
+  }
+  // z[c] = keep_scale where key j0 + c is kept, else 0.
+  void row_scales(float* z, int64_t n, uint32_t state, int64_t j0) const {
+    const uint32_t thr = static_cast<uint32_t>(threshold), first = state + uint32_t(j0);
+    const float kept = keep_scale;  // a local: a member read inside the select blocks SIMD
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      const uint32_t x = lowbias32(first + static_cast<uint32_t>(c));
+      z[c] = (x >> 8) >= thr ? kept : 0.0f;
+    }
+  }
+};
+
+inline Dropout dropout_for(int64_t seed, int64_t threshold, double p, const char* who) {
+  TORCH_CHECK(seed < 0 || (seed < (int64_t(1) << 32) && p > 0.0 && p < 1.0 && threshold >= 0),
+              who, ": dropout needs a 32-bit seed and 0 < p < 1");
+  return {seed, threshold, seed < 0 ? 1.0f : static_cast<float>(1.0 / (1.0 - p))};
 }
 
 // The two row passes of the online softmax: the row max, then P = 2^(S - max) in place with

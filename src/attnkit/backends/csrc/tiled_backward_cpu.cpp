@@ -7,7 +7,7 @@
 //   S  = Q_rows · K_tileᵀ · scale·log2(e)      mask: bitmap on PARTIAL tiles
 //        (with ALiBi / softcap: the same mods as the forward, tanh kept for dS)
 //   P  = exp2(S - LSE·log2(e))                 (rows with no key have LSE = -inf: passed as 0)
-//   dV += Pᵀ · dO_rows          dP = dO_rows · V_tileᵀ
+//   dV += Pᵀ · dO_rows          dP = dO_rows · V_tileᵀ   (P∘Z and dP∘Z with dropout)
 //   dS = P ∘ (dP - delta)       delta = rowsum(dO ∘ O) - dLSE, computed by the caller
 //        ∘ (1 - tanh²)          with a softcap
 //   dK += scale · dSᵀ · Q_rows  dQ_rows += scale · dS · K_tile
@@ -37,7 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const at::Tensor& tile_index,   // (Bm, Hm, nQ, nK) int64: row of `bitmaps` or -1
     const at::Tensor& bitmaps,      // (nPartial, block_q, block_k) bool
     const at::Tensor& slopes,       // (Hq,) float32 ALiBi slopes, or empty: no ALiBi
-    int64_t block_q, int64_t block_k, int64_t max_rows, double scale, double softcap) {
+    int64_t block_q, int64_t block_k, int64_t max_rows, double scale, double softcap,
+    int64_t dropout_seed, int64_t dropout_threshold, double dropout_p) {  // seed < 0: none
   for (const auto* t : {&dout, &q, &k, &v, &lse2, &delta}) {
     TORCH_CHECK(t->dtype() == at::kFloat && t->is_contiguous(),
                 "tiled_backward: contiguous float32 inputs expected");
@@ -63,6 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   const bool* bmp = bitmaps.numel() ? bitmaps.data_ptr<bool>() : nullptr;
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   const ScoreMods mods = score_mods_for(slopes, Hq, softcap, Lk - Lq, "tiled_backward");
+  const Dropout dropout = dropout_for(dropout_seed, dropout_threshold, dropout_p, "tiled_backward");
   const float alpha_qk = static_cast<float>(mods.any() ? scale : scale * 1.4426950408889634);
   const float fscale = static_cast<float>(scale);
   // one lock per (b, query head, query tile): guards that tile's rows of dQ
@@ -73,6 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   {
     std::vector<float> P(rows_max * block_k), dP(rows_max * block_k), dq_part(rows_max * D);
     std::vector<float> T(mods.softcap > 0.0f ? rows_max * block_k : 0);  // tanh(s / c)
+    // dropout: Z (0 or 1/(1-p) per score) and P∘Z, regenerated from the counter-based hash
+    std::vector<float> Z(dropout.on() ? rows_max * block_k : 0), PZ(Z.size());
     std::vector<float> dk_acc(block_k * D), dv_acc(block_k * Dv);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t unit = 0; unit < units; ++unit) {
@@ -113,10 +117,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
           for (int64_t r = 0; r < rows; ++r) {
             exp2_shifted_row(p + r * tk, tk, lp[row_base + r0 + r]);
           }
-          // dV += Pᵀ·dO ; dP = dO·Vᵀ
-          gemm_rowmajor(true, false, tk, Dv, rows, 1.0f, p, tk, dorows, Dv, 1.0f, dv_acc.data(),
+          const float* pv = p;  // the probabilities that multiplied V in the forward
+          if (dropout.on()) {
+            for (int64_t r = 0; r < rows; ++r) {
+              float* zrow = Z.data() + r * tk;
+              float* pzrow = PZ.data() + r * tk;
+              const float* prow = p + r * tk;
+              dropout.row_scales(zrow, tk, dropout.row_state(b, h, r0 + r), k0);
+#pragma omp simd
+              for (int64_t c = 0; c < tk; ++c) pzrow[c] = prow[c] * zrow[c];
+            }
+            pv = PZ.data();
+          }
+          // dV += (P∘Z)ᵀ·dO ; dP = dO·Vᵀ (∘Z)
+          gemm_rowmajor(true, false, tk, Dv, rows, 1.0f, pv, tk, dorows, Dv, 1.0f, dv_acc.data(),
                         Dv);
           gemm_rowmajor(false, true, rows, tk, Dv, 1.0f, dorows, Dv, vtile, Dv, 0.0f, dp, tk);
+          if (dropout.on()) {
+#pragma omp simd
+            for (int64_t i = 0; i < rows * tk; ++i) dp[i] *= Z[i];
+          }
           for (int64_t r = 0; r < rows; ++r) {  // dS = P∘(dP - delta), in place of P
             const float d = dlp[row_base + r0 + r];
             float* prow = p + r * tk;

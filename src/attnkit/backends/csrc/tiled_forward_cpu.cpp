@@ -6,7 +6,7 @@
 //   (with ALiBi / softcap: S·scale, the mods, then ·log2(e); see apply_score_mods)
 //   EMPTY tiles (for this b, h) are skipped, PARTIAL tiles get their bitmap, FULL tiles nothing
 //   online softmax in log2 units: m, l per row; P = exp2(S - m) in place, fused with row sums
-//   acc = acc·exp2(m_old - m_new) + P · V_chunk  one sgemm
+//   acc = acc·exp2(m_old - m_new) + P · V_chunk  one sgemm (P∘Z with dropout: see Dropout)
 // Output acc / l; LSE = (m + log2 l)·ln 2, -inf for rows with no key (output row 0).
 // Every output row is written here (out and lse are allocated uninitialised).
 
@@ -27,7 +27,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const at::Tensor& tile_index,   // (Bm, Hm, nQ, nK) int64: row of `bitmaps` or -1
     const at::Tensor& bitmaps,      // (nPartial, block_q, block_k) bool
     const at::Tensor& slopes,       // (Hq,) float32 ALiBi slopes, or empty: no ALiBi
-    int64_t block_q, int64_t block_k, int64_t max_chunk, double scale, double softcap) {
+    int64_t block_q, int64_t block_k, int64_t max_chunk, double scale, double softcap,
+    int64_t dropout_seed, int64_t dropout_threshold, double dropout_p) {  // seed < 0: none
   TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat,
               "tiled_forward: float32 inputs expected");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
@@ -53,12 +54,14 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const ScoreMods mods = score_mods_for(slopes, Hq, softcap, Lk - Lq, "tiled_forward");
+  const Dropout dropout = dropout_for(dropout_seed, dropout_threshold, dropout_p, "tiled_forward");
   // without mods, log2(e) folds into the GEMM; with them, the mods see natural units first
   const float alpha_qk = static_cast<float>(mods.any() ? scale : scale * 1.4426950408889634);
 
   at::parallel_for(0, B * Hq * nQ, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(block_q * tiles_per_chunk * block_k);
     std::vector<float> acc(block_q * Dv), m(block_q), l(block_q);
+    std::vector<float> Z(dropout.on() ? tiles_per_chunk * block_k : 0);  // dropout scales
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t qt = unit % nQ, h = (unit / nQ) % Hq, b = unit / (nQ * Hq);
       const int64_t hk = h / G;
@@ -99,8 +102,13 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
           }
           const float sum = exp2_shifted_row(srow, n, m_new);
           const float rescale = std::exp2(m[r] - m_new);  // once per row: libm is fine
-          l[r] = l[r] * rescale + sum;
+          l[r] = l[r] * rescale + sum;  // the normaliser counts dropped entries too
           m[r] = m_new;
+          if (dropout.on()) {  // P·V uses the dropped, rescaled probabilities
+            dropout.row_scales(Z.data(), n, dropout.row_state(b, h, q0 + r), k0);
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) srow[c] *= Z[c];
+          }
           if (rescale != 1.0f) {
             float* arow = acc.data() + r * Dv;
             for (int64_t c = 0; c < Dv; ++c) arow[c] *= rescale;

@@ -1,6 +1,6 @@
-"""ALiBi and softcap on CPU: inside the compiled kernels vs the tiled backend's PyTorch loops.
+"""ALiBi, softcap and dropout on CPU: inside the compiled kernels vs the tiled backend's loops.
 
-    python benchmarks/cpu_score_mods.py
+    python benchmarks/cpu_in_kernel.py
 
 Causal, N = 4096, B=1, H=8, D=64, float32, forward and forward+backward, one run. For ALiBi,
 also SDPA with the bias (and the causal mask) as a dense float tensor, the way to get ALiBi
@@ -34,12 +34,14 @@ def timed(fn: Callable[..., torch.Tensor], qkv: list[torch.Tensor], backward: bo
 
 def main() -> None:
     slopes = score_mods.alibi_slopes(H)
-    mods = {
-        "alibi": score_mods.alibi(slopes),
-        "softcap(30)": score_mods.softcap(30.0),
-        "alibi, softcap(30)": score_mods.compose(
-            score_mods.alibi(slopes), score_mods.softcap(30.0)
+    cases: dict[str, tuple[score_mods.ScoreMod | None, float]] = {  # (score_mod, dropout_p)
+        "alibi": (score_mods.alibi(slopes), 0.0),
+        "softcap(30)": (score_mods.softcap(30.0), 0.0),
+        "alibi, softcap(30)": (
+            score_mods.compose(score_mods.alibi(slopes), score_mods.softcap(30.0)),
+            0.0,
         ),
+        "dropout 0.1": (None, 0.1),
     }
     mask = masks.causal()
     pos = torch.arange(N)
@@ -47,27 +49,29 @@ def main() -> None:
     bias = bias.masked_fill(pos.view(-1, 1) < pos.view(1, -1), float("-inf"))
     table = Table(title=f"causal, N={N}, B=1, H={H}, D={D}, fp32: ms")
     for col in (
-        "score_mod",
+        "feature",
         "pass",
         "compiled kernel",
         "PyTorch loops",
         "loops / kernel",
         "SDPA + dense bias",
     ):
-        table.add_column(col, justify="left" if col in ("score_mod", "pass") else "right")
+        table.add_column(col, justify="left" if col in ("feature", "pass") else "right")
     for backward in (False, True):
         qkv = [torch.randn(1, H, N, D, requires_grad=backward) for _ in range(3)]
 
-        def tiled_call(mod: score_mods.ScoreMod, use_kernel: bool) -> Callable[..., torch.Tensor]:
+        def tiled_call(
+            mod: score_mods.ScoreMod | None, p: float, use_kernel: bool
+        ) -> Callable[..., torch.Tensor]:
             def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                req = attnkit.functional._request(q, k, v, mask, mod, None, 0.0, None, False)
+                req = attnkit.functional._request(q, k, v, mask, mod, None, p, None, False)
                 return tiled.run(req, TileConfig(64, 64, 1024, use_kernel=use_kernel))[0]
 
             return fn
 
-        for name, mod in mods.items():
-            t_kernel = timed(tiled_call(mod, True), qkv, backward)
-            t_loops = timed(tiled_call(mod, False), qkv, backward)
+        for name, (mod, p) in cases.items():
+            t_kernel = timed(tiled_call(mod, p, True), qkv, backward)
+            t_loops = timed(tiled_call(mod, p, False), qkv, backward)
             sdpa = "—"
             if name == "alibi":
                 t_sdpa = timed(
