@@ -208,6 +208,8 @@ def save_plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax_m.loglog(*zip(*pts, strict=True), "o-" if key != "inputs_mb" else "k:", label=label)
     ax_m.set(xlabel="sequence length N", ylabel="peak extra MB", title="memory")
     for ax in (ax_t, ax_m):
+        ax.set_xticks(ns, [f"{n // 1024}k" if n >= 1024 else str(n) for n in ns])
+        ax.xaxis.set_minor_locator(plt.NullLocator())  # log-axis minor labels would overlap
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"B={B}, H={H}, D={D}, fp32, {torch.get_num_threads()} threads", fontsize=9)
