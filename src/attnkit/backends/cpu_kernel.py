@@ -89,7 +89,9 @@ def forward(
     mods: KernelMods = NO_MODS,
     dropout: tuple[int, int, float] = NO_DROPOUT,
 ) -> tuple[Tensor, Tensor]:
-    """Out (B, Hq, Lq, Dv) and lse (B, Hq, Lq), float32, from float32 q/k/v on the CPU.
+    """Out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) float32, on the CPU.
+
+    q, k, v: float32, bfloat16 or float16 (16-bit tiles are widened inside the kernel).
 
     ``dropout`` is ``attnkit._dropout.kernel_args(seed, p)``.
     """

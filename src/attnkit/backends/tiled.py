@@ -368,29 +368,25 @@ class _TiledAttention(torch.autograd.Function):
         kernel: _Kernel | None,
         *captured: Tensor,
     ) -> tuple[Tensor, Tensor]:
+        ctx.plan, ctx.c, ctx.kernel, ctx.dtype = plan, c, kernel, q.dtype
+        if kernel is not None:  # compiled CPU forward: widens 16-bit tiles itself, out in q.dtype
+            out, lse = cpu_kernel.forward(
+                q, k, v, kernel.block_mask, kernel.max_chunk, c.scale, kernel.mods, kernel.dropout
+            )
+            ctx.save_for_backward(q, k, v, out, lse)  # widened in backward, if it runs
+            return out, lse
+        assert plan is not None
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-        if kernel is not None:  # compiled CPU forward: same math, one fused pass per tile
-            out, lse = cpu_kernel.forward(
-                qc,
-                kc,
-                vc,
-                kernel.block_mask,
-                kernel.max_chunk,
-                c.scale,
-                kernel.mods,
-                kernel.dropout,
-            )
-        else:
-            assert plan is not None
-            out, lse = forward(qc, kc, vc, plan, c)
+        out, lse = forward(qc, kc, vc, plan, c)
         ctx.save_for_backward(qc, kc, vc, out, lse, *captured)
-        ctx.plan, ctx.c, ctx.kernel, ctx.dtype = plan, c, kernel, q.dtype
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         qc, kc, vc, out, lse, *captured = ctx.saved_tensors
+        if ctx.kernel is not None:  # the kernels' saved tensors are in the input dtype
+            qc, kc, vc, out = (t.float() for t in (qc, kc, vc, out))
         dout = torch.zeros_like(out) if dout is None else dout.to(qc.dtype)
         dlse = None if dlse is None else dlse.to(qc.dtype)
         d_cap: list[Tensor | None] = []

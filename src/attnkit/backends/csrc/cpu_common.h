@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -32,6 +33,18 @@ inline void gemm_rowmajor(bool trans_a, bool trans_b, int m, int n, int k, float
   // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap operands, keep flags.
   const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
   sgemm_(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+// `n` values as float32: float32 input is used in place, 16-bit input is widened into `scratch`.
+template <typename T>
+inline const float* widen(const T* src, int64_t n, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<float>(src[i]);
+    return scratch;
+  }
 }
 
 // Partial tile: scores where the bitmap (block_k columns per row) says "masked" become -inf.

@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -20,7 +21,7 @@
 using namespace attnkit_cpu;
 
 std::tuple<at::Tensor, at::Tensor> tiled_forward(
-    const at::Tensor& q,            // (B, Hq, Lq, D) float32, contiguous
+    const at::Tensor& q,            // (B, Hq, Lq, D) float32, bfloat16 or float16, contiguous
     const at::Tensor& k,            // (B, Hkv, Lk, D)
     const at::Tensor& v,            // (B, Hkv, Lk, Dv)
     const at::Tensor& kinds,        // (Bm, Hm, nQ, nK) int8: 0 empty, 1 partial, 2 full
@@ -29,8 +30,10 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const at::Tensor& slopes,       // (Hq,) float32 ALiBi slopes, or empty: no ALiBi
     int64_t block_q, int64_t block_k, int64_t max_chunk, double scale, double softcap,
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p) {  // seed < 0: none
-  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat,
-              "tiled_forward: float32 inputs expected");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
+                  k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "tiled_forward: float32, bfloat16 or float16 inputs of one dtype expected");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
               "tiled_forward: contiguous inputs expected");
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
@@ -44,22 +47,30 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
 
   // Uninitialised: every row is written by its unit, so first touches happen in parallel.
   auto out = at::empty({B, Hq, Lq, Dv}, q.options());
-  auto lse = at::empty({B, Hq, Lq}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  auto lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
   const int8_t* kindp = kinds.data_ptr<int8_t>();
   const int64_t* tip = tile_index.data_ptr<int64_t>();
   const bool* bmp = bitmaps.numel() ? bitmaps.data_ptr<bool>() : nullptr;
-  float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const ScoreMods mods = score_mods_for(slopes, Hq, softcap, Lk - Lq, "tiled_forward");
   const Dropout dropout = dropout_for(dropout_seed, dropout_threshold, dropout_p, "tiled_forward");
   // without mods, log2(e) folds into the GEMM; with them, the mods see natural units first
   const float alpha_qk = static_cast<float>(mods.any() ? scale : scale * 1.4426950408889634);
 
+  // T: the input/output dtype. 16-bit inputs are widened tile by tile into float32 scratch
+  // (the GEMMs are sgemm), so no float32 copy of q, k, v or out is ever made.
+  auto run = [&](auto dtype_tag) {
+  using T = decltype(dtype_tag);
+  constexpr bool kWide = !std::is_same_v<T, float>;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
   at::parallel_for(0, B * Hq * nQ, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(block_q * tiles_per_chunk * block_k);
+    const int64_t chunk_keys = tiles_per_chunk * block_k;
+    std::vector<float> Qf(kWide ? block_q * D : 0), Kf(kWide ? chunk_keys * D : 0),
+        Vf(kWide ? chunk_keys * Dv : 0);
     std::vector<float> acc(block_q * Dv), m(block_q), l(block_q);
     std::vector<float> Z(dropout.on() ? tiles_per_chunk * block_k : 0);  // dropout scales
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -69,9 +80,10 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
       const int64_t map_row = (((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * nQ + qt) * nK;
       const int8_t* kind_row = kindp + map_row;
       const int64_t* index_row = tip + map_row;
-      const float* qtile = qp + ((b * Hq + h) * Lq + q0) * D;
-      const float* kbase = kp + (b * Hkv + hk) * Lk * D;
-      const float* vbase = vp + (b * Hkv + hk) * Lk * Dv;
+      const T* qsrc = qp + ((b * Hq + h) * Lq + q0) * D;
+      const T* kbase = kp + (b * Hkv + hk) * Lk * D;
+      const T* vbase = vp + (b * Hkv + hk) * Lk * Dv;
+      const float* qtile = widen(qsrc, tq * D, Qf.data());
       std::fill(acc.begin(), acc.begin() + tq * Dv, 0.0f);
       std::fill(m.begin(), m.begin() + tq, kNegInf);
       std::fill(l.begin(), l.begin() + tq, 0.0f);
@@ -84,7 +96,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
         const int64_t k0 = kt0 * block_k, k1 = std::min(kt * block_k, Lk), n = k1 - k0;
         any = true;
         float* s = S.data();
-        gemm_rowmajor(false, true, tq, n, D, alpha_qk, qtile, D, kbase + k0 * D, D, 0.0f, s, n);
+        const float* kchunk = widen(kbase + k0 * D, n * D, Kf.data());
+        gemm_rowmajor(false, true, tq, n, D, alpha_qk, qtile, D, kchunk, D, 0.0f, s, n);
         if (mods.any()) {
           for (int64_t r = 0; r < tq; ++r) apply_score_mods(s + r * n, n, h, q0 + r, k0, mods, nullptr);
         }
@@ -114,23 +127,31 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
             for (int64_t c = 0; c < Dv; ++c) arow[c] *= rescale;
           }
         }
-        gemm_rowmajor(false, false, tq, Dv, n, 1.0f, s, n, vbase + k0 * Dv, Dv, 1.0f, acc.data(),
-                      Dv);
+        const float* vchunk = widen(vbase + k0 * Dv, n * Dv, Vf.data());
+        gemm_rowmajor(false, false, tq, Dv, n, 1.0f, s, n, vchunk, Dv, 1.0f, acc.data(), Dv);
       }
-      float* orow = op + ((b * Hq + h) * Lq + q0) * Dv;
+      T* orow = op + ((b * Hq + h) * Lq + q0) * Dv;
       float* lrow = lp + (b * Hq + h) * Lq + q0;
       for (int64_t r = 0; r < tq; ++r) {
         if (any && l[r] > 0.0f) {
           const float inv = 1.0f / l[r];
-          for (int64_t c = 0; c < Dv; ++c) orow[r * Dv + c] = acc[r * Dv + c] * inv;
+          for (int64_t c = 0; c < Dv; ++c) orow[r * Dv + c] = static_cast<T>(acc[r * Dv + c] * inv);
           lrow[r] = (m[r] + std::log2(l[r])) * 0.6931471805599453f;
         } else {  // no key attended: output 0, LSE -inf
-          std::fill(orow + r * Dv, orow + (r + 1) * Dv, 0.0f);
+          std::fill(orow + r * Dv, orow + (r + 1) * Dv, static_cast<T>(0.0f));
           lrow[r] = kNegInf;
         }
       }
     }
   });
+  };
+  if (dtype == at::kFloat) {
+    run(float{});
+  } else if (dtype == at::kBFloat16) {
+    run(at::BFloat16{});
+  } else {
+    run(at::Half{});
+  }
   return {out, lse};
 }
 
