@@ -56,7 +56,7 @@ class TileConfig:
     block_q: int = 64
     block_k: int = 64
     max_chunk: int = 1024
-    use_kernel: bool = True  #: use the compiled CPU forward where it applies
+    use_kernel: bool = True  #: use the compiled CPU kernels where they apply
 
 
 #: Query tiles that visit at least this many keys on average get 128 rows instead of 64.
@@ -452,14 +452,16 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
     cfg = config or tuned_config(req)
     bm = block_mask_for(req, cfg)
     mods = kernel_mods(req.score_mod_source)  # ALiBi / softcap run inside the CPU kernels
-    use_kernel = (
+    kernel = None
+    if (
         cfg.use_kernel
         and req.q.device.type == "cpu"
         and req.q.dtype != torch.float64
         and mods is not None
         and not mods.learns_slopes
         and cpu_kernel.available()
-    )
+    ):
+        kernel = _Kernel(bm, cfg.max_chunk, mods, _dropout.kernel_args(req.seed, req.dropout_p))
     c = _Ctx(
         B=s.B,
         Hkv=s.Hkv,
@@ -470,9 +472,6 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         seed=req.seed,
         dropout_p=req.dropout_p,
     )
-    kernel = None
-    if use_kernel and mods is not None:
-        kernel = _Kernel(bm, cfg.max_chunk, mods, _dropout.kernel_args(req.seed, req.dropout_p))
     captured = (
         () if kernel is not None or req.score_mod is None else captured_tensors(req.score_mod)
     )
