@@ -155,3 +155,15 @@ def test_tile_lists_built_once_per_mask_and_device():
     assert lists(mask) is first
     assert lists(masks.sliding_window(9)) is not first  # another mask object builds its own
     assert first["kv_num"].device == q.device
+
+
+def test_trainable_alibi_slopes_are_refused_not_silently_frozen():
+    """The kernels compute no slope gradient: triton says so, and auto routes to tiled."""
+    slopes = score_mods.alibi_slopes(2).requires_grad_()
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 16, 16, 16))
+    mod = score_mods.alibi(slopes)
+    with pytest.raises(attnkit.UnsupportedError, match="require grad"):
+        attnkit.attention(q, k, v, score_mod=mod, backend="triton")
+    assert attnkit.dispatch(q, k, v, score_mod=mod).backend == "tiled"
+    with torch.no_grad():  # nothing to learn: the kernels may apply them
+        attnkit.attention(q, k, v, score_mod=mod, backend="triton")
