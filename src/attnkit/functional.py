@@ -91,8 +91,8 @@ TILED_DENSITY_THRESHOLD = 0.75
 #: and bf16, forward and forward+backward, except bf16 fwd+bwd at 4096 (0.93x); at N = 64 it
 #: ran at 0.60-0.89x (1.5x for bf16 fwd+bwd), its fixed cost per call showing.
 TILED_CAUSAL_MIN_PAIRS = 8 * 128 * 128
-#: dtypes the compiled CPU kernels serve (bfloat16 converted around them); float64 and float16
-#: run tiled in PyTorch ops, not measured against SDPA
+#: the dtypes the causal rule was measured in; float16 (also served by the compiled kernels)
+#: and float64 (PyTorch ops) were not measured against SDPA
 _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnkit import _dropout
 from attnkit.block_mask import BlockMask, partial_bitmaps
 from attnkit.score_mods import KernelMods
 
@@ -26,7 +27,7 @@ log = logging.getLogger("attnkit")
 LOG2E = 1.4426950408889634
 CSRC = Path(__file__).parent / "csrc"
 NO_MODS = KernelMods()
-NO_DROPOUT = (-1, 0, 0.0)  # attnkit._dropout.kernel_args(None, 0.0)
+NO_DROPOUT = _dropout.kernel_args(None, 0.0)
 SOURCES = [CSRC / name for name in ("ops.cpp", "tiled_forward_cpu.cpp", "tiled_backward_cpu.cpp")]
 
 

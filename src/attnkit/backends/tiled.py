@@ -181,6 +181,21 @@ class _Ctx:
     dropout_p: float
 
 
+def _ctx_for(req: Request, bm: BlockMask) -> _Ctx:
+    """The PyTorch loops' view of a request and its BlockMask."""
+    s = req.shapes
+    return _Ctx(
+        B=s.B,
+        Hkv=s.Hkv,
+        G=s.Hq // s.Hkv,
+        scale=req.scale,
+        score_mod=req.score_mod,
+        mask_fn=bm.mask_fn,
+        seed=req.seed,
+        dropout_p=req.dropout_p,
+    )
+
+
 def _indices(
     c: _Ctx, q0: int, tq: int, k0: int, k1: int, device: torch.device
 ) -> tuple[Tensor, ...]:
@@ -448,7 +463,6 @@ def unsupported_reason(req: Request) -> str | None:
 
 def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32 (float64 for float64)."""
-    s = req.shapes
     cfg = config or tuned_config(req)
     bm = block_mask_for(req, cfg)
     mods = kernel_mods(req.score_mod_source)  # ALiBi / softcap run inside the CPU kernels
@@ -462,16 +476,7 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         and cpu_kernel.available()
     ):
         kernel = _Kernel(bm, cfg.max_chunk, mods, _dropout.kernel_args(req.seed, req.dropout_p))
-    c = _Ctx(
-        B=s.B,
-        Hkv=s.Hkv,
-        G=s.Hq // s.Hkv,
-        scale=req.scale,
-        score_mod=req.score_mod,
-        mask_fn=bm.mask_fn,
-        seed=req.seed,
-        dropout_p=req.dropout_p,
-    )
+    c = _ctx_for(req, bm)
     captured = (
         () if kernel is not None or req.score_mod is None else captured_tensors(req.score_mod)
     )
@@ -530,19 +535,8 @@ def block_backward(
     from attnkit.functional import _request
 
     req = _request(q, k, v, mask, None, scale, 0.0, None, False)
-    s = req.shapes
-    cfg = default_config(s)
+    cfg = default_config(req.shapes)
     bm = block_mask_for(req, cfg)
-    c = _Ctx(
-        B=s.B,
-        Hkv=s.Hkv,
-        G=s.Hq // s.Hkv,
-        scale=req.scale,
-        score_mod=None,
-        mask_fn=bm.mask_fn,
-        seed=None,
-        dropout_p=0.0,
-    )
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     dout_c, q_c, k_c, v_c, out_c, lse_c = (t.to(ct) for t in (dout, q, k, v, out, lse))
     dlse_c = None if dlse is None else dlse.to(ct)
@@ -551,5 +545,6 @@ def block_backward(
             dout_c, q_c, k_c, v_c, out_c, lse_c, dlse_c, bm, cfg.max_chunk, req.scale
         )
     plan = plan_from_block_mask(bm, cfg.max_chunk)
+    c = _ctx_for(req, bm)
     dq, dk, dv, _ = backward(dout_c, q_c, k_c, v_c, out_c, lse_c, plan, c, (), dlse_c)
     return dq, dk, dv

@@ -60,90 +60,94 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   // T: the input/output dtype. 16-bit inputs are widened tile by tile into float32 scratch
   // (the GEMMs are sgemm), so no float32 copy of q, k, v or out is ever made.
   auto run = [&](auto dtype_tag) {
-  using T = decltype(dtype_tag);
-  constexpr bool kWide = !std::is_same_v<T, float>;
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, B * Hq * nQ, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(block_q * tiles_per_chunk * block_k);
-    const int64_t chunk_keys = tiles_per_chunk * block_k;
-    std::vector<float> Qf(kWide ? block_q * D : 0), Kf(kWide ? chunk_keys * D : 0),
-        Vf(kWide ? chunk_keys * Dv : 0);
-    std::vector<float> acc(block_q * Dv), m(block_q), l(block_q);
-    std::vector<float> Z(dropout.on() ? tiles_per_chunk * block_k : 0);  // dropout scales
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t qt = unit % nQ, h = (unit / nQ) % Hq, b = unit / (nQ * Hq);
-      const int64_t hk = h / G;
-      const int64_t q0 = qt * block_q, tq = std::min(block_q, Lq - q0);
-      const int64_t map_row = (((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * nQ + qt) * nK;
-      const int8_t* kind_row = kindp + map_row;
-      const int64_t* index_row = tip + map_row;
-      const T* qsrc = qp + ((b * Hq + h) * Lq + q0) * D;
-      const T* kbase = kp + (b * Hkv + hk) * Lk * D;
-      const T* vbase = vp + (b * Hkv + hk) * Lk * Dv;
-      const float* qtile = widen(qsrc, tq * D, Qf.data());
-      std::fill(acc.begin(), acc.begin() + tq * Dv, 0.0f);
-      std::fill(m.begin(), m.begin() + tq, kNegInf);
-      std::fill(l.begin(), l.begin() + tq, 0.0f);
-      bool any = false;
-      int64_t kt = 0;
-      while (kt < nK) {
-        if (kind_row[kt] == kEmpty) { ++kt; continue; }
-        const int64_t kt0 = kt;
-        while (kt < nK && kind_row[kt] != kEmpty && kt - kt0 < tiles_per_chunk) ++kt;
-        const int64_t k0 = kt0 * block_k, k1 = std::min(kt * block_k, Lk), n = k1 - k0;
-        any = true;
-        float* s = S.data();
-        const float* kchunk = widen(kbase + k0 * D, n * D, Kf.data());
-        gemm_rowmajor(false, true, tq, n, D, alpha_qk, qtile, D, kchunk, D, 0.0f, s, n);
-        if (mods.any()) {
-          for (int64_t r = 0; r < tq; ++r) apply_score_mods(s + r * n, n, h, q0 + r, k0, mods, nullptr);
+    using T = decltype(dtype_tag);
+    constexpr bool kWide = !std::is_same_v<T, float>;
+    const T* qp = q.data_ptr<T>();
+    const T* kp = k.data_ptr<T>();
+    const T* vp = v.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, B * Hq * nQ, 1, [&](int64_t begin, int64_t end) {
+      const int64_t chunk_keys = tiles_per_chunk * block_k;
+      std::vector<float> S(block_q * chunk_keys);
+      std::vector<float> Qf(kWide ? block_q * D : 0), Kf(kWide ? chunk_keys * D : 0),
+          Vf(kWide ? chunk_keys * Dv : 0);
+      std::vector<float> acc(block_q * Dv), m(block_q), l(block_q);
+      std::vector<float> Z(dropout.on() ? chunk_keys : 0);  // dropout scales
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t qt = unit % nQ, h = (unit / nQ) % Hq, b = unit / (nQ * Hq);
+        const int64_t hk = h / G;
+        const int64_t q0 = qt * block_q, tq = std::min(block_q, Lq - q0);
+        const int64_t map_row = (((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * nQ + qt) * nK;
+        const int8_t* kind_row = kindp + map_row;
+        const int64_t* index_row = tip + map_row;
+        const T* qsrc = qp + ((b * Hq + h) * Lq + q0) * D;
+        const T* kbase = kp + (b * Hkv + hk) * Lk * D;
+        const T* vbase = vp + (b * Hkv + hk) * Lk * Dv;
+        const float* qtile = widen(qsrc, tq * D, Qf.data());
+        std::fill(acc.begin(), acc.begin() + tq * Dv, 0.0f);
+        std::fill(m.begin(), m.begin() + tq, kNegInf);
+        std::fill(l.begin(), l.begin() + tq, 0.0f);
+        bool any = false;
+        int64_t kt = 0;
+        while (kt < nK) {
+          if (kind_row[kt] == kEmpty) { ++kt; continue; }
+          const int64_t kt0 = kt;
+          while (kt < nK && kind_row[kt] != kEmpty && kt - kt0 < tiles_per_chunk) ++kt;
+          const int64_t k0 = kt0 * block_k, k1 = std::min(kt * block_k, Lk), n = k1 - k0;
+          any = true;
+          float* s = S.data();
+          const float* kchunk = widen(kbase + k0 * D, n * D, Kf.data());
+          gemm_rowmajor(false, true, tq, n, D, alpha_qk, qtile, D, kchunk, D, 0.0f, s, n);
+          if (mods.any()) {
+            for (int64_t r = 0; r < tq; ++r) {
+              apply_score_mods(s + r * n, n, h, q0 + r, k0, mods, nullptr);
+            }
+          }
+          for (int64_t t = kt0; t < kt; ++t) {  // partial tiles: apply the predicate bitmap
+            if (kind_row[t] != kPartial) continue;
+            apply_bitmap(s + t * block_k - k0, n, bmp + index_row[t] * block_q * block_k, block_k,
+                         tq, std::min(block_k, Lk - t * block_k));
+          }
+          for (int64_t r = 0; r < tq; ++r) {
+            float* srow = s + r * n;
+            const float m_new = std::max(m[r], row_max(srow, n));
+            if (m_new == kNegInf) {  // nothing attended yet in this row: P = 0
+              std::fill(srow, srow + n, 0.0f);
+              continue;
+            }
+            const float sum = exp2_shifted_row(srow, n, m_new);
+            const float rescale = std::exp2(m[r] - m_new);  // once per row: libm is fine
+            l[r] = l[r] * rescale + sum;  // the normaliser counts dropped entries too
+            m[r] = m_new;
+            if (dropout.on()) {  // P·V uses the dropped, rescaled probabilities
+              dropout.row_scales(Z.data(), n, dropout.row_state(b, h, q0 + r), k0);
+  #pragma omp simd
+              for (int64_t c = 0; c < n; ++c) srow[c] *= Z[c];
+            }
+            if (rescale != 1.0f) {
+              float* arow = acc.data() + r * Dv;
+              for (int64_t c = 0; c < Dv; ++c) arow[c] *= rescale;
+            }
+          }
+          const float* vchunk = widen(vbase + k0 * Dv, n * Dv, Vf.data());
+          gemm_rowmajor(false, false, tq, Dv, n, 1.0f, s, n, vchunk, Dv, 1.0f, acc.data(), Dv);
         }
-        for (int64_t t = kt0; t < kt; ++t) {  // partial tiles: apply the predicate bitmap
-          if (kind_row[t] != kPartial) continue;
-          apply_bitmap(s + t * block_k - k0, n, bmp + index_row[t] * block_q * block_k, block_k,
-                       tq, std::min(block_k, Lk - t * block_k));
-        }
+        T* orow = op + ((b * Hq + h) * Lq + q0) * Dv;
+        float* lrow = lp + (b * Hq + h) * Lq + q0;
         for (int64_t r = 0; r < tq; ++r) {
-          float* srow = s + r * n;
-          const float m_new = std::max(m[r], row_max(srow, n));
-          if (m_new == kNegInf) {  // nothing attended yet in this row: P = 0
-            std::fill(srow, srow + n, 0.0f);
-            continue;
-          }
-          const float sum = exp2_shifted_row(srow, n, m_new);
-          const float rescale = std::exp2(m[r] - m_new);  // once per row: libm is fine
-          l[r] = l[r] * rescale + sum;  // the normaliser counts dropped entries too
-          m[r] = m_new;
-          if (dropout.on()) {  // P·V uses the dropped, rescaled probabilities
-            dropout.row_scales(Z.data(), n, dropout.row_state(b, h, q0 + r), k0);
-#pragma omp simd
-            for (int64_t c = 0; c < n; ++c) srow[c] *= Z[c];
-          }
-          if (rescale != 1.0f) {
-            float* arow = acc.data() + r * Dv;
-            for (int64_t c = 0; c < Dv; ++c) arow[c] *= rescale;
+          if (any && l[r] > 0.0f) {
+            const float inv = 1.0f / l[r];
+            for (int64_t c = 0; c < Dv; ++c) {
+              orow[r * Dv + c] = static_cast<T>(acc[r * Dv + c] * inv);
+            }
+            lrow[r] = (m[r] + std::log2(l[r])) * 0.6931471805599453f;
+          } else {  // no key attended: output 0, LSE -inf
+            std::fill(orow + r * Dv, orow + (r + 1) * Dv, static_cast<T>(0.0f));
+            lrow[r] = kNegInf;
           }
         }
-        const float* vchunk = widen(vbase + k0 * Dv, n * Dv, Vf.data());
-        gemm_rowmajor(false, false, tq, Dv, n, 1.0f, s, n, vchunk, Dv, 1.0f, acc.data(), Dv);
       }
-      T* orow = op + ((b * Hq + h) * Lq + q0) * Dv;
-      float* lrow = lp + (b * Hq + h) * Lq + q0;
-      for (int64_t r = 0; r < tq; ++r) {
-        if (any && l[r] > 0.0f) {
-          const float inv = 1.0f / l[r];
-          for (int64_t c = 0; c < Dv; ++c) orow[r * Dv + c] = static_cast<T>(acc[r * Dv + c] * inv);
-          lrow[r] = (m[r] + std::log2(l[r])) * 0.6931471805599453f;
-        } else {  // no key attended: output 0, LSE -inf
-          std::fill(orow + r * Dv, orow + (r + 1) * Dv, static_cast<T>(0.0f));
-          lrow[r] = kNegInf;
-        }
-      }
-    }
-  });
+    });
   };
   if (dtype == at::kFloat) {
     run(float{});
