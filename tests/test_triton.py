@@ -145,7 +145,7 @@ def test_tile_lists_built_once_per_mask_and_device():
     from attnkit.functional import _request
 
     q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 40, 40, 16))
-    launch = tr.choose_launch(16, q.dtype, q.device)
+    launch = tr.choose_launch(16, q.dtype, tr.gpu_arch(q.device))
 
     def lists(mask):
         return tr.tile_lists(_request(q, k, v, mask, None, None, 0.0, None, False), launch)
@@ -154,7 +154,7 @@ def test_tile_lists_built_once_per_mask_and_device():
     first = lists(mask)
     assert lists(mask) is first
     assert lists(masks.sliding_window(9)) is not first  # another mask object builds its own
-    assert first["kv_num"].device == q.device
+    assert first.kv_num.device == q.device
 
 
 def test_trainable_alibi_slopes_are_refused_not_silently_frozen():

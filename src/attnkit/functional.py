@@ -97,9 +97,13 @@ _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _auto(req: Request) -> DispatchDecision:
-    if req.q.device.type == "cuda" and triton.unsupported_reason(req) is None:
-        return DispatchDecision("triton", "CUDA tensors: attnkit's Triton kernels serve it")
     why_not_sdpa = sdpa.unsupported_reason(req)
+    if req.q.device.type == "cuda" and triton.unsupported_reason(req) is None:
+        if req.q.dtype != torch.float32 or why_not_sdpa is not None:
+            return DispatchDecision("triton", "CUDA tensors: attnkit's Triton kernels serve it")
+        return DispatchDecision(
+            "sdpa", "float32 on CUDA: SDPA (the Triton kernels multiply fp32 exactly on CUDA cores)"
+        )
     if why_not_sdpa is not None:
         return DispatchDecision("tiled", f"{why_not_sdpa}; tiled can, in O(N) memory")
     if req.mask is None:
@@ -255,7 +259,8 @@ def dispatch(
 
     Rule (measured on CPU, see README "Performance"):
 
-    0. CUDA tensors that the Triton kernels support: triton.
+    0. CUDA tensors that the Triton kernels support: triton, except float32 that SDPA can
+       serve (exact fp32 dots run on CUDA cores and spill registers; see the launcher).
     1. SDPA cannot do it (score_mod, return_lse, dropout): tiled.
     2. No mask: SDPA (torch's fused kernel; tiled runs at 0.55-1.8x its speed, with no
        consistent winner).

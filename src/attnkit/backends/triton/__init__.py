@@ -66,23 +66,59 @@ class Launch:
     num_stages: int
 
 
-def choose_launch(D: int, dtype: torch.dtype, device: torch.device) -> Launch:
-    """Tiles per head dim and dtype: larger tiles for small D; fp32 halves them (registers)."""
+def gpu_arch(device: torch.device) -> int | None:
+    """Compute capability as one number (sm_90 → 90), None off CUDA (the interpreter)."""
     if device.type != "cuda":
-        return Launch(16, 16, 1, 1)  # the interpreter: small tiles keep it quick
-    big = dtype in (torch.float16, torch.bfloat16)
-    if D <= 64:
-        return Launch(128 if big else 64, 64, 4, 3)
-    if D <= 128:
-        return Launch(128 if big else 64, 64 if big else 32, 8 if big else 4, 3)
-    return Launch(64, 32, 4, 2)
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+# Tiles per head-dim bucket (block_m, block_n, num_warps, num_stages): the largest tiles whose
+# three kernels spill at most 16 B per thread and fit the arch's shared memory, compiled for
+# each arch by `python benchmarks/triton_resources.py --launch ...` over block_m 64/128,
+# block_n 32/64, 4/8 warps (benchmarks/results/triton_resources.md has the chosen ones).
+# Register counts, not timings: no GPU was at hand to time them.
+_SM90 = {64: Launch(128, 64, 8, 3), 128: Launch(128, 32, 8, 3), 256: Launch(64, 32, 8, 1)}
+_SM80 = {64: Launch(128, 32, 8, 3), 128: Launch(128, 32, 8, 3), 256: Launch(64, 32, 8, 2)}
+_SM86 = {**_SM80, 256: Launch(32, 32, 8, 2)}  # sm_86/89: 99 KB of shared memory, not 163
+# fp32 multiplies exactly on CUDA cores (FMA dots), which spill at every tile size tried;
+# small tiles keep it within shared memory. `auto` sends fp32 to SDPA where SDPA can serve it.
+_FP32 = {64: Launch(32, 32, 4, 2), 128: Launch(32, 32, 4, 2), 256: Launch(16, 16, 2, 1)}
+
+
+def choose_launch(D: int, dtype: torch.dtype, arch: int | None) -> Launch:
+    """Tiles per head dim, dtype and GPU arch (None: the interpreter, small tiles keep it quick).
+
+    ``tests/test_triton_aot.py`` compiles every choice for sm_80/86/90 and checks it fits and
+    (in 16 bits) does not spill.
+    """
+    if arch is None:
+        return Launch(16, 16, 1, 1)
+    bucket = 64 if D <= 64 else 128 if D <= 128 else 256
+    if dtype == torch.float32:
+        return _FP32[bucket]
+    table = _SM90 if arch >= 90 else _SM80 if arch in (80, 87) else _SM86
+    return table[bucket]
 
 
 def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def tile_lists(req: Request, launch: Launch) -> dict[str, Tensor]:
+@dataclass(frozen=True)
+class TileLists:
+    """The BlockMask as the kernels walk it (see ``tile_lists``)."""
+
+    kv_num: Tensor
+    kv_idx: Tensor
+    q_num: Tensor
+    q_idx: Tensor
+    tile: Tensor
+    bits: Tensor
+
+
+def tile_lists(req: Request, launch: Launch) -> TileLists:
     """The BlockMask as the kernels read it, on the request's device.
 
     Per q-tile row and per kv-tile column: the count of non-empty tiles and their indices
@@ -99,37 +135,61 @@ def tile_lists(req: Request, launch: Launch) -> dict[str, Tensor]:
     return bm.derived(("triton_tile_lists", str(dev)), lambda: _build_tile_lists(bm, dev))
 
 
-def _build_tile_lists(bm: BlockMask, dev: torch.device) -> dict[str, Tensor]:
+def _build_tile_lists(bm: BlockMask, dev: torch.device) -> TileLists:
     kinds = bm.kinds.cpu()
     empty = (kinds == EMPTY).to(torch.int8)
     rows_idx = torch.argsort(empty, dim=-1, stable=True)  # non-empty kv tiles first
     cols = empty.transpose(-1, -2).contiguous()
     cols_idx = torch.argsort(cols, dim=-1, stable=True)
     tile_index, bitmaps = partial_bitmaps(bm)
-    return {
-        "kv_num": (1 - empty).sum(-1).to(torch.int32).contiguous().to(dev),
-        "kv_idx": rows_idx.to(torch.int32).contiguous().to(dev),
-        "q_num": (1 - cols).sum(-1).to(torch.int32).contiguous().to(dev),
-        "q_idx": cols_idx.to(torch.int32).contiguous().to(dev),
-        "tile": tile_index.to(torch.int32).contiguous().to(dev),
-        "bits": bitmaps.to(torch.int8).contiguous().to(dev),
-    }
+    return TileLists(
+        kv_num=(1 - empty).sum(-1).to(torch.int32).contiguous().to(dev),
+        kv_idx=rows_idx.to(torch.int32).contiguous().to(dev),
+        q_num=(1 - cols).sum(-1).to(torch.int32).contiguous().to(dev),
+        q_idx=cols_idx.to(torch.int32).contiguous().to(dev),
+        tile=tile_index.to(torch.int32).contiguous().to(dev),
+        bits=bitmaps.to(torch.int8).contiguous().to(dev),
+    )
 
 
-def _kernel_args(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o_like: Tensor,
-    tile: Tensor,
-    scale: float,
-    softcap: float,
-    q_off: int,
-    has_alibi: bool,
-    block_m: int,
-    block_n: int,
-    num_warps: int,
-    num_stages: int,
+def dot_precision(dtype: torch.dtype) -> str:
+    """How tl.dot multiplies fp32 tiles: TF32 only where torch allows it for matmuls too.
+
+    fp16/bf16 tiles are multiplied exactly either way; this matters for fp32 inputs, which would
+    otherwise silently run in TF32 (10-bit mantissa) on Ampere and newer.
+    """
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One kernel launch: what the custom ops run, and what ``aot.py`` compiles for a GPU arch."""
+
+    kernel: Any  # a triton.JITFunction
+    grid: tuple[int, int]
+    args: tuple[Any, ...]
+    meta: dict[str, Any]  # constexprs, num_warps, num_stages
+
+    def launch(self) -> None:
+        """Run the kernel on the tensors in ``args``."""
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+@dataclass(frozen=True)
+class Scalars:
+    """Everything besides tensors that a launch needs."""
+
+    scale: float
+    softcap: float
+    q_off: int  # Lk - Lq: where the queries sit among the keys (ALiBi distance, masks)
+    has_alibi: bool
+    launch: Launch
+
+
+def _common_args(
+    q: Tensor, k: Tensor, v: Tensor, o_like: Tensor, lists: TileLists, sc: Scalars
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The scalar and stride arguments every kernel takes, and the compile-time ones.
 
@@ -137,13 +197,13 @@ def _kernel_args(
     """
     H, Lq, D = q.shape[1:]
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    Bm, Hm, nQ, nK = tile.shape
+    Bm, Hm, nQ, nK = lists.tile.shape
     scalars = (
-        scale,
-        softcap,
+        sc.scale,
+        sc.softcap,
         Lq,
         Lk,
-        q_off,
+        sc.q_off,
         H,
         H // Hkv,
         D,
@@ -158,16 +218,78 @@ def _kernel_args(
         *o_like.stride()[:3],
     )
     meta = {
-        "HAS_ALIBI": has_alibi,
-        "HAS_SOFTCAP": softcap > 0,
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
+        "HAS_ALIBI": sc.has_alibi,
+        "HAS_SOFTCAP": sc.softcap > 0,
+        "DOT_PRECISION": dot_precision(q.dtype),
+        "BLOCK_M": sc.launch.block_m,
+        "BLOCK_N": sc.launch.block_n,
         "BLOCK_D": _pow2(D),
         "BLOCK_DV": _pow2(Dv),
-        "num_warps": num_warps,
-        "num_stages": num_stages,
+        "num_warps": sc.launch.num_warps,
+        "num_stages": sc.launch.num_stages,
     }
     return scalars, meta
+
+
+def forward_calls(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    lists: TileLists,
+    slopes: Tensor,
+    sc: Scalars,
+) -> list[KernelCall]:
+    """The forward launch, writing ``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq)."""
+    from attnkit.backends.triton.kernels import attention_forward_kernel
+
+    B, H, Lq = q.shape[:3]
+    scalars, meta = _common_args(q, k, v, out, lists, sc)
+    tensors = (q, k, v, out, lse, lists.kv_num, lists.kv_idx, lists.tile, lists.bits, slopes)
+    grid = (-(-Lq // sc.launch.block_m), B * H)
+    return [KernelCall(attention_forward_kernel, grid, (*tensors, *scalars), meta)]
+
+
+def backward_calls(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    lists: TileLists,
+    slopes: Tensor,
+    sc: Scalars,
+) -> list[KernelCall]:
+    """The two backward launches: dK/dV per kv tile, then dQ per q tile (no atomics)."""
+    from attnkit.backends.triton.kernels import (
+        attention_backward_dkdv_kernel,
+        attention_backward_dq_kernel,
+    )
+
+    B, H, Lq = q.shape[:3]
+    Hkv, Lk = k.shape[1], k.shape[2]
+    scalars, meta = _common_args(q, k, v, dout, lists, sc)
+    dkdv = (q, k, v, dout, lse, delta, dk, dv, lists.q_num, lists.q_idx, lists.tile, lists.bits)
+    dq_ = (q, k, v, dout, lse, delta, dq, lists.kv_num, lists.kv_idx, lists.tile, lists.bits)
+    return [
+        KernelCall(
+            attention_backward_dkdv_kernel,
+            (-(-Lk // sc.launch.block_n), B * Hkv),
+            (*dkdv, slopes, *scalars),
+            meta,
+        ),
+        KernelCall(
+            attention_backward_dq_kernel,
+            (-(-Lq // sc.launch.block_m), B * H),
+            (*dq_, slopes, *scalars),
+            meta,
+        ),
+    ]
 
 
 @torch.library.custom_op("attnkit::triton_forward", mutates_args=())
@@ -190,29 +312,13 @@ def triton_forward(
     num_stages: int,
 ) -> tuple[Tensor, Tensor]:
     """Flash-attention forward: out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32."""
-    from attnkit.backends.triton.kernels import attention_forward_kernel
-
     B, H, Lq, _ = q.shape
     out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    scalars, meta = _kernel_args(
-        q,
-        k,
-        v,
-        out,
-        tile,
-        scale,
-        softcap,
-        q_off,
-        has_alibi,
-        block_m,
-        block_n,
-        num_warps,
-        num_stages,
-    )
-    attention_forward_kernel[(-(-Lq // block_m), B * H)](
-        q, k, v, out, lse, kv_num, kv_idx, tile, bits, slopes, *scalars, **meta
-    )
+    lists = TileLists(kv_num, kv_idx, kv_num, kv_idx, tile, bits)  # the column lists go unused
+    sc = Scalars(scale, softcap, q_off, has_alibi, Launch(block_m, block_n, num_warps, num_stages))
+    for call in forward_calls(q, k, v, out, lse, lists, slopes, sc):
+        call.launch()
     return out, lse
 
 
@@ -251,37 +357,13 @@ def triton_backward(
 
     Preprocess: delta = rowsum(dO ∘ O) - dLSE (the LSE's own gradient enters as dS += P·dLSE).
     """
-    from attnkit.backends.triton.kernels import (
-        attention_backward_dkdv_kernel,
-        attention_backward_dq_kernel,
-    )
-
     dout = dout.contiguous()
     delta = ((dout.float() * out.float()).sum(-1) - dlse.float()).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    scalars, meta = _kernel_args(
-        q,
-        k,
-        v,
-        dout,
-        tile,
-        scale,
-        softcap,
-        q_off,
-        has_alibi,
-        block_m,
-        block_n,
-        num_warps,
-        num_stages,
-    )
-    B, H, Lq = q.shape[:3]
-    Hkv, Lk = k.shape[1], k.shape[2]
-    attention_backward_dkdv_kernel[(-(-Lk // block_n), B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, q_num, q_idx, tile, bits, slopes, *scalars, **meta
-    )
-    attention_backward_dq_kernel[(-(-Lq // block_m), B * H)](
-        q, k, v, dout, lse, delta, dq, kv_num, kv_idx, tile, bits, slopes, *scalars, **meta
-    )
+    lists = TileLists(kv_num, kv_idx, q_num, q_idx, tile, bits)
+    sc = Scalars(scale, softcap, q_off, has_alibi, Launch(block_m, block_n, num_warps, num_stages))
+    for call in backward_calls(q, k, v, dout, lse, delta, dq, dk, dv, lists, slopes, sc):
+        call.launch()
     return dq, dk, dv
 
 
@@ -296,7 +378,7 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
     """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32."""
     mods = kernel_mods(req.score_mod_source) or KernelMods()
     s = req.shapes
-    launch = choose_launch(max(s.D, s.Dv), req.q.dtype, req.q.device)
+    launch = choose_launch(max(s.D, s.Dv), req.q.dtype, gpu_arch(req.q.device))
     lists = tile_lists(req, launch)
     slopes = (mods.slopes if mods.slopes is not None else torch.zeros(1)).float().to(req.q.device)
     q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
@@ -304,10 +386,10 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
         q,
         k,
         v,
-        lists["kv_num"],
-        lists["kv_idx"],
-        lists["tile"],
-        lists["bits"],
+        lists.kv_num,
+        lists.kv_idx,
+        lists.tile,
+        lists.bits,
         slopes,
         req.scale,
         mods.softcap,
@@ -320,7 +402,7 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
     )
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         out, lse = _TritonAttention.apply(  # type: ignore[no-untyped-call]
-            lists["q_num"], lists["q_idx"], *args
+            lists.q_num, lists.q_idx, *args
         )
     else:
         out, lse = triton_forward(*args)

@@ -5,6 +5,7 @@ running max / sum / accumulator, LSE saved for the backward pass. Block sparsity
 program walks only the kv tiles (forward, dQ) or q tiles (dK/dV) that its BlockMask row or
 column lists as non-empty; partial tiles are masked by a precomputed bitmap, full tiles are
 not masked at all. ALiBi and softcap are applied in-kernel (natural units, before masking).
+DOT_PRECISION is "ieee" for fp32 inputs unless torch allows TF32 matmuls (see the launcher).
 """
 
 from __future__ import annotations
@@ -33,29 +34,42 @@ def _scores(
     has_bits,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Scores of one tile in log2 units, and tanh(s/c) for the softcap gradient.
 
-    q (BLOCK_M, D), k (BLOCK_N, D); rows/cols: absolute query/key indices.
+    q (BLOCK_M, D), k (BLOCK_N, D); rows/cols: absolute query/key indices. Gives S (BLOCK_M,
+    BLOCK_N), or with TRANSPOSED Sᵀ (BLOCK_N, BLOCK_M) computed as k·qᵀ: the dK/dV kernel
+    multiplies Pᵀ and dSᵀ as they come, instead of transposing register tiles.
     """
-    s = tl.dot(q, tl.trans(k)) * sm_scale  # natural units: score_mods see these
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    if TRANSPOSED:
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        qi, ki = rows[None, :], cols[:, None]
+        bit_offsets = r[None, :] * BLOCK_N + c[:, None]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qi, ki = rows[:, None], cols[None, :]
+        bit_offsets = r[:, None] * BLOCK_N + c[None, :]
+    s = s * sm_scale  # natural units: score_mods see these
     if HAS_ALIBI:
         slope = tl.load(slope_ptr + h)
-        dist = tl.abs(rows[:, None] + q_off - cols[None, :]).to(tl.float32)
-        s = s - slope * dist
+        s = s - slope * tl.abs(qi + q_off - ki).to(tl.float32)
     t = s
     if HAS_SOFTCAP:
         t = 2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0  # tanh(s / c)
         s = softcap * t
-    valid = (rows[:, None] < Lq) & (cols[None, :] < Lk)
+    # Padding rows (past Lq) need no mask: they are never stored and carry zero dO. The
+    # bitmap is widened to fp32 before the select: an i1 tile would have to pass through
+    # shared memory in the FMA (fp32 "ieee") dot layouts, which does not compile for sm_80.
+    s = tl.where(ki < Lk, s * 1.4426950408889634, float("-inf"))
     if has_bits:
-        r = tl.arange(0, BLOCK_M)[:, None]
-        c = tl.arange(0, BLOCK_N)[None, :]
-        bits = tl.load(tile_bits_ptr + r * BLOCK_N + c)
-        valid = valid & (bits != 0)
-    s = tl.where(valid, s * 1.4426950408889634, float("-inf"))
+        bits = tl.load(tile_bits_ptr + bit_offsets).to(tl.float32)
+        s = tl.where(bits != 0.0, s, float("-inf"))
     return s, t
 
 
@@ -98,6 +112,7 @@ def attention_forward_kernel(
     som,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -154,6 +169,8 @@ def attention_forward_kernel(
             tile >= 0,
             HAS_ALIBI,
             HAS_SOFTCAP,
+            DOT_PRECISION,
+            False,
             BLOCK_M,
             BLOCK_N,
         )
@@ -162,7 +179,7 @@ def attention_forward_kernel(
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     shift = tl.where(m_i == float("-inf"), 0.0, m_i)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -219,6 +236,7 @@ def attention_backward_dkdv_kernel(
     sdom,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -268,7 +286,7 @@ def attention_backward_dkdv_kernel(
             lse = tl.load(LSE + (b * H + h) * Lq + rows, mask=rmask, other=0.0)
             delta = tl.load(DELTA + (b * H + h) * Lq + rows, mask=rmask, other=0.0)
             tile = tl.load(TILE + ((mb * Hm + mh) * nQ + qt) * nK + pid_n)
-            s, t = _scores(
+            s_t, t_t = _scores(
                 q,
                 k,
                 rows,
@@ -284,17 +302,19 @@ def attention_backward_dkdv_kernel(
                 tile >= 0,
                 HAS_ALIBI,
                 HAS_SOFTCAP,
+                DOT_PRECISION,
+                True,
                 BLOCK_M,
                 BLOCK_N,
             )
             lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
-            p = tl.exp2(s - lse2[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v)).to(tl.float32)
-            ds = p * (dp - delta[:, None])
+            p_t = tl.exp2(s_t - lse2[None, :])  # Pᵀ (BLOCK_N, BLOCK_M)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(tl.float32)
+            ds_t = p_t * (dp_t - delta[None, :])
             if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                ds_t = ds_t * (1.0 - t_t * t_t)
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(
         DK + b * skb + hk * skh + cols[:, None] * skn + dq_[None, :],
@@ -349,6 +369,7 @@ def attention_backward_dq_kernel(
     sdom,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -412,15 +433,17 @@ def attention_backward_dq_kernel(
             tile >= 0,
             HAS_ALIBI,
             HAS_SOFTCAP,
+            DOT_PRECISION,
+            False,
             BLOCK_M,
             BLOCK_N,
         )
         p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(tl.float32)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(
         DQ + b * sqb + h * sqh + rows[:, None] * sqm + dq_[None, :],

@@ -1,0 +1,87 @@
+"""What the triton kernels cost on each GPU arch, compiled here without a GPU.
+
+    python benchmarks/triton_resources.py [--out benchmarks/results/triton_resources.md]
+    python benchmarks/triton_resources.py --arch 80 --dtype bfloat16 --head-dim 128 \
+        --launch 64,64,8,3          # try other tiles: block_m,block_n,num_warps,num_stages
+
+For each arch, dtype and head dim: the tiles ``choose_launch`` picks, and per kernel the
+registers per thread, spilled bytes per thread and shared memory per block, from Triton's
+NVIDIA backend and ptxas (``attnkit.backends.triton.aot``). Not timings: a GPU is needed for
+those (``attnkit bench --device cuda``). Takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from attnkit.backends.triton import Launch
+from attnkit.backends.triton.aot import ARCH_NAMES, SHARED_MEMORY_LIMIT, launcher_resources
+
+COLUMNS = [
+    "arch",
+    "dtype",
+    "D",
+    "tiles (m, n, warps, stages)",
+    "kernel",
+    "regs",
+    "spill B",
+    "smem KB",
+]
+
+
+def rows(archs: list[int], dtypes: list[torch.dtype], head_dims: list[int], launch: Launch | None):
+    """One row per compiled kernel."""
+    for arch in archs:
+        for dtype in dtypes:
+            for D in head_dims:
+                for r in launcher_resources(arch, dtype, D, launch=launch):
+                    limit = SHARED_MEMORY_LIMIT[arch] / 1024
+                    smem = f"{r.shared_bytes / 1024:.0f}" + ("" if r.fits else f" > {limit:.0f}!")
+                    yield [
+                        ARCH_NAMES[arch],
+                        str(dtype).removeprefix("torch."),
+                        str(D),
+                        ", ".join(map(str, vars(r.launch).values())),
+                        r.kernel.removeprefix("attention_").removesuffix("_kernel"),
+                        str(r.registers),
+                        str(r.stack_bytes),
+                        smem,
+                    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="write the table as Markdown here")
+    ap.add_argument("--arch", type=int, nargs="*", default=sorted(SHARED_MEMORY_LIMIT))
+    ap.add_argument("--dtype", nargs="*", default=["bfloat16", "float16", "float32"])
+    ap.add_argument("--head-dim", type=int, nargs="*", default=[64, 128, 256])
+    ap.add_argument(
+        "--launch", help="block_m,block_n,num_warps,num_stages instead of the launcher's"
+    )
+    args = ap.parse_args()
+    launch = Launch(*map(int, args.launch.split(","))) if args.launch else None
+    dtypes = [getattr(torch, d) for d in args.dtype]
+    table = Table(title="triton kernels compiled per GPU arch (registers/spills per thread)")
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c in ("arch", "dtype", "kernel") else "right")
+    found = []
+    for row in rows(args.arch, dtypes, args.head_dim, launch):
+        table.add_row(*row)
+        found.append(row)
+    Console(width=140).print(table)
+    if args.out:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(r) + " |" for r in found]
+        command = " ".join(["python benchmarks/triton_resources.py", *sys.argv[1:]])
+        head = f"Written by `{command}`.\n\n"
+        Path(args.out).write_text(head + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Compile the triton kernels for a GPU architecture on a machine without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) checks the kernels' math but never lowers them: it cannot
+tell whether a kernel compiles for sm_90, how many registers it needs, whether it spills, or
+whether its pipelined tiles fit the GPU's shared memory (a launch beyond that fails with "out of
+resource: shared memory"). This module builds the launches exactly as the launcher would
+(``forward_calls`` / ``backward_calls`` with the tiles ``choose_launch`` picks for that arch),
+specialises the arguments the way a real launch does (16-byte alignment, ints equal to 1), and
+compiles them through Triton's NVIDIA backend down to a cubin with the bundled ptxas. Registers
+and stack come from ``cuobjdump -res-usage`` on that cubin; shared memory from Triton's metadata.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from attnkit.backends.triton import (
+    KernelCall,
+    Launch,
+    Scalars,
+    TileLists,
+    backward_calls,
+    choose_launch,
+    forward_calls,
+)
+
+# Largest dynamic shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+ARCH_NAMES = {
+    80: "A100 (sm_80)",
+    86: "RTX 30xx/A10 (sm_86)",
+    89: "L4/RTX 40xx (sm_89)",
+    90: "H100 (sm_90)",
+}
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """What one compiled kernel needs per block of ``launch.num_warps`` warps."""
+
+    kernel: str
+    arch: int
+    dtype: torch.dtype
+    head_dim: int
+    launch: Launch
+    registers: int  # per thread; 255 is the hardware maximum
+    stack_bytes: int  # per thread; these kernels keep no local arrays, so this is register spills
+    shared_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        """Whether a launch stays within the arch's shared memory."""
+        return self.shared_bytes <= SHARED_MEMORY_LIMIT[self.arch]
+
+
+def compile_call(call: KernelCall, arch: int) -> KernelResources:
+    """Compile one launch for ``arch`` (e.g. 90) and read back its resources.
+
+    The specialisation mirrors ``triton.runtime.jit``'s binder: tensors and ints get the
+    divisibility-by-16 hint when it holds, ints equal to 1 become constants, floats and bools
+    are not specialised.
+    """
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    fn = _compilable(call.kernel)
+    names = list(inspect.signature(fn.fn).parameters)
+    constexprs = {n: v for n, v in call.meta.items() if n in names}
+    signature: dict[str, str] = {}
+    attrs = {}
+    for i, (name, arg) in enumerate(zip(names, call.args, strict=False)):
+        specialize = not isinstance(arg, float | bool)
+        ty, attr = native_specialize_impl(type(backend), arg, False, specialize, True)
+        if ty == "constexpr":
+            constexprs[name] = attr
+        else:
+            signature[name] = ty
+            if isinstance(attr, str) and attr:
+                attrs[(i,)] = backend.parse_attr(attr)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    options = {"num_warps": call.meta["num_warps"], "num_stages": call.meta["num_stages"]}
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs, attrs), target=target, options=options
+    )
+    registers, stack = _resource_usage(compiled.asm["cubin"])
+    q = call.args[0]
+    return KernelResources(
+        kernel=fn.fn.__name__,
+        arch=arch,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        launch=Launch(
+            constexprs["BLOCK_M"],
+            constexprs["BLOCK_N"],
+            options["num_warps"],
+            options["num_stages"],
+        ),
+        registers=registers,
+        stack_bytes=stack,
+        shared_bytes=compiled.metadata.shared,
+    )
+
+
+def _compilable(kernel: Any) -> Any:
+    """The kernel as a JITFunction, even where TRITON_INTERPRET=1 made it an interpreted one.
+
+    The test suite's interpreter tests set it in the same processes.
+    """
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return kernel
+    return getattr(_kernels_for_compiling(), kernel.fn.__name__)
+
+
+@functools.cache
+def _kernels_for_compiling() -> ModuleType:
+    """A private copy of ``kernels.py`` loaded with the interpreter switched off."""
+    from attnkit.backends.triton import kernels
+
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        spec = importlib.util.spec_from_file_location("_attnkit_triton_kernels", kernels.__file__)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return module
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) per thread, as cuobjdump reports them for the cubin."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "-res-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    if found is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{report}")
+    return int(found[1]), int(found[2])
+
+
+def launcher_resources(
+    arch: int,
+    dtype: torch.dtype,
+    head_dim: int,
+    alibi: bool = False,
+    softcap: float = 0.0,
+    seq_len: int = 4096,
+    launch: Launch | None = None,
+) -> list[KernelResources]:
+    """Compile forward, dK/dV and dQ as the launcher would run them on ``arch``.
+
+    Shapes: B=1, H=Hkv=2, Lq=Lk=seq_len, D=Dv=head_dim (only alignment and the tiles matter
+    to the compiler). ``launch`` overrides ``choose_launch`` to try other tiles.
+    """
+    launch = launch or choose_launch(head_dim, dtype, arch)
+    q, k, v, out, dout, dq, dk, dv = (
+        torch.zeros(1, 2, seq_len, head_dim, dtype=dtype) for _ in range(8)
+    )
+    lse, delta = torch.zeros(1, 2, seq_len), torch.zeros(1, 2, seq_len)
+    n_q, n_k = -(-seq_len // launch.block_m), -(-seq_len // launch.block_n)
+    ints = torch.zeros(1, 1, n_q, n_k, dtype=torch.int32)
+    lists = TileLists(ints, ints, ints, ints, ints, torch.zeros(16, dtype=torch.int8))
+    slopes = torch.zeros(2)
+    sc = Scalars(head_dim**-0.5, softcap, 0, alibi, launch)
+    calls = forward_calls(q, k, v, out, lse, lists, slopes, sc)
+    calls += backward_calls(q, k, v, dout, lse, delta, dq, dk, dv, lists, slopes, sc)
+    return [compile_call(call, arch) for call in calls]

@@ -1,0 +1,58 @@
+"""The triton kernels compile for real GPUs, on a machine without one.
+
+The interpreter tests (test_triton.py) check the kernels' math; these lower the launches the
+launcher would make on sm_80 / sm_86 / sm_90 through Triton's NVIDIA backend and ptxas
+(``attnkit.backends.triton.aot``) and check what only the compiler knows: that they compile
+at all (fp32 once did not on sm_80), that the pipelined tiles fit the arch's shared memory,
+and that the 16-bit kernels do not spill registers to local memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'attnkit[triton]')")
+
+from attnkit.backends.triton import Launch
+from attnkit.backends.triton.aot import SHARED_MEMORY_LIMIT, launcher_resources
+
+pytestmark = pytest.mark.slow
+
+#: Spilled bytes per thread the 16-bit kernels may have (ptxas stack frame); measured with
+#: ``python benchmarks/triton_resources.py``, the launcher's choices spill at most this much.
+SPILL_BUDGET_16BIT = 16
+
+
+def check(arch: int, dtype: torch.dtype, head_dim: int, **mods: float) -> None:
+    for r in launcher_resources(arch, dtype, head_dim, **mods):
+        where = f"{r.kernel} sm_{arch} {dtype} D={head_dim} {r.launch}"
+        assert r.fits, f"{where}: {r.shared_bytes} B shared > {SHARED_MEMORY_LIMIT[arch]}"
+        if dtype != torch.float32:  # fp32 runs exact FMA dots, which spill (see the launcher)
+            assert r.stack_bytes <= SPILL_BUDGET_16BIT, f"{where}: spills {r.stack_bytes} B"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_launcher_choices_compile_fit_and_do_not_spill(arch, dtype, head_dim):
+    check(arch, dtype, head_dim)
+
+
+@pytest.mark.parametrize(
+    ("arch", "dtype", "head_dim"),
+    [(86, torch.bfloat16, 128), (86, torch.bfloat16, 256), (90, torch.float16, 128)],
+)
+def test_other_archs_and_fp16(arch, dtype, head_dim):
+    """sm_86/89 have 99 KB of shared memory, not 163 (sm_80) or 227 KB (sm_90)."""
+    check(arch, dtype, head_dim)
+
+
+def test_score_mods_compile_in_kernel():
+    check(90, torch.bfloat16, 128, alibi=True, softcap=30.0)
+
+
+def test_oversized_tiles_are_reported_not_hidden():
+    """The check can fail: 128x128 tiles of D=256 in 4 stages overflow sm_86's 99 KB."""
+    found = launcher_resources(86, torch.bfloat16, 256, launch=Launch(128, 128, 8, 4))
+    assert not all(r.fits for r in found)
