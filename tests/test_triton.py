@@ -167,3 +167,19 @@ def test_trainable_alibi_slopes_are_refused_not_silently_frozen():
     assert attnkit.dispatch(q, k, v, score_mod=mod).backend == "tiled"
     with torch.no_grad():  # nothing to learn: the kernels may apply them
         attnkit.attention(q, k, v, score_mod=mod, backend="triton")
+
+
+def test_tensors_past_32_bit_offsets_are_refused():
+    """The kernels' offsets are 32-bit: 2^31 elements would wrap around, so auto goes elsewhere."""
+    from attnkit.backends import triton as tr
+    from attnkit.functional import _request
+
+    q = torch.zeros(1, device=DEVICE).expand(2, 4, 2**20, 256)  # 2^31 elements, no memory
+    small = torch.zeros(1, device=DEVICE).expand(2, 4, 64, 256)
+    assert (
+        tr.unsupported_reason(_request(small, small, small, None, None, None, 0.0, None, False))
+        is None
+    )
+    reason = tr.unsupported_reason(_request(q, small, small, None, None, None, 0.0, None, False))
+    assert reason is not None
+    assert "2^31" in reason

@@ -46,6 +46,11 @@ def unsupported_reason(req: Request) -> str | None:
     s = req.shapes
     if max(s.D, s.Dv) > 256:
         return f"head dims up to 256 are supported, got D={s.D}, Dv={s.Dv}"
+    largest = max(s.B * s.Hq * s.Lq * max(s.D, s.Dv), s.B * s.Hkv * s.Lk * max(s.D, s.Dv))
+    if largest >= 2**31:
+        return (
+            f"the kernels index with 32-bit offsets; a tensor here has {largest} >= 2^31 elements"
+        )
     if req.seed is not None:
         return "dropout is not implemented in the triton kernels (use tiled)"
     mods = kernel_mods(req.score_mod_source)
