@@ -35,12 +35,18 @@ COLUMNS = [
 ]
 
 
-def rows(archs: list[int], dtypes: list[torch.dtype], head_dims: list[int], launch: Launch | None):
+def rows(
+    archs: list[int],
+    dtypes: list[torch.dtype],
+    head_dims: list[int],
+    launch: Launch | None,
+    gqa_group: int,
+):
     """One row per compiled kernel."""
     for arch in archs:
         for dtype in dtypes:
             for D in head_dims:
-                for r in launcher_resources(arch, dtype, D, launch=launch):
+                for r in launcher_resources(arch, dtype, D, launch=launch, gqa_group=gqa_group):
                     limit = SHARED_MEMORY_LIMIT[arch] / 1024
                     smem = f"{r.shared_bytes / 1024:.0f}" + ("" if r.fits else f" > {limit:.0f}!")
                     yield [
@@ -61,6 +67,7 @@ def main() -> None:
     ap.add_argument("--arch", type=int, nargs="*", default=sorted(SHARED_MEMORY_LIMIT))
     ap.add_argument("--dtype", nargs="*", default=["bfloat16", "float16", "float32"])
     ap.add_argument("--head-dim", type=int, nargs="*", default=[64, 128, 256])
+    ap.add_argument("--gqa-group", type=int, default=1, help="query heads per kv head")
     ap.add_argument(
         "--launch", help="block_m,block_n,num_warps,num_stages instead of the launcher's"
     )
@@ -71,7 +78,7 @@ def main() -> None:
     for c in COLUMNS:
         table.add_column(c, justify="left" if c in ("arch", "dtype", "kernel") else "right")
     found = []
-    for row in rows(args.arch, dtypes, args.head_dim, launch):
+    for row in rows(args.arch, dtypes, args.head_dim, launch, args.gqa_group):
         table.add_row(*row)
         found.append(row)
     Console(width=140).print(table)

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow
 SPILL_BUDGET_16BIT = 16
 
 
-def check(arch: int, dtype: torch.dtype, head_dim: int, **mods: float) -> None:
-    for r in launcher_resources(arch, dtype, head_dim, **mods):
+def check(arch: int, dtype: torch.dtype, head_dim: int, **options: float) -> None:
+    for r in launcher_resources(arch, dtype, head_dim, **options):
         where = f"{r.kernel} sm_{arch} {dtype} D={head_dim} {r.launch}"
         assert r.fits, f"{where}: {r.shared_bytes} B shared > {SHARED_MEMORY_LIMIT[arch]}"
         if dtype != torch.float32:  # fp32 runs exact FMA dots, which spill (see the launcher)
@@ -34,9 +34,12 @@ def check(arch: int, dtype: torch.dtype, head_dim: int, **mods: float) -> None:
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_launcher_choices_compile_fit_and_do_not_spill(arch, dtype, head_dim):
-    check(arch, dtype, head_dim)
+@pytest.mark.parametrize(
+    ("dtype", "gqa_group"), [(torch.bfloat16, 1), (torch.bfloat16, 4), (torch.float32, 1)]
+)
+def test_launcher_choices_compile_fit_and_do_not_spill(arch, dtype, gqa_group, head_dim):
+    """gqa_group > 1 compiles another dK/dV kernel (it loops over the group's query heads)."""
+    check(arch, dtype, head_dim, gqa_group=gqa_group)
 
 
 @pytest.mark.parametrize(

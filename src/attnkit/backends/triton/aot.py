@@ -84,6 +84,9 @@ def compile_call(call: KernelCall, arch: int) -> KernelResources:
     signature: dict[str, str] = {}
     attrs = {}
     for i, (name, arg) in enumerate(zip(names, call.args, strict=False)):
+        if fn.params[i].is_constexpr:
+            constexprs[name] = arg
+            continue
         specialize = not isinstance(arg, float | bool)
         ty, attr = native_specialize_impl(type(backend), arg, False, specialize, True)
         if ty == "constexpr":
@@ -173,21 +176,23 @@ def launcher_resources(
     softcap: float = 0.0,
     seq_len: int = 4096,
     launch: Launch | None = None,
+    gqa_group: int = 1,
 ) -> list[KernelResources]:
     """Compile forward, dK/dV and dQ as the launcher would run them on ``arch``.
 
-    Shapes: B=1, H=Hkv=2, Lq=Lk=seq_len, D=Dv=head_dim (only alignment and the tiles matter
-    to the compiler). ``launch`` overrides ``choose_launch`` to try other tiles.
+    Shapes: B=1, Hkv=2, Hq=2·gqa_group, Lq=Lk=seq_len, D=Dv=head_dim (only alignment, the
+    tiles and which ints are 1 matter to the compiler). ``launch`` overrides ``choose_launch``
+    to try other tiles.
     """
     launch = launch or choose_launch(head_dim, dtype, arch)
-    q, k, v, out, dout, dq, dk, dv = (
-        torch.zeros(1, 2, seq_len, head_dim, dtype=dtype) for _ in range(8)
-    )
-    lse, delta = torch.zeros(1, 2, seq_len), torch.zeros(1, 2, seq_len)
+    hq = 2 * gqa_group
+    q, out, dout, dq = (torch.zeros(1, hq, seq_len, head_dim, dtype=dtype) for _ in range(4))
+    k, v, dk, dv = (torch.zeros(1, 2, seq_len, head_dim, dtype=dtype) for _ in range(4))
+    lse, delta = torch.zeros(1, hq, seq_len), torch.zeros(1, hq, seq_len)
     n_q, n_k = -(-seq_len // launch.block_m), -(-seq_len // launch.block_n)
     ints = torch.zeros(1, 1, n_q, n_k, dtype=torch.int32)
     lists = TileLists(ints, ints, ints, ints, ints, torch.zeros(16, dtype=torch.int8))
-    slopes = torch.zeros(2)
+    slopes = torch.zeros(hq)
     sc = Scalars(head_dim**-0.5, softcap, 0, alibi, launch)
     calls = forward_calls(q, k, v, out, lse, lists, slopes, sc)
     calls += backward_calls(q, k, v, dout, lse, delta, dq, dk, dv, lists, slopes, sc)

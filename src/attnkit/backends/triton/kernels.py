@@ -91,7 +91,7 @@ def attention_forward_kernel(
     Lk,
     q_off,
     H,
-    G,
+    G: tl.constexpr,  # query heads per kv head: one compile per GQA group size
     D,
     DV,
     Bm,
@@ -215,7 +215,7 @@ def attention_backward_dkdv_kernel(
     Lk,
     q_off,
     H,
-    G,
+    G: tl.constexpr,  # query heads per kv head: one compile per GQA group size
     D,
     DV,
     Bm,
@@ -264,7 +264,7 @@ def attention_backward_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     mb = tl.where(Bm > 1, b, 0)
-    for g in range(0, G):
+    for g in tl.static_range(G):  # unrolled: a runtime outer loop spilled registers
         h = hk * G + g
         mh = tl.where(Hm > 1, h, 0)
         col_base = (mb * Hm + mh) * nK + pid_n
@@ -348,7 +348,7 @@ def attention_backward_dq_kernel(
     Lk,
     q_off,
     H,
-    G,
+    G: tl.constexpr,  # query heads per kv head: one compile per GQA group size
     D,
     DV,
     Bm,
