@@ -1,6 +1,7 @@
 """The measurements behind ``backend="auto"`` on CPU: tiled vs SDPA (bool mask) per mask kind.
 
     python benchmarks/cpu_dispatch_rule.py
+    python benchmarks/cpu_dispatch_rule.py --tables unmasked --dtype float16 float64
 
 For N = 64 … 4096 (B=1, H=8, D=64): first no mask and causal (SDPA's fused kernels,
 no mask tensor) in float32/bfloat16, forward and forward+backward; then, in float32 forward,
@@ -10,6 +11,8 @@ Prints what ``attnkit.dispatch`` picks.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from rich.console import Console
@@ -46,13 +49,13 @@ def time_pass(
     )
 
 
-def unmasked_table() -> Table:
+def unmasked_table(dtypes: list[torch.dtype]) -> Table:
     """No mask and causal: where SDPA runs its fused kernels without a mask tensor."""
     table = Table(title="no mask / causal: tiled vs SDPA's fused kernels, ms (B=1, H=8, D=64)")
     for col in ("N", "mask", "dtype", "pass", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
         table.add_column(col, justify="left" if col in ("mask", "dtype", "pass") else "right")
     for N in LENGTHS:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             for backward in (False, True):
                 q, k, v = (
                     torch.randn(1, 8, N, 64, dtype=dtype, requires_grad=backward) for _ in range(3)
@@ -104,7 +107,8 @@ def time_forward(
         return seconds(lambda: attnkit.attention(q, k, v, mask=mask, backend=backend))
 
 
-def main() -> None:
+def masked_table() -> Table:
+    """Masks from dense to sparse, as Mask objects and as bool tensors, float32 forward."""
     table = Table(title="tiled vs SDPA with a bool mask, forward ms (B=1, H=8, D=64, fp32)")
     for col in ("N", "mask", "density", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
         table.add_column(col, justify="left" if col == "mask" else "right")
@@ -126,10 +130,23 @@ def main() -> None:
                 f"{t_sdpa / t_tiled:.2f}x",
                 attnkit.dispatch(q, k, v, mask=mask).backend,
             )
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], help="unmasked table")
+    ap.add_argument(
+        "--tables", nargs="*", default=["unmasked", "decoding", "masked"], help="which to run"
+    )
+    args = ap.parse_args()
     console = Console(width=140)
-    console.print(unmasked_table())
-    console.print(decoding_table())
-    console.print(table)
+    if "unmasked" in args.tables:
+        console.print(unmasked_table([getattr(torch, d) for d in args.dtype]))
+    if "decoding" in args.tables:
+        console.print(decoding_table())
+    if "masked" in args.tables:
+        console.print(masked_table())
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def test_dispatch_prefers_sdpa_when_expressible():
 
 
 def test_dispatch_causal_on_cpu_by_size_and_dtype():
-    """Causal goes to tiled from TILED_CAUSAL_MIN_PAIRS pairs in float32/bfloat16 only."""
+    """Causal goes to tiled from TILED_CAUSAL_MIN_PAIRS pairs in float32/bfloat16, at any size
+    in float16 (SDPA has no fast float16 CPU kernel), never in float64."""
     from attnkit.functional import TILED_CAUSAL_MIN_PAIRS
 
     causal = masks.causal()
@@ -86,7 +87,8 @@ def test_dispatch_causal_on_cpu_by_size_and_dtype():
         (side, torch.bfloat16, "tiled"),
         (side - 1, torch.float32, "sdpa"),
         (side, torch.float64, "sdpa"),
-        (side, torch.float16, "sdpa"),
+        (side - 1, torch.float16, "tiled"),
+        (2, torch.float16, "tiled"),
     ):
         q, k, v = rand_qkv(2, 2, 1, L, L, 8, dtype=dtype)
         assert attnkit.dispatch(q, k, v, mask=causal).backend == expected, (L, dtype)
@@ -97,6 +99,8 @@ def test_dispatch_causal_on_cpu_by_size_and_dtype():
 def test_dispatch_rule_on_cpu():
     q, k, v = rand_qkv(1, 2, 2, 4096, 4096, 8)
     assert attnkit.dispatch(q, k, v).backend == "sdpa"
+    assert attnkit.dispatch(q.half(), k.half(), v.half()).backend == "tiled"
+    assert attnkit.dispatch(q.double(), k.double(), v.double()).backend == "sdpa"
     assert attnkit.dispatch(q, k, v, mask=masks.causal()).backend == "tiled"
     assert attnkit.dispatch(q, k, v, mask=masks.causal(align="top_left")).backend == "tiled"
     for mask in (masks.sliding_window(256), ~masks.sliding_window(256), masks.key_padding([9])):
