@@ -183,3 +183,23 @@ def test_tensors_past_32_bit_offsets_are_refused():
     reason = tr.unsupported_reason(_request(q, small, small, None, None, None, 0.0, None, False))
     assert reason is not None
     assert "2^31" in reason
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("block_m", "block_n"), [(128, 32), (32, 64)], ids=["GPU tiles 128x32", "32x64"]
+)
+@pytest.mark.parametrize(
+    "mask",
+    [masks.sliding_window(40), masks.document(torch.arange(150) * 3 // 150) & masks.causal()],
+    ids=["window", "document&causal"],
+)
+def test_gpu_tile_shapes(monkeypatch, block_m, block_n, mask):
+    """The tiles the launcher picks on GPUs are not square, unlike the interpreter's 16x16: the
+    bitmaps, the dK/dV kernel's transposed scores and the tile lists are checked at those."""
+    from attnkit.backends import triton as tr
+
+    monkeypatch.setattr(
+        tr, "choose_launch", lambda D, dtype, arch: tr.Launch(block_m, block_n, 4, 2)
+    )
+    check((1, 4, 2, 150, 150, 64, 64), mask=mask, return_lse=True)
