@@ -44,10 +44,16 @@ def test_launcher_choices_compile_fit_and_do_not_spill(arch, dtype, gqa_group, h
 
 @pytest.mark.parametrize(
     ("arch", "dtype", "head_dim"),
-    [(86, torch.bfloat16, 128), (86, torch.bfloat16, 256), (90, torch.float16, 128)],
+    [
+        (86, torch.bfloat16, 128),
+        (86, torch.bfloat16, 256),
+        (90, torch.float16, 128),
+        (90, torch.bfloat16, 40),
+    ],
 )
-def test_other_archs_and_fp16(arch, dtype, head_dim):
-    """sm_86/89 have 99 KB of shared memory, not 163 (sm_80) or 227 KB (sm_90)."""
+def test_other_archs_dtypes_and_head_dims(arch, dtype, head_dim):
+    """sm_86/89 have 99 KB of shared memory, not 163 (sm_80) or 227 KB (sm_90); D=40 pads to 64
+    and its rows are not 16-element aligned, which compiles other loads."""
     check(arch, dtype, head_dim)
 
 
