@@ -70,7 +70,9 @@ def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
     subprocess.run([*cmd, "--json", str(js)], env=env, check=True, capture_output=True)
     rows = json.loads(js.read_text())["rows"]
     assert {(r["case"], r["pass"]) for r in rows} == {
-        (c, p) for c in ("dense", "causal", "sliding_window(16)") for p in ("fwd", "fwd+bwd")
+        (c, p)
+        for c in ("dense", "causal", "sliding_window(16)", "block_sparse(16, 25 %)")
+        for p in ("fwd", "fwd+bwd")
     }
     assert all(r["triton_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
     table = [line for line in md.read_text().splitlines() if line.startswith("| ")]

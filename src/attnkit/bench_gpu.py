@@ -3,8 +3,8 @@
 attnkit's Triton kernels against torch SDPA (flash; a dense bool mask where the mask is not
 causal) and compiled FlexAttention, in one run: TFLOP/s counted on the FLOPs each mask needs
 (4·B·H·D per attended pair forward, 3.5x that forward+backward), bf16, B=1, H=16 (so the GPU
-is busy at short N too), D = 64 and 128, N = 1k … 32k, dense, causal and sliding window
-(left 1024).
+is busy at short N too), D = 64 and 128, N = 1k … 32k, dense, causal, sliding window
+(left 1024) and block-sparse (128-token cells, a quarter of them plus the diagonal).
 
 ``smoke=True`` runs every code path once on tiny shapes; on CPU tensors that needs
 ``TRITON_INTERPRET=1`` and is how the test suite checks this file without a GPU.
@@ -27,6 +27,7 @@ from attnkit.masks import Mask
 
 H = 16
 WINDOW = 1024
+BLOCK = 128
 COLUMNS = (
     "case",
     "N",
@@ -51,13 +52,25 @@ class GpuCase:
     backward: bool
 
 
+def block_sparse_mask(block: int, max_len: int) -> Mask:
+    """A fixed random layout of block×block cells: a quarter kept, plus the diagonal (seed 0).
+
+    Shorter sequences use its top-left corner.
+    """
+    n = -(-max_len // block)
+    keep = torch.rand(n, n, generator=torch.Generator().manual_seed(0)) < 0.25
+    return masks.block_sparse(keep | torch.eye(n, dtype=torch.bool), block)
+
+
 def cases(quick: bool = False, smoke: bool = False) -> list[GpuCase]:
     """Every (mask, D, N, pass) of the table; ``quick`` stops at 8k tokens and D=64."""
     window = 16 if smoke else WINDOW
+    block = 16 if smoke else BLOCK
     kinds = {
         "dense": None,
         "causal": masks.causal(),
         f"sliding_window({window})": masks.sliding_window(window),
+        f"block_sparse({block}, 25 %)": block_sparse_mask(block, 64 if smoke else 32768),
     }
     if smoke:
         lengths, dims = [64], [32]
