@@ -5,9 +5,10 @@
         --launch 64,64,8,3          # try other tiles: block_m,block_n,num_warps,num_stages
 
 For each arch, dtype and head dim: the tiles ``choose_launch`` picks, and per kernel the
-registers per thread, spilled bytes per thread and shared memory per block, from Triton's
-NVIDIA backend and ptxas (``attnkit.backends.triton.aot``). Not timings: a GPU is needed for
-those (``attnkit bench --device cuda``). Takes a few minutes on 2 cores.
+registers per thread, spilled bytes per thread, shared memory per block and the instruction
+its dots became (wgmma / mma.sync / fma), from Triton's NVIDIA backend and ptxas
+(``attnkit.backends.triton.aot``). Not timings: a GPU is needed for those
+(``attnkit bench --device cuda``). Takes a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def rows(
                         str(r.registers),
                         str(r.stack_bytes),
                         smem,
+                        r.matmul,
                     ]
 
 

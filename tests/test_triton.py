@@ -187,7 +187,7 @@ def test_tensors_past_32_bit_offsets_are_refused():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("block_m", "block_n"), [(128, 32), (32, 64)], ids=["GPU tiles 128x32", "32x64"]
+    ("block_m", "block_n"), [(128, 32), (64, 128)], ids=["sm_80 tiles", "sm_90 tiles"]
 )
 @pytest.mark.parametrize(
     "mask",

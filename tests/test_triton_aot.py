@@ -4,7 +4,8 @@ The interpreter tests (test_triton.py) check the kernels' math; these lower the 
 launcher would make on sm_80 / sm_86 / sm_90 through Triton's NVIDIA backend and ptxas
 (``attnkit.backends.triton.aot``) and check what only the compiler knows: that they compile
 at all (fp32 once did not on sm_80), that the pipelined tiles fit the arch's shared memory,
-and that the 16-bit kernels do not spill registers to local memory.
+that the 16-bit kernels do not spill registers to local memory, and that on sm_90 their dots
+become wgmma.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def check(arch: int, dtype: torch.dtype, head_dim: int, **options: float) -> Non
         assert r.fits, f"{where}: {r.shared_bytes} B shared > {SHARED_MEMORY_LIMIT[arch]}"
         if dtype != torch.float32:  # fp32 runs exact FMA dots, which spill (see the launcher)
             assert r.stack_bytes <= SPILL_BUDGET_16BIT, f"{where}: spills {r.stack_bytes} B"
+            if arch == 90 and head_dim <= 128:  # Hopper's tensor cores need wgmma
+                assert r.matmul == "wgmma", f"{where}: dots became {r.matmul}"
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -79,15 +79,18 @@ def gpu_arch(device: torch.device) -> int | None:
     return major * 10 + minor
 
 
-# Tiles (block_m, block_n, num_warps, num_stages): the largest whose three kernels spill at
-# most 16 B per thread, with and without GQA, and fit the arch's shared memory, compiled for
-# each arch by `python benchmarks/triton_resources.py --launch ...` over block_m 64/128,
-# block_n 32/64, 4/8 warps (benchmarks/results/triton_resources.md has the chosen ones).
-# Register counts, not timings: no GPU was at hand to time them.
-_TILES = {64: Launch(128, 32, 8, 3), 128: Launch(128, 32, 8, 3)}
-# D=256 by arch family: sm_86/89 have 99 KB of shared memory (sm_80 163, sm_90 227), and
-# ptxas spills sm_90's dK/dV at sm_80's 2 stages.
-_TILES_D256 = {90: Launch(64, 32, 8, 1), 80: Launch(64, 32, 8, 2), 86: Launch(32, 32, 8, 2)}
+# Tiles (block_m, block_n, num_warps, num_stages) per arch family and head-dim bucket: the
+# largest whose three kernels spill at most 16 B per thread, with and without GQA, and fit the
+# arch's shared memory; on sm_90 also those whose dots all become wgmma (Hopper's tensor-core
+# instruction; 128x32 tiles left dK/dV on the older mma.sync). Compiled for each arch by
+# `python benchmarks/triton_resources.py --launch ...` over 32/64/128-row tiles and 4/8 warps
+# (benchmarks/results/triton_resources.md has the chosen ones). Compiler figures, not timings:
+# no GPU was at hand to time them. sm_86/89 have 99 KB of shared memory (sm_80 163, sm_90 227).
+_TILES = {
+    90: {64: Launch(64, 128, 8, 3), 128: Launch(64, 64, 8, 3), 256: Launch(64, 32, 8, 1)},
+    80: {64: Launch(128, 32, 8, 3), 128: Launch(128, 32, 8, 3), 256: Launch(64, 32, 8, 2)},
+    86: {64: Launch(128, 32, 8, 3), 128: Launch(128, 32, 8, 3), 256: Launch(32, 32, 8, 2)},
+}
 # fp32 multiplies exactly on CUDA cores (FMA dots), which spill at every tile size tried;
 # small tiles keep it within shared memory. `auto` sends fp32 to SDPA where SDPA can serve it.
 _FP32 = {64: Launch(32, 32, 4, 2), 128: Launch(32, 32, 4, 2), 256: Launch(16, 16, 2, 1)}
@@ -104,9 +107,7 @@ def choose_launch(D: int, dtype: torch.dtype, arch: int | None) -> Launch:
     bucket = 64 if D <= 64 else 128 if D <= 128 else 256
     if dtype == torch.float32:
         return _FP32[bucket]
-    if bucket < 256:
-        return _TILES[bucket]
-    return _TILES_D256[90 if arch >= 90 else 80 if arch in (80, 87) else 86]
+    return _TILES[90 if arch >= 90 else 80 if arch in (80, 87) else 86][bucket]
 
 
 def _pow2(n: int) -> int:

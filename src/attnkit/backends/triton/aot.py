@@ -57,6 +57,7 @@ class KernelResources:
     registers: int  # per thread; 255 is the hardware maximum
     stack_bytes: int  # per thread; these kernels keep no local arrays, so this is register spills
     shared_bytes: int
+    matmul: str  # the PTX its tl.dots became: "wgmma" (Hopper), "mma" (tensor cores) or "fma"
 
     @property
     def fits(self) -> bool:
@@ -116,7 +117,15 @@ def compile_call(call: KernelCall, arch: int) -> KernelResources:
         registers=registers,
         stack_bytes=stack,
         shared_bytes=compiled.metadata.shared,
+        matmul=_matmul_instruction(compiled.asm["ptx"]),
     )
+
+
+def _matmul_instruction(ptx: str) -> str:
+    """Which instructions the dots use: wgmma needs 64 result rows per warpgroup on sm_90."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma" if "mma.sync" not in ptx else "wgmma+mma"
+    return "mma" if "mma.sync" in ptx else "fma"
 
 
 def _compilable(kernel: Any) -> Any:
