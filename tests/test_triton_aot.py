@@ -10,13 +10,17 @@ become wgmma.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'attnkit[triton]')")
 
-from attnkit.backends.triton import Launch
-from attnkit.backends.triton.aot import SHARED_MEMORY_LIMIT, launcher_resources
+from attnkit.backends.triton.aot import SHARED_MEMORY_LIMIT, KernelResources
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +29,19 @@ pytestmark = pytest.mark.slow
 SPILL_BUDGET_16BIT = 16
 
 
-def check(arch: int, dtype: torch.dtype, head_dim: int, **options: float) -> None:
-    for r in launcher_resources(arch, dtype, head_dim, **options):
+def compiled(arch: int, dtype: torch.dtype, head_dim: int, *options: str) -> list[KernelResources]:
+    """The launcher's three kernels compiled for ``arch``, in a fresh process: this one may
+    have imported triton under TRITON_INTERPRET=1 (test_triton.py), which cannot compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    dt = str(dtype).removeprefix("torch.")
+    cmd = [sys.executable, "-m", "attnkit.backends.triton.aot", "--arch", str(arch)]
+    cmd += ["--dtype", dt, "--head-dim", str(head_dim), *options]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return [KernelResources.from_json(json.loads(line)) for line in out.splitlines()]
+
+
+def check(arch: int, dtype: torch.dtype, head_dim: int, *options: str) -> None:
+    for r in compiled(arch, dtype, head_dim, *options):
         where = f"{r.kernel} sm_{arch} {dtype} D={head_dim} {r.launch}"
         assert r.fits, f"{where}: {r.shared_bytes} B shared > {SHARED_MEMORY_LIMIT[arch]}"
         if dtype != torch.float32:  # fp32 runs exact FMA dots, which spill (see the launcher)
@@ -42,7 +57,7 @@ def check(arch: int, dtype: torch.dtype, head_dim: int, **options: float) -> Non
 )
 def test_launcher_choices_compile_fit_and_do_not_spill(arch, dtype, gqa_group, head_dim):
     """gqa_group > 1 compiles another dK/dV kernel (it loops over the group's query heads)."""
-    check(arch, dtype, head_dim, gqa_group=gqa_group)
+    check(arch, dtype, head_dim, "--gqa-group", str(gqa_group))
 
 
 @pytest.mark.parametrize(
@@ -61,10 +76,10 @@ def test_other_archs_dtypes_and_head_dims(arch, dtype, head_dim):
 
 
 def test_score_mods_compile_in_kernel():
-    check(90, torch.bfloat16, 128, alibi=True, softcap=30.0)
+    check(90, torch.bfloat16, 128, "--alibi", "--softcap", "30")
 
 
 def test_oversized_tiles_are_reported_not_hidden():
     """The check can fail: 128x128 tiles of D=256 in 4 stages overflow sm_86's 99 KB."""
-    found = launcher_resources(86, torch.bfloat16, 256, launch=Launch(128, 128, 8, 4))
+    found = compiled(86, torch.bfloat16, 256, "--launch", "128,128,8,4")
     assert not all(r.fits for r in found)

@@ -12,15 +12,13 @@ and stack come from ``cuobjdump -res-usage`` on that cubin; shared memory from T
 
 from __future__ import annotations
 
-import functools
-import importlib.util
+import argparse
 import inspect
-import os
+import json
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
-from types import ModuleType
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -64,6 +62,15 @@ class KernelResources:
         """Whether a launch stays within the arch's shared memory."""
         return self.shared_bytes <= SHARED_MEMORY_LIMIT[self.arch]
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (dtype as its name), as ``python -m ...aot`` prints them."""
+        return {**asdict(self), "dtype": str(self.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> KernelResources:
+        """The inverse of ``to_json``."""
+        return cls(**{**d, "dtype": getattr(torch, d["dtype"]), "launch": Launch(**d["launch"])})
+
 
 def compile_call(call: KernelCall, arch: int) -> KernelResources:
     """Compile one launch for ``arch`` (e.g. 90) and read back its resources.
@@ -76,10 +83,18 @@ def compile_call(call: KernelCall, arch: int) -> KernelResources:
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction
 
+    fn = call.kernel
+    if not isinstance(fn, JITFunction):
+        # triton.language's own jit helpers were made interpreted functions at import, and
+        # calling one patches triton.language for good: this process cannot compile.
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set when triton was imported; compile in a process without "
+            "it: python -m attnkit.backends.triton.aot --arch 90 ... (see --help)"
+        )
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    fn = _compilable(call.kernel)
     names = list(inspect.signature(fn.fn).parameters)
     constexprs = {n: v for n, v in call.meta.items() if n in names}
     signature: dict[str, str] = {}
@@ -126,36 +141,6 @@ def _matmul_instruction(ptx: str) -> str:
     if "wgmma.mma_async" in ptx:
         return "wgmma" if "mma.sync" not in ptx else "wgmma+mma"
     return "mma" if "mma.sync" in ptx else "fma"
-
-
-def _compilable(kernel: Any) -> Any:
-    """The kernel as a JITFunction, even where TRITON_INTERPRET=1 made it an interpreted one.
-
-    The test suite's interpreter tests set it in the same processes.
-    """
-    from triton.runtime.jit import JITFunction
-
-    if isinstance(kernel, JITFunction):
-        return kernel
-    return getattr(_kernels_for_compiling(), kernel.fn.__name__)
-
-
-@functools.cache
-def _kernels_for_compiling() -> ModuleType:
-    """A private copy of ``kernels.py`` loaded with the interpreter switched off."""
-    from attnkit.backends.triton import kernels
-
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        spec = importlib.util.spec_from_file_location("_attnkit_triton_kernels", kernels.__file__)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -206,3 +191,31 @@ def launcher_resources(
     calls = forward_calls(q, k, v, out, lse, lists, slopes, sc)
     calls += backward_calls(q, k, v, dout, lse, delta, dq, dk, dv, lists, slopes, sc)
     return [compile_call(call, arch) for call in calls]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the launcher's kernels compiled for one arch / dtype / head dim, as JSON lines."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--arch", type=int, required=True, help="80, 86, 89, 90, ...")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--head-dim", type=int, required=True)
+    ap.add_argument("--gqa-group", type=int, default=1)
+    ap.add_argument("--alibi", action="store_true")
+    ap.add_argument("--softcap", type=float, default=0.0)
+    ap.add_argument("--launch", help="block_m,block_n,num_warps,num_stages")
+    args = ap.parse_args(argv)
+    launch = Launch(*map(int, args.launch.split(","))) if args.launch else None
+    for r in launcher_resources(
+        args.arch,
+        getattr(torch, args.dtype),
+        args.head_dim,
+        alibi=args.alibi,
+        softcap=args.softcap,
+        launch=launch,
+        gqa_group=args.gqa_group,
+    ):
+        print(json.dumps(r.to_json()))
+
+
+if __name__ == "__main__":
+    main()
