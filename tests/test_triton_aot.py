@@ -1,11 +1,11 @@
 """The triton kernels compile for real GPUs, on a machine without one.
 
 The interpreter tests (test_triton.py) check the kernels' math; these lower the launches the
-launcher would make on sm_80 / sm_86 / sm_90 through Triton's NVIDIA backend and ptxas
+launcher would make on sm_80 / 86 / 90 / 100 / 120 through Triton's NVIDIA backend and ptxas
 (``attnkit.backends.triton.aot``) and check what only the compiler knows: that they compile
 at all (fp32 once did not on sm_80), that the pipelined tiles fit the arch's shared memory,
-that the 16-bit kernels do not spill registers to local memory, and that on sm_90 their dots
-become wgmma.
+that the 16-bit kernels do not spill registers to local memory, and that their dots become
+the arch's newest tensor-core instruction (wgmma on sm_90, tcgen05 on sm_100).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow
 #: Spilled bytes per thread the 16-bit kernels may have (ptxas stack frame); measured with
 #: ``python benchmarks/triton_resources.py``, the launcher's choices spill at most this much.
 SPILL_BUDGET_16BIT = 16
+#: The tensor-core instruction each arch's 16-bit dots should become (older ones run slower).
+NEWEST_MATMUL = {90: "wgmma", 100: "tcgen05"}
 
 
 def compiled(arch: int, dtype: torch.dtype, head_dim: int, *options: str) -> list[KernelResources]:
@@ -46,8 +48,8 @@ def check(arch: int, dtype: torch.dtype, head_dim: int, *options: str) -> None:
         assert r.fits, f"{where}: {r.shared_bytes} B shared > {SHARED_MEMORY_LIMIT[arch]}"
         if dtype != torch.float32:  # fp32 runs exact FMA dots, which spill (see the launcher)
             assert r.stack_bytes <= SPILL_BUDGET_16BIT, f"{where}: spills {r.stack_bytes} B"
-            if arch == 90 and head_dim <= 128:  # Hopper's tensor cores need wgmma
-                assert r.matmul == "wgmma", f"{where}: dots became {r.matmul}"
+            if arch in NEWEST_MATMUL and head_dim <= 128:
+                assert r.matmul == NEWEST_MATMUL[arch], f"{where}: dots became {r.matmul}"
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -72,11 +74,14 @@ def test_gqa_launches(arch, head_dim):
         (86, torch.bfloat16, 256),
         (90, torch.float16, 128),
         (90, torch.bfloat16, 40),
+        (100, torch.bfloat16, 128),  # B200: Hopper's tiles
+        (120, torch.bfloat16, 128),  # RTX 50xx: its own D=128 tiles (128x32 spilled in dQ)
+        (120, torch.bfloat16, 256),  # 99 KB of shared memory, like sm_86
     ],
 )
 def test_other_archs_dtypes_and_head_dims(arch, dtype, head_dim):
-    """sm_86/89 have 99 KB of shared memory, not 163 (sm_80) or 227 KB (sm_90); D=40 pads to 64
-    and its rows are not 16-element aligned, which compiles other loads."""
+    """sm_86/89/120 have 99 KB of shared memory, not 163 (sm_80) or 227 KB (sm_90/100); D=40
+    pads to 64 and its rows are not 16-element aligned, which compiles other loads."""
     check(arch, dtype, head_dim)
 
 

@@ -85,11 +85,13 @@ def gpu_arch(device: torch.device) -> int | None:
 # instruction; 128x32 tiles left dK/dV on the older mma.sync). Compiled for each arch by
 # `python benchmarks/triton_resources.py --launch ...` over 32/64/128-row tiles and 4/8 warps
 # (benchmarks/results/triton_resources.md has the chosen ones). Compiler figures, not timings:
-# no GPU was at hand to time them. sm_86/89 have 99 KB of shared memory (sm_80 163, sm_90 227).
+# no GPU was at hand to time them. sm_86/89/120 have 99 KB of shared memory (sm_80 163,
+# sm_90/100 227).
 _TILES = {
     90: {64: Launch(64, 128, 8, 3), 128: Launch(64, 64, 8, 3), 256: Launch(64, 32, 8, 1)},
     80: {64: Launch(128, 32, 8, 3), 128: Launch(128, 32, 8, 3), 256: Launch(64, 32, 8, 2)},
     86: {64: Launch(128, 32, 8, 3), 128: Launch(128, 32, 8, 3), 256: Launch(32, 32, 8, 2)},
+    120: {64: Launch(128, 32, 8, 3), 128: Launch(64, 32, 8, 3), 256: Launch(32, 32, 8, 2)},
 }
 # fp32 multiplies exactly on CUDA cores (FMA dots), which spill at every tile size tried;
 # small tiles keep it within shared memory. `auto` sends fp32 to SDPA where SDPA can serve it.
@@ -99,15 +101,17 @@ _FP32 = {64: Launch(32, 32, 4, 2), 128: Launch(32, 32, 4, 2), 256: Launch(16, 16
 def choose_launch(D: int, dtype: torch.dtype, arch: int | None) -> Launch:
     """Tiles per head dim, dtype and GPU arch (None: the interpreter, small tiles keep it quick).
 
-    ``tests/test_triton_aot.py`` compiles every choice for sm_80/86/90 and checks it fits and
-    (in 16 bits) does not spill.
+    ``tests/test_triton_aot.py`` compiles the choices for sm_80/86/90/100/120 and checks they
+    fit and (in 16 bits) do not spill.
     """
     if arch is None:
         return Launch(16, 16, 1, 1)
     bucket = 64 if D <= 64 else 128 if D <= 128 else 256
     if dtype == torch.float32:
         return _FP32[bucket]
-    return _TILES[90 if arch >= 90 else 80 if arch in (80, 87) else 86][bucket]
+    # sm_90/100/103 have 227 KB of shared memory per block, sm_80/87 163 KB, the rest 99 KB
+    family = 120 if arch >= 120 else 90 if arch >= 90 else 80 if arch in (80, 87) else 86
+    return _TILES[family][bucket]
 
 
 def _pow2(n: int) -> int:

@@ -34,12 +34,14 @@ from attnkit.backends.triton import (
 )
 
 # Largest dynamic shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
-SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 ARCH_NAMES = {
     80: "A100 (sm_80)",
     86: "RTX 30xx/A10 (sm_86)",
     89: "L4/RTX 40xx (sm_89)",
     90: "H100 (sm_90)",
+    100: "B200 (sm_100)",
+    120: "RTX 50xx (sm_120)",
 }
 
 
@@ -137,10 +139,13 @@ def compile_call(call: KernelCall, arch: int) -> KernelResources:
 
 
 def _matmul_instruction(ptx: str) -> str:
-    """Which instructions the dots use: wgmma needs 64 result rows per warpgroup on sm_90."""
-    if "wgmma.mma_async" in ptx:
-        return "wgmma" if "mma.sync" not in ptx else "wgmma+mma"
-    return "mma" if "mma.sync" in ptx else "fma"
+    """Which instructions the dots use: tcgen05, wgmma, mma.sync, or plain FMAs.
+
+    tcgen05 is sm_100's tensor-core instruction, wgmma sm_90's (it needs 64 result rows per
+    warpgroup), mma.sync the one from sm_80 on.
+    """
+    found = [name for name in ("tcgen05.mma", "wgmma.mma_async", "mma.sync") if name in ptx]
+    return "+".join(n.split(".")[0] for n in found) or "fma"
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
