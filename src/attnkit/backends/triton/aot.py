@@ -57,7 +57,7 @@ class KernelResources:
     registers: int  # per thread; 255 is the hardware maximum
     stack_bytes: int  # per thread; these kernels keep no local arrays, so this is register spills
     shared_bytes: int
-    matmul: str  # the PTX its tl.dots became: "wgmma" (Hopper), "mma" (tensor cores) or "fma"
+    matmul: str  # what its tl.dots became in PTX: "tcgen05", "wgmma", "mma" (joined by "+"), "fma"
 
     @property
     def fits(self) -> bool:
@@ -98,22 +98,22 @@ def compile_call(call: KernelCall, arch: int) -> KernelResources:
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     names = list(inspect.signature(fn.fn).parameters)
-    constexprs = {n: v for n, v in call.meta.items() if n in names}
-    signature: dict[str, str] = {}
+    values = {**dict(zip(names, call.args, strict=False)), **call.meta}
+    constexprs: dict[str, Any] = {}
+    signature: dict[str, str] = {}  # in parameter order
     attrs = {}
-    for i, (name, arg) in enumerate(zip(names, call.args, strict=False)):
+    for i, name in enumerate(names):
+        arg = values[name]
         if fn.params[i].is_constexpr:
-            constexprs[name] = arg
-            continue
-        specialize = not isinstance(arg, float | bool)
-        ty, attr = native_specialize_impl(type(backend), arg, False, specialize, True)
+            ty, attr = "constexpr", arg
+        else:
+            specialize = not isinstance(arg, float | bool)
+            ty, attr = native_specialize_impl(type(backend), arg, False, specialize, True)
+        signature[name] = ty
         if ty == "constexpr":
             constexprs[name] = attr
-        else:
-            signature[name] = ty
-            if isinstance(attr, str) and attr:
-                attrs[(i,)] = backend.parse_attr(attr)
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
+        elif isinstance(attr, str) and attr:
+            attrs[(i,)] = backend.parse_attr(attr)
     options = {"num_warps": call.meta["num_warps"], "num_stages": call.meta["num_stages"]}
     compiled = triton.compile(
         ASTSource(fn, signature, constexprs, attrs), target=target, options=options
