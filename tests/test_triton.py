@@ -203,3 +203,14 @@ def test_gpu_tile_shapes(monkeypatch, block_m, block_n, mask):
         tr, "choose_launch", lambda D, dtype, arch: tr.Launch(block_m, block_n, 4, 2)
     )
     check((1, 4, 2, 150, 150, 64, 64), mask=mask, return_lse=True)
+
+
+@pytest.mark.slow
+def test_gpu_tile_shapes_with_score_mods_and_lq_ne_lk(monkeypatch):
+    """ALiBi's distance and softcap in the dK/dV kernel's transposed scores, queries offset."""
+    from attnkit.backends import triton as tr
+
+    monkeypatch.setattr(tr, "choose_launch", lambda D, dtype, arch: tr.Launch(64, 128, 4, 2))
+    slopes = score_mods.alibi_slopes(4)
+    mod = score_mods.compose(score_mods.alibi(slopes), score_mods.softcap(3.0))
+    check((1, 4, 2, 90, 200, 64, 64), mask=masks.causal(), score_mod=mod)
