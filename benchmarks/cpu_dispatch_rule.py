@@ -13,6 +13,7 @@ Prints what ``attnkit.dispatch`` picks.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 from rich.console import Console
@@ -49,6 +50,26 @@ def time_pass(
     )
 
 
+def compared(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: object,
+    timer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object, str], float],
+    unit: float = 1e3,
+    digits: int = 2,
+) -> list[str]:
+    """The cells every table ends with: tiled and SDPA times (seconds × ``unit``: ms by
+    default), SDPA / tiled, and what ``auto`` picks."""
+    t_tiled, t_sdpa = (timer(q, k, v, mask, b) for b in ("tiled", "sdpa"))
+    return [
+        f"{t_tiled * unit:.{digits}f}",
+        f"{t_sdpa * unit:.{digits}f}",
+        f"{t_sdpa / t_tiled:.2f}x",
+        attnkit.dispatch(q, k, v, mask=mask).backend,
+    ]
+
+
 def unmasked_table(dtypes: list[torch.dtype]) -> Table:
     """No mask and causal: where SDPA runs its fused kernels without a mask tensor."""
     table = Table(title="no mask / causal: tiled vs SDPA's fused kernels, ms (B=1, H=8, D=64)")
@@ -61,16 +82,12 @@ def unmasked_table(dtypes: list[torch.dtype]) -> Table:
                     torch.randn(1, 8, N, 64, dtype=dtype, requires_grad=backward) for _ in range(3)
                 )
                 for name, mask in (("none", None), ("causal", masks.causal())):
-                    t_tiled, t_sdpa = (time_pass(q, k, v, mask, b) for b in ("tiled", "sdpa"))
                     table.add_row(
                         str(N),
                         name,
                         str(dtype).removeprefix("torch."),
                         "fwd+bwd" if backward else "fwd",
-                        f"{t_tiled * 1e3:.2f}",
-                        f"{t_sdpa * 1e3:.2f}",
-                        f"{t_sdpa / t_tiled:.2f}x",
-                        attnkit.dispatch(q, k, v, mask=mask).backend,
+                        *compared(q, k, v, mask, time_pass),
                     )
     return table
 
@@ -88,15 +105,7 @@ def decoding_table() -> Table:
             ("causal", masks.causal()),
             ("sliding_window(256)", masks.sliding_window(256)),
         ):
-            t_tiled, t_sdpa = (time_forward(q, k, v, mask, b) for b in ("tiled", "sdpa"))
-            table.add_row(
-                str(Lk),
-                name,
-                f"{t_tiled * 1e6:.0f}",
-                f"{t_sdpa * 1e6:.0f}",
-                f"{t_sdpa / t_tiled:.2f}x",
-                attnkit.dispatch(q, k, v, mask=mask).backend,
-            )
+            table.add_row(str(Lk), name, *compared(q, k, v, mask, time_forward, 1e6, 0))
     return table
 
 
@@ -120,16 +129,7 @@ def masked_table() -> Table:
                 density = 1.0 if mask is None else float(mask.float().mean())
             else:
                 density = mask.density(N, N)
-            t_tiled, t_sdpa = (time_forward(q, k, v, mask, b) for b in ("tiled", "sdpa"))
-            table.add_row(
-                str(N),
-                name,
-                f"{density:.2f}",
-                f"{t_tiled * 1e3:.2f}",
-                f"{t_sdpa * 1e3:.2f}",
-                f"{t_sdpa / t_tiled:.2f}x",
-                attnkit.dispatch(q, k, v, mask=mask).backend,
-            )
+            table.add_row(str(N), name, f"{density:.2f}", *compared(q, k, v, mask, time_forward))
     return table
 
 
