@@ -4,9 +4,9 @@
     python benchmarks/triton_resources.py --arch 80 --dtype bfloat16 --head-dim 128 \
         --launch 64,64,8,3          # try other tiles: block_m,block_n,num_warps,num_stages
 
-For each arch, dtype and head dim: the tiles ``choose_launch`` picks, and per kernel the
+For each arch, dtype and head dim, per kernel: the tiles ``choose_launches`` picks, the
 registers per thread, spilled bytes per thread, shared memory per block and the instruction
-its dots became (wgmma / mma.sync / fma), from Triton's NVIDIA backend and ptxas
+its dots became (tcgen05 / wgmma / mma.sync / fma), from Triton's NVIDIA backend and ptxas
 (``attnkit.backends.triton.aot``). Not timings: a GPU is needed for those
 (``attnkit bench --device cuda``). Takes a few minutes on 2 cores.
 """
@@ -33,6 +33,7 @@ COLUMNS = [
     "regs",
     "spill B",
     "smem KB",
+    "dots",
 ]
 
 

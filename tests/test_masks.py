@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnkit import masks
 from attnkit._types import EMPTY, FULL, PARTIAL
+from attnkit.block_mask import BlockMask, retile
 from conftest import MASK_NAMES, every_mask
 
 
@@ -219,6 +222,44 @@ def test_blocks_exact_when_queries_outnumber_keys(name):
     }[name]
     bm = mask.blocks(150, 100, 16, 32)
     torch.testing.assert_close(bm.kinds, kinds_from_dense(mask.dense(150, 100), 16, 32))
+
+
+@pytest.mark.parametrize("name", list(CASES_BIG))
+def test_retile_matches_building_at_the_new_tiles(name):
+    """A BlockMask re-tiled for a kernel's tile sizes is exact: same kinds as building it there,
+    same dense mask, whether the new tiles nest in the old (128x32 from 32x128) or not (48x80)."""
+    mask = CASES_BIG[name]
+    Lq, Lk = 257, 513
+    dense = mask.dense(Lq, Lk)
+    bm = mask.blocks(Lq, Lk, 32, 128)
+    for bq, bk in [(128, 32), (64, 256), (48, 80)]:
+        moved = retile(bm, bq, bk)
+        assert (moved.block_q, moved.block_k) == (bq, bk)
+        torch.testing.assert_close(moved.kinds, kinds_from_dense(dense, bq, bk))
+        torch.testing.assert_close(moved.to_dense(), dense)
+        assert retile(bm, bq, bk) is moved  # built once per BlockMask and tile size
+    assert retile(bm, 32, 128) is bm
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from([EMPTY, FULL]), min_size=6, max_size=6),
+    old=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+    edge=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+    bq=st.integers(1, 40),
+    bk=st.integers(1, 40),
+)
+def test_retile_a_tile_map_without_predicate(kinds, old, edge, bq, bk):
+    """A BlockMask given only as a tile map (no predicate, no partial tiles) keeps its meaning
+    at tiles that cut across its own: the new partial tiles read the old map."""
+    grid = torch.tensor(kinds, dtype=torch.int8).view(1, 1, 2, 3)
+    (obq, obk), (eq, ek) = old, edge
+    Lq, Lk = obq + min(eq, obq), 2 * obk + min(ek, obk)  # 2x3 old tiles, ragged last ones
+    bm = BlockMask(grid, obq, obk, Lq, Lk, None)
+    dense = bm.to_dense()
+    moved = retile(bm, bq, bk)
+    torch.testing.assert_close(moved.to_dense(), dense)
+    torch.testing.assert_close(moved.kinds, kinds_from_dense(dense, bq, bk))
 
 
 def test_dense_independent_of_tile_size():

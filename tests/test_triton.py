@@ -139,22 +139,24 @@ def test_runs_under_torch_compile():
     torch.testing.assert_close(torch.compile(f)(q, k, v), f(q, k, v))
 
 
-def test_tile_lists_built_once_per_mask_and_device():
-    """Calls that reuse a mask reuse its tile lists (no argsort or host-to-device copy)."""
+def test_tile_walks_built_once_per_mask_and_device():
+    """Calls that reuse a mask reuse its tile walks (no argsort or host-to-device copy)."""
     from attnkit.backends import triton as tr
     from attnkit.functional import _request
 
     q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 40, 40, 16))
-    launch = tr.choose_launch(16, q.dtype, tr.gpu_arch(q.device))
+    launch = tr.choose_launches(16, q.dtype, tr.gpu_arch(q.device)).forward
 
-    def lists(mask):
-        return tr.tile_lists(_request(q, k, v, mask, None, None, 0.0, None, False), launch)
+    def walk(mask, by_columns=False):
+        req = _request(q, k, v, mask, None, None, 0.0, None, False)
+        return tr.tile_walk(req, launch, by_columns)
 
     mask = masks.sliding_window(9)
-    first = lists(mask)
-    assert lists(mask) is first
-    assert lists(masks.sliding_window(9)) is not first  # another mask object builds its own
-    assert first.kv_num.device == q.device
+    first = walk(mask)
+    assert walk(mask) is first
+    assert walk(masks.sliding_window(9)) is not first  # another mask object builds its own
+    assert walk(mask, by_columns=True).bits is first.bits  # rows and columns share bitmaps
+    assert first.num.device == q.device
 
 
 def test_trainable_alibi_slopes_are_refused_not_silently_frozen():
@@ -185,23 +187,35 @@ def test_tensors_past_32_bit_offsets_are_refused():
     assert "2^31" in reason
 
 
+# Per kernel (forward, dK/dV, dQ): tiles like sm_80's and sm_90's choices, and three
+# different shapes, so each kernel walks its own BlockMask.
+GPU_TILES = {
+    "sm_80 tiles": [(128, 32)] * 3,
+    "sm_90 tiles": [(64, 128)] * 3,
+    "per-kernel tiles": [(128, 64), (32, 128), (128, 32)],
+}
+
+
+def gpu_launches(tiles):
+    from attnkit.backends import triton as tr
+
+    return tr.Launches(*(tr.Launch(m, n, 4, 2) for m, n in tiles))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("block_m", "block_n"), [(128, 32), (64, 128)], ids=["sm_80 tiles", "sm_90 tiles"]
-)
+@pytest.mark.parametrize("tiles", list(GPU_TILES.values()), ids=list(GPU_TILES))
 @pytest.mark.parametrize(
     "mask",
     [masks.sliding_window(40), masks.document(torch.arange(150) * 3 // 150) & masks.causal()],
     ids=["window", "document&causal"],
 )
-def test_gpu_tile_shapes(monkeypatch, block_m, block_n, mask):
-    """The tiles the launcher picks on GPUs are not square, unlike the interpreter's 16x16: the
-    bitmaps, the dK/dV kernel's transposed scores and the tile lists are checked at those."""
+def test_gpu_tile_shapes(monkeypatch, tiles, mask):
+    """The tiles the launcher picks on GPUs are not square, unlike the interpreter's 16x16, and
+    differ per kernel: the bitmaps, the dK/dV kernel's transposed scores and the tile walks
+    are checked at those."""
     from attnkit.backends import triton as tr
 
-    monkeypatch.setattr(
-        tr, "choose_launch", lambda D, dtype, arch: tr.Launch(block_m, block_n, 4, 2)
-    )
+    monkeypatch.setattr(tr, "choose_launches", lambda D, dtype, arch: gpu_launches(tiles))
     check((1, 4, 2, 150, 150, 64, 64), mask=mask, return_lse=True)
 
 
@@ -210,7 +224,21 @@ def test_gpu_tile_shapes_with_score_mods_and_lq_ne_lk(monkeypatch):
     """ALiBi's distance and softcap in the dK/dV kernel's transposed scores, queries offset."""
     from attnkit.backends import triton as tr
 
-    monkeypatch.setattr(tr, "choose_launch", lambda D, dtype, arch: tr.Launch(64, 128, 4, 2))
+    launches = gpu_launches([(64, 128), (32, 128), (128, 32)])
+    monkeypatch.setattr(tr, "choose_launches", lambda D, dtype, arch: launches)
     slopes = score_mods.alibi_slopes(4)
     mod = score_mods.compose(score_mods.alibi(slopes), score_mods.softcap(3.0))
     check((1, 4, 2, 90, 200, 64, 64), mask=masks.causal(), score_mod=mod)
+
+
+@pytest.mark.slow
+def test_block_mask_at_other_tiles_is_retiled(monkeypatch):
+    """A BlockMask built at FlexAttention's 128x128 (or any) tiles serves kernels whose tiles
+    differ, and differ from each other, without rebuilding it from a predicate."""
+    from attnkit.backends import triton as tr
+
+    launches = gpu_launches([(64, 32), (32, 64), (64, 16)])
+    monkeypatch.setattr(tr, "choose_launches", lambda D, dtype, arch: launches)
+    layout = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
+    for mask in (masks.block_sparse(layout, 128), masks.sliding_window(37) | masks.causal()):
+        check((1, 2, 2, 200, 200, 32, 32), mask=mask.blocks(200, 200, 128, 128))

@@ -218,3 +218,53 @@ def _evaluate_partial_tiles(bm: BlockMask) -> tuple[Tensor, Tensor]:
             bitmaps[done : done + tiles.shape[0]] = vals
             done += tiles.shape[0]
     return tile_index, bitmaps
+
+
+def retile(bm: BlockMask, block_q: int, block_k: int) -> BlockMask:
+    """The same mask as a BlockMask with other tile sizes (cached on ``bm``).
+
+    Kernels that walk the mask at their own tile sizes take a BlockMask built at any other:
+    a new tile is empty where every old tile it overlaps is empty, full where every one is
+    full, and partial otherwise, then partial tiles are classified exactly by the predicate
+    (the old tile map, deferring to the old predicate inside old partial tiles).
+    """
+    if (block_q, block_k) == (bm.block_q, bm.block_k):
+        return bm
+    return bm.derived(("retile", block_q, block_k), lambda: _retile(bm, block_q, block_k))
+
+
+def _retile(bm: BlockMask, block_q: int, block_k: int) -> BlockMask:
+    old = bm.kinds
+    dev = old.device
+
+    def overlapped(length: int, new: int, old_block: int) -> tuple[Tensor, Tensor]:
+        # first and one-past-last old tile overlapped by each new tile along one axis
+        start = torch.arange(0, length, new, device=dev)
+        end = (start + new).clamp(max=length)
+        return start // old_block, (end - 1) // old_block + 1
+
+    q0, q1 = overlapped(bm.q_len, block_q, bm.block_q)
+    k0, k1 = overlapped(bm.kv_len, block_k, bm.block_k)
+
+    def count(tiles: Tensor) -> Tensor:
+        # number of set old tiles in each new tile's rectangle, by 2-D prefix sums
+        p = torch.nn.functional.pad(tiles.long().cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+        a, b = q0.view(-1, 1), k0.view(1, -1)
+        c, d = q1.view(-1, 1), k1.view(1, -1)
+        return p[..., c, d] - p[..., a, d] - p[..., c, b] + p[..., a, b]
+
+    nonempty, nonfull = count(old != EMPTY), count(old != FULL)
+    kinds = torch.where(nonempty == 0, EMPTY, torch.where(nonfull == 0, FULL, PARTIAL))
+    old_fn = bm.mask_fn
+    n_b, n_h = old.shape[:2]
+
+    def predicate(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        b_i, h_i = torch.as_tensor(b) * (n_b > 1), torch.as_tensor(h) * (n_h > 1)
+        kind = old[b_i, h_i, torch.as_tensor(q) // bm.block_q, torch.as_tensor(kv) // bm.block_k]
+        attend = kind == FULL
+        if old_fn is not None:
+            attend = attend | ((kind == PARTIAL) & torch.as_tensor(old_fn(b, h, q, kv)))
+        return attend
+
+    new = BlockMask(kinds.to(torch.int8), block_q, block_k, bm.q_len, bm.kv_len, predicate, bm.name)
+    return refine_partial_tiles(new)

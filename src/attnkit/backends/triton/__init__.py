@@ -19,7 +19,7 @@ from torch import Tensor
 from attnkit._types import EMPTY
 from attnkit.backends._common import Request
 from attnkit.backends.tiled import TileConfig, block_mask_for
-from attnkit.block_mask import BlockMask, partial_bitmaps
+from attnkit.block_mask import BlockMask, partial_bitmaps, retile
 from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "triton"
@@ -63,12 +63,25 @@ def unsupported_reason(req: Request) -> str | None:
 
 @dataclass(frozen=True)
 class Launch:
-    """Tile sizes and launch parameters."""
+    """One kernel's tile sizes and launch parameters."""
 
-    block_m: int
-    block_n: int
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
     num_warps: int
     num_stages: int
+
+
+@dataclass(frozen=True)
+class Launches:
+    """Tiles per kernel: each walks the BlockMask at its own tile sizes.
+
+    The forward and dQ kernels run one program per query tile and loop over key tiles; dK/dV
+    runs one per key tile and loops over query tiles, so it wants the opposite shape.
+    """
+
+    forward: Launch
+    dkdv: Launch
+    dq: Launch
 
 
 def gpu_arch(device: torch.device) -> int | None:
@@ -79,33 +92,57 @@ def gpu_arch(device: torch.device) -> int | None:
     return major * 10 + minor
 
 
-# Tiles (block_m, block_n, num_warps, num_stages) per arch family and head-dim bucket: the
-# largest whose three kernels spill at most 16 B per thread, with and without GQA, and fit the
-# arch's shared memory; on sm_90 also those whose dots all become wgmma (Hopper's tensor-core
-# instruction; 128x32 tiles left dK/dV on the older mma.sync). Compiled for each arch by
-# `python benchmarks/triton_resources.py --launch ...` over 32/64/128-row tiles and 4/8 warps
-# (benchmarks/results/triton_resources.md has the chosen ones). Compiler figures, not timings:
-# no GPU was at hand to time them. sm_86/89/120 have 99 KB of shared memory (sm_80 163,
-# sm_90/100 227).
+def _same(launch: Launch) -> Launches:
+    return Launches(launch, launch, launch)
+
+
+# Tiles per arch family and head-dim bucket: the largest whose kernels spill at most 16 B per
+# thread, with and without GQA, and fit the arch's shared memory; on sm_90 also those whose
+# dots all become wgmma (Hopper's tensor-core instruction, which needs 64 rows per warpgroup).
+# Compiled for each arch by `python benchmarks/triton_resources.py --launch ...` over
+# 32/64/128-row tiles, 4/8 warps, 2/3 stages (benchmarks/results/triton_resources.md has the
+# chosen ones). Compiler figures, not timings: no GPU was at hand to time them.
+# sm_86/89/120 have 99 KB of shared memory (sm_80 163, sm_90/100 227).
 _TILES = {
-    90: {64: Launch(64, 128, 8, 3), 128: Launch(64, 64, 8, 3), 256: Launch(64, 32, 8, 1)},
-    80: {64: Launch(128, 32, 8, 3), 128: Launch(128, 32, 8, 3), 256: Launch(64, 32, 8, 2)},
-    86: {64: Launch(128, 32, 8, 3), 128: Launch(128, 32, 8, 3), 256: Launch(32, 32, 8, 2)},
-    120: {64: Launch(128, 32, 8, 3), 128: Launch(64, 32, 8, 3), 256: Launch(32, 32, 8, 2)},
+    90: {
+        64: _same(Launch(64, 128, 8, 3)),
+        128: _same(Launch(64, 64, 8, 3)),
+        256: _same(Launch(64, 32, 8, 1)),
+    },
+    80: {
+        64: _same(Launch(128, 32, 8, 3)),
+        128: _same(Launch(128, 32, 8, 3)),
+        256: _same(Launch(64, 32, 8, 2)),
+    },
+    86: {
+        64: _same(Launch(128, 32, 8, 3)),
+        128: _same(Launch(128, 32, 8, 3)),
+        256: _same(Launch(32, 32, 8, 2)),
+    },
+    120: {
+        64: _same(Launch(128, 32, 8, 3)),
+        128: _same(Launch(64, 32, 8, 3)),
+        256: _same(Launch(32, 32, 8, 2)),
+    },
 }
 # fp32 multiplies exactly on CUDA cores (FMA dots), which spill at every tile size tried;
 # small tiles keep it within shared memory. `auto` sends fp32 to SDPA where SDPA can serve it.
-_FP32 = {64: Launch(32, 32, 4, 2), 128: Launch(32, 32, 4, 2), 256: Launch(16, 16, 2, 1)}
+_FP32 = {
+    64: _same(Launch(32, 32, 4, 2)),
+    128: _same(Launch(32, 32, 4, 2)),
+    256: _same(Launch(16, 16, 2, 1)),
+}
 
 
-def choose_launch(D: int, dtype: torch.dtype, arch: int | None) -> Launch:
-    """Tiles per head dim, dtype and GPU arch (None: the interpreter, small tiles keep it quick).
+def choose_launches(D: int, dtype: torch.dtype, arch: int | None) -> Launches:
+    """Tiles per kernel for a head dim, dtype and GPU arch.
 
+    ``arch`` None is the interpreter, where small tiles keep it quick.
     ``tests/test_triton_aot.py`` compiles the choices for sm_80/86/90/100/120 and checks they
     fit and (in 16 bits) do not spill.
     """
     if arch is None:
-        return Launch(16, 16, 1, 1)
+        return _same(Launch(16, 16, 1, 1))
     bucket = 64 if D <= 64 else 128 if D <= 128 else 256
     if dtype == torch.float32:
         return _FP32[bucket]
@@ -119,48 +156,53 @@ def _pow2(n: int) -> int:
 
 
 @dataclass(frozen=True)
-class TileLists:
-    """The BlockMask as the kernels walk it (see ``tile_lists``)."""
+class TileWalk:
+    """The BlockMask as one kernel walks it, at that kernel's tile sizes.
 
-    kv_num: Tensor
-    kv_idx: Tensor
-    q_num: Tensor
-    q_idx: Tensor
+    Per program (a query-tile row, or a key-tile column for dK/dV): ``num`` (B|1, H|1, n) the
+    number of non-empty tiles and ``idx`` (B|1, H|1, n, m) their indices, non-empty first;
+    ``tile`` (B|1, H|1, nQ, nK) each partial tile's row in ``bits`` (nPartial, block_m,
+    block_n), else -1.
+    """
+
+    num: Tensor
+    idx: Tensor
     tile: Tensor
     bits: Tensor
 
 
-def tile_lists(req: Request, launch: Launch) -> TileLists:
-    """The BlockMask as the kernels read it, on the request's device.
+def tile_walk(req: Request, launch: Launch, by_columns: bool = False) -> TileWalk:
+    """The request's mask as a kernel with ``launch``'s tiles reads it, on q's device.
 
-    Per q-tile row and per kv-tile column: the count of non-empty tiles and their indices
-    (non-empty first); and the partial tiles' bitmaps. Built once per BlockMask and device.
+    A BlockMask given at other tile sizes is re-tiled exactly. Built once per BlockMask, tile
+    size and device (masks cache their BlockMasks, so every layer and step reuses it).
     """
     bm = block_mask_for(req, TileConfig(launch.block_m, launch.block_n, launch.block_n))
-    if (bm.block_q, bm.block_k) != (launch.block_m, launch.block_n):
-        raise ValueError(
-            f"triton needs a BlockMask with tiles ({launch.block_m}, {launch.block_n}), got "
-            f"({bm.block_q}, {bm.block_k}); build it with mask.blocks(..., "
-            f"{launch.block_m}, {launch.block_n})"
-        )
+    bm = retile(bm, launch.block_m, launch.block_n)
     dev = req.q.device
-    return bm.derived(("triton_tile_lists", str(dev)), lambda: _build_tile_lists(bm, dev))
+    return bm.derived(
+        ("triton_tile_walk", by_columns, str(dev)), lambda: _build_walk(bm, by_columns, dev)
+    )
 
 
-def _build_tile_lists(bm: BlockMask, dev: torch.device) -> TileLists:
-    kinds = bm.kinds.cpu()
-    empty = (kinds == EMPTY).to(torch.int8)
-    rows_idx = torch.argsort(empty, dim=-1, stable=True)  # non-empty kv tiles first
-    cols = empty.transpose(-1, -2).contiguous()
-    cols_idx = torch.argsort(cols, dim=-1, stable=True)
+def _build_walk(bm: BlockMask, by_columns: bool, dev: torch.device) -> TileWalk:
+    empty = (bm.kinds.cpu() == EMPTY).to(torch.int8)
+    if by_columns:
+        empty = empty.transpose(-1, -2).contiguous()
+    tile, bits = bm.derived(("triton_bitmaps", str(dev)), lambda: _bitmaps_on(bm, dev))
+    return TileWalk(
+        num=(1 - empty).sum(-1).to(torch.int32).contiguous().to(dev),
+        idx=torch.argsort(empty, dim=-1, stable=True).to(torch.int32).contiguous().to(dev),
+        tile=tile,
+        bits=bits,
+    )
+
+
+def _bitmaps_on(bm: BlockMask, dev: torch.device) -> tuple[Tensor, Tensor]:
     tile_index, bitmaps = partial_bitmaps(bm)
-    return TileLists(
-        kv_num=(1 - empty).sum(-1).to(torch.int32).contiguous().to(dev),
-        kv_idx=rows_idx.to(torch.int32).contiguous().to(dev),
-        q_num=(1 - cols).sum(-1).to(torch.int32).contiguous().to(dev),
-        q_idx=cols_idx.to(torch.int32).contiguous().to(dev),
-        tile=tile_index.to(torch.int32).contiguous().to(dev),
-        bits=bitmaps.to(torch.int8).contiguous().to(dev),
+    return (
+        tile_index.to(torch.int32).contiguous().to(dev),
+        bitmaps.to(torch.int8).contiguous().to(dev),
     )
 
 
@@ -191,17 +233,16 @@ class KernelCall:
 
 @dataclass(frozen=True)
 class Scalars:
-    """Everything besides tensors that a launch needs."""
+    """Everything besides tensors and tiles that a launch needs."""
 
     scale: float
     softcap: float
     q_off: int  # Lk - Lq: where the queries sit among the keys (ALiBi distance, masks)
     has_alibi: bool
-    launch: Launch
 
 
 def _common_args(
-    q: Tensor, k: Tensor, v: Tensor, o_like: Tensor, lists: TileLists, sc: Scalars
+    q: Tensor, k: Tensor, v: Tensor, o_like: Tensor, walk: TileWalk, sc: Scalars, launch: Launch
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The scalar and stride arguments every kernel takes, and the compile-time ones.
 
@@ -209,7 +250,7 @@ def _common_args(
     """
     H, Lq, D = q.shape[1:]
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    Bm, Hm, nQ, nK = lists.tile.shape
+    Bm, Hm, nQ, nK = walk.tile.shape
     scalars = (
         sc.scale,
         sc.softcap,
@@ -233,12 +274,12 @@ def _common_args(
         "HAS_ALIBI": sc.has_alibi,
         "HAS_SOFTCAP": sc.softcap > 0,
         "DOT_PRECISION": dot_precision(q.dtype),
-        "BLOCK_M": sc.launch.block_m,
-        "BLOCK_N": sc.launch.block_n,
+        "BLOCK_M": launch.block_m,
+        "BLOCK_N": launch.block_n,
         "BLOCK_D": _pow2(D),
         "BLOCK_DV": _pow2(Dv),
-        "num_warps": sc.launch.num_warps,
-        "num_stages": sc.launch.num_stages,
+        "num_warps": launch.num_warps,
+        "num_stages": launch.num_stages,
     }
     return scalars, meta
 
@@ -249,17 +290,21 @@ def forward_calls(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    lists: TileLists,
+    walk: TileWalk,
     slopes: Tensor,
     sc: Scalars,
+    launch: Launch,
 ) -> list[KernelCall]:
-    """The forward launch, writing ``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq)."""
+    """The forward launch, writing ``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq).
+
+    ``walk``: the query-tile rows at ``launch``'s tiles.
+    """
     from attnkit.backends.triton.kernels import attention_forward_kernel
 
     B, H, Lq = q.shape[:3]
-    scalars, meta = _common_args(q, k, v, out, lists, sc)
-    tensors = (q, k, v, out, lse, lists.kv_num, lists.kv_idx, lists.tile, lists.bits, slopes)
-    grid = (-(-Lq // sc.launch.block_m), B * H)
+    scalars, meta = _common_args(q, k, v, out, walk, sc, launch)
+    tensors = (q, k, v, out, lse, walk.num, walk.idx, walk.tile, walk.bits, slopes)
+    grid = (-(-Lq // launch.block_m), B * H)
     return [KernelCall(attention_forward_kernel, grid, (*tensors, *scalars), meta)]
 
 
@@ -273,11 +318,18 @@ def backward_calls(
     dq: Tensor,
     dk: Tensor,
     dv: Tensor,
-    lists: TileLists,
+    dkdv_walk: TileWalk,
+    dq_walk: TileWalk,
     slopes: Tensor,
     sc: Scalars,
+    dkdv_launch: Launch,
+    dq_launch: Launch,
 ) -> list[KernelCall]:
-    """The two backward launches: dK/dV per kv tile, then dQ per q tile (no atomics)."""
+    """The two backward launches, no atomics.
+
+    dK/dV per key tile (``dkdv_walk``: key-tile columns), then dQ per query tile (``dq_walk``:
+    query-tile rows).
+    """
     from attnkit.backends.triton.kernels import (
         attention_backward_dkdv_kernel,
         attention_backward_dq_kernel,
@@ -285,23 +337,29 @@ def backward_calls(
 
     B, H, Lq = q.shape[:3]
     Hkv, Lk = k.shape[1], k.shape[2]
-    scalars, meta = _common_args(q, k, v, dout, lists, sc)
-    dkdv = (q, k, v, dout, lse, delta, dk, dv, lists.q_num, lists.q_idx, lists.tile, lists.bits)
-    dq_ = (q, k, v, dout, lse, delta, dq, lists.kv_num, lists.kv_idx, lists.tile, lists.bits)
+    dkdv_scalars, dkdv_meta = _common_args(q, k, v, dout, dkdv_walk, sc, dkdv_launch)
+    dq_scalars, dq_meta = _common_args(q, k, v, dout, dq_walk, sc, dq_launch)
+    w1, w2 = dkdv_walk, dq_walk
+    dkdv = (q, k, v, dout, lse, delta, dk, dv, w1.num, w1.idx, w1.tile, w1.bits, slopes)
+    dq_ = (q, k, v, dout, lse, delta, dq, w2.num, w2.idx, w2.tile, w2.bits, slopes)
     return [
         KernelCall(
             attention_backward_dkdv_kernel,
-            (-(-Lk // sc.launch.block_n), B * Hkv),
-            (*dkdv, slopes, *scalars),
-            meta,
+            (-(-Lk // dkdv_launch.block_n), B * Hkv),
+            (*dkdv, *dkdv_scalars),
+            dkdv_meta,
         ),
         KernelCall(
             attention_backward_dq_kernel,
-            (-(-Lq // sc.launch.block_m), B * H),
-            (*dq_, slopes, *scalars),
-            meta,
+            (-(-Lq // dq_launch.block_m), B * H),
+            (*dq_, *dq_scalars),
+            dq_meta,
         ),
     ]
+
+
+# Custom-op schemas take tensors, scalars and int lists: a TileWalk travels as its four
+# tensors and a Launch as [block_m, block_n, num_warps, num_stages].
 
 
 @torch.library.custom_op("attnkit::triton_forward", mutates_args=())
@@ -309,8 +367,8 @@ def triton_forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    kv_num: Tensor,
-    kv_idx: Tensor,
+    num: Tensor,
+    idx: Tensor,
     tile: Tensor,
     bits: Tensor,
     slopes: Tensor,
@@ -318,18 +376,15 @@ def triton_forward(
     softcap: float,
     q_off: int,
     has_alibi: bool,
-    block_m: int,
-    block_n: int,
-    num_warps: int,
-    num_stages: int,
+    launch: list[int],
 ) -> tuple[Tensor, Tensor]:
     """Flash-attention forward: out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32."""
     B, H, Lq, _ = q.shape
     out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    lists = TileLists(kv_num, kv_idx, kv_num, kv_idx, tile, bits)  # the column lists go unused
-    sc = Scalars(scale, softcap, q_off, has_alibi, Launch(block_m, block_n, num_warps, num_stages))
-    for call in forward_calls(q, k, v, out, lse, lists, slopes, sc):
+    sc = Scalars(scale, softcap, q_off, has_alibi)
+    walk = TileWalk(num, idx, tile, bits)
+    for call in forward_calls(q, k, v, out, lse, walk, slopes, sc, Launch(*launch)):
         call.launch()
     return out, lse
 
@@ -349,21 +404,21 @@ def triton_backward(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    kv_num: Tensor,
-    kv_idx: Tensor,
-    q_num: Tensor,
-    q_idx: Tensor,
-    tile: Tensor,
-    bits: Tensor,
+    dkdv_num: Tensor,
+    dkdv_idx: Tensor,
+    dkdv_tile: Tensor,
+    dkdv_bits: Tensor,
+    dq_num: Tensor,
+    dq_idx: Tensor,
+    dq_tile: Tensor,
+    dq_bits: Tensor,
     slopes: Tensor,
     scale: float,
     softcap: float,
     q_off: int,
     has_alibi: bool,
-    block_m: int,
-    block_n: int,
-    num_warps: int,
-    num_stages: int,
+    dkdv_launch: list[int],
+    dq_launch: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """FlashAttention-2 backward: (dq, dk, dv).
 
@@ -372,9 +427,23 @@ def triton_backward(
     dout = dout.contiguous()
     delta = ((dout.float() * out.float()).sum(-1) - dlse.float()).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    lists = TileLists(kv_num, kv_idx, q_num, q_idx, tile, bits)
-    sc = Scalars(scale, softcap, q_off, has_alibi, Launch(block_m, block_n, num_warps, num_stages))
-    for call in backward_calls(q, k, v, dout, lse, delta, dq, dk, dv, lists, slopes, sc):
+    for call in backward_calls(
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        dk,
+        dv,
+        TileWalk(dkdv_num, dkdv_idx, dkdv_tile, dkdv_bits),
+        TileWalk(dq_num, dq_idx, dq_tile, dq_bits),
+        slopes,
+        Scalars(scale, softcap, q_off, has_alibi),
+        Launch(*dkdv_launch),
+        Launch(*dq_launch),
+    ):
         call.launch()
     return dq, dk, dv
 
@@ -386,72 +455,65 @@ def _(
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _walk_args(walk: TileWalk) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return walk.num, walk.idx, walk.tile, walk.bits
+
+
+def _launch_args(launch: Launch) -> list[int]:
+    return [launch.block_m, launch.block_n, launch.num_warps, launch.num_stages]
+
+
 def run(req: Request) -> tuple[Tensor, Tensor]:
     """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32."""
     mods = kernel_mods(req.score_mod_source) or KernelMods()
     s = req.shapes
-    launch = choose_launch(max(s.D, s.Dv), req.q.dtype, gpu_arch(req.q.device))
-    lists = tile_lists(req, launch)
+    launches = choose_launches(max(s.D, s.Dv), req.q.dtype, gpu_arch(req.q.device))
     slopes = (mods.slopes if mods.slopes is not None else torch.zeros(1)).float().to(req.q.device)
     q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
-    args = (
+    scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None)
+    forward_walk = _walk_args(tile_walk(req, launches.forward))
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        out, lse = triton_forward(
+            q, k, v, *forward_walk, slopes, *scalars, _launch_args(launches.forward)
+        )
+        return out, lse
+    out, lse = _TritonAttention.apply(  # type: ignore[no-untyped-call]
         q,
         k,
         v,
-        lists.kv_num,
-        lists.kv_idx,
-        lists.tile,
-        lists.bits,
         slopes,
-        req.scale,
-        mods.softcap,
-        s.Lk - s.Lq,
-        mods.slopes is not None,
-        launch.block_m,
-        launch.block_n,
-        launch.num_warps,
-        launch.num_stages,
+        *forward_walk,
+        *_walk_args(tile_walk(req, launches.dkdv, by_columns=True)),
+        *_walk_args(tile_walk(req, launches.dq)),
+        *scalars,
+        *(_launch_args(x) for x in (launches.forward, launches.dkdv, launches.dq)),
     )
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        out, lse = _TritonAttention.apply(  # type: ignore[no-untyped-call]
-            lists.q_num, lists.q_idx, *args
-        )
-    else:
-        out, lse = triton_forward(*args)
     return out, lse
 
 
 class _TritonAttention(torch.autograd.Function):
-    """Autograd over the two custom ops; carries the column lists the dK/dV kernel walks."""
+    """Autograd over the two custom ops.
+
+    After q, k, v and slopes come the forward's, dK/dV's and dQ's tile walks (four tensors
+    each), the scalars, then the three launches.
+    """
 
     @staticmethod
-    def forward(ctx: Any, q_num: Tensor, q_idx: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
-        out, lse = triton_forward(*args)
-        q, k, v, kv_num, kv_idx, tile, bits, slopes = args[:8]
-        ctx.save_for_backward(q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, tile, bits, slopes)
-        ctx.params = args[8:]
+    def forward(
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *rest: Any
+    ) -> tuple[Tensor, Tensor]:
+        walks, params = rest[:12], rest[12:]
+        scalars, (forward_launch, dkdv_launch, dq_launch) = params[:4], params[4:]
+        out, lse = triton_forward(q, k, v, *walks[:4], slopes, *scalars, forward_launch)
+        ctx.save_for_backward(q, k, v, out, lse, slopes, *walks[4:])
+        ctx.params = (*scalars, dkdv_launch, dq_launch)
+        ctx.n_inputs = 4 + len(rest)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse, kv_num, kv_idx, q_num, q_idx, tile, bits, slopes = ctx.saved_tensors
+        q, k, v, out, lse, slopes, *walks = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
         dlse = torch.zeros_like(lse) if dlse is None else dlse
-        dq, dk, dv = triton_backward(
-            dout,
-            dlse,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            kv_num,
-            kv_idx,
-            q_num,
-            q_idx,
-            tile,
-            bits,
-            slopes,
-            *ctx.params,
-        )
-        return (None, None, dq, dk, dv, *([None] * (len(ctx.params) + 5)))
+        dq, dk, dv = triton_backward(dout, dlse, q, k, v, out, lse, *walks, slopes, *ctx.params)
+        return (dq, dk, dv, *([None] * (ctx.n_inputs - 3)))

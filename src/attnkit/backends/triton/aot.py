@@ -4,7 +4,7 @@ The interpreter (TRITON_INTERPRET=1) checks the kernels' math but never lowers t
 tell whether a kernel compiles for sm_90, how many registers it needs, whether it spills, or
 whether its pipelined tiles fit the GPU's shared memory (a launch beyond that fails with "out of
 resource: shared memory"). This module builds the launches exactly as the launcher would
-(``forward_calls`` / ``backward_calls`` with the tiles ``choose_launch`` picks for that arch),
+(``forward_calls`` / ``backward_calls`` with the tiles ``choose_launches`` picks for that arch),
 specialises the arguments the way a real launch does (16-byte alignment, ints equal to 1), and
 compiles them through Triton's NVIDIA backend down to a cubin with the bundled ptxas. Registers
 and stack come from ``cuobjdump -res-usage`` on that cubin; shared memory from Triton's metadata.
@@ -26,10 +26,11 @@ import torch
 from attnkit.backends.triton import (
     KernelCall,
     Launch,
+    Launches,
     Scalars,
-    TileLists,
+    TileWalk,
     backward_calls,
-    choose_launch,
+    choose_launches,
     forward_calls,
 )
 
@@ -180,21 +181,29 @@ def launcher_resources(
     """Compile forward, dK/dV and dQ as the launcher would run them on ``arch``.
 
     Shapes: B=1, Hkv=2, Hq=2·gqa_group, Lq=Lk=seq_len, D=Dv=head_dim (only alignment, the
-    tiles and which ints are 1 matter to the compiler). ``launch`` overrides ``choose_launch``
-    to try other tiles.
+    tiles and which ints are 1 matter to the compiler). ``launch`` overrides
+    ``choose_launches`` for all three kernels, to try other tiles.
     """
-    launch = launch or choose_launch(head_dim, dtype, arch)
+    launches = (
+        Launches(launch, launch, launch) if launch else choose_launches(head_dim, dtype, arch)
+    )
     hq = 2 * gqa_group
     q, out, dout, dq = (torch.zeros(1, hq, seq_len, head_dim, dtype=dtype) for _ in range(4))
     k, v, dk, dv = (torch.zeros(1, 2, seq_len, head_dim, dtype=dtype) for _ in range(4))
     lse, delta = torch.zeros(1, hq, seq_len), torch.zeros(1, hq, seq_len)
-    n_q, n_k = -(-seq_len // launch.block_m), -(-seq_len // launch.block_n)
-    ints = torch.zeros(1, 1, n_q, n_k, dtype=torch.int32)
-    lists = TileLists(ints, ints, ints, ints, ints, torch.zeros(16, dtype=torch.int8))
     slopes = torch.zeros(hq)
-    sc = Scalars(head_dim**-0.5, softcap, 0, alibi, launch)
-    calls = forward_calls(q, k, v, out, lse, lists, slopes, sc)
-    calls += backward_calls(q, k, v, dout, lse, delta, dq, dk, dv, lists, slopes, sc)
+    sc = Scalars(head_dim**-0.5, softcap, 0, alibi)
+
+    def walk(tiles: Launch) -> TileWalk:
+        n_q, n_k = -(-seq_len // tiles.block_m), -(-seq_len // tiles.block_n)
+        ints = torch.zeros(1, 1, n_q, n_k, dtype=torch.int32)
+        return TileWalk(ints, ints, ints, torch.zeros(16, dtype=torch.int8))
+
+    fwd, dkdv, dq_ = launches.forward, launches.dkdv, launches.dq
+    calls = forward_calls(q, k, v, out, lse, walk(fwd), slopes, sc, fwd)
+    calls += backward_calls(
+        q, k, v, dout, lse, delta, dq, dk, dv, walk(dkdv), walk(dq_), slopes, sc, dkdv, dq_
+    )
     return [compile_call(call, arch) for call in calls]
 
 
