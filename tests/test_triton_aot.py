@@ -48,17 +48,20 @@ def check(arch: int, dtype: torch.dtype, head_dim: int, *options: str) -> None:
         assert r.fits, f"{where}: {r.shared_bytes} B shared > {SHARED_MEMORY_LIMIT[arch]}"
         if dtype != torch.float32:  # fp32 runs exact FMA dots, which spill (see the launcher)
             assert r.stack_bytes <= SPILL_BUDGET_16BIT, f"{where}: spills {r.stack_bytes} B"
-            if arch in NEWEST_MATMUL and head_dim <= 128:
+            older_allowed = arch == 90 and head_dim > 128 and "dkdv" in r.kernel
+            if arch in NEWEST_MATMUL and not older_allowed:
                 assert r.matmul == NEWEST_MATMUL[arch], f"{where}: dots became {r.matmul}"
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 90, 100])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_bf16_launches_compile_fit_and_do_not_spill(arch, head_dim):
+    """Each kernel has its own tiles; on sm_90 every dot but D=256 dK/dV's is on wgmma (no
+    tiling tried kept that one on wgmma without spilling), on sm_100 every dot on tcgen05."""
     check(arch, torch.bfloat16, head_dim)
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 86, 90, 100, 120])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gqa_launches(arch, head_dim):
     """A GQA group compiles another dK/dV kernel (unrolled over the group's query heads)."""
@@ -74,8 +77,7 @@ def test_gqa_launches(arch, head_dim):
         (86, torch.bfloat16, 256),
         (90, torch.float16, 128),
         (90, torch.bfloat16, 40),
-        (100, torch.bfloat16, 128),  # B200: Hopper's tiles
-        (120, torch.bfloat16, 128),  # RTX 50xx: its own D=128 tiles (128x32 spilled in dQ)
+        (120, torch.bfloat16, 128),  # RTX 50xx: its own tiles (99 KB, other spills)
         (120, torch.bfloat16, 256),  # 99 KB of shared memory, like sm_86
     ],
 )
@@ -85,8 +87,13 @@ def test_other_archs_dtypes_and_head_dims(arch, dtype, head_dim):
     check(arch, dtype, head_dim)
 
 
-def test_score_mods_compile_in_kernel():
-    check(90, torch.bfloat16, 128, "--alibi", "--softcap", "30")
+@pytest.mark.parametrize(
+    ("arch", "head_dim"), [(90, 64), (90, 128), (100, 128), (80, 256), (86, 128), (120, 128)]
+)
+def test_score_mods_compile_in_kernel(arch, head_dim):
+    """ALiBi and softcap add registers: where the plain kernels' largest tiles spilled with
+    them (24-160 B), the launcher takes the next."""
+    check(arch, torch.bfloat16, head_dim, "--alibi", "--softcap", "30", "--gqa-group", "4")
 
 
 def test_oversized_tiles_are_reported_not_hidden():

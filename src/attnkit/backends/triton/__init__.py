@@ -96,33 +96,41 @@ def _same(launch: Launch) -> Launches:
     return Launches(launch, launch, launch)
 
 
-# Tiles per arch family and head-dim bucket: the largest whose kernels spill at most 16 B per
-# thread, with and without GQA, and fit the arch's shared memory; on sm_90 also those whose
-# dots all become wgmma (Hopper's tensor-core instruction, which needs 64 rows per warpgroup).
-# Compiled for each arch by `python benchmarks/triton_resources.py --launch ...` over
-# 32/64/128-row tiles, 4/8 warps, 2/3 stages (benchmarks/results/triton_resources.md has the
-# chosen ones). Compiler figures, not timings: no GPU was at hand to time them.
-# sm_86/89/120 have 99 KB of shared memory (sm_80 163, sm_90/100 227).
+# Tiles per arch family, head-dim bucket and kernel: the largest whose kernel spills at most
+# 16 B per thread (with and without GQA, ALiBi and softcap) and fits the arch's shared
+# memory; on sm_90 / sm_100 also those whose dots become wgmma / tcgen05 (their tensor-core
+# instructions; wgmma needs 64 rows per warpgroup). Among equal areas, forward and dQ take
+# more query rows (the tile they keep), dK/dV more key rows. Compiled by `python -m
+# attnkit.backends.triton.aot --launch ...` over 32/64/128-row tiles, 4/8 warps, 1-3 stages
+# (benchmarks/results/triton_resources.md lists the chosen ones). Compiler figures, not
+# timings: no GPU was at hand to time them. sm_86/89/120 have 99 KB of shared memory (sm_80
+# 163, sm_90/100 227). sm_89 takes sm_86's tiles, sm_103 sm_100's.
 _TILES = {
     90: {
-        64: _same(Launch(64, 128, 8, 3)),
-        128: _same(Launch(64, 64, 8, 3)),
-        256: _same(Launch(64, 32, 8, 1)),
+        64: Launches(Launch(128, 128, 8, 3), Launch(32, 128, 8, 3), Launch(128, 128, 8, 3)),
+        128: Launches(Launch(128, 128, 8, 3), Launch(32, 128, 8, 3), Launch(128, 64, 8, 3)),
+        # no dK/dV tiling tried kept wgmma without spilling at D=256
+        256: Launches(Launch(128, 64, 8, 3), Launch(64, 32, 8, 1), Launch(128, 32, 8, 3)),
+    },
+    100: {  # Hopper's largest tiles spill here (80-144 B) or overflow shared memory
+        64: Launches(Launch(128, 64, 8, 3), Launch(64, 128, 8, 3), Launch(128, 64, 8, 3)),
+        128: Launches(Launch(128, 64, 8, 3), Launch(32, 128, 8, 3), Launch(128, 64, 8, 3)),
+        256: Launches(Launch(128, 32, 8, 3), Launch(32, 64, 8, 3), Launch(128, 32, 8, 3)),
     },
     80: {
-        64: _same(Launch(128, 32, 8, 3)),
-        128: _same(Launch(128, 32, 8, 3)),
-        256: _same(Launch(64, 32, 8, 2)),
+        64: Launches(Launch(128, 64, 8, 3), Launch(128, 32, 8, 3), Launch(128, 64, 8, 3)),
+        128: Launches(Launch(64, 128, 8, 3), Launch(64, 64, 8, 3), Launch(64, 128, 8, 3)),
+        256: Launches(Launch(128, 32, 8, 3), Launch(64, 32, 8, 2), Launch(64, 64, 8, 3)),
     },
     86: {
-        64: _same(Launch(128, 32, 8, 3)),
-        128: _same(Launch(128, 32, 8, 3)),
-        256: _same(Launch(32, 32, 8, 2)),
+        64: Launches(Launch(128, 64, 8, 3), Launch(32, 128, 8, 3), Launch(128, 64, 8, 3)),
+        128: Launches(Launch(128, 32, 8, 3), Launch(64, 64, 8, 3), Launch(64, 64, 8, 3)),
+        256: Launches(Launch(64, 32, 8, 2), Launch(32, 32, 8, 2), Launch(64, 32, 8, 1)),
     },
     120: {
-        64: _same(Launch(128, 32, 8, 3)),
-        128: _same(Launch(64, 32, 8, 3)),
-        256: _same(Launch(32, 32, 8, 2)),
+        64: Launches(Launch(128, 64, 8, 3), Launch(128, 32, 8, 3), Launch(128, 32, 8, 3)),
+        128: Launches(Launch(64, 128, 8, 3), Launch(32, 64, 8, 3), Launch(64, 64, 8, 3)),
+        256: Launches(Launch(64, 32, 8, 2), Launch(32, 32, 8, 2), Launch(64, 32, 8, 1)),
     },
 }
 # fp32 multiplies exactly on CUDA cores (FMA dots), which spill at every tile size tried;
@@ -147,7 +155,10 @@ def choose_launches(D: int, dtype: torch.dtype, arch: int | None) -> Launches:
     if dtype == torch.float32:
         return _FP32[bucket]
     # sm_90/100/103 have 227 KB of shared memory per block, sm_80/87 163 KB, the rest 99 KB
-    family = 120 if arch >= 120 else 90 if arch >= 90 else 80 if arch in (80, 87) else 86
+    if arch >= 90:
+        family = 120 if arch >= 120 else 100 if arch >= 100 else 90
+    else:
+        family = 80 if arch in (80, 87) else 86
     return _TILES[family][bucket]
 
 
