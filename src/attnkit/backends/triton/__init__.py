@@ -23,6 +23,8 @@ from attnkit.block_mask import BlockMask, partial_bitmaps, retile
 from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "triton"
+#: Set to 1 to time a few tile variants per kernel on first use (``autotune.py``).
+AUTOTUNE_ENV = "ATTNKIT_TRITON_AUTOTUNE"
 
 
 def installed() -> bool:
@@ -482,8 +484,13 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
     slopes = (mods.slopes if mods.slopes is not None else torch.zeros(1)).float().to(req.q.device)
     q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
     scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None)
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if os.environ.get(AUTOTUNE_ENV) == "1" and not torch.compiler.is_compiling():
+        from attnkit.backends.triton import autotune
+
+        launches = autotune.tune(req, launches, Scalars(*scalars), slopes, grads)
     forward_walk = _walk_args(tile_walk(req, launches.forward))
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    if not grads:
         out, lse = triton_forward(
             q, k, v, *forward_walk, slopes, *scalars, _launch_args(launches.forward)
         )
