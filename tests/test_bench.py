@@ -77,3 +77,12 @@ def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
     assert all(r["triton_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
     table = [line for line in md.read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(rows)
+
+
+def test_gpu_bench_title_says_whether_triton_tiles_were_autotuned(monkeypatch):
+    from attnkit import bench_gpu
+
+    monkeypatch.delenv("ATTNKIT_TRITON_AUTOTUNE", raising=False)
+    assert "autotuned" not in bench_gpu.describe("H100", torch.bfloat16)
+    monkeypatch.setenv("ATTNKIT_TRITON_AUTOTUNE", "1")
+    assert bench_gpu.describe("H100", torch.bfloat16).endswith(", triton tiles autotuned")

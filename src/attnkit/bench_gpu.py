@@ -6,13 +6,15 @@ causal) and compiled FlexAttention, in one run: TFLOP/s counted on the FLOPs eac
 is busy at short N too), D = 64 and 128, N = 1k … 32k, dense, causal, sliding window
 (left 1024) and block-sparse (128-token cells, a quarter of them plus the diagonal).
 
-``smoke=True`` runs every code path once on tiny shapes; on CPU tensors that needs
+``ATTNKIT_TRITON_AUTOTUNE=1`` times tile variants in each case's untimed first call (the
+title says so). ``smoke=True`` runs every code path once on tiny shapes; on CPU tensors that needs
 ``TRITON_INTERPRET=1`` and is how the test suite checks this file without a GPU.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 import attnkit
 from attnkit import masks
+from attnkit.backends.triton import AUTOTUNE_ENV
 from attnkit.masks import Mask
 
 H = 16
@@ -177,6 +180,14 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe(where: str, dtype: torch.dtype) -> str:
+    """The table's title: device, torch, dtype, shape, and whether triton's tiles were tuned."""
+    title = f"{where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, B=1, H={H}"
+    if os.environ.get(AUTOTUNE_ENV) == "1":
+        title += ", triton tiles autotuned"
+    return title
+
+
 def run(
     device: str = "cuda",
     quick: bool = False,
@@ -200,7 +211,7 @@ def run(
             rows.append(measure(case, device, dtype, smoke))
             progress.advance(task)
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, TRITON_INTERPRET=1"
-    title = f"{where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, B=1, H={H}"
+    title = describe(where, dtype)
     table = Table(title=f"attnkit triton vs torch: {title}")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("case", "pass") else "right")

@@ -64,8 +64,9 @@ __all__ = [
 ]
 
 
-#: How many BlockMasks (different lengths / tile sizes / devices) a Mask keeps.
-_BLOCKS_CACHE_SIZE = 8
+#: How many BlockMasks (different lengths / tile sizes / devices) a Mask keeps: the triton
+#: kernels walk three tile sizes per shape.
+_BLOCKS_CACHE_SIZE = 16
 
 
 @dataclass(frozen=True)
