@@ -81,7 +81,10 @@ def test_picks_the_fastest_variant_per_kernel_once_per_key(tuning):
         ("attention_backward_dkdv_kernel", 16, 32),
         ("attention_backward_dq_kernel", 32, 16),
     ]
-    check(shape, mask=masks.sliding_window(20))  # same key: remembered, not timed again
+    with pytest.MonkeyPatch.context() as mp:  # same key: remembered, the tuner runs nothing
+        for name in ("forward_calls", "backward_calls"):
+            mp.setattr(autotune, name, lambda *a: pytest.fail("the tuner ran a kernel again"))
+        check(shape, mask=masks.sliding_window(20))
     assert len(timed) == 12
     check((1, 4, 2, 90, 70, 32, 32), mask=masks.sliding_window(20))  # Lq 45 → 90: new key
     assert len(timed) == 24

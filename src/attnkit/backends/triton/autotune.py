@@ -113,15 +113,15 @@ def _mask_name(req: Request) -> str:
 def tune(req: Request, launches: Launches, sc: Scalars, slopes: Tensor, grads: bool) -> Launches:
     """``launches`` with each kernel's tiles replaced by its fastest variant.
 
-    The backward's two kernels are tuned only when ``grads``.
+    The backward's two kernels are tuned only when ``grads``. Once every kernel the call
+    needs is remembered, no scratch tensor is made and no kernel runs here.
     """
-    q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
-    B, H, Lq, _ = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    B, H, Lq, D = req.q.shape
+    Hkv, Lk, Dv = req.k.shape[1], req.k.shape[2], req.v.shape[3]
     base = (
-        str(q.device),
-        q.dtype,
-        q.shape[3],
+        str(req.q.device),
+        req.q.dtype,
+        D,
         Dv,
         H // Hkv,
         (sc.has_alibi, sc.softcap > 0),
@@ -129,6 +129,13 @@ def tune(req: Request, launches: Launches, sc: Scalars, slopes: Tensor, grads: b
         _pow2(Lq),
         _pow2(Lk),
     )
+    needed = ("forward", "dkdv", "dq") if grads else ("forward",)
+    remembered = {
+        name: TUNER.chosen[key] for name in needed if (key := (name, *base)) in TUNER.chosen
+    }
+    if len(remembered) == len(needed):
+        return replace(launches, **remembered)
+    q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
     out = q.new_empty(B, H, Lq, Dv)
     lse = q.new_empty(B, H, Lq, dtype=torch.float32)
 
