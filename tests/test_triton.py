@@ -114,6 +114,23 @@ def test_fully_masked_rows():
     check((1, 2, 2, 19, 19, 16, 16), mask=allowed)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # numpy's max, interpreted
+@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("mask", [None, masks.causal()], ids=["none", "causal"])
+def test_nan_reaches_the_rows_that_attend_to_it(where, mask):
+    """NaN scores make a row NaN, out and LSE alike, as in the reference (not a row of zeros)."""
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 4, 2, 20, 29, 16, dtype=torch.float64))
+    {"q": q, "k": k}[where][0, 1, 11, 3] = float("nan")
+    ref, ref_lse = attnkit.attention(q, k, v, mask=mask, backend="reference", return_lse=True)
+    out, lse = attnkit.attention(
+        q.float(), k.float(), v.float(), mask=mask, backend="triton", return_lse=True
+    )
+    assert ref.isnan().any()
+    assert not ref.isnan().all()
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(lse.isnan(), ref_lse.isnan())
+
+
 def test_refuses_what_it_cannot_do():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(attnkit.UnsupportedError, match="score_mods run in-kernel"):

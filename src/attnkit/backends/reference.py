@@ -4,6 +4,7 @@ It materialises the (B, Hq, Lq, Lk) scores, computes softmax in float32 (float64
 inputs), and defines the conventions every fast path is tested against:
 
 * fully masked rows give an all-zero output row and LSE = -inf, never NaN;
+* NaN in q or k makes every row whose scores it reaches NaN (the softmax's normaliser is NaN);
 * dropout uses the counter-based mask of ``attnkit._dropout``;
 * LSE is the natural-log log-sum-exp of the scaled, modified, masked scores.
 """
@@ -41,7 +42,8 @@ def probabilities(req: Request) -> tuple[Tensor, Tensor]:
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.exp(scores - row_max)
     row_sum = p.sum(dim=-1, keepdim=True)
-    probs = p / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # only a row with no key has sum 0; a NaN sum (NaN scores) must make the whole row NaN
+    probs = p / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)
     lse = (row_max + torch.log(row_sum)).squeeze(-1)
     return probs, lse
 

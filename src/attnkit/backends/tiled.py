@@ -280,7 +280,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, c: _Ctx) -> tuple[Tenso
             m = m_new
         shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         out[:, :, q0:q1] = _untile(
-            acc / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)).unsqueeze(-1), c, tq
+            acc / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum).unsqueeze(-1), c, tq
         )
         lse[:, :, q0:q1] = _untile((shift + torch.log2(row_sum)) * LN2, c, tq)
     return out, lse

@@ -62,9 +62,9 @@ inline void apply_bitmap(float* s, int64_t ld, const bool* bits, int64_t block_k
   }
 }
 
-// 2^x for x <= 0 (or -inf): exact 0 below -126.
+// 2^x for x <= 0 (or -inf): exact 0 below -126; NaN stays NaN (as in the reference).
 inline float exp2_nonpositive(float x) {
-  const float xc = x < -126.0f ? -126.0f : x;
+  const float xc = x >= -126.0f ? x : -126.0f;  // NaN too: keeps the int conversion defined
   const float xi = std::nearbyint(xc);
   const float f = xc - xi;  // in [-0.5, 0.5]
   float p = 1.5403530393381606e-4f;
@@ -77,7 +77,7 @@ inline float exp2_nonpositive(float x) {
   const int32_t bits = (static_cast<int32_t>(xi) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -126.0f ? 0.0f : p * scale;
+  return x >= -126.0f ? p * scale : (x < -126.0f ? 0.0f : x);
 }
 
 // tanh(x) = ±(1 - e) / (1 + e) with e = exp(-2|x|). Its error is absolute (~1e-7; relative
@@ -180,6 +180,14 @@ inline Dropout dropout_for(int64_t seed, int64_t threshold, double p, const char
   return {seed, threshold, seed < 0 ? 1.0f : static_cast<float>(1.0 / (1.0 - p))};
 }
 
+// Whether a row holds a NaN (rows whose max is -inf: masked, or NaN scores that max skipped).
+inline bool any_nan(const float* s, int64_t n) {
+  bool nan = false;
+#pragma omp simd reduction(| : nan)
+  for (int64_t c = 0; c < n; ++c) nan |= s[c] != s[c];
+  return nan;
+}
+
 // The two row passes of the online softmax: the row max, then P = 2^(S - max) in place with
 // its sum. The max must use several vector accumulators: a single `std::max` reduction runs at
 // the latency of one max per element and cost more than the exp pass (measured: 0.56 vs
@@ -189,7 +197,9 @@ inline Dropout dropout_for(int64_t seed, int64_t threshold, double p, const char
 // 16 lanes of 2^x for x <= 0 or -inf. vscalefps computes p·2^round(x) with correct underflow
 // (exactly 0 below 2^-149), so no exponent-bit arithmetic and no select are needed.
 inline __m512 exp2_16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));  // -inf -> -150 -> exactly 0
+  // -inf -> -150 -> exactly 0. maxps returns its second operand when either is NaN, so x goes
+  // second: a NaN score stays NaN (as in the reference) instead of becoming probability 0.
+  x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
   const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, xi);  // in [-0.5, 0.5]
   __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);

@@ -7,7 +7,8 @@
 //   EMPTY tiles (for this b, h) are skipped, PARTIAL tiles get their bitmap, FULL tiles nothing
 //   online softmax in log2 units: m, l per row; P = exp2(S - m) in place, fused with row sums
 //   acc = acc·exp2(m_old - m_new) + P · V_chunk  one sgemm (P∘Z with dropout: see Dropout)
-// Output acc / l; LSE = (m + log2 l)·ln 2, -inf for rows with no key (output row 0).
+// Output acc / l; LSE = (m + log2 l)·ln 2, -inf for rows with no key (output row 0). NaN in q
+// or k gives NaN rows, as in the reference (a fast path must not hide a diverged input).
 // Every output row is written here (out and lse are allocated uninitialised).
 
 #include <ATen/ATen.h>
@@ -110,10 +111,15 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
           }
           for (int64_t r = 0; r < tq; ++r) {
             float* srow = s + r * n;
-            const float m_new = std::max(m[r], row_max(srow, n));
+            float m_new = std::max(m[r], row_max(srow, n));
             if (m_new == kNegInf) {  // nothing attended yet in this row: P = 0
-              std::fill(srow, srow + n, 0.0f);
-              continue;
+              if (!any_nan(srow, n)) {
+                std::fill(srow, srow + n, 0.0f);
+                continue;
+              }
+              // NaN scores (NaN in q or k): the max skips them, the reference does not; a NaN
+              // m makes P, l and the output row NaN, and stays (std::max keeps a NaN first arg)
+              m_new = std::numeric_limits<float>::quiet_NaN();
             }
             const float sum = exp2_shifted_row(srow, n, m_new);
             const float rescale = std::exp2(m[r] - m_new);  // once per row: libm is fine
@@ -135,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
         T* orow = op + ((b * Hq + h) * Lq + q0) * Dv;
         float* lrow = lp + (b * Hq + h) * Lq + q0;
         for (int64_t r = 0; r < tq; ++r) {
-          if (any && l[r] > 0.0f) {
+          if (any && l[r] != 0.0f) {  // l is >= 1 once a key is attended, or NaN
             const float inv = 1.0f / l[r];
             for (int64_t c = 0; c < Dv; ++c) {
               orow[r * Dv + c] = static_cast<T>(acc[r * Dv + c] * inv);

@@ -180,9 +180,11 @@ def attention_forward_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     shift = tl.where(m_i == float("-inf"), 0.0, m_i)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    # l_i is 0 only for rows with no key; NaN scores make it NaN, and out and LSE with it
+    has_key = l_i != 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(
-        l_i > 0, (shift + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf")
+        has_key, (shift + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf")
     )
     tl.store(
         Out + b * sob + h * soh + rows[:, None] * som + dv[None, :],
