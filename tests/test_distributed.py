@@ -103,6 +103,10 @@ def _odd_worker(rank, world, init_file, results_dir):
         uneven = torch.randn(1, 2, 4 + rank, 8)
         with pytest.raises(ValueError, match="same shard length"):
             ring_attention(uneven, uneven, uneven)
+        x = torch.randn(1, 2, 8, 8, requires_grad=True)
+        (dx,) = torch.autograd.grad(ring_attention(x, x, x).sum(), (x,), create_graph=True)
+        with pytest.raises(attnkit.UnsupportedError, match="ring_attention computes first-order"):
+            torch.autograd.grad((dx**2).sum(), (x,))
         with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
             f.write("ok")
     finally:
@@ -110,7 +114,7 @@ def _odd_worker(rank, world, init_file, results_dir):
 
 
 @pytest.mark.slow
-def test_ring_attention_rejects_bad_shards(tmp_path):
+def test_ring_attention_refuses_bad_shards_and_second_derivatives(tmp_path):
     mp.spawn(_odd_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("ok")) == ["ok0", "ok1"]
 

@@ -190,6 +190,33 @@ def test_gradcheck_with_score_mod_table_and_mask():
     assert torch.autograd.gradcheck(f, (q, k, v, table))
 
 
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["compiled", "pytorch"])
+def test_second_derivatives_raise_instead_of_coming_out_wrong(use_kernel):
+    """Gradients are first-order: with create_graph=True they still equal the reference's, and
+    differentiating them again raises. (It used to return wrong numbers without a word:
+    Hessian-vector products off by up to 200 in float64.)"""
+    dtype = torch.float32 if use_kernel else torch.float64  # float64 runs the PyTorch loops
+    q, k, v = rand_qkv(1, 2, 1, 9, 12, 4, dtype=dtype, requires_grad=True)
+    table = torch.randn(2, 7, dtype=dtype, requires_grad=True)
+    mod = None if use_kernel else score_mods.relative_bias(table)  # a captured tensor too
+    inputs = (q, k, v) if use_kernel else (q, k, v, table)
+
+    def grads(backend, **kw):
+        out = attnkit.attention(q, k, v, mask=masks.causal(), score_mod=mod, backend=backend)
+        return torch.autograd.grad((out**2).sum(), inputs, **kw)
+
+    got = grads("tiled", create_graph=True)
+    for g, want in zip(got, grads("reference"), strict=True):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(attnkit.UnsupportedError, match="tiled backend computes first-order"):
+        torch.autograd.grad(sum((g**2).sum() for g in got), inputs)
+    # a constant incoming gradient (out.sum()) must not make the second derivative silently 0
+    out = attnkit.attention(q, k, v, score_mod=mod, backend="tiled")
+    (dq,) = torch.autograd.grad(out.sum(), (q,), create_graph=True)
+    with pytest.raises(attnkit.UnsupportedError, match="backend='reference'"):
+        (dq**2).sum().backward()
+
+
 def test_tiles_skipped_for_sparse_masks():
     req = attnkit.functional._request(
         *rand_qkv(1, 2, 2, 4096, 4096, 8), masks.sliding_window(256), None, None, 0.0, None, False

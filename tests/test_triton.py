@@ -131,6 +131,14 @@ def test_nan_reaches_the_rows_that_attend_to_it(where, mask):
     assert torch.equal(lse.isnan(), ref_lse.isnan())
 
 
+def test_second_derivatives_raise():
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 17, 17, 16, requires_grad=True))
+    out = attnkit.attention(q, k, v, mask=masks.causal(), backend="triton")
+    grads = torch.autograd.grad(out.sum(), (q, k, v), create_graph=True)
+    with pytest.raises(attnkit.UnsupportedError, match="triton backend computes first-order"):
+        torch.autograd.grad(sum((g**2).sum() for g in grads), (q, k, v))
+
+
 def test_refuses_what_it_cannot_do():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(attnkit.UnsupportedError, match="score_mods run in-kernel"):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from attnkit._types import ScoreModFn, Shapes
+from attnkit._types import ScoreModFn, Shapes, UnsupportedError
 from attnkit.block_mask import BlockMask
 from attnkit.masks import Mask
 
@@ -62,3 +65,58 @@ def dense_mask(mask: MaskLike, s: Shapes, device: torch.device) -> Tensor | None
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
     """(B, Hkv, L, D) -> (B, Hkv·groups, L, D): each kv head serves ``groups`` query heads."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+_Backward = Callable[..., tuple[Tensor | None, ...]]
+
+
+def first_order_only(who: str) -> Callable[[_Backward], _Backward]:
+    """Mark an ``autograd.Function.backward`` whose gradients cannot be differentiated again.
+
+    Fused backward passes compute dq, dk, dv with kernels (or from tensors saved outside
+    autograd), so a second derivative through them would come out silently wrong, or silently
+    zero where the incoming gradient is constant. The backward runs without building a graph;
+    under ``create_graph=True`` its gradients pass through a node, linked to the saved inputs
+    so that autograd reaches it, that raises ``UnsupportedError`` naming ``who`` if anything
+    differentiates them. First-order gradients are unchanged.
+    (``torch.autograd.function.once_differentiable`` guards only when the incoming gradient
+    itself requires grad.)
+    """
+
+    def decorate(backward: _Backward) -> _Backward:
+        @functools.wraps(backward)
+        def wrapper(ctx: Any, *grad_outputs: Any) -> tuple[Tensor | None, ...]:
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():
+                return grads
+            tensors = [g.detach().requires_grad_() for g in grads if isinstance(g, Tensor)]
+            inputs = [t for t in ctx.saved_tensors if t.requires_grad]
+            guarded = iter(
+                _NoSecondDerivative.apply(who, len(tensors), *tensors, *inputs)  # type: ignore[no-untyped-call]
+            )
+            return tuple(next(guarded) if isinstance(g, Tensor) else g for g in grads)
+
+        return wrapper
+
+    return decorate
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity on ``n`` gradients; differentiating them raises (see ``first_order_only``).
+
+    The inputs after the gradients only link this node to the graph; they pass nothing on.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, who: str, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.who = who
+        return tuple(g.view_as(g) for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx: Any, *_: Tensor) -> tuple[None, ...]:
+        raise UnsupportedError(
+            f"{ctx.who} computes first-order gradients only: differentiating its gradients "
+            "again (a second derivative, e.g. a gradient penalty or a Hessian-vector product) "
+            "is not supported; use backend='reference', whose gradients are plain autograd ops"
+        )

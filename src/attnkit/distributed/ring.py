@@ -22,6 +22,7 @@ from torch import Tensor
 
 from attnkit import _validation as check
 from attnkit._types import EMPTY, FULL
+from attnkit.backends._common import first_order_only
 from attnkit.backends.tiled import block_backward, block_forward
 from attnkit.distributed.layout import check_layout, chunks_of
 from attnkit.distributed.merge import merge_partials
@@ -186,6 +187,7 @@ class _RingAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @first_order_only("ring_attention")
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from attnkit._types import EMPTY
-from attnkit.backends._common import Request
+from attnkit.backends._common import Request, first_order_only
 from attnkit.backends.tiled import TileConfig, block_mask_for
 from attnkit.block_mask import BlockMask, partial_bitmaps, retile
 from attnkit.score_mods import KernelMods, kernel_mods
@@ -529,6 +529,7 @@ class _TritonAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @first_order_only("the triton backend")
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, slopes, *walks = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
