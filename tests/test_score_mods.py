@@ -68,3 +68,42 @@ def test_score_mod_validation():
     q = torch.randn(1, 1, 2, 4)
     with pytest.raises(TypeError, match="score_mod"):
         attnkit.attention(q, q, q, score_mod=3)
+
+
+def test_score_mods_built_for_other_head_counts_are_refused_at_the_boundary():
+    """A per-head parameter that does not match q's heads is a ValueError naming both, on every
+    backend (it used to be an IndexError, or a RuntimeError from inside the CPU kernel)."""
+    q = torch.randn(1, 4, 6, 8)
+    mods = [
+        score_mods.alibi(score_mods.alibi_slopes(2)),
+        score_mods.relative_bias(torch.randn(3, 5)),
+        score_mods.compose(score_mods.alibi(score_mods.alibi_slopes(2)), score_mods.softcap(5.0)),
+    ]
+    for mod in mods:
+        for backend in ("auto", "reference", "tiled"):
+            with pytest.raises(ValueError, match=r"built for \d heads, but q has Hq=4"):
+                attnkit.attention(q, q, q, score_mod=mod, backend=backend)
+    two_heads, three_heads = mods[0], mods[1]
+    with pytest.raises(ValueError, match=r"built for \[2, 3\] heads"):
+        score_mods.compose(two_heads, three_heads)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "mod"),
+    [(torch.float32, "alibi"), (torch.float32, "alibi+softcap"), (torch.float64, "alibi")],
+    ids=["compiled", "compiled-softcap", "pytorch"],
+)
+def test_one_alibi_slope_is_shared_by_every_head(dtype, mod):
+    """alibi(tensor([s])) serves any number of heads (as a (1, T) bias table does); the CPU
+    kernel used to refuse it."""
+    q, k, v = rand_qkv(1, 4, 2, 9, 13, 8, dtype=dtype)
+
+    def mods(slopes):
+        if mod == "alibi":
+            return score_mods.alibi(slopes)
+        return score_mods.compose(score_mods.alibi(slopes), score_mods.softcap(4.0))
+
+    shared = torch.tensor([0.3], dtype=dtype)
+    want = attnkit.attention(q, k, v, score_mod=mods(shared.expand(4)), backend="reference")
+    got = attnkit.attention(q, k, v, score_mod=mods(shared), backend="tiled")
+    torch.testing.assert_close(got, want)

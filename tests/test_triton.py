@@ -104,6 +104,11 @@ def test_in_kernel_score_mods(mod):
     check((1, 4, 2, 20, 29, 32, 32), mask=masks.causal(), score_mod=mod)
 
 
+def test_one_alibi_slope_serves_every_head():
+    """A (1,) slope tensor is repeated per head: the kernels read slope h for head h."""
+    check((1, 4, 2, 20, 29, 32, 32), score_mod=score_mods.alibi(torch.tensor([0.4])))
+
+
 def test_lse_and_its_gradient():
     check((1, 2, 2, 21, 21, 16, 16), mask=masks.causal(), return_lse=True)
 

@@ -51,6 +51,12 @@ def _check_mask(mask: object, s: Shapes) -> MaskLike:
     )
 
 
+def _check_score_mod(score_mod: object, s: Shapes) -> None:
+    heads = score_mod.heads if isinstance(score_mod, ScoreMod) else None
+    if heads not in (None, s.Hq):
+        raise ValueError(f"score_mod {score_mod!r} is built for {heads} heads, but q has Hq={s.Hq}")
+
+
 def _request(
     q: Tensor,
     k: Tensor,
@@ -63,6 +69,7 @@ def _request(
     return_lse: bool,
 ) -> Request:
     s = check.check_qkv(q, k, v)
+    _check_score_mod(score_mod, s)
     p = check.check_dropout(dropout_p)
     seed = _dropout.draw_seed(generator, q.device) if p > 0 else None
     return Request(

@@ -53,6 +53,8 @@ class ScoreMod:
         kind: "alibi", "softcap", "relative_bias", "compose" or "custom" (lets a kernel
             recognise mods it can apply in-kernel).
         params: the mod's parameters (e.g. ``slopes`` for alibi, ``cap`` for softcap).
+        heads: the number of query heads its parameters are built for (checked against q),
+            or None when it serves any number (one slope, one table row, or no table).
     """
 
     def __init__(
@@ -62,11 +64,13 @@ class ScoreMod:
         *,
         kind: str = "custom",
         params: dict[str, Any] | None = None,
+        heads: int | None = None,
     ) -> None:
         self.name = name
         self.bind = bind
         self.kind = kind
         self.params = params or {}
+        self.heads = heads
 
     def __call__(self, score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         """Apply assuming Lq == Lk (no alignment offset); backends call ``bind(Lq, Lk)``."""
@@ -93,6 +97,11 @@ def _select(idx: Tensor, size: int) -> Tensor:
     return idx if size > 1 else torch.zeros_like(idx)
 
 
+def _per_head(size: int) -> int | None:
+    """A parameter with one entry per head pins the head count; a single entry broadcasts."""
+    return size if size > 1 else None
+
+
 def alibi_slopes(num_heads: int) -> Tensor:
     """The standard ALiBi slopes (Press et al.), float32 (H,).
 
@@ -116,7 +125,8 @@ def alibi(slopes: Tensor) -> ScoreMod:
     """ALiBi: adds -slope_h · |i + (Lk - Lq) - j| to score (h, i, j).
 
     Args:
-        slopes: (Hq,) per query head (see ``alibi_slopes``); may require grad.
+        slopes: (Hq,) per query head (see ``alibi_slopes``), or (1,) shared by every head;
+            may require grad.
     """
     if not isinstance(slopes, Tensor) or slopes.dim() != 1:
         raise TypeError("alibi slopes must be a 1-D tensor (Hq,)")
@@ -130,7 +140,13 @@ def alibi(slopes: Tensor) -> ScoreMod:
 
         return fn
 
-    return ScoreMod(f"alibi(H={slopes.numel()})", bind, kind="alibi", params={"slopes": slopes})
+    return ScoreMod(
+        f"alibi(H={slopes.numel()})",
+        bind,
+        kind="alibi",
+        params={"slopes": slopes},
+        heads=_per_head(slopes.numel()),
+    )
 
 
 def softcap(cap: float) -> ScoreMod:
@@ -206,7 +222,9 @@ def relative_bias(
         return fn
 
     name = f"relative_bias(H={table.shape[0]}, T={T}{', t5' if t5_buckets else ''})"
-    return ScoreMod(name, bind, kind="relative_bias", params={"table": table})
+    return ScoreMod(
+        name, bind, kind="relative_bias", params={"table": table}, heads=_per_head(table.shape[0])
+    )
 
 
 def compose(*mods: ScoreMod | ScoreModFn) -> ScoreMod:
@@ -224,7 +242,16 @@ def compose(*mods: ScoreMod | ScoreModFn) -> ScoreMod:
         return fn
 
     names = ", ".join(repr(m) if isinstance(m, ScoreMod) else "custom" for m in mods)
-    return ScoreMod(f"compose({names})", bind, kind="compose", params={"mods": mods})
+    heads = {m.heads for m in mods if isinstance(m, ScoreMod) and m.heads is not None}
+    if len(heads) > 1:
+        raise ValueError(f"compose({names}): its mods are built for {sorted(heads)} heads")
+    return ScoreMod(
+        f"compose({names})",
+        bind,
+        kind="compose",
+        params={"mods": mods},
+        heads=heads.pop() if heads else None,
+    )
 
 
 def custom(fn: ScoreModFn, name: str | None = None) -> ScoreMod:

@@ -73,11 +73,11 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
 
-def _slopes(mods: KernelMods) -> Tensor:
-    """The kernels' slopes argument: float32 (Hq,), or empty for no ALiBi."""
+def _slopes(mods: KernelMods, Hq: int) -> Tensor:
+    """The kernels' slopes argument: float32 (Hq,) (one shared slope repeated), or empty."""
     if mods.slopes is None:
         return torch.empty(0)
-    return mods.slopes.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    return mods.slopes.detach().to(device="cpu", dtype=torch.float32).expand(Hq).contiguous()
 
 
 def forward(
@@ -104,7 +104,7 @@ def forward(
         bm.kinds.contiguous(),
         tile_index,
         bitmaps,
-        _slopes(mods),
+        _slopes(mods, q.shape[1]),
         bm.block_q,
         bm.block_k,
         max_chunk,
@@ -146,7 +146,7 @@ def backward(
         bm.kinds.contiguous(),
         tile_index,
         bitmaps,
-        _slopes(mods),
+        _slopes(mods, q.shape[1]),
         bm.block_q,
         bm.block_k,
         max_rows,

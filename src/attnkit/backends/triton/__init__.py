@@ -481,7 +481,9 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
     mods = kernel_mods(req.score_mod_source) or KernelMods()
     s = req.shapes
     launches = choose_launches(max(s.D, s.Dv), req.q.dtype, gpu_arch(req.q.device))
-    slopes = (mods.slopes if mods.slopes is not None else torch.zeros(1)).float().to(req.q.device)
+    # the kernels read slope h for query head h: a single shared slope is repeated
+    slopes = (mods.slopes if mods.slopes is not None else torch.zeros(1)).detach().float()
+    slopes = slopes.to(req.q.device).expand(s.Hq).contiguous()
     q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
     scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
