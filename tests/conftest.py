@@ -58,6 +58,11 @@ def assert_close_scaled(fast, ref64, ref_low, mult=2.0, floor=1e-5):
     )
 
 
+def per_head_predicate(b, h, q, kv):
+    """A custom mask that differs per batch and head (tiles must not be shared across them)."""
+    return (q + 2 * kv + 3 * h + b) % 5 != 0
+
+
 def every_mask(Lq, Lk):
     """Every built-in mask kind, combinations, a custom predicate and a bool tensor."""
     layout = torch.rand(2, -(-Lq // 32) + 1, -(-Lk // 32) + 1) < 0.4
@@ -79,6 +84,7 @@ def every_mask(Lq, Lk):
         "document&causal": masks.document(ids) & masks.causal(),
         "prefix_lm": masks.prefix_lm(40),
         "custom": masks.custom(lambda b, h, q, kv: (q + 2 * kv) % 5 != 0),
+        "custom_per_head": masks.custom(per_head_predicate),
         "bool_tensor": torch.rand(2, 1, Lq, Lk) > 0.5,
         "~window": ~masks.sliding_window(30),
     }

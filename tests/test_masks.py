@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from attnkit import masks
 from attnkit._types import EMPTY, FULL, PARTIAL
 from attnkit.block_mask import BlockMask, retile
-from conftest import MASK_NAMES, every_mask
+from conftest import MASK_NAMES, every_mask, per_head_predicate
 
 
 def direct(Lq, Lk, rule, B=1, H=1):
@@ -210,6 +210,19 @@ def test_blocks_exact_against_dense(name, bq, bk):
     torch.testing.assert_close(bm.to_dense(), dense)
 
 
+def test_custom_mask_tiles_per_batch_and_head_when_its_predicate_varies():
+    """blocks(B=, H=) reads off the predicate's result which of b and h it depends on: tiles
+    are classified per (b, h) for one that does, once for one that does not."""
+    per_head = masks.custom(per_head_predicate)
+    bm = per_head.blocks(70, 90, 16, 32, B=2, H=3)
+    dense = per_head.dense(70, 90, B=2, H=3)
+    assert dense.shape == (2, 3, 70, 90)
+    torch.testing.assert_close(bm.kinds, kinds_from_dense(dense, 16, 32))
+    torch.testing.assert_close(bm.to_dense(), dense)
+    same_everywhere = masks.custom(lambda b, h, q, kv: (q + kv) % 3 != 0)
+    assert same_everywhere.blocks(70, 90, 16, 32, B=2, H=3).kinds.shape[:2] == (1, 1)
+
+
 @pytest.mark.parametrize("name", ["causal", "window", "fixed", "strided", "document", "bigbird"])
 def test_blocks_exact_when_queries_outnumber_keys(name):
     mask = {
@@ -369,7 +382,7 @@ def test_from_spec_rebuilds_every_built_in_mask(name):
     mask = every_mask(45, 70)[name]
     if not isinstance(mask, masks.Mask):
         mask = masks.from_dense(mask)
-    if name == "custom":
+    if name.startswith("custom"):
         assert mask.spec is None
         assert (mask & masks.causal()).spec is None
         return

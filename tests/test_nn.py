@@ -7,6 +7,7 @@ import torch
 
 from attnkit import masks
 from attnkit.nn import KVCache, MultiHeadAttention, RotaryEmbedding
+from conftest import per_head_predicate
 
 
 @pytest.mark.parametrize("cross", [False, True])
@@ -42,6 +43,29 @@ def test_from_torch_matches(cross, batch_first, bias):
         mask=~attn_mask,
         need_weights=True,
     )
+    torch.testing.assert_close(out, exp_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, exp_w, atol=1e-5, rtol=1e-5)
+
+
+def test_per_head_custom_mask_with_a_tensor_mask_matches_torch():
+    """A module mask that varies per head and batch, combined with a bool tensor given at the
+    call (the mixed path materialises both): torch's per-(batch·head) 3-D attn_mask agrees."""
+    E, H, B, L = 32, 4, 2, 9
+    m = torch.nn.MultiheadAttention(E, H, batch_first=True)
+
+    def predicate(b, h, q, kv):  # varies per batch and head; key 0 keeps every row non-empty
+        return per_head_predicate(b, h, q, kv) | (kv == 0)
+
+    a = MultiHeadAttention.from_torch(m)
+    a.mask = masks.custom(predicate)
+    x = torch.randn(B, L, E)
+    extra = torch.rand(L, L) < 0.8
+    extra[:, 0] = True
+    b, h, i, j = (torch.arange(n).view(*[-1 if d == ax else 1 for d in range(4)])
+                  for ax, n in enumerate((B, H, L, L)))  # fmt: skip
+    allowed = (predicate(b, h, i, j) & extra).expand(B, H, L, L)
+    out, w = a(x, mask=extra, need_weights=True)
+    exp_out, exp_w = m(x, x, x, attn_mask=~allowed.reshape(B * H, L, L), average_attn_weights=False)
     torch.testing.assert_close(out, exp_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w, exp_w, atol=1e-5, rtol=1e-5)
 

@@ -9,7 +9,7 @@ import torch
 
 import attnkit
 from attnkit import masks
-from conftest import naive_attention, rand_qkv
+from conftest import naive_attention, per_head_predicate, rand_qkv
 
 SHAPES = [  # B, Hq, Hkv, Lq, Lk, D, Dv
     (1, 1, 1, 1, 1, 8, 8),
@@ -31,6 +31,21 @@ def test_matches_formula_float64(shape, mask):
     torch.testing.assert_close(lse, exp_lse, rtol=1e-12, atol=1e-12)
     assert out.dtype == torch.float64
     assert lse.dtype == torch.float64
+
+
+def test_custom_mask_that_varies_per_batch_and_head():
+    """The predicate is evaluated at the request's B and Hq (it used to see b = h = 0 only, so
+    head 0's mask was applied to every head)."""
+    B, Hq, Lq, Lk = 2, 4, 9, 14
+    q, k, v = rand_qkv(B, Hq, 2, Lq, Lk, 8, dtype=torch.float64)
+    b, h, i, j = (torch.arange(n).view(*[-1 if d == a else 1 for d in range(4)])
+                  for a, n in enumerate((B, Hq, Lq, Lk)))  # fmt: skip
+    allowed = (i + 2 * j + 3 * h + b) % 5 != 0
+    mask = masks.custom(per_head_predicate)
+    out = attnkit.attention(q, k, v, mask=mask, backend="reference")
+    torch.testing.assert_close(out, naive_attention(q, k, v, allowed)[0], rtol=1e-12, atol=1e-12)
+    weights = attnkit.attention_weights(q, k, v, mask=mask)
+    assert torch.equal(weights > 0, allowed.expand(B, Hq, Lq, Lk))
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'attn
 
 import attnkit
 from attnkit import masks, score_mods
-from conftest import assert_close_scaled, rand_qkv
+from conftest import assert_close_scaled, per_head_predicate, rand_qkv
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -84,8 +84,9 @@ def test_larger_odd_shape():
         masks.key_padding([37, 9]),
         masks.block_sparse(torch.rand(3, 3, generator=torch.Generator().manual_seed(0)) < 0.5, 16),
         masks.causal() & masks.key_padding([30, 37]),
+        masks.custom(per_head_predicate) | masks.sliding_window(3),
     ],
-    ids=["window", "document", "padding", "block_sparse", "causal&padding"],
+    ids=["window", "document", "padding", "block_sparse", "causal&padding", "per-head custom"],
 )
 def test_masks(mask):
     check((2, 2, 1, 37, 37, 32, 32), mask=mask)

@@ -864,7 +864,9 @@ def custom(fn: MaskFn, name: str | None = None) -> Mask:
     """Any predicate ``fn(b, h, q_idx, kv_idx) -> bool tensor`` over broadcasting indices.
 
     Its tiles are classified by evaluating ``fn`` (O(Lq·Lk) once per BlockMask). The batch
-    and head dims it varies over are read off the shape of its result.
+    and head dims it varies over are read off the shape of its result at the ``B``, ``H``
+    passed to ``blocks`` / ``dense`` (backends pass the request's B and Hq): a predicate that
+    uses ``h`` gets tiles per head. Without them it is evaluated at b = h = 0 only.
     """
     if not callable(fn):
         raise TypeError(f"custom mask needs a callable fn(b, h, q_idx, kv_idx), got {fn!r}")

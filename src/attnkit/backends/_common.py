@@ -54,9 +54,7 @@ def dense_mask(mask: MaskLike, s: Shapes, device: torch.device) -> Tensor | None
     if mask is None:
         return None
     if isinstance(mask, Mask):
-        return mask.dense(
-            s.Lq, s.Lk, B=s.B if mask.batch else None, H=s.Hq if mask.heads else None, device=device
-        )
+        return mask.dense(s.Lq, s.Lk, B=s.B, H=s.Hq, device=device)  # (B|1, H|1): as it varies
     if isinstance(mask, BlockMask):
         return mask.to_dense().to(device)
     return mask.to(device)

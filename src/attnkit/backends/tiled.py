@@ -117,14 +117,9 @@ def block_mask_for(req: Request, cfg: TileConfig) -> BlockMask:
     if isinstance(mask, Tensor):
         m4 = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
         mask = from_dense(m4.expand(m4.shape[0], m4.shape[1], s.Lq, s.Lk))
-    return mask.blocks(
-        s.Lq,
-        s.Lk,
-        cfg.block_q,
-        cfg.block_k,
-        B=s.B if mask.batch else None,
-        H=s.Hq if mask.heads else None,
-    )
+    # the request's B and Hq: a custom predicate's result shows which of them it varies over
+    # (tiles for each head where it depends on h); built-in patterns' rules ignore them
+    return mask.blocks(s.Lq, s.Lk, cfg.block_q, cfg.block_k, B=s.B, H=s.Hq)
 
 
 def make_plan(req: Request, cfg: TileConfig) -> Plan:

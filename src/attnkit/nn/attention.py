@@ -199,7 +199,7 @@ class MultiHeadAttention(nn.Module):
             return reduce(operator.and_, mask_objects)
         # Mixed kinds: materialise each part as a bool tensor and intersect.
         dense = [
-            p.dense(Lq, Lk, B=p.batch, H=p.heads, device=device)
+            p.dense(Lq, Lk, B=B, H=self.num_heads, device=device)
             if isinstance(p, Mask)
             else p.to_dense().to(device)
             if isinstance(p, BlockMask)
