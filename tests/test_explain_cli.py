@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shutil
@@ -66,6 +68,24 @@ def test_explain_png_and_html(tmp_path, capsys):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
     assert "@import" not in text
     assert "url(http" not in text
+
+
+def test_explain_sparse_pictures_show_both_runs(tmp_path, capsys):
+    """With --sparse, the PNG of the full run gets a .sparse.png beside it, and the page holds
+    both runs (the selector is browser-tested below)."""
+    png, page = tmp_path / "heads.png", tmp_path / "heads.html"
+    argv = ["explain", "--sparse", "sliding_window:2,2", "--png", str(png), "--html", str(page)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'heads.sparse.png'} (under sliding_window(left=2, right=2))" in out
+    assert png_size(tmp_path / "heads.sparse.png")[0] > 600
+    data = json.loads(re.search(r"const DATA = (.*);", page.read_text()).group(1))
+    assert data["runs"] == ["full attention", "under sliding_window(left=2, right=2)"]
+    weights = torch.frombuffer(bytearray(base64.b64decode(data["weights"])), dtype=torch.uint8)
+    L = len(data["tokens"])
+    sparse = weights.view(2, data["layers"], data["heads"], L, L)[1]
+    far = (torch.arange(L).view(-1, 1) - torch.arange(L).view(1, -1)).abs() > 2
+    assert not sparse[..., far].any()  # the sparse run is the sparse model's own weights
 
 
 @pytest.mark.parametrize(
@@ -247,8 +267,43 @@ def test_head_view_in_chromium(browser, tmp_path):
     assert visible
     assert {ln.get_attribute("data-i") for ln in visible} == {"3"}
 
+    # one run: no run selector
+    assert not browser.find_element(By.ID, "run-box").is_displayed()
+
     shot = tmp_path / "view.png"
     assert browser.save_screenshot(str(shot))
     viewport = browser.execute_script("return [window.innerWidth, window.innerHeight]")
     assert list(png_size(shot)) == viewport
     assert os.path.getsize(shot) > 20_000  # lines and labels, not a blank page
+
+
+@pytest.mark.slow
+def test_head_view_switches_between_runs_in_chromium(browser, tmp_path):
+    """Full attention and a sliding window on one page: the selector redraws the same layer
+    and heads from the other run's weights."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from attnkit import explain, masks
+    from attnkit.models import load_pretrained
+
+    model = load_pretrained()
+    runs = {
+        "full": explain.run(model, DEFAULT_TEXT),
+        "window": explain.run(model, DEFAULT_TEXT, mask=masks.sliding_window(2, 2)),
+    }
+    maps = {name: [r.attention(n) for n in range(6)] for name, r in runs.items()}
+    page = tmp_path / "runs.html"
+    page.write_text(head_view_html(runs["full"].tokens, maps))
+    browser.get(page.as_uri())
+
+    def drawn(name):  # lines the page should draw at the last layer, all heads on
+        return int((quantize(maps[name])[5].float() / 255 > 0.02).sum())
+
+    assert browser.find_element(By.ID, "run-box").is_displayed()
+    assert len(browser.find_elements(By.CSS_SELECTOR, "line.attn-line")) == drawn("full")
+    Select(browser.find_element(By.ID, "run")).select_by_visible_text("window")
+    lines = browser.find_elements(By.CSS_SELECTOR, "line.attn-line")
+    assert len(lines) == drawn("window") < drawn("full")
+    spans = {abs(int(ln.get_attribute("data-i")) - int(ln.get_attribute("data-j"))) for ln in lines}
+    assert max(spans) == 2

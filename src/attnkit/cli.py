@@ -135,33 +135,40 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         assert model is not None
         for part in ex.render_steps(model, full, i, layer, args.head):
             console.print(part)
+    runs = {"full attention": full}
     if args.sparse:
         assert model is not None
         mask = ex.parse_mask(args.sparse)
         sparse = ex.run(model, args.text, mask=mask, truncate=args.truncate)
         for part in ex.render_sparse(full, sparse, mask, i, layer, args.top):
             console.print(part)
+        runs[f"under {mask!r}"] = sparse
     if args.png:
         from attnkit.viz import save_head_grid
 
-        save_head_grid(
-            full.attention(layer),
-            full.tokens,
-            args.png,
-            title=f"{name}, layer {layer}: attention per head",
-        )
-        console.print(f"wrote {args.png}")
+        for png, (what, r) in zip(_png_paths(args.png, len(runs)), runs.items(), strict=True):
+            save_head_grid(
+                r.attention(layer), r.tokens, png, title=f"{name}, layer {layer}: {what}, per head"
+            )
+            console.print(f"wrote {png} ({what})")
     if args.html:
         from attnkit.viz import save_head_view
 
+        n_layers = len(full.output.attentions)
         save_head_view(
             full.tokens,
-            [full.attention(n) for n in range(len(full.output.attentions))],
+            {what: [r.attention(n) for n in range(n_layers)] for what, r in runs.items()},
             args.html,
             title=f"{name} head view: {args.text[:60]}",
         )
         console.print(f"wrote {args.html}")
     return 0
+
+
+def _png_paths(path: str, n: int) -> list[Path]:
+    """``path`` for the full run, then ``NAME.sparse.png`` beside it for the sparse one."""
+    first = Path(path)
+    return [first, first.with_suffix(".sparse" + first.suffix)][:n]
 
 
 def _positive_int(text: str) -> int:

@@ -1,7 +1,9 @@
 """An interactive head view (in the spirit of bertviz) as one self-contained HTML file.
 
 No CDN and no network: the script and styles are inline, the weights are embedded as base64
-bytes (one byte per weight, 0-255), so texts of a few hundred tokens stay a few MB.
+bytes (one byte per weight, 0-255), so texts of a few hundred tokens stay a few MB. Several
+runs of one text (full attention and a sparse pattern, say) share a page: a selector switches
+between them at the same layer and heads.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ line.attn-line.hidden { display: none; }
 <body>
 <h3>__TITLE__</h3>
 <div id="controls">
+  <label id="run-box">Attention <select id="run"></select></label>
   <label>Layer <select id="layer"></select></label>
   <span id="heads"></span>
   <label>hide weights below <input id="threshold" type="range" min="0" max="0.5" step="0.01">
@@ -46,7 +49,14 @@ const L = DATA.tokens.length, H = DATA.heads;
 const enabled = new Array(H).fill(true);
 if (DATA.initial_heads) { enabled.fill(false); DATA.initial_heads.forEach(h => enabled[h] = true); }
 const color = h => `hsl(${Math.round(360 * h / H)}, 70%, 45%)`;
-const weight = (layer, h, i, j) => raw[((layer * H + h) * L + i) * L + j] / 255;
+const weight = (run, layer, h, i, j) =>
+  raw[(((run * DATA.layers + layer) * H + h) * L + i) * L + j] / 255;
+const runSel = document.getElementById("run");
+DATA.runs.forEach((name, r) => {
+  const o = document.createElement("option");
+  o.value = r; o.textContent = name; runSel.appendChild(o);
+});
+if (DATA.runs.length < 2) document.getElementById("run-box").style.display = "none";
 const layerSel = document.getElementById("layer");
 const thr = document.getElementById("threshold");
 thr.value = DATA.threshold;
@@ -84,13 +94,13 @@ function draw() {
   svg.innerHTML = "";
   const rowH = 20, width = 520, left = 150, right = width - 150;
   svg.setAttribute("width", width); svg.setAttribute("height", L * rowH + 20);
-  const layer = Number(layerSel.value), t = Number(thr.value);
+  const run = Number(runSel.value), layer = Number(layerSel.value), t = Number(thr.value);
   document.getElementById("threshold-value").textContent = t.toFixed(2);
   const lines = el("g", {id: "lines"});
   for (let h = 0; h < H; h++) {
     if (!enabled[h]) continue;
     for (let i = 0; i < L; i++) for (let j = 0; j < L; j++) {
-      const w = weight(layer, h, i, j);
+      const w = weight(run, layer, h, i, j);
       if (w <= t) continue;
       lines.appendChild(el("line", {class: "attn-line", x1: left + 5, y1: 14 + i * rowH,
         x2: right - 5, y2: 14 + j * rowH, stroke: color(h), "stroke-width": 2,
@@ -108,6 +118,7 @@ function draw() {
     }
   });
 }
+runSel.addEventListener("change", draw);
 layerSel.addEventListener("change", draw);
 thr.addEventListener("input", draw);
 draw();
@@ -116,7 +127,11 @@ draw();
 """
 
 
-def quantize(attentions: Sequence[Tensor]) -> Tensor:
+#: One run's attention: an (H, L, L) tensor of probabilities per layer.
+Run = Sequence[Tensor]
+
+
+def quantize(attentions: Run) -> Tensor:
     """(layers, H, L, L) uint8 weights, 0-255, as embedded in the page."""
     stacked = torch.stack([a.float() for a in attentions])
     return (stacked.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -124,7 +139,7 @@ def quantize(attentions: Sequence[Tensor]) -> Tensor:
 
 def head_view_html(
     tokens: Sequence[str],
-    attentions: Sequence[Tensor],
+    attentions: Run | Mapping[str, Run],
     *,
     title: str = "attnkit head view",
     threshold: float | None = None,
@@ -133,16 +148,26 @@ def head_view_html(
 
     Args:
         tokens: the L tokens.
-        attentions: one (H, L, L) tensor of probabilities per layer.
+        attentions: one (H, L, L) tensor of probabilities per layer; or several such runs of
+            the same text by name (e.g. {"full attention": ..., "sliding_window(2, 2)": ...}),
+            the first shown first.
         title: page title.
         threshold: lines below this weight are hidden (default: 0.02, or 0.1 past 100 tokens).
     """
-    q = quantize(attentions)
-    n_layers, H, L, _ = q.shape
+    runs = dict(attentions) if isinstance(attentions, Mapping) else {"attention": attentions}
+    if not runs:
+        raise ValueError("head_view_html needs at least one run of attention maps")
+    quantized = [quantize(run) for run in runs.values()]
+    shapes = {name: tuple(q.shape) for name, q in zip(runs, quantized, strict=True)}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"runs differ in (layers, heads, L, L): {shapes}")
+    n_layers, H, L, _ = quantized[0].shape
     if len(tokens) != L:
         raise ValueError(f"{len(tokens)} tokens but attention maps of size {L}")
+    q = torch.stack(quantized)  # (runs, layers, H, L, L)
     data = {
         "tokens": list(tokens),
+        "runs": list(runs),
         "layers": n_layers,
         "heads": H,
         "threshold": threshold if threshold is not None else (0.02 if L <= 100 else 0.1),
@@ -159,7 +184,7 @@ def head_view_html(
 
 
 def save_head_view(
-    tokens: Sequence[str], attentions: Sequence[Tensor], path: str | Path, **kwargs: object
+    tokens: Sequence[str], attentions: Run | Mapping[str, Run], path: str | Path, **kwargs: object
 ) -> Path:
     """Write ``head_view_html(...)`` to ``path``."""
     out = Path(path)
