@@ -96,6 +96,24 @@ def test_dispatch_causal_on_cpu_by_size_and_dtype():
     assert attnkit.dispatch(q, k, v, mask=causal).backend == "tiled"
 
 
+@pytest.mark.parametrize(("capability", "training"), [("AVX2", "tiled"), ("AVX512", "sdpa")])
+def test_dispatch_bfloat16_training_by_cpu_capability(monkeypatch, capability, training):
+    """No mask, bfloat16: tiled when gradients are needed on a CPU where torch runs at AVX2
+    (SDPA's bf16 backward is slow there), SDPA for inference and with AVX-512."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    q, k, v = rand_qkv(1, 2, 2, 64, 64, 8, dtype=torch.bfloat16)
+    assert attnkit.dispatch(q, k, v).backend == "sdpa"
+    q.requires_grad_()
+    assert attnkit.dispatch(q, k, v).backend == training
+    with torch.no_grad():
+        assert attnkit.dispatch(q, k, v).backend == "sdpa"
+    q32 = q.detach().float().requires_grad_()
+    assert attnkit.dispatch(q32, k.float(), v.float()).backend == "sdpa"
+    # small causal calls too (below TILED_CAUSAL_MIN_PAIRS, which keeps fp32 on SDPA)
+    assert attnkit.dispatch(q, k, v, mask=masks.causal()).backend == training
+    assert attnkit.dispatch(q32, k.float(), v.float(), mask=masks.causal()).backend == "sdpa"
+
+
 def test_dispatch_rule_on_cpu():
     q, k, v = rand_qkv(1, 2, 2, 4096, 4096, 8)
     assert attnkit.dispatch(q, k, v).backend == "sdpa"

@@ -103,6 +103,16 @@ TILED_CAUSAL_MIN_PAIRS = 8 * 128 * 128
 _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _slow_sdpa_bf16_backward() -> bool:
+    """Whether SDPA's bfloat16 CPU backward is the slow one: where torch runs at AVX2 or less.
+
+    No mask, tiled ran 1.8-6.0x faster forward+backward at N = 64-4096 on a Zen 3 VM (AVX2),
+    the forward alone at parity (benchmarks/results/cpu_dispatch_avx2.txt); with AVX-512 SDPA
+    was competitive (causal 0.93x at 4096).
+    """
+    return torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
+
+
 def _auto(req: Request) -> DispatchDecision:
     why_not_sdpa = sdpa.unsupported_reason(req)
     if req.q.device.type == "cuda" and triton.unsupported_reason(req) is None:
@@ -122,11 +132,21 @@ def _auto(req: Request) -> DispatchDecision:
             "tiled",
             "float16 on CPU: SDPA has no fast kernel for it, tiled widens tiles to fp32 in-kernel",
         )
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (req.q, req.k, req.v))
+    bf16_training = on_cpu and req.q.dtype == torch.bfloat16 and training
     if req.mask is None:
+        if bf16_training and _slow_sdpa_bf16_backward():
+            return DispatchDecision(
+                "tiled",
+                "bfloat16 with gradients on a CPU without AVX-512: SDPA's bf16 backward is slow "
+                "here, tiled's runs in float32 tiles",
+            )
         return DispatchDecision("sdpa", "no mask: torch SDPA's fused kernel (tiled is no faster)")
     if plain_causal:
         s = req.shapes
         big = s.B * s.Hq * s.Lq * s.Lk >= TILED_CAUSAL_MIN_PAIRS
+        if bf16_training and _slow_sdpa_bf16_backward():
+            big = True  # tiled 2.1x SDPA's bf16 training already at N = 64 there
         if on_cpu and req.q.dtype in _CPU_KERNEL_DTYPES and big:
             return DispatchDecision(
                 "tiled", "causal on CPU: tiled skips the upper tiles and beats SDPA's is_causal"
@@ -280,7 +300,9 @@ def dispatch(
     1. SDPA cannot do it (score_mod, return_lse, dropout): tiled.
     2. No mask: SDPA (torch's fused kernel; tiled runs at 0.55-1.8x its speed, with no
        consistent winner), except float16 on CPU: tiled (SDPA has no fast float16 CPU kernel;
-       tiled ran 1.2-8.6x faster, N = 64-4096, forward and forward+backward).
+       tiled ran 1.2-8.6x faster, N = 64-4096, forward and forward+backward), and bfloat16
+       needing gradients on a CPU where torch runs at AVX2 or less: tiled (SDPA's bf16
+       backward is slow there: tiled 1.8-6.0x faster forward+backward).
     3. Plain causal: on CPU in float16 (1.7-9.8x SDPA's speed) or in float32/bfloat16 with at
        least ``TILED_CAUSAL_MIN_PAIRS`` (query, key) pairs, tiled (it skips the upper tiles);
        otherwise SDPA's is_causal.
