@@ -132,10 +132,11 @@ def _auto(req: Request) -> DispatchDecision:
             "tiled",
             "float16 on CPU: SDPA has no fast kernel for it, tiled widens tiles to fp32 in-kernel",
         )
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (req.q, req.k, req.v))
-    bf16_training = on_cpu and req.q.dtype == torch.bfloat16 and training
+    slow_sdpa_training = (
+        on_cpu and req.q.dtype == torch.bfloat16 and req.needs_grad and _slow_sdpa_bf16_backward()
+    )
     if req.mask is None:
-        if bf16_training and _slow_sdpa_bf16_backward():
+        if slow_sdpa_training:
             return DispatchDecision(
                 "tiled",
                 "bfloat16 with gradients on a CPU without AVX-512: SDPA's bf16 backward is slow "
@@ -145,9 +146,8 @@ def _auto(req: Request) -> DispatchDecision:
     if plain_causal:
         s = req.shapes
         big = s.B * s.Hq * s.Lq * s.Lk >= TILED_CAUSAL_MIN_PAIRS
-        if bf16_training and _slow_sdpa_bf16_backward():
-            big = True  # tiled 2.1x SDPA's bf16 training already at N = 64 there
-        if on_cpu and req.q.dtype in _CPU_KERNEL_DTYPES and big:
+        # bf16 training where SDPA's backward is slow: tiled ran 2.1x faster already at N = 64
+        if on_cpu and req.q.dtype in _CPU_KERNEL_DTYPES and (big or slow_sdpa_training):
             return DispatchDecision(
                 "tiled", "causal on CPU: tiled skips the upper tiles and beats SDPA's is_causal"
             )
@@ -304,8 +304,9 @@ def dispatch(
        needing gradients on a CPU where torch runs at AVX2 or less: tiled (SDPA's bf16
        backward is slow there: tiled 1.8-6.0x faster forward+backward).
     3. Plain causal: on CPU in float16 (1.7-9.8x SDPA's speed) or in float32/bfloat16 with at
-       least ``TILED_CAUSAL_MIN_PAIRS`` (query, key) pairs, tiled (it skips the upper tiles);
-       otherwise SDPA's is_causal.
+       least ``TILED_CAUSAL_MIN_PAIRS`` (query, key) pairs, tiled (it skips the upper tiles),
+       and at any size for bfloat16 training where rule 2 sends it to tiled; otherwise
+       SDPA's is_causal.
     4. Any other Mask or BlockMask on CPU: tiled. A bool tensor mask on CPU: tiled when its
        BlockMask leaves fewer than ``TILED_DENSITY_THRESHOLD`` of the tiles to compute.
        Otherwise (and on other devices): SDPA with a bool mask.

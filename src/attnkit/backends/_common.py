@@ -38,6 +38,16 @@ class Request:
     seed: int | None
     return_lse: bool
 
+    @property
+    def needs_grad(self) -> bool:
+        """Whether autograd will want gradients of q, k or v from this call."""
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics and accumulation: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 def index_grid(s: Shapes, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Broadcasting index tensors b (B,1,1,1), h (1,Hq,1,1), q (1,1,Lq,1), kv (1,1,1,Lk)."""

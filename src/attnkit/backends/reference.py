@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from attnkit import _dropout
-from attnkit.backends._common import Request, dense_mask, index_grid, repeat_kv
+from attnkit.backends._common import Request, compute_dtype, dense_mask, index_grid, repeat_kv
 
 NAME = "reference"
 
@@ -28,7 +28,7 @@ def unsupported_reason(req: Request) -> str | None:
 def probabilities(req: Request) -> tuple[Tensor, Tensor]:
     """Softmax probabilities (B, Hq, Lq, Lk) and LSE (B, Hq, Lq), both in the compute dtype."""
     s = req.shapes
-    compute = torch.float64 if req.q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(req.q.dtype)
     q = req.q.to(compute)
     k = repeat_kv(req.k.to(compute), s.Hq // s.Hkv)
     scores = (q @ k.transpose(-1, -2)) * req.scale

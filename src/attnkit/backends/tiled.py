@@ -32,7 +32,7 @@ from torch import Tensor
 from attnkit import _dropout
 from attnkit._types import EMPTY, FULL, MaskFn, ScoreModFn, Shapes
 from attnkit.backends import cpu_kernel
-from attnkit.backends._common import Request, first_order_only
+from attnkit.backends._common import Request, compute_dtype, first_order_only
 from attnkit.block_mask import BlockMask
 from attnkit.masks import Mask, from_dense, full
 from attnkit.score_mods import KernelMods, kernel_mods
@@ -361,11 +361,6 @@ class _Kernel:
     dropout: tuple[int, int, float]  # _dropout.kernel_args(seed, p)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax statistics and accumulation: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _TiledAttention(torch.autograd.Function):
     """Thin autograd wrapper over ``forward``/``backward``.
 
@@ -392,7 +387,7 @@ class _TiledAttention(torch.autograd.Function):
             ctx.save_for_backward(q, k, v, out, lse)
             return out, lse
         assert plan is not None
-        compute = _compute_dtype(q.dtype)
+        compute = compute_dtype(q.dtype)
         out, lse = forward(q.to(compute), k.to(compute), v.to(compute), plan, c)
         ctx.save_for_backward(q, k, v, out, lse, *captured)
         return out.to(q.dtype), lse
@@ -401,7 +396,7 @@ class _TiledAttention(torch.autograd.Function):
     @first_order_only("the tiled backend")
     def backward(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, *captured = ctx.saved_tensors
-        compute = _compute_dtype(ctx.dtype)
+        compute = compute_dtype(ctx.dtype)
         qc, kc, vc, out = (t.to(compute) for t in (q, k, v, out))
         dout = torch.zeros_like(out) if dout is None else dout.to(compute)
         dlse = None if dlse is None else dlse.to(qc.dtype)
@@ -538,7 +533,7 @@ def block_backward(
     req = _request(q, k, v, mask, None, scale, 0.0, None, False)
     cfg = default_config(req.shapes)
     bm = block_mask_for(req, cfg)
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     dout_c, q_c, k_c, v_c, out_c, lse_c = (t.to(ct) for t in (dout, q, k, v, out, lse))
     dlse_c = None if dlse is None else dlse.to(ct)
     if ct == torch.float32 and q.device.type == "cpu" and cpu_kernel.available():

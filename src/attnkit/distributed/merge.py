@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from attnkit.backends._common import compute_dtype
+
 
 def merge_partials(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Combine partial attentions of the same queries over disjoint key sets.
@@ -23,7 +25,7 @@ def merge_partials(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tens
     """
     if not outs or len(outs) != len(lses):
         raise ValueError(f"need as many outs as lses (>= 1), got {len(outs)} and {len(lses)}")
-    ct = torch.float64 if lses[0].dtype == torch.float64 else torch.float32
+    ct = compute_dtype(lses[0].dtype)
     stacked = torch.stack([lse.to(ct) for lse in lses])
     lse = torch.logsumexp(stacked, dim=0)
     # exp(-inf - -inf) is NaN: a part with no key contributes nothing

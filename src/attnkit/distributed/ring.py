@@ -22,7 +22,7 @@ from torch import Tensor
 
 from attnkit import _validation as check
 from attnkit._types import EMPTY, FULL
-from attnkit.backends._common import first_order_only
+from attnkit.backends._common import compute_dtype, first_order_only
 from attnkit.backends.tiled import block_backward, block_forward
 from attnkit.distributed.layout import check_layout, chunks_of
 from attnkit.distributed.merge import merge_partials
@@ -145,7 +145,7 @@ def _backward(
     out: Tensor,
     lse: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=ct)
     kv = [k, v]
     dkv = [torch.zeros_like(k, dtype=ct), torch.zeros_like(v, dtype=ct)]

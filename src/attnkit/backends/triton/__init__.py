@@ -486,7 +486,7 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
     slopes = slopes.to(req.q.device).expand(s.Hq).contiguous()
     q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
     scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None)
-    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    grads = req.needs_grad
     if os.environ.get(AUTOTUNE_ENV) == "1" and not torch.compiler.is_compiling():
         from attnkit.backends.triton import autotune
 
