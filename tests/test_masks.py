@@ -361,7 +361,7 @@ def test_bad_lengths_at_bind():
 
 
 def test_blocks_cached_per_arguments():
-    """A mask object reuses its BlockMask (and partial bitmaps) for the same arguments only."""
+    """A mask reuses its BlockMask (and partial bitmaps) for the same arguments only."""
     from attnkit.block_mask import partial_bitmaps
 
     m = masks.sliding_window(40)
@@ -371,9 +371,33 @@ def test_blocks_cached_per_arguments():
     for other in (m.blocks(301, 300, 32, 32), m.blocks(300, 300, 64, 32), m.blocks(300, 300)):
         assert other is not a
         assert torch.equal(other.to_dense(), m.dense(other.q_len, other.kv_len))
+    custom = masks.custom(lambda b, h, q, kv: (q + kv) % 3 > 0)
+    first = custom.blocks(300, 300, 32, 32)
     for Lq in range(1, 21):  # the cache is bounded: old entries go
-        m.blocks(Lq, 300, 32, 32)
-    assert m.blocks(300, 300, 32, 32) is not a
+        custom.blocks(Lq, 300, 32, 32)
+    assert custom.blocks(300, 300, 32, 32) is not first
+
+
+def test_blocks_shared_by_masks_with_the_same_spec():
+    """Each layer's own ``masks.causal()``, and ``a & b`` made anew at each call, build their
+    tiles once; masks whose spec holds tensors, or another spec, do not share."""
+    for make in (
+        masks.causal,
+        lambda: masks.sliding_window(40, 3) & ~masks.global_tokens([0, 5]),
+        lambda: masks.bigbird(16, num_random=2, seed=1),
+    ):
+        a, b = make(), make()
+        assert a is not b
+        assert a.blocks(1, 517, 16, 64, H=4) is b.blocks(1, 517, 16, 64, H=4)
+    assert masks.sliding_window(40).blocks(90, 90) is not masks.sliding_window(41).blocks(90, 90)
+    ids = torch.tensor([0] * 50 + [1] * 40)
+    a, b = masks.document(ids), masks.document(ids.clone())
+    assert a.blocks(90, 90) is not b.blocks(90, 90)
+    assert torch.equal(a.blocks(90, 90).kinds, b.blocks(90, 90).kinds)
+    first = masks.causal().blocks(1, 1000, 16, 64)
+    for Lk in range(1001, 1001 + masks._SHARED_BLOCKS_SIZE):  # decoding: one length per step
+        masks.causal().blocks(1, Lk, 16, 64)
+    assert masks.causal().blocks(1, 1000, 16, 64) is not first  # bounded: old entries go
 
 
 @pytest.mark.parametrize("name", MASK_NAMES)

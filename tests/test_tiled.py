@@ -470,3 +470,71 @@ def test_compiled_kernels_apply_dropout(seed, kernel_calls, monkeypatch):
     for what, g, r64, r32 in zip(("out", "dq", "dk", "dv"), got, ref64, ref32, strict=True):
         mult = 2.0 if what == "out" else 4.0
         assert_close_scaled(g, r64, r32, mult=mult, floor=1e-5)
+
+
+def _strided_layouts(B, Hq, Hkv, Lq, Lk, D, dtype):
+    """q, k, v as a model hands them over: contiguous last dim, other strides anything."""
+    g = torch.Generator().manual_seed(3)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    cache_k, cache_v = randn(B, Hkv, Lk + 29, D), randn(B, Hkv, Lk + 29, D)
+    return {
+        # a KVCache's keys/values: a prefix of a longer buffer (head stride > Lk·D)
+        "kv_cache_slice": (randn(B, Hq, Lq, D), cache_k[:, :, :Lk], cache_v[:, :, :Lk]),
+        # MultiHeadAttention's heads: (B, L, H, D) projections transposed to (B, H, L, D)
+        "heads_transposed": tuple(
+            randn(B, L, H, D).transpose(1, 2) for L, H in ((Lq, Hq), (Lk, Hkv), (Lk, Hkv))
+        ),
+        # one sequence shared by the batch (batch stride 0), rows every other row of a buffer
+        "batch_expanded": (
+            randn(1, Hq, 2 * Lq, D)[:, :, ::2].expand(B, -1, -1, -1),
+            randn(1, Hkv, Lk, D).expand(B, -1, -1, -1),
+            randn(1, Hkv, Lk, D).expand(B, -1, -1, -1),
+        ),
+        # the last dim strided: the kernel cannot read it in place, so it gets a copy
+        "last_dim_strided": tuple(
+            randn(B, H, D, L).transpose(-1, -2) for L, H in ((Lq, Hq), (Lk, Hkv), (Lk, Hkv))
+        ),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "layout", ["kv_cache_slice", "heads_transposed", "batch_expanded", "last_dim_strided"]
+)
+def test_compiled_forward_reads_strided_inputs_in_place(layout, dtype):
+    """The compiled forward reads q, k, v through their strides (no copy of a KV cache per
+    step), and gives what it gives on contiguous copies of the same values."""
+    from attnkit.backends import cpu_kernel
+
+    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 37, 150, 24  # several query tiles and a partial kv tile
+    q, k, v = _strided_layouts(B, Hq, Hkv, Lq, Lk, D, dtype)[layout]
+    in_place = layout != "last_dim_strided"
+    assert not k.is_contiguous()
+    assert not v.is_contiguous()
+    for t in (k, v) if layout == "kv_cache_slice" else (q, k, v):
+        assert (cpu_kernel._rows_contiguous(t) is t) == in_place
+    mask = masks.sliding_window(40) | masks.global_tokens([3])
+    cfg = TileConfig(16, 32, 64)
+    results = []
+    for args in ((q, k, v), tuple(t.contiguous() for t in (q, k, v))):
+        req = attnkit.functional._request(*args, mask, None, None, 0.0, None, True)
+        with torch.no_grad():
+            results.append(tiled.run(req, cfg))
+    (out, lse), (want, want_lse) = results
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_forward_names_the_input_it_cannot_read():
+    from attnkit.backends import cpu_kernel
+    from attnkit.block_mask import partial_bitmaps
+
+    assert cpu_kernel.available()
+    q, k, v = rand_qkv(1, 1, 1, 8, 8, 4, dtype=torch.float32)
+    bm = masks.causal().blocks(8, 8, 16, 16)
+    args = (*partial_bitmaps(bm), torch.empty(0), 16, 16, 64, 0.5, 0.0, -1, 0, 0.0)
+    with pytest.raises(RuntimeError, match="k needs a contiguous last dim"):
+        torch.ops.attnkit.tiled_forward(q, k.transpose(-1, -2), v, bm.kinds, *args)

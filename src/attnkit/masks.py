@@ -68,6 +68,24 @@ __all__ = [
 #: kernels walk three tile sizes per shape.
 _BLOCKS_CACHE_SIZE = 16
 
+#: BlockMasks of masks that a plain spec describes, shared by every mask with that spec: each
+#: layer of a model makes its own ``masks.causal()``, and ``a & b`` is a new Mask at every
+#: call, yet all of them need the same tiles (decoding needs new ones at every step).
+_SHARED_BLOCKS: OrderedDict[tuple[Any, ...], BlockMask] = OrderedDict()
+_SHARED_BLOCKS_SIZE = 64
+
+
+def _plain_key(spec: object) -> object | None:
+    """A spec of strings, numbers and sequences of them as a hashable key, else None.
+
+    Equal keys mean equal masks. Specs holding tensors (document ids, layouts, dense masks)
+    compare by identity, so the masks made from them cache on their own.
+    """
+    if isinstance(spec, tuple | list):
+        parts = [_plain_key(part) for part in spec]
+        return None if any(p is None for p in parts) else (type(spec).__name__, *parts)
+    return spec if isinstance(spec, str | int | float) else None
+
 
 @dataclass(frozen=True)
 class BoundMask:
@@ -184,20 +202,24 @@ class Mask:
         """Classify every (q-tile, kv-tile) pair as empty, partial or full.
 
         Built-in patterns use their analytic rule; combinations refine the tiles their rule
-        leaves undecided by evaluating the predicate on those tiles only. The result is cached
-        on this mask (the last few argument sets), since masks are immutable values.
+        leaves undecided by evaluating the predicate on those tiles only. Masks are immutable
+        values, so the result is cached (the last few argument sets): on this mask, or, for a
+        mask that a plain spec describes, shared by every mask with the same spec.
         """
         check.check_positive_int("block_q", block_q)
         check.check_positive_int("block_k", block_k)
         B, H = self._sizes(B, H)
-        key = (Lq, Lk, block_q, block_k, B, H, str(torch.device(device or "cpu")))
-        if (cached := self._blocks_cache.get(key)) is not None:
-            self._blocks_cache.move_to_end(key)
+        key: tuple[Any, ...] = (Lq, Lk, block_q, block_k, B, H, str(torch.device(device or "cpu")))
+        cache, size = self._blocks_cache, _BLOCKS_CACHE_SIZE
+        if (spec := _plain_key(self.spec)) is not None:
+            cache, size, key = _SHARED_BLOCKS, _SHARED_BLOCKS_SIZE, (spec, *key)
+        if (cached := cache.get(key)) is not None:
+            cache.move_to_end(key)
             return cached
         bm = self._build_blocks(Lq, Lk, block_q, block_k, B, H, device)
-        self._blocks_cache[key] = bm
-        if len(self._blocks_cache) > _BLOCKS_CACHE_SIZE:
-            self._blocks_cache.popitem(last=False)
+        cache[key] = bm
+        if len(cache) > size:
+            cache.popitem(last=False)
         return bm
 
     def _build_blocks(

@@ -89,6 +89,18 @@ def _slopes(mods: KernelMods, Hq: int) -> Tensor:
     return mods.slopes.detach().to(device="cpu", dtype=torch.float32).expand(Hq).contiguous()
 
 
+def _rows_contiguous(t: Tensor) -> Tensor:
+    """``t`` if its last dim is contiguous and its rows do not overlap, else a contiguous copy.
+
+    The forward kernel reads batch, head and row through strides, so a KV cache's slice or a
+    (B, L, H, D) projection's transpose goes in as it is.
+    """
+    D = t.shape[-1]
+    if (t.stride(-1) == 1 or D == 1) and (t.shape[-2] == 1 or t.stride(-2) >= D):
+        return t
+    return t.contiguous()
+
+
 def forward(
     q: Tensor,
     k: Tensor,
@@ -101,15 +113,16 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """Out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) float32, on the CPU.
 
-    q, k, v: float32, bfloat16 or float16 (16-bit tiles are widened inside the kernel).
+    q, k, v: float32, bfloat16 or float16 (16-bit tiles are widened inside the kernel); any
+    strides with a contiguous last dim (others are copied first).
 
     ``dropout`` is ``attnkit._dropout.kernel_args(seed, p)``.
     """
     tile_index, bitmaps = partial_bitmaps(bm)
     out, lse = torch.ops.attnkit.tiled_forward(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
+        _rows_contiguous(q),
+        _rows_contiguous(k),
+        _rows_contiguous(v),
         bm.kinds.contiguous(),
         tile_index,
         bitmaps,

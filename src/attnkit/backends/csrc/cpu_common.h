@@ -35,16 +35,34 @@ inline void gemm_rowmajor(bool trans_a, bool trans_b, int m, int n, int k, float
   sgemm_(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
-// `n` values as float32: float32 input is used in place, 16-bit input is widened into `scratch`.
+// A rows×cols block whose rows start `ld` elements apart, as float32 rows `ld_out` apart:
+// float32 input is used in place, 16-bit input is widened into dense `scratch` (ld_out = cols).
 template <typename T>
-inline const float* widen(const T* src, int64_t n, float* scratch) {
+inline const float* widen_rows(const T* src, int64_t rows, int64_t cols, int64_t ld,
+                               float* scratch, int64_t& ld_out) {
   if constexpr (std::is_same_v<T, float>) {
+    ld_out = ld;
     return src;
   } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* s = src + r * ld;
+      float* d = scratch + r * cols;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<float>(src[i]);
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]);
+    }
+    ld_out = cols;
     return scratch;
   }
+}
+
+// Element stride between rows (dim 2) of a (B, H, L, D) tensor whose last dim is contiguous;
+// a single row may carry any stride, so it reports D (BLAS needs ld >= D).
+inline int64_t row_stride(const at::Tensor& t, const char* who, const char* name) {
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, who, ": ", name,
+              " needs a contiguous last dim, got strides ", t.strides());
+  const int64_t ld = t.size(2) > 1 ? t.stride(2) : t.size(3);
+  TORCH_CHECK(ld >= t.size(3), who, ": ", name, " rows overlap, got strides ", t.strides());
+  return ld;
 }
 
 // Partial tile: scores where the bitmap (block_k columns per row) says "masked" become -inf.

@@ -22,7 +22,7 @@
 using namespace attnkit_cpu;
 
 std::tuple<at::Tensor, at::Tensor> tiled_forward(
-    const at::Tensor& q,            // (B, Hq, Lq, D) float32, bfloat16 or float16, contiguous
+    const at::Tensor& q,            // (B, Hq, Lq, D) float32, bfloat16 or float16 (see below)
     const at::Tensor& k,            // (B, Hkv, Lk, D)
     const at::Tensor& v,            // (B, Hkv, Lk, Dv)
     const at::Tensor& kinds,        // (Bm, Hm, nQ, nK) int8: 0 empty, 1 partial, 2 full
@@ -35,8 +35,11 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
                   k.scalar_type() == dtype && v.scalar_type() == dtype,
               "tiled_forward: float32, bfloat16 or float16 inputs of one dtype expected");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
-              "tiled_forward: contiguous inputs expected");
+  // q, k, v are read through their strides (only the last dim must be contiguous), so slices
+  // of a KV cache and (B, L, H, D) transposes need no copy: decoding reads each key once.
+  const int64_t ldq = row_stride(q, "tiled_forward", "q");
+  const int64_t ldk = row_stride(k, "tiled_forward", "k");
+  const int64_t ldv = row_stride(v, "tiled_forward", "v");
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t G = Hq / Hkv;
@@ -81,10 +84,11 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
         const int64_t map_row = (((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * nQ + qt) * nK;
         const int8_t* kind_row = kindp + map_row;
         const int64_t* index_row = tip + map_row;
-        const T* qsrc = qp + ((b * Hq + h) * Lq + q0) * D;
-        const T* kbase = kp + (b * Hkv + hk) * Lk * D;
-        const T* vbase = vp + (b * Hkv + hk) * Lk * Dv;
-        const float* qtile = widen(qsrc, tq * D, Qf.data());
+        const T* qsrc = qp + b * q.stride(0) + h * q.stride(1) + q0 * ldq;
+        const T* kbase = kp + b * k.stride(0) + hk * k.stride(1);
+        const T* vbase = vp + b * v.stride(0) + hk * v.stride(1);
+        int64_t ldqt, ldkc, ldvc;  // leading dims of the float32 tiles the GEMMs read
+        const float* qtile = widen_rows(qsrc, tq, D, ldq, Qf.data(), ldqt);
         std::fill(acc.begin(), acc.begin() + tq * Dv, 0.0f);
         std::fill(m.begin(), m.begin() + tq, kNegInf);
         std::fill(l.begin(), l.begin() + tq, 0.0f);
@@ -97,8 +101,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
           const int64_t k0 = kt0 * block_k, k1 = std::min(kt * block_k, Lk), n = k1 - k0;
           any = true;
           float* s = S.data();
-          const float* kchunk = widen(kbase + k0 * D, n * D, Kf.data());
-          gemm_rowmajor(false, true, tq, n, D, alpha_qk, qtile, D, kchunk, D, 0.0f, s, n);
+          const float* kchunk = widen_rows(kbase + k0 * ldk, n, D, ldk, Kf.data(), ldkc);
+          gemm_rowmajor(false, true, tq, n, D, alpha_qk, qtile, ldqt, kchunk, ldkc, 0.0f, s, n);
           if (mods.any()) {
             for (int64_t r = 0; r < tq; ++r) {
               apply_score_mods(s + r * n, n, h, q0 + r, k0, mods, nullptr);
@@ -135,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
               for (int64_t c = 0; c < Dv; ++c) arow[c] *= rescale;
             }
           }
-          const float* vchunk = widen(vbase + k0 * Dv, n * Dv, Vf.data());
-          gemm_rowmajor(false, false, tq, Dv, n, 1.0f, s, n, vchunk, Dv, 1.0f, acc.data(), Dv);
+          const float* vchunk = widen_rows(vbase + k0 * ldv, n, Dv, ldv, Vf.data(), ldvc);
+          gemm_rowmajor(false, false, tq, Dv, n, 1.0f, s, n, vchunk, ldvc, 1.0f, acc.data(), Dv);
         }
         T* orow = op + ((b * Hq + h) * Lq + q0) * Dv;
         float* lrow = lp + (b * Hq + h) * Lq + q0;
