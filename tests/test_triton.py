@@ -171,7 +171,8 @@ def test_runs_under_torch_compile():
 
 
 def test_tile_walks_built_once_per_mask_and_device():
-    """Calls that reuse a mask reuse its tile walks (no argsort or host-to-device copy)."""
+    """Calls that reuse a mask, or an equal one, reuse its tile walks (no argsort or
+    host-to-device copy)."""
     from attnkit.backends import triton as tr
     from attnkit.functional import _request
 
@@ -185,7 +186,8 @@ def test_tile_walks_built_once_per_mask_and_device():
     mask = masks.sliding_window(9)
     first = walk(mask)
     assert walk(mask) is first
-    assert walk(masks.sliding_window(9)) is not first  # another mask object builds its own
+    assert walk(masks.sliding_window(9)) is first  # the same spec: Mask.blocks shares
+    assert walk(masks.sliding_window(10)) is not first
     assert walk(mask, by_columns=True).bits is first.bits  # rows and columns share bitmaps
     assert first.num.device == q.device
 

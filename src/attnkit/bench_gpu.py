@@ -66,7 +66,11 @@ def block_sparse_mask(block: int, max_len: int) -> Mask:
 
 
 def cases(quick: bool = False, smoke: bool = False) -> list[GpuCase]:
-    """Every (mask, D, N, pass) of the table; ``quick`` stops at 8k tokens and D=64."""
+    """Every (mask, D, N, pass) of the table; ``quick`` stops at 8k tokens and D=64.
+
+    Ordered by D, then N, then mask: a run cut short (a GPU lent for minutes) still has every
+    mask at the sizes it reached.
+    """
     window = 16 if smoke else WINDOW
     block = 16 if smoke else BLOCK
     kinds = {
@@ -83,9 +87,9 @@ def cases(quick: bool = False, smoke: bool = False) -> list[GpuCase]:
         lengths, dims = [1024, 2048, 4096, 8192, 16384, 32768], [64, 128]
     return [
         GpuCase(name, mask, N, D, backward)
-        for name, mask in kinds.items()
         for D in dims
         for N in lengths
+        for name, mask in kinds.items()
         for backward in (False, True)
     ]
 
@@ -98,7 +102,8 @@ def seconds(fn: Callable[[], object], smoke: bool) -> float:
     if smoke:
         return float(timer.timeit(1).median)
     fn()  # compile / autotune outside the timing
-    return float(timer.blocked_autorange(min_run_time=0.5).median)
+    # 0.25 s holds tens to thousands of calls at these sizes, enough for a stable median
+    return float(timer.blocked_autorange(min_run_time=0.25).median)
 
 
 def _flex(mask: Mask | None, N: int, device: str) -> Callable[..., torch.Tensor]:
@@ -137,17 +142,27 @@ def measure(case: GpuCase, device: str, dtype: torch.dtype, smoke: bool = False)
     row: dict[str, Any] = {"case": case.name, "N": N, "D": D}
     row["pass"] = "fwd+bwd" if case.backward else "fwd"
     row["flops"] = flops
-    row["triton_s"] = timed(
-        lambda q, k, v: attnkit.attention(q, k, v, mask=case.mask, backend="triton")
-    )
-    row["sdpa_s"] = timed(
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=causal)
-    )
-    row["flex_s"], row["note"] = None, ""
-    try:
-        row["flex_s"] = timed(_flex(case.mask, N, device))
-    except Exception as exc:  # e.g. FlexAttention cannot compile here; reported, not fatal
-        row["note"] = f"FlexAttention: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
+
+    def triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attnkit.attention(q, k, v, mask=case.mask, backend="triton")
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=causal)
+
+    # built inside the try: FlexAttention may fail already while making its block mask
+    contenders: dict[str, Callable[[], Callable[..., torch.Tensor]]] = {
+        "triton": lambda: triton,
+        "sdpa": lambda: sdpa,
+        "flex": lambda: _flex(case.mask, N, device),
+    }
+    notes = []
+    for name, make in contenders.items():
+        row[f"{name}_s"] = None
+        try:
+            row[f"{name}_s"] = timed(make())
+        except Exception as exc:  # e.g. FlexAttention cannot compile here: noted, not fatal
+            notes.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}")
+    row["note"] = "; ".join(notes)
     return row
 
 
@@ -157,7 +172,10 @@ def cells(row: dict[str, Any]) -> list[str]:
     def tflops(s: float | None) -> str:
         return "—" if s is None else f"{row['flops'] / s / 1e12:.1f}"
 
-    flex = row["flex_s"]
+    def ratio(other: float | None) -> str:
+        ours = row["triton_s"]
+        return "—" if other is None or ours is None else f"{other / ours:.2f}x"
+
     return [
         row["case"],
         str(row["N"]),
@@ -165,9 +183,9 @@ def cells(row: dict[str, Any]) -> list[str]:
         row["pass"],
         tflops(row["triton_s"]),
         tflops(row["sdpa_s"]),
-        tflops(flex),
-        f"{row['sdpa_s'] / row['triton_s']:.2f}x",
-        "—" if flex is None else f"{flex / row['triton_s']:.2f}x",
+        tflops(row["flex_s"]),
+        ratio(row["sdpa_s"]),
+        ratio(row["flex_s"]),
     ]
 
 
@@ -202,16 +220,26 @@ def run(
 
     todo = cases(quick, smoke)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter: fp32
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU, TRITON_INTERPRET=1"
+    title = describe(where, dtype)
     console = Console(width=150)
-    rows = []
+    rows: list[dict[str, Any]] = []
+
+    def save() -> None:  # after every row: a run stopped part way keeps what it measured
+        if json_path:
+            Path(json_path).write_text(json.dumps({"device": where, "rows": rows}, indent=1))
+        if markdown_path:
+            Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(markdown_path).write_text(markdown(rows, title))
+
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("", total=len(todo))
         for case in todo:
             progress.update(task, description=f"{case.name} N={case.N} D={case.D}")
             rows.append(measure(case, device, dtype, smoke))
+            save()
+            console.log(" | ".join(cells(rows[-1])), rows[-1]["note"])  # logs show progress
             progress.advance(task)
-    where = torch.cuda.get_device_name() if device == "cuda" else "CPU, TRITON_INTERPRET=1"
-    title = describe(where, dtype)
     table = Table(title=f"attnkit triton vs torch: {title}")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("case", "pass") else "right")
@@ -221,11 +249,7 @@ def run(
     for r in rows:
         if r["note"]:
             console.print(f"  {r['case']} N={r['N']} D={r['D']} {r['pass']}: {r['note']}")
-    if json_path:
-        Path(json_path).write_text(json.dumps({"device": where, "rows": rows}, indent=1))
-        console.print(f"wrote {json_path}")
-    if markdown_path:
-        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown_path).write_text(markdown(rows, title))
-        console.print(f"wrote {markdown_path}")
+    for path in (json_path, markdown_path):
+        if path:
+            console.print(f"wrote {path}")
     return 0

@@ -209,9 +209,11 @@ def _evaluate_partial_tiles(bm: BlockMask) -> tuple[Tensor, Tensor]:
     tile_index = torch.full(bm.kinds.shape, -1, dtype=torch.int64, device=dev)
     partial = bm.kinds == PARTIAL
     n = int(partial.sum())
-    tile_index[partial] = torch.arange(n, device=dev)
     bitmaps = torch.zeros(n, bm.block_q, bm.block_k, dtype=torch.bool, device=dev)
-    if n and bm.mask_fn is not None:
+    if n == 0:  # e.g. causal decoding (one query sees every key): nothing to evaluate
+        return tile_index, bitmaps
+    tile_index[partial] = torch.arange(n, device=dev)
+    if bm.mask_fn is not None:
         done = 0
         for tiles, b, h, q, kv, valid in iter_partial_tiles(bm):
             vals = _eval(bm.mask_fn, b, h, q, kv, valid)

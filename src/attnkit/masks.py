@@ -124,10 +124,20 @@ class Mask:
         self._bind = bind
         self.batch = batch
         self.heads = heads
-        self.spec = spec
+        self.spec = spec  # also sets _shared_key (see the property)
         # blocks() results by arguments: every layer and step that reuses this mask object
         # skips the tile classification and the partial tiles' bitmaps (~10 ms at 16k tokens)
         self._blocks_cache: OrderedDict[tuple[Any, ...], BlockMask] = OrderedDict()
+
+    @property
+    def spec(self) -> tuple[Any, ...] | None:
+        """How a built-in pattern was made (see the class docstring); None for custom masks."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, value: tuple[Any, ...] | None) -> None:
+        self._spec = value
+        self._shared_key = _plain_key(value)  # once, not at every blocks() call
 
     def bind(self, Lq: int, Lk: int) -> BoundMask:
         """Resolve the pattern for query length Lq and key length Lk."""
@@ -211,8 +221,8 @@ class Mask:
         B, H = self._sizes(B, H)
         key: tuple[Any, ...] = (Lq, Lk, block_q, block_k, B, H, str(torch.device(device or "cpu")))
         cache, size = self._blocks_cache, _BLOCKS_CACHE_SIZE
-        if (spec := _plain_key(self.spec)) is not None:
-            cache, size, key = _SHARED_BLOCKS, _SHARED_BLOCKS_SIZE, (spec, *key)
+        if self._shared_key is not None:
+            cache, size, key = _SHARED_BLOCKS, _SHARED_BLOCKS_SIZE, (self._shared_key, *key)
         if (cached := cache.get(key)) is not None:
             cache.move_to_end(key)
             return cached
@@ -254,7 +264,14 @@ class Mask:
 
 
 def _broadcast_shapes(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
-    return tuple(torch.broadcast_shapes(*shapes))  # type: ignore[no-untyped-call]
+    """``torch.broadcast_shapes`` in plain Python: that one takes ~25 µs, at every decoding step."""
+    out = [1] * max(len(s) for s in shapes)
+    for shape in shapes:
+        for i, n in enumerate(shape, len(out) - len(shape)):
+            if n != 1 and out[i] not in (1, n):
+                raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+            out[i] = n if n != 1 else out[i]
+    return tuple(out)
 
 
 #: Where query i lines up: "bottom_right" (key i + Lk - Lq), "top_left" (key i), or an int

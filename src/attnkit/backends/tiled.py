@@ -472,6 +472,10 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         and cpu_kernel.available()
     ):
         kernel = _Kernel(bm, cfg.max_chunk, mods, _dropout.kernel_args(req.seed, req.dropout_p))
+    if kernel is not None and not req.needs_grad:  # inference (decoding): no autograd node
+        return cpu_kernel.forward(
+            req.q, req.k, req.v, bm, cfg.max_chunk, req.scale, kernel.mods, kernel.dropout
+        )
     c = _ctx_for(req, bm)
     captured = (
         () if kernel is not None or req.score_mod is None else captured_tensors(req.score_mod)

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Everything the Triton backend needs from a GPU, as one prepared run (issue #5): the Triton
+# tests compiled for the GPU, then `attnkit bench --device cuda`. Made for a machine lent for
+# minutes (the device tool: `run(command="bash benchmarks/gpu_session.sh", timeout_s=600)`):
+# each stage has its own time limit, the benchmark saves its table after every row, and all
+# output lands in $OUT (default out/gpu_session):
+#   env.txt    GPU, driver, torch and triton versions
+#   tests.log  pytest of tests/test_triton*.py on CUDA (TRITON_INTERPRET=0)
+#   gpu.md     the benchmark table, gpu.json every figure; bench.log its output
+#
+#   STAGES="tests bench" (default), "bench", "tests", "autotune" (bench with tuned tiles)
+#   TESTS_S=150 BENCH_S=380  seconds each stage may take (bench rows so far are kept)
+#   QUICK=1                  bench N <= 8k and D = 64 only
+#   SMOKE=1                  dry run on a CPU: tests and a tiny bench under TRITON_INTERPRET=1
+# Needs only python3 with torch and triton (the device image has both): attnkit runs from src/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu_session}
+PY=${PYTHON:-python3}
+STAGES=${STAGES:-tests bench}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if [ "${SMOKE:-0}" = 1 ]; then
+  export TRITON_INTERPRET=1
+  bench_args=(--smoke)
+else
+  export TRITON_INTERPRET=0  # tests/test_triton*.py default to the interpreter otherwise
+  bench_args=()
+  [ "${QUICK:-0}" = 1 ] && bench_args=(--quick)
+fi
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+  $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__,
+"cuda", torch.cuda.is_available() and torch.cuda.get_device_name())'
+} 2>&1 | tee "$OUT/env.txt"
+
+status=0
+for stage in $STAGES; do
+  echo "== $stage"
+  case $stage in
+    tests)
+      timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_triton.py tests/test_triton_autotune.py 2>&1 | tee "$OUT/tests.log"
+      ;;
+    bench)
+      timeout "${BENCH_S:-380}" $PY benchmarks/gpu.py "${bench_args[@]}" \
+        --out "$OUT/gpu.md" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
+      ;;
+    autotune)
+      ATTNKIT_TRITON_AUTOTUNE=1 timeout "${BENCH_S:-380}" $PY benchmarks/gpu.py \
+        "${bench_args[@]}" --out "$OUT/gpu_autotune.md" --json "$OUT/gpu_autotune.json" \
+        2>&1 | tee "$OUT/autotune.log"
+      ;;
+    *)
+      echo "unknown stage $stage (tests, bench, autotune)"
+      status=2
+      continue
+      ;;
+  esac
+  rc=$?
+  [ $rc = 124 ] && echo "== $stage stopped at its time limit (what it saved is in $OUT)"
+  [ $rc != 0 ] && status=$rc
+done
+exit $status
