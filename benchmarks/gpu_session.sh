@@ -11,6 +11,8 @@
 #   STAGES="tests bench" (default), "bench", "tests", "autotune" (bench with tuned tiles)
 #   TESTS_S=150 BENCH_S=380  seconds each stage may take (bench rows so far are kept)
 #   QUICK=1                  bench N <= 8k and D = 64 only
+#   BENCH_ARGS="--dims 64 --lengths 16384 32768"   the part of the table still missing
+#   WORKERS=8                pytest-xdist workers for the tests (they compile in parallel)
 #   SMOKE=1                  dry run on a CPU: tests and a tiny bench under TRITON_INTERPRET=1
 # Needs only python3 with torch and triton (the device image has both): attnkit runs from src/.
 set -uo pipefail
@@ -28,6 +30,8 @@ else
   bench_args=()
   [ "${QUICK:-0}" = 1 ] && bench_args=(--quick)
 fi
+read -r -a extra <<<"${BENCH_ARGS:-}"
+bench_args+=("${extra[@]}")
 
 {
   date -u
@@ -42,7 +46,8 @@ for stage in $STAGES; do
   case $stage in
     tests)
       timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_triton.py tests/test_triton_autotune.py 2>&1 | tee "$OUT/tests.log"
+        -n "${WORKERS:-8}" tests/test_triton.py tests/test_triton_autotune.py 2>&1 |
+        tee "$OUT/tests.log"
       ;;
     bench)
       timeout "${BENCH_S:-380}" $PY benchmarks/gpu.py "${bench_args[@]}" \

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import attnkit
 from attnkit import bench, masks
 from attnkit.cli import main
 
@@ -77,6 +78,25 @@ def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
     assert all(r["triton_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
     table = [line for line in md.read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(rows)
+
+
+@pytest.mark.slow
+def test_gpu_bench_flex_fails_past_its_recompile_limit_instead_of_running_unfused():
+    """Past dynamo's recompile limit flex_attention would run unfused (every score in memory)
+    and be timed as FlexAttention; under the benchmark's limits it raises, and ``measure``
+    notes the failure in the row."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from attnkit import bench_gpu
+
+    torch._dynamo.reset()  # earlier tests in this process may have compiled flex_attention
+    q = torch.randn(1, 2, 64, 16)
+    with bench_gpu.flex_compile_limits(1):
+        out = bench_gpu._flex(masks.causal(), 64, "cpu")(q, q, q)
+        torch.testing.assert_close(out, attnkit.attention(q, q, q, mask=masks.causal()))
+        with pytest.raises(FailOnRecompileLimitHit):
+            bench_gpu._flex(masks.sliding_window(8), 64, "cpu")(q, q, q)
+    torch._dynamo.reset()
 
 
 def test_gpu_bench_title_says_whether_triton_tiles_were_autotuned(monkeypatch):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,11 +65,17 @@ def block_sparse_mask(block: int, max_len: int) -> Mask:
     return masks.block_sparse(keep | torch.eye(n, dtype=torch.bool), block)
 
 
-def cases(quick: bool = False, smoke: bool = False) -> list[GpuCase]:
-    """Every (mask, D, N, pass) of the table; ``quick`` stops at 8k tokens and D=64.
+def cases(
+    quick: bool = False,
+    smoke: bool = False,
+    dims: Sequence[int] | None = None,
+    lengths: Sequence[int] | None = None,
+) -> list[GpuCase]:
+    """Every (mask, D, N, pass) of the table.
 
-    Ordered by D, then N, then mask: a run cut short (a GPU lent for minutes) still has every
-    mask at the sizes it reached.
+    ``quick`` stops at 8k tokens and D=64; ``dims`` / ``lengths`` pick head dims / token
+    counts instead. Ordered by D, then N, then mask: a run cut short (a GPU lent for
+    minutes) still has every mask at the sizes it reached.
     """
     window = 16 if smoke else WINDOW
     block = 16 if smoke else BLOCK
@@ -80,11 +86,13 @@ def cases(quick: bool = False, smoke: bool = False) -> list[GpuCase]:
         f"block_sparse({block}, 25 %)": block_sparse_mask(block, 64 if smoke else 32768),
     }
     if smoke:
-        lengths, dims = [64], [32]
+        default_lengths, default_dims = [64], [32]
     elif quick:
-        lengths, dims = [1024, 2048, 4096, 8192], [64]
+        default_lengths, default_dims = [1024, 2048, 4096, 8192], [64]
     else:
-        lengths, dims = [1024, 2048, 4096, 8192, 16384, 32768], [64, 128]
+        default_lengths, default_dims = [1024, 2048, 4096, 8192, 16384, 32768], [128, 64]
+    dims = default_dims if dims is None else dims
+    lengths = default_lengths if lengths is None else lengths
     return [
         GpuCase(name, mask, N, D, backward)
         for D in dims
@@ -114,6 +122,21 @@ def _flex(mask: Mask | None, N: int, device: str) -> Callable[..., torch.Tensor]
         block = create_block_mask(mask.bind(N, N).fn, None, None, N, N, device=device)
     compiled = torch.compile(flex_attention)
     return lambda q, k, v: compiled(q, k, v, block_mask=block)
+
+
+def flex_compile_limits(limit: int) -> Any:
+    """torch.compile settings for timing FlexAttention: up to ``limit`` recompiles, then fail.
+
+    Each new mask function or shape recompiles flex_attention, and past dynamo's limit (8)
+    it silently runs the unfused version that materialises every score (0.3 s against 7 s
+    to compile, on CPU), which would have made every later Flex figure meaningless. ``run``
+    raises the limit to cover its table, and hitting it fails the row (noted) instead.
+    """
+    return torch._dynamo.config.patch(
+        recompile_limit=limit,
+        accumulated_recompile_limit=4 * limit,
+        fail_on_recompile_limit_hit=True,
+    )
 
 
 def measure(case: GpuCase, device: str, dtype: torch.dtype, smoke: bool = False) -> dict[str, Any]:
@@ -212,13 +235,15 @@ def run(
     json_path: str | None = None,
     markdown_path: str | None = None,
     smoke: bool = False,
+    dims: Sequence[int] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> int:
     """``attnkit bench --device cuda``: the table above, with a progress bar; the exit code."""
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
-    todo = cases(quick, smoke)
+    todo = cases(quick, smoke, dims, lengths)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter: fp32
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, TRITON_INTERPRET=1"
     title = describe(where, dtype)
@@ -232,7 +257,8 @@ def run(
             Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
             Path(markdown_path).write_text(markdown(rows, title))
 
-    with Progress(console=console, transient=True) as progress:
+    limits = flex_compile_limits(2 * len(todo) + 8)  # every case may compile fwd and bwd
+    with Progress(console=console, transient=True) as progress, limits:
         task = progress.add_task("", total=len(todo))
         for case in todo:
             progress.update(task, description=f"{case.name} N={case.N} D={case.D}")
