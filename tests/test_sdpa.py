@@ -96,6 +96,34 @@ def test_dispatch_causal_on_cpu_by_size_and_dtype():
     assert attnkit.dispatch(q, k, v, mask=causal).backend == "tiled"
 
 
+def test_decoding_under_causal_is_unmasked_attention():
+    """One query under bottom-right causal sees every key (KV-cache decoding): auto applies the
+    no-mask rules, and the sdpa backend runs SDPA without a mask (its masked kernel is slower),
+    as it does for any mask that hides nothing; results match the reference."""
+    causal = masks.causal()
+    q, k, v = rand_qkv(1, 4, 2, 1, 300, 16, dtype=torch.float64)
+    for dtype, expected in ((torch.float32, "sdpa"), (torch.float16, "tiled")):
+        args = [t.to(dtype) for t in (q, k, v)]
+        decision = attnkit.dispatch(*args, mask=causal)
+        assert decision.backend == expected, dtype
+        assert "no mask" in decision.reason or "float16" in decision.reason
+    q2 = torch.cat([q, q], dim=2)  # two queries: the first cannot see the last key
+    assert attnkit.dispatch(*(t.float() for t in (q2, k, v)), mask=causal).backend == "tiled"
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            torch.nn.functional,
+            "scaled_dot_product_attention",
+            lambda *a, **kw: seen.append(kw.get("attn_mask")) or real(*a, **kw),
+        )
+        for mask in (causal, masks.sliding_window(400), masks.sliding_window(8)):
+            got = attnkit.attention(q, k, v, mask=mask, backend="sdpa")
+            want = attnkit.attention(q, k, v, mask=mask, backend="reference")
+            torch.testing.assert_close(got, want)
+    assert [m is None for m in seen] == [True, True, False]  # nothing hidden: no mask passed
+
+
 @pytest.mark.parametrize(("capability", "training"), [("AVX2", "tiled"), ("AVX512", "sdpa")])
 def test_dispatch_bfloat16_training_by_cpu_capability(monkeypatch, capability, training):
     """No mask, bfloat16: tiled when gradients are needed on a CPU where torch runs at AVX2

@@ -127,7 +127,9 @@ def _auto(req: Request) -> DispatchDecision:
     plain_causal = req.mask is not None and sdpa.is_plain_causal(
         req.mask, req.shapes.Lq, req.shapes.Lk
     )
-    if on_cpu and req.q.dtype == torch.float16 and (req.mask is None or plain_causal):
+    # decoding's causal mask hides nothing: the no-mask rules apply (SDPA's unmasked kernel)
+    no_mask = req.mask is None or sdpa.attends_every_key(req.mask, req.shapes.Lq)
+    if on_cpu and req.q.dtype == torch.float16 and (no_mask or plain_causal):
         return DispatchDecision(
             "tiled",
             "float16 on CPU: SDPA has no fast kernel for it, tiled widens tiles to fp32 in-kernel",
@@ -135,7 +137,7 @@ def _auto(req: Request) -> DispatchDecision:
     slow_sdpa_training = (
         on_cpu and req.q.dtype == torch.bfloat16 and req.needs_grad and _slow_sdpa_bf16_backward()
     )
-    if req.mask is None:
+    if no_mask:
         if slow_sdpa_training:
             return DispatchDecision(
                 "tiled",
@@ -298,8 +300,9 @@ def dispatch(
     0. CUDA tensors that the Triton kernels support: triton, except float32 that SDPA can
        serve (exact fp32 dots run on CUDA cores and spill registers; see the launcher).
     1. SDPA cannot do it (score_mod, return_lse, dropout): tiled.
-    2. No mask: SDPA (torch's fused kernel; tiled runs at 0.55-1.8x its speed, with no
-       consistent winner), except float16 on CPU: tiled (SDPA has no fast float16 CPU kernel;
+    2. No mask, or one query under bottom-right causal (decoding: it sees every key): SDPA
+       (torch's fused kernel; tiled runs at 0.55-1.8x its speed, with no consistent
+       winner), except float16 on CPU: tiled (SDPA has no fast float16 CPU kernel;
        tiled ran 1.2-8.6x faster, N = 64-4096, forward and forward+backward), and bfloat16
        needing gradients on a CPU where torch runs at AVX2 or less: tiled (SDPA's bf16
        backward is slow there: tiled 1.8-6.0x faster forward+backward).

@@ -37,6 +37,11 @@ def is_plain_causal(mask: object, Lq: int, Lk: int) -> bool:
     return mask.spec[1] == "top_left" or Lq == Lk
 
 
+def attends_every_key(mask: object, Lq: int) -> bool:
+    """Bottom-right causal with one query (KV-cache decoding): every key is visible."""
+    return isinstance(mask, Mask) and mask.spec == ("causal", "bottom_right") and Lq == 1
+
+
 def run(req: Request) -> tuple[Tensor, None]:
     """Output (B, Hq, Lq, Dv) in q's dtype; fully masked rows are zeros."""
     s = req.shapes
@@ -46,7 +51,9 @@ def run(req: Request) -> tuple[Tensor, None]:
             req.q, req.k, req.v, is_causal=True, scale=req.scale, enable_gqa=gqa
         )
         return out, None
-    allowed = dense_mask(req.mask, s, req.q.device)
+    allowed = None if attends_every_key(req.mask, s.Lq) else dense_mask(req.mask, s, req.q.device)
+    if allowed is not None and bool(allowed.all()):
+        allowed = None  # SDPA with a bool mask takes a slower kernel than without one
     if allowed is None:
         out = F.scaled_dot_product_attention(req.q, req.k, req.v, scale=req.scale, enable_gqa=gqa)
         return out, None
