@@ -7,6 +7,7 @@ and says so.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -42,6 +43,16 @@ def attends_every_key(mask: object, Lq: int) -> bool:
     return isinstance(mask, Mask) and mask.spec == ("causal", "bottom_right") and Lq == 1
 
 
+def _hides_nothing(allowed: Tensor) -> bool:
+    """Whether a CPU bool mask is all True.
+
+    Not checked elsewhere: it would sync the device, and it would break a compiled graph.
+    """
+    if allowed.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(allowed.all())
+
+
 def run(req: Request) -> tuple[Tensor, None]:
     """Output (B, Hq, Lq, Dv) in q's dtype; fully masked rows are zeros."""
     s = req.shapes
@@ -52,7 +63,7 @@ def run(req: Request) -> tuple[Tensor, None]:
         )
         return out, None
     allowed = None if attends_every_key(req.mask, s.Lq) else dense_mask(req.mask, s, req.q.device)
-    if allowed is not None and bool(allowed.all()):
+    if allowed is not None and _hides_nothing(allowed):
         allowed = None  # SDPA with a bool mask takes a slower kernel than without one
     if allowed is None:
         out = F.scaled_dot_product_attention(req.q, req.k, req.v, scale=req.scale, enable_gqa=gqa)
