@@ -243,12 +243,12 @@ class Mask:
         device: torch.device | str | None,
     ) -> BlockMask:
         bound = self.bind(Lq, Lk)
-        q_lo = torch.arange(0, Lq, block_q, device=device)
-        k_lo = torch.arange(0, Lk, block_k, device=device)
-        q_hi = (q_lo + block_q).clamp(max=Lq) - 1
-        k_hi = (k_lo + block_k).clamp(max=Lk) - 1
+        # few torch ops: decoding builds a tile map at every step, and each costs microseconds
+        q_lo, q_hi = _tile_bounds(Lq, block_q, device)
+        k_lo, k_hi = _tile_bounds(Lk, block_k, device)
         any_, all_ = bound.tiles(q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :], B, H)
-        kinds = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
+        assert (EMPTY, PARTIAL) == (0, 1)  # any_ as int8 is then EMPTY / PARTIAL
+        kinds = torch.where(all_, FULL, any_.to(torch.int8))
         shape = _broadcast_shapes(kinds.shape, (1, 1, q_lo.numel(), k_lo.numel()))
         kinds = kinds.expand(shape).contiguous()
         bm = BlockMask(kinds, block_q, block_k, Lq, Lk, bound.fn, name=self.name)
@@ -261,6 +261,13 @@ class Mask:
 
 
 # ---- helpers -----------------------------------------------------------------------------
+
+
+def _tile_bounds(L: int, block: int, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+    """First and last index of each ``block``-long tile along L (the last tile may be short)."""
+    lo = torch.arange(0, L, block, device=device)
+    hi = torch.arange(block - 1, L + block - 1, block, device=device).clamp_(max=L - 1)
+    return lo, hi
 
 
 def _broadcast_shapes(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
@@ -378,9 +385,10 @@ def _diff_mask(name: str, keep: Callable[[Tensor], Tensor], align: Align) -> Mas
         ) -> tuple[Tensor, Tensor]:
             d_min = -(Lq - 1) - off
             d = torch.arange(d_min, Lk - off, device=q_lo.device)
-            csum = torch.nn.functional.pad(keep(d).long().cumsum(0), (1, 0))
-            lo = k_lo - q_hi - off - d_min
-            hi = k_hi - q_lo - off - d_min
+            csum = torch.nn.functional.pad(keep(d).cumsum(0), (1, 0))  # bool cumsum is int64
+            shift = off + d_min  # a difference's index in d
+            lo = k_lo - q_hi - shift
+            hi = k_hi - q_lo - shift
             n = csum[hi + 1] - csum[lo]
             return n > 0, n == hi - lo + 1
 
