@@ -67,6 +67,8 @@ __all__ = [
 #: How many BlockMasks (different lengths / tile sizes / devices) a Mask keeps: the triton
 #: kernels walk three tile sizes per shape.
 _BLOCKS_CACHE_SIZE = 16
+# _build_blocks reads a tile's any() as int8 directly: False/True must be EMPTY/PARTIAL
+assert (EMPTY, PARTIAL) == (0, 1)
 
 #: BlockMasks of masks that a plain spec describes, shared by every mask with that spec: each
 #: layer of a model makes its own ``masks.causal()``, and ``a & b`` is a new Mask at every
@@ -247,8 +249,7 @@ class Mask:
         q_lo, q_hi = _tile_bounds(Lq, block_q, device)
         k_lo, k_hi = _tile_bounds(Lk, block_k, device)
         any_, all_ = bound.tiles(q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :], B, H)
-        assert (EMPTY, PARTIAL) == (0, 1)  # any_ as int8 is then EMPTY / PARTIAL
-        kinds = torch.where(all_, FULL, any_.to(torch.int8))
+        kinds = torch.where(all_, FULL, any_.to(torch.int8))  # any_ as 0/1: EMPTY/PARTIAL
         shape = _broadcast_shapes(kinds.shape, (1, 1, q_lo.numel(), k_lo.numel()))
         kinds = kinds.expand(shape).contiguous()
         bm = BlockMask(kinds, block_q, block_k, Lq, Lk, bound.fn, name=self.name)
@@ -275,9 +276,11 @@ def _broadcast_shapes(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
     out = [1] * max(len(s) for s in shapes)
     for shape in shapes:
         for i, n in enumerate(shape, len(out) - len(shape)):
-            if n != 1 and out[i] not in (1, n):
+            if n == 1:
+                continue
+            if out[i] not in (1, n):
                 raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
-            out[i] = n if n != 1 else out[i]
+            out[i] = n
     return tuple(out)
 
 
