@@ -2,7 +2,9 @@
 
 Decoding is where per-step costs show: the cache's keys and values are a strided prefix of a
 longer buffer, the key length grows by one each step (so tile maps are new each step), and
-each layer has its own mask object. Two tables:
+each layer has its own mask object. Three cases: causal; ``sliding_window(256)`` over a
+cache of every position; the same window over ``KVCache(window=256)``, which keeps only the
+window (bounded memory, and a key length that stops growing). Two tables:
 
 - attention alone: one query per step over 6 layers' ``KVCache`` (8 heads, D = 64), each
   layer with its own mask object, as a model calls it;
@@ -19,6 +21,7 @@ machine, interference only ever adds time.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import time
 from collections.abc import Callable
@@ -33,16 +36,31 @@ from attnkit.masks import Mask
 from attnkit.nn import CausalLM
 from attnkit.nn.kv_cache import KVCache
 
-MASKS = {"causal": masks.causal, "sliding_window(256)": lambda: masks.sliding_window(256)}
+WINDOW = 256
+#: case name -> (mask factory, the KVCache's window or None)
+CASES: dict[str, tuple[Callable[[], Mask], int | None]] = {
+    "causal": (masks.causal, None),
+    f"sliding_window({WINDOW})": (lambda: masks.sliding_window(WINDOW), None),
+    f"sliding_window({WINDOW}), windowed cache": (lambda: masks.sliding_window(WINDOW), WINDOW),
+}
 LAYERS, HEADS, D = 6, 8, 64
 
 
-def attention_ms(backend: str, mask: Callable[[], Mask], P: int, steps: int) -> float:
+def new_cache(P: int, steps: int, window: int | None) -> KVCache:
+    """Room for the prompt and the steps, or for 2 windows when the cache keeps one."""
+    size = P + steps if window is None else 2 * window
+    return KVCache(1, HEADS, size, D, window=window)
+
+
+def attention_ms(backend: str, case: str, P: int, steps: int) -> float:
     """Milliseconds per step of ``steps`` decoding steps of LAYERS attention calls."""
+    mask, window = CASES[case]
     g = torch.Generator().manual_seed(0)
-    caches = [KVCache(1, HEADS, P + steps, D) for _ in range(LAYERS)]
+    caches = [new_cache(P, steps, window) for _ in range(LAYERS)]
     for cache in caches:
-        cache.append(*(torch.randn(1, HEADS, P, D, generator=g) for _ in range(2)))
+        for chunk in range(0, P, WINDOW):  # a windowed cache takes a window at a time
+            n = min(WINDOW, P - chunk)
+            cache.append(*(torch.randn(1, HEADS, n, D, generator=g) for _ in range(2)))
     layer_masks = [mask() for _ in range(LAYERS)]  # as each layer holds its own
     new = [torch.randn(3, 1, HEADS, 1, D, generator=g) for _ in range(steps)]
     t0 = time.perf_counter()
@@ -54,10 +72,9 @@ def attention_ms(backend: str, mask: Callable[[], Mask], P: int, steps: int) -> 
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def decode_ms(model: CausalLM, caches: list[KVCache], start: int, steps: int) -> float:
-    """Milliseconds per token for ``steps`` greedy steps from a cache filled to ``start``."""
-    for cache in caches:
-        cache.length = start  # forget the previous repeat's tokens
+def decode_ms(model: CausalLM, filled: list[KVCache], start: int, steps: int) -> float:
+    """Milliseconds per token for ``steps`` greedy steps from caches filled to ``start``."""
+    caches = copy.deepcopy(filled)  # every repeat starts from the same state
     token = torch.zeros(1, 1, dtype=torch.long)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -89,9 +106,11 @@ def new_table(title: str) -> Table:
     return table
 
 
-def backends_for(name: str) -> list[str]:
-    """SDPA only where it can serve the mask natively (causal at Lq = 1 is every key)."""
-    return ["tiled", "sdpa", "auto"] if name == "causal" else ["tiled", "auto"]
+def backends_for(case: str) -> list[str]:
+    """SDPA only where one query sees every key it is given, so it runs unmasked: causal, and
+    a window over a cache that holds just the window."""
+    sees_all = case == "causal" or CASES[case][1] is not None
+    return ["tiled", "sdpa", "auto"] if sees_all else ["tiled", "auto"]
 
 
 def main() -> None:
@@ -107,31 +126,35 @@ def main() -> None:
         f"x {args.steps} steps)"
     )
     for P in args.prompts:
-        for name, mask in MASKS.items():
+        for case in CASES:
             runs = {
-                b: functools.partial(attention_ms, b, mask, P, args.steps)
-                for b in backends_for(name)
+                b: functools.partial(attention_ms, b, case, P, args.steps)
+                for b in backends_for(case)
             }
-            add_row(table, P, name, best_of(args.repeats, runs))
+            add_row(table, P, case, best_of(args.repeats, runs))
     console.print(table)
     table = new_table(
         f"CausalLM decoding, ms per token (d_model 512, {HEADS} heads, {LAYERS} layers; "
         f"{where} x {args.steps} steps)"
     )
     for P in args.prompts:
-        for name, mask in MASKS.items():
+        for case, (mask, window) in CASES.items():
             runs = {}
-            for backend in backends_for(name):
+            for backend in backends_for(case):
                 torch.manual_seed(0)
                 model = CausalLM(
                     1000, d_model=512, nhead=HEADS, num_layers=LAYERS,
                     max_len=P + args.steps + 1, mask=mask(), backend=backend,
                 ).eval()  # fmt: skip
-                caches = model.new_caches(1, P + args.steps)
+                size = P + args.steps if window is None else 2 * window
+                caches = model.new_caches(1, size, window=window)
+                prompt = torch.randint(0, 1000, (1, P))
+                chunk = P if window is None else window  # as CausalLM.generate feeds it
                 with torch.no_grad():
-                    model(torch.randint(0, 1000, (1, P)), caches=caches)  # the prompt
+                    for c in range(0, P, chunk):
+                        model(prompt[:, c : c + chunk], start=c, caches=caches)
                 runs[backend] = functools.partial(decode_ms, model, caches, P, args.steps)
-            add_row(table, P, name, best_of(args.repeats, runs))
+            add_row(table, P, case, best_of(args.repeats, runs))
     console.print(table)
 
 

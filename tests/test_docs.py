@@ -34,9 +34,10 @@ def test_docstring_examples_run():
 
     import attnkit
     import attnkit.masks
+    import attnkit.nn.kv_cache
     import attnkit.score_mods
 
-    for mod in (attnkit, attnkit.masks, attnkit.score_mods):
+    for mod in (attnkit, attnkit.masks, attnkit.score_mods, attnkit.nn.kv_cache):
         result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0, f"doctest failures in {mod.__name__}"
         assert result.attempted > 0

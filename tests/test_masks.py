@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -420,3 +422,35 @@ def test_from_spec_rejects_unknown_specs():
         masks.from_spec(("spiral", 3))
     with pytest.raises(ValueError, match="causal takes 1 arguments"):
         masks.from_spec(("causal", "bottom_right", 5))
+
+
+LOOKBACKS = [
+    (masks.full(), math.inf),
+    (masks.causal(), math.inf),
+    (masks.strided(4), math.inf),
+    (masks.sliding_window(5), 5),
+    (masks.sliding_window(0), 0),
+    (masks.sliding_window(-1, 3), math.inf),
+    (masks.dilated(3, 2, causal=True), 6),
+    (masks.sliding_window(7, 2) & masks.causal(), 7),
+    (masks.sliding_window(2) | masks.dilated(2, 3), 6),
+    (~masks.sliding_window(3), math.inf),
+    (masks.causal(align="top_left"), None),
+    (masks.sliding_window(3, align="top_left"), None),
+    (masks.prefix_lm(4), None),
+    (masks.global_tokens([0]) & masks.sliding_window(3), None),
+    (masks.document(torch.tensor(IDS)), None),
+    (masks.custom(lambda b, h, q, kv: q >= kv), None),
+]
+
+
+@pytest.mark.parametrize(("mask", "expected"), LOOKBACKS, ids=[repr(m) for m, _ in LOOKBACKS])
+def test_lookback_is_the_farthest_key_a_query_attends(mask, expected):
+    """A finite lookback is exact: attended at that distance back, never beyond it."""
+    assert masks.lookback(mask) == expected
+    if expected is None or expected == math.inf:
+        return
+    for Lq, Lk in ((30, 30), (1, 30), (7, 30)):
+        dense = mask.dense(Lq, Lk)[0, 0]
+        back = (torch.arange(Lq)[:, None] + Lk - Lq) - torch.arange(Lk)[None, :]
+        assert int(back[dense].max()) == expected

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnkit import masks
 from attnkit.nn import KVCache, MultiHeadAttention, RotaryEmbedding
@@ -147,3 +149,110 @@ def test_module_mask_and_backend_and_dropout():
     a.train()
     y1, _ = a(x)
     assert y1.shape == (1, 6, 16)
+
+
+# ---- windowed KV cache (sliding-window decoding in bounded memory) ----------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    window=st.integers(0, 6),
+    extra=st.integers(1, 6),
+    ops=st.lists(st.one_of(st.integers(1, 5), st.just(-1)), min_size=1, max_size=30),
+)
+def test_windowed_cache_holds_the_window_before_every_append(window, extra, ops):
+    """Keys are always the ordered run start..position-1, with the window kept at each append.
+
+    Each key's value is its position, so a dropped, duplicated or misplaced key shows.
+    ops: n > 0 appends n positions; -1 crops one position where the cache allows it.
+    """
+    max_len = window + extra
+    cache = KVCache(1, 1, max_len, 1, window=window)
+    for n in ops:
+        before = cache.position
+        if n == -1:
+            if cache.position > 0 and (cache.start == 0 or cache.length > window):
+                cache.crop(cache.position - 1)
+            continue
+        if min(cache.length, window) + n > max_len:
+            with pytest.raises(ValueError, match="cannot take"):
+                cache.append(torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1))
+            continue
+        new = torch.arange(before, before + n, dtype=torch.float32).view(1, 1, n, 1)
+        keys, values = cache.append(new, -new)
+        held = torch.arange(cache.start, cache.position, dtype=torch.float32)
+        assert torch.equal(keys.flatten(), held)
+        assert torch.equal(values.flatten(), -held)
+        assert cache.position == before + n
+        assert cache.start <= max(0, before - window)  # every key the new queries can see
+
+
+def test_windowed_cache_copies_rarely_and_crop_keeps_the_window():
+    cache = KVCache(1, 1, 8, 1, window=3)
+    buffer = cache._k.data_ptr()
+    for t in range(20):
+        cache.append(torch.full((1, 1, 1, 1), float(t)), torch.zeros(1, 1, 1, 1))
+    assert cache._k.data_ptr() == buffer  # compacted in place, never reallocated
+    assert (cache.position, cache.length) == (20, 4)
+    assert torch.equal(cache.keys.flatten(), torch.tensor([16.0, 17, 18, 19]))
+    cache.crop(19)
+    with pytest.raises(ValueError, match=r"can crop to 19 \.\. 19"):
+        cache.crop(18)  # would leave 2 keys before position 18, and the window needs 3
+    assert torch.equal(cache.keys.flatten(), torch.tensor([16.0, 17, 18]))
+    drafts = torch.arange(19.0, 23.0).view(1, 1, 4, 1)  # a verifier's drafts, in one call
+    cache.append(drafts, torch.zeros_like(drafts))
+    cache.crop(20)  # keep one draft, reject three
+    assert torch.equal(cache.keys.flatten(), torch.tensor([16.0, 17, 18, 19]))
+    for bad, match in ((3, "must exceed window"), (-1, "window must be an int")):
+        with pytest.raises(ValueError, match=match):
+            KVCache(1, 1, 3, 1, window=bad)
+
+
+@pytest.mark.parametrize("positions", ["rope", "alibi"])
+@pytest.mark.parametrize("num_kv_heads", [4, 1])
+def test_windowed_cache_decoding_equals_full_sliding_window_pass(positions, num_kv_heads):
+    """Prompt longer than the window, then steps of 1–3 tokens across several compactions."""
+    from attnkit import score_mods
+
+    E, H, B, L, W = 32, 4, 2, 41, 5
+    a = MultiHeadAttention(
+        E,
+        H,
+        num_kv_heads=num_kv_heads,
+        mask=masks.sliding_window(W),
+        rope=RotaryEmbedding(E // H) if positions == "rope" else None,
+        score_mod=score_mods.alibi(score_mods.alibi_slopes(H)) if positions == "alibi" else None,
+    ).eval()
+    x = torch.randn(B, L, E)
+    full, _ = a(x)
+    cache = KVCache(B, num_kv_heads, 9, E // H, window=W)
+    steps, t = [a(x[:, :8], cache=cache)[0]], 8
+    for n in [1, 2, 1, 3, 1, 1, 2] * 5:
+        if t + n > L:
+            break
+        steps.append(a(x[:, t : t + n], cache=cache)[0])
+        t += n
+    assert t > 3 * cache.max_len
+    assert cache.start > 0
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, :t], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mask", "reason"),
+    [
+        (masks.causal(), "looks back without bound"),
+        (None, "no mask limits"),
+        (masks.sliding_window(4), "looks back 4 positions"),
+        (masks.sliding_window(3) & masks.global_tokens([0]), "more than relative positions"),
+        (masks.custom(lambda b, h, q, kv: q >= kv), "more than relative positions"),
+    ],
+)
+def test_windowed_cache_refuses_masks_it_would_change(mask, reason):
+    a = MultiHeadAttention(16, 2, mask=mask).eval()
+    cache = KVCache(1, 2, 8, 8, window=3)
+    with pytest.raises(ValueError, match=f"window=3.*{reason}"):
+        a(torch.randn(1, 2, 16), cache=cache)
+    assert cache.position == 0  # refused before anything was appended
+    ok = MultiHeadAttention(16, 2, mask=masks.sliding_window(2) & masks.causal()).eval()
+    ok(torch.randn(1, 2, 16), cache=cache, mask=torch.ones(2, 2, dtype=torch.bool))
+    assert cache.position == 2

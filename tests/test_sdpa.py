@@ -9,6 +9,7 @@ import torch
 
 import attnkit
 from attnkit import masks
+from attnkit.backends import sdpa
 from conftest import rand_qkv
 
 MASKS = {
@@ -122,6 +123,30 @@ def test_decoding_under_causal_is_unmasked_attention():
             want = attnkit.attention(q, k, v, mask=mask, backend="reference")
             torch.testing.assert_close(got, want)
     assert [m is None for m in seen] == [True, True, False]  # nothing hidden: no mask passed
+
+
+@pytest.mark.parametrize(
+    ("mask", "Lq", "sees_all"),
+    [
+        (masks.full(), 5, True),
+        (masks.causal(), 1, True),
+        (masks.causal(align="top_left"), 1, False),  # query 0 sees key 0 only
+        (masks.sliding_window(299), 1, True),  # a cache holding just the window: 299 + itself
+        (masks.sliding_window(298), 1, False),
+        (masks.sliding_window(-1, 2), 1, True),
+        (masks.sliding_window(400), 2, False),  # the first query cannot see the last key
+        (masks.dilated(300, 1, causal=True), 1, False),  # not recognised: computed as a mask
+    ],
+)
+def test_masks_that_hide_no_key_dispatch_as_no_mask(mask, Lq, sees_all):
+    """Decided from the spec and checked against the mask itself; auto then follows the
+    no-mask rule (SDPA's unmasked kernel)."""
+    assert sdpa.attends_every_key(mask, Lq, 300) is sees_all
+    if sees_all:
+        assert bool(mask.dense(Lq, 300).all())
+    q, k, v = rand_qkv(1, 2, 2, Lq, 300, 16)
+    decision = attnkit.dispatch(q, k, v, mask=mask)
+    assert (decision.backend == "sdpa" and "no mask" in decision.reason) is sees_all
 
 
 @pytest.mark.parametrize(("capability", "training"), [("AVX2", "tiled"), ("AVX512", "sdpa")])

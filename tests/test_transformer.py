@@ -198,3 +198,48 @@ def test_date_task_training_smoke():
     assert sum(losses[-20:]) / 20 < 0.85, f"loss after 300 steps: {losses[-20:]}"
     src, _, _ = dates.batch(test_dates, random.Random(1), 1)
     assert model.generate(src, bos_id=dates.BOS, eos_id=dates.EOS, max_len=11).shape[1] <= 11
+
+
+@pytest.mark.parametrize("positions", ["rope", "alibi", "learned"])
+def test_sliding_window_generation_keeps_only_the_window(positions):
+    """Greedy generate() over windowed caches equals re-running the whole text every token."""
+    torch.manual_seed(0)
+    window = 6
+    lm = CausalLM(
+        30,
+        d_model=32,
+        nhead=4,
+        num_layers=2,
+        max_len=64,
+        positions=positions,
+        mask=masks.sliding_window(window),
+    ).eval()
+    prompt = torch.randint(0, 30, (2, 15))  # fed 6 at a time: longer than the window
+    caches, chunk = lm._generation_caches(2, 15 + 40)
+    assert chunk == window
+    assert all(c.window == window and c.max_len == 2 * window for c in caches)
+    out = lm.generate(prompt, max_new_tokens=40, temperature=0.0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(40):
+            ids = torch.cat([ids, lm(ids)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_generate_runs_past_max_len_without_learned_positions():
+    lm = CausalLM(30, d_model=16, nhead=2, num_layers=1, max_len=16, positions="rope")
+    windowed = CausalLM(
+        30,
+        d_model=16,
+        nhead=2,
+        num_layers=1,
+        max_len=16,
+        positions="rope",
+        mask=masks.sliding_window(4),
+    )
+    prompt = torch.randint(0, 30, (1, 3))
+    for model in (lm.eval(), windowed.eval()):
+        assert model.generate(prompt, max_new_tokens=40).shape == (1, 43)
+    learned = CausalLM(30, d_model=16, nhead=2, num_layers=1, max_len=16).eval()
+    with pytest.raises(ValueError, match=r"exceed max_len 16 \(learned positions"):
+        learned.generate(prompt, max_new_tokens=40)

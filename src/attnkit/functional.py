@@ -127,8 +127,8 @@ def _auto(req: Request) -> DispatchDecision:
     plain_causal = req.mask is not None and sdpa.is_plain_causal(
         req.mask, req.shapes.Lq, req.shapes.Lk
     )
-    # decoding's causal mask hides nothing: the no-mask rules apply (SDPA's unmasked kernel)
-    no_mask = req.mask is None or sdpa.attends_every_key(req.mask, req.shapes.Lq)
+    # decoding's causal or window mask may hide nothing: then the no-mask rules apply
+    no_mask = req.mask is None or sdpa.attends_every_key(req.mask, req.shapes.Lq, req.shapes.Lk)
     if on_cpu and req.q.dtype == torch.float16 and (no_mask or plain_causal):
         return DispatchDecision(
             "tiled",

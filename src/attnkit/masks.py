@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ __all__ = [
     "full",
     "global_tokens",
     "key_padding",
+    "lookback",
     "prefix_lm",
     "sliding_window",
     "strided",
@@ -488,6 +490,52 @@ def from_spec(spec: Sequence[Any]) -> Mask:
     if len(args) != len(params):
         raise ValueError(f"spec {tuple(spec)!r}: {name} takes {len(params)} arguments")
     return factory(**dict(zip(params, args, strict=True)))
+
+
+def lookback(mask: Mask) -> float | None:
+    """How many positions back from its own a query can attend, for masks of relative position.
+
+    A windowed ``KVCache`` keeps only the last ``window`` positions. That is exact for a mask
+    whose every query attends only keys at most ``window`` positions before its own, and whose
+    pattern depends only on the distance between them (so dropping the oldest keys moves
+    nothing):
+
+    >>> lookback(sliding_window(256)), lookback(causal()), lookback(document([0, 0, 1]))
+    (256, inf, None)
+
+    Returns:
+        an int; ``math.inf`` for a pattern of relative position with no bound (causal,
+        strided); None when the pattern depends on more than the distance (absolute
+        positions, the lengths, tensors, top-left alignment) or is unknown (``custom``).
+    """
+    return _lookback(mask.spec)
+
+
+def _lookback(spec: tuple[Any, ...] | None) -> float | None:
+    if spec is None:
+        return None
+    name, *args = spec
+    if name in ("&", "|"):
+        a, b = _lookback(args[0]), _lookback(args[1])
+        if a is None or b is None:
+            return None
+        return min(a, b) if name == "&" else max(a, b)
+    if name == "~":  # the complement of a window attends everything outside it
+        return None if _lookback(args[0]) is None else math.inf
+    if name == "full":
+        return math.inf
+    # the rest (prefix_lm, fixed, global_tokens, documents, layouts, ...) need more than the
+    # distance; top-left alignment lines the queries up with the cache's first key
+    if name not in ("causal", "strided", "sliding_window", "dilated"):
+        return None
+    if args[-1] != "bottom_right":
+        return None
+    if name == "sliding_window":
+        return math.inf if args[0] < 0 else int(args[0])
+    if name == "dilated":
+        window, dilation = args[0], args[1]
+        return int(window * dilation)
+    return math.inf  # causal, strided
 
 
 @_builtin

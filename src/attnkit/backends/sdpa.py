@@ -38,9 +38,24 @@ def is_plain_causal(mask: object, Lq: int, Lk: int) -> bool:
     return mask.spec[1] == "top_left" or Lq == Lk
 
 
-def attends_every_key(mask: object, Lq: int) -> bool:
-    """Bottom-right causal with one query (KV-cache decoding): every key is visible."""
-    return isinstance(mask, Mask) and mask.spec == ("causal", "bottom_right") and Lq == 1
+def attends_every_key(mask: object, Lq: int, Lk: int) -> bool:
+    """Whether the mask's spec shows it hides no key.
+
+    True for ``full()``, and for one query (KV-cache decoding) under bottom-right causal or
+    under a bottom-right window that reaches the first key (``KVCache(window=w)`` holds just
+    the window that ``sliding_window(w)`` needs).
+    """
+    if not isinstance(mask, Mask) or mask.spec is None:
+        return False
+    name, *args = mask.spec
+    if name == "full":
+        return True
+    if Lq != 1 or args[-1:] != ["bottom_right"]:
+        return False
+    if name == "causal":
+        return True
+    left = int(args[0]) if name == "sliding_window" else None
+    return left is not None and (left < 0 or Lk <= left + 1)
 
 
 def _hides_nothing(allowed: Tensor) -> bool:
@@ -62,7 +77,9 @@ def run(req: Request) -> tuple[Tensor, None]:
             req.q, req.k, req.v, is_causal=True, scale=req.scale, enable_gqa=gqa
         )
         return out, None
-    allowed = None if attends_every_key(req.mask, s.Lq) else dense_mask(req.mask, s, req.q.device)
+    allowed = (
+        None if attends_every_key(req.mask, s.Lq, s.Lk) else dense_mask(req.mask, s, req.q.device)
+    )
     if allowed is not None and _hides_nothing(allowed):
         allowed = None  # SDPA with a bool mask takes a slower kernel than without one
     if allowed is None:

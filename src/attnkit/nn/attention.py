@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from functools import reduce
 
@@ -23,6 +24,31 @@ def _positive(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def _check_window(window: int, mask_parts: list[Mask]) -> None:
+    """A cache that keeps only the last ``window`` positions is exact for these masks, or raise.
+
+    Tensor and BlockMask masks of a call are given for the keys the cache holds, so they need
+    no check; Mask objects must depend only on relative positions and look back at most
+    ``window`` (``masks.lookback``).
+    """
+    reaches = [_masks.lookback(m) for m in mask_parts]
+    unknown = [m for m, r in zip(mask_parts, reaches, strict=True) if r is None]
+    reach = min((r for r in reaches if r is not None), default=math.inf)
+    if unknown or reach > window:
+        far = "without bound" if reach == math.inf else f"{reach} positions"
+        what = (
+            f"mask {unknown[0]!r} depends on more than relative positions"
+            if unknown
+            else f"mask {' & '.join(map(repr, mask_parts))} looks back {far}"
+            if mask_parts
+            else "no mask limits how far back queries look"
+        )
+        raise ValueError(
+            f"this KVCache keeps only the last {window} positions (window={window}), but {what};"
+            f" use a mask such as masks.sliding_window({window}), or a cache without a window"
+        )
 
 
 class MultiHeadAttention(nn.Module):
@@ -117,8 +143,10 @@ class MultiHeadAttention(nn.Module):
                 with the module's ``mask``.
             key_padding_mask: bool (B, Lk), torch's convention: True = padding, ignored.
             cache: a ``KVCache``. Self-attention appends this step's keys/values and attends
-                over all cached ones (positions continue from the cache length); cross-attention
-                fills an empty cache from ``key``/``value`` and reuses it afterwards.
+                over all cached ones (positions continue from ``cache.position``);
+                cross-attention fills an empty cache from ``key``/``value`` and reuses it
+                afterwards. A cache with a window needs masks of relative position that look
+                back at most that far (see ``_check_window``).
             need_weights: also return per-head weights (B, Hq, Lq, Lk).
 
         Returns:
@@ -150,8 +178,10 @@ class MultiHeadAttention(nn.Module):
             k = self._heads(self.k_proj(key), self.num_kv_heads)
             v = self._heads(self.v_proj(value), self.num_kv_heads)
         if self.rope is not None and is_self:
-            start = cache.length if cache is not None else 0
+            start = cache.position if cache is not None else 0
             q, k = self.rope(q, offset=start), self.rope(k, offset=start)
+        if cache is not None and is_self and cache.window is not None:
+            _check_window(cache.window, [m for m in (self.mask, mask) if isinstance(m, Mask)])
         if cache is not None and not reuse_cross:
             k, v = cache.append(k, v)
         full_mask = self._combined_mask(mask, key_padding_mask, B, Lq, k.shape[2], q.device)

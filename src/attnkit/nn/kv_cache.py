@@ -1,4 +1,4 @@
-"""A preallocated key/value cache for incremental decoding."""
+"""A preallocated key/value cache for incremental decoding, optionally a sliding window."""
 
 from __future__ import annotations
 
@@ -12,10 +12,27 @@ class KVCache:
     Self-attention appends each step's new keys/values and attends over ``keys``/``values``;
     cross-attention fills it once from the encoder memory and reuses it every step.
 
+    With ``window=w`` the cache serves sliding-window attention (``masks.sliding_window(w)``,
+    as in Mistral or Gemma's local layers) in bounded memory, for any number of positions:
+    before each append it keeps only the last w positions, which is every key the new queries
+    can see. When the buffer is full, those w are moved to its front (one copy every
+    ``max_len - w`` positions), so ``keys`` stays one ordered, contiguous run of positions
+    ``start .. position - 1``, and masks of relative position apply to it unchanged.
+
     Args:
-        batch, num_kv_heads, max_len, head_dim: buffer sizes.
+        batch, num_kv_heads, max_len, head_dim: buffer sizes. With a window, max_len must
+            hold the window plus the most positions appended at once; 2·w or more keeps the
+            copies rare.
         dtype, device: of the buffers.
         value_dim: Dv when it differs from head_dim.
+        window: keep only the last ``window`` positions before each append; None keeps all.
+
+    Example:
+        >>> cache = KVCache(1, 2, max_len=8, head_dim=4, window=3)
+        >>> for _ in range(10):
+        ...     _ = cache.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+        >>> cache.position, cache.start, cache.keys.shape[2]  # positions 6, 7, 8, 9
+        (10, 6, 4)
     """
 
     def __init__(
@@ -27,6 +44,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         value_dim: int | None = None,
+        window: int | None = None,
     ) -> None:
         for name, n in (
             ("batch", batch),
@@ -36,10 +54,20 @@ class KVCache:
         ):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"KVCache {name} must be an int >= 1, got {n!r}")
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+                raise ValueError(f"KVCache window must be an int >= 0 or None, got {window!r}")
+            if window >= max_len:
+                raise ValueError(
+                    f"KVCache max_len ({max_len}) must exceed window ({window}): it holds the "
+                    "window plus the positions appended at once"
+                )
         dv = head_dim if value_dim is None else value_dim
         self._k = torch.zeros(batch, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self._v = torch.zeros(batch, num_kv_heads, max_len, dv, dtype=dtype, device=device)
-        self.length = 0
+        self.window = window
+        self._lo = self._hi = 0  # keys/values are buffer slots [_lo, _hi)
+        self.position = 0  # positions appended since the last reset
 
     @property
     def max_len(self) -> int:
@@ -47,17 +75,30 @@ class KVCache:
         return self._k.shape[2]
 
     @property
+    def length(self) -> int:
+        """How many positions ``keys`` and ``values`` hold."""
+        return self._hi - self._lo
+
+    @property
+    def start(self) -> int:
+        """The position of ``keys[:, :, 0]``: 0 unless a window dropped older ones."""
+        return self.position - self.length
+
+    @property
     def keys(self) -> Tensor:
-        """Cached keys (B, Hkv, length, D)."""
-        return self._k[:, :, : self.length]
+        """Cached keys (B, Hkv, length, D), positions ``start .. position - 1``."""
+        return self._k[:, :, self._lo : self._hi]
 
     @property
     def values(self) -> Tensor:
         """Cached values (B, Hkv, length, Dv)."""
-        return self._v[:, :, : self.length]
+        return self._v[:, :, self._lo : self._hi]
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append k (B, Hkv, n, D) and v (B, Hkv, n, Dv); return all cached keys and values."""
+        """Append k (B, Hkv, n, D) and v (B, Hkv, n, Dv); return the cached keys and values.
+
+        With a window, what is returned is the last ``window`` earlier positions and the n new.
+        """
         expect_k = (*self._k.shape[:2], k.shape[2], self._k.shape[3])
         expect_v = (*self._v.shape[:2], v.shape[2], self._v.shape[3])
         if tuple(k.shape) != expect_k or tuple(v.shape) != expect_v or k.shape[2] != v.shape[2]:
@@ -66,18 +107,62 @@ class KVCache:
                 f"(B, Hkv, n, D) = {expect_k} and {expect_v}"
             )
         n = k.shape[2]
-        if self.length + n > self.max_len:
+        if self.window is not None:
+            self._keep_window(n)
+        if self._hi + n > self.max_len:
             raise ValueError(
                 f"KVCache is full: length {self.length} + {n} new > max_len {self.max_len}"
             )
-        self._k[:, :, self.length : self.length + n] = k
-        self._v[:, :, self.length : self.length + n] = v
-        self.length += n
+        self._k[:, :, self._hi : self._hi + n] = k
+        self._v[:, :, self._hi : self._hi + n] = v
+        self._hi += n
+        self.position += n
         return self.keys, self.values
+
+    def _keep_window(self, n: int) -> None:
+        """Drop all but the last ``window`` positions; make room for n more at the end."""
+        assert self.window is not None
+        keep = min(self.length, self.window)
+        if self._hi + n > self.max_len:
+            if keep + n > self.max_len:
+                raise ValueError(
+                    f"KVCache(window={self.window}, max_len={self.max_len}) cannot take {n} "
+                    f"positions at once: the window's {keep} plus {n} exceed max_len"
+                )
+            # slices of one buffer may overlap, and copy_ between overlapping memory is undefined
+            kept = slice(self._hi - keep, self._hi)
+            self._k[:, :, :keep] = self._k[:, :, kept].clone()
+            self._v[:, :, :keep] = self._v[:, :, kept].clone()
+            self._hi = keep
+        self._lo = self._hi - keep
+
+    def crop(self, position: int) -> None:
+        """Forget every position from ``position`` on (e.g. draft tokens a verifier rejected).
+
+        The cache must still hold what the next queries need: with a window, the ``window``
+        positions before ``position`` (so append drafts in one call, and crop within it).
+        """
+        if isinstance(position, bool) or not isinstance(position, int):
+            raise TypeError(f"KVCache.crop position must be an int, got {position!r}")
+        lowest = self.start
+        if self.window is not None and self.start > 0:
+            lowest += self.window
+        if not lowest <= position <= self.position:
+            window = "" if self.window is None else f" and window={self.window}"
+            raise ValueError(
+                f"KVCache.crop({position}): with positions {self.start} .. {self.position - 1} "
+                f"held{window}, it can crop to {lowest} .. {self.position} only"
+            )
+        self._hi -= self.position - position
+        self.position = position
 
     def reset(self) -> None:
         """Forget every cached position (buffers are kept)."""
-        self.length = 0
+        self._lo = self._hi = self.position = 0
 
     def __repr__(self) -> str:
-        return f"KVCache(length={self.length}, shape={tuple(self._k.shape)}, dtype={self._k.dtype})"
+        window = "" if self.window is None else f", window={self.window}"
+        return (
+            f"KVCache(length={self.length}, position={self.position}, "
+            f"shape={tuple(self._k.shape)}, dtype={self._k.dtype}{window})"
+        )

@@ -12,6 +12,7 @@ Shape legend: B batch, S source length, T target length, E model width, V vocabu
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -200,12 +201,13 @@ class _Embedding(nn.Module):
 
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
         """ids (B, L) at positions start.. -> (B, L, E)."""
-        if start + ids.shape[1] > self.max_len:
-            raise ValueError(
-                f"positions up to {start + ids.shape[1]} exceed max_len {self.max_len}"
-            )
         x = self.tokens(ids)
         if self.positions is not None:
+            if start + ids.shape[1] > self.max_len:
+                raise ValueError(
+                    f"positions up to {start + ids.shape[1]} exceed max_len {self.max_len} "
+                    "(the learned position table's size)"
+                )
             x = x + self.positions(torch.arange(start, start + ids.shape[1], device=ids.device))
         out: Tensor = self.drop(x)
         return out
@@ -457,15 +459,36 @@ class CausalLM(nn.Module):
                 weights.append(w)
         return self.head(self.norm(x)), weights
 
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
-        """One KVCache per layer."""
+    def new_caches(self, batch: int, max_len: int, *, window: int | None = None) -> list[KVCache]:
+        """One KVCache per layer of ``max_len`` positions (see ``KVCache`` for ``window``)."""
         caches = []
         for layer in self.layers:
             assert isinstance(layer, TransformerEncoderLayer)
             sa = layer.self_attn
             p = sa.q_proj.weight
-            caches.append(KVCache(batch, sa.num_kv_heads, max_len, sa.head_dim, p.dtype, p.device))
+            caches.append(
+                KVCache(
+                    batch, sa.num_kv_heads, max_len, sa.head_dim, p.dtype, p.device, window=window
+                )
+            )
         return caches
+
+    def _generation_caches(self, batch: int, total: int) -> tuple[list[KVCache], int]:
+        """Caches for ``total`` positions, and how many prompt positions to feed at a time.
+
+        Under a mask that looks back w positions (``masks.lookback``), the caches keep the
+        last w, in 2·w slots, and the prompt goes in w at a time: memory and time per token
+        stop growing with the text.
+        """
+        layer = self.layers[0]
+        assert isinstance(layer, TransformerEncoderLayer)
+        mask = layer.self_attn.mask
+        reach = None if mask is None else masks.lookback(mask)
+        if reach is not None and reach != math.inf and total > 2 * max(int(reach), 1):
+            window = int(reach)
+            chunk = max(window, 1)
+            return self.new_caches(batch, 2 * chunk, window=window), chunk
+        return self.new_caches(batch, total), total
 
     @torch.no_grad()
     def generate(
@@ -478,15 +501,26 @@ class CausalLM(nn.Module):
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Continue prompt (B, P) by up to ``max_new_tokens`` tokens with a KV cache."""
+        """Continue prompt (B, P) by up to ``max_new_tokens`` tokens with a KV cache.
+
+        With learned positions the text must fit in ``max_len``; with rotary or ALiBi
+        positions it may run past it. Under a sliding-window mask the caches keep only the
+        window, so memory and time per token stay flat however long the text grows.
+        """
         B, P = prompt.shape
-        total = P + max_new_tokens
-        if total > self.max_len:
+        if P < 1:
             raise ValueError(
-                f"prompt {P} + {max_new_tokens} new tokens exceed max_len {self.max_len}"
+                f"prompt must hold at least one token, got shape {tuple(prompt.shape)}"
             )
-        caches = self.new_caches(B, total)
-        logits, _ = self(prompt, caches=caches)
+        total = P + max_new_tokens
+        if self.embed.positions is not None and total > self.max_len:
+            raise ValueError(
+                f"prompt {P} + {max_new_tokens} new tokens exceed max_len {self.max_len} "
+                "(learned positions)"
+            )
+        caches, chunk = self._generation_caches(B, total)
+        for start in range(0, P, chunk):
+            logits, _ = self(prompt[:, start : start + chunk], start=start, caches=caches)
         out = [prompt]
         for t in range(max_new_tokens):
             nxt = _sample(logits[:, -1], temperature, top_k, generator)[:, None]
