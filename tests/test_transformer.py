@@ -182,20 +182,21 @@ def test_checkpoint_round_trip(tmp_path):
 
 @pytest.mark.slow
 def test_date_task_training_smoke():
-    """A few hundred real training steps on the date task: the loss must fall below what any
-    model that ignores the source can reach.
+    """120 real training steps on the date task: the loss must fall below what any model
+    that ignores the source can reach.
 
     The best such model (predicting each ISO character from the earlier ones, over all dates
     of 1950-2049) scores 0.955 nats per character; 0.85 is only reachable by reading the
-    source. Measured here: about 4.2 at step 0, 0.63 after 300 steps of batch 64.
+    source. Measured here: about 4.2 at step 0; after 120 steps of batch 64, 0.48 / 0.46 /
+    0.51 (seeds 0 / 1 / 2; 0.13 after 300 steps).
     """
     dates = load_example("translate_dates")
     torch.manual_seed(0)
     train_dates, test_dates = dates.split_dates(0)
     model = dates.make_model()
-    losses = dates.train(model, train_dates, steps=300, minutes=10, batch_size=64, progress=False)
+    losses = dates.train(model, train_dates, steps=120, minutes=10, batch_size=64, progress=False)
     assert losses[0] > 3.0  # about log(vocab) at the start
-    assert sum(losses[-20:]) / 20 < 0.85, f"loss after 300 steps: {losses[-20:]}"
+    assert sum(losses[-20:]) / 20 < 0.85, f"loss after 120 steps: {losses[-20:]}"
     src, _, _ = dates.batch(test_dates, random.Random(1), 1)
     assert model.generate(src, bos_id=dates.BOS, eos_id=dates.EOS, max_len=11).shape[1] <= 11
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ from attnkit.backends.triton import AUTOTUNE_ENV
 from attnkit.masks import Mask
 
 H = 16
+#: heads in ``smoke`` runs: they check code paths under the Triton interpreter, which runs
+#: every program of the grid in Python, so each head costs seconds
+SMOKE_HEADS = 2
 WINDOW = 1024
 BLOCK = 128
 COLUMNS = (
@@ -53,6 +57,7 @@ class GpuCase:
     N: int
     D: int
     backward: bool
+    heads: int = H
 
 
 def block_sparse_mask(block: int, max_len: int) -> Mask:
@@ -94,7 +99,7 @@ def cases(
     dims = default_dims if dims is None else dims
     lengths = default_lengths if lengths is None else lengths
     return [
-        GpuCase(name, mask, N, D, backward)
+        GpuCase(name, mask, N, D, backward, SMOKE_HEADS if smoke else H)
         for D in dims
         for N in lengths
         for name, mask in kinds.items()
@@ -106,9 +111,11 @@ def seconds(fn: Callable[[], object], smoke: bool) -> float:
     """Median seconds per call (torch's Timer synchronises CUDA around each measurement)."""
     from torch.utils import benchmark as tb
 
+    if smoke:  # one call: the code path, not a figure (Timer.timeit would add two warm-ups)
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
     timer = tb.Timer("fn()", globals={"fn": fn})
-    if smoke:
-        return float(timer.timeit(1).median)
     fn()  # compile / autotune outside the timing
     # 0.25 s holds tens to thousands of calls at these sizes, enough for a stable median
     return float(timer.blocked_autorange(min_run_time=0.25).median)
@@ -143,11 +150,11 @@ def measure(case: GpuCase, device: str, dtype: torch.dtype, smoke: bool = False)
     """One row: seconds and TFLOP/s of triton, SDPA and FlexAttention (None if it fails)."""
     N, D = case.N, case.D
     qkv = [
-        torch.randn(1, H, N, D, device=device, dtype=dtype, requires_grad=case.backward)
+        torch.randn(1, case.heads, N, D, device=device, dtype=dtype, requires_grad=case.backward)
         for _ in range(3)
     ]
     density = 1.0 if case.mask is None else case.mask.density(N, N)
-    flops = 4 * H * D * density * N * N * (3.5 if case.backward else 1.0)
+    flops = 4 * case.heads * D * density * N * N * (3.5 if case.backward else 1.0)
     causal = case.name == "causal"
     dense = None if case.mask is None or causal else case.mask.dense(N, N, device=device)
 
@@ -221,9 +228,10 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe(where: str, dtype: torch.dtype) -> str:
+def describe(where: str, dtype: torch.dtype, heads: int = H) -> str:
     """The table's title: device, torch, dtype, shape, and whether triton's tiles were tuned."""
-    title = f"{where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, B=1, H={H}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    title = f"{where}, torch {torch.__version__}, {dtype_name}, B=1, H={heads}"
     if os.environ.get(AUTOTUNE_ENV) == "1":
         title += ", triton tiles autotuned"
     return title
@@ -246,7 +254,7 @@ def run(
     todo = cases(quick, smoke, dims, lengths)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter: fp32
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, TRITON_INTERPRET=1"
-    title = describe(where, dtype)
+    title = describe(where, dtype, SMOKE_HEADS if smoke else H)
     console = Console(width=150)
     rows: list[dict[str, Any]] = []
 

@@ -147,7 +147,8 @@ class MultiHeadAttention(nn.Module):
                 cross-attention fills an empty cache from ``key``/``value`` and reuses it
                 afterwards. A cache with a window needs masks of relative position that look
                 back at most that far (see ``_check_window``).
-            need_weights: also return per-head weights (B, Hq, Lq, Lk).
+            need_weights: also return per-head weights (B, Hq, Lq, Lk); with a cache, over
+                its keys (positions ``cache.start ..``).
 
         Returns:
             (output (B, Lq, E), weights or None).
