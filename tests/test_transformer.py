@@ -244,3 +244,60 @@ def test_generate_runs_past_max_len_without_learned_positions():
     learned = CausalLM(30, d_model=16, nhead=2, num_layers=1, max_len=16).eval()
     with pytest.raises(ValueError, match=r"exceed max_len 16 \(learned positions"):
         learned.generate(prompt, max_new_tokens=40)
+
+
+def _left_padded(rows):
+    """Token rows of different lengths as one (B, P) batch with its (B, P) padding mask."""
+    P = max(len(r) for r in rows)
+    prompt = torch.full((len(rows), P), 7, dtype=torch.long)  # pads hold a real token id
+    padding = torch.ones(len(rows), P, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        prompt[b, P - len(r) :], padding[b, P - len(r) :] = r, False
+    return prompt, padding
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope", "alibi"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_batched_generation_of_ragged_prompts_equals_each_row_alone(positions, window):
+    """Left-padded prompts of 7, 3 and 12 tokens: logits and greedy continuations per row as
+    when each runs alone (with a window, over windowed caches and a chunked prompt)."""
+    torch.manual_seed(0)
+    lm = CausalLM(
+        40,
+        d_model=32,
+        nhead=4,
+        num_layers=2,
+        max_len=64,
+        positions=positions,
+        mask=None if window is None else masks.sliding_window(window),
+    ).eval()
+    rows = [torch.randint(0, 40, (n,)) for n in (7, 3, 12)]
+    prompt, padding = _left_padded(rows)
+    P = prompt.shape[1]
+    out = lm.generate(prompt, max_new_tokens=25, temperature=0.0, prompt_padding=padding)
+    with torch.no_grad():
+        logits, _ = lm(prompt, padding=padding)
+        for b, r in enumerate(rows):
+            alone_logits, _ = lm(r[None])
+            torch.testing.assert_close(logits[b, P - len(r) :], alone_logits[0])
+            alone = lm.generate(r[None], max_new_tokens=25, temperature=0.0)
+            assert torch.equal(out[b, P:], alone[0, len(r) :]), b
+
+
+def test_generation_padding_must_be_on_the_left():
+    lm = CausalLM(20, d_model=16, nhead=2, num_layers=1, max_len=32).eval()
+    prompt = torch.randint(0, 20, (2, 4))
+    for padding, match in (
+        (torch.tensor([[False, True, False, False], [False] * 4]), "pad on the left"),
+        (torch.tensor([[True] * 4, [False] * 4]), "at least one token"),
+        (torch.zeros(2, 3, dtype=torch.bool), r"must be bool \(B, P\) = \(2, 4\)"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            lm.generate(prompt, max_new_tokens=2, prompt_padding=padding)
+    with pytest.raises(ValueError, match=r"padding must be bool \(B, start \+ L\) = \(2, 4\)"):
+        lm(prompt, padding=torch.zeros(2, 5, dtype=torch.bool))
+    no_pads = torch.zeros(2, 4, dtype=torch.bool)
+    torch.manual_seed(1)
+    a = lm.generate(prompt, max_new_tokens=3, prompt_padding=no_pads)
+    torch.manual_seed(1)
+    assert torch.equal(a, lm.generate(prompt, max_new_tokens=3))

@@ -141,7 +141,10 @@ class MultiHeadAttention(nn.Module):
             value: (B, Lk, vdim); defaults to ``key``.
             mask: attention mask for this call (attnkit convention: True = attend), combined
                 with the module's ``mask``.
-            key_padding_mask: bool (B, Lk), torch's convention: True = padding, ignored.
+            key_padding_mask: bool (B, Lk), torch's convention: True = padding, ignored. With a
+                cache it may also cover every position since the cache's reset,
+                (B, cache.position) after this call's append; the positions the cache still
+                holds are taken from it (a windowed cache drops the oldest).
             cache: a ``KVCache``. Self-attention appends this step's keys/values and attends
                 over all cached ones (positions continue from ``cache.position``);
                 cross-attention fills an empty cache from ``key``/``value`` and reuses it
@@ -185,6 +188,8 @@ class MultiHeadAttention(nn.Module):
             _check_window(cache.window, [m for m in (self.mask, mask) if isinstance(m, Mask)])
         if cache is not None and not reuse_cross:
             k, v = cache.append(k, v)
+            if key_padding_mask is not None and key_padding_mask.shape[-1] == cache.position:
+                key_padding_mask = key_padding_mask[..., cache.start :]
         full_mask = self._combined_mask(mask, key_padding_mask, B, Lq, k.shape[2], q.device)
         dropout_p = self.dropout if self.training else 0.0
         out = attention(

@@ -169,6 +169,28 @@ class TransformerDecoderLayer(nn.Module):
         return x + self.drop(self.ff(self.norm3(x))), w
 
 
+def _generation_padding(prompt_padding: Tensor | None, B: int, P: int, new: int) -> Tensor | None:
+    """(B, P + new) padding over the whole text from the prompt's, or None when none is padded."""
+    if prompt_padding is None:
+        return None
+    if prompt_padding.dtype != torch.bool or tuple(prompt_padding.shape) != (B, P):
+        raise ValueError(
+            f"prompt_padding must be bool (B, P) = ({B}, {P}), True = pad, got "
+            f"{prompt_padding.dtype} {tuple(prompt_padding.shape)}"
+        )
+    if bool((prompt_padding[:, 1:] & ~prompt_padding[:, :-1]).any()) or bool(
+        prompt_padding[:, -1].any()
+    ):
+        raise ValueError(
+            "prompt_padding must pad on the left: each row's pads before its tokens, and at "
+            "least one token per row"
+        )
+    if not bool(prompt_padding.any()):
+        return None
+    text = torch.zeros(B, new, dtype=torch.bool, device=prompt_padding.device)
+    return torch.cat([prompt_padding, text], dim=1)
+
+
 def _sample(
     logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> Tensor:
@@ -199,8 +221,12 @@ class _Embedding(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.max_len = max_len
 
-    def forward(self, ids: Tensor, start: int = 0) -> Tensor:
-        """ids (B, L) at positions start.. -> (B, L, E)."""
+    def forward(self, ids: Tensor, start: int = 0, pads: Tensor | None = None) -> Tensor:
+        """ids (B, L) at positions start.. -> (B, L, E).
+
+        ``pads`` (B,): how many padding tokens precede each row's first token; learned
+        positions count from that token.
+        """
         x = self.tokens(ids)
         if self.positions is not None:
             if start + ids.shape[1] > self.max_len:
@@ -208,7 +234,10 @@ class _Embedding(nn.Module):
                     f"positions up to {start + ids.shape[1]} exceed max_len {self.max_len} "
                     "(the learned position table's size)"
                 )
-            x = x + self.positions(torch.arange(start, start + ids.shape[1], device=ids.device))
+            at = torch.arange(start, start + ids.shape[1], device=ids.device)
+            if pads is not None:
+                at = (at[None, :] - pads[:, None]).clamp(min=0)  # (B, L); pads sit at 0
+            x = x + self.positions(at)
         out: Tensor = self.drop(x)
         return out
 
@@ -449,12 +478,35 @@ class CausalLM(nn.Module):
         start: int = 0,
         caches: list[KVCache] | None = None,
         need_weights: bool = False,
+        padding: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        """ids (B, L) at positions start.. -> logits (B, L, V), weights per layer if asked."""
-        x = self.embed(ids, start)
+        """ids (B, L) at positions start.. -> logits (B, L, V), weights per layer if asked.
+
+        ``padding`` (B, start + L) bool, True = a padding token, for every position so far:
+        batches of texts of different lengths, each left-padded (its pads before its
+        tokens). No query attends to a pad, and learned positions count from each row's
+        first token, so every row computes what it would alone.
+        """
+        pads, key_padding = None, None
+        if padding is not None:
+            B, L = ids.shape
+            if padding.dtype != torch.bool or tuple(padding.shape) != (B, start + L):
+                raise ValueError(
+                    f"padding must be bool (B, start + L) = ({B}, {start + L}) over every "
+                    f"position so far, got {padding.dtype} {tuple(padding.shape)}"
+                )
+            pads = padding.sum(1)
+            # a cache takes the positions it holds from the whole row (see MultiHeadAttention)
+            key_padding = padding if caches is not None else padding[:, start:]
+        x = self.embed(ids, start, pads)
         weights = []
         for n, layer in enumerate(self.layers):
-            x, w = layer(x, cache=None if caches is None else caches[n], need_weights=need_weights)
+            x, w = layer(
+                x,
+                key_padding_mask=key_padding,
+                cache=None if caches is None else caches[n],
+                need_weights=need_weights,
+            )
             if w is not None:
                 weights.append(w)
         return self.head(self.norm(x)), weights
@@ -500,18 +552,24 @@ class CausalLM(nn.Module):
         top_k: int | None = None,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        prompt_padding: Tensor | None = None,
     ) -> Tensor:
         """Continue prompt (B, P) by up to ``max_new_tokens`` tokens with a KV cache.
 
         With learned positions the text must fit in ``max_len``; with rotary or ALiBi
         positions it may run past it. Under a sliding-window mask the caches keep only the
         window, so memory and time per token stay flat however long the text grows.
+
+        ``prompt_padding`` (B, P) bool, True = pad: prompts of different lengths in one
+        batch, left-padded (pads first, whatever token ids they hold); each row continues as
+        it would alone.
         """
         B, P = prompt.shape
         if P < 1:
             raise ValueError(
                 f"prompt must hold at least one token, got shape {tuple(prompt.shape)}"
             )
+        padding = _generation_padding(prompt_padding, B, P, max_new_tokens)
         total = P + max_new_tokens
         if self.embed.positions is not None and total > self.max_len:
             raise ValueError(
@@ -519,8 +577,13 @@ class CausalLM(nn.Module):
                 "(learned positions)"
             )
         caches, chunk = self._generation_caches(B, total)
+
+        def upto(end: int) -> Tensor | None:
+            return None if padding is None else padding[:, :end]
+
         for start in range(0, P, chunk):
-            logits, _ = self(prompt[:, start : start + chunk], start=start, caches=caches)
+            ids = prompt[:, start : start + chunk]
+            logits, _ = self(ids, start=start, caches=caches, padding=upto(start + ids.shape[1]))
         out = [prompt]
         for t in range(max_new_tokens):
             nxt = _sample(logits[:, -1], temperature, top_k, generator)[:, None]
@@ -528,5 +591,5 @@ class CausalLM(nn.Module):
             if eos_id is not None and bool((nxt == eos_id).all()):
                 break
             if t + 1 < max_new_tokens:
-                logits, _ = self(nxt, start=P + t, caches=caches)
+                logits, _ = self(nxt, start=P + t, caches=caches, padding=upto(P + t + 1))
         return torch.cat(out, dim=1)
