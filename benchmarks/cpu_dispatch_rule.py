@@ -5,8 +5,8 @@
 
 For N = 64 … 4096 (B=1, H=8, D=64): first no mask and causal (SDPA's fused kernels,
 no mask tensor) in float32/bfloat16, forward and forward+backward; then, in float32 forward,
-masks from fully dense to sparse, as Mask objects and as a bool tensor; and one query over a
-KV cache.
+masks from fully dense to sparse, as Mask objects and as a bool tensor; one query over a
+KV cache; and a few queries under a padding mask made anew at every call.
 Prints what ``attnkit.dispatch`` picks.
 """
 
@@ -109,6 +109,40 @@ def decoding_table() -> Table:
     return table
 
 
+def few_queries_table() -> Table:
+    """A few queries under a mask held in tensors, made anew for every call, as a model makes
+    a ragged batch's padding mask at each decoding step: no spec to share a tile map by."""
+    table = Table(
+        title="Lq queries under causal & padding (a new mask each call), forward µs "
+        "(B=4 rows of a ragged batch, H=8, D=64, fp32)"
+    )
+    for col in ("Lk", "Lq", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
+        table.add_column(col, justify="right")
+    torch.manual_seed(0)
+    for Lk in (512, 2048):
+        valid = torch.ones(4, Lk, dtype=torch.bool)
+        valid[1, :100], valid[2, : Lk // 2] = False, False  # left padding of rows 1 and 2
+        mask = masks.causal() & masks.from_padding_mask(valid)
+        for Lq in (1, 4, 16, 64, 256):
+            q = torch.randn(4, 8, Lq, 64)
+            k, v = (torch.randn(4, 8, Lk, 64) for _ in range(2))
+            table.add_row(str(Lk), str(Lq), *compared(q, k, v, mask, time_fresh, 1e6, 0))
+    return table
+
+
+def time_fresh(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object, backend: str
+) -> float:
+    """Forward seconds with an equal but new Mask at every call (its tile maps not built)."""
+    assert isinstance(mask, masks.Mask)
+    assert mask.spec is not None
+    spec = mask.spec
+    with torch.no_grad():
+        return seconds(
+            lambda: attnkit.attention(q, k, v, mask=masks.from_spec(spec), backend=backend)
+        )
+
+
 def time_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object, backend: str
 ) -> float:
@@ -137,7 +171,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], help="unmasked table")
     ap.add_argument(
-        "--tables", nargs="*", default=["unmasked", "decoding", "masked"], help="which to run"
+        "--tables",
+        nargs="*",
+        default=["unmasked", "decoding", "few_queries", "masked"],
+        help="which to run",
     )
     args = ap.parse_args()
     console = Console(width=140)
@@ -145,6 +182,8 @@ def main() -> None:
         console.print(unmasked_table([getattr(torch, d) for d in args.dtype]))
     if "decoding" in args.tables:
         console.print(decoding_table())
+    if "few_queries" in args.tables:
+        console.print(few_queries_table())
     if "masked" in args.tables:
         console.print(masked_table())
 

@@ -182,3 +182,28 @@ def test_dispatch_rule_on_cpu():
     assert "sparse mask" in sparse.reason
     assert attnkit.dispatch(q, k, v, mask=~window).backend == "sdpa"  # bool tensor, dense-ish
     assert attnkit.dispatch(q, k, v, return_lse=True).backend == "tiled"
+
+
+def test_dispatch_few_queries_under_masks_that_share_no_tile_maps():
+    """Decoding a ragged batch: the padding mask is made anew each step, so tiled would build
+    its tile map every call; up to FEW_QUERIES queries go to SDPA, more to tiled. Masks with a
+    plain spec share tile maps and stay on tiled."""
+    from attnkit.functional import FEW_QUERIES
+
+    valid = torch.ones(2, 300, dtype=torch.bool)
+    valid[1, :40] = False
+    padded = masks.causal() & masks.from_padding_mask(valid)
+    custom = masks.custom(lambda b, h, q, kv: kv % 3 != 0)
+    assert not padded.shares_tiles
+    assert not custom.shares_tiles
+    assert masks.sliding_window(8).shares_tiles
+    for mask in (padded, custom):
+        for Lq, expected in ((1, "sdpa"), (FEW_QUERIES, "sdpa"), (FEW_QUERIES + 1, "tiled")):
+            q, k, v = rand_qkv(2, 2, 2, Lq, 300, 16)
+            assert attnkit.dispatch(q, k, v, mask=mask).backend == expected, (mask, Lq)
+    q, k, v = rand_qkv(2, 2, 2, 1, 300, 16, dtype=torch.float64)
+    for mask in (padded, custom):  # and the result is the same
+        got = attnkit.attention(q, k, v, mask=mask)
+        torch.testing.assert_close(got, attnkit.attention(q, k, v, mask=mask, backend="reference"))
+    q, k, v = rand_qkv(1, 2, 2, 1, 300, 16)
+    assert attnkit.dispatch(q, k, v, mask=masks.sliding_window(8)).backend == "tiled"

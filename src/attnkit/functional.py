@@ -93,6 +93,14 @@ def _request(
 #: once and cached, so they always go to tiled (1.3-1.4x SDPA even with every tile full).
 TILED_DENSITY_THRESHOLD = 0.75
 
+#: Up to this many queries (decoding, speculative drafts) under a Mask that shares no tile
+#: maps (held in tensors: padding, documents; or a custom predicate), CPU goes to SDPA with a
+#: dense mask: a model makes such a mask anew at every call, so tiled builds its tile map
+#: every time. Causal & the padding of a ragged batch of 4 (benchmarks/cpu_dispatch_rule.py
+#: --tables few_queries): tiled ran at 0.41-0.85x SDPA's speed over 512 keys and 0.88-0.99x
+#: over 2048 for 1-16 queries, 1.09-1.31x from 64 queries on.
+FEW_QUERIES = 16
+
 #: Plain causal attention on CPU goes to tiled from this many (query, key) pairs B·Hq·Lq·Lk
 #: (8 heads of 128²): tiled ran at 1.12-1.72x SDPA's is_causal from N = 128 to 4096 in fp32
 #: and bf16, forward and forward+backward, except bf16 fwd+bwd at 4096 (0.93x); at N = 64 it
@@ -156,6 +164,13 @@ def _auto(req: Request) -> DispatchDecision:
         return DispatchDecision("sdpa", "causal: torch SDPA's fused is_causal kernel")
     if req.q.device.type != "cpu":
         return DispatchDecision("sdpa", "non-CPU tensors: SDPA with the mask as a bool tensor")
+    if isinstance(req.mask, Mask) and not req.mask.shares_tiles and req.shapes.Lq <= FEW_QUERIES:
+        return DispatchDecision(
+            "sdpa",
+            f"at most {FEW_QUERIES} queries under a mask held in tensors or a custom predicate: "
+            "tiled would build its tile map for this call alone, SDPA's masked pass over so few "
+            "rows costs less",
+        )
     if not isinstance(req.mask, Tensor):
         return DispatchDecision(
             "tiled",
@@ -300,7 +315,8 @@ def dispatch(
     0. CUDA tensors that the Triton kernels support: triton, except float32 that SDPA can
        serve (exact fp32 dots run on CUDA cores and spill registers; see the launcher).
     1. SDPA cannot do it (score_mod, return_lse, dropout): tiled.
-    2. No mask, or one query under bottom-right causal (decoding: it sees every key): SDPA
+    2. No mask, or a mask whose spec shows it hides no key (``full()``; one query under
+       bottom-right causal, or under a window reaching the first key, as decoding): SDPA
        (torch's fused kernel; tiled runs at 0.55-1.8x its speed, with no consistent
        winner), except float16 on CPU: tiled (SDPA has no fast float16 CPU kernel;
        tiled ran 1.2-8.6x faster, N = 64-4096, forward and forward+backward), and bfloat16
@@ -310,7 +326,9 @@ def dispatch(
        least ``TILED_CAUSAL_MIN_PAIRS`` (query, key) pairs, tiled (it skips the upper tiles),
        and at any size for bfloat16 training where rule 2 sends it to tiled; otherwise
        SDPA's is_causal.
-    4. Any other Mask or BlockMask on CPU: tiled. A bool tensor mask on CPU: tiled when its
+    4. Any other Mask or BlockMask on CPU: tiled, except up to ``FEW_QUERIES`` queries
+       under a Mask that shares no tile maps (``Mask.shares_tiles``): SDPA, since a model
+       makes such masks anew each call. A bool tensor mask on CPU: tiled when its
        BlockMask leaves fewer than ``TILED_DENSITY_THRESHOLD`` of the tiles to compute.
        Otherwise (and on other devices): SDPA with a bool mask.
 

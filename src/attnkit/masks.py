@@ -143,6 +143,15 @@ class Mask:
         self._spec = value
         self._shared_key = _plain_key(value)  # once, not at every blocks() call
 
+    @property
+    def shares_tiles(self) -> bool:
+        """Whether equal masks share this one's tile maps.
+
+        True when its spec is plain (no tensors, no custom predicate): a mask made anew at
+        every call then finds its tile maps built.
+        """
+        return self._shared_key is not None
+
     def bind(self, Lq: int, Lk: int) -> BoundMask:
         """Resolve the pattern for query length Lq and key length Lk."""
         check.check_positive_int("Lq", Lq)
