@@ -4,18 +4,21 @@ Decoding is where per-step costs show: the cache's keys and values are a strided
 longer buffer, the key length grows by one each step (so tile maps are new each step), and
 each layer has its own mask object. Three cases: causal; ``sliding_window(256)`` over a
 cache of every position; the same window over ``KVCache(window=256)``, which keeps only the
-window (bounded memory, and a key length that stops growing). Two tables:
+window (bounded memory, and a key length that stops growing). Three tables (``--tables``):
 
-- attention alone: one query per step over 6 layers' ``KVCache`` (8 heads, D = 64), each
+- attention: one query per step over 6 layers' ``KVCache`` (8 heads, D = 64), each
   layer with its own mask object, as a model calls it;
-- a whole model: ``attnkit.nn.CausalLM`` (d_model 512, 8 heads, 6 layers), whose linear
-  layers take much of each step.
+- model: ``attnkit.nn.CausalLM`` (d_model 512, 8 heads, 6 layers), whose linear layers take
+  much of each step;
+- ragged: ``CausalLM.generate`` on a batch of 4 prompts, of equal lengths or left-padded to
+  the longest (each step then makes a padding mask anew), tiled against ``auto``.
 
 Every (prompt length, mask) runs each backend in turn, ``--repeats`` times over (the same
 steps from the same cache state each time), and reports the fastest repeat: on a shared
 machine, interference only ever adds time.
 
     python benchmarks/cpu_decoding.py [--prompts 512 2048] [--steps 32] [--repeats 5]
+        [--tables attention model ragged]
 """
 
 from __future__ import annotations
@@ -84,6 +87,49 @@ def decode_ms(model: CausalLM, filled: list[KVCache], start: int, steps: int) ->
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+def batch_decode_ms(model: CausalLM, prompt: torch.Tensor, padding: torch.Tensor | None,
+                    steps: int, repeats: int) -> float:  # fmt: skip
+    """ms per decoding step of ``generate`` on a batch: the best time for steps + 1 new tokens
+    minus the best for 1 (which is the prompt's pass and the first token)."""
+
+    def best(n: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model.generate(prompt, max_new_tokens=n, temperature=0.0, prompt_padding=padding)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return (best(steps + 1) - best(1)) / steps * 1e3
+
+
+def ragged_table(prompts: list[int], steps: int, repeats: int, where: str) -> Table:
+    """A batch of 4 prompts, equal or of lengths P, 3P/4, P/2, P/4 (left-padded)."""
+    table = Table(
+        title=f"CausalLM batch of 4, ms per decoding step (d_model 512, {HEADS} heads, "
+        f"{LAYERS} layers, rope, causal; {where} x {steps} steps)"
+    )
+    for col in ("prompt", "batch", "tiled", "auto", "tiled / auto"):
+        table.add_column(col, justify="left" if col == "batch" else "right")
+    for P in prompts:
+        padding = torch.zeros(4, P, dtype=torch.bool)
+        for b in range(1, 4):
+            padding[b, : P * b // 4] = True
+        for name, pads in (("equal lengths", None), ("ragged, left-padded", padding)):
+            ms = {}
+            for backend in ("tiled", "auto"):
+                torch.manual_seed(0)
+                model = CausalLM(
+                    1000, d_model=512, nhead=HEADS, num_layers=LAYERS, max_len=P + steps + 1,
+                    positions="rope", backend=backend,
+                ).eval()  # fmt: skip
+                prompt = torch.randint(0, 1000, (4, P))
+                ms[backend] = batch_decode_ms(model, prompt, pads, steps, repeats)
+            ratio = f"{ms['tiled'] / ms['auto']:.2f}x"
+            table.add_row(str(P), name, f"{ms['tiled']:.2f}", f"{ms['auto']:.2f}", ratio)
+    return table
+
+
 def best_of(repeats: int, runs: dict[str, Callable[[], float]]) -> dict[str, float]:
     """The fastest of ``repeats`` interleaved runs of each backend's timing function."""
     times: dict[str, list[float]] = {b: [] for b in runs}
@@ -118,44 +164,60 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, nargs="*", default=[512, 2048])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--tables", nargs="*", default=["attention", "model", "ragged"], help="which to run"
+    )
     args = ap.parse_args()
     console = Console(width=140)
     where = f"{torch.get_num_threads()} threads, fp32, best of {args.repeats}"
+    if "attention" in args.tables:
+        console.print(attention_table(args.prompts, args.steps, args.repeats, where))
+    if "model" in args.tables:
+        console.print(model_table(args.prompts, args.steps, args.repeats, where))
+    if "ragged" in args.tables:
+        console.print(ragged_table(args.prompts, args.steps, args.repeats, where))
+
+
+def attention_table(prompts: list[int], steps: int, repeats: int, where: str) -> Table:
+    """Attention alone over LAYERS caches, every case and backend."""
     table = new_table(
         f"attention per decoding step, ms ({LAYERS} layers, {HEADS} heads, D={D}; {where} "
-        f"x {args.steps} steps)"
+        f"x {steps} steps)"
     )
-    for P in args.prompts:
+    for P in prompts:
         for case in CASES:
             runs = {
-                b: functools.partial(attention_ms, b, case, P, args.steps)
-                for b in backends_for(case)
+                b: functools.partial(attention_ms, b, case, P, steps) for b in backends_for(case)
             }
-            add_row(table, P, case, best_of(args.repeats, runs))
-    console.print(table)
+            add_row(table, P, case, best_of(repeats, runs))
+    return table
+
+
+def model_table(prompts: list[int], steps: int, repeats: int, where: str) -> Table:
+    """A whole CausalLM (B = 1), every case and backend."""
     table = new_table(
         f"CausalLM decoding, ms per token (d_model 512, {HEADS} heads, {LAYERS} layers; "
-        f"{where} x {args.steps} steps)"
+        f"{where} x {steps} steps)"
     )
-    for P in args.prompts:
+    for P in prompts:
         for case, (mask, window) in CASES.items():
             runs = {}
             for backend in backends_for(case):
                 torch.manual_seed(0)
                 model = CausalLM(
                     1000, d_model=512, nhead=HEADS, num_layers=LAYERS,
-                    max_len=P + args.steps + 1, mask=mask(), backend=backend,
+                    max_len=P + steps + 1, mask=mask(), backend=backend,
                 ).eval()  # fmt: skip
-                size = P + args.steps if window is None else 2 * window
+                size = P + steps if window is None else 2 * window
                 caches = model.new_caches(1, size, window=window)
                 prompt = torch.randint(0, 1000, (1, P))
                 chunk = P if window is None else window  # as CausalLM.generate feeds it
                 with torch.no_grad():
                     for c in range(0, P, chunk):
                         model(prompt[:, c : c + chunk], start=c, caches=caches)
-                runs[backend] = functools.partial(decode_ms, model, caches, P, args.steps)
-            add_row(table, P, case, best_of(args.repeats, runs))
-    console.print(table)
+                runs[backend] = functools.partial(decode_ms, model, caches, P, steps)
+            add_row(table, P, case, best_of(repeats, runs))
+    return table
 
 
 if __name__ == "__main__":
