@@ -201,6 +201,8 @@ def test_dispatch_few_queries_under_masks_that_share_no_tile_maps():
         for Lq, expected in ((1, "sdpa"), (FEW_QUERIES, "sdpa"), (FEW_QUERIES + 1, "tiled")):
             q, k, v = rand_qkv(2, 2, 2, Lq, 300, 16)
             assert attnkit.dispatch(q, k, v, mask=mask).backend == expected, (mask, Lq)
+    q, k, v = rand_qkv(2, 2, 2, 1, 300, 16, dtype=torch.float16)  # no fast fp16 SDPA on CPU
+    assert attnkit.dispatch(q, k, v, mask=padded).backend == "tiled"
     q, k, v = rand_qkv(2, 2, 2, 1, 300, 16, dtype=torch.float64)
     for mask in (padded, custom):  # and the result is the same
         got = attnkit.attention(q, k, v, mask=mask)

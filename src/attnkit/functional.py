@@ -164,7 +164,10 @@ def _auto(req: Request) -> DispatchDecision:
         return DispatchDecision("sdpa", "causal: torch SDPA's fused is_causal kernel")
     if req.q.device.type != "cpu":
         return DispatchDecision("sdpa", "non-CPU tensors: SDPA with the mask as a bool tensor")
-    if isinstance(req.mask, Mask) and not req.mask.shares_tiles and req.shapes.Lq <= FEW_QUERIES:
+    unshared = isinstance(req.mask, Mask) and not req.mask.shares_tiles
+    # not float16 (SDPA has no fast CPU kernel for it) nor where SDPA's bf16 backward is slow
+    sdpa_fast = req.q.dtype != torch.float16 and not slow_sdpa_training
+    if unshared and req.shapes.Lq <= FEW_QUERIES and sdpa_fast:
         return DispatchDecision(
             "sdpa",
             f"at most {FEW_QUERIES} queries under a mask held in tensors or a custom predicate: "
