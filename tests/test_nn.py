@@ -256,3 +256,31 @@ def test_windowed_cache_refuses_masks_it_would_change(mask, reason):
     ok = MultiHeadAttention(16, 2, mask=masks.sliding_window(2) & masks.causal()).eval()
     ok(torch.randn(1, 2, 16), cache=cache, mask=torch.ones(2, 2, dtype=torch.bool))
     assert cache.position == 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    window=st.integers(0, 5),
+    chunks=st.lists(st.integers(1, 4), min_size=1, max_size=12),
+    room=st.integers(0, 3),
+    num_kv_heads=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 100),
+)
+def test_windowed_cache_decoding_property(window, chunks, room, num_kv_heads, seed):
+    """Any window, any chunking, a buffer just large enough or a little larger, GQA: the
+    chunks' outputs equal one pass under sliding_window(window)."""
+    torch.manual_seed(seed)
+    E, H = 16, 4
+    a = MultiHeadAttention(
+        E, H, num_kv_heads=num_kv_heads, mask=masks.sliding_window(window),
+        rope=RotaryEmbedding(E // H),
+    ).eval()  # fmt: skip
+    L = sum(chunks)
+    x = torch.randn(1, L, E)
+    full, _ = a(x)
+    cache = KVCache(1, num_kv_heads, window + max(chunks) + room, E // H, window=window)
+    outs, t = [], 0
+    for n in chunks:
+        outs.append(a(x[:, t : t + n], cache=cache)[0])
+        t += n
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
