@@ -201,6 +201,28 @@ def test_date_task_training_smoke():
     assert model.generate(src, bos_id=dates.BOS, eos_id=dates.EOS, max_len=11).shape[1] <= 11
 
 
+def test_causal_lm_rows_that_reach_eos_stay_finished(monkeypatch):
+    """Row 0 produces eos at its 2nd token, row 1 at its 4th: row 0 then holds eos only, and
+    generation stops after the 4th token instead of running to max_new_tokens."""
+    lm = CausalLM(10, d_model=16, nhead=2, num_layers=1, max_len=32).eval()
+    script = {0: [5, 3, 6, 6, 6], 1: [6, 6, 6, 3, 6]}  # the argmax each row produces, in turn
+    calls = []
+
+    def scripted(ids, **kw):
+        t = len(calls)
+        calls.append(t)
+        logits = torch.zeros(2, ids.shape[1], 10)
+        for row, tokens in script.items():
+            logits[row, -1, tokens[t]] = 1.0
+        return logits, []
+
+    monkeypatch.setattr(lm, "forward", scripted)
+    out = lm.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=8, eos_id=3,
+                      temperature=0.0)  # fmt: skip
+    assert out[:, 3:].tolist() == [[5, 3, 3, 3], [6, 6, 6, 3]]
+    assert len(calls) == 4  # the prompt, then three steps: none after the last row finished
+
+
 @pytest.mark.parametrize("positions", ["rope", "alibi", "learned"])
 def test_sliding_window_generation_keeps_only_the_window(positions):
     """Greedy generate() over windowed caches equals re-running the whole text every token."""

@@ -563,6 +563,9 @@ class CausalLM(nn.Module):
         ``prompt_padding`` (B, P) bool, True = pad: prompts of different lengths in one
         batch, left-padded (pads first, whatever token ids they hold); each row continues as
         it would alone.
+
+        With ``eos_id``, a row that has produced it continues with ``eos_id`` only, and
+        generation stops once every row has.
         """
         B, P = prompt.shape
         if P < 1:
@@ -585,10 +588,14 @@ class CausalLM(nn.Module):
             ids = prompt[:, start : start + chunk]
             logits, _ = self(ids, start=start, caches=caches, padding=upto(start + ids.shape[1]))
         out = [prompt]
+        done = torch.zeros(B, 1, dtype=torch.bool, device=prompt.device)
         for t in range(max_new_tokens):
             nxt = _sample(logits[:, -1], temperature, top_k, generator)[:, None]
+            if eos_id is not None:
+                nxt = nxt.masked_fill(done, eos_id)  # finished rows stay finished
+                done |= nxt == eos_id
             out.append(nxt)
-            if eos_id is not None and bool((nxt == eos_id).all()):
+            if bool(done.all()):
                 break
             if t + 1 < max_new_tokens:
                 logits, _ = self(nxt, start=P + t, caches=caches, padding=upto(P + t + 1))
