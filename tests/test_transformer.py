@@ -201,6 +201,26 @@ def test_date_task_training_smoke():
     assert model.generate(src, bos_id=dates.BOS, eos_id=dates.EOS, max_len=11).shape[1] <= 11
 
 
+def test_generate_refuses_bad_sampling_arguments():
+    lm = CausalLM(10, d_model=16, nhead=2, num_layers=1, max_len=32).eval()
+    seq2seq = Transformer(10, 10, d_model=16, nhead=2, max_len=16).eval()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    for kwargs, match in (
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"top_k": 0}, "top_k must be an int >= 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            lm.generate(prompt, max_new_tokens=2, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            seq2seq.generate(prompt, bos_id=1, eos_id=2, **kwargs)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        lm.generate(prompt, max_new_tokens=-1)
+    with pytest.raises(ValueError, match="max_len must be an int >= 1"):
+        seq2seq.generate(prompt, bos_id=1, eos_id=2, max_len=0)
+    assert torch.equal(lm.generate(prompt, max_new_tokens=0), prompt)
+
+
 def test_causal_lm_rows_that_reach_eos_stay_finished(monkeypatch):
     """Row 0 produces eos at its 2nd token, row 1 at its 4th: row 0 then holds eos only, and
     generation stops after the 4th token instead of running to max_new_tokens."""

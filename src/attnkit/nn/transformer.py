@@ -191,6 +191,19 @@ def _generation_padding(prompt_padding: Tensor | None, B: int, P: int, new: int)
     return torch.cat([prompt_padding, text], dim=1)
 
 
+def _check_sampling(temperature: float, top_k: int | None, name: str, n: int, least: int) -> None:
+    """Check generate()'s arguments once, before any work.
+
+    ``name`` = n is how many tokens to make, at least ``least``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {n!r}")
+    if not temperature >= 0:  # also refuses NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+
+
 def _sample(
     logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> Tensor:
@@ -394,6 +407,7 @@ class Transformer(nn.Module):
             (B, ≤ max_len) target ids after ``bos_id``; finished rows are padded with pad_id.
             Stops when every row has produced ``eos_id`` (kept) or at ``max_len``.
         """
+        _check_sampling(temperature, top_k, "max_len", max_len, 1)
         memory, padding = self.encode(src)
         B = src.shape[0]
         caches = self.new_caches(B, src.shape[1], max_len)
@@ -567,6 +581,7 @@ class CausalLM(nn.Module):
         With ``eos_id``, a row that has produced it continues with ``eos_id`` only, and
         generation stops once every row has.
         """
+        _check_sampling(temperature, top_k, "max_new_tokens", max_new_tokens, 0)
         B, P = prompt.shape
         if P < 1:
             raise ValueError(
