@@ -49,17 +49,17 @@ CASES: dict[str, tuple[Callable[[], Mask], int | None]] = {
 LAYERS, HEADS, D = 6, 8, 64
 
 
-def new_cache(P: int, steps: int, window: int | None) -> KVCache:
+def cache_slots(P: int, steps: int, window: int | None) -> int:
     """Room for the prompt and the steps, or for 2 windows when the cache keeps one."""
-    size = P + steps if window is None else 2 * window
-    return KVCache(1, HEADS, size, D, window=window)
+    return P + steps if window is None else 2 * window
 
 
 def attention_ms(backend: str, case: str, P: int, steps: int) -> float:
     """Milliseconds per step of ``steps`` decoding steps of LAYERS attention calls."""
     mask, window = CASES[case]
     g = torch.Generator().manual_seed(0)
-    caches = [new_cache(P, steps, window) for _ in range(LAYERS)]
+    caches = [KVCache(1, HEADS, cache_slots(P, steps, window), D, window=window)
+              for _ in range(LAYERS)]  # fmt: skip
     for cache in caches:
         for chunk in range(0, P, WINDOW):  # a windowed cache takes a window at a time
             n = min(WINDOW, P - chunk)
@@ -208,8 +208,7 @@ def model_table(prompts: list[int], steps: int, repeats: int, where: str) -> Tab
                     1000, d_model=512, nhead=HEADS, num_layers=LAYERS,
                     max_len=P + steps + 1, mask=mask(), backend=backend,
                 ).eval()  # fmt: skip
-                size = P + steps if window is None else 2 * window
-                caches = model.new_caches(1, size, window=window)
+                caches = model.new_caches(1, cache_slots(P, steps, window), window=window)
                 prompt = torch.randint(0, 1000, (1, P))
                 chunk = P if window is None else window  # as CausalLM.generate feeds it
                 with torch.no_grad():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.backends._common import Request, dense_mask
-from attnkit.masks import Mask
+from attnkit.masks import Mask, lookback
 
 NAME = "sdpa"
 
@@ -47,15 +47,13 @@ def attends_every_key(mask: object, Lq: int, Lk: int) -> bool:
     """
     if not isinstance(mask, Mask) or mask.spec is None:
         return False
-    name, *args = mask.spec
-    if name == "full":
+    if mask.spec == ("full",):
         return True
-    if Lq != 1 or args[-1:] != ["bottom_right"]:
+    # one query sits at the last key, and these patterns attend an unbroken run back from it
+    if Lq != 1 or mask.spec[0] not in ("causal", "sliding_window"):
         return False
-    if name == "causal":
-        return True
-    left = int(args[0]) if name == "sliding_window" else None
-    return left is not None and (left < 0 or Lk <= left + 1)
+    reach = lookback(mask)  # None unless bottom-right aligned
+    return reach is not None and Lk <= reach + 1
 
 
 def _hides_nothing(allowed: Tensor) -> bool:

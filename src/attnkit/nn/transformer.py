@@ -550,11 +550,10 @@ class CausalLM(nn.Module):
         assert isinstance(layer, TransformerEncoderLayer)
         mask = layer.self_attn.mask
         reach = None if mask is None else masks.lookback(mask)
-        if reach is not None and reach != math.inf and total > 2 * max(int(reach), 1):
-            window = int(reach)
-            chunk = max(window, 1)
-            return self.new_caches(batch, 2 * chunk, window=window), chunk
-        return self.new_caches(batch, total), total
+        if reach is None or reach == math.inf or total <= 2 * max(int(reach), 1):
+            return self.new_caches(batch, total), total
+        chunk = max(int(reach), 1)
+        return self.new_caches(batch, 2 * chunk, window=int(reach)), chunk
 
     @torch.no_grad()
     def generate(
