@@ -44,10 +44,15 @@ def test_cached_decoding_equals_full_pass(positions):
 
 
 @pytest.mark.parametrize(
-    ("positions", "mask"),
-    [("learned", None), ("rope", masks.sliding_window(3)), ("alibi", masks.sliding_window(4))],
+    ("positions", "mask", "sinks"),
+    [
+        ("learned", None, False),
+        ("rope", masks.sliding_window(3), False),
+        ("alibi", masks.sliding_window(4), False),
+        ("rope", masks.sliding_window(3), True),
+    ],
 )
-def test_causal_lm_cached_equals_full(positions, mask):
+def test_causal_lm_cached_equals_full(positions, mask, sinks):
     lm = CausalLM(
         30,
         d_model=32,
@@ -57,6 +62,7 @@ def test_causal_lm_cached_equals_full(positions, mask):
         positions=positions,
         num_kv_heads=2,
         mask=mask,
+        sinks=sinks,
     ).eval()
     ids = torch.randint(0, 30, (2, 12))
     with torch.no_grad():
@@ -145,8 +151,17 @@ def test_checkpoint_round_trip(tmp_path):
 
     seq2seq = Transformer(20, 20, d_model=16, nhead=2, encoder_mask=masks.sliding_window(2, 2))
     lm = CausalLM(
-        9, d_model=16, nhead=4, num_kv_heads=2, positions="rope", mask=masks.sliding_window(3)
+        9,
+        d_model=16,
+        nhead=4,
+        num_kv_heads=2,
+        positions="rope",
+        mask=masks.sliding_window(3),
+        sinks=True,
     )
+    with torch.no_grad():  # learned sinks away from their initial 0, to see them restored
+        for layer in lm.layers:
+            layer.self_attn.sinks.normal_()
     src, tgt = torch.randint(3, 20, (1, 6)), torch.randint(3, 20, (1, 4))
     ids = torch.randint(0, 9, (1, 7))
     for model, run in ((seq2seq, lambda m: m(src, tgt)), (lm, lambda m: m(ids)[0])):

@@ -114,6 +114,19 @@ def test_lse_and_its_gradient():
     check((1, 2, 2, 21, 21, 16, 16), mask=masks.causal(), return_lse=True)
 
 
+def test_attention_sinks_through_the_lse():
+    """Sinks rescale out by the triton LSE: forward and every gradient, sinks' included."""
+    q64, k64, v64 = (t.to(DEVICE) for t in rand_qkv(1, 4, 2, 19, 26, 16, 16, torch.float64))
+    sinks64 = torch.randn(4, dtype=torch.float64, device=DEVICE)
+    results = {}
+    for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+        inputs = [t.to(dtype).requires_grad_() for t in (q64, k64, v64, sinks64)]
+        out = attnkit.attention(*inputs[:3], mask=masks.causal(), sinks=inputs[3], backend=backend)
+        results[backend] = (out, *torch.autograd.grad(out.square().sum(), inputs))
+    for got, want in zip(results["triton"], results["reference"], strict=True):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
 def test_fully_masked_rows():
     allowed = torch.ones(19, 19, dtype=torch.bool)
     allowed[4] = False

@@ -103,11 +103,12 @@ def check_window(name: str, value: Any) -> int:
     return value
 
 
-def check_positive_int(name: str, value: Any) -> int:
+def check_int(name: str, value: Any, least: int = 1) -> int:
+    """A count or size: an int (not a bool) of at least ``least``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise TypeError(f"{name} must be an int >= {least}, got {type(value).__name__} {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value}")
     return value
 
 

@@ -19,6 +19,7 @@ from attnkit.backends._common import MaskLike, Request
 from attnkit.block_mask import BlockMask
 from attnkit.masks import Mask
 from attnkit.score_mods import ScoreMod, resolve
+from attnkit.sinks import apply_sinks, check_sinks, sink_probabilities
 
 BackendName = Literal["auto", "reference", "tiled", "sdpa", "triton"]
 _KNOWN = ("auto", "reference", "tiled", "sdpa", "triton")
@@ -214,6 +215,7 @@ def attention(
     dropout_p: float = ...,
     generator: torch.Generator | None = ...,
     backend: BackendName = ...,
+    sinks: Tensor | None = ...,
     return_lse: Literal[False] = ...,
 ) -> Tensor: ...
 @overload
@@ -228,6 +230,7 @@ def attention(
     dropout_p: float = ...,
     generator: torch.Generator | None = ...,
     backend: BackendName = ...,
+    sinks: Tensor | None = ...,
     return_lse: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
 def attention(
@@ -241,6 +244,7 @@ def attention(
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
     backend: BackendName = "auto",
+    sinks: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention: softmax(q·kᵀ·scale + mods, masked) · v.
@@ -259,7 +263,10 @@ def attention(
         generator: draws the dropout seed; the same generator state gives the same dropout.
         backend: "auto", "reference", "tiled", "sdpa" or "triton". A named backend that
             cannot do the request raises ``UnsupportedError``; "auto" follows ``dispatch``.
-        return_lse: also return the log-sum-exp of each row's scores.
+        sinks: attention sinks (Hq,), one logit per query head that joins every row's
+            softmax with no value (gpt-oss; ``attnkit.sinks``). Needs a backend that
+            returns the LSE (not SDPA).
+        return_lse: also return the log-sum-exp of each row's scores (sinks included).
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, and with ``return_lse`` also lse (B, Hq, Lq)
@@ -270,9 +277,15 @@ def attention(
         ValueError, TypeError: bad shapes, dtypes, devices, mask or arguments (named).
         UnsupportedError: the named backend cannot do this request.
     """
-    req = _request(q, k, v, mask, score_mod, scale, dropout_p, generator, return_lse)
+    need_lse = return_lse or sinks is not None
+    req = _request(q, k, v, mask, score_mod, scale, dropout_p, generator, need_lse)
+    if sinks is not None:
+        check_sinks(sinks, req.shapes.Hq, q.device)
     decision = _choose(req, backend)
     out, lse = _backends.get(decision.backend).run(req)
+    if sinks is not None:
+        assert lse is not None
+        out, lse = apply_sinks(out, lse, sinks)
     if return_lse:
         assert lse is not None
         return out, lse
@@ -287,6 +300,7 @@ def attention_weights(
     mask: MaskLike = None,
     score_mod: ScoreMod | ScoreModFn | None = None,
     scale: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """The attention probabilities, materialised (for inspection and visualisation).
 
@@ -294,10 +308,14 @@ def attention_weights(
 
     Returns:
         (B, Hq, Lq, Lk) float32 (float64 for float64 inputs); each row sums to 1, or to 0
-        when the mask leaves it no key.
+        when the mask leaves it no key; with ``sinks``, to less than 1 (the rest is the
+        sink's weight).
     """
     req = _request(q, k, v, mask, score_mod, scale, 0.0, None, False)
-    probs, _ = reference.probabilities(req)
+    probs, lse = reference.probabilities(req)
+    if sinks is not None:
+        check_sinks(sinks, req.shapes.Hq, q.device)
+        probs = sink_probabilities(probs, lse, sinks)
     return probs
 
 
@@ -309,6 +327,7 @@ def dispatch(
     mask: MaskLike = None,
     score_mod: ScoreMod | ScoreModFn | None = None,
     dropout_p: float = 0.0,
+    sinks: Tensor | None = None,
     return_lse: bool = False,
 ) -> DispatchDecision:
     """The backend ``attention(..., backend="auto")`` would pick for these inputs, and why.
@@ -317,7 +336,7 @@ def dispatch(
 
     0. CUDA tensors that the Triton kernels support: triton, except float32 that SDPA can
        serve (exact fp32 dots run on CUDA cores and spill registers; see the launcher).
-    1. SDPA cannot do it (score_mod, return_lse, dropout): tiled.
+    1. SDPA cannot do it (score_mod, return_lse or sinks, dropout): tiled.
     2. No mask, or a mask whose spec shows it hides no key (``full()``; one query under
        bottom-right causal, or under a window reaching the first key, as decoding): SDPA
        (torch's fused kernel; tiled runs at 0.55-1.8x its speed, with no consistent
@@ -337,7 +356,7 @@ def dispatch(
 
     ``python benchmarks/cpu_dispatch_rule.py`` measures each case on the machine at hand.
     """
-    req = _request(q, k, v, mask, score_mod, None, dropout_p, None, return_lse)
+    req = _request(q, k, v, mask, score_mod, None, dropout_p, None, return_lse or sinks is not None)
     return _auto(req)
 
 

@@ -154,8 +154,8 @@ class Mask:
 
     def bind(self, Lq: int, Lk: int) -> BoundMask:
         """Resolve the pattern for query length Lq and key length Lk."""
-        check.check_positive_int("Lq", Lq)
-        check.check_positive_int("Lk", Lk)
+        check.check_int("Lq", Lq)
+        check.check_int("Lk", Lk)
         return self._bind(Lq, Lk)
 
     def __repr__(self) -> str:
@@ -229,8 +229,8 @@ class Mask:
         values, so the result is cached (the last few argument sets): on this mask, or, for a
         mask that a plain spec describes, shared by every mask with the same spec.
         """
-        check.check_positive_int("block_q", block_q)
-        check.check_positive_int("block_k", block_k)
+        check.check_int("block_q", block_q)
+        check.check_int("block_k", block_k)
         B, H = self._sizes(B, H)
         key: tuple[Any, ...] = (Lq, Lk, block_q, block_k, B, H, str(torch.device(device or "cpu")))
         cache, size = self._blocks_cache, _BLOCKS_CACHE_SIZE
@@ -556,8 +556,8 @@ def dilated(
     Attends where d = kv - (q + off) is a multiple of ``dilation`` with |d| <= window·dilation
     (and d <= 0 when ``causal``).
     """
-    check.check_positive_int("window", window)
-    check.check_positive_int("dilation", dilation)
+    check.check_int("window", window)
+    check.check_int("dilation", dilation)
 
     def keep(d: Tensor) -> Tensor:
         ok = (torch.remainder(d, dilation) == 0) & (d.abs() <= window * dilation)
@@ -574,7 +574,7 @@ def strided(stride: int, *, align: Align = "bottom_right") -> Mask:
 
     Attends to the last ``stride`` keys, plus every key a multiple of ``stride`` back.
     """
-    check.check_positive_int("stride", stride)
+    check.check_int("stride", stride)
 
     def keep(d: Tensor) -> Tensor:
         back = -d
@@ -590,7 +590,7 @@ def fixed(block: int, summary: int = 1, *, align: Align = "bottom_right") -> Mas
     Attends to keys in the query's own block of ``block`` positions, plus the last
     ``summary`` "summary" keys of every block.
     """
-    check.check_positive_int("block", block)
+    check.check_int("block", block)
     if isinstance(summary, bool) or not isinstance(summary, int) or not 0 <= summary <= block:
         raise ValueError(f"summary must be an int in [0, block={block}], got {summary!r}")
     check.check_align(align)
@@ -636,8 +636,7 @@ def fixed(block: int, summary: int = 1, *, align: Align = "bottom_right") -> Mas
 @_builtin
 def prefix_lm(prefix_len: int, *, align: Align = "bottom_right") -> Mask:
     """Bidirectional over the first ``prefix_len`` keys, causal after them."""
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
-        raise ValueError(f"prefix_len must be an int >= 0, got {prefix_len!r}")
+    check.check_int("prefix_len", prefix_len, least=0)
     check.check_align(align)
 
     def bind(Lq: int, Lk: int) -> BoundMask:
@@ -862,7 +861,7 @@ def block_sparse(layout: Tensor, block: int) -> Mask:
             block r attend to keys of block c. Needs nbq >= ceil(Lq/block), nbk >= ceil(Lk/block).
         block: cell size in tokens.
     """
-    check.check_positive_int("block", block)
+    check.check_int("block", block)
     if not isinstance(layout, Tensor) or layout.dim() not in (2, 3):
         raise TypeError("layout must be a tensor of shape (nbq, nbk) or (H, nbq, nbk)")
     lay = layout.bool().view(-1, *layout.shape[-2:])
@@ -899,14 +898,13 @@ def bigbird(
     global blocks at the start (attending and attended everywhere) and ``num_random``
     random key blocks drawn with ``seed`` (reproducible).
     """
-    check.check_positive_int("block", block)
+    check.check_int("block", block)
     for name, value in (
         ("num_window", num_window),
         ("num_global", num_global),
         ("num_random", num_random),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        check.check_int(name, value, least=0)
     check.check_align(align)
 
     def bind(Lq: int, Lk: int) -> BoundMask:

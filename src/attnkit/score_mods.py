@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from attnkit._types import ScoreModFn
+from attnkit._validation import check_int
 
 __all__ = [
     "KernelMods",
@@ -108,8 +109,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
     2^(-8h/H) for h = 1..H when H is a power of 2; otherwise the slopes of the closest lower
     power of two followed by every other slope of the next power.
     """
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+    check_int("num_heads", num_heads)
 
     def power_of_two(n: int) -> list[float]:
         return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]

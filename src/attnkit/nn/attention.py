@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from attnkit import masks as _masks
 from attnkit._types import ScoreModFn
+from attnkit._validation import check_int
 from attnkit.backends._common import MaskLike
 from attnkit.block_mask import BlockMask
 from attnkit.functional import BackendName, attention, attention_weights
@@ -18,12 +19,6 @@ from attnkit.masks import Mask
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.score_mods import ScoreMod
-
-
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
 
 
 def _check_window(window: int, mask_parts: list[Mask]) -> None:
@@ -68,6 +63,8 @@ class MultiHeadAttention(nn.Module):
         mask: a mask applied on every call (e.g. ``masks.causal()``), combined with the call's.
         score_mod: applied on every call (e.g. ``score_mods.alibi(...)``).
         rope: a ``RotaryEmbedding`` applied to q and k in self-attention.
+        sinks: learn one attention-sink logit per head (``self.sinks`` (Hq,), initialised to
+            0), which takes a share of every row's weight and adds no value (gpt-oss).
         backend: attention backend (see ``attnkit.attention``).
         batch_first: inputs (B, L, E) when True, else (L, B, E).
 
@@ -89,15 +86,16 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | None = None,
         score_mod: ScoreMod | ScoreModFn | None = None,
         rope: RotaryEmbedding | None = None,
+        sinks: bool = False,
         backend: BackendName = "auto",
         batch_first: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _positive("embed_dim", embed_dim)
-        _positive("num_heads", num_heads)
-        kv_heads = _positive("num_kv_heads", num_kv_heads or num_heads)
+        check_int("embed_dim", embed_dim)
+        check_int("num_heads", num_heads)
+        kv_heads = check_int("num_kv_heads", num_kv_heads or num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if num_heads % kv_heads:
@@ -117,6 +115,8 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(self.kdim, kv_heads * self.head_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(self.vdim, kv_heads * self.head_dim, bias=bias, **kw)
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **kw)  # W0
+        zeros = torch.zeros(num_heads, device=device, dtype=dtype)
+        self.sinks = nn.Parameter(zeros) if sinks else None
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         """(B, L, n·hd) -> (B, n, L, hd)."""
@@ -200,10 +200,13 @@ class MultiHeadAttention(nn.Module):
             score_mod=self.score_mod,
             dropout_p=dropout_p,
             backend=self.backend,
+            sinks=self.sinks,
         )
         weights = None
         if need_weights:
-            weights = attention_weights(q, k, v, mask=full_mask, score_mod=self.score_mod)
+            weights = attention_weights(
+                q, k, v, mask=full_mask, score_mod=self.score_mod, sinks=self.sinks
+            )
         out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim))
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -278,8 +281,10 @@ class MultiHeadAttention(nn.Module):
         """An equivalent ``torch.nn.MultiheadAttention`` (needs num_kv_heads == num_heads)."""
         if self.num_kv_heads != self.num_heads:
             raise ValueError("to_torch: torch.nn.MultiheadAttention has no grouped-query heads")
-        if self.rope is not None or self.score_mod is not None or self.mask is not None:
-            raise ValueError("to_torch: rope, score_mod and module masks have no torch equivalent")
+        if any(x is not None for x in (self.rope, self.score_mod, self.mask, self.sinks)):
+            raise ValueError(
+                "to_torch: rope, score_mod, sinks and module masks have no torch equivalent"
+            )
         w = self.q_proj.weight
         bias = self.q_proj.bias is not None
         m = nn.MultiheadAttention(
@@ -310,7 +315,7 @@ class MultiHeadAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, mask={self.mask!r}, "
-            f"backend={self.backend!r}"
+            f"sinks={self.sinks is not None}, backend={self.backend!r}"
         )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnkit._validation import check_int
+
 
 class KVCache:
     """Keys (B, Hkv, max_len, D) and values (B, Hkv, max_len, Dv), filled left to right.
@@ -52,11 +54,9 @@ class KVCache:
             ("max_len", max_len),
             ("head_dim", head_dim),
         ):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"KVCache {name} must be an int >= 1, got {n!r}")
+            check_int(f"KVCache {name}", n)
         if window is not None:
-            if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-                raise ValueError(f"KVCache window must be an int >= 0 or None, got {window!r}")
+            check_int("KVCache window", window, least=0)
             if window >= max_len:
                 raise ValueError(
                     f"KVCache max_len ({max_len}) must exceed window ({window}): it holds the "

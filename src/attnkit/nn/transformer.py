@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit import masks, score_mods
+from attnkit._validation import check_int
 from attnkit.functional import BackendName
 from attnkit.masks import Mask
 from attnkit.nn.attention import MultiHeadAttention
@@ -36,6 +37,7 @@ def _self_attention(
     mask: Mask | None,
     positions: Positions,
     backend: BackendName,
+    sinks: bool = False,
 ) -> MultiHeadAttention:
     rope = RotaryEmbedding(d_model // nhead) if positions == "rope" else None
     mod = score_mods.alibi(score_mods.alibi_slopes(nhead)) if positions == "alibi" else None
@@ -47,6 +49,7 @@ def _self_attention(
         mask=mask,
         rope=rope,
         score_mod=mod,
+        sinks=sinks,
         backend=backend,
     )
 
@@ -73,6 +76,7 @@ class TransformerEncoderLayer(nn.Module):
     """Pre-norm self-attention + MLP. ``mask`` (any attnkit Mask) applies on every call.
 
     Also the block of ``CausalLM`` (with a causal or causal sliding-window mask).
+    ``sinks=True`` gives each head a learned attention-sink logit (``MultiHeadAttention``).
     """
 
     def __init__(
@@ -85,11 +89,12 @@ class TransformerEncoderLayer(nn.Module):
         num_kv_heads: int | None = None,
         mask: Mask | None = None,
         positions: Positions = "learned",
+        sinks: bool = False,
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
         self.self_attn = _self_attention(
-            d_model, nhead, num_kv_heads, dropout, mask, positions, backend
+            d_model, nhead, num_kv_heads, dropout, mask, positions, backend, sinks
         )
         self.ff = FeedForward(d_model, dim_feedforward or 4 * d_model, dropout)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
@@ -196,12 +201,11 @@ def _check_sampling(temperature: float, top_k: int | None, name: str, n: int, le
 
     ``name`` = n is how many tokens to make, at least ``least``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < least:
-        raise ValueError(f"{name} must be an int >= {least}, got {n!r}")
+    check_int(name, n, least)
     if not temperature >= 0:  # also refuses NaN
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_k is not None:
+        check_int("top_k", top_k)
 
 
 def _sample(
@@ -433,7 +437,8 @@ class CausalLM(nn.Module):
     for sliding-window attention.
 
     Args: vocab, d_model, nhead, num_layers, dim_feedforward, dropout, max_len, positions,
-        num_kv_heads, mask, backend (as ``Transformer``). Output embedding tied to the input.
+        num_kv_heads, mask, backend (as ``Transformer``); sinks: a learned attention-sink
+        logit per head in every layer (gpt-oss). Output embedding tied to the input.
     """
 
     def __init__(
@@ -449,6 +454,7 @@ class CausalLM(nn.Module):
         positions: Positions = "learned",
         num_kv_heads: int | None = None,
         mask: Mask | None = None,
+        sinks: bool = False,
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
@@ -464,6 +470,7 @@ class CausalLM(nn.Module):
             "positions": positions,
             "num_kv_heads": num_kv_heads,
             "mask": mask,
+            "sinks": sinks,
             "backend": backend,
         }
         self.max_len = max_len
@@ -477,6 +484,7 @@ class CausalLM(nn.Module):
                 num_kv_heads=num_kv_heads,
                 mask=mask or masks.causal(),
                 positions=positions,
+                sinks=sinks,
                 backend=backend,
             )
             for _ in range(num_layers)
