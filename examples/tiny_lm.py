@@ -1,15 +1,16 @@
 """A tiny character-level language model on attnkit: full vs sliding-window attention.
 
-    python examples/tiny_lm.py [--minutes 2] [--window 32] [--out out/tiny_lm]
+    python examples/tiny_lm.py [--minutes 2] [--window 32] [--sinks] [--out out/tiny_lm]
     python examples/tiny_lm.py --load out/tiny_lm/window.pt \
         --prompt "The skilled surgeon operated on the patient with a"
     attnkit explain --checkpoint out/tiny_lm/window.pt --html out/tiny_lm/heads.html
 
 Trains the same model twice on the Book of Genesis (King James Version, public domain,
 examples/data/genesis_kjv.txt), once with full causal attention and once with a causal
-sliding window, under the same time budget; saves both loss curves in one PNG; generates
-text with the KV cache; and for a prompt prints the continuation and which earlier words the
-last layer attended to.
+sliding window (with ``--sinks`` a third time: the window plus a learned attention-sink
+logit per head, as in gpt-oss), under the same time budget; saves the loss curves in one
+PNG; generates text with the KV cache; and for a prompt prints the continuation and which
+earlier words the last layer attended to.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Chars:
         return "".join(self.chars[i] for i in ids)
 
 
-def make_model(vocab: int, window: int | None) -> CausalLM:
+def make_model(vocab: int, window: int | None, sinks: bool = False) -> CausalLM:
     mask = masks.sliding_window(window) if window else masks.causal()
     return CausalLM(
         vocab,
@@ -54,6 +55,7 @@ def make_model(vocab: int, window: int | None) -> CausalLM:
         max_len=512,
         positions="rope",
         mask=mask,
+        sinks=sinks,
     )
 
 
@@ -133,6 +135,9 @@ def explain_prompt(model: CausalLM, chars: Chars, prompt: str, new_tokens: int) 
         start += len(piece) + 1
     words.append("(spaces)")
     scores.append(float(last.sum()) - sum(scores))
+    if model.config.get("sinks"):  # the weight no key took
+        words.append("(sink)")
+        scores.append(1.0 - float(last.sum()))
     ranked = sorted(zip(words, scores, strict=True), key=lambda p: -p[1])
     print(
         "last layer, from the final character, attention per earlier word: "
@@ -163,6 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=2.0, help="training budget per model")
     ap.add_argument("--window", type=int, default=32, help="sliding window (characters back)")
+    ap.add_argument("--sinks", action="store_true", help="also train the window with sinks")
     ap.add_argument("--out", default="out/tiny_lm")
     ap.add_argument("--load", help="a checkpoint to load instead of training")
     ap.add_argument("--prompt", default="The skilled surgeon operated on the patient with a")
@@ -182,14 +188,18 @@ def main() -> None:
     data = chars.encode(text)
     split = int(0.9 * len(data))
     curves, models = {}, {}
-    for label, window in (("full causal", None), (f"sliding window {args.window}", args.window)):
+    runs = [("full causal", None, False, "full.pt")]
+    runs.append((f"sliding window {args.window}", args.window, False, "window.pt"))
+    if args.sinks:
+        runs.append((f"sliding window {args.window} + sinks", args.window, True, "sinks.pt"))
+    for label, window, sinks, name in runs:
         torch.manual_seed(0)
-        model = make_model(len(chars.chars), window)
+        model = make_model(len(chars.chars), window, sinks)
         curves[label], final = train(model, data[:split], data[split:], args.minutes, label)
         models[label] = (model, window)
         print(f"{label}: validation loss {final:.3f} nats/char after {args.minutes} min")
         save_checkpoint(
-            out / ("window.pt" if window else "full.pt"),
+            out / name,
             model,
             vocab=chars.chars,
             meta={"validation_loss": final, "minutes": args.minutes},
@@ -198,7 +208,7 @@ def main() -> None:
     for label, (model, _) in models.items():
         print(f"--- {label}")
         explain_prompt(model, chars, args.prompt, args.new_tokens)
-    print(f"wrote {out / 'loss_curves.png'}, {out / 'full.pt'}, {out / 'window.pt'}")
+    print(f"wrote {out / 'loss_curves.png'} and", ", ".join(str(out / r[3]) for r in runs))
 
 
 if __name__ == "__main__":

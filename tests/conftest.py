@@ -91,3 +91,34 @@ def every_mask(Lq, Lk):
 
 
 MASK_NAMES = list(every_mask(150, 150))
+
+
+def hf_attention(family, **config):
+    """A transformers attention module (eager, random weights) and its config.
+
+    ``family`` names the model module, e.g. "gpt_oss" (class GptOssAttention) or "qwen3".
+    """
+    transformers = pytest.importorskip("transformers")
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    prefix = "".join(part.capitalize() for part in family.split("_"))
+    cfg = getattr(transformers, f"{prefix}Config")(attention_dropout=0.0, **config)
+    cfg._attn_implementation = "eager"
+    hf = getattr(module, f"{prefix}Attention")(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        for i, p in enumerate(hf.parameters()):
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
+    return hf
+
+
+def load_hf_attention(ours, hf):
+    """Copy q/k/v/o projections (and q/k norms, sinks where both have them) from ``hf``."""
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(ours, name).load_state_dict(getattr(hf, name).state_dict())
+        ours.out_proj.load_state_dict(hf.o_proj.state_dict())
+        theirs = hf.state_dict()
+        for name in ("q_norm.weight", "k_norm.weight", "sinks"):
+            if name in theirs:
+                ours.get_parameter(name).copy_(theirs[name])  # raises if ours lacks it

@@ -155,6 +155,28 @@ def test_explain_checkpoint_heads_pictures_and_guesses(char_lm, tmp_path, capsys
     assert r.next_tokens[0][0] == {" ": "␣"}.get(vocab[top], vocab[top])
 
 
+def test_explain_checkpoint_shows_the_sinks_share(tmp_path, capsys):
+    """With attention sinks, each head's row sums to 1 minus its sink column."""
+    from attnkit.explain import run_checkpoint
+    from attnkit.nn import CausalLM, load_checkpoint, save_checkpoint
+
+    vocab = sorted(set(DEFAULT_TEXT))
+    model = CausalLM(len(vocab), d_model=32, nhead=2, num_layers=1, sinks=True)
+    with torch.no_grad():
+        model.layers[0].self_attn.sinks.copy_(torch.tensor([2.0, 5.0]))
+    path = save_checkpoint(tmp_path / "sinks.pt", model, vocab=vocab)
+    assert main(["explain", "--checkpoint", str(path), "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    r = run_checkpoint(load_checkpoint(path), DEFAULT_TEXT)
+    i = len(DEFAULT_TEXT) - 1
+    shares = 1 - r.attention(0)[:, i].sum(-1)
+    assert float(shares.min()) > 0.05
+    assert float(shares.max()) < 0.95
+    assert re.search(r"┃ #1\s+┃ sink", out)
+    for h, share in enumerate(shares.tolist()):
+        assert re.search(rf"│\s+0 │\s+{h} │ .* │ {share:.2f}\s+│", out)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

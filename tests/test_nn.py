@@ -284,3 +284,31 @@ def test_windowed_cache_decoding_property(window, chunks, room, num_kv_heads, se
         outs.append(a(x[:, t : t + n], cache=cache)[0])
         t += n
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_qk_norm_matches_transformers_qwen3_attention(num_kv_heads):
+    """Per-head RMSNorm of q and k before RoPE, as Qwen3; and decoding normalises each key."""
+    from conftest import hf_attention, load_hf_attention
+
+    E, H, D, B, L = 64, 4, 16, 2, 11
+    hf = hf_attention(
+        "qwen3", hidden_size=E, num_attention_heads=H, num_key_value_heads=num_kv_heads, head_dim=D
+    )
+    rope = RotaryEmbedding(D)
+    ours = MultiHeadAttention(
+        E, H, num_kv_heads=num_kv_heads, bias=False, mask=masks.causal(), rope=rope, qk_norm=True
+    ).eval()
+    load_hf_attention(ours, hf)
+    x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(4))
+    angles = torch.arange(L, dtype=torch.float32)[:, None] * rope.inv_freq
+    cos, sin = (torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1))
+    additive = torch.zeros(L, L).masked_fill(~masks.causal().dense(L, L)[0, 0], float("-inf"))
+    exp_out, exp_w = hf(x, (cos.expand(B, L, D), sin.expand(B, L, D)), additive.expand(B, 1, L, L))
+    out, w = ours(x, need_weights=True)
+    torch.testing.assert_close(out, exp_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, exp_w, atol=1e-6, rtol=1e-5)
+    cache = KVCache(B, num_kv_heads, L, D)
+    steps = [ours(x[:, t : t + 1], cache=cache)[0] for t in range(L)]
+    torch.testing.assert_close(torch.cat(steps, 1), exp_out, atol=1e-5, rtol=1e-5)
+    assert "qk_norm=True" in repr(ours)

@@ -13,6 +13,7 @@ import torch
 import attnkit
 from attnkit import UnsupportedError, masks
 from attnkit.nn import KVCache, MultiHeadAttention, RotaryEmbedding
+from conftest import hf_attention, load_hf_attention
 
 
 def explicit_sinks(q, k, v, allowed, sinks, scale):
@@ -104,7 +105,7 @@ def test_sinks_need_a_backend_that_returns_the_lse_and_a_well_formed_tensor():
     q, k, v, sinks = _inputs(torch.float32)
     assert attnkit.dispatch(q, k, v).backend == "sdpa"
     assert attnkit.dispatch(q, k, v, sinks=sinks).backend != "sdpa"
-    with pytest.raises(UnsupportedError, match="sdpa"):
+    with pytest.raises(UnsupportedError, match="'sdpa' cannot apply sinks"):
         attnkit.attention(q, k, v, sinks=sinks, backend="sdpa")
     for bad, error, match in (
         (torch.zeros(3), ValueError, r"sinks must have shape \(Hq,\) = \(4,\).*got \(3,\)"),
@@ -118,42 +119,23 @@ def test_sinks_need_a_backend_that_returns_the_lse_and_a_well_formed_tensor():
             attnkit.attention_weights(q, k, v, sinks=bad)
 
 
-def _gpt_oss_attention(E, H, Hkv, D, theta):
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.gpt_oss import modeling_gpt_oss
-
-    config = transformers.GptOssConfig(
+@pytest.mark.parametrize("window", [None, 4])
+def test_multihead_attention_with_sinks_matches_transformers_gpt_oss(window):
+    """Projections, rotary positions, GQA and learned sinks; causal and banded layers."""
+    E, H, Hkv, D, B, L, theta = 64, 4, 2, 16, 2, 13, 10000.0
+    hf = hf_attention(
+        "gpt_oss",
         hidden_size=E,
         num_attention_heads=H,
         num_key_value_heads=Hkv,
         head_dim=D,
         attention_bias=True,
-        rope_theta=theta,
-        attention_dropout=0.0,
     )
-    config._attn_implementation = "eager"
-    hf = modeling_gpt_oss.GptOssAttention(config, layer_idx=0).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
-    return hf, modeling_gpt_oss
-
-
-@pytest.mark.parametrize("window", [None, 4])
-def test_multihead_attention_with_sinks_matches_transformers_gpt_oss(window):
-    """Projections, rotary positions, GQA and learned sinks; causal and banded layers."""
-    E, H, Hkv, D, B, L, theta = 64, 4, 2, 16, 2, 13, 10000.0
-    hf, _ = _gpt_oss_attention(E, H, Hkv, D, theta)
     mask = masks.causal() if window is None else masks.sliding_window(window - 1)
     ours = MultiHeadAttention(
         E, H, num_kv_heads=Hkv, mask=mask, rope=RotaryEmbedding(D, theta), sinks=True
     ).eval()
-    with torch.no_grad():
-        for name in ("q_proj", "k_proj", "v_proj"):
-            getattr(ours, name).load_state_dict(getattr(hf, name).state_dict())
-        ours.out_proj.load_state_dict(hf.o_proj.state_dict())
-        assert ours.sinks is not None
-        ours.sinks.copy_(hf.sinks)
+    load_hf_attention(ours, hf)
     x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(1))
     angles = torch.arange(L, dtype=torch.float32)[:, None] * RotaryEmbedding(D, theta).inv_freq
     cos, sin = angles.cos().expand(B, L, D // 2), angles.sin().expand(B, L, D // 2)

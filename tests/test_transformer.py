@@ -44,15 +44,15 @@ def test_cached_decoding_equals_full_pass(positions):
 
 
 @pytest.mark.parametrize(
-    ("positions", "mask", "sinks"),
+    ("positions", "mask", "modern"),
     [
         ("learned", None, False),
         ("rope", masks.sliding_window(3), False),
         ("alibi", masks.sliding_window(4), False),
-        ("rope", masks.sliding_window(3), True),
+        ("rope", masks.sliding_window(3), True),  # with sinks and qk_norm
     ],
 )
-def test_causal_lm_cached_equals_full(positions, mask, sinks):
+def test_causal_lm_cached_equals_full(positions, mask, modern):
     lm = CausalLM(
         30,
         d_model=32,
@@ -62,7 +62,8 @@ def test_causal_lm_cached_equals_full(positions, mask, sinks):
         positions=positions,
         num_kv_heads=2,
         mask=mask,
-        sinks=sinks,
+        sinks=modern,
+        qk_norm=modern,
     ).eval()
     ids = torch.randint(0, 30, (2, 12))
     with torch.no_grad():
@@ -158,10 +159,12 @@ def test_checkpoint_round_trip(tmp_path):
         positions="rope",
         mask=masks.sliding_window(3),
         sinks=True,
+        qk_norm=True,
     )
-    with torch.no_grad():  # learned sinks away from their initial 0, to see them restored
+    with torch.no_grad():  # sinks and norm gains off their initial values, to see them reload
         for layer in lm.layers:
             layer.self_attn.sinks.normal_()
+            layer.self_attn.q_norm.weight.normal_()
     src, tgt = torch.randint(3, 20, (1, 6)), torch.randint(3, 20, (1, 4))
     ids = torch.randint(0, 9, (1, 7))
     for model, run in ((seq2seq, lambda m: m(src, tgt)), (lm, lambda m: m(ids)[0])):

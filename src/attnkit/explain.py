@@ -73,7 +73,8 @@ class Run:
 
     ``text`` and ``char_level`` matter for character-level checkpoints, where a word is found
     in the text rather than among the tokens; ``next_tokens`` is a language model's top
-    predictions for the token after the text, [(token, probability), ...].
+    predictions for the token after the text, [(token, probability), ...]; ``sinks`` says the
+    model has attention sinks, so a row's weights sum to 1 minus the sink's share.
     """
 
     encoding: Encoding
@@ -81,6 +82,7 @@ class Run:
     text: str = ""
     char_level: bool = False
     next_tokens: list[tuple[str, float]] = field(default_factory=list)
+    sinks: bool = False
 
     @property
     def tokens(self) -> list[str]:
@@ -150,6 +152,7 @@ def run_checkpoint(ckpt: Checkpoint, text: str, *, truncate: bool = False) -> Ru
         text="".join(pieces) if char_level else " ".join(pieces),
         char_level=char_level,
         next_tokens=[(_show(vocab[i]), float(w)) for i, w in zip(top, probs, strict=True)],
+        sinks=bool(model.config.get("sinks")),
     )
 
 
@@ -226,14 +229,19 @@ def render_heads(r: Run, i: int, layers: list[int], k: int, title: str = "") -> 
     table.add_column("head", justify="right")
     for n in range(k):
         table.add_column(f"#{n + 1}")
+    if r.sinks:
+        table.add_column("sink")  # the weight that went to no key
     for layer in layers:
-        for h, tops in enumerate(top_attended(r.attention(layer), i, k)):
+        att = r.attention(layer)
+        for h, tops in enumerate(top_attended(att, i, k)):
             # characters repeat: name them by position too
             where = [f"@{j}" if r.char_level else "" for j, _ in tops]
             cells = [
                 f"{r.tokens[j]}{at} [dim]{w:.2f}[/dim]"
                 for (j, w), at in zip(tops, where, strict=True)
             ]
+            if r.sinks:
+                cells.append(f"[dim]{1 - float(att[h, i].sum()):.2f}[/dim]")
             table.add_row(str(layer), str(h), *cells)
     return table
 

@@ -281,6 +281,11 @@ def attention(
     req = _request(q, k, v, mask, score_mod, scale, dropout_p, generator, need_lse)
     if sinks is not None:
         check_sinks(sinks, req.shapes.Hq, q.device)
+        if backend == "sdpa":
+            raise UnsupportedError(
+                "backend 'sdpa' cannot apply sinks: they rescale the output by its "
+                "log-sum-exp, which torch SDPA does not return"
+            )
     decision = _choose(req, backend)
     out, lse = _backends.get(decision.backend).run(req)
     if sinks is not None:

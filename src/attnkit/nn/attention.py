@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
-from functools import reduce
+from functools import partial, reduce
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,8 @@ class MultiHeadAttention(nn.Module):
         mask: a mask applied on every call (e.g. ``masks.causal()``), combined with the call's.
         score_mod: applied on every call (e.g. ``score_mods.alibi(...)``).
         rope: a ``RotaryEmbedding`` applied to q and k in self-attention.
+        qk_norm: RMS-normalise each head's queries and keys (learned gains, over head_dim)
+            before rotary positions, as Qwen3, OLMo 2 and Gemma 3 do to keep logits bounded.
         sinks: learn one attention-sink logit per head (``self.sinks`` (Hq,), initialised to
             0), which takes a share of every row's weight and adds no value (gpt-oss).
         backend: attention backend (see ``attnkit.attention``).
@@ -86,6 +88,7 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | None = None,
         score_mod: ScoreMod | ScoreModFn | None = None,
         rope: RotaryEmbedding | None = None,
+        qk_norm: bool = False,
         sinks: bool = False,
         backend: BackendName = "auto",
         batch_first: bool = True,
@@ -115,6 +118,10 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(self.kdim, kv_heads * self.head_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(self.vdim, kv_heads * self.head_dim, bias=bias, **kw)
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **kw)  # W0
+        # per-head RMSNorm over head_dim, eps as Qwen3 and OLMo 2
+        norm = partial(nn.RMSNorm, self.head_dim, 1e-6, device=device, dtype=dtype)
+        self.q_norm: nn.RMSNorm | None = norm() if qk_norm else None
+        self.k_norm: nn.RMSNorm | None = norm() if qk_norm else None
         zeros = torch.zeros(num_heads, device=device, dtype=dtype)
         self.sinks = nn.Parameter(zeros) if sinks else None
 
@@ -169,6 +176,8 @@ class MultiHeadAttention(nn.Module):
             value = key
         B, Lq, _ = query.shape
         q = self._heads(self.q_proj(query), self.num_heads)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         reuse_cross = cache is not None and not is_self and cache.length > 0
         if reuse_cross:
             assert cache is not None
@@ -180,6 +189,8 @@ class MultiHeadAttention(nn.Module):
                     f"got {tuple(key.shape)} and {tuple(value.shape)}"
                 )
             k = self._heads(self.k_proj(key), self.num_kv_heads)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
             v = self._heads(self.v_proj(value), self.num_kv_heads)
         if self.rope is not None and is_self:
             start = cache.position if cache is not None else 0
@@ -281,9 +292,11 @@ class MultiHeadAttention(nn.Module):
         """An equivalent ``torch.nn.MultiheadAttention`` (needs num_kv_heads == num_heads)."""
         if self.num_kv_heads != self.num_heads:
             raise ValueError("to_torch: torch.nn.MultiheadAttention has no grouped-query heads")
-        if any(x is not None for x in (self.rope, self.score_mod, self.mask, self.sinks)):
+        extras = (self.rope, self.score_mod, self.mask, self.sinks, self.q_norm)
+        if any(x is not None for x in extras):
             raise ValueError(
-                "to_torch: rope, score_mod, sinks and module masks have no torch equivalent"
+                "to_torch: rope, score_mod, qk_norm, sinks and module masks have no torch "
+                "equivalent"
             )
         w = self.q_proj.weight
         bias = self.q_proj.bias is not None
@@ -315,7 +328,8 @@ class MultiHeadAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, mask={self.mask!r}, "
-            f"sinks={self.sinks is not None}, backend={self.backend!r}"
+            f"qk_norm={self.q_norm is not None}, sinks={self.sinks is not None}, "
+            f"backend={self.backend!r}"
         )
 
 

@@ -38,6 +38,7 @@ def _self_attention(
     positions: Positions,
     backend: BackendName,
     sinks: bool = False,
+    qk_norm: bool = False,
 ) -> MultiHeadAttention:
     rope = RotaryEmbedding(d_model // nhead) if positions == "rope" else None
     mod = score_mods.alibi(score_mods.alibi_slopes(nhead)) if positions == "alibi" else None
@@ -49,6 +50,7 @@ def _self_attention(
         mask=mask,
         rope=rope,
         score_mod=mod,
+        qk_norm=qk_norm,
         sinks=sinks,
         backend=backend,
     )
@@ -76,7 +78,8 @@ class TransformerEncoderLayer(nn.Module):
     """Pre-norm self-attention + MLP. ``mask`` (any attnkit Mask) applies on every call.
 
     Also the block of ``CausalLM`` (with a causal or causal sliding-window mask).
-    ``sinks=True`` gives each head a learned attention-sink logit (``MultiHeadAttention``).
+    ``sinks`` and ``qk_norm`` are ``MultiHeadAttention``'s: a learned attention-sink logit
+    per head, and RMS-normalised queries and keys.
     """
 
     def __init__(
@@ -90,11 +93,12 @@ class TransformerEncoderLayer(nn.Module):
         mask: Mask | None = None,
         positions: Positions = "learned",
         sinks: bool = False,
+        qk_norm: bool = False,
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
         self.self_attn = _self_attention(
-            d_model, nhead, num_kv_heads, dropout, mask, positions, backend, sinks
+            d_model, nhead, num_kv_heads, dropout, mask, positions, backend, sinks, qk_norm
         )
         self.ff = FeedForward(d_model, dim_feedforward or 4 * d_model, dropout)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
@@ -437,8 +441,9 @@ class CausalLM(nn.Module):
     for sliding-window attention.
 
     Args: vocab, d_model, nhead, num_layers, dim_feedforward, dropout, max_len, positions,
-        num_kv_heads, mask, backend (as ``Transformer``); sinks: a learned attention-sink
-        logit per head in every layer (gpt-oss). Output embedding tied to the input.
+        num_kv_heads, mask, backend (as ``Transformer``); sinks, qk_norm: learned
+        attention-sink logits (gpt-oss) and RMS-normalised queries and keys (Qwen3, OLMo 2)
+        in every layer (``MultiHeadAttention``). Output embedding tied to the input.
     """
 
     def __init__(
@@ -455,6 +460,7 @@ class CausalLM(nn.Module):
         num_kv_heads: int | None = None,
         mask: Mask | None = None,
         sinks: bool = False,
+        qk_norm: bool = False,
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
@@ -471,6 +477,7 @@ class CausalLM(nn.Module):
             "num_kv_heads": num_kv_heads,
             "mask": mask,
             "sinks": sinks,
+            "qk_norm": qk_norm,
             "backend": backend,
         }
         self.max_len = max_len
@@ -485,6 +492,7 @@ class CausalLM(nn.Module):
                 mask=mask or masks.causal(),
                 positions=positions,
                 sinks=sinks,
+                qk_norm=qk_norm,
                 backend=backend,
             )
             for _ in range(num_layers)
