@@ -20,7 +20,7 @@ from attnkit.distributed import (
 )
 from conftest import rand_qkv
 
-# (name, L, Hq, Hkv, causal, window, layout)
+# (name, L, Hq, Hkv, causal, window, layout); a name ending in "sinks" adds attention sinks
 CASES = [
     ("full", 24, 2, 2, False, None, "contiguous"),
     ("full_zigzag", 24, 2, 2, False, None, "zigzag"),
@@ -28,6 +28,7 @@ CASES = [
     ("causal_zigzag", 32, 4, 2, True, None, "zigzag"),
     ("window", 40, 2, 1, True, 5, "zigzag"),
     ("window_sym", 24, 2, 2, False, (3, 2), "contiguous"),
+    ("causal_zigzag_sinks", 32, 4, 2, True, None, "zigzag"),
 ]
 
 
@@ -56,8 +57,12 @@ def _worker(rank, world, init_file, results_dir):
             torch.manual_seed(0)  # the same global tensors on every rank
             q, k, v = rand_qkv(2, Hq, Hkv, L, L, 8, 6, dtype=torch.float64, requires_grad=True)
             weight = torch.randn(2, Hq, L, 6, dtype=torch.float64)
+            sinks = None
+            if name.endswith("sinks"):
+                sinks = torch.randn(Hq, dtype=torch.float64, requires_grad=True)
+            mask = global_mask(causal, window)
             ref, ref_lse = attnkit.attention(
-                q, k, v, mask=global_mask(causal, window), backend="reference", return_lse=True
+                q, k, v, mask=mask, sinks=sinks, backend="reference", return_lse=True
             )
             ((ref * weight).sum() + ref_lse.sum() * 0.1).backward()
 
@@ -65,11 +70,26 @@ def _worker(rank, world, init_file, results_dir):
                 return shard_sequence(t.detach(), world, rank, layout)
 
             lq, lk, lv = (shard(t).requires_grad_() for t in (q, k, v))
+            local_sinks = None if sinks is None else sinks.detach().clone().requires_grad_()
             out, lse = ring_attention(
-                lq, lk, lv, causal=causal, window=window, layout=layout, return_lse=True
+                lq,
+                lk,
+                lv,
+                causal=causal,
+                window=window,
+                layout=layout,
+                sinks=local_sinks,
+                return_lse=True,
             )
             ((out * shard(weight)).sum() + lse.sum() * 0.1).backward()
+            checks = []
+            if sinks is not None:  # each rank's gradient covers its queries: sum over ranks
+                assert local_sinks is not None
+                assert local_sinks.grad is not None
+                dist.all_reduce(local_sinks.grad)
+                checks.append(("dsinks", local_sinks.grad, sinks.grad))
             for what, got, want in [
+                *checks,
                 ("out", out, shard(ref)),
                 ("lse", lse, shard(ref_lse)),
                 ("dq", lq.grad, shard(q.grad)),

@@ -27,6 +27,7 @@ from attnkit.backends.tiled import block_backward, block_forward
 from attnkit.distributed.layout import check_layout, chunks_of
 from attnkit.distributed.merge import merge_partials
 from attnkit.masks import Mask, causal, sliding_window
+from attnkit.sinks import apply_sinks, check_sinks
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,7 @@ def ring_attention(
     scale: float | None = None,
     group: dist.ProcessGroup | None = None,
     layout: str = "zigzag",
+    sinks: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Self-attention over a sequence sharded along dim 2 across the ranks of ``group``.
@@ -219,6 +221,9 @@ def ring_attention(
         scale: default 1/sqrt(D).
         group: the process group (default: the world).
         layout: "zigzag" (balanced causal work: chunks r and 2P-1-r of 2P) or "contiguous".
+        sinks: attention-sink logits (Hq,), the same on every rank (``attnkit.sinks``),
+            applied to the merged output. Each rank's gradient covers its own queries: sum
+            it over ranks, as for any replicated parameter.
         return_lse: also return the LSE (B, Hq, L/P) of this rank's queries.
 
     Returns:
@@ -257,5 +262,9 @@ def ring_attention(
         win,
         check.check_scale(scale, shapes.D),
     )
+    if sinks is not None:
+        check_sinks(sinks, shapes.Hq, q.device)
     out, lse = _RingAttention.apply(q, k, v, setup)  # type: ignore[no-untyped-call]
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
