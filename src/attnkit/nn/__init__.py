@@ -1,12 +1,13 @@
 """attnkit modules.
 
-MultiHeadAttention (self, cross, GQA), KVCache, RotaryEmbedding, and transformers built on them
-(encoder/decoder layers, Transformer, CausalLM).
+MultiHeadAttention (self, cross, GQA), MultiHeadLatentAttention (DeepSeek MLA), KVCache,
+RotaryEmbedding, and transformers built on them (encoder/decoder layers, Transformer, CausalLM).
 """
 
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.latent_attention import MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.nn.transformer import (
     CausalLM,
@@ -22,6 +23,7 @@ __all__ = [
     "FeedForward",
     "KVCache",
     "MultiHeadAttention",
+    "MultiHeadLatentAttention",
     "RotaryEmbedding",
     "Transformer",
     "TransformerDecoderLayer",

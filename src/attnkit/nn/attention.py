@@ -21,7 +21,7 @@ from attnkit.nn.rope import RotaryEmbedding
 from attnkit.score_mods import ScoreMod
 
 
-def _check_window(window: int, mask_parts: list[Mask]) -> None:
+def check_window(window: int, mask_parts: list[Mask]) -> None:
     """A cache that keeps only the last ``window`` positions is exact for these masks, or raise.
 
     Tensor and BlockMask masks of a call are given for the keys the cache holds, so they need
@@ -44,6 +44,46 @@ def _check_window(window: int, mask_parts: list[Mask]) -> None:
             f"this KVCache keeps only the last {window} positions (window={window}), but {what};"
             f" use a mask such as masks.sliding_window({window}), or a cache without a window"
         )
+
+
+def combine_masks(
+    masks: list[MaskLike],
+    key_padding_mask: Tensor | None,
+    B: int,
+    H: int,
+    Lq: int,
+    Lk: int,
+    device: torch.device,
+) -> MaskLike:
+    """One mask from a module's and a call's masks and torch's key_padding_mask (B, Lk).
+
+    Mask objects combine with ``&`` (still tile-skippable); a mix with tensors or BlockMasks
+    is materialised as one bool tensor (B, H, Lq, Lk).
+    """
+    parts: list[Mask | BlockMask | Tensor] = [m for m in masks if m is not None]
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(
+                f"key_padding_mask must be bool (B, Lk) = ({B}, {Lk}) with True = padding, "
+                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+        parts.append(_masks.from_padding_mask(~key_padding_mask))
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    mask_objects = [p for p in parts if isinstance(p, Mask)]
+    if len(mask_objects) == len(parts):
+        return reduce(operator.and_, mask_objects)
+    dense = [
+        p.dense(Lq, Lk, B=B, H=H, device=device)
+        if isinstance(p, Mask)
+        else p.to_dense().to(device)
+        if isinstance(p, BlockMask)
+        else p
+        for p in parts
+    ]
+    return reduce(torch.logical_and, dense)
 
 
 class MultiHeadAttention(nn.Module):
@@ -156,7 +196,7 @@ class MultiHeadAttention(nn.Module):
                 over all cached ones (positions continue from ``cache.position``);
                 cross-attention fills an empty cache from ``key``/``value`` and reuses it
                 afterwards. A cache with a window needs masks of relative position that look
-                back at most that far (see ``_check_window``).
+                back at most that far (see ``check_window``).
             need_weights: also return per-head weights (B, Hq, Lq, Lk); with a cache, over
                 its keys (positions ``cache.start ..``).
 
@@ -196,12 +236,14 @@ class MultiHeadAttention(nn.Module):
             start = cache.position if cache is not None else 0
             q, k = self.rope(q, offset=start), self.rope(k, offset=start)
         if cache is not None and is_self and cache.window is not None:
-            _check_window(cache.window, [m for m in (self.mask, mask) if isinstance(m, Mask)])
+            check_window(cache.window, [m for m in (self.mask, mask) if isinstance(m, Mask)])
         if cache is not None and not reuse_cross:
             k, v = cache.append(k, v)
             if key_padding_mask is not None and key_padding_mask.shape[-1] == cache.position:
                 key_padding_mask = key_padding_mask[..., cache.start :]
-        full_mask = self._combined_mask(mask, key_padding_mask, B, Lq, k.shape[2], q.device)
+        full_mask = combine_masks(
+            [self.mask, mask], key_padding_mask, B, self.num_heads, Lq, k.shape[2], q.device
+        )
         dropout_p = self.dropout if self.training else 0.0
         out = attention(
             q,
@@ -222,41 +264,6 @@ class MultiHeadAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
-
-    def _combined_mask(
-        self,
-        mask: MaskLike,
-        key_padding_mask: Tensor | None,
-        B: int,
-        Lq: int,
-        Lk: int,
-        device: torch.device,
-    ) -> MaskLike:
-        parts: list[Mask | BlockMask | Tensor] = [m for m in (self.mask, mask) if m is not None]
-        if key_padding_mask is not None:
-            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Lk):
-                raise ValueError(
-                    f"key_padding_mask must be bool (B, Lk) = ({B}, {Lk}) with True = padding, "
-                    f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-                )
-            parts.append(_masks.from_padding_mask(~key_padding_mask))
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        mask_objects = [p for p in parts if isinstance(p, Mask)]
-        if len(mask_objects) == len(parts):
-            return reduce(operator.and_, mask_objects)
-        # Mixed kinds: materialise each part as a bool tensor and intersect.
-        dense = [
-            p.dense(Lq, Lk, B=B, H=self.num_heads, device=device)
-            if isinstance(p, Mask)
-            else p.to_dense().to(device)
-            if isinstance(p, BlockMask)
-            else p
-            for p in parts
-        ]
-        return reduce(torch.logical_and, dense)
 
     # ---- conversion to and from torch.nn.MultiheadAttention -----------------------------
     def _in_projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:

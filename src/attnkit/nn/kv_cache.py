@@ -26,7 +26,8 @@ class KVCache:
             hold the window plus the most positions appended at once; 2·w or more keeps the
             copies rare.
         dtype, device: of the buffers.
-        value_dim: Dv when it differs from head_dim.
+        value_dim: Dv when it differs from head_dim; 0 keeps keys only (``values`` is then
+            empty), for multi-head latent attention, whose values are part of its keys.
         window: keep only the last ``window`` positions before each append; None keeps all.
 
     Example:
@@ -62,7 +63,7 @@ class KVCache:
                     f"KVCache max_len ({max_len}) must exceed window ({window}): it holds the "
                     "window plus the positions appended at once"
                 )
-        dv = head_dim if value_dim is None else value_dim
+        dv = head_dim if value_dim is None else check_int("KVCache value_dim", value_dim, 0)
         self._k = torch.zeros(batch, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self._v = torch.zeros(batch, num_kv_heads, max_len, dv, dtype=dtype, device=device)
         self.window = window

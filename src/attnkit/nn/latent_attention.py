@@ -1,0 +1,189 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3): keys and values from one small latent.
+
+Each token's keys and values for all heads are decoded from one latent c (``kv_rank``
+channels, RMS-normalised) plus one rotary key k_rope (``rope_dim`` channels) shared by
+every head, so a KV cache holds kv_rank + rope_dim numbers per token instead of
+2·H·head_dim. Per head h, with K_h, V_h the up-projections (``kv_up``):
+
+    q_h = [q_nope_h | rope(q_rope_h)]        k_h = [K_h·c | rope(k_rope)]        v_h = V_h·c
+
+    score = q_nope_h·(K_h·c) + rope(q_rope_h)·rope(k_rope)
+          = (K_hᵀ·q_nope_h)·c + rope(q_rope_h)·rope(k_rope)
+
+The second line is the "absorbed" form used for decoding: fold K_h into the query, attend
+with queries [K_hᵀ·q_nope_h | rope(q_rope_h)] over keys [c | rope(k_rope)] and values c, then
+apply V_h to the result. That is multi-query attention (one kv head) in latent space, which
+every attnkit backend runs without repeating keys: the cache stores [c | rope(k_rope)] once
+(``KVCache(value_dim=0)``) and the values are a view of its first ``kv_rank`` channels.
+Without a cache the module runs the expanded form (per-head keys and values, as training
+does); the tests check both against transformers' ``DeepseekV3Attention``.
+
+Shapes: x (B, L, E); q (B, H, L, nope_dim + rope_dim); latent keys (B, 1, Lk, kv_rank +
+rope_dim); output (B, L, E).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from attnkit import masks as _masks
+from attnkit._types import ScoreModFn
+from attnkit._validation import check_int
+from attnkit.backends._common import MaskLike
+from attnkit.functional import BackendName, attention, attention_weights
+from attnkit.masks import Mask
+from attnkit.nn.attention import check_window, combine_masks
+from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.rope import RotaryEmbedding
+from attnkit.score_mods import ScoreMod
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Self-attention whose keys and values come from a low-rank latent (DeepSeek MLA).
+
+    Args:
+        embed_dim: E, width of input and output.
+        num_heads: H.
+        kv_rank: channels of the key/value latent c (DeepSeek-V3: 512).
+        nope_dim: per-head query/key channels without positions (128).
+        rope_dim: per-head query channels and the shared key channels with rotary positions
+            (64).
+        v_dim: per-head value channels (128).
+        q_rank: if given, queries also go through a latent of this width (down-projection,
+            RMSNorm, up-projection; 1536); None projects them directly.
+        rope_base: rotary frequency base.
+        scale: softmax scale; default 1/sqrt(nope_dim + rope_dim) (YaRN models pass theirs).
+        mask: applied on every call (default causal), combined with the call's.
+        score_mod: applied on every call.
+        bias: biases in the down-projections and the output projection (DeepSeek: none).
+        backend: attention backend (see ``attnkit.attention``).
+
+    Use ``new_cache`` for decoding: it holds kv_rank + rope_dim numbers per token.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        kv_rank: int,
+        nope_dim: int,
+        rope_dim: int,
+        v_dim: int,
+        q_rank: int | None = None,
+        rope_base: float = 10000.0,
+        scale: float | None = None,
+        mask: Mask | None = None,
+        score_mod: ScoreMod | ScoreModFn | None = None,
+        bias: bool = False,
+        backend: BackendName = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, n in (
+            ("embed_dim", embed_dim),
+            ("num_heads", num_heads),
+            ("kv_rank", kv_rank),
+            ("rope_dim", rope_dim),
+            ("v_dim", v_dim),
+        ):
+            check_int(name, n)
+        check_int("nope_dim", nope_dim, least=0)
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.kv_rank, self.nope_dim, self.rope_dim, self.v_dim = kv_rank, nope_dim, rope_dim, v_dim
+        self.scale = (nope_dim + rope_dim) ** -0.5 if scale is None else scale
+        self.mask = _masks.causal() if mask is None else mask
+        self.score_mod, self.backend = score_mod, backend
+        linear = partial(nn.Linear, device=device, dtype=dtype)
+        norm = partial(nn.RMSNorm, eps=1e-6, device=device, dtype=dtype)  # eps as DeepSeek's
+        q_width = num_heads * (nope_dim + rope_dim)
+        self.q_rank = q_rank
+        if q_rank is None:
+            self.q_proj: nn.Module = linear(embed_dim, q_width, bias=False)
+        else:
+            check_int("q_rank", q_rank)
+            self.q_proj = nn.Sequential(
+                linear(embed_dim, q_rank, bias=bias),
+                norm(q_rank),
+                linear(q_rank, q_width, bias=False),
+            )
+        self.kv_down = linear(embed_dim, kv_rank + rope_dim, bias=bias)  # -> [c | k_rope]
+        self.kv_norm = norm(kv_rank)
+        self.kv_up = linear(kv_rank, num_heads * (nope_dim + v_dim), bias=False)  # K_h, V_h
+        self.out_proj = linear(num_heads * v_dim, embed_dim, bias=bias)
+        self.rope = RotaryEmbedding(rope_dim, rope_base)
+
+    def new_cache(self, batch: int, max_len: int, window: int | None = None) -> KVCache:
+        """A cache of latent keys [c | rope(k_rope)] (B, 1, max_len, kv_rank + rope_dim)."""
+        w = self.kv_up.weight
+        return KVCache(
+            batch, 1, max_len, self.kv_rank + self.rope_dim, w.dtype, w.device, 0, window
+        )
+
+    def _up(self) -> tuple[Tensor, Tensor]:
+        """K (H, nope_dim, kv_rank) and V (H, v_dim, kv_rank), the per-head up-projections."""
+        w = self.kv_up.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: MaskLike = None,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from x (B, L, E) to itself (and to the cache's earlier positions).
+
+        Args:
+            x: (B, L, E).
+            mask: this call's mask, combined with the module's.
+            cache: from ``new_cache``: appends this call's latent keys and attends in the
+                absorbed form over all cached ones.
+            need_weights: also return the weights (B, H, L, Lk).
+
+        Returns:
+            (output (B, L, E), weights or None).
+        """
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be (B, L, E={self.embed_dim}), got {tuple(x.shape)}")
+        B, L, _ = x.shape
+        H, nope, r = self.num_heads, self.nope_dim, self.kv_rank
+        start = 0 if cache is None else cache.position
+        q = self.q_proj(x).view(B, L, H, nope + self.rope_dim).transpose(1, 2)
+        q_nope, q_rope = q[..., :nope], self.rope(q[..., nope:], offset=start)
+        c, k_rope = self.kv_down(x).split([r, self.rope_dim], dim=-1)
+        c = self.kv_norm(c)[:, None]  # (B, 1, L, r)
+        k_rope = self.rope(k_rope[:, None], offset=start)  # (B, 1, L, rope_dim)
+        K, V = self._up()
+        if cache is None:  # expanded: per-head keys [K_h·c | k_rope] and values V_h·c
+            k = torch.cat([torch.einsum("bxlr,hdr->bhld", c, K), k_rope.expand(-1, H, -1, -1)], -1)
+            v = torch.einsum("bxlr,hdr->bhld", c, V)
+            q = torch.cat([q_nope, q_rope], -1)
+        else:  # absorbed: MQA over the latent keys [c | k_rope], values c
+            if cache.window is not None:
+                check_window(cache.window, [m for m in (self.mask, mask) if isinstance(m, Mask)])
+            k, _ = cache.append(torch.cat([c, k_rope], -1), c.new_empty(B, 1, L, 0))
+            v = k[..., :r]
+            q = torch.cat([torch.einsum("bhld,hdr->bhlr", q_nope, K), q_rope], -1)
+        full_mask = combine_masks([self.mask, mask], None, B, H, L, k.shape[2], x.device)
+        mod, scale = self.score_mod, self.scale
+        out = attention(q, k, v, mask=full_mask, score_mod=mod, scale=scale, backend=self.backend)
+        if cache is not None:  # back from latent space: V_h applied to the attended latents
+            out = torch.einsum("bhlr,hdr->bhld", out, V)
+        weights = None
+        if need_weights:
+            weights = attention_weights(q, k, v, mask=full_mask, score_mod=mod, scale=scale)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, H * self.v_dim)), weights
+
+    def extra_repr(self) -> str:
+        """Shown inside the module's repr."""
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kv_rank={self.kv_rank}, "
+            f"nope_dim={self.nope_dim}, rope_dim={self.rope_dim}, v_dim={self.v_dim}, "
+            f"q_rank={self.q_rank}, mask={self.mask!r}, backend={self.backend!r}"
+        )

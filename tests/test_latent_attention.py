@@ -1,0 +1,111 @@
+"""Multi-head latent attention against transformers' DeepseekV3Attention; absorbed decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit import masks
+from attnkit.nn import MultiHeadLatentAttention
+from conftest import hf_attention
+
+E, H, R, NOPE, ROPE, V = 48, 4, 20, 12, 8, 10  # odd sizes: kv_rank 20, head dims 12+8, values 10
+HF_NAMES = {  # transformers' parameter names -> ours
+    "q_a_proj": "q_proj.0",
+    "q_a_layernorm": "q_proj.1",
+    "q_b_proj": "q_proj.2",
+    "kv_a_proj_with_mqa": "kv_down",
+    "kv_a_layernorm": "kv_norm",
+    "kv_b_proj": "kv_up",
+    "o_proj": "out_proj",
+}
+
+
+def deepseek_pair(q_rank, mask=None):
+    hf = hf_attention(
+        "deepseek_v3",
+        hidden_size=E,
+        num_attention_heads=H,
+        num_key_value_heads=H,
+        q_lora_rank=q_rank,
+        kv_lora_rank=R,
+        qk_nope_head_dim=NOPE,
+        qk_rope_head_dim=ROPE,
+        v_head_dim=V,
+        rope_interleave=False,  # ours rotates halves (real checkpoints permute those columns)
+    )
+    ours = MultiHeadLatentAttention(
+        E, H, kv_rank=R, nope_dim=NOPE, rope_dim=ROPE, v_dim=V, q_rank=q_rank, mask=mask
+    ).eval()
+    state = {}
+    for name, value in hf.state_dict().items():
+        module, _, param = name.rpartition(".")
+        state[f"{HF_NAMES.get(module, module)}.{param}"] = value
+    ours.load_state_dict(state)
+    return hf, ours
+
+
+def hf_forward(hf, x, allowed):
+    B, L, _ = x.shape
+    angles = torch.arange(L, dtype=torch.float32)[:, None] * 10000.0 ** (
+        -torch.arange(0, ROPE, 2, dtype=torch.float64).float() / ROPE
+    )
+    cos, sin = (torch.cat([f(angles)] * 2, -1).expand(B, L, ROPE) for f in (torch.cos, torch.sin))
+    additive = torch.zeros(L, L).masked_fill(~allowed, float("-inf"))
+    return hf(x, (cos, sin), additive.expand(B, 1, L, L))
+
+
+@pytest.mark.parametrize("q_rank", [None, 16])
+def test_matches_transformers_deepseek_v3_attention_with_gradients(q_rank):
+    hf, ours = deepseek_pair(q_rank)
+    B, L = 2, 9
+    x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(1))
+    exp_out, exp_w = hf_forward(hf, x, masks.causal().dense(L, L)[0, 0])
+    out, w = ours(x, need_weights=True)
+    torch.testing.assert_close(out, exp_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, exp_w, atol=1e-6, rtol=1e-5)
+    seed = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (exp_out * seed).sum().backward()
+    (out * seed).sum().backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        module, _, param = name.rpartition(".")
+        hf_name = {v: k for k, v in HF_NAMES.items()}.get(module, module) + "." + param
+        torch.testing.assert_close(p.grad, theirs[hf_name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["auto", "tiled", "reference"])
+@pytest.mark.parametrize(("mask", "window"), [(None, None), (masks.sliding_window(3), 3)])
+def test_absorbed_decoding_with_a_latent_cache_equals_the_full_pass(mask, window, backend):
+    """Prompt, then one token at a time: MQA over [c | k_rope] with values c (a strided view
+    of the cached keys), then V_h."""
+    hf, ours = deepseek_pair(16, mask=mask)
+    ours.backend = backend
+    B, L = 2, 11
+    x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(3))
+    allowed = (mask or masks.causal()).dense(L, L)[0, 0]
+    exp_out, exp_w = hf_forward(hf, x, allowed)
+    cache = ours.new_cache(B, max_len=L if window is None else 2 * window, window=window)
+    with torch.no_grad():
+        first, _ = ours(x[:, :4], cache=cache)
+        steps = [ours(x[:, t : t + 1], cache=cache, need_weights=True) for t in range(4, L)]
+    got = torch.cat([first, *(out for out, _ in steps)], 1)
+    torch.testing.assert_close(got, exp_out, atol=1e-5, rtol=1e-5)
+    last_w = steps[-1][1]  # over the keys the cache holds: positions start .. L - 1
+    torch.testing.assert_close(last_w[:, :, 0], exp_w[:, :, -1, cache.start :])
+    # the cache holds kv_rank + rope_dim numbers per token and no values
+    assert cache.keys.shape == (B, 1, cache.length, R + ROPE)
+    assert cache.values.numel() == 0
+
+
+def test_refuses_bad_sizes_and_inputs():
+    with pytest.raises(ValueError, match="kv_rank must be an int >= 1"):
+        MultiHeadLatentAttention(E, H, kv_rank=0, nope_dim=NOPE, rope_dim=ROPE, v_dim=V)
+    with pytest.raises(ValueError, match="even head_dim"):
+        MultiHeadLatentAttention(E, H, kv_rank=R, nope_dim=NOPE, rope_dim=7, v_dim=V)
+    mla = MultiHeadLatentAttention(E, H, kv_rank=R, nope_dim=NOPE, rope_dim=ROPE, v_dim=V)
+    with pytest.raises(ValueError, match=r"x must be \(B, L, E=48\), got \(2, 5, 40\)"):
+        mla(torch.randn(2, 5, 40))
+    with pytest.raises(ValueError, match="keeps only the last 3 positions"):
+        mla(torch.randn(1, 2, E), cache=mla.new_cache(1, 8, window=3))  # causal needs them all
+    assert "kv_rank=20" in repr(mla)
