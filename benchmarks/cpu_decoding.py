@@ -11,14 +11,17 @@ window (bounded memory, and a key length that stops growing). Three tables (``--
 - model: ``attnkit.nn.CausalLM`` (d_model 512, 8 heads, 6 layers), whose linear layers take
   much of each step;
 - ragged: ``CausalLM.generate`` on a batch of 4 prompts, of equal lengths or left-padded to
-  the longest (each step then makes a padding mask anew), tiled against ``auto``.
+  the longest (each step then makes a padding mask anew), tiled against ``auto``;
+- latent: one decoding step of ``MultiHeadAttention`` against ``MultiHeadLatentAttention``
+  (absorbed, over its latent cache) at DeepSeek-V2-Lite's attention sizes (E = 2048, 16
+  heads of 128; MLA: kv_rank 512, rope_dim 64), projections included, ``auto``.
 
 Every (prompt length, mask) runs each backend in turn, ``--repeats`` times over (the same
 steps from the same cache state each time), and reports the fastest repeat: on a shared
 machine, interference only ever adds time.
 
     python benchmarks/cpu_decoding.py [--prompts 512 2048] [--steps 32] [--repeats 5]
-        [--tables attention model ragged]
+        [--tables attention model ragged latent]
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from rich.table import Table
 import attnkit
 from attnkit import masks
 from attnkit.masks import Mask
-from attnkit.nn import CausalLM
+from attnkit.nn import CausalLM, MultiHeadAttention, MultiHeadLatentAttention, RotaryEmbedding
 from attnkit.nn.kv_cache import KVCache
 
 WINDOW = 256
@@ -130,6 +133,46 @@ def ragged_table(prompts: list[int], steps: int, repeats: int, where: str) -> Ta
     return table
 
 
+def module_step_ms(module: torch.nn.Module, filled: KVCache, steps: int) -> float:
+    """Milliseconds per step of ``steps`` one-token calls from a cache filled to the prompt."""
+    cache = copy.deepcopy(filled)
+    x = torch.randn(steps, 1, 1, module.embed_dim, generator=torch.Generator().manual_seed(1))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for t in range(steps):
+            module(x[t], cache=cache)
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def latent_table(prompts: list[int], steps: int, repeats: int, where: str) -> Table:
+    """MHA against MLA, one layer, B = 1, caches filled with random keys (no prefill)."""
+    E, H, R, ROPE = 2048, 16, 512, 64
+    table = Table(
+        title=f"one attention layer per decoding step, ms (E={E}, {H} heads; MLA kv_rank {R}, "
+        f"rope_dim {ROPE}; {where} x {steps} steps)"
+    )
+    for col in ("prompt", "cached floats/token", "MHA", "MLA", "MHA / MLA"):
+        table.add_column(col, justify="right")
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(E, H, mask=masks.causal(), rope=RotaryEmbedding(E // H)).eval()
+    mla = MultiHeadLatentAttention(E, H, kv_rank=R, nope_dim=128, rope_dim=ROPE, v_dim=128)
+    g = torch.Generator().manual_seed(0)
+    for P in prompts:
+        mha_cache = KVCache(1, H, P + steps, E // H)
+        mha_cache.append(*(torch.randn(1, H, P, E // H, generator=g) for _ in range(2)))
+        mla_cache = mla.new_cache(1, P + steps)
+        mla_cache.append(torch.randn(1, 1, P, R + ROPE, generator=g), torch.empty(1, 1, P, 0))
+        runs = {
+            "MHA": functools.partial(module_step_ms, mha, mha_cache, steps),
+            "MLA": functools.partial(module_step_ms, mla.eval(), mla_cache, steps),
+        }
+        ms = best_of(repeats, runs)
+        floats = f"{2 * E} vs {R + ROPE}"
+        ratio = f"{ms['MHA'] / ms['MLA']:.2f}x"
+        table.add_row(str(P), floats, f"{ms['MHA']:.2f}", f"{ms['MLA']:.2f}", ratio)
+    return table
+
+
 def best_of(repeats: int, runs: dict[str, Callable[[], float]]) -> dict[str, float]:
     """The fastest of ``repeats`` interleaved runs of each backend's timing function."""
     times: dict[str, list[float]] = {b: [] for b in runs}
@@ -165,7 +208,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
-        "--tables", nargs="*", default=["attention", "model", "ragged"], help="which to run"
+        "--tables",
+        nargs="*",
+        default=["attention", "model", "ragged", "latent"],
+        help="which to run",
     )
     args = ap.parse_args()
     console = Console(width=140)
@@ -176,6 +222,8 @@ def main() -> None:
         console.print(model_table(args.prompts, args.steps, args.repeats, where))
     if "ragged" in args.tables:
         console.print(ragged_table(args.prompts, args.steps, args.repeats, where))
+    if "latent" in args.tables:
+        console.print(latent_table(args.prompts, args.steps, args.repeats, where))
 
 
 def attention_table(prompts: list[int], steps: int, repeats: int, where: str) -> Table:

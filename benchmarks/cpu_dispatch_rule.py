@@ -6,7 +6,8 @@
 For N = 64 … 4096 (B=1, H=8, D=64): first no mask and causal (SDPA's fused kernels,
 no mask tensor) in float32/bfloat16, forward and forward+backward; then, in float32 forward,
 masks from fully dense to sparse, as Mask objects and as a bool tensor; one query over a
-KV cache; and a few queries under a padding mask made anew at every call.
+KV cache (also with grouped / multi-query heads); a few queries under a padding mask made
+anew at every call; and key and value head dims that differ (D != Dv, as MLA's 192 / 128).
 Prints what ``attnkit.dispatch`` picks.
 """
 
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -95,17 +98,65 @@ def unmasked_table(dtypes: list[torch.dtype]) -> Table:
 def decoding_table() -> Table:
     """One query over a KV cache (Lq = 1): bottom-right masks are general masks here."""
     table = Table(title="decoding, Lq = 1 over Lk cached keys, forward µs (B=1, H=8, D=64, fp32)")
-    for col in ("Lk", "mask", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
+    for col in ("Lk", "mask", "kv heads", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
         table.add_column(col, justify="left" if col == "mask" else "right")
     for Lk in (64, 1024, 4096):
         q = torch.randn(1, 8, 1, 64)
-        k, v = (torch.randn(1, 8, Lk, 64) for _ in range(2))
-        for name, mask in (
-            ("none", None),
-            ("causal", masks.causal()),
-            ("sliding_window(256)", masks.sliding_window(256)),
+        for name, mask, Hkv in (
+            ("none", None, 8),
+            ("causal", masks.causal(), 8),
+            ("sliding_window(256)", masks.sliding_window(256), 8),
+            ("causal", masks.causal(), 2),  # GQA: 4 query heads per kv head
+            ("causal", masks.causal(), 1),  # MQA
         ):
-            table.add_row(str(Lk), name, *compared(q, k, v, mask, time_forward, 1e6, 0))
+            k, v = (torch.randn(1, Hkv, Lk, 64) for _ in range(2))
+            cells = compared(q, k, v, mask, time_forward, 1e6, 0)
+            table.add_row(str(Lk), name, str(Hkv), *cells)
+    return table
+
+
+def fold_cells(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str, str, str]:
+    """µs of SDPA's enable_gqa and of attnkit's sdpa backend, and their ratio."""
+    with torch.no_grad():
+        plain = seconds(partial(F.scaled_dot_product_attention, q, k, v, enable_gqa=True))
+        folded = seconds(partial(attnkit.attention, q, k, v, backend="sdpa"))
+    return f"{plain * 1e6:.0f}", f"{folded * 1e6:.0f}", f"{plain / folded:.2f}x"
+
+
+def gqa_fold_table() -> Table:
+    """attnkit's SDPA backend folds grouped query heads into rows when it passes no mask:
+    against torch SDPA's own enable_gqa on the same tensors."""
+    table = Table(
+        title="grouped heads without a mask, forward µs: SDPA enable_gqa vs attnkit's sdpa "
+        "backend (G heads as G·Lq rows; B=1, 8 query heads, fp32)"
+    )
+    for col in ("Lk", "Lq", "kv heads", "D", "enable_gqa", "folded", "speed-up"):
+        table.add_column(col, justify="right")
+    for Lk in (1024, 4096):
+        for Lq in (1, 4, 64):
+            for Hkv in (1, 2, 4):
+                for D in (64, 128):
+                    q = torch.randn(1, 8, Lq, D)
+                    k, v = (torch.randn(1, Hkv, Lk, D) for _ in range(2))
+                    cells = fold_cells(q, k, v)
+                    table.add_row(str(Lk), str(Lq), str(Hkv), str(D), *cells)
+    return table
+
+
+def head_dims_table() -> Table:
+    """Keys and values of different widths (D != Dv): SDPA's fused CPU kernel needs D == Dv."""
+    table = Table(title="D != Dv: tiled vs SDPA, ms (B=1, H=8, fp32)")
+    for col in ("N", "D / Dv", "mask", "pass", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
+        table.add_column(col, justify="left" if col in ("mask", "pass") else "right")
+    for D, Dv in ((192, 128), (64, 32)):
+        for N in (128, 512, 2048):
+            for backward in (False, True):
+                q, k = (torch.randn(1, 8, N, D, requires_grad=backward) for _ in range(2))
+                v = torch.randn(1, 8, N, Dv, requires_grad=backward)
+                for name, mask in (("none", None), ("causal", masks.causal())):
+                    pass_name = "fwd+bwd" if backward else "fwd"
+                    cells = compared(q, k, v, mask, time_pass)
+                    table.add_row(str(N), f"{D} / {Dv}", name, pass_name, *cells)
     return table
 
 
@@ -173,7 +224,7 @@ def main() -> None:
     ap.add_argument(
         "--tables",
         nargs="*",
-        default=["unmasked", "decoding", "few_queries", "masked"],
+        default=["unmasked", "decoding", "few_queries", "masked", "head_dims", "gqa_fold"],
         help="which to run",
     )
     args = ap.parse_args()
@@ -186,6 +237,10 @@ def main() -> None:
         console.print(few_queries_table())
     if "masked" in args.tables:
         console.print(masked_table())
+    if "head_dims" in args.tables:
+        console.print(head_dims_table())
+    if "gqa_fold" in args.tables:
+        console.print(gqa_fold_table())
 
 
 if __name__ == "__main__":

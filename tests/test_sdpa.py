@@ -209,3 +209,30 @@ def test_dispatch_few_queries_under_masks_that_share_no_tile_maps():
         torch.testing.assert_close(got, attnkit.attention(q, k, v, mask=mask, backend="reference"))
     q, k, v = rand_qkv(1, 2, 2, 1, 300, 16)
     assert attnkit.dispatch(q, k, v, mask=masks.sliding_window(8)).backend == "tiled"
+
+
+@pytest.mark.parametrize(("Hq", "Hkv", "Lq"), [(8, 2, 1), (8, 1, 1), (12, 3, 1), (8, 2, 3)])
+def test_unmasked_grouped_heads_folded_into_rows_equal_reference(Hq, Hkv, Lq):
+    """Without a mask one query of G heads that share a kv head runs as G rows of one head:
+    q laid out (B, L, H, D) and transposed, as MultiHeadAttention makes it, values of another
+    width. (Lq = 3 is not folded: the same answer by enable_gqa.)"""
+    B, Lk, D, Dv = 2, 23, 16, 8
+    q = torch.randn(B, Lq, Hq, D, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, Hkv, Lk, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, Lk, Dv, dtype=torch.float64, requires_grad=True)
+    seed = torch.randn(B, Hq, Lq, Dv, dtype=torch.float64)
+    results = []
+    for backend in ("sdpa", "reference"):
+        out = attnkit.attention(q, k, v, backend=backend)
+        results.append((out, *torch.autograd.grad((out * seed).sum(), (q, k, v))))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_dispatch_sends_different_key_and_value_widths_to_tiled_on_cpu():
+    q, k = rand_qkv(1, 4, 4, 64, 64, 24)[:2]
+    v = torch.randn(1, 4, 64, 16)
+    decision = attnkit.dispatch(q, k, v)
+    assert decision.backend == "tiled"
+    assert "head dims differ" in decision.reason
+    assert attnkit.dispatch(q, k, torch.randn(1, 4, 64, 24)).backend == "sdpa"
