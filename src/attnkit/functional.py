@@ -137,7 +137,7 @@ def _auto(req: Request) -> DispatchDecision:
         return DispatchDecision(
             "tiled",
             "key and value head dims differ: SDPA's fused CPU kernels need them equal and it "
-            "falls back to materialising every score; tiled ran 1.0-6.2x faster",
+            "falls back to materialising every score; tiled ran 1.06-5.08x faster",
         )
     plain_causal = req.mask is not None and sdpa.is_plain_causal(
         req.mask, req.shapes.Lq, req.shapes.Lk
@@ -350,8 +350,8 @@ def dispatch(
     1. SDPA cannot do it (score_mod, return_lse or sinks, dropout): tiled. On CPU, also
        key and value head dims that differ (D != Dv, as MLA's 192 / 128): SDPA's fused
        CPU kernels need them equal and it falls back to its O(N²) math path (tiled ran
-       1.0-6.2x faster, forward and forward+backward, N = 128-2048; 0.89x once, N = 128
-       fwd+bwd, D/Dv = 64/32).
+       1.06-5.08x faster, forward and forward+backward, N = 128-2048,
+       ``--tables head_dims``; over three runs 0.85-6.2x, the slow end unmasked fwd+bwd).
     2. No mask, or a mask whose spec shows it hides no key (``full()``; one query under
        bottom-right causal, or under a window reaching the first key, as decoding): SDPA
        (torch's fused kernel; tiled runs at 0.55-1.8x its speed, with no consistent

@@ -77,9 +77,9 @@ def _unmasked(req: Request) -> Tensor:
     ``FOLD_MIN_GROUP`` query heads per kv head folds each group into rows: G heads of one
     row become one head of G rows (a row's position does not matter without a mask), one
     small matrix product per kv head instead of G matrix-vector ones that each read the
-    keys. ``benchmarks/cpu_dispatch_rule.py --tables gqa_fold``: 1.09-1.93x torch's
-    enable_gqa (G = 4 and 8, D = 64 and 128, 1024 and 4096 keys), but 0.60-0.94x for G = 2
-    and mixed (0.87-1.44x) for 4 queries, so neither is folded.
+    keys. ``benchmarks/cpu_dispatch_rule.py --tables gqa_fold``: 1.06-1.97x torch's
+    enable_gqa (G = 4 and 8, D = 64 and 128, 1024 and 4096 keys; 0.95-2.09x over three
+    runs); folding G = 2 ran at 0.60-0.94x and 4 queries at 0.87-1.44x, so they are not.
     """
     s = req.shapes
     G = s.Hq // s.Hkv
