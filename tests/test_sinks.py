@@ -80,6 +80,20 @@ def test_sinks_equal_an_extra_column_with_no_value_forward_and_backward(backend,
         torch.testing.assert_close(lse[:, :, 2], sinks.detach().expand(2, 4))
 
 
+def test_a_sink_of_minus_infinity_is_no_sink_even_on_a_row_with_no_key():
+    q, k, v, sinks = _inputs(torch.float64)
+    sinks = torch.tensor([0.5, float("-inf"), 1.0, float("-inf")], dtype=torch.float64)
+    sinks.requires_grad_()
+    allowed = _row_without_keys(7, 11)
+    out, lse = attnkit.attention(q, k, v, mask=allowed, sinks=sinks, return_lse=True)
+    plain, plain_lse = attnkit.attention(q, k, v, mask=allowed, return_lse=True)
+    torch.testing.assert_close(out[:, 1::2], plain[:, 1::2], atol=0, rtol=0)
+    torch.testing.assert_close(lse[:, 1::2], plain_lse[:, 1::2], atol=0, rtol=0)
+    assert bool(lse[:, 1::2, 2].isneginf().all())  # the empty row: still no mass anywhere
+    out.sum().backward()
+    assert bool(torch.isfinite(sinks.grad).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sinks_on_the_compiled_cpu_kernel_dtypes(dtype):
     """float32 / bfloat16 run the C++ tiled kernels; the sink step runs in lse's float32."""
@@ -102,7 +116,7 @@ def test_attention_weights_with_sinks_leave_the_sink_its_share():
 
 
 def test_sinks_need_a_backend_that_returns_the_lse_and_a_well_formed_tensor():
-    q, k, v, sinks = _inputs(torch.float32)
+    q, k, v, sinks = _inputs(torch.float32, Dv=5)  # D == Dv: SDPA's fused kernel applies
     assert attnkit.dispatch(q, k, v).backend == "sdpa"
     assert attnkit.dispatch(q, k, v, sinks=sinks).backend != "sdpa"
     with pytest.raises(UnsupportedError, match="'sdpa' cannot apply sinks"):

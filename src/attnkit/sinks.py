@@ -41,8 +41,13 @@ def check_sinks(sinks: object, Hq: int, device: torch.device) -> None:
 
 
 def _real_key_share(lse: Tensor, sinks: Tensor) -> Tensor:
-    """σ(lse − s_h) (B, Hq, Lq) in lse's dtype: the probability mass left on the real keys."""
-    return torch.sigmoid(lse - sinks.to(lse.dtype)[:, None])
+    """σ(lse − s_h) (B, Hq, Lq) in lse's dtype: the probability mass left on the real keys.
+
+    A row with no key under a sink of -inf (a head without one) has lse − s_h = -inf + inf:
+    its share is 0, not NaN (and a `where` before the sigmoid keeps NaN out of gradients).
+    """
+    gap = lse - sinks.to(lse.dtype)[:, None]
+    return torch.sigmoid(torch.where(gap.isnan() & lse.isneginf(), -torch.inf, gap))
 
 
 def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
