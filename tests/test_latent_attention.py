@@ -86,6 +86,7 @@ def test_absorbed_decoding_with_a_latent_cache_equals_the_full_pass(mask, window
     allowed = (mask or masks.causal()).dense(L, L)[0, 0]
     exp_out, exp_w = hf_forward(hf, x, allowed)
     cache = ours.new_cache(B, max_len=L if window is None else 2 * window, window=window)
+    assert ours.absorbs(1)
     with torch.no_grad():
         first, _ = ours(x[:, :4], cache=cache)
         steps = [ours(x[:, t : t + 1], cache=cache, need_weights=True) for t in range(4, L)]
@@ -96,6 +97,23 @@ def test_absorbed_decoding_with_a_latent_cache_equals_the_full_pass(mask, window
     # the cache holds kv_rank + rope_dim numbers per token and no values
     assert cache.keys.shape == (B, 1, cache.length, R + ROPE)
     assert cache.values.numel() == 0
+
+
+@pytest.mark.parametrize("q_rank", [None, 16])
+def test_a_long_prompt_over_the_cache_runs_expanded_and_decoding_absorbed(q_rank):
+    """kv_rank 20, nope 12, v 10: absorbed below 20·22 / 18 = 24.4 queries. A 30-token
+    prompt expands the cached latents, the steps after it absorb; both equal the full pass."""
+    hf, ours = deepseek_pair(q_rank)
+    assert ours.absorbs(24)
+    assert not ours.absorbs(25)
+    B, L, P = 1, 34, 30
+    x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(5))
+    exp_out, _ = hf_forward(hf, x, masks.causal().dense(L, L)[0, 0])
+    cache = ours.new_cache(B, max_len=L)
+    with torch.no_grad():
+        parts = [ours(x[:, :P], cache=cache)[0]]
+        parts += [ours(x[:, t : t + 1], cache=cache)[0] for t in range(P, L)]
+    torch.testing.assert_close(torch.cat(parts, 1), exp_out, atol=1e-5, rtol=1e-5)
 
 
 def test_refuses_bad_sizes_and_inputs():

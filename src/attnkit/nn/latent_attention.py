@@ -15,8 +15,10 @@ with queries [K_hᵀ·q_nope_h | rope(q_rope_h)] over keys [c | rope(k_rope)] an
 apply V_h to the result. That is multi-query attention (one kv head) in latent space, which
 every attnkit backend runs without repeating keys: the cache stores [c | rope(k_rope)] once
 (``KVCache(value_dim=0)``) and the values are a view of its first ``kv_rank`` channels.
-Without a cache the module runs the expanded form (per-head keys and values, as training
-does); the tests check both against transformers' ``DeepseekV3Attention``.
+Without a cache, and over a cache for calls of many queries (a long prompt), the module
+runs the expanded form (per-head keys and values, as training does), whichever needs fewer
+FLOPs (``absorbs``); the tests check every path against transformers'
+``DeepseekV3Attention``.
 
 Shapes: x (B, L, E); q (B, H, L, nope_dim + rope_dim); latent keys (B, 1, Lk, kv_rank +
 rope_dim); output (B, L, E).
@@ -124,6 +126,20 @@ class MultiHeadLatentAttention(nn.Module):
             batch, 1, max_len, self.kv_rank + self.rope_dim, w.dtype, w.device, 0, window
         )
 
+    def absorbs(self, Lq: int) -> bool:
+        """Whether ``Lq`` queries over a cache run the absorbed form (fewer FLOPs).
+
+        The other way expands every cached latent into per-head keys and values. Per
+        (query, key) pair and head the absorbed form multiplies 2·kv_rank + rope_dim
+        numbers, the expanded nope_dim + rope_dim + v_dim plus kv_rank·(nope_dim + v_dim)
+        per key to expand it: absorbed below kv_rank·(nope + v) / (2·kv_rank − nope − v)
+        queries (170 at DeepSeek-V3's sizes), so decoding steps absorb and long prompts
+        do not.
+        """
+        r, nope, v = self.kv_rank, self.nope_dim, self.v_dim
+        extra = 2 * r - nope - v  # absorbed minus expanded, per pair
+        return extra <= 0 or Lq * extra < r * (nope + v)
+
     def _up(self) -> tuple[Tensor, Tensor]:
         """K (H, nope_dim, kv_rank) and V (H, v_dim, kv_rank), the per-head up-projections."""
         w = self.kv_up.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
@@ -142,8 +158,8 @@ class MultiHeadLatentAttention(nn.Module):
         Args:
             x: (B, L, E).
             mask: this call's mask, combined with the module's.
-            cache: from ``new_cache``: appends this call's latent keys and attends in the
-                absorbed form over all cached ones.
+            cache: from ``new_cache``: appends this call's latent keys and attends over all
+                cached ones, in the absorbed form for few queries (``absorbs``).
             need_weights: also return the weights (B, H, L, Lk).
 
         Returns:
@@ -160,20 +176,23 @@ class MultiHeadLatentAttention(nn.Module):
         c = self.kv_norm(c)[:, None]  # (B, 1, L, r)
         k_rope = self.rope(k_rope[:, None], offset=start)  # (B, 1, L, rope_dim)
         K, V = self._up()
-        if cache is None:  # expanded: per-head keys [K_h·c | k_rope] and values V_h·c
+        if cache is not None:
+            if cache.window is not None:
+                check_window(cache.window, [m for m in (self.mask, mask) if isinstance(m, Mask)])
+            latents, _ = cache.append(torch.cat([c, k_rope], -1), c.new_empty(B, 1, L, 0))
+            c, k_rope = latents[..., :r], latents[..., r:]  # every cached position
+        absorbed = cache is not None and self.absorbs(L)
+        if absorbed:  # MQA over the latent keys [c | k_rope], values c (a view of the keys)
+            k, v = latents, c
+            q = torch.cat([torch.einsum("bhld,hdr->bhlr", q_nope, K), q_rope], -1)
+        else:  # expanded: per-head keys [K_h·c | k_rope] and values V_h·c
             k = torch.cat([torch.einsum("bxlr,hdr->bhld", c, K), k_rope.expand(-1, H, -1, -1)], -1)
             v = torch.einsum("bxlr,hdr->bhld", c, V)
             q = torch.cat([q_nope, q_rope], -1)
-        else:  # absorbed: MQA over the latent keys [c | k_rope], values c
-            if cache.window is not None:
-                check_window(cache.window, [m for m in (self.mask, mask) if isinstance(m, Mask)])
-            k, _ = cache.append(torch.cat([c, k_rope], -1), c.new_empty(B, 1, L, 0))
-            v = k[..., :r]
-            q = torch.cat([torch.einsum("bhld,hdr->bhlr", q_nope, K), q_rope], -1)
         full_mask = combine_masks([self.mask, mask], None, B, H, L, k.shape[2], x.device)
         mod, scale = self.score_mod, self.scale
         out = attention(q, k, v, mask=full_mask, score_mod=mod, scale=scale, backend=self.backend)
-        if cache is not None:  # back from latent space: V_h applied to the attended latents
+        if absorbed:  # back from latent space: V_h applied to the attended latents
             out = torch.einsum("bhlr,hdr->bhld", out, V)
         weights = None
         if need_weights:
