@@ -100,3 +100,27 @@ def test_gradcheck_reference_with_mask_and_score_mods():
         )
 
     assert torch.autograd.gradcheck(f, (q, k, v, table))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    Lq=dims,
+    Lk=dims,
+    groups=st.integers(1, 3),
+    mask=st.sampled_from(["none", "causal", "window", "padding"]),
+    seed=st.integers(0, 1000),
+)
+def test_sinks_output_is_its_weights_times_values_and_rows_sum_below_one(
+    Lq, Lk, groups, mask, seed
+):
+    """Any shape, GQA, mask: tiled's output with sinks equals the sink-scaled weights times
+    v, and each row's weights sum to 1 minus the sink's share (a row with no key: 0)."""
+    torch.manual_seed(seed)
+    m = MASKS[mask]()
+    q, k, v = rand_qkv(1, 2 * groups, 2, Lq, Lk, 4, dtype=torch.float64)
+    sinks = torch.randn(2 * groups, dtype=torch.float64) * 3
+    out, lse = attnkit.attention(q, k, v, mask=m, sinks=sinks, backend="tiled", return_lse=True)
+    w = attnkit.attention_weights(q, k, v, mask=m, sinks=sinks)
+    torch.testing.assert_close(out, w @ v.repeat_interleave(groups, 1))
+    sink_share = torch.exp(sinks[:, None] - lse)  # the sink's probability in each row
+    torch.testing.assert_close(w.sum(-1) + sink_share, torch.ones_like(lse))
