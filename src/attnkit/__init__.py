@@ -13,6 +13,7 @@ from attnkit.block_mask import BlockMask
 from attnkit.functional import attention, attention_weights, dispatch
 from attnkit.functional import backends as _backend_names
 from attnkit.masks import Mask
+from attnkit.varlen import varlen_attention
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,5 @@ __all__ = [
     "dispatch",
     "masks",
     "score_mods",
+    "varlen_attention",
 ]

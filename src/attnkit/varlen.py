@@ -1,0 +1,189 @@
+"""Variable-length batches without padding: FlashAttention's ``flash_attn_varlen_func`` layout.
+
+Sequences of different lengths are packed one after another along the token dim and
+described by cumulative lengths: sequence i owns queries ``cu_seqlens_q[i] ..
+cu_seqlens_q[i + 1] - 1`` and keys ``cu_seqlens_k[i] .. cu_seqlens_k[i + 1] - 1``. attnkit
+runs them as one batch row under ``masks.document`` (a query sees only its own sequence's
+keys), so no padding is computed and tiles between sequences are skipped. ``causal`` and
+``window`` align each sequence bottom-right by its own lengths, as FlashAttention does: a
+sequence's last query lines up with its last key (chunked prefill, decoding a batch of
+different lengths).
+
+Shape legend: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv),
+cu_seqlens (n + 1,) int, out (total_q, Hq, Dv), lse (Hq, total_q).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal, overload
+
+import torch
+from torch import Tensor
+
+from attnkit import masks
+from attnkit._types import ScoreModFn
+from attnkit.functional import BackendName, attention
+from attnkit.masks import Mask
+from attnkit.score_mods import ScoreMod
+
+
+def _check_cu_seqlens(name: str, cu: object, total: int) -> Tensor:
+    """(n + 1,) integers from 0, non-decreasing, ending at ``total``."""
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D tensor of n + 1 >= 2 offsets, got {cu!r}")
+    if cu.dtype.is_floating_point or cu.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got {cu.dtype}")
+    cu = cu.long().cpu()
+    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"{name} must rise from 0 to the packed length {total}, got {cu.tolist()}")
+    return cu
+
+
+def varlen_mask(
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+) -> Mask:
+    """The mask of packed sequences: own sequence only, causal / window per sequence.
+
+    Query i of sequence s lines up with key i + delta_s, delta_s = (its keys' end) − (its
+    queries' end). When every sequence has the same delta (self-attention packing: 0) the
+    causal or window part is the built-in pattern with that offset (its tiles are known
+    without evaluating it); otherwise a predicate with a per-query offset.
+    """
+    n = cu_seqlens_q.numel() - 1
+    if cu_seqlens_k.numel() - 1 != n:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k describe {n} and {cu_seqlens_k.numel() - 1} "
+            "sequences; they must describe the same ones"
+        )
+    seqs = torch.arange(n)
+    q_ids = seqs.repeat_interleave(cu_seqlens_q.diff())
+    k_ids = seqs.repeat_interleave(cu_seqlens_k.diff())
+    mask = masks.document(q_ids, k_ids)
+    if not causal and window is None:
+        return mask
+    left, right = window if window is not None else (-1, -1)
+    if causal:
+        right = 0
+    delta = (cu_seqlens_k[1:] - cu_seqlens_q[1:])[q_ids]  # per query
+    offsets = torch.unique(delta)
+    if offsets.numel() <= 1:  # one offset for all: a built-in pattern
+        offset = int(offsets[0]) if offsets.numel() else 0
+        return mask & masks.sliding_window(left, right, align=offset)
+
+    def shifted_window(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        d = kv - (q + delta.to(q.device)[q])  # key position relative to the aligned one
+        keep = torch.ones_like(d, dtype=torch.bool)
+        if left >= 0:
+            keep = keep & (d >= -left)
+        if right >= 0:
+            keep = keep & (d <= right)
+        return keep
+
+    return mask & masks.custom(shifted_window, name=f"varlen_window({left}, {right})")
+
+
+@overload
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor | None = ...,
+    *,
+    causal: bool = ...,
+    window: tuple[int, int] | None = ...,
+    score_mod: ScoreMod | ScoreModFn | None = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    generator: torch.Generator | None = ...,
+    backend: BackendName = ...,
+    sinks: Tensor | None = ...,
+    return_lse: Literal[False] = ...,
+) -> Tensor: ...
+@overload
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor | None = ...,
+    *,
+    causal: bool = ...,
+    window: tuple[int, int] | None = ...,
+    score_mod: ScoreMod | ScoreModFn | None = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    generator: torch.Generator | None = ...,
+    backend: BackendName = ...,
+    sinks: Tensor | None = ...,
+    return_lse: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor | None = None,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    score_mod: ScoreMod | ScoreModFn | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    backend: BackendName = "auto",
+    sinks: Tensor | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over packed sequences of different lengths (no padding).
+
+    Args:
+        q: (total_q, Hq, D), every sequence's queries one after another.
+        k: (total_k, Hkv, D).
+        v: (total_k, Hkv, Dv).
+        cu_seqlens_q: (n + 1,) cumulative query lengths, from 0 to total_q.
+        cu_seqlens_k: (n + 1,) cumulative key lengths; default ``cu_seqlens_q``.
+        causal: each query sees its sequence's keys up to its own, aligned bottom-right.
+        window: (left, right) keys around the aligned one, -1 = unbounded (FlashAttention's
+            window_size); with ``causal`` the right side is at most 0.
+        score_mod: as ``attnkit.attention``; its indices are positions in the packed
+            sequence.
+        scale: multiplies q·kᵀ; default 1/sqrt(D).
+        dropout_p: attention-weight dropout probability.
+        generator: draws the dropout seed.
+        backend: as ``attnkit.attention`` ("auto" picks tiled for the document mask on CPU).
+        sinks: attention-sink logits (Hq,), as ``attnkit.attention``.
+        return_lse: also return the LSE (Hq, total_q), FlashAttention's varlen layout.
+
+    Returns:
+        out (total_q, Hq, Dv) in q's dtype (and lse (Hq, total_q)).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be (total, H, D) for varlen_attention, got {shape}")
+    cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    cu_k = cu_q
+    if cu_seqlens_k is not None:
+        cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    run = partial(
+        attention,
+        *(t.transpose(0, 1)[None] for t in (q, k, v)),  # one batch row (1, H, total, D)
+        mask=varlen_mask(cu_q, cu_k, causal=causal, window=window),
+        score_mod=score_mod,
+        scale=scale,
+        dropout_p=dropout_p,
+        generator=generator,
+        backend=backend,
+        sinks=sinks,
+    )
+    if return_lse:
+        out, lse = run(return_lse=True)
+        return out[0].transpose(0, 1), lse[0]
+    out = run()
+    return out[0].transpose(0, 1)

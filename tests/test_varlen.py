@@ -1,0 +1,122 @@
+"""Packed variable-length sequences against attention on each sequence alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnkit
+from attnkit import masks
+from attnkit.varlen import varlen_mask
+
+# (queries, keys) per sequence: prefill, a chunk after cached keys, one decoding query, a
+# sequence with no query this call, and one whose keys are all new
+LENGTHS = [(5, 5), (3, 9), (1, 6), (0, 4), (7, 7)]
+
+
+def packed(lengths, Hq=4, Hkv=2, D=8, Dv=6, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total_q, total_k = sum(a for a, _ in lengths), sum(b for _, b in lengths)
+    q = torch.randn(total_q, Hq, D, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(total_k, Hkv, D, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(total_k, Hkv, Dv, generator=g, dtype=dtype, requires_grad=True)
+    cu_q = torch.tensor([0, *torch.tensor([a for a, _ in lengths]).cumsum(0).tolist()])
+    cu_k = torch.tensor([0, *torch.tensor([b for _, b in lengths]).cumsum(0).tolist()])
+    return q, k, v, cu_q, cu_k
+
+
+def one_by_one(q, k, v, cu_q, cu_k, mask):
+    """Each sequence alone through the reference backend: out (total_q, Hq, Dv), lse."""
+    outs, lses = [], []
+    for i in range(cu_q.numel() - 1):
+        qs, ks, vs = q[cu_q[i] : cu_q[i + 1]], k[cu_k[i] : cu_k[i + 1]], v[cu_k[i] : cu_k[i + 1]]
+        if qs.shape[0] == 0:
+            continue
+        o, lse = attnkit.attention(
+            *(t.transpose(0, 1)[None] for t in (qs, ks, vs)),
+            mask=mask,
+            backend="reference",
+            return_lse=True,
+        )
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=-1)
+
+
+CASES = {
+    "none": ({}, None),
+    "causal": ({"causal": True}, masks.causal()),
+    "window (2, 1)": ({"window": (2, 1)}, masks.sliding_window(2, 1)),
+    "causal window 2": ({"causal": True, "window": (2, 3)}, masks.sliding_window(2)),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", "auto"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_varlen_equals_each_sequence_alone_forward_and_backward(backend, case):
+    kwargs, mask = CASES[case]
+    q, k, v, cu_q, cu_k = packed(LENGTHS)
+    out, lse = attnkit.varlen_attention(
+        q, k, v, cu_q, cu_k, backend=backend, return_lse=True, **kwargs
+    )
+    exp_out, exp_lse = one_by_one(q, k, v, cu_q, cu_k, mask)
+    assert out.shape == (q.shape[0], 4, 6)
+    assert lse.shape == (4, q.shape[0])
+    torch.testing.assert_close(out, exp_out)
+    torch.testing.assert_close(lse, exp_lse)
+    seed = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad((out * seed).sum(), (q, k, v))
+    exp = torch.autograd.grad((exp_out * seed).sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, exp, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_self_packing_uses_the_built_in_pattern_and_mixed_offsets_a_predicate():
+    cu = torch.tensor([0, 3, 8])
+    same = varlen_mask(cu, cu, causal=True)
+    assert "sliding_window" in repr(same)
+    assert "varlen_window" not in repr(same)
+    mixed = varlen_mask(torch.tensor([0, 3, 4]), torch.tensor([0, 3, 9]), causal=True)
+    assert "varlen_window(-1, 0)" in repr(mixed)
+    q, k, v, _, _ = packed([(4, 4), (6, 6)])
+    cu = torch.tensor([0, 4, 10])
+    out = attnkit.varlen_attention(q, k, v, cu, causal=True)  # cu_seqlens_k defaults to q's
+    torch.testing.assert_close(out, one_by_one(q, k, v, cu, cu, masks.causal())[0])
+
+
+def test_varlen_refuses_bad_offsets_and_layouts():
+    q, k, v, cu_q, cu_k = packed(LENGTHS)
+    for bad, match in (
+        (torch.tensor([1, 5, 16]), "must rise from 0"),
+        (torch.tensor([0, 9, 5, 16]), "must rise from 0"),
+        (torch.tensor([0, 5]), "must rise from 0 to the packed length 16"),
+        (torch.tensor([[0, 16]]), "1-D tensor"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            attnkit.varlen_attention(q, k, v, bad, cu_k)
+    with pytest.raises(TypeError, match="integers"):
+        attnkit.varlen_attention(q, k, v, cu_q.double(), cu_k)
+    with pytest.raises(ValueError, match="describe 5 and 1 sequences"):
+        attnkit.varlen_attention(q, k, v, cu_q, torch.tensor([0, k.shape[0]]))
+    with pytest.raises(ValueError, match=r"q must be \(total, H, D\)"):
+        attnkit.varlen_attention(q[None], k, v, cu_q, cu_k)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(
+        st.tuples(st.integers(0, 6), st.integers(0, 6)).map(lambda t: (min(t), max(t))),
+        min_size=1,
+        max_size=5,
+    ).filter(lambda ls: sum(a for a, _ in ls) > 0 and sum(b for _, b in ls) > 0),
+    case=st.sampled_from(list(CASES)),
+    groups=st.integers(1, 3),
+)
+def test_any_packing_equals_each_sequence_alone(lengths, case, groups):
+    kwargs, mask = CASES[case]
+    q, k, v, cu_q, cu_k = packed(lengths, Hq=2 * groups, Hkv=2)
+    with torch.no_grad():
+        out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, backend="tiled", **kwargs)
+        torch.testing.assert_close(out, one_by_one(q, k, v, cu_q, cu_k, mask)[0])
