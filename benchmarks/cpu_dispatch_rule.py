@@ -116,33 +116,43 @@ def decoding_table() -> Table:
     return table
 
 
-def fold_cells(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str, str, str]:
+def fold_cells(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[str, str, str]:
     """µs of SDPA's enable_gqa and of attnkit's sdpa backend, and their ratio."""
+    sdpa_gqa = partial(F.scaled_dot_product_attention, attn_mask=mask, enable_gqa=True)
     with torch.no_grad():
-        plain = seconds(partial(F.scaled_dot_product_attention, q, k, v, enable_gqa=True))
-        ours = seconds(partial(attnkit.attention, q, k, v, backend="sdpa"))
+        plain = seconds(partial(sdpa_gqa, q, k, v))
+        ours = seconds(partial(attnkit.attention, q, k, v, mask=mask, backend="sdpa"))
     return f"{plain * 1e6:.0f}", f"{ours * 1e6:.0f}", f"{plain / ours:.2f}x"
 
 
 def gqa_fold_table() -> Table:
-    """attnkit's SDPA backend folds one query of grouped heads into rows when it passes no
-    mask (``sdpa.FOLD_MIN_GROUP``): against torch SDPA's own enable_gqa on the same tensors;
-    where it does not fold, the difference is attnkit's cost per call."""
+    """attnkit's SDPA backend folds one query of grouped heads into rows (``sdpa._sdpa``):
+    against torch SDPA's own enable_gqa on the same tensors, without a mask and under a
+    ragged batch's padding mask; where it does not fold, the difference is attnkit's cost per
+    call."""
     table = Table(
-        title="grouped heads without a mask, forward µs: SDPA enable_gqa vs attnkit's sdpa "
-        "backend (B=1, 8 query heads, fp32)"
+        title="grouped heads, forward µs: SDPA enable_gqa vs attnkit's sdpa backend (B=1 "
+        "without a mask, B=4 under padding; 8 query heads, fp32)"
     )
-    for col in ("Lk", "Lq", "kv heads", "D", "folded", "enable_gqa", "attnkit sdpa", "speed-up"):
-        table.add_column(col, justify="right")
-    for Lk in (1024, 4096):
-        for Lq in (1, 4, 64):
-            for Hkv in (1, 2, 4):
-                for D in (64, 128):
-                    q = torch.randn(1, 8, Lq, D)
-                    k, v = (torch.randn(1, Hkv, Lk, D) for _ in range(2))
-                    cells = fold_cells(q, k, v)
-                    folded = "yes" if Lq == 1 and 8 // Hkv >= sdpa.FOLD_MIN_GROUP else "no"
-                    table.add_row(str(Lk), str(Lq), str(Hkv), str(D), folded, *cells)
+    columns = ("mask", "Lk", "Lq", "kv heads", "D", "folded", "enable_gqa", "attnkit sdpa", "x")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "mask" else "right")
+    for name in ("none", "padding"):
+        B = 1 if name == "none" else 4
+        for Lk in (1024, 4096):
+            padding = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+            padding[1:, ..., : Lk // 4] = False  # left padding of rows 1.. (B = 4)
+            for Lq in (1, 4, 64) if name == "none" else (1,):
+                for Hkv in (1, 2, 4):
+                    for D in (64, 128):
+                        q = torch.randn(B, 8, Lq, D)
+                        k, v = (torch.randn(B, Hkv, Lk, D) for _ in range(2))
+                        cells = fold_cells(q, k, v, None if name == "none" else padding)
+                        folded = "yes" if Lq == 1 and 8 // Hkv >= sdpa.FOLD_MIN_GROUP else "no"
+                        sizes = (str(Lk), str(Lq), str(Hkv), str(D))
+                        table.add_row(name, *sizes, folded, *cells)
     return table
 
 

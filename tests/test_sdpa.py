@@ -229,6 +229,28 @@ def test_unmasked_grouped_heads_folded_into_rows_equal_reference(Hq, Hkv, Lq):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("layout", ["per batch row", "per head", "2-D"])
+def test_one_query_of_grouped_heads_under_a_mask_equals_reference(layout):
+    """A ragged batch's padding mask (the same for every head) folds the G heads into rows;
+    a mask that varies per head does not; rows with no key stay zero either way."""
+    B, Hq, Hkv, Lk = 3, 8, 2, 13
+    q, k, v = rand_qkv(B, Hq, Hkv, 1, Lk, 16, dtype=torch.float64, requires_grad=True)
+    if layout == "per batch row":
+        allowed = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+        allowed[1, ..., :5] = False
+        allowed[2] = False  # no key at all
+    elif layout == "per head":
+        allowed = torch.rand(B, Hq, 1, Lk, generator=torch.Generator().manual_seed(0)) < 0.5
+    else:
+        allowed = torch.arange(Lk)[None] % 3 != 0  # (Lq, Lk)
+    results = []
+    for backend in ("sdpa", "reference"):
+        out = attnkit.attention(q, k, v, mask=allowed, backend=backend)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_dispatch_sends_different_key_and_value_widths_to_tiled_on_cpu():
     q, k = rand_qkv(1, 4, 4, 64, 64, 24)[:2]
     v = torch.randn(1, 4, 64, 16)

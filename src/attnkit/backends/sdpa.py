@@ -70,35 +70,36 @@ def _hides_nothing(allowed: Tensor) -> bool:
 FOLD_MIN_GROUP = 4
 
 
-def _unmasked(req: Request) -> Tensor:
-    """SDPA without a mask; one query of grouped heads on CPU runs as rows of one head.
+def _sdpa(req: Request, attn_mask: Tensor | None = None) -> Tensor:
+    """torch SDPA with ``attn_mask`` (bool, broadcastable; None: no mask), GQA included.
 
-    Decoding on CPU (one query) with groups of at least
-    ``FOLD_MIN_GROUP`` query heads per kv head folds each group into rows: G heads of one
-    row become one head of G rows (a row's position does not matter without a mask), one
-    small matrix product per kv head instead of G matrix-vector ones that each read the
-    keys. ``benchmarks/cpu_dispatch_rule.py --tables gqa_fold``: 1.06-1.97x torch's
-    enable_gqa (G = 4 and 8, D = 64 and 128, 1024 and 4096 keys; 0.95-2.09x over three
-    runs); folding G = 2 ran at 0.60-0.94x and 4 queries at 0.87-1.44x, so they are not.
+    One query on CPU whose kv heads each serve at least ``FOLD_MIN_GROUP`` query heads,
+    under a mask that is the same for every head, runs as rows of one head: the G heads of a
+    kv head become G query rows (one query's position is theirs all), one small matrix
+    product per kv head instead of G matrix-vector ones that each read the keys.
+    ``benchmarks/cpu_dispatch_rule.py --tables gqa_fold``: 1.10-1.86x torch's enable_gqa
+    without a mask (G = 4 and 8, D = 64 and 128, 1024 and 4096 keys; 0.95-2.09x over four
+    runs) and 1.03-2.26x under a ragged batch's padding mask, while folding G = 2 ran at
+    0.60-0.94x and 4 queries at 0.87-1.44x, so they are not folded.
     """
     s = req.shapes
     G = s.Hq // s.Hkv
-    if s.Lq != 1 or G < FOLD_MIN_GROUP or req.q.device.type != "cpu":
+    per_head = attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] != 1
+    if s.Lq != 1 or G < FOLD_MIN_GROUP or req.q.device.type != "cpu" or per_head:
         return F.scaled_dot_product_attention(
-            req.q, req.k, req.v, scale=req.scale, enable_gqa=G > 1
+            req.q, req.k, req.v, attn_mask=attn_mask, scale=req.scale, enable_gqa=G > 1
         )
     rows = req.q.reshape(s.B, s.Hkv, G, s.D)
-    out = F.scaled_dot_product_attention(rows, req.k, req.v, scale=req.scale)
+    out = F.scaled_dot_product_attention(rows, req.k, req.v, attn_mask=attn_mask, scale=req.scale)
     return out.view(s.B, s.Hq, 1, s.Dv)
 
 
 def run(req: Request) -> tuple[Tensor, None]:
     """Output (B, Hq, Lq, Dv) in q's dtype; fully masked rows are zeros."""
     s = req.shapes
-    gqa = s.Hq != s.Hkv
     if is_plain_causal(req.mask, s.Lq, s.Lk):
         out = F.scaled_dot_product_attention(
-            req.q, req.k, req.v, is_causal=True, scale=req.scale, enable_gqa=gqa
+            req.q, req.k, req.v, is_causal=True, scale=req.scale, enable_gqa=s.Hq != s.Hkv
         )
         return out, None
     allowed = (
@@ -107,11 +108,8 @@ def run(req: Request) -> tuple[Tensor, None]:
     if allowed is not None and _hides_nothing(allowed):
         allowed = None  # SDPA with a bool mask takes a slower kernel than without one
     if allowed is None:
-        return _unmasked(req), None
+        return _sdpa(req), None
     # SDPA turns a fully masked row into NaN (and NaN gradients). Let such rows attend
     # everywhere, then zero their output: the zeroing also zeroes their gradient.
     dead = ~allowed.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(
-        req.q, req.k, req.v, attn_mask=allowed | dead, scale=req.scale, enable_gqa=gqa
-    )
-    return out.masked_fill(dead, 0.0), None
+    return _sdpa(req, allowed | dead).masked_fill(dead, 0.0), None
