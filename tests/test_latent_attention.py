@@ -127,3 +127,19 @@ def test_refuses_bad_sizes_and_inputs():
     with pytest.raises(ValueError, match="keeps only the last 3 positions"):
         mla(torch.randn(1, 2, E), cache=mla.new_cache(1, 8, window=3))  # causal needs them all
     assert "kv_rank=20" in repr(mla)
+
+
+def test_causal_lm_layers_refuse_what_latent_attention_does_not_have():
+    from attnkit.nn import CausalLM
+
+    sizes = {"kv_rank": 12, "nope_dim": 4, "rope_dim": 4, "v_dim": 6}
+    for kwargs, named in (
+        ({"num_kv_heads": 2}, "num_kv_heads"),
+        ({"sinks": True, "qk_norm": True}, "sinks, qk_norm"),
+        ({"positions": "alibi"}, "positions='alibi'"),
+    ):
+        with pytest.raises(ValueError, match=f"drop {named}"):
+            CausalLM(9, d_model=32, nhead=4, latent=sizes, **kwargs)
+    lm = CausalLM(9, d_model=32, nhead=4, num_layers=2, positions="rope", latent=sizes)
+    caches = lm.new_caches(1, 8)
+    assert all(c.keys.shape[-1] == 12 + 4 and c.values.shape[-1] == 0 for c in caches)

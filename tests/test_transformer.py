@@ -50,6 +50,7 @@ def test_cached_decoding_equals_full_pass(positions):
         ("rope", masks.sliding_window(3), False),
         ("alibi", masks.sliding_window(4), False),
         ("rope", masks.sliding_window(3), True),  # with sinks and qk_norm
+        ("latent", masks.sliding_window(3), False),
     ],
 )
 def test_causal_lm_cached_equals_full(positions, mask, modern):
@@ -59,11 +60,11 @@ def test_causal_lm_cached_equals_full(positions, mask, modern):
         nhead=4,
         num_layers=2,
         max_len=32,
-        positions=positions,
-        num_kv_heads=2,
+        num_kv_heads=None if positions == "latent" else 2,
         mask=mask,
         sinks=modern,
         qk_norm=modern,
+        **positions_kwargs(positions),
     ).eval()
     ids = torch.randint(0, 30, (2, 12))
     with torch.no_grad():
@@ -167,7 +168,9 @@ def test_checkpoint_round_trip(tmp_path):
             layer.self_attn.q_norm.weight.normal_()
     src, tgt = torch.randint(3, 20, (1, 6)), torch.randint(3, 20, (1, 4))
     ids = torch.randint(0, 9, (1, 7))
-    for model, run in ((seq2seq, lambda m: m(src, tgt)), (lm, lambda m: m(ids)[0])):
+    latent = CausalLM(9, d_model=32, nhead=4, positions="rope", latent=LATENT)
+    runs = [(latent, lambda m: m(ids)[0]), (seq2seq, lambda m: m(src, tgt))]
+    for model, run in [*runs, (lm, lambda m: m(ids)[0])]:  # lm last: its path is read below
         path = save_checkpoint(tmp_path / "model.pt", model, vocab=list("abc"), meta={"step": 3})
         ckpt = load_checkpoint(path)
         assert type(ckpt.model) is type(model)
@@ -261,7 +264,17 @@ def test_causal_lm_rows_that_reach_eos_stay_finished(monkeypatch):
     assert len(calls) == 4  # the prompt, then three steps: none after the last row finished
 
 
-@pytest.mark.parametrize("positions", ["rope", "alibi", "learned"])
+LATENT = {"kv_rank": 12, "nope_dim": 4, "rope_dim": 4, "v_dim": 6}  # MLA at d_model 32, 4 heads
+
+
+def positions_kwargs(positions):
+    """ "latent" is rotary multi-head latent attention; the rest name CausalLM's positions."""
+    if positions == "latent":
+        return {"positions": "rope", "latent": LATENT}
+    return {"positions": positions}
+
+
+@pytest.mark.parametrize("positions", ["rope", "alibi", "learned", "latent"])
 def test_sliding_window_generation_keeps_only_the_window(positions):
     """Greedy generate() over windowed caches equals re-running the whole text every token."""
     torch.manual_seed(0)
@@ -272,8 +285,8 @@ def test_sliding_window_generation_keeps_only_the_window(positions):
         nhead=4,
         num_layers=2,
         max_len=64,
-        positions=positions,
         mask=masks.sliding_window(window),
+        **positions_kwargs(positions),
     ).eval()
     prompt = torch.randint(0, 30, (2, 15))  # fed 6 at a time: longer than the window
     caches, chunk = lm._generation_caches(2, 15 + 40)
@@ -316,7 +329,7 @@ def _left_padded(rows):
     return prompt, padding
 
 
-@pytest.mark.parametrize("positions", ["learned", "rope", "alibi"])
+@pytest.mark.parametrize("positions", ["learned", "rope", "alibi", "latent"])
 @pytest.mark.parametrize("window", [None, 5])
 def test_batched_generation_of_ragged_prompts_equals_each_row_alone(positions, window):
     """Left-padded prompts of 7, 3 and 12 tokens: logits and greedy continuations per row as
@@ -328,8 +341,8 @@ def test_batched_generation_of_ragged_prompts_equals_each_row_alone(positions, w
         nhead=4,
         num_layers=2,
         max_len=64,
-        positions=positions,
         mask=None if window is None else masks.sliding_window(window),
+        **positions_kwargs(positions),
     ).eval()
     rows = [torch.randint(0, 40, (n,)) for n in (7, 3, 12)]
     prompt, padding = _left_padded(rows)

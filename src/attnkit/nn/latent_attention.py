@@ -27,13 +27,14 @@ rope_dim); output (B, L, E).
 from __future__ import annotations
 
 from functools import partial
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
 
 from attnkit import masks as _masks
 from attnkit._types import ScoreModFn
-from attnkit._validation import check_int
+from attnkit._validation import check_dropout, check_int
 from attnkit.backends._common import MaskLike
 from attnkit.functional import BackendName, attention, attention_weights
 from attnkit.masks import Mask
@@ -41,6 +42,19 @@ from attnkit.nn.attention import check_window, combine_masks
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.score_mods import ScoreMod
+
+
+class _RequiredSizes(TypedDict):
+    kv_rank: int
+    nope_dim: int
+    rope_dim: int
+    v_dim: int
+
+
+class LatentSizes(_RequiredSizes, total=False):
+    """The sizes that make attention latent (``MultiHeadLatentAttention``'s arguments)."""
+
+    q_rank: int | None
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -59,6 +73,7 @@ class MultiHeadLatentAttention(nn.Module):
         rope_base: rotary frequency base.
         scale: softmax scale; default 1/sqrt(nope_dim + rope_dim) (YaRN models pass theirs).
         mask: applied on every call (default causal), combined with the call's.
+        dropout: attention-weight dropout while training.
         score_mod: applied on every call.
         bias: biases in the down-projections and the output projection (DeepSeek: none).
         backend: attention backend (see ``attnkit.attention``).
@@ -79,6 +94,7 @@ class MultiHeadLatentAttention(nn.Module):
         rope_base: float = 10000.0,
         scale: float | None = None,
         mask: Mask | None = None,
+        dropout: float = 0.0,
         score_mod: ScoreMod | ScoreModFn | None = None,
         bias: bool = False,
         backend: BackendName = "auto",
@@ -100,6 +116,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.scale = (nope_dim + rope_dim) ** -0.5 if scale is None else scale
         self.mask = _masks.causal() if mask is None else mask
         self.score_mod, self.backend = score_mod, backend
+        self.dropout = check_dropout(dropout)
         linear = partial(nn.Linear, device=device, dtype=dtype)
         norm = partial(nn.RMSNorm, eps=1e-6, device=device, dtype=dtype)  # eps as DeepSeek's
         q_width = num_heads * (nope_dim + rope_dim)
@@ -150,6 +167,7 @@ class MultiHeadLatentAttention(nn.Module):
         x: Tensor,
         *,
         mask: MaskLike = None,
+        key_padding_mask: Tensor | None = None,
         cache: KVCache | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
@@ -158,6 +176,8 @@ class MultiHeadLatentAttention(nn.Module):
         Args:
             x: (B, L, E).
             mask: this call's mask, combined with the module's.
+            key_padding_mask: bool (B, Lk), True = padding; with a cache also over every
+                position since its reset, as ``MultiHeadAttention`` takes it.
             cache: from ``new_cache``: appends this call's latent keys and attends over all
                 cached ones, in the absorbed form for few queries (``absorbs``).
             need_weights: also return the weights (B, H, L, Lk).
@@ -181,6 +201,8 @@ class MultiHeadLatentAttention(nn.Module):
                 check_window(cache.window, [m for m in (self.mask, mask) if isinstance(m, Mask)])
             latents, _ = cache.append(torch.cat([c, k_rope], -1), c.new_empty(B, 1, L, 0))
             c, k_rope = latents[..., :r], latents[..., r:]  # every cached position
+            if key_padding_mask is not None and key_padding_mask.shape[-1] == cache.position:
+                key_padding_mask = key_padding_mask[..., cache.start :]
         absorbed = cache is not None and self.absorbs(L)
         if absorbed:  # MQA over the latent keys [c | k_rope], values c (a view of the keys)
             k, v = latents, c
@@ -189,9 +211,14 @@ class MultiHeadLatentAttention(nn.Module):
             k = torch.cat([torch.einsum("bxlr,hdr->bhld", c, K), k_rope.expand(-1, H, -1, -1)], -1)
             v = torch.einsum("bxlr,hdr->bhld", c, V)
             q = torch.cat([q_nope, q_rope], -1)
-        full_mask = combine_masks([self.mask, mask], None, B, H, L, k.shape[2], x.device)
+        Lk = k.shape[2]
+        full_mask = combine_masks([self.mask, mask], key_padding_mask, B, H, L, Lk, x.device)
         mod, scale = self.score_mod, self.scale
-        out = attention(q, k, v, mask=full_mask, score_mod=mod, scale=scale, backend=self.backend)
+        drop = self.dropout if self.training else 0.0
+        out = attention(
+            q, k, v, mask=full_mask, score_mod=mod, scale=scale, dropout_p=drop,
+            backend=self.backend,
+        )  # fmt: skip
         if absorbed:  # back from latent space: V_h applied to the attended latents
             out = torch.einsum("bhlr,hdr->bhld", out, V)
         weights = None

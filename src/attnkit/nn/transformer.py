@@ -24,6 +24,7 @@ from attnkit.functional import BackendName
 from attnkit.masks import Mask
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
 
 Positions = Literal["learned", "rope", "alibi"]
@@ -79,7 +80,9 @@ class TransformerEncoderLayer(nn.Module):
 
     Also the block of ``CausalLM`` (with a causal or causal sliding-window mask).
     ``sinks`` and ``qk_norm`` are ``MultiHeadAttention``'s: a learned attention-sink logit
-    per head, and RMS-normalised queries and keys.
+    per head, and RMS-normalised queries and keys. ``latent`` (the sizes ``kv_rank``,
+    ``nope_dim``, ``rope_dim``, ``v_dim`` and optionally ``q_rank``) makes the block's
+    attention ``MultiHeadLatentAttention`` (DeepSeek MLA) instead.
     """
 
     def __init__(
@@ -94,12 +97,28 @@ class TransformerEncoderLayer(nn.Module):
         positions: Positions = "learned",
         sinks: bool = False,
         qk_norm: bool = False,
+        latent: LatentSizes | None = None,
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
-        self.self_attn = _self_attention(
-            d_model, nhead, num_kv_heads, dropout, mask, positions, backend, sinks, qk_norm
-        )
+        self.self_attn: MultiHeadAttention | MultiHeadLatentAttention
+        if latent is None:
+            self.self_attn = _self_attention(
+                d_model, nhead, num_kv_heads, dropout, mask, positions, backend, sinks, qk_norm
+            )
+        else:
+            extras = {"num_kv_heads": num_kv_heads, "sinks": sinks, "qk_norm": qk_norm}
+            given = [name for name, value in extras.items() if value]
+            if positions == "alibi":
+                given.append("positions='alibi'")
+            if given:
+                raise ValueError(
+                    "latent attention has one latent per token (no kv heads) with its own "
+                    f"rotary part, and no sinks or QK-norm here; drop {', '.join(given)}"
+                )
+            self.self_attn = MultiHeadLatentAttention(
+                d_model, nhead, **latent, mask=mask, dropout=dropout, backend=backend
+            )
         self.ff = FeedForward(d_model, dim_feedforward or 4 * d_model, dropout)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
@@ -443,7 +462,9 @@ class CausalLM(nn.Module):
     Args: vocab, d_model, nhead, num_layers, dim_feedforward, dropout, max_len, positions,
         num_kv_heads, mask, backend (as ``Transformer``); sinks, qk_norm: learned
         attention-sink logits (gpt-oss) and RMS-normalised queries and keys (Qwen3, OLMo 2)
-        in every layer (``MultiHeadAttention``). Output embedding tied to the input.
+        in every layer (``MultiHeadAttention``); latent: multi-head latent attention in
+        every layer, its sizes as ``TransformerEncoderLayer`` takes them (decoding caches
+        then hold the latents). Output embedding tied to the input.
     """
 
     def __init__(
@@ -461,6 +482,7 @@ class CausalLM(nn.Module):
         mask: Mask | None = None,
         sinks: bool = False,
         qk_norm: bool = False,
+        latent: LatentSizes | None = None,
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
@@ -478,6 +500,7 @@ class CausalLM(nn.Module):
             "mask": mask,
             "sinks": sinks,
             "qk_norm": qk_norm,
+            "latent": latent,
             "backend": backend,
         }
         self.max_len = max_len
@@ -493,6 +516,7 @@ class CausalLM(nn.Module):
                 positions=positions,
                 sinks=sinks,
                 qk_norm=qk_norm,
+                latent=latent,
                 backend=backend,
             )
             for _ in range(num_layers)
@@ -547,6 +571,9 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             assert isinstance(layer, TransformerEncoderLayer)
             sa = layer.self_attn
+            if isinstance(sa, MultiHeadLatentAttention):
+                caches.append(sa.new_cache(batch, max_len, window))
+                continue
             p = sa.q_proj.weight
             caches.append(
                 KVCache(
