@@ -1,16 +1,16 @@
 """A tiny character-level language model on attnkit: full vs sliding-window attention.
 
-    python examples/tiny_lm.py [--minutes 2] [--window 32] [--sinks] [--out out/tiny_lm]
+    python examples/tiny_lm.py [--minutes 2] [--window 32] [--sinks] [--latent] [--out …]
     python examples/tiny_lm.py --load out/tiny_lm/window.pt \
         --prompt "The skilled surgeon operated on the patient with a"
     attnkit explain --checkpoint out/tiny_lm/window.pt --html out/tiny_lm/heads.html
 
 Trains the same model twice on the Book of Genesis (King James Version, public domain,
 examples/data/genesis_kjv.txt), once with full causal attention and once with a causal
-sliding window (with ``--sinks`` a third time: the window plus a learned attention-sink
-logit per head, as in gpt-oss), under the same time budget; saves the loss curves in one
-PNG; generates text with the KV cache; and for a prompt prints the continuation and which
-earlier words the last layer attended to.
+sliding window (``--sinks``: again with a learned attention-sink logit per head, as in
+gpt-oss; ``--latent``: again with multi-head latent attention, as DeepSeek), under the same
+time budget; saves the loss curves in one PNG; generates text with the KV cache; and for a
+prompt prints the continuation and which earlier words the last layer attended to.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from attnkit import masks
 from attnkit.nn import CausalLM, load_checkpoint, save_checkpoint
+from attnkit.nn.latent_attention import LatentSizes
 
 TEXT = Path(__file__).resolve().parent / "data" / "genesis_kjv.txt"
 SEQ = 128
@@ -44,7 +45,12 @@ class Chars:
         return "".join(self.chars[i] for i in ids)
 
 
-def make_model(vocab: int, window: int | None, sinks: bool = False) -> CausalLM:
+#: latent attention at this width: 80 cached numbers per token per layer instead of 256
+LATENT: LatentSizes = {"kv_rank": 64, "nope_dim": 16, "rope_dim": 16, "v_dim": 32}
+
+
+def make_model(vocab: int, window: int | None, variant: str = "") -> CausalLM:
+    """``variant``: "" (multi-head attention), "sinks" or "latent"."""
     mask = masks.sliding_window(window) if window else masks.causal()
     return CausalLM(
         vocab,
@@ -55,7 +61,8 @@ def make_model(vocab: int, window: int | None, sinks: bool = False) -> CausalLM:
         max_len=512,
         positions="rope",
         mask=mask,
-        sinks=sinks,
+        sinks=variant == "sinks",
+        latent=LATENT if variant == "latent" else None,
     )
 
 
@@ -169,6 +176,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=2.0, help="training budget per model")
     ap.add_argument("--window", type=int, default=32, help="sliding window (characters back)")
     ap.add_argument("--sinks", action="store_true", help="also train the window with sinks")
+    ap.add_argument(
+        "--latent", action="store_true", help="also train the window with latent attention"
+    )
     ap.add_argument("--out", default="out/tiny_lm")
     ap.add_argument("--load", help="a checkpoint to load instead of training")
     ap.add_argument("--prompt", default="The skilled surgeon operated on the patient with a")
@@ -188,13 +198,15 @@ def main() -> None:
     data = chars.encode(text)
     split = int(0.9 * len(data))
     curves, models = {}, {}
-    runs = [("full causal", None, False, "full.pt")]
-    runs.append((f"sliding window {args.window}", args.window, False, "window.pt"))
-    if args.sinks:
-        runs.append((f"sliding window {args.window} + sinks", args.window, True, "sinks.pt"))
-    for label, window, sinks, name in runs:
+    runs = [("full causal", None, "", "full.pt")]
+    runs.append((f"sliding window {args.window}", args.window, "", "window.pt"))
+    for variant in ("sinks", "latent"):
+        if getattr(args, variant):
+            label = f"sliding window {args.window} + {variant}"
+            runs.append((label, args.window, variant, f"{variant}.pt"))
+    for label, window, variant, name in runs:
         torch.manual_seed(0)
-        model = make_model(len(chars.chars), window, sinks)
+        model = make_model(len(chars.chars), window, variant)
         curves[label], final = train(model, data[:split], data[split:], args.minutes, label)
         models[label] = (model, window)
         print(f"{label}: validation loss {final:.3f} nats/char after {args.minutes} min")

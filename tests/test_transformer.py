@@ -377,20 +377,21 @@ def test_generation_padding_must_be_on_the_left():
 
 
 @pytest.mark.slow
-def test_tiny_lm_example_trains_saves_and_explains_all_three_models(tmp_path, monkeypatch, capsys):
-    """examples/tiny_lm.py with a budget of about a second per model: the three checkpoints
+def test_tiny_lm_example_trains_saves_and_explains_every_variant(tmp_path, monkeypatch, capsys):
+    """examples/tiny_lm.py with a budget of about a second per model: the four checkpoints
     reload, and the sinks model reports the sink's share of its last layer's attention."""
     from attnkit.nn import load_checkpoint
 
     tiny_lm = load_example("tiny_lm")
-    argv = ["tiny_lm.py", "--minutes", "0.015", "--sinks", "--new-tokens", "4"]
+    argv = ["tiny_lm.py", "--minutes", "0.015", "--sinks", "--latent", "--new-tokens", "4"]
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path)])
     tiny_lm.main()
     out = capsys.readouterr().out
-    for label in ("full causal", "sliding window 32", "sliding window 32 + sinks"):
+    for label in ("full causal", "sliding window 32", "+ sinks", "+ latent"):
         assert f"{label}: validation loss" in out
     assert out.count("(sink)") == 1  # only the sinks model has one
-    for name, sinks in (("full.pt", False), ("window.pt", False), ("sinks.pt", True)):
-        model = load_checkpoint(tmp_path / name).model
-        assert model.config["sinks"] is sinks
+    for name in ("full", "window", "sinks", "latent"):
+        config = load_checkpoint(tmp_path / f"{name}.pt").model.config
+        assert config["sinks"] is (name == "sinks")
+        assert (config["latent"] is not None) is (name == "latent")
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
