@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from attnkit import masks
-from attnkit.nn import CausalLM, load_checkpoint, save_checkpoint
-from attnkit.nn.latent_attention import LatentSizes
+from attnkit.nn import CausalLM, LatentSizes, load_checkpoint, save_checkpoint
 
 TEXT = Path(__file__).resolve().parent / "data" / "genesis_kjv.txt"
 SEQ = 128

@@ -7,7 +7,7 @@ RotaryEmbedding, and transformers built on them (encoder/decoder layers, Transfo
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from attnkit.nn.kv_cache import KVCache
-from attnkit.nn.latent_attention import MultiHeadLatentAttention
+from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.nn.transformer import (
     CausalLM,
@@ -22,6 +22,7 @@ __all__ = [
     "Checkpoint",
     "FeedForward",
     "KVCache",
+    "LatentSizes",
     "MultiHeadAttention",
     "MultiHeadLatentAttention",
     "RotaryEmbedding",
