@@ -100,6 +100,9 @@ def test_varlen_refuses_bad_offsets_and_layouts():
         attnkit.varlen_attention(q, k, v, cu_q.double(), cu_k)
     with pytest.raises(ValueError, match="describe 5 and 1 sequences"):
         attnkit.varlen_attention(q, k, v, cu_q, torch.tensor([0, k.shape[0]]))
+    for window in ((2,), 3, (2, -3)):
+        with pytest.raises(ValueError, match="window"):
+            attnkit.varlen_attention(q, k, v, cu_q, cu_k, window=window)
     with pytest.raises(ValueError, match=r"q must be \(total, H, D\)"):
         attnkit.varlen_attention(q[None], k, v, cu_q, cu_k)
 

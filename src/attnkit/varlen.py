@@ -21,6 +21,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from attnkit import _validation as check
 from attnkit import masks
 from attnkit._types import ScoreModFn
 from attnkit.functional import BackendName, attention
@@ -66,7 +67,10 @@ def varlen_mask(
     mask = masks.document(q_ids, k_ids)
     if not causal and window is None:
         return mask
-    left, right = window if window is not None else (-1, -1)
+    if window is not None and (not isinstance(window, tuple | list) or len(window) != 2):
+        raise ValueError(f"window must be a (left, right) pair, -1 = unbounded; got {window!r}")
+    left, right = (-1, -1) if window is None else window
+    left, right = check.check_window("window left", left), check.check_window("window right", right)
     if causal:
         right = 0
     delta = (cu_seqlens_k[1:] - cu_seqlens_q[1:])[q_ids]  # per query
