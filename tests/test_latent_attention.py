@@ -143,3 +143,54 @@ def test_causal_lm_layers_refuse_what_latent_attention_does_not_have():
     lm = CausalLM(9, d_model=32, nhead=4, num_layers=2, positions="rope", latent=sizes)
     caches = lm.new_caches(1, 8)
     assert all(c.keys.shape[-1] == 12 + 4 and c.values.shape[-1] == 0 for c in caches)
+
+
+def test_yarn_rope_and_mscale_match_deepseek_v3_long_context_attention():
+    """DeepSeek-V3's YaRN (factor 40, mscale = mscale_all_dim): its rotary embedding from
+    transformers against RotaryEmbedding.yarn, its softmax scale passed as ``scale``."""
+    from attnkit.nn import RotaryEmbedding
+
+    rope_parameters = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 40.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    }
+    hf = hf_attention(
+        "deepseek_v3",
+        hidden_size=E,
+        num_attention_heads=H,
+        num_key_value_heads=H,
+        q_lora_rank=None,
+        kv_lora_rank=R,
+        qk_nope_head_dim=NOPE,
+        qk_rope_head_dim=ROPE,
+        v_head_dim=V,
+        rope_interleave=False,
+        max_position_embeddings=64 * 40,
+        rope_parameters=rope_parameters,
+    )
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    yarn = RotaryEmbedding.yarn(ROPE, 40.0, original_max_len=64, mscale=1.0, mscale_all_dim=1.0)
+    assert hf.scaling != pytest.approx((NOPE + ROPE) ** -0.5)  # YaRN changed the scale
+    ours = MultiHeadLatentAttention(
+        E, H, kv_rank=R, nope_dim=NOPE, rope_dim=ROPE, v_dim=V, rope=yarn, scale=hf.scaling
+    ).eval()
+    _, loaded = deepseek_pair(None)  # the same random weights, loaded into ours
+    ours.load_state_dict(loaded.state_dict())
+    B, L = 2, 9
+    x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(6))
+    positions = torch.arange(200, 200 + L)[None].expand(B, L)  # past the original 64
+    cos, sin = DeepseekV3RotaryEmbedding(hf.config)(x, positions)
+    additive = torch.zeros(L, L).masked_fill(~masks.causal().dense(L, L)[0, 0], float("-inf"))
+    exp_out, _ = hf(x, (cos, sin), additive.expand(B, 1, L, L))
+    cache = ours.new_cache(B, 200 + L)
+    cache.append(torch.zeros(B, 1, 200, R + ROPE), torch.zeros(B, 1, 200, 0))  # positions 0..199
+    with torch.no_grad():
+        out, _ = ours(x, cache=cache, mask=masks.custom(lambda b, h, q, kv: kv >= 200))
+    torch.testing.assert_close(out, exp_out, atol=1e-5, rtol=1e-5)

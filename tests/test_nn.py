@@ -312,3 +312,101 @@ def test_qk_norm_matches_transformers_qwen3_attention(num_kv_heads):
     steps = [ours(x[:, t : t + 1], cache=cache)[0] for t in range(L)]
     torch.testing.assert_close(torch.cat(steps, 1), exp_out, atol=1e-5, rtol=1e-5)
     assert "qk_norm=True" in repr(ours)
+
+
+ROPE_SCALINGS = {  # name -> (our constructor, transformers' rope_parameters), head_dim 32
+    "linear": (
+        lambda: RotaryEmbedding.linear(32, factor=4.0, base=10000.0),
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    ),
+    "llama3": (
+        lambda: RotaryEmbedding.llama3(32, 8.0, 1.0, 4.0, original_max_len=8192, base=500000.0),
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "yarn": (
+        lambda: RotaryEmbedding.yarn(32, 4.0, original_max_len=2048, base=10000.0),
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 2048,
+        },
+    ),
+    "yarn, DeepSeek's mscale": (
+        lambda: RotaryEmbedding.yarn(
+            32, 40.0, original_max_len=4096, mscale=0.707, mscale_all_dim=0.707, beta_fast=32
+        ),
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+    ),
+    "yarn, mscale 1 vs all-dim 0.5": (
+        lambda: RotaryEmbedding.yarn(
+            32, 16.0, original_max_len=1024, mscale=1.0, mscale_all_dim=0.5, truncate=False
+        ),
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 16.0,
+            "original_max_position_embeddings": 1024,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.5,
+            "truncate": False,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE_SCALINGS))
+def test_rope_scalings_match_transformers(name):
+    """Frequencies and attention factor as transformers' ROPE_INIT_FUNCTIONS compute them,
+    and the rotation applies both as its rotary embedding does (cos, sin times the factor)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    ours_fn, params = ROPE_SCALINGS[name]
+    original = params.get("original_max_position_embeddings", 2048)
+    config = transformers.LlamaConfig(  # the context the factor reaches, so no warning
+        hidden_size=64,
+        num_attention_heads=2,
+        max_position_embeddings=int(original * params["factor"]),
+        rope_parameters=params,
+    )
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
+    rope = ours_fn()
+    torch.testing.assert_close(rope.inv_freq, inv_freq.float(), rtol=1e-6, atol=0)
+    assert rope.attention_factor == pytest.approx(factor, rel=1e-12)
+    x = torch.randn(1, 2, 7, 32, dtype=torch.float64)
+    positions = torch.tensor([0, 1, 5, 100, 2048, 9000, 30000])
+    # float32 angles from our (float64-derived) frequencies: transformers' float32-derived ones
+    # differ in the last bit, which position 30000 turns into 1e-3 rad
+    angles = positions.float()[:, None] * rope.inv_freq[None]
+    cos, sin = (torch.cat([f(angles)] * 2, -1).double() * factor for f in (torch.cos, torch.sin))
+    rotated = torch.cat([-x[..., 16:], x[..., :16]], -1)
+    torch.testing.assert_close(
+        rope(x, positions=positions), x * cos + rotated * sin, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_rope_scalings_refuse_bad_arguments():
+    with pytest.raises(ValueError, match="factor must be >= 1"):
+        RotaryEmbedding.linear(32, factor=0.5)
+    with pytest.raises(ValueError, match="low_freq_factor < high_freq_factor"):
+        RotaryEmbedding.llama3(32, low_freq_factor=4.0, high_freq_factor=1.0)
+    with pytest.raises(ValueError, match=r"inv_freq must have shape \(head_dim / 2,\) = \(16,\)"):
+        RotaryEmbedding(32, inv_freq=torch.ones(8))
+    assert "attention_factor" in repr(RotaryEmbedding.yarn(32, 4.0, original_max_len=512))

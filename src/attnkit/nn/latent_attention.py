@@ -71,7 +71,10 @@ class MultiHeadLatentAttention(nn.Module):
         q_rank: if given, queries also go through a latent of this width (down-projection,
             RMSNorm, up-projection; 1536); None projects them directly.
         rope_base: rotary frequency base.
-        scale: softmax scale; default 1/sqrt(nope_dim + rope_dim) (YaRN models pass theirs).
+        rope: a ``RotaryEmbedding`` of ``rope_dim`` to use instead (e.g.
+            ``RotaryEmbedding.yarn``, as DeepSeek-V3 extends its context).
+        scale: softmax scale; default 1/sqrt(nope_dim + rope_dim) (DeepSeek's YaRN models
+            multiply it by the square of their mscale term).
         mask: applied on every call (default causal), combined with the call's.
         dropout: attention-weight dropout while training.
         score_mod: applied on every call.
@@ -92,6 +95,7 @@ class MultiHeadLatentAttention(nn.Module):
         v_dim: int,
         q_rank: int | None = None,
         rope_base: float = 10000.0,
+        rope: RotaryEmbedding | None = None,
         scale: float | None = None,
         mask: Mask | None = None,
         dropout: float = 0.0,
@@ -134,7 +138,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = norm(kv_rank)
         self.kv_up = linear(kv_rank, num_heads * (nope_dim + v_dim), bias=False)  # K_h, V_h
         self.out_proj = linear(num_heads * v_dim, embed_dim, bias=bias)
-        self.rope = RotaryEmbedding(rope_dim, rope_base)
+        if rope is not None and rope.head_dim != rope_dim:
+            raise ValueError(f"rope has head_dim {rope.head_dim}, but rope_dim is {rope_dim}")
+        self.rope = RotaryEmbedding(rope_dim, rope_base) if rope is None else rope
 
     def new_cache(self, batch: int, max_len: int, window: int | None = None) -> KVCache:
         """A cache of latent keys [c | rope(k_rope)] (B, 1, max_len, kv_rank + rope_dim)."""

@@ -1,6 +1,13 @@
-"""Rotary position embedding (RoFormer; the rotate-half layout of GPT-NeoX and Llama)."""
+"""Rotary position embedding (RoFormer; the rotate-half layout of GPT-NeoX and Llama).
+
+Also the context-extension variants that change its frequencies: linear position
+interpolation, Llama 3.1's band-wise scaling and YaRN (with its attention factor), computed as
+transformers computes them (the tests compare with ``modeling_rope_utils``).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -15,11 +22,22 @@ class RotaryEmbedding(nn.Module):
     Args:
         head_dim: D, must be even.
         base: frequency base (10000 in RoFormer/Llama).
+        inv_freq: the D/2 frequencies, if not base^(-2i/D) (see ``linear``, ``llama3``,
+            ``yarn``).
+        attention_factor: multiplies cos and sin, so q·k scales by its square (YaRN's
+            temperature); 1 otherwise.
     """
 
     inv_freq: Tensor
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        base: float = 10000.0,
+        *,
+        inv_freq: Tensor | None = None,
+        attention_factor: float = 1.0,
+    ) -> None:
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2:
             raise ValueError(f"head_dim must be an even int >= 2, got {head_dim!r}")
@@ -27,9 +45,106 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RotaryEmbedding needs an even head_dim, got {head_dim}")
         if not base > 1:
             raise ValueError(f"base must be > 1, got {base}")
+        if inv_freq is not None and tuple(inv_freq.shape) != (head_dim // 2,):
+            raise ValueError(
+                f"inv_freq must have shape (head_dim / 2,) = ({head_dim // 2},), "
+                f"got {tuple(inv_freq.shape)}"
+            )
+        if not attention_factor > 0:
+            raise ValueError(f"attention_factor must be > 0, got {attention_factor}")
         self.head_dim, self.base = head_dim, float(base)
-        inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.attention_factor = float(attention_factor)
+        inv = base_frequencies(head_dim, base) if inv_freq is None else inv_freq.double()
         self.register_buffer("inv_freq", inv.float(), persistent=False)
+
+    @classmethod
+    def linear(cls, head_dim: int, factor: float, base: float = 10000.0) -> RotaryEmbedding:
+        """Position interpolation: every frequency divided by ``factor``.
+
+        Positions are squeezed into the trained range.
+        """
+        _check_factor(factor)
+        return cls(head_dim, base, inv_freq=base_frequencies(head_dim, base) / factor)
+
+    @classmethod
+    def llama3(
+        cls,
+        head_dim: int,
+        factor: float = 8.0,
+        low_freq_factor: float = 1.0,
+        high_freq_factor: float = 4.0,
+        original_max_len: int = 8192,
+        base: float = 500000.0,
+    ) -> RotaryEmbedding:
+        """Llama 3.1's frequencies: long wavelengths interpolated, short ones kept.
+
+        Wavelengths above original_max_len / low_freq_factor are divided by ``factor``, those
+        below original_max_len / high_freq_factor kept, and the band between blended smoothly.
+        """
+        _check_factor(factor)
+        if not 0 < low_freq_factor < high_freq_factor:
+            raise ValueError(
+                f"need 0 < low_freq_factor < high_freq_factor, got {low_freq_factor}, "
+                f"{high_freq_factor}"
+            )
+        inv = base_frequencies(head_dim, base)
+        wavelen = 2 * math.pi / inv
+        smooth = (original_max_len / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor
+        )
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        scaled = torch.where(wavelen > original_max_len / low_freq_factor, inv / factor, blended)
+        scaled = torch.where(wavelen < original_max_len / high_freq_factor, inv, scaled)
+        return cls(head_dim, base, inv_freq=scaled)
+
+    @classmethod
+    def yarn(
+        cls,
+        head_dim: int,
+        factor: float,
+        original_max_len: int,
+        base: float = 10000.0,
+        *,
+        beta_fast: float = 32.0,
+        beta_slow: float = 1.0,
+        mscale: float | None = None,
+        mscale_all_dim: float | None = None,
+        truncate: bool = True,
+    ) -> RotaryEmbedding:
+        """YaRN's frequencies and attention factor.
+
+        Dims that turn fewer than ``beta_slow`` times over the original context are
+        interpolated by ``factor``, those that turn more than ``beta_fast`` times kept, with a
+        linear ramp between; cos and sin are scaled by 0.1·ln(factor) + 1 (or DeepSeek's
+        ratio of two such terms with ``mscale`` and ``mscale_all_dim``).
+        """
+        _check_factor(factor)
+        pos = base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+        def correction_dim(rotations: float) -> float:
+            return (head_dim * math.log(original_max_len / (rotations * 2 * math.pi))) / (
+                2 * math.log(base)
+            )
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001  # a ramp of zero width
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
+        inv = (1 / (factor * pos)) * (1 - keep) + (1 / pos) * keep
+
+        def m(scale: float, ms: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * ms * math.log(scale) + 1.0
+
+        attention = (
+            m(factor, mscale) / m(factor, mscale_all_dim)
+            if mscale and mscale_all_dim
+            else m(factor)
+        )
+        return cls(head_dim, base, inv_freq=inv, attention_factor=attention)
 
     def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
         """Rotate x (B, H, L, D) for positions ``offset .. offset + L - 1`` (or ``positions`` (L,)).
@@ -47,12 +162,25 @@ class RotaryEmbedding(nn.Module):
         elif positions.shape != (L,):
             raise ValueError(f"positions must have shape ({L},), got {tuple(positions.shape)}")
         angles = positions.to(torch.float32)[:, None] * self.inv_freq.to(x.device)[None, :]
-        cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
-        sin = torch.cat([angles.sin(), angles.sin()], dim=-1)
+        cos = torch.cat([angles.cos(), angles.cos()], dim=-1) * self.attention_factor
+        sin = torch.cat([angles.sin(), angles.sin()], dim=-1) * self.attention_factor
         half = self.head_dim // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
     def extra_repr(self) -> str:
         """Shown inside the module's repr."""
-        return f"head_dim={self.head_dim}, base={self.base:g}"
+        factor = (
+            "" if self.attention_factor == 1 else f", attention_factor={self.attention_factor:g}"
+        )
+        return f"head_dim={self.head_dim}, base={self.base:g}{factor}"
+
+
+def base_frequencies(head_dim: int, base: float) -> Tensor:
+    """base^(-2i/D) for i = 0 .. D/2 - 1, float64."""
+    return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+
+def _check_factor(factor: float) -> None:
+    if not factor >= 1:
+        raise ValueError(f"factor must be >= 1 (how much longer the context gets), got {factor}")
