@@ -146,8 +146,9 @@ def test_causal_lm_layers_refuse_what_latent_attention_does_not_have():
 
 
 def test_yarn_rope_and_mscale_match_deepseek_v3_long_context_attention():
-    """DeepSeek-V3's YaRN (factor 40, mscale = mscale_all_dim): its rotary embedding from
-    transformers against RotaryEmbedding.yarn, its softmax scale passed as ``scale``."""
+    """DeepSeek-V3's YaRN (factor 40, mscale = mscale_all_dim) at positions past the original
+    context: transformers' rotary embedding against RotaryEmbedding.yarn built by hand, its
+    softmax scale passed as ``scale`` (positions 0..199 are cached zeros, masked out)."""
     from attnkit.nn import RotaryEmbedding
 
     rope_parameters = {
@@ -181,8 +182,7 @@ def test_yarn_rope_and_mscale_match_deepseek_v3_long_context_attention():
     ours = MultiHeadLatentAttention(
         E, H, kv_rank=R, nope_dim=NOPE, rope_dim=ROPE, v_dim=V, rope=yarn, scale=hf.scaling
     ).eval()
-    _, loaded = deepseek_pair(None)  # the same random weights, loaded into ours
-    ours.load_state_dict(loaded.state_dict())
+    ours.load_state_dict(MultiHeadLatentAttention.from_transformers(hf).state_dict())
     B, L = 2, 9
     x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(6))
     positions = torch.arange(200, 200 + L)[None].expand(B, L)  # past the original 64
@@ -194,3 +194,53 @@ def test_yarn_rope_and_mscale_match_deepseek_v3_long_context_attention():
     with torch.no_grad():
         out, _ = ours(x, cache=cache, mask=masks.custom(lambda b, h, q, kv: kv >= 200))
     torch.testing.assert_close(out, exp_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_rank", [None, 16])
+@pytest.mark.parametrize("yarn", [False, True])
+def test_from_transformers_with_interleaved_rope_as_deepseek_checkpoints(q_rank, yarn):
+    """rope_interleave=True, as real checkpoints: from_transformers reorders the rotary rows,
+    reads the scale and the rotary kind, and the module then computes what transformers does,
+    decoding over its cache included."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    extra = {}
+    if yarn:
+        extra = {
+            "max_position_embeddings": 64 * 40,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 40.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+        }
+    hf = hf_attention(
+        "deepseek_v3",
+        hidden_size=E,
+        num_attention_heads=H,
+        num_key_value_heads=H,
+        q_lora_rank=q_rank,
+        kv_lora_rank=R,
+        qk_nope_head_dim=NOPE,
+        qk_rope_head_dim=ROPE,
+        v_head_dim=V,
+        rope_interleave=True,
+        **extra,
+    )
+    ours = MultiHeadLatentAttention.from_transformers(hf).eval()
+    B, L = 2, 10
+    x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(7))
+    positions = torch.arange(L)[None].expand(B, L)
+    cos, sin = DeepseekV3RotaryEmbedding(hf.config)(x, positions)
+    additive = torch.zeros(L, L).masked_fill(~masks.causal().dense(L, L)[0, 0], float("-inf"))
+    exp_out, exp_w = hf(x, (cos, sin), additive.expand(B, 1, L, L))
+    out, w = ours(x, need_weights=True)
+    torch.testing.assert_close(out, exp_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, exp_w, atol=1e-6, rtol=1e-5)
+    cache = ours.new_cache(B, L)
+    with torch.no_grad():
+        steps = [ours(x[:, t : t + 1], cache=cache)[0] for t in range(L)]
+    torch.testing.assert_close(torch.cat(steps, 1), exp_out, atol=1e-5, rtol=1e-5)

@@ -27,7 +27,7 @@ rope_dim); output (B, L, E).
 from __future__ import annotations
 
 from functools import partial
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -141,6 +141,78 @@ class MultiHeadLatentAttention(nn.Module):
         if rope is not None and rope.head_dim != rope_dim:
             raise ValueError(f"rope has head_dim {rope.head_dim}, but rope_dim is {rope_dim}")
         self.rope = RotaryEmbedding(rope_dim, rope_base) if rope is None else rope
+
+    @classmethod
+    def from_transformers(cls, module: Any) -> MultiHeadLatentAttention:
+        """The same attention as a transformers ``DeepseekV3Attention``, weights copied.
+
+        Sizes, softmax scale and rotary positions (default or YaRN) come from its config.
+        DeepSeek checkpoints rotate interleaved channel pairs (``rope_interleave``); this
+        module rotates halves, so the rotary rows of the q and kv down-projections are put
+        in even-then-odd order, which gives the same scores and the same rotated values.
+        """
+        config = module.config
+        rope_dim = config.qk_rope_head_dim
+        params = dict(config.rope_parameters or {})
+        theta = float(params.get("rope_theta", 10000.0))
+        kind = params.get("rope_type", "default")
+        if kind == "default":
+            rope = RotaryEmbedding(rope_dim, theta)
+        elif kind == "yarn":
+            original = params["original_max_position_embeddings"]
+            factor = params.get("factor") or config.max_position_embeddings / original
+            rope = RotaryEmbedding.yarn(
+                rope_dim,
+                factor,
+                original,
+                theta,
+                beta_fast=params.get("beta_fast") or 32.0,
+                beta_slow=params.get("beta_slow") or 1.0,
+                mscale=params.get("mscale"),
+                mscale_all_dim=params.get("mscale_all_dim"),
+                truncate=params.get("truncate", True),
+            )
+        else:
+            raise ValueError(f"from_transformers: rope_type {kind!r} is not supported")
+        weight = module.kv_b_proj.weight
+        new = cls(
+            config.hidden_size,
+            config.num_attention_heads,
+            kv_rank=config.kv_lora_rank,
+            nope_dim=config.qk_nope_head_dim,
+            rope_dim=rope_dim,
+            v_dim=config.v_head_dim,
+            q_rank=config.q_lora_rank,
+            rope=rope,
+            scale=float(module.scaling),
+            bias=bool(config.attention_bias),
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        names = {
+            "q_a_proj": "q_proj.0",
+            "q_a_layernorm": "q_proj.1",
+            "q_b_proj": "q_proj.2",
+            "kv_a_proj_with_mqa": "kv_down",
+            "kv_a_layernorm": "kv_norm",
+            "kv_b_proj": "kv_up",
+            "o_proj": "out_proj",
+        }
+        state = {}
+        for name, value in module.state_dict().items():
+            owner, _, param = name.rpartition(".")
+            state[f"{names.get(owner, owner)}.{param}"] = value
+        if getattr(config, "rope_interleave", False):
+            order = torch.cat([torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)])
+            r, nope, H = config.kv_lora_rank, config.qk_nope_head_dim, config.num_attention_heads
+            q_up = "q_proj.weight" if config.q_lora_rank is None else "q_proj.2.weight"
+            rows = state[q_up].view(H, nope + rope_dim, -1)
+            state[q_up] = torch.cat([rows[:, :nope], rows[:, nope:][:, order]], 1).flatten(0, 1)
+            for key in ("kv_down.weight", "kv_down.bias"):
+                if key in state:
+                    state[key] = torch.cat([state[key][:r], state[key][r:][order]])
+        new.load_state_dict(state)
+        return new
 
     def new_cache(self, batch: int, max_len: int, window: int | None = None) -> KVCache:
         """A cache of latent keys [c | rope(k_rope)] (B, 1, max_len, kv_rank + rope_dim)."""
