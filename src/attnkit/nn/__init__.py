@@ -6,6 +6,7 @@ RotaryEmbedding, and transformers built on them (encoder/decoder layers, Transfo
 
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from attnkit.nn.from_transformers import from_transformers
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
@@ -29,6 +30,7 @@ __all__ = [
     "Transformer",
     "TransformerDecoderLayer",
     "TransformerEncoderLayer",
+    "from_transformers",
     "load_checkpoint",
     "save_checkpoint",
 ]

@@ -95,7 +95,8 @@ class MultiHeadAttention(nn.Module):
 
     Args:
         embed_dim: E, width of queries and output.
-        num_heads: Hq; head_dim = E / Hq.
+        num_heads: Hq.
+        head_dim: per-head width; default E / Hq (Qwen3 and Gemma set their own).
         num_kv_heads: Hkv (divides Hq); default Hq.
         kdim, vdim: widths of key and value inputs (default E).
         bias: biases in the four projections.
@@ -107,6 +108,7 @@ class MultiHeadAttention(nn.Module):
             before rotary positions, as Qwen3, OLMo 2 and Gemma 3 do to keep logits bounded.
         sinks: learn one attention-sink logit per head (``self.sinks`` (Hq,), initialised to
             0), which takes a share of every row's weight and adds no value (gpt-oss).
+        scale: softmax scale; default 1/sqrt(head_dim).
         backend: attention backend (see ``attnkit.attention``).
         batch_first: inputs (B, L, E) when True, else (L, B, E).
 
@@ -121,6 +123,7 @@ class MultiHeadAttention(nn.Module):
         num_heads: int,
         *,
         num_kv_heads: int | None = None,
+        head_dim: int | None = None,
         kdim: int | None = None,
         vdim: int | None = None,
         bias: bool = True,
@@ -130,6 +133,7 @@ class MultiHeadAttention(nn.Module):
         rope: RotaryEmbedding | None = None,
         qk_norm: bool = False,
         sinks: bool = False,
+        scale: float | None = None,
         backend: BackendName = "auto",
         batch_first: bool = True,
         device: torch.device | str | None = None,
@@ -139,14 +143,17 @@ class MultiHeadAttention(nn.Module):
         check_int("embed_dim", embed_dim)
         check_int("num_heads", num_heads)
         kv_heads = check_int("num_kv_heads", num_kv_heads or num_heads)
-        if embed_dim % num_heads:
+        if head_dim is None and embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if num_heads % kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {kv_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = (
+            embed_dim // num_heads if head_dim is None else check_int("head_dim", head_dim)
+        )
+        self.scale = scale
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         if rope is not None and rope.head_dim != self.head_dim:
             raise ValueError(f"rope head_dim {rope.head_dim} != head_dim {self.head_dim}")
@@ -251,6 +258,7 @@ class MultiHeadAttention(nn.Module):
             v,
             mask=full_mask,
             score_mod=self.score_mod,
+            scale=self.scale,
             dropout_p=dropout_p,
             backend=self.backend,
             sinks=self.sinks,
@@ -258,8 +266,9 @@ class MultiHeadAttention(nn.Module):
         weights = None
         if need_weights:
             weights = attention_weights(
-                q, k, v, mask=full_mask, score_mod=self.score_mod, sinks=self.sinks
-            )
+                q, k, v, mask=full_mask, score_mod=self.score_mod, scale=self.scale,
+                sinks=self.sinks,
+            )  # fmt: skip
         out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim))
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -299,11 +308,11 @@ class MultiHeadAttention(nn.Module):
         """An equivalent ``torch.nn.MultiheadAttention`` (needs num_kv_heads == num_heads)."""
         if self.num_kv_heads != self.num_heads:
             raise ValueError("to_torch: torch.nn.MultiheadAttention has no grouped-query heads")
-        extras = (self.rope, self.score_mod, self.mask, self.sinks, self.q_norm)
-        if any(x is not None for x in extras):
+        extras = (self.rope, self.score_mod, self.mask, self.sinks, self.q_norm, self.scale)
+        if any(x is not None for x in extras) or self.head_dim * self.num_heads != self.embed_dim:
             raise ValueError(
-                "to_torch: rope, score_mod, qk_norm, sinks and module masks have no torch "
-                "equivalent"
+                "to_torch: rope, score_mod, qk_norm, sinks, scale, a head_dim other than "
+                "E / num_heads and module masks have no torch equivalent"
             )
         w = self.q_proj.weight
         bias = self.q_proj.bias is not None

@@ -153,27 +153,8 @@ class MultiHeadLatentAttention(nn.Module):
         """
         config = module.config
         rope_dim = config.qk_rope_head_dim
-        params = dict(config.rope_parameters or {})
-        theta = float(params.get("rope_theta", 10000.0))
-        kind = params.get("rope_type", "default")
-        if kind == "default":
-            rope = RotaryEmbedding(rope_dim, theta)
-        elif kind == "yarn":
-            original = params["original_max_position_embeddings"]
-            factor = params.get("factor") or config.max_position_embeddings / original
-            rope = RotaryEmbedding.yarn(
-                rope_dim,
-                factor,
-                original,
-                theta,
-                beta_fast=params.get("beta_fast") or 32.0,
-                beta_slow=params.get("beta_slow") or 1.0,
-                mscale=params.get("mscale"),
-                mscale_all_dim=params.get("mscale_all_dim"),
-                truncate=params.get("truncate", True),
-            )
-        else:
-            raise ValueError(f"from_transformers: rope_type {kind!r} is not supported")
+        params = config.rope_parameters or {}
+        rope = RotaryEmbedding.from_parameters(rope_dim, params, config.max_position_embeddings)
         weight = module.kv_b_proj.weight
         new = cls(
             config.hidden_size,

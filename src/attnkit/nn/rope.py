@@ -8,6 +8,8 @@ transformers computes them (the tests compare with ``modeling_rope_utils``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -145,6 +147,50 @@ class RotaryEmbedding(nn.Module):
             else m(factor)
         )
         return cls(head_dim, base, inv_freq=inv, attention_factor=attention)
+
+    @classmethod
+    def from_parameters(
+        cls, head_dim: int, params: Mapping[str, Any], max_position_embeddings: int | None = None
+    ) -> RotaryEmbedding:
+        """From a transformers config's ``rope_parameters``.
+
+        rope_type default, linear, llama3 or yarn; ``max_position_embeddings`` gives YaRN's
+        factor where the dict has none.
+        """
+        kind = params.get("rope_type", "default")
+        base = float(params.get("rope_theta", 10000.0))
+        if kind == "default":
+            return cls(head_dim, base)
+        if kind == "linear":
+            return cls.linear(head_dim, params["factor"], base)
+        if kind == "llama3":
+            return cls.llama3(
+                head_dim,
+                params["factor"],
+                params["low_freq_factor"],
+                params["high_freq_factor"],
+                params["original_max_position_embeddings"],
+                base,
+            )
+        if kind == "yarn":
+            original = params["original_max_position_embeddings"]
+            factor = params.get("factor")
+            if factor is None:
+                if max_position_embeddings is None:
+                    raise ValueError("yarn without a factor needs max_position_embeddings")
+                factor = max_position_embeddings / original
+            return cls.yarn(
+                head_dim,
+                factor,
+                original,
+                base,
+                beta_fast=params.get("beta_fast") or 32.0,
+                beta_slow=params.get("beta_slow") or 1.0,
+                mscale=params.get("mscale"),
+                mscale_all_dim=params.get("mscale_all_dim"),
+                truncate=params.get("truncate", True),
+            )
+        raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3, yarn)")
 
     def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
         """Rotate x (B, H, L, D) for positions ``offset .. offset + L - 1`` (or ``positions`` (L,)).
