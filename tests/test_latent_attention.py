@@ -7,41 +7,33 @@ import torch
 
 from attnkit import masks
 from attnkit.nn import MultiHeadLatentAttention
+from attnkit.nn.latent_attention import TRANSFORMERS_NAMES
 from conftest import hf_attention
 
 E, H, R, NOPE, ROPE, V = 48, 4, 20, 12, 8, 10  # odd sizes: kv_rank 20, head dims 12+8, values 10
-HF_NAMES = {  # transformers' parameter names -> ours
-    "q_a_proj": "q_proj.0",
-    "q_a_layernorm": "q_proj.1",
-    "q_b_proj": "q_proj.2",
-    "kv_a_proj_with_mqa": "kv_down",
-    "kv_a_layernorm": "kv_norm",
-    "kv_b_proj": "kv_up",
-    "o_proj": "out_proj",
-}
+
+
+def deepseek(q_rank, **overrides):
+    """A transformers DeepseekV3Attention at the sizes above, random weights."""
+    sizes = {
+        "hidden_size": E,
+        "num_attention_heads": H,
+        "num_key_value_heads": H,
+        "q_lora_rank": q_rank,
+        "kv_lora_rank": R,
+        "qk_nope_head_dim": NOPE,
+        "qk_rope_head_dim": ROPE,
+        "v_head_dim": V,
+        "rope_interleave": False,
+    }
+    return hf_attention("deepseek_v3", **{**sizes, **overrides})
 
 
 def deepseek_pair(q_rank, mask=None):
-    hf = hf_attention(
-        "deepseek_v3",
-        hidden_size=E,
-        num_attention_heads=H,
-        num_key_value_heads=H,
-        q_lora_rank=q_rank,
-        kv_lora_rank=R,
-        qk_nope_head_dim=NOPE,
-        qk_rope_head_dim=ROPE,
-        v_head_dim=V,
-        rope_interleave=False,  # ours rotates halves (real checkpoints permute those columns)
-    )
-    ours = MultiHeadLatentAttention(
-        E, H, kv_rank=R, nope_dim=NOPE, rope_dim=ROPE, v_dim=V, q_rank=q_rank, mask=mask
-    ).eval()
-    state = {}
-    for name, value in hf.state_dict().items():
-        module, _, param = name.rpartition(".")
-        state[f"{HF_NAMES.get(module, module)}.{param}"] = value
-    ours.load_state_dict(state)
+    hf = deepseek(q_rank)
+    ours = MultiHeadLatentAttention.from_transformers(hf).eval()
+    if mask is not None:
+        ours.mask = mask
     return hf, ours
 
 
@@ -70,7 +62,7 @@ def test_matches_transformers_deepseek_v3_attention_with_gradients(q_rank):
     theirs = dict(hf.named_parameters())
     for name, p in ours.named_parameters():
         module, _, param = name.rpartition(".")
-        hf_name = {v: k for k, v in HF_NAMES.items()}.get(module, module) + "." + param
+        hf_name = {v: k for k, v in TRANSFORMERS_NAMES.items()}.get(module, module) + "." + param
         torch.testing.assert_close(p.grad, theirs[hf_name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
@@ -161,20 +153,7 @@ def test_yarn_rope_and_mscale_match_deepseek_v3_long_context_attention():
         "beta_fast": 32,
         "beta_slow": 1,
     }
-    hf = hf_attention(
-        "deepseek_v3",
-        hidden_size=E,
-        num_attention_heads=H,
-        num_key_value_heads=H,
-        q_lora_rank=None,
-        kv_lora_rank=R,
-        qk_nope_head_dim=NOPE,
-        qk_rope_head_dim=ROPE,
-        v_head_dim=V,
-        rope_interleave=False,
-        max_position_embeddings=64 * 40,
-        rope_parameters=rope_parameters,
-    )
+    hf = deepseek(None, max_position_embeddings=64 * 40, rope_parameters=rope_parameters)
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
     yarn = RotaryEmbedding.yarn(ROPE, 40.0, original_max_len=64, mscale=1.0, mscale_all_dim=1.0)
@@ -217,19 +196,7 @@ def test_from_transformers_with_interleaved_rope_as_deepseek_checkpoints(q_rank,
                 "mscale_all_dim": 1.0,
             },
         }
-    hf = hf_attention(
-        "deepseek_v3",
-        hidden_size=E,
-        num_attention_heads=H,
-        num_key_value_heads=H,
-        q_lora_rank=q_rank,
-        kv_lora_rank=R,
-        qk_nope_head_dim=NOPE,
-        qk_rope_head_dim=ROPE,
-        v_head_dim=V,
-        rope_interleave=True,
-        **extra,
-    )
+    hf = deepseek(q_rank, rope_interleave=True, **extra)
     ours = MultiHeadLatentAttention.from_transformers(hf).eval()
     B, L = 2, 10
     x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(7))

@@ -43,6 +43,17 @@ from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.score_mods import ScoreMod
 
+#: transformers' DeepseekV3Attention submodule names -> ours (the rest are the same)
+TRANSFORMERS_NAMES = {
+    "q_a_proj": "q_proj.0",
+    "q_a_layernorm": "q_proj.1",
+    "q_b_proj": "q_proj.2",
+    "kv_a_proj_with_mqa": "kv_down",
+    "kv_a_layernorm": "kv_norm",
+    "kv_b_proj": "kv_up",
+    "o_proj": "out_proj",
+}
+
 
 class _RequiredSizes(TypedDict):
     kv_rank: int
@@ -170,19 +181,10 @@ class MultiHeadLatentAttention(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        names = {
-            "q_a_proj": "q_proj.0",
-            "q_a_layernorm": "q_proj.1",
-            "q_b_proj": "q_proj.2",
-            "kv_a_proj_with_mqa": "kv_down",
-            "kv_a_layernorm": "kv_norm",
-            "kv_b_proj": "kv_up",
-            "o_proj": "out_proj",
-        }
         state = {}
         for name, value in module.state_dict().items():
             owner, _, param = name.rpartition(".")
-            state[f"{names.get(owner, owner)}.{param}"] = value
+            state[f"{TRANSFORMERS_NAMES.get(owner, owner)}.{param}"] = value
         if getattr(config, "rope_interleave", False):
             order = torch.cat([torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)])
             r, nope, H = config.kv_lora_rank, config.qk_nope_head_dim, config.num_attention_heads
