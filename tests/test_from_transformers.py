@@ -43,6 +43,17 @@ FAMILIES = {  # family -> config; the comment says what each one exercises
         "num_key_value_heads": 1,
         "sliding_window": 4,
     },
+    "gemma2": {  # logit softcapping, query_pre_attn_scalar, a sliding layer
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 2.0,
+        "sliding_window": 4,
+        "num_hidden_layers": 1,
+        "layer_types": ["sliding_attention"],
+    },
     "gpt_oss": {  # sinks, biases, a sliding layer, YaRN by default
         "hidden_size": 64,
         "num_attention_heads": 4,

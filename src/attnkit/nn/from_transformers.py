@@ -1,9 +1,10 @@
 """attnkit attention modules from transformers' attention modules, weights copied.
 
-Llama-family layouts (Llama, Mistral, Qwen2, Qwen3, gpt-oss and their kin: ``q_proj``,
-``k_proj``, ``v_proj``, ``o_proj`` over ``head_dim``-wide heads, grouped kv heads, rotary
-positions from ``config.rope_parameters``) become ``MultiHeadAttention``, with their per-head
-q/k RMSNorm (Qwen3), attention sinks (gpt-oss), softmax scale and sliding-window layers.
+Llama-family layouts (Llama, Mistral, Qwen2, Qwen3, Gemma 2, gpt-oss and their kin:
+``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` over ``head_dim``-wide heads, grouped kv heads,
+rotary positions from ``config.rope_parameters``) become ``MultiHeadAttention``, with their
+per-head q/k RMSNorm (Qwen3), attention sinks (gpt-oss), logit softcapping and softmax scale
+(Gemma 2) and sliding-window layers.
 DeepSeek-V2/V3 (multi-head latent attention) become ``MultiHeadLatentAttention``. The tests
 run each against the transformers module it came from.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from attnkit import masks
+from attnkit import masks, score_mods
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.latent_attention import MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
@@ -50,6 +51,7 @@ def from_transformers(module: Any) -> MultiHeadAttention | MultiHeadLatentAttent
     mask = masks.sliding_window(window - 1) if window else masks.causal()
     q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
     sinks = getattr(module, "sinks", None)
+    cap = getattr(module, "attn_logit_softcapping", None)  # Gemma 2: c·tanh(s / c)
     scale = float(module.scaling)
     weight = module.q_proj.weight
     new = MultiHeadAttention(
@@ -60,6 +62,7 @@ def from_transformers(module: Any) -> MultiHeadAttention | MultiHeadLatentAttent
         bias=any(getattr(module, name).bias is not None for name in _PROJECTIONS),
         mask=mask,
         rope=rope,
+        score_mod=None if cap is None else score_mods.softcap(float(cap)),
         qk_norm=q_norm is not None,
         sinks=sinks is not None,
         scale=None if scale == head_dim**-0.5 else scale,
