@@ -37,12 +37,28 @@ def deepseek_pair(q_rank, mask=None):
     return hf, ours
 
 
-def hf_forward(hf, x, allowed):
+#: DeepSeek-V3's context extension, at this test's original context of 64 positions
+DEEPSEEK_YARN = {
+    "max_position_embeddings": 64 * 40,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 40.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+}
+
+
+def hf_forward(hf, x, allowed, start=0):
+    """transformers' output and weights on x (B, L, E) at positions start.., its own rotary
+    embedding giving cos and sin, under the bool mask ``allowed`` (L, L)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
     B, L, _ = x.shape
-    angles = torch.arange(L, dtype=torch.float32)[:, None] * 10000.0 ** (
-        -torch.arange(0, ROPE, 2, dtype=torch.float64).float() / ROPE
-    )
-    cos, sin = (torch.cat([f(angles)] * 2, -1).expand(B, L, ROPE) for f in (torch.cos, torch.sin))
+    positions = torch.arange(start, start + L)[None].expand(B, L)
+    cos, sin = DeepseekV3RotaryEmbedding(hf.config)(x, positions)
     additive = torch.zeros(L, L).masked_fill(~allowed, float("-inf"))
     return hf(x, (cos, sin), additive.expand(B, 1, L, L))
 
@@ -143,19 +159,7 @@ def test_yarn_rope_and_mscale_match_deepseek_v3_long_context_attention():
     softmax scale passed as ``scale`` (positions 0..199 are cached zeros, masked out)."""
     from attnkit.nn import RotaryEmbedding
 
-    rope_parameters = {
-        "rope_type": "yarn",
-        "rope_theta": 10000.0,
-        "factor": 40.0,
-        "original_max_position_embeddings": 64,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-        "beta_fast": 32,
-        "beta_slow": 1,
-    }
-    hf = deepseek(None, max_position_embeddings=64 * 40, rope_parameters=rope_parameters)
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
-
+    hf = deepseek(None, **DEEPSEEK_YARN)
     yarn = RotaryEmbedding.yarn(ROPE, 40.0, original_max_len=64, mscale=1.0, mscale_all_dim=1.0)
     assert hf.scaling != pytest.approx((NOPE + ROPE) ** -0.5)  # YaRN changed the scale
     ours = MultiHeadLatentAttention(
@@ -164,10 +168,7 @@ def test_yarn_rope_and_mscale_match_deepseek_v3_long_context_attention():
     ours.load_state_dict(MultiHeadLatentAttention.from_transformers(hf).state_dict())
     B, L = 2, 9
     x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(6))
-    positions = torch.arange(200, 200 + L)[None].expand(B, L)  # past the original 64
-    cos, sin = DeepseekV3RotaryEmbedding(hf.config)(x, positions)
-    additive = torch.zeros(L, L).masked_fill(~masks.causal().dense(L, L)[0, 0], float("-inf"))
-    exp_out, _ = hf(x, (cos, sin), additive.expand(B, 1, L, L))
+    exp_out, _ = hf_forward(hf, x, masks.causal().dense(L, L)[0, 0], start=200)  # past 64
     cache = ours.new_cache(B, 200 + L)
     cache.append(torch.zeros(B, 1, 200, R + ROPE), torch.zeros(B, 1, 200, 0))  # positions 0..199
     with torch.no_grad():
@@ -181,29 +182,11 @@ def test_from_transformers_with_interleaved_rope_as_deepseek_checkpoints(q_rank,
     """rope_interleave=True, as real checkpoints: from_transformers reorders the rotary rows,
     reads the scale and the rotary kind, and the module then computes what transformers does,
     decoding over its cache included."""
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
-
-    extra = {}
-    if yarn:
-        extra = {
-            "max_position_embeddings": 64 * 40,
-            "rope_parameters": {
-                "rope_type": "yarn",
-                "rope_theta": 10000.0,
-                "factor": 40.0,
-                "original_max_position_embeddings": 64,
-                "mscale": 1.0,
-                "mscale_all_dim": 1.0,
-            },
-        }
-    hf = deepseek(q_rank, rope_interleave=True, **extra)
+    hf = deepseek(q_rank, rope_interleave=True, **(DEEPSEEK_YARN if yarn else {}))
     ours = MultiHeadLatentAttention.from_transformers(hf).eval()
     B, L = 2, 10
     x = torch.randn(B, L, E, generator=torch.Generator().manual_seed(7))
-    positions = torch.arange(L)[None].expand(B, L)
-    cos, sin = DeepseekV3RotaryEmbedding(hf.config)(x, positions)
-    additive = torch.zeros(L, L).masked_fill(~masks.causal().dense(L, L)[0, 0], float("-inf"))
-    exp_out, exp_w = hf(x, (cos, sin), additive.expand(B, 1, L, L))
+    exp_out, exp_w = hf_forward(hf, x, masks.causal().dense(L, L)[0, 0])
     out, w = ours(x, need_weights=True)
     torch.testing.assert_close(out, exp_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w, exp_w, atol=1e-6, rtol=1e-5)

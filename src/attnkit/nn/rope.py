@@ -121,7 +121,6 @@ class RotaryEmbedding(nn.Module):
         ratio of two such terms with ``mscale`` and ``mscale_all_dim``).
         """
         _check_factor(factor)
-        pos = base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
 
         def correction_dim(rotations: float) -> float:
             return (head_dim * math.log(original_max_len / (rotations * 2 * math.pi))) / (
@@ -134,9 +133,10 @@ class RotaryEmbedding(nn.Module):
         low, high = max(low, 0), min(high, head_dim - 1)
         if low == high:
             high += 0.001  # a ramp of zero width
+        # 0: keep the frequency (it turns often over the original context), 1: interpolate
         ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-        keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
-        inv = (1 / (factor * pos)) * (1 - keep) + (1 / pos) * keep
+        inv = base_frequencies(head_dim, base)
+        inv = inv * (1 - ramp) + inv / factor * ramp
 
         def m(scale: float, ms: float = 1.0) -> float:
             return 1.0 if scale <= 1 else 0.1 * ms * math.log(scale) + 1.0
