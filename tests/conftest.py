@@ -93,6 +93,20 @@ def every_mask(Lq, Lk):
 MASK_NAMES = list(every_mask(150, 150))
 
 
+# transformers' class-name prefixes where they are not the family's name capitalised
+HF_PREFIXES = {  # family -> (config class prefix, attention/rotary class prefix)
+    "gpt_neox": ("GPTNeoX", "GPTNeoX"),
+    "stablelm": ("StableLm", "StableLm"),
+    "gemma3": ("Gemma3Text", "Gemma3"),
+}
+
+
+def hf_prefixes(family):
+    """(config prefix, module prefix) of a transformers model family, e.g. "gpt_oss"."""
+    default = "".join(part.capitalize() for part in family.split("_"))
+    return HF_PREFIXES.get(family, (default, default))
+
+
 def hf_attention(family, **config):
     """A transformers attention module (eager, random weights) and its config.
 
@@ -102,8 +116,8 @@ def hf_attention(family, **config):
     import importlib
 
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    prefix = "".join(part.capitalize() for part in family.split("_"))
-    cfg = getattr(transformers, f"{prefix}Config")(attention_dropout=0.0, **config)
+    config_prefix, prefix = hf_prefixes(family)
+    cfg = getattr(transformers, f"{config_prefix}Config")(attention_dropout=0.0, **config)
     cfg._attn_implementation = "eager"
     hf = getattr(module, f"{prefix}Attention")(cfg, layer_idx=0).eval()
     with torch.no_grad():

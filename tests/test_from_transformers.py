@@ -7,13 +7,14 @@ definition (causal, and q - kv < W on sliding-window layers), written out here.
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
 import torch
 
 from attnkit.nn import KVCache, MultiHeadAttention, MultiHeadLatentAttention, from_transformers
-from conftest import hf_attention
+from conftest import assert_close_scaled, hf_attention, hf_prefixes
 
 FAMILIES = {  # family -> config; the comment says what each one exercises
     "llama": {  # GQA, Llama 3.1 rope scaling, no biases
@@ -64,23 +65,73 @@ FAMILIES = {  # family -> config; the comment says what each one exercises
         "layer_types": ["sliding_attention"],
         "attention_bias": True,
     },
+    "qwen3_next": {  # output gate, (1 + w) q/k norms, a quarter of each head rotated
+        "hidden_size": 48,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    },
+    "gemma3": {  # (1 + w) q/k norms, local and global rope bases, a sliding layer
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 4,
+        "num_hidden_layers": 1,
+        "layer_types": ["sliding_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+        },
+    },
+    "phi": {  # partial rotary (0.4 of 20), biases, the output named dense
+        "hidden_size": 80,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.4},
+    },
+    "phi3": {  # fused qkv_proj blocks, GQA
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "gpt_neox": {  # fused query_key_value, q/k/v rows per head, partial rotary
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "attention_bias": True,
+        "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.25},
+    },
+    "glm": {  # interleaved rotary pairs on half of each head, q/k/v biases
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "attention_bias": True,
+    },
+    "nemotron": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2},
 }
 
 
 def transformers_reference(family, hf, x):
     """The module's output and weights on x (B, L, E) at positions 0.., as its model runs it."""
     modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    prefix = "".join(part.capitalize() for part in family.split("_"))
     B, L, _ = x.shape
     positions = torch.arange(L)[None].expand(B, L)
-    cos, sin = getattr(modeling, f"{prefix}RotaryEmbedding")(hf.config)(x, positions)
+    rotary = getattr(modeling, f"{hf_prefixes(family)[1]}RotaryEmbedding")(hf.config)
+    layer_type = getattr(hf, "layer_type", None)
+    per_layer_type = layer_type in hf.config.rope_parameters  # Gemma 3: local and global
+    cos, sin = rotary(x, positions, *([layer_type] if per_layer_type else []))
     q, kv = torch.arange(L)[:, None], torch.arange(L)[None]
     allowed = kv <= q
     window = getattr(hf, "sliding_window", getattr(hf.config, "sliding_window", None))
     if window:
         allowed &= q - kv < window
     additive = torch.zeros(L, L).masked_fill(~allowed, float("-inf"))
-    return hf(x, (cos, sin), additive.expand(B, 1, L, L))
+    out, weights = hf(
+        x, position_embeddings=(cos, sin), attention_mask=additive.expand(B, 1, L, L)
+    )[:2]
+    return out, weights
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -91,14 +142,16 @@ def test_converted_attention_matches_transformers_and_decodes_the_same(family):
     x = torch.randn(
         2, 11, FAMILIES[family]["hidden_size"], generator=torch.Generator().manual_seed(0)
     )
+    # float32 against transformers in float64, within twice transformers' own float32 error
     exp_out, exp_w = transformers_reference(family, hf, x)
+    true_out, true_w = transformers_reference(family, copy.deepcopy(hf).double(), x.double())
     out, w = ours(x, need_weights=True)
-    torch.testing.assert_close(out, exp_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(w, exp_w, atol=1e-6, rtol=1e-5)
+    assert_close_scaled(out, true_out, exp_out, floor=1e-6)
+    assert_close_scaled(w, true_w, exp_w, floor=1e-7)
     cache = KVCache(2, ours.num_kv_heads, 11, ours.head_dim)
     with torch.no_grad():
         steps = [ours(x[:, t : t + 1], cache=cache)[0] for t in range(11)]
-    torch.testing.assert_close(torch.cat(steps, 1), exp_out, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(torch.cat(steps, 1), true_out, exp_out, floor=1e-6)
 
 
 def test_what_each_family_turns_into():
@@ -124,5 +177,30 @@ def test_what_each_family_turns_into():
         v_head_dim=10,
     )
     assert isinstance(from_transformers(deepseek), MultiHeadLatentAttention)
-    with pytest.raises(ValueError, match="lacks q_proj"):
+    with pytest.raises(ValueError, match="Linear has none"):
         from_transformers(torch.nn.Linear(2, 2))
+    qwen3_next = from_transformers(hf_attention("qwen3_next", **FAMILIES["qwen3_next"]))
+    assert qwen3_next.gate_proj is not None
+    assert qwen3_next.rope.rotary_dim == 4
+    assert "rotary_dim=4" in repr(qwen3_next.rope)
+    neox = from_transformers(hf_attention("gpt_neox", **FAMILIES["gpt_neox"]))
+    assert (neox.num_kv_heads, neox.gate_proj, neox.rope.rotary_dim) == (4, None, 4)
+
+
+def test_refuses_what_it_cannot_convert():
+    """Parts with no attnkit equivalent raise, naming them, rather than being dropped."""
+    phi = hf_attention("phi", **FAMILIES["phi"], qk_layernorm=True)  # LayerNorm on all heads
+    with pytest.raises(ValueError, match="does not know: q_layernorm, k_layernorm"):
+        from_transformers(phi)
+    olmo2 = hf_attention("olmo2", hidden_size=64, num_attention_heads=4)  # norm over all heads
+    with pytest.raises(ValueError, match=r"q_norm \(Olmo2RMSNorm\) is not an RMS norm over each"):
+        from_transformers(olmo2)
+    qwen3 = hf_attention("qwen3", **FAMILIES["qwen3"])
+    qwen3.q_norm = torch.nn.LayerNorm(16)  # the right size, but it subtracts the mean
+    with pytest.raises(ValueError, match=r"q_norm \(LayerNorm\) is not an RMS norm"):
+        from_transformers(qwen3)
+    odd = hf_attention(
+        "phi", **{**FAMILIES["phi"], "rope_parameters": {"partial_rotary_factor": 0.45}}
+    )  # 0.45 · 20 = 9 channels: no pairs
+    with pytest.raises(ValueError, match=r"rotary_dim must be even and in 2 \.\. head_dim = 20"):
+        from_transformers(odd)

@@ -143,7 +143,7 @@ def test_causal_lm_layers_refuse_what_latent_attention_does_not_have():
     sizes = {"kv_rank": 12, "nope_dim": 4, "rope_dim": 4, "v_dim": 6}
     for kwargs, named in (
         ({"num_kv_heads": 2}, "num_kv_heads"),
-        ({"sinks": True, "qk_norm": True}, "sinks, qk_norm"),
+        ({"sinks": True, "qk_norm": True, "output_gate": True}, "sinks, qk_norm, output_gate"),
         ({"positions": "alibi"}, "positions='alibi'"),
     ):
         with pytest.raises(ValueError, match=f"drop {named}"):

@@ -314,7 +314,37 @@ def test_qk_norm_matches_transformers_qwen3_attention(num_kv_heads):
     assert "qk_norm=True" in repr(ours)
 
 
+def test_output_gate_scales_each_head_channel_by_a_sigmoid_of_the_query():
+    """A gate of zero weights halves what W0 sees (σ(0) = 1/2); its own weights get gradients;
+    cross-attention gates from the queries, not the keys."""
+    E, H, B = 32, 4, 2
+    gated = MultiHeadAttention(E, H, num_kv_heads=2, output_gate=True)
+    plain = MultiHeadAttention(E, H, num_kv_heads=2)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if "gate" not in k})
+    with torch.no_grad():
+        gated.gate_proj.weight.zero_()
+        gated.gate_proj.bias.zero_()
+    x, memory = torch.randn(B, 5, E), torch.randn(B, 7, E)
+    for key in (None, memory):
+        b = gated.out_proj.bias
+        torch.testing.assert_close(gated(x, key)[0] - b, (plain(x, key)[0] - b) / 2)
+    with torch.no_grad():
+        gated.gate_proj.weight.normal_()
+    out, _ = gated(x, memory)
+    out.square().sum().backward()
+    assert gated.gate_proj.weight.grad.abs().sum() > 0
+    assert "output_gate=True" in repr(gated)
+    with pytest.raises(ValueError, match="output_gate"):
+        MultiHeadAttention(E, H, output_gate=True).to_torch()
+
+
 ROPE_SCALINGS = {  # name -> (our constructor, transformers' rope_parameters), head_dim 32
+    "proportional (Gemma 4)": (
+        lambda: RotaryEmbedding.from_parameters(
+            32, {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 1.0}
+        ),
+        {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 1.0},
+    ),
     "linear": (
         lambda: RotaryEmbedding.linear(32, factor=4.0, base=10000.0),
         {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
@@ -371,23 +401,29 @@ ROPE_SCALINGS = {  # name -> (our constructor, transformers' rope_parameters), h
 }
 
 
+@pytest.mark.parametrize("partial", [1.0, 0.5, 0.25])
 @pytest.mark.parametrize("name", list(ROPE_SCALINGS))
-def test_rope_scalings_match_transformers(name):
+def test_rope_scalings_match_transformers(name, partial):
     """Frequencies and attention factor as transformers' ROPE_INIT_FUNCTIONS compute them,
-    and the rotation applies both as its rotary embedding does (cos, sin times the factor)."""
+    and the rotation applies both as its rotary embedding does (cos, sin times the factor),
+    full or partial (the first int(32 · partial) channels rotated, the rest passed)."""
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     ours_fn, params = ROPE_SCALINGS[name]
+    params = {**params, "partial_rotary_factor": partial}
     original = params.get("original_max_position_embeddings", 2048)
+    max_len = int(original * params["factor"])
     config = transformers.LlamaConfig(  # the context the factor reaches, so no warning
         hidden_size=64,
         num_attention_heads=2,
-        max_position_embeddings=int(original * params["factor"]),
+        max_position_embeddings=max_len,
         rope_parameters=params,
     )
     inv_freq, factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
-    rope = ours_fn()
+    rope = ours_fn() if partial == 1 else RotaryEmbedding.from_parameters(32, params, max_len)
+    R = int(32 * partial) if params["rope_type"] != "proportional" else 32
+    assert rope.rotary_dim == R
     torch.testing.assert_close(rope.inv_freq, inv_freq.float(), rtol=1e-6, atol=0)
     assert rope.attention_factor == pytest.approx(factor, rel=1e-12)
     x = torch.randn(1, 2, 7, 32, dtype=torch.float64)
@@ -396,10 +432,10 @@ def test_rope_scalings_match_transformers(name):
     # differ in the last bit, which position 30000 turns into 1e-3 rad
     angles = positions.float()[:, None] * rope.inv_freq[None]
     cos, sin = (torch.cat([f(angles)] * 2, -1).double() * factor for f in (torch.cos, torch.sin))
-    rotated = torch.cat([-x[..., 16:], x[..., :16]], -1)
-    torch.testing.assert_close(
-        rope(x, positions=positions), x * cos + rotated * sin, rtol=1e-6, atol=1e-6
-    )
+    part = x[..., :R]
+    rotated = torch.cat([-part[..., R // 2 :], part[..., : R // 2]], -1)
+    expected = torch.cat([part * cos + rotated * sin, x[..., R:]], -1)
+    torch.testing.assert_close(rope(x, positions=positions), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_rope_scalings_refuse_bad_arguments():
@@ -407,6 +443,6 @@ def test_rope_scalings_refuse_bad_arguments():
         RotaryEmbedding.linear(32, factor=0.5)
     with pytest.raises(ValueError, match="low_freq_factor < high_freq_factor"):
         RotaryEmbedding.llama3(32, low_freq_factor=4.0, high_freq_factor=1.0)
-    with pytest.raises(ValueError, match=r"inv_freq must have shape \(head_dim / 2,\) = \(16,\)"):
+    with pytest.raises(ValueError, match=r"inv_freq must have shape \(rotary_dim / 2,\) = \(16,\)"):
         RotaryEmbedding(32, inv_freq=torch.ones(8))
     assert "attention_factor" in repr(RotaryEmbedding.yarn(32, 4.0, original_max_len=512))

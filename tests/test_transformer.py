@@ -49,7 +49,7 @@ def test_cached_decoding_equals_full_pass(positions):
         ("learned", None, False),
         ("rope", masks.sliding_window(3), False),
         ("alibi", masks.sliding_window(4), False),
-        ("rope", masks.sliding_window(3), True),  # with sinks and qk_norm
+        ("rope", masks.sliding_window(3), True),  # with sinks, qk_norm and output gates
         ("latent", masks.sliding_window(3), False),
     ],
 )
@@ -64,6 +64,7 @@ def test_causal_lm_cached_equals_full(positions, mask, modern):
         mask=mask,
         sinks=modern,
         qk_norm=modern,
+        output_gate=modern,
         **positions_kwargs(positions),
     ).eval()
     ids = torch.randint(0, 30, (2, 12))
@@ -161,6 +162,7 @@ def test_checkpoint_round_trip(tmp_path):
         mask=masks.sliding_window(3),
         sinks=True,
         qk_norm=True,
+        output_gate=True,
     )
     with torch.no_grad():  # sinks and norm gains off their initial values, to see them reload
         for layer in lm.layers:

@@ -108,6 +108,9 @@ class MultiHeadAttention(nn.Module):
             before rotary positions, as Qwen3, OLMo 2 and Gemma 3 do to keep logits bounded.
         sinks: learn one attention-sink logit per head (``self.sinks`` (Hq,), initialised to
             0), which takes a share of every row's weight and adds no value (gpt-oss).
+        output_gate: multiply each head's output, channel by channel, by σ(``gate_proj``(query))
+            before W0 (gated attention: Qwen3-Next, Qwen3.5; Qiu et al. 2025): a non-linearity
+            between W_V and W_O that lets a head output nothing without a sink.
         scale: softmax scale; default 1/sqrt(head_dim).
         backend: attention backend (see ``attnkit.attention``).
         batch_first: inputs (B, L, E) when True, else (L, B, E).
@@ -133,6 +136,7 @@ class MultiHeadAttention(nn.Module):
         rope: RotaryEmbedding | None = None,
         qk_norm: bool = False,
         sinks: bool = False,
+        output_gate: bool = False,
         scale: float | None = None,
         backend: BackendName = "auto",
         batch_first: bool = True,
@@ -165,6 +169,11 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(self.kdim, kv_heads * self.head_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(self.vdim, kv_heads * self.head_dim, bias=bias, **kw)
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **kw)  # W0
+        self.gate_proj = (
+            nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias, **kw)
+            if output_gate
+            else None
+        )
         # per-head RMSNorm over head_dim, eps as Qwen3 and OLMo 2
         norm = partial(nn.RMSNorm, self.head_dim, 1e-6, device=device, dtype=dtype)
         self.q_norm: nn.RMSNorm | None = norm() if qk_norm else None
@@ -269,7 +278,10 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, mask=full_mask, score_mod=self.score_mod, scale=self.scale,
                 sinks=self.sinks,
             )  # fmt: skip
-        out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim)
+        if self.gate_proj is not None:
+            out = out * torch.sigmoid(self.gate_proj(query))
+        out = self.out_proj(out)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
@@ -308,11 +320,15 @@ class MultiHeadAttention(nn.Module):
         """An equivalent ``torch.nn.MultiheadAttention`` (needs num_kv_heads == num_heads)."""
         if self.num_kv_heads != self.num_heads:
             raise ValueError("to_torch: torch.nn.MultiheadAttention has no grouped-query heads")
-        extras = (self.rope, self.score_mod, self.mask, self.sinks, self.q_norm, self.scale)
-        if any(x is not None for x in extras) or self.head_dim * self.num_heads != self.embed_dim:
+        extras = (self.rope, self.score_mod, self.mask, self.sinks, self.q_norm, self.gate_proj)
+        if (
+            any(x is not None for x in extras)
+            or self.scale is not None
+            or self.head_dim * self.num_heads != self.embed_dim
+        ):
             raise ValueError(
-                "to_torch: rope, score_mod, qk_norm, sinks, scale, a head_dim other than "
-                "E / num_heads and module masks have no torch equivalent"
+                "to_torch: rope, score_mod, qk_norm, sinks, output_gate, scale, a head_dim other "
+                "than E / num_heads and module masks have no torch equivalent"
             )
         w = self.q_proj.weight
         bias = self.q_proj.bias is not None
@@ -345,7 +361,7 @@ class MultiHeadAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, mask={self.mask!r}, "
             f"qk_norm={self.q_norm is not None}, sinks={self.sinks is not None}, "
-            f"backend={self.backend!r}"
+            f"output_gate={self.gate_proj is not None}, backend={self.backend!r}"
         )
 
 

@@ -1,88 +1,234 @@
 """attnkit attention modules from transformers' attention modules, weights copied.
 
-Llama-family layouts (Llama, Mistral, Qwen2, Qwen3, Gemma 2, gpt-oss and their kin:
-``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` over ``head_dim``-wide heads, grouped kv heads,
-rotary positions from ``config.rope_parameters``) become ``MultiHeadAttention``, with their
-per-head q/k RMSNorm (Qwen3), attention sinks (gpt-oss), logit softcapping and softmax scale
-(Gemma 2) and sliding-window layers.
-DeepSeek-V2/V3 (multi-head latent attention) become ``MultiHeadLatentAttention``. The tests
-run each against the transformers module it came from.
+Modules with q/k/v/o projections over ``head_dim``-wide heads (separate, or fused as Phi-3's
+``qkv_proj`` and GPT-NeoX's ``query_key_value``; the output named ``o_proj`` or ``dense``),
+grouped kv heads and rotary positions from ``config.rope_parameters`` (full or partial,
+rotate-half or GLM's interleaved pairs, per layer type as Gemma 3) become
+``MultiHeadAttention``, with their per-head q/k RMS norms (Qwen3, Gemma 3, Qwen3-Next),
+attention sinks (gpt-oss), logit softcapping and softmax scale (Gemma 2), output gates
+(Qwen3-Next) and sliding-window layers. Llama, Mistral, Qwen2/3, Qwen3-Next, Gemma 2/3, gpt-oss,
+Phi, Phi-3, GPT-NeoX, GLM and Nemotron are tested. DeepSeek-V2/V3 (multi-head latent attention)
+become ``MultiHeadLatentAttention``. The tests run each against the transformers module it came
+from.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from attnkit import masks, score_mods
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.latent_attention import MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
 
-_PROJECTIONS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "out_proj"}
+Linear = tuple[Tensor, Tensor | None]  # (weight (out, in), bias (out,) or None)
+_NORMS = ("q_norm", "k_norm")
+_KNOWN_CHILDREN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "dense"}
+_KNOWN_CHILDREN |= set(_NORMS)
 
 
 def from_transformers(module: Any) -> MultiHeadAttention | MultiHeadLatentAttention:
     """The attnkit module that computes what ``module`` (a transformers attention) computes.
 
     Its mask is causal, or a sliding window where the layer has one (transformers'
-    ``sliding_window=W``: the query and the W - 1 keys before it, ``sliding_window(W - 1)``).
-    Call it like any attnkit module: positions come from the rotary embedding it builds (or
-    a cache), not from the caller.
+    ``sliding_window=W``: the query and the W - 1 keys before it, ``sliding_window(W - 1)``),
+    or none for a bidirectional layer. Call it like any attnkit module: positions come from
+    the rotary embedding it builds (or a cache), not from the caller.
     """
     if hasattr(module, "kv_a_proj_with_mqa"):
         return MultiHeadLatentAttention.from_transformers(module)
-    missing = [name for name in _PROJECTIONS if not hasattr(module, name)]
-    if missing or not hasattr(module, "config"):
+    config = getattr(module, "config", None)
+    if config is None:
         raise ValueError(
-            f"from_transformers takes a transformers attention module with q/k/v/o "
-            f"projections; {type(module).__name__} lacks {', '.join(missing) or 'a config'}"
+            f"from_transformers takes a transformers attention module with a config; "
+            f"{type(module).__name__} has none"
         )
-    config = module.config
-    head_dim = int(module.head_dim)
-    params = dict(config.rope_parameters or {})
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("from_transformers: partial rotary embeddings are not supported")
+    unknown = [
+        name
+        for name, child in module.named_children()
+        if name not in _KNOWN_CHILDREN
+        and not isinstance(child, nn.Dropout)
+        and not type(child).__name__.endswith("RotaryEmbedding")
+    ]
+    if unknown:  # e.g. Phi's q_layernorm: converting without it would be silently wrong
+        raise ValueError(
+            f"from_transformers: {type(module).__name__} has submodules it does not know: "
+            f"{', '.join(unknown)}"
+        )
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = int(getattr(module, "head_dim", None) or module.head_size)
+    weights = _projections(module, heads, kv_heads, head_dim)
     rope = RotaryEmbedding.from_parameters(
-        head_dim, params, getattr(config, "max_position_embeddings", None)
+        head_dim, _rope_parameters(module), getattr(config, "max_position_embeddings", None)
     )
+    if _rotates_interleaved_pairs(module):  # GLM: reorder each head's rotary rows, see below
+        for name, n in (("q", heads), ("k", kv_heads)):
+            weights[name] = _deinterleave(weights[name], n, head_dim, rope.rotary_dim)
     window = getattr(module, "sliding_window", getattr(config, "sliding_window", None))
-    mask = masks.sliding_window(window - 1) if window else masks.causal()
-    q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
+    mask = (
+        None
+        if getattr(module, "is_causal", True) is False
+        else masks.sliding_window(window - 1)
+        if window
+        else masks.causal()
+    )
+    norms = [_rms_gain(getattr(module, name, None), head_dim, name) for name in _NORMS]
     sinks = getattr(module, "sinks", None)
     cap = getattr(module, "attn_logit_softcapping", None)  # Gemma 2: c·tanh(s / c)
     scale = float(module.scaling)
-    weight = module.q_proj.weight
+    weight = weights["q"][0]
     new = MultiHeadAttention(
-        module.q_proj.in_features,
-        config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+        weight.shape[1],
+        heads,
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
-        bias=any(getattr(module, name).bias is not None for name in _PROJECTIONS),
+        bias=any(b is not None for _, b in weights.values()),
         mask=mask,
         rope=rope,
         score_mod=None if cap is None else score_mods.softcap(float(cap)),
-        qk_norm=q_norm is not None,
+        qk_norm=norms[0] is not None,
         sinks=sinks is not None,
+        output_gate="gate" in weights,
         scale=None if scale == head_dim**-0.5 else scale,
         device=weight.device,
         dtype=weight.dtype,
     )
     with torch.no_grad():
-        for theirs, ours in _PROJECTIONS.items():
-            source, target = getattr(module, theirs), getattr(new, ours)
-            target.weight.copy_(source.weight)
-            if source.bias is None:
+        for name, (w, b) in weights.items():
+            target = getattr(new, f"{name}_proj" if name != "o" else "out_proj")
+            target.weight.copy_(w)
+            if b is None:
                 target.register_parameter("bias", None)  # Qwen2: q/k/v biases, none on o
             else:
-                target.bias.copy_(source.bias)
-        for source, target in ((q_norm, new.q_norm), (k_norm, new.k_norm)):
-            if source is not None and target is not None:
-                target.weight.copy_(source.weight)
-                target.eps = float(
-                    getattr(source, "variance_epsilon", getattr(source, "eps", 1e-6))
-                )
+                target.bias.copy_(b)
+        for gain_eps, target in zip(norms, (new.q_norm, new.k_norm), strict=True):
+            if gain_eps is not None and target is not None:
+                target.weight.copy_(gain_eps[0])
+                target.eps = gain_eps[1]
         if sinks is not None and new.sinks is not None:
             new.sinks.copy_(sinks)
     return new.train(module.training)
+
+
+def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[str, Linear]:
+    """q, k, v, o (and gate) weights and biases, split from fused projections where fused."""
+
+    def linear(layer: nn.Linear) -> Linear:
+        return layer.weight, layer.bias
+
+    def rows(layer: nn.Linear, heads: int, parts: int) -> list[Linear]:
+        """Weight and bias of ``layer`` whose rows are (heads, parts, head_dim), split by part."""
+        w = layer.weight.view(heads, parts, head_dim, -1)
+        b = None if layer.bias is None else layer.bias.view(heads, parts, head_dim)
+        return [
+            (w[:, i].reshape(-1, w.shape[-1]), None if b is None else b[:, i].reshape(-1))
+            for i in range(parts)
+        ]
+
+    out = getattr(module, "o_proj", None) or getattr(module, "dense", None)
+    if out is None:
+        raise ValueError(
+            f"from_transformers: {type(module).__name__} has no output projection (o_proj or dense)"
+        )
+    found: dict[str, Linear] = {"o": linear(out)}
+    if hasattr(module, "qkv_proj"):  # Phi-3: [all q rows; all k rows; all v rows]
+        w, b = module.qkv_proj.weight, module.qkv_proj.bias
+        sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        biases = (None,) * 3 if b is None else b.split(sizes)
+        found |= {
+            name: (ws, bs) for name, ws, bs in zip("qkv", w.split(sizes), biases, strict=True)
+        }
+    elif hasattr(module, "query_key_value"):  # GPT-NeoX, Persimmon: q, k, v rows per head
+        found |= dict(zip("qkv", rows(module.query_key_value, heads, 3), strict=True))
+    elif all(hasattr(module, f"{name}_proj") for name in "qkv"):
+        found |= {name: linear(getattr(module, f"{name}_proj")) for name in "kv"}
+        q = module.q_proj
+        if q.out_features == 2 * heads * head_dim:  # Qwen3-Next: a query and a gate per head
+            found |= dict(zip(("q", "gate"), rows(q, heads, 2), strict=True))
+        else:
+            found["q"] = linear(q)
+    else:
+        raise ValueError(
+            f"from_transformers takes a transformers attention module with q/k/v projections "
+            f"(q_proj/k_proj/v_proj, qkv_proj or query_key_value); {type(module).__name__} has "
+            f"none"
+        )
+    return found
+
+
+def _rope_parameters(module: Any) -> dict[str, Any]:
+    """The layer's rope_parameters; Gemma 3 keeps one dict per layer type (local, global)."""
+    params = dict(module.config.rope_parameters or {})
+    layer_type = getattr(module, "layer_type", None)
+    if layer_type in params and isinstance(params[layer_type], dict):
+        params = dict(params[layer_type])
+    return params
+
+
+def _rotates_interleaved_pairs(module: Any) -> bool:
+    """Whether rotation pairs channels (2i, 2i + 1) (GLM), not (i, i + R/2).
+
+    Read off the ``rotate_half`` that the module's modeling file applies.
+    """
+    rotate_half = getattr(sys.modules.get(type(module).__module__), "rotate_half", None)
+    if rotate_half is None:
+        return False
+    x = torch.arange(4.0)
+    if torch.equal(rotate_half(x), torch.tensor([-2.0, -3.0, 0.0, 1.0])):
+        return False
+    if torch.equal(rotate_half(x), torch.tensor([-1.0, 0.0, -3.0, 2.0])):
+        return True
+    raise ValueError(f"from_transformers: {type(module).__name__}'s rotate_half is neither layout")
+
+
+def _deinterleave(projection: Linear, heads: int, head_dim: int, rotary_dim: int) -> Linear:
+    """Rows of each head reordered so pair (2i, 2i + 1) becomes (i, i + R/2).
+
+    q·k is the same under one permutation of both q's and k's channels, and this one turns the
+    interleaved rotation into rotate-half with the same frequency per pair.
+    """
+    order = torch.cat(
+        [
+            torch.arange(0, rotary_dim, 2),
+            torch.arange(1, rotary_dim, 2),
+            torch.arange(rotary_dim, head_dim),
+        ]
+    )
+    index = (torch.arange(heads)[:, None] * head_dim + order).reshape(-1)
+    weight, bias = projection
+    return weight[index.to(weight.device)], None if bias is None else bias[index.to(bias.device)]
+
+
+def _rms_gain(norm: nn.Module | None, head_dim: int, name: str) -> tuple[Tensor, float] | None:
+    """The per-channel gain and eps of a per-head RMS norm, whatever its parameterisation.
+
+    Qwen3 multiplies by its weight, Gemma 3 and Qwen3-Next by 1 + weight; either way the gain
+    is what the norm does to a vector of RMS 1 (undoing eps). A norm that does not act as
+    x / rms(x) · gain on a random vector (a LayerNorm, a norm over all heads as OLMo 2) is
+    refused.
+    """
+    if norm is None:
+        return None
+    weight = getattr(norm, "weight", None)
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)) or 1e-6)
+    refusal = ValueError(
+        f"from_transformers: {name} ({type(norm).__name__}) is not an RMS norm over each head's "
+        f"{head_dim} channels; only those are supported"
+    )
+    if not isinstance(weight, Tensor) or weight.numel() != head_dim:
+        raise refusal
+    probe = torch.randn(head_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        gain = norm(torch.ones(head_dim, dtype=weight.dtype, device=weight.device)).double()
+        gain = gain.cpu() * math.sqrt(1 + eps)
+        expected = probe * torch.rsqrt(probe.pow(2).mean() + eps) * gain
+        got = norm(probe.to(weight)).double().cpu()
+    if not torch.allclose(got, expected, rtol=1e-2, atol=1e-2 * float(gain.abs().max())):
+        raise refusal
+    return gain.to(weight), eps

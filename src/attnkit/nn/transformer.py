@@ -13,7 +13,7 @@ Shape legend: B batch, S source length, T target length, E model width, V vocabu
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,18 @@ from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's from Python 3.11
+
 Positions = Literal["learned", "rope", "alibi"]
+
+
+class AttentionOptions(TypedDict, total=False):
+    """MultiHeadAttention's switches that the blocks pass through."""
+
+    sinks: bool
+    qk_norm: bool
+    output_gate: bool
 
 
 def _self_attention(
@@ -38,9 +49,9 @@ def _self_attention(
     mask: Mask | None,
     positions: Positions,
     backend: BackendName,
-    sinks: bool = False,
-    qk_norm: bool = False,
+    **options: Unpack[AttentionOptions],
 ) -> MultiHeadAttention:
+    """The blocks' self-attention; ``options``: MultiHeadAttention's sinks, qk_norm, output_gate."""
     rope = RotaryEmbedding(d_model // nhead) if positions == "rope" else None
     mod = score_mods.alibi(score_mods.alibi_slopes(nhead)) if positions == "alibi" else None
     return MultiHeadAttention(
@@ -51,9 +62,8 @@ def _self_attention(
         mask=mask,
         rope=rope,
         score_mod=mod,
-        qk_norm=qk_norm,
-        sinks=sinks,
         backend=backend,
+        **options,
     )
 
 
@@ -79,8 +89,9 @@ class TransformerEncoderLayer(nn.Module):
     """Pre-norm self-attention + MLP. ``mask`` (any attnkit Mask) applies on every call.
 
     Also the block of ``CausalLM`` (with a causal or causal sliding-window mask).
-    ``sinks`` and ``qk_norm`` are ``MultiHeadAttention``'s: a learned attention-sink logit
-    per head, and RMS-normalised queries and keys. ``latent`` (the sizes ``kv_rank``,
+    ``sinks``, ``qk_norm`` and ``output_gate`` are ``MultiHeadAttention``'s: a learned
+    attention-sink logit per head, RMS-normalised queries and keys, and a sigmoid gate on
+    each head's output. ``latent`` (the sizes ``kv_rank``,
     ``nope_dim``, ``rope_dim``, ``v_dim`` and optionally ``q_rank``) makes the block's
     attention ``MultiHeadLatentAttention`` (DeepSeek MLA) instead.
     """
@@ -97,24 +108,28 @@ class TransformerEncoderLayer(nn.Module):
         positions: Positions = "learned",
         sinks: bool = False,
         qk_norm: bool = False,
+        output_gate: bool = False,
         latent: LatentSizes | None = None,
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
         self.self_attn: MultiHeadAttention | MultiHeadLatentAttention
+        options = AttentionOptions(sinks=sinks, qk_norm=qk_norm, output_gate=output_gate)
         if latent is None:
             self.self_attn = _self_attention(
-                d_model, nhead, num_kv_heads, dropout, mask, positions, backend, sinks, qk_norm
+                d_model, nhead, num_kv_heads, dropout, mask, positions, backend, **options
             )
         else:
-            extras = {"num_kv_heads": num_kv_heads, "sinks": sinks, "qk_norm": qk_norm}
-            given = [name for name, value in extras.items() if value]
+            given = [
+                name for name, value in {"num_kv_heads": num_kv_heads, **options}.items() if value
+            ]
             if positions == "alibi":
                 given.append("positions='alibi'")
             if given:
                 raise ValueError(
                     "latent attention has one latent per token (no kv heads) with its own "
-                    f"rotary part, and no sinks or QK-norm here; drop {', '.join(given)}"
+                    f"rotary part, and no sinks, QK-norm or output gate here; drop "
+                    f"{', '.join(given)}"
                 )
             self.self_attn = MultiHeadLatentAttention(
                 d_model, nhead, **latent, mask=mask, dropout=dropout, backend=backend
@@ -460,11 +475,12 @@ class CausalLM(nn.Module):
     for sliding-window attention.
 
     Args: vocab, d_model, nhead, num_layers, dim_feedforward, dropout, max_len, positions,
-        num_kv_heads, mask, backend (as ``Transformer``); sinks, qk_norm: learned
-        attention-sink logits (gpt-oss) and RMS-normalised queries and keys (Qwen3, OLMo 2)
-        in every layer (``MultiHeadAttention``); latent: multi-head latent attention in
-        every layer, its sizes as ``TransformerEncoderLayer`` takes them (decoding caches
-        then hold the latents). Output embedding tied to the input.
+        num_kv_heads, mask, backend (as ``Transformer``); sinks, qk_norm, output_gate: learned
+        attention-sink logits (gpt-oss), RMS-normalised queries and keys (Qwen3, OLMo 2) and
+        sigmoid-gated head outputs (Qwen3-Next) in every layer (``MultiHeadAttention``);
+        latent: multi-head latent attention in every layer, its sizes as
+        ``TransformerEncoderLayer`` takes them (decoding caches then hold the latents). Output
+        embedding tied to the input.
     """
 
     def __init__(
@@ -482,6 +498,7 @@ class CausalLM(nn.Module):
         mask: Mask | None = None,
         sinks: bool = False,
         qk_norm: bool = False,
+        output_gate: bool = False,
         latent: LatentSizes | None = None,
         backend: BackendName = "auto",
     ) -> None:
@@ -500,6 +517,7 @@ class CausalLM(nn.Module):
             "mask": mask,
             "sinks": sinks,
             "qk_norm": qk_norm,
+            "output_gate": output_gate,
             "latent": latent,
             "backend": backend,
         }
@@ -516,6 +534,7 @@ class CausalLM(nn.Module):
                 positions=positions,
                 sinks=sinks,
                 qk_norm=qk_norm,
+                output_gate=output_gate,
                 latent=latent,
                 backend=backend,
             )
