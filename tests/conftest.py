@@ -97,6 +97,7 @@ MASK_NAMES = list(every_mask(150, 150))
 HF_PREFIXES = {  # family -> (config class prefix, attention/rotary class prefix)
     "gpt_neox": ("GPTNeoX", "GPTNeoX"),
     "stablelm": ("StableLm", "StableLm"),
+    "diffllama": ("DiffLlama", "DiffLlama"),
     "gemma3": ("Gemma3Text", "Gemma3"),
 }
 

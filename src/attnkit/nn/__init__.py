@@ -1,11 +1,13 @@
 """attnkit modules.
 
-MultiHeadAttention (self, cross, GQA), MultiHeadLatentAttention (DeepSeek MLA), KVCache,
+MultiHeadAttention (self, cross, GQA), MultiHeadLatentAttention (DeepSeek MLA),
+DifferentialAttention (DIFF Transformer), KVCache,
 RotaryEmbedding, and transformers built on them (encoder/decoder layers, Transformer, CausalLM).
 """
 
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from attnkit.nn.differential_attention import DifferentialAttention
 from attnkit.nn.from_transformers import from_transformers
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
@@ -21,6 +23,7 @@ from attnkit.nn.transformer import (
 __all__ = [
     "CausalLM",
     "Checkpoint",
+    "DifferentialAttention",
     "FeedForward",
     "KVCache",
     "LatentSizes",

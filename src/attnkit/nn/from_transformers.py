@@ -8,8 +8,8 @@ rotate-half or GLM's interleaved pairs, per layer type as Gemma 3) become
 attention sinks (gpt-oss), logit softcapping and softmax scale (Gemma 2), output gates
 (Qwen3-Next) and sliding-window layers. Llama, Mistral, Qwen2/3, Qwen3-Next, Gemma 2/3, gpt-oss,
 Phi, Phi-3, GPT-NeoX, GLM and Nemotron are tested. DeepSeek-V2/V3 (multi-head latent attention)
-become ``MultiHeadLatentAttention``. The tests run each against the transformers module it came
-from.
+become ``MultiHeadLatentAttention``, DiffLlama ``DifferentialAttention``. The tests run each
+against the transformers module it came from.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from attnkit import masks, score_mods
 from attnkit.nn.attention import MultiHeadAttention
+from attnkit.nn.differential_attention import DifferentialAttention
 from attnkit.nn.latent_attention import MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
 
@@ -32,7 +33,9 @@ _KNOWN_CHILDREN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", 
 _KNOWN_CHILDREN |= set(_NORMS)
 
 
-def from_transformers(module: Any) -> MultiHeadAttention | MultiHeadLatentAttention:
+def from_transformers(
+    module: Any,
+) -> MultiHeadAttention | MultiHeadLatentAttention | DifferentialAttention:
     """The attnkit module that computes what ``module`` (a transformers attention) computes.
 
     Its mask is causal, or a sliding window where the layer has one (transformers'
@@ -42,6 +45,8 @@ def from_transformers(module: Any) -> MultiHeadAttention | MultiHeadLatentAttent
     """
     if hasattr(module, "kv_a_proj_with_mqa"):
         return MultiHeadLatentAttention.from_transformers(module)
+    if hasattr(module, "lambda_q1"):
+        return DifferentialAttention.from_transformers(module)
     config = getattr(module, "config", None)
     if config is None:
         raise ValueError(
