@@ -1,6 +1,7 @@
 """A tiny character-level language model on attnkit: full vs sliding-window attention.
 
-    python examples/tiny_lm.py [--minutes 2] [--window 32] [--sinks] [--latent] [--out …]
+    python examples/tiny_lm.py [--minutes 2] [--window 32] [--sinks] [--latent] [--gate]
+        [--differential] [--out …]
     python examples/tiny_lm.py --load out/tiny_lm/window.pt \
         --prompt "The skilled surgeon operated on the patient with a"
     attnkit explain --checkpoint out/tiny_lm/window.pt --html out/tiny_lm/heads.html
@@ -8,9 +9,11 @@
 Trains the same model twice on the Book of Genesis (King James Version, public domain,
 examples/data/genesis_kjv.txt), once with full causal attention and once with a causal
 sliding window (``--sinks``: again with a learned attention-sink logit per head, as in
-gpt-oss; ``--latent``: again with multi-head latent attention, as DeepSeek), under the same
-time budget; saves the loss curves in one PNG; generates text with the KV cache; and for a
-prompt prints the continuation and which earlier words the last layer attended to.
+gpt-oss; ``--latent``: again with multi-head latent attention, as DeepSeek; ``--gate``: again
+with sigmoid-gated head outputs, as Qwen3-Next; ``--differential``: again with differential
+attention, as the DIFF Transformer), under the same time budget; saves the loss curves in
+one PNG; generates text with the KV cache; and for a prompt prints the continuation and which
+earlier words the last layer attended to.
 """
 
 from __future__ import annotations
@@ -44,12 +47,15 @@ class Chars:
         return "".join(self.chars[i] for i in ids)
 
 
+#: the variants of the sliding-window model, each a flag of the same name
+VARIANTS = ("sinks", "latent", "gate", "differential")
+
 #: latent attention at this width: 80 cached numbers per token per layer instead of 256
 LATENT: LatentSizes = {"kv_rank": 64, "nope_dim": 16, "rope_dim": 16, "v_dim": 32}
 
 
 def make_model(vocab: int, window: int | None, variant: str = "") -> CausalLM:
-    """``variant``: "" (multi-head attention), "sinks" or "latent"."""
+    """``variant``: "" (multi-head attention), "sinks", "latent", "gate" or "differential"."""
     mask = masks.sliding_window(window) if window else masks.causal()
     return CausalLM(
         vocab,
@@ -62,6 +68,8 @@ def make_model(vocab: int, window: int | None, variant: str = "") -> CausalLM:
         mask=mask,
         sinks=variant == "sinks",
         latent=LATENT if variant == "latent" else None,
+        output_gate=variant == "gate",
+        differential=variant == "differential",
     )
 
 
@@ -145,8 +153,10 @@ def explain_prompt(model: CausalLM, chars: Chars, prompt: str, new_tokens: int) 
         words.append("(sink)")
         scores.append(1.0 - float(last.sum()))
     ranked = sorted(zip(words, scores, strict=True), key=lambda p: -p[1])
+    # differential weights are A1 − λ·A2: a row sums to 1 − λ and may go below zero
+    what = "differential attention" if model.config.get("differential") else "attention"
     print(
-        "last layer, from the final character, attention per earlier word: "
+        f"last layer, from the final character, {what} per earlier word: "
         + ", ".join(f"{w} {s:.2f}" for w, s in ranked)
     )
 
@@ -178,6 +188,12 @@ def main() -> None:
     ap.add_argument(
         "--latent", action="store_true", help="also train the window with latent attention"
     )
+    ap.add_argument("--gate", action="store_true", help="also train the window with output gates")
+    ap.add_argument(
+        "--differential",
+        action="store_true",
+        help="also train the window with differential attention",
+    )
     ap.add_argument("--out", default="out/tiny_lm")
     ap.add_argument("--load", help="a checkpoint to load instead of training")
     ap.add_argument("--prompt", default="The skilled surgeon operated on the patient with a")
@@ -199,7 +215,7 @@ def main() -> None:
     curves, models = {}, {}
     runs = [("full causal", None, "", "full.pt")]
     runs.append((f"sliding window {args.window}", args.window, "", "window.pt"))
-    for variant in ("sinks", "latent"):
+    for variant in VARIANTS:
         if getattr(args, variant):
             label = f"sliding window {args.window} + {variant}"
             runs.append((label, args.window, variant, f"{variant}.pt"))

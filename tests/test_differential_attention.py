@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -107,3 +108,27 @@ def test_windowed_cache_key_padding_and_errors():
     with pytest.raises(ValueError, match="num_heads 4 is not a multiple of num_kv_heads 3"):
         DifferentialAttention(48, 4, num_kv_heads=3)
     assert "lambda_init=0.2" in repr(m)
+
+
+def test_causal_lm_differential_layers(tmp_path):
+    """CausalLM(differential=True): nhead / 2 differential heads per layer, λ_init growing with
+    depth, checkpoints that rebuild it; what it lacks is refused by name."""
+    from attnkit.nn import CausalLM, load_checkpoint, save_checkpoint
+
+    lm = CausalLM(11, d_model=32, nhead=4, num_layers=3, positions="rope", differential=True)
+    attn = [layer.self_attn for layer in lm.layers]
+    assert all(isinstance(a, DifferentialAttention) and a.num_heads == 2 for a in attn)
+    assert [a.lambda_init for a in attn] == pytest.approx([lambda_init(i) for i in range(3)])
+    assert attn[0].lambda_init < attn[1].lambda_init < attn[2].lambda_init
+    save_checkpoint(tmp_path / "diff.pt", lm)
+    again = load_checkpoint(tmp_path / "diff.pt").model
+    ids = torch.randint(0, 11, (1, 6))
+    torch.testing.assert_close(again(ids)[0], lm(ids)[0])
+    for kwargs, message in (
+        ({"sinks": True}, "differential attention has no sinks; drop them"),
+        ({"positions": "alibi"}, "has no positions='alibi'"),
+        ({"nhead": 3, "d_model": 30}, "nhead 3 and num_kv_heads 3 must be even"),
+        ({"latent": {"kv_rank": 8, "nope_dim": 4, "rope_dim": 4, "v_dim": 4}}, "drop differential"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            CausalLM(11, **{"d_model": 32, "nhead": 4, "differential": True, **kwargs})

@@ -51,6 +51,7 @@ def test_cached_decoding_equals_full_pass(positions):
         ("alibi", masks.sliding_window(4), False),
         ("rope", masks.sliding_window(3), True),  # with sinks, qk_norm and output gates
         ("latent", masks.sliding_window(3), False),
+        ("differential", None, False),
     ],
 )
 def test_causal_lm_cached_equals_full(positions, mask, modern):
@@ -270,13 +271,16 @@ LATENT = {"kv_rank": 12, "nope_dim": 4, "rope_dim": 4, "v_dim": 6}  # MLA at d_m
 
 
 def positions_kwargs(positions):
-    """ "latent" is rotary multi-head latent attention; the rest name CausalLM's positions."""
+    """ "latent" is rotary multi-head latent attention, "differential" rotary differential
+    attention; the rest name CausalLM's positions."""
     if positions == "latent":
         return {"positions": "rope", "latent": LATENT}
+    if positions == "differential":
+        return {"positions": "rope", "differential": True}
     return {"positions": positions}
 
 
-@pytest.mark.parametrize("positions", ["rope", "alibi", "learned", "latent"])
+@pytest.mark.parametrize("positions", ["rope", "alibi", "learned", "latent", "differential"])
 def test_sliding_window_generation_keeps_only_the_window(positions):
     """Greedy generate() over windowed caches equals re-running the whole text every token."""
     torch.manual_seed(0)
@@ -380,20 +384,25 @@ def test_generation_padding_must_be_on_the_left():
 
 @pytest.mark.slow
 def test_tiny_lm_example_trains_saves_and_explains_every_variant(tmp_path, monkeypatch, capsys):
-    """examples/tiny_lm.py with a budget of about a second per model: the four checkpoints
+    """examples/tiny_lm.py with a budget of about a second per model: the six checkpoints
     reload, and the sinks model reports the sink's share of its last layer's attention."""
     from attnkit.nn import load_checkpoint
 
     tiny_lm = load_example("tiny_lm")
-    argv = ["tiny_lm.py", "--minutes", "0.015", "--sinks", "--latent", "--new-tokens", "4"]
+    argv = ["tiny_lm.py", "--minutes", "0.015", "--new-tokens", "4"]
+    argv += ["--sinks", "--latent", "--gate", "--differential"]
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path)])
     tiny_lm.main()
     out = capsys.readouterr().out
-    for label in ("full causal", "sliding window 32", "+ sinks", "+ latent"):
+    for label in ("full causal", "sliding window 32", "+ sinks", "+ latent", "+ gate"):
         assert f"{label}: validation loss" in out
+    assert "+ differential: validation loss" in out
     assert out.count("(sink)") == 1  # only the sinks model has one
-    for name in ("full", "window", "sinks", "latent"):
+    assert out.count("differential attention per earlier word") == 1
+    for name in ("full", "window", "sinks", "latent", "gate", "differential"):
         config = load_checkpoint(tmp_path / f"{name}.pt").model.config
         assert config["sinks"] is (name == "sinks")
         assert (config["latent"] is not None) is (name == "latent")
+        assert config["output_gate"] is (name == "gate")
+        assert config["differential"] is (name == "differential")
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000

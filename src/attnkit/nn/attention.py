@@ -181,6 +181,13 @@ class MultiHeadAttention(nn.Module):
         zeros = torch.zeros(num_heads, device=device, dtype=dtype)
         self.sinks = nn.Parameter(zeros) if sinks else None
 
+    def new_cache(self, batch: int, max_len: int, window: int | None = None) -> KVCache:
+        """A KVCache for this module's keys and values (B, Hkv, max_len, head_dim)."""
+        w = self.k_proj.weight
+        return KVCache(
+            batch, self.num_kv_heads, max_len, self.head_dim, w.dtype, w.device, window=window
+        )
+
     def _heads(self, x: Tensor, n: int) -> Tensor:
         """(B, L, n·hd) -> (B, n, L, hd)."""
         return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)

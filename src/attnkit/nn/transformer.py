@@ -23,6 +23,7 @@ from attnkit._validation import check_int
 from attnkit.functional import BackendName
 from attnkit.masks import Mask
 from attnkit.nn.attention import MultiHeadAttention
+from attnkit.nn.differential_attention import DifferentialAttention
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
@@ -93,7 +94,10 @@ class TransformerEncoderLayer(nn.Module):
     attention-sink logit per head, RMS-normalised queries and keys, and a sigmoid gate on
     each head's output. ``latent`` (the sizes ``kv_rank``,
     ``nope_dim``, ``rope_dim``, ``v_dim`` and optionally ``q_rank``) makes the block's
-    attention ``MultiHeadLatentAttention`` (DeepSeek MLA) instead.
+    attention ``MultiHeadLatentAttention`` (DeepSeek MLA) instead, ``differential``
+    ``DifferentialAttention`` with nhead / 2 differential heads (as many softmax maps and
+    parameters as nhead heads; ``depth``, the layer's index, sets its λ_init; no
+    attention-weight dropout).
     """
 
     def __init__(
@@ -110,29 +114,49 @@ class TransformerEncoderLayer(nn.Module):
         qk_norm: bool = False,
         output_gate: bool = False,
         latent: LatentSizes | None = None,
+        differential: bool = False,
+        depth: int = 0,
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
-        self.self_attn: MultiHeadAttention | MultiHeadLatentAttention
+        self.self_attn: MultiHeadAttention | MultiHeadLatentAttention | DifferentialAttention
         options = AttentionOptions(sinks=sinks, qk_norm=qk_norm, output_gate=output_gate)
-        if latent is None:
-            self.self_attn = _self_attention(
-                d_model, nhead, num_kv_heads, dropout, mask, positions, backend, **options
-            )
-        else:
-            given = [
-                name for name, value in {"num_kv_heads": num_kv_heads, **options}.items() if value
-            ]
-            if positions == "alibi":
-                given.append("positions='alibi'")
-            if given:
+        given = [name for name, value in options.items() if value]
+        if positions == "alibi" and (latent or differential):
+            given.append("positions='alibi'")
+        if latent is not None:
+            if num_kv_heads:
+                given.insert(0, "num_kv_heads")
+            if given or differential:
                 raise ValueError(
                     "latent attention has one latent per token (no kv heads) with its own "
-                    f"rotary part, and no sinks, QK-norm or output gate here; drop "
-                    f"{', '.join(given)}"
+                    f"rotary part, and no sinks, QK-norm, output gate or differential heads "
+                    f"here; drop {', '.join(given or ['differential'])}"
                 )
             self.self_attn = MultiHeadLatentAttention(
                 d_model, nhead, **latent, mask=mask, dropout=dropout, backend=backend
+            )
+        elif differential:
+            if given:
+                raise ValueError(f"differential attention has no {', '.join(given)}; drop them")
+            if nhead % 2 or (num_kv_heads or nhead) % 2:
+                raise ValueError(
+                    f"differential attention pairs heads: nhead {nhead} and num_kv_heads "
+                    f"{num_kv_heads or nhead} must be even"
+                )
+            rope = RotaryEmbedding(d_model // nhead) if positions == "rope" else None
+            self.self_attn = DifferentialAttention(
+                d_model,
+                nhead // 2,
+                num_kv_heads=(num_kv_heads or nhead) // 2,
+                depth=depth,
+                mask=mask,
+                rope=rope,
+                backend=backend,
+            )
+        else:
+            self.self_attn = _self_attention(
+                d_model, nhead, num_kv_heads, dropout, mask, positions, backend, **options
             )
         self.ff = FeedForward(d_model, dim_feedforward or 4 * d_model, dropout)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
@@ -422,13 +446,7 @@ class Transformer(nn.Module):
         for layer in self.decoder:
             assert isinstance(layer, TransformerDecoderLayer)
             sa, ca = layer.self_attn, layer.cross_attn
-            p = sa.q_proj.weight
-            caches.append(
-                (
-                    KVCache(batch, sa.num_kv_heads, max_new, sa.head_dim, p.dtype, p.device),
-                    KVCache(batch, ca.num_kv_heads, src_len, ca.head_dim, p.dtype, p.device),
-                )
-            )
+            caches.append((sa.new_cache(batch, max_new), ca.new_cache(batch, src_len)))
         return caches
 
     @torch.no_grad()
@@ -479,8 +497,9 @@ class CausalLM(nn.Module):
         attention-sink logits (gpt-oss), RMS-normalised queries and keys (Qwen3, OLMo 2) and
         sigmoid-gated head outputs (Qwen3-Next) in every layer (``MultiHeadAttention``);
         latent: multi-head latent attention in every layer, its sizes as
-        ``TransformerEncoderLayer`` takes them (decoding caches then hold the latents). Output
-        embedding tied to the input.
+        ``TransformerEncoderLayer`` takes them (decoding caches then hold the latents);
+        differential: differential attention (DIFF Transformer) in every layer, λ_init by depth.
+        Output embedding tied to the input.
     """
 
     def __init__(
@@ -500,6 +519,7 @@ class CausalLM(nn.Module):
         qk_norm: bool = False,
         output_gate: bool = False,
         latent: LatentSizes | None = None,
+        differential: bool = False,
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
@@ -519,6 +539,7 @@ class CausalLM(nn.Module):
             "qk_norm": qk_norm,
             "output_gate": output_gate,
             "latent": latent,
+            "differential": differential,
             "backend": backend,
         }
         self.max_len = max_len
@@ -536,9 +557,11 @@ class CausalLM(nn.Module):
                 qk_norm=qk_norm,
                 output_gate=output_gate,
                 latent=latent,
+                differential=differential,
+                depth=depth,
                 backend=backend,
             )
-            for _ in range(num_layers)
+            for depth in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
@@ -589,16 +612,7 @@ class CausalLM(nn.Module):
         caches = []
         for layer in self.layers:
             assert isinstance(layer, TransformerEncoderLayer)
-            sa = layer.self_attn
-            if isinstance(sa, MultiHeadLatentAttention):
-                caches.append(sa.new_cache(batch, max_len, window))
-                continue
-            p = sa.q_proj.weight
-            caches.append(
-                KVCache(
-                    batch, sa.num_kv_heads, max_len, sa.head_dim, p.dtype, p.device, window=window
-                )
-            )
+            caches.append(layer.self_attn.new_cache(batch, max_len, window))
         return caches
 
     def _generation_caches(self, batch: int, total: int) -> tuple[list[KVCache], int]:
