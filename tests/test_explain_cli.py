@@ -165,9 +165,14 @@ def test_explain_checkpoint_shows_the_sinks_share(tmp_path, capsys):
     with torch.no_grad():
         model.layers[0].self_attn.sinks.copy_(torch.tensor([2.0, 5.0]))
     path = save_checkpoint(tmp_path / "sinks.pt", model, vocab=vocab)
-    assert main(["explain", "--checkpoint", str(path), "--top", "1"]) == 0
+    page = tmp_path / "sinks.html"
+    assert main(["explain", "--checkpoint", str(path), "--top", "1", "--html", str(page)]) == 0
     out = capsys.readouterr().out
     r = run_checkpoint(load_checkpoint(path), DEFAULT_TEXT)
+    data = page_data(page.read_text())  # the page carries each row's sink share
+    embedded = torch.frombuffer(bytearray(base64.b64decode(data["sink"])), dtype=torch.uint8)
+    expected = ((1 - r.attention(0).sum(-1)) * 255).round().to(torch.uint8)
+    assert torch.equal(embedded.view(1, 1, *expected.shape)[0, 0], expected)
     i = len(DEFAULT_TEXT) - 1
     shares = 1 - r.attention(0)[:, i].sum(-1)
     assert float(shares.min()) > 0.05
@@ -297,6 +302,48 @@ def test_head_view_in_chromium(browser, tmp_path):
     viewport = browser.execute_script("return [window.innerWidth, window.innerHeight]")
     assert list(png_size(shot)) == viewport
     assert os.path.getsize(shot) > 20_000  # lines and labels, not a blank page
+
+
+def page_data(page):
+    """The DATA object a head-view page embeds."""
+    return json.loads(page.split("const DATA = ", 1)[1].split(";\n", 1)[0])  # JSON reads <\/
+
+
+@pytest.mark.slow
+def test_head_view_draws_the_sink_in_chromium(browser, tmp_path):
+    """A sinks model's page has one more key, "(sink)": one line per (head, query) whose
+    share passes the threshold, the only lines left when it is hovered."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from attnkit.explain import run_checkpoint
+    from attnkit.nn import CausalLM, load_checkpoint, save_checkpoint
+
+    vocab = sorted(set(DEFAULT_TEXT))
+    model = CausalLM(len(vocab), d_model=32, nhead=2, num_layers=1, sinks=True)
+    with torch.no_grad():
+        model.layers[0].self_attn.sinks.copy_(torch.tensor([-4.0, 3.0]))  # small, large
+    r = run_checkpoint(load_checkpoint(save_checkpoint(tmp_path / "s.pt", model, vocab=vocab)),
+                       DEFAULT_TEXT)  # fmt: skip
+    attentions = [r.attention(0)]
+    page = tmp_path / "sinks.html"
+    page.write_text(head_view_html(r.tokens, attentions, sinks=True))
+    browser.get(page.as_uri())
+    shares = ((1 - attentions[0].sum(-1)) * 255).round() / 255  # (H, L) as embedded
+    sink_lines = browser.find_elements(By.CSS_SELECTOR, "line.sink-line")
+    assert len(sink_lines) == int((shares > 0.02).sum()) > 0
+    assert {ln.get_attribute("data-head") for ln in sink_lines} == {"1"}  # head 0's sink < 2 %
+    assert browser.find_element(By.ID, "sink-note").is_displayed()
+    sink = browser.find_element(By.CSS_SELECTOR, "text.tok[data-side='j'][data-index='sink']")
+    assert sink.text == "(sink)"
+    ActionChains(browser).move_to_element(sink).perform()
+    visible = browser.find_elements(By.CSS_SELECTOR, "line.attn-line:not(.hidden)")
+    assert visible
+    assert {ln.get_attribute("data-j") for ln in visible} == {"sink"}
+    page.write_text(head_view_html(r.tokens, attentions))  # the same maps, no sinks asked
+    browser.get(page.as_uri())
+    assert not browser.find_elements(By.CSS_SELECTOR, "line.sink-line")
+    assert not browser.find_element(By.ID, "sink-note").is_displayed()
 
 
 @pytest.mark.slow

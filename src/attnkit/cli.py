@@ -160,6 +160,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             {what: [r.attention(n) for n in range(n_layers)] for what, r in runs.items()},
             args.html,
             title=f"{name} head view: {args.text[:60]}",
+            sinks=full.sinks,
         )
         console.print(f"wrote {args.html}")
     return 0

@@ -3,7 +3,8 @@
 No CDN and no network: the script and styles are inline, the weights are embedded as base64
 bytes (one byte per weight, 0-255), so texts of a few hundred tokens stay a few MB. Several
 runs of one text (full attention and a sparse pattern, say) share a page: a selector switches
-between them at the same layer and heads.
+between them at the same layer and heads. A model with attention sinks gets one more key,
+"(sink)", whose lines carry the weight each row gave no token.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ line.attn-line.hidden { display: none; }
 <svg id="view" xmlns="__SVGNS__"></svg>
 <div id="note">Left: the token that attends (query). Right: the tokens it attends to (keys).
 Line opacity is the attention weight. Hover a token to see only its lines; click a head to
-toggle it.</div>
+toggle it.<span id="sink-note"> The key "(sink)" takes what each row gave no token (attention
+sinks).</span></div>
 <script>
 const DATA = __DATA__;
 const SVGNS = "__SVGNS__";
@@ -51,6 +53,9 @@ if (DATA.initial_heads) { enabled.fill(false); DATA.initial_heads.forEach(h => e
 const color = h => `hsl(${Math.round(360 * h / H)}, 70%, 45%)`;
 const weight = (run, layer, h, i, j) =>
   raw[(((run * DATA.layers + layer) * H + h) * L + i) * L + j] / 255;
+const sinkRaw = DATA.sink ? Uint8Array.from(atob(DATA.sink), c => c.charCodeAt(0)) : null;
+const sink = (run, layer, h, i) => sinkRaw[((run * DATA.layers + layer) * H + h) * L + i] / 255;
+if (!sinkRaw) document.getElementById("sink-note").style.display = "none";
 const runSel = document.getElementById("run");
 DATA.runs.forEach((name, r) => {
   const o = document.createElement("option");
@@ -93,18 +98,20 @@ function draw() {
   const svg = document.getElementById("view");
   svg.innerHTML = "";
   const rowH = 20, width = 520, left = 150, right = width - 150;
-  svg.setAttribute("width", width); svg.setAttribute("height", L * rowH + 20);
+  const keys = sinkRaw ? L + 1 : L;  // the sink is one more key, below the tokens
+  svg.setAttribute("width", width); svg.setAttribute("height", keys * rowH + 20);
   const run = Number(runSel.value), layer = Number(layerSel.value), t = Number(thr.value);
   document.getElementById("threshold-value").textContent = t.toFixed(2);
   const lines = el("g", {id: "lines"});
   for (let h = 0; h < H; h++) {
     if (!enabled[h]) continue;
-    for (let i = 0; i < L; i++) for (let j = 0; j < L; j++) {
-      const w = weight(run, layer, h, i, j);
+    for (let i = 0; i < L; i++) for (let j = 0; j < keys; j++) {
+      const w = j < L ? weight(run, layer, h, i, j) : sink(run, layer, h, i);
       if (w <= t) continue;
-      lines.appendChild(el("line", {class: "attn-line", x1: left + 5, y1: 14 + i * rowH,
-        x2: right - 5, y2: 14 + j * rowH, stroke: color(h), "stroke-width": 2,
-        "stroke-opacity": Math.min(1, w).toFixed(3), "data-head": h, "data-i": i, "data-j": j}));
+      lines.appendChild(el("line", {class: j < L ? "attn-line" : "attn-line sink-line",
+        x1: left + 5, y1: 14 + i * rowH, x2: right - 5, y2: 14 + j * rowH, stroke: color(h),
+        "stroke-width": 2, "stroke-opacity": Math.min(1, w).toFixed(3), "data-head": h,
+        "data-i": i, "data-j": j < L ? j : "sink"}));
     }
   }
   svg.appendChild(lines);
@@ -117,6 +124,13 @@ function draw() {
       svg.appendChild(e);
     }
   });
+  if (sinkRaw) {
+    const e = el("text", {x: right, y: 18 + L * rowH, "text-anchor": "start", class: "tok",
+      "data-side": "j", "data-index": "sink", "font-style": "italic"}, "(sink)");
+    e.addEventListener("mouseenter", () => focus("j", "sink"));
+    e.addEventListener("mouseleave", () => focus("j", null));
+    svg.appendChild(e);
+  }
 }
 runSel.addEventListener("change", draw);
 layerSel.addEventListener("change", draw);
@@ -143,6 +157,7 @@ def head_view_html(
     *,
     title: str = "attnkit head view",
     threshold: float | None = None,
+    sinks: bool = False,
 ) -> str:
     """The page as a string.
 
@@ -153,6 +168,8 @@ def head_view_html(
             the first shown first.
         title: page title.
         threshold: lines below this weight are hidden (default: 0.02, or 0.1 past 100 tokens).
+        sinks: the model has attention sinks, so rows sum to less than 1: the rest is drawn as
+            lines to one more key, "(sink)".
     """
     runs = dict(attentions) if isinstance(attentions, Mapping) else {"attention": attentions}
     if not runs:
@@ -173,7 +190,14 @@ def head_view_html(
         "threshold": threshold if threshold is not None else (0.02 if L <= 100 else 0.1),
         "initial_heads": None if L <= 100 else [0],
         "weights": base64.b64encode(q.numpy().tobytes()).decode("ascii"),
+        "sink": None,
     }
+    if sinks:  # (runs, layers, H, L): each row's weight on no token
+        shares = torch.stack(
+            [1 - torch.stack([a.float() for a in run]).sum(-1) for run in runs.values()]
+        )
+        share_bytes = (shares.clamp(0, 1) * 255).round().to(torch.uint8).numpy().tobytes()
+        data["sink"] = base64.b64encode(share_bytes).decode("ascii")
     # the JSON sits inside <script>: escape "</" so a token cannot close the element
     payload = json.dumps(data).replace("</", "<\\/")
     return (
