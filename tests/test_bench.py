@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,21 @@ def test_bench_usage_errors(argv, why, capsys):
         main(["bench", *argv])
     assert exc.value.code == 2
     assert why in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cpu_varlen_bench_runs_and_checks_its_three_ways_agree():
+    """benchmarks/cpu_varlen.py on a small batch: it asserts the packed paths agree before
+    timing, and prints one row per way."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/cpu_varlen.py"), "--queries", "8"]
+    out = subprocess.run(
+        [*cmd, "--cached", "0", "5", "--heads", "2", "--dim", "8"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for way in ("varlen", "varlen, predicate", "SDPA padded"):
+        assert re.search(rf"│\s+{re.escape(way)} │\s+[\d.]+ │\s+[\d.]+x │", out), out
 
 
 @pytest.mark.slow

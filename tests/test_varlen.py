@@ -123,3 +123,39 @@ def test_any_packing_equals_each_sequence_alone(lengths, case, groups):
     with torch.no_grad():
         out = attnkit.varlen_attention(q, k, v, cu_q, cu_k, backend="tiled", **kwargs)
         torch.testing.assert_close(out, one_by_one(q, k, v, cu_q, cu_k, mask)[0])
+
+
+def packed_offsets(lengths):
+    """The offsets key - query of the sequences with queries, in packed positions."""
+    ends_q = torch.tensor([a for a, _ in lengths]).cumsum(0)
+    ends_k = torch.tensor([b for _, b in lengths]).cumsum(0)
+    return {int(k - q) for (a, _), q, k in zip(lengths, ends_q, ends_k, strict=True) if a}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), min_size=2, max_size=6)
+    .filter(lambda ls: sum(a for a, _ in ls) > 0 and sum(b for _, b in ls) > 0)
+    .filter(lambda ls: len(packed_offsets(ls)) > 1),  # offsets differ: the per-query rule
+    window=st.sampled_from([(-1, 0), (2, 0), (3, 1), (0, -1), (1, 2)]),
+    block_q=st.integers(1, 5),
+    block_k=st.integers(1, 5),
+)
+def test_varlen_window_tiles_agree_with_its_predicate(lengths, window, block_q, block_k):
+    """Every tile's kind (empty / partial / full) as the predicate's pairs say, including
+    sequences with more queries than keys (aligned positions that step back)."""
+    cu_q = torch.tensor([0, *torch.tensor([a for a, _ in lengths]).cumsum(0).tolist()])
+    cu_k = torch.tensor([0, *torch.tensor([b for _, b in lengths]).cumsum(0).tolist()])
+    mask = varlen_mask(cu_q, cu_k, window=window)
+    assert "varlen_window" in repr(mask)
+    Lq, Lk = int(cu_q[-1]), int(cu_k[-1])
+    dense = mask.dense(Lq, Lk)[0, 0]
+    pad_q, pad_k = -Lq % block_q, -Lk % block_k
+    attended = torch.nn.functional.pad(dense.int(), (0, pad_k, 0, pad_q))
+    inside = torch.nn.functional.pad(torch.ones(Lq, Lk, dtype=torch.int), (0, pad_k, 0, pad_q))
+    per_tile = [
+        x.view(x.shape[0] // block_q, block_q, x.shape[1] // block_k, block_k).sum((1, 3))
+        for x in (attended, inside)
+    ]
+    expected = torch.where(per_tile[0] == 0, 0, torch.where(per_tile[0] == per_tile[1], 2, 1))
+    assert torch.equal(mask.blocks(Lq, Lk, block_q, block_k).kinds[0, 0].long(), expected)

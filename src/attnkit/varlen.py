@@ -15,6 +15,7 @@ cu_seqlens (n + 1,) int, out (total_q, Hq, Dv), lse (Hq, total_q).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Literal, overload
 
@@ -25,7 +26,7 @@ from attnkit import _validation as check
 from attnkit import masks
 from attnkit._types import ScoreModFn
 from attnkit.functional import BackendName, attention
-from attnkit.masks import Mask
+from attnkit.masks import Mask, _tile_min_max
 from attnkit.score_mods import ScoreMod
 
 
@@ -52,8 +53,9 @@ def varlen_mask(
 
     Query i of sequence s lines up with key i + delta_s, delta_s = (its keys' end) − (its
     queries' end). When every sequence has the same delta (self-attention packing: 0) the
-    causal or window part is the built-in pattern with that offset (its tiles are known
-    without evaluating it); otherwise a predicate with a per-query offset.
+    causal or window part is the built-in pattern with that offset; otherwise a window
+    around each query's aligned key, its tiles classified from per-tile bounds. Either way
+    only the tiles an edge cuts through are evaluated.
     """
     n = cu_seqlens_q.numel() - 1
     if cu_seqlens_k.numel() - 1 != n:
@@ -78,17 +80,43 @@ def varlen_mask(
     if offsets.numel() <= 1:  # one offset for all: a built-in pattern
         offset = int(offsets[0]) if offsets.numel() else 0
         return mask & masks.sliding_window(left, right, align=offset)
+    return mask & _aligned_window(torch.arange(delta.numel()) + delta, left, right)
 
-    def shifted_window(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        d = kv - (q + delta.to(q.device)[q])  # key position relative to the aligned one
-        keep = torch.ones_like(d, dtype=torch.bool)
-        if left >= 0:
-            keep = keep & (d >= -left)
-        if right >= 0:
-            keep = keep & (d <= right)
-        return keep
 
-    return mask & masks.custom(shifted_window, name=f"varlen_window({left}, {right})")
+def _aligned_window(aligned: Tensor, left: int, right: int) -> Mask:
+    """Query q sees keys aligned[q] - left .. aligned[q] + right (-1: unbounded that side).
+
+    ``aligned`` (Lq,) is each query's aligned key position. A tile of queries whose aligned
+    positions span [a_min, a_max] sees keys in [a_min - left, a_max + right] at most and every
+    key in [a_max - left, a_min + right] for sure, so tiles are classified from those bounds
+    in O(tiles); the ones left undecided (the window's edges, and wherever the document mask
+    it is combined with cuts through) are evaluated, not all Lq·Lk pairs.
+    """
+    lo_reach = -math.inf if left < 0 else -left
+    hi_reach = math.inf if right < 0 else right
+
+    def bind(Lq: int, Lk: int) -> masks.BoundMask:
+        if aligned.numel() != Lq:
+            raise ValueError(f"varlen window for {aligned.numel()} queries, but Lq={Lq}")
+
+        def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            a = aligned.to(q.device)[q]  # shaped as q: the bounds cost O(queries), the
+            if left < 0:  # comparisons O(pairs) on every partial tile
+                return kv <= a + right
+            return kv >= a - left if right < 0 else (kv >= a - left) & (kv <= a + right)
+
+        def tiles(
+            q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+        ) -> tuple[Tensor, Tensor]:
+            block = int(q_hi[0, 0] - q_lo[0, 0]) + 1
+            a_min, a_max = (x[0, :, None] for x in _tile_min_max(aligned[None].to(q_lo), block))
+            any_ = (k_hi - a_min >= lo_reach) & (k_lo - a_max <= hi_reach)
+            all_ = (k_lo - a_max >= lo_reach) & (k_hi - a_min <= hi_reach)
+            return any_, all_
+
+        return masks.BoundMask(fn, tiles, exact=False)
+
+    return masks.Mask(f"varlen_window({left}, {right})", bind)
 
 
 @overload
