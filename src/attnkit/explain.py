@@ -74,7 +74,8 @@ class Run:
     ``text`` and ``char_level`` matter for character-level checkpoints, where a word is found
     in the text rather than among the tokens; ``next_tokens`` is a language model's top
     predictions for the token after the text, [(token, probability), ...]; ``sinks`` says the
-    model has attention sinks, so a row's weights sum to 1 minus the sink's share.
+    model has attention sinks, so a row's weights sum to 1 minus the sink's share;
+    ``differential`` that its weights are differential maps A1 − λ·A2, rows summing to 1 − λ.
     """
 
     encoding: Encoding
@@ -83,6 +84,7 @@ class Run:
     char_level: bool = False
     next_tokens: list[tuple[str, float]] = field(default_factory=list)
     sinks: bool = False
+    differential: bool = False
 
     @property
     def tokens(self) -> list[str]:
@@ -153,6 +155,7 @@ def run_checkpoint(ckpt: Checkpoint, text: str, *, truncate: bool = False) -> Ru
         char_level=char_level,
         next_tokens=[(_show(vocab[i]), float(w)) for i, w in zip(top, probs, strict=True)],
         sinks=bool(model.config.get("sinks")),
+        differential=bool(model.config.get("differential")),
     )
 
 
@@ -222,8 +225,10 @@ def render_heads(r: Run, i: int, layers: list[int], k: int, title: str = "") -> 
     """A table per layer: for each head, the words token ``i`` attends to most."""
     from rich.table import Table
 
+    maps = ", differential maps A1 − λ·A2" if r.differential else ""
     table = Table(
-        title=title or f"what {r.tokens[i]!r} (token {i}) attends to, per head", show_lines=False
+        title=title or f"what {r.tokens[i]!r} (token {i}) attends to, per head{maps}",
+        show_lines=False,
     )
     table.add_column("layer", justify="right")
     table.add_column("head", justify="right")
@@ -231,6 +236,8 @@ def render_heads(r: Run, i: int, layers: list[int], k: int, title: str = "") -> 
         table.add_column(f"#{n + 1}")
     if r.sinks:
         table.add_column("sink")  # the weight that went to no key
+    if r.differential:
+        table.add_column("1 − λ")  # what a row of A1 − λ·A2 sums to
     for layer in layers:
         att = r.attention(layer)
         for h, tops in enumerate(top_attended(att, i, k)):
@@ -242,6 +249,8 @@ def render_heads(r: Run, i: int, layers: list[int], k: int, title: str = "") -> 
             ]
             if r.sinks:
                 cells.append(f"[dim]{1 - float(att[h, i].sum()):.2f}[/dim]")
+            if r.differential:
+                cells.append(f"[dim]{float(att[h, i].sum()):.2f}[/dim]")
             table.add_row(str(layer), str(h), *cells)
     return table
 
