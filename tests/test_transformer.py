@@ -24,9 +24,15 @@ def load_example(name):
     return module
 
 
-@pytest.mark.parametrize("positions", ["learned", "rope", "alibi"])
-def test_cached_decoding_equals_full_pass(positions):
-    model = Transformer(20, 20, d_model=32, nhead=4, max_len=32, positions=positions).eval()
+@pytest.mark.parametrize(
+    ("positions", "modern"), [("learned", False), ("rope", False), ("alibi", False), ("rope", True)]
+)
+def test_cached_decoding_equals_full_pass(positions, modern):
+    """``modern``: GQA, sinks, QK-norm and output gates in every attention."""
+    extras = {"num_kv_heads": 2, "sinks": True, "qk_norm": True, "output_gate": True}
+    model = Transformer(
+        20, 20, d_model=32, nhead=4, max_len=32, positions=positions, **(extras if modern else {})
+    ).eval()
     src = torch.randint(3, 20, (2, 9))
     src[1, 6:] = 0  # padding
     tgt = torch.randint(3, 20, (2, 7))
@@ -41,6 +47,13 @@ def test_cached_decoding_equals_full_pass(positions):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     # cross-attention keys/values were computed once: each cross cache holds the source
     assert all(cross.length == src.shape[1] for _, cross in caches)
+    attentions = [model.encoder[0].self_attn, model.decoder[0].self_attn]
+    attentions.append(model.decoder[0].cross_attn)
+    for a in attentions:
+        assert (a.num_kv_heads, a.sinks is not None, a.q_norm is not None) == (
+            (2, True, True) if modern else (4, False, False)
+        )
+        assert (a.gate_proj is not None) is modern
 
 
 @pytest.mark.parametrize(

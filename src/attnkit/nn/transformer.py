@@ -182,7 +182,10 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Pre-norm causal self-attention, then cross-attention over the encoder memory, then MLP."""
+    """Pre-norm causal self-attention, then cross-attention over the encoder memory, then MLP.
+
+    ``options`` (sinks, qk_norm, output_gate) apply to both attentions.
+    """
 
     def __init__(
         self,
@@ -195,14 +198,22 @@ class TransformerDecoderLayer(nn.Module):
         mask: Mask | None = None,
         positions: Positions = "learned",
         backend: BackendName = "auto",
+        **options: Unpack[AttentionOptions],
     ) -> None:
         super().__init__()
         self.self_attn = _self_attention(
-            d_model, nhead, num_kv_heads, dropout, mask or masks.causal(), positions, backend
+            d_model,
+            nhead,
+            num_kv_heads,
+            dropout,
+            mask or masks.causal(),
+            positions,
+            backend,
+            **options,
         )
         # decoder queries read the encoder's keys and values
         self.cross_attn = MultiHeadAttention(
-            d_model, nhead, num_kv_heads=num_kv_heads, dropout=dropout, backend=backend
+            d_model, nhead, num_kv_heads=num_kv_heads, dropout=dropout, backend=backend, **options
         )
         self.ff = FeedForward(d_model, dim_feedforward or 4 * d_model, dropout)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
@@ -333,6 +344,9 @@ class Transformer(nn.Module):
         positions: "learned", "rope" or "alibi".
         encoder_mask: attnkit Mask for encoder self-attention (None = full).
         pad_id: padding token id of source and target.
+        num_kv_heads: grouped-query kv heads in every attention (default nhead).
+        sinks, qk_norm, output_gate: ``MultiHeadAttention``'s, in every attention (encoder,
+            decoder and cross).
         backend: attention backend.
     """
 
@@ -352,6 +366,10 @@ class Transformer(nn.Module):
         encoder_mask: Mask | None = None,
         tie_embeddings: bool = True,
         pad_id: int = 0,
+        num_kv_heads: int | None = None,
+        sinks: bool = False,
+        qk_norm: bool = False,
+        output_gate: bool = False,
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
@@ -370,8 +388,13 @@ class Transformer(nn.Module):
             "encoder_mask": encoder_mask,
             "tie_embeddings": tie_embeddings,
             "pad_id": pad_id,
+            "num_kv_heads": num_kv_heads,
+            "sinks": sinks,
+            "qk_norm": qk_norm,
+            "output_gate": output_gate,
             "backend": backend,
         }
+        options = AttentionOptions(sinks=sinks, qk_norm=qk_norm, output_gate=output_gate)
         self.pad_id, self.max_len, self.nhead = pad_id, max_len, nhead
         self.src_embed = _Embedding(src_vocab, d_model, max_len, positions, dropout)
         self.tgt_embed = _Embedding(tgt_vocab, d_model, max_len, positions, dropout)
@@ -381,15 +404,24 @@ class Transformer(nn.Module):
                 nhead,
                 dim_feedforward,
                 dropout,
+                num_kv_heads=num_kv_heads,
                 mask=encoder_mask,
                 positions=positions,
                 backend=backend,
+                **options,
             )
             for _ in range(num_encoder_layers)
         )
         self.decoder = nn.ModuleList(
             TransformerDecoderLayer(
-                d_model, nhead, dim_feedforward, dropout, positions=positions, backend=backend
+                d_model,
+                nhead,
+                dim_feedforward,
+                dropout,
+                num_kv_heads=num_kv_heads,
+                positions=positions,
+                backend=backend,
+                **options,
             )
             for _ in range(num_decoder_layers)
         )
