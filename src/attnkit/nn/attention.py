@@ -46,6 +46,27 @@ def check_window(window: int, mask_parts: list[Mask]) -> None:
         )
 
 
+def append_to_cache(
+    cache: KVCache,
+    k: Tensor,
+    v: Tensor,
+    masks: list[MaskLike],
+    key_padding_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Append this call's keys and values; every cached key and value, and the padding mask.
+
+    A windowed cache first checks that ``masks`` (the module's and the call's) need no key
+    it drops. A ``key_padding_mask`` over every position since the cache's reset is cut to
+    the positions it still holds.
+    """
+    if cache.window is not None:
+        check_window(cache.window, [m for m in masks if isinstance(m, Mask)])
+    k, v = cache.append(k, v)
+    if key_padding_mask is not None and key_padding_mask.shape[-1] == cache.position:
+        key_padding_mask = key_padding_mask[..., cache.start :]
+    return k, v, key_padding_mask
+
+
 def combine_masks(
     masks: list[MaskLike],
     key_padding_mask: Tensor | None,
@@ -258,12 +279,10 @@ class MultiHeadAttention(nn.Module):
         if self.rope is not None and is_self:
             start = cache.position if cache is not None else 0
             q, k = self.rope(q, offset=start), self.rope(k, offset=start)
-        if cache is not None and is_self and cache.window is not None:
-            check_window(cache.window, [m for m in (self.mask, mask) if isinstance(m, Mask)])
         if cache is not None and not reuse_cross:
-            k, v = cache.append(k, v)
-            if key_padding_mask is not None and key_padding_mask.shape[-1] == cache.position:
-                key_padding_mask = key_padding_mask[..., cache.start :]
+            k, v, key_padding_mask = append_to_cache(
+                cache, k, v, [self.mask, mask], key_padding_mask
+            )
         full_mask = combine_masks(
             [self.mask, mask], key_padding_mask, B, self.num_heads, Lq, k.shape[2], q.device
         )

@@ -23,7 +23,7 @@ from attnkit._validation import check_int
 from attnkit.backends._common import MaskLike
 from attnkit.functional import BackendName, attention, attention_weights
 from attnkit.masks import Mask
-from attnkit.nn.attention import check_window, combine_masks
+from attnkit.nn.attention import append_to_cache, combine_masks
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
 
@@ -162,11 +162,9 @@ class DifferentialAttention(nn.Module):
         k = torch.cat([k[:, :g], k[:, g:]], dim=-1)
         v = self.v_proj(x).view(B, L, 2, g, d).permute(0, 3, 1, 2, 4).reshape(B, g, L, 2 * d)
         if cache is not None:
-            if cache.window is not None:
-                check_window(cache.window, [m for m in (self.mask, mask) if isinstance(m, Mask)])
-            k, v = cache.append(k, v)
-            if key_padding_mask is not None and key_padding_mask.shape[-1] == cache.position:
-                key_padding_mask = key_padding_mask[..., cache.start :]
+            k, v, key_padding_mask = append_to_cache(
+                cache, k, v, [self.mask, mask], key_padding_mask
+            )
         full_mask = combine_masks(
             [self.mask, mask], key_padding_mask, B, h, L, k.shape[2], x.device
         )

@@ -38,7 +38,7 @@ from attnkit._validation import check_dropout, check_int
 from attnkit.backends._common import MaskLike
 from attnkit.functional import BackendName, attention, attention_weights
 from attnkit.masks import Mask
-from attnkit.nn.attention import check_window, combine_masks
+from attnkit.nn.attention import append_to_cache, combine_masks
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.score_mods import ScoreMod
@@ -258,12 +258,11 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = self.rope(k_rope[:, None], offset=start)  # (B, 1, L, rope_dim)
         K, V = self._up()
         if cache is not None:
-            if cache.window is not None:
-                check_window(cache.window, [m for m in (self.mask, mask) if isinstance(m, Mask)])
-            latents, _ = cache.append(torch.cat([c, k_rope], -1), c.new_empty(B, 1, L, 0))
+            latents, _, key_padding_mask = append_to_cache(
+                cache, torch.cat([c, k_rope], -1), c.new_empty(B, 1, L, 0), [self.mask, mask],
+                key_padding_mask,
+            )  # fmt: skip
             c, k_rope = latents[..., :r], latents[..., r:]  # every cached position
-            if key_padding_mask is not None and key_padding_mask.shape[-1] == cache.position:
-                key_padding_mask = key_padding_mask[..., cache.start :]
         absorbed = cache is not None and self.absorbs(L)
         if absorbed:  # MQA over the latent keys [c | k_rope], values c (a view of the keys)
             k, v = latents, c
