@@ -110,6 +110,17 @@ FAMILIES = {  # family -> config; the comment says what each one exercises
         "attention_bias": True,
     },
     "nemotron": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "persimmon": {  # fused query_key_value, LayerNorm q/k norms, partial rotary, dense output
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "qk_layernorm": True,
+    },
+    "phi (qk LayerNorm)": {  # LayerNorm q/k norms over 20 channels, GQA
+        "hidden_size": 80,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "qk_layernorm": True,
+    },
 }
 
 
@@ -134,13 +145,14 @@ def transformers_reference(family, hf, x):
     return out, weights
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_converted_attention_matches_transformers_and_decodes_the_same(family):
-    hf = hf_attention(family, **FAMILIES[family])
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_converted_attention_matches_transformers_and_decodes_the_same(case):
+    family = case.split(" (")[0]  # "phi (qk LayerNorm)": a second phi configuration
+    hf = hf_attention(family, **FAMILIES[case])
     ours = from_transformers(hf)
     assert isinstance(ours, MultiHeadAttention)
     x = torch.randn(
-        2, 11, FAMILIES[family]["hidden_size"], generator=torch.Generator().manual_seed(0)
+        2, 11, FAMILIES[case]["hidden_size"], generator=torch.Generator().manual_seed(0)
     )
     # float32 against transformers in float64, within twice transformers' own float32 error
     exp_out, exp_w = transformers_reference(family, hf, x)
@@ -183,14 +195,23 @@ def test_what_each_family_turns_into():
     assert qwen3_next.gate_proj is not None
     assert qwen3_next.rope.rotary_dim == 4
     assert "rotary_dim=4" in repr(qwen3_next.rope)
+    persimmon = from_transformers(hf_attention("persimmon", **FAMILIES["persimmon"]))
+    assert isinstance(persimmon.q_norm, torch.nn.LayerNorm)
+    assert "qk_norm='layer'" in repr(persimmon)
     neox = from_transformers(hf_attention("gpt_neox", **FAMILIES["gpt_neox"]))
     assert (neox.num_kv_heads, neox.gate_proj, neox.rope.rotary_dim) == (4, None, 4)
 
 
 def test_refuses_what_it_cannot_convert():
     """Parts with no attnkit equivalent raise, naming them, rather than being dropped."""
-    phi = hf_attention("phi", **FAMILIES["phi"], qk_layernorm=True)  # LayerNorm on all heads
-    with pytest.raises(ValueError, match="does not know: q_layernorm, k_layernorm"):
+    stablelm = hf_attention(  # a LayerNorm per head
+        "stablelm", hidden_size=64, num_attention_heads=4, qk_layernorm=True
+    )
+    with pytest.raises(ValueError, match=r"q_layernorm \(StableLmLayerNormPerHead\) is not one"):
+        from_transformers(stablelm)
+    phi = hf_attention("phi", **FAMILIES["phi"])
+    phi.extra = torch.nn.Linear(2, 2)  # a submodule it does not know
+    with pytest.raises(ValueError, match="submodules it does not know: extra"):
         from_transformers(phi)
     olmo2 = hf_attention("olmo2", hidden_size=64, num_attention_heads=4)  # norm over all heads
     with pytest.raises(ValueError, match=r"q_norm \(Olmo2RMSNorm\) is not an RMS norm over each"):

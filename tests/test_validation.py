@@ -86,6 +86,10 @@ def test_module_errors():
         m(torch.randn(2, 5, 32), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="even head_dim"):
         RotaryEmbedding(7)
+    with pytest.raises(ValueError, match=r"rotary_dim must be even and in 2 \.\. head_dim = 8"):
+        RotaryEmbedding(8, rotary_dim=10)
+    with pytest.raises(ValueError, match="qk_norm must be a bool, 'rms' or 'layer', got 'group'"):
+        MultiHeadAttention(32, 4, qk_norm="group")
     cache = KVCache(1, 2, 4, 8)
     with pytest.raises(ValueError, match="KVCache is full"):
         cache.append(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from functools import partial, reduce
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -126,7 +127,8 @@ class MultiHeadAttention(nn.Module):
         score_mod: applied on every call (e.g. ``score_mods.alibi(...)``).
         rope: a ``RotaryEmbedding`` applied to q and k in self-attention.
         qk_norm: RMS-normalise each head's queries and keys (learned gains, over head_dim)
-            before rotary positions, as Qwen3, OLMo 2 and Gemma 3 do to keep logits bounded.
+            before rotary positions, as Qwen3, OLMo 2 and Gemma 3 do to keep logits bounded;
+            ``"layer"``: a LayerNorm (gain and bias) instead, as Phi and Persimmon.
         sinks: learn one attention-sink logit per head (``self.sinks`` (Hq,), initialised to
             0), which takes a share of every row's weight and adds no value (gpt-oss).
         output_gate: multiply each head's output, channel by channel, by σ(``gate_proj``(query))
@@ -155,7 +157,7 @@ class MultiHeadAttention(nn.Module):
         mask: Mask | None = None,
         score_mod: ScoreMod | ScoreModFn | None = None,
         rope: RotaryEmbedding | None = None,
-        qk_norm: bool = False,
+        qk_norm: bool | Literal["rms", "layer"] = False,
         sinks: bool = False,
         output_gate: bool = False,
         scale: float | None = None,
@@ -195,10 +197,16 @@ class MultiHeadAttention(nn.Module):
             if output_gate
             else None
         )
-        # per-head RMSNorm over head_dim, eps as Qwen3 and OLMo 2
-        norm = partial(nn.RMSNorm, self.head_dim, 1e-6, device=device, dtype=dtype)
-        self.q_norm: nn.RMSNorm | None = norm() if qk_norm else None
-        self.k_norm: nn.RMSNorm | None = norm() if qk_norm else None
+        if qk_norm not in (False, True, "rms", "layer"):
+            raise ValueError(f"qk_norm must be a bool, 'rms' or 'layer', got {qk_norm!r}")
+        # one norm over head_dim shared by the heads; eps as Qwen3 (RMS) and Phi (layer)
+        norm = (
+            partial(nn.LayerNorm, self.head_dim, 1e-5, device=device, dtype=dtype)
+            if qk_norm == "layer"
+            else partial(nn.RMSNorm, self.head_dim, 1e-6, device=device, dtype=dtype)
+        )
+        self.q_norm: nn.RMSNorm | nn.LayerNorm | None = norm() if qk_norm else None
+        self.k_norm: nn.RMSNorm | nn.LayerNorm | None = norm() if qk_norm else None
         zeros = torch.zeros(num_heads, device=device, dtype=dtype)
         self.sinks = nn.Parameter(zeros) if sinks else None
 
@@ -386,9 +394,14 @@ class MultiHeadAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, mask={self.mask!r}, "
-            f"qk_norm={self.q_norm is not None}, sinks={self.sinks is not None}, "
+            f"qk_norm={_norm_kind(self.q_norm)}, sinks={self.sinks is not None}, "
             f"output_gate={self.gate_proj is not None}, backend={self.backend!r}"
         )
+
+
+def _norm_kind(norm: nn.Module | None) -> str:
+    """How a module's q/k norm is shown: False, True (RMS) or 'layer'."""
+    return "False" if norm is None else "'layer'" if isinstance(norm, nn.LayerNorm) else "True"
 
 
 def _torch_in_proj(

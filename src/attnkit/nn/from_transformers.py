@@ -4,19 +4,19 @@ Modules with q/k/v/o projections over ``head_dim``-wide heads (separate, or fuse
 ``qkv_proj`` and GPT-NeoX's ``query_key_value``; the output named ``o_proj`` or ``dense``),
 grouped kv heads and rotary positions from ``config.rope_parameters`` (full or partial,
 rotate-half or GLM's interleaved pairs, per layer type as Gemma 3) become
-``MultiHeadAttention``, with their per-head q/k RMS norms (Qwen3, Gemma 3, Qwen3-Next),
-attention sinks (gpt-oss), logit softcapping and softmax scale (Gemma 2), output gates
-(Qwen3-Next) and sliding-window layers. Llama, Mistral, Qwen2/3, Qwen3-Next, Gemma 2/3, gpt-oss,
-Phi, Phi-3, GPT-NeoX, GLM and Nemotron are tested. DeepSeek-V2/V3 (multi-head latent attention)
-become ``MultiHeadLatentAttention``, DiffLlama ``DifferentialAttention``. The tests run each
-against the transformers module it came from.
+``MultiHeadAttention``, with their q/k norms (RMS: Qwen3, Gemma 3, Qwen3-Next; LayerNorm: Phi,
+Persimmon), attention sinks (gpt-oss), logit softcapping and softmax scale (Gemma 2), output
+gates (Qwen3-Next) and sliding-window layers. Llama, Mistral, Qwen2/3, Qwen3-Next, Gemma 2/3,
+gpt-oss, Phi, Phi-3, GPT-NeoX, Persimmon, GLM and Nemotron are tested. DeepSeek-V2/V3
+(multi-head latent attention) become ``MultiHeadLatentAttention``, DiffLlama
+``DifferentialAttention``. The tests run each against the transformers module it came from.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +28,15 @@ from attnkit.nn.latent_attention import MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
 
 Linear = tuple[Tensor, Tensor | None]  # (weight (out, in), bias (out,) or None)
-_NORMS = ("q_norm", "k_norm")
+#: q/k norm attribute names by kind: RMS norms (Qwen3, Gemma 3), LayerNorms (Phi, Persimmon)
+NormKind = Literal["rms", "layer"]
+_NORMS: dict[NormKind, tuple[str, str]] = {
+    "rms": ("q_norm", "k_norm"),
+    "layer": ("q_layernorm", "k_layernorm"),
+}
 _KNOWN_CHILDREN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "dense"}
-_KNOWN_CHILDREN |= set(_NORMS)
+_KNOWN_CHILDREN |= {name for names in _NORMS.values() for name in names}
+Norm = tuple[Tensor, Tensor | None, float]  # (gain, bias or None, eps)
 
 
 def from_transformers(
@@ -83,7 +89,7 @@ def from_transformers(
         if window
         else masks.causal()
     )
-    norms = [_rms_gain(getattr(module, name, None), head_dim, name) for name in _NORMS]
+    norm_kind, norms = _qk_norms(module, head_dim)
     sinks = getattr(module, "sinks", None)
     cap = getattr(module, "attn_logit_softcapping", None)  # Gemma 2: c·tanh(s / c)
     scale = float(module.scaling)
@@ -97,7 +103,7 @@ def from_transformers(
         mask=mask,
         rope=rope,
         score_mod=None if cap is None else score_mods.softcap(float(cap)),
-        qk_norm=norms[0] is not None,
+        qk_norm=norm_kind or False,
         sinks=sinks is not None,
         output_gate="gate" in weights,
         scale=None if scale == head_dim**-0.5 else scale,
@@ -112,10 +118,12 @@ def from_transformers(
                 target.register_parameter("bias", None)  # Qwen2: q/k/v biases, none on o
             else:
                 target.bias.copy_(b)
-        for gain_eps, target in zip(norms, (new.q_norm, new.k_norm), strict=True):
-            if gain_eps is not None and target is not None:
-                target.weight.copy_(gain_eps[0])
-                target.eps = gain_eps[1]
+        for (gain, bias, eps), target in zip(norms, (new.q_norm, new.k_norm), strict=False):
+            assert target is not None
+            target.weight.copy_(gain)
+            target.eps = eps
+            if isinstance(target, nn.LayerNorm):
+                target.bias.copy_(torch.zeros_like(target.bias) if bias is None else bias)
         if sinks is not None and new.sinks is not None:
             new.sinks.copy_(sinks)
     return new.train(module.training)
@@ -210,7 +218,30 @@ def _deinterleave(projection: Linear, heads: int, head_dim: int, rotary_dim: int
     return weight[index.to(weight.device)], None if bias is None else bias[index.to(bias.device)]
 
 
-def _rms_gain(norm: nn.Module | None, head_dim: int, name: str) -> tuple[Tensor, float] | None:
+def _qk_norms(module: Any, head_dim: int) -> tuple[NormKind | None, list[Norm]]:
+    """The kind ("rms", "layer" or None) and the q and k norms' parameters."""
+    for kind, names in _NORMS.items():
+        found = [getattr(module, name, None) for name in names]
+        if all(n is None for n in found):
+            continue
+        read = _rms_gain if kind == "rms" else _layer_norm
+        return kind, [read(n, head_dim, name) for n, name in zip(found, names, strict=True)]
+    return None, []
+
+
+def _layer_norm(norm: nn.Module | None, head_dim: int, name: str) -> Norm:
+    """Gain, bias and eps of a LayerNorm over each head's channels, shared by the heads."""
+    if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (head_dim,):
+        raise ValueError(
+            f"from_transformers: {name} ({type(norm).__name__}) is not one LayerNorm over each "
+            f"head's {head_dim} channels (StableLM's per-head norms are not supported)"
+        )
+    if not norm.elementwise_affine:
+        return torch.ones(head_dim), None, float(norm.eps)
+    return norm.weight, norm.bias, float(norm.eps)
+
+
+def _rms_gain(norm: nn.Module | None, head_dim: int, name: str) -> Norm:
     """The per-channel gain and eps of a per-head RMS norm, whatever its parameterisation.
 
     Qwen3 multiplies by its weight, Gemma 3 and Qwen3-Next by 1 + weight; either way the gain
@@ -218,15 +249,13 @@ def _rms_gain(norm: nn.Module | None, head_dim: int, name: str) -> tuple[Tensor,
     x / rms(x) · gain on a random vector (a LayerNorm, a norm over all heads as OLMo 2) is
     refused.
     """
-    if norm is None:
-        return None
     weight = getattr(norm, "weight", None)
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)) or 1e-6)
     refusal = ValueError(
         f"from_transformers: {name} ({type(norm).__name__}) is not an RMS norm over each head's "
         f"{head_dim} channels; only those are supported"
     )
-    if not isinstance(weight, Tensor) or weight.numel() != head_dim:
+    if norm is None or not isinstance(weight, Tensor) or weight.numel() != head_dim:
         raise refusal
     probe = torch.randn(head_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
@@ -236,4 +265,4 @@ def _rms_gain(norm: nn.Module | None, head_dim: int, name: str) -> tuple[Tensor,
         got = norm(probe.to(weight)).double().cpu()
     if not torch.allclose(got, expected, rtol=1e-2, atol=1e-2 * float(gain.abs().max())):
         raise refusal
-    return gain.to(weight), eps
+    return gain.to(weight), None, eps
