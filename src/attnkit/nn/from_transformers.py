@@ -59,18 +59,7 @@ def from_transformers(
             f"from_transformers takes a transformers attention module with a config; "
             f"{type(module).__name__} has none"
         )
-    unknown = [
-        name
-        for name, child in module.named_children()
-        if name not in _KNOWN_CHILDREN
-        and not isinstance(child, nn.Dropout)
-        and not type(child).__name__.endswith("RotaryEmbedding")
-    ]
-    if unknown:  # e.g. Phi's q_layernorm: converting without it would be silently wrong
-        raise ValueError(
-            f"from_transformers: {type(module).__name__} has submodules it does not know: "
-            f"{', '.join(unknown)}"
-        )
+    _check_children(module)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = int(getattr(module, "head_dim", None) or module.head_size)
@@ -127,6 +116,22 @@ def from_transformers(
         if sinks is not None and new.sinks is not None:
             new.sinks.copy_(sinks)
     return new.train(module.training)
+
+
+def _check_children(module: nn.Module) -> None:
+    """Refuse a module with a submodule the conversion would drop (its output would differ)."""
+    unknown = [
+        name
+        for name, child in module.named_children()
+        if name not in _KNOWN_CHILDREN
+        and not isinstance(child, nn.Dropout)
+        and not type(child).__name__.endswith("RotaryEmbedding")  # positions are rebuilt
+    ]
+    if unknown:
+        raise ValueError(
+            f"from_transformers: {type(module).__name__} has submodules it does not know: "
+            f"{', '.join(unknown)}"
+        )
 
 
 def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[str, Linear]:
