@@ -125,13 +125,12 @@ class TransformerEncoderLayer(nn.Module):
         if positions == "alibi" and (latent or differential):
             given.append("positions='alibi'")
         if latent is not None:
-            if num_kv_heads:
-                given.insert(0, "num_kv_heads")
-            if given or differential:
+            given = ["num_kv_heads"] * bool(num_kv_heads) + given + ["differential"] * differential
+            if given:
                 raise ValueError(
                     "latent attention has one latent per token (no kv heads) with its own "
                     f"rotary part, and no sinks, QK-norm, output gate or differential heads "
-                    f"here; drop {', '.join(given or ['differential'])}"
+                    f"here; drop {', '.join(given)}"
                 )
             self.self_attn = MultiHeadLatentAttention(
                 d_model, nhead, **latent, mask=mask, dropout=dropout, backend=backend

@@ -146,7 +146,7 @@ Run = Sequence[Tensor]
 
 
 def quantize(attentions: Run) -> Tensor:
-    """(layers, H, L, L) uint8 weights, 0-255, as embedded in the page."""
+    """Per-layer weights in [0, 1], e.g. (H, L, L) each, as (layers, ...) uint8 0-255 bytes."""
     stacked = torch.stack([a.float() for a in attentions])
     return (stacked.clamp(0, 1) * 255).round().to(torch.uint8)
 
@@ -192,12 +192,11 @@ def head_view_html(
         "weights": base64.b64encode(q.numpy().tobytes()).decode("ascii"),
         "sink": None,
     }
-    if sinks:  # (runs, layers, H, L): each row's weight on no token
+    if sinks:  # (runs, layers, H, L): each row's weight on no token, bytes as the weights
         shares = torch.stack(
-            [1 - torch.stack([a.float() for a in run]).sum(-1) for run in runs.values()]
+            [quantize([1 - a.float().sum(-1) for a in run]) for run in runs.values()]
         )
-        share_bytes = (shares.clamp(0, 1) * 255).round().to(torch.uint8).numpy().tobytes()
-        data["sink"] = base64.b64encode(share_bytes).decode("ascii")
+        data["sink"] = base64.b64encode(shares.numpy().tobytes()).decode("ascii")
     # the JSON sits inside <script>: escape "</" so a token cannot close the element
     payload = json.dumps(data).replace("</", "<\\/")
     return (
