@@ -13,8 +13,14 @@ call, building the mask every call as a server would (the lengths change every s
 - ``SDPA padded``: torch SDPA on the batch padded to the longest sequence, with a boolean
   mask of each sequence's causal edge and padding.
 
+``--tiles`` adds the packed call on tiled at every query-tile height from 1 to 64 rows, beside
+the cost ``attnkit.varlen.query_tile_rows`` gives each (what ``KV_TILE_COST_ROWS`` was fitted
+to). ``--decode`` times instead one decoding query per sequence for 2-16 sequences, SDPA with
+a dense mask against tiled at 1-row tiles (what ``SIZED_TILES_MIN_PAIRS`` was read from), and
+names the one "auto" runs.
+
     python benchmarks/cpu_varlen.py [--queries 256] [--cached 0 256 512 1024 2048 3072]
-        [--heads 8] [--dim 64]
+        [--heads 8] [--dim 64] [--tiles] [--decode]
 """
 
 from __future__ import annotations
@@ -31,7 +37,13 @@ from torch.utils import benchmark
 
 import attnkit
 from attnkit import masks
-from attnkit.varlen import varlen_mask
+from attnkit.varlen import (
+    KV_TILE_COST_ROWS,
+    SIZED_TILES_MIN_PAIRS,
+    query_tile_rows,
+    tile_visits,
+    varlen_mask,
+)
 
 
 def packed(queries: int, cached: list[int], H: int, D: int) -> tuple[Tensor, ...]:
@@ -81,14 +93,77 @@ def ms(fn: Callable[..., Tensor], *args: Tensor) -> float:
     return timer.blocked_autorange(min_run_time=1.0).median * 1e3
 
 
+def at_tile_height(rows: int) -> Callable[..., Tensor]:
+    """The packed causal call on tiled at ``rows``-row query tiles, its BlockMask built each call
+    (as varlen_attention builds it)."""
+
+    def run(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> Tensor:
+        blocks = varlen_mask(cu_q, cu_k, causal=True).blocks(q.shape[0], k.shape[0], rows, 64)
+        packed_qkv = (t.transpose(0, 1)[None] for t in (q, k, v))
+        out: Tensor = attnkit.attention(*packed_qkv, mask=blocks, backend="tiled")
+        return out
+
+    return run
+
+
+def tile_heights(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> Table:
+    """The packed causal call on tiled at each query-tile height, beside its modelled cost."""
+    chosen = query_tile_rows(cu_q, cu_k)
+    table = Table(title=f"tiled at each query-tile height (query_tile_rows picks {chosen})")
+    for col in ("rows", "ms per call", "kv tiles visited", "modelled cost (relative)"):
+        table.add_column(col, justify="right")
+    costs = {
+        b: tile_visits(cu_q, cu_k, b) * (KV_TILE_COST_ROWS + b) for b in (1, 2, 4, 8, 16, 32, 64)
+    }
+    for rows, cost in costs.items():
+        table.add_row(
+            f"{rows}{' (picked)' if rows == chosen else ''}",
+            f"{ms(at_tile_height(rows), q, k, v, cu_q, cu_k):.2f}",
+            str(tile_visits(cu_q, cu_k, rows)),
+            f"{cost / costs[chosen]:.2f}",
+        )
+    return table
+
+
+def decode_table(H: int, D: int) -> Table:
+    """One query per sequence: SDPA with a dense mask against tiled at 1-row tiles."""
+    table = Table(title=f"decoding: 1 query per sequence, causal, H={H}, D={D}, fp32")
+    for col in ("sequences", "keys each (mean)", "query·key pairs", "sdpa ms", "tiled ms"):
+        table.add_column(col, justify="right")
+    table.add_column("auto runs")
+
+    def sdpa(*a: Tensor) -> Tensor:
+        out: Tensor = attnkit.varlen_attention(*a, causal=True, backend="sdpa")
+        return out
+
+    for n in (2, 4, 8, 16):
+        for base in (256, 2048):
+            args = packed(1, [base * (i % 4 + 1) for i in range(n)], H, D)
+            total_k = args[1].shape[0]
+            pairs = n * total_k
+            table.add_row(
+                str(n),
+                str(total_k // n),
+                str(pairs),
+                *(f"{ms(fn, *args):.2f}" for fn in (sdpa, at_tile_height(1))),
+                "tiled" if pairs >= SIZED_TILES_MIN_PAIRS else "sdpa",
+            )
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--queries", type=int, default=256, help="new tokens per sequence")
     ap.add_argument("--cached", type=int, nargs="+", default=[0, 256, 512, 1024, 2048, 3072])
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--tiles", action="store_true", help="also time every query-tile height")
+    ap.add_argument("--decode", action="store_true", help="time decoding batches instead")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.decode:
+        Console().print(decode_table(args.heads, args.dim))
+        return
     q, k, v, cu_q, cu_k = packed(args.queries, args.cached, args.heads, args.dim)
 
     def varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> Tensor:
@@ -98,15 +173,16 @@ def main() -> None:
     expected = varlen(q, k, v, cu_q, cu_k)
     torch.testing.assert_close(by_predicate(q, k, v, cu_q, cu_k)[0].transpose(0, 1), expected)
     mask = varlen_mask(cu_q, cu_k, causal=True)
-    blocks = mask.blocks(q.shape[0], k.shape[0])
+    rows = min(query_tile_rows(cu_q, cu_k), 64)  # the query-tile height varlen runs (about)
+    blocks = mask.blocks(q.shape[0], k.shape[0], rows, 64)
     runs = {"varlen": varlen, "varlen, predicate": by_predicate, "SDPA padded": padded_sdpa}
     times = {name: ms(fn, q, k, v, cu_q, cu_k) for name, fn in runs.items()}
     table = Table(
         title=(
             f"{len(args.cached)} sequences x {args.queries} new queries over "
             f"{args.cached} cached keys, causal, H={args.heads}, D={args.dim}, fp32, "
-            f"{torch.get_num_threads()} threads; tiles computed: {blocks.density:.0%} of the "
-            "packed pairs"
+            f"{torch.get_num_threads()} threads; tiles computed at {rows}-row query tiles: "
+            f"{blocks.density:.0%} of the packed pairs"
         )
     )
     for col in ("way", "ms per call", "varlen's speedup"):
@@ -114,6 +190,8 @@ def main() -> None:
     for name, t in times.items():
         table.add_row(name, f"{t:.2f}", f"{t / times['varlen']:.2f}x")
     Console().print(table)
+    if args.tiles:
+        Console().print(tile_heights(q, k, v, cu_q, cu_k))
 
 
 if __name__ == "__main__":

@@ -48,13 +48,13 @@ def rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32, requires_grad=
     return q, k, v
 
 
-def assert_close_scaled(fast, ref64, ref_low, mult=2.0, floor=1e-5):
+def assert_close_scaled(fast, ref64, ref_low, mult=2.0, floor=1e-5, what="output"):
     """DESIGN §7: a fast path in dtype X passes when its error vs the float64 reference is at
     most ``mult`` x the error of the reference run in dtype X, plus a small floor."""
     ref_err = (ref_low.double() - ref64).abs().max().item()
     err = (fast.double() - ref64).abs().max().item()
     assert err <= mult * ref_err + floor, (
-        f"error {err:.3g} > {mult} x ref error {ref_err:.3g} + {floor}"
+        f"{what}: error {err:.3g} > {mult} x ref error {ref_err:.3g} + {floor}"
     )
 
 

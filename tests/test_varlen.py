@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 
 import attnkit
 from attnkit import masks
-from attnkit.varlen import varlen_mask
+from attnkit.block_mask import BlockMask
+from attnkit.varlen import (
+    SIZED_TILES_MIN_PAIRS,
+    _packed_mask,
+    query_tile_rows,
+    tile_visits,
+    varlen_mask,
+)
+from conftest import assert_close_scaled
 
 # (queries, keys) per sequence: prefill, a chunk after cached keys, one decoding query, a
 # sequence with no query this call, and one whose keys are all new
@@ -159,3 +167,83 @@ def test_varlen_window_tiles_agree_with_its_predicate(lengths, window, block_q, 
     ]
     expected = torch.where(per_tile[0] == 0, 0, torch.where(per_tile[0] == per_tile[1], 2, 1))
     assert torch.equal(mask.blocks(Lq, Lk, block_q, block_k).kinds[0, 0].long(), expected)
+
+
+def packed_lengths(queries, keys):
+    """cu_seqlens_q and cu_seqlens_k of sequences with these query and key counts."""
+    cu = [torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()]) for n in (queries, keys)]
+    return cu[0], cu[1]
+
+
+@pytest.mark.parametrize(
+    ("queries", "keys", "rows"),
+    [
+        ([1] * 32, [300 + 64 * i for i in range(32)], 1),  # a decoding batch: one row each
+        ([4] * 32, [300 + 64 * i for i in range(32)], 4),
+        ([16] * 32, [300 + 64 * i for i in range(32)], 16),
+        ([256] * 6, [256 * (i + 1) for i in range(6)], 64),  # chunked prefill: tiled's own
+        ([5000], [5000], 64),  # one sequence: every height visits alike, the tallest wins
+    ],
+)
+def test_query_tiles_follow_the_sequences(queries, keys, rows):
+    cu_q, cu_k = packed_lengths(queries, keys)
+    assert query_tile_rows(cu_q, cu_k) == rows
+    mask = varlen_mask(cu_q, cu_k, causal=True)
+    q = torch.zeros(int(cu_q[-1]), 1, 8)
+    for backend in ("auto", "tiled"):
+        got = _packed_mask(mask, cu_q, cu_k, q, backend)
+        if rows < 64:
+            assert isinstance(got, BlockMask)
+            assert (got.block_q, got.block_k) == (rows, 64)
+        else:
+            assert got is mask  # tiled's own tiles, taller ones where its rule picks them
+    assert _packed_mask(mask, cu_q, cu_k, q, "reference") is mask
+
+
+def test_varlen_tiles_cost_visits_times_rows():
+    # two sequences of 3 queries over 1 and 2 kv tiles; a tile straddling both visits 3
+    cu_q, cu_k = packed_lengths([3, 3], [64, 128])
+    assert [tile_visits(cu_q, cu_k, b) for b in (1, 2, 4, 8, 16)] == [9, 6, 5, 3, 3]
+    # costs 9·7, 6·8, 5·10, 3·14, 3·22: one 8-row tile is cheapest
+    assert query_tile_rows(cu_q, cu_k) == 8
+
+
+@pytest.mark.parametrize("backend", ["auto", "tiled"])
+def test_small_packed_calls_keep_the_mask(backend):
+    # 4 decoding queries: below SIZED_TILES_MIN_PAIRS the Mask goes on ("auto": SDPA, dense)
+    q = torch.zeros(4, 1, 8)
+    below = packed_lengths([1] * 4, [8192] * 3 + [8191])
+    mask = varlen_mask(*below, causal=True)
+    assert _packed_mask(mask, *below, q, backend) is mask
+    at = packed_lengths([1] * 4, [8192] * 4)
+    assert 4 * int(at[1][-1]) == SIZED_TILES_MIN_PAIRS
+    got = _packed_mask(varlen_mask(*at, causal=True), *at, q, backend)
+    assert isinstance(got, BlockMask)
+    assert got.block_q == 1
+
+
+@pytest.mark.parametrize("case", ["causal", "causal window 2", "none"])
+def test_short_sequences_on_the_cpu_kernels_in_float32(case):
+    """Many short sequences (1-row to 8-row tiles) through the compiled kernels: output and
+    every gradient within 2x the float32 reference's own error of float64."""
+    kwargs, mask = CASES[case]
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randint(1, 6, (40,), generator=g).tolist()
+    cached = torch.randint(60, 200, (40,), generator=g).tolist()  # a kv tile or more each
+    lengths = [(a, a + c) for a, c in zip(queries, cached, strict=True)]
+    q, k, v, cu_q, cu_k = packed(lengths, Hq=4, Hkv=2, D=16, Dv=16)
+    assert query_tile_rows(cu_q, cu_k) < 16
+    seed = torch.randn(q.shape[0], 4, 16, dtype=torch.float64, generator=g)
+
+    def run(dtype, backend):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        if backend == "one by one":
+            out = one_by_one(*leaves, cu_q, cu_k, mask)[0]
+        else:
+            out = attnkit.varlen_attention(*leaves, cu_q, cu_k, backend=backend, **kwargs)
+        return out, *torch.autograd.grad((out * seed.to(dtype)).sum(), leaves)
+
+    exact = run(torch.float64, "one by one")
+    fast, low = run(torch.float32, "tiled"), run(torch.float32, "one by one")
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), fast, exact, low, strict=True):
+        assert_close_scaled(a, b, c, what=name)

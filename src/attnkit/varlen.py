@@ -19,12 +19,15 @@ import math
 from functools import partial
 from typing import Literal, overload
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from attnkit import _validation as check
 from attnkit import masks
-from attnkit._types import ScoreModFn
+from attnkit._types import ScoreModFn, Shapes
+from attnkit.backends import tiled
+from attnkit.block_mask import BlockMask
 from attnkit.functional import BackendName, attention
 from attnkit.masks import Mask, _tile_min_max
 from attnkit.score_mods import ScoreMod
@@ -119,6 +122,81 @@ def _aligned_window(aligned: Tensor, left: int, right: int) -> Mask:
     return masks.Mask(f"varlen_window({left}, {right})", bind)
 
 
+#: What one visit of a kv tile costs beyond its query rows' arithmetic, in query rows: loading
+#: the tile's keys and values and the per-tile bookkeeping. Fitted to the CPU kernels' times
+#: at query tiles of 1-64 rows (``benchmarks/cpu_varlen.py --tiles``, 2-core Zen 3, D=64).
+KV_TILE_COST_ROWS = 6
+
+
+def tile_visits(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, rows: int, block_k: int = 64) -> int:
+    """How many kv tiles ``rows``-row query tiles visit under the packed batch's document mask.
+
+    A query tile that straddles sequences visits every kv tile of all of them. Causal edges
+    are ignored: they prune tiles of every height alike.
+    """
+    return _visits(_host(cu_seqlens_q), _host(cu_seqlens_k), rows, block_k)
+
+
+def query_tile_rows(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *, block_k: int = 64) -> int:
+    """Query rows per tile for a packed batch on the tiled backend (a power of two, 1-64).
+
+    Tiles much taller than the sequences compute mostly masked pairs (32 sequences of 16
+    queries in 64-row tiles: 4x the pairs), while short tiles pay each kv tile's load for few
+    rows. Each height b costs ``tile_visits`` · (KV_TILE_COST_ROWS + b); the cheapest wins,
+    ties going to the taller.
+    """
+    cu_q, cu_k = _host(cu_seqlens_q), _host(cu_seqlens_k)
+    costs = {
+        rows: _visits(cu_q, cu_k, rows, block_k) * (KV_TILE_COST_ROWS + rows)
+        for rows in (64, 32, 16, 8, 4, 2, 1)
+    }
+    return min(costs, key=costs.__getitem__)  # the first (tallest) of equal costs
+
+
+def _host(cu_seqlens: Tensor) -> np.ndarray:
+    # numpy: this runs every call on a few small arrays, where torch's per-op cost dominates
+    return cu_seqlens.detach().cpu().numpy().astype(np.int64)
+
+
+def _visits(cu_q: np.ndarray, cu_k: np.ndarray, rows: int, block_k: int) -> int:
+    total_q = int(cu_q[-1])
+    lo = np.arange(0, total_q, rows)
+    hi = np.minimum(lo + rows, total_q) - 1
+    first = np.searchsorted(cu_q[1:], lo, side="right")  # the sequence of each tile's first row
+    last = np.searchsorted(cu_q[1:], hi, side="right")
+    k0, k1 = cu_k[first], cu_k[last + 1]
+    return int(np.where(k1 > k0, (k1 - 1) // block_k - k0 // block_k + 1, 0).sum())
+
+
+#: From this many query·key pairs, a packed call on CPU runs tiled at ``query_tile_rows``;
+#: below, the choice itself (about 0.25 ms) weighs on calls of a few ms, and "auto" keeps its
+#: own rule (SDPA with a dense mask up to ``FEW_QUERIES`` queries). One decoding query per
+#: sequence (``benchmarks/cpu_varlen.py --decode``, nine runs), tiled at 1-row tiles ran at
+#: 0.35-0.89x SDPA's speed at 1.5k-10k pairs, 0.62-1.36x at 12k-82k, 1.23-2.25x from 164k.
+SIZED_TILES_MIN_PAIRS = 131072
+
+
+def _packed_mask(
+    mask: Mask, cu_q: Tensor, cu_k: Tensor, q: Tensor, backend: BackendName
+) -> Mask | BlockMask:
+    """The mask, or its BlockMask at ``query_tile_rows`` where tiled runs it on CPU.
+
+    Only from ``SIZED_TILES_MIN_PAIRS`` pairs and where those tiles are shorter than tiled's
+    default for this length (many short sequences: decoding, short chunks or documents); a
+    BlockMask sends "auto" to tiled.
+    """
+    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
+    if q.device.type != "cpu" or backend not in ("tiled", "auto"):
+        return mask
+    if total_q * total_k < SIZED_TILES_MIN_PAIRS:
+        return mask
+    cfg = tiled.default_config(Shapes(1, 1, 1, total_q, total_k, 1, 1))  # it reads Lq only
+    rows = query_tile_rows(cu_q, cu_k, block_k=cfg.block_k)
+    if rows >= cfg.block_q:
+        return mask  # the default tiles (and tiled's own choice of taller ones) serve it
+    return mask.blocks(total_q, total_k, rows, cfg.block_k)
+
+
 @overload
 def varlen_attention(
     q: Tensor,
@@ -188,7 +266,10 @@ def varlen_attention(
         scale: multiplies q·kᵀ; default 1/sqrt(D).
         dropout_p: attention-weight dropout probability.
         generator: draws the dropout seed.
-        backend: as ``attnkit.attention`` ("auto" picks tiled for the document mask on CPU).
+        backend: as ``attnkit.attention`` ("auto" picks tiled for the document mask on CPU,
+            except SDPA for decoding batches under ``SIZED_TILES_MIN_PAIRS`` pairs). On CPU,
+            tiled runs many short sequences at query tiles sized to them
+            (``query_tile_rows``).
         sinks: attention-sink logits (Hq,), as ``attnkit.attention``.
         return_lse: also return the LSE (Hq, total_q), FlashAttention's varlen layout.
 
@@ -206,7 +287,9 @@ def varlen_attention(
     run = partial(
         attention,
         *(t.transpose(0, 1)[None] for t in (q, k, v)),  # one batch row (1, H, total, D)
-        mask=varlen_mask(cu_q, cu_k, causal=causal, window=window),
+        mask=_packed_mask(
+            varlen_mask(cu_q, cu_k, causal=causal, window=window), cu_q, cu_k, q, backend
+        ),
         score_mod=score_mod,
         scale=scale,
         dropout_p=dropout_p,
