@@ -14,7 +14,7 @@ call, building the mask every call as a server would (the lengths change every s
   mask of each sequence's causal edge and padding.
 
 ``--tiles`` adds the packed call on tiled at every query-tile height from 1 to 64 rows, beside
-the cost ``attnkit.varlen.query_tile_rows`` gives each (what ``KV_TILE_COST_ROWS`` was fitted
+the cost ``attnkit.varlen.query_tile_costs`` gives each (what ``KV_TILE_COST_ROWS`` was fitted
 to). ``--decode`` times instead one decoding query per sequence for 2-16 sequences, SDPA with
 a dense mask against tiled at 1-row tiles (what ``SIZED_TILES_MIN_PAIRS`` was read from), and
 names the one "auto" runs.
@@ -38,8 +38,8 @@ from torch.utils import benchmark
 import attnkit
 from attnkit import masks
 from attnkit.varlen import (
-    KV_TILE_COST_ROWS,
     SIZED_TILES_MIN_PAIRS,
+    query_tile_costs,
     query_tile_rows,
     tile_visits,
     varlen_mask,
@@ -112,10 +112,8 @@ def tile_heights(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) ->
     table = Table(title=f"tiled at each query-tile height (query_tile_rows picks {chosen})")
     for col in ("rows", "ms per call", "kv tiles visited", "modelled cost (relative)"):
         table.add_column(col, justify="right")
-    costs = {
-        b: tile_visits(cu_q, cu_k, b) * (KV_TILE_COST_ROWS + b) for b in (1, 2, 4, 8, 16, 32, 64)
-    }
-    for rows, cost in costs.items():
+    costs = query_tile_costs(cu_q, cu_k)
+    for rows, cost in reversed(costs.items()):  # 1 row up to 64
         table.add_row(
             f"{rows}{' (picked)' if rows == chosen else ''}",
             f"{ms(at_tile_height(rows), q, k, v, cu_q, cu_k):.2f}",

@@ -24,15 +24,22 @@ from conftest import assert_close_scaled
 LENGTHS = [(5, 5), (3, 9), (1, 6), (0, 4), (7, 7)]
 
 
+def cu_seqlens(lengths):
+    """cu_seqlens_q and cu_seqlens_k of sequences with these (queries, keys) counts."""
+    lengths = list(lengths)
+    return tuple(
+        torch.tensor([0, *torch.tensor([pair[i] for pair in lengths]).cumsum(0).tolist()])
+        for i in (0, 1)
+    )
+
+
 def packed(lengths, Hq=4, Hkv=2, D=8, Dv=6, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     total_q, total_k = sum(a for a, _ in lengths), sum(b for _, b in lengths)
     q = torch.randn(total_q, Hq, D, generator=g, dtype=dtype, requires_grad=True)
     k = torch.randn(total_k, Hkv, D, generator=g, dtype=dtype, requires_grad=True)
     v = torch.randn(total_k, Hkv, Dv, generator=g, dtype=dtype, requires_grad=True)
-    cu_q = torch.tensor([0, *torch.tensor([a for a, _ in lengths]).cumsum(0).tolist()])
-    cu_k = torch.tensor([0, *torch.tensor([b for _, b in lengths]).cumsum(0).tolist()])
-    return q, k, v, cu_q, cu_k
+    return q, k, v, *cu_seqlens(lengths)
 
 
 def one_by_one(q, k, v, cu_q, cu_k, mask):
@@ -152,8 +159,7 @@ def packed_offsets(lengths):
 def test_varlen_window_tiles_agree_with_its_predicate(lengths, window, block_q, block_k):
     """Every tile's kind (empty / partial / full) as the predicate's pairs say, including
     sequences with more queries than keys (aligned positions that step back)."""
-    cu_q = torch.tensor([0, *torch.tensor([a for a, _ in lengths]).cumsum(0).tolist()])
-    cu_k = torch.tensor([0, *torch.tensor([b for _, b in lengths]).cumsum(0).tolist()])
+    cu_q, cu_k = cu_seqlens(lengths)
     mask = varlen_mask(cu_q, cu_k, window=window)
     assert "varlen_window" in repr(mask)
     Lq, Lk = int(cu_q[-1]), int(cu_k[-1])
@@ -169,12 +175,6 @@ def test_varlen_window_tiles_agree_with_its_predicate(lengths, window, block_q, 
     assert torch.equal(mask.blocks(Lq, Lk, block_q, block_k).kinds[0, 0].long(), expected)
 
 
-def packed_lengths(queries, keys):
-    """cu_seqlens_q and cu_seqlens_k of sequences with these query and key counts."""
-    cu = [torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()]) for n in (queries, keys)]
-    return cu[0], cu[1]
-
-
 @pytest.mark.parametrize(
     ("queries", "keys", "rows"),
     [
@@ -186,7 +186,7 @@ def packed_lengths(queries, keys):
     ],
 )
 def test_query_tiles_follow_the_sequences(queries, keys, rows):
-    cu_q, cu_k = packed_lengths(queries, keys)
+    cu_q, cu_k = cu_seqlens(zip(queries, keys, strict=True))
     assert query_tile_rows(cu_q, cu_k) == rows
     mask = varlen_mask(cu_q, cu_k, causal=True)
     q = torch.zeros(int(cu_q[-1]), 1, 8)
@@ -202,7 +202,7 @@ def test_query_tiles_follow_the_sequences(queries, keys, rows):
 
 def test_varlen_tiles_cost_visits_times_rows():
     # two sequences of 3 queries over 1 and 2 kv tiles; a tile straddling both visits 3
-    cu_q, cu_k = packed_lengths([3, 3], [64, 128])
+    cu_q, cu_k = cu_seqlens([(3, 64), (3, 128)])
     assert [tile_visits(cu_q, cu_k, b) for b in (1, 2, 4, 8, 16)] == [9, 6, 5, 3, 3]
     # costs 9·7, 6·8, 5·10, 3·14, 3·22: one 8-row tile is cheapest
     assert query_tile_rows(cu_q, cu_k) == 8
@@ -212,10 +212,10 @@ def test_varlen_tiles_cost_visits_times_rows():
 def test_small_packed_calls_keep_the_mask(backend):
     # 4 decoding queries: below SIZED_TILES_MIN_PAIRS the Mask goes on ("auto": SDPA, dense)
     q = torch.zeros(4, 1, 8)
-    below = packed_lengths([1] * 4, [8192] * 3 + [8191])
+    below = cu_seqlens([(1, 8192)] * 3 + [(1, 8191)])
     mask = varlen_mask(*below, causal=True)
     assert _packed_mask(mask, *below, q, backend) is mask
-    at = packed_lengths([1] * 4, [8192] * 4)
+    at = cu_seqlens([(1, 8192)] * 4)
     assert 4 * int(at[1][-1]) == SIZED_TILES_MIN_PAIRS
     got = _packed_mask(varlen_mask(*at, causal=True), *at, q, backend)
     assert isinstance(got, BlockMask)

@@ -137,19 +137,28 @@ def tile_visits(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, rows: int, block_k: 
     return _visits(_host(cu_seqlens_q), _host(cu_seqlens_k), rows, block_k)
 
 
-def query_tile_rows(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *, block_k: int = 64) -> int:
-    """Query rows per tile for a packed batch on the tiled backend (a power of two, 1-64).
+def query_tile_costs(
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *, block_k: int = 64
+) -> dict[int, int]:
+    """The modelled cost of each query-tile height, 64 rows down to 1, tallest first.
 
     Tiles much taller than the sequences compute mostly masked pairs (32 sequences of 16
     queries in 64-row tiles: 4x the pairs), while short tiles pay each kv tile's load for few
-    rows. Each height b costs ``tile_visits`` · (KV_TILE_COST_ROWS + b); the cheapest wins,
-    ties going to the taller.
+    rows: height b costs ``tile_visits`` · (KV_TILE_COST_ROWS + b).
     """
     cu_q, cu_k = _host(cu_seqlens_q), _host(cu_seqlens_k)
-    costs = {
+    return {
         rows: _visits(cu_q, cu_k, rows, block_k) * (KV_TILE_COST_ROWS + rows)
         for rows in (64, 32, 16, 8, 4, 2, 1)
     }
+
+
+def query_tile_rows(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *, block_k: int = 64) -> int:
+    """Query rows per tile for a packed batch on the tiled backend (a power of two, 1-64).
+
+    The cheapest height of ``query_tile_costs``, ties going to the taller.
+    """
+    costs = query_tile_costs(cu_seqlens_q, cu_seqlens_k, block_k=block_k)
     return min(costs, key=costs.__getitem__)  # the first (tallest) of equal costs
 
 
