@@ -99,6 +99,7 @@ HF_PREFIXES = {  # family -> (config class prefix, attention/rotary class prefix
     "stablelm": ("StableLm", "StableLm"),
     "diffllama": ("DiffLlama", "DiffLlama"),
     "gemma3": ("Gemma3Text", "Gemma3"),
+    "gemma4": ("Gemma4Text", "Gemma4Text"),
 }
 
 
@@ -108,7 +109,7 @@ def hf_prefixes(family):
     return HF_PREFIXES.get(family, (default, default))
 
 
-def hf_attention(family, **config):
+def hf_attention(family, layer_idx=0, **config):
     """A transformers attention module (eager, random weights) and its config.
 
     ``family`` names the model module, e.g. "gpt_oss" (class GptOssAttention) or "qwen3".
@@ -120,7 +121,7 @@ def hf_attention(family, **config):
     config_prefix, prefix = hf_prefixes(family)
     cfg = getattr(transformers, f"{config_prefix}Config")(attention_dropout=0.0, **config)
     cfg._attn_implementation = "eager"
-    hf = getattr(module, f"{prefix}Attention")(cfg, layer_idx=0).eval()
+    hf = getattr(module, f"{prefix}Attention")(cfg, layer_idx=layer_idx).eval()
     with torch.no_grad():
         for i, p in enumerate(hf.parameters()):
             p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))

@@ -16,6 +16,14 @@ import torch
 from attnkit.nn import KVCache, MultiHeadAttention, MultiHeadLatentAttention, from_transformers
 from conftest import assert_close_scaled, hf_attention, hf_prefixes
 
+GEMMA4_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+    "full_attention": {
+        "rope_type": "proportional",
+        "partial_rotary_factor": 0.25,
+        "rope_theta": 1e4,
+    },
+}
 FAMILIES = {  # family -> config; the comment says what each one exercises
     "llama": {  # GQA, Llama 3.1 rope scaling, no biases
         "hidden_size": 64,
@@ -85,6 +93,28 @@ FAMILIES = {  # family -> config; the comment says what each one exercises
             "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
         },
     },
+    "gemma4": {  # q/k norms, values RMS-normed without a gain, scale 1, a sliding layer
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "sliding_window": 4,
+        "num_hidden_layers": 2,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": GEMMA4_ROPE,
+    },
+    "gemma4 (global, k = v)": {  # its own head_dim and kv heads, proportional rope, v = k_proj
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True,
+        "num_hidden_layers": 1,
+        "layer_types": ["full_attention"],
+        "rope_parameters": GEMMA4_ROPE,
+    },
     "phi": {  # partial rotary (0.4 of 20), biases, the output named dense
         "hidden_size": 80,
         "num_attention_heads": 4,
@@ -139,8 +169,10 @@ def transformers_reference(family, hf, x):
     if window:
         allowed &= q - kv < window
     additive = torch.zeros(L, L).masked_fill(~allowed, float("-inf"))
+    # Gemma 4 passes keys and values between layers that share them; this layer shares none
+    shared = {"shared_kv_states": {}} if family == "gemma4" else {}
     out, weights = hf(
-        x, position_embeddings=(cos, sin), attention_mask=additive.expand(B, 1, L, L)
+        x, position_embeddings=(cos, sin), attention_mask=additive.expand(B, 1, L, L), **shared
     )[:2]
     return out, weights
 
@@ -166,6 +198,50 @@ def test_converted_attention_matches_transformers_and_decodes_the_same(case):
     assert_close_scaled(torch.cat(steps, 1), true_out, exp_out, floor=1e-6)
 
 
+MODEL_MASKS = {  # family (variant) -> config of a two-layer model: a sliding and a full layer
+    "gemma3": {},
+    "gemma3 (bidirectional)": {"use_bidirectional_attention": True},  # EmbeddingGemma
+    "gemma4": {},
+    "gemma4 (bidirectional)": {"use_bidirectional_attention": "all"},
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_MASKS))
+def test_each_layers_mask_is_the_one_its_transformers_model_builds(case):
+    """The converted mask of every layer against the attention_mask the model passes it."""
+    transformers = pytest.importorskip("transformers")
+    family, L = case.split(" (")[0], 13
+    config_prefix = hf_prefixes(family)[0]
+    config = getattr(transformers, f"{config_prefix}Config")(
+        vocab_size=16,
+        hidden_size=32,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=6,
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        **({"vocab_size_per_layer_input": 16, "global_head_dim": 16} if family == "gemma4" else {}),
+        **MODEL_MASKS[case],
+    )
+    config._attn_implementation = "eager"
+    model = getattr(transformers, f"{config_prefix}Model")(config).eval()
+    passed = {}
+    for layer in model.layers:
+        layer.self_attn.register_forward_pre_hook(
+            lambda attn, args, kwargs: passed.update({attn: kwargs["attention_mask"]}),
+            with_kwargs=True,
+        )
+    with torch.no_grad():
+        model(torch.arange(L)[None])
+    for attn, additive in passed.items():
+        expected = torch.ones(L, L, dtype=torch.bool) if additive is None else additive[0, 0] == 0
+        mask = from_transformers(attn).mask
+        got = torch.ones(L, L, dtype=torch.bool) if mask is None else mask.dense(L, L)[0, 0]
+        assert torch.equal(got, expected), f"{attn.layer_type}: {mask!r}"
+
+
 def test_what_each_family_turns_into():
     qwen2 = from_transformers(hf_attention("qwen2", **FAMILIES["qwen2"]))
     assert qwen2.q_proj.bias is not None
@@ -188,7 +264,10 @@ def test_what_each_family_turns_into():
         qk_rope_head_dim=8,
         v_head_dim=10,
     )
-    assert isinstance(from_transformers(deepseek), MultiHeadLatentAttention)
+    deepseek.attention_dropout = 0.25
+    latent = from_transformers(deepseek)
+    assert isinstance(latent, MultiHeadLatentAttention)
+    assert (latent.dropout, latent.training) == (0.25, False)  # hf_attention's are in eval
     with pytest.raises(ValueError, match="Linear has none"):
         from_transformers(torch.nn.Linear(2, 2))
     qwen3_next = from_transformers(hf_attention("qwen3_next", **FAMILIES["qwen3_next"]))
@@ -200,6 +279,13 @@ def test_what_each_family_turns_into():
     assert "qk_norm='layer'" in repr(persimmon)
     neox = from_transformers(hf_attention("gpt_neox", **FAMILIES["gpt_neox"]))
     assert (neox.num_kv_heads, neox.gate_proj, neox.rope.rotary_dim) == (4, None, 4)
+    gemma4 = from_transformers(hf_attention("gemma4", **FAMILIES["gemma4 (global, k = v)"]))
+    assert gemma4.v_proj is gemma4.k_proj  # one projection for keys and values, trained as one
+    assert (gemma4.head_dim, gemma4.num_kv_heads, gemma4.scale) == (32, 1, 1.0)
+    assert "v_norm=True" in repr(gemma4)
+    llama = hf_attention("llama", **FAMILIES["llama"])
+    llama.attention_dropout = 0.125
+    assert from_transformers(llama).dropout == 0.125  # kept for fine-tuning
 
 
 def test_refuses_what_it_cannot_convert():
@@ -220,6 +306,18 @@ def test_refuses_what_it_cannot_convert():
     qwen3.q_norm = torch.nn.LayerNorm(16)  # the right size, but it subtracts the mean
     with pytest.raises(ValueError, match=r"q_norm \(LayerNorm\) is not an RMS norm"):
         from_transformers(qwen3)
+    reusing = hf_attention(  # layer 1 reuses layer 0's keys and values
+        "gemma4",
+        layer_idx=1,
+        **FAMILIES["gemma4 (global, k = v)"]
+        | {
+            "num_hidden_layers": 2,
+            "layer_types": ["full_attention"] * 2,
+            "num_kv_shared_layers": 1,
+        },
+    )
+    with pytest.raises(ValueError, match=r"\(layer 1\) reuses the keys and values of an earlier"):
+        from_transformers(reusing)
     odd = hf_attention(
         "phi", **{**FAMILIES["phi"], "rope_parameters": {"partial_rotary_factor": 0.45}}
     )  # 0.45 · 20 = 9 channels: no pairs

@@ -129,6 +129,8 @@ class MultiHeadAttention(nn.Module):
         qk_norm: RMS-normalise each head's queries and keys (learned gains, over head_dim)
             before rotary positions, as Qwen3, OLMo 2 and Gemma 3 do to keep logits bounded;
             ``"layer"``: a LayerNorm (gain and bias) instead, as Phi and Persimmon.
+        v_norm: RMS-normalise each head's values, without a gain (Gemma 4), so every value
+            vector a head mixes has RMS 1.
         sinks: learn one attention-sink logit per head (``self.sinks`` (Hq,), initialised to
             0), which takes a share of every row's weight and adds no value (gpt-oss).
         output_gate: multiply each head's output, channel by channel, by σ(``gate_proj``(query))
@@ -158,6 +160,7 @@ class MultiHeadAttention(nn.Module):
         score_mod: ScoreMod | ScoreModFn | None = None,
         rope: RotaryEmbedding | None = None,
         qk_norm: bool | Literal["rms", "layer"] = False,
+        v_norm: bool = False,
         sinks: bool = False,
         output_gate: bool = False,
         scale: float | None = None,
@@ -207,6 +210,11 @@ class MultiHeadAttention(nn.Module):
         )
         self.q_norm: nn.RMSNorm | nn.LayerNorm | None = norm() if qk_norm else None
         self.k_norm: nn.RMSNorm | nn.LayerNorm | None = norm() if qk_norm else None
+        self.v_norm = (
+            nn.RMSNorm(self.head_dim, 1e-6, elementwise_affine=False, device=device, dtype=dtype)
+            if v_norm
+            else None
+        )
         zeros = torch.zeros(num_heads, device=device, dtype=dtype)
         self.sinks = nn.Parameter(zeros) if sinks else None
 
@@ -284,6 +292,8 @@ class MultiHeadAttention(nn.Module):
             if self.k_norm is not None:
                 k = self.k_norm(k)
             v = self._heads(self.v_proj(value), self.num_kv_heads)
+            if self.v_norm is not None:
+                v = self.v_norm(v)
         if self.rope is not None and is_self:
             start = cache.position if cache is not None else 0
             q, k = self.rope(q, offset=start), self.rope(k, offset=start)
@@ -354,15 +364,23 @@ class MultiHeadAttention(nn.Module):
         """An equivalent ``torch.nn.MultiheadAttention`` (needs num_kv_heads == num_heads)."""
         if self.num_kv_heads != self.num_heads:
             raise ValueError("to_torch: torch.nn.MultiheadAttention has no grouped-query heads")
-        extras = (self.rope, self.score_mod, self.mask, self.sinks, self.q_norm, self.gate_proj)
+        extras = (
+            self.rope,
+            self.score_mod,
+            self.mask,
+            self.sinks,
+            self.q_norm,
+            self.v_norm,
+            self.gate_proj,
+        )
         if (
             any(x is not None for x in extras)
             or self.scale is not None
             or self.head_dim * self.num_heads != self.embed_dim
         ):
             raise ValueError(
-                "to_torch: rope, score_mod, qk_norm, sinks, output_gate, scale, a head_dim other "
-                "than E / num_heads and module masks have no torch equivalent"
+                "to_torch: rope, score_mod, qk_norm, v_norm, sinks, output_gate, scale, a head_dim "
+                "other than E / num_heads and module masks have no torch equivalent"
             )
         w = self.q_proj.weight
         bias = self.q_proj.bias is not None
@@ -394,7 +412,8 @@ class MultiHeadAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, mask={self.mask!r}, "
-            f"qk_norm={_norm_kind(self.q_norm)}, sinks={self.sinks is not None}, "
+            f"qk_norm={_norm_kind(self.q_norm)}, v_norm={self.v_norm is not None}, "
+            f"sinks={self.sinks is not None}, "
             f"output_gate={self.gate_proj is not None}, backend={self.backend!r}"
         )
 

@@ -5,9 +5,10 @@ Modules with q/k/v/o projections over ``head_dim``-wide heads (separate, or fuse
 grouped kv heads and rotary positions from ``config.rope_parameters`` (full or partial,
 rotate-half or GLM's interleaved pairs, per layer type as Gemma 3) become
 ``MultiHeadAttention``, with their q/k norms (RMS: Qwen3, Gemma 3, Qwen3-Next; LayerNorm: Phi,
-Persimmon), attention sinks (gpt-oss), logit softcapping and softmax scale (Gemma 2), output
-gates (Qwen3-Next) and sliding-window layers. Llama, Mistral, Qwen2/3, Qwen3-Next, Gemma 2/3,
-gpt-oss, Phi, Phi-3, GPT-NeoX, Persimmon, GLM and Nemotron are tested. DeepSeek-V2/V3
+Persimmon), value norms and keys-as-values (Gemma 4), attention sinks (gpt-oss), logit
+softcapping and softmax scale (Gemma 2), output gates (Qwen3-Next), attention dropout and
+sliding-window layers, causal or bidirectional. Llama, Mistral, Qwen2/3, Qwen3-Next,
+Gemma 2/3/4, gpt-oss, Phi, Phi-3, GPT-NeoX, Persimmon, GLM and Nemotron are tested. DeepSeek-V2/V3
 (multi-head latent attention) become ``MultiHeadLatentAttention``, DiffLlama
 ``DifferentialAttention``. The tests run each against the transformers module it came from.
 """
@@ -35,7 +36,7 @@ _NORMS: dict[NormKind, tuple[str, str]] = {
     "layer": ("q_layernorm", "k_layernorm"),
 }
 _KNOWN_CHILDREN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "dense"}
-_KNOWN_CHILDREN |= {name for names in _NORMS.values() for name in names}
+_KNOWN_CHILDREN |= {name for names in _NORMS.values() for name in names} | {"v_norm"}
 Norm = tuple[Tensor, Tensor | None, float]  # (gain, bias or None, eps)
 
 
@@ -44,10 +45,10 @@ def from_transformers(
 ) -> MultiHeadAttention | MultiHeadLatentAttention | DifferentialAttention:
     """The attnkit module that computes what ``module`` (a transformers attention) computes.
 
-    Its mask is causal, or a sliding window where the layer has one (transformers'
-    ``sliding_window=W``: the query and the W - 1 keys before it, ``sliding_window(W - 1)``),
-    or none for a bidirectional layer. Call it like any attnkit module: positions come from
-    the rotary embedding it builds (or a cache), not from the caller.
+    Its mask is causal, or a sliding window where the layer has one; a bidirectional layer
+    has none, or a band around each query (see ``_mask``). Call it like any attnkit module:
+    positions come from the rotary embedding it builds (or a cache), not from the caller.
+    A layer that reuses another layer's keys and values (Gemma 4's KV sharing) is refused.
     """
     if hasattr(module, "kv_a_proj_with_mqa"):
         return MultiHeadLatentAttention.from_transformers(module)
@@ -60,8 +61,15 @@ def from_transformers(
             f"{type(module).__name__} has none"
         )
     _check_children(module)
+    if getattr(module, "is_kv_shared_layer", False):
+        raise ValueError(
+            f"from_transformers: {type(module).__name__} (layer {module.layer_idx}) reuses the "
+            "keys and values of an earlier layer (Gemma 4's KV sharing) and has no k/v "
+            "projections of its own; only layers that compute their keys and values convert"
+        )
     heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    groups = getattr(module, "num_key_value_groups", None)  # per layer where kv heads vary
+    kv_heads = heads // groups if groups else getattr(config, "num_key_value_heads", None) or heads
     head_dim = int(getattr(module, "head_dim", None) or module.head_size)
     weights = _projections(module, heads, kv_heads, head_dim)
     rope = RotaryEmbedding.from_parameters(
@@ -70,15 +78,8 @@ def from_transformers(
     if _rotates_interleaved_pairs(module):  # GLM: reorder each head's rotary rows, see below
         for name, n in (("q", heads), ("k", kv_heads)):
             weights[name] = _deinterleave(weights[name], n, head_dim, rope.rotary_dim)
-    window = getattr(module, "sliding_window", getattr(config, "sliding_window", None))
-    mask = (
-        None
-        if getattr(module, "is_causal", True) is False
-        else masks.sliding_window(window - 1)
-        if window
-        else masks.causal()
-    )
     norm_kind, norms = _qk_norms(module, head_dim)
+    v_norm_eps = _v_norm_eps(module, head_dim)
     sinks = getattr(module, "sinks", None)
     cap = getattr(module, "attn_logit_softcapping", None)  # Gemma 2: c·tanh(s / c)
     scale = float(module.scaling)
@@ -89,10 +90,12 @@ def from_transformers(
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         bias=any(b is not None for _, b in weights.values()),
-        mask=mask,
+        dropout=_attention_dropout(module),
+        mask=_mask(module),
         rope=rope,
         score_mod=None if cap is None else score_mods.softcap(float(cap)),
         qk_norm=norm_kind or False,
+        v_norm=v_norm_eps is not None,
         sinks=sinks is not None,
         output_gate="gate" in weights,
         scale=None if scale == head_dim**-0.5 else scale,
@@ -115,7 +118,43 @@ def from_transformers(
                 target.bias.copy_(torch.zeros_like(target.bias) if bias is None else bias)
         if sinks is not None and new.sinks is not None:
             new.sinks.copy_(sinks)
+    if new.v_norm is not None:
+        new.v_norm.eps = v_norm_eps
+    if _values_are_keys(module):  # Gemma 4's global layers: one projection for both
+        new.v_proj = new.k_proj
     return new.train(module.training)
+
+
+def _mask(module: Any) -> masks.Mask | None:
+    """The layer's mask: causal or a sliding window; on a bidirectional layer none or a band.
+
+    transformers' ``sliding_window=W`` on a causal layer: the query and the W - 1 keys before
+    it, ``sliding_window(W - 1)``. How far a bidirectional window reaches differs by family
+    (Gemma 3: |q - kv| < W, masking_utils and so Gemma 4: |q - kv| <= W), so it is read off
+    the overlay that builds it, as the model does.
+    """
+    window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
+    if getattr(module, "is_causal", True) is not False:
+        return masks.sliding_window(window - 1) if window else masks.causal()
+    if not window:
+        return None
+    from transformers import masking_utils
+
+    modeling = sys.modules.get(type(module).__module__)
+    overlay = getattr(  # Gemma 3 defines its own; the rest build theirs in masking_utils
+        modeling,
+        "_bidirectional_window_overlay",
+        masking_utils.sliding_window_bidirectional_overlay,
+    )
+    keeps = overlay(window)
+    reach = max(d for d in range(window + 2) if keeps(0, 0, torch.tensor(d), torch.tensor(0)))
+    return masks.sliding_window(reach, reach)
+
+
+def _attention_dropout(module: Any) -> float:
+    """The module's attention-weight dropout p: a float, or an ``nn.Dropout`` (Persimmon)."""
+    p = getattr(module, "attention_dropout", None) or 0.0
+    return float(p.p if isinstance(p, nn.Dropout) else p)
 
 
 def _check_children(module: nn.Module) -> None:
@@ -165,7 +204,8 @@ def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[
     elif hasattr(module, "query_key_value"):  # GPT-NeoX, Persimmon: q, k, v rows per head
         found |= dict(zip("qkv", rows(module.query_key_value, heads, 3), strict=True))
     elif all(hasattr(module, f"{name}_proj") for name in "qkv"):
-        found |= {name: linear(getattr(module, f"{name}_proj")) for name in "kv"}
+        found["k"] = linear(module.k_proj)
+        found["v"] = found["k"] if _values_are_keys(module) else linear(module.v_proj)
         q = module.q_proj
         if q.out_features == 2 * heads * head_dim:  # Qwen3-Next: a query and a gate per head
             found |= dict(zip(("q", "gate"), rows(q, heads, 2), strict=True))
@@ -178,6 +218,15 @@ def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[
             f"none"
         )
     return found
+
+
+def _values_are_keys(module: Any) -> bool:
+    """Whether the values are the key projection's output (Gemma 4's ``attention_k_eq_v``).
+
+    Such a layer's ``v_proj`` is None: the keys' projection, before their norm and rotation,
+    serves both.
+    """
+    return hasattr(module, "k_proj") and hasattr(module, "v_proj") and module.v_proj is None
 
 
 def _rope_parameters(module: Any) -> dict[str, Any]:
@@ -246,28 +295,39 @@ def _layer_norm(norm: nn.Module | None, head_dim: int, name: str) -> Norm:
     return norm.weight, norm.bias, float(norm.eps)
 
 
-def _rms_gain(norm: nn.Module | None, head_dim: int, name: str) -> Norm:
+def _rms_gain(norm: nn.Module | None, head_dim: int, name: str, gain: bool = True) -> Norm:
     """The per-channel gain and eps of a per-head RMS norm, whatever its parameterisation.
 
     Qwen3 multiplies by its weight, Gemma 3 and Qwen3-Next by 1 + weight; either way the gain
     is what the norm does to a vector of RMS 1 (undoing eps). A norm that does not act as
     x / rms(x) · gain on a random vector (a LayerNorm, a norm over all heads as OLMo 2) is
-    refused.
+    refused. ``gain=False``: the norm must have no weight and a gain of 1 (Gemma 4's v_norm).
     """
     weight = getattr(norm, "weight", None)
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)) or 1e-6)
     refusal = ValueError(
         f"from_transformers: {name} ({type(norm).__name__}) is not an RMS norm over each head's "
-        f"{head_dim} channels; only those are supported"
+        f"{head_dim} channels{'' if gain else ' without a gain'}; only those are supported"
     )
-    if norm is None or not isinstance(weight, Tensor) or weight.numel() != head_dim:
+    has_weight = isinstance(weight, Tensor) and weight.numel() == head_dim
+    if norm is None or has_weight != gain:
         raise refusal
+    like = weight if isinstance(weight, Tensor) else next(norm.parameters(), torch.empty(0))
     probe = torch.randn(head_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
-        gain = norm(torch.ones(head_dim, dtype=weight.dtype, device=weight.device)).double()
-        gain = gain.cpu() * math.sqrt(1 + eps)
-        expected = probe * torch.rsqrt(probe.pow(2).mean() + eps) * gain
-        got = norm(probe.to(weight)).double().cpu()
-    if not torch.allclose(got, expected, rtol=1e-2, atol=1e-2 * float(gain.abs().max())):
+        ones = torch.ones(head_dim, dtype=like.dtype, device=like.device)
+        found = norm(ones).double().cpu() * math.sqrt(1 + eps)
+        expected = probe * torch.rsqrt(probe.pow(2).mean() + eps) * found
+        got = norm(probe.to(ones)).double().cpu()
+    tolerance = 1e-2 * float(found.abs().max())
+    if not torch.allclose(got, expected, rtol=1e-2, atol=tolerance) or (
+        not gain and not torch.allclose(found, torch.ones_like(found), rtol=1e-3, atol=0)
+    ):
         raise refusal
-    return gain.to(weight), None, eps
+    return found.to(ones), None, eps
+
+
+def _v_norm_eps(module: Any, head_dim: int) -> float | None:
+    """The eps of the module's value RMS norm without a gain (Gemma 4), or None if it has none."""
+    norm = getattr(module, "v_norm", None)
+    return None if norm is None else _rms_gain(norm, head_dim, "v_norm", gain=False)[2]

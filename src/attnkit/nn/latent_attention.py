@@ -157,7 +157,8 @@ class MultiHeadLatentAttention(nn.Module):
     def from_transformers(cls, module: Any) -> MultiHeadLatentAttention:
         """The same attention as a transformers ``DeepseekV3Attention``, weights copied.
 
-        Sizes, softmax scale and rotary positions (default or YaRN) come from its config.
+        Sizes, softmax scale, attention dropout and rotary positions (default or YaRN) come
+        from its config.
         DeepSeek checkpoints rotate interleaved channel pairs (``rope_interleave``); this
         module rotates halves, so the rotary rows of the q and kv down-projections are put
         in even-then-odd order, which gives the same scores and the same rotated values.
@@ -178,6 +179,7 @@ class MultiHeadLatentAttention(nn.Module):
             rope=rope,
             scale=float(module.scaling),
             bias=bool(config.attention_bias),
+            dropout=float(getattr(module, "attention_dropout", 0.0) or 0.0),
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -195,7 +197,7 @@ class MultiHeadLatentAttention(nn.Module):
                 if key in state:
                     state[key] = torch.cat([state[key][:r], state[key][r:][order]])
         new.load_state_dict(state)
-        return new
+        return new.train(module.training)
 
     def new_cache(self, batch: int, max_len: int, window: int | None = None) -> KVCache:
         """A cache of latent keys [c | rope(k_rope)] (B, 1, max_len, kv_rank + rope_dim)."""
