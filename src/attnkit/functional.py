@@ -188,7 +188,7 @@ def _auto(req: Request) -> DispatchDecision:
             "while SDPA with a bool mask computes every pair, slower than without a mask",
         )
     # the BlockMask alone gives the fraction of tiles computed (no chunk planning needed)
-    density = tiled.block_mask_for(req, tiled.default_config(req.shapes)).density
+    density = tiled.block_mask_for(req, tiled.default_config(req.shapes.Lq)).density
     if density < TILED_DENSITY_THRESHOLD:
         return DispatchDecision(
             "tiled", f"sparse mask: tiled computes {density:.0%} of the tiles, SDPA all of them"

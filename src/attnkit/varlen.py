@@ -25,7 +25,7 @@ from torch import Tensor
 
 from attnkit import _validation as check
 from attnkit import masks
-from attnkit._types import ScoreModFn, Shapes
+from attnkit._types import ScoreModFn
 from attnkit.backends import tiled
 from attnkit.block_mask import BlockMask
 from attnkit.functional import BackendName, attention
@@ -199,7 +199,7 @@ def _packed_mask(
         return mask
     if total_q * total_k < SIZED_TILES_MIN_PAIRS:
         return mask
-    cfg = tiled.default_config(Shapes(1, 1, 1, total_q, total_k, 1, 1))  # it reads Lq only
+    cfg = tiled.default_config(total_q)
     rows = query_tile_rows(cu_q, cu_k, block_k=cfg.block_k)
     if rows >= cfg.block_q:
         return mask  # the default tiles (and tiled's own choice of taller ones) serve it

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from attnkit import _dropout
-from attnkit._types import EMPTY, FULL, MaskFn, ScoreModFn, Shapes
+from attnkit._types import EMPTY, FULL, MaskFn, ScoreModFn
 from attnkit.backends import cpu_kernel
 from attnkit.backends._common import Request, compute_dtype, first_order_only
 from attnkit.block_mask import BlockMask
@@ -66,15 +66,15 @@ class TileConfig:
 WIDE_ROW_KEYS = 1024
 
 
-def default_config(s: Shapes) -> TileConfig:
-    """Base tile sizes for these shapes: 64 query rows (fewer for short queries)."""
-    block_q = min(64, max(16, 1 << (s.Lq - 1).bit_length()))
+def default_config(Lq: int) -> TileConfig:
+    """Base tile sizes for ``Lq`` queries: 64 query rows (fewer for short queries)."""
+    block_q = min(64, max(16, 1 << (Lq - 1).bit_length()))
     return TileConfig(block_q=block_q, block_k=64, max_chunk=1024)
 
 
 def tuned_config(req: Request) -> TileConfig:
     """``default_config``, with 128-row query tiles where rows are wide (``WIDE_ROW_KEYS``)."""
-    cfg = default_config(req.shapes)
+    cfg = default_config(req.shapes.Lq)
     if cfg.block_q < 64 or req.shapes.Lq < 2 * WIDE_ROW_KEYS:
         return cfg
     visited = (block_mask_for(req, cfg).kinds != EMPTY).sum(dim=-1).float().mean()
@@ -535,7 +535,7 @@ def block_backward(
     from attnkit.functional import _request
 
     req = _request(q, k, v, mask, None, scale, 0.0, None, False)
-    cfg = default_config(req.shapes)
+    cfg = default_config(req.shapes.Lq)
     bm = block_mask_for(req, cfg)
     ct = compute_dtype(q.dtype)
     dout_c, q_c, k_c, v_c, out_c, lse_c = (t.to(ct) for t in (dout, q, k, v, out, lse))

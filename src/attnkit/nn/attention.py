@@ -256,7 +256,8 @@ class MultiHeadAttention(nn.Module):
                 over all cached ones (positions continue from ``cache.position``);
                 cross-attention fills an empty cache from ``key``/``value`` and reuses it
                 afterwards. A cache with a window needs masks of relative position that look
-                back at most that far (see ``check_window``).
+                back at most that far (see ``check_window``); masks and score mods index its
+                keys from ``cache.start``.
             need_weights: also return per-head weights (B, Hq, Lq, Lk); with a cache, over
                 its keys (positions ``cache.start ..``).
 
