@@ -33,11 +33,18 @@ def test_docstring_examples_run():
     import doctest
 
     import attnkit
+    import attnkit.integrations.transformers
     import attnkit.masks
     import attnkit.nn.kv_cache
     import attnkit.score_mods
 
-    for mod in (attnkit, attnkit.masks, attnkit.score_mods, attnkit.nn.kv_cache):
+    for mod in (
+        attnkit,
+        attnkit.masks,
+        attnkit.score_mods,
+        attnkit.nn.kv_cache,
+        attnkit.integrations.transformers,
+    ):
         result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0, f"doctest failures in {mod.__name__}"
         assert result.attempted > 0
