@@ -1,0 +1,134 @@
+"""A transformers model on CPU run with attn_implementation="attnkit" against its own "sdpa".
+
+A Llama-shaped causal LM (random weights, fp32, batch 1), or Mistral with ``--window`` (a
+sliding window on every layer, which transformers hands its attention as a bool mask), timed
+as a whole: attention, MLPs, norms and embeddings, so the ratio is the one a user of the model
+sees. Two steps per length, in milliseconds: a prefill forward without gradients and a
+training step (forward, then backward of the mean logit). The implementations:
+
+- ``sdpa``: transformers' SDPA path (torch's fused kernels; a bool mask where there is one);
+- ``attnkit``: ``register()``'s function with ``backend="auto"`` (what a user gets);
+- ``attnkit tiled``: the same forced onto the tiled flash kernels.
+
+The logits of each are checked against sdpa's before timing; the implementations take turns
+for ``--rounds`` rounds and each keeps its best median.
+
+    python benchmarks/cpu_transformers.py [--lengths 1024 2048 4096] [--window 0]
+        [--layers 2] [--width 512] [--heads 8] [--kv-heads 2] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+from torch.utils import benchmark
+
+from attnkit.integrations.transformers import register
+
+IMPLEMENTATIONS = {
+    "sdpa": "sdpa",
+    "attnkit": register("attnkit"),
+    "attnkit tiled": register("attnkit_tiled", backend="tiled"),
+}
+
+
+def model_for(args: argparse.Namespace) -> Any:  # a transformers PreTrainedModel
+    """A causal LM of the requested shape; Mistral with a sliding window when one is asked."""
+    sizes = {
+        "vocab_size": 1024,
+        "hidden_size": args.width,
+        "intermediate_size": 2 * args.width,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "max_position_embeddings": max(args.lengths),
+    }
+    config = (
+        transformers.MistralConfig(sliding_window=args.window, **sizes)
+        if args.window
+        else transformers.LlamaConfig(**sizes)
+    )
+    torch.manual_seed(0)
+    model: Any = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    return model.eval()
+
+
+def ms(fn: Callable[[], object]) -> float:
+    return (
+        benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0).median * 1e3
+    )
+
+
+def timings(model: Any, ids: torch.Tensor, rounds: int) -> dict[str, dict[str, float]]:
+    """ms per prefill and per training step, by implementation, the best of ``rounds`` rounds;
+    the logits are checked against sdpa's first."""
+
+    def prefill() -> torch.Tensor:
+        with torch.no_grad():
+            logits: torch.Tensor = model(ids).logits
+        return logits
+
+    def train_step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(ids).logits.mean().backward()
+
+    expected = None
+    for implementation in IMPLEMENTATIONS.values():
+        model.set_attn_implementation(implementation)
+        logits = prefill()
+        expected = logits if expected is None else expected
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    times: dict[str, dict[str, float]] = {"prefill": {}, "train step": {}}
+    for _ in range(rounds):  # interleaved, best of each: this VM's speed drifts between runs
+        for name, implementation in IMPLEMENTATIONS.items():
+            model.set_attn_implementation(implementation)
+            for step, fn in (("prefill", prefill), ("train step", train_step)):
+                times[step][name] = min(times[step].get(name, float("inf")), ms(fn))
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--window", type=int, default=0, help="Mistral's sliding window; 0: Llama")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
+    args = ap.parse_args()
+    model = model_for(args)
+    kind = f"Mistral, sliding window {args.window}" if args.window else "Llama, causal"
+    table = Table(
+        title=(
+            f"{kind}: {args.layers} layers, width {args.width}, {args.heads} heads "
+            f"({args.kv_heads} kv) of {args.width // args.heads}, fp32, batch 1, "
+            f"{torch.get_num_threads()} threads; ms per call"
+        )
+    )
+    table.add_column("tokens", justify="right")
+    table.add_column("step")
+    for name in IMPLEMENTATIONS:
+        table.add_column(name, justify="right")
+    for name in list(IMPLEMENTATIONS)[1:]:
+        table.add_column(f"sdpa / {name}", justify="right")
+    for L in args.lengths:
+        ids = torch.randint(0, 1024, (1, L), generator=torch.Generator().manual_seed(L))
+        for step, by_name in timings(model, ids, args.rounds).items():
+            table.add_row(
+                str(L),
+                step,
+                *(f"{t:.1f}" for t in by_name.values()),
+                *(f"{by_name['sdpa'] / t:.2f}x" for t in list(by_name.values())[1:]),
+            )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
