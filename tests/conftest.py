@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+
+# Triton's interpreter on machines without a GPU (a GPU run sets TRITON_INTERPRET=0). Set before
+# any test module imports triton: triton decides at import whether its own jit functions run
+# interpreted, and transformers imports it at collection.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
