@@ -123,6 +123,28 @@ def test_softcap_and_sinks_match_transformers_eager(model_type):
         assert_close_scaled(grad, grads64[name], grads32[name], floor=1e-9, what=name)
 
 
+@pytest.mark.parametrize("model_type", ["llama", *EAGER_ONLY])
+def test_output_attentions_are_the_eager_paths_weights(model_type):
+    """``output_attentions=True`` gives every layer's (B, Hq, L, L) weights, as eager does."""
+    model = tiny_model(model_type, **(MODELS | EAGER_ONLY)[model_type])
+    ids, attention_mask = batch()
+    attention_mask = attention_mask.flip(-1)  # right-padded, as in the eager test above
+
+    def weights(model, implementation):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            out = model(ids, attention_mask=attention_mask, output_attentions=True)
+        return out.attentions
+
+    expected64 = weights(model, "eager")
+    expected32 = weights(copy.deepcopy(model).float(), "eager")
+    got = weights(model, TILED)
+    assert len(got) == len(expected64) == SMALL["num_hidden_layers"]
+    for layer, w in enumerate(got):
+        assert w.shape == (2, SMALL["num_attention_heads"], L, L)
+        assert_close_scaled(w, expected64[layer], expected32[layer], floor=1e-9, what=f"{layer}")
+
+
 class Layer(torch.nn.Module):
     """What the attention function reads off its calling layer."""
 

@@ -21,6 +21,7 @@ Masks follow transformers' SDPA path exactly: the model builds them with ``sdpa_
 leaves out the mask where causality alone says it (no padding; attnkit then runs its
 tile-skipping causal mask, top-left aligned like SDPA's ``is_causal``), and gives a bool
 tensor otherwise (padding, sliding windows, image tokens), whose empty tiles attnkit skips too.
+``model(..., output_attentions=True)`` gets each layer's weights from ``attention_weights``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from attnkit import masks, score_mods
 from attnkit._types import ScoreModFn
 from attnkit.backends._common import MaskLike
-from attnkit.functional import BackendName, attention
+from attnkit.functional import BackendName, attention, attention_weights
 
 __all__ = ["attention_forward", "register"]
 
@@ -67,7 +68,7 @@ def attention_forward(
     *,
     backend: BackendName = "auto",
     **kwargs: Any,
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Tensor | None]:
     """transformers' attention-function signature over ``attnkit.attention``.
 
     Args:
@@ -84,10 +85,12 @@ def attention_forward(
         position_bias: float (B|1, Hq|1, Lq, Lk) added to the scores (T5-style).
         backend: the attnkit backend.
         kwargs: ``softcap`` (Gemma 2: c·tanh(s / c), before any bias), ``s_aux`` (gpt-oss's
-            sinks, (Hq,)); the rest (sliding_window, cache details) is already in the mask.
+            sinks, (Hq,)), ``output_attentions``; the rest (sliding_window, cache details) is
+            already in the mask.
 
     Returns:
-        (output (B, Lq, Hq, Dv), None): attention weights are not materialised.
+        (output (B, Lq, Hq, Dv), weights (B, Hq, Lq, Lk) where ``output_attentions`` asks for
+        them (``model(..., output_attentions=True)``), else None).
     """
     Lq = query.shape[2]
     mods: list[ScoreModFn | score_mods.ScoreMod] = []
@@ -106,18 +109,21 @@ def attention_forward(
             mods.append(_added(bias))
     if position_bias is not None:
         mods.append(_added(position_bias))
+    score_mod = None if not mods else mods[0] if len(mods) == 1 else score_mods.compose(*mods)
+    common: dict[str, Any] = {
+        "score_mod": score_mod,
+        "scale": scaling,
+        "sinks": kwargs.get("s_aux"),
+    }
     out = attention(
-        query,
-        key,
-        value,
-        mask=mask,
-        score_mod=None if not mods else mods[0] if len(mods) == 1 else score_mods.compose(*mods),
-        scale=scaling,
-        dropout_p=dropout,
-        backend=backend,
-        sinks=kwargs.get("s_aux"),
+        query, key, value, mask=mask, dropout_p=dropout, backend=backend, **common
+    )  # fmt: skip
+    weights = (
+        attention_weights(query, key, value, mask=mask, **common)
+        if kwargs.get("output_attentions")
+        else None
     )
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def _added(bias: Tensor) -> ScoreModFn:
