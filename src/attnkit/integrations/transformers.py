@@ -36,6 +36,7 @@ from attnkit import masks, score_mods
 from attnkit._types import ScoreModFn
 from attnkit.backends._common import MaskLike
 from attnkit.functional import BackendName, attention, attention_weights
+from attnkit.score_mods import _select
 
 __all__ = ["attention_forward", "register"]
 
@@ -131,10 +132,7 @@ def _added(bias: Tensor) -> ScoreModFn:
 
     def add(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         # a size-1 (broadcast) dim is read at 0 whatever the index
-        index = [b, h, q, kv]
-        index = [
-            i if n > 1 else torch.zeros_like(i) for n, i in zip(bias.shape, index, strict=True)
-        ]
-        return score + bias[tuple(index)].to(score.dtype)
+        index = tuple(_select(i, n) for n, i in zip(bias.shape, (b, h, q, kv), strict=True))
+        return score + bias[index].to(score.dtype)
 
     return add

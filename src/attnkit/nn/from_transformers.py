@@ -312,7 +312,7 @@ def _rms_gain(norm: nn.Module | None, head_dim: int, name: str, gain: bool = Tru
     has_weight = isinstance(weight, Tensor) and weight.numel() == head_dim
     if norm is None or has_weight != gain:
         raise refusal
-    like = weight if isinstance(weight, Tensor) else next(norm.parameters(), torch.empty(0))
+    like = weight if isinstance(weight, Tensor) else torch.empty(0)  # a weightless norm
     probe = torch.randn(head_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
         ones = torch.ones(head_dim, dtype=like.dtype, device=like.device)
