@@ -165,6 +165,8 @@ def big_cases():
     ids = torch.repeat_interleave(torch.arange(6), torch.tensor([100, 3, 200, 50, 60, 100]))
     unsorted = ids[torch.randperm(513, generator=torch.Generator().manual_seed(0))]
     layout = torch.rand(2, 9, 9, generator=torch.Generator().manual_seed(5)) < 0.3
+    band = masks.sliding_window(150, 40).dense(257, 513)
+    holes = torch.rand(2, 1, 257, 513, generator=torch.Generator().manual_seed(6)) < 0.999
     base = {
         "full": masks.full(),
         "causal": masks.causal(),
@@ -185,6 +187,9 @@ def big_cases():
         "block_sparse": masks.block_sparse(layout, 64),
         "bigbird": masks.bigbird(32, 3, 2, 2, seed=1),
         "custom": masks.custom(lambda b, h, q, kv: (q + kv) % 7 < 2),
+        # full, empty and partial tiles, and edge tiles at 257 x 513
+        "from_dense": masks.from_dense(band & holes),
+        "padding_mask": masks.from_padding_mask(torch.arange(513) < torch.tensor([[500], [64]])),
     }
     combos = {
         "causal&padding": masks.causal() & masks.key_padding([400, 513]),

@@ -368,14 +368,19 @@ def _combine(a: Mask, b: Mask, op: str) -> Mask:
 
 
 def _tile_counts(flags: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """Per-tile count of True along the last dim, and each tile's length.
+    """Per-tile count of True (or sum) along the last dim, and each tile's length.
 
-    flags: (..., L) bool  ->  counts (..., nT), lengths (nT,)
+    flags: (..., L) bool or integer  ->  counts (..., nT), lengths (nT,)
     """
     L = flags.shape[-1]
-    pad = (-L) % block
-    padded = torch.nn.functional.pad(flags.long(), (0, pad))
-    counts = padded.view(*flags.shape[:-1], -1, block).sum(-1)
+    whole = L - L % block
+    # bool counts of a tile fit int16 and sum 2x faster; no padded copy (a dense mask of 16k
+    # tokens is 256 MB of bytes, and this runs for every tensor mask a model passes)
+    dtype = torch.int16 if flags.dtype == torch.bool and block < 2**15 else torch.int32
+    counts = flags[..., :whole].unflatten(-1, (whole // block, block)).sum(-1, dtype=dtype)
+    if whole < L:
+        tail = flags[..., whole:].sum(-1, keepdim=True, dtype=dtype)
+        counts = torch.cat([counts, tail], -1)
     lengths = (L - torch.arange(0, L, block, device=flags.device)).clamp(max=block)
     return counts, lengths
 

@@ -33,8 +33,9 @@ from attnkit import _dropout
 from attnkit._types import EMPTY, FULL, MaskFn, ScoreModFn
 from attnkit.backends import cpu_kernel
 from attnkit.backends._common import Request, compute_dtype, first_order_only
+from attnkit.backends.tensor_masks import tensor_block_mask
 from attnkit.block_mask import BlockMask
-from attnkit.masks import Mask, from_dense, full
+from attnkit.masks import Mask, full
 from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "tiled"
@@ -114,9 +115,8 @@ def block_mask_for(req: Request, cfg: TileConfig) -> BlockMask:
         return mask
     if mask is None:
         mask = _NO_MASK  # one shared Mask, so its BlockMasks are cached across calls
-    if isinstance(mask, Tensor):
-        m4 = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        mask = from_dense(m4.expand(m4.shape[0], m4.shape[1], s.Lq, s.Lk))
+    if isinstance(mask, Tensor):  # kept per tensor: a model passes one to every layer
+        return tensor_block_mask(mask, s.Lq, s.Lk, cfg.block_q, cfg.block_k, s.B, s.Hq)
     # the request's B and Hq: a custom predicate's result shows which of them it varies over
     # (tiles for each head where it depends on h); built-in patterns' rules ignore them
     return mask.blocks(s.Lq, s.Lk, cfg.block_q, cfg.block_k, B=s.B, H=s.Hq)

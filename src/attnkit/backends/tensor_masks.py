@@ -1,0 +1,93 @@
+"""Tile maps of bool tensor masks, built once per tensor while it lives.
+
+A model makes one mask tensor per forward and passes it to every layer (transformers does),
+and dispatch, tile sizing and the kernel each need its tile map: classifying a 4096² mask and
+evaluating its partial tiles costs tens of milliseconds, every call. Here the BlockMask is kept
+per tensor object and tile shape, and is self-contained: its predicate reads the partial
+tiles' bitmaps, not the tensor, so holding it (in the cache, in an autograd graph) keeps no
+mask tensor alive, and an entry goes when its tensor is freed. An in-place change to the
+tensor bumps its version counter, which makes its entries stale.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from attnkit._types import FULL, MaskFn
+from attnkit.block_mask import BlockMask, partial_bitmaps
+from attnkit.masks import _select, from_dense
+
+
+@dataclass
+class _Entry:
+    """The BlockMasks of one tensor at one version, by (Lq, Lk, block_q, block_k, B, H)."""
+
+    tensor: weakref.ref[Tensor]
+    version: int
+    shape: tuple[tuple[int, ...], tuple[int, ...]]  # the tensor's sizes and strides
+    maps: dict[tuple[int, ...], BlockMask] = field(default_factory=dict)
+
+
+_ENTRIES: dict[int, _Entry] = {}  # by id() of the mask tensor
+
+
+def tensor_block_mask(
+    mask: Tensor, Lq: int, Lk: int, block_q: int, block_k: int, B: int, H: int
+) -> BlockMask:
+    """The BlockMask of a bool mask (…, Lq|1, Lk) broadcast to (B|1, H|1, Lq, Lk).
+
+    Equal to ``from_dense(mask).blocks(Lq, Lk, block_q, block_k, B=B, H=H)`` (the tiles'
+    kinds, and the predicate on partial tiles), cached on the tensor's identity and version.
+    """
+    key = (Lq, Lk, block_q, block_k, B, H)
+    version = _version(mask)
+    if version is None:  # inference tensors have no version counter: nothing to trust
+        return _build(mask, *key)
+    entry = _ENTRIES.get(id(mask))
+    shape = (tuple(mask.shape), mask.stride())
+    if entry is None or entry.tensor() is not mask:
+        entry = _Entry(weakref.ref(mask), version, shape)
+        _ENTRIES[id(mask)] = entry
+        weakref.finalize(mask, _ENTRIES.pop, id(mask), None)
+    elif (entry.version, entry.shape) != (version, shape):  # written in place since
+        entry.version, entry.shape, entry.maps = version, shape, {}
+    if (bm := entry.maps.get(key)) is None:
+        bm = entry.maps[key] = _build(mask, *key)
+    return bm
+
+
+def _version(mask: Tensor) -> int | None:
+    if torch.compiler.is_compiling() or mask.is_inference():
+        return None
+    return int(mask._version)
+
+
+def _build(mask: Tensor, Lq: int, Lk: int, block_q: int, block_k: int, B: int, H: int) -> BlockMask:
+    m4 = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    reading = from_dense(m4.expand(m4.shape[0], m4.shape[1], Lq, Lk))
+    bm = reading.blocks(Lq, Lk, block_q, block_k, B=B, H=H)
+    tile_index, bitmaps = partial_bitmaps(bm)
+    own = BlockMask(bm.kinds, block_q, block_k, Lq, Lk, _bitmap_predicate(bm), name=bm.name)
+    own.derived("partial_bitmaps", lambda: (tile_index, bitmaps))
+    return own
+
+
+def _bitmap_predicate(bm: BlockMask) -> MaskFn:
+    """The mask at (b, h, q, kv), read from the tile map and the partial tiles' bitmaps."""
+    tile_index, bitmaps = partial_bitmaps(bm)
+    full = bm.kinds == FULL
+    bq, bk = bm.block_q, bm.block_k
+
+    def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        dev = q.device
+        b, h = _select(b, full.shape[0]), _select(h, full.shape[1])
+        qt, kt = q // bq, kv // bk
+        tile = tile_index.to(dev)[b, h, qt, kt]
+        inside = bitmaps.to(dev)[tile.clamp(min=0), q % bq, kv % bk]
+        return torch.where(tile >= 0, inside, full.to(dev)[b, h, qt, kt])
+
+    return fn
