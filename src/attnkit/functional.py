@@ -88,10 +88,11 @@ def _request(
     )
 
 
-#: A bool *tensor* mask on CPU goes to tiled below this fraction of computed tiles. Tensor masks
-#: are converted to a BlockMask on every call (every tile partial for an unstructured mask:
-#: tiled 0.61x SDPA's speed at 90 % density, N = 1024-4096), while Mask objects are converted
-#: once and cached, so they always go to tiled (1.3-1.4x SDPA even with every tile full).
+#: A bool *tensor* mask on CPU goes to tiled below this fraction of computed tiles. An
+#: unstructured mask leaves every tile partial, and tiled, reading each tile's bitmap, ran at
+#: 0.48-0.59x SDPA's speed on a random 90 % mask (N = 128-4096), a band of N/8 at 1.45-6.35x
+#: from N = 256 (benchmarks/cpu_dispatch_rule.py --tables masked); Mask objects always go to
+#: tiled (1.3-2.0x SDPA even with every tile full: key_padding).
 TILED_DENSITY_THRESHOLD = 0.75
 
 #: Up to this many queries (decoding, speculative drafts) under a Mask that shares no tile
