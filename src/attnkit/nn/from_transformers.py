@@ -102,8 +102,11 @@ def from_transformers(
         device=weight.device,
         dtype=weight.dtype,
     )
+    values_are_keys = _values_are_keys(module)
     with torch.no_grad():
         for name, (w, b) in weights.items():
+            if name == "v" and values_are_keys:
+                continue  # v_proj becomes k_proj below
             target = getattr(new, f"{name}_proj" if name != "o" else "out_proj")
             target.weight.copy_(w)
             if b is None:
@@ -120,7 +123,7 @@ def from_transformers(
             new.sinks.copy_(sinks)
     if new.v_norm is not None:
         new.v_norm.eps = v_norm_eps
-    if _values_are_keys(module):  # Gemma 4's global layers: one projection for both
+    if values_are_keys:  # Gemma 4's global layers: one projection for both
         new.v_proj = new.k_proj
     return new.train(module.training)
 
