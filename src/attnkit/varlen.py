@@ -124,7 +124,8 @@ def _aligned_window(aligned: Tensor, left: int, right: int) -> Mask:
 
 #: What one visit of a kv tile costs beyond its query rows' arithmetic, in query rows: loading
 #: the tile's keys and values and the per-tile bookkeeping. Fitted to the CPU kernels' times
-#: at query tiles of 1-64 rows (``benchmarks/cpu_varlen.py --tiles``, 2-core Zen 3, D=64).
+#: at query tiles of 1-64 rows (``benchmarks/cpu_varlen.py --tiles``, 2-core Zen 3, D=64); at
+#: D=128 the height it picks was the fastest too (16 and 4 new queries per sequence, ``--dim 128``).
 KV_TILE_COST_ROWS = 6
 
 
