@@ -223,3 +223,22 @@ def test_an_unpadded_prompt_runs_the_tile_skipping_causal_mask(monkeypatch):
     seen.clear()
     model(ids, attention_mask=attention_mask)
     assert seen == ["tensor"] * 2
+
+
+@pytest.mark.parametrize("name", ["attnkit", TILED])
+def test_a_models_mask_tensor_is_classified_once_per_forward(monkeypatch, name):
+    """Mistral passes one sliding-window bool tensor to every layer: its tile map is built
+    once (dispatch, tile sizing and the kernel of both layers reuse it), and again for the
+    next forward's new tensor."""
+    from attnkit.backends import tensor_masks
+
+    built = []
+    build = tensor_masks._build
+    monkeypatch.setattr(tensor_masks, "_build", lambda *a: built.append(a[1:]) or build(*a))
+    bridge.register("attnkit")
+    model = tiny_model("mistral", **MODELS["mistral"])
+    model.set_attn_implementation(name)
+    ids, attention_mask = batch()
+    for _ in range(2):
+        model(ids, attention_mask=attention_mask).logits.sum().backward()
+    assert built == [(L, L, 64, 64, 2, 4)] * 2

@@ -52,7 +52,7 @@ def tensor_block_mask(
     if entry is None or entry.tensor() is not mask:
         entry = _Entry(weakref.ref(mask), version, shape)
         _ENTRIES[id(mask)] = entry
-        weakref.finalize(mask, _ENTRIES.pop, id(mask), None)
+        weakref.finalize(mask, _ENTRIES.pop, id(mask), None).atexit = False
     elif (entry.version, entry.shape) != (version, shape):  # written in place since
         entry.version, entry.shape, entry.maps = version, shape, {}
     if (bm := entry.maps.get(key)) is None:
