@@ -3,8 +3,10 @@
 A Llama-shaped causal LM (random weights, fp32, batch 1), or Mistral with ``--window`` (a
 sliding window on every layer, which transformers hands its attention as a bool mask), timed
 as a whole: attention, MLPs, norms and embeddings, so the ratio is the one a user of the model
-sees. Two steps per length, in milliseconds: a prefill forward without gradients and a
-training step (forward, then backward of the mean logit). The implementations:
+sees. Three steps per length, in milliseconds: a prefill forward without gradients, a
+training step (forward, then backward of the mean logit), and a decoding step (one new token
+over the prompt's cache, dropped again after the step; Mistral's windowed cache keeps just its
+window, so each step there costs the same). The implementations:
 
 - ``sdpa``: transformers' SDPA path (torch's fused kernels; a bool mask where there is one);
 - ``attnkit``: ``register()``'s function with ``backend="auto"`` (what a user gets);
@@ -78,17 +80,36 @@ def timings(model: Any, ids: torch.Tensor, rounds: int) -> dict[str, dict[str, f
         model.zero_grad(set_to_none=True)
         model(ids).logits.mean().backward()
 
-    expected = None
+    with torch.no_grad():
+        prompt = model(ids, use_cache=True)
+    cache, next_id = prompt.past_key_values, prompt.logits[:, -1:].argmax(-1)
+    windowed = bool(getattr(model.config, "sliding_window", None))
+
+    def decode_step() -> torch.Tensor:
+        with torch.no_grad():
+            logits: torch.Tensor = model(next_id, cache=cache).logits
+        if not windowed:  # a windowed cache cannot drop a step, but keeps just its window
+            cache.crop(-1)
+        return logits
+
+    steps: dict[str, Callable[[], Any]] = {
+        "prefill": prefill,
+        "train step": train_step,
+        "decode": decode_step,
+    }
+    expected: dict[str, torch.Tensor] = {}
     for implementation in IMPLEMENTATIONS.values():
         model.set_attn_implementation(implementation)
-        logits = prefill()
-        expected = logits if expected is None else expected
-        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    times: dict[str, dict[str, float]] = {"prefill": {}, "train step": {}}
+        for step in ("prefill", "decode"):
+            logits = steps[step]()
+            torch.testing.assert_close(
+                logits, expected.setdefault(step, logits), rtol=1e-4, atol=1e-4
+            )
+    times: dict[str, dict[str, float]] = {step: {} for step in steps}
     for _ in range(rounds):  # interleaved, best of each: this VM's speed drifts between runs
         for name, implementation in IMPLEMENTATIONS.items():
             model.set_attn_implementation(implementation)
-            for step, fn in (("prefill", prefill), ("train step", train_step)):
+            for step, fn in steps.items():
                 times[step][name] = min(times[step].get(name, float("inf")), ms(fn))
     return times
 
