@@ -22,6 +22,7 @@ for ``--rounds`` rounds and each keeps its best median.
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -82,10 +83,11 @@ def timings(model: Any, ids: torch.Tensor, rounds: int) -> dict[str, dict[str, f
 
     with torch.no_grad():
         prompt = model(ids, use_cache=True)
-    cache, next_id = prompt.past_key_values, prompt.logits[:, -1:].argmax(-1)
+    prompt_cache, next_id = prompt.past_key_values, prompt.logits[:, -1:].argmax(-1)
+    cache = copy.deepcopy(prompt_cache)  # the one the timed steps use
     windowed = bool(getattr(model.config, "sliding_window", None))
 
-    def decode_step() -> torch.Tensor:
+    def decode(cache: Any) -> torch.Tensor:
         with torch.no_grad():
             logits: torch.Tensor = model(next_id, cache=cache).logits
         if not windowed:  # a windowed cache cannot drop a step, but keeps just its window
@@ -95,16 +97,14 @@ def timings(model: Any, ids: torch.Tensor, rounds: int) -> dict[str, dict[str, f
     steps: dict[str, Callable[[], Any]] = {
         "prefill": prefill,
         "train step": train_step,
-        "decode": decode_step,
+        "decode": lambda: decode(cache),
     }
-    expected: dict[str, torch.Tensor] = {}
+    expected = None
     for implementation in IMPLEMENTATIONS.values():
         model.set_attn_implementation(implementation)
-        for step in ("prefill", "decode"):
-            logits = steps[step]()
-            torch.testing.assert_close(
-                logits, expected.setdefault(step, logits), rtol=1e-4, atol=1e-4
-            )
+        logits = torch.cat([prefill(), decode(copy.deepcopy(prompt_cache))], dim=1)
+        expected = logits if expected is None else expected
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     times: dict[str, dict[str, float]] = {step: {} for step in steps}
     for _ in range(rounds):  # interleaved, best of each: this VM's speed drifts between runs
         for name, implementation in IMPLEMENTATIONS.items():

@@ -209,6 +209,33 @@ def test_dispatch_few_queries_under_masks_that_share_no_tile_maps():
         torch.testing.assert_close(got, attnkit.attention(q, k, v, mask=mask, backend="reference"))
     q, k, v = rand_qkv(1, 2, 2, 1, 300, 16)
     assert attnkit.dispatch(q, k, v, mask=masks.sliding_window(8)).backend == "tiled"
+    for Lq, expected in ((1, "sdpa"), (FEW_QUERIES, "sdpa"), (FEW_QUERIES + 1, "tiled")):
+        q, k, v = rand_qkv(1, 2, 2, Lq, 300, 16)  # a bool tensor is made anew each call too
+        window = masks.sliding_window(8).dense(Lq, 300)
+        assert attnkit.dispatch(q, k, v, mask=window).backend == expected, Lq
+
+
+def test_small_bool_tensors_that_hide_nothing_dispatch_as_no_mask():
+    """A decoding step's mask over a windowed cache is all True: SDPA's unmasked kernel."""
+    from attnkit.backends.sdpa import SMALL_MASK_QUERIES
+
+    for Lq in (1, SMALL_MASK_QUERIES):
+        q, k, v = rand_qkv(2, 4, 2, Lq, 300, 16)
+        everything = torch.ones(2, 1, Lq, 300, dtype=torch.bool)
+        assert sdpa.attends_every_key(everything, Lq, 300)
+        decision = attnkit.dispatch(q, k, v, mask=everything)
+        assert decision.backend == "sdpa"
+        assert "no mask" in decision.reason
+        hides_one = everything.clone()
+        hides_one[1, 0, -1, 7] = False
+        assert not sdpa.attends_every_key(hides_one, Lq, 300)
+        got = attnkit.attention(q, k, v, mask=hides_one)
+        torch.testing.assert_close(
+            got, attnkit.attention(q, k, v, mask=hides_one, backend="reference")
+        )
+    # past SMALL_MASK_QUERIES the tensor is not read (its tile map shows it instead)
+    Lq = SMALL_MASK_QUERIES + 1
+    assert not sdpa.attends_every_key(torch.ones(Lq, 300, dtype=torch.bool), Lq, 300)
 
 
 @pytest.mark.parametrize(("Hq", "Hkv", "Lq"), [(8, 2, 1), (8, 1, 1), (12, 3, 1), (8, 2, 3)])

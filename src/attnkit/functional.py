@@ -95,12 +95,12 @@ def _request(
 #: tiled (1.3-2.0x SDPA even with every tile full: key_padding).
 TILED_DENSITY_THRESHOLD = 0.75
 
-#: Up to this many queries (decoding, speculative drafts) under a Mask that shares no tile
-#: maps (held in tensors: padding, documents; or a custom predicate), CPU goes to SDPA with a
-#: dense mask: a model makes such a mask anew at every call, so tiled builds its tile map
-#: every time. Causal & the padding of a ragged batch of 4 (benchmarks/cpu_dispatch_rule.py
-#: --tables few_queries): tiled ran at 0.41-0.85x SDPA's speed over 512 keys and 0.88-0.99x
-#: over 2048 for 1-16 queries, 1.09-1.31x from 64 queries on.
+#: Up to this many queries (decoding, speculative drafts) under a bool tensor or a Mask that
+#: shares no tile maps (held in tensors: padding, documents; or a custom predicate), CPU goes
+#: to SDPA with a dense mask: a model makes such a mask anew at every call, so tiled builds
+#: its tile map every time. Causal & the padding of a ragged batch of 4
+#: (benchmarks/cpu_dispatch_rule.py --tables few_queries): tiled ran at 0.41-0.85x SDPA's
+#: speed over 512 keys and 0.88-0.99x over 2048 for 1-16 queries, 1.09-1.31x from 64 queries.
 FEW_QUERIES = 16
 
 #: Plain causal attention on CPU goes to tiled from this many (query, key) pairs B·Hq·Lq·Lk
@@ -172,15 +172,18 @@ def _auto(req: Request) -> DispatchDecision:
         return DispatchDecision("sdpa", "causal: torch SDPA's fused is_causal kernel")
     if req.q.device.type != "cpu":
         return DispatchDecision("sdpa", "non-CPU tensors: SDPA with the mask as a bool tensor")
-    unshared = isinstance(req.mask, Mask) and not req.mask.shares_tiles
+    # a bool tensor too: models make one per call, so its tile map serves one call's layers
+    unshared = isinstance(req.mask, Tensor) or (
+        isinstance(req.mask, Mask) and not req.mask.shares_tiles
+    )
     # not float16 (SDPA has no fast CPU kernel for it) nor where SDPA's bf16 backward is slow
     sdpa_fast = req.q.dtype != torch.float16 and not slow_sdpa_training
     if unshared and req.shapes.Lq <= FEW_QUERIES and sdpa_fast:
         return DispatchDecision(
             "sdpa",
-            f"at most {FEW_QUERIES} queries under a mask held in tensors or a custom predicate: "
-            "tiled would build its tile map for this call alone, SDPA's masked pass over so few "
-            "rows costs less",
+            f"at most {FEW_QUERIES} queries under a bool tensor, a mask held in tensors or a "
+            "custom predicate: tiled would build its tile map for this call alone, SDPA's "
+            "masked pass over so few rows costs less",
         )
     if not isinstance(req.mask, Tensor):
         return DispatchDecision(
