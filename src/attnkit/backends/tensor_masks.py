@@ -67,7 +67,8 @@ def _version(mask: Tensor) -> int | None:
 
 
 def _build(mask: Tensor, Lq: int, Lk: int, block_q: int, block_k: int, B: int, H: int) -> BlockMask:
-    m4 = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    # tile maps live on the CPU: copy a device's mask once, not at every chunk of tiles read
+    m4 = mask.cpu().view((1,) * (4 - mask.dim()) + tuple(mask.shape))
     reading = from_dense(m4.expand(m4.shape[0], m4.shape[1], Lq, Lk))
     bm = reading.blocks(Lq, Lk, block_q, block_k, B=B, H=H)
     tile_index, bitmaps = partial_bitmaps(bm)
