@@ -78,17 +78,23 @@ def _build(mask: Tensor, Lq: int, Lk: int, block_q: int, block_k: int, B: int, H
 
 
 def _bitmap_predicate(bm: BlockMask) -> MaskFn:
-    """The mask at (b, h, q, kv), read from the tile map and the partial tiles' bitmaps."""
+    """The mask at (b, h, q, kv), read from the tile map and the partial tiles' bitmaps.
+
+    Holds neither ``bm`` nor its predicate (they read the tensor), only what they derived.
+    """
     tile_index, bitmaps = partial_bitmaps(bm)
-    full = bm.kinds == FULL
+    maps = (tile_index, bitmaps, bm.kinds == FULL)
     bq, bk = bm.block_q, bm.block_k
+    on_device: dict[torch.device, tuple[Tensor, ...]] = {}  # moved once per device
 
     def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        dev = q.device
+        if q.device not in on_device:
+            on_device[q.device] = tuple(t.to(q.device) for t in maps)
+        index, bits, full = on_device[q.device]
         b, h = _select(b, full.shape[0]), _select(h, full.shape[1])
         qt, kt = q // bq, kv // bk
-        tile = tile_index.to(dev)[b, h, qt, kt]
-        inside = bitmaps.to(dev)[tile.clamp(min=0), q % bq, kv % bk]
-        return torch.where(tile >= 0, inside, full.to(dev)[b, h, qt, kt])
+        tile = index[b, h, qt, kt]
+        inside = bits[tile.clamp(min=0), q % bq, kv % bk]
+        return torch.where(tile >= 0, inside, full[b, h, qt, kt])
 
     return fn
