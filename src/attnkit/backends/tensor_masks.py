@@ -83,8 +83,11 @@ def _bitmap_predicate(bm: BlockMask) -> MaskFn:
     Holds neither ``bm`` nor its predicate (they read the tensor), only what they derived.
     """
     tile_index, bitmaps = partial_bitmaps(bm)
-    maps = (tile_index, bitmaps, bm.kinds == FULL)
     bq, bk = bm.block_q, bm.block_k
+    # a tile full for one head and empty for another is read here too, even with no partial
+    # tile anywhere: keep a row to index
+    bitmaps = bitmaps if bitmaps.shape[0] else bitmaps.new_zeros(1, bq, bk)
+    maps = (tile_index, bitmaps, bm.kinds == FULL)
     on_device: dict[torch.device, tuple[Tensor, ...]] = {}  # moved once per device
 
     def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
