@@ -25,24 +25,27 @@ from rich.table import Table
 import attnkit
 from attnkit import masks
 from attnkit.backends import sdpa
+from attnkit.backends._common import MaskLike
 from attnkit.bench import seconds
+from attnkit.functional import BackendName
 
 LENGTHS = (64, 128, 256, 1024, 4096)
 
 
-def cases(N: int) -> dict[str, object]:
+def cases(N: int) -> dict[str, masks.Mask | torch.Tensor]:
     return {
         "key_padding (N-7 keys)": masks.key_padding([N - 7]),
         "sliding_window(3N/4)": masks.sliding_window(3 * N // 4),
         "prefix_lm(N/2)": masks.prefix_lm(N // 2),
         "document(2 docs) & causal": masks.document(torch.arange(N) * 2 // N) & masks.causal(),
+        "bool tensor, key_padding (N-7 keys)": masks.key_padding([N - 7]).dense(N, N)[0, 0],
         "bool tensor, random 90 %": torch.rand(N, N) < 0.9,
         "bool tensor, sliding_window(N/8)": masks.sliding_window(N // 8).dense(N, N)[0, 0],
     }
 
 
 def time_pass(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object, backend: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike, backend: BackendName
 ) -> float:
     """Seconds for forward+backward (inputs that require grad) or forward."""
     if not q.requires_grad:
@@ -58,8 +61,8 @@ def compared(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: object,
-    timer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object, str], float],
+    mask: MaskLike,
+    timer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MaskLike, BackendName], float],
     unit: float = 1e3,
     digits: int = 2,
 ) -> list[str]:
@@ -180,7 +183,7 @@ def few_queries_table() -> Table:
         title="Lq queries under causal & padding (a new mask each call), forward µs "
         "(B=4 rows of a ragged batch, H=8, D=64, fp32)"
     )
-    for col in ("Lk", "Lq", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
+    for col in ("Lk", "Lq", "mask", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
         table.add_column(col, justify="right")
     torch.manual_seed(0)
     for Lk in (512, 2048):
@@ -190,14 +193,21 @@ def few_queries_table() -> Table:
         for Lq in (1, 4, 16, 64, 256):
             q = torch.randn(4, 8, Lq, 64)
             k, v = (torch.randn(4, 8, Lk, 64) for _ in range(2))
-            table.add_row(str(Lk), str(Lq), *compared(q, k, v, mask, time_fresh, 1e6, 0))
+            # as a Mask, and as the (B, 1, Lq, Lk) bool tensor transformers would pass
+            for kind, m in (("Mask", mask), ("bool tensor", mask.dense(Lq, Lk, B=4))):
+                cells = compared(q, k, v, m, time_fresh, 1e6, 0)
+                table.add_row(str(Lk), str(Lq), kind, *cells)
     return table
 
 
 def time_fresh(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object, backend: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike, backend: BackendName
 ) -> float:
-    """Forward seconds with an equal but new Mask at every call (its tile maps not built)."""
+    """Forward seconds with an equal but new mask at every call (its tile maps not built): a
+    Mask rebuilt from its spec, or a copy of a bool tensor (the copy timed for both)."""
+    if isinstance(mask, torch.Tensor):
+        with torch.no_grad():
+            return seconds(lambda: attnkit.attention(q, k, v, mask=mask.clone(), backend=backend))
     assert isinstance(mask, masks.Mask)
     assert mask.spec is not None
     spec = mask.spec
@@ -208,7 +218,7 @@ def time_fresh(
 
 
 def time_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object, backend: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskLike, backend: BackendName
 ) -> float:
     with torch.no_grad():
         return seconds(lambda: attnkit.attention(q, k, v, mask=mask, backend=backend))
@@ -223,8 +233,8 @@ def masked_table() -> Table:
     for N in LENGTHS:
         q, k, v = (torch.randn(1, 8, N, 64) for _ in range(3))
         for name, mask in cases(N).items():
-            if mask is None or isinstance(mask, torch.Tensor):
-                density = 1.0 if mask is None else float(mask.float().mean())
+            if isinstance(mask, torch.Tensor):
+                density = float(mask.float().mean())
             else:
                 density = mask.density(N, N)
             table.add_row(str(N), name, f"{density:.2f}", *compared(q, k, v, mask, time_forward))

@@ -176,11 +176,22 @@ def test_dispatch_rule_on_cpu():
     assert attnkit.dispatch(q, k, v, mask=masks.causal(align="top_left")).backend == "tiled"
     for mask in (masks.sliding_window(256), ~masks.sliding_window(256), masks.key_padding([9])):
         assert attnkit.dispatch(q, k, v, mask=mask).backend == "tiled"
+    # bool tensors by their tiles' modelled cost: empty tiles free, partial ones dear
     window = masks.sliding_window(256).dense(4096, 4096)
     sparse = attnkit.dispatch(q, k, v, mask=window)
     assert sparse.backend == "tiled"
-    assert "sparse mask" in sparse.reason
-    assert attnkit.dispatch(q, k, v, mask=~window).backend == "sdpa"  # bool tensor, dense-ish
+    assert "bool tensor, 5% of the pairs in full tiles, 3% in partial ones" in sparse.reason
+    assert attnkit.dispatch(q, k, v, mask=~window).backend == "tiled"  # mostly full tiles
+    unstructured = torch.rand(4096, 4096, generator=torch.Generator().manual_seed(0)) < 0.9
+    assert attnkit.dispatch(q, k, v, mask=unstructured).backend == "sdpa"  # all partial
+    # a cost of 0.7 · 0.6 + 1.9 · 0.3 = 0.99 runs tiled, 0.7 · 0.5 + 1.9 · 0.35 = 1.015 SDPA
+    for n_full, n_partial, expected in ((60, 30, "tiled"), (50, 35, "sdpa")):
+        rows = torch.zeros(100, 6400, dtype=torch.bool)  # 100 query tiles of 64 x 6400 keys
+        rows[:n_full] = True
+        rows[n_full : n_full + n_partial, ::2] = True
+        mask = rows.repeat_interleave(64, 0)
+        qq, kk, vv = rand_qkv(1, 1, 1, 6400, 6400, 8)
+        assert attnkit.dispatch(qq, kk, vv, mask=mask).backend == expected, (n_full, n_partial)
     assert attnkit.dispatch(q, k, v, return_lse=True).backend == "tiled"
 
 

@@ -86,12 +86,15 @@ class BlockMask:
         )
         return rows[:, None] * cols[None, :]
 
+    def area_fraction(self, kind: int) -> float:
+        """Fraction of the Lq×Lk scores in tiles of ``kind`` (EMPTY/PARTIAL/FULL), mean of b, h."""
+        covered = ((self.kinds == kind) * self.tile_areas()).sum(dim=(-1, -2)).double()
+        return float((covered / (self.q_len * self.kv_len)).mean())
+
     @property
     def density(self) -> float:
         """Fraction of the Lq×Lk score matrix a tiled kernel computes (non-empty tiles)."""
-        areas = self.tile_areas()
-        computed = ((self.kinds != EMPTY) * areas).sum(dim=(-1, -2)).double()
-        return float((computed / (self.q_len * self.kv_len)).mean())
+        return 1.0 - self.area_fraction(EMPTY)
 
     def counts(self) -> dict[str, int]:
         """Number of empty, partial and full tiles over all (b, h)."""

@@ -13,7 +13,7 @@ from torch import Tensor
 from attnkit import _dropout
 from attnkit import _validation as check
 from attnkit import backends as _backends
-from attnkit._types import DispatchDecision, ScoreModFn, Shapes, UnsupportedError
+from attnkit._types import FULL, PARTIAL, DispatchDecision, ScoreModFn, Shapes, UnsupportedError
 from attnkit.backends import reference, sdpa, tiled, triton
 from attnkit.backends._common import MaskLike, Request
 from attnkit.block_mask import BlockMask
@@ -88,12 +88,14 @@ def _request(
     )
 
 
-#: A bool *tensor* mask on CPU goes to tiled below this fraction of computed tiles. An
-#: unstructured mask leaves every tile partial, and tiled, reading each tile's bitmap, ran at
-#: 0.48-0.59x SDPA's speed on a random 90 % mask (N = 128-4096), a band of N/8 at 1.45-6.35x
-#: from N = 256 (benchmarks/cpu_dispatch_rule.py --tables masked); Mask objects always go to
-#: tiled (1.3-2.0x SDPA even with every tile full: key_padding).
-TILED_DENSITY_THRESHOLD = 0.75
+#: A bool *tensor* mask on CPU goes to tiled when FULL_TILE_COST × (the fraction of score pairs
+#: in full tiles) + PARTIAL_TILE_COST × (the fraction in partial ones) is below 1, SDPA's
+#: masked pass over every pair; empty tiles cost nothing. Partial tiles read a bitmap per
+#: tile: on a random 90 % mask (every tile partial) tiled ran at 0.48-0.59x SDPA's speed, a
+#: cost of 1.7-2.1; with every tile full (key padding) at 1.28-1.97x, a cost of 0.51-0.78
+#: (N = 128-4096, benchmarks/cpu_dispatch_rule.py --tables masked).
+FULL_TILE_COST = 0.7
+PARTIAL_TILE_COST = 1.9
 
 #: Up to this many queries (decoding, speculative drafts) under a bool tensor or a Mask that
 #: shares no tile maps (held in tensors: padding, documents; or a custom predicate), CPU goes
@@ -191,14 +193,17 @@ def _auto(req: Request) -> DispatchDecision:
             "a mask on CPU: tiled skips its empty tiles and runs the rest at SDPA's dense speed, "
             "while SDPA with a bool mask computes every pair, slower than without a mask",
         )
-    # the BlockMask alone gives the fraction of tiles computed (no chunk planning needed)
-    density = tiled.block_mask_for(req, tiled.default_config(req.shapes.Lq)).density
-    if density < TILED_DENSITY_THRESHOLD:
+    # the BlockMask alone gives the work in each kind of tile (no chunk planning needed)
+    bm = tiled.block_mask_for(req, tiled.default_config(req.shapes.Lq))
+    full, partial = bm.area_fraction(FULL), bm.area_fraction(PARTIAL)
+    cost = FULL_TILE_COST * full + PARTIAL_TILE_COST * partial
+    split = f"{full:.0%} of the pairs in full tiles, {partial:.0%} in partial ones"
+    if cost < 1:
         return DispatchDecision(
-            "tiled", f"sparse mask: tiled computes {density:.0%} of the tiles, SDPA all of them"
+            "tiled", f"bool tensor, {split}: tiled's modelled cost is {cost:.2f}x SDPA's"
         )
     return DispatchDecision(
-        "sdpa", f"dense-ish bool tensor ({density:.0%} of tiles): SDPA with it is faster"
+        "sdpa", f"bool tensor, {split}: SDPA's masked pass costs less ({cost:.2f}x modelled)"
     )
 
 
@@ -369,8 +374,9 @@ def dispatch(
        SDPA's is_causal.
     4. Any other Mask or BlockMask on CPU: tiled, except up to ``FEW_QUERIES`` queries
        under a Mask that shares no tile maps (``Mask.shares_tiles``): SDPA, since a model
-       makes such masks anew each call. A bool tensor mask on CPU: tiled when its
-       BlockMask leaves fewer than ``TILED_DENSITY_THRESHOLD`` of the tiles to compute.
+       makes such masks anew each call. A bool tensor mask on CPU: as an unshared Mask up
+       to ``FEW_QUERIES`` queries (with no mask where it is all True), then tiled when its
+       tiles' modelled cost (``FULL_TILE_COST``, ``PARTIAL_TILE_COST``) is below SDPA's.
        Otherwise (and on other devices): SDPA with a bool mask.
 
     ``python benchmarks/cpu_dispatch_rule.py`` measures each case on the machine at hand.
