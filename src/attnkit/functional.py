@@ -91,9 +91,11 @@ def _request(
 #: A bool *tensor* mask on CPU goes to tiled when FULL_TILE_COST × (the fraction of score pairs
 #: in full tiles) + PARTIAL_TILE_COST × (the fraction in partial ones) is below 1, SDPA's
 #: masked pass over every pair; empty tiles cost nothing. Partial tiles read a bitmap per
-#: tile: on a random 90 % mask (every tile partial) tiled ran at 0.48-0.59x SDPA's speed, a
-#: cost of 1.7-2.1; with every tile full (key padding) at 1.28-1.97x, a cost of 0.51-0.78
-#: (N = 128-4096, benchmarks/cpu_dispatch_rule.py --tables masked).
+#: tile: on a random 90 % mask (every tile partial) tiled ran at 0.49-0.65x SDPA's speed from
+#: N = 256 to 4096, a cost of 1.5-2.0; with full tiles (key padding, as a tensor) at
+#: 1.27-1.41x, a cost of 0.71-0.79 (benchmarks/cpu_dispatch_rule.py --tables masked). Below
+#: 256 tokens partial tiles cost less (tiled 1.33-1.48x on a padding tensor of 64-128 tokens,
+#: 0.82-0.97x on the random one) and the rule errs towards SDPA there.
 FULL_TILE_COST = 0.7
 PARTIAL_TILE_COST = 1.9
 
