@@ -1,12 +1,13 @@
 """A transformers model on CPU run with attn_implementation="attnkit" against its own "sdpa".
 
 A Llama-shaped causal LM (random weights, fp32, batch 1), or Mistral with ``--window`` (a
-sliding window on every layer, which transformers hands its attention as a bool mask), timed
-as a whole: attention, MLPs, norms and embeddings, so the ratio is the one a user of the model
-sees. Three steps per length, in milliseconds: a prefill forward without gradients, a
-training step (forward, then backward of the mean logit), and a decoding step (one new token
-over the prompt's cache, dropped again after the step; Mistral's windowed cache keeps just its
-window, so each step there costs the same). The implementations:
+sliding window on every layer, which transformers hands its attention as a bool mask), or
+with ``--encoder`` BERT on a right-padded batch of 4 (a bool padding mask), timed as a whole:
+attention, MLPs, norms and embeddings, so the ratio is the one a user of the model sees.
+Three steps per length, in milliseconds: a prefill forward without gradients, a training step
+(forward, then backward of the mean output), and a decoding step (one new token over the
+prompt's cache, dropped again after the step; Mistral's windowed cache keeps just its window,
+so each step there costs the same; none for the encoder). The implementations:
 
 - ``sdpa``: transformers' SDPA path (torch's fused kernels; a bool mask where there is one);
 - ``attnkit``: ``register()``'s function with ``backend="auto"`` (what a user gets);
@@ -15,7 +16,7 @@ window, so each step there costs the same). The implementations:
 The logits of each are checked against sdpa's before timing; the implementations take turns
 for ``--rounds`` rounds and each keeps its best median.
 
-    python benchmarks/cpu_transformers.py [--lengths 1024 2048 4096] [--window 0]
+    python benchmarks/cpu_transformers.py [--lengths 1024 2048 4096] [--window 0] [--encoder]
         [--layers 2] [--width 512] [--heads 8] [--kv-heads 2] [--rounds 3]
 """
 
@@ -42,7 +43,20 @@ IMPLEMENTATIONS = {
 
 
 def model_for(args: argparse.Namespace) -> Any:  # a transformers PreTrainedModel
-    """A causal LM of the requested shape; Mistral with a sliding window when one is asked."""
+    """A causal LM of the requested shape; Mistral with a sliding window when one is asked;
+    BERT for ``--encoder``."""
+    if args.encoder:
+        bert = transformers.BertConfig(
+            vocab_size=1024,
+            hidden_size=args.width,
+            intermediate_size=2 * args.width,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            max_position_embeddings=max(args.lengths),
+        )
+        torch.manual_seed(0)
+        encoder: Any = transformers.BertModel(bert)
+        return encoder.eval()
     sizes = {
         "vocab_size": 1024,
         "hidden_size": args.width,
@@ -114,6 +128,38 @@ def timings(model: Any, ids: torch.Tensor, rounds: int) -> dict[str, dict[str, f
     return times
 
 
+def encoder_timings(
+    model: Any, ids: torch.Tensor, attention_mask: torch.Tensor, rounds: int
+) -> dict[str, dict[str, float]]:
+    """ms per forward and per training step of an encoder on a padded batch, as ``timings``;
+    the hidden states of real tokens are checked against sdpa's first."""
+    real = attention_mask.bool()
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            hidden: torch.Tensor = model(ids, attention_mask=attention_mask).last_hidden_state
+        return hidden[real]
+
+    def train_step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(ids, attention_mask=attention_mask).last_hidden_state[real].mean().backward()
+
+    expected = None
+    for implementation in IMPLEMENTATIONS.values():
+        model.set_attn_implementation(implementation)
+        hidden = forward()
+        expected = hidden if expected is None else expected
+        torch.testing.assert_close(hidden, expected, rtol=1e-4, atol=1e-4)
+    steps = {"forward": forward, "train step": train_step}
+    times: dict[str, dict[str, float]] = {step: {} for step in steps}
+    for _ in range(rounds):
+        for name, implementation in IMPLEMENTATIONS.items():
+            model.set_attn_implementation(implementation)
+            for step, fn in steps.items():
+                times[step][name] = min(times[step].get(name, float("inf")), ms(fn))
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -123,14 +169,21 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
+    ap.add_argument(
+        "--encoder", action="store_true", help="BERT on a batch of 4 padded to 1, 3/4, 1/2, 1/4"
+    )
     args = ap.parse_args()
     model = model_for(args)
-    kind = f"Mistral, sliding window {args.window}" if args.window else "Llama, causal"
+    if args.encoder:
+        kind, heads, batch = "BERT, bidirectional, padded", f"{args.heads} heads", "batch 4"
+    else:
+        kind = f"Mistral, sliding window {args.window}" if args.window else "Llama, causal"
+        heads, batch = f"{args.heads} heads ({args.kv_heads} kv)", "batch 1"
     table = Table(
         title=(
-            f"{kind}: {args.layers} layers, width {args.width}, {args.heads} heads "
-            f"({args.kv_heads} kv) of {args.width // args.heads}, fp32, batch 1, "
-            f"{torch.get_num_threads()} threads; ms per call"
+            f"{kind}: {args.layers} layers, width {args.width}, {heads} of "
+            f"{args.width // args.heads}, fp32, {batch}, {torch.get_num_threads()} threads; "
+            "ms per call"
         )
     )
     table.add_column("tokens", justify="right")
@@ -140,8 +193,16 @@ def main() -> None:
     for name in list(IMPLEMENTATIONS)[1:]:
         table.add_column(f"sdpa / {name}", justify="right")
     for L in args.lengths:
-        ids = torch.randint(0, 1024, (1, L), generator=torch.Generator().manual_seed(L))
-        for step, by_name in timings(model, ids, args.rounds).items():
+        g = torch.Generator().manual_seed(L)
+        if args.encoder:  # right padding, as BERT's tokenizers pad
+            ids = torch.randint(0, 1024, (4, L), generator=g)
+            lengths = torch.tensor([L, 3 * L // 4, L // 2, L // 4])
+            attention_mask = (torch.arange(L) < lengths[:, None]).long()
+            results = encoder_timings(model, ids, attention_mask, args.rounds)
+        else:
+            ids = torch.randint(0, 1024, (1, L), generator=g)
+            results = timings(model, ids, args.rounds)
+        for step, by_name in results.items():
             table.add_row(
                 str(L),
                 step,
