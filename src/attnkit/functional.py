@@ -104,7 +104,8 @@ PARTIAL_TILE_COST = 1.9
 #: to SDPA with a dense mask: a model makes such a mask anew at every call, so tiled builds
 #: its tile map every time. Causal & the padding of a ragged batch of 4
 #: (benchmarks/cpu_dispatch_rule.py --tables few_queries): tiled ran at 0.41-0.85x SDPA's
-#: speed over 512 keys and 0.88-0.99x over 2048 for 1-16 queries, 1.09-1.31x from 64 queries.
+#: speed over 512 keys and 0.88-0.99x over 2048 for 1-16 queries, 1.09-1.31x from 64 queries;
+#: as a bool tensor 0.48-0.77x and 0.67-0.89x for 1-16 queries.
 FEW_QUERIES = 16
 
 #: Plain causal attention on CPU goes to tiled from this many (query, key) pairs B·Hq·Lq·Lk
