@@ -12,6 +12,7 @@ import attnkit
 from attnkit import masks
 from attnkit.backends import tensor_masks
 from attnkit.backends.tensor_masks import tensor_block_mask
+from attnkit.block_mask import partial_bitmaps
 from conftest import assert_close_scaled
 
 
@@ -48,6 +49,9 @@ def test_tile_map_and_predicate_are_those_of_from_dense(shape):
         torch.testing.assert_close(got.kinds, want.kinds)
         # to_dense evaluates the predicate on partial tiles: here it reads the bitmaps
         torch.testing.assert_close(got.to_dense(), want.to_dense())
+        # and the kernels read the bitmaps themselves
+        for mine, theirs in zip(partial_bitmaps(got), partial_bitmaps(want), strict=True):
+            torch.testing.assert_close(mine, theirs)
 
 
 def test_the_same_tensor_is_classified_once_per_tile_shape():

@@ -15,10 +15,11 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit._types import FULL, MaskFn
-from attnkit.block_mask import BlockMask, partial_bitmaps
+from attnkit._types import FULL, PARTIAL, MaskFn
+from attnkit.block_mask import BlockMask
 from attnkit.masks import _select, from_dense
 
 
@@ -67,27 +68,43 @@ def _version(mask: Tensor) -> int | None:
 
 
 def _build(mask: Tensor, Lq: int, Lk: int, block_q: int, block_k: int, B: int, H: int) -> BlockMask:
-    # tile maps live on the CPU: copy a device's mask once, not at every chunk of tiles read
+    # tile maps live on the CPU: copy a device's mask once
     m4 = mask.cpu().view((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    reading = from_dense(m4.expand(m4.shape[0], m4.shape[1], Lq, Lk))
-    bm = reading.blocks(Lq, Lk, block_q, block_k, B=B, H=H)
-    tile_index, bitmaps = partial_bitmaps(bm)
-    own = BlockMask(bm.kinds, block_q, block_k, Lq, Lk, _bitmap_predicate(bm), name=bm.name)
-    own.derived("partial_bitmaps", lambda: (tile_index, bitmaps))
-    return own
+    dense = m4.expand(m4.shape[0], m4.shape[1], Lq, Lk)
+    kinds = from_dense(dense).blocks(Lq, Lk, block_q, block_k, B=B, H=H).kinds
+    tile_index, bitmaps = _partial_tiles(dense, kinds, block_q, block_k)
+    fn = _bitmap_predicate(kinds, tile_index, bitmaps, block_q, block_k)
+    bm = BlockMask(
+        kinds, block_q, block_k, Lq, Lk, fn, name=f"from_dense(shape={tuple(mask.shape)})"
+    )
+    bm.derived("partial_bitmaps", lambda: (tile_index, bitmaps))
+    return bm
 
 
-def _bitmap_predicate(bm: BlockMask) -> MaskFn:
-    """The mask at (b, h, q, kv), read from the tile map and the partial tiles' bitmaps.
+def _partial_tiles(dense: Tensor, kinds: Tensor, bq: int, bk: int) -> tuple[Tensor, Tensor]:
+    """``block_mask.partial_bitmaps`` of the mask, cut straight out of the tensor.
 
-    Holds neither ``bm`` nor its predicate (they read the tensor), only what they derived.
+    Returns tile_index (B|1, H|1, nQ, nK), the row of each partial tile in bitmaps (else -1),
+    and bitmaps (nPartial, bq, bk), False past Lq / Lk.
     """
-    tile_index, bitmaps = partial_bitmaps(bm)
-    bq, bk = bm.block_q, bm.block_k
+    Bk, Hk, nQ, nK = kinds.shape
+    Lq, Lk = dense.shape[-2:]
+    padded = F.pad(dense.expand(Bk, Hk, Lq, Lk), (0, nK * bk - Lk, 0, nQ * bq - Lq))
+    tiles = padded.view(Bk, Hk, nQ, bq, nK, bk).transpose(3, 4)  # (Bk, Hk, nQ, nK, bq, bk)
+    partial = kinds == PARTIAL
+    tile_index = torch.full(kinds.shape, -1, dtype=torch.int64)
+    tile_index[partial] = torch.arange(int(partial.sum()))  # row-major, as the bitmaps
+    return tile_index, tiles[partial]
+
+
+def _bitmap_predicate(
+    kinds: Tensor, tile_index: Tensor, bitmaps: Tensor, bq: int, bk: int
+) -> MaskFn:
+    """The mask at (b, h, q, kv), from the tile kinds and partial bitmaps, not the tensor."""
     # a tile full for one head and empty for another is read here too, even with no partial
     # tile anywhere: keep a row to index
     bitmaps = bitmaps if bitmaps.shape[0] else bitmaps.new_zeros(1, bq, bk)
-    maps = (tile_index, bitmaps, bm.kinds == FULL)
+    maps = (tile_index, bitmaps, kinds == FULL)
     on_device: dict[torch.device, tuple[Tensor, ...]] = {}  # moved once per device
 
     def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
