@@ -20,7 +20,8 @@ Example:
 Masks follow transformers' SDPA path exactly: the model builds them with ``sdpa_mask``, which
 leaves out the mask where causality alone says it (no padding; attnkit then runs its
 tile-skipping causal mask, top-left aligned like SDPA's ``is_causal``), and gives a bool
-tensor otherwise (padding, sliding windows, image tokens), whose empty tiles attnkit skips too.
+tensor otherwise (padding, sliding windows, image tokens), whose empty tiles attnkit skips too
+(its tile map is built once per tensor, so every layer of a forward shares it).
 ``model(..., output_attentions=True)`` gets each layer's weights from ``attention_weights``.
 """
 
