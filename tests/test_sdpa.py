@@ -226,27 +226,30 @@ def test_dispatch_few_queries_under_masks_that_share_no_tile_maps():
         assert attnkit.dispatch(q, k, v, mask=window).backend == expected, Lq
 
 
-def test_small_bool_tensors_that_hide_nothing_dispatch_as_no_mask():
-    """A decoding step's mask over a windowed cache is all True: SDPA's unmasked kernel."""
-    from attnkit.backends.sdpa import SMALL_MASK_QUERIES
+def test_small_bool_tensors_that_hide_nothing_run_sdpa_without_a_mask():
+    """A decoding step's mask over a windowed cache is all True: auto sends the few queries
+    to SDPA, which runs its unmasked kernel; a mask hiding one key is passed on."""
+    from attnkit.functional import FEW_QUERIES
 
-    for Lq in (1, SMALL_MASK_QUERIES):
-        q, k, v = rand_qkv(2, 4, 2, Lq, 300, 16)
-        everything = torch.ones(2, 1, Lq, 300, dtype=torch.bool)
-        assert sdpa.attends_every_key(everything, Lq, 300)
-        decision = attnkit.dispatch(q, k, v, mask=everything)
-        assert decision.backend == "sdpa"
-        assert "no mask" in decision.reason
-        hides_one = everything.clone()
-        hides_one[1, 0, -1, 7] = False
-        assert not sdpa.attends_every_key(hides_one, Lq, 300)
-        got = attnkit.attention(q, k, v, mask=hides_one)
-        torch.testing.assert_close(
-            got, attnkit.attention(q, k, v, mask=hides_one, backend="reference")
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            torch.nn.functional,
+            "scaled_dot_product_attention",
+            lambda *a, **kw: seen.append(kw.get("attn_mask")) or real(*a, **kw),
         )
-    # past SMALL_MASK_QUERIES the tensor is not read (its tile map shows it instead)
-    Lq = SMALL_MASK_QUERIES + 1
-    assert not sdpa.attends_every_key(torch.ones(Lq, 300, dtype=torch.bool), Lq, 300)
+        for Lq in (1, FEW_QUERIES):
+            q, k, v = rand_qkv(2, 4, 2, Lq, 300, 16)
+            everything = torch.ones(2, 1, Lq, 300, dtype=torch.bool)
+            hides_one = everything.clone()
+            hides_one[1, 0, -1, 7] = False
+            for mask in (everything, hides_one):
+                assert attnkit.dispatch(q, k, v, mask=mask).backend == "sdpa"
+                got = attnkit.attention(q, k, v, mask=mask)
+                want = attnkit.attention(q, k, v, mask=mask, backend="reference")
+                torch.testing.assert_close(got, want)
+    assert [m is None for m in seen] == [True, False] * 2  # nothing hidden: no mask passed
 
 
 @pytest.mark.parametrize(("Hq", "Hkv", "Lq"), [(8, 2, 1), (8, 1, 1), (12, 3, 1), (8, 2, 3)])

@@ -38,21 +38,13 @@ def is_plain_causal(mask: object, Lq: int, Lk: int) -> bool:
     return mask.spec[1] == "top_left" or Lq == Lk
 
 
-#: A bool tensor mask over at most this many queries is read to see whether it hides anything
-#: (a decoding step's mask often does not: transformers' windowed cache holds just the window).
-SMALL_MASK_QUERIES = 16
-
-
 def attends_every_key(mask: object, Lq: int, Lk: int) -> bool:
-    """Whether the mask shows it hides no key.
+    """Whether the mask's spec shows it hides no key.
 
-    True for ``full()``, for one query (KV-cache decoding) under bottom-right causal or under a
-    bottom-right window that reaches the first key (``KVCache(window=w)`` holds just the
-    window that ``sliding_window(w)`` needs), and for an all-True CPU bool tensor over at most
-    ``SMALL_MASK_QUERIES`` queries (cheap to read; a bigger one's tile map says it).
+    True for ``full()``, and for one query (KV-cache decoding) under bottom-right causal or
+    under a bottom-right window that reaches the first key (``KVCache(window=w)`` holds just
+    the window that ``sliding_window(w)`` needs).
     """
-    if isinstance(mask, Tensor):
-        return Lq <= SMALL_MASK_QUERIES and _hides_nothing(mask)
     if not isinstance(mask, Mask) or mask.spec is None:
         return False
     if mask.spec == ("full",):
