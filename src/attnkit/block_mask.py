@@ -207,15 +207,21 @@ def partial_bitmaps(bm: BlockMask) -> tuple[Tensor, Tensor]:
     return bm.derived("partial_bitmaps", lambda: _evaluate_partial_tiles(bm))
 
 
+def partial_tile_index(kinds: Tensor) -> Tensor:
+    """(B|1, H|1, nQ, nK) int64: each partial tile's row in the bitmaps (row-major), else -1."""
+    tile_index = torch.full(kinds.shape, -1, dtype=torch.int64, device=kinds.device)
+    partial = kinds == PARTIAL
+    tile_index[partial] = torch.arange(int(partial.sum()), device=kinds.device)
+    return tile_index
+
+
 def _evaluate_partial_tiles(bm: BlockMask) -> tuple[Tensor, Tensor]:
     dev = bm.kinds.device
-    tile_index = torch.full(bm.kinds.shape, -1, dtype=torch.int64, device=dev)
-    partial = bm.kinds == PARTIAL
-    n = int(partial.sum())
+    tile_index = partial_tile_index(bm.kinds)
+    n = int((tile_index >= 0).sum())
     bitmaps = torch.zeros(n, bm.block_q, bm.block_k, dtype=torch.bool, device=dev)
     if n == 0:  # e.g. causal decoding (one query sees every key): nothing to evaluate
         return tile_index, bitmaps
-    tile_index[partial] = torch.arange(n, device=dev)
     if bm.mask_fn is not None:
         done = 0
         for tiles, b, h, q, kv, valid in iter_partial_tiles(bm):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit._types import FULL, PARTIAL, MaskFn
-from attnkit.block_mask import BlockMask
+from attnkit.block_mask import BlockMask, partial_tile_index
 from attnkit.masks import _select, from_dense
 
 
@@ -91,10 +91,7 @@ def _partial_tiles(dense: Tensor, kinds: Tensor, bq: int, bk: int) -> tuple[Tens
     Lq, Lk = dense.shape[-2:]
     padded = F.pad(dense.expand(Bk, Hk, Lq, Lk), (0, nK * bk - Lk, 0, nQ * bq - Lq))
     tiles = padded.view(Bk, Hk, nQ, bq, nK, bk).transpose(3, 4)  # (Bk, Hk, nQ, nK, bq, bk)
-    partial = kinds == PARTIAL
-    tile_index = torch.full(kinds.shape, -1, dtype=torch.int64)
-    tile_index[partial] = torch.arange(int(partial.sum()))  # row-major, as the bitmaps
-    return tile_index, tiles[partial]
+    return partial_tile_index(kinds), tiles[kinds == PARTIAL]  # both row-major
 
 
 def _bitmap_predicate(
