@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -97,6 +98,20 @@ def test_dispatch_causal_on_cpu_by_size_and_dtype():
     assert attnkit.dispatch(q, k, v, mask=causal).backend == "tiled"
 
 
+@contextlib.contextmanager
+def sdpa_attn_masks():
+    """The ``attn_mask`` of every torch SDPA call made inside the block."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            torch.nn.functional,
+            "scaled_dot_product_attention",
+            lambda *a, **kw: seen.append(kw.get("attn_mask")) or real(*a, **kw),
+        )
+        yield seen
+
+
 def test_decoding_under_causal_is_unmasked_attention():
     """One query under bottom-right causal sees every key (KV-cache decoding): auto applies the
     no-mask rules, and the sdpa backend runs SDPA without a mask (its masked kernel is slower),
@@ -110,14 +125,7 @@ def test_decoding_under_causal_is_unmasked_attention():
         assert "no mask" in decision.reason or "float16" in decision.reason
     q2 = torch.cat([q, q], dim=2)  # two queries: the first cannot see the last key
     assert attnkit.dispatch(*(t.float() for t in (q2, k, v)), mask=causal).backend == "tiled"
-    seen = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(
-            torch.nn.functional,
-            "scaled_dot_product_attention",
-            lambda *a, **kw: seen.append(kw.get("attn_mask")) or real(*a, **kw),
-        )
+    with sdpa_attn_masks() as seen:
         for mask in (causal, masks.sliding_window(400), masks.sliding_window(8)):
             got = attnkit.attention(q, k, v, mask=mask, backend="sdpa")
             want = attnkit.attention(q, k, v, mask=mask, backend="reference")
@@ -231,14 +239,7 @@ def test_small_bool_tensors_that_hide_nothing_run_sdpa_without_a_mask():
     to SDPA, which runs its unmasked kernel; a mask hiding one key is passed on."""
     from attnkit.functional import FEW_QUERIES
 
-    seen = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(
-            torch.nn.functional,
-            "scaled_dot_product_attention",
-            lambda *a, **kw: seen.append(kw.get("attn_mask")) or real(*a, **kw),
-        )
+    with sdpa_attn_masks() as seen:
         for Lq in (1, FEW_QUERIES):
             q, k, v = rand_qkv(2, 4, 2, Lq, 300, 16)
             everything = torch.ones(2, 1, Lq, 300, dtype=torch.bool)
