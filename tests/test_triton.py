@@ -24,9 +24,12 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
-def check(shape, mask=None, score_mod=None, return_lse=False, dtype=torch.float32):
+def check(shape, mask=None, score_mod=None, return_lse=False, dtype=torch.float32, layout=None):
     """Output (and LSE) and dq, dk, dv of triton in ``dtype`` vs the float64 reference, with
-    DESIGN §7 tolerances (2x / 4x the reference's own error in ``dtype``, plus a floor)."""
+    DESIGN §7 tolerances (2x / 4x the reference's own error in ``dtype``, plus a floor).
+
+    ``layout`` turns each of triton's q, k, v into the same values in another memory layout.
+    """
     B, Hq, Hkv, Lq, Lk, D, Dv = shape
     q64, k64, v64 = (t.to(DEVICE) for t in rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv, torch.float64))
     dout = torch.randn(B, Hq, Lq, Dv, dtype=torch.float64, device=DEVICE)
@@ -38,8 +41,9 @@ def check(shape, mask=None, score_mod=None, return_lse=False, dtype=torch.float3
         ("triton", dtype, "triton"),
     ):
         q, k, v = (t.to(run_dtype).requires_grad_() for t in (q64, k64, v64))
+        inputs = [layout(t) if layout and backend == "triton" else t for t in (q, k, v)]
         out, lse = attnkit.attention(
-            q, k, v, mask=mask, score_mod=score_mod, backend=backend, return_lse=True
+            *inputs, mask=mask, score_mod=score_mod, backend=backend, return_lse=True
         )
         grads_of = [out, lse] if return_lse else [out]
         seeds = [dout.to(run_dtype), dlse.to(lse.dtype).masked_fill(torch.isinf(lse), 0)][
@@ -150,6 +154,45 @@ def test_nan_reaches_the_rows_that_attend_to_it(where, mask):
     assert torch.equal(lse.isnan(), ref_lse.isnan())
 
 
+LAYOUTS = {  # the same values as x (B, H, L, D), laid out otherwise in memory
+    "heads transposed out of (B, L, H, D)": lambda x: (
+        x.transpose(1, 2).contiguous().transpose(1, 2)
+    ),
+    "prefix of a longer buffer": lambda x: torch.cat([x, torch.zeros_like(x[:, :, :5])], 2)[
+        :, :, : x.shape[2]
+    ],
+    "head dim strided (copied)": lambda x: x.transpose(-1, -2).contiguous().transpose(-1, -2),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS)
+def test_strided_inputs(layout):
+    """The kernels read q, k, v through their strides, and store dq, dk, dv through theirs."""
+    check((2, 4, 2, 19, 26, 32, 24), mask=masks.causal(), layout=layout)
+
+
+def test_a_kv_caches_keys_reach_the_kernel_uncopied(monkeypatch):
+    """Decoding: the cache's keys and values, views into its buffer, are not copied per step."""
+    from attnkit.backends import triton as tr
+    from attnkit.nn import KVCache
+
+    cache = KVCache(2, 2, 64, 16, device=DEVICE)
+    prompt_k, prompt_v = (torch.randn(2, 2, 30, 16, device=DEVICE) for _ in range(2))
+    cache.append(prompt_k, prompt_v)
+    q, new_k, new_v = (torch.randn(2, 4, 1, 16, device=DEVICE) for _ in range(3))
+    k, v = cache.append(new_k[:, :2], new_v[:, :2])
+    assert not k.is_contiguous()  # a prefix of the (2, 2, 64, 16) buffer
+    launched = []
+    launch = tr.KernelCall.launch
+    monkeypatch.setattr(tr.KernelCall, "launch", lambda c: (launched.append(c.args), launch(c)))
+    out = attnkit.attention(q, k, v, mask=masks.causal(), backend="triton")
+    ((_q, k_in, v_in, *_),) = launched
+    assert (k_in.data_ptr(), k_in.stride()) == (k.data_ptr(), k.stride())
+    assert (v_in.data_ptr(), v_in.stride()) == (v.data_ptr(), v.stride())
+    want = attnkit.attention(q, k, v, mask=masks.causal(), backend="reference")
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-6)
+
+
 def test_second_derivatives_raise():
     q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 17, 17, 16, requires_grad=True))
     out = attnkit.attention(q, k, v, mask=masks.causal(), backend="triton")
@@ -231,6 +274,9 @@ def test_tensors_past_32_bit_offsets_are_refused():
     reason = tr.unsupported_reason(_request(q, small, small, None, None, None, 0.0, None, False))
     assert reason is not None
     assert "2^31" in reason
+    # the kernels read a view in place: a short prefix of a long buffer reaches past 2^31
+    prefix = torch.empty(3, 4, 2**20, 256, device="meta")[:, :, :64]
+    assert prefix.numel() < 2**31 <= tr._extent(prefix)
 
 
 # Per kernel (forward, dK/dV, dQ): tiles like sm_80's and sm_90's choices, and three

@@ -48,10 +48,11 @@ def unsupported_reason(req: Request) -> str | None:
     s = req.shapes
     if max(s.D, s.Dv) > 256:
         return f"head dims up to 256 are supported, got D={s.D}, Dv={s.Dv}"
-    largest = max(s.B * s.Hq * s.Lq * max(s.D, s.Dv), s.B * s.Hkv * s.Lk * max(s.D, s.Dv))
+    # q, k, v as the kernels read them, and the output
+    largest = max(*(_extent(t) for t in (req.q, req.k, req.v)), s.B * s.Hq * s.Lq * s.Dv)
     if largest >= 2**31:
         return (
-            f"the kernels index with 32-bit offsets; a tensor here has {largest} >= 2^31 elements"
+            f"the kernels index with 32-bit offsets; a tensor here spans {largest} >= 2^31 elements"
         )
     if req.seed is not None:
         return "dropout is not implemented in the triton kernels (use tiled)"
@@ -61,6 +62,38 @@ def unsupported_reason(req: Request) -> str | None:
     if mods.learns_slopes:
         return "ALiBi slopes that require grad get their gradient from reference or tiled only"
     return None
+
+
+def kernel_input(x: Tensor) -> Tensor:
+    """``x`` as the kernels read it: through its strides, only the head dim contiguous.
+
+    A KV cache's keys (a prefix of a longer buffer) or heads transposed out of (B, L, H, D)
+    go in without a copy.
+    """
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _extent(x: Tensor) -> int:
+    """How far a kernel's offsets into x, its copy or its gradient reach (copying nothing).
+
+    A view into a longer buffer reaches past its own elements; a copy (of a layout the kernels
+    cannot read, or for a gradient) holds all of them.
+    """
+    span = 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride(), strict=True))
+    return max(span, x.numel())
+
+
+def with_gradient(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` and an empty gradient of the same strides (a kernel stores it through x's).
+
+    A layout that is not dense (a view into a longer buffer, an expanded tensor) has no
+    gradient of its strides; it is copied to a contiguous one first.
+    """
+    grad = torch.empty_like(x)  # keeps x's strides exactly when x is dense
+    if grad.stride() != x.stride():
+        x = x.contiguous()
+        grad = torch.empty_like(x)
+    return x, grad
 
 
 @dataclass(frozen=True)
@@ -439,7 +472,7 @@ def triton_backward(
     """
     dout = dout.contiguous()
     delta = ((dout.float() * out.float()).sum(-1) - dlse.float()).contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    (q, dq), (k, dk), (v, dv) = (with_gradient(x) for x in (q, k, v))
     for call in backward_calls(
         q,
         k,
@@ -484,7 +517,7 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
     # the kernels read slope h for query head h: a single shared slope is repeated
     slopes = (mods.slopes if mods.slopes is not None else torch.zeros(1)).detach().float()
     slopes = slopes.to(req.q.device).expand(s.Hq).contiguous()
-    q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
+    q, k, v = (kernel_input(x) for x in (req.q, req.k, req.v))
     scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None)
     grads = req.needs_grad
     if os.environ.get(AUTOTUNE_ENV) == "1" and not torch.compiler.is_compiling():

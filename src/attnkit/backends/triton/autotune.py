@@ -27,7 +27,9 @@ from attnkit.backends.triton import (
     Scalars,
     backward_calls,
     forward_calls,
+    kernel_input,
     tile_walk,
+    with_gradient,
 )
 
 
@@ -135,7 +137,7 @@ def tune(req: Request, launches: Launches, sc: Scalars, slopes: Tensor, grads: b
     }
     if len(remembered) == len(needed):
         return replace(launches, **remembered)
-    q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
+    q, k, v = (kernel_input(x) for x in (req.q, req.k, req.v))
     out = q.new_empty(B, H, Lq, Dv)
     lse = q.new_empty(B, H, Lq, dtype=torch.float32)
 
@@ -149,13 +151,14 @@ def tune(req: Request, launches: Launches, sc: Scalars, slopes: Tensor, grads: b
     forward(best_forward)()  # the backward kernels read out and lse
     dout = torch.randn_like(out)
     delta = (dout.float() * out.float()).sum(-1)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # as the backward op runs them: a layout with no gradient of its strides is copied
+    (qb, dq), (kb, dk), (vb, dv) = (with_gradient(x) for x in (q, k, v))
 
     def backward(dkdv: Launch, dq_: Launch, which: int) -> Callable[[], None]:
         calls = backward_calls(
-            q,
-            k,
-            v,
+            qb,
+            kb,
+            vb,
             dout,
             lse,
             delta,
