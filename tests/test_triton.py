@@ -193,6 +193,87 @@ def test_a_kv_caches_keys_reach_the_kernel_uncopied(monkeypatch):
     torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-6)
 
 
+def test_kv_splits_follow_flash_attentions_heuristic():
+    from attnkit.backends.triton import MAX_KV_SPLITS, kv_splits
+
+    assert kv_splits(programs=132, kv_tiles=256, sm_count=132) == 1  # the SMs are busy
+    assert kv_splits(programs=106, kv_tiles=256, sm_count=132) == 1  # 80 % of them
+    assert kv_splits(programs=32, kv_tiles=256, sm_count=132) == 4  # 128 programs: 97 % full
+    assert kv_splits(programs=1, kv_tiles=3, sm_count=132) == 3  # never more than tiles
+    # one per SM fills them all; 55 (86 %) is the fewest within 85 % of that
+    assert kv_splits(programs=1, kv_tiles=4096, sm_count=64) == 55
+    # at most MAX_KV_SPLITS (128/132 full); the fewest within 85 % of that are 109, but
+    # 109 and 110 splits take 38 tiles each, as 108 do: 111 is the first that takes fewer
+    assert MAX_KV_SPLITS == 128
+    assert kv_splits(programs=1, kv_tiles=4096, sm_count=132) == 111
+    # 4 splits of 9 tiles take 3 each, as 3 splits do: 4 is skipped
+    assert kv_splits(programs=1, kv_tiles=9, sm_count=4) == 3
+
+
+SPLIT_CASES = {  # shape (B, Hq, Hkv, Lq, Lk, D, Dv), mask, score_mod
+    "one query, no mask": ((1, 2, 2, 1, 200, 16, 16), None, None),
+    "one query, causal, GQA": ((2, 4, 2, 1, 150, 32, 24), masks.causal(), None),
+    "5 queries, window": ((1, 2, 1, 5, 181, 16, 16), masks.sliding_window(37), None),
+    "padding tensor, a row with no key": ((1, 2, 2, 3, 97, 16, 16), "padding", None),
+    "alibi and softcap": (
+        (1, 2, 2, 2, 130, 16, 16),
+        masks.causal(),
+        score_mods.compose(score_mods.alibi(score_mods.alibi_slopes(2)), score_mods.softcap(3.0)),
+    ),
+}
+
+
+@pytest.mark.parametrize(("shape", "mask", "mod"), SPLIT_CASES.values(), ids=SPLIT_CASES)
+def test_decoding_splits_each_rows_keys_and_merges_them_exactly(monkeypatch, shape, mask, mod):
+    """Inference over few query tiles splits each row's kv tiles over programs (FlashDecoding)
+    and merges the partial results by their LSEs: output and LSE as the float64 reference."""
+    from attnkit.backends import triton as tr
+
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q64, k64, v64 = (t.to(DEVICE) for t in rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv, torch.float64))
+    if mask == "padding":
+        mask = torch.rand(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(0)) < 0.7
+        mask[..., 1, :] = False
+    monkeypatch.setattr(tr, "_sm_count", lambda device: 64)  # a GPU these shapes do not fill
+    grids = []
+    launch = tr.KernelCall.launch
+    monkeypatch.setattr(tr.KernelCall, "launch", lambda c: (grids.append(c.grid), launch(c)))
+    results = {}
+    for name, dtype, backend in (
+        ("ref64", torch.float64, "reference"),
+        ("ref32", torch.float32, "reference"),
+        ("triton", torch.float32, "triton"),
+    ):
+        q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+        results[name] = attnkit.attention(
+            q, k, v, mask=mask, score_mod=mod, backend=backend, return_lse=True
+        )
+    ((_m, _bh, splits),) = grids
+    assert splits > 1
+    (out, lse), (want, want_lse), (low, low_lse) = (
+        results[n] for n in ("triton", "ref64", "ref32")
+    )
+    assert_close_scaled(out, want, low, floor=2e-5)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert_close_scaled(lse[finite], want_lse[finite], low_lse[finite], floor=2e-5, what="lse")
+    if isinstance(mask, torch.Tensor):  # the row with no key: zeros and -inf, as unsplit
+        assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # numpy's max, interpreted
+def test_a_nan_in_one_split_reaches_the_merged_row(monkeypatch):
+    from attnkit.backends import triton as tr
+
+    monkeypatch.setattr(tr, "_sm_count", lambda device: 64)
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 1, 200, 16))
+    k[0, 1, 150, 3] = float("nan")
+    out, lse = attnkit.attention(q, k, v, backend="triton", return_lse=True)
+    assert out[0, 1].isnan().all()
+    assert lse[0, 1].isnan().all()
+    assert not out[0, 0].isnan().any()
+
+
 def test_second_derivatives_raise():
     q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 17, 17, 16, requires_grad=True))
     out = attnkit.attention(q, k, v, mask=masks.causal(), backend="triton")

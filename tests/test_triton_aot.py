@@ -42,8 +42,10 @@ def compiled(arch: int, dtype: torch.dtype, head_dim: int, *options: str) -> lis
     return [KernelResources.from_json(json.loads(line)) for line in out.splitlines()]
 
 
-def check(arch: int, dtype: torch.dtype, head_dim: int, *options: str) -> None:
-    for r in compiled(arch, dtype, head_dim, *options):
+def check(arch: int, dtype: torch.dtype, head_dim: int, *options: str) -> list[KernelResources]:
+    """The compiled kernels, each checked to fit, not spill (16-bit) and use the newest dots."""
+    results = compiled(arch, dtype, head_dim, *options)
+    for r in results:
         where = f"{r.kernel} sm_{arch} {dtype} D={head_dim} {r.launch}"
         assert r.fits, f"{where}: {r.shared_bytes} B shared > {SHARED_MEMORY_LIMIT[arch]}"
         if dtype != torch.float32:  # fp32 runs exact FMA dots, which spill (see the launcher)
@@ -51,6 +53,7 @@ def check(arch: int, dtype: torch.dtype, head_dim: int, *options: str) -> None:
             older_allowed = arch == 90 and head_dim > 128 and "dkdv" in r.kernel
             if arch in NEWEST_MATMUL and not older_allowed:
                 assert r.matmul == NEWEST_MATMUL[arch], f"{where}: dots became {r.matmul}"
+    return results
 
 
 @pytest.mark.parametrize("arch", [80, 90, 100])
@@ -59,6 +62,15 @@ def test_bf16_launches_compile_fit_and_do_not_spill(arch, head_dim):
     """Each kernel has its own tiles; on sm_90 every dot but D=256 dK/dV's is on wgmma (no
     tiling tried kept that one on wgmma without spilling), on sm_100 every dot on tcgen05."""
     check(arch, torch.bfloat16, head_dim)
+
+
+@pytest.mark.parametrize("arch", [80, 90, 100])
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_split_kv_forward_compiles_fits_and_does_not_spill(arch, head_dim):
+    """Decoding's forward, each row's kv tiles split over programs (float32 partial outputs),
+    is a compile of its own: it too fits and keeps within the spill budget."""
+    (forward,) = check(arch, torch.bfloat16, head_dim, "--kv-splits", "4")
+    assert forward.kernel == "attention_forward_kernel"
 
 
 @pytest.mark.parametrize("arch", [80, 86, 90, 100, 120])

@@ -9,6 +9,7 @@ autograd, so they work under torch.compile.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -197,6 +198,46 @@ def choose_launches(D: int, dtype: torch.dtype, arch: int | None) -> Launches:
     return _TILES[family][bucket]
 
 
+#: Streaming multiprocessors the interpreter pretends to have, so that its small test shapes
+#: take the split path too (a GPU reports its own).
+INTERPRETER_SMS = 4
+#: at most this many splits of a row's kv tiles (FlashAttention-2's limit)
+MAX_KV_SPLITS = 128
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def kv_splits(programs: int, kv_tiles: int, sm_count: int) -> int:
+    """How many programs share each row's kv tiles in an inference forward (FlashDecoding).
+
+    Decoding runs one query tile per (batch, head): B·H programs, too few to fill a GPU's
+    SMs, each walking the whole cache. Split, each takes a part of the row's non-empty tiles
+    and the partial results are merged by their LSEs. This is FlashAttention-2's
+    ``num_splits_heuristic``: no split where ``programs`` fill 80 % of the SMs; otherwise the
+    fewest splits whose waves of programs are at least 85 % as full as the best count's,
+    skipping counts that give the same tiles per split as one fewer. ``kv_tiles``: the kv tiles
+    of a row (the sequence's, an upper bound on the non-empty ones).
+    """
+    if programs >= 0.8 * sm_count:
+        return 1
+    largest = max(1, min(MAX_KV_SPLITS, sm_count, kv_tiles))
+
+    def eligible(n: int) -> bool:
+        return n == 1 or -(-kv_tiles // n) != -(-kv_tiles // (n - 1))
+
+    def fullness(n: int) -> float:
+        waves = programs * n / sm_count
+        return waves / math.ceil(waves)
+
+    counts = [n for n in range(1, largest + 1) if eligible(n)]
+    best = max(fullness(n) for n in counts)
+    return next(n for n in counts if fullness(n) >= 0.85 * best)
+
+
 def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
@@ -268,7 +309,7 @@ class KernelCall:
     """One kernel launch: what the custom ops run, and what ``aot.py`` compiles for a GPU arch."""
 
     kernel: Any  # a triton.JITFunction
-    grid: tuple[int, int]
+    grid: tuple[int, ...]
     args: tuple[Any, ...]
     meta: dict[str, Any]  # constexprs, num_warps, num_stages
 
@@ -341,17 +382,20 @@ def forward_calls(
     sc: Scalars,
     launch: Launch,
 ) -> list[KernelCall]:
-    """The forward launch, writing ``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq).
+    """The forward launch, writing ``out`` (S, B, Hq, Lq, Dv) and ``lse`` (S, B, Hq, Lq).
 
-    ``walk``: the query-tile rows at ``launch``'s tiles.
+    S is the number of splits of each row's kv tiles (``kv_splits``): with S > 1 these are
+    partial results for ``merge_partials``. ``walk``: the query-tile rows at ``launch``'s tiles.
     """
     from attnkit.backends.triton.kernels import attention_forward_kernel
 
     B, H, Lq = q.shape[:3]
-    scalars, meta = _common_args(q, k, v, out, walk, sc, launch)
+    scalars, meta = _common_args(q, k, v, out[0], walk, sc, launch)
     tensors = (q, k, v, out, lse, walk.num, walk.idx, walk.tile, walk.bits, slopes)
-    grid = (-(-Lq // launch.block_m), B * H)
-    return [KernelCall(attention_forward_kernel, grid, (*tensors, *scalars), meta)]
+    splits = out.shape[0]
+    grid = (-(-Lq // launch.block_m), B * H, splits)
+    args = (*tensors, *scalars, out.stride(0))
+    return [KernelCall(attention_forward_kernel, grid, args, {**meta, "SPLIT_KV": splits > 1})]
 
 
 def backward_calls(
@@ -423,16 +467,27 @@ def triton_forward(
     q_off: int,
     has_alibi: bool,
     launch: list[int],
+    splits: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Flash-attention forward: out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32."""
+    """Flash-attention forward: out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32.
+
+    ``splits`` > 1 splits each row's kv tiles over that many programs (FlashDecoding) whose
+    float32 partial results are merged by their LSEs.
+    """
     B, H, Lq, _ = q.shape
-    out = torch.empty(B, H, Lq, v.shape[3], dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    parts = q.dtype if splits == 1 else torch.float32
+    out = torch.empty(splits, B, H, Lq, v.shape[3], dtype=parts, device=q.device)
+    lse = torch.empty(splits, B, H, Lq, dtype=torch.float32, device=q.device)
     sc = Scalars(scale, softcap, q_off, has_alibi)
     walk = TileWalk(num, idx, tile, bits)
     for call in forward_calls(q, k, v, out, lse, walk, slopes, sc, Launch(*launch)):
         call.launch()
-    return out, lse
+    if splits == 1:
+        return out[0], lse[0]
+    from attnkit.distributed.merge import merge_partials
+
+    merged, merged_lse = merge_partials(out.unbind(0), lse.unbind(0))
+    return merged.to(q.dtype), merged_lse
 
 
 @triton_forward.register_fake
@@ -524,10 +579,13 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
         from attnkit.backends.triton import autotune
 
         launches = autotune.tune(req, launches, Scalars(*scalars), slopes, grads)
-    forward_walk = _walk_args(tile_walk(req, launches.forward))
+    walk = tile_walk(req, launches.forward)
+    forward_walk = _walk_args(walk)
     if not grads:
+        programs = -(-s.Lq // launches.forward.block_m) * s.B * s.Hq
+        splits = kv_splits(programs, walk.tile.shape[-1], _sm_count(req.q.device))
         out, lse = triton_forward(
-            q, k, v, *forward_walk, slopes, *scalars, _launch_args(launches.forward)
+            q, k, v, *forward_walk, slopes, *scalars, _launch_args(launches.forward), splits
         )
         return out, lse
     out, lse = _TritonAttention.apply(  # type: ignore[no-untyped-call]

@@ -177,12 +177,15 @@ def launcher_resources(
     seq_len: int = 4096,
     launch: Launch | None = None,
     gqa_group: int = 1,
+    kv_splits: int = 1,
 ) -> list[KernelResources]:
     """Compile forward, dK/dV and dQ as the launcher would run them on ``arch``.
 
     Shapes: B=1, Hkv=2, Hq=2·gqa_group, Lq=Lk=seq_len, D=Dv=head_dim (only alignment, the
     tiles and which ints are 1 matter to the compiler). ``launch`` overrides
-    ``choose_launches`` for all three kernels, to try other tiles.
+    ``choose_launches`` for all three kernels, to try other tiles. ``kv_splits`` > 1 compiles
+    only the forward an inference call splits over that many programs per row (FlashDecoding;
+    its float32 partial outputs), the backward kernels being the same either way.
     """
     launches = (
         Launches(launch, launch, launch) if launch else choose_launches(head_dim, dtype, arch)
@@ -200,7 +203,12 @@ def launcher_resources(
         return TileWalk(ints, ints, ints, torch.zeros(16, dtype=torch.int8))
 
     fwd, dkdv, dq_ = launches.forward, launches.dkdv, launches.dq
-    calls = forward_calls(q, k, v, out, lse, walk(fwd), slopes, sc, fwd)
+    if kv_splits > 1:
+        parts = torch.zeros(kv_splits, 1, hq, seq_len, head_dim)
+        split_lse = torch.zeros(kv_splits, 1, hq, seq_len)
+        calls = forward_calls(q, k, v, parts, split_lse, walk(fwd), slopes, sc, fwd)
+        return [compile_call(call, arch) for call in calls]
+    calls = forward_calls(q, k, v, out[None], lse[None], walk(fwd), slopes, sc, fwd)  # 1 split
     calls += backward_calls(
         q, k, v, dout, lse, delta, dq, dk, dv, walk(dkdv), walk(dq_), slopes, sc, dkdv, dq_
     )
@@ -217,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--alibi", action="store_true")
     ap.add_argument("--softcap", type=float, default=0.0)
     ap.add_argument("--launch", help="block_m,block_n,num_warps,num_stages")
+    ap.add_argument("--kv-splits", type=int, default=1, help="> 1: the split forward only")
     args = ap.parse_args(argv)
     launch = Launch(*map(int, args.launch.split(","))) if args.launch else None
     for r in launcher_resources(
@@ -227,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         softcap=args.softcap,
         launch=launch,
         gqa_group=args.gqa_group,
+        kv_splits=args.kv_splits,
     ):
         print(json.dumps(r.to_json()))
 

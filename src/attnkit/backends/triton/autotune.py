@@ -138,8 +138,8 @@ def tune(req: Request, launches: Launches, sc: Scalars, slopes: Tensor, grads: b
     if len(remembered) == len(needed):
         return replace(launches, **remembered)
     q, k, v = (kernel_input(x) for x in (req.q, req.k, req.v))
-    out = q.new_empty(B, H, Lq, Dv)
-    lse = q.new_empty(B, H, Lq, dtype=torch.float32)
+    out = q.new_empty(1, B, H, Lq, Dv)  # one split: the tables' tiles serve every split count
+    lse = q.new_empty(1, B, H, Lq, dtype=torch.float32)
 
     def forward(launch: Launch) -> Callable[[], None]:
         (call,) = forward_calls(q, k, v, out, lse, tile_walk(req, launch), slopes, sc, launch)

@@ -109,15 +109,23 @@ def attention_forward_kernel(
     sob,
     soh,
     som,
+    sos,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SPLIT_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """One program per (q tile, batch, query head): online softmax over its kv tiles."""
+    """One program per (q tile, batch, query head, split): online softmax over its kv tiles.
+
+    With SPLIT_KV, S splits (grid axis 2; FlashDecoding): each program takes an S-th of its
+    row's non-empty kv tiles and writes a partial output (split stride ``sos``) and LSE, which
+    the launcher merges. Without, one program takes the whole row (a compile of its own: the
+    split's indexing cost registers that some large tiles do not have to spare).
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -138,7 +146,15 @@ def attention_forward_kernel(
     mh = tl.where(Hm > 1, h, 0)
     row_base = (mb * Hm + mh) * nQ + pid_m
     n_tiles = tl.load(KV_NUM + row_base)
-    for it in range(0, n_tiles):
+    first = 0
+    if SPLIT_KV:
+        pid_s = tl.program_id(2)
+        per_split = tl.cdiv(n_tiles, tl.num_programs(2))  # from the row's own count: balanced
+        first = pid_s * per_split
+        n_tiles = tl.minimum(first + per_split, n_tiles)
+        Out += pid_s * sos
+        LSE += pid_s * tl.num_programs(1) * Lq
+    for it in range(first, n_tiles):
         kt = tl.load(KV_IDX + row_base * nK + it)
         cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.load(
