@@ -154,6 +154,16 @@ def test_nan_reaches_the_rows_that_attend_to_it(where, mask):
     assert torch.equal(lse.isnan(), ref_lse.isnan())
 
 
+def record_launches(monkeypatch):
+    """The kernel calls the triton backend makes from here on (still launched), in order."""
+    from attnkit.backends import triton as tr
+
+    launched = []
+    launch = tr.KernelCall.launch
+    monkeypatch.setattr(tr.KernelCall, "launch", lambda c: (launched.append(c), launch(c)))
+    return launched
+
+
 LAYOUTS = {  # the same values as x (B, H, L, D), laid out otherwise in memory
     "heads transposed out of (B, L, H, D)": lambda x: (
         x.transpose(1, 2).contiguous().transpose(1, 2)
@@ -173,7 +183,6 @@ def test_strided_inputs(layout):
 
 def test_a_kv_caches_keys_reach_the_kernel_uncopied(monkeypatch):
     """Decoding: the cache's keys and values, views into its buffer, are not copied per step."""
-    from attnkit.backends import triton as tr
     from attnkit.nn import KVCache
 
     cache = KVCache(2, 2, 64, 16, device=DEVICE)
@@ -182,11 +191,9 @@ def test_a_kv_caches_keys_reach_the_kernel_uncopied(monkeypatch):
     q, new_k, new_v = (torch.randn(2, 4, 1, 16, device=DEVICE) for _ in range(3))
     k, v = cache.append(new_k[:, :2], new_v[:, :2])
     assert not k.is_contiguous()  # a prefix of the (2, 2, 64, 16) buffer
-    launched = []
-    launch = tr.KernelCall.launch
-    monkeypatch.setattr(tr.KernelCall, "launch", lambda c: (launched.append(c.args), launch(c)))
+    launched = record_launches(monkeypatch)
     out = attnkit.attention(q, k, v, mask=masks.causal(), backend="triton")
-    ((_q, k_in, v_in, *_),) = launched
+    ((_q, k_in, v_in, *_),) = (call.args for call in launched)
     assert (k_in.data_ptr(), k_in.stride()) == (k.data_ptr(), k.stride())
     assert (v_in.data_ptr(), v_in.stride()) == (v.data_ptr(), v.stride())
     want = attnkit.attention(q, k, v, mask=masks.causal(), backend="reference")
@@ -235,9 +242,7 @@ def test_decoding_splits_each_rows_keys_and_merges_them_exactly(monkeypatch, sha
         mask = torch.rand(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(0)) < 0.7
         mask[..., 1, :] = False
     monkeypatch.setattr(tr, "_sm_count", lambda device: 64)  # a GPU these shapes do not fill
-    grids = []
-    launch = tr.KernelCall.launch
-    monkeypatch.setattr(tr.KernelCall, "launch", lambda c: (grids.append(c.grid), launch(c)))
+    launched = record_launches(monkeypatch)
     results = {}
     for name, dtype, backend in (
         ("ref64", torch.float64, "reference"),
@@ -248,7 +253,7 @@ def test_decoding_splits_each_rows_keys_and_merges_them_exactly(monkeypatch, sha
         results[name] = attnkit.attention(
             q, k, v, mask=mask, score_mod=mod, backend=backend, return_lse=True
         )
-    ((_m, _bh, splits),) = grids
+    ((_m, _bh, splits),) = (call.grid for call in launched)
     assert splits > 1
     (out, lse), (want, want_lse), (low, low_lse) = (
         results[n] for n in ("triton", "ref64", "ref32")
