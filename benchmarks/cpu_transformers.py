@@ -82,6 +82,20 @@ def ms(fn: Callable[[], object]) -> float:
     )
 
 
+def best_of_rounds(
+    model: Any, steps: dict[str, Callable[[], Any]], rounds: int
+) -> dict[str, dict[str, float]]:
+    """ms of each step by implementation: the best of ``rounds`` rounds, implementations taking
+    turns within each (interleaved: this VM's speed drifts between runs)."""
+    times: dict[str, dict[str, float]] = {step: {} for step in steps}
+    for _ in range(rounds):
+        for name, implementation in IMPLEMENTATIONS.items():
+            model.set_attn_implementation(implementation)
+            for step, fn in steps.items():
+                times[step][name] = min(times[step].get(name, float("inf")), ms(fn))
+    return times
+
+
 def timings(model: Any, ids: torch.Tensor, rounds: int) -> dict[str, dict[str, float]]:
     """ms per prefill and per training step, by implementation, the best of ``rounds`` rounds;
     the logits are checked against sdpa's first."""
@@ -119,13 +133,7 @@ def timings(model: Any, ids: torch.Tensor, rounds: int) -> dict[str, dict[str, f
         logits = torch.cat([prefill(), decode(copy.deepcopy(prompt_cache))], dim=1)
         expected = logits if expected is None else expected
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    times: dict[str, dict[str, float]] = {step: {} for step in steps}
-    for _ in range(rounds):  # interleaved, best of each: this VM's speed drifts between runs
-        for name, implementation in IMPLEMENTATIONS.items():
-            model.set_attn_implementation(implementation)
-            for step, fn in steps.items():
-                times[step][name] = min(times[step].get(name, float("inf")), ms(fn))
-    return times
+    return best_of_rounds(model, steps, rounds)
 
 
 def encoder_timings(
@@ -151,13 +159,7 @@ def encoder_timings(
         expected = hidden if expected is None else expected
         torch.testing.assert_close(hidden, expected, rtol=1e-4, atol=1e-4)
     steps = {"forward": forward, "train step": train_step}
-    times: dict[str, dict[str, float]] = {step: {} for step in steps}
-    for _ in range(rounds):
-        for name, implementation in IMPLEMENTATIONS.items():
-            model.set_attn_implementation(implementation)
-            for step, fn in steps.items():
-                times[step][name] = min(times[step].get(name, float("inf")), ms(fn))
-    return times
+    return best_of_rounds(model, steps, rounds)
 
 
 def main() -> None:
