@@ -6,10 +6,11 @@
 # output lands in $OUT (default out/gpu_session):
 #   env.txt    GPU, driver, torch and triton versions
 #   tests.log  pytest of tests/test_triton*.py on CUDA (TRITON_INTERPRET=0)
-#   gpu.md     the benchmark table, gpu.json every figure; bench.log its output
+#   gpu_decode.md  the decoding table (one query over a KV cache), gpu_decode.json, decode.log
+#   gpu.md     the attention table (TFLOP/s), gpu.json every figure; bench.log its output
 #
-#   STAGES="tests bench" (default), "bench", "tests", "autotune" (bench with tuned tiles)
-#   TESTS_S=150 BENCH_S=380  seconds each stage may take (bench rows so far are kept)
+#   STAGES="tests decode bench" (default), any of them, or "autotune" (bench, tuned tiles)
+#   TESTS_S=150 DECODE_S=90 BENCH_S=300  seconds each stage may take (rows so far are kept)
 #   QUICK=1                  bench N <= 8k and D = 64 only
 #   BENCH_ARGS="--dims 64 --lengths 16384 32768"   the part of the table still missing
 #   WORKERS=8                pytest-xdist workers for the tests (they compile in parallel)
@@ -19,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_session}
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-tests bench}
+STAGES=${STAGES:-tests decode bench}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -49,17 +50,21 @@ for stage in $STAGES; do
         -n "${WORKERS:-8}" tests/test_triton.py tests/test_triton_autotune.py 2>&1 |
         tee "$OUT/tests.log"
       ;;
+    decode)
+      timeout "${DECODE_S:-90}" $PY benchmarks/gpu.py --only decode "${bench_args[@]}" \
+        --out "$OUT/gpu_decode.md" --json "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/decode.log"
+      ;;
     bench)
-      timeout "${BENCH_S:-380}" $PY benchmarks/gpu.py "${bench_args[@]}" \
+      timeout "${BENCH_S:-300}" $PY benchmarks/gpu.py --only attention "${bench_args[@]}" \
         --out "$OUT/gpu.md" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
       ;;
     autotune)
-      ATTNKIT_TRITON_AUTOTUNE=1 timeout "${BENCH_S:-380}" $PY benchmarks/gpu.py \
+      ATTNKIT_TRITON_AUTOTUNE=1 timeout "${BENCH_S:-300}" $PY benchmarks/gpu.py --only attention \
         "${bench_args[@]}" --out "$OUT/gpu_autotune.md" --json "$OUT/gpu_autotune.json" \
         2>&1 | tee "$OUT/autotune.log"
       ;;
     *)
-      echo "unknown stage $stage (tests, bench, autotune)"
+      echo "unknown stage $stage (tests, decode, bench, autotune)"
       status=2
       continue
       ;;

@@ -144,3 +144,13 @@ def load_hf_attention(ours, hf):
         for name in ("q_norm.weight", "k_norm.weight", "sinks"):
             if name in theirs:
                 ours.get_parameter(name).copy_(theirs[name])  # raises if ours lacks it
+
+
+def record_launches(monkeypatch):
+    """The kernel calls the triton backend makes from here on (still launched), in order."""
+    from attnkit.backends import triton as tr
+
+    launched = []
+    launch = tr.KernelCall.launch
+    monkeypatch.setattr(tr.KernelCall, "launch", lambda c: (launched.append(c), launch(c)))
+    return launched

@@ -85,15 +85,42 @@ def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks/gpu.py"), "--smoke", "--out", str(md)]
     subprocess.run([*cmd, "--json", str(js)], env=env, check=True, capture_output=True)
-    rows = json.loads(js.read_text())["rows"]
+    saved = json.loads(js.read_text())
+    rows, decode_rows = saved["attention"], saved["decode"]
     assert {(r["case"], r["pass"]) for r in rows} == {
         (c, p)
         for c in ("dense", "causal", "sliding_window(16)", "block_sparse(16, 25 %)")
         for p in ("fwd", "fwd+bwd")
     }
     assert all(r["triton_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
+    assert [r["case"] for r in decode_rows] == ["whole cache", "sliding_window(16)"]
+    # FlexAttention's forward runs on CPU, so every decoding contender has a time
+    assert all(r[f"{c}_s"] > 0 for r in decode_rows for c in ("triton", "unsplit", "sdpa", "flex"))
     table = [line for line in md.read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + len(rows)
+    assert len(table) == 2 + len(rows) + len(decode_rows)  # two tables, a header each
+
+
+def test_gpu_decode_bench_times_the_kernel_split_and_unsplit(monkeypatch):
+    """The decoding table's "triton" runs split-KV and its "unsplit" one program per row,
+    each over the keys its bytes count; a contender that fails is noted, not fatal."""
+    pytest.importorskip("triton")
+    from attnkit import bench_gpu_decode
+    from conftest import record_launches
+
+    def no_flex(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(bench_gpu_decode, "flex", no_flex)
+    launched = record_launches(monkeypatch)
+    window = bench_gpu_decode.cases(smoke=True)[1]
+    row = bench_gpu_decode.measure(window, "cpu", torch.float32, smoke=True)
+    split, unsplit = (call.grid[2] for call in launched)
+    assert (split > 1, unsplit) == (True, 1)
+    assert (row["note"], row["flex_s"]) == ("flex: RuntimeError: no compiler here", None)
+    assert row["bytes"] == 2 * window.Hkv * 17 * window.D * 4  # the query and 16 keys left, fp32
+    cells = bench_gpu_decode.cells(row)
+    assert (cells[:3], cells[6]) == (["sliding_window(16)", "1", "64"], "—")
 
 
 @pytest.mark.slow
@@ -108,10 +135,10 @@ def test_gpu_bench_flex_fails_past_its_recompile_limit_instead_of_running_unfuse
     torch._dynamo.reset()  # earlier tests in this process may have compiled flex_attention
     q = torch.randn(1, 2, 64, 16)
     with bench_gpu.flex_compile_limits(1):
-        out = bench_gpu._flex(masks.causal(), 64, "cpu")(q, q, q)
+        out = bench_gpu.flex(masks.causal(), 64, 64, "cpu")(q, q, q)
         torch.testing.assert_close(out, attnkit.attention(q, q, q, mask=masks.causal()))
         with pytest.raises(FailOnRecompileLimitHit):
-            bench_gpu._flex(masks.sliding_window(8), 64, "cpu")(q, q, q)
+            bench_gpu.flex(masks.sliding_window(8), 64, 64, "cpu")(q, q, q)
     torch._dynamo.reset()
 
 

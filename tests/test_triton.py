@@ -15,7 +15,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'attn
 
 import attnkit
 from attnkit import masks, score_mods
-from conftest import assert_close_scaled, per_head_predicate, rand_qkv
+from conftest import assert_close_scaled, per_head_predicate, rand_qkv, record_launches
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -152,16 +152,6 @@ def test_nan_reaches_the_rows_that_attend_to_it(where, mask):
     assert not ref.isnan().all()
     assert torch.equal(out.isnan(), ref.isnan())
     assert torch.equal(lse.isnan(), ref_lse.isnan())
-
-
-def record_launches(monkeypatch):
-    """The kernel calls the triton backend makes from here on (still launched), in order."""
-    from attnkit.backends import triton as tr
-
-    launched = []
-    launch = tr.KernelCall.launch
-    monkeypatch.setattr(tr.KernelCall, "launch", lambda c: (launched.append(c), launch(c)))
-    return launched
 
 
 LAYOUTS = {  # the same values as x (B, H, L, D), laid out otherwise in memory

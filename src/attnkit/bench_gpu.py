@@ -4,7 +4,8 @@ attnkit's Triton kernels against torch SDPA (flash; a dense bool mask where the 
 causal) and compiled FlexAttention, in one run: TFLOP/s counted on the FLOPs each mask needs
 (4·B·H·D per attended pair forward, 3.5x that forward+backward), bf16, B=1, H=16 (so the GPU
 is busy at short N too), D = 64 and 128, N = 1k … 32k, dense, causal, sliding window
-(left 1024) and block-sparse (128-token cells, a quarter of them plus the diagonal).
+(left 1024) and block-sparse (128-token cells, a quarter of them plus the diagonal). A
+second table times decoding (``attnkit.bench_gpu_decode``); ``only`` picks tables.
 
 ``ATTNKIT_TRITON_AUTOTUNE=1`` times tile variants in each case's untimed first call (the
 title says so). ``smoke=True`` runs every code path once on tiny shapes; on CPU tensors that needs
@@ -46,6 +47,8 @@ COLUMNS = (
     "triton / SDPA",
     "triton / Flex",
 )
+#: columns of words, not figures (left-aligned)
+LEFT = ("case", "pass")
 
 
 @dataclass(frozen=True)
@@ -121,14 +124,19 @@ def seconds(fn: Callable[[], object], smoke: bool) -> float:
     return float(timer.blocked_autorange(min_run_time=0.25).median)
 
 
-def _flex(mask: Mask | None, N: int, device: str) -> Callable[..., torch.Tensor]:
+def flex(mask: Mask | None, Lq: int, Lk: int, device: str) -> Callable[..., torch.Tensor]:
+    """Compiled FlexAttention under ``mask``'s block mask; grouped query heads allowed."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     block = None
     if mask is not None:
-        block = create_block_mask(mask.bind(N, N).fn, None, None, N, N, device=device)
+        block = create_block_mask(mask.bind(Lq, Lk).fn, None, None, Lq, Lk, device=device)
     compiled = torch.compile(flex_attention)
-    return lambda q, k, v: compiled(q, k, v, block_mask=block)
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return compiled(q, k, v, block_mask=block, enable_gqa=q.shape[1] != k.shape[1])
+
+    return call
 
 
 def flex_compile_limits(limit: int) -> Any:
@@ -183,7 +191,7 @@ def measure(case: GpuCase, device: str, dtype: torch.dtype, smoke: bool = False)
     contenders: dict[str, Callable[[], Callable[..., torch.Tensor]]] = {
         "triton": lambda: triton,
         "sdpa": lambda: sdpa,
-        "flex": lambda: _flex(case.mask, N, device),
+        "flex": lambda: flex(case.mask, N, N, device),
     }
     notes = []
     for name, make in contenders.items():
@@ -219,19 +227,63 @@ def cells(row: dict[str, Any]) -> list[str]:
     ]
 
 
-def markdown(rows: list[dict[str, Any]], title: str) -> str:
-    """The table as Markdown, for ``benchmarks/results/`` and the README."""
-    lines = [f"# Triton backend benchmark\n\n{title}\n"]
-    lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "|".join("---" if c in ("case", "pass") else "---:" for c in COLUMNS) + "|")
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+@dataclass(frozen=True)
+class BenchTable:
+    """One table of the run: its cases, how a case is measured, and how a row is shown."""
+
+    name: str
+    heading: str
+    columns: Sequence[str]
+    cases: Sequence[Any]
+    measure: Callable[..., dict[str, Any]]
+    cells: Callable[[dict[str, Any]], list[str]]
+
+    def markdown(self, rows: list[dict[str, Any]]) -> str:
+        """The rows as a Markdown table under the table's heading."""
+        lines = [f"## {self.heading}\n", "| " + " | ".join(self.columns) + " |"]
+        lines.append("|" + "|".join("---" if c in LEFT else "---:" for c in self.columns) + "|")
+        lines += ["| " + " | ".join(self.cells(r)) + " |" for r in rows]
+        return "\n".join(lines) + "\n"
 
 
-def describe(where: str, dtype: torch.dtype, heads: int = H) -> str:
-    """The table's title: device, torch, dtype, shape, and whether triton's tiles were tuned."""
+def tables(
+    quick: bool = False,
+    smoke: bool = False,
+    dims: Sequence[int] | None = None,
+    lengths: Sequence[int] | None = None,
+    only: Sequence[str] = ("attention", "decode"),
+) -> list[BenchTable]:
+    """The run's tables: ``attention`` (TFLOP/s, above) and ``decode`` (``bench_gpu_decode``)."""
+    from attnkit import bench_gpu_decode as decode
+
+    kinds = {
+        "attention": BenchTable(
+            "attention",
+            f"Attention: TFLOP/s, B=1, H={SMOKE_HEADS if smoke else H}",
+            COLUMNS,
+            cases(quick, smoke, dims, lengths),
+            measure,
+            cells,
+        ),
+        "decode": BenchTable(
+            "decode",
+            "Decoding: one query over a KV cache, µs per call",
+            decode.COLUMNS,
+            decode.cases(quick, smoke),
+            decode.measure,
+            decode.cells,
+        ),
+    }
+    unknown = set(only) - set(kinds)
+    if unknown:
+        raise ValueError(f"only: unknown tables {sorted(unknown)}; choose from {sorted(kinds)}")
+    return [kinds[name] for name in only]
+
+
+def describe(where: str, dtype: torch.dtype) -> str:
+    """The run's title: device, torch, dtype, and whether triton's tiles were tuned."""
     dtype_name = str(dtype).removeprefix("torch.")
-    title = f"{where}, torch {torch.__version__}, {dtype_name}, B=1, H={heads}"
+    title = f"{where}, torch {torch.__version__}, {dtype_name}"
     if os.environ.get(AUTOTUNE_ENV) == "1":
         title += ", triton tiles autotuned"
     return title
@@ -245,44 +297,51 @@ def run(
     smoke: bool = False,
     dims: Sequence[int] | None = None,
     lengths: Sequence[int] | None = None,
+    only: Sequence[str] = ("attention", "decode"),
 ) -> int:
-    """``attnkit bench --device cuda``: the table above, with a progress bar; the exit code."""
+    """``attnkit bench --device cuda``: the tables above, with a progress bar; the exit code."""
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
-    todo = cases(quick, smoke, dims, lengths)
+    todo = tables(quick, smoke, dims, lengths, only)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter: fp32
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, TRITON_INTERPRET=1"
-    title = describe(where, dtype, SMOKE_HEADS if smoke else H)
+    title = describe(where, dtype)
     console = Console(width=150)
-    rows: list[dict[str, Any]] = []
+    rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t in todo}
 
     def save() -> None:  # after every row: a run stopped part way keeps what it measured
         if json_path:
-            Path(json_path).write_text(json.dumps({"device": where, "rows": rows}, indent=1))
+            Path(json_path).write_text(json.dumps({"device": where, **rows}, indent=1))
         if markdown_path:
             Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(markdown_path).write_text(markdown(rows, title))
+            parts = [f"# Triton backend benchmark\n\n{title}\n"]
+            parts += [t.markdown(rows[t.name]) for t in todo if rows[t.name]]
+            Path(markdown_path).write_text("\n".join(parts))
 
-    limits = flex_compile_limits(2 * len(todo) + 8)  # every case may compile fwd and bwd
+    # every case may compile FlexAttention forward and backward
+    limits = flex_compile_limits(2 * sum(len(t.cases) for t in todo) + 8)
     with Progress(console=console, transient=True) as progress, limits:
-        task = progress.add_task("", total=len(todo))
-        for case in todo:
-            progress.update(task, description=f"{case.name} N={case.N} D={case.D}")
-            rows.append(measure(case, device, dtype, smoke))
-            save()
-            console.log(" | ".join(cells(rows[-1])), rows[-1]["note"])  # logs show progress
-            progress.advance(task)
-    table = Table(title=f"attnkit triton vs torch: {title}")
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("case", "pass") else "right")
-    for r in rows:
-        table.add_row(*cells(r))
-    console.print(table)
-    for r in rows:
-        if r["note"]:
-            console.print(f"  {r['case']} N={r['N']} D={r['D']} {r['pass']}: {r['note']}")
+        task = progress.add_task("", total=sum(len(t.cases) for t in todo))
+        for table in todo:
+            for case in table.cases:
+                progress.update(task, description=f"{table.name}: {case}")
+                rows[table.name].append(table.measure(case, device, dtype, smoke))
+                save()
+                row = rows[table.name][-1]
+                console.log(" | ".join(table.cells(row)), row["note"])  # logs show progress
+                progress.advance(task)
+    for table in todo:
+        shown = Table(title=f"attnkit triton vs torch, {table.heading}: {title}")
+        for col in table.columns:
+            shown.add_column(col, justify="left" if col in LEFT else "right")
+        for r in rows[table.name]:
+            shown.add_row(*table.cells(r))
+        console.print(shown)
+        for r in rows[table.name]:
+            if r["note"]:
+                console.print(f"  {' '.join(table.cells(r)[:3])}: {r['note']}")
     for path in (json_path, markdown_path):
         if path:
             console.print(f"wrote {path}")

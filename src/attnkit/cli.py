@@ -2,7 +2,7 @@
 
 attnkit patterns [--length N] [--png FILE]   draw the built-in sparse patterns
 attnkit bench [--quick] [--json F] [--png F]  tiled vs SDPA / FlexAttention, time and memory
-attnkit bench --device cuda [--quick] [--json F] [--markdown F]   triton vs SDPA / Flex, TFLOP/s
+attnkit bench --device cuda [--quick] [--json F] [--markdown F]   triton vs SDPA / Flex on a GPU
 attnkit explain ["TEXT"] [--word W] [--layer L|all] [--steps] [--png F] [--html F] [--sparse M]
                 [--checkpoint LM.pt]            the same for a CausalLM of one's own
 """
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="cpu: the tiled backend (default); cuda: the Triton kernels, in TFLOP/s",
     )
-    b.add_argument("--markdown", help="with --device cuda: save the table as Markdown")
+    b.add_argument("--markdown", help="with --device cuda: save the tables as Markdown")
     b.set_defaults(func=_cmd_bench)
     from attnkit.explain import DEFAULT_TEXT
 
