@@ -336,23 +336,77 @@ def test_trainable_alibi_slopes_are_refused_not_silently_frozen():
         attnkit.attention(q, k, v, score_mod=mod, backend="triton")
 
 
-def test_tensors_past_32_bit_offsets_are_refused():
-    """The kernels' offsets are 32-bit: 2^31 elements would wrap around, so auto goes elsewhere."""
+def test_slices_past_32_bit_offsets_are_refused():
+    """Offsets within one (batch, head) slice are 32-bit: a slice reaching 2^31 elements
+    would wrap around, so it is refused and auto goes elsewhere; a whole tensor may pass."""
     from attnkit.backends import triton as tr
     from attnkit.functional import _request
 
-    q = torch.zeros(1, device=DEVICE).expand(2, 4, 2**20, 256)  # 2^31 elements, no memory
+    def reason(q, kv):
+        return tr.unsupported_reason(_request(q, kv, kv, None, None, None, 0.0, None, False))
+
     small = torch.zeros(1, device=DEVICE).expand(2, 4, 64, 256)
-    assert (
-        tr.unsupported_reason(_request(small, small, small, None, None, None, 0.0, None, False))
-        is None
+    many_slices = torch.zeros(1, device=DEVICE).expand(2, 4, 2**20, 256)  # 2^31, no memory
+    assert reason(small, small) is None
+    assert reason(many_slices, small) is None
+    one_slice = torch.zeros(1, device=DEVICE).expand(1, 1, 2**23, 256)  # 2^31 in one slice
+    assert "a slice here spans 2147483648 >= 2^31" in reason(one_slice, one_slice[:, :, :64])
+    # the kernels read a view in place: heads transposed out of (B, L, H, D) have rows
+    # H·D apart, so 2^18 + 1 rows of 64 heads of 128 reach past 2^31
+    rows_apart = torch.empty(1, 2**18 + 1, 64, 128, device="meta").transpose(1, 2)
+    assert rows_apart[:, :1].numel() < 2**31 <= tr._slice_extent(rows_apart)
+    # 64-bit offsets past the slice only for tensors that need them (they cost registers)
+    prefix = torch.empty(3, 4, 2**20, 256, device="meta")[:, :, :64]  # spans past 2^31
+    contiguous = torch.empty(2**31, dtype=torch.int8, device="meta")
+    reach = [tr._reaches_2_31(x) for x in (small, many_slices, prefix, contiguous, prefix[:1])]
+    assert reach == [False, False, True, True, False]  # expanded dims reach nothing
+
+
+BIG_OFFSETS = """
+import sys, torch, attnkit
+from attnkit.backends import triton as tr
+sys.path.insert(0, sys.argv[2])
+from conftest import assert_close_scaled
+
+H, L, D = 5, 20, 16
+hs = 2**29 + 64  # head stride: the offset of head h, h·hs, passes 2^31 elements at h = 4
+buf = torch.empty(H * hs, dtype=torch.float16, device=sys.argv[1])  # 5 GiB, little touched
+
+def view(offset):
+    x = buf.as_strided((1, H, L, D), (H * hs, hs, D, 1), offset)
+    return x.copy_(torch.randn(1, H, L, D))
+
+q, k, v = view(0), view(L * D), view(2 * L * D)
+launched = []
+launch = tr.KernelCall.launch
+tr.KernelCall.launch = lambda call: (launched.append(call), launch(call))
+with torch.no_grad():
+    out = attnkit.attention(q, k, v, mask=attnkit.masks.causal(), backend="triton")
+assert [call.meta["WIDE_OFFSETS"] for call in launched] == [True]
+ref = {
+    dtype: attnkit.attention(
+        *(t.contiguous().to(dtype) for t in (q, k, v)), mask=attnkit.masks.causal(),
+        backend="reference",
     )
-    reason = tr.unsupported_reason(_request(q, small, small, None, None, None, 0.0, None, False))
-    assert reason is not None
-    assert "2^31" in reason
-    # the kernels read a view in place: a short prefix of a long buffer reaches past 2^31
-    prefix = torch.empty(3, 4, 2**20, 256, device="meta")[:, :, :64]
-    assert prefix.numel() < 2**31 <= tr._extent(prefix)
+    for dtype in (torch.float64, torch.float16)
+}
+assert_close_scaled(out, ref[torch.float64], ref[torch.float16])
+"""
+
+
+@pytest.mark.slow
+def test_heads_past_2_31_elements_into_the_buffer_are_reached_in_64_bit():
+    """A head whose slice starts past 2^31 elements (views into one 5 GiB buffer, read in
+    place): with 32-bit slice offsets it read out of bounds (a crash, hence the subprocess)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", BIG_OFFSETS, DEVICE, tests], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # Per kernel (forward, dK/dV, dQ): tiles like sm_80's and sm_90's choices, and three

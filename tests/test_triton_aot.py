@@ -99,6 +99,16 @@ def test_other_archs_dtypes_and_head_dims(arch, dtype, head_dim):
     check(arch, dtype, head_dim)
 
 
+@pytest.mark.parametrize("arch", [80, 90, 100])
+@pytest.mark.parametrize(("head_dim", "kv_splits"), [(128, 1), (256, 1), (128, 4)])
+def test_64_bit_offset_variants_compile_fit_and_do_not_spill(arch, head_dim, kv_splits):
+    """Tensors past 2^31 elements take kernels compiled with 64-bit slice offsets; without
+    score mods they keep the same tiles within the spill budget (with ALiBi, softcap and GQA
+    sm_90's D=128 dK/dV spills 32 B, against 16 B in 32 bits: left, for such sizes only)."""
+    options = ("--wide-offsets", "--kv-splits", str(kv_splits))
+    check(arch, torch.bfloat16, head_dim, *options)
+
+
 @pytest.mark.parametrize(
     ("arch", "head_dim"), [(90, 64), (90, 128), (100, 128), (80, 256), (86, 128), (120, 128)]
 )

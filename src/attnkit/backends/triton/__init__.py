@@ -49,11 +49,12 @@ def unsupported_reason(req: Request) -> str | None:
     s = req.shapes
     if max(s.D, s.Dv) > 256:
         return f"head dims up to 256 are supported, got D={s.D}, Dv={s.Dv}"
-    # q, k, v as the kernels read them, and the output
-    largest = max(*(_extent(t) for t in (req.q, req.k, req.v)), s.B * s.Hq * s.Lq * s.Dv)
+    # (batch, head) slices are reached in 64-bit arithmetic, offsets within one are 32-bit
+    largest = max(*(_slice_extent(t) for t in (req.q, req.k, req.v)), s.Lq * s.Dv)  # + out
     if largest >= 2**31:
         return (
-            f"the kernels index with 32-bit offsets; a tensor here spans {largest} >= 2^31 elements"
+            "the kernels index within one (batch, head) slice with 32-bit offsets; "
+            f"a slice here spans {largest} >= 2^31 elements"
         )
     if req.seed is not None:
         return "dropout is not implemented in the triton kernels (use tiled)"
@@ -74,14 +75,33 @@ def kernel_input(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _extent(x: Tensor) -> int:
-    """How far a kernel's offsets into x, its copy or its gradient reach (copying nothing).
+def _slice_extent(x: Tensor) -> int:
+    """How far the kernels' offsets reach within one (batch, head) slice of x (B, H, L, D).
 
-    A view into a longer buffer reaches past its own elements; a copy (of a layout the kernels
-    cannot read, or for a gradient) holds all of them.
+    x is read in place when its head dim is contiguous, so the span of a row stride counts
+    (heads transposed out of (B, L, H, D): rows H·D apart); otherwise its copy is, as are a
+    non-dense layout's gradients (``with_gradient``).
     """
-    span = 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride(), strict=True))
-    return max(span, x.numel())
+    L, D = x.shape[-2:]
+    if x.stride(-1) != 1:
+        return L * D
+    return max(L * D, 1 + (L - 1) * x.stride(-2) + (D - 1))
+
+
+def _reaches_2_31(x: Tensor) -> bool:
+    """Whether a kernel's offsets into x reach 2^31 elements (an expanded dim adds none)."""
+    if x.untyped_storage().nbytes() < 2**31 * x.element_size():
+        return False  # offsets stay within x's storage; cheap, and this runs at every launch
+    return sum((n - 1) * st for n, st in zip(x.shape, x.stride(), strict=True)) >= 2**31 - 1
+
+
+def wide_offsets(tensors: tuple[Tensor, ...], walk: TileWalk) -> bool:
+    """Whether a kernel needs 64-bit offsets: one of its tensors reaches 2^31 elements.
+
+    ``tensors``: its q, k, v, output and gradient tensors (LSE and delta are no larger than
+    the output); of the walk only the lists and bitmaps can be that large.
+    """
+    return any(_reaches_2_31(t) for t in (*tensors, walk.idx, walk.bits))
 
 
 def with_gradient(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -395,7 +415,8 @@ def forward_calls(
     splits = out.shape[0]
     grid = (-(-Lq // launch.block_m), B * H, splits)
     args = (*tensors, *scalars, out.stride(0))
-    return [KernelCall(attention_forward_kernel, grid, args, {**meta, "SPLIT_KV": splits > 1})]
+    meta |= {"SPLIT_KV": splits > 1, "WIDE_OFFSETS": wide_offsets((q, k, v, out), walk)}
+    return [KernelCall(attention_forward_kernel, grid, args, meta)]
 
 
 def backward_calls(
@@ -437,13 +458,13 @@ def backward_calls(
             attention_backward_dkdv_kernel,
             (-(-Lk // dkdv_launch.block_n), B * Hkv),
             (*dkdv, *dkdv_scalars),
-            dkdv_meta,
+            {**dkdv_meta, "WIDE_OFFSETS": wide_offsets((q, k, v, dout, dk, dv), w1)},
         ),
         KernelCall(
             attention_backward_dq_kernel,
             (-(-Lq // dq_launch.block_m), B * H),
             (*dq_, *dq_scalars),
-            dq_meta,
+            {**dq_meta, "WIDE_OFFSETS": wide_offsets((q, k, v, dout, dq), w2)},
         ),
     ]
 

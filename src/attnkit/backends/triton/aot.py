@@ -18,7 +18,7 @@ import json
 import re
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -178,6 +178,7 @@ def launcher_resources(
     launch: Launch | None = None,
     gqa_group: int = 1,
     kv_splits: int = 1,
+    wide_offsets: bool = False,
 ) -> list[KernelResources]:
     """Compile forward, dK/dV and dQ as the launcher would run them on ``arch``.
 
@@ -186,6 +187,7 @@ def launcher_resources(
     ``choose_launches`` for all three kernels, to try other tiles. ``kv_splits`` > 1 compiles
     only the forward an inference call splits over that many programs per row (FlashDecoding;
     its float32 partial outputs), the backward kernels being the same either way.
+    ``wide_offsets`` compiles the 64-bit-offset variants that tensors past 2^31 elements take.
     """
     launches = (
         Launches(launch, launch, launch) if launch else choose_launches(head_dim, dtype, arch)
@@ -207,11 +209,13 @@ def launcher_resources(
         parts = torch.zeros(kv_splits, 1, hq, seq_len, head_dim)
         split_lse = torch.zeros(kv_splits, 1, hq, seq_len)
         calls = forward_calls(q, k, v, parts, split_lse, walk(fwd), slopes, sc, fwd)
-        return [compile_call(call, arch) for call in calls]
-    calls = forward_calls(q, k, v, out[None], lse[None], walk(fwd), slopes, sc, fwd)  # 1 split
-    calls += backward_calls(
-        q, k, v, dout, lse, delta, dq, dk, dv, walk(dkdv), walk(dq_), slopes, sc, dkdv, dq_
-    )
+    else:
+        calls = forward_calls(q, k, v, out[None], lse[None], walk(fwd), slopes, sc, fwd)
+        calls += backward_calls(
+            q, k, v, dout, lse, delta, dq, dk, dv, walk(dkdv), walk(dq_), slopes, sc, dkdv, dq_
+        )
+    if wide_offsets:  # as if a tensor reached 2^31 elements
+        calls = [replace(c, meta={**c.meta, "WIDE_OFFSETS": True}) for c in calls]
     return [compile_call(call, arch) for call in calls]
 
 
@@ -226,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--softcap", type=float, default=0.0)
     ap.add_argument("--launch", help="block_m,block_n,num_warps,num_stages")
     ap.add_argument("--kv-splits", type=int, default=1, help="> 1: the split forward only")
+    ap.add_argument("--wide-offsets", action="store_true", help="the 64-bit-offset variants")
     args = ap.parse_args(argv)
     launch = Launch(*map(int, args.launch.split(","))) if args.launch else None
     for r in launcher_resources(
@@ -237,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         launch=launch,
         gqa_group=args.gqa_group,
         kv_splits=args.kv_splits,
+        wide_offsets=args.wide_offsets,
     ):
         print(json.dumps(r.to_json()))
 

@@ -18,6 +18,27 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _wide(x, WIDE: tl.constexpr):
+    """x in 64 bits where a tensor's offsets pass 2^31 elements (``WIDE``), else as it is.
+
+    Only large tensors pay for 64-bit arithmetic: it costs registers that the dK/dV kernel's
+    largest tiles do not have to spare (16 B more spill on sm_90 at D=128 with ALiBi+softcap).
+    """
+    if WIDE:  # one return: the compiler types the returns of both branches alike
+        x = x.to(tl.int64)
+    return x
+
+
+@triton.jit
+def _slice(ptr, b, h, stride_b, stride_h, WIDE: tl.constexpr):
+    """``ptr`` moved to the (b, h) slice.
+
+    Offsets within one slice stay 32-bit: the launcher refuses slices that reach 2^31 elements.
+    """
+    return ptr + _wide(b, WIDE) * stride_b + _wide(h, WIDE) * stride_h
+
+
+@triton.jit
 def _scores(
     q,
     k,
@@ -113,6 +134,7 @@ def attention_forward_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,  # 64-bit offsets past the (batch, head) slice
     SPLIT_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -135,7 +157,7 @@ def attention_forward_kernel(
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
-        Q + b * sqb + h * sqh + rows[:, None] * sqm + dq[None, :],
+        _slice(Q, b, h, sqb, sqh, WIDE_OFFSETS) + rows[:, None] * sqm + dq[None, :],
         mask=(rows[:, None] < Lq) & (dq[None, :] < D),
         other=0.0,
     )
@@ -144,7 +166,7 @@ def attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     mb = tl.where(Bm > 1, b, 0)
     mh = tl.where(Hm > 1, h, 0)
-    row_base = (mb * Hm + mh) * nQ + pid_m
+    row_base = _wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + pid_m
     n_tiles = tl.load(KV_NUM + row_base)
     first = 0
     if SPLIT_KV:
@@ -152,18 +174,18 @@ def attention_forward_kernel(
         per_split = tl.cdiv(n_tiles, tl.num_programs(2))  # from the row's own count: balanced
         first = pid_s * per_split
         n_tiles = tl.minimum(first + per_split, n_tiles)
-        Out += pid_s * sos
-        LSE += pid_s * tl.num_programs(1) * Lq
+        Out += _wide(pid_s, WIDE_OFFSETS) * sos
+        LSE += _wide(pid_s, WIDE_OFFSETS) * tl.num_programs(1) * Lq
     for it in range(first, n_tiles):
         kt = tl.load(KV_IDX + row_base * nK + it)
         cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.load(
-            K + b * skb + hk * skh + cols[:, None] * skn + dq[None, :],
+            _slice(K, b, hk, skb, skh, WIDE_OFFSETS) + cols[:, None] * skn + dq[None, :],
             mask=(cols[:, None] < Lk) & (dq[None, :] < D),
             other=0.0,
         )
         v = tl.load(
-            V + b * svb + hk * svh + cols[:, None] * svn + dv[None, :],
+            _slice(V, b, hk, svb, svh, WIDE_OFFSETS) + cols[:, None] * svn + dv[None, :],
             mask=(cols[:, None] < Lk) & (dv[None, :] < DV),
             other=0.0,
         )
@@ -179,7 +201,7 @@ def attention_forward_kernel(
             sm_scale,
             SLOPES,
             softcap,
-            BITS + tl.maximum(tile, 0) * BLOCK_M * BLOCK_N,
+            BITS + _wide(tl.maximum(tile, 0), WIDE_OFFSETS) * BLOCK_M * BLOCK_N,
             tile >= 0,
             HAS_ALIBI,
             HAS_SOFTCAP,
@@ -203,11 +225,11 @@ def attention_forward_kernel(
         has_key, (shift + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf")
     )
     tl.store(
-        Out + b * sob + h * soh + rows[:, None] * som + dv[None, :],
+        _slice(Out, b, h, sob, soh, WIDE_OFFSETS) + rows[:, None] * som + dv[None, :],
         out.to(Out.dtype.element_ty),
         mask=(rows[:, None] < Lq) & (dv[None, :] < DV),
     )
-    tl.store(LSE + pid_bh * Lq + rows, lse, mask=rows < Lq)
+    tl.store(LSE + _wide(pid_bh, WIDE_OFFSETS) * Lq + rows, lse, mask=rows < Lq)
 
 
 @triton.jit
@@ -253,6 +275,7 @@ def attention_backward_dkdv_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -268,12 +291,12 @@ def attention_backward_dkdv_kernel(
     dq_ = tl.arange(0, BLOCK_D)
     dv_ = tl.arange(0, BLOCK_DV)
     k = tl.load(
-        K + b * skb + hk * skh + cols[:, None] * skn + dq_[None, :],
+        _slice(K, b, hk, skb, skh, WIDE_OFFSETS) + cols[:, None] * skn + dq_[None, :],
         mask=(cols[:, None] < Lk) & (dq_[None, :] < D),
         other=0.0,
     )
     v = tl.load(
-        V + b * svb + hk * svh + cols[:, None] * svn + dv_[None, :],
+        _slice(V, b, hk, svb, svh, WIDE_OFFSETS) + cols[:, None] * svn + dv_[None, :],
         mask=(cols[:, None] < Lk) & (dv_[None, :] < DV),
         other=0.0,
     )
@@ -283,25 +306,27 @@ def attention_backward_dkdv_kernel(
     for g in tl.static_range(G):  # unrolled: a runtime outer loop spilled registers
         h = hk * G + g
         mh = tl.where(Hm > 1, h, 0)
-        col_base = (mb * Hm + mh) * nK + pid_n
+        col_base = _wide(mb * Hm + mh, WIDE_OFFSETS) * nK + pid_n
         n_tiles = tl.load(Q_NUM + col_base)
         for it in range(0, n_tiles):
             qt = tl.load(Q_IDX + col_base * nQ + it)
             rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
             rmask = rows < Lq
             q = tl.load(
-                Q + b * sqb + h * sqh + rows[:, None] * sqm + dq_[None, :],
+                _slice(Q, b, h, sqb, sqh, WIDE_OFFSETS) + rows[:, None] * sqm + dq_[None, :],
                 mask=rmask[:, None] & (dq_[None, :] < D),
                 other=0.0,
             )
             do = tl.load(
-                DO + b * sdob + h * sdoh + rows[:, None] * sdom + dv_[None, :],
+                _slice(DO, b, h, sdob, sdoh, WIDE_OFFSETS) + rows[:, None] * sdom + dv_[None, :],
                 mask=rmask[:, None] & (dv_[None, :] < DV),
                 other=0.0,
             )
-            lse = tl.load(LSE + (b * H + h) * Lq + rows, mask=rmask, other=0.0)
-            delta = tl.load(DELTA + (b * H + h) * Lq + rows, mask=rmask, other=0.0)
-            tile = tl.load(TILE + ((mb * Hm + mh) * nQ + qt) * nK + pid_n)
+            lse = tl.load(LSE + _wide(b * H + h, WIDE_OFFSETS) * Lq + rows, mask=rmask, other=0.0)
+            delta = tl.load(
+                DELTA + _wide(b * H + h, WIDE_OFFSETS) * Lq + rows, mask=rmask, other=0.0
+            )
+            tile = tl.load(TILE + (_wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + qt) * nK + pid_n)
             s_t, t_t = _scores(
                 q,
                 k,
@@ -313,7 +338,7 @@ def attention_backward_dkdv_kernel(
                 sm_scale,
                 SLOPES,
                 softcap,
-                BITS + tl.maximum(tile, 0) * BLOCK_M * BLOCK_N,
+                BITS + _wide(tl.maximum(tile, 0), WIDE_OFFSETS) * BLOCK_M * BLOCK_N,
                 tile >= 0,
                 HAS_ALIBI,
                 HAS_SOFTCAP,
@@ -332,12 +357,12 @@ def attention_backward_dkdv_kernel(
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(
-        DK + b * skb + hk * skh + cols[:, None] * skn + dq_[None, :],
+        _slice(DK, b, hk, skb, skh, WIDE_OFFSETS) + cols[:, None] * skn + dq_[None, :],
         dk.to(DK.dtype.element_ty),
         mask=(cols[:, None] < Lk) & (dq_[None, :] < D),
     )
     tl.store(
-        DV_ + b * svb + hk * svh + cols[:, None] * svn + dv_[None, :],
+        _slice(DV_, b, hk, svb, svh, WIDE_OFFSETS) + cols[:, None] * svn + dv_[None, :],
         dv.to(DV_.dtype.element_ty),
         mask=(cols[:, None] < Lk) & (dv_[None, :] < DV),
     )
@@ -385,6 +410,7 @@ def attention_backward_dq_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -401,33 +427,33 @@ def attention_backward_dq_kernel(
     dq_ = tl.arange(0, BLOCK_D)
     dv_ = tl.arange(0, BLOCK_DV)
     q = tl.load(
-        Q + b * sqb + h * sqh + rows[:, None] * sqm + dq_[None, :],
+        _slice(Q, b, h, sqb, sqh, WIDE_OFFSETS) + rows[:, None] * sqm + dq_[None, :],
         mask=rmask[:, None] & (dq_[None, :] < D),
         other=0.0,
     )
     do = tl.load(
-        DO + b * sdob + h * sdoh + rows[:, None] * sdom + dv_[None, :],
+        _slice(DO, b, h, sdob, sdoh, WIDE_OFFSETS) + rows[:, None] * sdom + dv_[None, :],
         mask=rmask[:, None] & (dv_[None, :] < DV),
         other=0.0,
     )
-    lse = tl.load(LSE + pid_bh * Lq + rows, mask=rmask, other=0.0)
-    delta = tl.load(DELTA + pid_bh * Lq + rows, mask=rmask, other=0.0)
+    lse = tl.load(LSE + _wide(pid_bh, WIDE_OFFSETS) * Lq + rows, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + _wide(pid_bh, WIDE_OFFSETS) * Lq + rows, mask=rmask, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     mb = tl.where(Bm > 1, b, 0)
     mh = tl.where(Hm > 1, h, 0)
-    row_base = (mb * Hm + mh) * nQ + pid_m
+    row_base = _wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + pid_m
     n_tiles = tl.load(KV_NUM + row_base)
     for it in range(0, n_tiles):
         kt = tl.load(KV_IDX + row_base * nK + it)
         cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.load(
-            K + b * skb + hk * skh + cols[:, None] * skn + dq_[None, :],
+            _slice(K, b, hk, skb, skh, WIDE_OFFSETS) + cols[:, None] * skn + dq_[None, :],
             mask=(cols[:, None] < Lk) & (dq_[None, :] < D),
             other=0.0,
         )
         v = tl.load(
-            V + b * svb + hk * svh + cols[:, None] * svn + dv_[None, :],
+            _slice(V, b, hk, svb, svh, WIDE_OFFSETS) + cols[:, None] * svn + dv_[None, :],
             mask=(cols[:, None] < Lk) & (dv_[None, :] < DV),
             other=0.0,
         )
@@ -443,7 +469,7 @@ def attention_backward_dq_kernel(
             sm_scale,
             SLOPES,
             softcap,
-            BITS + tl.maximum(tile, 0) * BLOCK_M * BLOCK_N,
+            BITS + _wide(tl.maximum(tile, 0), WIDE_OFFSETS) * BLOCK_M * BLOCK_N,
             tile >= 0,
             HAS_ALIBI,
             HAS_SOFTCAP,
@@ -460,7 +486,7 @@ def attention_backward_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(
-        DQ + b * sqb + h * sqh + rows[:, None] * sqm + dq_[None, :],
+        _slice(DQ, b, h, sqb, sqh, WIDE_OFFSETS) + rows[:, None] * sqm + dq_[None, :],
         dq.to(DQ.dtype.element_ty),
         mask=rmask[:, None] & (dq_[None, :] < D),
     )
