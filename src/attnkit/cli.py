@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="cpu: the tiled backend (default); cuda: the Triton kernels, in TFLOP/s",
+        help="cpu: the tiled backend (default); cuda: the Triton kernels (TFLOP/s; decoding, µs)",
     )
     b.add_argument("--markdown", help="with --device cuda: save the tables as Markdown")
     b.set_defaults(func=_cmd_bench)
