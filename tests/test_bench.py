@@ -94,15 +94,17 @@ def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
     }
     assert all(r["triton_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
     assert [r["case"] for r in decode_rows] == ["whole cache", "sliding_window(16)"]
+    CONTENDERS = ("triton", "unsplit", "unpacked", "sdpa", "flex")
     # FlexAttention's forward runs on CPU, so every decoding contender has a time
-    assert all(r[f"{c}_s"] > 0 for r in decode_rows for c in ("triton", "unsplit", "sdpa", "flex"))
+    assert all(r[f"{c}_s"] > 0 for r in decode_rows for c in CONTENDERS)
     table = [line for line in md.read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 2 + len(rows) + len(decode_rows)  # two tables, a header each
 
 
-def test_gpu_decode_bench_times_the_kernel_split_and_unsplit(monkeypatch):
-    """The decoding table's "triton" runs split-KV and its "unsplit" one program per row,
-    each over the keys its bytes count; a contender that fails is noted, not fatal."""
+def test_gpu_decode_bench_times_the_kernel_packed_split_unsplit_and_unpacked(monkeypatch):
+    """The decoding table's "triton" packs query heads by kv head and splits rows, "unsplit"
+    runs one program per (batch, kv head), "unpacked" one per query head, each over the keys
+    its bytes count; a contender that fails is noted, not fatal."""
     pytest.importorskip("triton")
     from attnkit import bench_gpu_decode
     from conftest import record_launches
@@ -115,12 +117,13 @@ def test_gpu_decode_bench_times_the_kernel_split_and_unsplit(monkeypatch):
     launched = record_launches(monkeypatch)
     window = bench_gpu_decode.cases(smoke=True)[1]
     row = bench_gpu_decode.measure(window, "cpu", torch.float32, smoke=True)
-    split, unsplit = (call.grid[2] for call in launched)
-    assert (split > 1, unsplit) == (True, 1)
+    assert [c.meta["PACK_GQA"] for c in launched] == [True, True, False]
+    assert [c.grid[1] for c in launched] == [window.Hkv, window.Hkv, window.Hq]  # B = 1
+    assert [c.grid[2] > 1 for c in launched] == [True, False, True]  # splits
     assert (row["note"], row["flex_s"]) == ("flex: RuntimeError: no compiler here", None)
     assert row["bytes"] == 2 * window.Hkv * 17 * window.D * 4  # the query and 16 keys left, fp32
     cells = bench_gpu_decode.cells(row)
-    assert (cells[:3], cells[6]) == (["sliding_window(16)", "1", "64"], "—")
+    assert (cells[:3], cells[7]) == (["sliding_window(16)", "1", "64"], "—")
 
 
 @pytest.mark.slow

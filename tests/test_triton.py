@@ -207,31 +207,51 @@ def test_kv_splits_follow_flash_attentions_heuristic():
     assert kv_splits(programs=1, kv_tiles=9, sm_count=4) == 3
 
 
-SPLIT_CASES = {  # shape (B, Hq, Hkv, Lq, Lk, D, Dv), mask, score_mod
+DECODING_CASES = {  # shape (B, Hq, Hkv, Lq, Lk, D, Dv), mask, score_mod
     "one query, no mask": ((1, 2, 2, 1, 200, 16, 16), None, None),
     "one query, causal, GQA": ((2, 4, 2, 1, 150, 32, 24), masks.causal(), None),
     "5 queries, window": ((1, 2, 1, 5, 181, 16, 16), masks.sliding_window(37), None),
     "padding tensor, a row with no key": ((1, 2, 2, 3, 97, 16, 16), "padding", None),
-    "alibi and softcap": (
-        (1, 2, 2, 2, 130, 16, 16),
+    "per-head tensor mask": ((1, 4, 2, 2, 90, 16, 16), "per-head", None),
+    "alibi and softcap, GQA": (
+        (1, 4, 2, 3, 130, 16, 16),
         masks.causal(),
-        score_mods.compose(score_mods.alibi(score_mods.alibi_slopes(2)), score_mods.softcap(3.0)),
+        score_mods.compose(score_mods.alibi(score_mods.alibi_slopes(4)), score_mods.softcap(3.0)),
+    ),
+    "3 queries, MQA, alibi": (
+        (1, 4, 1, 3, 70, 16, 16),
+        masks.sliding_window(30),
+        score_mods.alibi(score_mods.alibi_slopes(4)),
     ),
 }
 
 
-@pytest.mark.parametrize(("shape", "mask", "mod"), SPLIT_CASES.values(), ids=SPLIT_CASES)
-def test_decoding_splits_each_rows_keys_and_merges_them_exactly(monkeypatch, shape, mask, mod):
-    """Inference over few query tiles splits each row's kv tiles over programs (FlashDecoding)
-    and merges the partial results by their LSEs: output and LSE as the float64 reference."""
+def _decoding_mask(mask, B, Hq, Lq, Lk):
+    if mask not in ("padding", "per-head"):
+        return mask
+    heads = Hq if mask == "per-head" else 1
+    dense = torch.rand(B, heads, Lq, Lk, generator=torch.Generator().manual_seed(0)) < 0.7
+    dense[..., 1, :] = False  # a row with no key
+    return dense.to(DEVICE)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+@pytest.mark.parametrize("sm_count", [64, 1], ids=["split", "unsplit"])
+@pytest.mark.parametrize(("shape", "mask", "mod"), DECODING_CASES.values(), ids=DECODING_CASES)
+def test_decoding_output_and_lse_match_the_reference(
+    monkeypatch, shape, mask, mod, sm_count, packed
+):
+    """Inference over few queries: packed, one program per (batch, kv head) takes the queries
+    of all its query heads (PackGQA); split, each row's kv tiles are spread over programs
+    (FlashDecoding) and the partial results merged by their LSEs. Output and LSE as the
+    float64 reference, either way."""
     from attnkit.backends import triton as tr
 
     B, Hq, Hkv, Lq, Lk, D, Dv = shape
     q64, k64, v64 = (t.to(DEVICE) for t in rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv, torch.float64))
-    if mask == "padding":
-        mask = torch.rand(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(0)) < 0.7
-        mask[..., 1, :] = False
-    monkeypatch.setattr(tr, "_sm_count", lambda device: 64)  # a GPU these shapes do not fill
+    mask = _decoding_mask(mask, B, Hq, Lq, Lk)
+    monkeypatch.setattr(tr, "_sm_count", lambda device: sm_count)  # 64: not filled by these
+    monkeypatch.setattr(tr, "PACK_GQA", packed)
     launched = record_launches(monkeypatch)
     results = {}
     for name, dtype, backend in (
@@ -243,8 +263,13 @@ def test_decoding_splits_each_rows_keys_and_merges_them_exactly(monkeypatch, sha
         results[name] = attnkit.attention(
             q, k, v, mask=mask, score_mod=mod, backend=backend, return_lse=True
         )
-    ((_m, _bh, splits),) = (call.grid for call in launched)
-    assert splits > 1
+    (call,) = launched
+    packs = packed and not (isinstance(mask, torch.Tensor) and mask.shape[1] > 1)
+    assert call.meta["PACK_GQA"] is packs
+    if packs:  # one program per (batch, kv head) over all its query heads' queries
+        assert call.grid[:2] == (1, B * Hkv)
+        assert call.meta["BLOCK_M"] == max(16, Hq // Hkv * Lq)
+    assert (call.grid[2] > 1) is (sm_count > 1)
     (out, lse), (want, want_lse), (low, low_lse) = (
         results[n] for n in ("triton", "ref64", "ref32")
     )
@@ -252,8 +277,22 @@ def test_decoding_splits_each_rows_keys_and_merges_them_exactly(monkeypatch, sha
     finite = torch.isfinite(want_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     assert_close_scaled(lse[finite], want_lse[finite], low_lse[finite], floor=2e-5, what="lse")
-    if isinstance(mask, torch.Tensor):  # the row with no key: zeros and -inf, as unsplit
+    if isinstance(mask, torch.Tensor):  # the row with no key: zeros, as in training
         assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+
+
+def test_decoding_tiles_pack_query_heads_only_where_they_fit_one_forward_tile(monkeypatch):
+    from attnkit.backends import triton as tr
+    from attnkit.backends.triton import Launch, decoding_launch
+
+    forward = Launch(128, 64, 8, 3)
+    assert decoding_launch(forward, group=4, Lq=1) == Launch(16, 64, 4, 3)  # rows up to 16
+    assert decoding_launch(forward, group=8, Lq=5) == Launch(64, 64, 4, 3)
+    assert decoding_launch(forward, group=1, Lq=1) == Launch(16, 64, 4, 3)  # MHA: a 16-row tile
+    assert decoding_launch(forward, group=4, Lq=32) == Launch(128, 64, 4, 3)  # as large
+    assert decoding_launch(forward, group=4, Lq=33) is None  # larger than the forward's
+    monkeypatch.setattr(tr, "PACK_GQA", False)
+    assert decoding_launch(forward, group=4, Lq=1) is None
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # numpy's max, interpreted
@@ -386,6 +425,20 @@ assert [call.meta["WIDE_OFFSETS"] for call in launched] == [True]
 ref = {
     dtype: attnkit.attention(
         *(t.contiguous().to(dtype) for t in (q, k, v)), mask=attnkit.masks.causal(),
+        backend="reference",
+    )
+    for dtype in (torch.float64, torch.float16)
+}
+assert_close_scaled(out, ref[torch.float64], ref[torch.float16])
+
+# the packed decoding forward reaches each row's head through a vector of head offsets
+launched.clear()
+with torch.no_grad():
+    out = attnkit.attention(q[:, :, -3:], k, v, mask=attnkit.masks.causal(), backend="triton")
+assert [(c.meta["WIDE_OFFSETS"], c.meta["PACK_GQA"]) for c in launched] == [(True, True)]
+ref = {
+    dtype: attnkit.attention(
+        *(t.contiguous().to(dtype) for t in (q[:, :, -3:], k, v)), mask=attnkit.masks.causal(),
         backend="reference",
     )
     for dtype in (torch.float64, torch.float16)

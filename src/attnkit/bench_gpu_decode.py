@@ -6,11 +6,13 @@ the attended keys and values once represents (GB/s; an H200's HBM peaks at 4.8 T
 Llama-3-8B's attention shapes (32 query heads over 8 kv heads, D = 128), bf16, batch 1
 and 8, caches of 1k … 32k tokens, attending the whole cache and a ``sliding_window(4096)``.
 
-Contenders in one run: attnkit's Triton backend as ``auto`` runs it on CUDA (split-KV:
-each (batch, head)'s kv tiles shared by several programs, FlashDecoding), the same kernel
-unsplit (``MAX_KV_SPLITS = 1``, one program per (batch, head), which is what splitting buys),
-torch SDPA (``enable_gqa``; a bool mask for the window) and compiled FlexAttention (its
-decoding kernel; a block mask for the window).
+Contenders in one run: attnkit's Triton backend as ``auto`` runs it on CUDA (the 4 query
+heads of a kv head packed in one 16-row tile, PackGQA; each (batch, kv head)'s kv tiles
+shared by several programs, split-KV / FlashDecoding), the same kernel unsplit
+(``MAX_KV_SPLITS = 1``: one program per (batch, kv head), which is what splitting buys) and
+unpacked (``PACK_GQA = False``: one program per (batch, query head) over a forward tile, which
+is what packing buys), torch SDPA (``enable_gqa``; a bool mask for the window) and compiled
+FlexAttention (its decoding kernel; a block mask for the window).
 """
 
 from __future__ import annotations
@@ -41,14 +43,16 @@ COLUMNS = (
     "cache",
     "triton µs",
     "unsplit µs",
+    "unpacked µs",
     "SDPA µs",
     "Flex µs",
     "triton GB/s",
     "split gain",
+    "pack gain",
     "triton / SDPA",
     "triton / Flex",
 )
-CONTENDERS = ("triton", "unsplit", "sdpa", "flex")
+CONTENDERS = ("triton", "unsplit", "unpacked", "sdpa", "flex")
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,15 @@ def cases(quick: bool = False, smoke: bool = False) -> list[DecodeCase]:
 
 @contextmanager
 def unsplit() -> Iterator[None]:
-    """The Triton backend without split-KV: one program per (batch, head) and query tile."""
+    """The Triton backend without split-KV: one program per (batch, kv head)."""
     with mock.patch.object(triton_backend, "MAX_KV_SPLITS", 1):
+        yield
+
+
+@contextmanager
+def unpacked() -> Iterator[None]:
+    """The Triton backend without PackGQA: one program per (batch, query head)."""
+    with mock.patch.object(triton_backend, "PACK_GQA", False):
         yield
 
 
@@ -113,6 +124,7 @@ def measure(
     contenders: dict[str, tuple[Callable[[], Callable[[], object]], Any]] = {
         "triton": (lambda: triton, nullcontext()),
         "unsplit": (lambda: triton, unsplit()),
+        "unpacked": (lambda: triton, unpacked()),
         "sdpa": (lambda: sdpa, nullcontext()),
         "flex": (make_flex, nullcontext()),
     }
@@ -146,6 +158,7 @@ def cells(row: dict[str, Any]) -> list[str]:
         *(micros(row[f"{name}_s"]) for name in CONTENDERS),
         bandwidth,
         ratio(row["unsplit_s"]),
+        ratio(row["unpacked_s"]),
         ratio(row["sdpa_s"]),
         ratio(row["flex_s"]),
     ]

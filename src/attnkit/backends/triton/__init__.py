@@ -225,6 +225,27 @@ INTERPRETER_SMS = 4
 MAX_KV_SPLITS = 128
 
 
+#: Set False to run decoding with one program per query head and query tile, unpacked
+#: (``decoding_launch``); the GPU benchmark's decoding table times both.
+PACK_GQA = True
+
+
+def decoding_launch(forward: Launch, group: int, Lq: int) -> Launch | None:
+    """The forward tile of an inference call whose queries are few, or None when they are not.
+
+    When the Lq queries of all ``group`` (G) query heads that share a kv head fit in one
+    forward tile, one program per (batch, kv head) takes them all in a tile of G·Lq rows
+    rounded up to a power of two (FlashAttention-3's PackGQA): the kv head's keys and values
+    are read once instead of G times, and a decoding step (Lq = 1) does not multiply a
+    forward tile of 128 rows of which one is used. The tile is never larger than the forward
+    one, so no program does more work. Four warps: at 16-64 rows there is no work for eight.
+    """
+    rows = group * Lq
+    if not PACK_GQA or rows > forward.block_m:
+        return None
+    return Launch(_pow2(rows), forward.block_n, min(4, forward.num_warps), forward.num_stages)
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_SMS
@@ -401,11 +422,14 @@ def forward_calls(
     slopes: Tensor,
     sc: Scalars,
     launch: Launch,
+    pack_gqa: bool = False,
 ) -> list[KernelCall]:
     """The forward launch, writing ``out`` (S, B, Hq, Lq, Dv) and ``lse`` (S, B, Hq, Lq).
 
     S is the number of splits of each row's kv tiles (``kv_splits``): with S > 1 these are
     partial results for ``merge_partials``. ``walk``: the query-tile rows at ``launch``'s tiles.
+    ``pack_gqa``: one program per (batch, kv head) over all its query heads' queries, in a
+    ``decoding_launch`` tile; the walk's mask must be the same for every head.
     """
     from attnkit.backends.triton.kernels import attention_forward_kernel
 
@@ -413,9 +437,15 @@ def forward_calls(
     scalars, meta = _common_args(q, k, v, out[0], walk, sc, launch)
     tensors = (q, k, v, out, lse, walk.num, walk.idx, walk.tile, walk.bits, slopes)
     splits = out.shape[0]
-    grid = (-(-Lq // launch.block_m), B * H, splits)
+    # packed: one program per (batch, kv head); else per (query tile, batch, query head)
+    programs = (1, B * k.shape[1]) if pack_gqa else (-(-Lq // launch.block_m), B * H)
+    grid = (*programs, splits)
     args = (*tensors, *scalars, out.stride(0))
-    meta |= {"SPLIT_KV": splits > 1, "WIDE_OFFSETS": wide_offsets((q, k, v, out), walk)}
+    meta |= {
+        "SPLIT_KV": splits > 1,
+        "PACK_GQA": pack_gqa,
+        "WIDE_OFFSETS": wide_offsets((q, k, v, out), walk),
+    }
     return [KernelCall(attention_forward_kernel, grid, args, meta)]
 
 
@@ -489,11 +519,12 @@ def triton_forward(
     has_alibi: bool,
     launch: list[int],
     splits: int = 1,
+    pack_gqa: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Flash-attention forward: out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32.
 
     ``splits`` > 1 splits each row's kv tiles over that many programs (FlashDecoding) whose
-    float32 partial results are merged by their LSEs.
+    float32 partial results are merged by their LSEs. ``pack_gqa``: see ``forward_calls``.
     """
     B, H, Lq, _ = q.shape
     parts = q.dtype if splits == 1 else torch.float32
@@ -501,7 +532,7 @@ def triton_forward(
     lse = torch.empty(splits, B, H, Lq, dtype=torch.float32, device=q.device)
     sc = Scalars(scale, softcap, q_off, has_alibi)
     walk = TileWalk(num, idx, tile, bits)
-    for call in forward_calls(q, k, v, out, lse, walk, slopes, sc, Launch(*launch)):
+    for call in forward_calls(q, k, v, out, lse, walk, slopes, sc, Launch(*launch), pack_gqa):
         call.launch()
     if splits == 1:
         return out[0], lse[0]
@@ -600,27 +631,53 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
         from attnkit.backends.triton import autotune
 
         launches = autotune.tune(req, launches, Scalars(*scalars), slopes, grads)
-    walk = tile_walk(req, launches.forward)
-    forward_walk = _walk_args(walk)
     if not grads:
-        programs = -(-s.Lq // launches.forward.block_m) * s.B * s.Hq
-        splits = kv_splits(programs, walk.tile.shape[-1], _sm_count(req.q.device))
-        out, lse = triton_forward(
-            q, k, v, *forward_walk, slopes, *scalars, _launch_args(launches.forward), splits
-        )
-        return out, lse
+        return _inference(req, q, k, v, slopes, scalars, launches.forward)
     out, lse = _TritonAttention.apply(  # type: ignore[no-untyped-call]
         q,
         k,
         v,
         slopes,
-        *forward_walk,
+        *_walk_args(tile_walk(req, launches.forward)),
         *_walk_args(tile_walk(req, launches.dkdv, by_columns=True)),
         *_walk_args(tile_walk(req, launches.dq)),
         *scalars,
         *(_launch_args(x) for x in (launches.forward, launches.dkdv, launches.dq)),
     )
     return out, lse
+
+
+def _inference(
+    req: Request,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slopes: Tensor,
+    scalars: tuple[float, float, int, bool],
+    launch: Launch,
+) -> tuple[Tensor, Tensor]:
+    """A forward without autograd (inference, decoding).
+
+    Query heads are packed by kv head where the queries are few (``decoding_launch``), and
+    each row's kv tiles split where the programs cannot fill the GPU (``kv_splits``).
+    """
+    s = req.shapes
+    launch, walk, packed = _inference_tiles(req, launch)
+    programs = s.B * s.Hkv if packed else -(-s.Lq // launch.block_m) * s.B * s.Hq
+    splits = kv_splits(programs, walk.tile.shape[-1], _sm_count(req.q.device))
+    args = (*_walk_args(walk), slopes, *scalars, _launch_args(launch), splits, packed)
+    out, lse = triton_forward(q, k, v, *args)
+    return out, lse
+
+
+def _inference_tiles(req: Request, launch: Launch) -> tuple[Launch, TileWalk, bool]:
+    """The inference forward's tiles, their walk, and whether query heads are packed."""
+    packed = decoding_launch(launch, req.shapes.Hq // req.shapes.Hkv, req.shapes.Lq)
+    if packed is not None:
+        walk = tile_walk(req, packed)
+        if walk.tile.shape[1] == 1:  # packed rows are of several heads: one mask for all
+            return packed, walk, True
+    return launch, tile_walk(req, launch), False
 
 
 class _TritonAttention(torch.autograd.Function):

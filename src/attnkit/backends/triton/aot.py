@@ -31,6 +31,7 @@ from attnkit.backends.triton import (
     TileWalk,
     backward_calls,
     choose_launches,
+    decoding_launch,
     forward_calls,
 )
 
@@ -179,6 +180,7 @@ def launcher_resources(
     gqa_group: int = 1,
     kv_splits: int = 1,
     wide_offsets: bool = False,
+    pack_gqa: bool = False,
 ) -> list[KernelResources]:
     """Compile forward, dK/dV and dQ as the launcher would run them on ``arch``.
 
@@ -188,27 +190,33 @@ def launcher_resources(
     only the forward an inference call splits over that many programs per row (FlashDecoding;
     its float32 partial outputs), the backward kernels being the same either way.
     ``wide_offsets`` compiles the 64-bit-offset variants that tensors past 2^31 elements take.
+    ``pack_gqa`` compiles only a decoding step's forward (one query per head over ``seq_len``
+    keys), a kv head's ``gqa_group`` query heads packed in one ``decoding_launch`` tile.
     """
     launches = (
         Launches(launch, launch, launch) if launch else choose_launches(head_dim, dtype, arch)
     )
-    hq = 2 * gqa_group
-    q, out, dout, dq = (torch.zeros(1, hq, seq_len, head_dim, dtype=dtype) for _ in range(4))
+    hq, lq = 2 * gqa_group, 1 if pack_gqa else seq_len
+    q, out, dout, dq = (torch.zeros(1, hq, lq, head_dim, dtype=dtype) for _ in range(4))
     k, v, dk, dv = (torch.zeros(1, 2, seq_len, head_dim, dtype=dtype) for _ in range(4))
-    lse, delta = torch.zeros(1, hq, seq_len), torch.zeros(1, hq, seq_len)
+    lse, delta = torch.zeros(1, hq, lq), torch.zeros(1, hq, lq)
     slopes = torch.zeros(hq)
-    sc = Scalars(head_dim**-0.5, softcap, 0, alibi)
+    sc = Scalars(head_dim**-0.5, softcap, seq_len - lq, alibi)
 
     def walk(tiles: Launch) -> TileWalk:
-        n_q, n_k = -(-seq_len // tiles.block_m), -(-seq_len // tiles.block_n)
+        n_q, n_k = -(-lq // tiles.block_m), -(-seq_len // tiles.block_n)
         ints = torch.zeros(1, 1, n_q, n_k, dtype=torch.int32)
         return TileWalk(ints, ints, ints, torch.zeros(16, dtype=torch.int8))
 
     fwd, dkdv, dq_ = launches.forward, launches.dkdv, launches.dq
-    if kv_splits > 1:
-        parts = torch.zeros(kv_splits, 1, hq, seq_len, head_dim)
-        split_lse = torch.zeros(kv_splits, 1, hq, seq_len)
-        calls = forward_calls(q, k, v, parts, split_lse, walk(fwd), slopes, sc, fwd)
+    packed = decoding_launch(fwd, gqa_group, lq) if pack_gqa else None
+    if pack_gqa and packed is None:
+        raise ValueError(f"one query of {gqa_group} heads fills no decoding tile of {fwd}")
+    if kv_splits > 1 or packed:  # the forward only: inference
+        parts = out[None] if kv_splits == 1 else torch.zeros(kv_splits, 1, hq, lq, head_dim)
+        part_lse = torch.zeros(kv_splits, 1, hq, lq)
+        tiles = packed or fwd
+        calls = forward_calls(q, k, v, parts, part_lse, walk(tiles), slopes, sc, tiles, pack_gqa)
     else:
         calls = forward_calls(q, k, v, out[None], lse[None], walk(fwd), slopes, sc, fwd)
         calls += backward_calls(
@@ -231,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--launch", help="block_m,block_n,num_warps,num_stages")
     ap.add_argument("--kv-splits", type=int, default=1, help="> 1: the split forward only")
     ap.add_argument("--wide-offsets", action="store_true", help="the 64-bit-offset variants")
+    ap.add_argument(
+        "--pack-gqa", action="store_true", help="a decoding step's forward, heads packed"
+    )
     args = ap.parse_args(argv)
     launch = Launch(*map(int, args.launch.split(","))) if args.launch else None
     for r in launcher_resources(
@@ -243,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         gqa_group=args.gqa_group,
         kv_splits=args.kv_splits,
         wide_offsets=args.wide_offsets,
+        pack_gqa=args.pack_gqa,
     ):
         print(json.dumps(r.to_json()))
 

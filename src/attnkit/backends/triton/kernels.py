@@ -58,12 +58,15 @@ def _scores(
     TRANSPOSED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PACKED_GQA: tl.constexpr = False,
 ):
     """Scores of one tile in log2 units, and tanh(s/c) for the softcap gradient.
 
     q (BLOCK_M, D), k (BLOCK_N, D); rows/cols: absolute query/key indices. Gives S (BLOCK_M,
     BLOCK_N), or with TRANSPOSED Sᵀ (BLOCK_N, BLOCK_M) computed as k·qᵀ: the dK/dV kernel
     multiplies Pᵀ and dSᵀ as they come, instead of transposing register tiles.
+    With PACKED_GQA the tile's rows are several query heads' queries 0 … Lq-1 (the forward's
+    packed decoding tile): ``h`` holds each row's head, and a row's bitmap row is its query's.
     """
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
@@ -74,10 +77,14 @@ def _scores(
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         qi, ki = rows[:, None], cols[None, :]
+        if PACKED_GQA:  # the packed tile is the first query tile: bitmap row = query index
+            r = rows
         bit_offsets = r[:, None] * BLOCK_N + c[None, :]
     s = s * sm_scale  # natural units: score_mods see these
     if HAS_ALIBI:
         slope = tl.load(slope_ptr + h)
+        if PACKED_GQA:
+            slope = slope[:, None]
         s = s - slope * tl.abs(qi + q_off - ki).to(tl.float32)
     t = s
     if HAS_SOFTCAP:
@@ -136,6 +143,7 @@ def attention_forward_kernel(
     DOT_PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,  # 64-bit offsets past the (batch, head) slice
     SPLIT_KV: tl.constexpr,
+    PACK_GQA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -147,25 +155,40 @@ def attention_forward_kernel(
     row's non-empty kv tiles and writes a partial output (split stride ``sos``) and LSE, which
     the launcher merges. Without, one program takes the whole row (a compile of its own: the
     split's indexing cost registers that some large tiles do not have to spare).
+    With PACK_GQA (decoding; grid axis 1 is batch × kv head) one tile holds the Lq queries of
+    all G query heads of a kv head, row g·Lq + i for head g's query i: their keys and values
+    are read once, not G times, and no tile rows are wasted on a single query.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dq = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
+    if PACK_GQA:
+        b = pid_bh // (H // G)
+        hk = pid_bh % (H // G)
+        packed = tl.arange(0, BLOCK_M)
+        row_ok = packed < G * Lq
+        h = tl.where(row_ok, hk * G + packed // Lq, hk * G)  # each row's query head
+        rows = packed % Lq
+        q_ptrs = Q + _wide(b, WIDE_OFFSETS) * sqb + _wide(h, WIDE_OFFSETS)[:, None] * sqh
+    else:
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // G
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < Lq
+        q_ptrs = _slice(Q, b, h, sqb, sqh, WIDE_OFFSETS)
     q = tl.load(
-        _slice(Q, b, h, sqb, sqh, WIDE_OFFSETS) + rows[:, None] * sqm + dq[None, :],
-        mask=(rows[:, None] < Lq) & (dq[None, :] < D),
+        q_ptrs + rows[:, None] * sqm + dq[None, :],
+        mask=row_ok[:, None] & (dq[None, :] < D),
         other=0.0,
     )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     mb = tl.where(Bm > 1, b, 0)
-    mh = tl.where(Hm > 1, h, 0)
+    # the launcher packs heads only under a mask that is the same for every head
+    mh = 0 if PACK_GQA else tl.where(Hm > 1, h, 0)
     row_base = _wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + pid_m
     n_tiles = tl.load(KV_NUM + row_base)
     first = 0
@@ -175,7 +198,7 @@ def attention_forward_kernel(
         first = pid_s * per_split
         n_tiles = tl.minimum(first + per_split, n_tiles)
         Out += _wide(pid_s, WIDE_OFFSETS) * sos
-        LSE += _wide(pid_s, WIDE_OFFSETS) * tl.num_programs(1) * Lq
+        LSE += _wide(pid_s, WIDE_OFFSETS) * (tl.num_programs(1) * (G if PACK_GQA else 1)) * Lq
     for it in range(first, n_tiles):
         kt = tl.load(KV_IDX + row_base * nK + it)
         cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -209,6 +232,7 @@ def attention_forward_kernel(
             False,
             BLOCK_M,
             BLOCK_N,
+            PACK_GQA,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -224,12 +248,17 @@ def attention_forward_kernel(
     lse = tl.where(
         has_key, (shift + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf")
     )
+    if PACK_GQA:
+        o_ptrs = Out + _wide(b, WIDE_OFFSETS) * sob + _wide(h, WIDE_OFFSETS)[:, None] * soh
+    else:
+        o_ptrs = _slice(Out, b, h, sob, soh, WIDE_OFFSETS)
     tl.store(
-        _slice(Out, b, h, sob, soh, WIDE_OFFSETS) + rows[:, None] * som + dv[None, :],
+        o_ptrs + rows[:, None] * som + dv[None, :],
         out.to(Out.dtype.element_ty),
-        mask=(rows[:, None] < Lq) & (dv[None, :] < DV),
+        mask=row_ok[:, None] & (dv[None, :] < DV),
     )
-    tl.store(LSE + _wide(pid_bh, WIDE_OFFSETS) * Lq + rows, lse, mask=rows < Lq)
+    lse_row = b * H + h if PACK_GQA else pid_bh
+    tl.store(LSE + _wide(lse_row, WIDE_OFFSETS) * Lq + rows, lse, mask=row_ok)
 
 
 @triton.jit
