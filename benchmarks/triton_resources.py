@@ -3,6 +3,9 @@
     python benchmarks/triton_resources.py [--out benchmarks/results/triton_resources.md]
     python benchmarks/triton_resources.py --arch 80 --dtype bfloat16 --head-dim 128 \
         --launch 64,64,8,3          # try other tiles: block_m,block_n,num_warps,num_stages
+    python benchmarks/triton_resources.py --pack-gqa --gqa-group 4 --kv-splits 8 \
+        --dtype bfloat16 --out benchmarks/results/triton_resources_decoding.md
+                                    # a decoding step's forward: heads packed, kv split
 
 For each arch, dtype and head dim, per kernel: the tiles ``choose_launches`` picks, the
 registers per thread, spilled bytes per thread, shared memory per block and the instruction
@@ -43,12 +46,15 @@ def rows(
     head_dims: list[int],
     launch: Launch | None,
     gqa_group: int,
+    kv_splits: int = 1,
+    pack_gqa: bool = False,
 ):
     """One row per compiled kernel."""
+    options = {"launch": launch, "gqa_group": gqa_group, "kv_splits": kv_splits}
     for arch in archs:
         for dtype in dtypes:
             for D in head_dims:
-                for r in launcher_resources(arch, dtype, D, launch=launch, gqa_group=gqa_group):
+                for r in launcher_resources(arch, dtype, D, **options, pack_gqa=pack_gqa):
                     limit = SHARED_MEMORY_LIMIT[arch] / 1024
                     smem = f"{r.shared_bytes / 1024:.0f}" + ("" if r.fits else f" > {limit:.0f}!")
                     yield [
@@ -74,6 +80,10 @@ def main() -> None:
     ap.add_argument(
         "--launch", help="block_m,block_n,num_warps,num_stages instead of the launcher's"
     )
+    ap.add_argument("--kv-splits", type=int, default=1, help="> 1: the split forward only")
+    ap.add_argument(
+        "--pack-gqa", action="store_true", help="a decoding step's forward, heads packed"
+    )
     args = ap.parse_args()
     launch = Launch(*map(int, args.launch.split(","))) if args.launch else None
     dtypes = [getattr(torch, d) for d in args.dtype]
@@ -81,7 +91,9 @@ def main() -> None:
     for c in COLUMNS:
         table.add_column(c, justify="left" if c in ("arch", "dtype", "kernel") else "right")
     found = []
-    for row in rows(args.arch, dtypes, args.head_dim, launch, args.gqa_group):
+    for row in rows(
+        args.arch, dtypes, args.head_dim, launch, args.gqa_group, args.kv_splits, args.pack_gqa
+    ):
         table.add_row(*row)
         found.append(row)
     Console(width=140).print(table)

@@ -330,15 +330,37 @@ def test_float16_inputs():
     check((1, 2, 1, 33, 33, 32, 32), mask=masks.causal(), dtype=torch.float16)
 
 
-def test_runs_under_torch_compile():
-    """The kernels are torch custom ops: compiled code calls them (building the BlockMask
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_runs_under_torch_compile(grad):
+    """The kernels are torch custom ops: compiled graphs call them (building the BlockMask
     is data dependent and stays outside the graph)."""
-    q, k, v = (torch.randn(1, 2, 33, 32, device=DEVICE) for _ in range(3))
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    q, k, v = (torch.randn(1, 2, 33, 32, device=DEVICE, requires_grad=grad) for _ in range(3))
 
     def f(q, k, v):
         return attnkit.attention(q, k, v, mask=masks.causal(), backend="triton")
 
-    torch.testing.assert_close(torch.compile(f)(q, k, v), f(q, k, v))
+    graphs = CompileCounterWithBackend("aot_eager")
+    torch.testing.assert_close(torch.compile(f, backend=graphs)(q, k, v), f(q, k, v))
+    targets = {str(node.target) for g in graphs.graphs for node in g.graph.nodes}
+    assert "attnkit.triton_forward.default" in targets
+
+
+def test_eager_calls_skip_the_custom_ops_dispatch(monkeypatch):
+    """Eager calls run the launcher directly: the ops' Python dispatch would cost a decoding
+    step more host time than its kernel takes on a GPU."""
+    from attnkit.backends import triton as tr
+
+    def dispatched(*args):
+        raise AssertionError("went through the custom op")
+
+    monkeypatch.setattr(tr, "triton_forward", dispatched)
+    monkeypatch.setattr(tr, "triton_backward", dispatched)
+    q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        attnkit.attention(q, k, v, backend="triton")
+    attnkit.attention(q, k, v, backend="triton").sum().backward()
 
 
 def test_tile_walks_built_once_per_mask_and_device():

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from attnkit._types import EMPTY
 from attnkit.backends._common import Request, first_order_only
@@ -28,9 +29,13 @@ NAME = "triton"
 AUTOTUNE_ENV = "ATTNKIT_TRITON_AUTOTUNE"
 
 
+#: whether the triton package can be imported (looked up once: it is asked at every call)
+_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def installed() -> bool:
     """Whether the triton package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    return _INSTALLED
 
 
 def _interpreting() -> bool:
@@ -503,8 +508,18 @@ def backward_calls(
 # tensors and a Launch as [block_m, block_n, num_warps, num_stages].
 
 
-@torch.library.custom_op("attnkit::triton_forward", mutates_args=())
-def triton_forward(
+def _eager() -> bool:
+    """Whether a call may run the kernels directly, not through their custom ops.
+
+    The ops are what torch.compile, export and fake tensors must see; eager calls skip their
+    Python dispatch, which with the host work below took a decoding step's launcher from
+    260-315 µs to 160-175 µs (ad hoc timeit, kernel launch stubbed out, on the README's
+    2-core VM) — more than a decoding step's kernel takes on a GPU either way.
+    """
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
+def _forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -542,14 +557,16 @@ def triton_forward(
     return merged.to(q.dtype), merged_lse
 
 
+triton_forward = torch.library.custom_op("attnkit::triton_forward", _forward, mutates_args=())
+
+
 @triton_forward.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
     B, H, Lq, _ = q.shape
     return q.new_empty(B, H, Lq, v.shape[3]), q.new_empty(B, H, Lq, dtype=torch.float32)
 
 
-@torch.library.custom_op("attnkit::triton_backward", mutates_args=())
-def triton_backward(
+def _backward(
     dout: Tensor,
     dlse: Tensor,
     q: Tensor,
@@ -601,6 +618,9 @@ def triton_backward(
     return dq, dk, dv
 
 
+triton_backward = torch.library.custom_op("attnkit::triton_backward", _backward, mutates_args=())
+
+
 @triton_backward.register_fake
 def _(
     dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, *args: Any
@@ -621,9 +641,7 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
     mods = kernel_mods(req.score_mod_source) or KernelMods()
     s = req.shapes
     launches = choose_launches(max(s.D, s.Dv), req.q.dtype, gpu_arch(req.q.device))
-    # the kernels read slope h for query head h: a single shared slope is repeated
-    slopes = (mods.slopes if mods.slopes is not None else torch.zeros(1)).detach().float()
-    slopes = slopes.to(req.q.device).expand(s.Hq).contiguous()
+    slopes = _slopes(mods, s.Hq, req.q.device)
     q, k, v = (kernel_input(x) for x in (req.q, req.k, req.v))
     scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None)
     grads = req.needs_grad
@@ -666,7 +684,7 @@ def _inference(
     programs = s.B * s.Hkv if packed else -(-s.Lq // launch.block_m) * s.B * s.Hq
     splits = kv_splits(programs, walk.tile.shape[-1], _sm_count(req.q.device))
     args = (*_walk_args(walk), slopes, *scalars, _launch_args(launch), splits, packed)
-    out, lse = triton_forward(q, k, v, *args)
+    out, lse = (_forward if _eager() else triton_forward)(q, k, v, *args)
     return out, lse
 
 
@@ -678,6 +696,20 @@ def _inference_tiles(req: Request, launch: Launch) -> tuple[Launch, TileWalk, bo
         if walk.tile.shape[1] == 1:  # packed rows are of several heads: one mask for all
             return packed, walk, True
     return launch, tile_walk(req, launch), False
+
+
+#: Per device, the slopes argument of kernels without ALiBi (which never read it): made once,
+#: not at every decoding step (a host-to-device copy each time on a GPU)
+_UNREAD_SLOPES: dict[torch.device, Tensor] = {}
+
+
+def _slopes(mods: KernelMods, heads: int, device: torch.device) -> Tensor:
+    """ALiBi slope h for query head h (a single shared slope repeated), float32 on device."""
+    if mods.slopes is None:
+        if device not in _UNREAD_SLOPES:
+            _UNREAD_SLOPES[device] = torch.zeros(1, device=device)
+        return _UNREAD_SLOPES[device]
+    return mods.slopes.detach().float().to(device).expand(heads).contiguous()
 
 
 class _TritonAttention(torch.autograd.Function):
@@ -693,7 +725,8 @@ class _TritonAttention(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         walks, params = rest[:12], rest[12:]
         scalars, (forward_launch, dkdv_launch, dq_launch) = params[:4], params[4:]
-        out, lse = triton_forward(q, k, v, *walks[:4], slopes, *scalars, forward_launch)
+        forward: Any = _forward if _eager() else triton_forward
+        out, lse = forward(q, k, v, *walks[:4], slopes, *scalars, forward_launch)
         ctx.save_for_backward(q, k, v, out, lse, slopes, *walks[4:])
         ctx.params = (*scalars, dkdv_launch, dq_launch)
         ctx.n_inputs = 4 + len(rest)
@@ -705,5 +738,6 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, out, lse, slopes, *walks = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
         dlse = torch.zeros_like(lse) if dlse is None else dlse
-        dq, dk, dv = triton_backward(dout, dlse, q, k, v, out, lse, *walks, slopes, *ctx.params)
+        backward: Any = _backward if _eager() else triton_backward
+        dq, dk, dv = backward(dout, dlse, q, k, v, out, lse, *walks, slopes, *ctx.params)
         return (dq, dk, dv, *([None] * (ctx.n_inputs - 3)))
