@@ -127,3 +127,25 @@ def test_real_timer_and_off_by_default(monkeypatch):
     monkeypatch.setenv(tr.AUTOTUNE_ENV, "1")
     check((1, 2, 1, 20, 33, 16, 16), mask=masks.causal())
     assert sorted(key[0] for key in tuner.chosen) == ["dkdv", "dq", "forward"]
+
+
+def test_decoding_tunes_its_packed_tile_under_a_key_of_its_own(tuning, monkeypatch):
+    """A decoding step runs the packed tile (``decoding_launch``): that is what is timed and
+    remembered, apart from the same shapes' unpacked forward, and what then runs."""
+    from conftest import record_launches
+
+    tuner, _, _ = tuning
+    tuner.timer = lambda launch, run: (run(), 0.5 if launch.num_warps == 1 else 1.0)[1]
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 4, 2, 1, 70, 16))
+    launched = record_launches(monkeypatch)
+    got = attnkit.attention(q, k, v, mask=masks.causal(), backend="triton")
+    packed = tr.decoding_launch(TABLE.forward, group=2, Lq=1)
+    assert packed == L(16, 32, 2, 2)
+    assert [key[0] for key in tuner.chosen] == ["decoding"]
+    assert list(tuner.chosen.values()) == [L(16, 32, 1, 2)]  # half the warps: "fastest"
+    assert len(launched) == 4 + 1  # four variants timed, then the winner runs
+    final = launched[-1]
+    assert (final.meta["PACK_GQA"], final.meta["BLOCK_M"], final.meta["num_warps"]) == (True, 16, 1)
+    assert all(c.meta["PACK_GQA"] for c in launched)  # every variant timed packed
+    want = attnkit.attention(q, k, v, mask=masks.causal(), backend="reference")
+    assert (got - want).abs().max() < 1e-5

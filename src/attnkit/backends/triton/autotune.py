@@ -5,7 +5,9 @@ arch's tensor-core instruction), not from timings. With autotuning on, the first
 problem times a few variants of each kernel's tiles on the caller's device and keeps the
 fastest for every later call with the same key (kernel, device, dtype, head dims, GQA group,
 score mods, mask, and sequence lengths rounded up to a power of two). The forward is tuned
-on the first call; dK/dV and dQ on the first call that needs gradients.
+on the first call; dK/dV and dQ on the first call that needs gradients. An inference call
+that packs query heads (decoding, ``decoding_launch``) tunes that packed tile instead, under
+a key of its own.
 
 Variants are few: the table's choice, one pipeline stage fewer, half the warps, and half the
 tile along the kernel's loop. One the GPU refuses (``OutOfResources``) is skipped.
@@ -25,6 +27,7 @@ from attnkit.backends.triton import (
     Launch,
     Launches,
     Scalars,
+    _inference_tiles,
     backward_calls,
     forward_calls,
     kernel_input,
@@ -131,23 +134,30 @@ def tune(req: Request, launches: Launches, sc: Scalars, slopes: Tensor, grads: b
         _pow2(Lq),
         _pow2(Lk),
     )
-    needed = ("forward", "dkdv", "dq") if grads else ("forward",)
-    remembered = {
-        name: TUNER.chosen[key] for name in needed if (key := (name, *base)) in TUNER.chosen
-    }
-    if len(remembered) == len(needed):
-        return replace(launches, **remembered)
+    tuned: tuple[str, ...]
+    if grads:
+        first, packed, tuned = launches.forward, False, ("forward", "dkdv", "dq")
+    else:
+        # a packed decoding tile goes in the forward's place: the launcher derives the packed
+        # tile from the forward's, and a packed tile derives itself
+        first, _, packed = _inference_tiles(req, launches.forward)
+        tuned = ("decoding" if packed else "forward",)
+    keys = [(name, *base) for name in tuned]
+    if all(key in TUNER.chosen for key in keys):
+        remembered = [TUNER.chosen[key] for key in keys]
+        return Launches(*remembered) if grads else replace(launches, forward=remembered[0])
     q, k, v = (kernel_input(x) for x in (req.q, req.k, req.v))
     out = q.new_empty(1, B, H, Lq, Dv)  # one split: the tables' tiles serve every split count
     lse = q.new_empty(1, B, H, Lq, dtype=torch.float32)
 
     def forward(launch: Launch) -> Callable[[], None]:
-        (call,) = forward_calls(q, k, v, out, lse, tile_walk(req, launch), slopes, sc, launch)
+        walk = tile_walk(req, launch)
+        (call,) = forward_calls(q, k, v, out, lse, walk, slopes, sc, launch, packed)
         return call.launch
 
-    best_forward = TUNER.pick(("forward", *base), variants(launches.forward, "forward"), forward)
+    best_forward = TUNER.pick(keys[0], variants(first, "forward"), forward)
     if not grads:
-        return Launches(best_forward, launches.dkdv, launches.dq)
+        return replace(launches, forward=best_forward)
     forward(best_forward)()  # the backward kernels read out and lse
     dout = torch.randn_like(out)
     delta = (dout.float() * out.float()).sum(-1)
@@ -175,11 +185,9 @@ def tune(req: Request, launches: Launches, sc: Scalars, slopes: Tensor, grads: b
         return calls[which].launch
 
     best_dkdv = TUNER.pick(
-        ("dkdv", *base),
+        keys[1],
         variants(launches.dkdv, "dkdv"),
         lambda c: backward(c, launches.dq, 0),
     )
-    best_dq = TUNER.pick(
-        ("dq", *base), variants(launches.dq, "dq"), lambda c: backward(best_dkdv, c, 1)
-    )
+    best_dq = TUNER.pick(keys[2], variants(launches.dq, "dq"), lambda c: backward(best_dkdv, c, 1))
     return Launches(best_forward, best_dkdv, best_dq)
