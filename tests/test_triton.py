@@ -289,7 +289,7 @@ def test_decoding_tiles_pack_query_heads_only_where_they_fit_one_forward_tile(mo
     assert decoding_launch(forward, group=4, Lq=1) == Launch(16, 64, 4, 3)  # rows up to 16
     assert decoding_launch(forward, group=8, Lq=5) == Launch(64, 64, 4, 3)
     assert decoding_launch(forward, group=1, Lq=1) == Launch(16, 64, 4, 3)  # MHA: a 16-row tile
-    assert decoding_launch(forward, group=4, Lq=32) == Launch(128, 64, 4, 3)  # as large
+    assert decoding_launch(forward, group=4, Lq=32) == Launch(128, 64, 8, 3)  # as large
     assert decoding_launch(forward, group=4, Lq=33) is None  # larger than the forward's
     monkeypatch.setattr(tr, "PACK_GQA", False)
     assert decoding_launch(forward, group=4, Lq=1) is None

@@ -240,15 +240,18 @@ def decoding_launch(forward: Launch, group: int, Lq: int) -> Launch | None:
 
     When the Lq queries of all ``group`` (G) query heads that share a kv head fit in one
     forward tile, one program per (batch, kv head) takes them all in a tile of G·Lq rows
-    rounded up to a power of two (FlashAttention-3's PackGQA): the kv head's keys and values
-    are read once instead of G times, and a decoding step (Lq = 1) does not multiply a
-    forward tile of 128 rows of which one is used. The tile is never larger than the forward
-    one, so no program does more work. Four warps: at 16-64 rows there is no work for eight.
+    rounded up to a power of two, at least 16 (FlashAttention-3's PackGQA): the kv head's
+    keys and values are read once instead of G times, and a decoding step (Lq = 1) does not
+    multiply a forward tile of 128 rows of which one is used. The tile is never larger than
+    the forward one, so no program does more work. At most four warps up to 64 rows: there
+    is no work for eight.
     """
     rows = group * Lq
     if not PACK_GQA or rows > forward.block_m:
         return None
-    return Launch(_pow2(rows), forward.block_n, min(4, forward.num_warps), forward.num_stages)
+    tile = _pow2(rows)
+    warps = min(4, forward.num_warps) if tile <= 64 else forward.num_warps
+    return Launch(tile, forward.block_n, warps, forward.num_stages)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -713,7 +716,7 @@ def _slopes(mods: KernelMods, heads: int, device: torch.device) -> Tensor:
 
 
 class _TritonAttention(torch.autograd.Function):
-    """Autograd over the two custom ops.
+    """Autograd over the forward and backward kernels (through their custom ops when compiled).
 
     After q, k, v and slopes come the forward's, dK/dV's and dQ's tile walks (four tensors
     each), the scalars, then the three launches.
