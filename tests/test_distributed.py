@@ -174,3 +174,35 @@ def test_merge_partials_equals_whole():
     torch.testing.assert_close(lse, whole_lse)
     with pytest.raises(ValueError, match="as many"):
         merge_partials([out], [])
+
+
+def test_merge_stacked_takes_the_same_few_operations_for_any_number_of_parts():
+    """The split-KV decoding forward merges up to 128 parts stacked in one tensor: as many
+    operations (GPU kernel launches) for 64 parts as for 2, the result as merge_partials'."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from attnkit.distributed.merge import merge_stacked
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for parts in (2, 64):
+        outs, lses = torch.randn(parts, 1, 2, 3, 4), torch.randn(parts, 1, 2, 3)
+        lses[0, 0, 0, 0] = float("-inf")  # a part with no key for one row
+        lses[:, 0, 1, 2] = float("-inf")  # a row with no key in any part
+        with CountOps() as ops:
+            out, lse = merge_stacked(outs, lses)
+        counts.append(ops.count)
+        want, want_lse = merge_partials(list(outs), list(lses))
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(lse, want_lse)
+        assert torch.equal(out[0, 1, 2], torch.zeros(4))
+        assert lse[0, 1, 2] == float("-inf")
+    assert counts[0] == counts[1], counts  # a sum over the parts took 3 more per part

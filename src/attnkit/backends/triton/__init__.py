@@ -435,7 +435,7 @@ def forward_calls(
     """The forward launch, writing ``out`` (S, B, Hq, Lq, Dv) and ``lse`` (S, B, Hq, Lq).
 
     S is the number of splits of each row's kv tiles (``kv_splits``): with S > 1 these are
-    partial results for ``merge_partials``. ``walk``: the query-tile rows at ``launch``'s tiles.
+    partial results for ``merge_stacked``. ``walk``: the query-tile rows at ``launch``'s tiles.
     ``pack_gqa``: one program per (batch, kv head) over all its query heads' queries, in a
     ``decoding_launch`` tile; the walk's mask must be the same for every head.
     """
@@ -554,9 +554,9 @@ def _forward(
         call.launch()
     if splits == 1:
         return out[0], lse[0]
-    from attnkit.distributed.merge import merge_partials
+    from attnkit.distributed.merge import merge_stacked
 
-    merged, merged_lse = merge_partials(out.unbind(0), lse.unbind(0))
+    merged, merged_lse = merge_stacked(out, lse)
     return merged.to(q.dtype), merged_lse
 
 
