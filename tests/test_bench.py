@@ -94,7 +94,7 @@ def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
     }
     assert all(r["triton_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
     assert [r["case"] for r in decode_rows] == ["whole cache", "sliding_window(16)"]
-    CONTENDERS = ("triton", "unsplit", "unpacked", "sdpa", "flex")
+    CONTENDERS = ("triton", "unsplit", "unpacked", "growing", "sdpa", "flex")
     # FlexAttention's forward runs on CPU, so every decoding contender has a time
     assert all(r[f"{c}_s"] > 0 for r in decode_rows for c in CONTENDERS)
     table = [line for line in md.read_text().splitlines() if line.startswith("| ")]
@@ -104,7 +104,8 @@ def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
 def test_gpu_decode_bench_times_the_kernel_packed_split_unsplit_and_unpacked(monkeypatch):
     """The decoding table's "triton" packs query heads by kv head and splits rows, "unsplit"
     runs one program per (batch, kv head), "unpacked" one per query head, each over the keys
-    its bytes count; a contender that fails is noted, not fatal."""
+    its bytes count, and "growing" over a cache of another length at each call; a contender
+    that fails is noted, not fatal."""
     pytest.importorskip("triton")
     from attnkit import bench_gpu_decode
     from conftest import record_launches
@@ -117,13 +118,14 @@ def test_gpu_decode_bench_times_the_kernel_packed_split_unsplit_and_unpacked(mon
     launched = record_launches(monkeypatch)
     window = bench_gpu_decode.cases(smoke=True)[1]
     row = bench_gpu_decode.measure(window, "cpu", torch.float32, smoke=True)
-    assert [c.meta["PACK_GQA"] for c in launched] == [True, True, False]
-    assert [c.grid[1] for c in launched] == [window.Hkv, window.Hkv, window.Hq]  # B = 1
-    assert [c.grid[2] > 1 for c in launched] == [True, False, True]  # splits
+    assert [c.meta["PACK_GQA"] for c in launched] == [True, True, False, True]
+    assert [c.grid[1] for c in launched] == [window.Hkv, window.Hkv, window.Hq, window.Hkv]
+    assert [c.grid[2] > 1 for c in launched] == [True, False, True, True]  # splits
+    assert [c.args[1].shape[2] for c in launched] == [64, 64, 64, 1]  # growing: 1 … 64
     assert (row["note"], row["flex_s"]) == ("flex: RuntimeError: no compiler here", None)
     assert row["bytes"] == 2 * window.Hkv * 17 * window.D * 4  # the query and 16 keys left, fp32
     cells = bench_gpu_decode.cells(row)
-    assert (cells[:3], cells[7]) == (["sliding_window(16)", "1", "64"], "—")
+    assert (cells[:3], cells[8]) == (["sliding_window(16)", "1", "64"], "—")
 
 
 @pytest.mark.slow

@@ -363,6 +363,46 @@ def test_eager_calls_skip_the_custom_ops_dispatch(monkeypatch):
     attnkit.attention(q, k, v, backend="triton").sum().backward()
 
 
+@pytest.mark.parametrize("by_columns", [False, True], ids=["rows", "columns"])
+@pytest.mark.parametrize(("Lq", "Lk"), [(1, 1), (1, 100), (40, 33), (16, 64)])
+def test_the_walk_of_every_key_is_the_full_block_masks(by_columns, Lq, Lk):
+    from attnkit.backends import triton as tr
+    from attnkit.backends.triton import Launch, _build_walk, _full_walk
+
+    launch = Launch(16, 32, 1, 1)
+    built = _build_walk(masks.full().blocks(Lq, Lk, 16, 32), by_columns, torch.device(DEVICE))
+    made = _full_walk(Lq, Lk, launch, by_columns, torch.device(DEVICE))
+    for name in ("num", "idx", "tile", "bits"):
+        got, want = getattr(made, name), getattr(built, name)
+        assert (got.shape, got.dtype) == (want.shape, want.dtype), name
+        assert torch.equal(got, want), name
+    assert tr.keeps_every_key(None, Lq)
+
+
+def test_decoding_under_causal_builds_no_block_mask_as_the_cache_grows(monkeypatch):
+    """One query under a bottom-right causal mask keeps every key: no BlockMask is built for
+    each new cache length (it cost a decoding step more host time than its kernel)."""
+    from attnkit.backends import triton as tr
+
+    assert tr.keeps_every_key(masks.causal(), 1)
+    assert not tr.keeps_every_key(masks.causal(), 2)
+    assert not tr.keeps_every_key(masks.causal(align="top_left"), 1)
+    assert not tr.keeps_every_key(masks.sliding_window(8), 1)
+
+    def built(*args, **kwargs):
+        raise AssertionError("a BlockMask was built")
+
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 4, 2, 1, 60, 16))
+    want = [
+        attnkit.attention(q, k[:, :, :n], v[:, :, :n], mask=masks.causal(), backend="reference")
+        for n in (58, 59, 60)
+    ]
+    monkeypatch.setattr(masks.Mask, "blocks", built)
+    for n, expected in zip((58, 59, 60), want, strict=True):
+        got = attnkit.attention(q, k[:, :, :n], v[:, :, :n], mask=masks.causal(), backend="triton")
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
+
+
 def test_tile_walks_built_once_per_mask_and_device():
     """Calls that reuse a mask, or an equal one, reuse its tile walks (no argsort or
     host-to-device copy)."""

@@ -12,11 +12,16 @@ shared by several programs, split-KV / FlashDecoding), the same kernel unsplit
 (``MAX_KV_SPLITS = 1``: one program per (batch, kv head), which is what splitting buys) and
 unpacked (``PACK_GQA = False``: one program per (batch, query head) over a forward tile, which
 is what packing buys), torch SDPA (``enable_gqa``; a bool mask for the window) and compiled
-FlexAttention (its decoding kernel; a block mask for the window).
+FlexAttention (its decoding kernel; a block mask for the window). Every mask is built outside
+the timed calls, as at a fixed cache length; "growing" is attnkit's Triton call over caches of
+128 lengths in turn (L-127 … L), more than attnkit keeps tile maps for (64 shared by the
+built-in masks), so each call builds its BlockMask and tile lists anew, as a decoding loop
+whose cache grows by one key per step does.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -44,6 +49,7 @@ COLUMNS = (
     "triton µs",
     "unsplit µs",
     "unpacked µs",
+    "growing µs",
     "SDPA µs",
     "Flex µs",
     "triton GB/s",
@@ -52,7 +58,9 @@ COLUMNS = (
     "triton / SDPA",
     "triton / Flex",
 )
-CONTENDERS = ("triton", "unsplit", "unpacked", "sdpa", "flex")
+CONTENDERS = ("triton", "unsplit", "unpacked", "growing", "sdpa", "flex")
+#: cache lengths the "growing" contender cycles through: more than masks keep tile maps for
+GROWING_LENGTHS = 128
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,12 @@ def measure(
     def triton() -> torch.Tensor:
         return attnkit.attention(q, k, v, mask=case.mask, backend="triton")
 
+    lengths = itertools.cycle(range(max(1, L - GROWING_LENGTHS + 1), L + 1))
+
+    def growing() -> torch.Tensor:
+        n = next(lengths)
+        return attnkit.attention(q, k[:, :, :n], v[:, :, :n], mask=case.mask, backend="triton")
+
     def sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
 
@@ -125,6 +139,7 @@ def measure(
         "triton": (lambda: triton, nullcontext()),
         "unsplit": (lambda: triton, unsplit()),
         "unpacked": (lambda: triton, unpacked()),
+        "growing": (lambda: growing, nullcontext()),
         "sdpa": (lambda: sdpa, nullcontext()),
         "flex": (make_flex, nullcontext()),
     }

@@ -22,6 +22,7 @@ from attnkit._types import EMPTY
 from attnkit.backends._common import Request, first_order_only
 from attnkit.backends.tiled import TileConfig, block_mask_for
 from attnkit.block_mask import BlockMask, partial_bitmaps, retile
+from attnkit.masks import Mask
 from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "triton"
@@ -311,14 +312,52 @@ def tile_walk(req: Request, launch: Launch, by_columns: bool = False) -> TileWal
     """The request's mask as a kernel with ``launch``'s tiles reads it, on q's device.
 
     A BlockMask given at other tile sizes is re-tiled exactly. Built once per BlockMask, tile
-    size and device (masks cache their BlockMasks, so every layer and step reuses it).
+    size and device (masks cache their BlockMasks, so every layer and step reuses it). Where
+    every key is kept, no BlockMask is built (``keeps_every_key``).
     """
+    s = req.shapes
+    if keeps_every_key(req.mask, s.Lq):
+        return _full_walk(s.Lq, s.Lk, launch, by_columns, req.q.device)
     bm = block_mask_for(req, TileConfig(launch.block_m, launch.block_n, launch.block_n))
     bm = retile(bm, launch.block_m, launch.block_n)
     dev = req.q.device
     return bm.derived(
         ("triton_tile_walk", by_columns, str(dev)), lambda: _build_walk(bm, by_columns, dev)
     )
+
+
+def keeps_every_key(mask: object, Lq: int) -> bool:
+    """No mask, or bottom-right causal over one query (a decoding step): nothing is masked."""
+    return mask is None or (
+        Lq == 1 and isinstance(mask, Mask) and mask.spec == ("causal", "bottom_right")
+    )
+
+
+#: walks of every tile full, by tile counts: the same for every cache length of nK tiles
+_FULL_WALKS: dict[tuple[Any, ...], TileWalk] = {}
+
+
+def _full_walk(Lq: int, Lk: int, launch: Launch, by_columns: bool, dev: torch.device) -> TileWalk:
+    """The walk of a mask that keeps every key, made once per tile counts and device.
+
+    A decoding loop's cache grows by a key per step: building a BlockMask and its tile lists
+    anew at each step took 500-900 µs of host time (ad hoc, on the README's 2-core VM), many
+    times a decoding step's kernel on a GPU.
+    """
+    nQ, nK = -(-Lq // launch.block_m), -(-Lk // launch.block_n)
+    key = (nQ, nK, launch.block_m, launch.block_n, by_columns, str(dev))
+    if (walk := _FULL_WALKS.get(key)) is None:
+        rows, cols = (nK, nQ) if by_columns else (nQ, nK)
+        walk = TileWalk(
+            num=torch.full((1, 1, rows), cols, dtype=torch.int32, device=dev),
+            idx=torch.arange(cols, dtype=torch.int32, device=dev).repeat(1, 1, rows, 1),
+            tile=torch.full((1, 1, nQ, nK), -1, dtype=torch.int32, device=dev),
+            bits=torch.zeros(0, launch.block_m, launch.block_n, dtype=torch.int8, device=dev),
+        )
+        if len(_FULL_WALKS) >= 1024:  # lengths up to 128k keys in 128-key tiles, and more
+            _FULL_WALKS.clear()
+        _FULL_WALKS[key] = walk
+    return walk
 
 
 def _build_walk(bm: BlockMask, by_columns: bool, dev: torch.device) -> TileWalk:
