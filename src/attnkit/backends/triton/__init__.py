@@ -341,8 +341,8 @@ def _full_walk(Lq: int, Lk: int, launch: Launch, by_columns: bool, dev: torch.de
     """The walk of a mask that keeps every key, made once per tile counts and device.
 
     A decoding loop's cache grows by a key per step: building a BlockMask and its tile lists
-    anew at each step took 500-900 µs of host time (ad hoc, on the README's 2-core VM), many
-    times a decoding step's kernel on a GPU.
+    anew at each step took 0.5-0.6 ms of host time more (ad hoc, on the README's 2-core VM),
+    many times a decoding step's kernel on a GPU.
     """
     nQ, nK = -(-Lq // launch.block_m), -(-Lk // launch.block_n)
     key = (nQ, nK, launch.block_m, launch.block_n, by_columns, str(dev))
