@@ -121,7 +121,9 @@ def test_gpu_decode_bench_times_the_kernel_packed_split_unsplit_and_unpacked(mon
     assert [c.meta["PACK_GQA"] for c in launched] == [True, True, False, True]
     assert [c.grid[1] for c in launched] == [window.Hkv, window.Hkv, window.Hq, window.Hkv]
     assert [c.grid[2] > 1 for c in launched] == [True, False, True, True]  # splits
-    assert [c.args[1].shape[2] for c in launched] == [64, 64, 64, 1]  # growing: 1 … 64
+    assert [c.args[1].shape[2] for c in launched] == [64] * 4  # growing starts at L
+    lengths = bench_gpu_decode.growing_lengths(4096)
+    assert [next(lengths) for _ in range(130)] == [*range(4096, 3968, -1), 4096, 4095]
     assert (row["note"], row["flex_s"]) == ("flex: RuntimeError: no compiler here", None)
     assert row["bytes"] == 2 * window.Hkv * 17 * window.D * 4  # the query and 16 keys left, fp32
     cells = bench_gpu_decode.cells(row)

@@ -14,9 +14,9 @@ unpacked (``PACK_GQA = False``: one program per (batch, query head) over a forwa
 is what packing buys), torch SDPA (``enable_gqa``; a bool mask for the window) and compiled
 FlexAttention (its decoding kernel; a block mask for the window). Every mask is built outside
 the timed calls, as at a fixed cache length; "growing" is attnkit's Triton call over caches of
-128 lengths in turn (L-127 … L), more than attnkit keeps tile maps for (64 shared by the
-built-in masks), so each call builds its BlockMask and tile lists anew, as a decoding loop
-whose cache grows by one key per step does.
+128 lengths in turn (L, L-1, … L-127), more than attnkit keeps tile maps for (64 shared by
+the built-in masks), so each call builds its BlockMask and tile lists anew, as a decoding
+loop whose cache grows by one key per step does.
 """
 
 from __future__ import annotations
@@ -92,6 +92,11 @@ def cases(quick: bool = False, smoke: bool = False) -> list[DecodeCase]:
     ]
 
 
+def growing_lengths(L: int) -> Iterator[int]:
+    """L, L-1, … L-127 (down to 1), and again: the "growing" contender's cache lengths."""
+    return itertools.cycle(range(L, max(0, L - GROWING_LENGTHS), -1))
+
+
 @contextmanager
 def unsplit() -> Iterator[None]:
     """The Triton backend without split-KV: one program per (batch, kv head)."""
@@ -121,7 +126,7 @@ def measure(
     def triton() -> torch.Tensor:
         return attnkit.attention(q, k, v, mask=case.mask, backend="triton")
 
-    lengths = itertools.cycle(range(max(1, L - GROWING_LENGTHS + 1), L + 1))
+    lengths = growing_lengths(L)
 
     def growing() -> torch.Tensor:
         n = next(lengths)
