@@ -157,7 +157,7 @@ def attention_forward_kernel(
     split's indexing cost registers that some large tiles do not have to spare).
     With PACK_GQA (decoding; grid axis 1 is batch × kv head) one tile holds the Lq queries of
     all G query heads of a kv head, row g·Lq + i for head g's query i: their keys and values
-    are read once, not G times, and no tile rows are wasted on a single query.
+    are read once, not G times, and a decoding step's tile has 16 rows, not the forward's 128.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
