@@ -376,7 +376,7 @@ def test_the_walk_of_every_key_is_the_full_block_masks(by_columns, Lq, Lk):
         got, want = getattr(made, name), getattr(built, name)
         assert (got.shape, got.dtype) == (want.shape, want.dtype), name
         assert torch.equal(got, want), name
-    assert tr.keeps_every_key(None, Lq)
+    assert tr.keeps_every_key(None, Lq, Lk)
 
 
 def test_decoding_under_causal_builds_no_block_mask_as_the_cache_grows(monkeypatch):
@@ -384,10 +384,11 @@ def test_decoding_under_causal_builds_no_block_mask_as_the_cache_grows(monkeypat
     each new cache length (it cost a decoding step more host time than its kernel)."""
     from attnkit.backends import triton as tr
 
-    assert tr.keeps_every_key(masks.causal(), 1)
-    assert not tr.keeps_every_key(masks.causal(), 2)
-    assert not tr.keeps_every_key(masks.causal(align="top_left"), 1)
-    assert not tr.keeps_every_key(masks.sliding_window(8), 1)
+    assert tr.keeps_every_key(masks.causal(), 1, 60)
+    assert not tr.keeps_every_key(masks.causal(), 2, 60)
+    assert not tr.keeps_every_key(masks.causal(align="top_left"), 1, 60)
+    assert not tr.keeps_every_key(masks.sliding_window(8), 1, 60)
+    assert tr.keeps_every_key(masks.sliding_window(8), 1, 9)  # a windowed cache's 9 keys
 
     def built(*args, **kwargs):
         raise AssertionError("a BlockMask was built")

@@ -20,9 +20,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from attnkit._types import EMPTY
 from attnkit.backends._common import Request, first_order_only
+from attnkit.backends.sdpa import attends_every_key
 from attnkit.backends.tiled import TileConfig, block_mask_for
 from attnkit.block_mask import BlockMask, partial_bitmaps, retile
-from attnkit.masks import Mask
 from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "triton"
@@ -316,7 +316,7 @@ def tile_walk(req: Request, launch: Launch, by_columns: bool = False) -> TileWal
     every key is kept, no BlockMask is built (``keeps_every_key``).
     """
     s = req.shapes
-    if keeps_every_key(req.mask, s.Lq):
+    if keeps_every_key(req.mask, s.Lq, s.Lk):
         return _full_walk(s.Lq, s.Lk, launch, by_columns, req.q.device)
     bm = block_mask_for(req, TileConfig(launch.block_m, launch.block_n, launch.block_n))
     bm = retile(bm, launch.block_m, launch.block_n)
@@ -326,11 +326,13 @@ def tile_walk(req: Request, launch: Launch, by_columns: bool = False) -> TileWal
     )
 
 
-def keeps_every_key(mask: object, Lq: int) -> bool:
-    """No mask, or bottom-right causal over one query (a decoding step): nothing is masked."""
-    return mask is None or (
-        Lq == 1 and isinstance(mask, Mask) and mask.spec == ("causal", "bottom_right")
-    )
+def keeps_every_key(mask: object, Lq: int, Lk: int) -> bool:
+    """No mask, or one whose spec hides no key (``sdpa.attends_every_key``).
+
+    ``full()``, and a decoding step under bottom-right causal or under a window that reaches
+    the cache's first key (a windowed ``KVCache``).
+    """
+    return mask is None or attends_every_key(mask, Lq, Lk)
 
 
 #: walks of every tile full, by tile counts: the same for every cache length of nK tiles

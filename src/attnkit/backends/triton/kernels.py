@@ -31,7 +31,7 @@ def _wide(x, WIDE: tl.constexpr):
 
 @triton.jit
 def _slice(ptr, b, h, stride_b, stride_h, WIDE: tl.constexpr):
-    """``ptr`` moved to the (b, h) slice.
+    """``ptr`` moved to the (b, h) slice; ``h`` (BLOCK_M, 1) moves each row to its head's.
 
     Offsets within one slice stay 32-bit: the launcher refuses slices that reach 2^31 elements.
     """
@@ -170,7 +170,7 @@ def attention_forward_kernel(
         row_ok = packed < G * Lq
         h = tl.where(row_ok, hk * G + packed // Lq, hk * G)  # each row's query head
         rows = packed % Lq
-        q_ptrs = Q + _wide(b, WIDE_OFFSETS) * sqb + _wide(h, WIDE_OFFSETS)[:, None] * sqh
+        q_ptrs = _slice(Q, b, h[:, None], sqb, sqh, WIDE_OFFSETS)  # each row's head
     else:
         b = pid_bh // H
         h = pid_bh % H
@@ -248,12 +248,9 @@ def attention_forward_kernel(
     lse = tl.where(
         has_key, (shift + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf")
     )
-    if PACK_GQA:
-        o_ptrs = Out + _wide(b, WIDE_OFFSETS) * sob + _wide(h, WIDE_OFFSETS)[:, None] * soh
-    else:
-        o_ptrs = _slice(Out, b, h, sob, soh, WIDE_OFFSETS)
+    heads = h[:, None] if PACK_GQA else h
     tl.store(
-        o_ptrs + rows[:, None] * som + dv[None, :],
+        _slice(Out, b, heads, sob, soh, WIDE_OFFSETS) + rows[:, None] * som + dv[None, :],
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None] & (dv[None, :] < DV),
     )
