@@ -93,6 +93,12 @@ def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
         for p in ("fwd", "fwd+bwd")
     }
     assert all(r["triton_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
+    # tile lists: only where the kernels would otherwise compute the mask (a band)
+    banded = {r["case"]: r.get("tile_lists_s") for r in rows}
+    assert banded["causal"] > 0
+    assert banded["sliding_window(16)"] > 0
+    assert banded["dense"] is None
+    assert banded["block_sparse(16, 25 %)"] is None
     assert [r["case"] for r in decode_rows] == ["whole cache", "sliding_window(16)"]
     CONTENDERS = ("triton", "unsplit", "unpacked", "growing", "sdpa", "flex")
     # FlexAttention's forward runs on CPU, so every decoding contender has a time
@@ -128,6 +134,27 @@ def test_gpu_decode_bench_times_the_kernel_packed_split_unsplit_and_unpacked(mon
     assert row["bytes"] == 2 * window.Hkv * 17 * window.D * 4  # the query and 16 keys left, fp32
     cells = bench_gpu_decode.cells(row)
     assert (cells[:3], cells[8]) == (["sliding_window(16)", "1", "64"], "—")
+
+
+def test_gpu_bench_times_band_masks_computed_in_kernel_and_walked_through_tile_lists(
+    monkeypatch,
+):
+    """The attention table's causal and window rows: "triton" computes the band in the
+    kernels, "tile lists" walks the mask as any other (the band gain is between them)."""
+    pytest.importorskip("triton")
+    from attnkit import bench_gpu
+    from conftest import record_launches
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(bench_gpu, "flex", lambda *args: None)  # fails when called: noted
+    launched = record_launches(monkeypatch)
+    causal = next(c for c in bench_gpu.cases(smoke=True) if c.name == "causal")
+    row = bench_gpu.measure(causal, "cpu", torch.float32, smoke=True)
+    assert [c.meta["BAND"] for c in launched] == [True, False]
+    cells = dict(zip(bench_gpu.COLUMNS, bench_gpu.cells(row), strict=True))
+    assert row["tile_lists_s"] > 0
+    assert cells["tile lists TFLOP/s"] != "—"
+    assert cells["band gain"] == f"{row['tile_lists_s'] / row['triton_s']:.2f}x"
 
 
 @pytest.mark.slow

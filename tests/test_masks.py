@@ -459,3 +459,43 @@ def test_lookback_is_the_farthest_key_a_query_attends(mask, expected):
         dense = mask.dense(Lq, Lk)[0, 0]
         back = (torch.arange(Lq)[:, None] + Lk - Lq) - torch.arange(Lk)[None, :]
         assert int(back[dense].max()) == expected
+
+
+BANDS = [
+    masks.full(),
+    masks.causal(),
+    masks.causal(align="top_left"),
+    masks.causal(align=-3),
+    masks.sliding_window(4),
+    masks.sliding_window(3, 2),
+    masks.sliding_window(-1, 2),
+    masks.sliding_window(0, -1, align="top_left"),
+    masks.sliding_window(50),  # wider than the lengths: clamped
+    masks.sliding_window(7, 2) & masks.causal(),
+    masks.sliding_window(2, align=40),  # past every key: keeps nothing
+]
+
+
+@pytest.mark.parametrize("mask", BANDS, ids=repr)
+@pytest.mark.parametrize(("Lq", "Lk"), [(1, 1), (1, 30), (9, 30), (30, 9), (17, 17)])
+def test_band_is_exactly_the_diagonals_a_mask_keeps(mask, Lq, Lk):
+    lo, hi = masks.band(mask, Lq, Lk)
+    assert 1 - Lq <= lo  # clamped to the differences the lengths hold
+    assert hi <= Lk - 1
+    d = torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None]
+    assert torch.equal(mask.dense(Lq, Lk)[0, 0], (d >= lo) & (d <= hi))
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        masks.sliding_window(2) | masks.sliding_window(0, 2),
+        ~masks.causal(),
+        masks.dilated(3, 2),
+        masks.causal() & masks.key_padding([5]),
+        masks.custom(lambda b, h, q, kv: q >= kv),
+    ],
+    ids=repr,
+)
+def test_band_is_none_for_other_masks(mask):
+    assert masks.band(mask, 9, 9) is None

@@ -404,6 +404,128 @@ def test_decoding_under_causal_builds_no_block_mask_as_the_cache_grows(monkeypat
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
 
 
+BANDS = {
+    "causal": masks.causal(),
+    "causal, top-left": masks.causal(align="top_left"),
+    "window 7 back, 3 ahead": masks.sliding_window(7, 3),
+    "unbounded back, 2 ahead": masks.sliding_window(-1, 2),
+    "7 back, unbounded ahead": masks.sliding_window(7, -1),
+    "window off the keys for some rows": masks.sliding_window(4, 4, align=-12),
+    "window & causal": masks.sliding_window(9, 4) & masks.causal(),
+}
+
+
+def _no_block_mask(*args, **kwargs):
+    raise AssertionError("a BlockMask was built")
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 4, 2, 37, 29, 32, 32), (2, 2, 1, 20, 53, 16, 16)], ids=["Lq>Lk", "Lq<Lk"]
+)
+@pytest.mark.parametrize("mask", BANDS.values(), ids=BANDS)
+def test_band_masks_are_computed_in_the_kernels(monkeypatch, shape, mask):
+    """Causal and sliding-window masks need no tile map: every kernel finds its tiles from
+    the band lo <= j - i <= hi and masks the tiles on its edge by comparing indices. Output,
+    LSE and gradients as the float64 reference, with no BlockMask built."""
+    from attnkit.backends import triton as tr
+
+    launched = record_launches(monkeypatch)
+    monkeypatch.setattr(masks.Mask, "blocks", _no_block_mask)
+    check(shape, mask=mask, return_lse=True)
+    assert [call.meta["BAND"] for call in launched] == [True] * 3
+    assert tr.kernel_band(_req(shape, mask)) == masks.band(mask, shape[3], shape[4])
+
+
+def test_band_masks_with_alibi_mask_every_tile_in_the_kernels(monkeypatch):
+    """With ALiBi the kernels mask every tile of the band, not only its edge tiles."""
+    launched = record_launches(monkeypatch)
+    monkeypatch.setattr(masks.Mask, "blocks", _no_block_mask)
+    mod = score_mods.alibi(score_mods.alibi_slopes(4))
+    check((1, 4, 2, 37, 29, 32, 32), mask=masks.sliding_window(7, 3), score_mod=mod)
+    assert [(c.meta["BAND"], c.meta["HAS_ALIBI"]) for c in launched] == [(True, True)] * 3
+
+
+def test_band_masks_with_softcap_walk_tile_lists():
+    """Softcap's kernels spilled registers computing the band (see ``kernel_band``)."""
+    from attnkit.backends import triton as tr
+    from attnkit.functional import _request
+
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 40, 40, 16))
+    alibi = score_mods.alibi(score_mods.alibi_slopes(2))
+    for mod, banded in ((score_mods.softcap(30.0), False), (alibi, True)):
+        req = _request(q, k, v, masks.causal(), mod, None, 0.0, None, False)
+        assert bool(tr.kernel_band(req)) is banded
+
+
+@pytest.mark.parametrize("mask", [masks.causal(), masks.sliding_window(7, 3)], ids=repr)
+def test_band_masks_walk_tile_lists_when_told_to(monkeypatch, mask):
+    """``BAND_IN_KERNEL = False`` (the GPU benchmark's comparison) walks them as any mask."""
+    from attnkit.backends import triton as tr
+
+    monkeypatch.setattr(tr, "BAND_IN_KERNEL", False)
+    launched = record_launches(monkeypatch)
+    check((1, 4, 2, 37, 29, 32, 32), mask=mask, return_lse=True)
+    assert not any(call.meta["BAND"] for call in launched)
+
+
+def _req(shape, mask):
+    from attnkit.functional import _request
+
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(*shape))
+    return _request(q, k, v, mask, None, None, 0.0, None, False)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [None, masks.full(), masks.causal() & masks.key_padding([40]), masks.dilated(3, 2)],
+    ids=repr,
+)
+def test_no_band_where_every_key_is_kept_or_the_mask_is_no_band(mask):
+    from attnkit.backends import triton as tr
+
+    assert tr.kernel_band(_req((1, 2, 2, 40, 50, 16, 16), mask)) == ()
+    # one query under causal keeps every key: nothing to compare at all
+    assert tr.kernel_band(_req((1, 2, 2, 1, 50, 16, 16), masks.causal())) == ()
+
+
+@pytest.mark.parametrize(
+    "mask", [masks.causal(), masks.sliding_window(20), masks.sliding_window(3, 40)], ids=repr
+)
+@pytest.mark.parametrize(("Lq", "Lk"), [(1, 300), (5, 300), (40, 300), (300, 300)])
+def test_row_kv_tiles_bounds_the_tiles_a_band_reaches(mask, Lq, Lk):
+    """The split-KV heuristic's tile count: never fewer than a query tile visits, at most
+    one more."""
+    from attnkit.backends import triton as tr
+
+    req = _req((1, 2, 2, Lq, Lk, 16, 16), mask)
+    launch = tr.Launch(16, 32, 1, 1)
+    bound = tr.row_kv_tiles(req, launch)
+    visited = (mask.blocks(Lq, Lk, 16, 32).kinds != 0).sum(-1).max()
+    if tr.kernel_band(req):
+        assert visited <= bound <= visited + 1
+    else:
+        assert bound == -(-Lk // 32)
+
+
+def test_decoding_under_a_window_builds_no_block_mask_as_the_cache_grows(monkeypatch):
+    """A window over a growing cache (not a windowed one: it hides the oldest keys) used to
+    build a tile map at every step; the kernels now compute it, in inference and training."""
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 4, 2, 2, 60, 16))
+    mask = masks.sliding_window(8)
+    want = [
+        attnkit.attention(q, k[:, :, :n], v[:, :, :n], mask=mask, backend="reference")
+        for n in (58, 59, 60)
+    ]
+    monkeypatch.setattr(masks.Mask, "blocks", _no_block_mask)
+    for n, expected in zip((58, 59, 60), want, strict=True):
+        with torch.no_grad():
+            got = attnkit.attention(q, k[:, :, :n], v[:, :, :n], mask=mask, backend="triton")
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=2e-6)
+    k.requires_grad_()
+    attnkit.attention(q, k, v, mask=mask, backend="triton").sum().backward()
+    assert k.grad is not None
+
+
 def test_tile_walks_built_once_per_mask_and_device():
     """Calls that reuse a mask, or an equal one, reuse its tile walks (no argsort or
     host-to-device copy)."""
@@ -417,11 +539,11 @@ def test_tile_walks_built_once_per_mask_and_device():
         req = _request(q, k, v, mask, None, None, 0.0, None, False)
         return tr.tile_walk(req, launch, by_columns)
 
-    mask = masks.sliding_window(9)
+    mask = masks.dilated(9, 2)
     first = walk(mask)
     assert walk(mask) is first
-    assert walk(masks.sliding_window(9)) is first  # the same spec: Mask.blocks shares
-    assert walk(masks.sliding_window(10)) is not first
+    assert walk(masks.dilated(9, 2)) is first  # the same spec: Mask.blocks shares
+    assert walk(masks.dilated(10, 2)) is not first
     assert walk(mask, by_columns=True).bits is first.bits  # rows and columns share bitmaps
     assert first.num.device == q.device
 

@@ -138,6 +138,28 @@ def test_score_mods_compile_in_kernel(arch, head_dim):
     check(arch, torch.bfloat16, head_dim, "--alibi", "--softcap", "30", "--gqa-group", "4")
 
 
+@pytest.mark.parametrize(
+    ("arch", "head_dim", "options"),
+    [
+        (80, 128, ()),
+        (86, 128, ()),
+        (90, 128, ()),
+        (90, 256, ()),
+        (100, 64, ()),
+        (120, 128, ()),
+        (90, 64, ("--alibi", "--gqa-group", "4")),
+        (100, 128, ("--alibi", "--gqa-group", "4")),
+        (90, 128, ("--pack-gqa", "--gqa-group", "4", "--kv-splits", "8")),
+    ],
+)
+def test_band_kernels_compile_fit_and_do_not_spill(arch, head_dim, options):
+    """Kernels that compute a causal or window mask themselves (``kernel_band``) pipeline
+    every stage of their loops' tiles: at the table's stages they overflowed shared memory
+    (sm_80's D=128 dQ, 176 KB of 163), so they take one stage fewer (``band_launches``)."""
+    found = check(arch, torch.bfloat16, head_dim, "--band", *options)
+    assert len(found) == (1 if "--pack-gqa" in options else 3)
+
+
 def test_oversized_tiles_are_reported_not_hidden():
     """The check can fail: 128x128 tiles of D=256 in 4 stages overflow sm_86's 99 KB."""
     found = compiled(86, torch.bfloat16, 256, "--launch", "128,128,8,4")

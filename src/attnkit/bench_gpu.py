@@ -4,8 +4,10 @@ attnkit's Triton kernels against torch SDPA (flash; a dense bool mask where the 
 causal) and compiled FlexAttention, in one run: TFLOP/s counted on the FLOPs each mask needs
 (4·B·H·D per attended pair forward, 3.5x that forward+backward), bf16, B=1, H=16 (so the GPU
 is busy at short N too), D = 64 and 128, N = 1k … 32k, dense, causal, sliding window
-(left 1024) and block-sparse (128-token cells, a quarter of them plus the diagonal). A
-second table times decoding (``attnkit.bench_gpu_decode``); ``only`` picks tables.
+(left 1024) and block-sparse (128-token cells, a quarter of them plus the diagonal). Causal
+and the window are also timed as the kernels ran them before they computed a band mask
+themselves (``BAND_IN_KERNEL = False``: tile lists and bitmaps), the "band gain". A second
+table times decoding (``attnkit.bench_gpu_decode``); ``only`` picks tables.
 
 ``ATTNKIT_TRITON_AUTOTUNE=1`` times tile variants in each case's untimed first call (the
 title says so). ``smoke=True`` runs every code path once on tiny shapes; on CPU tensors that needs
@@ -17,16 +19,19 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 import attnkit
 from attnkit import masks
+from attnkit.backends import triton as triton_backend
 from attnkit.backends.triton import AUTOTUNE_ENV
 from attnkit.masks import Mask
 
@@ -42,8 +47,10 @@ COLUMNS = (
     "D",
     "pass",
     "triton TFLOP/s",
+    "tile lists TFLOP/s",
     "SDPA TFLOP/s",
     "Flex TFLOP/s",
+    "band gain",
     "triton / SDPA",
     "triton / Flex",
 )
@@ -124,6 +131,13 @@ def seconds(fn: Callable[[], object], smoke: bool) -> float:
     return float(timer.blocked_autorange(min_run_time=0.25).median)
 
 
+@contextmanager
+def tile_lists() -> Iterator[None]:
+    """The Triton backend walking causal and window masks through tile lists and bitmaps."""
+    with mock.patch.object(triton_backend, "BAND_IN_KERNEL", False):
+        yield
+
+
 def flex(mask: Mask | None, Lq: int, Lk: int, device: str) -> Callable[..., torch.Tensor]:
     """Compiled FlexAttention under ``mask``'s block mask; grouped query heads allowed."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -188,16 +202,20 @@ def measure(case: GpuCase, device: str, dtype: torch.dtype, smoke: bool = False)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=causal)
 
     # built inside the try: FlexAttention may fail already while making its block mask
-    contenders: dict[str, Callable[[], Callable[..., torch.Tensor]]] = {
-        "triton": lambda: triton,
-        "sdpa": lambda: sdpa,
-        "flex": lambda: flex(case.mask, N, N, device),
+    contenders: dict[str, tuple[Callable[[], Callable[..., torch.Tensor]], Any]] = {
+        "triton": (lambda: triton, nullcontext()),
+        "tile_lists": (lambda: triton, tile_lists()),
+        "sdpa": (lambda: sdpa, nullcontext()),
+        "flex": (lambda: flex(case.mask, N, N, device), nullcontext()),
     }
+    if case.mask is None or masks.band(case.mask, N, N) is None:
+        del contenders["tile_lists"]  # walked either way
     notes = []
-    for name, make in contenders.items():
+    for name, (make, context) in contenders.items():
         row[f"{name}_s"] = None
         try:
-            row[f"{name}_s"] = timed(make())
+            with context:
+                row[f"{name}_s"] = timed(make())
         except Exception as exc:  # e.g. FlexAttention cannot compile here: noted, not fatal
             notes.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}")
     row["note"] = "; ".join(notes)
@@ -214,14 +232,17 @@ def cells(row: dict[str, Any]) -> list[str]:
         ours = row["triton_s"]
         return "—" if other is None or ours is None else f"{other / ours:.2f}x"
 
+    walked = row.get("tile_lists_s")
     return [
         row["case"],
         str(row["N"]),
         str(row["D"]),
         row["pass"],
         tflops(row["triton_s"]),
+        tflops(walked),
         tflops(row["sdpa_s"]),
         tflops(row["flex_s"]),
+        ratio(walked),
         ratio(row["sdpa_s"]),
         ratio(row["flex_s"]),
     ]

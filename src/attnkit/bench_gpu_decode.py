@@ -14,9 +14,11 @@ unpacked (``PACK_GQA = False``: one program per (batch, query head) over a forwa
 is what packing buys), torch SDPA (``enable_gqa``; a bool mask for the window) and compiled
 FlexAttention (its decoding kernel; a block mask for the window). Every mask is built outside
 the timed calls, as at a fixed cache length; "growing" is attnkit's Triton call over caches of
-128 lengths in turn (L, L-1, … L-127), more than attnkit keeps tile maps for (64 shared by
-the built-in masks), so each call builds its BlockMask and tile lists anew, as a decoding
-loop whose cache grows by one key per step does.
+128 lengths in turn (L, L-1, … L-127), as a decoding loop whose cache grows by one key per
+step makes it. Neither mask here needs a tile map (the whole cache keeps every key; the
+kernels compute the window themselves, ``kernel_band``), so "growing" shows what a new length
+still costs the host; a mask with a tile map would build one at every length (attnkit keeps
+64 shared by the built-in masks, fewer than these 128).
 """
 
 from __future__ import annotations

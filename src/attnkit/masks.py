@@ -46,6 +46,7 @@ TileRule = Callable[[Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Te
 __all__ = [
     "BlockMask",
     "Mask",
+    "band",
     "bigbird",
     "block_sparse",
     "causal",
@@ -552,6 +553,42 @@ def _lookback(spec: tuple[Any, ...] | None) -> float | None:
         window, dilation = args[0], args[1]
         return int(window * dilation)
     return math.inf  # causal, strided
+
+
+def band(mask: Mask, Lq: int, Lk: int) -> tuple[int, int] | None:
+    """The diagonals a mask keeps, for masks that keep one unbroken band of them.
+
+    Query i attends key j exactly where ``lo <= j - i <= hi``: causal and sliding-window
+    masks (any alignment), ``full()``, and ``&`` of such masks. A kernel then needs no tile
+    map: a tile's keys, and whether the band's edge crosses it, follow from its bounds.
+
+    >>> band(causal(), 4, 10), band(sliding_window(2, 1), 3, 3), band(full(), 2, 5)
+    ((-3, 6), (-2, 1), (-1, 4))
+
+    Returns:
+        (lo, hi), clamped to the differences the lengths hold, [-(Lq - 1), Lk - 1] (so lo > hi
+        keeps nothing); None for any other mask.
+    """
+    d = _band(mask.spec, Lq, Lk)
+    return None if d is None else (int(max(d[0], 1 - Lq)), int(min(d[1], Lk - 1)))
+
+
+def _band(spec: tuple[Any, ...] | None, Lq: int, Lk: int) -> tuple[float, float] | None:
+    if spec is None:
+        return None
+    name, *args = spec
+    if name == "full":
+        return (-math.inf, math.inf)
+    if name == "&":
+        a, b = _band(args[0], Lq, Lk), _band(args[1], Lq, Lk)
+        return None if a is None or b is None else (max(a[0], b[0]), min(a[1], b[1]))
+    if name not in ("causal", "sliding_window"):
+        return None
+    off = _offset(args[-1], Lq, Lk)  # key i + off lines up with query i
+    if name == "causal":
+        return (-math.inf, off)
+    left, right = args[0], args[1]
+    return (-math.inf if left < 0 else off - left, math.inf if right < 0 else off + right)
 
 
 @_builtin

@@ -1,7 +1,8 @@
 """The triton backend: flash attention on GPUs (and on CPUs under TRITON_INTERPRET=1).
 
 Forward and backward kernels in ``kernels.py``; this module validates the request, picks tile
-sizes, turns the BlockMask into per-row and per-column lists of non-empty tiles, and wraps the
+sizes, turns the BlockMask into per-row and per-column lists of non-empty tiles (or, for a
+causal or sliding-window mask, hands the kernels its band of diagonals instead), and wraps the
 kernels in torch custom ops (``attnkit::triton_forward`` / ``attnkit::triton_backward``) with
 autograd, so they work under torch.compile.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from attnkit.backends._common import Request, first_order_only
 from attnkit.backends.sdpa import attends_every_key
 from attnkit.backends.tiled import TileConfig, block_mask_for
 from attnkit.block_mask import BlockMask, partial_bitmaps, retile
+from attnkit.masks import Mask, band
 from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "triton"
@@ -313,11 +316,14 @@ def tile_walk(req: Request, launch: Launch, by_columns: bool = False) -> TileWal
 
     A BlockMask given at other tile sizes is re-tiled exactly. Built once per BlockMask, tile
     size and device (masks cache their BlockMasks, so every layer and step reuses it). Where
-    every key is kept, no BlockMask is built (``keeps_every_key``).
+    every key is kept, no BlockMask is built (``keeps_every_key``); nor where the kernels
+    compute the mask themselves (``kernel_band``): they are given a walk they do not read.
     """
     s = req.shapes
     if keeps_every_key(req.mask, s.Lq, s.Lk):
         return _full_walk(s.Lq, s.Lk, launch, by_columns, req.q.device)
+    if kernel_band(req):
+        return _unread_walk(req.q.device)
     bm = block_mask_for(req, TileConfig(launch.block_m, launch.block_n, launch.block_n))
     bm = retile(bm, launch.block_m, launch.block_n)
     dev = req.q.device
@@ -333,6 +339,83 @@ def keeps_every_key(mask: object, Lq: int, Lk: int) -> bool:
     the cache's first key (a windowed ``KVCache``).
     """
     return mask is None or attends_every_key(mask, Lq, Lk)
+
+
+#: Set False to walk causal and sliding-window masks through tile lists and bitmaps like any
+#: other mask (``kernel_band``); the GPU benchmark's tables time both.
+BAND_IN_KERNEL = True
+
+
+def kernel_band(req: Request) -> tuple[int, ...]:
+    """(lo, hi) where the kernels compute the request's mask themselves, else ().
+
+    A causal or sliding-window mask keeps the band lo <= j - i <= hi (``masks.band``): each
+    program finds the tiles its band reaches from its own bounds and masks only those that
+    the band's edge crosses (every tile with ALiBi), by comparing indices. No BlockMask, tile
+    lists or bitmaps are built, read or sent to the GPU, so a decoding step under a window
+    costs the host what one without a mask does (a window over a growing cache built a tile
+    map at every step).
+
+    Not where every key is kept (``keeps_every_key``: nothing to compare), nor where the
+    band's indices would pass 2^30 (32-bit arithmetic in the kernels), nor with softcap: with
+    it the band's kernels spilled registers where the walked ones do not (32-192 B: sm_90's
+    D=64 dQ and sm_100's D=64 dK/dV with GQA, ``python -m attnkit.backends.triton.aot
+    --band --softcap 30 --gqa-group 4``).
+    """
+    mask, s = req.mask, req.shapes
+    if not BAND_IN_KERNEL or not isinstance(mask, Mask) or keeps_every_key(mask, s.Lq, s.Lk):
+        return ()
+    mods = kernel_mods(req.score_mod_source)
+    if mods is None or mods.softcap > 0:
+        return ()
+    found = band(mask, s.Lq, s.Lk)
+    if found is None or max(map(abs, found)) + s.Lq + s.Lk >= 2**30:
+        return ()
+    return found
+
+
+def band_launches(launches: Launches) -> Launches:
+    """The tiles of kernels that compute a band mask (``kernel_band``): one stage fewer.
+
+    Their loops' key (or query) tiles follow from the loop counter, not from a tile list
+    loaded in the loop, so Triton's pipeliner buffers every stage of them where the walked
+    kernels' loads wait a stage on their index. At the table's stages they took up to 50 KB
+    more shared memory (past sm_80's, sm_86's and sm_120's limits, and sm_90's at D=256) and,
+    with ALiBi and softcap, spilled up to 688 B. One stage fewer buffers as many tiles as the
+    walked kernels do (``tests/test_triton_aot.py`` compiles them).
+    """
+    return Launches(
+        *(
+            replace(x, num_stages=max(1, x.num_stages - 1))
+            for x in (launches.forward, launches.dkdv, launches.dq)
+        )
+    )
+
+
+#: Per device, the walk handed to kernels that compute their mask (``kernel_band``): unread
+_UNREAD_WALKS: dict[torch.device, TileWalk] = {}
+
+
+def _unread_walk(dev: torch.device) -> TileWalk:
+    if dev not in _UNREAD_WALKS:
+        one = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=dev)
+        _UNREAD_WALKS[dev] = TileWalk(one, one, one, torch.zeros(1, dtype=torch.int8, device=dev))
+    return _UNREAD_WALKS[dev]
+
+
+def row_kv_tiles(req: Request, launch: Launch) -> int:
+    """At most how many kv tiles of ``launch`` a program of the forward visits.
+
+    The sequence's tiles; under a ``kernel_band``, those the band of a query tile reaches.
+    """
+    Lq, Lk = req.shapes.Lq, req.shapes.Lk
+    tiles = -(-Lk // launch.block_n)
+    if found := kernel_band(req):
+        # keys of one tile of rows span its height plus the band's width, over at most one
+        # more tile than they fill
+        width = min(launch.block_m, Lq) - 1 + max(0, found[1] - found[0] + 1)
+        tiles = min(tiles, -(-width // launch.block_n) + 1)
+    return tiles
 
 
 #: walks of every tile full, by tile counts: the same for every cache length of nK tiles
@@ -414,8 +497,9 @@ class Scalars:
 
     scale: float
     softcap: float
-    q_off: int  # Lk - Lq: where the queries sit among the keys (ALiBi distance, masks)
+    q_off: int  # Lk - Lq: where the queries sit among the keys (ALiBi's distance)
     has_alibi: bool
+    band: Sequence[int] = ()  # (lo, hi): the kernels compute the mask (``kernel_band``)
 
 
 def _common_args(
@@ -428,12 +512,15 @@ def _common_args(
     H, Lq, D = q.shape[1:]
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     Bm, Hm, nQ, nK = walk.tile.shape
+    band_lo, band_hi = sc.band or (0, 0)
     scalars = (
         sc.scale,
         sc.softcap,
         Lq,
         Lk,
         sc.q_off,
+        band_lo,
+        band_hi,
         H,
         H // Hkv,
         D,
@@ -451,6 +538,7 @@ def _common_args(
         "HAS_ALIBI": sc.has_alibi,
         "HAS_SOFTCAP": sc.softcap > 0,
         "DOT_PRECISION": dot_precision(q.dtype),
+        "BAND": bool(sc.band),
         "BLOCK_M": launch.block_m,
         "BLOCK_N": launch.block_n,
         "BLOCK_D": _pow2(D),
@@ -576,6 +664,7 @@ def _forward(
     softcap: float,
     q_off: int,
     has_alibi: bool,
+    band: list[int],
     launch: list[int],
     splits: int = 1,
     pack_gqa: bool = False,
@@ -589,7 +678,7 @@ def _forward(
     parts = q.dtype if splits == 1 else torch.float32
     out = torch.empty(splits, B, H, Lq, v.shape[3], dtype=parts, device=q.device)
     lse = torch.empty(splits, B, H, Lq, dtype=torch.float32, device=q.device)
-    sc = Scalars(scale, softcap, q_off, has_alibi)
+    sc = Scalars(scale, softcap, q_off, has_alibi, tuple(band))
     walk = TileWalk(num, idx, tile, bits)
     for call in forward_calls(q, k, v, out, lse, walk, slopes, sc, Launch(*launch), pack_gqa):
         call.launch()
@@ -631,6 +720,7 @@ def _backward(
     softcap: float,
     q_off: int,
     has_alibi: bool,
+    band: list[int],
     dkdv_launch: list[int],
     dq_launch: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -654,7 +744,7 @@ def _backward(
         TileWalk(dkdv_num, dkdv_idx, dkdv_tile, dkdv_bits),
         TileWalk(dq_num, dq_idx, dq_tile, dq_bits),
         slopes,
-        Scalars(scale, softcap, q_off, has_alibi),
+        Scalars(scale, softcap, q_off, has_alibi, tuple(band)),
         Launch(*dkdv_launch),
         Launch(*dq_launch),
     ):
@@ -687,7 +777,10 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
     launches = choose_launches(max(s.D, s.Dv), req.q.dtype, gpu_arch(req.q.device))
     slopes = _slopes(mods, s.Hq, req.q.device)
     q, k, v = (kernel_input(x) for x in (req.q, req.k, req.v))
-    scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None)
+    band = list(kernel_band(req))
+    scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None, band)
+    if band:
+        launches = band_launches(launches)
     grads = req.needs_grad
     if os.environ.get(AUTOTUNE_ENV) == "1" and not torch.compiler.is_compiling():
         from attnkit.backends.triton import autotune
@@ -715,7 +808,7 @@ def _inference(
     k: Tensor,
     v: Tensor,
     slopes: Tensor,
-    scalars: tuple[float, float, int, bool],
+    scalars: tuple[float, float, int, bool, list[int]],
     launch: Launch,
 ) -> tuple[Tensor, Tensor]:
     """A forward without autograd (inference, decoding).
@@ -726,7 +819,7 @@ def _inference(
     s = req.shapes
     launch, walk, packed = _inference_tiles(req, launch)
     programs = s.B * s.Hkv if packed else -(-s.Lq // launch.block_m) * s.B * s.Hq
-    splits = kv_splits(programs, walk.tile.shape[-1], _sm_count(req.q.device))
+    splits = kv_splits(programs, row_kv_tiles(req, launch), _sm_count(req.q.device))
     args = (*_walk_args(walk), slopes, *scalars, _launch_args(launch), splits, packed)
     out, lse = (_forward if _eager() else triton_forward)(q, k, v, *args)
     return out, lse
@@ -768,7 +861,7 @@ class _TritonAttention(torch.autograd.Function):
         ctx: Any, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *rest: Any
     ) -> tuple[Tensor, Tensor]:
         walks, params = rest[:12], rest[12:]
-        scalars, (forward_launch, dkdv_launch, dq_launch) = params[:4], params[4:]
+        scalars, (forward_launch, dkdv_launch, dq_launch) = params[:5], params[5:]
         forward: Any = _forward if _eager() else triton_forward
         out, lse = forward(q, k, v, *walks[:4], slopes, *scalars, forward_launch)
         ctx.save_for_backward(q, k, v, out, lse, slopes, *walks[4:])

@@ -30,6 +30,7 @@ from attnkit.backends.triton import (
     Scalars,
     TileWalk,
     backward_calls,
+    band_launches,
     choose_launches,
     decoding_launch,
     forward_calls,
@@ -181,6 +182,7 @@ def launcher_resources(
     kv_splits: int = 1,
     wide_offsets: bool = False,
     pack_gqa: bool = False,
+    band: bool = False,
 ) -> list[KernelResources]:
     """Compile forward, dK/dV and dQ as the launcher would run them on ``arch``.
 
@@ -192,16 +194,20 @@ def launcher_resources(
     ``wide_offsets`` compiles the 64-bit-offset variants that tensors past 2^31 elements take.
     ``pack_gqa`` compiles only a decoding step's forward (one query per head over ``seq_len``
     keys), a kv head's ``gqa_group`` query heads packed in one ``decoding_launch`` tile.
+    ``band`` compiles the kernels that compute a causal or sliding-window mask themselves (a
+    window of 1024 keys back, ``kernel_band``) instead of walking tile lists and bitmaps.
     """
     launches = (
         Launches(launch, launch, launch) if launch else choose_launches(head_dim, dtype, arch)
     )
+    if band and launch is None:
+        launches = band_launches(launches)
     hq, lq = 2 * gqa_group, 1 if pack_gqa else seq_len
     q, out, dout, dq = (torch.zeros(1, hq, lq, head_dim, dtype=dtype) for _ in range(4))
     k, v, dk, dv = (torch.zeros(1, 2, seq_len, head_dim, dtype=dtype) for _ in range(4))
     lse, delta = torch.zeros(1, hq, lq), torch.zeros(1, hq, lq)
     slopes = torch.zeros(hq)
-    sc = Scalars(head_dim**-0.5, softcap, seq_len - lq, alibi)
+    sc = Scalars(head_dim**-0.5, softcap, seq_len - lq, alibi, (-1024, 0) if band else ())
 
     def walk(tiles: Launch) -> TileWalk:
         n_q, n_k = -(-lq // tiles.block_m), -(-seq_len // tiles.block_n)
@@ -242,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--pack-gqa", action="store_true", help="a decoding step's forward, heads packed"
     )
+    ap.add_argument("--band", action="store_true", help="a causal window computed in-kernel")
     args = ap.parse_args(argv)
     launch = Launch(*map(int, args.launch.split(","))) if args.launch else None
     for r in launcher_resources(
@@ -255,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         kv_splits=args.kv_splits,
         wide_offsets=args.wide_offsets,
         pack_gqa=args.pack_gqa,
+        band=args.band,
     ):
         print(json.dumps(r.to_json()))
 

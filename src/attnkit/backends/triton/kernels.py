@@ -4,7 +4,10 @@ Follows the Triton fused-attention tutorial: exp2 with log2(e) folded into the s
 running max / sum / accumulator, LSE saved for the backward pass. Block sparsity: each
 program walks only the kv tiles (forward, dQ) or q tiles (dK/dV) that its BlockMask row or
 column lists as non-empty; partial tiles are masked by a precomputed bitmap, full tiles are
-not masked at all. ALiBi and softcap are applied in-kernel (natural units, before masking).
+not masked at all. A causal or sliding-window mask (BAND) needs no lists: a program's
+tiles are the band's, found from its own bounds, and only tiles that the band's edge
+crosses are masked, by comparing indices. ALiBi and softcap are applied in-kernel (natural
+units, before masking).
 DOT_PRECISION is "ieee" for fp32 inputs unless torch allows TF32 matmuls (see the launcher).
 """
 
@@ -39,6 +42,34 @@ def _slice(ptr, b, h, stride_b, stride_h, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _band_tiles(first, last, length, BLOCK: tl.constexpr):
+    """The first tile of ``BLOCK`` indices, and how many, that hold ``first`` … ``last``.
+
+    Clamped to the axis of ``length``; no tile where nothing of it is left.
+    """
+    first = tl.maximum(first, 0)
+    last = tl.minimum(last, length - 1)
+    start = first // BLOCK
+    return start, tl.where(first <= last, tl.maximum(last, 0) // BLOCK - start + 1, 0)
+
+
+@triton.jit
+def _on_band_edge(row_lo, row_hi, col_lo, col_hi, band_lo, band_hi):
+    """Whether the band lo <= j - i <= hi leaves out a pair of the tile: it needs masking.
+
+    The tile holds queries i in row_lo … row_hi and keys j in col_lo … col_hi.
+    """
+    return (col_lo - row_hi < band_lo) | (col_hi - row_lo > band_hi)
+
+
+@triton.jit
+def _in_band(s, qi, ki, band_lo, band_hi):
+    """Scores ``s`` with -inf where key ki lies outside the band of query qi."""
+    d = ki - qi
+    return tl.where((d >= band_lo) & (d <= band_hi), s, float("-inf"))
+
+
+@triton.jit
 def _scores(
     q,
     k,
@@ -51,14 +82,17 @@ def _scores(
     slope_ptr,
     softcap,
     tile_bits_ptr,
-    has_bits,
+    masked,
+    band_lo,
+    band_hi,
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TRANSPOSED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PACKED_GQA: tl.constexpr = False,
+    PACKED_GQA: tl.constexpr,
+    BAND: tl.constexpr,
 ):
     """Scores of one tile in log2 units, and tanh(s/c) for the softcap gradient.
 
@@ -67,6 +101,8 @@ def _scores(
     multiplies Pᵀ and dSᵀ as they come, instead of transposing register tiles.
     With PACKED_GQA the tile's rows are several query heads' queries 0 … Lq-1 (the forward's
     packed decoding tile): ``h`` holds each row's head, and a row's bitmap row is its query's.
+    ``masked``: whether the tile needs its mask, the band band_lo <= j - i <= band_hi (BAND)
+    or its bitmap at ``tile_bits_ptr``.
     """
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
@@ -94,7 +130,15 @@ def _scores(
     # bitmap is widened to fp32 before the select: an i1 tile would have to pass through
     # shared memory in the FMA (fp32 "ieee") dot layouts, which does not compile for sm_80.
     s = tl.where(ki < Lk, s * 1.4426950408889634, float("-inf"))
-    if has_bits:
+    if BAND:
+        # With ALiBi, which already computes a distance per score, every tile is masked: the
+        # branch kept another tile live across it and spilled up to 128 B (sm_90's D=64 dQ,
+        # with softcap and GQA too). Without, only the band's edge tiles are.
+        if HAS_ALIBI:  # noqa: SIM114 (a compile-time choice: no branch, unlike `or masked`)
+            s = _in_band(s, qi, ki, band_lo, band_hi)
+        elif masked:
+            s = _in_band(s, qi, ki, band_lo, band_hi)
+    elif masked:
         bits = tl.load(tile_bits_ptr + bit_offsets).to(tl.float32)
         s = tl.where(bits != 0.0, s, float("-inf"))
     return s, t
@@ -117,6 +161,8 @@ def attention_forward_kernel(
     Lq,
     Lk,
     q_off,
+    band_lo,
+    band_hi,
     H,
     G: tl.constexpr,  # query heads per kv head: one compile per GQA group size
     D,
@@ -142,6 +188,7 @@ def attention_forward_kernel(
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,  # 64-bit offsets past the (batch, head) slice
+    BAND: tl.constexpr,  # the mask is the band band_lo <= j - i <= band_hi: no tile lists
     SPLIT_KV: tl.constexpr,
     PACK_GQA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -170,12 +217,16 @@ def attention_forward_kernel(
         row_ok = packed < G * Lq
         h = tl.where(row_ok, hk * G + packed // Lq, hk * G)  # each row's query head
         rows = packed % Lq
+        row_lo = 0  # the tile's first and last query
+        row_hi = Lq - 1
         q_ptrs = _slice(Q, b, h[:, None], sqb, sqh, WIDE_OFFSETS)  # each row's head
     else:
         b = pid_bh // H
         h = pid_bh % H
         hk = h // G
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_lo = pid_m * BLOCK_M
+        row_hi = tl.minimum(row_lo + BLOCK_M, Lq) - 1
+        rows = row_lo + tl.arange(0, BLOCK_M)
         row_ok = rows < Lq
         q_ptrs = _slice(Q, b, h, sqb, sqh, WIDE_OFFSETS)
     q = tl.load(
@@ -190,7 +241,10 @@ def attention_forward_kernel(
     # the launcher packs heads only under a mask that is the same for every head
     mh = 0 if PACK_GQA else tl.where(Hm > 1, h, 0)
     row_base = _wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + pid_m
-    n_tiles = tl.load(KV_NUM + row_base)
+    if BAND:  # the tiles of the keys these rows' band reaches
+        band_start, n_tiles = _band_tiles(row_lo + band_lo, row_hi + band_hi, Lk, BLOCK_N)
+    else:
+        n_tiles = tl.load(KV_NUM + row_base)
     first = 0
     if SPLIT_KV:
         pid_s = tl.program_id(2)
@@ -200,7 +254,16 @@ def attention_forward_kernel(
         Out += _wide(pid_s, WIDE_OFFSETS) * sos
         LSE += _wide(pid_s, WIDE_OFFSETS) * (tl.num_programs(1) * (G if PACK_GQA else 1)) * Lq
     for it in range(first, n_tiles):
-        kt = tl.load(KV_IDX + row_base * nK + it)
+        if BAND:
+            kt = band_start + it
+            col_hi = tl.minimum(kt * BLOCK_N + BLOCK_N, Lk) - 1
+            masked = _on_band_edge(row_lo, row_hi, kt * BLOCK_N, col_hi, band_lo, band_hi)
+            tile_bits = BITS
+        else:
+            kt = tl.load(KV_IDX + row_base * nK + it)
+            tile = tl.load(TILE + row_base * nK + kt)
+            masked = tile >= 0
+            tile_bits = BITS + _wide(tl.maximum(tile, 0), WIDE_OFFSETS) * BLOCK_M * BLOCK_N
         cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.load(
             _slice(K, b, hk, skb, skh, WIDE_OFFSETS) + cols[:, None] * skn + dq[None, :],
@@ -212,7 +275,6 @@ def attention_forward_kernel(
             mask=(cols[:, None] < Lk) & (dv[None, :] < DV),
             other=0.0,
         )
-        tile = tl.load(TILE + row_base * nK + kt)
         s, _t = _scores(
             q,
             k,
@@ -224,8 +286,10 @@ def attention_forward_kernel(
             sm_scale,
             SLOPES,
             softcap,
-            BITS + _wide(tl.maximum(tile, 0), WIDE_OFFSETS) * BLOCK_M * BLOCK_N,
-            tile >= 0,
+            tile_bits,
+            masked,
+            band_lo,
+            band_hi,
             HAS_ALIBI,
             HAS_SOFTCAP,
             DOT_PRECISION,
@@ -233,6 +297,7 @@ def attention_forward_kernel(
             BLOCK_M,
             BLOCK_N,
             PACK_GQA,
+            BAND,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -278,6 +343,8 @@ def attention_backward_dkdv_kernel(
     Lq,
     Lk,
     q_off,
+    band_lo,
+    band_hi,
     H,
     G: tl.constexpr,  # query heads per kv head: one compile per GQA group size
     D,
@@ -302,6 +369,7 @@ def attention_backward_dkdv_kernel(
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,
+    BAND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -313,7 +381,9 @@ def attention_backward_dkdv_kernel(
     Hkv = H // G
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_lo = pid_n * BLOCK_N
+    col_hi = tl.minimum(col_lo + BLOCK_N, Lk) - 1
+    cols = col_lo + tl.arange(0, BLOCK_N)
     dq_ = tl.arange(0, BLOCK_D)
     dv_ = tl.arange(0, BLOCK_DV)
     k = tl.load(
@@ -329,13 +399,24 @@ def attention_backward_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     mb = tl.where(Bm > 1, b, 0)
+    if BAND:  # the tiles of the queries whose band reaches these keys, the same for every head
+        band_start, band_tiles = _band_tiles(col_lo - band_hi, col_hi - band_lo, Lq, BLOCK_M)
     for g in tl.static_range(G):  # unrolled: a runtime outer loop spilled registers
         h = hk * G + g
         mh = tl.where(Hm > 1, h, 0)
         col_base = _wide(mb * Hm + mh, WIDE_OFFSETS) * nK + pid_n
-        n_tiles = tl.load(Q_NUM + col_base)
+        n_tiles = band_tiles if BAND else tl.load(Q_NUM + col_base)
         for it in range(0, n_tiles):
-            qt = tl.load(Q_IDX + col_base * nQ + it)
+            if BAND:
+                qt = band_start + it
+                row_hi = tl.minimum(qt * BLOCK_M + BLOCK_M, Lq) - 1
+                masked = _on_band_edge(qt * BLOCK_M, row_hi, col_lo, col_hi, band_lo, band_hi)
+                tile_bits = BITS
+            else:
+                qt = tl.load(Q_IDX + col_base * nQ + it)
+                tile = tl.load(TILE + (_wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + qt) * nK + pid_n)
+                masked = tile >= 0
+                tile_bits = BITS + _wide(tl.maximum(tile, 0), WIDE_OFFSETS) * BLOCK_M * BLOCK_N
             rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
             rmask = rows < Lq
             q = tl.load(
@@ -352,7 +433,6 @@ def attention_backward_dkdv_kernel(
             delta = tl.load(
                 DELTA + _wide(b * H + h, WIDE_OFFSETS) * Lq + rows, mask=rmask, other=0.0
             )
-            tile = tl.load(TILE + (_wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + qt) * nK + pid_n)
             s_t, t_t = _scores(
                 q,
                 k,
@@ -364,14 +444,18 @@ def attention_backward_dkdv_kernel(
                 sm_scale,
                 SLOPES,
                 softcap,
-                BITS + _wide(tl.maximum(tile, 0), WIDE_OFFSETS) * BLOCK_M * BLOCK_N,
-                tile >= 0,
+                tile_bits,
+                masked,
+                band_lo,
+                band_hi,
                 HAS_ALIBI,
                 HAS_SOFTCAP,
                 DOT_PRECISION,
                 True,
                 BLOCK_M,
                 BLOCK_N,
+                False,
+                BAND,
             )
             lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
             p_t = tl.exp2(s_t - lse2[None, :])  # Pᵀ (BLOCK_N, BLOCK_M)
@@ -413,6 +497,8 @@ def attention_backward_dq_kernel(
     Lq,
     Lk,
     q_off,
+    band_lo,
+    band_hi,
     H,
     G: tl.constexpr,  # query heads per kv head: one compile per GQA group size
     D,
@@ -437,6 +523,7 @@ def attention_backward_dq_kernel(
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,
+    BAND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -448,7 +535,9 @@ def attention_backward_dq_kernel(
     b = pid_bh // H
     h = pid_bh % H
     hk = h // G
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_lo = pid_m * BLOCK_M
+    row_hi = tl.minimum(row_lo + BLOCK_M, Lq) - 1
+    rows = row_lo + tl.arange(0, BLOCK_M)
     rmask = rows < Lq
     dq_ = tl.arange(0, BLOCK_D)
     dv_ = tl.arange(0, BLOCK_DV)
@@ -469,9 +558,21 @@ def attention_backward_dq_kernel(
     mb = tl.where(Bm > 1, b, 0)
     mh = tl.where(Hm > 1, h, 0)
     row_base = _wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + pid_m
-    n_tiles = tl.load(KV_NUM + row_base)
+    if BAND:  # as in the forward
+        band_start, n_tiles = _band_tiles(row_lo + band_lo, row_hi + band_hi, Lk, BLOCK_N)
+    else:
+        n_tiles = tl.load(KV_NUM + row_base)
     for it in range(0, n_tiles):
-        kt = tl.load(KV_IDX + row_base * nK + it)
+        if BAND:
+            kt = band_start + it
+            col_hi = tl.minimum(kt * BLOCK_N + BLOCK_N, Lk) - 1
+            masked = _on_band_edge(row_lo, row_hi, kt * BLOCK_N, col_hi, band_lo, band_hi)
+            tile_bits = BITS
+        else:
+            kt = tl.load(KV_IDX + row_base * nK + it)
+            tile = tl.load(TILE + row_base * nK + kt)
+            masked = tile >= 0
+            tile_bits = BITS + _wide(tl.maximum(tile, 0), WIDE_OFFSETS) * BLOCK_M * BLOCK_N
         cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.load(
             _slice(K, b, hk, skb, skh, WIDE_OFFSETS) + cols[:, None] * skn + dq_[None, :],
@@ -483,7 +584,6 @@ def attention_backward_dq_kernel(
             mask=(cols[:, None] < Lk) & (dv_[None, :] < DV),
             other=0.0,
         )
-        tile = tl.load(TILE + row_base * nK + kt)
         s, t = _scores(
             q,
             k,
@@ -495,14 +595,18 @@ def attention_backward_dq_kernel(
             sm_scale,
             SLOPES,
             softcap,
-            BITS + _wide(tl.maximum(tile, 0), WIDE_OFFSETS) * BLOCK_M * BLOCK_N,
-            tile >= 0,
+            tile_bits,
+            masked,
+            band_lo,
+            band_hi,
             HAS_ALIBI,
             HAS_SOFTCAP,
             DOT_PRECISION,
             False,
             BLOCK_M,
             BLOCK_N,
+            False,
+            BAND,
         )
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(tl.float32)
