@@ -379,10 +379,10 @@ def band_launches(launches: Launches) -> Launches:
 
     Their loops' key (or query) tiles follow from the loop counter, not from a tile list
     loaded in the loop, so Triton's pipeliner buffers every stage of them where the walked
-    kernels' loads wait a stage on their index. At the table's stages they took up to 50 KB
-    more shared memory (past sm_80's, sm_86's and sm_120's limits, and sm_90's at D=256) and,
-    with ALiBi and softcap, spilled up to 688 B. One stage fewer buffers as many tiles as the
-    walked kernels do (``tests/test_triton_aot.py`` compiles them).
+    kernels' loads wait a stage on their index. At the table's stages they took up to 64 KB
+    more shared memory, past the limits of sm_80/86/120 at D=128 and of sm_90/100 at D=256.
+    One stage fewer buffers about as many tiles as the walked kernels do: every arch and head
+    dim then fits and spills at most 16 B (``tests/test_triton_aot.py`` compiles them).
     """
     return Launches(
         *(
