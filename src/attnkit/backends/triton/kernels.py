@@ -63,6 +63,43 @@ def _on_band_edge(row_lo, row_hi, col_lo, col_hi, band_lo, band_hi):
 
 
 @triton.jit
+def _kv_tile(
+    it,
+    band_start,
+    row_base,
+    row_lo,
+    row_hi,
+    KV_IDX,
+    TILE,
+    BITS,
+    nK,
+    Lk,
+    band_lo,
+    band_hi,
+    WIDE: tl.constexpr,
+    BAND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The ``it``-th kv tile of a query tile (forward, dQ), whether it is masked, its bitmap.
+
+    The band's tiles count from ``band_start`` (BAND); else the tile list at ``row_base``
+    names them.
+    """
+    if BAND:
+        kt = band_start + it
+        col_hi = tl.minimum(kt * BLOCK_N + BLOCK_N, Lk) - 1
+        masked = _on_band_edge(row_lo, row_hi, kt * BLOCK_N, col_hi, band_lo, band_hi)
+        tile_bits = BITS
+    else:
+        kt = tl.load(KV_IDX + row_base * nK + it)
+        tile = tl.load(TILE + row_base * nK + kt)
+        masked = tile >= 0
+        tile_bits = BITS + _wide(tl.maximum(tile, 0), WIDE) * BLOCK_M * BLOCK_N
+    return kt, masked, tile_bits
+
+
+@triton.jit
 def _in_band(s, qi, ki, band_lo, band_hi):
     """Scores ``s`` with -inf where key ki lies outside the band of query qi."""
     d = ki - qi
@@ -241,6 +278,7 @@ def attention_forward_kernel(
     # the launcher packs heads only under a mask that is the same for every head
     mh = 0 if PACK_GQA else tl.where(Hm > 1, h, 0)
     row_base = _wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + pid_m
+    band_start = 0
     if BAND:  # the tiles of the keys these rows' band reaches
         band_start, n_tiles = _band_tiles(row_lo + band_lo, row_hi + band_hi, Lk, BLOCK_N)
     else:
@@ -254,16 +292,24 @@ def attention_forward_kernel(
         Out += _wide(pid_s, WIDE_OFFSETS) * sos
         LSE += _wide(pid_s, WIDE_OFFSETS) * (tl.num_programs(1) * (G if PACK_GQA else 1)) * Lq
     for it in range(first, n_tiles):
-        if BAND:
-            kt = band_start + it
-            col_hi = tl.minimum(kt * BLOCK_N + BLOCK_N, Lk) - 1
-            masked = _on_band_edge(row_lo, row_hi, kt * BLOCK_N, col_hi, band_lo, band_hi)
-            tile_bits = BITS
-        else:
-            kt = tl.load(KV_IDX + row_base * nK + it)
-            tile = tl.load(TILE + row_base * nK + kt)
-            masked = tile >= 0
-            tile_bits = BITS + _wide(tl.maximum(tile, 0), WIDE_OFFSETS) * BLOCK_M * BLOCK_N
+        kt, masked, tile_bits = _kv_tile(
+            it,
+            band_start,
+            row_base,
+            row_lo,
+            row_hi,
+            KV_IDX,
+            TILE,
+            BITS,
+            nK,
+            Lk,
+            band_lo,
+            band_hi,
+            WIDE_OFFSETS,
+            BAND,
+            BLOCK_M,
+            BLOCK_N,
+        )
         cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.load(
             _slice(K, b, hk, skb, skh, WIDE_OFFSETS) + cols[:, None] * skn + dq[None, :],
@@ -558,21 +604,30 @@ def attention_backward_dq_kernel(
     mb = tl.where(Bm > 1, b, 0)
     mh = tl.where(Hm > 1, h, 0)
     row_base = _wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + pid_m
+    band_start = 0
     if BAND:  # as in the forward
         band_start, n_tiles = _band_tiles(row_lo + band_lo, row_hi + band_hi, Lk, BLOCK_N)
     else:
         n_tiles = tl.load(KV_NUM + row_base)
     for it in range(0, n_tiles):
-        if BAND:
-            kt = band_start + it
-            col_hi = tl.minimum(kt * BLOCK_N + BLOCK_N, Lk) - 1
-            masked = _on_band_edge(row_lo, row_hi, kt * BLOCK_N, col_hi, band_lo, band_hi)
-            tile_bits = BITS
-        else:
-            kt = tl.load(KV_IDX + row_base * nK + it)
-            tile = tl.load(TILE + row_base * nK + kt)
-            masked = tile >= 0
-            tile_bits = BITS + _wide(tl.maximum(tile, 0), WIDE_OFFSETS) * BLOCK_M * BLOCK_N
+        kt, masked, tile_bits = _kv_tile(
+            it,
+            band_start,
+            row_base,
+            row_lo,
+            row_hi,
+            KV_IDX,
+            TILE,
+            BITS,
+            nK,
+            Lk,
+            band_lo,
+            band_hi,
+            WIDE_OFFSETS,
+            BAND,
+            BLOCK_M,
+            BLOCK_N,
+        )
         cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.load(
             _slice(K, b, hk, skb, skh, WIDE_OFFSETS) + cols[:, None] * skn + dq_[None, :],
