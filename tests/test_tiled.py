@@ -538,3 +538,85 @@ def test_compiled_forward_names_the_input_it_cannot_read():
     args = (*partial_bitmaps(bm), torch.empty(0), 16, 16, 64, 0.5, 0.0, -1, 0, 0.0)
     with pytest.raises(RuntimeError, match="k needs a contiguous last dim"):
         torch.ops.attnkit.tiled_forward(q, k.transpose(-1, -2), v, bm.kinds, *args)
+
+
+def _padding_with_a_keyless_row(B, Hq, Lq, Lk):
+    dense = torch.rand(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(3)) < 0.7
+    dense[..., Lq // 2, :] = False
+    return dense
+
+
+PACKED_DECODING = {  # (B, Hq, Hkv, Lq, Lk, D), mask, score_mod, dropout_p
+    "one query, causal, G=4": ((2, 8, 2, 1, 300, 64), masks.causal(), None, 0.0),
+    "3 queries, window, G=4, alibi": (
+        (1, 8, 2, 3, 181, 32),
+        masks.sliding_window(37),
+        score_mods.alibi(score_mods.alibi_slopes(8)),
+        0.0,
+    ),
+    "5 queries, MQA G=8, softcap": ((1, 8, 1, 5, 97, 16), masks.causal(), "softcap", 0.0),
+    "padding, a keyless row, B=2": ((2, 4, 2, 3, 90, 16), "padding", None, 0.0),
+    "dropout, G=2": ((2, 4, 2, 2, 70, 16), masks.sliding_window(30), None, 0.25),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("shape", "mask", "mod", "p"), PACKED_DECODING.values(), ids=PACKED_DECODING
+)
+def test_compiled_forward_packs_query_heads_by_kv_head(shape, mask, mod, p, dtype, monkeypatch):
+    """Few queries under a mask shared by the heads: one unit per (batch, kv head) stacks its G
+    query heads' rows (PackGQA). Output and LSE as the float64 reference, ALiBi's per-head
+    slopes, dropout's per-head entries and keyless rows included; the same unpacked."""
+    from attnkit.backends import cpu_kernel
+
+    B, Hq, Hkv, Lq, Lk, D = shape
+    mask = _padding_with_a_keyless_row(B, Hq, Lq, Lk) if mask == "padding" else mask
+    mod = score_mods.softcap(2.0) if mod == "softcap" else mod
+    q64, k64, v64 = rand_qkv(B, Hq, Hkv, Lq, Lk, D, dtype=torch.float64)
+    q64 = q64 * 3  # large scores, so the softcap bends them
+
+    def run(dtype, backend):
+        gen = torch.Generator().manual_seed(5) if p else None
+        q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+        return attnkit.attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            score_mod=mod,
+            dropout_p=p,
+            generator=gen,
+            backend=backend,
+            return_lse=True,
+        )
+
+    ref64, ref_low = run(torch.float64, "reference"), run(dtype, "reference")
+    packed = []
+    real = cpu_kernel.packs_gqa
+    monkeypatch.setattr(cpu_kernel, "packs_gqa", lambda *a: packed.append(real(*a)) or packed[-1])
+    for pack in (True, False):
+        monkeypatch.setattr(cpu_kernel, "PACK_GQA", pack)
+        out, lse = run(dtype, "tiled")
+        assert packed[-1] is pack
+        assert_close_scaled(out, ref64[0], ref_low[0], floor=1e-5)
+        finite = torch.isfinite(ref64[1])
+        assert torch.equal(torch.isfinite(lse), finite)
+        assert_close_scaled(lse[finite], ref64[1][finite], ref_low[1][finite], floor=1e-5)
+
+
+def test_forward_packs_query_heads_only_where_they_fit_one_unit():
+    from attnkit.backends import cpu_kernel
+
+    def packs(Hq, Hkv, Lq, mask, block_q=16):
+        q, k, _ = rand_qkv(1, Hq, Hkv, Lq, 64, 8)
+        req = attnkit.functional._request(q, k, k, mask, None, None, 0.0, None, False)
+        return cpu_kernel.packs_gqa(q, k, tiled.block_mask_for(req, TileConfig(block_q, 16)))
+
+    per_head = torch.rand(1, 8, 1, 64) < 0.5
+    assert packs(8, 2, 1, masks.causal())
+    assert packs(8, 1, 8, None)  # 64 rows
+    assert not packs(16, 1, 8, None)  # 128 rows
+    assert not packs(8, 8, 1, None)  # MHA: nothing to share
+    assert not packs(8, 2, 17, None)  # two query tiles
+    assert not packs(8, 2, 1, per_head)  # a tile map per head

@@ -35,6 +35,17 @@ inline void gemm_rowmajor(bool trans_a, bool trans_b, int m, int n, int k, float
   sgemm_(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
+// Copy rows × cols elements of src (rows ld apart) into dst as float32, rows cols apart.
+template <typename T>
+inline void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * ld;
+    float* d = dst + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]);
+  }
+}
+
 // A rows×cols block whose rows start `ld` elements apart, as float32 rows `ld_out` apart:
 // float32 input is used in place, 16-bit input is widened into dense `scratch` (ld_out = cols).
 template <typename T>
@@ -44,12 +55,7 @@ inline const float* widen_rows(const T* src, int64_t rows, int64_t cols, int64_t
     ld_out = ld;
     return src;
   } else {
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* s = src + r * ld;
-      float* d = scratch + r * cols;
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]);
-    }
+    copy_rows(src, rows, cols, ld, scratch);
     ld_out = cols;
     return scratch;
   }

@@ -1,6 +1,10 @@
 // Block-sparse flash-attention forward for CPUs (float32).
 //
 // One work unit per (batch, query head, query tile), spread over threads by at::parallel_for.
+// With pack_gqa (few queries, as in decoding, under a mask shared by every head: the caller
+// decides, cpu_kernel.packs_gqa) one unit per (batch, kv head) instead stacks its G query
+// heads' queries as G·Lq rows (PackGQA): the kv head's keys and values are read once, not G
+// times, and multiplied by G·Lq rows at a time.
 // Within a unit, maximal runs of non-empty kv tiles (at most max_chunk keys) form a chunk:
 //   S = Q_tile · K_chunkᵀ · scale·log2(e)      one sgemm (MKL, as torch's own CPU kernels)
 //   (with ALiBi / softcap: S·scale, the mods, then ·log2(e); see apply_score_mods)
@@ -21,6 +25,9 @@
 
 using namespace attnkit_cpu;
 
+// At most this many stacked rows per packed unit: the default query tile's height at most.
+constexpr int64_t kMaxPackedRows = 64;
+
 std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const at::Tensor& q,            // (B, Hq, Lq, D) float32, bfloat16 or float16 (see below)
     const at::Tensor& k,            // (B, Hkv, Lk, D)
@@ -30,7 +37,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const at::Tensor& bitmaps,      // (nPartial, block_q, block_k) bool
     const at::Tensor& slopes,       // (Hq,) float32 ALiBi slopes, or empty: no ALiBi
     int64_t block_q, int64_t block_k, int64_t max_chunk, double scale, double softcap,
-    int64_t dropout_seed, int64_t dropout_threshold, double dropout_p) {  // seed < 0: none
+    int64_t dropout_seed, int64_t dropout_threshold, double dropout_p,  // seed < 0: none
+    bool pack_gqa) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
                   k.scalar_type() == dtype && v.scalar_type() == dtype,
@@ -48,6 +56,14 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   TORCH_CHECK(nQ == (Lq + block_q - 1) / block_q && nK == (Lk + block_k - 1) / block_k,
               "tiled_forward: kinds does not match the tile grid");
   const int64_t tiles_per_chunk = std::max<int64_t>(1, max_chunk / block_k);
+  // packed: one query tile whose tile map serves every head
+  const bool packed = pack_gqa && G > 1;
+  TORCH_CHECK(!packed || (nQ == 1 && Hm == 1 && G * Lq <= kMaxPackedRows),
+              "tiled_forward: pack_gqa needs one query tile, a tile map shared by the heads and "
+              "at most ", kMaxPackedRows, " stacked rows; got ", nQ, " query tiles, ", Hm,
+              " head maps, ", G * Lq, " rows");
+  const int64_t groups = packed ? G : 1;  // query heads per unit
+  const int64_t max_rows = packed ? G * Lq : block_q;
 
   // Uninitialised: every row is written by its unit, so first touches happen in parallel.
   auto out = at::empty({B, Hq, Lq, Dv}, q.options());
@@ -70,28 +86,40 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const T* kp = k.data_ptr<T>();
     const T* vp = v.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    at::parallel_for(0, B * Hq * nQ, 1, [&](int64_t begin, int64_t end) {
+    const int64_t heads_per_unit = packed ? Hkv : Hq;
+    at::parallel_for(0, B * heads_per_unit * nQ, 1, [&](int64_t begin, int64_t end) {
       const int64_t chunk_keys = tiles_per_chunk * block_k;
-      std::vector<float> S(block_q * chunk_keys);
-      std::vector<float> Qf(kWide ? block_q * D : 0), Kf(kWide ? chunk_keys * D : 0),
+      std::vector<float> S(max_rows * chunk_keys);
+      std::vector<float> Qf(kWide || packed ? max_rows * D : 0), Kf(kWide ? chunk_keys * D : 0),
           Vf(kWide ? chunk_keys * Dv : 0);
-      std::vector<float> acc(block_q * Dv), m(block_q), l(block_q);
+      std::vector<float> acc(max_rows * Dv), m(max_rows), l(max_rows);
       std::vector<float> Z(dropout.on() ? chunk_keys : 0);  // dropout scales
       for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t qt = unit % nQ, h = (unit / nQ) % Hq, b = unit / (nQ * Hq);
-        const int64_t hk = h / G;
+        const int64_t qt = unit % nQ, hu = (unit / nQ) % heads_per_unit;
+        const int64_t b = unit / (nQ * heads_per_unit);
+        const int64_t h0 = packed ? hu * G : hu;  // the unit's first query head
+        const int64_t hk = h0 / G;
         const int64_t q0 = qt * block_q, tq = std::min(block_q, Lq - q0);
-        const int64_t map_row = (((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * nQ + qt) * nK;
+        const int64_t rows = groups * tq;  // row R: head h0 + R / tq, query q0 + R % tq
+        const int64_t map_row = (((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h0 : 0)) * nQ + qt) * nK;
         const int8_t* kind_row = kindp + map_row;
         const int64_t* index_row = tip + map_row;
-        const T* qsrc = qp + b * q.stride(0) + h * q.stride(1) + q0 * ldq;
+        const T* qsrc = qp + b * q.stride(0) + h0 * q.stride(1) + q0 * ldq;
         const T* kbase = kp + b * k.stride(0) + hk * k.stride(1);
         const T* vbase = vp + b * v.stride(0) + hk * v.stride(1);
         int64_t ldqt, ldkc, ldvc;  // leading dims of the float32 tiles the GEMMs read
-        const float* qtile = widen_rows(qsrc, tq, D, ldq, Qf.data(), ldqt);
-        std::fill(acc.begin(), acc.begin() + tq * Dv, 0.0f);
-        std::fill(m.begin(), m.begin() + tq, kNegInf);
-        std::fill(l.begin(), l.begin() + tq, 0.0f);
+        const float* qtile = Qf.data();
+        if (packed) {  // gather the G heads' rows into one float32 tile
+          for (int64_t g = 0; g < G; ++g) {
+            copy_rows(qsrc + g * q.stride(1), tq, D, ldq, Qf.data() + g * tq * D);
+          }
+          ldqt = D;
+        } else {
+          qtile = widen_rows(qsrc, tq, D, ldq, Qf.data(), ldqt);
+        }
+        std::fill(acc.begin(), acc.begin() + rows * Dv, 0.0f);
+        std::fill(m.begin(), m.begin() + rows, kNegInf);
+        std::fill(l.begin(), l.begin() + rows, 0.0f);
         bool any = false;
         int64_t kt = 0;
         while (kt < nK) {
@@ -102,18 +130,21 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
           any = true;
           float* s = S.data();
           const float* kchunk = widen_rows(kbase + k0 * ldk, n, D, ldk, Kf.data(), ldkc);
-          gemm_rowmajor(false, true, tq, n, D, alpha_qk, qtile, ldqt, kchunk, ldkc, 0.0f, s, n);
+          gemm_rowmajor(false, true, rows, n, D, alpha_qk, qtile, ldqt, kchunk, ldkc, 0.0f, s, n);
           if (mods.any()) {
-            for (int64_t r = 0; r < tq; ++r) {
-              apply_score_mods(s + r * n, n, h, q0 + r, k0, mods, nullptr);
+            for (int64_t r = 0; r < rows; ++r) {
+              apply_score_mods(s + r * n, n, h0 + r / tq, q0 + r % tq, k0, mods, nullptr);
             }
           }
           for (int64_t t = kt0; t < kt; ++t) {  // partial tiles: apply the predicate bitmap
             if (kind_row[t] != kPartial) continue;
-            apply_bitmap(s + t * block_k - k0, n, bmp + index_row[t] * block_q * block_k, block_k,
-                         tq, std::min(block_k, Lk - t * block_k));
+            for (int64_t g = 0; g < groups; ++g) {  // every head's rows: the same bitmap
+              apply_bitmap(s + g * tq * n + t * block_k - k0, n,
+                           bmp + index_row[t] * block_q * block_k, block_k, tq,
+                           std::min(block_k, Lk - t * block_k));
+            }
           }
-          for (int64_t r = 0; r < tq; ++r) {
+          for (int64_t r = 0; r < rows; ++r) {
             float* srow = s + r * n;
             float m_new = std::max(m[r], row_max(srow, n));
             if (m_new == kNegInf) {  // nothing attended yet in this row: P = 0
@@ -130,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
             l[r] = l[r] * rescale + sum;  // the normaliser counts dropped entries too
             m[r] = m_new;
             if (dropout.on()) {  // P·V uses the dropped, rescaled probabilities
-              dropout.row_scales(Z.data(), n, dropout.row_state(b, h, q0 + r), k0);
+              dropout.row_scales(Z.data(), n, dropout.row_state(b, h0 + r / tq, q0 + r % tq), k0);
   #pragma omp simd
               for (int64_t c = 0; c < n; ++c) srow[c] *= Z[c];
             }
@@ -140,20 +171,20 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
             }
           }
           const float* vchunk = widen_rows(vbase + k0 * ldv, n, Dv, ldv, Vf.data(), ldvc);
-          gemm_rowmajor(false, false, tq, Dv, n, 1.0f, s, n, vchunk, ldvc, 1.0f, acc.data(), Dv);
+          gemm_rowmajor(false, false, rows, Dv, n, 1.0f, s, n, vchunk, ldvc, 1.0f, acc.data(), Dv);
         }
-        T* orow = op + ((b * Hq + h) * Lq + q0) * Dv;
-        float* lrow = lp + (b * Hq + h) * Lq + q0;
-        for (int64_t r = 0; r < tq; ++r) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t at = (b * Hq + h0 + r / tq) * Lq + q0 + r % tq;  // (b, head, query)
+          T* orow = op + at * Dv;
           if (any && l[r] != 0.0f) {  // l is >= 1 once a key is attended, or NaN
             const float inv = 1.0f / l[r];
             for (int64_t c = 0; c < Dv; ++c) {
-              orow[r * Dv + c] = static_cast<T>(acc[r * Dv + c] * inv);
+              orow[c] = static_cast<T>(acc[r * Dv + c] * inv);
             }
-            lrow[r] = (m[r] + std::log2(l[r])) * 0.6931471805599453f;
+            lp[at] = (m[r] + std::log2(l[r])) * 0.6931471805599453f;
           } else {  // no key attended: output 0, LSE -inf
-            std::fill(orow + r * Dv, orow + (r + 1) * Dv, static_cast<T>(0.0f));
-            lrow[r] = kNegInf;
+            std::fill(orow, orow + Dv, static_cast<T>(0.0f));
+            lp[at] = kNegInf;
           }
         }
       }
