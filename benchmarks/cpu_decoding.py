@@ -14,14 +14,18 @@ window (bounded memory, and a key length that stops growing). Three tables (``--
   the longest (each step then makes a padding mask anew), tiled against ``auto``;
 - latent: one decoding step of ``MultiHeadAttention`` against ``MultiHeadLatentAttention``
   (absorbed, over its latent cache) at DeepSeek-V2-Lite's attention sizes (E = 2048, 16
-  heads of 128; MLA: kv_rank 512, rope_dim 64), projections included, ``auto``.
+  heads of 128; MLA: kv_rank 512, rope_dim 64), projections included, ``auto``;
+- gqa: one query over a growing cache at Llama-3-8B's attention shapes (32 query heads over
+  8 kv heads, D = 128), causal and ``sliding_window(1024)``: tiled with the query heads of a
+  kv head packed as rows of one kernel unit (``cpu_kernel.PACK_GQA``) and without, SDPA and
+  ``auto``.
 
 Every (prompt length, mask) runs each backend in turn, ``--repeats`` times over (the same
 steps from the same cache state each time), and reports the fastest repeat: on a shared
 machine, interference only ever adds time.
 
     python benchmarks/cpu_decoding.py [--prompts 512 2048] [--steps 32] [--repeats 5]
-        [--tables attention model ragged latent]
+        [--tables attention model ragged latent gqa]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import copy
 import functools
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 from rich.console import Console
@@ -38,6 +43,7 @@ from rich.table import Table
 
 import attnkit
 from attnkit import masks
+from attnkit.backends import cpu_kernel
 from attnkit.masks import Mask
 from attnkit.nn import CausalLM, MultiHeadAttention, MultiHeadLatentAttention, RotaryEmbedding
 from attnkit.nn.kv_cache import KVCache
@@ -210,7 +216,7 @@ def main() -> None:
     ap.add_argument(
         "--tables",
         nargs="*",
-        default=["attention", "model", "ragged", "latent"],
+        default=["attention", "model", "ragged", "latent", "gqa"],
         help="which to run",
     )
     args = ap.parse_args()
@@ -224,6 +230,8 @@ def main() -> None:
         console.print(ragged_table(args.prompts, args.steps, args.repeats, where))
     if "latent" in args.tables:
         console.print(latent_table(args.prompts, args.steps, args.repeats, where))
+    if "gqa" in args.tables:
+        console.print(gqa_table(args.prompts, args.steps, args.repeats, where))
 
 
 def attention_table(prompts: list[int], steps: int, repeats: int, where: str) -> Table:
@@ -265,6 +273,53 @@ def model_table(prompts: list[int], steps: int, repeats: int, where: str) -> Tab
                 runs[backend] = functools.partial(decode_ms, model, caches, P, steps)
             add_row(table, P, case, best_of(repeats, runs))
     return table
+
+
+GQA_HQ, GQA_HKV, GQA_D, GQA_WINDOW = 32, 8, 128, 1024
+
+
+def gqa_step_ms(backend: str, mask: Mask, L: int, steps: int, pack: bool = True) -> float:
+    """ms per call of one query over caches of L - steps + 1 … L keys in turn."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, GQA_HQ, 1, GQA_D, generator=gen)
+    k, v = (torch.randn(1, GQA_HKV, L, GQA_D, generator=gen) for _ in range(2))
+    lengths = range(L - steps + 1, L + 1)
+    with mock.patch.object(cpu_kernel, "PACK_GQA", pack), torch.no_grad():
+        attnkit.attention(q, k, v, mask=mask, backend=backend)  # warm-up
+        start = time.perf_counter()
+        for n in lengths:
+            attnkit.attention(q, k[:, :, :n], v[:, :, :n], mask=mask, backend=backend)
+        return (time.perf_counter() - start) / len(lengths) * 1e3
+
+
+def gqa_table(prompts: list[int], steps: int, repeats: int, where: str) -> Table:
+    """GQA decoding: tiled packed and unpacked, SDPA, auto (ms per call)."""
+    table = Table(
+        title=f"GQA decoding, {GQA_HQ} query / {GQA_HKV} kv heads, D={GQA_D}, ms per call, {where}"
+    )
+    columns = ("cache", "mask", "tiled", "tiled unpacked", "sdpa", "auto", "pack gain")
+    for col in (*columns, "sdpa / tiled"):
+        table.add_column(col, justify="left" if col == "mask" else "right")
+    for L in prompts:
+        for name, make in (("causal", masks.causal), ("sliding_window(1024)", _gqa_window)):
+            run = functools.partial(gqa_step_ms, mask=make(), L=L, steps=steps)
+            ms = best_of(
+                repeats,
+                {
+                    "tiled": functools.partial(run, "tiled"),
+                    "unpacked": functools.partial(run, "tiled", pack=False),
+                    "sdpa": functools.partial(run, "sdpa"),
+                    "auto": functools.partial(run, "auto"),
+                },
+            )
+            cells = [f"{ms[b]:.2f}" for b in ("tiled", "unpacked", "sdpa", "auto")]
+            gains = (ms["unpacked"] / ms["tiled"], ms["sdpa"] / ms["tiled"])
+            table.add_row(str(L), name, *cells, *(f"{g:.2f}x" for g in gains))
+    return table
+
+
+def _gqa_window() -> Mask:
+    return masks.sliding_window(GQA_WINDOW)
 
 
 if __name__ == "__main__":
