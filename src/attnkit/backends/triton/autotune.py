@@ -159,8 +159,11 @@ def tune(req: Request, launches: Launches, sc: Scalars, slopes: Tensor, grads: b
     if not grads:
         return replace(launches, forward=best_forward)
     forward(best_forward)()  # the backward kernels read out and lse
-    dout = torch.randn_like(out)
-    delta = (dout.float() * out.float()).sum(-1)
+    # (B, H, Lq, ...) as the backward op gets them: dO's strides are the kernels' (batch, head,
+    # row) strides, so the forward's leading split dim must not reach them
+    out1, lse1 = out[0], lse[0]
+    dout = torch.randn_like(out1)
+    delta = (dout.float() * out1.float()).sum(-1)
     # as the backward op runs them: a layout with no gradient of its strides is copied
     (qb, dq), (kb, dk), (vb, dv) = (with_gradient(x) for x in (q, k, v))
 
@@ -170,7 +173,7 @@ def tune(req: Request, launches: Launches, sc: Scalars, slopes: Tensor, grads: b
             kb,
             vb,
             dout,
-            lse,
+            lse1,
             delta,
             dq,
             dk,
