@@ -6,6 +6,9 @@
     python benchmarks/triton_resources.py --pack-gqa --gqa-group 4 --kv-splits 8 \
         --dtype bfloat16 --out benchmarks/results/triton_resources_decoding.md
                                     # a decoding step's forward: heads packed, kv split
+    python benchmarks/triton_resources.py --band --alibi --gqa-group 4 --dtype bfloat16 \
+        --out benchmarks/results/triton_resources_band.md
+                                    # kernels computing a causal/window mask (one stage fewer)
 
 For each arch, dtype and head dim, per kernel: the tiles ``choose_launches`` picks, the
 registers per thread, spilled bytes per thread, shared memory per block and the instruction
@@ -48,9 +51,12 @@ def rows(
     gqa_group: int,
     kv_splits: int = 1,
     pack_gqa: bool = False,
+    band: bool = False,
+    alibi: bool = False,
 ):
     """One row per compiled kernel."""
     options = {"launch": launch, "gqa_group": gqa_group, "kv_splits": kv_splits}
+    options |= {"band": band, "alibi": alibi}
     for arch in archs:
         for dtype in dtypes:
             for D in head_dims:
@@ -84,6 +90,8 @@ def main() -> None:
     ap.add_argument(
         "--pack-gqa", action="store_true", help="a decoding step's forward, heads packed"
     )
+    ap.add_argument("--band", action="store_true", help="kernels computing a causal/window mask")
+    ap.add_argument("--alibi", action="store_true", help="with ALiBi in-kernel")
     args = ap.parse_args()
     launch = Launch(*map(int, args.launch.split(","))) if args.launch else None
     dtypes = [getattr(torch, d) for d in args.dtype]
@@ -92,7 +100,15 @@ def main() -> None:
         table.add_column(c, justify="left" if c in ("arch", "dtype", "kernel") else "right")
     found = []
     for row in rows(
-        args.arch, dtypes, args.head_dim, launch, args.gqa_group, args.kv_splits, args.pack_gqa
+        args.arch,
+        dtypes,
+        args.head_dim,
+        launch,
+        args.gqa_group,
+        args.kv_splits,
+        args.pack_gqa,
+        args.band,
+        args.alibi,
     ):
         table.add_row(*row)
         found.append(row)
