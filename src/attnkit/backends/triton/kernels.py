@@ -63,6 +63,31 @@ def _on_band_edge(row_lo, row_hi, col_lo, col_hi, band_lo, band_hi):
 
 
 @triton.jit
+def _kv_tile_count(
+    row_lo,
+    row_hi,
+    row_base,
+    KV_NUM,
+    Lk,
+    band_lo,
+    band_hi,
+    BAND: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The first kv tile and how many a query tile visits (forward, dQ).
+
+    The tiles of the keys its rows' band reaches (BAND; the first is ``_kv_tile``'s
+    ``band_start``), else the count of its tile list at ``row_base``.
+    """
+    start = 0
+    if BAND:
+        start, count = _band_tiles(row_lo + band_lo, row_hi + band_hi, Lk, BLOCK_N)
+    else:
+        count = tl.load(KV_NUM + row_base)
+    return start, count
+
+
+@triton.jit
 def _kv_tile(
     it,
     band_start,
@@ -278,11 +303,9 @@ def attention_forward_kernel(
     # the launcher packs heads only under a mask that is the same for every head
     mh = 0 if PACK_GQA else tl.where(Hm > 1, h, 0)
     row_base = _wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + pid_m
-    band_start = 0
-    if BAND:  # the tiles of the keys these rows' band reaches
-        band_start, n_tiles = _band_tiles(row_lo + band_lo, row_hi + band_hi, Lk, BLOCK_N)
-    else:
-        n_tiles = tl.load(KV_NUM + row_base)
+    band_start, n_tiles = _kv_tile_count(
+        row_lo, row_hi, row_base, KV_NUM, Lk, band_lo, band_hi, BAND, BLOCK_N
+    )
     first = 0
     if SPLIT_KV:
         pid_s = tl.program_id(2)
@@ -604,11 +627,9 @@ def attention_backward_dq_kernel(
     mb = tl.where(Bm > 1, b, 0)
     mh = tl.where(Hm > 1, h, 0)
     row_base = _wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + pid_m
-    band_start = 0
-    if BAND:  # as in the forward
-        band_start, n_tiles = _band_tiles(row_lo + band_lo, row_hi + band_hi, Lk, BLOCK_N)
-    else:
-        n_tiles = tl.load(KV_NUM + row_base)
+    band_start, n_tiles = _kv_tile_count(
+        row_lo, row_hi, row_base, KV_NUM, Lk, band_lo, band_hi, BAND, BLOCK_N
+    )
     for it in range(0, n_tiles):
         kt, masked, tile_bits = _kv_tile(
             it,
