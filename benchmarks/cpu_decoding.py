@@ -7,7 +7,9 @@ cache of every position; the same window over ``KVCache(window=256)``, which kee
 window (bounded memory, and a key length that stops growing). Three tables (``--tables``):
 
 - attention: one query per step over 6 layers' ``KVCache`` (8 heads, D = 64), each
-  layer with its own mask object, as a model calls it;
+  layer with its own mask object, as a model calls it; tiled also with the kernels walking
+  a tile map built for each new length (``tiled.BAND_IN_KERNEL = False``: how causal and
+  window masks ran before the kernels computed them);
 - model: ``attnkit.nn.CausalLM`` (d_model 512, 8 heads, 6 layers), whose linear layers take
   much of each step;
 - ragged: ``CausalLM.generate`` on a batch of 4 prompts, of equal lengths or left-padded to
@@ -43,7 +45,7 @@ from rich.table import Table
 
 import attnkit
 from attnkit import masks
-from attnkit.backends import cpu_kernel
+from attnkit.backends import cpu_kernel, tiled
 from attnkit.masks import Mask
 from attnkit.nn import CausalLM, MultiHeadAttention, MultiHeadLatentAttention, RotaryEmbedding
 from attnkit.nn.kv_cache import KVCache
@@ -63,8 +65,15 @@ def cache_slots(P: int, steps: int, window: int | None) -> int:
     return P + steps if window is None else 2 * window
 
 
+#: the attention table's extra backend: tiled, with the kernels walking tile maps
+TILE_MAPS = "tiled, tile maps"
+
+
 def attention_ms(backend: str, case: str, P: int, steps: int) -> float:
     """Milliseconds per step of ``steps`` decoding steps of LAYERS attention calls."""
+    if backend == TILE_MAPS:
+        with mock.patch.object(tiled, "BAND_IN_KERNEL", False):
+            return attention_ms("tiled", case, P, steps)
     mask, window = CASES[case]
     g = torch.Generator().manual_seed(0)
     caches = [KVCache(1, HEADS, cache_slots(P, steps, window), D, window=window)
@@ -189,23 +198,27 @@ def best_of(repeats: int, runs: dict[str, Callable[[], float]]) -> dict[str, flo
 
 
 def add_row(table: Table, P: int, name: str, ms: dict[str, float]) -> None:
-    ratio = f"{ms['sdpa'] / ms['tiled']:.2f}x" if "sdpa" in ms else "—"
-    cells = [f"{ms[b]:.2f}" if b in ms else "—" for b in ("tiled", "sdpa", "auto")]
-    table.add_row(str(P), name, *cells, ratio)
+    """A row of ``new_table``: its backends' ms, then each one's time / tiled's."""
+    backends = [c.header for c in table.columns[2:] if "/" not in str(c.header)]
+    cells = [f"{ms[b]:.2f}" if b in ms else "—" for b in backends]
+    ratios = [f"{ms[b] / ms['tiled']:.2f}x" if b in ms else "—" for b in backends[1:]]
+    table.add_row(str(P), name, *cells, *ratios)
 
 
-def new_table(title: str) -> Table:
+def new_table(title: str, backends: tuple[str, ...] = ("tiled", "sdpa", "auto")) -> Table:
+    """Columns prompt, mask, ms per backend (tiled first), and each other's time / tiled's."""
     table = Table(title=title)
-    for col in ("prompt", "mask", "tiled", "sdpa", "auto", "sdpa / tiled"):
+    ratios = [f"{b} / tiled" for b in backends[1:]]
+    for col in ("prompt", "mask", *backends, *ratios):
         table.add_column(col, justify="left" if col == "mask" else "right")
     return table
 
 
-def backends_for(case: str) -> list[str]:
+def backends_for(case: str, extra: tuple[str, ...] = ()) -> list[str]:
     """SDPA only where one query sees every key it is given, so it runs unmasked: causal, and
     a window over a cache that holds just the window."""
     sees_all = case == "causal" or CASES[case][1] is not None
-    return ["tiled", "sdpa", "auto"] if sees_all else ["tiled", "auto"]
+    return ["tiled", *extra, "sdpa", "auto"] if sees_all else ["tiled", *extra, "auto"]
 
 
 def main() -> None:
@@ -238,12 +251,14 @@ def attention_table(prompts: list[int], steps: int, repeats: int, where: str) ->
     """Attention alone over LAYERS caches, every case and backend."""
     table = new_table(
         f"attention per decoding step, ms ({LAYERS} layers, {HEADS} heads, D={D}; {where} "
-        f"x {steps} steps)"
+        f"x {steps} steps)",
+        ("tiled", TILE_MAPS, "sdpa", "auto"),
     )
     for P in prompts:
         for case in CASES:
             runs = {
-                b: functools.partial(attention_ms, b, case, P, steps) for b in backends_for(case)
+                b: functools.partial(attention_ms, b, case, P, steps)
+                for b in backends_for(case, (TILE_MAPS,))
             }
             add_row(table, P, case, best_of(repeats, runs))
     return table
@@ -281,8 +296,8 @@ GQA_HQ, GQA_HKV, GQA_D, GQA_WINDOW = 32, 8, 128, 1024
 def gqa_step_ms(backend: str, mask: Mask, L: int, steps: int, pack: bool = True) -> float:
     """ms per call of one query over caches of L - steps + 1 … L keys in turn.
 
-    The tile maps of these lengths are built in the first repeat and kept (masks share 64),
-    so the best repeat times the kernels, not the maps.
+    The kernels compute causal and window masks themselves (no tile map per length), so
+    these are the kernels' times.
     """
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, GQA_HQ, 1, GQA_D, generator=gen)

@@ -313,6 +313,12 @@ def test_portable_simd_kernel_every_mask():
         finite = torch.isfinite(lse64)
         assert torch.equal(torch.isfinite(lse), finite), name
         torch.testing.assert_close(lse[finite], lse64[finite].float(), rtol=1e-5, atol=1e-5)
+        tiles = tiled.kernel_tiles(req, TileConfig(32, 32, 64))
+        if isinstance(tiles, cpu_kernel.Band):  # the band computed in the kernel: the same
+            band = {"band": True, "band_lo": tiles.lo, "band_hi": tiles.hi}
+            by_band = torch.ops.attnkit_portable.tiled_forward(*args, False, **band)
+            assert torch.equal(by_band[0], out), name
+            assert torch.equal(by_band[1], lse), name
 
 
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["compiled", "pytorch"])
@@ -343,6 +349,83 @@ def test_float32_backward_paths_every_mask(name, use_kernel):
     for what, g, r64, r32 in zip("qkv", got, ref64, ref32, strict=True):
         assert torch.isfinite(g).all(), f"d{what}"
         assert_close_scaled(g, r64, r32, mult=2.0, floor=1e-5)
+
+
+BANDS = {  # mask, Lq, Lk: empty, partial and full tiles, keyless rows, both alignments
+    "none": (None, 150, 181),
+    "causal": (masks.causal(), 77, 130),
+    "causal, Lq > Lk: keyless rows": (masks.causal(), 130, 77),
+    "causal top-left": (masks.causal(align="top_left"), 77, 130),
+    "window(37, 5)": (masks.sliding_window(37, 5), 150, 181),
+    "window(20), Lq > Lk": (masks.sliding_window(20), 181, 90),
+    "window(3, 3) top-left": (masks.sliding_window(3, 3, align="top_left"), 100, 70),
+    "window(40, -1) & causal": (masks.sliding_window(40, -1) & masks.causal(), 129, 129),
+}
+
+
+@pytest.mark.parametrize("mod_name", [None, "alibi+softcap"])
+@pytest.mark.parametrize(("mask", "Lq", "Lk"), BANDS.values(), ids=BANDS)
+def test_compiled_kernels_compute_band_masks(mask, Lq, Lk, mod_name, monkeypatch):
+    """Causal, window and no mask: the kernels find tiles and mask entries from the band
+    lo <= j - i <= hi (no BlockMask is built). Out, LSE and grads vs float64, GQA, score mods;
+    and bit for bit what the same kernels give walking the BlockMask's tile map (dQ: to
+    rounding)."""
+    from attnkit.backends import cpu_kernel
+
+    mod = None if mod_name is None else KERNEL_MODS[mod_name](4)
+    q64, k64, v64 = rand_qkv(2, 4, 2, Lq, Lk, 24, dtype=torch.float64)
+    dout = torch.randn(2, 4, Lq, 24, dtype=torch.float64)
+    cfg = TileConfig(32, 16, 64)  # block_q != block_k: a tile's rows and columns differ
+
+    def run(q, k, v, backend):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        if backend == "reference":
+            out, lse = attnkit.attention(
+                q, k, v, mask=mask, score_mod=mod, backend=backend, return_lse=True
+            )
+        else:
+            monkeypatch.setattr(tiled, "BAND_IN_KERNEL", backend)
+            req = attnkit.functional._request(q, k, v, mask, mod, None, 0.0, None, True)
+            assert isinstance(tiled.kernel_tiles(req, cfg), cpu_kernel.Band) is backend
+            out, lse = tiled.run(req, cfg)
+        loss = (out * dout.to(out.dtype)).sum() + lse.masked_fill(torch.isinf(lse), 0).sum()
+        return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
+
+    ref64 = run(q64, k64, v64, "reference")
+    q, k, v = q64.float(), k64.float(), v64.float()
+    ref32 = run(q, k, v, "reference")
+    walked = run(q, k, v, False)
+    monkeypatch.setattr(masks.Mask, "blocks", lambda *a, **kw: pytest.fail("built a BlockMask"))
+    got = run(q, k, v, True)
+    names = ("out", "lse", "dq", "dk", "dv")
+    for what, g, w, r64, r32 in zip(names, got, walked, ref64, ref32, strict=True):
+        if what == "dq":  # summed over kv tiles in the order threads finish them
+            torch.testing.assert_close(g, w, msg=what)
+        else:
+            assert torch.equal(g, w), what
+        finite = torch.isfinite(r64)
+        assert torch.equal(torch.isfinite(g), finite), what
+        mult = 2.0 if what in ("out", "lse") else 4.0
+        assert_close_scaled(g[finite], r64[finite], r32[finite], mult=mult, floor=1e-5)
+
+
+def test_kernels_walk_a_block_mask_where_the_mask_is_no_band(monkeypatch):
+    from attnkit.backends import cpu_kernel
+
+    q, k, v = rand_qkv(1, 2, 2, 40, 50, 8)
+    cfg = TileConfig(16, 16, 64)
+
+    def tiles(mask):
+        return tiled.kernel_tiles(
+            attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, False), cfg
+        )
+
+    assert tiles(masks.causal()) == cpu_kernel.Band(-39, 10, 16, 16)
+    assert tiles(None) == cpu_kernel.Band(-39, 49, 16, 16)
+    for mask in (masks.dilated(4, 2), masks.prefix_lm(8), torch.rand(1, 1, 40, 50) > 0.5):
+        assert not isinstance(tiles(mask), cpu_kernel.Band)
+    monkeypatch.setattr(tiled, "BAND_IN_KERNEL", False)
+    assert not isinstance(tiles(masks.causal()), cpu_kernel.Band)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -611,7 +694,7 @@ def test_forward_packs_query_heads_only_where_they_fit_one_unit():
     def packs(Hq, Hkv, Lq, mask, block_q=16):
         q, k, _ = rand_qkv(1, Hq, Hkv, Lq, 64, 8)
         req = attnkit.functional._request(q, k, k, mask, None, None, 0.0, None, False)
-        return cpu_kernel.packs_gqa(q, k, tiled.block_mask_for(req, TileConfig(block_q, 16)))
+        return cpu_kernel.packs_gqa(q, k, tiled.kernel_tiles(req, TileConfig(block_q, 16)))
 
     per_head = torch.rand(1, 8, 1, 64) < 0.5
     assert packs(8, 2, 1, masks.causal())

@@ -14,6 +14,7 @@ import os
 import shutil
 import sysconfig
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,40 @@ CSRC = Path(__file__).parent / "csrc"
 NO_MODS = KernelMods()
 NO_DROPOUT = _dropout.kernel_args(None, 0.0)
 SOURCES = [CSRC / name for name in ("ops.cpp", "tiled_forward_cpu.cpp", "tiled_backward_cpu.cpp")]
+
+
+@dataclass(frozen=True)
+class Band:
+    """A mask the kernels compute themselves: query i attends key j where lo <= j - i <= hi.
+
+    Causal and sliding-window masks and no mask (``masks.band``). The kernels find each tile's
+    kind from its bounds and mask the band's edge tiles by comparing indices (``tile_mask.h``),
+    so no BlockMask, tile map or bitmap is built: a new length costs nothing (decoding under a
+    window over a growing cache built a map per step). Tiles of block_q × block_k, as a
+    BlockMask's.
+    """
+
+    lo: int
+    hi: int
+    block_q: int
+    block_k: int
+
+
+#: The mask of a kernel call: a BlockMask, or a band the kernels compute from tile bounds.
+Tiles = BlockMask | Band
+_NO_MAP = (  # a band's kinds, tile_index and bitmaps: unused
+    torch.empty(0, dtype=torch.int8),
+    torch.empty(0, dtype=torch.int64),
+    torch.empty(0, dtype=torch.bool),
+)
+
+
+def _mask_args(tiles: Tiles) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, object]]:
+    """The ops' (kinds, tile_index, bitmaps) and their band keywords for ``tiles``."""
+    if isinstance(tiles, Band):
+        return _NO_MAP, {"band": True, "band_lo": tiles.lo, "band_hi": tiles.hi}
+    tile_index, bitmaps = partial_bitmaps(tiles)
+    return (tiles.kinds.contiguous(), tile_index, bitmaps), {}
 
 
 @functools.cache
@@ -107,7 +142,7 @@ MAX_PACKED_ROWS = 64
 PACK_GQA = True
 
 
-def packs_gqa(q: Tensor, k: Tensor, bm: BlockMask) -> bool:
+def packs_gqa(q: Tensor, k: Tensor, tiles: Tiles) -> bool:
     """Whether the forward stacks each kv head's G query heads as rows of one unit (PackGQA).
 
     Where the queries fit one query tile and G·Lq rows at most ``MAX_PACKED_ROWS``, under a
@@ -117,12 +152,9 @@ def packs_gqa(q: Tensor, k: Tensor, bm: BlockMask) -> bool:
     16,384; 1.01-1.03x where the keys read fit the CPU's caches (1,024 of them).
     """
     Lq, G = q.shape[2], q.shape[1] // k.shape[1]
+    shared_by_heads = isinstance(tiles, Band) or tiles.kinds.shape[1] == 1
     return (
-        PACK_GQA
-        and G > 1
-        and bm.kinds.shape[1] == 1
-        and Lq <= bm.block_q
-        and G * Lq <= MAX_PACKED_ROWS
+        PACK_GQA and G > 1 and shared_by_heads and Lq <= tiles.block_q and G * Lq <= MAX_PACKED_ROWS
     )
 
 
@@ -130,7 +162,7 @@ def forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    bm: BlockMask,
+    tiles: Tiles,
     max_chunk: int,
     scale: float,
     mods: KernelMods = NO_MODS,
@@ -143,22 +175,21 @@ def forward(
 
     ``dropout`` is ``attnkit._dropout.kernel_args(seed, p)``.
     """
-    tile_index, bitmaps = partial_bitmaps(bm)
+    mask_tensors, band = _mask_args(tiles)
     out, lse = torch.ops.attnkit.tiled_forward(
         _rows_contiguous(q),
         _rows_contiguous(k),
         _rows_contiguous(v),
-        bm.kinds.contiguous(),
-        tile_index,
-        bitmaps,
+        *mask_tensors,
         _slopes(mods, q.shape[1]),
-        bm.block_q,
-        bm.block_k,
+        tiles.block_q,
+        tiles.block_k,
         max_chunk,
         scale,
         mods.softcap,
         *dropout,
-        packs_gqa(q, k, bm),
+        pack_gqa=packs_gqa(q, k, tiles),
+        **band,
     )
     return out, lse
 
@@ -171,7 +202,7 @@ def backward(
     out: Tensor,
     lse: Tensor,
     dlse: Tensor | None,
-    bm: BlockMask,
+    tiles: Tiles,
     max_rows: int,
     scale: float,
     mods: KernelMods = NO_MODS,
@@ -183,7 +214,7 @@ def backward(
         delta = delta - dlse
     # rows with no key have lse = -inf and only masked scores: any finite shift gives P = 0
     lse2 = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse) * LOG2E
-    tile_index, bitmaps = partial_bitmaps(bm)
+    mask_tensors, band = _mask_args(tiles)
     dq, dk, dv = torch.ops.attnkit.tiled_backward(
         dout.contiguous(),
         q.contiguous(),
@@ -191,15 +222,14 @@ def backward(
         v.contiguous(),
         lse2.contiguous(),
         delta.contiguous(),
-        bm.kinds.contiguous(),
-        tile_index,
-        bitmaps,
+        *mask_tensors,
         _slopes(mods, q.shape[1]),
-        bm.block_q,
-        bm.block_k,
+        tiles.block_q,
+        tiles.block_k,
         max_rows,
         scale,
         mods.softcap,
         *dropout,
+        **band,
     )
     return dq, dk, dv

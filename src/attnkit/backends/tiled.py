@@ -35,7 +35,7 @@ from attnkit.backends import cpu_kernel
 from attnkit.backends._common import Request, compute_dtype, first_order_only
 from attnkit.backends.tensor_masks import tensor_block_mask
 from attnkit.block_mask import BlockMask
-from attnkit.masks import Mask, full
+from attnkit.masks import Mask, band, full
 from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "tiled"
@@ -122,6 +122,28 @@ def block_mask_for(req: Request, cfg: TileConfig) -> BlockMask:
     return mask.blocks(s.Lq, s.Lk, cfg.block_q, cfg.block_k, B=s.B, H=s.Hq)
 
 
+#: Set False to have the compiled kernels walk a BlockMask for causal and window masks too
+#: (``benchmarks/cpu_decoding.py`` compares).
+BAND_IN_KERNEL = True
+
+
+def kernel_tiles(req: Request, cfg: TileConfig) -> cpu_kernel.Tiles:
+    """The mask as the compiled kernels take it: a band they compute, else a BlockMask.
+
+    No mask, causal and sliding-window masks (any alignment, and ``&`` of them) keep the band
+    lo <= j - i <= hi (``masks.band``): the kernels find each tile's kind from its bounds, so
+    no tile map is built for a new length (a window over a growing cache built one per
+    decoding step: 0.8 ms of a 1.0 ms call, ``benchmarks/cpu_decoding.py``).
+    """
+    s, mask = req.shapes, req.mask
+    found = (1 - s.Lq, s.Lk - 1) if mask is None else None
+    if isinstance(mask, Mask):
+        found = band(mask, s.Lq, s.Lk)
+    if not BAND_IN_KERNEL or found is None:
+        return block_mask_for(req, cfg)
+    return cpu_kernel.Band(*found, cfg.block_q, cfg.block_k)
+
+
 def make_plan(req: Request, cfg: TileConfig) -> Plan:
     """Turn the request's mask into per-query-tile lists of kv chunks."""
     return plan_from_block_mask(block_mask_for(req, cfg), cfg.max_chunk)
@@ -176,8 +198,8 @@ class _Ctx:
     dropout_p: float
 
 
-def _ctx_for(req: Request, bm: BlockMask) -> _Ctx:
-    """The PyTorch loops' view of a request and its BlockMask."""
+def _ctx_for(req: Request, mask_fn: MaskFn | None) -> _Ctx:
+    """The PyTorch loops' view of a request and its BlockMask's predicate."""
     s = req.shapes
     return _Ctx(
         B=s.B,
@@ -185,7 +207,7 @@ def _ctx_for(req: Request, bm: BlockMask) -> _Ctx:
         G=s.Hq // s.Hkv,
         scale=req.scale,
         score_mod=req.score_mod,
-        mask_fn=bm.mask_fn,
+        mask_fn=mask_fn,
         seed=req.seed,
         dropout_p=req.dropout_p,
     )
@@ -355,7 +377,7 @@ def backward(
 class _Kernel:
     """What the compiled CPU kernels need besides the tensors."""
 
-    block_mask: BlockMask
+    tiles: cpu_kernel.Tiles
     max_chunk: int  # keys per chunk in the forward, query rows per step in the backward
     mods: KernelMods
     dropout: tuple[int, int, float]  # _dropout.kernel_args(seed, p)
@@ -382,7 +404,7 @@ class _TiledAttention(torch.autograd.Function):
         # q, k, v are saved as given (16-bit stays 16-bit) and widened in backward, if it runs
         if kernel is not None:  # compiled CPU forward: widens 16-bit tiles itself, out in q.dtype
             out, lse = cpu_kernel.forward(
-                q, k, v, kernel.block_mask, kernel.max_chunk, c.scale, kernel.mods, kernel.dropout
+                q, k, v, kernel.tiles, kernel.max_chunk, c.scale, kernel.mods, kernel.dropout
             )
             ctx.save_for_backward(q, k, v, out, lse)
             return out, lse
@@ -411,7 +433,7 @@ class _TiledAttention(torch.autograd.Function):
                 out,
                 lse,
                 dlse,
-                kn.block_mask,
+                kn.tiles,
                 kn.max_chunk,
                 ctx.c.scale,
                 kn.mods,
@@ -460,9 +482,7 @@ def unsupported_reason(req: Request) -> str | None:
 def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32 (float64 for float64)."""
     cfg = config or tuned_config(req)
-    bm = block_mask_for(req, cfg)
     mods = kernel_mods(req.score_mod_source)  # ALiBi / softcap run inside the CPU kernels
-    kernel = None
     if (
         cfg.use_kernel
         and req.q.device.type == "cpu"
@@ -471,20 +491,21 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         and not mods.learns_slopes
         and cpu_kernel.available()
     ):
-        kernel = _Kernel(bm, cfg.max_chunk, mods, _dropout.kernel_args(req.seed, req.dropout_p))
-    if kernel is not None and not req.needs_grad:  # inference (decoding): no autograd node
-        return cpu_kernel.forward(
-            req.q, req.k, req.v, bm, cfg.max_chunk, req.scale, kernel.mods, kernel.dropout
-        )
-    c = _ctx_for(req, bm)
-    captured = (
-        () if kernel is not None or req.score_mod is None else captured_tensors(req.score_mod)
-    )
-    # the chunk plan drives the PyTorch forward and backward; the compiled kernels need neither
-    plan = plan_from_block_mask(bm, cfg.max_chunk) if kernel is None else None
-    out, lse = _TiledAttention.apply(  # type: ignore[no-untyped-call]
-        req.q, req.k, req.v, plan, c, kernel, *captured
-    )
+        tiles = kernel_tiles(req, cfg)
+        dropout = _dropout.kernel_args(req.seed, req.dropout_p)
+        if not req.needs_grad:  # inference (decoding): no autograd node
+            return cpu_kernel.forward(
+                req.q, req.k, req.v, tiles, cfg.max_chunk, req.scale, mods, dropout
+            )
+        kernel = _Kernel(tiles, cfg.max_chunk, mods, dropout)
+        c = _ctx_for(req, None)  # the kernels need neither the predicate nor a chunk plan
+        args: tuple[object, ...] = (None, c, kernel)
+    else:
+        bm = block_mask_for(req, cfg)
+        captured = () if req.score_mod is None else captured_tensors(req.score_mod)
+        plan = plan_from_block_mask(bm, cfg.max_chunk)  # drives the PyTorch forward, backward
+        args = (plan, _ctx_for(req, bm.mask_fn), None, *captured)
+    out, lse = _TiledAttention.apply(req.q, req.k, req.v, *args)  # type: ignore[no-untyped-call]
     return out, lse
 
 
@@ -536,15 +557,16 @@ def block_backward(
 
     req = _request(q, k, v, mask, None, scale, 0.0, None, False)
     cfg = default_config(req.shapes.Lq)
-    bm = block_mask_for(req, cfg)
     ct = compute_dtype(q.dtype)
     dout_c, q_c, k_c, v_c, out_c, lse_c = (t.to(ct) for t in (dout, q, k, v, out, lse))
     dlse_c = None if dlse is None else dlse.to(ct)
     if ct == torch.float32 and q.device.type == "cpu" and cpu_kernel.available():
+        tiles = kernel_tiles(req, cfg)
         return cpu_kernel.backward(
-            dout_c, q_c, k_c, v_c, out_c, lse_c, dlse_c, bm, cfg.max_chunk, req.scale
+            dout_c, q_c, k_c, v_c, out_c, lse_c, dlse_c, tiles, cfg.max_chunk, req.scale
         )
+    bm = block_mask_for(req, cfg)
     plan = plan_from_block_mask(bm, cfg.max_chunk)
-    c = _ctx_for(req, bm)
+    c = _ctx_for(req, bm.mask_fn)
     dq, dk, dv, _ = backward(dout_c, q_c, k_c, v_c, out_c, lse_c, plan, c, (), dlse_c)
     return dq, dk, dv

@@ -4,7 +4,7 @@
 // make units unequal). A unit keeps its tile's dK and dV in registers-to-L2 buffers and, for
 // every query head of its group, walks the runs of non-empty query tiles in its column
 // (at most max_rows rows per step), recomputing the probabilities from the saved LSE:
-//   S  = Q_rows · K_tileᵀ · scale·log2(e)      mask: bitmap on PARTIAL tiles
+//   S  = Q_rows · K_tileᵀ · scale·log2(e)      mask: on PARTIAL tiles (TileMask)
 //        (with ALiBi / softcap: the same mods as the forward, tanh kept for dS)
 //   P  = exp2(S - LSE·log2(e))                 (rows with no key have LSE = -inf: passed as 0)
 //   dV += Pᵀ · dO_rows          dP = dO_rows · V_tileᵀ   (P∘Z and dP∘Z with dropout)
@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "tile_mask.h"
 
 using namespace attnkit_cpu;
 
@@ -38,7 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const at::Tensor& bitmaps,      // (nPartial, block_q, block_k) bool
     const at::Tensor& slopes,       // (Hq,) float32 ALiBi slopes, or empty: no ALiBi
     int64_t block_q, int64_t block_k, int64_t max_rows, double scale, double softcap,
-    int64_t dropout_seed, int64_t dropout_threshold, double dropout_p) {  // seed < 0: none
+    int64_t dropout_seed, int64_t dropout_threshold, double dropout_p,  // seed < 0: none
+    bool band, int64_t band_lo, int64_t band_hi) {  // band: lo <= j - i <= hi, no kinds/bitmaps
   for (const auto* t : {&dout, &q, &k, &v, &lse2, &delta}) {
     TORCH_CHECK(t->dtype() == at::kFloat && t->is_contiguous(),
                 "tiled_backward: contiguous float32 inputs expected");
@@ -46,10 +48,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t G = Hq / Hkv;
-  const int64_t nQ = kinds.size(2), nK = kinds.size(3);
-  const int64_t Bm = kinds.size(0), Hm = kinds.size(1);
-  TORCH_CHECK(nQ == (Lq + block_q - 1) / block_q && nK == (Lk + block_k - 1) / block_k,
-              "tiled_backward: kinds does not match the tile grid");
+  const TileMask mask = tile_mask_for(kinds, tile_index, bitmaps, Lq, Lk, block_q, block_k, band,
+                                      band_lo, band_hi, "tiled_backward");
+  const int64_t nQ = mask.nQ, nK = mask.nK;
   const int64_t tiles_per_step = std::max<int64_t>(1, max_rows / block_q);
   const int64_t rows_max = tiles_per_step * block_q;
 
@@ -59,9 +60,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   const float *dop = dout.data_ptr<float>(), *qp = q.data_ptr<float>();
   const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *lp = lse2.data_ptr<float>(), *dlp = delta.data_ptr<float>();
-  const int8_t* kindp = kinds.data_ptr<int8_t>();
-  const int64_t* tip = tile_index.data_ptr<int64_t>();
-  const bool* bmp = bitmaps.numel() ? bitmaps.data_ptr<bool>() : nullptr;
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   const ScoreMods mods = score_mods_for(slopes, Hq, softcap, Lk - Lq, "tiled_backward");
   const Dropout dropout = dropout_for(dropout_seed, dropout_threshold, dropout_p, "tiled_backward");
@@ -87,15 +85,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
       std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
       std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-        const int64_t map_head = ((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * nQ * nK;
-        const int8_t* kind_col = kindp + map_head + kt;  // stride nK along query tiles
-        const int64_t* index_col = tip + map_head + kt;
+        const int64_t map = mask.map_of(b, h);
         const int64_t row_base = (b * Hq + h) * Lq;
-        int64_t qt = 0;
-        while (qt < nQ) {
-          if (kind_col[qt * nK] == kEmpty) { ++qt; continue; }
+        auto [qt, qt_end] = mask.q_tiles(kt);
+        while (qt < qt_end) {
+          if (mask.kind(map, qt, kt) == kEmpty) { ++qt; continue; }
           const int64_t qt0 = qt;
-          while (qt < nQ && kind_col[qt * nK] != kEmpty && qt - qt0 < tiles_per_step) ++qt;
+          while (qt < qt_end && mask.kind(map, qt, kt) != kEmpty && qt - qt0 < tiles_per_step) {
+            ++qt;
+          }
           const int64_t r0 = qt0 * block_q, rows = std::min(qt * block_q, Lq) - r0;
           const float* qrows = qp + (row_base + r0) * D;
           const float* dorows = dop + (row_base + r0) * Dv;
@@ -109,10 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
             }
           }
           for (int64_t t = qt0; t < qt; ++t) {
-            if (kind_col[t * nK] != kPartial) continue;
-            const bool* bits = bmp + index_col[t * nK] * block_q * block_k;
-            apply_bitmap(p + (t * block_q - r0) * tk, tk, bits, block_k,
-                         std::min(block_q, Lq - t * block_q), tk);
+            if (mask.kind(map, t, kt) != kPartial) continue;
+            mask.apply(p + (t * block_q - r0) * tk, tk, map, t, kt);
           }
           for (int64_t r = 0; r < rows; ++r) {
             exp2_shifted_row(p + r * tk, tk, lp[row_base + r0 + r]);

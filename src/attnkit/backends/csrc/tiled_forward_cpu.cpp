@@ -8,7 +8,8 @@
 // Within a unit, maximal runs of non-empty kv tiles (at most max_chunk keys) form a chunk:
 //   S = Q_tile · K_chunkᵀ · scale·log2(e)      one sgemm (MKL, as torch's own CPU kernels)
 //   (with ALiBi / softcap: S·scale, the mods, then ·log2(e); see apply_score_mods)
-//   EMPTY tiles (for this b, h) are skipped, PARTIAL tiles get their bitmap, FULL tiles nothing
+//   EMPTY tiles (for this b, h) are skipped, PARTIAL tiles masked, FULL tiles not (TileMask:
+//   a BlockMask's kinds and bitmaps, or a band's tiles found from their bounds)
 //   online softmax in log2 units: m, l per row; P = exp2(S - m) in place, fused with row sums
 //   acc = acc·exp2(m_old - m_new) + P · V_chunk  one sgemm (P∘Z with dropout: see Dropout)
 // Output acc / l; LSE = (m + log2 l)·ln 2, -inf for rows with no key (output row 0). NaN in q
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "tile_mask.h"
 
 using namespace attnkit_cpu;
 
@@ -38,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const at::Tensor& slopes,       // (Hq,) float32 ALiBi slopes, or empty: no ALiBi
     int64_t block_q, int64_t block_k, int64_t max_chunk, double scale, double softcap,
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p,  // seed < 0: none
-    bool pack_gqa) {
+    bool pack_gqa,
+    bool band, int64_t band_lo, int64_t band_hi) {  // band: lo <= j - i <= hi, no kinds/bitmaps
   const auto dtype = q.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
                   k.scalar_type() == dtype && v.scalar_type() == dtype,
@@ -51,16 +54,15 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t G = Hq / Hkv;
-  const int64_t nQ = kinds.size(2), nK = kinds.size(3);
-  const int64_t Bm = kinds.size(0), Hm = kinds.size(1);
-  TORCH_CHECK(nQ == (Lq + block_q - 1) / block_q && nK == (Lk + block_k - 1) / block_k,
-              "tiled_forward: kinds does not match the tile grid");
+  const TileMask mask = tile_mask_for(kinds, tile_index, bitmaps, Lq, Lk, block_q, block_k, band,
+                                      band_lo, band_hi, "tiled_forward");
+  const int64_t nQ = mask.nQ;
   const int64_t tiles_per_chunk = std::max<int64_t>(1, max_chunk / block_k);
   // packed: one query tile whose tile map serves every head
   const bool packed = pack_gqa && G > 1;
-  TORCH_CHECK(!packed || (nQ == 1 && Hm == 1 && G * Lq <= kMaxPackedRows),
+  TORCH_CHECK(!packed || (nQ == 1 && mask.shared_by_heads() && G * Lq <= kMaxPackedRows),
               "tiled_forward: pack_gqa needs one query tile, a tile map shared by the heads and "
-              "at most ", kMaxPackedRows, " stacked rows; got ", nQ, " query tiles, ", Hm,
+              "at most ", kMaxPackedRows, " stacked rows; got ", nQ, " query tiles, ", mask.Hm,
               " head maps, ", G * Lq, " rows");
   const int64_t groups = packed ? G : 1;  // query heads per unit
   const int64_t max_rows = packed ? G * Lq : block_q;
@@ -68,9 +70,6 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   // Uninitialised: every row is written by its unit, so first touches happen in parallel.
   auto out = at::empty({B, Hq, Lq, Dv}, q.options());
   auto lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
-  const int8_t* kindp = kinds.data_ptr<int8_t>();
-  const int64_t* tip = tile_index.data_ptr<int64_t>();
-  const bool* bmp = bitmaps.numel() ? bitmaps.data_ptr<bool>() : nullptr;
   float* lp = lse.data_ptr<float>();
   const ScoreMods mods = score_mods_for(slopes, Hq, softcap, Lk - Lq, "tiled_forward");
   const Dropout dropout = dropout_for(dropout_seed, dropout_threshold, dropout_p, "tiled_forward");
@@ -101,9 +100,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
         const int64_t hk = h0 / G;
         const int64_t q0 = qt * block_q, tq = std::min(block_q, Lq - q0);
         const int64_t rows = groups * tq;  // row R: head h0 + R / tq, query q0 + R % tq
-        const int64_t map_row = (((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h0 : 0)) * nQ + qt) * nK;
-        const int8_t* kind_row = kindp + map_row;
-        const int64_t* index_row = tip + map_row;
+        const int64_t map = mask.map_of(b, h0);
         const T* qsrc = qp + b * q.stride(0) + h0 * q.stride(1) + q0 * ldq;
         const T* kbase = kp + b * k.stride(0) + hk * k.stride(1);
         const T* vbase = vp + b * v.stride(0) + hk * v.stride(1);
@@ -121,11 +118,13 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
         std::fill(m.begin(), m.begin() + rows, kNegInf);
         std::fill(l.begin(), l.begin() + rows, 0.0f);
         bool any = false;
-        int64_t kt = 0;
-        while (kt < nK) {
-          if (kind_row[kt] == kEmpty) { ++kt; continue; }
+        auto [kt, kt_end] = mask.kv_tiles(qt);
+        while (kt < kt_end) {
+          if (mask.kind(map, qt, kt) == kEmpty) { ++kt; continue; }
           const int64_t kt0 = kt;
-          while (kt < nK && kind_row[kt] != kEmpty && kt - kt0 < tiles_per_chunk) ++kt;
+          while (kt < kt_end && mask.kind(map, qt, kt) != kEmpty && kt - kt0 < tiles_per_chunk) {
+            ++kt;
+          }
           const int64_t k0 = kt0 * block_k, k1 = std::min(kt * block_k, Lk), n = k1 - k0;
           any = true;
           float* s = S.data();
@@ -136,12 +135,10 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
               apply_score_mods(s + r * n, n, h0 + r / tq, q0 + r % tq, k0, mods, nullptr);
             }
           }
-          for (int64_t t = kt0; t < kt; ++t) {  // partial tiles: apply the predicate bitmap
-            if (kind_row[t] != kPartial) continue;
-            for (int64_t g = 0; g < groups; ++g) {  // every head's rows: the same bitmap
-              apply_bitmap(s + g * tq * n + t * block_k - k0, n,
-                           bmp + index_row[t] * block_q * block_k, block_k, tq,
-                           std::min(block_k, Lk - t * block_k));
+          for (int64_t t = kt0; t < kt; ++t) {  // partial tiles: mask them
+            if (mask.kind(map, qt, t) != kPartial) continue;
+            for (int64_t g = 0; g < groups; ++g) {  // every head's rows: the same mask
+              mask.apply(s + g * tq * n + t * block_k - k0, n, map, qt, t);
             }
           }
           for (int64_t r = 0; r < rows; ++r) {

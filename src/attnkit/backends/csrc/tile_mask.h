@@ -1,0 +1,120 @@
+// The mask as the CPU kernels see it, tile by tile: which tiles to visit, which of them need
+// masking, and the masking itself. Either a BlockMask (its tiles' kinds and the bitmaps of its
+// partial tiles) or a band lo <= j - i <= hi (causal and sliding-window masks: masks.band),
+// whose tiles' kinds and masked entries follow from their bounds. A band needs no tile map:
+// none is built, stored or read (decoding under a window over a growing cache built one per
+// step, with a bitmap per partial tile).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+#include "cpu_common.h"
+
+namespace attnkit_cpu {
+
+constexpr int8_t kFull = 2;
+
+struct TileMask {
+  int64_t block_q, block_k, Lq, Lk, nQ, nK;
+  // a BlockMask: (Bm, Hm, nQ, nK) kinds and rows of `bitmaps` (nPartial, block_q, block_k)
+  const int8_t* kinds = nullptr;
+  const int64_t* index = nullptr;
+  const bool* bitmaps = nullptr;
+  int64_t Bm = 1, Hm = 1;
+  // or a band: query i attends key j where lo <= j - i <= hi
+  bool band = false;
+  int64_t lo = 0, hi = 0;
+
+  // Where (b, h)'s tiles start in the map (0 for a band): the `map` argument below.
+  int64_t map_of(int64_t b, int64_t h) const {
+    return band ? 0 : ((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * nQ * nK;
+  }
+  bool shared_by_heads() const { return band || Hm == 1; }
+
+  int8_t kind(int64_t map, int64_t qt, int64_t kt) const {
+    if (!band) return kinds[map + qt * nK + kt];
+    const int64_t i0 = qt * block_q, i1 = std::min(i0 + block_q, Lq) - 1;
+    const int64_t j0 = kt * block_k, j1 = std::min(j0 + block_k, Lk) - 1;
+    if (j1 - i0 < lo || j0 - i1 > hi) return kEmpty;
+    return (j0 - i1 >= lo && j1 - i0 <= hi) ? kFull : kPartial;
+  }
+
+  // The kv tiles [first, end) query tile qt may visit: the band's, else all of them.
+  std::pair<int64_t, int64_t> kv_tiles(int64_t qt) const {
+    if (!band) return {0, nK};
+    const int64_t i0 = qt * block_q, i1 = std::min(i0 + block_q, Lq) - 1;
+    return tiles_holding(i0 + lo, i1 + hi, Lk, block_k);
+  }
+
+  // The query tiles [first, end) that may visit kv tile kt: the band's, else all of them.
+  std::pair<int64_t, int64_t> q_tiles(int64_t kt) const {
+    if (!band) return {0, nQ};
+    const int64_t j0 = kt * block_k, j1 = std::min(j0 + block_k, Lk) - 1;
+    return tiles_holding(j0 - hi, j1 - lo, Lq, block_q);
+  }
+
+  // Masks partial tile (qt, kt), whose first score is at s, rows ld apart: -inf where the
+  // bitmap says "masked", or outside the band.
+  void apply(float* s, int64_t ld, int64_t map, int64_t qt, int64_t kt) const {
+    const int64_t rows = std::min(block_q, Lq - qt * block_q);
+    const int64_t cols = std::min(block_k, Lk - kt * block_k);
+    if (!band) {
+      const bool* bits = bitmaps + index[map + qt * nK + kt] * block_q * block_k;
+      apply_bitmap(s, ld, bits, block_k, rows, cols);
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r) {  // row r keeps columns [a, z)
+      const int64_t i = qt * block_q + r - kt * block_k;  // query index relative to the tile's keys
+      const int64_t a = std::clamp<int64_t>(i + lo, 0, cols);
+      const int64_t z = std::clamp<int64_t>(i + hi + 1, a, cols);
+      float* srow = s + r * ld;
+      std::fill(srow, srow + a, kNegInf);
+      std::fill(srow + z, srow + cols, kNegInf);
+    }
+  }
+
+ private:
+  // Tiles [first, end) of `block` indices that hold indices first … last of an axis of `length`.
+  static std::pair<int64_t, int64_t> tiles_holding(int64_t first, int64_t last, int64_t length,
+                                                   int64_t block) {
+    first = std::max<int64_t>(first, 0);
+    last = std::min(last, length - 1);
+    if (first > last) return {0, 0};
+    return {first / block, last / block + 1};
+  }
+};
+
+// The TileMask of a kernel call's arguments: the band where `band` is set (kinds, tile_index
+// and bitmaps are then unused), else the BlockMask's tensors, checked against the tile grid.
+inline TileMask tile_mask_for(const at::Tensor& kinds, const at::Tensor& tile_index,
+                              const at::Tensor& bitmaps, int64_t Lq, int64_t Lk, int64_t block_q,
+                              int64_t block_k, bool band, int64_t lo, int64_t hi,
+                              const char* who) {
+  TORCH_CHECK(block_q > 0 && block_k > 0, who, ": tile sizes must be positive");
+  TileMask m{block_q, block_k, Lq, Lk, (Lq + block_q - 1) / block_q, (Lk + block_k - 1) / block_k};
+  if (band) {
+    m.band = true;
+    m.lo = lo;
+    m.hi = hi;
+    return m;
+  }
+  TORCH_CHECK(kinds.dim() == 4 && kinds.scalar_type() == at::kChar && kinds.is_contiguous() &&
+                  kinds.size(2) == m.nQ && kinds.size(3) == m.nK,
+              who, ": kinds must be contiguous int8 (Bm, Hm, ", m.nQ, ", ", m.nK,
+              ") for this tile grid, got ", kinds.sizes());
+  TORCH_CHECK(tile_index.sizes() == kinds.sizes() && tile_index.scalar_type() == at::kLong &&
+                  tile_index.is_contiguous(),
+              who, ": tile_index must be contiguous int64 shaped like kinds");
+  m.kinds = kinds.data_ptr<int8_t>();
+  m.index = tile_index.data_ptr<int64_t>();
+  m.bitmaps = bitmaps.numel() ? bitmaps.data_ptr<bool>() : nullptr;
+  m.Bm = kinds.size(0);
+  m.Hm = kinds.size(1);
+  return m;
+}
+
+}  // namespace attnkit_cpu
