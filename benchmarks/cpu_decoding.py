@@ -1,10 +1,11 @@
 """Token-by-token decoding with a KV cache on CPU: milliseconds per generated token.
 
 Decoding is where per-step costs show: the cache's keys and values are a strided prefix of a
-longer buffer, the key length grows by one each step (so tile maps are new each step), and
+longer buffer, the key length grows by one each step (so tile maps, where a mask needs one,
+are new each step), and
 each layer has its own mask object. Three cases: causal; ``sliding_window(256)`` over a
 cache of every position; the same window over ``KVCache(window=256)``, which keeps only the
-window (bounded memory, and a key length that stops growing). Three tables (``--tables``):
+window (bounded memory, and a key length that stops growing). Five tables (``--tables``):
 
 - attention: one query per step over 6 layers' ``KVCache`` (8 heads, D = 64), each
   layer with its own mask object, as a model calls it; tiled also with the kernels walking
@@ -19,12 +20,14 @@ window (bounded memory, and a key length that stops growing). Three tables (``--
   heads of 128; MLA: kv_rank 512, rope_dim 64), projections included, ``auto``;
 - gqa: one query over a growing cache at Llama-3-8B's attention shapes (32 query heads over
   8 kv heads, D = 128), causal and ``sliding_window(1024)``: tiled with the query heads of a
-  kv head packed as rows of one kernel unit (``cpu_kernel.PACK_GQA``) and without, SDPA and
-  ``auto``.
+  kv head packed as rows of one kernel unit (``cpu_kernel.PACK_GQA``), without, and walking
+  tile maps, SDPA and ``auto``.
 
 Every (prompt length, mask) runs each backend in turn, ``--repeats`` times over (the same
 steps from the same cache state each time), and reports the fastest repeat: on a shared
-machine, interference only ever adds time.
+machine, interference only ever adds time. Each repeat of the attention, model and gqa
+tables starts without the tile maps an earlier one built (``fresh_tile_maps``), as a
+generation meets each cache length once.
 
     python benchmarks/cpu_decoding.py [--prompts 512 2048] [--steps 32] [--repeats 5]
         [--tables attention model ragged latent gqa]
@@ -69,6 +72,12 @@ def cache_slots(P: int, steps: int, window: int | None) -> int:
 TILE_MAPS = "tiled, tile maps"
 
 
+def fresh_tile_maps() -> None:
+    """Forget the tile maps that masks of equal specs share (64 kept): each decoding step's
+    new length then builds its map, as in one generation, not in a repeat of its steps."""
+    masks._SHARED_BLOCKS.clear()
+
+
 def attention_ms(backend: str, case: str, P: int, steps: int) -> float:
     """Milliseconds per step of ``steps`` decoding steps of LAYERS attention calls."""
     if backend == TILE_MAPS:
@@ -84,6 +93,7 @@ def attention_ms(backend: str, case: str, P: int, steps: int) -> float:
             cache.append(*(torch.randn(1, HEADS, n, D, generator=g) for _ in range(2)))
     layer_masks = [mask() for _ in range(LAYERS)]  # as each layer holds its own
     new = [torch.randn(3, 1, HEADS, 1, D, generator=g) for _ in range(steps)]
+    fresh_tile_maps()
     t0 = time.perf_counter()
     with torch.no_grad():
         for qkv in new:
@@ -97,6 +107,7 @@ def decode_ms(model: CausalLM, filled: list[KVCache], start: int, steps: int) ->
     """Milliseconds per token for ``steps`` greedy steps from caches filled to ``start``."""
     caches = copy.deepcopy(filled)  # every repeat starts from the same state
     token = torch.zeros(1, 1, dtype=torch.long)
+    fresh_tile_maps()
     t0 = time.perf_counter()
     with torch.no_grad():
         for t in range(steps):
@@ -293,18 +304,25 @@ def model_table(prompts: list[int], steps: int, repeats: int, where: str) -> Tab
 GQA_HQ, GQA_HKV, GQA_D, GQA_WINDOW = 32, 8, 128, 1024
 
 
-def gqa_step_ms(backend: str, mask: Mask, L: int, steps: int, pack: bool = True) -> float:
+def gqa_step_ms(
+    backend: str, mask: Mask, L: int, steps: int, pack: bool = True, band: bool = True
+) -> float:
     """ms per call of one query over caches of L - steps + 1 … L keys in turn.
 
-    The kernels compute causal and window masks themselves (no tile map per length), so
-    these are the kernels' times.
+    ``pack``: ``cpu_kernel.PACK_GQA``; ``band``: ``tiled.BAND_IN_KERNEL`` (without, each new
+    length builds a tile map).
     """
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, GQA_HQ, 1, GQA_D, generator=gen)
     k, v = (torch.randn(1, GQA_HKV, L, GQA_D, generator=gen) for _ in range(2))
     lengths = range(L - steps + 1, L + 1)
-    with mock.patch.object(cpu_kernel, "PACK_GQA", pack), torch.no_grad():
+    with (
+        mock.patch.object(cpu_kernel, "PACK_GQA", pack),
+        mock.patch.object(tiled, "BAND_IN_KERNEL", band),
+        torch.no_grad(),
+    ):
         attnkit.attention(q, k, v, mask=mask, backend=backend)  # warm-up
+        fresh_tile_maps()
         start = time.perf_counter()
         for n in lengths:
             attnkit.attention(q, k[:, :, :n], v[:, :, :n], mask=mask, backend=backend)
@@ -312,11 +330,12 @@ def gqa_step_ms(backend: str, mask: Mask, L: int, steps: int, pack: bool = True)
 
 
 def gqa_table(prompts: list[int], steps: int, repeats: int, where: str) -> Table:
-    """GQA decoding: tiled packed and unpacked, SDPA, auto (ms per call)."""
+    """GQA decoding: tiled packed, unpacked and walking tile maps, SDPA, auto (ms per call)."""
     table = Table(
         title=f"GQA decoding, {GQA_HQ} query / {GQA_HKV} kv heads, D={GQA_D}, ms per call, {where}"
     )
-    columns = ("cache", "mask", "tiled", "tiled unpacked", "sdpa", "auto", "pack gain")
+    columns = ("cache", "mask", "tiled", "tiled unpacked", "tiled, tile maps", "sdpa", "auto")
+    columns = (*columns, "pack gain", "band gain")
     for col in (*columns, "sdpa / tiled"):
         table.add_column(col, justify="left" if col == "mask" else "right")
     for L in prompts:
@@ -327,12 +346,13 @@ def gqa_table(prompts: list[int], steps: int, repeats: int, where: str) -> Table
                 {
                     "tiled": functools.partial(run, "tiled"),
                     "unpacked": functools.partial(run, "tiled", pack=False),
+                    "maps": functools.partial(run, "tiled", band=False),
                     "sdpa": functools.partial(run, "sdpa"),
                     "auto": functools.partial(run, "auto"),
                 },
             )
-            cells = [f"{ms[b]:.2f}" for b in ("tiled", "unpacked", "sdpa", "auto")]
-            gains = (ms["unpacked"] / ms["tiled"], ms["sdpa"] / ms["tiled"])
+            cells = [f"{ms[b]:.2f}" for b in ("tiled", "unpacked", "maps", "sdpa", "auto")]
+            gains = [ms[b] / ms["tiled"] for b in ("unpacked", "maps", "sdpa")]
             table.add_row(str(L), name, *cells, *(f"{g:.2f}x" for g in gains))
     return table
 
