@@ -362,6 +362,11 @@ BANDS = {  # mask, Lq, Lk: empty, partial and full tiles, keyless rows, both ali
     "window(20), Lq > Lk": (masks.sliding_window(20), 181, 90),
     "window(3, 3) top-left": (masks.sliding_window(3, 3, align="top_left"), 100, 70),
     "window(40, -1) & causal": (masks.sliding_window(40, -1) & masks.causal(), 129, 129),
+    "nothing kept (lo > hi)": (
+        masks.sliding_window(0, -1, align=10) & masks.causal(align="top_left"),
+        40,
+        50,
+    ),
 }
 
 
