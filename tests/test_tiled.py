@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import attnkit
 from attnkit import masks, score_mods
+from attnkit._types import EMPTY
 from attnkit.backends import tiled
 from attnkit.backends.tiled import TileConfig
 from conftest import MASK_NAMES, assert_close_scaled, every_mask, rand_qkv
@@ -415,6 +416,31 @@ def test_compiled_kernels_compute_band_masks(mask, Lq, Lk, mod_name, monkeypatch
         if finite.any():  # not the LSE of a band that keeps nothing: -inf, checked above
             mult = 2.0 if what in ("out", "lse") else 4.0
             assert_close_scaled(g[finite], r64[finite], r32[finite], mult=mult, floor=1e-5)
+
+
+@pytest.mark.parametrize(("mask", "Lq", "Lk"), BANDS.values(), ids=BANDS)
+def test_band_visits_the_kv_tiles_its_block_mask_lists(mask, Lq, Lk):
+    """``Band.kv_tile_counts`` (tile_mask.h's kv_tiles, in Python) against the BlockMask."""
+    from attnkit.backends import cpu_kernel
+
+    for block_q, block_k in ((32, 16), (16, 64)):
+        band = cpu_kernel.Band(*masks.band(mask or masks.full(), Lq, Lk), block_q, block_k)
+        listed = (mask or masks.full()).blocks(Lq, Lk, block_q, block_k).kinds != EMPTY
+        assert band.kv_tile_counts(Lq, Lk).tolist() == listed.sum(-1).flatten().tolist()
+
+
+def test_long_band_requests_pick_tiles_without_a_block_mask(monkeypatch):
+    """Tile height for long rows (``tuned_config``) from the band's bounds: no BlockMask."""
+    q, k, v = rand_qkv(1, 1, 1, 2048, 2048, 8)
+    monkeypatch.setattr(masks.Mask, "blocks", lambda *a, **kw: pytest.fail("built a BlockMask"))
+
+    def config(mask):
+        req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, False)
+        tiled.run(req)
+        return tiled.tuned_config(req)
+
+    assert config(masks.causal()).block_q == 128  # 1,024 keys a row on average
+    assert config(masks.sliding_window(512)).block_q == 64
 
 
 def test_kernels_walk_a_block_mask_where_the_mask_is_no_band(monkeypatch):

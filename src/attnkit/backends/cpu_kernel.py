@@ -48,6 +48,15 @@ class Band:
     block_q: int
     block_k: int
 
+    def kv_tile_counts(self, Lq: int, Lk: int) -> Tensor:
+        """(nQ,) int64: how many kv tiles each query tile visits (``tile_mask.h``'s kv_tiles)."""
+        first_row = torch.arange(0, Lq, self.block_q)
+        last_row = torch.clamp(first_row + self.block_q, max=Lq) - 1
+        first = torch.clamp(first_row + self.lo, min=0)
+        last = torch.clamp(last_row + self.hi, max=Lk - 1)
+        count = last // self.block_k - first // self.block_k + 1
+        return torch.where((first <= last) & (self.lo <= self.hi), count, 0)
+
 
 #: The mask of a kernel call: a BlockMask, or a band the kernels compute from tile bounds.
 Tiles = BlockMask | Band

@@ -75,10 +75,15 @@ def default_config(Lq: int) -> TileConfig:
 
 def tuned_config(req: Request) -> TileConfig:
     """``default_config``, with 128-row query tiles where rows are wide (``WIDE_ROW_KEYS``)."""
-    cfg = default_config(req.shapes.Lq)
-    if cfg.block_q < 64 or req.shapes.Lq < 2 * WIDE_ROW_KEYS:
+    s = req.shapes
+    cfg = default_config(s.Lq)
+    if cfg.block_q < 64 or s.Lq < 2 * WIDE_ROW_KEYS:
         return cfg
-    visited = (block_mask_for(req, cfg).kinds != EMPTY).sum(dim=-1).float().mean()
+    tiles = kernel_tiles(req, cfg)  # a band's counts follow from its bounds: no map built
+    if isinstance(tiles, cpu_kernel.Band):
+        visited = tiles.kv_tile_counts(s.Lq, s.Lk).float().mean()
+    else:
+        visited = (tiles.kinds != EMPTY).sum(dim=-1).float().mean()
     if float(visited) * cfg.block_k >= WIDE_ROW_KEYS:
         return replace(cfg, block_q=128)
     return cfg

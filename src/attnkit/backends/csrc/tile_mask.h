@@ -46,6 +46,7 @@ struct TileMask {
   // The kv tiles [first, end) query tile qt may visit: the band's, else all of them.
   std::pair<int64_t, int64_t> kv_tiles(int64_t qt) const {
     if (!band) return {0, nK};
+    if (lo > hi) return {0, 0};  // a band that keeps nothing
     const int64_t i0 = qt * block_q, i1 = std::min(i0 + block_q, Lq) - 1;
     return tiles_holding(i0 + lo, i1 + hi, Lk, block_k);
   }
@@ -53,6 +54,7 @@ struct TileMask {
   // The query tiles [first, end) that may visit kv tile kt: the band's, else all of them.
   std::pair<int64_t, int64_t> q_tiles(int64_t kt) const {
     if (!band) return {0, nQ};
+    if (lo > hi) return {0, 0};
     const int64_t j0 = kt * block_k, j1 = std::min(j0 + block_k, Lk) - 1;
     return tiles_holding(j0 - hi, j1 - lo, Lq, block_q);
   }
