@@ -17,7 +17,8 @@ window (bounded memory, and a key length that stops growing). Five tables (``--t
   the longest (each step then makes a padding mask anew), tiled against ``auto``;
 - latent: one decoding step of ``MultiHeadAttention`` against ``MultiHeadLatentAttention``
   (absorbed, over its latent cache) at DeepSeek-V2-Lite's attention sizes (E = 2048, 16
-  heads of 128; MLA: kv_rank 512, rope_dim 64), projections included, ``auto``;
+  heads of 128; MLA: kv_rank 512, rope_dim 64), projections included, ``auto``; MLA also
+  with its one kernel unit (MQA, heads packed) on one thread (``cpu_kernel.SPLIT_KV``);
 - gqa: one query over a growing cache at Llama-3-8B's attention shapes (32 query heads over
   8 kv heads, D = 128), causal and ``sliding_window(1024)``: tiled with the query heads of a
   kv head packed as rows of one kernel unit (``cpu_kernel.PACK_GQA``), without, and walking
@@ -170,6 +171,12 @@ def module_step_ms(module: torch.nn.Module, filled: KVCache, steps: int) -> floa
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+def unsplit_ms(module: torch.nn.Module, filled: KVCache, steps: int) -> float:
+    """``module_step_ms`` with each forward unit's keys on one thread (no ``kv_splits``)."""
+    with mock.patch.object(cpu_kernel, "SPLIT_KV", False):
+        return module_step_ms(module, filled, steps)
+
+
 def latent_table(prompts: list[int], steps: int, repeats: int, where: str) -> Table:
     """MHA against MLA, one layer, B = 1, caches filled with random keys (no prefill)."""
     E, H, R, ROPE = 2048, 16, 512, 64
@@ -177,7 +184,8 @@ def latent_table(prompts: list[int], steps: int, repeats: int, where: str) -> Ta
         title=f"one attention layer per decoding step, ms (E={E}, {H} heads; MLA kv_rank {R}, "
         f"rope_dim {ROPE}; {where} x {steps} steps)"
     )
-    for col in ("prompt", "cached floats/token", "MHA", "MLA", "MHA / MLA"):
+    columns = ("prompt", "cached floats/token", "MHA", "MLA", "MLA unsplit", "MHA / MLA")
+    for col in (*columns, "split gain"):
         table.add_column(col, justify="right")
     torch.manual_seed(0)
     mha = MultiHeadAttention(E, H, mask=masks.causal(), rope=RotaryEmbedding(E // H)).eval()
@@ -191,11 +199,13 @@ def latent_table(prompts: list[int], steps: int, repeats: int, where: str) -> Ta
         runs = {
             "MHA": functools.partial(module_step_ms, mha, mha_cache, steps),
             "MLA": functools.partial(module_step_ms, mla.eval(), mla_cache, steps),
+            "MLA unsplit": functools.partial(unsplit_ms, mla.eval(), mla_cache, steps),
         }
         ms = best_of(repeats, runs)
         floats = f"{2 * E} vs {R + ROPE}"
-        ratio = f"{ms['MHA'] / ms['MLA']:.2f}x"
-        table.add_row(str(P), floats, f"{ms['MHA']:.2f}", f"{ms['MLA']:.2f}", ratio)
+        cells = [f"{ms[b]:.2f}" for b in ("MHA", "MLA", "MLA unsplit")]
+        ratios = (ms["MHA"] / ms["MLA"], ms["MLA unsplit"] / ms["MLA"])
+        table.add_row(str(P), floats, *cells, *(f"{r:.2f}x" for r in ratios))
     return table
 
 

@@ -774,3 +774,99 @@ def test_band_kernels_equal_walked_maps_on_any_window(
             torch.testing.assert_close(a, b, msg=what)
         else:
             assert torch.equal(a, b), what
+
+
+SPLIT_DECODING = {  # (B, Hq, Hkv, Lq, Lk, D), mask, score_mod, dropout_p
+    "MQA, one query, causal, packed": ((1, 8, 1, 1, 300, 32), masks.causal(), None, 0.0),
+    "3 queries, window, alibi": (
+        (1, 2, 2, 3, 181, 16),
+        masks.sliding_window(100),
+        score_mods.alibi(score_mods.alibi_slopes(2)),
+        0.0,
+    ),
+    "MLA widths, softcap": ((1, 4, 1, 2, 250, 40), masks.causal(), "softcap", 0.0),
+    "padding, a keyless row": ((2, 2, 1, 3, 90, 16), "padding", None, 0.0),
+    "dropout": ((1, 2, 1, 2, 200, 16), None, None, 0.25),
+}
+
+
+@pytest.mark.parametrize("splits", [2, 5, 40], ids=lambda s: f"{s}-parts")
+@pytest.mark.parametrize(("shape", "mask", "mod", "p"), SPLIT_DECODING.values(), ids=SPLIT_DECODING)
+def test_compiled_forward_splits_a_units_keys_into_parts(shape, mask, mod, p, splits, monkeypatch):
+    """Each unit's kv tiles in parts merged by their LSEs (FlashDecoding on CPU): the float64
+    reference's output and LSE, as unsplit to rounding; more parts than tiles leave parts with
+    no key (40 parts of 300 keys in 16-key tiles)."""
+    from attnkit.backends import cpu_kernel
+
+    B, Hq, Hkv, Lq, Lk, D = shape
+    mask = _padding_with_a_keyless_row(B, Hq, Lq, Lk) if mask == "padding" else mask
+    mod = score_mods.softcap(2.0) if mod == "softcap" else mod
+    q64, k64, v64 = rand_qkv(B, Hq, Hkv, Lq, Lk, D, D + 8, dtype=torch.float64)
+    q64 = q64 * 3  # large scores, so the softcap bends them
+
+    def run(dtype, backend, cfg=None):
+        gen = torch.Generator().manual_seed(5) if p else None
+        q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+        if cfg is None:
+            return attnkit.attention(
+                q, k, v, mask=mask, score_mod=mod, dropout_p=p, generator=gen,
+                backend=backend, return_lse=True,
+            )  # fmt: skip
+        req = attnkit.functional._request(q, k, v, mask, mod, None, p, gen, False)
+        return tiled.run(req, cfg)
+
+    cfg = TileConfig(16, 16, 32)
+    ref64, ref32 = run(torch.float64, "reference"), run(torch.float32, "reference")
+    parts = []
+    real = cpu_kernel.kv_splits
+    monkeypatch.setattr(cpu_kernel, "kv_splits", lambda *a: parts.append(splits) or splits)
+    out, lse = run(torch.float32, "tiled", cfg)
+    monkeypatch.setattr(cpu_kernel, "kv_splits", real)
+    monkeypatch.setattr(cpu_kernel, "SPLIT_KV", False)
+    whole_out, whole_lse = run(torch.float32, "tiled", cfg)
+    assert parts == [splits]
+    torch.testing.assert_close(out, whole_out)
+    torch.testing.assert_close(lse, whole_lse)
+    assert_close_scaled(out, ref64[0], ref32[0], floor=1e-5)
+    finite = torch.isfinite(ref64[1])
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert_close_scaled(lse[finite], ref64[1][finite], ref32[1][finite], floor=1e-5)
+
+
+def test_forward_splits_keys_only_where_units_leave_threads_idle(monkeypatch):
+    from attnkit.backends import cpu_kernel
+
+    def splits(B, Hq, Hkv, Lq, Lk, mask=None, threads=8):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        q, k, _ = rand_qkv(B, Hq, Hkv, Lq, Lk, 8)
+        req = attnkit.functional._request(q, k, k, mask, None, None, 0.0, None, False)
+        tiles = tiled.kernel_tiles(req, TileConfig(16, 64))
+        return cpu_kernel.kv_splits(q, k, tiles, cpu_kernel.packs_gqa(q, k, tiles))
+
+    assert splits(1, 8, 1, 1, 8192) == 8  # MQA decoding, packed: one unit
+    assert splits(1, 8, 1, 1, 3000) == 2  # parts of 1,024 keys at least
+    assert splits(1, 8, 1, 1, 8192, masks.sliding_window(1024)) == 1  # the window's keys
+    assert splits(1, 8, 2, 1, 8192) == 4  # two units
+    assert splits(1, 8, 8, 1, 8192) == 1  # a unit per thread
+    assert splits(1, 8, 1, 1, 8192, torch.rand(1, 1, 1, 8192) > 0.5) == 8  # a BlockMask
+    monkeypatch.setattr(cpu_kernel, "SPLIT_KV", False)
+    assert splits(1, 8, 1, 1, 8192) == 1
+
+
+@pytest.mark.parametrize("nan_key", [5, 250], ids=["seen", "unseen"])
+def test_split_forward_keeps_nan_rows_nan(nan_key, monkeypatch):
+    """A NaN key makes the rows that see it NaN, as in the reference, also where the other
+    parts hold no key of theirs; rows that cannot see it stay finite."""
+    from attnkit.backends import cpu_kernel
+
+    q, k, v = rand_qkv(1, 4, 1, 2, 300, 16)
+    k[0, 0, nan_key] = float("nan")
+    mask = torch.arange(300) < 40  # a tile map over all 300 keys: the first part's keys only
+    monkeypatch.setattr(cpu_kernel, "kv_splits", lambda *a: 3)
+    req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, False)
+    out, lse = tiled.run(req, TileConfig(16, 16, 32))
+    ref, ref_lse = attnkit.attention(q, k, v, mask=mask, backend="reference", return_lse=True)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(lse.isnan(), ref_lse.isnan())
+    assert bool(out.isnan().any()) == (nan_key == 5)
+    torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num())

@@ -167,6 +167,36 @@ def packs_gqa(q: Tensor, k: Tensor, tiles: Tiles) -> bool:
     )
 
 
+#: Keys a forward part takes at least when a unit's keys are split over threads (``kv_splits``).
+MIN_SPLIT_KEYS = 1024
+#: Set False to run each unit's keys on one thread (``benchmarks/cpu_decoding.py`` compares).
+SPLIT_KV = True
+
+
+def kv_splits(q: Tensor, k: Tensor, tiles: Tiles, packed: bool) -> int:
+    """How many parts the forward splits each unit's kv tiles into (FlashDecoding, on CPU).
+
+    The forward runs one unit per (batch, query head or packed kv head, query tile) on each
+    thread; decoding one sequence has fewer units than threads (one, for MQA or MLA's packed
+    heads), so each unit's keys are split into parts of at least ``MIN_SPLIT_KEYS``, enough
+    to give every thread work, and the parts' outputs merged by their LSEs.
+    """
+    threads = torch.get_num_threads()
+    heads = k.shape[1] if packed else q.shape[1]
+    units = q.shape[0] * heads * -(-q.shape[2] // tiles.block_q)
+    if not SPLIT_KV or units >= threads:
+        return 1
+    Lq, Lk = q.shape[2], k.shape[2]
+    keys = Lk  # a BlockMask's: at most all (its parts may then differ in non-empty tiles)
+    if isinstance(tiles, Band):  # the most keys a query tile's band holds (ints: cheaper here)
+        lo, hi, block = tiles.lo, tiles.hi, tiles.block_q
+        keys = max(
+            min(min(i + block, Lq) - 1 + hi, Lk - 1) - max(i + lo, 0) + 1
+            for i in range(0, Lq, block)
+        )
+    return max(1, min(-(-threads // units), keys // MIN_SPLIT_KEYS))
+
+
 def forward(
     q: Tensor,
     k: Tensor,
@@ -185,6 +215,7 @@ def forward(
     ``dropout`` is ``attnkit._dropout.kernel_args(seed, p)``.
     """
     mask_tensors, band = _mask_args(tiles)
+    packed = packs_gqa(q, k, tiles)
     out, lse = torch.ops.attnkit.tiled_forward(
         _rows_contiguous(q),
         _rows_contiguous(k),
@@ -197,7 +228,8 @@ def forward(
         scale,
         mods.softcap,
         *dropout,
-        pack_gqa=packs_gqa(q, k, tiles),
+        pack_gqa=packed,
+        kv_splits=kv_splits(q, k, tiles, packed),
         **band,
     )
     return out, lse

@@ -5,6 +5,10 @@
 // decides, cpu_kernel.packs_gqa) one unit per (batch, kv head) instead stacks its G query
 // heads' queries as G·Lq rows (PackGQA): the kv head's keys and values are read once, not G
 // times, and multiplied by G·Lq rows at a time.
+// With kv_splits = S > 1 (fewer units than threads, as in decoding one sequence: the caller
+// decides, cpu_kernel.kv_splits) each unit's kv tiles are split into S parts run as work
+// items of their own, each writing a normalised partial output and LSE, merged by their
+// LSEs at the end (FlashDecoding), so idle threads share a unit's keys.
 // Within a unit, maximal runs of non-empty kv tiles (at most max_chunk keys) form a chunk:
 //   S = Q_tile · K_chunkᵀ · scale·log2(e)      one sgemm (MKL, as torch's own CPU kernels)
 //   (with ALiBi / softcap: S·scale, the mods, then ·log2(e); see apply_score_mods)
@@ -41,7 +45,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     int64_t block_q, int64_t block_k, int64_t max_chunk, double scale, double softcap,
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p,  // seed < 0: none
     bool pack_gqa,
-    bool band, int64_t band_lo, int64_t band_hi) {  // band: lo <= j - i <= hi, no kinds/bitmaps
+    bool band, int64_t band_lo, int64_t band_hi,  // band: lo <= j - i <= hi, no kinds/bitmaps
+    int64_t kv_splits) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
                   k.scalar_type() == dtype && v.scalar_type() == dtype,
@@ -66,6 +71,23 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
               " head maps, ", G * Lq, " rows");
   const int64_t groups = packed ? G : 1;  // query heads per unit
   const int64_t max_rows = packed ? G * Lq : block_q;
+  const int64_t heads_per_unit = packed ? Hkv : Hq;
+  const int64_t units = B * heads_per_unit * nQ;
+  TORCH_CHECK(kv_splits >= 1, "tiled_forward: kv_splits must be >= 1, got ", kv_splits);
+  const int64_t splits = kv_splits;
+  struct Unit {
+    int64_t b, h0, hk, qt, q0, tq, rows;  // first query head; rows = heads × queries
+  };
+  auto unit_at = [&](int64_t unit) {
+    const int64_t qt = unit % nQ, hu = (unit / nQ) % heads_per_unit;
+    const int64_t h0 = packed ? hu * G : hu;
+    const int64_t q0 = qt * block_q, tq = std::min(block_q, Lq - q0);
+    // row R of a unit: head h0 + R / tq, query q0 + R % tq
+    return Unit{unit / (nQ * heads_per_unit), h0, h0 / G, qt, q0, tq, groups * tq};
+  };
+  // with splits: each part's normalised output rows and LSE (log2 units), merged at the end
+  std::vector<float> part_out(splits > 1 ? splits * units * max_rows * Dv : 0);
+  std::vector<float> part_lse(splits > 1 ? splits * units * max_rows : 0);
 
   // Uninitialised: every row is written by its unit, so first touches happen in parallel.
   auto out = at::empty({B, Hq, Lq, Dv}, q.options());
@@ -85,21 +107,16 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const T* kp = k.data_ptr<T>();
     const T* vp = v.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    const int64_t heads_per_unit = packed ? Hkv : Hq;
-    at::parallel_for(0, B * heads_per_unit * nQ, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, units * splits, 1, [&](int64_t begin, int64_t end) {
       const int64_t chunk_keys = tiles_per_chunk * block_k;
       std::vector<float> S(max_rows * chunk_keys);
       std::vector<float> Qf(kWide || packed ? max_rows * D : 0), Kf(kWide ? chunk_keys * D : 0),
           Vf(kWide ? chunk_keys * Dv : 0);
       std::vector<float> acc(max_rows * Dv), m(max_rows), l(max_rows);
       std::vector<float> Z(dropout.on() ? chunk_keys : 0);  // dropout scales
-      for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t qt = unit % nQ, hu = (unit / nQ) % heads_per_unit;
-        const int64_t b = unit / (nQ * heads_per_unit);
-        const int64_t h0 = packed ? hu * G : hu;  // the unit's first query head
-        const int64_t hk = h0 / G;
-        const int64_t q0 = qt * block_q, tq = std::min(block_q, Lq - q0);
-        const int64_t rows = groups * tq;  // row R: head h0 + R / tq, query q0 + R % tq
+      for (int64_t work = begin; work < end; ++work) {
+        const int64_t unit = work / splits, split = work % splits;
+        const auto [b, h0, hk, qt, q0, tq, rows] = unit_at(unit);
         const int64_t map = mask.map_of(b, h0);
         const T* qsrc = qp + b * q.stride(0) + h0 * q.stride(1) + q0 * ldq;
         const T* kbase = kp + b * k.stride(0) + hk * k.stride(1);
@@ -119,6 +136,11 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
         std::fill(l.begin(), l.begin() + rows, 0.0f);
         bool any = false;
         auto [kt, kt_end] = mask.kv_tiles(qt);
+        if (splits > 1) {  // this part's share of the unit's tiles
+          const int64_t per_split = (kt_end - kt + splits - 1) / splits;
+          kt = std::min(kt + split * per_split, kt_end);
+          kt_end = std::min(kt + per_split, kt_end);
+        }
         while (kt < kt_end) {
           if (mask.kind(map, qt, kt) == kEmpty) { ++kt; continue; }
           const int64_t kt0 = kt;
@@ -171,18 +193,60 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
           gemm_rowmajor(false, false, rows, Dv, n, 1.0f, s, n, vchunk, ldvc, 1.0f, acc.data(), Dv);
         }
         for (int64_t r = 0; r < rows; ++r) {
+          const bool attended = any && l[r] != 0.0f;  // l >= 1 once a key is attended, or NaN
+          const float inv = attended ? 1.0f / l[r] : 0.0f;
+          const float row_lse2 = attended ? m[r] + std::log2(l[r]) : kNegInf;
+          if (splits > 1) {  // a part: merged below
+            const int64_t part_row = (split * units + unit) * max_rows + r;
+            float* prow = part_out.data() + part_row * Dv;
+            for (int64_t c = 0; c < Dv; ++c) prow[c] = attended ? acc[r * Dv + c] * inv : 0.0f;
+            part_lse[part_row] = row_lse2;
+            continue;
+          }
           const int64_t at = (b * Hq + h0 + r / tq) * Lq + q0 + r % tq;  // (b, head, query)
           T* orow = op + at * Dv;
-          if (any && l[r] != 0.0f) {  // l is >= 1 once a key is attended, or NaN
-            const float inv = 1.0f / l[r];
-            for (int64_t c = 0; c < Dv; ++c) {
-              orow[c] = static_cast<T>(acc[r * Dv + c] * inv);
-            }
-            lp[at] = (m[r] + std::log2(l[r])) * 0.6931471805599453f;
-          } else {  // no key attended: output 0, LSE -inf
-            std::fill(orow, orow + Dv, static_cast<T>(0.0f));
-            lp[at] = kNegInf;
+          for (int64_t c = 0; c < Dv; ++c) {  // no key attended: 0 (not 0·acc: V may be inf)
+            orow[c] = static_cast<T>(attended ? acc[r * Dv + c] * inv : 0.0f);
           }
+          lp[at] = row_lse2 * 0.6931471805599453f;
+        }
+      }
+    });
+    if (splits == 1) return;
+    // merge the parts: out = Σ 2^(lse_s - M)·out_s / Σ 2^(lse_s - M), M the largest lse_s
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> sum(Dv);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const auto [b, h0, hk, qt, q0, tq, rows] = unit_at(unit);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t first = unit * max_rows + r, stride = units * max_rows;  // part 0, next
+          float M = kNegInf;
+          bool nan = false;
+          for (int64_t p = 0; p < splits; ++p) {
+            const float x = part_lse[first + p * stride];
+            nan |= x != x;
+            M = x > M ? x : M;
+          }
+          const int64_t at = (b * Hq + h0 + r / tq) * Lq + q0 + r % tq;
+          T* orow = op + at * Dv;
+          if (nan || M == kNegInf) {  // a NaN score in some part, or no key in any
+            const float fill = nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+            std::fill(orow, orow + Dv, static_cast<T>(fill));
+            lp[at] = nan ? fill : kNegInf;
+            continue;
+          }
+          std::fill(sum.begin(), sum.end(), 0.0f);
+          float weights = 0.0f;
+          for (int64_t p = 0; p < splits; ++p) {
+            const float x = part_lse[first + p * stride];
+            if (x == kNegInf) continue;  // a part with no key of this row
+            const float w = std::exp2(x - M);
+            const float* prow = part_out.data() + (first + p * stride) * Dv;
+            for (int64_t c = 0; c < Dv; ++c) sum[c] += w * prow[c];
+            weights += w;
+          }
+          for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<T>(sum[c] / weights);
+          lp[at] = (M + std::log2(weights)) * 0.6931471805599453f;
         }
       }
     });
