@@ -142,10 +142,9 @@ def kernel_tiles(req: Request, cfg: TileConfig) -> cpu_kernel.Tiles:
     decoding step: ``benchmarks/cpu_decoding.py`` measured 3.40-3.46 ms per step of 6 layers
     with maps, 1.94-2.08 ms without).
     """
-    s, mask = req.shapes, req.mask
-    found = (1 - s.Lq, s.Lk - 1) if mask is None else None
-    if isinstance(mask, Mask):
-        found = band(mask, s.Lq, s.Lk)
+    s = req.shapes
+    mask = _NO_MASK if req.mask is None else req.mask
+    found = band(mask, s.Lq, s.Lk) if isinstance(mask, Mask) else None
     if not BAND_IN_KERNEL or found is None:
         return block_mask_for(req, cfg)
     return cpu_kernel.Band(*found, cfg.block_q, cfg.block_k)

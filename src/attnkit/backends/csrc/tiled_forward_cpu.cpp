@@ -85,6 +85,10 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     // row R of a unit: head h0 + R / tq, query q0 + R % tq
     return Unit{unit / (nQ * heads_per_unit), h0, h0 / G, qt, q0, tq, groups * tq};
   };
+  // the row of out and lse, (b, head, query), that row r of unit u writes
+  auto out_row = [&](const Unit& u, int64_t r) {
+    return (u.b * Hq + u.h0 + r / u.tq) * Lq + u.q0 + r % u.tq;
+  };
   // with splits: each part's normalised output rows and LSE (log2 units), merged at the end
   std::vector<float> part_out(splits > 1 ? splits * units * max_rows * Dv : 0);
   std::vector<float> part_lse(splits > 1 ? splits * units * max_rows : 0);
@@ -116,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
       std::vector<float> Z(dropout.on() ? chunk_keys : 0);  // dropout scales
       for (int64_t work = begin; work < end; ++work) {
         const int64_t unit = work / splits, split = work % splits;
-        const auto [b, h0, hk, qt, q0, tq, rows] = unit_at(unit);
+        const Unit u = unit_at(unit);
+        const auto& [b, h0, hk, qt, q0, tq, rows] = u;
         const int64_t map = mask.map_of(b, h0);
         const T* qsrc = qp + b * q.stride(0) + h0 * q.stride(1) + q0 * ldq;
         const T* kbase = kp + b * k.stride(0) + hk * k.stride(1);
@@ -203,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
             part_lse[part_row] = row_lse2;
             continue;
           }
-          const int64_t at = (b * Hq + h0 + r / tq) * Lq + q0 + r % tq;  // (b, head, query)
+          const int64_t at = out_row(u, r);
           T* orow = op + at * Dv;
           for (int64_t c = 0; c < Dv; ++c) {  // no key attended: 0 (not 0·acc: V may be inf)
             orow[c] = static_cast<T>(attended ? acc[r * Dv + c] * inv : 0.0f);
@@ -217,8 +222,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> sum(Dv);
       for (int64_t unit = begin; unit < end; ++unit) {
-        const auto [b, h0, hk, qt, q0, tq, rows] = unit_at(unit);
-        for (int64_t r = 0; r < rows; ++r) {
+        const Unit u = unit_at(unit);
+        for (int64_t r = 0; r < u.rows; ++r) {
           const int64_t first = unit * max_rows + r, stride = units * max_rows;  // part 0, next
           float M = kNegInf;
           bool nan = false;
@@ -227,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
             nan |= x != x;
             M = x > M ? x : M;
           }
-          const int64_t at = (b * Hq + h0 + r / tq) * Lq + q0 + r % tq;
+          const int64_t at = out_row(u, r);
           T* orow = op + at * Dv;
           if (nan || M == kNegInf) {  // a NaN score in some part, or no key in any
             const float fill = nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
