@@ -470,8 +470,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     """How tl.dot multiplies fp32 tiles: TF32 only where torch allows it for matmuls too.
 
     fp16/bf16 tiles are multiplied exactly either way; this matters for fp32 inputs, which would
-    otherwise silently run in TF32 (10-bit mantissa) on Ampere and newer.
+    otherwise silently run in TF32 (10-bit mantissa) on Ampere and newer. Under the interpreter
+    bf16 tiles are "widen"ed to fp32 first: it would multiply their bit patterns (kernels._dot).
     """
+    if dtype == torch.bfloat16 and _interpreting():
+        return "widen"
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"

@@ -8,7 +8,8 @@ not masked at all. A causal or sliding-window mask (BAND) needs no lists: a prog
 tiles are the band's, found from its own bounds, and only tiles that the band's edge
 crosses are masked, by comparing indices. ALiBi and softcap are applied in-kernel (natural
 units, before masking).
-DOT_PRECISION is "ieee" for fp32 inputs unless torch allows TF32 matmuls (see the launcher).
+DOT_PRECISION is "ieee" for fp32 inputs unless torch allows TF32 matmuls (see the launcher),
+and "widen" for bf16 under the interpreter (see ``_dot``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ def _wide(x, WIDE: tl.constexpr):
     if WIDE:  # one return: the compiler types the returns of both branches alike
         x = x.to(tl.int64)
     return x
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b in fp32. "widen" multiplies fp32 copies of 16-bit tiles, still rounded as they were.
+
+    Triton's interpreter keeps bf16 as its bit patterns and multiplies those in tl.dot
+    (triton-lang/triton#11584), so bf16 tiles are widened first there; on a GPU this never runs.
+    """
+    if DOT_PRECISION == "widen":
+        s = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        s = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return s
 
 
 @triton.jit
@@ -169,11 +184,11 @@ def _scores(
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
     if TRANSPOSED:
-        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        s = _dot(k, tl.trans(q), DOT_PRECISION)
         qi, ki = rows[None, :], cols[:, None]
         bit_offsets = r[None, :] * BLOCK_N + c[:, None]
     else:
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = _dot(q, tl.trans(k), DOT_PRECISION)
         qi, ki = rows[:, None], cols[None, :]
         if PACKED_GQA:  # the packed tile is the first query tile: bitmap row = query index
             r = rows
@@ -373,7 +388,7 @@ def attention_forward_kernel(
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
         m_i = m_new
     shift = tl.where(m_i == float("-inf"), 0.0, m_i)
     # l_i is 0 only for rows with no key; NaN scores make it NaN, and out and LSE with it
@@ -528,12 +543,12 @@ def attention_backward_dkdv_kernel(
             )
             lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
             p_t = tl.exp2(s_t - lse2[None, :])  # Pᵀ (BLOCK_N, BLOCK_M)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(tl.float32)
+            dv += _dot(p_t.to(do.dtype), do, DOT_PRECISION)
+            dp_t = _dot(v, tl.trans(do), DOT_PRECISION).to(tl.float32)
             ds_t = p_t * (dp_t - delta[None, :])
             if HAS_SOFTCAP:
                 ds_t = ds_t * (1.0 - t_t * t_t)
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(
         _slice(DK, b, hk, skb, skh, WIDE_OFFSETS) + cols[:, None] * skn + dq_[None, :],
@@ -685,11 +700,11 @@ def attention_backward_dq_kernel(
             BAND,
         )
         p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(tl.float32)
+        dp = _dot(do, tl.trans(v), DOT_PRECISION).to(tl.float32)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(
         _slice(DQ, b, h, sqb, sqh, WIDE_OFFSETS) + rows[:, None] * sqm + dq_[None, :],
