@@ -345,6 +345,8 @@ def test_batch_size_checks():
         (lambda: masks.fixed(4, 5), ValueError),
         (lambda: masks.prefix_lm(-1), ValueError),
         (lambda: masks.global_tokens([-1]), ValueError),
+        (lambda: masks.global_tokens({0, 3}), TypeError),  # a set has no order
+        (lambda: masks.document([[0, 0], [1]]), TypeError),
         (lambda: masks.key_padding([]), ValueError),
         (lambda: masks.causal(align="left"), ValueError),
         (lambda: masks.from_dense(torch.ones(3, 3)), TypeError),

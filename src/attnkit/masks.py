@@ -313,7 +313,10 @@ def _select(idx: Tensor, size: int) -> Tensor:
 
 
 def _as_index_tensor(name: str, values: Sequence[int] | Tensor) -> Tensor:
-    t = torch.as_tensor(values)
+    try:
+        t = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be a sequence of ints or a tensor, got {values!r}") from e
     if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
     return t.long()

@@ -48,6 +48,21 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _to(x, dtype: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 x rounded to ``dtype`` (a tile for tl.dot, or a result to store), to nearest even.
+
+    A GPU rounds so. The interpreter truncates casts to bf16, which biases every P and output
+    it rounds, so there ("widen") x is first rounded in its bits, as c10::BFloat16 does: the
+    truncation that follows is then exact.
+    """
+    if DOT_PRECISION == "widen":
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _slice(ptr, b, h, stride_b, stride_h, WIDE: tl.constexpr):
     """``ptr`` moved to the (b, h) slice; ``h`` (BLOCK_M, 1) moves each row to its head's.
 
@@ -388,7 +403,7 @@ def attention_forward_kernel(
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
+        acc = acc * alpha[:, None] + _dot(_to(p, v.dtype, DOT_PRECISION), v, DOT_PRECISION)
         m_i = m_new
     shift = tl.where(m_i == float("-inf"), 0.0, m_i)
     # l_i is 0 only for rows with no key; NaN scores make it NaN, and out and LSE with it
@@ -400,7 +415,7 @@ def attention_forward_kernel(
     heads = h[:, None] if PACK_GQA else h
     tl.store(
         _slice(Out, b, heads, sob, soh, WIDE_OFFSETS) + rows[:, None] * som + dv[None, :],
-        out.to(Out.dtype.element_ty),
+        _to(out, Out.dtype.element_ty, DOT_PRECISION),
         mask=row_ok[:, None] & (dv[None, :] < DV),
     )
     lse_row = b * H + h if PACK_GQA else pid_bh
@@ -543,21 +558,21 @@ def attention_backward_dkdv_kernel(
             )
             lse2 = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
             p_t = tl.exp2(s_t - lse2[None, :])  # Pᵀ (BLOCK_N, BLOCK_M)
-            dv += _dot(p_t.to(do.dtype), do, DOT_PRECISION)
+            dv += _dot(_to(p_t, do.dtype, DOT_PRECISION), do, DOT_PRECISION)
             dp_t = _dot(v, tl.trans(do), DOT_PRECISION).to(tl.float32)
             ds_t = p_t * (dp_t - delta[None, :])
             if HAS_SOFTCAP:
                 ds_t = ds_t * (1.0 - t_t * t_t)
-            dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)
+            dk += _dot(_to(ds_t, q.dtype, DOT_PRECISION), q, DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(
         _slice(DK, b, hk, skb, skh, WIDE_OFFSETS) + cols[:, None] * skn + dq_[None, :],
-        dk.to(DK.dtype.element_ty),
+        _to(dk, DK.dtype.element_ty, DOT_PRECISION),
         mask=(cols[:, None] < Lk) & (dq_[None, :] < D),
     )
     tl.store(
         _slice(DV_, b, hk, svb, svh, WIDE_OFFSETS) + cols[:, None] * svn + dv_[None, :],
-        dv.to(DV_.dtype.element_ty),
+        _to(dv, DV_.dtype.element_ty, DOT_PRECISION),
         mask=(cols[:, None] < Lk) & (dv_[None, :] < DV),
     )
 
@@ -704,10 +719,10 @@ def attention_backward_dq_kernel(
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION)
+        dq += _dot(_to(ds, k.dtype, DOT_PRECISION), k, DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(
         _slice(DQ, b, h, sqb, sqh, WIDE_OFFSETS) + rows[:, None] * sqm + dq_[None, :],
-        dq.to(DQ.dtype.element_ty),
+        _to(dq, DQ.dtype.element_ty, DOT_PRECISION),
         mask=rmask[:, None] & (dq_[None, :] < D),
     )
