@@ -60,6 +60,25 @@ v2 = torch.randn(2, 2, 10, 12)
             "empty dimension",
         ),
         (("q", k2, v2), {}, TypeError, "q must be a torch.Tensor"),
+        ((q4, k2, v2), {"dropout_p": 0.1, "generator": 3}, TypeError, "generator must be"),
+        (
+            (q4, k2, v2),
+            {"score_mod": lambda s, b, h, i, j: s[..., :3]},
+            ValueError,
+            r"score_mod <lambda> must return a tensor shaped like its score .*, got .*3\)",
+        ),
+        (
+            (q4, k2, v2),
+            {"mask": masks.custom(lambda b, h, i, j: (i - j).float(), name="diff")},
+            TypeError,
+            "mask diff must return a bool tensor",
+        ),
+        (
+            (q4, k2, v2),
+            {"mask": masks.custom(lambda b, h, i, j: torch.ones(3, dtype=torch.bool))},
+            ValueError,
+            r"returned shape \(3,\), which does not broadcast",
+        ),
     ],
 )
 def test_attention_rejects(args, kwargs, err, match):

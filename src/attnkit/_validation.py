@@ -77,6 +77,14 @@ def check_dropout(dropout_p: Any) -> float:
     return float(dropout_p)
 
 
+def check_generator(generator: Any) -> None:
+    """The dropout generator must be a torch.Generator or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+
+
 def check_bool_mask(mask: Tensor, s: Shapes) -> None:
     """A tensor mask must be bool and broadcast to (B, Hq, Lq, Lk)."""
     if mask.dtype != torch.bool:

@@ -72,6 +72,7 @@ def _request(
     s = check.check_qkv(q, k, v)
     _check_score_mod(score_mod, s)
     p = check.check_dropout(dropout_p)
+    check.check_generator(generator)
     seed = _dropout.draw_seed(generator, q.device) if p > 0 else None
     return Request(
         q=q,

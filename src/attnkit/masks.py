@@ -1022,6 +1022,8 @@ def custom(fn: MaskFn, name: str | None = None) -> Mask:
     """
     if not callable(fn):
         raise TypeError(f"custom mask needs a callable fn(b, h, q_idx, kv_idx), got {fn!r}")
+    name = name or f"custom({getattr(fn, '__name__', 'fn')})"
+    fn = _result_checked(fn, name)
 
     def bind(Lq: int, Lk: int) -> BoundMask:
         def tiles(
@@ -1046,4 +1048,32 @@ def custom(fn: MaskFn, name: str | None = None) -> Mask:
 
         return BoundMask(fn, tiles, exact=False)
 
-    return Mask(name or f"custom({getattr(fn, '__name__', 'fn')})", bind)
+    return Mask(name, bind)
+
+
+def _result_checked(fn: MaskFn, name: str) -> MaskFn:
+    """``fn``, raising a clear error unless it returns a bool tensor broadcasting to its indices.
+
+    A user's predicate is evaluated deep inside tile maps, where a float result or a wrong
+    shape would otherwise fail with an error that names neither the mask nor the problem.
+    """
+
+    def checked(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        out = torch.as_tensor(fn(b, h, q, kv))
+        if out.dtype != torch.bool:
+            raise TypeError(
+                f"mask {name} must return a bool tensor (True = attend), got {out.dtype}"
+            )
+        grid = _broadcast_shapes(b.shape, h.shape, q.shape, kv.shape)
+        try:
+            fits = _broadcast_shapes(out.shape, grid) == grid
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"mask {name} returned shape {tuple(out.shape)}, which does not broadcast to "
+                f"its indices' shape {grid}"
+            )
+        return out
+
+    return checked

@@ -88,10 +88,31 @@ def resolve(score_mod: ScoreMod | ScoreModFn | None, Lq: int, Lk: int) -> ScoreM
     if isinstance(score_mod, ScoreMod):
         return score_mod.bind(Lq, Lk)
     if callable(score_mod):
-        return score_mod
+        return shape_checked(score_mod, getattr(score_mod, "__name__", repr(score_mod)))
     raise TypeError(
         f"score_mod must be callable as fn(score, b, h, q_idx, kv_idx), got {score_mod!r}"
     )
+
+
+def shape_checked(fn: ScoreModFn, name: str) -> ScoreModFn:
+    """``fn``, raising a clear error when its result is not a tensor shaped like its score.
+
+    A user's score_mod that drops or adds a dim would otherwise fail deep in a backend, or
+    broadcast silently into a wrong shape.
+    """
+
+    def checked(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        out = fn(score, b, h, q_idx, kv_idx)
+        if not isinstance(out, Tensor) or out.shape != score.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"score_mod {name} must return a tensor shaped like its score "
+                f"{tuple(score.shape)}, got {got}"
+            )
+        return out
+
+    checked.__wrapped__ = fn  # type: ignore[attr-defined]  # read by tiled.captured_tensors
+    return checked
 
 
 def _select(idx: Tensor, size: int) -> Tensor:
@@ -258,7 +279,9 @@ def custom(fn: ScoreModFn, name: str | None = None) -> ScoreMod:
     """Wrap a plain ``fn(score, b, h, q_idx, kv_idx)`` with a name."""
     if not callable(fn):
         raise TypeError(f"custom score_mod needs a callable, got {fn!r}")
-    return ScoreMod(name or f"custom({getattr(fn, '__name__', 'fn')})", lambda Lq, Lk: fn)
+    name = name or f"custom({getattr(fn, '__name__', 'fn')})"
+    checked = shape_checked(fn, name)
+    return ScoreMod(name, lambda Lq, Lk: checked)
 
 
 @dataclass(frozen=True)
