@@ -47,7 +47,8 @@ for stage in $STAGES; do
   case $stage in
     tests)
       timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider -o addopts="" \
-        -n "${WORKERS:-8}" tests/test_triton.py tests/test_triton_autotune.py 2>&1 |
+        -n "${WORKERS:-8}" tests/test_triton.py tests/test_triton_autotune.py \
+        tests/test_triton_random.py 2>&1 |
         tee "$OUT/tests.log"
       ;;
     decode)

@@ -15,13 +15,11 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'attn
 
 import triton
 import triton.language as tl
-from hypothesis import HealthCheck, event, given, settings
 
 import attnkit
 from attnkit import masks, score_mods
 from attnkit.backends.triton.kernels import _to
 from conftest import assert_close_scaled, per_head_predicate, rand_qkv, record_launches
-from strategies import check_against_reference, requests
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -356,21 +354,6 @@ def test_bfloat16_rounding_is_to_nearest_even():
     dot_precision = "widen" if DEVICE == "cpu" else "ieee"
     _round_kernel[(1,)](x.to(DEVICE), out, N=4096, DOT_PRECISION=dot_precision)
     assert torch.equal(out.cpu().view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
-
-
-@pytest.mark.slow
-@settings(
-    max_examples=30,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
-)
-@given(request=requests(lengths=(1, 2, 17, 33), head_dims=(8, 16, 40)))
-def test_random_requests_match_the_reference(request):
-    """Random shapes, masks (patterns and their combinations), score mods and dtypes
-    (``tests/strategies.py``), as ``tests/test_random_requests.py`` does for the CPU backends."""
-    ran = check_against_reference(*request, backend="triton", device=DEVICE)
-    event("ran" if ran else "triton refused it")
 
 
 ALIBI_SOFTCAP = score_mods.compose(
