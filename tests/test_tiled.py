@@ -68,7 +68,7 @@ def test_every_mask_float64(name):
 
 
 @pytest.mark.parametrize(
-    "mod_name", ["alibi", "softcap", "relative_bias", "relative_bias_t5", "compose"]
+    "mod_name", ["alibi", "softcap", "relative_bias", "relative_bias_t5", "compose", "lambda"]
 )
 def test_score_mods_float64_with_captured_gradients(mod_name):
     table = torch.randn(4, 33, dtype=torch.float64, requires_grad=True)
@@ -80,6 +80,8 @@ def test_score_mods_float64_with_captured_gradients(mod_name):
         "compose": score_mods.compose(
             score_mods.relative_bias(table), score_mods.alibi(score_mods.alibi_slopes(4).double())
         ),
+        # a plain function (attnkit wraps it to check its result's shape) closing over the table
+        "lambda": lambda s, b, h, i, j: s + table[h, (j - i).clamp(0, 32)],
     }
     q, k, v = rand_qkv(1, 4, 2, 140, 170, 16, dtype=torch.float64, requires_grad=True)
     grads = []
@@ -93,7 +95,7 @@ def test_score_mods_float64_with_captured_gradients(mod_name):
             assert b is None
         else:
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
-    if mod_name.startswith("relative") or mod_name == "compose":
+    if mod_name.startswith("relative") or mod_name in ("compose", "lambda"):
         assert grads[1][3].abs().sum() > 0
 
 

@@ -111,7 +111,6 @@ def shape_checked(fn: ScoreModFn, name: str) -> ScoreModFn:
             )
         return out
 
-    checked.__wrapped__ = fn  # type: ignore[attr-defined]  # read by tiled.captured_tensors
     return checked
 
 

@@ -467,8 +467,6 @@ def captured_tensors(fn: object, depth: int = 4) -> tuple[Tensor, ...]:
         elif isinstance(obj, dict):
             for item in obj.values():
                 visit(item, d)
-        elif hasattr(obj, "__wrapped__"):  # score_mods.shape_checked: look inside for free
-            visit(obj.__wrapped__, d)
         elif callable(obj) and d > 0:
             for cell in getattr(obj, "__closure__", None) or ():
                 try:
