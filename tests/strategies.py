@@ -108,13 +108,18 @@ SCORE_MODS = {
 
 @st.composite
 def requests(
-    draw, lengths=(1, 2, 17, 33, 64, 100, 129), head_dims=(8, 16, 40, 59, 64), score_mods=True
+    draw,
+    lengths=(1, 2, 17, 33, 64, 100, 129),
+    head_dims=(8, 16, 40, 59, 64),
+    score_mods=True,
+    dropout=True,
 ):
-    """One random attention request (``score_mods=False``: none, for SDPA).
+    """One random attention request (``score_mods`` / ``dropout`` False: without them).
 
     Returns:
         (B, Hq, Hkv, Lq, Lk, D, Dv), dtype, and the keyword arguments of ``attnkit.attention``:
-        mask, score_mod, scale (None or another), sinks (None or (Hq,) logits).
+        mask, score_mod, scale (None or another), sinks (None or (Hq,) logits), dropout_p
+        (attnkit's counter-based dropout: the same seed drops the same weights everywhere).
     """
     B, Hkv = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     Hq = Hkv * draw(st.integers(1, 3))
@@ -129,6 +134,7 @@ def requests(
         else None,
         "scale": draw(st.one_of(st.none(), st.floats(0.05, 1.0))),
         "sinks": draw(st.one_of(st.none(), st.just(torch.linspace(-2.0, 2.0, Hq)))),
+        "dropout_p": draw(st.sampled_from([0.0, 0.0, 0.0, 0.2])) if dropout else 0.0,
     }
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     return (B, Hq, Hkv, Lq, Lk, D, Dv), dtype, kwargs
@@ -159,8 +165,11 @@ def check_against_reference(shape, dtype, kwargs, backend, device="cpu", with_ls
     ):
         q, k, v = (t.to(run_dtype).requires_grad_() for t in (q64, k64, v64))
         lse_too = with_lse or run_backend == "reference"
+        seed = torch.Generator().manual_seed(1)  # each run draws the same dropout seed
         try:
-            got = attnkit.attention(q, k, v, **kwargs, backend=run_backend, return_lse=lse_too)
+            got = attnkit.attention(
+                q, k, v, **kwargs, generator=seed, backend=run_backend, return_lse=lse_too
+            )
         except attnkit.UnsupportedError:
             assert run_backend != "reference"
             return False
