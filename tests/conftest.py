@@ -17,6 +17,13 @@ from attnkit import masks
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
+#: Where the Triton tests run: CPU tensors under the interpreter, or a GPU (TRITON_INTERPRET=0).
+TRITON_DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+needs_triton_device = pytest.mark.skipif(
+    TRITON_DEVICE == "cuda" and not torch.cuda.is_available(),
+    reason="needs a GPU or TRITON_INTERPRET=1",
+)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

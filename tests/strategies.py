@@ -165,10 +165,10 @@ def check_against_reference(shape, dtype, kwargs, backend, device="cpu", with_ls
     ):
         q, k, v = (t.to(run_dtype).requires_grad_() for t in (q64, k64, v64))
         lse_too = with_lse or run_backend == "reference"
-        seed = torch.Generator().manual_seed(1)  # each run draws the same dropout seed
+        generator = torch.Generator().manual_seed(1)  # each run draws the same dropout seed
         try:
             got = attnkit.attention(
-                q, k, v, **kwargs, generator=seed, backend=run_backend, return_lse=lse_too
+                q, k, v, **kwargs, generator=generator, backend=run_backend, return_lse=lse_too
             )
         except attnkit.UnsupportedError:
             assert run_backend != "reference"

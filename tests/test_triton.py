@@ -19,13 +19,17 @@ import triton.language as tl
 import attnkit
 from attnkit import masks, score_mods
 from attnkit.backends.triton.kernels import _to
-from conftest import assert_close_scaled, per_head_predicate, rand_qkv, record_launches
-
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="needs a GPU or TRITON_INTERPRET=1",
+from conftest import (
+    TRITON_DEVICE,
+    assert_close_scaled,
+    needs_triton_device,
+    per_head_predicate,
+    rand_qkv,
+    record_launches,
 )
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+pytestmark = needs_triton_device
+DEVICE = TRITON_DEVICE
 
 
 def check(shape, mask=None, score_mod=None, return_lse=False, dtype=torch.float32, layout=None):

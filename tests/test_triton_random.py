@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first compiled
 pytest.importorskip("triton", reason="triton is not installed (pip install 'attnkit[triton]')")
@@ -18,13 +17,11 @@ pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip insta
 
 from hypothesis import HealthCheck, event, given, settings
 
+from conftest import TRITON_DEVICE, needs_triton_device
 from strategies import check_against_reference, requests
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="needs a GPU or TRITON_INTERPRET=1",
-)
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = needs_triton_device
+DEVICE = TRITON_DEVICE
 
 
 @pytest.mark.slow
