@@ -61,6 +61,8 @@ v2 = torch.randn(2, 2, 10, 12)
         ),
         (("q", k2, v2), {}, TypeError, "q must be a torch.Tensor"),
         ((q4, k2, v2), {"dropout_p": 0.1, "generator": 3}, TypeError, "generator must be"),
+        ((q4, k2, v2), {"return_lse": "yes"}, TypeError, "return_lse must be a bool, got str"),
+        ((q4, k2, v2), {"mask": torch.zeros(8, 10)}, TypeError, "use a score_mod"),
         (
             (q4, k2, v2),
             {"score_mod": lambda s, b, h, i, j: s[..., :3]},
@@ -84,6 +86,11 @@ v2 = torch.randn(2, 2, 10, 12)
 def test_attention_rejects(args, kwargs, err, match):
     with pytest.raises(err, match=match):
         attnkit.attention(*args, **kwargs)
+
+
+def test_dispatch_rejects_what_attention_rejects():
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        attnkit.dispatch(q4, k2, v2, return_lse=torch.tensor(True))
 
 
 def test_named_backend_that_cannot_run_here_raises_unsupported(monkeypatch):
@@ -114,3 +121,20 @@ def test_module_errors():
         cache.append(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8))
     with pytest.raises(ValueError, match=r"expected \(B, Hkv, n, D\)"):
         cache.append(torch.zeros(1, 3, 1, 8), torch.zeros(1, 3, 1, 8))
+    with pytest.raises(TypeError, match=r"KVCache holds torch\.float32 on cpu, got k torch\.bf"):
+        cache.append(torch.zeros(1, 2, 1, 8, dtype=torch.bfloat16), torch.zeros(1, 2, 1, 8))
+    with pytest.raises(TypeError, match=r"got v torch\.float64"):
+        cache.append(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8, dtype=torch.float64))
+    assert cache.length == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.new_cache(1, 4).keys.dtype == torch.bfloat16
+    float32_cache = m.new_cache(2, 8)
+    with (
+        pytest.raises(TypeError, match=r"new_cache\(\) takes the dtype .* torch\.autocast"),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):
+        m(torch.randn(2, 5, 32), cache=float32_cache)
+    x = torch.randn(2, 5, 32)
+    for bad_mask in ("causal", torch.zeros(5, 5)):  # with the module's own mask too
+        with pytest.raises(TypeError, match="mask"):
+            MultiHeadAttention(32, 4, mask=masks.causal())(x, mask=bad_mask)

@@ -85,13 +85,18 @@ def check_generator(generator: Any) -> None:
         )
 
 
-def check_bool_mask(mask: Tensor, s: Shapes) -> None:
-    """A tensor mask must be bool and broadcast to (B, Hq, Lq, Lk)."""
+def check_bool_dtype(mask: Tensor) -> None:
+    """A tensor mask must be bool: a float one is likely an additive bias (0 / -inf)."""
     if mask.dtype != torch.bool:
         raise TypeError(
             f"mask tensor must be bool (True = attend), got {mask.dtype}; "
             "use a score_mod for additive float biases"
         )
+
+
+def check_bool_mask(mask: Tensor, s: Shapes) -> None:
+    """A tensor mask must be bool and broadcast to (B, Hq, Lq, Lk)."""
+    check_bool_dtype(mask)
     target = (s.B, s.Hq, s.Lq, s.Lk)
     if mask.dim() > 4:
         raise ValueError(f"mask has {mask.dim()} dims, shape {_shape(mask)}; at most 4 allowed")
@@ -108,6 +113,13 @@ def check_window(name: str, value: Any) -> int:
         raise TypeError(f"{name} must be an int (or -1 for unbounded), got {type(value).__name__}")
     if value < -1:
         raise ValueError(f"{name} must be >= 0, or -1 for unbounded, got {value}")
+    return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A yes/no argument must be a bool: a tensor or a string there is a mistake, not True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
 
 

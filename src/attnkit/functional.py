@@ -25,18 +25,29 @@ BackendName = Literal["auto", "reference", "tiled", "sdpa", "triton"]
 _KNOWN = ("auto", "reference", "tiled", "sdpa", "triton")
 
 
-def _check_mask(mask: object, s: Shapes) -> MaskLike:
-    if mask is None or isinstance(mask, Tensor):
-        if mask is not None:
-            check.check_bool_mask(mask, s)
+def check_mask_kind(mask: object) -> MaskLike:
+    """A mask is an attnkit Mask, a BlockMask, a bool tensor or None."""
+    if isinstance(mask, Tensor):
+        check.check_bool_dtype(mask)
         return mask
-    if isinstance(mask, Mask):
+    if mask is None or isinstance(mask, Mask | BlockMask):
+        return mask
+    raise TypeError(
+        "mask must be an attnkit Mask, a BlockMask, a bool tensor or None, "
+        f"got {type(mask).__name__}"
+    )
+
+
+def _check_mask(given: object, s: Shapes) -> MaskLike:
+    mask = check_mask_kind(given)
+    if isinstance(mask, Tensor):
+        check.check_bool_mask(mask, s)
+    elif isinstance(mask, Mask):
         if mask.batch not in (None, s.B):
             raise ValueError(f"mask {mask!r} is built for batch {mask.batch}, but q has B={s.B}")
         if mask.heads not in (None, s.Hq):
             raise ValueError(f"mask {mask!r} is built for {mask.heads} heads, but q has Hq={s.Hq}")
-        return mask
-    if isinstance(mask, BlockMask):
+    elif isinstance(mask, BlockMask):
         if (mask.q_len, mask.kv_len) != (s.Lq, s.Lk):
             raise ValueError(
                 f"BlockMask was built for (Lq, Lk) = ({mask.q_len}, {mask.kv_len}), "
@@ -45,11 +56,7 @@ def _check_mask(mask: object, s: Shapes) -> MaskLike:
         b, h = mask.shape[:2]
         if b not in (1, s.B) or h not in (1, s.Hq):
             raise ValueError(f"BlockMask kinds {mask.shape} do not broadcast to B={s.B}, H={s.Hq}")
-        return mask
-    raise TypeError(
-        "mask must be an attnkit Mask, a BlockMask, a bool tensor or None, "
-        f"got {type(mask).__name__}"
-    )
+    return mask
 
 
 def _check_score_mod(score_mod: object, s: Shapes) -> None:
@@ -85,7 +92,7 @@ def _request(
         scale=check.check_scale(scale, s.D),
         dropout_p=p,
         seed=seed,
-        return_lse=bool(return_lse),
+        return_lse=return_lse,
     )
 
 
@@ -296,7 +303,7 @@ def attention(
         ValueError, TypeError: bad shapes, dtypes, devices, mask or arguments (named).
         UnsupportedError: the named backend cannot do this request.
     """
-    need_lse = return_lse or sinks is not None
+    need_lse = check.check_flag("return_lse", return_lse) or sinks is not None
     req = _request(q, k, v, mask, score_mod, scale, dropout_p, generator, need_lse)
     if sinks is not None:
         check_sinks(sinks, req.shapes.Hq, q.device)
@@ -385,7 +392,8 @@ def dispatch(
 
     ``python benchmarks/cpu_dispatch_rule.py`` measures each case on the machine at hand.
     """
-    req = _request(q, k, v, mask, score_mod, None, dropout_p, None, return_lse or sinks is not None)
+    need_lse = check.check_flag("return_lse", return_lse) or sinks is not None
+    req = _request(q, k, v, mask, score_mod, None, dropout_p, None, need_lse)
     return _auto(req)
 
 

@@ -15,9 +15,9 @@ from attnkit._types import ScoreModFn
 from attnkit._validation import check_int
 from attnkit.backends._common import MaskLike
 from attnkit.block_mask import BlockMask
-from attnkit.functional import BackendName, attention, attention_weights
+from attnkit.functional import BackendName, attention, attention_weights, check_mask_kind
 from attnkit.masks import Mask
-from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.kv_cache import KVCache, activation_dtype
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.score_mods import ScoreMod
 
@@ -83,6 +83,8 @@ def combine_masks(
     is materialised as one bool tensor (B, H, Lq, Lk).
     """
     parts: list[Mask | BlockMask | Tensor] = [m for m in masks if m is not None]
+    for part in parts:
+        check_mask_kind(part)  # here too: materialising would turn a float bias into bools
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Lk):
             raise ValueError(
@@ -219,10 +221,19 @@ class MultiHeadAttention(nn.Module):
         self.sinks = nn.Parameter(zeros) if sinks else None
 
     def new_cache(self, batch: int, max_len: int, window: int | None = None) -> KVCache:
-        """A KVCache for this module's keys and values (B, Hkv, max_len, head_dim)."""
+        """A KVCache for this module's keys and values (B, Hkv, max_len, head_dim).
+
+        Its dtype is what the projections output here: autocast's inside ``torch.autocast``.
+        """
         w = self.k_proj.weight
         return KVCache(
-            batch, self.num_kv_heads, max_len, self.head_dim, w.dtype, w.device, window=window
+            batch,
+            self.num_kv_heads,
+            max_len,
+            self.head_dim,
+            activation_dtype(w),
+            w.device,
+            window=window,
         )
 
     def _heads(self, x: Tensor, n: int) -> Tensor:

@@ -24,7 +24,7 @@ from attnkit.backends._common import MaskLike
 from attnkit.functional import BackendName, attention, attention_weights
 from attnkit.masks import Mask
 from attnkit.nn.attention import append_to_cache, combine_masks
-from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.kv_cache import KVCache, activation_dtype
 from attnkit.nn.rope import RotaryEmbedding
 
 
@@ -120,10 +120,14 @@ class DifferentialAttention(nn.Module):
         return torch.exp(q1 @ k1) - torch.exp(q2 @ k2) + self.lambda_init
 
     def new_cache(self, batch: int, max_len: int, window: int | None = None) -> KVCache:
-        """A cache of keys [K1 | K2] and values [V1 | V2], (B, g, max_len, 2d) each."""
+        """A cache of keys [K1 | K2] and values [V1 | V2], (B, g, max_len, 2d) each.
+
+        Its dtype is what the projections output here: autocast's inside ``torch.autocast``.
+        """
         w = self.k_proj.weight
+        dtype = activation_dtype(w)
         return KVCache(
-            batch, self.num_kv_heads, max_len, 2 * self.head_dim, w.dtype, w.device, None, window
+            batch, self.num_kv_heads, max_len, 2 * self.head_dim, dtype, w.device, None, window
         )
 
     def forward(

@@ -8,6 +8,17 @@ from torch import Tensor
 from attnkit._validation import check_int
 
 
+def activation_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a projection by ``weight`` outputs here and now.
+
+    Inside ``torch.autocast`` that is autocast's (it leaves float64 alone), else the weight's.
+    """
+    device = weight.device.type
+    if torch.is_autocast_enabled(device) and weight.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 class KVCache:
     """Keys (B, Hkv, max_len, D) and values (B, Hkv, max_len, Dv), filled left to right.
 
@@ -100,6 +111,13 @@ class KVCache:
 
         With a window, what is returned is the last ``window`` earlier positions and the n new.
         """
+        for name, new, buffer in (("k", k, self._k), ("v", v, self._v)):
+            if (new.dtype, new.device) != (buffer.dtype, buffer.device):
+                raise TypeError(
+                    f"KVCache holds {buffer.dtype} on {buffer.device}, got {name} {new.dtype} "
+                    f"on {new.device}; a module's new_cache() takes the dtype its projections "
+                    "output where it is called (autocast's inside torch.autocast)"
+                )
         expect_k = (*self._k.shape[:2], k.shape[2], self._k.shape[3])
         expect_v = (*self._v.shape[:2], v.shape[2], self._v.shape[3])
         if tuple(k.shape) != expect_k or tuple(v.shape) != expect_v or k.shape[2] != v.shape[2]:

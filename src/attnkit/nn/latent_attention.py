@@ -39,7 +39,7 @@ from attnkit.backends._common import MaskLike
 from attnkit.functional import BackendName, attention, attention_weights
 from attnkit.masks import Mask
 from attnkit.nn.attention import append_to_cache, combine_masks
-from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.kv_cache import KVCache, activation_dtype
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.score_mods import ScoreMod
 
@@ -200,11 +200,13 @@ class MultiHeadLatentAttention(nn.Module):
         return new.train(module.training)
 
     def new_cache(self, batch: int, max_len: int, window: int | None = None) -> KVCache:
-        """A cache of latent keys [c | rope(k_rope)] (B, 1, max_len, kv_rank + rope_dim)."""
+        """A cache of latent keys [c | rope(k_rope)] (B, 1, max_len, kv_rank + rope_dim).
+
+        Its dtype is what the projections output here: autocast's inside ``torch.autocast``.
+        """
         w = self.kv_up.weight
-        return KVCache(
-            batch, 1, max_len, self.kv_rank + self.rope_dim, w.dtype, w.device, 0, window
-        )
+        dtype = activation_dtype(w)
+        return KVCache(batch, 1, max_len, self.kv_rank + self.rope_dim, dtype, w.device, 0, window)
 
     def absorbs(self, Lq: int) -> bool:
         """Whether ``Lq`` queries over a cache run the absorbed form (fewer FLOPs).
