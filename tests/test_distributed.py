@@ -127,6 +127,11 @@ def _odd_worker(rank, world, init_file, results_dir):
         (dx,) = torch.autograd.grad(ring_attention(x, x, x).sum(), (x,), create_graph=True)
         with pytest.raises(attnkit.UnsupportedError, match="ring_attention computes first-order"):
             torch.autograd.grad((dx**2).sum(), (x,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # runs in autocast's dtype
+            out = ring_attention(x, x, x, causal=True)
+        cast = x.detach().bfloat16()
+        expected = ring_attention(cast, cast, cast, causal=True)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
         with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
             f.write("ok")
     finally:
@@ -134,7 +139,7 @@ def _odd_worker(rank, world, init_file, results_dir):
 
 
 @pytest.mark.slow
-def test_ring_attention_refuses_bad_shards_and_second_derivatives(tmp_path):
+def test_ring_attention_refuses_bad_shards_and_second_derivatives_and_follows_autocast(tmp_path):
     mp.spawn(_odd_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("ok")) == ["ok0", "ok1"]
 

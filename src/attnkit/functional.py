@@ -65,6 +65,23 @@ def _check_score_mod(score_mod: object, s: Shapes) -> None:
         raise ValueError(f"score_mod {score_mod!r} is built for {heads} heads, but q has Hq={s.Hq}")
 
 
+def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Cast q, k, v to autocast's dtype inside ``torch.autocast``, as torch SDPA does there.
+
+    So every backend runs in it; float64 stays (as autocast leaves it), and the cast is
+    differentiable, so float32 leaves get float32 gradients.
+    """
+    if not isinstance(q, Tensor) or not torch.is_autocast_enabled(q.device.type):
+        return q, k, v  # (check_qkv names what is not a tensor)
+    dtype = torch.get_autocast_dtype(q.device.type)
+
+    def cast(t: Tensor) -> Tensor:
+        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(q), cast(k), cast(v)
+
+
 def _request(
     q: Tensor,
     k: Tensor,
@@ -76,6 +93,7 @@ def _request(
     generator: torch.Generator | None,
     return_lse: bool,
 ) -> Request:
+    q, k, v = autocast_inputs(q, k, v)
     s = check.check_qkv(q, k, v)
     _check_score_mod(score_mod, s)
     p = check.check_dropout(dropout_p)
@@ -297,7 +315,8 @@ def attention(
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, and with ``return_lse`` also lse (B, Hq, Lq)
         float32 (float64 for float64 inputs), natural log. A fully masked row gives zeros and
-        lse = -inf.
+        lse = -inf. Inside ``torch.autocast`` inputs other than float64 are first cast to
+        autocast's dtype, as torch SDPA does there, whichever backend serves the call.
 
     Raises:
         ValueError, TypeError: bad shapes, dtypes, devices, mask or arguments (named).
@@ -313,10 +332,12 @@ def attention(
                 "log-sum-exp, which torch SDPA does not return"
             )
     decision = _choose(req, backend)
-    out, lse = _backends.get(decision.backend).run(req)
-    if sinks is not None:
-        assert lse is not None
-        out, lse = apply_sinks(out, lse, sinks)
+    # inputs are in autocast's dtype already; a backend's own float32 math must stay float32
+    with torch.autocast(q.device.type, enabled=False):
+        out, lse = _backends.get(decision.backend).run(req)
+        if sinks is not None:
+            assert lse is not None
+            out, lse = apply_sinks(out, lse, sinks)
     if return_lse:
         assert lse is not None
         return out, lse
@@ -343,10 +364,11 @@ def attention_weights(
         sink's weight).
     """
     req = _request(q, k, v, mask, score_mod, scale, 0.0, None, False)
-    probs, lse = reference.probabilities(req)
-    if sinks is not None:
-        check_sinks(sinks, req.shapes.Hq, q.device)
-        probs = sink_probabilities(probs, lse, sinks)
+    with torch.autocast(q.device.type, enabled=False):  # as in attention()
+        probs, lse = reference.probabilities(req)
+        if sinks is not None:
+            check_sinks(sinks, req.shapes.Hq, q.device)
+            probs = sink_probabilities(probs, lse, sinks)
     return probs
 
 

@@ -26,6 +26,7 @@ from attnkit.backends._common import compute_dtype, first_order_only
 from attnkit.backends.tiled import block_backward, block_forward
 from attnkit.distributed.layout import check_layout, chunks_of
 from attnkit.distributed.merge import merge_partials
+from attnkit.functional import autocast_inputs
 from attnkit.masks import Mask, causal, sliding_window
 from attnkit.sinks import apply_sinks, check_sinks
 
@@ -231,6 +232,7 @@ def ring_attention(
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention needs torch.distributed to be initialised")
+    q, k, v = autocast_inputs(q, k, v)
     shapes = check.check_qkv(q, k, v)
     if shapes.Lq != shapes.Lk:
         raise ValueError(
@@ -264,7 +266,9 @@ def ring_attention(
     )
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
-    out, lse = _RingAttention.apply(q, k, v, setup)  # type: ignore[no-untyped-call]
-    if sinks is not None:
-        out, lse = apply_sinks(out, lse, sinks)
+    check.check_flag("return_lse", return_lse)
+    with torch.autocast(q.device.type, enabled=False):  # as in attnkit.attention
+        out, lse = _RingAttention.apply(q, k, v, setup)  # type: ignore[no-untyped-call]
+        if sinks is not None:
+            out, lse = apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
