@@ -5,6 +5,7 @@ Shape legend: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), Hq % Hkv 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, overload
 
 import torch
@@ -80,6 +81,17 @@ def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
         return t.to(dtype) if eligible else t
 
     return cast(q), cast(k), cast(v)
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Autocast off for a backend's own math (its inputs are in autocast's dtype already).
+
+    A no-op when autocast is off: entering ``torch.autocast`` costs ~10 µs, a tenth of a
+    decoding step's attention.
+    """
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _request(
@@ -332,8 +344,7 @@ def attention(
                 "log-sum-exp, which torch SDPA does not return"
             )
     decision = _choose(req, backend)
-    # inputs are in autocast's dtype already; a backend's own float32 math must stay float32
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device):  # a backend's own float32 math stays float32
         out, lse = _backends.get(decision.backend).run(req)
         if sinks is not None:
             assert lse is not None
@@ -364,7 +375,7 @@ def attention_weights(
         sink's weight).
     """
     req = _request(q, k, v, mask, score_mod, scale, 0.0, None, False)
-    with torch.autocast(q.device.type, enabled=False):  # as in attention()
+    with autocast_off(q.device):
         probs, lse = reference.probabilities(req)
         if sinks is not None:
             check_sinks(sinks, req.shapes.Hq, q.device)

@@ -26,7 +26,7 @@ from attnkit.backends._common import compute_dtype, first_order_only
 from attnkit.backends.tiled import block_backward, block_forward
 from attnkit.distributed.layout import check_layout, chunks_of
 from attnkit.distributed.merge import merge_partials
-from attnkit.functional import autocast_inputs
+from attnkit.functional import autocast_inputs, autocast_off
 from attnkit.masks import Mask, causal, sliding_window
 from attnkit.sinks import apply_sinks, check_sinks
 
@@ -267,7 +267,7 @@ def ring_attention(
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
     check.check_flag("return_lse", return_lse)
-    with torch.autocast(q.device.type, enabled=False):  # as in attnkit.attention
+    with autocast_off(q.device):
         out, lse = _RingAttention.apply(q, k, v, setup)  # type: ignore[no-untyped-call]
         if sinks is not None:
             out, lse = apply_sinks(out, lse, sinks)
