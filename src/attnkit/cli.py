@@ -95,6 +95,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     console = Console(width=140)
     model = None
+    sparse_mask = ex.parse_mask(args.sparse) if args.sparse else None  # before running a model
     if args.checkpoint:
         from attnkit.nn import load_checkpoint
 
@@ -136,13 +137,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         for part in ex.render_steps(model, full, i, layer, args.head):
             console.print(part)
     runs = {"full attention": full}
-    if args.sparse:
+    if sparse_mask is not None:
         assert model is not None
-        mask = ex.parse_mask(args.sparse)
-        sparse = ex.run(model, args.text, mask=mask, truncate=args.truncate)
-        for part in ex.render_sparse(full, sparse, mask, i, layer, args.top):
+        sparse = ex.run(model, args.text, mask=sparse_mask, truncate=args.truncate)
+        for part in ex.render_sparse(full, sparse, sparse_mask, i, layer, args.top):
             console.print(part)
-        runs[f"under {mask!r}"] = sparse
+        runs[f"under {sparse_mask!r}"] = sparse
     if args.png:
         from attnkit.viz import save_head_grid
 
