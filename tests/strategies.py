@@ -85,7 +85,7 @@ def _band(draw):
     return draw(st.sampled_from([causal, window, causal & window]))
 
 
-def _masks(B: int, Lq: int, Lk: int):
+def any_mask(B: int, Lq: int, Lk: int):
     """No mask, a band, a pattern, or &, |, ~ of patterns."""
     leaf = _pattern(B, Lq, Lk).filter(lambda m: isinstance(m, masks.Mask))
     combined = st.one_of(
@@ -128,7 +128,7 @@ def requests(
     D = draw(st.sampled_from(head_dims))
     Dv = draw(st.sampled_from([D, 24]))
     kwargs = {
-        "mask": draw(_masks(B, Lq, Lk)),
+        "mask": draw(any_mask(B, Lq, Lk)),
         "score_mod": SCORE_MODS[draw(st.sampled_from(list(SCORE_MODS)))](Hq)
         if score_mods
         else None,
