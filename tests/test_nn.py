@@ -237,6 +237,36 @@ def test_windowed_cache_decoding_equals_full_sliding_window_pass(positions, num_
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, :t], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["multi-head", "latent", "differential"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_gradients_flow_through_cached_decoding_as_through_the_full_pass(kind, window):
+    """Decoding steps of a model being trained: the outputs and the gradients of the input and
+    of every parameter equal the full pass's (float64), across a windowed cache's moves too."""
+    from attnkit.nn import DifferentialAttention, MultiHeadLatentAttention
+
+    torch.manual_seed(0)
+    mask = masks.causal() if window is None else masks.sliding_window(window)
+    E, H, B, L = 16, 4, 2, 11
+    module = {
+        "multi-head": lambda: MultiHeadAttention(E, H, num_kv_heads=2, mask=mask),
+        "latent": lambda: MultiHeadLatentAttention(
+            E, H, kv_rank=8, nope_dim=4, rope_dim=2, v_dim=4, mask=mask
+        ),
+        "differential": lambda: DifferentialAttention(E, H, num_kv_heads=2, mask=mask),
+    }[kind]().double()
+    x = torch.randn(B, L, E, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(B, L, E, dtype=torch.float64)
+    leaves = [x, *module.parameters()]
+    expected = torch.autograd.grad(module(x)[0], leaves, dout)
+
+    cache = module.new_cache(B, L if window is None else window + 2, window=window)
+    steps = [module(x[:, :4], cache=cache)[0]]
+    steps += [module(x[:, t : t + 1], cache=cache)[0] for t in range(4, L)]
+    got = torch.autograd.grad(torch.cat(steps, 1), leaves, dout)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize(
     ("mask", "reason"),
     [

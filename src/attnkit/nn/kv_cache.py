@@ -32,6 +32,11 @@ class KVCache:
     ``max_len - w`` positions), so ``keys`` stays one ordered, contiguous run of positions
     ``start .. position - 1``, and masks of relative position apply to it unchanged.
 
+    Gradients flow through it (decoding steps of a model being trained): while autograd
+    records keys or values, each append writes into copies of the buffers instead, since the
+    earlier steps' graphs hold views of them. Decode under ``torch.no_grad()`` otherwise, as
+    ``generate`` does: each step then writes in place.
+
     Args:
         batch, num_kv_heads, max_len, head_dim: buffer sizes. With a window, max_len must
             hold the window plus the most positions appended at once; 2·w or more keeps the
@@ -126,6 +131,10 @@ class KVCache:
                 f"(B, Hkv, n, D) = {expect_k} and {expect_v}"
             )
         n = k.shape[2]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, self._k, self._v)):
+            # Earlier steps' graphs may hold views of the buffers: writing into them would void
+            # those gradients, so write into copies (one per step, only while recording them).
+            self._k, self._v = self._k.clone(), self._v.clone()
         if self.window is not None:
             self._keep_window(n)
         if self._hi + n > self.max_len:
