@@ -13,9 +13,10 @@ import logging
 import os
 import shutil
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -23,6 +24,8 @@ from torch import Tensor
 from attnkit import _dropout
 from attnkit.block_mask import BlockMask, partial_bitmaps
 from attnkit.score_mods import KernelMods
+
+T = TypeVar("T")
 
 log = logging.getLogger("attnkit")
 LOG2E = 1.4426950408889634
@@ -79,15 +82,47 @@ def _mask_args(tiles: Tiles) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, o
     return (tiles.kinds.contiguous(), tile_index, bitmaps), {}
 
 
-@functools.cache
+def _traced_as_constant(fn: Callable[[], T]) -> Callable[[], T]:
+    """torch.compile calls ``fn`` once while tracing and keeps its result as a constant."""
+    constant = torch.compiler.assume_constant_result(fn)  # type: ignore[no-untyped-call]
+    return cast(Callable[[], T], constant)
+
+
+@_traced_as_constant
 def available() -> bool:
     """Build (once) and load the kernel; False, with a logged reason, where that fails."""
+    return _load()
+
+
+@functools.cache  # (apart from available(): dynamo traces into functools.cache wrappers)
+def _load() -> bool:
     try:
         build("attnkit_tiled_forward_cpu")
     except Exception as exc:  # compiler missing, headers missing, ...
         log.warning("attnkit: compiled CPU kernel unavailable (%s); using the PyTorch loop", exc)
         return False
+    _register_fakes()
     return True
+
+
+def _register_fakes() -> None:
+    """Shapes and dtypes of the ops' results, for torch.compile's fake tensors."""
+    torch.library.register_fake("attnkit::tiled_forward", _fake_forward)
+    torch.library.register_fake("attnkit::tiled_backward", _fake_backward)
+
+
+def _fake_forward(
+    q: Tensor, k: Tensor, v: Tensor, *args: object, **kw: object
+) -> tuple[Tensor, Tensor]:
+    B, H, Lq, _ = q.shape
+    return q.new_empty(B, H, Lq, v.shape[3]), q.new_empty(B, H, Lq, dtype=torch.float32)
+
+
+def _fake_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, *args: object, **kw: object
+) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = (torch.empty_like(x, dtype=torch.float32) for x in (q, k, v))
+    return dq, dk, dv
 
 
 def build(name: str, defines: Sequence[str] = ()) -> None:
@@ -177,6 +212,11 @@ MIN_SPLIT_KEYS = 1024
 SPLIT_KV = True
 
 
+@_traced_as_constant  # a compiled graph keeps the count it was traced with
+def _threads() -> int:
+    return int(torch.get_num_threads())
+
+
 def kv_splits(q: Tensor, k: Tensor, tiles: Tiles, packed: bool) -> int:
     """How many parts the forward splits each unit's kv tiles into (FlashDecoding, on CPU).
 
@@ -185,7 +225,7 @@ def kv_splits(q: Tensor, k: Tensor, tiles: Tiles, packed: bool) -> int:
     heads), so each unit's keys are split into parts of at least ``MIN_SPLIT_KEYS``, enough
     to give every thread work, and the parts' outputs merged by their LSEs.
     """
-    threads = torch.get_num_threads()
+    threads = _threads()
     heads = k.shape[1] if packed else q.shape[1]
     units = q.shape[0] * heads * -(-q.shape[2] // tiles.block_q)
     if not SPLIT_KV or units >= threads:
