@@ -138,3 +138,25 @@ def test_module_errors():
     for bad_mask in ("causal", torch.zeros(5, 5)):  # with the module's own mask too
         with pytest.raises(TypeError, match="mask"):
             MultiHeadAttention(32, 4, mask=masks.causal())(x, mask=bad_mask)
+
+
+def test_torch_func_transforms_get_a_backend_that_composes_with_them():
+    """torch.func's grad and vmap do not compose with the fused backends' autograd.Functions:
+    named, they say so; auto picks sdpa, or the reference where SDPA cannot serve."""
+    from attnkit import score_mods
+
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64) for _ in range(3))
+    for mod in (None, score_mods.softcap(3.0)):
+        q_ = q.clone().requires_grad_()
+        out = attnkit.attention(q_, k, v, mask=masks.causal(), score_mod=mod, backend="reference")
+        (expected,) = torch.autograd.grad(out.sum(), q_)
+
+        def loss(q, backend="auto", mod=mod):
+            return attnkit.attention(q, k, v, mask=masks.causal(), score_mod=mod, backend=backend)
+
+        got = torch.func.grad(lambda q: loss(q).sum())(q)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        batched = torch.vmap(loss)(q[None].expand(3, -1, -1, -1, -1))
+        torch.testing.assert_close(batched, loss(q).expand(3, -1, -1, -1, -1))
+        with pytest.raises(attnkit.UnsupportedError, match=r"inside a torch\.func transform"):
+            torch.func.grad(lambda q: loss(q, "tiled").sum())(q)

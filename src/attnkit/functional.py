@@ -16,7 +16,7 @@ from attnkit import _validation as check
 from attnkit import backends as _backends
 from attnkit._types import FULL, PARTIAL, DispatchDecision, ScoreModFn, Shapes, UnsupportedError
 from attnkit.backends import reference, sdpa, tiled, triton
-from attnkit.backends._common import MaskLike, Request
+from attnkit.backends._common import MaskLike, Request, inside_torch_func
 from attnkit.block_mask import BlockMask
 from attnkit.masks import Mask
 from attnkit.score_mods import ScoreMod, resolve
@@ -168,6 +168,10 @@ def _slow_sdpa_bf16_backward() -> bool:
 
 def _auto(req: Request) -> DispatchDecision:
     why_not_sdpa = sdpa.unsupported_reason(req)
+    if (under_torch_func := inside_torch_func()) is not None:
+        if why_not_sdpa is None:
+            return DispatchDecision("sdpa", under_torch_func)
+        return DispatchDecision("reference", f"{under_torch_func}; {why_not_sdpa}")
     if req.q.device.type == "cuda" and triton.unsupported_reason(req) is None:
         if req.q.dtype != torch.float32 or why_not_sdpa is not None:
             return DispatchDecision("triton", "CUDA tensors: attnkit's Triton kernels serve it")
@@ -398,6 +402,8 @@ def dispatch(
 
     Rule (measured on CPU, see README "Performance"):
 
+    -  Inside a torch.func transform (grad, vjp, jacrev, vmap): sdpa, or reference where SDPA
+       cannot do it (the tiled and triton backends' fused kernels do not compose with them).
     0. CUDA tensors that the Triton kernels support: triton, except float32 that SDPA can
        serve (exact fp32 dots run on CUDA cores and spill registers; see the launcher).
     1. SDPA cannot do it (score_mod, return_lse or sinks, dropout): tiled. On CPU, also

@@ -44,6 +44,20 @@ class Request:
         return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
 
 
+def inside_torch_func() -> str | None:
+    """Why a call inside a torch.func transform cannot go to a fused backend; None outside.
+
+    The tiled and triton backends are autograd.Functions over kernels, which torch.func's
+    grad, vjp, jacrev and vmap do not compose with.
+    """
+    if torch._C._are_functorch_transforms_active():
+        return (
+            "inside a torch.func transform (grad, vjp, jacrev, vmap), which its fused kernels "
+            "do not compose with; the reference and sdpa backends do"
+        )
+    return None
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Softmax statistics and accumulation: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -32,7 +32,12 @@ from torch import Tensor
 from attnkit import _dropout
 from attnkit._types import EMPTY, FULL, MaskFn, ScoreModFn
 from attnkit.backends import cpu_kernel
-from attnkit.backends._common import Request, compute_dtype, first_order_only
+from attnkit.backends._common import (
+    Request,
+    compute_dtype,
+    first_order_only,
+    inside_torch_func,
+)
 from attnkit.backends.tensor_masks import tensor_block_mask
 from attnkit.block_mask import BlockMask
 from attnkit.masks import Mask, band, full
@@ -481,8 +486,8 @@ def captured_tensors(fn: object, depth: int = 4) -> tuple[Tensor, ...]:
 
 
 def unsupported_reason(req: Request) -> str | None:
-    """The tiled backend serves every request."""
-    return None
+    """The tiled backend serves every request, except inside torch.func transforms."""
+    return inside_torch_func()
 
 
 def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]:

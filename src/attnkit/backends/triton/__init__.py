@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from attnkit._types import EMPTY
-from attnkit.backends._common import Request, first_order_only
+from attnkit.backends._common import Request, first_order_only, inside_torch_func
 from attnkit.backends.sdpa import attends_every_key
 from attnkit.backends.tiled import TileConfig, block_mask_for
 from attnkit.block_mask import BlockMask, partial_bitmaps, retile
@@ -58,6 +58,8 @@ def unsupported_reason(req: Request) -> str | None:
     s = req.shapes
     if max(s.D, s.Dv) > 256:
         return f"head dims up to 256 are supported, got D={s.D}, Dv={s.Dv}"
+    if (why := inside_torch_func()) is not None:
+        return why
     # (batch, head) slices are reached in 64-bit arithmetic, offsets within one are 32-bit
     largest = max(*(_slice_extent(t) for t in (req.q, req.k, req.v)), s.Lq * s.Dv)  # + out
     if largest >= 2**31:
