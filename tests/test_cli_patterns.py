@@ -30,7 +30,20 @@ def test_patterns_png(tmp_path, capsys):
     assert height > 500
 
 
-def test_patterns_rejects_bad_length(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["patterns", "--length", "0"], "must be >= 1"),
+        (["patterns", "--length", "100000"], "at most 4096"),  # 80 GB of dense masks
+        (["patterns", "--png", "/no/such/folder/p.png"], "folder /no/such/folder does not exist"),
+        (["explain", "--html", "/no/such/folder/v.html"], "argument --html: folder /no/such"),
+        (["bench", "--json", "/no/such/folder/b.json"], "argument --json: folder /no/such"),
+    ],
+)
+def test_usage_errors_exit_2_before_any_work(argv, message, capsys):
+    """Bad lengths and output files in missing folders are refused while parsing, not with a
+    traceback after the work (or an allocation of the whole machine's memory)."""
     with pytest.raises(SystemExit) as exc:
-        main(["patterns", "--length", "0"])
+        main(argv)
     assert exc.value.code == 2
+    assert message in capsys.readouterr().err

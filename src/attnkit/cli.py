@@ -179,18 +179,47 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: ``attnkit patterns`` draws each pattern from its dense (length, length) mask.
+MAX_PATTERN_LENGTH = 4096
+
+
+def _pattern_length(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_PATTERN_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_PATTERN_LENGTH} (each pattern is drawn from its dense mask), got {value}"
+        )
+    return value
+
+
+def _output_file(text: str) -> str:
+    """A file to write: its folder must exist, so the run does not fail at its end."""
+    folder = Path(text).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``attnkit`` command."""
     parser = argparse.ArgumentParser(prog="attnkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("patterns", help="draw the built-in sparse attention patterns")
-    p.add_argument("--length", type=_positive_int, default=32, help="sequence length (default 32)")
-    p.add_argument("--png", help="also save the patterns as a PNG grid (needs matplotlib)")
+    p.add_argument(
+        "--length", type=_pattern_length, default=32, help="sequence length (default 32)"
+    )
+    p.add_argument(
+        "--png", type=_output_file, help="also save the patterns as a PNG grid (needs matplotlib)"
+    )
     p.set_defaults(func=_cmd_patterns)
     b = sub.add_parser("bench", help="benchmark the tiled backend against torch on this machine")
     b.add_argument("--quick", action="store_true", help="4x smaller sizes (a minute or two)")
-    b.add_argument("--json", help="save every figure and the machine description as JSON")
-    b.add_argument("--png", help="save time and memory vs N as a PNG (needs matplotlib)")
+    b.add_argument(
+        "--json", type=_output_file, help="save every figure and the machine description as JSON"
+    )
+    b.add_argument(
+        "--png", type=_output_file, help="save time and memory vs N as a PNG (needs matplotlib)"
+    )
     b.add_argument("--no-scaling", action="store_true", help="skip the time/memory-vs-N sweep")
     b.add_argument(
         "--device",
@@ -198,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="cpu: the tiled backend (default); cuda: the Triton kernels (TFLOP/s; decoding, µs)",
     )
-    b.add_argument("--markdown", help="with --device cuda: save the tables as Markdown")
+    b.add_argument(
+        "--markdown", type=_output_file, help="with --device cuda: save the tables as Markdown"
+    )
     b.set_defaults(func=_cmd_bench)
     from attnkit.explain import DEFAULT_TEXT
 
@@ -209,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--head", type=int, default=0, help="head for --steps (default 0)")
     e.add_argument("--top", type=_positive_int, default=3, help="words shown per head")
     e.add_argument("--steps", action="store_true", help="walk one head through Q, K, V")
-    e.add_argument("--png", help="save the layer's head heatmaps as a PNG")
-    e.add_argument("--html", help="save an interactive head view (self-contained HTML)")
+    e.add_argument("--png", type=_output_file, help="save the layer's head heatmaps as a PNG")
+    e.add_argument(
+        "--html", type=_output_file, help="save an interactive head view (self-contained HTML)"
+    )
     e.add_argument("--sparse", help="compare with a sparse pattern, e.g. sliding_window:2,2")
     e.add_argument("--model", default="all-MiniLM-L6-v2")
     e.add_argument(
