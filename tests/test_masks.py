@@ -351,6 +351,7 @@ def test_batch_size_checks():
         (lambda: masks.causal(align="left"), ValueError),
         (lambda: masks.from_dense(torch.ones(3, 3)), TypeError),
         (lambda: masks.block_sparse(torch.ones(3), 4), TypeError),
+        (lambda: masks.block_sparse(torch.rand(3, 3), 4), TypeError),  # scores, not a layout
         (lambda: masks.bigbird(0), ValueError),
         (lambda: masks.custom(3), TypeError),
     ],

@@ -911,6 +911,9 @@ def block_sparse(layout: Tensor, block: int) -> Mask:
     check.check_int("block", block)
     if not isinstance(layout, Tensor) or layout.dim() not in (2, 3):
         raise TypeError("layout must be a tensor of shape (nbq, nbk) or (H, nbq, nbk)")
+    if layout.is_floating_point() or layout.is_complex():
+        # a float layout is likely scores or probabilities: nonzero would silently mean True
+        raise TypeError(f"layout must be bool (or integer 0/1), got {layout.dtype}")
     lay = layout.bool().view(-1, *layout.shape[-2:])
 
     def bind(Lq: int, Lk: int) -> BoundMask:
