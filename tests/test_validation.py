@@ -88,6 +88,20 @@ def test_attention_rejects(args, kwargs, err, match):
         attnkit.attention(*args, **kwargs)
 
 
+def test_model_configuration_errors():
+    """Typos that would build a model without positions, or with no padding, are refused."""
+    from attnkit.nn import CausalLM, Transformer
+
+    with pytest.raises(ValueError, match="positions must be one of 'learned', 'rope', 'alibi'"):
+        CausalLM(10, positions="rotary")
+    with pytest.raises(ValueError, match="vocab must be an int >= 1, got 0"):
+        CausalLM(0)
+    with pytest.raises(ValueError, match="pad_id 12 is not a token of both vocabularies"):
+        Transformer(20, 12, pad_id=12)
+    with pytest.raises(TypeError, match="need_weights must be a bool, got str"):
+        MultiHeadAttention(8, 2)(torch.randn(1, 3, 8), need_weights="yes")
+
+
 def test_dispatch_rejects_what_attention_rejects():
     with pytest.raises(TypeError, match="return_lse must be a bool"):
         attnkit.dispatch(q4, k2, v2, return_lse=torch.tensor(True))

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from attnkit import masks as _masks
 from attnkit._types import ScoreModFn
-from attnkit._validation import check_int
+from attnkit._validation import check_flag, check_int
 from attnkit.backends._common import MaskLike
 from attnkit.block_mask import BlockMask
 from attnkit.functional import BackendName, attention, attention_weights, check_mask_kind
@@ -329,7 +329,7 @@ class MultiHeadAttention(nn.Module):
             sinks=self.sinks,
         )
         weights = None
-        if need_weights:
+        if check_flag("need_weights", need_weights):
             weights = attention_weights(
                 q, k, v, mask=full_mask, score_mod=self.score_mod, scale=self.scale,
                 sinks=self.sinks,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit import masks
-from attnkit._validation import check_int
+from attnkit._validation import check_flag, check_int
 from attnkit.backends._common import MaskLike
 from attnkit.functional import BackendName, attention, attention_weights
 from attnkit.masks import Mask
@@ -180,7 +180,7 @@ class DifferentialAttention(nn.Module):
         lam = self.lambda_().to(first.dtype)
         out = self.norm(first - lam * second) * (1 - self.lambda_init)  # (B, h, L, 2d)
         weights = None
-        if need_weights:
+        if check_flag("need_weights", need_weights):
             a1, a2 = (
                 attention_weights(qm, km, v, mask=full_mask, scale=self.scale) for qm, km in maps
             )

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from attnkit import masks as _masks
 from attnkit._types import ScoreModFn
-from attnkit._validation import check_dropout, check_int
+from attnkit._validation import check_dropout, check_flag, check_int
 from attnkit.backends._common import MaskLike
 from attnkit.functional import BackendName, attention, attention_weights
 from attnkit.masks import Mask
@@ -286,7 +286,7 @@ class MultiHeadLatentAttention(nn.Module):
         if absorbed:  # back from latent space: V_h applied to the attended latents
             out = torch.einsum("bhlr,hdr->bhld", out, V)
         weights = None
-        if need_weights:
+        if check_flag("need_weights", need_weights):
             weights = attention_weights(q, k, v, mask=full_mask, score_mod=mod, scale=scale)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, H * self.v_dim)), weights
 

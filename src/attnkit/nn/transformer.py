@@ -13,7 +13,7 @@ Shape legend: B batch, S source length, T target length, E model width, V vocabu
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast, get_args
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,16 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's from Python 3.11
 
 Positions = Literal["learned", "rope", "alibi"]
+
+
+def check_positions(positions: object) -> Positions:
+    """A typo there would build a model with no positions at all: refuse it."""
+    if positions not in get_args(Positions):
+        raise ValueError(
+            f"positions must be one of {', '.join(map(repr, get_args(Positions)))}, "
+            f"got {positions!r}"
+        )
+    return cast(Positions, positions)
 
 
 class AttentionOptions(TypedDict, total=False):
@@ -53,6 +63,7 @@ def _self_attention(
     **options: Unpack[AttentionOptions],
 ) -> MultiHeadAttention:
     """The blocks' self-attention; ``options``: MultiHeadAttention's sinks, qk_norm, output_gate."""
+    check_positions(positions)
     rope = RotaryEmbedding(d_model // nhead) if positions == "rope" else None
     mod = score_mods.alibi(score_mods.alibi_slopes(nhead)) if positions == "alibi" else None
     return MultiHeadAttention(
@@ -300,6 +311,8 @@ class _Embedding(nn.Module):
         self, vocab: int, d_model: int, max_len: int, positions: Positions, dropout: float
     ) -> None:
         super().__init__()
+        check_int("vocab", vocab)
+        check_positions(positions)
         self.tokens = nn.Embedding(vocab, d_model)
         self.positions = nn.Embedding(max_len, d_model) if positions == "learned" else None
         # small init (GPT-2's 0.02): the output head shares these weights, and N(0, 1)
@@ -394,6 +407,11 @@ class Transformer(nn.Module):
             "backend": backend,
         }
         options = AttentionOptions(sinks=sinks, qk_norm=qk_norm, output_gate=output_gate)
+        if not 0 <= check_int("pad_id", pad_id, least=0) < min(src_vocab, tgt_vocab):
+            raise ValueError(
+                f"pad_id {pad_id} is not a token of both vocabularies "
+                f"(src_vocab {src_vocab}, tgt_vocab {tgt_vocab}): no position would be padding"
+            )
         self.pad_id, self.max_len, self.nhead = pad_id, max_len, nhead
         self.src_embed = _Embedding(src_vocab, d_model, max_len, positions, dropout)
         self.tgt_embed = _Embedding(tgt_vocab, d_model, max_len, positions, dropout)
