@@ -9,20 +9,15 @@ that CI runs the same ones every time; ``--hypothesis-seed`` explores others.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
-from strategies import check_against_reference, requests
+from strategies import check_against_reference, derandomized, requests
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tiled", "sdpa", "auto"])
-@settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
-)
+@derandomized(max_examples=200)
 @given(data=st.data())
 def test_random_requests_match_the_reference(backend, data):
     sdpa = backend == "sdpa"  # torch SDPA: no score_mod, no LSE, no reproducible dropout
