@@ -267,7 +267,7 @@ def ring_attention(
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
     check.check_flag("return_lse", return_lse)
-    with autocast_off(q.device):
+    with autocast_off(q):
         out, lse = _RingAttention.apply(q, k, v, setup)  # type: ignore[no-untyped-call]
         if sinks is not None:
             out, lse = apply_sinks(out, lse, sinks)
