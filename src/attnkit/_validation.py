@@ -94,9 +94,8 @@ def check_bool_dtype(mask: Tensor) -> None:
         )
 
 
-def check_bool_mask(mask: Tensor, s: Shapes) -> None:
-    """A tensor mask must be bool and broadcast to (B, Hq, Lq, Lk)."""
-    check_bool_dtype(mask)
+def check_mask_broadcasts(mask: Tensor, s: Shapes) -> None:
+    """A tensor mask must broadcast to (B, Hq, Lq, Lk) (its dtype: ``check_bool_dtype``)."""
     target = (s.B, s.Hq, s.Lq, s.Lk)
     if mask.dim() > 4:
         raise ValueError(f"mask has {mask.dim()} dims, shape {_shape(mask)}; at most 4 allowed")

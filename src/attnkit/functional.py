@@ -42,7 +42,7 @@ def check_mask_kind(mask: object) -> MaskLike:
 def _check_mask(given: object, s: Shapes) -> MaskLike:
     mask = check_mask_kind(given)
     if isinstance(mask, Tensor):
-        check.check_bool_mask(mask, s)
+        check.check_mask_broadcasts(mask, s)
     elif isinstance(mask, Mask):
         if mask.batch not in (None, s.B):
             raise ValueError(f"mask {mask!r} is built for batch {mask.batch}, but q has B={s.B}")
@@ -66,23 +66,33 @@ def _check_score_mod(score_mod: object, s: Shapes) -> None:
         raise ValueError(f"score_mod {score_mod!r} is built for {heads} heads, but q has Hq={s.Hq}")
 
 
-def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Cast q, k, v to autocast's dtype inside ``torch.autocast``, as torch SDPA does there.
+def autocast_dtype(t: Tensor) -> torch.dtype:
+    """The dtype ``t`` computes in here, as torch.autocast decides it.
 
-    So every backend runs in it; float64 stays (as autocast leaves it), and the cast is
-    differentiable, so float32 leaves get float32 gradients.
+    Inside ``torch.autocast``: autocast's, for floating tensors other than float64 (which
+    autocast leaves alone); else ``t``'s own. Attention inputs are cast to it, and the
+    modules' KV caches hold it for their projections' outputs.
     """
-    if not torch._C._is_any_autocast_enabled():  # ~0.2 µs; reading q.device costs ~1 µs
-        return q, k, v
-    if not isinstance(q, Tensor) or not torch.is_autocast_enabled(q.device.type):
+    # _is_any_autocast_enabled first: ~0.2 µs, where reading t.device costs ~1 µs
+    if (
+        torch._C._is_any_autocast_enabled()
+        and t.is_floating_point()
+        and t.dtype != torch.float64
+        and torch.is_autocast_enabled(t.device.type)
+    ):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+def autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Cast q, k, v to ``autocast_dtype`` inside ``torch.autocast``, as torch SDPA does there.
+
+    So every backend runs in it; the cast is differentiable, so float32 leaves get float32
+    gradients.
+    """
+    if not torch._C._is_any_autocast_enabled() or not all(isinstance(t, Tensor) for t in (q, k, v)):
         return q, k, v  # (check_qkv names what is not a tensor)
-    dtype = torch.get_autocast_dtype(q.device.type)
-
-    def cast(t: Tensor) -> Tensor:
-        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
-        return t.to(dtype) if eligible else t
-
-    return cast(q), cast(k), cast(v)
+    return q.to(autocast_dtype(q)), k.to(autocast_dtype(k)), v.to(autocast_dtype(v))
 
 
 def autocast_off(q: Tensor) -> contextlib.AbstractContextManager[object]:

@@ -15,9 +15,15 @@ from attnkit._types import ScoreModFn
 from attnkit._validation import check_flag, check_int
 from attnkit.backends._common import MaskLike
 from attnkit.block_mask import BlockMask
-from attnkit.functional import BackendName, attention, attention_weights, check_mask_kind
+from attnkit.functional import (
+    BackendName,
+    attention,
+    attention_weights,
+    autocast_dtype,
+    check_mask_kind,
+)
 from attnkit.masks import Mask
-from attnkit.nn.kv_cache import KVCache, activation_dtype
+from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.score_mods import ScoreMod
 
@@ -231,7 +237,7 @@ class MultiHeadAttention(nn.Module):
             self.num_kv_heads,
             max_len,
             self.head_dim,
-            activation_dtype(w),
+            autocast_dtype(w),
             w.device,
             window=window,
         )

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from attnkit import masks
 from attnkit._validation import check_flag, check_int
 from attnkit.backends._common import MaskLike
-from attnkit.functional import BackendName, attention, attention_weights
+from attnkit.functional import BackendName, attention, attention_weights, autocast_dtype
 from attnkit.masks import Mask
 from attnkit.nn.attention import append_to_cache, combine_masks
-from attnkit.nn.kv_cache import KVCache, activation_dtype
+from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
 
 
@@ -125,7 +125,7 @@ class DifferentialAttention(nn.Module):
         Its dtype is what the projections output here: autocast's inside ``torch.autocast``.
         """
         w = self.k_proj.weight
-        dtype = activation_dtype(w)
+        dtype = autocast_dtype(w)
         return KVCache(
             batch, self.num_kv_heads, max_len, 2 * self.head_dim, dtype, w.device, None, window
         )

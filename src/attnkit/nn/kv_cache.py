@@ -8,17 +8,6 @@ from torch import Tensor
 from attnkit._validation import check_int
 
 
-def activation_dtype(weight: Tensor) -> torch.dtype:
-    """The dtype a projection by ``weight`` outputs here and now.
-
-    Inside ``torch.autocast`` that is autocast's (it leaves float64 alone), else the weight's.
-    """
-    device = weight.device.type
-    if torch.is_autocast_enabled(device) and weight.dtype != torch.float64:
-        return torch.get_autocast_dtype(device)
-    return weight.dtype
-
-
 class KVCache:
     """Keys (B, Hkv, max_len, D) and values (B, Hkv, max_len, Dv), filled left to right.
 

@@ -36,10 +36,10 @@ from attnkit import masks as _masks
 from attnkit._types import ScoreModFn
 from attnkit._validation import check_dropout, check_flag, check_int
 from attnkit.backends._common import MaskLike
-from attnkit.functional import BackendName, attention, attention_weights
+from attnkit.functional import BackendName, attention, attention_weights, autocast_dtype
 from attnkit.masks import Mask
 from attnkit.nn.attention import append_to_cache, combine_masks
-from attnkit.nn.kv_cache import KVCache, activation_dtype
+from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.score_mods import ScoreMod
 
@@ -205,7 +205,7 @@ class MultiHeadLatentAttention(nn.Module):
         Its dtype is what the projections output here: autocast's inside ``torch.autocast``.
         """
         w = self.kv_up.weight
-        dtype = activation_dtype(w)
+        dtype = autocast_dtype(w)
         return KVCache(batch, 1, max_len, self.kv_rank + self.rope_dim, dtype, w.device, 0, window)
 
     def absorbs(self, Lq: int) -> bool:

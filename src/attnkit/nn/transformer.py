@@ -407,7 +407,7 @@ class Transformer(nn.Module):
             "backend": backend,
         }
         options = AttentionOptions(sinks=sinks, qk_norm=qk_norm, output_gate=output_gate)
-        if not 0 <= check_int("pad_id", pad_id, least=0) < min(src_vocab, tgt_vocab):
+        if check_int("pad_id", pad_id, least=0) >= min(src_vocab, tgt_vocab):
             raise ValueError(
                 f"pad_id {pad_id} is not a token of both vocabularies "
                 f"(src_vocab {src_vocab}, tgt_vocab {tgt_vocab}): no position would be padding"
