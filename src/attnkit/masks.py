@@ -819,7 +819,7 @@ def document(
     for name, t in (("ids", q_src), ("kv_ids", k_src)):
         if t.dim() not in (1, 2):
             raise ValueError(f"{name} must be (L,) or (B, L), got shape {tuple(t.shape)}")
-    q2, k2 = q_src.view(-1, q_src.shape[-1]), k_src.view(-1, k_src.shape[-1])
+    q2, k2 = (t if t.dim() == 2 else t[None] for t in (q_src, k_src))  # (B | 1, L)
     if q2.shape[0] != k2.shape[0] and 1 not in (q2.shape[0], k2.shape[0]):
         raise ValueError(f"ids and kv_ids batch sizes differ: {q2.shape[0]} vs {k2.shape[0]}")
     check.check_align(align)
