@@ -1,6 +1,7 @@
 """DESIGN §6: the functional API compiles without graph breaks on the reference/sdpa paths,
 and on the tiled path's compiled CPU kernels (custom ops with fake kernels) under the masks
-their tiles come from without data (none, causal, windows) and in-kernel score mods."""
+their tiles come from without data (none, causal, windows) and in-kernel score mods, once for
+every length past one query tile."""
 
 from __future__ import annotations
 
@@ -87,6 +88,81 @@ def test_tiled_compiles_fullgraph_around_its_cpu_kernels(kwargs, dtype, grad):
     )
 
 
+@pytest.fixture
+def deterministic():
+    """dQ's parts added in a fixed order, so compiled and eager gradients match bit for bit."""
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mask": masks.causal()},
+        {"mask": masks.sliding_window(20, 3)},
+        {"score_mod": score_mods.alibi(score_mods.alibi_slopes(4))},
+    ],
+    ids=["causal", "window", "alibi"],
+)
+def test_tiled_compiles_once_for_every_length(kwargs, deterministic):
+    """The lengths stay symbolic: the band's bounds reach the ops as SymInts, and tile choices
+    compare lengths without fixing them. The first graph is for 70 tokens; at 90 torch marks
+    the length dynamic and compiles once more; 130 and 300 run that graph, bit for bit eager."""
+    graphs = CompileCounterWithBackend("aot_eager")
+
+    def f(q, k, v):
+        return attnkit.attention(q, k, v, backend="tiled", **kwargs)
+
+    compiled = torch.compile(f, backend=graphs, fullgraph=True)
+    for length in (70, 90, 130, 300):
+        leaves = [torch.randn(1, h, length, 16, requires_grad=True) for h in (4, 2, 2)]
+        got, expected = compiled(*leaves), f(*leaves)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        dout = torch.randn_like(expected)
+        for g, e in zip(
+            torch.autograd.grad(got, leaves, dout),
+            torch.autograd.grad(expected, leaves, dout),
+            strict=True,
+        ):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert graphs.frame_count == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", [masks.causal(), masks.sliding_window(64)], ids=str)
+def test_decoding_over_a_growing_cache_compiles_once(mask):
+    """One query over 100 … 3,000 keys (the forward splits long rows over threads): two graphs."""
+    graphs = CompileCounterWithBackend("aot_eager")
+
+    def f(q, k, v):
+        return attnkit.attention(q, k, v, mask=mask, backend="tiled")
+
+    compiled = torch.compile(f, backend=graphs, fullgraph=True)
+    for keys in (100, 200, 1500, 3000):
+        q, k, v = (torch.randn(1, h, n, 16) for h, n in ((8, 1), (2, keys), (2, keys)))
+        torch.testing.assert_close(compiled(q, k, v), f(q, k, v), rtol=0, atol=0)
+    assert graphs.frame_count == 2
+
+
+@pytest.mark.slow
+def test_self_attention_on_one_tensor_compiles_fullgraph():
+    """attention(x, x, x): dynamo refuses one tensor as several inputs of an autograd.Function,
+    so the tiled backend passes views."""
+    x = torch.randn(1, 2, 40, 16, requires_grad=True)
+
+    def f(x):
+        return attnkit.attention(x, x, x, mask=masks.causal(), backend="tiled")
+
+    got, expected = torch.compile(f, backend="aot_eager", fullgraph=True)(x), f(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # x's three gradients are summed in another order: equal up to rounding
+    torch.testing.assert_close(
+        torch.autograd.grad(got.sum(), x), torch.autograd.grad(expected.sum(), x)
+    )
+
+
 @pytest.mark.slow
 def test_tiled_compiles_under_masks_whose_tiles_come_from_data():
     """A document mask's BlockMask is built from its ids: graph breaks, the same results."""
@@ -107,11 +183,18 @@ def test_tiled_compiles_under_masks_whose_tiles_come_from_data():
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tiled", "auto"])
 def test_a_causal_lm_training_step_compiles_fullgraph(backend):
+    """One graph for 33 tokens, then one for every length past a query tile (70, 90, 110;
+    auto's rule compares the size too: past its threshold, where it turns to tiled, one more)."""
     torch.manual_seed(0)
     lm = CausalLM(40, d_model=32, nhead=4, num_layers=2, positions="rope", backend=backend)
-    ids = torch.randint(0, 40, (2, 33))
-    eager_logits, _ = lm(ids)
-    logits, _ = torch.compile(lm, backend="aot_eager", fullgraph=True)(ids)
-    torch.testing.assert_close(logits, eager_logits, rtol=1e-6, atol=1e-6)
-    logits.sum().backward()
-    assert all(p.grad is not None for p in lm.parameters())
+    graphs = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lm, backend=graphs, fullgraph=True)
+    for length in (33, 70, 90, 110):
+        ids = torch.randint(0, 40, (2, length))
+        eager_logits, _ = lm(ids)
+        logits, _ = compiled(ids)
+        torch.testing.assert_close(logits, eager_logits, rtol=1e-6, atol=1e-6)
+        lm.zero_grad()
+        logits.sum().backward()
+        assert all(p.grad is not None for p in lm.parameters())
+    assert graphs.frame_count == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -431,6 +432,19 @@ def test_band_visits_the_kv_tiles_its_block_mask_lists(mask, Lq, Lk):
         assert band.kv_tile_counts(Lq, Lk) == listed.sum(-1).flatten().tolist()
 
 
+def test_the_most_kv_tiles_a_band_visits_comes_from_a_few_query_tiles():
+    """``Band.most_kv_tiles`` (a few candidate query tiles, so that a symbolic length under
+    torch.compile stays symbolic) equals the most over every query tile."""
+    from attnkit.backends import cpu_kernel
+
+    for (block_q, block_k), Lq, Lk in itertools.product(
+        ((64, 64), (128, 64), (64, 32), (16, 64)), (1, 63, 65, 200, 257), (1, 64, 65, 300)
+    ):
+        for lo, hi in itertools.product((-400, -100, -5, 0, 70), (-70, 0, 31, 100, 400)):
+            band = cpu_kernel.Band(max(lo, 1 - Lq), min(hi, Lk - 1), block_q, block_k)
+            assert band.most_kv_tiles(Lq, Lk) == max(band.kv_tile_counts(Lq, Lk)), band
+
+
 def test_long_band_requests_pick_tiles_without_a_block_mask(monkeypatch):
     """Tile height for long rows (``tuned_config``) from the band's bounds: no BlockMask."""
     q, k, v = rand_qkv(1, 1, 1, 2048, 2048, 8)
@@ -853,6 +867,35 @@ def test_forward_splits_keys_only_where_units_leave_threads_idle(monkeypatch):
     assert splits(1, 8, 1, 1, 8192, torch.rand(1, 1, 1, 8192) > 0.5) == 8  # a BlockMask
     monkeypatch.setattr(cpu_kernel, "SPLIT_KV", False)
     assert splits(1, 8, 1, 1, 8192) == 1
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [None, masks.causal(), masks.sliding_window(70), masks.document([0] * 130 + [1] * 170)],
+    ids=["dense", "causal", "window", "documents"],
+)
+def test_deterministic_backward_is_the_same_on_every_run_and_thread_count(mask):
+    """Under torch.use_deterministic_algorithms(True) the kernel adds dQ's parts in kv-tile
+    order (by default in the order threads finish them: last-bit differences between runs)."""
+    q, k, v = rand_qkv(2, 4, 2, 300, 300, 32, requires_grad=True)
+    dout = torch.randn(2, 4, 300, 32)
+    threads = torch.get_num_threads()
+
+    def grads(num_threads):
+        torch.set_num_threads(num_threads)
+        out = attnkit.attention(q, k, v, mask=mask, backend="tiled")
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [grads(n) for n in (1, 2, 2, 3, 4)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for got, first in zip(run, runs[0], strict=True):
+            assert torch.equal(got, first)
+    torch.testing.assert_close(runs[0], grads(threads))  # the default order: near, not equal
 
 
 @pytest.mark.parametrize("nan_key", [5, 250], ids=["seen", "unseen"])

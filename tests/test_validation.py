@@ -37,6 +37,7 @@ v2 = torch.randn(2, 2, 10, 12)
         ((q4, k2, v2), {"scale": float("nan")}, ValueError, "scale must be finite"),
         ((q4, k2, v2), {"dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
         ((q4, k2, v2), {"dropout_p": -0.1}, ValueError, "dropout_p"),
+        ((q4, k2, v2), {"dropout_p": float("nan")}, ValueError, "dropout_p"),
         ((q4, k2, v2), {"backend": "cuda-magic"}, ValueError, "backend must be one of"),
         (
             (q4, k2, v2),

@@ -72,7 +72,7 @@ def check_dropout(dropout_p: Any) -> float:
     """Dropout probability must lie in [0, 1)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0 or math.isnan(dropout_p):
+    if not 0.0 <= dropout_p < 1.0:  # (NaN compares False)
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return float(dropout_p)
 

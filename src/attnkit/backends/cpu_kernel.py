@@ -51,18 +51,37 @@ class Band:
     block_q: int
     block_k: int
 
-    def kv_tile_counts(self, Lq: int, Lk: int) -> list[int]:
-        """How many kv tiles each query tile visits (``tile_mask.h``'s kv_tiles).
+    def kv_tiles(self, first_row: int, Lq: int, Lk: int) -> int:
+        """How many kv tiles the query tile from ``first_row`` visits (``tile_mask.h``'s kv_tiles).
 
         Python ints: decoding asks for one query tile, where torch ops cost ~10x more.
         """
-        counts = []
-        for first_row in range(0, Lq, self.block_q):
-            first = max(first_row + self.lo, 0)
-            last = min(min(first_row + self.block_q, Lq) - 1 + self.hi, Lk - 1)
-            keeps = first <= last and self.lo <= self.hi
-            counts.append(last // self.block_k - first // self.block_k + 1 if keeps else 0)
-        return counts
+        first = max(first_row + self.lo, 0)
+        last = min(min(first_row + self.block_q, Lq) - 1 + self.hi, Lk - 1)
+        if first > last or self.lo > self.hi:
+            return 0
+        return last // self.block_k - first // self.block_k + 1
+
+    def kv_tile_counts(self, Lq: int, Lk: int) -> list[int]:
+        """``kv_tiles`` of every query tile."""
+        return [self.kv_tiles(row, Lq, Lk) for row in range(0, Lq, self.block_q)]
+
+    def most_kv_tiles(self, Lq: int, Lk: int) -> int:
+        """``max(kv_tile_counts(Lq, Lk))`` from a few query tiles, not all of them.
+
+        Under torch.compile the lengths may be symbolic, and a loop over every query tile
+        would fix them. Where query tiles span whole kv tiles, the count rises while the
+        band's first key is clamped at 0 and its last is not at Lk - 1, stays level, then
+        falls: the most is at the first or last query tile or beside one of those two turns.
+        """
+        bq = self.block_q
+        last_tile = (Lq - 1) // bq
+        if bq % self.block_k:  # (short queries: 16- and 32-row tiles, at most two of them)
+            return max(self.kv_tile_counts(Lq, Lk))
+        # the query tiles where the first key leaves 0 and where the last one reaches Lk - 1
+        turns = (-self.lo // bq, (Lk - self.hi - bq) // bq)
+        tiles = [0, last_tile, *(t + d for t in turns for d in (-1, 0, 1))]
+        return max(self.kv_tiles(t * bq, Lq, Lk) for t in tiles if 0 <= t <= last_tile)
 
 
 #: The mask of a kernel call: a BlockMask, or a band the kernels compute from tile bounds.
@@ -232,7 +251,7 @@ def kv_splits(q: Tensor, k: Tensor, tiles: Tiles, packed: bool) -> int:
         return 1
     keys = k.shape[2]  # a BlockMask's: at most all (its parts may differ in non-empty tiles)
     if isinstance(tiles, Band):  # the most its query tiles visit
-        keys = max(tiles.kv_tile_counts(q.shape[2], k.shape[2])) * tiles.block_k
+        keys = tiles.most_kv_tiles(q.shape[2], k.shape[2]) * tiles.block_k
     return max(1, min(-(-threads // units), keys // MIN_SPLIT_KEYS))
 
 
@@ -288,7 +307,12 @@ def backward(
     mods: KernelMods = NO_MODS,
     dropout: tuple[int, int, float] = NO_DROPOUT,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv (float32) from float32 tensors on the CPU; ``dlse`` is the LSE's gradient."""
+    """dq, dk, dv (float32) from float32 tensors on the CPU; ``dlse`` is the LSE's gradient.
+
+    dQ rows take the kv tiles' parts as threads finish them (last-bit differences between
+    runs, as FlashAttention's atomics); under ``torch.use_deterministic_algorithms(True)`` in
+    kv-tile order: the same bits on every run and thread count.
+    """
     delta = (dout * out).sum(dim=-1)  # rowsum(dO ∘ O), (B, Hq, Lq)
     if dlse is not None:
         delta = delta - dlse
@@ -311,5 +335,6 @@ def backward(
         mods.softcap,
         *dropout,
         **band,
+        deterministic=torch.are_deterministic_algorithms_enabled(),
     )
     return dq, dk, dv

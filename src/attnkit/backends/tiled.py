@@ -65,7 +65,8 @@ class TileConfig:
     use_kernel: bool = True  #: use the compiled CPU kernels where they apply
 
 
-#: Query tiles that visit at least this many keys on average get 128 rows instead of 64.
+#: Query tiles that visit at least this many keys get 128 rows instead of 64 (a band's middle
+#: query tile; a BlockMask's on average).
 #: Taller tiles make bigger GEMMs but widen a band's masked edge by block_q/2 keys per row;
 #: measured with benchmarks/cpu_tile_sizes.py (README "Performance"): causal at 8192 tokens
 #: runs 3 % (D=64) to 8 % (D=128) faster with 128 rows, a 512-key window 10 % slower.
@@ -74,7 +75,7 @@ WIDE_ROW_KEYS = 1024
 
 def default_config(Lq: int) -> TileConfig:
     """Base tile sizes for ``Lq`` queries: 64 query rows (fewer for short queries)."""
-    block_q = min(64, max(16, 1 << (Lq - 1).bit_length()))
+    block_q = 16 if Lq <= 16 else 32 if Lq <= 32 else 64  # (compile: comparisons keep Lq symbolic)
     return TileConfig(block_q=block_q, block_k=64, max_chunk=1024)
 
 
@@ -85,9 +86,8 @@ def tuned_config(req: Request) -> TileConfig:
     if cfg.block_q < 64 or s.Lq < 2 * WIDE_ROW_KEYS:
         return cfg
     tiles = kernel_tiles(req, cfg)  # a band's counts follow from its bounds: no map built
-    if isinstance(tiles, cpu_kernel.Band):
-        counts = tiles.kv_tile_counts(s.Lq, s.Lk)
-        visited = sum(counts) / len(counts)
+    if isinstance(tiles, cpu_kernel.Band):  # its middle query tile's (compile: no loop over Lq)
+        visited: float = tiles.kv_tiles(s.Lq // 2 // cfg.block_q * cfg.block_q, s.Lq, s.Lk)
     else:
         visited = float((tiles.kinds != EMPTY).sum(dim=-1).float().mean())
     if visited * cfg.block_k >= WIDE_ROW_KEYS:
@@ -516,7 +516,11 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         captured = () if req.score_mod is None else captured_tensors(req.score_mod)
         plan = plan_from_block_mask(bm, cfg.max_chunk)  # drives the PyTorch forward, backward
         args = (plan, _ctx_for(req, bm.mask_fn), None, *captured)
-    out, lse = _TiledAttention.apply(req.q, req.k, req.v, *args)  # type: ignore[no-untyped-call]
+    q, k, v = req.q, req.k, req.v
+    if torch.compiler.is_compiling():  # dynamo refuses one tensor as two inputs of a Function
+        k = k.view_as(k) if k is q else k
+        v = v.view_as(v) if v is q or v is k else v
+    out, lse = _TiledAttention.apply(q, k, v, *args)  # type: ignore[no-untyped-call]
     return out, lse
 
 

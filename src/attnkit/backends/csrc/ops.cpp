@@ -21,20 +21,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const at::Tensor& tile_index, const at::Tensor& bitmaps, const at::Tensor& slopes,
     int64_t block_q, int64_t block_k, int64_t max_rows, double scale, double softcap,
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p, bool band, int64_t band_lo,
-    int64_t band_hi);
+    int64_t band_hi, bool deterministic);
 
 TORCH_LIBRARY(ATTNKIT_OP_NAMESPACE, m) {
   m.def(
       "tiled_forward(Tensor q, Tensor k, Tensor v, Tensor kinds, Tensor tile_index, "
       "Tensor bitmaps, Tensor slopes, int block_q, int block_k, int max_chunk, float scale, "
       "float softcap, int dropout_seed, int dropout_threshold, float dropout_p, "
-      "bool pack_gqa=False, bool band=False, int band_lo=0, int band_hi=0, int kv_splits=1) "
+      "bool pack_gqa=False, bool band=False, SymInt band_lo=0, SymInt band_hi=0, "
+      "SymInt kv_splits=1) "
       "-> (Tensor, Tensor)");
   m.def(
       "tiled_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse2, Tensor delta, "
       "Tensor kinds, Tensor tile_index, Tensor bitmaps, Tensor slopes, int block_q, "
       "int block_k, int max_rows, float scale, float softcap, int dropout_seed, "
-      "int dropout_threshold, float dropout_p, bool band=False, int band_lo=0, int band_hi=0) "
+      "int dropout_threshold, float dropout_p, bool band=False, SymInt band_lo=0, "
+      "SymInt band_hi=0, bool deterministic=False) "
       "-> (Tensor, Tensor, Tensor)");
 }
 

@@ -51,6 +51,15 @@ struct TileMask {
     return tiles_holding(i0 + lo, i1 + hi, Lk, block_k);
   }
 
+  // The last kv tile before kt that query tile qt visits, or -1.
+  int64_t visited_before(int64_t map, int64_t qt, int64_t kt) const {
+    const int64_t first = kv_tiles(qt).first;
+    for (int64_t j = kt - 1; j >= first; --j) {
+      if (kind(map, qt, j) != kEmpty) return j;
+    }
+    return -1;
+  }
+
   // The query tiles [first, end) that may visit kv tile kt: the band's, else all of them.
   std::pair<int64_t, int64_t> q_tiles(int64_t kt) const {
     if (!band) return {0, nQ};

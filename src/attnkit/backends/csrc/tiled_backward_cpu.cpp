@@ -12,20 +12,29 @@
 //        ∘ (1 - tanh²)          with a softcap
 //   dK += scale · dSᵀ · Q_rows  dQ_rows += scale · dS · K_tile
 // dQ rows are shared between units of different kv tiles: each adds its part under the query
-// tile's lock. Saved state is O(N): no Lq×Lk buffer exists.
+// tile's lock, or, deterministic, in kv-tile order. Saved state is O(N): no Lq×Lk buffer exists.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "cpu_common.h"
 #include "tile_mask.h"
 
 using namespace attnkit_cpu;
+
+namespace {
+void add_rows(float* dst, const float* src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const at::Tensor& dout,         // (B, Hq, Lq, Dv) float32, contiguous
@@ -40,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const at::Tensor& slopes,       // (Hq,) float32 ALiBi slopes, or empty: no ALiBi
     int64_t block_q, int64_t block_k, int64_t max_rows, double scale, double softcap,
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p,  // seed < 0: none
-    bool band, int64_t band_lo, int64_t band_hi) {  // band: lo <= j - i <= hi, no kinds/bitmaps
+    bool band, int64_t band_lo, int64_t band_hi,  // band: lo <= j - i <= hi, no kinds/bitmaps
+    bool deterministic) {
   for (const auto* t : {&dout, &q, &k, &v, &lse2, &delta}) {
     TORCH_CHECK(t->dtype() == at::kFloat && t->is_contiguous(),
                 "tiled_backward: contiguous float32 inputs expected");
@@ -67,6 +77,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   const float fscale = static_cast<float>(scale);
   // one lock per (b, query head, query tile): guards that tile's rows of dQ
   std::unique_ptr<std::mutex[]> dq_locks(new std::mutex[B * Hq * nQ]);
+  // Deterministic (torch.use_deterministic_algorithms): a query tile's dQ rows take the kv
+  // tiles' parts in kv-tile order, the same sums on every run and any thread count. The
+  // tile's baton holds the last kv tile that added; a unit waits for the one before it, which
+  // has a lower unit index: schedule(dynamic) hands units out in increasing order, so that
+  // one is already running and never waits for a later one (no deadlock).
+  std::unique_ptr<std::atomic<int64_t>[]> batons;
+  if (deterministic) {
+    batons.reset(new std::atomic<int64_t>[B * Hq * nQ]);
+    for (int64_t i = 0; i < B * Hq * nQ; ++i) batons[i].store(-1, std::memory_order_relaxed);
+  }
 
   const int64_t units = B * Hkv * nK;
 #pragma omp parallel num_threads(at::get_num_threads())
@@ -153,9 +173,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
             const int64_t a = t * block_q - r0, z = std::min((t + 1) * block_q, Lq) - r0;
             float* dst = dqp + (row_base + r0 + a) * D;
             const float* src = dq_part.data() + a * D;
-            std::lock_guard<std::mutex> guard(dq_locks[(b * Hq + h) * nQ + t]);
-#pragma omp simd
-            for (int64_t i = 0; i < (z - a) * D; ++i) dst[i] += src[i];
+            const int64_t slot = (b * Hq + h) * nQ + t;
+            if (deterministic) {
+              const int64_t before = mask.visited_before(map, t, kt);
+              while (batons[slot].load(std::memory_order_acquire) != before) {
+                std::this_thread::yield();
+              }
+              add_rows(dst, src, (z - a) * D);
+              batons[slot].store(kt, std::memory_order_release);
+            } else {
+              std::lock_guard<std::mutex> guard(dq_locks[slot]);
+              add_rows(dst, src, (z - a) * D);
+            }
           }
         }
       }
