@@ -198,3 +198,27 @@ def test_a_causal_lm_training_step_compiles_fullgraph(backend):
         logits.sum().backward()
         assert all(p.grad is not None for p in lm.parameters())
     assert graphs.frame_count == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", [None, 6], ids=["cache", "windowed-cache"])
+def test_a_decoding_step_over_kv_caches_compiles_once(window):
+    """A prefill graph and a step graph serve every step (the caches' positions stay symbolic;
+    a windowed cache's first move to its front adds two); what they decode is the full pass."""
+    torch.manual_seed(0)
+    mask = None if window is None else masks.sliding_window(window)
+    lm = CausalLM(40, d_model=32, nhead=4, num_layers=2, positions="rope", mask=mask).eval()
+    graphs = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(
+        lambda ids, start, caches: lm(ids, start=start, caches=caches)[0],
+        backend=graphs,
+        fullgraph=True,
+    )
+    ids = torch.randint(0, 40, (2, 40))
+    with torch.no_grad():
+        full, _ = lm(ids)
+        caches = lm.new_caches(2, 64) if window is None else lm.new_caches(2, 14, window=window)
+        outs = [step(ids[:, :6], 0, caches)]
+        outs += [step(ids[:, t : t + 1], t, caches) for t in range(6, 40)]
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert graphs.frame_count == (2 if window is None else 4)

@@ -37,7 +37,7 @@ def check_window(window: int, mask_parts: list[Mask]) -> None:
     """
     reaches = [_masks.lookback(m) for m in mask_parts]
     unknown = [m for m, r in zip(mask_parts, reaches, strict=True) if r is None]
-    reach = min((r for r in reaches if r is not None), default=math.inf)
+    reach = min([r for r in reaches if r is not None], default=math.inf)  # (dynamo: a list)
     if unknown or reach > window:
         far = "without bound" if reach == math.inf else f"{reach} positions"
         what = (
