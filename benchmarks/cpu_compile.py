@@ -1,13 +1,15 @@
-"""An attnkit CausalLM's training step on CPU, eager against torch.compile, per backend.
+"""An attnkit CausalLM on CPU, eager against torch.compile, per backend: training and decoding.
 
-A step is forward, cross-entropy over the next tokens, and backward (no optimizer), at fp32,
-batch 1; rotary positions, causal attention (the tiled kernels compute the band: one graph
-per length). Each of ``--backends`` runs eager and compiled (inductor); compiling happens
-before timing and is reported apart. The variants take turns for ``--rounds`` rounds and each
-keeps its best median; the compiled loss is checked against the eager one first.
+A training step is forward, cross-entropy over the next tokens, and backward (no optimizer),
+at fp32, batch 1; rotary positions, causal attention. A decoding step is one token over KV
+caches holding ``--contexts`` tokens (cropped back after each step), under no_grad, the step
+compiled with ``fullgraph=True`` (lengths stay symbolic: one graph for every step). Each of
+``--backends`` runs eager and compiled (inductor); compiling happens before timing and is
+reported apart. The variants take turns for ``--rounds`` rounds and each keeps its best median;
+compiled results are checked against eager ones first.
 
-    python benchmarks/cpu_compile.py [--lengths 512 2048] [--backends tiled sdpa]
-        [--layers 2] [--width 256] [--heads 4] [--rounds 3]
+    python benchmarks/cpu_compile.py [--lengths 512 2048] [--contexts 512 4096]
+        [--backends tiled sdpa] [--layers 2] [--width 256] [--heads 4] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -46,38 +48,84 @@ def step_of(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], torch.Ten
     return step
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
-    ap.add_argument("--backends", nargs="+", default=["tiled", "sdpa"])
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
-    args = ap.parse_args()
-    table = Table(
-        title=(
-            f"CausalLM training step: {args.layers} layers, width {args.width}, {args.heads} "
-            f"heads, rope, causal, fp32, batch 1, {torch.get_num_threads()} threads; ms"
-        )
-    )
-    for column in ("tokens", "backend", "eager", "compiled", "eager / compiled", "compile s"):
+def decode_step_of(
+    step: Callable[..., torch.Tensor], model: CausalLM, context: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """One token over caches holding ``context`` (B, P); the caches are cropped back after."""
+    P = context.shape[1]
+    caches = model.new_caches(1, P + 1)
+    with torch.no_grad():
+        model(context, caches=caches)
+    token = context[:, -1:]
+
+    def decode() -> torch.Tensor:
+        with torch.no_grad():
+            logits = step(token, P, caches)
+        for cache in caches:
+            cache.crop(P)
+        return logits
+
+    return decode
+
+
+def time_variants(
+    variants: dict[tuple[str, str], Callable[[], torch.Tensor]], rounds: int
+) -> dict[tuple[str, str], float]:
+    """Best median ms of each variant over ``rounds`` interleaved rounds."""
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(rounds):
+        for key, fn in variants.items():
+            best[key] = min(best.get(key, float("inf")), ms(fn))
+    return best
+
+
+def new_table(title: str, size: str) -> Table:
+    table = Table(title=title)
+    for column in (size, "backend", "eager", "compiled", "eager / compiled", "compile s"):
         table.add_column(column, justify="left" if column == "backend" else "right")
+    return table
+
+
+def add_rows(
+    table: Table,
+    size: int,
+    backends: list[str],
+    best: dict[tuple[str, str], float],
+    compile_seconds: dict[str, float],
+) -> None:
+    for backend in backends:
+        eager_ms, compiled_ms = best[backend, "eager"], best[backend, "compiled"]
+        table.add_row(
+            str(size),
+            backend,
+            f"{eager_ms:.2f}" if eager_ms < 10 else f"{eager_ms:.1f}",
+            f"{compiled_ms:.2f}" if compiled_ms < 10 else f"{compiled_ms:.1f}",
+            f"{eager_ms / compiled_ms:.2f}x",
+            f"{compile_seconds[backend]:.0f}",
+        )
+
+
+def make_model(args: argparse.Namespace, backend: str, max_len: int) -> CausalLM:
+    torch.manual_seed(0)
+    return CausalLM(
+        VOCAB,
+        d_model=args.width,
+        nhead=args.heads,
+        num_layers=args.layers,
+        max_len=max_len,
+        positions="rope",
+        backend=backend,
+    )
+
+
+def training_table(args: argparse.Namespace, shape: str) -> Table:
+    table = new_table(f"CausalLM training step: {shape}; ms", "tokens")
     for L in args.lengths:
         ids = torch.randint(0, VOCAB, (1, L + 1), generator=torch.Generator().manual_seed(L))
         steps: dict[tuple[str, str], Callable[[], torch.Tensor]] = {}
         compile_seconds = {}
         for backend in args.backends:
-            torch.manual_seed(0)
-            model = CausalLM(
-                VOCAB,
-                d_model=args.width,
-                nhead=args.heads,
-                num_layers=args.layers,
-                max_len=L,
-                positions="rope",
-                backend=backend,
-            )
+            model = make_model(args, backend, L)
             eager = step_of(model, ids)
             compiled = step_of(torch.compile(model), ids)
             start = time.perf_counter()
@@ -85,21 +133,54 @@ def main() -> None:
             compile_seconds[backend] = time.perf_counter() - start
             torch.testing.assert_close(loss, eager(), rtol=1e-4, atol=1e-4)
             steps[backend, "eager"], steps[backend, "compiled"] = eager, compiled
-        best: dict[tuple[str, str], float] = {}
-        for _ in range(args.rounds):
-            for key, fn in steps.items():
-                best[key] = min(best.get(key, float("inf")), ms(fn))
+        add_rows(table, L, args.backends, time_variants(steps, args.rounds), compile_seconds)
+    return table
+
+
+def decoding_table(args: argparse.Namespace, shape: str) -> Table:
+    table = new_table(f"CausalLM decoding step (one token): {shape}; ms", "cached tokens")
+    for P in args.contexts:
+        context = torch.randint(0, VOCAB, (1, P), generator=torch.Generator().manual_seed(P))
+        steps: dict[tuple[str, str], Callable[[], torch.Tensor]] = {}
+        compile_seconds = {}
         for backend in args.backends:
-            eager_ms, compiled_ms = best[backend, "eager"], best[backend, "compiled"]
-            table.add_row(
-                str(L),
-                backend,
-                f"{eager_ms:.1f}",
-                f"{compiled_ms:.1f}",
-                f"{eager_ms / compiled_ms:.2f}x",
-                f"{compile_seconds[backend]:.0f}",
-            )
-    Console().print(table)
+            model = make_model(args, backend, P + 1).eval()
+
+            def step(
+                ids: torch.Tensor, start: int, caches: list, model: CausalLM = model
+            ) -> torch.Tensor:
+                return model(ids, start=start, caches=caches)[0]
+
+            eager = decode_step_of(step, model, context)
+            compiled = decode_step_of(torch.compile(step, fullgraph=True), model, context)
+            start = time.perf_counter()
+            logits = compiled()
+            compile_seconds[backend] = time.perf_counter() - start
+            torch.testing.assert_close(logits, eager(), rtol=1e-4, atol=1e-4)
+            steps[backend, "eager"], steps[backend, "compiled"] = eager, compiled
+        add_rows(table, P, args.backends, time_variants(steps, args.rounds), compile_seconds)
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[512, 2048])
+    ap.add_argument("--contexts", type=int, nargs="*", default=[512, 4096])
+    ap.add_argument("--backends", nargs="+", default=["tiled", "sdpa"])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
+    args = ap.parse_args()
+    shape = (
+        f"{args.layers} layers, width {args.width}, {args.heads} heads, rope, causal, fp32, "
+        f"batch 1, {torch.get_num_threads()} threads"
+    )
+    console = Console()
+    if args.lengths:
+        console.print(training_table(args, shape))
+    if args.contexts:
+        console.print(decoding_table(args, shape))
 
 
 if __name__ == "__main__":

@@ -140,6 +140,32 @@ def test_rope_scores_depend_only_on_relative_position():
     torch.testing.assert_close(rope(q, offset=7).norm(), q.norm())
 
 
+@pytest.mark.parametrize(("rotary_dim", "factor"), [(None, 1.0), (10, 1.3)])
+def test_rope_is_rotate_half_and_rotate_qk_shares_its_angles(rotary_dim, factor):
+    """Bit for bit Llama's x·cos + rotate_half(x)·sin, in float32 angles (transformers'); q
+    and k through ``rotate_qk`` (the angles computed once) as through ``forward`` each."""
+    rope = RotaryEmbedding(16, rotary_dim=rotary_dim, attention_factor=factor)
+    R = rope.rotary_dim
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+    angles = torch.arange(7, 12).float()[:, None] * rope.inv_freq[None, :]
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1) * factor
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1) * factor
+
+    def llama(x):
+        x, rest = x[..., :R], x[..., R:]
+        rotate_half = torch.cat([-x[..., R // 2 :], x[..., : R // 2]], dim=-1)
+        return torch.cat([x * cos + rotate_half * sin, rest], dim=-1)
+
+    assert torch.equal(rope(q, offset=7), llama(q))
+    rq, rk = rope.rotate_qk(q, k, offset=7)
+    assert torch.equal(rq, llama(q))
+    assert torch.equal(rk, llama(k))
+    with pytest.raises(ValueError, match="same positions"):
+        rope.rotate_qk(q, k[:, :, :4])
+    with pytest.raises(ValueError, match="k has head dim 8"):
+        rope.rotate_qk(q, k[..., :8])
+
+
 def test_module_mask_and_backend_and_dropout():
     a = MultiHeadAttention(16, 2, mask=masks.sliding_window(2), dropout=0.5, backend="reference")
     x = torch.randn(1, 6, 16)

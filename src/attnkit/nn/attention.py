@@ -314,7 +314,7 @@ class MultiHeadAttention(nn.Module):
                 v = self.v_norm(v)
         if self.rope is not None and is_self:
             start = cache.position if cache is not None else 0
-            q, k = self.rope(q, offset=start), self.rope(k, offset=start)
+            q, k = self.rope.rotate_qk(q, k, offset=start)
         if cache is not None and not reuse_cross:
             k, v, key_padding_mask = append_to_cache(
                 cache, k, v, [self.mask, mask], key_padding_mask

@@ -161,7 +161,7 @@ class DifferentialAttention(nn.Module):
         q = self.q_proj(x).view(B, L, 2 * h, d).transpose(1, 2)
         k = self.k_proj(x).view(B, L, 2 * g, d).transpose(1, 2)
         if self.rope is not None:
-            q, k = self.rope(q, offset=start), self.rope(k, offset=start)
+            q, k = self.rope.rotate_qk(q, k, offset=start)
         # kv head j: keys [K1_j | K2_j] and value [V_j | V_{g+j}], each (B, g, L, 2d)
         k = torch.cat([k[:, :g], k[:, g:]], dim=-1)
         v = self.v_proj(x).view(B, L, 2, g, d).permute(0, 3, 1, 2, 4).reshape(B, g, L, 2 * d)

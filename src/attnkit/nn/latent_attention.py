@@ -256,10 +256,10 @@ class MultiHeadLatentAttention(nn.Module):
         H, nope, r = self.num_heads, self.nope_dim, self.kv_rank
         start = 0 if cache is None else cache.position
         q = self.q_proj(x).view(B, L, H, nope + self.rope_dim).transpose(1, 2)
-        q_nope, q_rope = q[..., :nope], self.rope(q[..., nope:], offset=start)
         c, k_rope = self.kv_down(x).split([r, self.rope_dim], dim=-1)
         c = self.kv_norm(c)[:, None]  # (B, 1, L, r)
-        k_rope = self.rope(k_rope[:, None], offset=start)  # (B, 1, L, rope_dim)
+        q_nope = q[..., :nope]
+        q_rope, k_rope = self.rope.rotate_qk(q[..., nope:], k_rope[:, None], offset=start)
         K, V = self._up()
         if cache is not None:
             latents, _, key_padding_mask = append_to_cache(

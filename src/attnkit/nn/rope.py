@@ -221,22 +221,54 @@ class RotaryEmbedding(nn.Module):
         Returns:
             (B, H, L, D) in x's dtype; channels from ``rotary_dim`` on as they came.
         """
+        self._check_head_dim(x, "x")
+        return self._rotate(x, *self._cos_sin(x.shape[-2], offset, positions, x.device))
+
+    def rotate_qk(
+        self, q: Tensor, k: Tensor, offset: int = 0, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``forward`` of q (B, Hq, L, D) and k (B, Hkv, L, D) at the same positions.
+
+        The angles are computed once: a decoding step's small ops cost more than their
+        arithmetic.
+        """
+        self._check_head_dim(q, "q")
+        self._check_head_dim(k, "k")
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError(
+                f"rotate_qk takes q and k at the same positions, got lengths {q.shape[-2]} "
+                f"and {k.shape[-2]}"
+            )
+        cos, sin = self._cos_sin(q.shape[-2], offset, positions, q.device)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _check_head_dim(self, x: Tensor, name: str) -> None:
         if x.shape[-1] != self.head_dim:
             raise ValueError(
-                f"x has head dim {x.shape[-1]}, RotaryEmbedding expects {self.head_dim}"
+                f"{name} has head dim {x.shape[-1]}, RotaryEmbedding expects {self.head_dim}"
             )
-        L = x.shape[-2]
+
+    def _cos_sin(
+        self, L: int, offset: int, positions: Tensor | None, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """cos and signed sin (L, R) float32: [cos θ | cos θ] and [-sin θ | sin θ]·factor."""
         if positions is None:
-            positions = torch.arange(offset, offset + L, device=x.device)
+            positions = torch.arange(offset, offset + L, device=device)
         elif positions.shape != (L,):
             raise ValueError(f"positions must have shape ({L},), got {tuple(positions.shape)}")
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq.to(x.device)[None, :]
-        cos = torch.cat([angles.cos(), angles.cos()], dim=-1) * self.attention_factor
-        sin = torch.cat([angles.sin(), angles.sin()], dim=-1) * self.attention_factor
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq.to(device)[None, :]
+        cos, sin = angles.cos(), angles.sin()
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        if self.attention_factor != 1:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos, sin
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x·cos + [x₂ | x₁]·sin: pairs (i, i + R/2) rotated (sin carries rotate-half's sign)."""
         x, passed = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         half = self.rotary_dim // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        out = (x.float() * cos + rotated.float() * sin).to(x.dtype)
+        swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+        out = (x.float() * cos + swapped.float() * sin).to(x.dtype)
         return out if passed.shape[-1] == 0 else torch.cat([out, passed], dim=-1)
 
     def extra_repr(self) -> str:
