@@ -33,6 +33,19 @@ def test_compiles_fullgraph(backend):
     torch.testing.assert_close(compiled(q, k), f(q, k))
 
 
+def assert_same_outputs_and_gradients(got, expected, leaves):
+    """Bit for bit the same output and, where it has them, the same gradients of the leaves."""
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    if expected.requires_grad:
+        dout = torch.randn_like(expected)
+        for g, e in zip(
+            torch.autograd.grad(got, leaves, dout),
+            torch.autograd.grad(expected, leaves, dout),
+            strict=True,
+        ):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 def ops_in(graphs):
     """attnkit ops called by the captured graphs, autograd.Function subgraphs included."""
     return {
@@ -72,17 +85,8 @@ def test_tiled_compiles_fullgraph_around_its_cpu_kernels(kwargs, dtype, grad):
 
     graphs = CompileCounterWithBackend("aot_eager")
     got = torch.compile(f, backend=graphs, fullgraph=True)(*leaves)
-    expected = f(*leaves)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert_same_outputs_and_gradients(got, f(*leaves), leaves)
     assert graphs.frame_count == 1
-    if grad:
-        dout = torch.randn_like(expected)
-        for g, e in zip(
-            torch.autograd.grad(got, leaves, dout),
-            torch.autograd.grad(expected, leaves, dout),
-            strict=True,
-        ):
-            torch.testing.assert_close(g, e, rtol=0, atol=0)
     assert ops_in(graphs) == (
         {"attnkit.tiled_forward", "attnkit.tiled_backward"} if grad else {"attnkit.tiled_forward"}
     )
@@ -118,15 +122,7 @@ def test_tiled_compiles_once_for_every_length(kwargs, deterministic):
     compiled = torch.compile(f, backend=graphs, fullgraph=True)
     for length in (70, 90, 130, 300):
         leaves = [torch.randn(1, h, length, 16, requires_grad=True) for h in (4, 2, 2)]
-        got, expected = compiled(*leaves), f(*leaves)
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
-        dout = torch.randn_like(expected)
-        for g, e in zip(
-            torch.autograd.grad(got, leaves, dout),
-            torch.autograd.grad(expected, leaves, dout),
-            strict=True,
-        ):
-            torch.testing.assert_close(g, e, rtol=0, atol=0)
+        assert_same_outputs_and_gradients(compiled(*leaves), f(*leaves), leaves)
     assert graphs.frame_count == 2
 
 
@@ -173,11 +169,8 @@ def test_tiled_compiles_under_masks_whose_tiles_come_from_data():
         mask = masks.document([0] * 23 + [1] * 17)
         return attnkit.attention(q, k, v, mask=mask, backend="tiled")
 
-    got, expected = torch.compile(f, backend="aot_eager")(*leaves), f(*leaves)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    grads = [torch.autograd.grad(out.sum(), leaves) for out in (got, expected)]
-    for g, e in zip(*grads, strict=True):
-        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    compiled = torch.compile(f, backend="aot_eager")
+    assert_same_outputs_and_gradients(compiled(*leaves), f(*leaves), leaves)
 
 
 @pytest.mark.slow
