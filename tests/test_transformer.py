@@ -238,6 +238,27 @@ def test_date_task_training_smoke():
     assert model.generate(src, bos_id=dates.BOS, eos_id=dates.EOS, max_len=11).shape[1] <= 11
 
 
+def test_causal_lm_refuses_a_mask_that_sees_later_positions():
+    """Such a model trains on the future, and its cached decoding differs from its full pass."""
+    for mask, where in (
+        (masks.sliding_window(4, 4), "query 0 attend key 1"),
+        (masks.causal() | masks.global_tokens([0]), "query 0 attend key 1"),
+        (masks.causal(align="top_left") | masks.document([0] * 40 + [1] * 24), "query 0"),
+        (masks.dilated(2, 3), "query 0 attend key 3"),
+    ):
+        with pytest.raises(ValueError, match=f"needs a causal mask, .*{where}.*mask & masks"):
+            CausalLM(9, d_model=16, nhead=2, max_len=64, mask=mask)
+    for mask in (
+        masks.sliding_window(4),
+        masks.strided(3),
+        masks.dilated(2, 3, causal=True),
+        masks.causal() & masks.global_tokens([0]),
+        masks.causal() & masks.document([0] * 40 + [1] * 24),  # bound to 64 positions
+        masks.document([0] * 40 + [1] * 30),  # bound to 70: left to the calls it serves
+    ):
+        CausalLM(9, d_model=16, nhead=2, max_len=64, mask=mask)
+
+
 def test_generate_refuses_bad_sampling_arguments():
     lm = CausalLM(10, d_model=16, nhead=2, num_layers=1, max_len=32).eval()
     seq2seq = Transformer(10, 10, d_model=16, nhead=2, max_len=16).eval()

@@ -44,6 +44,32 @@ def check_positions(positions: object) -> Positions:
     return cast(Positions, positions)
 
 
+#: ``check_causal`` evaluates a decoder's mask on this many positions at most.
+CAUSAL_CHECK_POSITIONS = 1024
+
+
+def check_causal(mask: Mask, max_len: int) -> Mask:
+    """Refuse a decoder-only model's mask that lets a query see a later key.
+
+    Such a model trains on the future, and decodes otherwise than its full pass. Checked on
+    the first min(max_len, ``CAUSAL_CHECK_POSITIONS``) positions; a mask bound to other
+    lengths (a document mask's ids) is left to the calls it serves.
+    """
+    n = min(max_len, CAUSAL_CHECK_POSITIONS)
+    try:
+        keep = mask.dense(n, n)
+    except ValueError:
+        return mask
+    future = (keep & torch.ones(n, n, dtype=torch.bool).triu(1)).nonzero()
+    if len(future):
+        i, j = (int(x) for x in future[0, -2:])
+        raise ValueError(
+            f"CausalLM needs a causal mask, but {mask!r} lets query {i} attend key {j}, a later "
+            "position; combine it with masks.causal() (mask & masks.causal())"
+        )
+    return mask
+
+
 class AttentionOptions(TypedDict, total=False):
     """MultiHeadAttention's switches that the blocks pass through."""
 
@@ -539,7 +565,8 @@ class CausalLM(nn.Module):
     """Decoder-only language model.
 
     ``mask`` (default causal) may be any causal pattern, e.g. ``masks.sliding_window(64)``
-    for sliding-window attention.
+    for sliding-window attention; one that lets a query see a later key is refused
+    (``check_causal``).
 
     Args: vocab, d_model, nhead, num_layers, dim_feedforward, dropout, max_len, positions,
         num_kv_heads, mask, backend (as ``Transformer``); sinks, qk_norm, output_gate: learned
@@ -593,6 +620,7 @@ class CausalLM(nn.Module):
         }
         self.max_len = max_len
         self.embed = _Embedding(vocab, d_model, max_len, positions, dropout)
+        causal_mask = check_causal(mask or masks.causal(), max_len)
         self.layers = nn.ModuleList(
             TransformerEncoderLayer(
                 d_model,
@@ -600,7 +628,7 @@ class CausalLM(nn.Module):
                 dim_feedforward,
                 dropout,
                 num_kv_heads=num_kv_heads,
-                mask=mask or masks.causal(),
+                mask=causal_mask,
                 positions=positions,
                 sinks=sinks,
                 qk_norm=qk_norm,
