@@ -5,6 +5,8 @@ every length past one query tile."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -124,6 +126,17 @@ def test_tiled_compiles_once_for_every_length(kwargs, deterministic):
         leaves = [torch.randn(1, h, length, 16, requires_grad=True) for h in (4, 2, 2)]
         assert_same_outputs_and_gradients(compiled(*leaves), f(*leaves), leaves)
     assert graphs.frame_count == 2
+
+
+@pytest.mark.slow
+def test_tiled_compiles_fullgraph_with_dynamic_true():
+    """``dynamic=True`` also makes Python scalars symbolic: the argument checks must not call
+    functions dynamo cannot trace on them (``math.isnan(dropout_p)`` broke the graph)."""
+    f = functools.partial(attnkit.attention, mask=masks.causal(), backend="tiled")
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for length in (37, 70):
+        q, k, v = (torch.randn(1, h, length, 16) for h in (4, 2, 2))
+        torch.testing.assert_close(compiled(q, k, v), f(q, k, v), rtol=0, atol=0)
 
 
 @pytest.mark.slow
