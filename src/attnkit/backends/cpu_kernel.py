@@ -76,7 +76,7 @@ class Band:
         """
         bq = self.block_q
         last_tile = (Lq - 1) // bq
-        if bq % self.block_k:  # (short queries: 16- and 32-row tiles, at most two of them)
+        if bq % self.block_k:  # (default_config gives such tiles to <= 32 queries: one tile)
             return max(self.kv_tile_counts(Lq, Lk))
         # the query tiles where the first key leaves 0 and where the last one reaches Lk - 1
         turns = (-self.lo // bq, (Lk - self.hi - bq) // bq)
