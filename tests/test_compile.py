@@ -158,7 +158,7 @@ def test_decoding_over_a_growing_cache_compiles_once(mask):
 @pytest.mark.slow
 def test_self_attention_on_one_tensor_compiles_fullgraph():
     """attention(x, x, x): dynamo refuses one tensor as several inputs of an autograd.Function,
-    so the tiled backend passes views."""
+    so attention passes views of the repeats to the backends."""
     x = torch.randn(1, 2, 40, 16, requires_grad=True)
 
     def f(x):

@@ -109,6 +109,19 @@ def autocast_off(q: Tensor) -> contextlib.AbstractContextManager[object]:
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
 
 
+def _distinct_while_compiling(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as distinct tensors while torch.compile traces (``attention(x, x, x)``).
+
+    Dynamo refuses one tensor as several inputs of an autograd.Function, which the tiled and
+    triton backends run: views stand in for the repeats.
+    """
+    if not torch.compiler.is_compiling():
+        return q, k, v
+    k = k.view_as(k) if k is q else k
+    v = v.view_as(v) if v is q or v is k else v
+    return q, k, v
+
+
 def _request(
     q: Tensor,
     k: Tensor,
@@ -122,6 +135,7 @@ def _request(
 ) -> Request:
     q, k, v = autocast_inputs(q, k, v)
     s = check.check_qkv(q, k, v)
+    q, k, v = _distinct_while_compiling(q, k, v)
     _check_score_mod(score_mod, s)
     p = check.check_dropout(dropout_p)
     check.check_generator(generator)

@@ -516,11 +516,7 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         captured = () if req.score_mod is None else captured_tensors(req.score_mod)
         plan = plan_from_block_mask(bm, cfg.max_chunk)  # drives the PyTorch forward, backward
         args = (plan, _ctx_for(req, bm.mask_fn), None, *captured)
-    q, k, v = req.q, req.k, req.v
-    if torch.compiler.is_compiling():  # dynamo refuses one tensor as two inputs of a Function
-        k = k.view_as(k) if k is q else k
-        v = v.view_as(v) if v is q or v is k else v
-    out, lse = _TiledAttention.apply(q, k, v, *args)  # type: ignore[no-untyped-call]
+    out, lse = _TiledAttention.apply(req.q, req.k, req.v, *args)  # type: ignore[no-untyped-call]
     return out, lse
 
 
