@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   const float alpha_qk = static_cast<float>(mods.any() ? scale : scale * 1.4426950408889634);
   const float fscale = static_cast<float>(scale);
   // one lock per (b, query head, query tile): guards that tile's rows of dQ
-  std::unique_ptr<std::mutex[]> dq_locks(new std::mutex[B * Hq * nQ]);
+  std::unique_ptr<std::mutex[]> dq_locks(deterministic ? nullptr : new std::mutex[B * Hq * nQ]);
   // Deterministic (torch.use_deterministic_algorithms): a query tile's dQ rows take the kv
   // tiles' parts in kv-tile order, the same sums on every run and any thread count. The
   // tile's baton holds the last kv tile that added; a unit waits for the one before it, which
