@@ -86,14 +86,28 @@ def new_table(title: str, size: str) -> Table:
     return table
 
 
-def add_rows(
+Step = Callable[[], torch.Tensor]
+
+
+def add_row(
     table: Table,
     size: int,
-    backends: list[str],
-    best: dict[tuple[str, str], float],
-    compile_seconds: dict[str, float],
+    args: argparse.Namespace,
+    variants_of: Callable[[str], tuple[Step, Step]],
 ) -> None:
-    for backend in backends:
+    """Per backend, an (eager, compiled) pair of steps: the first compiled call is timed as
+    compiling and checked against eager; then both are timed, interleaved."""
+    steps: dict[tuple[str, str], Step] = {}
+    compile_seconds = {}
+    for backend in args.backends:
+        eager, compiled = variants_of(backend)
+        start = time.perf_counter()
+        result = compiled()  # compiles
+        compile_seconds[backend] = time.perf_counter() - start
+        torch.testing.assert_close(result, eager(), rtol=1e-4, atol=1e-4)
+        steps[backend, "eager"], steps[backend, "compiled"] = eager, compiled
+    best = time_variants(steps, args.rounds)
+    for backend in args.backends:
         eager_ms, compiled_ms = best[backend, "eager"], best[backend, "compiled"]
         table.add_row(
             str(size),
@@ -122,18 +136,12 @@ def training_table(args: argparse.Namespace, shape: str) -> Table:
     table = new_table(f"CausalLM training step: {shape}; ms", "tokens")
     for L in args.lengths:
         ids = torch.randint(0, VOCAB, (1, L + 1), generator=torch.Generator().manual_seed(L))
-        steps: dict[tuple[str, str], Callable[[], torch.Tensor]] = {}
-        compile_seconds = {}
-        for backend in args.backends:
+
+        def training(backend: str, L: int = L, ids: torch.Tensor = ids) -> tuple[Step, Step]:
             model = make_model(args, backend, L)
-            eager = step_of(model, ids)
-            compiled = step_of(torch.compile(model), ids)
-            start = time.perf_counter()
-            loss = compiled()  # compiles forward and backward
-            compile_seconds[backend] = time.perf_counter() - start
-            torch.testing.assert_close(loss, eager(), rtol=1e-4, atol=1e-4)
-            steps[backend, "eager"], steps[backend, "compiled"] = eager, compiled
-        add_rows(table, L, args.backends, time_variants(steps, args.rounds), compile_seconds)
+            return step_of(model, ids), step_of(torch.compile(model), ids)
+
+        add_row(table, L, args, training)
     return table
 
 
@@ -141,24 +149,19 @@ def decoding_table(args: argparse.Namespace, shape: str) -> Table:
     table = new_table(f"CausalLM decoding step (one token): {shape}; ms", "cached tokens")
     for P in args.contexts:
         context = torch.randint(0, VOCAB, (1, P), generator=torch.Generator().manual_seed(P))
-        steps: dict[tuple[str, str], Callable[[], torch.Tensor]] = {}
-        compile_seconds = {}
-        for backend in args.backends:
+
+        def decoding(
+            backend: str, P: int = P, context: torch.Tensor = context
+        ) -> tuple[Step, Step]:
             model = make_model(args, backend, P + 1).eval()
 
-            def step(
-                ids: torch.Tensor, start: int, caches: list, model: CausalLM = model
-            ) -> torch.Tensor:
+            def step(ids: torch.Tensor, start: int, caches: list) -> torch.Tensor:
                 return model(ids, start=start, caches=caches)[0]
 
-            eager = decode_step_of(step, model, context)
-            compiled = decode_step_of(torch.compile(step, fullgraph=True), model, context)
-            start = time.perf_counter()
-            logits = compiled()
-            compile_seconds[backend] = time.perf_counter() - start
-            torch.testing.assert_close(logits, eager(), rtol=1e-4, atol=1e-4)
-            steps[backend, "eager"], steps[backend, "compiled"] = eager, compiled
-        add_rows(table, P, args.backends, time_variants(steps, args.rounds), compile_seconds)
+            compiled = torch.compile(step, fullgraph=True)
+            return decode_step_of(step, model, context), decode_step_of(compiled, model, context)
+
+        add_row(table, P, args, decoding)
     return table
 
 
