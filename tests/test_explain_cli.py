@@ -398,3 +398,63 @@ def test_head_view_switches_between_runs_in_chromium(browser, tmp_path):
     assert len(lines) == drawn("window") < drawn("full")
     spans = {abs(int(ln.get_attribute("data-i")) - int(ln.get_attribute("data-j"))) for ln in lines}
     assert max(spans) == 2
+
+
+@pytest.mark.slow
+def test_model_view_in_chromium(browser, tmp_path):
+    """The model view: a cell per (layer, head) whose pixels carry the embedded weights of the
+    selected run, the cells the head view draws outlined, and a click that shows its cell."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    layers, H, L = 2, 3, 5
+    g = torch.Generator().manual_seed(0)
+    maps = {
+        name: [torch.randn(H, L, L, generator=g).mul(2).softmax(-1) for _ in range(layers)]
+        for name in ("first", "second")
+    }
+    page = tmp_path / "model.html"
+    page.write_text(head_view_html(list("abcde"), maps))
+    browser.get(page.as_uri())
+
+    cells = browser.find_elements(By.CSS_SELECTOR, "canvas.thumb")
+    assert len(cells) == layers * H
+    assert {(c.get_attribute("width"), c.get_attribute("height")) for c in cells} == {("5", "5")}
+
+    def alpha(layer, head):  # the cell's alpha channel, row by row
+        return browser.execute_script(
+            "const c = document.querySelector(`canvas.thumb[data-layer='${arguments[0]}']"
+            "[data-head='${arguments[1]}']`);"
+            "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
+            ".filter((_, i) => i % 4 === 3);",
+            layer,
+            head,
+        )
+
+    def shown():
+        return {
+            (c.get_attribute("data-layer"), c.get_attribute("data-head"))
+            for c in browser.find_elements(By.CSS_SELECTOR, "canvas.thumb.shown")
+        }
+
+    for layer in range(layers):
+        for head in range(H):
+            assert alpha(layer, head) == quantize(maps["first"])[layer, head].flatten().tolist()
+    assert shown() == {("1", str(h)) for h in range(H)}  # the last layer, every head
+
+    browser.find_element(By.CSS_SELECTOR, "canvas.thumb[data-layer='0'][data-head='1']").click()
+    assert Select(browser.find_element(By.ID, "layer")).first_selected_option.text == "0"
+    checked = [
+        cb.get_attribute("data-head")
+        for cb in browser.find_elements(By.CSS_SELECTOR, "input.head-toggle")
+        if cb.is_selected()
+    ]
+    assert checked == ["1"]
+    lines = browser.find_elements(By.CSS_SELECTOR, "line.attn-line")
+    assert {ln.get_attribute("data-head") for ln in lines} == {"1"}
+    assert len(lines) == int((quantize(maps["first"])[0, 1].float() / 255 > 0.02).sum())
+    assert shown() == {("0", "1")}
+
+    Select(browser.find_element(By.ID, "run")).select_by_visible_text("second")
+    assert alpha(1, 2) == quantize(maps["second"])[1, 2].flatten().tolist()
+    assert alpha(1, 2) != quantize(maps["first"])[1, 2].flatten().tolist()

@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", action="store_true", help="walk one head through Q, K, V")
     e.add_argument("--png", type=_output_file, help="save the layer's head heatmaps as a PNG")
     e.add_argument(
-        "--html", type=_output_file, help="save an interactive head view (self-contained HTML)"
+        "--html",
+        type=_output_file,
+        help="save an interactive head view and model view (self-contained HTML)",
     )
     e.add_argument("--sparse", help="compare with a sparse pattern, e.g. sliding_window:2,2")
     e.add_argument("--model", default="all-MiniLM-L6-v2")

@@ -1,4 +1,8 @@
-"""An interactive head view (in the spirit of bertviz) as one self-contained HTML file.
+"""An interactive head view and model view (in the spirit of bertviz) as one HTML file.
+
+The head view draws one layer's heads as lines from each query token to the tokens it attends
+to; below it the model view shows every (layer, head) as a small L × L map, and clicking one
+shows it in the head view.
 
 No CDN and no network: the script and styles are inline, the weights are embedded as base64
 bytes (one byte per weight, 0-255), so texts of a few hundred tokens stay a few MB. Several
@@ -28,6 +32,12 @@ svg text { font: 13px system-ui, sans-serif; cursor: default; }
 svg text.active { font-weight: bold; }
 line.attn-line.hidden { display: none; }
 #note { color: #666; margin-top: 6px; }
+#model-view { display: grid; gap: 3px; margin-top: 8px; width: max-content; }
+#model-view .axis { font-size: 12px; color: #666; text-align: center; align-self: center;
+  padding: 0 4px; }
+canvas.thumb { width: 56px; height: 56px; background: white; border: 1px solid #ddd;
+  image-rendering: pixelated; cursor: pointer; }
+canvas.thumb.shown { border-color: #222; outline: 1px solid #222; }
 </style></head>
 <body>
 <h3>__TITLE__</h3>
@@ -43,6 +53,11 @@ line.attn-line.hidden { display: none; }
 Line opacity is the attention weight. Hover a token to see only its lines; click a head to
 toggle it.<span id="sink-note"> The key "(sink)" takes what each row gave no token (attention
 sinks).</span></div>
+<h4>Model view</h4>
+<div id="model-note">Every layer (rows) and head (columns) of this run: pixel (i, j) of a cell
+is how much token i attends to token j, darker is more. Click a cell to show that layer and
+head above.</div>
+<div id="model-view"></div>
 <script>
 const DATA = __DATA__;
 const SVGNS = "__SVGNS__";
@@ -131,10 +146,66 @@ function draw() {
     e.addEventListener("mouseleave", () => focus("j", null));
     svg.appendChild(e);
   }
+  markShown();
 }
-runSel.addEventListener("change", draw);
+// the model view: one L x L cell per (layer, head), each pixel's alpha the embedded byte
+function tag(name, cls, text) {
+  const e = document.createElement(name);
+  e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+const grid = document.getElementById("model-view");
+grid.style.gridTemplateColumns = `auto repeat(${H}, max-content)`;
+grid.appendChild(tag("span", "axis"));
+for (let h = 0; h < H; h++) grid.appendChild(tag("span", "axis", "head " + h));
+const cells = [];
+for (let l = 0; l < DATA.layers; l++) {
+  grid.appendChild(tag("span", "axis", "layer " + l));
+  for (let h = 0; h < H; h++) {
+    const c = tag("canvas", "thumb");
+    c.width = L; c.height = L; c.dataset.layer = l; c.dataset.head = h;
+    c.title = `layer ${l}, head ${h}`;
+    c.addEventListener("click", () => show(l, h));
+    grid.appendChild(c); cells.push(c);
+  }
+}
+function rgb(h) {  // the head's color as bytes
+  const probe = document.createElement("canvas").getContext("2d");
+  probe.fillStyle = color(h); probe.fillRect(0, 0, 1, 1);
+  return probe.getImageData(0, 0, 1, 1).data;
+}
+function drawCells() {
+  const run = Number(runSel.value);
+  for (const c of cells) {
+    const l = Number(c.dataset.layer), h = Number(c.dataset.head), [r, g, b] = rgb(h);
+    const ctx = c.getContext("2d"), img = ctx.createImageData(L, L);
+    const first = ((run * DATA.layers + l) * H + h) * L * L;
+    for (let p = 0, d = img.data; p < L * L; p++) {
+      d[4 * p] = r; d[4 * p + 1] = g; d[4 * p + 2] = b; d[4 * p + 3] = raw[first + p];
+    }
+    ctx.putImageData(img, 0, 0);
+  }
+}
+function markShown() {  // outline the cells the head view draws
+  const layer = Number(layerSel.value);
+  for (const c of cells) {
+    c.classList.toggle("shown", Number(c.dataset.layer) === layer && enabled[c.dataset.head]);
+  }
+}
+function show(layer, head) {  // a cell clicked: its layer, its head alone
+  layerSel.value = layer;
+  enabled.fill(false); enabled[head] = true;
+  document.querySelectorAll("input.head-toggle").forEach(cb => {
+    cb.checked = enabled[cb.dataset.head];
+  });
+  draw();
+  document.getElementById("view").scrollIntoView();
+}
+runSel.addEventListener("change", () => { drawCells(); draw(); });
 layerSel.addEventListener("change", draw);
 thr.addEventListener("input", draw);
+drawCells();
 draw();
 </script>
 </body></html>
