@@ -172,3 +172,29 @@ def test_any_bool_tensor_twice_and_rewritten_matches_the_reference(
     both(mask)
     mask.logical_not_()
     both(mask)
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", "sdpa", "auto"])
+@pytest.mark.parametrize(
+    "shape", [(), (1,), (203,), (113, 1), (113, 203), (3, 1, 203), (2, 1, 113, 203)], ids=str
+)
+def test_masks_of_every_rank_that_broadcasts(shape, backend):
+    """A bool tensor of fewer than 4 dims gets leading 1s, as broadcasting gives it (torch
+    SDPA itself raised an IndexError on a (Lk,) mask)."""
+    q, k, v = _qkv(2, 3, 113, 203, dtype=torch.float32)
+    g = torch.Generator().manual_seed(len(shape))
+    mask = torch.rand(shape, generator=g) < 0.7 if shape else torch.tensor(True)
+    full = mask.view((1,) * (4 - mask.dim()) + shape).expand(2, 3, 113, 203)
+    runs = {
+        "got": (backend, mask, torch.float32),
+        "low": ("reference", full, torch.float32),
+        "want": ("reference", full, torch.float64),
+    }
+    outs, grads = {}, {}
+    for name, (b, m, dtype) in runs.items():
+        x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        outs[name] = attnkit.attention(*x, mask=m, backend=b)
+        grads[name] = torch.autograd.grad(outs[name].square().sum(), x)
+    assert_close_scaled(outs["got"], outs["want"], outs["low"])
+    for i, what in enumerate(("dq", "dk", "dv")):
+        assert_close_scaled(grads["got"][i], grads["want"][i], grads["low"][i], 4.0, what=what)

@@ -81,7 +81,8 @@ def dense_mask(mask: MaskLike, s: Shapes, device: torch.device) -> Tensor | None
         return mask.dense(s.Lq, s.Lk, B=s.B, H=s.Hq, device=device)  # (B|1, H|1): as it varies
     if isinstance(mask, BlockMask):
         return mask.to_dense().to(device)
-    return mask.to(device)
+    # a bool tensor of fewer dims, (Lk,) say, gets its leading 1s: SDPA wants at least (Lq, Lk)
+    return mask.to(device).view((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
