@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +19,21 @@ def test_patterns_text(capsys):
     # causal at 16 tokens: the first row sees one key, the last all 16
     assert "█" + "·" * 15 in out
     assert "█" * 16 in out
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`attnkit patterns | head -3`: the pipe closes while the command still writes."""
+    code = "from attnkit.cli import main; raise SystemExit(main(['patterns', '--length', '128']))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"causal: density")
+    proc.stdout.close()  # far more than the pipe's buffer is still to come
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert err == ""
 
 
 def test_patterns_png(tmp_path, capsys):

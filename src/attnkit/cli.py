@@ -10,6 +10,7 @@ attnkit explain ["TEXT"] [--word W] [--layer L|all] [--steps] [--png F] [--html 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -267,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except UsageError as exc:
         parser.exit(2, f"attnkit {args.command}: error: {exc}\n")
+    except BrokenPipeError:  # the reader left (`attnkit patterns | head`): stop quietly
+        # (Python's advice: point stdout at devnull so its flush at exit cannot raise again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return code
 
 
