@@ -101,6 +101,8 @@ def test_explain_sparse_pictures_show_both_runs(tmp_path, capsys):
         (["explain", "--sparse", "zigzag:3"], "unknown pattern 'zigzag'"),
         (["explain", "--sparse", "sliding_window:-5"], "bad arguments"),
         (["explain", "--top", "0"], "must be >= 1"),
+        (["explain", "--top", "two"], "must be an int >= 1, got 'two'"),
+        (["explain", "--layer", "last"], "must be an int or 'all', got 'last'"),
     ],
 )
 def test_explain_usage_errors_exit_2(argv, message, capsys):

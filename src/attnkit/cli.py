@@ -119,7 +119,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         name = model.name
     n_layers = len(full.output.attentions)
     all_layers = args.layer == "all"
-    layer = None if all_layers else int(args.layer)
+    layer = None if all_layers else args.layer
     if layer is not None and layer < 0:
         layer += n_layers
     ex.check_layer_head(full, layer, args.head)
@@ -174,7 +174,10 @@ def _png_paths(path: str, n: int) -> list[Path]:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -191,6 +194,16 @@ def _pattern_length(text: str) -> int:
             f"at most {MAX_PATTERN_LENGTH} (each pattern is drawn from its dense mask), got {value}"
         )
     return value
+
+
+def _layer(text: str) -> int | str:
+    """A layer index (negative from the end) or 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int or 'all', got {text!r}") from None
 
 
 def _output_file(text: str) -> str:
@@ -237,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="which words each head of a real model attends to")
     e.add_argument("text", nargs="?", default=DEFAULT_TEXT, help=f"default: {DEFAULT_TEXT!r}")
     e.add_argument("--word", help="the word to explain (default: the last word)")
-    e.add_argument("--layer", default="-1", help="layer index, negative from the end, or 'all'")
+    e.add_argument(
+        "--layer", type=_layer, default=-1, help="layer index, negative from the end, or 'all'"
+    )
     e.add_argument("--head", type=int, default=0, help="head for --steps (default 0)")
     e.add_argument("--top", type=_positive_int, default=3, help="words shown per head")
     e.add_argument("--steps", action="store_true", help="walk one head through Q, K, V")
