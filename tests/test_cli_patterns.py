@@ -55,11 +55,14 @@ def test_patterns_png(tmp_path, capsys):
         (["patterns", "--png", "/no/such/folder/p.png"], "folder /no/such/folder does not exist"),
         (["explain", "--html", "/no/such/folder/v.html"], "argument --html: folder /no/such"),
         (["bench", "--json", "/no/such/folder/b.json"], "argument --json: folder /no/such"),
+        (["explain", "--html", "/"], "argument --html: / is a folder; give a file name in it"),
+        (["patterns", "--length", "x"], "must be an int >= 1, got 'x'"),
     ],
 )
 def test_usage_errors_exit_2_before_any_work(argv, message, capsys):
-    """Bad lengths and output files in missing folders are refused while parsing, not with a
-    traceback after the work (or an allocation of the whole machine's memory)."""
+    """Bad lengths and output files in missing folders (or naming a folder) are refused while
+    parsing, not with a traceback after the work (or an allocation of the whole machine's
+    memory)."""
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2

@@ -208,9 +208,11 @@ def _layer(text: str) -> int | str:
 
 def _output_file(text: str) -> str:
     """A file to write: its folder must exist, so the run does not fail at its end."""
-    folder = Path(text).expanduser().resolve().parent
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
+    path = Path(text).expanduser().resolve()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name in it")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {path.parent} does not exist")
     return text
 
 
