@@ -243,6 +243,40 @@ def test_parse_mask_union():
     ]
 
 
+_FIRST = r"attentions\[0\]"  # the name the head view's errors give its first map
+_HLL = r"\(H, L, L\)"
+
+
+@pytest.mark.parametrize(
+    ("maps", "where", "what"),
+    [
+        ([], "attentions", " has no layers"),
+        ([torch.rand(3, 3)], _FIRST, f" must be {_HLL} attention weights, got \\(3, 3\\)"),
+        ([torch.rand(2, 3, 4)], _FIRST, f" must be {_HLL}"),
+        ([torch.rand(2, 4, 4)], _FIRST, f" is {_HLL} = \\(2, 4, 4\\) but there are 3 tokens"),
+        ([torch.rand(2, 3, 3), torch.rand(1, 3, 3)], "attentions", f"'s layers differ in {_HLL}"),
+        (
+            {"full": [torch.full((1, 3, 3), float("nan"))]},
+            r"attentions\['full'\]\[0\]",
+            " holds NaN",
+        ),
+        ([torch.randn(2, 3, 3) * 4], _FIRST, r" .* not weights in \[0, 1\]: draw probabilities"),
+    ],
+)
+def test_pictures_refuse_maps_that_are_not_weights(maps, where, what, tmp_path):
+    """Both pictures say what is wrong with their maps (they drew scores or NaN as weights,
+    or failed inside torch.stack / matplotlib)."""
+    from attnkit.viz import save_head_grid
+
+    tokens = ["a", "b", "c"]
+    with pytest.raises(ValueError, match=where + what):
+        head_view_html(tokens, maps)
+    layers = maps if isinstance(maps, list) else maps["full"]
+    if len(layers) == 1:  # the heatmap grid draws one layer's map
+        with pytest.raises(ValueError, match="attention" + what):
+            save_head_grid(layers[0], tokens, tmp_path / "grid.png")
+
+
 def test_html_escapes_script_closing_tokens():
     page = head_view_html(["a", "</script><b>"], [torch.full((1, 2, 2), 0.5)])
     assert "</script><b>" not in page

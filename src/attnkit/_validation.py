@@ -140,3 +140,28 @@ def check_align(align: Any) -> str | int:
             f"align must be 'bottom_right', 'top_left' or an int offset, got {align!r}"
         )
     return str(align)
+
+
+def check_attention_map(name: str, weights: Any, n_tokens: int) -> None:
+    """A map to draw: (H, L, L) attention weights in [0, 1] over the L = ``n_tokens`` tokens.
+
+    Scores (before the softmax) or NaN would be drawn as something they are not.
+    """
+    if (
+        not isinstance(weights, Tensor)
+        or weights.dim() != 3
+        or weights.shape[1] != weights.shape[2]
+    ):
+        got = _shape(weights) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"{name} must be (H, L, L) attention weights, got {got}")
+    if weights.shape[1] != n_tokens:
+        raise ValueError(f"{name} is (H, L, L) = {_shape(weights)} but there are {n_tokens} tokens")
+    w = weights.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name} holds NaN or inf weights")
+    low, high = float(w.min()), float(w.max())
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(
+            f"{name} holds values in [{low:.3g}, {high:.3g}], not weights in [0, 1]: draw "
+            "probabilities (attnkit.attention_weights), not scores"
+        )

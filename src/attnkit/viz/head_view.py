@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnkit._validation import check_attention_map
+
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
 <style>
@@ -245,13 +247,20 @@ def head_view_html(
     runs = dict(attentions) if isinstance(attentions, Mapping) else {"attention": attentions}
     if not runs:
         raise ValueError("head_view_html needs at least one run of attention maps")
+    for name, run in runs.items():
+        arg = f"attentions[{name!r}]" if isinstance(attentions, Mapping) else "attentions"
+        if len(run) == 0:
+            raise ValueError(f"{arg} has no layers: one (H, L, L) map per layer expected")
+        for n, layer in enumerate(run):
+            check_attention_map(f"{arg}[{n}]", layer, len(tokens))
+            if layer.shape != run[0].shape:
+                seen = f"{tuple(run[0].shape)}, then {tuple(layer.shape)} at {n}"
+                raise ValueError(f"{arg}'s layers differ in (H, L, L): {seen}")
     quantized = [quantize(run) for run in runs.values()]
     shapes = {name: tuple(q.shape) for name, q in zip(runs, quantized, strict=True)}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"runs differ in (layers, heads, L, L): {shapes}")
     n_layers, H, L, _ = quantized[0].shape
-    if len(tokens) != L:
-        raise ValueError(f"{len(tokens)} tokens but attention maps of size {L}")
     q = torch.stack(quantized)  # (runs, layers, H, L, L)
     data = {
         "tokens": list(tokens),

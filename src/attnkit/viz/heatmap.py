@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from attnkit._validation import check_attention_map
 from attnkit.viz.patterns import _pyplot
 
 
@@ -21,6 +22,7 @@ def save_head_grid(
         path: PNG file to write.
         title: figure title.
     """
+    check_attention_map("attention", attention, len(tokens))
     plt = _pyplot()
     H, L, _ = attention.shape
     cols = min(4, H)
