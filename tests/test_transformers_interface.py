@@ -242,3 +242,50 @@ def test_a_models_mask_tensor_is_classified_once_per_forward(monkeypatch, name):
     for _ in range(2):
         model(ids, attention_mask=attention_mask).logits.sum().backward()
     assert built == [(L, L, 64, 64, 2, 4)] * 2
+
+
+SEQ2SEQ = {  # model_type -> (config, the implementation compared with): encoder and decoder
+    "bart": (  # padded encoder, causal decoder, cross-attention (Lq != Lk)
+        {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 48,
+         "decoder_ffn_dim": 48, "encoder_attention_heads": 4, "decoder_attention_heads": 4},
+        "sdpa",
+    ),
+    "t5": (  # T5's relative position bias reaches the function as position_bias
+        {"d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 1, "num_heads": 4},
+        "eager",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("model_type", list(SEQ2SEQ))
+def test_encoder_decoder_models_match_transformers(model_type, padded):
+    """An encoder (bidirectional: with no padding it passes no mask at all), a causal decoder
+    and its cross-attention over the encoder's keys: logits and every gradient as
+    transformers' own attention gives them."""
+    config, reference = SEQ2SEQ[model_type]
+    cfg = transformers.AutoConfig.for_model(
+        model_type, vocab_size=40, pad_token_id=0, decoder_start_token_id=1, **config
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(cfg).double().eval()
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
+    ids, attention_mask = batch()
+    # right-padded: no query row is fully masked
+    attention_mask = attention_mask.flip(-1) if padded else torch.ones_like(attention_mask)
+    decoder_ids = ids[:, :11]
+
+    def run(implementation):
+        model.set_attn_implementation(implementation)
+        model.zero_grad()
+        logits = model(ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids).logits
+        logits.mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected, expected_grads = run(reference)
+    got, grads = run(TILED)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=1e-10, msg=name)
