@@ -494,3 +494,88 @@ def test_model_view_in_chromium(browser, tmp_path):
     Select(browser.find_element(By.ID, "run")).select_by_visible_text("second")
     assert alpha(1, 2) == quantize(maps["second"])[1, 2].flatten().tolist()
     assert alpha(1, 2) != quantize(maps["first"])[1, 2].flatten().tolist()
+
+
+@pytest.mark.slow
+def test_neuron_view_in_chromium(browser, tmp_path):
+    """The neuron view scores every key from the embedded q, k, v as the model does: its
+    q·k and output are `head_steps`', its weights the model's; the head, the query (picked
+    by clicking a token) and the layer can change; other runs have no vectors."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from attnkit import explain, masks
+    from attnkit.models import load_pretrained
+
+    model = load_pretrained()
+    r = explain.run(model, DEFAULT_TEXT)
+    window = explain.run(model, DEFAULT_TEXT, mask=masks.sliding_window(2, 2))
+    maps = {
+        name: [run.attention(n) for n in range(6)]
+        for name, run in (("full", r), ("window", window))
+    }
+    vectors = explain.head_vectors(model, r)
+    page = tmp_path / "neuron.html"
+    page.write_text(head_view_html(r.tokens, maps, vectors=vectors, query=3, head=7, layer=2))
+    browser.get(page.as_uri())
+
+    def shown():
+        rows = browser.find_elements(By.CSS_SELECTOR, "#neuron tr.key")
+        dots = torch.tensor([float(row.get_attribute("data-dot")) for row in rows]).double()
+        weights = torch.tensor([float(row.get_attribute("data-weight")) for row in rows]).double()
+        out = json.loads(
+            browser.find_element(By.CSS_SELECTOR, "#neuron tr.summary").get_attribute("data-out")
+        )
+        return dots, weights, torch.tensor(out, dtype=torch.float64)
+
+    def check(layer, head, query):
+        steps = explain.head_steps(model, r, query, layer, head)
+        dots, weights, out = shown()
+        torch.testing.assert_close(dots, steps["dots"].double(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            weights, r.attention(layer)[head, query].double(), rtol=0, atol=1e-5
+        )
+        torch.testing.assert_close(out, steps["out"].double(), rtol=0, atol=1e-4)
+
+    assert Select(browser.find_element(By.ID, "layer")).first_selected_option.text == "2"
+    assert Select(browser.find_element(By.ID, "nq")).first_selected_option.text == "3: surgeon"
+    check(2, 7, 3)
+    Select(browser.find_element(By.ID, "nh")).select_by_value("0")
+    check(2, 0, 3)
+    browser.find_element(By.CSS_SELECTOR, "text.tok[data-side='i'][data-index='7']").click()
+    assert Select(browser.find_element(By.ID, "nq")).first_selected_option.text == "7: patient"
+    check(2, 0, 7)
+    Select(browser.find_element(By.ID, "layer")).select_by_value("4")
+    check(4, 0, 7)
+
+    Select(browser.find_element(By.ID, "run")).select_by_visible_text("window")
+    assert not browser.find_element(By.ID, "neuron-box").is_displayed()
+    assert browser.find_element(By.ID, "neuron-missing").is_displayed()
+    page.write_text(head_view_html(r.tokens, maps))  # no vectors: no neuron view at all
+    browser.get(page.as_uri())
+    assert not browser.find_element(By.ID, "neuron-box").is_displayed()
+    assert not browser.find_element(By.ID, "neuron-missing").is_displayed()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"drop": "v"}, "vectors must hold 'q', 'k' and 'v'"),
+        ({"q": torch.zeros(2, 2, 4, 4)}, r"vectors must be q, k \(layers, H, L, d\)"),
+        ({"v": torch.zeros(2, 2, 4, 5)}, r"vectors must be q, k \(layers, H, L, d\)"),
+        ({"k": torch.full((2, 2, 3, 4), float("nan"))}, "vectors hold NaN"),
+        ({"query": 3}, "query 3 and head 0 must index the 3 tokens, 2 heads"),
+        ({"layer": 2}, r"layer 2 is out of range: the maps have layers 0..1"),
+    ],
+)
+def test_neuron_view_refuses_vectors_that_do_not_fit(change, message):
+    maps = [torch.full((2, 3, 3), 1 / 3)] * 2
+    vectors = {
+        "q": torch.zeros(2, 2, 3, 4),
+        "k": torch.zeros(2, 2, 3, 4),
+        "v": torch.zeros(2, 2, 3, 5),
+    }
+    vectors.pop(change.pop("drop", None), None)
+    kwargs = {name: change.pop(name) for name in ("query", "layer") if name in change}
+    with pytest.raises(ValueError, match=message):
+        head_view_html(list("abc"), maps, vectors=vectors | change, **kwargs)

@@ -156,15 +156,28 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         from attnkit.viz import save_head_view
 
         n_layers = len(full.output.attentions)
+        # the neuron view's queries, keys and values: the pretrained encoder's, on short texts
+        vectors = None
+        if model is not None and len(full.tokens) <= NEURON_VIEW_TOKENS:
+            vectors = ex.head_vectors(model, full)
         save_head_view(
             full.tokens,
             {what: [r.attention(n) for n in range(n_layers)] for what, r in runs.items()},
             args.html,
             title=f"{name} head view: {args.text[:60]}",
             sinks=full.sinks,
+            vectors=vectors,
+            query=i,
+            head=args.head,
+            layer=layer,
         )
         console.print(f"wrote {args.html}")
     return 0
+
+
+#: The HTML page holds every head's queries, keys and values (its neuron view) up to this many
+#: tokens: 28 KB of float32 per token for all-MiniLM-L6-v2, so at most 3.5 MB.
+NEURON_VIEW_TOKENS = 128
 
 
 def _png_paths(path: str, n: int) -> list[Path]:
@@ -255,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--layer", type=_layer, default=-1, help="layer index, negative from the end, or 'all'"
     )
-    e.add_argument("--head", type=int, default=0, help="head for --steps (default 0)")
+    e.add_argument(
+        "--head", type=int, default=0, help="head for --steps and the HTML neuron view (default 0)"
+    )
     e.add_argument("--top", type=_positive_int, default=3, help="words shown per head")
     e.add_argument("--steps", action="store_true", help="walk one head through Q, K, V")
     e.add_argument("--png", type=_output_file, help="save the layer's head heatmaps as a PNG")

@@ -255,18 +255,33 @@ def render_heads(r: Run, i: int, layers: list[int], k: int, title: str = "") -> 
     return table
 
 
-def head_steps(model: PretrainedEncoder, r: Run, i: int, layer: int, head: int) -> dict[str, Any]:
-    """Recompute one head's output for token ``i`` by hand from the layer's input and weights."""
+def layer_qkv(model: PretrainedEncoder, r: Run, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Every head's queries, keys and values at ``layer``, each (H, L, d).
+
+    Recomputed from the layer's input by its own projections.
+    """
     block = model.encoder.layers[layer]
     assert isinstance(block, BertLayer)
     mha = block.attention
-    x = r.output.hidden_states[layer][0]  # the layer's input (L, E)
-    d = mha.head_dim
-    cols = slice(head * d, (head + 1) * d)
+    x = r.output.hidden_states[layer]  # the layer's input (1, L, E)
     with torch.no_grad():
-        q = (x @ mha.q_proj.weight.T + mha.q_proj.bias)[:, cols]
-        k = (x @ mha.k_proj.weight.T + mha.k_proj.bias)[:, cols]
-        v = (x @ mha.v_proj.weight.T + mha.v_proj.bias)[:, cols]
+        q, k, v = (
+            mha._heads(proj(x), mha.num_heads)[0] for proj in (mha.q_proj, mha.k_proj, mha.v_proj)
+        )
+    return q, k, v
+
+
+def head_vectors(model: PretrainedEncoder, r: Run) -> dict[str, Tensor]:
+    """``layer_qkv`` of every layer: {"q", "k", "v"}, each (layers, H, L, d) float32."""
+    per_layer = [layer_qkv(model, r, n) for n in range(len(model.encoder.layers))]
+    return {name: torch.stack([t[n] for t in per_layer]) for n, name in enumerate("qkv")}
+
+
+def head_steps(model: PretrainedEncoder, r: Run, i: int, layer: int, head: int) -> dict[str, Any]:
+    """Recompute one head's output for token ``i`` by hand from the layer's input and weights."""
+    q, k, v = (t[head] for t in layer_qkv(model, r, layer))
+    d = q.shape[-1]
+    with torch.no_grad():
         dots = k @ q[i]
         scaled = dots / math.sqrt(d)
         weights = scaled.softmax(-1)

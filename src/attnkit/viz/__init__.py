@@ -1,4 +1,4 @@
-"""Pictures of attention: pattern grids and head heatmaps (matplotlib), an HTML head view."""
+"""Pictures of attention: pattern grids, head heatmaps, an HTML head/model/neuron view."""
 
 from attnkit.viz.head_view import head_view_html, save_head_view
 from attnkit.viz.heatmap import save_head_grid

@@ -1,8 +1,9 @@
-"""An interactive head view and model view (in the spirit of bertviz) as one HTML file.
+"""Interactive head, model and neuron views (in the spirit of bertviz) as one HTML file.
 
 The head view draws one layer's heads as lines from each query token to the tokens it attends
 to; below it the model view shows every (layer, head) as a small L × L map, and clicking one
-shows it in the head view.
+shows it in the head view; given the queries, keys and values, the neuron view then walks one
+head through q × k, q · k, ÷ √d, softmax and Σ weight · value for one query token.
 
 No CDN and no network: the script and styles are inline, the weights are embedded as base64
 bytes (one byte per weight, 0-255), so texts of a few hundred tokens stay a few MB. Several
@@ -40,6 +41,13 @@ line.attn-line.hidden { display: none; }
 canvas.thumb { width: 56px; height: 56px; background: white; border: 1px solid #ddd;
   image-rendering: pixelated; cursor: pointer; }
 canvas.thumb.shown { border-color: #222; outline: 1px solid #222; }
+#neuron { border-collapse: collapse; margin-top: 8px; font-size: 13px; }
+#neuron td, #neuron th { padding: 1px 6px; text-align: right; white-space: nowrap; }
+#neuron th { font-weight: normal; color: #666; }
+#neuron td.tok { text-align: right; font-weight: bold; }
+#neuron canvas.vec { height: 12px; image-rendering: pixelated; vertical-align: middle; }
+#neuron div.wbar { display: inline-block; height: 10px; background: #333; vertical-align: middle; }
+#neuron tr.summary td { border-top: 1px solid #ccc; }
 </style></head>
 <body>
 <h3>__TITLE__</h3>
@@ -60,6 +68,17 @@ sinks).</span></div>
 is how much token i attends to token j, darker is more. Click a cell to show that layer and
 head above.</div>
 <div id="model-view"></div>
+<div id="neuron-box">
+<h4>Neuron view</h4>
+<div>How the query of <select id="nq"></select> at the layer above, head <select id="nh"></select>,
+scores every key: q · k is the sum of the elementwise products q × k; divided by √d and put
+through softmax it gives the weights, and the output is Σ weight · value. Each vector is a row
+of cells, blue positive and orange negative. Click a query token in the head view to pick
+it.</div>
+<table id="neuron"></table>
+</div>
+<div id="neuron-missing">The neuron view shows the first run ("<span id="neuron-run"></span>"),
+whose queries, keys and values the page holds.</div>
 <script>
 const DATA = __DATA__;
 const SVGNS = "__SVGNS__";
@@ -86,7 +105,7 @@ for (let l = 0; l < DATA.layers; l++) {
   const o = document.createElement("option");
   o.value = l; o.textContent = l; layerSel.appendChild(o);
 }
-layerSel.value = DATA.layers - 1;
+layerSel.value = DATA.initial_layer;
 const headsBox = document.getElementById("heads");
 for (let h = 0; h < H; h++) {
   const lab = document.createElement("label");
@@ -137,6 +156,7 @@ function draw() {
       const e = el("text", {x: x, y: 18 + i * rowH, "text-anchor": anchor, class: "tok",
         "data-side": side, "data-index": i}, tok);
       e.addEventListener("mouseenter", () => focus(side, i));
+      if (side === "i") e.addEventListener("click", () => { nq.value = i; drawNeurons(); });
       e.addEventListener("mouseleave", () => focus(side, null));
       svg.appendChild(e);
     }
@@ -149,6 +169,7 @@ function draw() {
     svg.appendChild(e);
   }
   markShown();
+  drawNeurons();
 }
 // the model view: one L x L cell per (layer, head), each pixel's alpha the embedded byte
 function tag(name, cls, text) {
@@ -204,6 +225,82 @@ function show(layer, head) {  // a cell clicked: its layer, its head alone
   draw();
   document.getElementById("view").scrollIntoView();
 }
+// the neuron view: one head's queries, keys and values (first run only), scored here
+const VEC = DATA.vectors;
+const vectors = VEC ? Object.fromEntries(["q", "k", "v"].map(n => [n,
+  new Float32Array(Uint8Array.from(atob(VEC[n]), c => c.charCodeAt(0)).buffer)])) : null;
+const nq = document.getElementById("nq"), nh = document.getElementById("nh");
+DATA.tokens.forEach((tok, i) => nq.appendChild(Object.assign(
+  document.createElement("option"), {value: i, textContent: `${i}: ${tok}`})));
+for (let h = 0; h < H; h++) {
+  nh.appendChild(Object.assign(document.createElement("option"), {value: h, textContent: h}));
+}
+if (VEC) { nq.value = VEC.query; nh.value = VEC.head; }
+document.getElementById("neuron-run").textContent = DATA.runs[0];
+nq.addEventListener("change", drawNeurons);
+nh.addEventListener("change", drawNeurons);
+function vector(name, layer, h, i) {  // a row of the (layers, H, L, d) tensor
+  const d = name === "v" ? VEC.dv : VEC.d, at = ((layer * H + h) * L + i) * d;
+  return Array.from(vectors[name].subarray(at, at + d));
+}
+function cellsOf(values, scale) {  // a vector as a row of cells, one pixel each, drawn wide
+  const c = document.createElement("canvas");
+  c.className = "vec"; c.width = values.length; c.height = 1;
+  c.style.width = 4 * values.length + "px";
+  const ctx = c.getContext("2d"), img = ctx.createImageData(values.length, 1);
+  values.forEach((x, n) => {
+    img.data.set(x >= 0 ? [40, 90, 200] : [230, 120, 20], 4 * n);
+    img.data[4 * n + 3] = Math.round(255 * Math.min(1, Math.abs(x) / scale));
+  });
+  ctx.putImageData(img, 0, 0);
+  return c;
+}
+function drawNeurons() {
+  const shown = vectors !== null && Number(runSel.value) === 0;
+  document.getElementById("neuron-box").style.display = shown ? "" : "none";
+  document.getElementById("neuron-missing").style.display = vectors && !shown ? "" : "none";
+  if (!shown) return;
+  const layer = Number(layerSel.value), h = Number(nh.value), i = Number(nq.value);
+  const q = vector("q", layer, h, i);
+  const keys = DATA.tokens.map((_, j) => vector("k", layer, h, j));
+  const values = DATA.tokens.map((_, j) => vector("v", layer, h, j));
+  const products = keys.map(k => k.map((x, c) => x * q[c]));
+  const dots = products.map(p => p.reduce((a, b) => a + b, 0));
+  const scaled = dots.map(x => x * VEC.scale);
+  const top = Math.max(...scaled), exps = scaled.map(x => Math.exp(x - top));
+  const total = exps.reduce((a, b) => a + b, 0), w = exps.map(x => x / total);
+  const out = values[0].map((_, c) => values.reduce((a, v, j) => a + w[j] * v[c], 0));
+  const most = rows => Math.max(1e-12, ...rows.flat().map(Math.abs));
+  const kScale = most([q, ...keys]), pScale = most(products), vScale = most([...values, out]);
+  const table = document.getElementById("neuron");
+  table.innerHTML = "<tr><th>key</th><th>key k</th><th>q × k</th><th>q · k</th><th>÷ √d</th>" +
+    "<th>weight</th><th>value v</th></tr>";
+  const row = (cells, cls) => {
+    const tr = document.createElement("tr");
+    if (cls) tr.className = cls;
+    for (const x of cells) {
+      const td = document.createElement("td");
+      if (x instanceof Node) td.appendChild(x); else td.textContent = x;
+      tr.appendChild(td);
+    }
+    table.appendChild(tr);
+    return tr;
+  };
+  const head = row([`query: ${DATA.tokens[i]}`, cellsOf(q, kScale), "", "", "", "", ""]);
+  head.firstChild.className = "tok";
+  DATA.tokens.forEach((tok, j) => {
+    const bar = Object.assign(document.createElement("div"), {className: "wbar"});
+    bar.style.width = Math.round(60 * w[j]) + "px";
+    const weight = document.createElement("span");
+    weight.append(w[j].toFixed(3) + " ", bar);
+    const tr = row([tok, cellsOf(keys[j], kScale), cellsOf(products[j], pScale),
+      dots[j].toFixed(2), scaled[j].toFixed(2), weight, cellsOf(values[j], vScale)]);
+    tr.className = "key"; tr.dataset.key = j;
+    tr.dataset.dot = dots[j]; tr.dataset.weight = w[j];
+  });
+  const sum = row(["output", "", "", "", "", "Σ weight · value", cellsOf(out, vScale)], "summary");
+  sum.dataset.out = JSON.stringify(out);
+}
 runSel.addEventListener("change", () => { drawCells(); draw(); });
 layerSel.addEventListener("change", draw);
 thr.addEventListener("input", draw);
@@ -231,6 +328,10 @@ def head_view_html(
     title: str = "attnkit head view",
     threshold: float | None = None,
     sinks: bool = False,
+    vectors: Mapping[str, Tensor] | None = None,
+    query: int | None = None,
+    head: int = 0,
+    layer: int | None = None,
 ) -> str:
     """The page as a string.
 
@@ -243,6 +344,12 @@ def head_view_html(
         threshold: lines below this weight are hidden (default: 0.02, or 0.1 past 100 tokens).
         sinks: the model has attention sinks, so rows sum to less than 1: the rest is drawn as
             lines to one more key, "(sink)".
+        vectors: the first run's queries, keys and values, {"q": (layers, H, L, d), "k": the
+            same, "v": (layers, H, L, dv)}, scored with the scale 1/√d: the page then has a
+            neuron view of how one query scores every key. A few MB past 100 tokens.
+        query: the neuron view's first query token (default: the last).
+        head: the neuron view's first head.
+        layer: the layer shown first (default: the last).
     """
     runs = dict(attentions) if isinstance(attentions, Mapping) else {"attention": attentions}
     if not runs:
@@ -251,16 +358,18 @@ def head_view_html(
         arg = f"attentions[{name!r}]" if isinstance(attentions, Mapping) else "attentions"
         if len(run) == 0:
             raise ValueError(f"{arg} has no layers: one (H, L, L) map per layer expected")
-        for n, layer in enumerate(run):
-            check_attention_map(f"{arg}[{n}]", layer, len(tokens))
-            if layer.shape != run[0].shape:
-                seen = f"{tuple(run[0].shape)}, then {tuple(layer.shape)} at {n}"
+        for n, weights in enumerate(run):
+            check_attention_map(f"{arg}[{n}]", weights, len(tokens))
+            if weights.shape != run[0].shape:
+                seen = f"{tuple(run[0].shape)}, then {tuple(weights.shape)} at {n}"
                 raise ValueError(f"{arg}'s layers differ in (H, L, L): {seen}")
     quantized = [quantize(run) for run in runs.values()]
     shapes = {name: tuple(q.shape) for name, q in zip(runs, quantized, strict=True)}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"runs differ in (layers, heads, L, L): {shapes}")
     n_layers, H, L, _ = quantized[0].shape
+    if layer is not None and not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is out of range: the maps have layers 0..{n_layers - 1}")
     q = torch.stack(quantized)  # (runs, layers, H, L, L)
     data = {
         "tokens": list(tokens),
@@ -269,8 +378,10 @@ def head_view_html(
         "heads": H,
         "threshold": threshold if threshold is not None else (0.02 if L <= 100 else 0.1),
         "initial_heads": None if L <= 100 else [0],
+        "initial_layer": n_layers - 1 if layer is None else layer,
         "weights": base64.b64encode(q.numpy().tobytes()).decode("ascii"),
         "sink": None,
+        "vectors": None if vectors is None else _vectors(vectors, n_layers, H, L, query, head),
     }
     if sinks:  # (runs, layers, H, L): each row's weight on no token, bytes as the weights
         shares = torch.stack(
@@ -284,6 +395,38 @@ def head_view_html(
         .replace("__SVGNS__", "http://www.w3.org/2000/svg")  # an XML namespace, never fetched
         .replace("__DATA__", payload)
     )
+
+
+def _vectors(
+    vectors: Mapping[str, Tensor], n_layers: int, H: int, L: int, query: int | None, head: int
+) -> dict[str, object]:
+    """The neuron view's data: q, k, v as base64 float32 bytes, its scale and first choice."""
+    if set(vectors) != {"q", "k", "v"}:
+        raise ValueError(f"vectors must hold 'q', 'k' and 'v', got {sorted(vectors)}")
+    shapes = {name: tuple(t.shape) for name, t in vectors.items()}
+    q, k, v = shapes["q"], shapes["k"], shapes["v"]
+    if len(q) != 4 or q[:3] != (n_layers, H, L) or k != q or len(v) != 4 or v[:3] != q[:3]:
+        raise ValueError(
+            f"vectors must be q, k (layers, H, L, d) and v (layers, H, L, dv) with (layers, H, "
+            f"L) = {(n_layers, H, L)} as the maps; got {shapes}"
+        )
+    if not all(bool(torch.isfinite(t).all()) for t in vectors.values()):
+        raise ValueError("vectors hold NaN or inf")
+    query = L - 1 if query is None else query
+    if not (0 <= query < L and 0 <= head < H):
+        raise ValueError(f"query {query} and head {head} must index the {L} tokens, {H} heads")
+
+    def raw(t: Tensor) -> str:
+        return base64.b64encode(t.detach().float().contiguous().numpy().tobytes()).decode("ascii")
+
+    return {
+        **{name: raw(t) for name, t in vectors.items()},
+        "d": q[3],
+        "dv": v[3],
+        "scale": q[3] ** -0.5,
+        "query": query,
+        "head": head,
+    }
 
 
 def save_head_view(
