@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 # Triton's interpreter on machines without a GPU (a GPU run sets TRITON_INTERPRET=0). Set before
 # any test module imports triton: triton decides at import whether its own jit functions run
@@ -161,3 +162,36 @@ def record_launches(monkeypatch):
     launch = tr.KernelCall.launch
     monkeypatch.setattr(tr.KernelCall, "launch", lambda c: (launched.append(c), launch(c)))
     return launched
+
+
+# ---- a headless browser for the HTML pages ---------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(
+            "chromium and chromedriver are not installed (make test installs them "
+            "with apt-get where it can): the browser tests of the HTML pages are skipped"
+        )
+    webdriver = pytest.importorskip("selenium.webdriver")
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let selenium fetch drivers
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1000,800",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+    yield driver
+    driver.quit()

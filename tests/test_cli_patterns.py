@@ -67,3 +67,86 @@ def test_usage_errors_exit_2_before_any_work(argv, message, capsys):
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_patterns_html_embeds_every_pattern_and_its_tiles(tmp_path, capsys):
+    """Each pattern's packed bits are its dense mask, its tile kinds its BlockMask's."""
+    import base64
+    import json
+
+    import numpy as np
+
+    path = tmp_path / "patterns.html"
+    assert main(["patterns", "--length", "40", "--html", str(path), "--block", "8"]) == 0
+    page = path.read_text()
+    data = json.loads(page.split("const DATA = ", 1)[1].split(";\n", 1)[0])
+    gallery = pattern_gallery(40)
+    assert [p["name"] for p in data["patterns"]] == list(gallery)
+    for p in data["patterns"]:
+        mask = gallery[p["name"]]
+        bits = np.unpackbits(np.frombuffer(base64.b64decode(p["bits"]), dtype=np.uint8))
+        assert bits[: 40 * 40].reshape(40, 40).tolist() == mask.dense(40, 40)[0, 0].int().tolist()
+        assert p["kinds"] == mask.blocks(40, 40, 8, 8).kinds[0, 0].reshape(-1).tolist()
+        assert p["spec"] == repr(mask)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ((pattern_gallery(8), 5000), ValueError, "length must be at most 4096"),
+        ((pattern_gallery(8), 0), ValueError, "length must be an int >= 1"),
+        (({}, 8), ValueError, "at least one pattern"),
+        (({"x": "causal"}, 8), TypeError, r"patterns\['x'\] must be an attnkit Mask, got str"),
+    ],
+)
+def test_pattern_view_refuses_bad_arguments(args, error, message):
+    from attnkit.viz import pattern_view_html
+
+    with pytest.raises(error, match=message):
+        pattern_view_html(*args)
+
+
+@pytest.mark.slow
+def test_pattern_view_in_chromium(browser, tmp_path):
+    """The page draws each pair by its tile: attended in a full tile (green), attended or
+    masked in a partial one (blue / orange), nothing in an empty one; without the tiles,
+    attended pairs only. Hovering names the pair and its tile."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from attnkit import masks
+    from attnkit.viz import save_pattern_view
+
+    page = save_pattern_view(pattern_gallery(64), 64, tmp_path / "p.html", block=8)
+    browser.get(page.as_uri())
+    cards = browser.find_elements(By.CSS_SELECTOR, ".card")
+    assert [c.get_attribute("data-name") for c in cards] == list(pattern_gallery(64))
+    counts = masks.causal().blocks(64, 64, 8, 8).counts()
+    causal = cards[0].find_element(By.CSS_SELECTOR, ".stats").text
+    assert f"{counts['full']} full, {counts['partial']} partial, {counts['empty']} empty" in causal
+
+    def pixel(i, j):  # RGBA of pair (i, j) in the causal grid
+        return browser.execute_script(
+            "return Array.from(document.querySelector('canvas.pattern').getContext('2d')"
+            ".getImageData(arguments[1], arguments[0], 1, 1).data);",
+            i,
+            j,
+        )
+
+    assert pixel(40, 3) == [40, 140, 80, 255]  # tile (5, 0): full
+    assert pixel(5, 2) == [30, 80, 160, 255]  # tile (0, 0): partial, attends
+    assert pixel(2, 5)[3] == 102  # tile (0, 0): partial, masked
+    assert pixel(3, 40) == [0, 0, 0, 0]  # tile (0, 5): empty
+    browser.find_element(By.ID, "tiles").click()
+    assert pixel(40, 3) == [30, 80, 160, 255]
+    assert pixel(2, 5) == [0, 0, 0, 0]
+
+    canvas = browser.find_element(By.CSS_SELECTOR, "canvas.pattern")
+    size = canvas.size["width"]  # 256 CSS pixels for 64 tokens: 4 per token
+    # offsets from the element's center: the cell of query 50, key 10
+    ActionChains(browser).move_to_element_with_offset(
+        canvas, int((10.5 / 64 - 0.5) * size), int((50.5 / 64 - 0.5) * size)
+    ).perform()
+    assert browser.find_element(By.ID, "info").text == (
+        "causal: query 50, key 10 attends (tile 6, 1: full)"
+    )

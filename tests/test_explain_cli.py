@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import struct
 from collections import Counter
 
@@ -283,36 +282,6 @@ def test_html_escapes_script_closing_tokens():
 
 
 # ---- the head view in a real browser --------------------------------------------------------
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip(
-            "chromium and chromedriver are not installed (make test installs them "
-            "with apt-get where it can): the browser test of the head view is skipped"
-        )
-    webdriver = pytest.importorskip("selenium.webdriver")
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let selenium fetch drivers
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1000,800",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
-    yield driver
-    driver.quit()
 
 
 @pytest.mark.slow

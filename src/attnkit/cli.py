@@ -68,6 +68,12 @@ def _cmd_patterns(args: argparse.Namespace) -> int:
 
         save_pattern_grid(gallery, args.length, args.png)
         print(f"wrote {args.png}")
+    if args.html:
+        from attnkit.viz import save_pattern_view
+
+        block = args.block or max(1, args.length // 8)
+        save_pattern_view(gallery, args.length, args.html, block=block)
+        print(f"wrote {args.html}")
     return 0
 
 
@@ -239,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--png", type=_output_file, help="also save the patterns as a PNG grid (needs matplotlib)"
+    )
+    p.add_argument(
+        "--html",
+        type=_output_file,
+        help="also save them as an HTML page with the tiles a flash kernel visits or skips",
+    )
+    p.add_argument(
+        "--block", type=_positive_int, help="tile side in the HTML page (default: length / 8)"
     )
     p.set_defaults(func=_cmd_patterns)
     b = sub.add_parser("bench", help="benchmark the tiled backend against torch on this machine")
