@@ -5,7 +5,8 @@
 
 "Tuesday, 3 March 1998", "03/03/98", "march 3rd 1998", "3.3.1998" ... -> "1998-03-03".
 Characters in, characters out. The decoder's cross-attention reads the encoder's keys and
-values: the saved picture shows which source characters each output digit attends to.
+values: the saved picture (and HTML page) shows which source characters each output digit
+attends to.
 Dates are split into train and test sets, so every test date is unseen in any format.
 Conventions: slashes are month/day (US), dots and dashes day.month; two-digit years are
 1950-2049.
@@ -196,10 +197,10 @@ def translate(model: Transformer, text: str) -> str:
     return decode(model.generate(src, bos_id=BOS, eos_id=EOS, max_len=TGT_LEN)[0].tolist())
 
 
-def save_alignment(model: Transformer, text: str, path: Path) -> str:
-    """Picture of the last decoder layer's cross-attention (mean over heads) for one input."""
-    from attnkit.viz.patterns import _pyplot
-
+def cross_attention(model: Transformer, text: str) -> tuple[str, list[torch.Tensor]]:
+    """The translation of ``text`` and each decoder layer's cross-attention while writing it,
+    (H, output chars, source chars) per layer (the decoder reads <bos> then each char).
+    """
     src = torch.tensor([encode(text, SRC_LEN)])
     pred = model.generate(src, bos_id=BOS, eos_id=EOS, max_len=TGT_LEN)[0].tolist()
     answer = decode(pred)
@@ -207,7 +208,24 @@ def save_alignment(model: Transformer, text: str, path: Path) -> str:
     with torch.no_grad():
         memory, padding = model.encode(src)
         _, weights = model.decode(dec_in, memory, padding, need_weights=True)
-    att = weights[-1][0].mean(0)[: len(answer), : len(text)]  # (out chars, source chars)
+    return answer, [w[0, :, : len(answer), : len(text)] for w in weights]
+
+
+def save_alignment(model: Transformer, text: str, path: Path) -> str:
+    """Picture of the last decoder layer's cross-attention (mean over heads) for one input,
+    and beside it (``path`` with .html) every layer and head's in the HTML head view."""
+    from attnkit.viz import save_head_view
+    from attnkit.viz.patterns import _pyplot
+
+    answer, weights = cross_attention(model, text)
+    save_head_view(
+        list(text),
+        weights,
+        path.with_suffix(".html"),
+        title=f"cross-attention: {text!r} -> {answer!r}",
+        query_tokens=list(answer),
+    )
+    att = weights[-1].mean(0)  # (out chars, source chars)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(0.32 * len(text) + 2, 0.32 * len(answer) + 1.5))
     ax.imshow(att.numpy(), cmap="Blues")
@@ -260,7 +278,7 @@ def main() -> None:
     checkpoint = out / "dates.pt"
     vocab = ["<pad>", "<bos>", "<eos>", *CHARS]  # id -> symbol
     save_checkpoint(checkpoint, model, vocab=vocab, meta={"exact_match": acc})
-    print(f"wrote {picture} and {checkpoint}")
+    print(f"wrote {picture}, {picture.with_suffix('.html')} and {checkpoint}")
 
 
 if __name__ == "__main__":

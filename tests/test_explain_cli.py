@@ -243,7 +243,7 @@ def test_parse_mask_union():
 
 
 _FIRST = r"attentions\[0\]"  # the name the head view's errors give its first map
-_HLL = r"\(H, L, L\)"
+_HLL = r"\(H, Lq, Lk\)"
 
 
 @pytest.mark.parametrize(
@@ -251,7 +251,7 @@ _HLL = r"\(H, L, L\)"
     [
         ([], "attentions", " has no layers"),
         ([torch.rand(3, 3)], _FIRST, f" must be {_HLL} attention weights, got \\(3, 3\\)"),
-        ([torch.rand(2, 3, 4)], _FIRST, f" must be {_HLL}"),
+        ([torch.rand(2, 3, 4)], _FIRST, f" is {_HLL} = \\(2, 3, 4\\) but there are 3 tokens"),
         ([torch.rand(2, 4, 4)], _FIRST, f" is {_HLL} = \\(2, 4, 4\\) but there are 3 tokens"),
         ([torch.rand(2, 3, 3), torch.rand(1, 3, 3)], "attentions", f"'s layers differ in {_HLL}"),
         (
@@ -530,10 +530,10 @@ def test_neuron_view_in_chromium(browser, tmp_path):
     ("change", "message"),
     [
         ({"drop": "v"}, "vectors must hold 'q', 'k' and 'v'"),
-        ({"q": torch.zeros(2, 2, 4, 4)}, r"vectors must be q, k \(layers, H, L, d\)"),
-        ({"v": torch.zeros(2, 2, 4, 5)}, r"vectors must be q, k \(layers, H, L, d\)"),
+        ({"q": torch.zeros(2, 2, 4, 4)}, r"vectors must be q \(layers, H, Lq, d\)"),
+        ({"v": torch.zeros(2, 2, 4, 5)}, r"vectors must be q \(layers, H, Lq, d\)"),
         ({"k": torch.full((2, 2, 3, 4), float("nan"))}, "vectors hold NaN"),
-        ({"query": 3}, "query 3 and head 0 must index the 3 tokens, 2 heads"),
+        ({"query": 3}, "query 3 and head 0 must index the 3 queries, 2 heads"),
         ({"layer": 2}, r"layer 2 is out of range: the maps have layers 0..1"),
     ],
 )
@@ -548,3 +548,39 @@ def test_neuron_view_refuses_vectors_that_do_not_fit(change, message):
     kwargs = {name: change.pop(name) for name in ("query", "layer") if name in change}
     with pytest.raises(ValueError, match=message):
         head_view_html(list("abc"), maps, vectors=vectors | change, **kwargs)
+
+
+@pytest.mark.slow
+def test_cross_attention_page_in_chromium(browser, tmp_path):
+    """A decoder's 4 queries over an encoder's 6 keys: query tokens on the left, key tokens
+    on the right, 4 × 6 model-view cells, and a neuron view scoring the 6 keys."""
+    from selenium.webdriver.common.by import By
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, d, generator=g) for n, d in ((4, 8), (6, 8), (6, 5)))
+    maps = (q @ k.transpose(-1, -2) / 8**0.5).softmax(-1)  # (layers, H, 4, 6)
+    page = tmp_path / "cross.html"
+    page.write_text(
+        head_view_html(
+            list("uvwxyz"), list(maps), query_tokens=list("ABCD"), vectors={"q": q, "k": k, "v": v}
+        )
+    )
+    browser.get(page.as_uri())
+
+    def side(s):
+        return [
+            t.text for t in browser.find_elements(By.CSS_SELECTOR, f"text.tok[data-side='{s}']")
+        ]
+
+    assert side("i") == list("ABCD")
+    assert side("j") == list("uvwxyz")
+    drawn = int((quantize(list(maps))[1].float() / 255 > 0.02).sum())
+    assert len(browser.find_elements(By.CSS_SELECTOR, "line.attn-line")) == drawn
+    cells = browser.find_elements(By.CSS_SELECTOR, "canvas.thumb")
+    assert {(c.get_attribute("width"), c.get_attribute("height")) for c in cells} == {("6", "4")}
+    rows = browser.find_elements(By.CSS_SELECTOR, "#neuron tr.key")
+    weights = torch.tensor([float(r.get_attribute("data-weight")) for r in rows]).double()
+    torch.testing.assert_close(weights, maps[1, 0, 3].double(), rtol=0, atol=1e-6)  # last query
+
+    with pytest.raises(ValueError, match="but there are 3 query and 6 key tokens"):
+        head_view_html(list("uvwxyz"), list(maps), query_tokens=list("ABC"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import sys
 from pathlib import Path
@@ -218,7 +219,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-def test_date_task_training_smoke():
+def test_date_task_training_smoke(tmp_path):
     """120 real training steps on the date task: the loss must fall below what any model
     that ignores the source can reach.
 
@@ -236,6 +237,14 @@ def test_date_task_training_smoke():
     assert sum(losses[-20:]) / 20 < 0.85, f"loss after 120 steps: {losses[-20:]}"
     src, _, _ = dates.batch(test_dates, random.Random(1), 1)
     assert model.generate(src, bos_id=dates.BOS, eos_id=dates.EOS, max_len=11).shape[1] <= 11
+    # the alignment picture and its HTML page: every decoder layer's cross-attention
+    answer = dates.save_alignment(model, "march 3rd 1998", tmp_path / "cross.png")
+    assert (tmp_path / "cross.png").stat().st_size > 0
+    page = (tmp_path / "cross.html").read_text()
+    data = json.loads(page.split("const DATA = ", 1)[1].split(";\n", 1)[0])
+    assert data["query_tokens"] == list(answer)
+    assert data["tokens"] == list("march 3rd 1998")
+    assert data["layers"] == len(model.decoder)
 
 
 def test_causal_lm_refuses_a_mask_that_sees_later_positions():

@@ -142,20 +142,22 @@ def check_align(align: Any) -> str | int:
     return str(align)
 
 
-def check_attention_map(name: str, weights: Any, n_tokens: int) -> None:
-    """A map to draw: (H, L, L) attention weights in [0, 1] over the L = ``n_tokens`` tokens.
+def check_attention_map(name: str, weights: Any, n_queries: int, n_keys: int) -> None:
+    """A map to draw: (H, Lq, Lk) attention weights in [0, 1], Lq and Lk the token counts.
 
+    The queries are ``n_queries`` tokens, the keys ``n_keys`` (the same in self-attention).
     Scores (before the softmax) or NaN would be drawn as something they are not.
     """
-    if (
-        not isinstance(weights, Tensor)
-        or weights.dim() != 3
-        or weights.shape[1] != weights.shape[2]
-    ):
+    if not isinstance(weights, Tensor) or weights.dim() != 3:
         got = _shape(weights) if isinstance(weights, Tensor) else type(weights).__name__
-        raise ValueError(f"{name} must be (H, L, L) attention weights, got {got}")
-    if weights.shape[1] != n_tokens:
-        raise ValueError(f"{name} is (H, L, L) = {_shape(weights)} but there are {n_tokens} tokens")
+        raise ValueError(f"{name} must be (H, Lq, Lk) attention weights, got {got}")
+    if tuple(weights.shape[1:]) != (n_queries, n_keys):
+        tokens = (
+            f"{n_queries} tokens"
+            if n_queries == n_keys
+            else f"{n_queries} query and {n_keys} key tokens"
+        )
+        raise ValueError(f"{name} is (H, Lq, Lk) = {_shape(weights)} but there are {tokens}")
     w = weights.detach().float()
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{name} holds NaN or inf weights")

@@ -83,14 +83,16 @@ whose queries, keys and values the page holds.</div>
 const DATA = __DATA__;
 const SVGNS = "__SVGNS__";
 const raw = Uint8Array.from(atob(DATA.weights), c => c.charCodeAt(0));
-const L = DATA.tokens.length, H = DATA.heads;
+// queries (left) and keys (right): the same tokens, or a decoder's over an encoder's
+const QT = DATA.query_tokens || DATA.tokens, KT = DATA.tokens;
+const Lq = QT.length, Lk = KT.length, H = DATA.heads;
 const enabled = new Array(H).fill(true);
 if (DATA.initial_heads) { enabled.fill(false); DATA.initial_heads.forEach(h => enabled[h] = true); }
 const color = h => `hsl(${Math.round(360 * h / H)}, 70%, 45%)`;
 const weight = (run, layer, h, i, j) =>
-  raw[(((run * DATA.layers + layer) * H + h) * L + i) * L + j] / 255;
+  raw[(((run * DATA.layers + layer) * H + h) * Lq + i) * Lk + j] / 255;
 const sinkRaw = DATA.sink ? Uint8Array.from(atob(DATA.sink), c => c.charCodeAt(0)) : null;
-const sink = (run, layer, h, i) => sinkRaw[((run * DATA.layers + layer) * H + h) * L + i] / 255;
+const sink = (run, layer, h, i) => sinkRaw[((run * DATA.layers + layer) * H + h) * Lq + i] / 255;
 if (!sinkRaw) document.getElementById("sink-note").style.display = "none";
 const runSel = document.getElementById("run");
 DATA.runs.forEach((name, r) => {
@@ -134,35 +136,35 @@ function draw() {
   const svg = document.getElementById("view");
   svg.innerHTML = "";
   const rowH = 20, width = 520, left = 150, right = width - 150;
-  const keys = sinkRaw ? L + 1 : L;  // the sink is one more key, below the tokens
-  svg.setAttribute("width", width); svg.setAttribute("height", keys * rowH + 20);
+  const keys = sinkRaw ? Lk + 1 : Lk;  // the sink is one more key, below the tokens
+  svg.setAttribute("width", width); svg.setAttribute("height", Math.max(Lq, keys) * rowH + 20);
   const run = Number(runSel.value), layer = Number(layerSel.value), t = Number(thr.value);
   document.getElementById("threshold-value").textContent = t.toFixed(2);
   const lines = el("g", {id: "lines"});
   for (let h = 0; h < H; h++) {
     if (!enabled[h]) continue;
-    for (let i = 0; i < L; i++) for (let j = 0; j < keys; j++) {
-      const w = j < L ? weight(run, layer, h, i, j) : sink(run, layer, h, i);
+    for (let i = 0; i < Lq; i++) for (let j = 0; j < keys; j++) {
+      const w = j < Lk ? weight(run, layer, h, i, j) : sink(run, layer, h, i);
       if (w <= t) continue;
-      lines.appendChild(el("line", {class: j < L ? "attn-line" : "attn-line sink-line",
+      lines.appendChild(el("line", {class: j < Lk ? "attn-line" : "attn-line sink-line",
         x1: left + 5, y1: 14 + i * rowH, x2: right - 5, y2: 14 + j * rowH, stroke: color(h),
         "stroke-width": 2, "stroke-opacity": Math.min(1, w).toFixed(3), "data-head": h,
-        "data-i": i, "data-j": j < L ? j : "sink"}));
+        "data-i": i, "data-j": j < Lk ? j : "sink"}));
     }
   }
   svg.appendChild(lines);
-  DATA.tokens.forEach((tok, i) => {
-    for (const [side, x, anchor] of [["i", left, "end"], ["j", right, "start"]]) {
+  for (const [side, tokens, x, anchor] of [["i", QT, left, "end"], ["j", KT, right, "start"]]) {
+    tokens.forEach((tok, i) => {
       const e = el("text", {x: x, y: 18 + i * rowH, "text-anchor": anchor, class: "tok",
         "data-side": side, "data-index": i}, tok);
       e.addEventListener("mouseenter", () => focus(side, i));
       if (side === "i") e.addEventListener("click", () => { nq.value = i; drawNeurons(); });
       e.addEventListener("mouseleave", () => focus(side, null));
       svg.appendChild(e);
-    }
-  });
+    });
+  }
   if (sinkRaw) {
-    const e = el("text", {x: right, y: 18 + L * rowH, "text-anchor": "start", class: "tok",
+    const e = el("text", {x: right, y: 18 + Lk * rowH, "text-anchor": "start", class: "tok",
       "data-side": "j", "data-index": "sink", "font-style": "italic"}, "(sink)");
     e.addEventListener("mouseenter", () => focus("j", "sink"));
     e.addEventListener("mouseleave", () => focus("j", null));
@@ -171,7 +173,7 @@ function draw() {
   markShown();
   drawNeurons();
 }
-// the model view: one L x L cell per (layer, head), each pixel's alpha the embedded byte
+// the model view: one Lq x Lk cell per (layer, head), each pixel's alpha the embedded byte
 function tag(name, cls, text) {
   const e = document.createElement(name);
   e.className = cls;
@@ -187,7 +189,8 @@ for (let l = 0; l < DATA.layers; l++) {
   grid.appendChild(tag("span", "axis", "layer " + l));
   for (let h = 0; h < H; h++) {
     const c = tag("canvas", "thumb");
-    c.width = L; c.height = L; c.dataset.layer = l; c.dataset.head = h;
+    c.width = Lk; c.height = Lq; c.dataset.layer = l; c.dataset.head = h;
+    c.style.height = Math.round(56 * Math.min(2, Lq / Lk)) + "px";
     c.title = `layer ${l}, head ${h}`;
     c.addEventListener("click", () => show(l, h));
     grid.appendChild(c); cells.push(c);
@@ -202,9 +205,9 @@ function drawCells() {
   const run = Number(runSel.value);
   for (const c of cells) {
     const l = Number(c.dataset.layer), h = Number(c.dataset.head), [r, g, b] = rgb(h);
-    const ctx = c.getContext("2d"), img = ctx.createImageData(L, L);
-    const first = ((run * DATA.layers + l) * H + h) * L * L;
-    for (let p = 0, d = img.data; p < L * L; p++) {
+    const ctx = c.getContext("2d"), img = ctx.createImageData(Lk, Lq);
+    const first = ((run * DATA.layers + l) * H + h) * Lq * Lk;
+    for (let p = 0, d = img.data; p < Lq * Lk; p++) {
       d[4 * p] = r; d[4 * p + 1] = g; d[4 * p + 2] = b; d[4 * p + 3] = raw[first + p];
     }
     ctx.putImageData(img, 0, 0);
@@ -230,7 +233,7 @@ const VEC = DATA.vectors;
 const vectors = VEC ? Object.fromEntries(["q", "k", "v"].map(n => [n,
   new Float32Array(Uint8Array.from(atob(VEC[n]), c => c.charCodeAt(0)).buffer)])) : null;
 const nq = document.getElementById("nq"), nh = document.getElementById("nh");
-DATA.tokens.forEach((tok, i) => nq.appendChild(Object.assign(
+QT.forEach((tok, i) => nq.appendChild(Object.assign(
   document.createElement("option"), {value: i, textContent: `${i}: ${tok}`})));
 for (let h = 0; h < H; h++) {
   nh.appendChild(Object.assign(document.createElement("option"), {value: h, textContent: h}));
@@ -239,8 +242,9 @@ if (VEC) { nq.value = VEC.query; nh.value = VEC.head; }
 document.getElementById("neuron-run").textContent = DATA.runs[0];
 nq.addEventListener("change", drawNeurons);
 nh.addEventListener("change", drawNeurons);
-function vector(name, layer, h, i) {  // a row of the (layers, H, L, d) tensor
-  const d = name === "v" ? VEC.dv : VEC.d, at = ((layer * H + h) * L + i) * d;
+function vector(name, layer, h, i) {  // a row of the (layers, H, Lq or Lk, d) tensor
+  const n = name === "q" ? Lq : Lk, d = name === "v" ? VEC.dv : VEC.d;
+  const at = ((layer * H + h) * n + i) * d;
   return Array.from(vectors[name].subarray(at, at + d));
 }
 function cellsOf(values, scale) {  // a vector as a row of cells, one pixel each, drawn wide
@@ -262,8 +266,8 @@ function drawNeurons() {
   if (!shown) return;
   const layer = Number(layerSel.value), h = Number(nh.value), i = Number(nq.value);
   const q = vector("q", layer, h, i);
-  const keys = DATA.tokens.map((_, j) => vector("k", layer, h, j));
-  const values = DATA.tokens.map((_, j) => vector("v", layer, h, j));
+  const keys = KT.map((_, j) => vector("k", layer, h, j));
+  const values = KT.map((_, j) => vector("v", layer, h, j));
   const products = keys.map(k => k.map((x, c) => x * q[c]));
   const dots = products.map(p => p.reduce((a, b) => a + b, 0));
   const scaled = dots.map(x => x * VEC.scale);
@@ -286,9 +290,9 @@ function drawNeurons() {
     table.appendChild(tr);
     return tr;
   };
-  const head = row([`query: ${DATA.tokens[i]}`, cellsOf(q, kScale), "", "", "", "", ""]);
+  const head = row([`query: ${QT[i]}`, cellsOf(q, kScale), "", "", "", "", ""]);
   head.firstChild.className = "tok";
-  DATA.tokens.forEach((tok, j) => {
+  KT.forEach((tok, j) => {
     const bar = Object.assign(document.createElement("div"), {className: "wbar"});
     bar.style.width = Math.round(60 * w[j]) + "px";
     const weight = document.createElement("span");
@@ -332,47 +336,54 @@ def head_view_html(
     query: int | None = None,
     head: int = 0,
     layer: int | None = None,
+    query_tokens: Sequence[str] | None = None,
 ) -> str:
     """The page as a string.
 
     Args:
-        tokens: the L tokens.
-        attentions: one (H, L, L) tensor of probabilities per layer; or several such runs of
-            the same text by name (e.g. {"full attention": ..., "sliding_window(2, 2)": ...}),
-            the first shown first.
+        tokens: the Lk tokens attended to (keys), and the queries unless ``query_tokens``.
+        attentions: one (H, Lq, Lk) tensor of probabilities per layer; or several such runs
+            of the same text by name (e.g. {"full attention": ..., "sliding_window(2, 2)":
+            ...}), the first shown first.
         title: page title.
         threshold: lines below this weight are hidden (default: 0.02, or 0.1 past 100 tokens).
         sinks: the model has attention sinks, so rows sum to less than 1: the rest is drawn as
             lines to one more key, "(sink)".
-        vectors: the first run's queries, keys and values, {"q": (layers, H, L, d), "k": the
-            same, "v": (layers, H, L, dv)}, scored with the scale 1/√d: the page then has a
-            neuron view of how one query scores every key. A few MB past 100 tokens.
+        vectors: the first run's queries, keys and values, {"q": (layers, H, Lq, d), "k":
+            (layers, H, Lk, d), "v": (layers, H, Lk, dv)}, scored with the scale 1/√d: the
+            page then has a neuron view of how one query scores every key. A few MB past
+            100 tokens.
         query: the neuron view's first query token (default: the last).
         head: the neuron view's first head.
         layer: the layer shown first (default: the last).
+        query_tokens: the Lq query tokens of cross-attention (a decoder's, over an encoder's
+            ``tokens``); None: self-attention, the queries are ``tokens``.
     """
     runs = dict(attentions) if isinstance(attentions, Mapping) else {"attention": attentions}
+    queries = tokens if query_tokens is None else query_tokens
     if not runs:
         raise ValueError("head_view_html needs at least one run of attention maps")
     for name, run in runs.items():
         arg = f"attentions[{name!r}]" if isinstance(attentions, Mapping) else "attentions"
         if len(run) == 0:
-            raise ValueError(f"{arg} has no layers: one (H, L, L) map per layer expected")
+            raise ValueError(f"{arg} has no layers: one (H, Lq, Lk) map per layer expected")
         for n, weights in enumerate(run):
-            check_attention_map(f"{arg}[{n}]", weights, len(tokens))
+            check_attention_map(f"{arg}[{n}]", weights, len(queries), len(tokens))
             if weights.shape != run[0].shape:
                 seen = f"{tuple(run[0].shape)}, then {tuple(weights.shape)} at {n}"
-                raise ValueError(f"{arg}'s layers differ in (H, L, L): {seen}")
+                raise ValueError(f"{arg}'s layers differ in (H, Lq, Lk): {seen}")
     quantized = [quantize(run) for run in runs.values()]
     shapes = {name: tuple(q.shape) for name, q in zip(runs, quantized, strict=True)}
     if len(set(shapes.values())) != 1:
-        raise ValueError(f"runs differ in (layers, heads, L, L): {shapes}")
-    n_layers, H, L, _ = quantized[0].shape
+        raise ValueError(f"runs differ in (layers, heads, Lq, Lk): {shapes}")
+    n_layers, H, Lq, Lk = quantized[0].shape
+    L = max(Lq, Lk)
     if layer is not None and not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is out of range: the maps have layers 0..{n_layers - 1}")
     q = torch.stack(quantized)  # (runs, layers, H, L, L)
     data = {
         "tokens": list(tokens),
+        "query_tokens": None if query_tokens is None else list(query_tokens),
         "runs": list(runs),
         "layers": n_layers,
         "heads": H,
@@ -381,7 +392,9 @@ def head_view_html(
         "initial_layer": n_layers - 1 if layer is None else layer,
         "weights": base64.b64encode(q.numpy().tobytes()).decode("ascii"),
         "sink": None,
-        "vectors": None if vectors is None else _vectors(vectors, n_layers, H, L, query, head),
+        "vectors": None
+        if vectors is None
+        else _vectors(vectors, (n_layers, H, Lq, Lk), query, head),
     }
     if sinks:  # (runs, layers, H, L): each row's weight on no token, bytes as the weights
         shares = torch.stack(
@@ -398,23 +411,28 @@ def head_view_html(
 
 
 def _vectors(
-    vectors: Mapping[str, Tensor], n_layers: int, H: int, L: int, query: int | None, head: int
+    vectors: Mapping[str, Tensor], sizes: tuple[int, int, int, int], query: int | None, head: int
 ) -> dict[str, object]:
-    """The neuron view's data: q, k, v as base64 float32 bytes, its scale and first choice."""
+    """The neuron view's data: q, k, v as base64 float32 bytes, its scale and first choice.
+
+    ``sizes``: the maps' (layers, H, Lq, Lk).
+    """
     if set(vectors) != {"q", "k", "v"}:
         raise ValueError(f"vectors must hold 'q', 'k' and 'v', got {sorted(vectors)}")
     shapes = {name: tuple(t.shape) for name, t in vectors.items()}
     q, k, v = shapes["q"], shapes["k"], shapes["v"]
-    if len(q) != 4 or q[:3] != (n_layers, H, L) or k != q or len(v) != 4 or v[:3] != q[:3]:
+    n_layers, H, Lq, Lk = sizes
+    fits = len(q) == len(k) == len(v) == 4 and q[:3] == (n_layers, H, Lq)
+    if not fits or k[:3] != (n_layers, H, Lk) or v[:3] != k[:3] or k[3] != q[3]:
         raise ValueError(
-            f"vectors must be q, k (layers, H, L, d) and v (layers, H, L, dv) with (layers, H, "
-            f"L) = {(n_layers, H, L)} as the maps; got {shapes}"
+            "vectors must be q (layers, H, Lq, d), k (layers, H, Lk, d) and v (layers, H, Lk, "
+            f"dv) with (layers, H, Lq, Lk) = {sizes} as the maps; got {shapes}"
         )
     if not all(bool(torch.isfinite(t).all()) for t in vectors.values()):
         raise ValueError("vectors hold NaN or inf")
-    query = L - 1 if query is None else query
-    if not (0 <= query < L and 0 <= head < H):
-        raise ValueError(f"query {query} and head {head} must index the {L} tokens, {H} heads")
+    query = Lq - 1 if query is None else query
+    if not (0 <= query < Lq and 0 <= head < H):
+        raise ValueError(f"query {query} and head {head} must index the {Lq} queries, {H} heads")
 
     def raw(t: Tensor) -> str:
         return base64.b64encode(t.detach().float().contiguous().numpy().tobytes()).decode("ascii")

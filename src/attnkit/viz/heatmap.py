@@ -22,7 +22,7 @@ def save_head_grid(
         path: PNG file to write.
         title: figure title.
     """
-    check_attention_map("attention", attention, len(tokens))
+    check_attention_map("attention", attention, len(tokens), len(tokens))
     plt = _pyplot()
     H, L, _ = attention.shape
     cols = min(4, H)
