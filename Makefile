@@ -64,7 +64,11 @@ package: $(STAMP)
 	assert cpu_kernel.available(), 'CPU kernels did not build'; \
 	q = torch.randn(1, 2, 5, 8, requires_grad=True); \
 	out = attnkit.attention(q, q, q, mask=attnkit.masks.causal(), backend='tiled'); \
-	out.sum().backward(); print('package ok:', attnkit.__version__, tuple(q.grad.shape))"
+	out.sum().backward(); \
+	from attnkit.viz import head_view_html, pattern_view_html; \
+	assert 'Neuron view' in head_view_html(['a'], [torch.ones(1, 1, 1)]), 'pages not shipped'; \
+	assert 'flash kernel' in pattern_view_html({'c': attnkit.masks.causal()}, 8); \
+	print('package ok:', attnkit.__version__, tuple(q.grad.shape))"
 	ls dist
 
 bench: $(STAMP)

@@ -12,6 +12,7 @@ import base64
 import html
 import json
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -19,88 +20,9 @@ import numpy as np
 from attnkit._validation import check_int
 from attnkit.masks import Mask
 
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
-<style>
-body { font: 14px system-ui, sans-serif; margin: 16px; color: #222; }
-#cards { display: flex; flex-wrap: wrap; gap: 18px; }
-.card { width: 260px; }
-.card h4 { margin: 0 0 2px 0; font-size: 14px; }
-.card .spec, .card .stats { font-size: 12px; color: #555; margin: 2px 0; }
-canvas.pattern { width: 256px; height: 256px; border: 1px solid #bbb; image-rendering: pixelated;
-  cursor: crosshair; }
-#legend span { display: inline-block; width: 12px; height: 12px; vertical-align: middle;
-  margin: 0 4px 0 10px; border: 1px solid #bbb; }
-#info { height: 1.4em; margin: 8px 0; font-weight: bold; }
-</style></head>
-<body>
-<h3>__TITLE__</h3>
-<div>Each grid is one pattern at __LENGTH__ tokens: row i is query i, column j key j, dark
-cells are the pairs that attend. <label><input type="checkbox" id="tiles" checked> color the
-__BLOCK__ × __BLOCK__ tiles a flash kernel works in</label>:
-<span id="legend"><span style="background: rgb(40, 140, 80)"></span>full (computed without
-a mask)<span style="background: rgb(30, 80, 160)"></span><span style="background:
-rgba(235, 170, 30, 0.4)"></span>partial (masked pair by pair)<span style="background:
-white"></span>empty (skipped)</span></div>
-<div id="info">Hover a grid to see a pair.</div>
-<div id="cards"></div>
-<script>
-const DATA = __DATA__;
-const L = DATA.length, B = DATA.block, nT = Math.ceil(L / B);
-const KIND = {0: "empty", 1: "partial", 2: "full"};
-const ATTENDS = [30, 80, 160, 255], ATTENDS_FULL = [40, 140, 80, 255];
-const MASKED_PARTIAL = [235, 170, 30, 102];
-const tilesBox = document.getElementById("tiles"), info = document.getElementById("info");
-const cards = document.getElementById("cards");
-const patterns = DATA.patterns.map(p => ({...p,
-  bits: Uint8Array.from(atob(p.bits), c => c.charCodeAt(0))}));
-const attends = (p, i, j) => (p.bits[(i * L + j) >> 3] >> (7 - ((i * L + j) & 7))) & 1;
-const kindAt = (p, i, j) => p.kinds[Math.floor(i / B) * nT + Math.floor(j / B)];
-function tag(name, cls, text) {
-  const e = document.createElement(name);
-  e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-patterns.forEach((p, n) => {
-  const card = tag("div", "card");
-  card.dataset.name = p.name;
-  card.append(tag("h4", "name", p.name), tag("div", "spec", p.spec));
-  const counts = [0, 0, 0];
-  p.kinds.forEach(k => counts[k]++);
-  card.append(tag("div", "stats", `density ${p.density.toFixed(3)} · tiles: ${counts[2]} full, ` +
-    `${counts[1]} partial, ${counts[0]} empty (skipped: ` +
-    `${Math.round(100 * counts[0] / p.kinds.length)} %)`));
-  const c = tag("canvas", "pattern");
-  c.width = L; c.height = L; c.dataset.index = n;
-  c.addEventListener("mousemove", ev => {
-    const i = Math.min(L - 1, Math.floor(ev.offsetY / c.clientHeight * L));
-    const j = Math.min(L - 1, Math.floor(ev.offsetX / c.clientWidth * L));
-    info.textContent = `${p.name}: query ${i}, key ${j} ` +
-      (attends(p, i, j) ? "attends" : "is masked") +
-      ` (tile ${Math.floor(i / B)}, ${Math.floor(j / B)}: ${KIND[kindAt(p, i, j)]})`;
-  });
-  card.appendChild(c);
-  cards.appendChild(card);
-});
-function draw() {
-  for (const c of document.querySelectorAll("canvas.pattern")) {
-    const p = patterns[Number(c.dataset.index)], ctx = c.getContext("2d");
-    const img = ctx.createImageData(L, L), d = img.data;
-    for (let i = 0; i < L; i++) for (let j = 0; j < L; j++) {
-      const kind = tilesBox.checked ? kindAt(p, i, j) : 1;
-      const rgba = attends(p, i, j) ? (kind === 2 ? ATTENDS_FULL : ATTENDS)
-        : kind === 1 && tilesBox.checked ? MASKED_PARTIAL : null;
-      if (rgba) d.set(rgba, 4 * (i * L + j));
-    }
-    ctx.putImageData(img, 0, 0);
-  }
-}
-tilesBox.addEventListener("change", draw);
-draw();
-</script>
-</body></html>
-"""
+#: The page's HTML, styles and script (``pages/pattern_view.html``); pattern_view_html fills in its
+#: __PLACEHOLDERS__.
+_PAGE = (resources.files("attnkit.viz") / "pages" / "pattern_view.html").read_text(encoding="utf-8")
 
 
 def pattern_view_html(
