@@ -171,7 +171,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
-def browser():
+def chromium():
+    """Headless Chromium through chromedriver, kept for a test module."""
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip(
             "chromium and chromedriver are not installed (make test installs them "
@@ -192,6 +193,17 @@ def browser():
         "--window-size=1000,800",
     ):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the pages' console
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
     yield driver
     driver.quit()
+
+
+@pytest.fixture
+def browser(chromium):
+    """The browser for one test, which fails if a page it loaded logged an error (a script
+    that threw halfway can leave a page that still passes the test's own checks)."""
+    chromium.get_log("browser")  # what earlier tests left
+    yield chromium
+    errors = [e["message"] for e in chromium.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, f"the page logged errors: {errors}"
