@@ -31,7 +31,8 @@ def pattern_view_html(
     """The page as a string.
 
     Args:
-        patterns: masks by name, each drawn at Lq = Lk = ``length``.
+        patterns: masks by name, each drawn at Lq = Lk = ``length`` (one that differs by
+            batch or head, such as a padding mask, for its first batch row and head).
         length: tokens (at most 4096: each pattern is embedded as length² bits).
         block: tile side, as a BlockMask's block_q = block_k.
         title: page title (default: "attnkit sparse patterns at N tokens").
