@@ -1,7 +1,7 @@
 """Interactive head, model and neuron views (in the spirit of bertviz) as one HTML file.
 
 The head view draws one layer's heads as lines from each query token to the tokens it attends
-to; below it the model view shows every (layer, head) as a small L × L map, and clicking one
+to; below it the model view shows every (layer, head) as a small Lq × Lk map, and clicking one
 shows it in the head view; given the queries, keys and values, the neuron view then walks one
 head through q × k, q · k, ÷ √d, softmax and Σ weight · value for one query token.
 
@@ -31,13 +31,13 @@ from attnkit._validation import check_attention_map
 _PAGE = (resources.files("attnkit.viz") / "pages" / "head_view.html").read_text(encoding="utf-8")
 
 
-#: One run's attention: an (H, L, L) tensor of probabilities per layer.
+#: One run's attention: an (H, Lq, Lk) tensor of probabilities per layer.
 Run = Sequence[Tensor]
 
 
 def quantize(attentions: Run) -> Tensor:
     """Per-layer weights in [0, 1], e.g. (H, L, L) each, as (layers, ...) uint8 0-255 bytes."""
-    stacked = torch.stack([a.float() for a in attentions])
+    stacked = torch.stack([a.detach().float().cpu() for a in attentions])  # (maps on a GPU too)
     return (stacked.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -93,10 +93,11 @@ def head_view_html(
     if len(set(shapes.values())) != 1:
         raise ValueError(f"runs differ in (layers, heads, Lq, Lk): {shapes}")
     n_layers, H, Lq, Lk = quantized[0].shape
-    L = max(Lq, Lk)
+    L = max(Lq, Lk)  # the longer side sets the defaults below
     if layer is not None and not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is out of range: the maps have layers 0..{n_layers - 1}")
-    q = torch.stack(quantized)  # (runs, layers, H, L, L)
+    q = torch.stack(quantized)  # (runs, layers, H, Lq, Lk)
+    neuron = None if vectors is None else _vectors(vectors, (n_layers, H, Lq, Lk), query, head)
     data = {
         "tokens": list(tokens),
         "query_tokens": None if query_tokens is None else list(query_tokens),
@@ -108,11 +109,9 @@ def head_view_html(
         "initial_layer": n_layers - 1 if layer is None else layer,
         "weights": base64.b64encode(q.numpy().tobytes()).decode("ascii"),
         "sink": None,
-        "vectors": None
-        if vectors is None
-        else _vectors(vectors, (n_layers, H, Lq, Lk), query, head),
+        "vectors": neuron,
     }
-    if sinks:  # (runs, layers, H, L): each row's weight on no token, bytes as the weights
+    if sinks:  # (runs, layers, H, Lq): each row's weight on no token, bytes as the weights
         shares = torch.stack(
             [quantize([1 - a.float().sum(-1) for a in run]) for run in runs.values()]
         )
@@ -151,7 +150,8 @@ def _vectors(
         raise ValueError(f"query {query} and head {head} must index the {Lq} queries, {H} heads")
 
     def raw(t: Tensor) -> str:
-        return base64.b64encode(t.detach().float().contiguous().numpy().tobytes()).decode("ascii")
+        data = t.detach().float().cpu().contiguous().numpy().tobytes()
+        return base64.b64encode(data).decode("ascii")
 
     return {
         **{name: raw(t) for name, t in vectors.items()},

@@ -34,7 +34,7 @@ def save_head_grid(
         if h >= H:
             ax.axis("off")
             continue
-        ax.imshow(attention[h].float().numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.imshow(attention[h].detach().float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"head {h}", fontsize=9)
         if labels:
             ax.set_xticks(range(L), tokens, rotation=90, fontsize=7)
