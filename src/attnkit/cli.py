@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--html",
         type=_output_file,
-        help="save an interactive head view and model view (self-contained HTML)",
+        help="save interactive head, model and neuron views (self-contained HTML)",
     )
     e.add_argument("--sparse", help="compare with a sparse pattern, e.g. sliding_window:2,2")
     e.add_argument("--model", default="all-MiniLM-L6-v2")
