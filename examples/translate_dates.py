@@ -197,18 +197,37 @@ def translate(model: Transformer, text: str) -> str:
     return decode(model.generate(src, bos_id=BOS, eos_id=EOS, max_len=TGT_LEN)[0].tolist())
 
 
-def cross_attention(model: Transformer, text: str) -> tuple[str, list[torch.Tensor]]:
-    """The translation of ``text`` and each decoder layer's cross-attention while writing it,
-    (H, output chars, source chars) per layer (the decoder reads <bos> then each char).
+def cross_attention(
+    model: Transformer, text: str
+) -> tuple[str, list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The translation of ``text``, each decoder layer's cross-attention while writing it,
+    (H, output chars, source chars) per layer (the decoder reads <bos> then each char), and
+    the queries, keys and values it attended with: {"q", "k", "v"}, (layers, H, chars, d).
     """
     src = torch.tensor([encode(text, SRC_LEN)])
     pred = model.generate(src, bos_id=BOS, eos_id=EOS, max_len=TGT_LEN)[0].tolist()
     answer = decode(pred)
     dec_in = torch.tensor([[BOS, *pred[: len(answer)]]])
-    with torch.no_grad():
-        memory, padding = model.encode(src)
-        _, weights = model.decode(dec_in, memory, padding, need_weights=True)
-    return answer, [w[0, :, : len(answer), : len(text)] for w in weights]
+    inputs = []  # each decoder layer's cross-attention inputs: its queries' source, the memory
+    hooks = [
+        layer.cross_attn.register_forward_pre_hook(lambda _, args: inputs.append(args[:2]))
+        for layer in model.decoder
+    ]
+    try:
+        with torch.no_grad():
+            memory, padding = model.encode(src)
+            _, weights = model.decode(dec_in, memory, padding, need_weights=True)
+            heads = [lay.cross_attn.heads(*a) for lay, a in zip(model.decoder, inputs, strict=True)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    T, S = len(answer), len(text)
+    vectors = {
+        "q": torch.stack([q[0, :, :T] for q, _, _ in heads]),
+        "k": torch.stack([k[0, :, :S] for _, k, _ in heads]),
+        "v": torch.stack([v[0, :, :S] for _, _, v in heads]),
+    }
+    return answer, [w[0, :, :T, :S] for w in weights], vectors
 
 
 def save_alignment(model: Transformer, text: str, path: Path) -> str:
@@ -217,13 +236,14 @@ def save_alignment(model: Transformer, text: str, path: Path) -> str:
     from attnkit.viz import save_head_view
     from attnkit.viz.patterns import _pyplot
 
-    answer, weights = cross_attention(model, text)
+    answer, weights, vectors = cross_attention(model, text)
     save_head_view(
         list(text),
         weights,
         path.with_suffix(".html"),
         title=f"cross-attention: {text!r} -> {answer!r}",
         query_tokens=list(answer),
+        vectors=vectors,  # the neuron view: how each output character's query scores the source
     )
     att = weights[-1].mean(0)  # (out chars, source chars)
     plt = _pyplot()

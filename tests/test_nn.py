@@ -99,6 +99,41 @@ def test_gqa_equals_mha_with_repeated_heads():
     torch.testing.assert_close(g(x, mask=masks.causal())[0], m(x, mask=masks.causal())[0])
 
 
+@pytest.mark.parametrize("cross", [False, True])
+def test_heads_are_the_vectors_forward_attends_with(cross):
+    """softmax(q·kᵀ·scale) over ``heads``' vectors (kv heads repeated) is forward's weights,
+    and Σ weight·v through W0 its output: projections, QK/V-norms, RoPE at a position."""
+    E, H, Hkv, d = 32, 4, 2, 8
+    torch.manual_seed(0)
+    kv_dims = {"kdim": 24, "vdim": 20} if cross else {}
+    m = MultiHeadAttention(
+        E, H, num_kv_heads=Hkv, rope=RotaryEmbedding(d), qk_norm=True, v_norm=True, scale=0.4,
+        mask=None if cross else masks.causal(), batch_first=False, **kv_dims,
+    ).double()  # fmt: skip
+    x = torch.randn(7, 2, E, dtype=torch.float64)  # (L, B, E): forward's layout here
+    memory = (
+        torch.randn(11, 2, 24, dtype=torch.float64),
+        torch.randn(11, 2, 20, dtype=torch.float64),
+    )
+    args = (x, *memory) if cross else (x,)
+    out, weights = m(*args, need_weights=True)
+    q, k, v = m.heads(*(t.transpose(0, 1) for t in args))  # heads takes (B, L, ·)
+    assert (q.shape, k.shape, v.shape) == ((2, H, 7, d), (2, Hkv, 11 if cross else 7, d), k.shape)
+    kr, vr = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+    scores = q @ kr.transpose(-1, -2) * 0.4
+    if not cross:
+        scores = scores.masked_fill(~masks.causal().dense(7, 7), float("-inf"))
+    torch.testing.assert_close(scores.softmax(-1), weights, rtol=0, atol=1e-12)
+    heads = (weights @ vr).transpose(1, 2).reshape(2, 7, H * d)
+    torch.testing.assert_close(m.out_proj(heads).transpose(0, 1), out, rtol=0, atol=1e-12)
+    if not cross:  # RoPE from position 5 (a cache's): other vectors, the same relative scores
+        q5, k5, _ = m.heads(x.transpose(0, 1), position=5)
+        assert not torch.allclose(q5, q)
+        torch.testing.assert_close(
+            q5[:, ::2] @ k5.transpose(-1, -2), q[:, ::2] @ k.transpose(-1, -2)
+        )
+
+
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("use_rope", [False, True])
 def test_kv_cache_decoding_equals_full_causal_pass(num_kv_heads, use_rope):

@@ -245,6 +245,12 @@ def test_date_task_training_smoke(tmp_path):
     assert data["query_tokens"] == list(answer)
     assert data["tokens"] == list("march 3rd 1998")
     assert data["layers"] == len(model.decoder)
+    assert data["vectors"]["d"] == model.decoder[0].cross_attn.head_dim
+    # the neuron view's vectors give the model's cross-attention weights
+    _, weights, vectors = dates.cross_attention(model, "march 3rd 1998")
+    q, k = vectors["q"], vectors["k"]
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    torch.testing.assert_close(scores.softmax(-1), torch.stack(weights), rtol=0, atol=1e-5)
 
 
 def test_causal_lm_refuses_a_mask_that_sees_later_positions():

@@ -258,17 +258,13 @@ def render_heads(r: Run, i: int, layers: list[int], k: int, title: str = "") -> 
 def layer_qkv(model: PretrainedEncoder, r: Run, layer: int) -> tuple[Tensor, Tensor, Tensor]:
     """Every head's queries, keys and values at ``layer``, each (H, L, d).
 
-    Recomputed from the layer's input by its own projections.
+    Recomputed from the layer's input by its attention module (``MultiHeadAttention.heads``).
     """
     block = model.encoder.layers[layer]
     assert isinstance(block, BertLayer)
-    mha = block.attention
-    x = r.output.hidden_states[layer]  # the layer's input (1, L, E)
     with torch.no_grad():
-        q, k, v = (
-            mha._heads(proj(x), mha.num_heads)[0] for proj in (mha.q_proj, mha.k_proj, mha.v_proj)
-        )
-    return q, k, v
+        q, k, v = block.attention.heads(r.output.hidden_states[layer])  # input (1, L, E)
+    return q[0], k[0], v[0]
 
 
 def head_vectors(model: PretrainedEncoder, r: Run) -> dict[str, Tensor]:

@@ -246,6 +246,58 @@ class MultiHeadAttention(nn.Module):
         """(B, L, n·hd) -> (B, n, L, hd)."""
         return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)
 
+    def _check_query(self, query: Tensor) -> None:
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query must be (B, L, E={self.embed_dim}), got {tuple(query.shape)}")
+
+    def _query_heads(self, query: Tensor) -> Tensor:
+        q = self._heads(self.q_proj(query), self.num_heads)
+        return q if self.q_norm is None else self.q_norm(q)
+
+    def heads(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        position: int = 0,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-head queries, keys and values ``forward`` attends with (no cache).
+
+        The projections, QK- and V-norms and, in self-attention (``key`` None), RoPE from
+        position ``position``: softmax(q·kᵀ·scale) over them (each kv head serving its
+        num_heads / num_kv_heads query heads), under the masks, is ``need_weights``' result.
+        For looking inside the module (``attnkit explain``'s neuron view).
+
+        Args:
+            query: (B, Lq, E), batch first whatever ``batch_first`` says.
+            key: (B, Lk, kdim) for cross-attention; None for self-attention.
+            value: (B, Lk, vdim); defaults to ``key``.
+            position: the position of the first query (and key) in self-attention.
+
+        Returns:
+            q (B, Hq, Lq, head_dim), k (B, Hkv, Lk, head_dim), v (B, Hkv, Lk, head_dim).
+        """
+        self._check_query(query)
+        is_self = key is None
+        key = query if key is None else key
+        value = key if value is None else value
+        if key.dim() != 3 or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(
+                f"key must be (B, Lk, kdim={self.kdim}) and value (B, Lk, vdim={self.vdim}), "
+                f"got {tuple(key.shape)} and {tuple(value.shape)}"
+            )
+        q = self._query_heads(query)
+        k = self._heads(self.k_proj(key), self.num_kv_heads)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        v = self._heads(self.v_proj(value), self.num_kv_heads)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        if self.rope is not None and is_self:
+            q, k = self.rope.rotate_qk(q, k, offset=position)
+        return q, k, v
+
     def forward(
         self,
         query: Tensor,
@@ -285,36 +337,15 @@ class MultiHeadAttention(nn.Module):
             query = query.transpose(0, 1)
             key = None if key is None else key.transpose(0, 1)
             value = None if value is None else value.transpose(0, 1)
-        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query must be (B, L, E={self.embed_dim}), got {tuple(query.shape)}")
-        is_self = key is None
-        if key is None:
-            key = query
-        if value is None:
-            value = key
+        self._check_query(query)
         B, Lq, _ = query.shape
-        q = self._heads(self.q_proj(query), self.num_heads)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        reuse_cross = cache is not None and not is_self and cache.length > 0
+        reuse_cross = cache is not None and key is not None and cache.length > 0
         if reuse_cross:
             assert cache is not None
-            k, v = cache.keys, cache.values
+            q, k, v = self._query_heads(query), cache.keys, cache.values
         else:
-            if key.dim() != 3 or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
-                raise ValueError(
-                    f"key must be (B, Lk, kdim={self.kdim}) and value (B, Lk, vdim={self.vdim}), "
-                    f"got {tuple(key.shape)} and {tuple(value.shape)}"
-                )
-            k = self._heads(self.k_proj(key), self.num_kv_heads)
-            if self.k_norm is not None:
-                k = self.k_norm(k)
-            v = self._heads(self.v_proj(value), self.num_kv_heads)
-            if self.v_norm is not None:
-                v = self.v_norm(v)
-        if self.rope is not None and is_self:
             start = cache.position if cache is not None else 0
-            q, k = self.rope.rotate_qk(q, k, offset=start)
+            q, k, v = self.heads(query, key, value, position=start)
         if cache is not None and not reuse_cross:
             k, v, key_padding_mask = append_to_cache(
                 cache, k, v, [self.mask, mask], key_padding_mask
