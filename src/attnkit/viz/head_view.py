@@ -66,9 +66,11 @@ def head_view_html(
         sinks: the model has attention sinks, so rows sum to less than 1: the rest is drawn as
             lines to one more key, "(sink)".
         vectors: the first run's queries, keys and values, {"q": (layers, H, Lq, d), "k":
-            (layers, H, Lk, d), "v": (layers, H, Lk, dv)}, scored with the scale 1/√d: the
-            page then has a neuron view of how one query scores every key. A few MB past
-            100 tokens.
+            (layers, H, Lk, d), "v": (layers, H, Lk, dv)} (kv heads repeated for GQA): the
+            page then has a neuron view of how one query scores every key, softmax(q·kᵀ/√d)
+            over all Lk keys, as in an encoder's self-attention or a decoder's
+            cross-attention (a masked or otherwise scaled run would be drawn wrong). A few
+            MB past 100 tokens.
         query: the neuron view's first query token (default: the last).
         head: the neuron view's first head.
         layer: the layer shown first (default: the last).
