@@ -534,6 +534,13 @@ def test_neuron_view_in_chromium(browser, tmp_path):
         ({"v": torch.zeros(2, 2, 4, 5)}, r"vectors must be q \(layers, H, Lq, d\)"),
         ({"k": torch.full((2, 2, 3, 4), float("nan"))}, "vectors hold NaN"),
         ({"query": 3}, "query 3 and head 0 must index the 3 queries, 2 heads"),
+        (
+            {
+                "q": torch.ones(2, 2, 3, 4),
+                "k": torch.arange(24.0).view(2, 2, 3, 2).repeat(1, 1, 1, 2),
+            },
+            r"softmax\(q·kᵀ/√d\) over the vectors differs from the first run's weights",
+        ),
         ({"layer": 2}, r"layer 2 is out of range: the maps have layers 0..1"),
     ],
 )

@@ -99,7 +99,8 @@ def head_view_html(
     if layer is not None and not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is out of range: the maps have layers 0..{n_layers - 1}")
     q = torch.stack(quantized)  # (runs, layers, H, Lq, Lk)
-    neuron = None if vectors is None else _vectors(vectors, (n_layers, H, Lq, Lk), query, head)
+    first = torch.stack([w.detach().float().cpu() for w in next(iter(runs.values()))])
+    neuron = None if vectors is None else _vectors(vectors, first, query, head)
     data = {
         "tokens": list(tokens),
         "query_tokens": None if query_tokens is None else list(query_tokens),
@@ -128,12 +129,13 @@ def head_view_html(
 
 
 def _vectors(
-    vectors: Mapping[str, Tensor], sizes: tuple[int, int, int, int], query: int | None, head: int
+    vectors: Mapping[str, Tensor], maps: Tensor, query: int | None, head: int
 ) -> dict[str, object]:
     """The neuron view's data: q, k, v as base64 float32 bytes, its scale and first choice.
 
-    ``sizes``: the maps' (layers, H, Lq, Lk).
+    ``maps``: the first run's weights (layers, H, Lq, Lk), which the vectors must give.
     """
+    sizes = tuple(maps.shape)
     if set(vectors) != {"q", "k", "v"}:
         raise ValueError(f"vectors must hold 'q', 'k' and 'v', got {sorted(vectors)}")
     shapes = {name: tuple(t.shape) for name, t in vectors.items()}
@@ -147,6 +149,14 @@ def _vectors(
         )
     if not all(bool(torch.isfinite(t).all()) for t in vectors.values()):
         raise ValueError("vectors hold NaN or inf")
+    q_, k_ = (vectors[n].detach().double().cpu() for n in "qk")
+    scored = (q_ @ k_.transpose(-1, -2) * q[3] ** -0.5).softmax(-1)
+    if (gap := float((scored - maps.double()).abs().max())) > 1e-3:
+        raise ValueError(
+            f"softmax(q·kᵀ/√d) over the vectors differs from the first run's weights by up to "
+            f"{gap:.3g}: the neuron view draws unmasked attention scaled by 1/√d (a mask, "
+            "another scale, or vectors of another run?)"
+        )
     query = Lq - 1 if query is None else query
     if not (0 <= query < Lq and 0 <= head < H):
         raise ValueError(f"query {query} and head {head} must index the {Lq} queries, {H} heads")
