@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import sys
@@ -36,6 +37,36 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     assert err == ""
 
 
+def test_patterns_draws_the_masks_it_is_given(tmp_path, capsys):
+    """--mask (repeatable) replaces the built-in gallery, in the text and in the page."""
+    path = tmp_path / "mine.html"
+    specs = ["sliding_window:1,1+global:0", "causal"]
+    argv = [
+        "patterns",
+        "--length",
+        "6",
+        "--mask",
+        specs[0],
+        "--mask",
+        specs[1],
+        "--html",
+        str(path),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sliding_window:1,1+global:0: density")
+    assert "\n".join(["██████", "███···", "████··", "█·███·", "█··███", "█···██"]) in out
+    assert "causal: density" in out
+    assert "bigbird" not in out
+    assert [p["name"] for p in page_data(path)["patterns"]] == specs
+
+
+def page_data(path):
+    """The DATA object a pattern page embeds."""
+    page = path.read_text()
+    return json.loads(page.split("const DATA = ", 1)[1].split(";\n", 1)[0])
+
+
 def test_patterns_png(tmp_path, capsys):
     path = tmp_path / "patterns.png"
     assert main(["patterns", "--length", "32", "--png", str(path)]) == 0
@@ -57,6 +88,8 @@ def test_patterns_png(tmp_path, capsys):
         (["bench", "--json", "/no/such/folder/b.json"], "argument --json: folder /no/such"),
         (["explain", "--html", "/"], "argument --html: / is a folder; give a file name in it"),
         (["patterns", "--length", "x"], "must be an int >= 1, got 'x'"),
+        (["patterns", "--mask", "zigzag:3"], "unknown pattern 'zigzag' in --mask"),
+        (["patterns", "--mask", "strided:0"], "bad arguments in --mask 'strided:0'"),
     ],
 )
 def test_usage_errors_exit_2_before_any_work(argv, message, capsys):
@@ -72,14 +105,12 @@ def test_usage_errors_exit_2_before_any_work(argv, message, capsys):
 def test_patterns_html_embeds_every_pattern_and_its_tiles(tmp_path, capsys):
     """Each pattern's packed bits are its dense mask, its tile kinds its BlockMask's."""
     import base64
-    import json
 
     import numpy as np
 
     path = tmp_path / "patterns.html"
     assert main(["patterns", "--length", "40", "--html", str(path), "--block", "8"]) == 0
-    page = path.read_text()
-    data = json.loads(page.split("const DATA = ", 1)[1].split(";\n", 1)[0])
+    data = page_data(path)
     gallery = pattern_gallery(40)
     assert [p["name"] for p in data["patterns"]] == list(gallery)
     for p in data["patterns"]:

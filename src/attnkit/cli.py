@@ -58,7 +58,13 @@ def draw(mask: Mask, length: int) -> str:
 
 
 def _cmd_patterns(args: argparse.Namespace) -> int:
-    gallery = pattern_gallery(args.length)
+    from attnkit.explain import parse_mask
+
+    gallery = (
+        {spec: parse_mask(spec, "--mask") for spec in args.mask}
+        if args.mask
+        else pattern_gallery(args.length)
+    )
     for name, mask in gallery.items():
         print(f"{name}: density {mask.density(args.length, args.length):.3f}   ({mask!r})")
         print(draw(mask, args.length))
@@ -253,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--block", type=_positive_int, help="tile side in the HTML page (default: length / 8)"
+    )
+    p.add_argument(
+        "--mask",
+        action="append",
+        help="draw this pattern instead of the built-in ones (repeatable), as explain's "
+        "--sparse takes it: e.g. sliding_window:4,4+global:0",
     )
     p.set_defaults(func=_cmd_patterns)
     b = sub.add_parser("bench", help="benchmark the tiled backend against torch on this machine")

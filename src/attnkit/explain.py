@@ -43,22 +43,22 @@ _PATTERNS: dict[str, Any] = {
 }
 
 
-def parse_mask(spec: str) -> Mask:
+def parse_mask(spec: str, option: str = "--sparse") -> Mask:
     """Parse ``name[:a,b]`` terms joined by ``+`` (union), e.g. ``sliding_window:2,2+global:0``.
 
     Arguments are those of the ``attnkit.masks`` function of that name (``global`` is
-    ``global_tokens``).
+    ``global_tokens``). Errors name the command-line ``option`` the spec came from.
     """
     result: Mask | None = None
     for term in spec.split("+"):
         name, _, args = term.strip().partition(":")
         if name not in _PATTERNS:
-            raise UsageError(f"unknown pattern {name!r} in --sparse; known: {', '.join(_PATTERNS)}")
+            raise UsageError(f"unknown pattern {name!r} in {option}; known: {', '.join(_PATTERNS)}")
         try:
             values = [int(a) for a in args.split(",")] if args else []
             mask: Mask = _PATTERNS[name](*values)
         except (TypeError, ValueError) as exc:
-            raise UsageError(f"bad arguments in --sparse {term!r}: {exc}") from exc
+            raise UsageError(f"bad arguments in {option} {term!r}: {exc}") from exc
         result = mask if result is None else result | mask
     assert result is not None
     return result
