@@ -1,6 +1,7 @@
 """The ``attnkit`` command.
 
-attnkit patterns [--length N] [--png FILE]   draw the built-in sparse patterns
+attnkit patterns [--length N] [--png F] [--html F] [--block B] [--mask SPEC ...]
+                                              draw the built-in (or given) sparse patterns
 attnkit bench [--quick] [--json F] [--png F]  tiled vs SDPA / FlexAttention, time and memory
 attnkit bench --device cuda [--quick] [--json F] [--markdown F]   triton vs SDPA / Flex on a GPU
 attnkit explain ["TEXT"] [--word W] [--layer L|all] [--steps] [--png F] [--html F] [--sparse M]
