@@ -188,7 +188,8 @@ def test_explain_checkpoint_shows_the_sinks_share(tmp_path, capsys):
 
 def test_explain_checkpoint_of_a_differential_model(tmp_path, capsys):
     """Differential weights: the table says so, and its 1 − λ column is each row's sum."""
-    from attnkit.nn import CausalLM, save_checkpoint
+    from attnkit import explain
+    from attnkit.nn import CausalLM, load_checkpoint, save_checkpoint
 
     vocab = sorted(set(DEFAULT_TEXT))
     model = CausalLM(len(vocab), d_model=32, nhead=4, num_layers=2, differential=True)
@@ -200,6 +201,15 @@ def test_explain_checkpoint_of_a_differential_model(tmp_path, capsys):
         one_minus = 1 - layer.self_attn.lambda_().item()
         for h in range(2):
             assert re.search(rf"│\s+{depth} │\s+{h} │ .* │ {one_minus:.2f}\s+│", out), out
+    # the pictures take its signed maps (weights below 0), which plain maps may not have
+    png, page = tmp_path / "diff.png", tmp_path / "diff.html"
+    assert main(["explain", "--checkpoint", str(path), "--png", str(png), "--html", str(page)]) == 0
+    r = explain.run_checkpoint(load_checkpoint(path), DEFAULT_TEXT)
+    assert float(r.attention(1).min()) < 0
+    assert png.stat().st_size > 0
+    assert page_data(page.read_text())["vectors"] is None  # no neuron view of A1 − λ·A2
+    with pytest.raises(ValueError, match=r"not weights in \[0, 1\]"):
+        head_view_html(r.tokens, [r.attention(n) for n in range(2)])
 
 
 @pytest.mark.parametrize(
@@ -529,7 +539,9 @@ def test_neuron_view_in_chromium(browser, tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"drop": "v"}, "vectors must hold 'q', 'k' and 'v'"),
+        ({"drop": "v"}, "vectors must hold 'q', 'k', 'v' \\(and a 'mask'\\)"),
+        ({"mask": torch.ones(3, 4, dtype=torch.bool)}, r"mask must be bool \(Lq, Lk\) = \(3, 3\)"),
+        ({"mask": torch.eye(3, dtype=torch.bool)}, "differs from the first run's weights"),
         ({"q": torch.zeros(2, 2, 4, 4)}, r"vectors must be q \(layers, H, Lq, d\)"),
         ({"v": torch.zeros(2, 2, 4, 5)}, r"vectors must be q \(layers, H, Lq, d\)"),
         ({"k": torch.full((2, 2, 3, 4), float("nan"))}, "vectors hold NaN"),
@@ -591,3 +603,35 @@ def test_cross_attention_page_in_chromium(browser, tmp_path):
 
     with pytest.raises(ValueError, match="but there are 3 query and 6 key tokens"):
         head_view_html(list("uvwxyz"), list(maps), query_tokens=list("ABC"))
+
+
+@pytest.mark.slow
+def test_neuron_view_of_a_causal_lm_checkpoint_in_chromium(browser, tmp_path):
+    """A CausalLM (RoPE, grouped kv heads, a sliding window): the page's neuron view scores
+    each key with the model's own rotated vectors, gives the keys its mask hides no weight
+    (shown as masked), and matches the model's weights."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from attnkit import explain, masks
+    from attnkit.nn import CausalLM, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    vocab = sorted(set(DEFAULT_TEXT))
+    model = CausalLM(
+        len(vocab), d_model=32, nhead=4, num_kv_heads=2, num_layers=2,
+        positions="rope", mask=masks.sliding_window(4),
+    )  # fmt: skip
+    path = save_checkpoint(tmp_path / "lm.pt", model, vocab=vocab)
+    page = tmp_path / "lm.html"
+    assert main(["explain", DEFAULT_TEXT, "--checkpoint", str(path), "--html", str(page),
+                 "--layer", "1", "--head", "3"]) == 0  # fmt: skip
+    r = explain.run_checkpoint(load_checkpoint(path), DEFAULT_TEXT)
+    browser.get(page.as_uri())
+    for query in (len(DEFAULT_TEXT) - 1, 2):
+        Select(browser.find_element(By.ID, "nq")).select_by_value(str(query))
+        rows = browser.find_elements(By.CSS_SELECTOR, "#neuron tr.key")
+        weights = torch.tensor([float(row.get_attribute("data-weight")) for row in rows])
+        torch.testing.assert_close(weights, r.attention(1)[3, query], rtol=0, atol=1e-5)
+        hidden = [j for j, row in enumerate(rows) if "masked" in row.text]
+        assert hidden == [j for j in range(len(rows)) if not query - 4 <= j <= query]

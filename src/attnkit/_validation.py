@@ -142,10 +142,13 @@ def check_align(align: Any) -> str | int:
     return str(align)
 
 
-def check_attention_map(name: str, weights: Any, n_queries: int, n_keys: int) -> None:
+def check_attention_map(
+    name: str, weights: Any, n_queries: int, n_keys: int, signed: bool = False
+) -> None:
     """A map to draw: (H, Lq, Lk) attention weights in [0, 1], Lq and Lk the token counts.
 
     The queries are ``n_queries`` tokens, the keys ``n_keys`` (the same in self-attention).
+    ``signed``: differential attention's maps A1 − λ·A2, in [-1, 1].
     Scores (before the softmax) or NaN would be drawn as something they are not.
     """
     if not isinstance(weights, Tensor) or weights.dim() != 3:
@@ -162,8 +165,9 @@ def check_attention_map(name: str, weights: Any, n_queries: int, n_keys: int) ->
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{name} holds NaN or inf weights")
     low, high = float(w.min()), float(w.max())
-    if low < -1e-3 or high > 1 + 1e-3:
+    least = -1.0 if signed else 0.0
+    if low < least - 1e-3 or high > 1 + 1e-3:
         raise ValueError(
-            f"{name} holds values in [{low:.3g}, {high:.3g}], not weights in [0, 1]: draw "
-            "probabilities (attnkit.attention_weights), not scores"
+            f"{name} holds values in [{low:.3g}, {high:.3g}], not weights in [{least:g}, 1]: "
+            "draw probabilities (attnkit.attention_weights), not scores"
         )

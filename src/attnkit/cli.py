@@ -108,10 +108,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from attnkit import explain as ex
 
     console = Console(width=140)
-    model = None
+    model, lm = None, None  # the pretrained encoder, or a checkpoint's CausalLM
     sparse_mask = ex.parse_mask(args.sparse) if args.sparse else None  # before running a model
     if args.checkpoint:
-        from attnkit.nn import load_checkpoint
+        from attnkit.nn import CausalLM, load_checkpoint
 
         if args.steps or args.sparse:
             raise ex.UsageError("--steps and --sparse explain the pretrained encoder (--model)")
@@ -120,6 +120,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         except (ValueError, OSError, RuntimeError) as exc:
             raise ex.UsageError(f"cannot load {args.checkpoint}: {exc}") from exc
         full = ex.run_checkpoint(ckpt, args.text, truncate=args.truncate)
+        lm = ckpt.model if isinstance(ckpt.model, CausalLM) else None
         name = Path(args.checkpoint).name
     else:
         from attnkit.models import load_pretrained
@@ -161,18 +162,20 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         from attnkit.viz import save_head_grid
 
         for png, (what, r) in zip(_png_paths(args.png, len(runs)), runs.items(), strict=True):
-            save_head_grid(
-                r.attention(layer), r.tokens, png, title=f"{name}, layer {layer}: {what}, per head"
-            )
+            title = f"{name}, layer {layer}: {what}, per head"
+            save_head_grid(r.attention(layer), r.tokens, png, title, signed=r.differential)
             console.print(f"wrote {png} ({what})")
     if args.html:
         from attnkit.viz import save_head_view
 
         n_layers = len(full.output.attentions)
-        # the neuron view's queries, keys and values: the pretrained encoder's, on short texts
+        # the neuron view's queries, keys and values, on short texts
         vectors = None
-        if model is not None and len(full.tokens) <= NEURON_VIEW_TOKENS:
-            vectors = ex.head_vectors(model, full)
+        if len(full.tokens) <= NEURON_VIEW_TOKENS:
+            if model is not None:
+                vectors = ex.head_vectors(model, full)
+            elif lm is not None:
+                vectors = ex.causal_lm_vectors(lm, full)
         save_head_view(
             full.tokens,
             {what: [r.attention(n) for n in range(n_layers)] for what, r in runs.items()},
@@ -183,6 +186,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             query=i,
             head=args.head,
             layer=layer,
+            signed=full.differential,
         )
         console.print(f"wrote {args.html}")
     return 0

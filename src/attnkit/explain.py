@@ -19,7 +19,7 @@ from attnkit import masks
 from attnkit.masks import Mask
 from attnkit.models.bert import BertLayer, EncoderOutput
 from attnkit.models.pretrained import Encoding, PretrainedEncoder
-from attnkit.nn import CausalLM
+from attnkit.nn import CausalLM, MultiHeadAttention
 from attnkit.nn.checkpoint import Checkpoint
 
 DEFAULT_TEXT = "The skilled surgeon operated on the patient with a"
@@ -271,6 +271,44 @@ def head_vectors(model: PretrainedEncoder, r: Run) -> dict[str, Tensor]:
     """``layer_qkv`` of every layer: {"q", "k", "v"}, each (layers, H, L, d) float32."""
     per_layer = [layer_qkv(model, r, n) for n in range(len(model.encoder.layers))]
     return {name: torch.stack([t[n] for t in per_layer]) for n, name in enumerate("qkv")}
+
+
+def causal_lm_vectors(model: CausalLM, r: Run) -> dict[str, Tensor] | None:
+    """A CausalLM's vectors for the neuron view of ``r`` (``run_checkpoint``'s).
+
+    {"q", "k", "v"}: every layer's, (layers, H, L, d), kv heads repeated; "mask": its (L, L)
+    mask. None where the view would not be the model's arithmetic: attention other than
+    ``MultiHeadAttention`` (latent, differential), score mods (ALiBi), sinks, a scale other
+    than 1/√d, or layers under different masks.
+    """
+    attns = [layer.self_attn for layer in model.layers]
+    plain = [
+        a
+        for a in attns
+        if isinstance(a, MultiHeadAttention) and a.score_mod is None and a.sinks is None
+        and a.scale is None
+    ]  # fmt: skip
+    L = r.encoding.ids.shape[1]
+    dense = [masks.causal().dense(L, L) if a.mask is None else a.mask.dense(L, L) for a in plain]
+    if len(plain) < len(attns) or any(not torch.equal(m, dense[0]) for m in dense):
+        return None
+    inputs: list[Tensor] = []  # each layer's attention input
+    hooks = [a.register_forward_pre_hook(lambda _, args: inputs.append(args[0])) for a in plain]
+    try:
+        with torch.no_grad():
+            model(r.encoding.ids)
+            per_layer = [a.heads(x) for a, x in zip(plain, inputs, strict=True)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups = plain[0].num_heads // plain[0].num_kv_heads
+    vectors = {
+        name: torch.stack([t[n][0] if name == "q" else t[n][0].repeat_interleave(groups, 0)
+                           for t in per_layer])
+        for n, name in enumerate("qkv")
+    }  # fmt: skip
+    vectors["mask"] = dense[0][0, 0]
+    return vectors
 
 
 def head_steps(model: PretrainedEncoder, r: Run, i: int, layer: int, head: int) -> dict[str, Any]:

@@ -53,6 +53,7 @@ def head_view_html(
     head: int = 0,
     layer: int | None = None,
     query_tokens: Sequence[str] | None = None,
+    signed: bool = False,
 ) -> str:
     """The page as a string.
 
@@ -66,16 +67,18 @@ def head_view_html(
         sinks: the model has attention sinks, so rows sum to less than 1: the rest is drawn as
             lines to one more key, "(sink)".
         vectors: the first run's queries, keys and values, {"q": (layers, H, Lq, d), "k":
-            (layers, H, Lk, d), "v": (layers, H, Lk, dv)} (kv heads repeated for GQA): the
-            page then has a neuron view of how one query scores every key, softmax(q·kᵀ/√d)
-            over all Lk keys, as in an encoder's self-attention or a decoder's
-            cross-attention (a masked or otherwise scaled run would be drawn wrong). A few
-            MB past 100 tokens.
+            (layers, H, Lk, d), "v": (layers, H, Lk, dv)} (kv heads repeated for GQA), and
+            optionally "mask": bool (Lq, Lk), True = attend (a causal LM's): the page then
+            has a neuron view of how one query scores every key, softmax(q·kᵀ/√d) over the
+            keys the mask leaves. Refused unless that gives the run's weights (another
+            scale, score mods or sinks would be drawn wrong). A few MB past 100 tokens.
         query: the neuron view's first query token (default: the last).
         head: the neuron view's first head.
         layer: the layer shown first (default: the last).
         query_tokens: the Lq query tokens of cross-attention (a decoder's, over an encoder's
             ``tokens``); None: self-attention, the queries are ``tokens``.
+        signed: the maps are differential attention's A1 − λ·A2, in [-1, 1]; negative
+            weights are drawn as 0.
     """
     runs = dict(attentions) if isinstance(attentions, Mapping) else {"attention": attentions}
     queries = tokens if query_tokens is None else query_tokens
@@ -86,7 +89,7 @@ def head_view_html(
         if len(run) == 0:
             raise ValueError(f"{arg} has no layers: one (H, Lq, Lk) map per layer expected")
         for n, weights in enumerate(run):
-            check_attention_map(f"{arg}[{n}]", weights, len(queries), len(tokens))
+            check_attention_map(f"{arg}[{n}]", weights, len(queries), len(tokens), signed)
             if weights.shape != run[0].shape:
                 seen = f"{tuple(run[0].shape)}, then {tuple(weights.shape)} at {n}"
                 raise ValueError(f"{arg}'s layers differ in (H, Lq, Lk): {seen}")
@@ -136,8 +139,10 @@ def _vectors(
     ``maps``: the first run's weights (layers, H, Lq, Lk), which the vectors must give.
     """
     sizes = tuple(maps.shape)
-    if set(vectors) != {"q", "k", "v"}:
-        raise ValueError(f"vectors must hold 'q', 'k' and 'v', got {sorted(vectors)}")
+    if not {"q", "k", "v"} <= set(vectors) <= {"q", "k", "v", "mask"}:
+        raise ValueError(f"vectors must hold 'q', 'k', 'v' (and a 'mask'), got {sorted(vectors)}")
+    mask = vectors.get("mask")
+    vectors = {name: vectors[name] for name in "qkv"}
     shapes = {name: tuple(t.shape) for name, t in vectors.items()}
     q, k, v = shapes["q"], shapes["k"], shapes["v"]
     n_layers, H, Lq, Lk = sizes
@@ -149,13 +154,21 @@ def _vectors(
         )
     if not all(bool(torch.isfinite(t).all()) for t in vectors.values()):
         raise ValueError("vectors hold NaN or inf")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != sizes[2:]):
+        raise ValueError(
+            f"vectors' mask must be bool (Lq, Lk) = {sizes[2:]}, True = attend; got "
+            f"{mask.dtype} {tuple(mask.shape)}"
+        )
     q_, k_ = (vectors[n].detach().double().cpu() for n in "qk")
-    scored = (q_ @ k_.transpose(-1, -2) * q[3] ** -0.5).softmax(-1)
+    scores = q_ @ k_.transpose(-1, -2) * q[3] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask.cpu(), float("-inf"))
+    scored = scores.softmax(-1).nan_to_num()  # a query with no key: no weight
     if (gap := float((scored - maps.double()).abs().max())) > 1e-3:
         raise ValueError(
             f"softmax(q·kᵀ/√d) over the vectors differs from the first run's weights by up to "
-            f"{gap:.3g}: the neuron view draws unmasked attention scaled by 1/√d (a mask, "
-            "another scale, or vectors of another run?)"
+            f"{gap:.3g}: the neuron view draws attention scaled by 1/√d under the vectors' "
+            "mask, if any (another mask, another scale, or vectors of another run?)"
         )
     query = Lq - 1 if query is None else query
     if not (0 <= query < Lq and 0 <= head < H):
@@ -167,6 +180,7 @@ def _vectors(
 
     return {
         **{name: raw(t) for name, t in vectors.items()},
+        "mask": None if mask is None else mask.cpu().int().flatten().tolist(),
         "d": q[3],
         "dv": v[3],
         "scale": q[3] ** -0.5,

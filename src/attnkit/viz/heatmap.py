@@ -12,7 +12,11 @@ from attnkit.viz.patterns import _pyplot
 
 
 def save_head_grid(
-    attention: Tensor, tokens: Sequence[str], path: str | Path, title: str = ""
+    attention: Tensor,
+    tokens: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    signed: bool = False,
 ) -> Path:
     """Save a grid of heatmaps.
 
@@ -21,8 +25,9 @@ def save_head_grid(
         tokens: the L token labels.
         path: PNG file to write.
         title: figure title.
+        signed: differential attention's maps A1 − λ·A2, in [-1, 1]: drawn on [-1, 1].
     """
-    check_attention_map("attention", attention, len(tokens), len(tokens))
+    check_attention_map("attention", attention, len(tokens), len(tokens), signed)
     plt = _pyplot()
     H, L, _ = attention.shape
     cols = min(4, H)
@@ -34,7 +39,12 @@ def save_head_grid(
         if h >= H:
             ax.axis("off")
             continue
-        ax.imshow(attention[h].detach().float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.imshow(
+            attention[h].detach().float().cpu().numpy(),
+            cmap="RdBu_r" if signed else "viridis",
+            vmin=-1 if signed else 0,
+            vmax=1,
+        )
         ax.set_title(f"head {h}", fontsize=9)
         if labels:
             ax.set_xticks(range(L), tokens, rotation=90, fontsize=7)
