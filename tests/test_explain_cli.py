@@ -207,7 +207,7 @@ def test_explain_checkpoint_of_a_differential_model(tmp_path, capsys):
     r = explain.run_checkpoint(load_checkpoint(path), DEFAULT_TEXT)
     assert float(r.attention(1).min()) < 0
     assert png.stat().st_size > 0
-    assert page_data(page.read_text())["vectors"] is None  # no neuron view of A1 − λ·A2
+    assert page_data(page.read_text())["vectors"] == [None]  # no neuron view of A1 − λ·A2
     with pytest.raises(ValueError, match=r"not weights in \[0, 1\]"):
         head_view_html(r.tokens, [r.attention(n) for n in range(2)])
 
@@ -530,6 +530,23 @@ def test_neuron_view_in_chromium(browser, tmp_path):
     Select(browser.find_element(By.ID, "run")).select_by_visible_text("window")
     assert not browser.find_element(By.ID, "neuron-box").is_displayed()
     assert browser.find_element(By.ID, "neuron-missing").is_displayed()
+    # both runs' vectors, the window's with its mask: each run scored by its own
+    L = len(r.tokens)
+    windowed = explain.head_vectors(model, window) | {
+        "mask": masks.sliding_window(2, 2).dense(L, L)[0, 0]
+    }
+    both = {"full": vectors, "window": windowed}
+    page.write_text(head_view_html(r.tokens, maps, vectors=both, query=7, layer=4))
+    browser.get(page.as_uri())
+    Select(browser.find_element(By.ID, "run")).select_by_visible_text("window")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#neuron tr.key")
+    weights = torch.tensor([float(row.get_attribute("data-weight")) for row in rows])
+    torch.testing.assert_close(weights, window.attention(4)[0, 7], rtol=0, atol=1e-5)
+    assert [j for j, row in enumerate(rows) if "masked" in row.text] == [0, 1, 2, 3, 4, 10]
+    with pytest.raises(
+        ValueError, match="differs from the weights of run 'window'"
+    ):  # its mask left out
+        head_view_html(r.tokens, maps, vectors={"window": explain.head_vectors(model, window)})
     page.write_text(head_view_html(r.tokens, maps))  # no vectors: no neuron view at all
     browser.get(page.as_uri())
     assert not browser.find_element(By.ID, "neuron-box").is_displayed()
@@ -541,7 +558,7 @@ def test_neuron_view_in_chromium(browser, tmp_path):
     [
         ({"drop": "v"}, "vectors must hold 'q', 'k', 'v' \\(and a 'mask'\\)"),
         ({"mask": torch.ones(3, 4, dtype=torch.bool)}, r"mask must be bool \(Lq, Lk\) = \(3, 3\)"),
-        ({"mask": torch.eye(3, dtype=torch.bool)}, "differs from the first run's weights"),
+        ({"mask": torch.eye(3, dtype=torch.bool)}, "differs from the weights of run 'attention'"),
         ({"q": torch.zeros(2, 2, 4, 4)}, r"vectors must be q \(layers, H, Lq, d\)"),
         ({"v": torch.zeros(2, 2, 4, 5)}, r"vectors must be q \(layers, H, Lq, d\)"),
         ({"k": torch.full((2, 2, 3, 4), float("nan"))}, "vectors hold NaN"),
@@ -551,7 +568,7 @@ def test_neuron_view_in_chromium(browser, tmp_path):
                 "q": torch.ones(2, 2, 3, 4),
                 "k": torch.arange(24.0).view(2, 2, 3, 2).repeat(1, 1, 1, 2),
             },
-            r"softmax\(q·kᵀ/√d\) over the vectors differs from the first run's weights",
+            r"softmax\(q·kᵀ/√d\) over the vectors differs from the weights of run 'attention'",
         ),
         ({"layer": 2}, r"layer 2 is out of range: the maps have layers 0..1"),
     ],

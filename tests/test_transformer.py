@@ -245,7 +245,7 @@ def test_date_task_training_smoke(tmp_path):
     assert data["query_tokens"] == list(answer)
     assert data["tokens"] == list("march 3rd 1998")
     assert data["layers"] == len(model.decoder)
-    assert data["vectors"]["d"] == model.decoder[0].cross_attn.head_dim
+    assert data["vectors"][0]["d"] == model.decoder[0].cross_attn.head_dim
     # the neuron view's vectors give the model's cross-attention weights
     _, weights, vectors = dates.cross_attention(model, "march 3rd 1998")
     q, k = vectors["q"], vectors["k"]

@@ -169,13 +169,18 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         from attnkit.viz import save_head_view
 
         n_layers = len(full.output.attentions)
-        # the neuron view's queries, keys and values, on short texts
-        vectors = None
+        # the neuron view's queries, keys and values per run, on short texts
+        vectors: dict[str, dict[str, torch.Tensor]] = {}
         if len(full.tokens) <= NEURON_VIEW_TOKENS:
-            if model is not None:
-                vectors = ex.head_vectors(model, full)
-            elif lm is not None:
-                vectors = ex.causal_lm_vectors(lm, full)
+            for what, r in runs.items():
+                found = ex.head_vectors(model, r) if model is not None else None
+                if found is not None and sparse_mask is not None and r is not full:
+                    L = len(r.tokens)
+                    found["mask"] = sparse_mask.dense(L, L)[0, 0]
+                if lm is not None:
+                    found = ex.causal_lm_vectors(lm, r)
+                if found is not None:
+                    vectors[what] = found
         save_head_view(
             full.tokens,
             {what: [r.attention(n) for n in range(n_layers)] for what, r in runs.items()},

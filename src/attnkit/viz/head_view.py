@@ -48,7 +48,7 @@ def head_view_html(
     title: str = "attnkit head view",
     threshold: float | None = None,
     sinks: bool = False,
-    vectors: Mapping[str, Tensor] | None = None,
+    vectors: Mapping[str, Tensor] | Mapping[str, Mapping[str, Tensor]] | None = None,
     query: int | None = None,
     head: int = 0,
     layer: int | None = None,
@@ -66,12 +66,13 @@ def head_view_html(
         threshold: lines below this weight are hidden (default: 0.02, or 0.1 past 100 tokens).
         sinks: the model has attention sinks, so rows sum to less than 1: the rest is drawn as
             lines to one more key, "(sink)".
-        vectors: the first run's queries, keys and values, {"q": (layers, H, Lq, d), "k":
+        vectors: a run's queries, keys and values, {"q": (layers, H, Lq, d), "k":
             (layers, H, Lk, d), "v": (layers, H, Lk, dv)} (kv heads repeated for GQA), and
             optionally "mask": bool (Lq, Lk), True = attend (a causal LM's): the page then
             has a neuron view of how one query scores every key, softmax(q·kᵀ/√d) over the
             keys the mask leaves. Refused unless that gives the run's weights (another
-            scale, score mods or sinks would be drawn wrong). A few MB past 100 tokens.
+            scale, score mods or sinks would be drawn wrong). A few MB past 100 tokens. One
+            such dict is the first run's; several runs' are a dict of them by run name.
         query: the neuron view's first query token (default: the last).
         head: the neuron view's first head.
         layer: the layer shown first (default: the last).
@@ -102,8 +103,7 @@ def head_view_html(
     if layer is not None and not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is out of range: the maps have layers 0..{n_layers - 1}")
     q = torch.stack(quantized)  # (runs, layers, H, Lq, Lk)
-    first = torch.stack([w.detach().float().cpu() for w in next(iter(runs.values()))])
-    neuron = None if vectors is None else _vectors(vectors, first, query, head)
+    neuron = _neuron_view(vectors, runs, query, head)
     data = {
         "tokens": list(tokens),
         "query_tokens": None if query_tokens is None else list(query_tokens),
@@ -115,7 +115,7 @@ def head_view_html(
         "initial_layer": n_layers - 1 if layer is None else layer,
         "weights": base64.b64encode(q.numpy().tobytes()).decode("ascii"),
         "sink": None,
-        "vectors": neuron,
+        **neuron,
     }
     if sinks:  # (runs, layers, H, Lq): each row's weight on no token, bytes as the weights
         shares = torch.stack(
@@ -131,12 +131,39 @@ def head_view_html(
     )
 
 
-def _vectors(
-    vectors: Mapping[str, Tensor], maps: Tensor, query: int | None, head: int
+def _neuron_view(
+    vectors: Mapping[str, Tensor] | Mapping[str, Mapping[str, Tensor]] | None,
+    runs: Mapping[str, Run],
+    query: int | None,
+    head: int,
 ) -> dict[str, object]:
-    """The neuron view's data: q, k, v as base64 float32 bytes, its scale and first choice.
+    """The page's "vectors" (one entry per run, or None) and the neuron view's first choice."""
+    per_run: Mapping[str, Mapping[str, Tensor]] = {}
+    if vectors and all(isinstance(t, Tensor) for t in vectors.values()):
+        per_run = {next(iter(runs)): vectors}  # type: ignore[dict-item]
+    elif vectors:
+        per_run = vectors  # type: ignore[assignment]
+    if unknown := set(per_run) - set(runs):
+        raise ValueError(f"vectors for runs {sorted(unknown)}, but the runs are {list(runs)}")
+    maps = {
+        name: torch.stack([w.detach().float().cpu() for w in run]) for name, run in runs.items()
+    }
+    _, H, Lq, _ = next(iter(maps.values())).shape
+    query = Lq - 1 if query is None else query
+    if per_run and not (0 <= query < Lq and 0 <= head < H):
+        raise ValueError(f"query {query} and head {head} must index the {Lq} queries, {H} heads")
+    return {
+        "vectors": [
+            _vectors(per_run[name], maps[name], name) if name in per_run else None for name in runs
+        ],
+        "neuron": {"query": query, "head": head},
+    }
 
-    ``maps``: the first run's weights (layers, H, Lq, Lk), which the vectors must give.
+
+def _vectors(vectors: Mapping[str, Tensor], maps: Tensor, run: str) -> dict[str, object]:
+    """One run's vectors as base64 float32 bytes, with their sizes, scale and mask.
+
+    ``maps``: the run's weights (layers, H, Lq, Lk), which the vectors must give.
     """
     sizes = tuple(maps.shape)
     if not {"q", "k", "v"} <= set(vectors) <= {"q", "k", "v", "mask"}:
@@ -166,13 +193,10 @@ def _vectors(
     scored = scores.softmax(-1).nan_to_num()  # a query with no key: no weight
     if (gap := float((scored - maps.double()).abs().max())) > 1e-3:
         raise ValueError(
-            f"softmax(q·kᵀ/√d) over the vectors differs from the first run's weights by up to "
-            f"{gap:.3g}: the neuron view draws attention scaled by 1/√d under the vectors' "
+            f"softmax(q·kᵀ/√d) over the vectors differs from the weights of run {run!r} by up "
+            f"to {gap:.3g}: the neuron view draws attention scaled by 1/√d under the vectors' "
             "mask, if any (another mask, another scale, or vectors of another run?)"
         )
-    query = Lq - 1 if query is None else query
-    if not (0 <= query < Lq and 0 <= head < H):
-        raise ValueError(f"query {query} and head {head} must index the {Lq} queries, {H} heads")
 
     def raw(t: Tensor) -> str:
         data = t.detach().float().cpu().contiguous().numpy().tobytes()
@@ -184,8 +208,6 @@ def _vectors(
         "d": q[3],
         "dv": v[3],
         "scale": q[3] ** -0.5,
-        "query": query,
-        "head": head,
     }
 
 
