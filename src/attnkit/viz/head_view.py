@@ -145,16 +145,18 @@ def _neuron_view(
         per_run = vectors  # type: ignore[assignment]
     if unknown := set(per_run) - set(runs):
         raise ValueError(f"vectors for runs {sorted(unknown)}, but the runs are {list(runs)}")
-    maps = {
-        name: torch.stack([w.detach().float().cpu() for w in run]) for name, run in runs.items()
-    }
-    _, H, Lq, _ = next(iter(maps.values())).shape
+    H, Lq, _ = next(iter(runs.values()))[0].shape
     query = Lq - 1 if query is None else query
     if per_run and not (0 <= query < Lq and 0 <= head < H):
         raise ValueError(f"query {query} and head {head} must index the {Lq} queries, {H} heads")
+
+    def weights(run: Run) -> Tensor:  # (layers, H, Lq, Lk): only for runs with vectors
+        return torch.stack([w.detach().float().cpu() for w in run])
+
     return {
         "vectors": [
-            _vectors(per_run[name], maps[name], name) if name in per_run else None for name in runs
+            _vectors(per_run[name], weights(run), name) if name in per_run else None
+            for name, run in runs.items()
         ],
         "neuron": {"query": query, "head": head},
     }
