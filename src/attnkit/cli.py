@@ -173,11 +173,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         vectors: dict[str, dict[str, torch.Tensor]] = {}
         if len(full.tokens) <= NEURON_VIEW_TOKENS:
             for what, r in runs.items():
-                found = ex.head_vectors(model, r) if model is not None else None
-                if found is not None and sparse_mask is not None and r is not full:
-                    L = len(r.tokens)
-                    found["mask"] = sparse_mask.dense(L, L)[0, 0]
-                if lm is not None:
+                found = None
+                if model is not None:
+                    found = ex.head_vectors(model, r)
+                    if r is not full:  # the --sparse run, under its mask
+                        assert sparse_mask is not None
+                        found["mask"] = sparse_mask.dense(len(r.tokens), len(r.tokens))[0, 0]
+                elif lm is not None:
                     found = ex.causal_lm_vectors(lm, r)
                 if found is not None:
                     vectors[what] = found

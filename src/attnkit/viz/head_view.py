@@ -35,10 +35,14 @@ _PAGE = (resources.files("attnkit.viz") / "pages" / "head_view.html").read_text(
 Run = Sequence[Tensor]
 
 
+def _stacked(attentions: Run) -> Tensor:
+    """Per-layer maps as one float32 CPU tensor (layers, ...) (maps on a GPU too)."""
+    return torch.stack([a.detach().float().cpu() for a in attentions])
+
+
 def quantize(attentions: Run) -> Tensor:
     """Per-layer weights in [0, 1], e.g. (H, L, L) each, as (layers, ...) uint8 0-255 bytes."""
-    stacked = torch.stack([a.detach().float().cpu() for a in attentions])  # (maps on a GPU too)
-    return (stacked.clamp(0, 1) * 255).round().to(torch.uint8)
+    return (_stacked(attentions).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def head_view_html(
@@ -149,13 +153,9 @@ def _neuron_view(
     query = Lq - 1 if query is None else query
     if per_run and not (0 <= query < Lq and 0 <= head < H):
         raise ValueError(f"query {query} and head {head} must index the {Lq} queries, {H} heads")
-
-    def weights(run: Run) -> Tensor:  # (layers, H, Lq, Lk): only for runs with vectors
-        return torch.stack([w.detach().float().cpu() for w in run])
-
     return {
-        "vectors": [
-            _vectors(per_run[name], weights(run), name) if name in per_run else None
+        "vectors": [  # a run's maps stacked only where it has vectors (512 tokens: 75 MB)
+            _vectors(per_run[name], _stacked(run), name) if name in per_run else None
             for name, run in runs.items()
         ],
         "neuron": {"query": query, "head": head},
