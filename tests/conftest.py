@@ -159,8 +159,8 @@ def record_launches(monkeypatch):
     from attnkit.backends import triton as tr
 
     launched = []
-    launch = tr.KernelCall.launch
-    monkeypatch.setattr(tr.KernelCall, "launch", lambda c: (launched.append(c), launch(c)))
+    launch = tr.calls.KernelCall.launch
+    monkeypatch.setattr(tr.calls.KernelCall, "launch", lambda c: (launched.append(c), launch(c)))
     return launched
 
 

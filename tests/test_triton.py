@@ -18,7 +18,7 @@ import triton.language as tl
 
 import attnkit
 from attnkit import masks, score_mods
-from attnkit.backends.triton.kernels import _to
+from attnkit.backends.triton.kernel_parts import cast
 from conftest import (
     TRITON_DEVICE,
     assert_close_scaled,
@@ -199,7 +199,7 @@ def test_a_kv_caches_keys_reach_the_kernel_uncopied(monkeypatch):
 
 
 def test_kv_splits_follow_flash_attentions_heuristic():
-    from attnkit.backends.triton import MAX_KV_SPLITS, kv_splits
+    from attnkit.backends.triton.launches import MAX_KV_SPLITS, kv_splits
 
     assert kv_splits(programs=132, kv_tiles=256, sm_count=132) == 1  # the SMs are busy
     assert kv_splits(programs=106, kv_tiles=256, sm_count=132) == 1  # 80 % of them
@@ -258,8 +258,8 @@ def test_decoding_output_and_lse_match_the_reference(
     B, Hq, Hkv, Lq, Lk, D, Dv = shape
     q64, k64, v64 = (t.to(DEVICE) for t in rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv, torch.float64))
     mask = _decoding_mask(mask, B, Hq, Lq, Lk)
-    monkeypatch.setattr(tr, "_sm_count", lambda device: sm_count)  # 64: not filled by these
-    monkeypatch.setattr(tr, "PACK_GQA", packed)
+    monkeypatch.setattr(tr, "sm_count", lambda device: sm_count)  # 64: not filled by these
+    monkeypatch.setattr(tr.launches, "PACK_GQA", packed)
     launched = record_launches(monkeypatch)
     results = {}
     for name, dtype, backend in (
@@ -299,7 +299,7 @@ def test_decoding_tiles_pack_query_heads_only_where_they_fit_one_forward_tile(mo
     assert decoding_launch(forward, group=1, Lq=1) == Launch(16, 64, 4, 3)  # MHA: a 16-row tile
     assert decoding_launch(forward, group=4, Lq=32) == Launch(128, 64, 8, 3)  # as large
     assert decoding_launch(forward, group=4, Lq=33) is None  # larger than the forward's
-    monkeypatch.setattr(tr, "PACK_GQA", False)
+    monkeypatch.setattr(tr.launches, "PACK_GQA", False)
     assert decoding_launch(forward, group=4, Lq=1) is None
 
 
@@ -307,7 +307,7 @@ def test_decoding_tiles_pack_query_heads_only_where_they_fit_one_forward_tile(mo
 def test_a_nan_in_one_split_reaches_the_merged_row(monkeypatch):
     from attnkit.backends import triton as tr
 
-    monkeypatch.setattr(tr, "_sm_count", lambda device: 64)
+    monkeypatch.setattr(tr, "sm_count", lambda device: 64)
     q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 1, 200, 16))
     k[0, 1, 150, 3] = float("nan")
     out, lse = attnkit.attention(q, k, v, backend="triton", return_lse=True)
@@ -341,11 +341,11 @@ def test_float16_inputs():
 @triton.jit
 def _round_kernel(x_ptr, out_ptr, N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     r = tl.arange(0, N)
-    tl.store(out_ptr + r, _to(tl.load(x_ptr + r), tl.bfloat16, DOT_PRECISION))
+    tl.store(out_ptr + r, cast(tl.load(x_ptr + r), tl.bfloat16, DOT_PRECISION))
 
 
 def test_bfloat16_rounding_is_to_nearest_even():
-    """kernels._to rounds bf16 P tiles and results to nearest even, as torch and a GPU do.
+    """kernel_parts.cast rounds bf16 P tiles and results to nearest even, as torch and a GPU do.
 
     The interpreter's own cast truncates: a biased error up to twice as large, which took the
     kernels' bf16 outputs or gradients past DESIGN §7's bounds in 5 of 160 random cases (mixed
@@ -376,7 +376,7 @@ ALIBI_SOFTCAP = score_mods.compose(
     ids=["causal", "gqa-window-alibi-softcap", "document", "decoding"],
 )
 def test_bfloat16_inputs(shape, mask, mod):
-    """bf16 (under the interpreter, tiles are widened for tl.dot: kernels._dot)."""
+    """bf16 (under the interpreter, tiles are widened for tl.dot: kernel_parts.dot)."""
     check(shape, mask=mask, score_mod=mod, dtype=torch.bfloat16)
 
 
@@ -417,7 +417,8 @@ def test_eager_calls_skip_the_custom_ops_dispatch(monkeypatch):
 @pytest.mark.parametrize(("Lq", "Lk"), [(1, 1), (1, 100), (40, 33), (16, 64)])
 def test_the_walk_of_every_key_is_the_full_block_masks(by_columns, Lq, Lk):
     from attnkit.backends import triton as tr
-    from attnkit.backends.triton import Launch, _build_walk, _full_walk
+    from attnkit.backends.triton import Launch
+    from attnkit.backends.triton.walks import _build_walk, _full_walk
 
     launch = Launch(16, 32, 1, 1)
     built = _build_walk(masks.full().blocks(Lq, Lk, 16, 32), by_columns, torch.device(DEVICE))
@@ -426,7 +427,7 @@ def test_the_walk_of_every_key_is_the_full_block_masks(by_columns, Lq, Lk):
         got, want = getattr(made, name), getattr(built, name)
         assert (got.shape, got.dtype) == (want.shape, want.dtype), name
         assert torch.equal(got, want), name
-    assert tr.keeps_every_key(None, Lq, Lk)
+    assert tr.walks.keeps_every_key(None, Lq, Lk)
 
 
 def test_decoding_under_causal_builds_no_block_mask_as_the_cache_grows(monkeypatch):
@@ -434,11 +435,11 @@ def test_decoding_under_causal_builds_no_block_mask_as_the_cache_grows(monkeypat
     each new cache length (it cost a decoding step more host time than its kernel)."""
     from attnkit.backends import triton as tr
 
-    assert tr.keeps_every_key(masks.causal(), 1, 60)
-    assert not tr.keeps_every_key(masks.causal(), 2, 60)
-    assert not tr.keeps_every_key(masks.causal(align="top_left"), 1, 60)
-    assert not tr.keeps_every_key(masks.sliding_window(8), 1, 60)
-    assert tr.keeps_every_key(masks.sliding_window(8), 1, 9)  # a windowed cache's 9 keys
+    assert tr.walks.keeps_every_key(masks.causal(), 1, 60)
+    assert not tr.walks.keeps_every_key(masks.causal(), 2, 60)
+    assert not tr.walks.keeps_every_key(masks.causal(align="top_left"), 1, 60)
+    assert not tr.walks.keeps_every_key(masks.sliding_window(8), 1, 60)
+    assert tr.walks.keeps_every_key(masks.sliding_window(8), 1, 9)  # a windowed cache's 9 keys
 
     def built(*args, **kwargs):
         raise AssertionError("a BlockMask was built")
@@ -512,7 +513,7 @@ def test_band_masks_walk_tile_lists_when_told_to(monkeypatch, mask):
     """``BAND_IN_KERNEL = False`` (the GPU benchmark's comparison) walks them as any mask."""
     from attnkit.backends import triton as tr
 
-    monkeypatch.setattr(tr, "BAND_IN_KERNEL", False)
+    monkeypatch.setattr(tr.walks, "BAND_IN_KERNEL", False)
     launched = record_launches(monkeypatch)
     check((1, 4, 2, 37, 29, 32, 32), mask=mask, return_lse=True)
     assert not any(call.meta["BAND"] for call in launched)
@@ -628,11 +629,13 @@ def test_slices_past_32_bit_offsets_are_refused():
     # the kernels read a view in place: heads transposed out of (B, L, H, D) have rows
     # H·D apart, so 2^18 + 1 rows of 64 heads of 128 reach past 2^31
     rows_apart = torch.empty(1, 2**18 + 1, 64, 128, device="meta").transpose(1, 2)
-    assert rows_apart[:, :1].numel() < 2**31 <= tr._slice_extent(rows_apart)
+    assert rows_apart[:, :1].numel() < 2**31 <= tr.slice_extent(rows_apart)
     # 64-bit offsets past the slice only for tensors that need them (they cost registers)
     prefix = torch.empty(3, 4, 2**20, 256, device="meta")[:, :, :64]  # spans past 2^31
     contiguous = torch.empty(2**31, dtype=torch.int8, device="meta")
-    reach = [tr._reaches_2_31(x) for x in (small, many_slices, prefix, contiguous, prefix[:1])]
+    reach = [
+        tr.calls._reaches_2_31(x) for x in (small, many_slices, prefix, contiguous, prefix[:1])
+    ]
     assert reach == [False, False, True, True, False]  # expanded dims reach nothing
 
 
@@ -652,8 +655,8 @@ def view(offset):
 
 q, k, v = view(0), view(L * D), view(2 * L * D)
 launched = []
-launch = tr.KernelCall.launch
-tr.KernelCall.launch = lambda call: (launched.append(call), launch(call))
+launch = tr.calls.KernelCall.launch
+tr.calls.KernelCall.launch = lambda call: (launched.append(call), launch(call))
 with torch.no_grad():
     out = attnkit.attention(q, k, v, mask=attnkit.masks.causal(), backend="triton")
 assert [call.meta["WIDE_OFFSETS"] for call in launched] == [True]
@@ -709,7 +712,7 @@ GPU_TILES = {
 def gpu_launches(tiles):
     from attnkit.backends import triton as tr
 
-    return tr.Launches(*(tr.Launch(m, n, 4, 2) for m, n in tiles))
+    return tr.launches.Launches(*(tr.Launch(m, n, 4, 2) for m, n in tiles))
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from conftest import rand_qkv
 from test_triton import DEVICE, check, pytestmark  # noqa: F401  (same skip rule)
 
 L = tr.Launch
-TABLE = tr.Launches(L(32, 32, 2, 2), L(32, 32, 2, 2), L(32, 32, 2, 2))
+TABLE = tr.launches.Launches(L(32, 32, 2, 2), L(32, 32, 2, 2), L(32, 32, 2, 2))
 # half the tile along each kernel's loop: what the fake timer below calls fastest
 HALVED = {"forward": L(32, 16, 2, 2), "dkdv": L(16, 32, 2, 2), "dq": L(32, 16, 2, 2)}
 

@@ -134,7 +134,7 @@ def seconds(fn: Callable[[], object], smoke: bool) -> float:
 @contextmanager
 def tile_lists() -> Iterator[None]:
     """The Triton backend walking causal and window masks through tile lists and bitmaps."""
-    with mock.patch.object(triton_backend, "BAND_IN_KERNEL", False):
+    with mock.patch.object(triton_backend.walks, "BAND_IN_KERNEL", False):
         yield
 
 

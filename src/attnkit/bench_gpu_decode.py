@@ -102,14 +102,14 @@ def growing_lengths(L: int) -> Iterator[int]:
 @contextmanager
 def unsplit() -> Iterator[None]:
     """The Triton backend without split-KV: one program per (batch, kv head)."""
-    with mock.patch.object(triton_backend, "MAX_KV_SPLITS", 1):
+    with mock.patch.object(triton_backend.launches, "MAX_KV_SPLITS", 1):
         yield
 
 
 @contextmanager
 def unpacked() -> Iterator[None]:
     """The Triton backend without PackGQA: one program per (batch, query head)."""
-    with mock.patch.object(triton_backend, "PACK_GQA", False):
+    with mock.patch.object(triton_backend.launches, "PACK_GQA", False):
         yield
 
 

@@ -23,18 +23,15 @@ from typing import Any
 
 import torch
 
-from attnkit.backends.triton import (
-    KernelCall,
+from attnkit.backends.triton.calls import KernelCall, Scalars, backward_calls, forward_calls
+from attnkit.backends.triton.launches import (
     Launch,
     Launches,
-    Scalars,
-    TileWalk,
-    backward_calls,
     band_launches,
     choose_launches,
     decoding_launch,
-    forward_calls,
 )
+from attnkit.backends.triton.walks import TileWalk
 
 # Largest dynamic shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}

@@ -23,17 +23,16 @@ from torch import Tensor
 from torch.utils.benchmark import Timer
 
 from attnkit.backends._common import Request
-from attnkit.backends.triton import (
-    Launch,
-    Launches,
+from attnkit.backends.triton import _inference_tiles
+from attnkit.backends.triton.calls import (
     Scalars,
-    _inference_tiles,
     backward_calls,
     forward_calls,
     kernel_input,
-    tile_walk,
     with_gradient,
 )
+from attnkit.backends.triton.launches import Launch, Launches
+from attnkit.backends.triton.walks import tile_walk
 
 
 def variants(launch: Launch, kernel: str) -> list[Launch]:
