@@ -755,3 +755,26 @@ def test_block_mask_at_other_tiles_is_retiled(monkeypatch):
     layout = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
     for mask in (masks.block_sparse(layout, 128), masks.sliding_window(37) | masks.causal()):
         check((1, 2, 2, 200, 200, 32, 32), mask=mask.blocks(200, 200, 128, 128))
+
+
+def test_under_torch_export_triton_refuses_by_name_and_auto_takes_sdpa():
+    """The launcher works from concrete sizes and host-side caches of tile lists: an exported
+    graph gets SDPA (``auto``), and ``backend="triton"`` says why it cannot serve it."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self, backend: str) -> None:
+            super().__init__()
+            self.backend = backend
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = attnkit.attention(
+                q, k, v, mask=masks.causal(), backend=self.backend
+            )
+            return out
+
+    q, k, v = (torch.randn(1, h, 40, 16, device=DEVICE) for h in (4, 2, 2))
+    with pytest.raises(attnkit.UnsupportedError, match=r"not under torch\.export"):
+        torch.export.export(Attention("triton"), (q, k, v))
+    graph = torch.export.export(Attention("auto"), (q, k, v))
+    want = attnkit.attention(q, k, v, mask=masks.causal(), backend="reference")
+    torch.testing.assert_close(graph.module()(q, k, v), want)

@@ -6,7 +6,7 @@ Backends and modules call these at the boundary so that bad input never reaches 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -123,7 +123,14 @@ def check_flag(name: str, value: Any) -> bool:
 
 
 def check_int(name: str, value: Any, least: int = 1) -> int:
-    """A count or size: an int (not a bool) of at least ``least``."""
+    """A count or size: an int (not a bool) of at least ``least``.
+
+    A symbolic size (torch.compile, torch.export) is checked when the graph runs, not traced.
+    """
+    if isinstance(value, torch.SymInt):
+        message = f"{name} must be an int >= {least}"
+        torch._check(value >= least, lambda: message)  # type: ignore[no-untyped-call]
+        return cast(int, value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {least}, got {type(value).__name__} {value!r}")
     if value < least:

@@ -14,6 +14,7 @@ from torch import Tensor
 from attnkit import _dropout
 from attnkit import _validation as check
 from attnkit import backends as _backends
+from attnkit._symbolic import surely
 from attnkit._types import FULL, PARTIAL, DispatchDecision, ScoreModFn, Shapes, UnsupportedError
 from attnkit.backends import reference, sdpa, tiled, triton
 from attnkit.backends._common import MaskLike, Request, inside_torch_func
@@ -196,6 +197,14 @@ def _slow_sdpa_bf16_backward() -> bool:
 
 
 def _auto(req: Request) -> DispatchDecision:
+    decision = _auto_rule(req)
+    if decision.backend == "tiled" and (why := tiled.unsupported_reason(req)) is not None:
+        fallback = "sdpa" if sdpa.unsupported_reason(req) is None else "reference"
+        return DispatchDecision(fallback, why)  # under torch.export: a tile map
+    return decision
+
+
+def _auto_rule(req: Request) -> DispatchDecision:
     why_not_sdpa = sdpa.unsupported_reason(req)
     if (under_torch_func := inside_torch_func()) is not None:
         if why_not_sdpa is None:
@@ -239,7 +248,7 @@ def _auto(req: Request) -> DispatchDecision:
         return DispatchDecision("sdpa", "no mask: torch SDPA's fused kernel (tiled is no faster)")
     if plain_causal:
         s = req.shapes
-        big = s.B * s.Hq * s.Lq * s.Lk >= TILED_CAUSAL_MIN_PAIRS
+        big = not surely(s.B * s.Hq * s.Lq * s.Lk < TILED_CAUSAL_MIN_PAIRS)
         # bf16 training where SDPA's backward is slow: tiled ran 2.1x faster already at N = 64
         if on_cpu and req.q.dtype in _CPU_KERNEL_DTYPES and (big or slow_sdpa_training):
             return DispatchDecision(
@@ -254,7 +263,7 @@ def _auto(req: Request) -> DispatchDecision:
     )
     # not float16 (SDPA has no fast CPU kernel for it) nor where SDPA's bf16 backward is slow
     sdpa_fast = req.q.dtype != torch.float16 and not slow_sdpa_training
-    if unshared and req.shapes.Lq <= FEW_QUERIES and sdpa_fast:
+    if unshared and surely(req.shapes.Lq <= FEW_QUERIES) and sdpa_fast:
         return DispatchDecision(
             "sdpa",
             f"at most {FEW_QUERIES} queries under a bool tensor, a mask held in tensors or a "
@@ -457,6 +466,11 @@ def dispatch(
        to ``FEW_QUERIES`` queries (with no mask where it is all True), then tiled when its
        tiles' modelled cost (``FULL_TILE_COST``, ``PARTIAL_TILE_COST``) is below SDPA's.
        Otherwise (and on other devices): SDPA with a bool mask.
+    5. Under torch.export, what rules 1-4 give tiled that would need a tile map (any mask but
+       causal and sliding-window ones): SDPA with a bool mask (reference where SDPA cannot).
+
+    Sizes that torch.compile or torch.export keep symbolic take, without a guard, the branch
+    for long sequences (rules 3 and 4) unless their range decides it (``attnkit._symbolic``).
 
     ``python benchmarks/cpu_dispatch_rule.py`` measures each case on the machine at hand.
     """

@@ -30,7 +30,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec
+from typing import Any, ParamSpec, cast
 
 import torch
 from torch import Tensor
@@ -573,7 +573,22 @@ def band(mask: Mask, Lq: int, Lk: int) -> tuple[int, int] | None:
         keeps nothing); None for any other mask.
     """
     d = _band(mask.spec, Lq, Lk)
-    return None if d is None else (int(max(d[0], 1 - Lq)), int(min(d[1], Lk - 1)))
+    if d is None:
+        return None
+    return _clamped(d[0], 1 - Lq, torch.sym_max), _clamped(d[1], Lk - 1, torch.sym_min)
+
+
+def _clamped(diagonal: float, bound: int, sym_op: Any) -> int:
+    """``sym_op`` (sym_max / sym_min) of a diagonal, maybe ±inf, and the lengths' ``bound``.
+
+    torch's sym_max / sym_min keep symbolic lengths (torch.compile, torch.export) symbolic:
+    Python's max and int() would specialise the graph to the traced length.
+    """
+    if isinstance(diagonal, float):
+        if math.isinf(diagonal):
+            return bound
+        diagonal = int(diagonal)
+    return cast(int, sym_op(diagonal, bound))
 
 
 def _band(spec: tuple[Any, ...] | None, Lq: int, Lk: int) -> tuple[float, float] | None:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from attnkit import _dropout
+from attnkit._symbolic import surely
 from attnkit.block_mask import BlockMask, partial_bitmaps
 from attnkit.score_mods import KernelMods
 
@@ -220,9 +221,8 @@ def packs_gqa(q: Tensor, k: Tensor, tiles: Tiles) -> bool:
     """
     Lq, G = q.shape[2], q.shape[1] // k.shape[1]
     shared_by_heads = isinstance(tiles, Band) or tiles.kinds.shape[1] == 1
-    return (
-        PACK_GQA and G > 1 and shared_by_heads and Lq <= tiles.block_q and G * Lq <= MAX_PACKED_ROWS
-    )
+    fits = surely(Lq <= tiles.block_q) and surely(G * Lq <= MAX_PACKED_ROWS)
+    return PACK_GQA and G > 1 and shared_by_heads and fits
 
 
 #: Keys a forward part takes at least when a unit's keys are split over threads (``kv_splits``).
@@ -247,12 +247,14 @@ def kv_splits(q: Tensor, k: Tensor, tiles: Tiles, packed: bool) -> int:
     threads = _threads()
     heads = k.shape[1] if packed else q.shape[1]
     units = q.shape[0] * heads * -(-q.shape[2] // tiles.block_q)
-    if not SPLIT_KV or units >= threads:
+    if not SPLIT_KV or not surely(units < threads):
         return 1
     keys = k.shape[2]  # a BlockMask's: at most all (its parts may differ in non-empty tiles)
     if isinstance(tiles, Band):  # the most its query tiles visit
         keys = tiles.most_kv_tiles(q.shape[2], k.shape[2]) * tiles.block_k
-    return max(1, min(-(-threads // units), keys // MIN_SPLIT_KEYS))
+    # sym_max / sym_min: a symbolic cache length stays symbolic (``_symbolic``)
+    most = torch.sym_min(-(-threads // units), keys // MIN_SPLIT_KEYS)  # type: ignore[no-untyped-call]
+    return cast(int, torch.sym_max(1, most))  # type: ignore[no-untyped-call]
 
 
 def forward(

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit._symbolic import surely
 from attnkit.backends._common import Request, dense_mask
 from attnkit.masks import Mask, lookback
 
@@ -35,7 +36,7 @@ def is_plain_causal(mask: object, Lq: int, Lk: int) -> bool:
     """SDPA's is_causal is top-left aligned; bottom-right causal equals it when Lq == Lk."""
     if not isinstance(mask, Mask) or mask.spec is None or mask.spec[0] != "causal":
         return False
-    return mask.spec[1] == "top_left" or Lq == Lk
+    return mask.spec[1] == "top_left" or surely(Lq == Lk)
 
 
 def attends_every_key(mask: object, Lq: int, Lk: int) -> bool:
@@ -50,10 +51,10 @@ def attends_every_key(mask: object, Lq: int, Lk: int) -> bool:
     if mask.spec == ("full",):
         return True
     # one query sits at the last key, and these patterns attend an unbroken run back from it
-    if Lq != 1 or mask.spec[0] not in ("causal", "sliding_window"):
+    if not surely(Lq == 1) or mask.spec[0] not in ("causal", "sliding_window"):
         return False
     reach = lookback(mask)  # None unless bottom-right aligned
-    return reach is not None and Lk <= reach + 1
+    return reach is not None and surely(Lk <= reach + 1)
 
 
 def _hides_nothing(allowed: Tensor) -> bool:

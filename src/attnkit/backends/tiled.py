@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from attnkit import _dropout
+from attnkit._symbolic import surely
 from attnkit._types import EMPTY, FULL, MaskFn, ScoreModFn
 from attnkit.backends import cpu_kernel
 from attnkit.backends._common import (
@@ -75,7 +76,7 @@ WIDE_ROW_KEYS = 1024
 
 def default_config(Lq: int) -> TileConfig:
     """Base tile sizes for ``Lq`` queries: 64 query rows (fewer for short queries)."""
-    block_q = 16 if Lq <= 16 else 32 if Lq <= 32 else 64  # (compile: comparisons keep Lq symbolic)
+    block_q = 16 if surely(Lq <= 16) else 32 if surely(Lq <= 32) else 64
     return TileConfig(block_q=block_q, block_k=64, max_chunk=1024)
 
 
@@ -83,7 +84,7 @@ def tuned_config(req: Request) -> TileConfig:
     """``default_config``, with 128-row query tiles where rows are wide (``WIDE_ROW_KEYS``)."""
     s = req.shapes
     cfg = default_config(s.Lq)
-    if cfg.block_q < 64 or s.Lq < 2 * WIDE_ROW_KEYS:
+    if cfg.block_q < 64 or not surely(s.Lq >= 2 * WIDE_ROW_KEYS):
         return cfg
     tiles = kernel_tiles(req, cfg)  # a band's counts follow from its bounds: no map built
     if isinstance(tiles, cpu_kernel.Band):  # its middle query tile's (compile: no loop over Lq)
@@ -147,12 +148,18 @@ def kernel_tiles(req: Request, cfg: TileConfig) -> cpu_kernel.Tiles:
     decoding step: ``benchmarks/cpu_decoding.py`` measured 3.40-3.46 ms per step of 6 layers
     with maps, 1.94-2.08 ms without).
     """
-    s = req.shapes
-    mask = _NO_MASK if req.mask is None else req.mask
-    found = band(mask, s.Lq, s.Lk) if isinstance(mask, Mask) else None
-    if not BAND_IN_KERNEL or found is None:
+    found = _kernel_band(req)
+    if found is None:
         return block_mask_for(req, cfg)
     return cpu_kernel.Band(*found, cfg.block_q, cfg.block_k)
+
+
+def _kernel_band(req: Request) -> tuple[int, int] | None:
+    """The band (lo, hi) the kernels compute for ``req``'s mask, or None (``kernel_tiles``)."""
+    mask = _NO_MASK if req.mask is None else req.mask
+    if not BAND_IN_KERNEL or not isinstance(mask, Mask):
+        return None
+    return band(mask, req.shapes.Lq, req.shapes.Lk)
 
 
 def make_plan(req: Request, cfg: TileConfig) -> Plan:
@@ -486,22 +493,45 @@ def captured_tensors(fn: object, depth: int = 4) -> tuple[Tensor, ...]:
 
 
 def unsupported_reason(req: Request) -> str | None:
-    """The tiled backend serves every request, except inside torch.func transforms."""
-    return inside_torch_func()
+    """Why tiled cannot serve ``req``, or None: it serves every request but two.
+
+    Inside torch.func transforms; and under torch.export where it would build a tile map.
+    """
+    if (why := inside_torch_func()) is not None:
+        return why
+    if torch.compiler.is_exporting() and _builds_tile_map(req):
+        return (
+            "under torch.export, tiled serves only what the compiled CPU kernels compute without "
+            "a tile map (no mask, causal and sliding-window masks, ALiBi, softcap): a BlockMask "
+            "is built from data for each length, which an exported graph cannot hold (sdpa "
+            "and reference serve the rest)"
+        )
+    return None
 
 
-def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]:
-    """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32 (float64 for float64)."""
-    cfg = config or tuned_config(req)
+def _runs_kernels(req: Request, cfg: TileConfig) -> bool:
+    """Whether the compiled CPU kernels serve ``req`` (else the PyTorch loops do)."""
     mods = kernel_mods(req.score_mod_source)  # ALiBi / softcap run inside the CPU kernels
-    if (
+    return (
         cfg.use_kernel
         and req.q.device.type == "cpu"
         and req.q.dtype != torch.float64
         and mods is not None
         and not mods.learns_slopes
         and cpu_kernel.available()
-    ):
+    )
+
+
+def _builds_tile_map(req: Request) -> bool:
+    """Whether a call builds a BlockMask: all but the kernels' band masks (``kernel_tiles``)."""
+    return not _runs_kernels(req, TileConfig()) or _kernel_band(req) is None
+
+
+def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]:
+    """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32 (float64 for float64)."""
+    cfg = config or tuned_config(req)
+    mods = kernel_mods(req.score_mod_source) or cpu_kernel.NO_MODS
+    if _runs_kernels(req, cfg):
         tiles = kernel_tiles(req, cfg)
         dropout = _dropout.kernel_args(req.seed, req.dropout_p)
         if not req.needs_grad:  # inference (decoding): no autograd node

@@ -73,6 +73,11 @@ def unsupported_reason(req: Request) -> str | None:
         return f"head dims up to 256 are supported, got D={s.D}, Dv={s.Dv}"
     if (why := inside_torch_func()) is not None:
         return why
+    if torch.compiler.is_exporting():
+        return (
+            "not under torch.export: the launcher picks tiles, GQA packing and kv splits from "
+            "concrete sizes and keeps tile lists in host-side caches (sdpa serves exported graphs)"
+        )
     # (batch, head) slices are reached in 64-bit arithmetic, offsets within one are 32-bit
     largest = max(*(slice_extent(t) for t in (req.q, req.k, req.v)), s.Lq * s.Dv)  # + out
     if largest >= 2**31:

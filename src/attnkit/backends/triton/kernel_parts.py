@@ -214,7 +214,7 @@ def tile_scores(
     # Padding rows (past Lq) need no mask: they are never stored and carry zero dO. The
     # bitmap is widened to fp32 before the select: an i1 tile would have to pass through
     # shared memory in the FMA (fp32 "ieee") dot layouts, which does not compile for sm_80.
-    s = tl.where(ki < Lk, s * 1.4426950408889634, float("-inf"))
+    s = tl.where(ki < Lk, s * LOG2E, float("-inf"))
     if BAND:
         # With ALiBi, which already computes a distance per score, every tile is masked: the
         # branch kept another tile live across it and spilled up to 128 B (sm_90's D=64 dQ,

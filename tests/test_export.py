@@ -1,0 +1,161 @@
+"""torch.export with a dynamic sequence length: one exported graph serves every length.
+
+Choices that only tune speed (tile heights, SDPA or tiled, GQA packing, kv splits) are made
+without guarding symbolic lengths (``attnkit._symbolic.surely``), so exporting with
+``Dim("L", min=2, max=4096)`` succeeds and the graph is right at lengths on either side of
+every threshold. Masks whose tile map is built in Python for each length cannot be in such a
+graph: tiled refuses them by name under export, and ``auto`` gives them to SDPA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+import attnkit
+from attnkit import masks, score_mods
+from attnkit.nn import CausalLM
+
+pytestmark = pytest.mark.slow
+
+LENGTH = Dim("L", min=2, max=4096)
+KEYS = Dim("S", min=2, max=4096)
+#: around each threshold a length choice had: 16/32/64-row tiles, auto's SDPA/tiled turn
+LENGTHS = (3, 17, 33, 64, 65, 100, 300)
+
+SLOPES = score_mods.alibi_slopes(4)
+CASES = {
+    "none": {},
+    "causal": {"mask": masks.causal()},
+    "window": {"mask": masks.sliding_window(7)},
+    "alibi, causal": {"mask": masks.causal(), "score_mod": score_mods.alibi(SLOPES)},
+    "softcap": {"score_mod": score_mods.softcap(20.0)},
+    "dilated": {"mask": masks.dilated(3, 2)},  # a tile map per length: SDPA under export
+    "prefix_lm": {"mask": masks.prefix_lm(5)},
+}
+#: what each backend serves under export with a dynamic length
+SERVES = {
+    "reference": set(CASES),
+    "sdpa": set(CASES) - {"alibi, causal", "softcap"},
+    "tiled": {"none", "causal", "window", "alibi, causal", "softcap"},
+    "auto": set(CASES),
+}
+
+
+class Attention(nn.Module):
+    """attnkit.attention with fixed keyword arguments, as a module torch.export takes."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__()
+        self.kwargs = kwargs
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = attnkit.attention(q, k, v, **self.kwargs)
+        return out
+
+
+def qkv(heads: tuple[int, int], Lq: int, Lk: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    Hq, Hkv = heads
+    shapes = ((2, Hq, Lq, 16), (2, Hkv, Lk, 16), (2, Hkv, Lk, 16))
+    return tuple(torch.randn(s, generator=g) for s in shapes)
+
+
+def expected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """The float64 reference: the spec, in float32."""
+    kwargs = {**kwargs, "backend": "reference"}
+    out: torch.Tensor = attnkit.attention(q.double(), k.double(), v.double(), **kwargs)
+    return out.float()
+
+
+@pytest.mark.parametrize(
+    ("backend", "case"), [(b, c) for b, served in SERVES.items() for c in CASES if c in served]
+)
+def test_one_exported_graph_serves_every_length(backend, case):
+    """Self-attention with GQA (4 query heads over 2 kv heads), exported at 40 tokens."""
+    module = Attention(backend=backend, **CASES[case])
+    dims = {"q": {2: LENGTH}, "k": {2: LENGTH}, "v": {2: LENGTH}}
+    graph = torch.export.export(module, qkv((4, 2), 40, 40, seed=0), dynamic_shapes=dims)
+    for n in LENGTHS:
+        q, k, v = qkv((4, 2), n, n, seed=n)
+        torch.testing.assert_close(graph.module()(q, k, v), expected(q, k, v, **CASES[case]))
+
+
+@pytest.mark.parametrize("mask", [masks.causal(), masks.sliding_window(64)], ids=str)
+@pytest.mark.parametrize("backend", ["tiled", "auto"])
+@pytest.mark.parametrize("heads", [(4, 1), (8, 2)], ids=["mqa", "gqa"])
+def test_an_exported_decoding_step_serves_every_cache_length(backend, mask, heads):
+    """One query over a dynamic number of cached keys: packed GQA, and keys split over
+    threads where there are fewer units than threads (MQA at 3,000 keys)."""
+    module = Attention(mask=mask, backend=backend)
+    dims = {"q": None, "k": {2: KEYS}, "v": {2: KEYS}}
+    graph = torch.export.export(module, qkv(heads, 1, 100, seed=0), dynamic_shapes=dims)
+    for n in (5, 64, 65, 1000, 3000):
+        q, k, v = qkv(heads, 1, n, seed=n)
+        torch.testing.assert_close(graph.module()(q, k, v), expected(q, k, v, mask=mask))
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "tiled", "auto"])
+def test_cross_attention_with_two_dynamic_lengths(backend):
+    """Queries and keys of independent lengths under bottom-right causal: the mask's offset
+    Lk - Lq stays symbolic, and SDPA's top-left is_causal is not taken for it."""
+    module = Attention(mask=masks.causal(), backend=backend)
+    dims = {"q": {2: LENGTH}, "k": {2: KEYS}, "v": {2: KEYS}}
+    graph = torch.export.export(module, qkv((4, 4), 40, 47, seed=0), dynamic_shapes=dims)
+    for Lq, Lk in ((3, 10), (40, 47), (100, 300), (70, 70)):
+        q, k, v = qkv((4, 4), Lq, Lk, seed=Lq)
+        want = expected(q, k, v, mask=masks.causal())
+        torch.testing.assert_close(graph.module()(q, k, v), want)
+
+
+@pytest.mark.parametrize("length", [LENGTH, None], ids=["dynamic", "static"])
+def test_tiled_names_why_it_refuses_a_tile_map_under_export(length):
+    """A BlockMask is built from data (its partial tiles' bitmaps): no exported graph holds it.
+    ``auto`` gives the mask to SDPA there; outside export tiled still serves it."""
+    dims = {"q": {2: length}, "k": {2: length}, "v": {2: length}} if length else None
+    q, k, v = qkv((4, 2), 40, 40, seed=0)
+    with pytest.raises(attnkit.UnsupportedError, match=r"under torch\.export, tiled serves"):
+        torch.export.export(
+            Attention(mask=masks.dilated(3, 2), backend="tiled"), (q, k, v), dynamic_shapes=dims
+        )
+    graph = torch.export.export(Attention(mask=masks.dilated(3, 2)), (q, k, v), dynamic_shapes=dims)
+    want = expected(q, k, v, mask=masks.dilated(3, 2))
+    torch.testing.assert_close(graph.module()(q, k, v), want)
+    assert attnkit.dispatch(q, k, v, mask=masks.dilated(3, 2)).backend == "tiled"
+
+
+@pytest.mark.parametrize("backend", ["tiled", "auto"])
+def test_an_exported_causal_lm_serves_every_length(backend):
+    """RoPE, GQA and a sliding window through every layer; the logits of eager runs."""
+    torch.manual_seed(0)
+    lm = CausalLM(
+        50,
+        d_model=32,
+        nhead=4,
+        num_kv_heads=2,
+        num_layers=2,
+        positions="rope",
+        mask=masks.sliding_window(8),
+        backend=backend,
+        max_len=512,
+    ).eval()
+    ids = torch.randint(0, 50, (2, 40))
+    graph = torch.export.export(lm, (ids,), dynamic_shapes={"ids": {1: Dim("T", min=2, max=512)}})
+    for n in (2, 17, 100, 512):
+        ids = torch.randint(0, 50, (2, n))
+        torch.testing.assert_close(graph.module()(ids)[0], lm(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["none", "causal", "alibi, causal", "dilated"])
+def test_exporting_leaves_no_fake_tensor_in_a_cache(case):
+    """Export runs the Python around the kernels on fake tensors: nothing it makes may be kept
+    for later calls (eager calls after an export give the reference's results)."""
+    kwargs = CASES[case]
+    dims = {"q": {2: LENGTH}, "k": {2: LENGTH}, "v": {2: LENGTH}}
+    torch.export.export(Attention(**kwargs), qkv((4, 2), 40, 40, seed=0), dynamic_shapes=dims)
+    for backend in ("tiled", "auto", "sdpa") if case != "alibi, causal" else ("tiled", "auto"):
+        q, k, v = qkv((4, 2), 40, 40, seed=1)
+        got = attnkit.attention(q, k, v, backend=backend, **kwargs)
+        torch.testing.assert_close(got, expected(q, k, v, **kwargs))
