@@ -159,3 +159,41 @@ def test_exporting_leaves_no_fake_tensor_in_a_cache(case):
         q, k, v = qkv((4, 2), 40, 40, seed=1)
         got = attnkit.attention(q, k, v, backend=backend, **kwargs)
         torch.testing.assert_close(got, expected(q, k, v, **kwargs))
+
+
+class SentenceEmbedding(nn.Module):
+    """A pretrained encoder's mean-pooled sentence embedding: what one deploys of MiniLM."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids, attention_mask).last_hidden_state
+        keep = attention_mask[..., None].to(hidden.dtype)
+        return (hidden * keep).sum(1) / keep.sum(1)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_the_pretrained_encoder_exports_for_any_batch_and_length(backend):
+    """all-MiniLM-L6-v2 with its padding mask, batch and length dynamic: the exported graph
+    gives the eager model's sentence embeddings for padded batches of other sizes (``auto``
+    takes SDPA for the padding's tile map, which tiled cannot build in a graph)."""
+    from attnkit.models import load_pretrained
+
+    model = SentenceEmbedding(load_pretrained("all-MiniLM-L6-v2", backend=backend).encoder)
+    batch, length = Dim("B", min=1, max=64), Dim("T", min=2, max=512)
+    dims = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}
+
+    def padded(sizes: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1000, 2000, (len(sizes), max(sizes)), generator=g)
+        keep = (torch.arange(max(sizes))[None, :] < torch.tensor(sizes)[:, None]).long()
+        return ids * keep, keep
+
+    graph = torch.export.export(model, padded([7, 12], seed=0), dynamic_shapes=dims)
+    for sizes in ([5], [3, 40, 17], [128, 90]):
+        ids, keep = padded(sizes, seed=len(sizes))
+        torch.testing.assert_close(
+            graph.module()(ids, keep), model(ids, keep), rtol=1e-5, atol=1e-5
+        )
