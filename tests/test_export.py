@@ -9,6 +9,9 @@ graph: tiled refuses them by name under export, and ``auto`` gives them to SDPA.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -16,7 +19,7 @@ from torch.export import Dim
 
 import attnkit
 from attnkit import masks, score_mods
-from attnkit.nn import CausalLM
+from attnkit.nn import CausalLM, MultiHeadAttention
 
 pytestmark = pytest.mark.slow
 
@@ -197,3 +200,28 @@ def test_the_pretrained_encoder_exports_for_any_batch_and_length(backend):
         torch.testing.assert_close(
             graph.module()(ids, keep), model(ids, keep), rtol=1e-5, atol=1e-5
         )
+
+
+def test_an_aot_inductor_package_runs_in_a_fresh_process(tmp_path):
+    """AOTInductor compiles the exported graph to a package whose C++ calls attnkit's tiled
+    ops; a new process registers them (``cpu_kernel.available()``) before loading it, and the
+    package gives the module's outputs at lengths it was not traced at."""
+    module = MultiHeadAttention(32, 4, num_kv_heads=2, mask=masks.causal(), backend="tiled")
+    module.eval()
+    dims = {"query": {1: Dim("L", min=2, max=1024)}}
+    graph = torch.export.export(module, (torch.randn(1, 40, 32),), dynamic_shapes=dims)
+    package = torch._inductor.aoti_compile_and_package(graph, package_path=str(tmp_path / "a.pt2"))
+    inputs = [torch.randn(1, n, 32) for n in (3, 300)]  # batch 1, as traced
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch\n"
+        "from attnkit.backends import cpu_kernel\n"
+        "assert cpu_kernel.available()\n"
+        "run = torch._inductor.aoti_load_package(sys.argv[1])\n"
+        "inputs = torch.load(sys.argv[2])\n"
+        "torch.save([run(x)[0] for x in inputs], sys.argv[3])\n"
+    )
+    args = [package, tmp_path / "inputs.pt", tmp_path / "outputs.pt"]
+    subprocess.run([sys.executable, "-c", script, *map(str, args)], check=True)
+    for x, got in zip(inputs, torch.load(tmp_path / "outputs.pt"), strict=True):
+        torch.testing.assert_close(got, module(x)[0], rtol=1e-5, atol=1e-5)
