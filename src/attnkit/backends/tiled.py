@@ -509,10 +509,14 @@ def unsupported_reason(req: Request) -> str | None:
     return None
 
 
-def _runs_kernels(req: Request, cfg: TileConfig) -> bool:
-    """Whether the compiled CPU kernels serve ``req`` (else the PyTorch loops do)."""
-    mods = kernel_mods(req.score_mod_source)  # ALiBi / softcap run inside the CPU kernels
-    return (
+def _kernel_mods(req: Request, cfg: TileConfig) -> KernelMods | None:
+    """The score mods the compiled CPU kernels apply to ``req``, or None if they do not serve it.
+
+    ALiBi and softcap run inside the kernels; other mods, float64, other devices and trainable
+    slopes run the PyTorch loops.
+    """
+    mods = kernel_mods(req.score_mod_source)
+    runs_kernels = (
         cfg.use_kernel
         and req.q.device.type == "cpu"
         and req.q.dtype != torch.float64
@@ -520,18 +524,18 @@ def _runs_kernels(req: Request, cfg: TileConfig) -> bool:
         and not mods.learns_slopes
         and cpu_kernel.available()
     )
+    return mods if runs_kernels else None
 
 
 def _builds_tile_map(req: Request) -> bool:
     """Whether a call builds a BlockMask: all but the kernels' band masks (``kernel_tiles``)."""
-    return not _runs_kernels(req, TileConfig()) or _kernel_band(req) is None
+    return _kernel_mods(req, TileConfig()) is None or _kernel_band(req) is None
 
 
 def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32 (float64 for float64)."""
     cfg = config or tuned_config(req)
-    mods = kernel_mods(req.score_mod_source) or cpu_kernel.NO_MODS
-    if _runs_kernels(req, cfg):
+    if (mods := _kernel_mods(req, cfg)) is not None:
         tiles = kernel_tiles(req, cfg)
         dropout = _dropout.kernel_args(req.seed, req.dropout_p)
         if not req.needs_grad:  # inference (decoding): no autograd node
