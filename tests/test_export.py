@@ -4,7 +4,8 @@ Choices that only tune speed (tile heights, SDPA or tiled, GQA packing, kv split
 without guarding symbolic lengths (``attnkit._symbolic.surely``), so exporting with
 ``Dim("L", min=2, max=4096)`` succeeds and the graph is right at lengths on either side of
 every threshold. Masks whose tile map is built in Python for each length cannot be in such a
-graph: tiled refuses them by name under export, and ``auto`` gives them to SDPA.
+graph: tiled refuses them by name under export, and ``auto`` gives them to SDPA. Padding
+masks & a band are in the graph as tensors (the kept keys), which the compiled kernels read.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CASES = {
     "none": {},
     "causal": {"mask": masks.causal()},
     "window": {"mask": masks.sliding_window(7)},
+    "causal & padding": {"mask": masks.causal() & masks.key_padding([5, 30])},
     "alibi, causal": {"mask": masks.causal(), "score_mod": score_mods.alibi(SLOPES)},
     "softcap": {"score_mod": score_mods.softcap(20.0)},
     "dilated": {"mask": masks.dilated(3, 2)},  # a tile map per length: SDPA under export
@@ -42,7 +44,7 @@ CASES = {
 SERVES = {
     "reference": set(CASES),
     "sdpa": set(CASES) - {"alibi, causal", "softcap"},
-    "tiled": {"none", "causal", "window", "alibi, causal", "softcap"},
+    "tiled": {"none", "causal", "window", "causal & padding", "alibi, causal", "softcap"},
     "auto": set(CASES),
 }
 
@@ -177,11 +179,11 @@ class SentenceEmbedding(nn.Module):
         return (hidden * keep).sum(1) / keep.sum(1)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+@pytest.mark.parametrize("backend", ["sdpa", "tiled", "auto"])
 def test_the_pretrained_encoder_exports_for_any_batch_and_length(backend):
     """all-MiniLM-L6-v2 with its padding mask, batch and length dynamic: the exported graph
-    gives the eager model's sentence embeddings for padded batches of other sizes (``auto``
-    takes SDPA for the padding's tile map, which tiled cannot build in a graph)."""
+    gives the eager model's sentence embeddings for padded batches of other sizes (tiled's
+    kernels read the padding's kept keys, a tensor of the graph; ``auto`` takes tiled)."""
     from attnkit.models import load_pretrained
 
     model = SentenceEmbedding(load_pretrained("all-MiniLM-L6-v2", backend=backend).encoder)
@@ -195,6 +197,7 @@ def test_the_pretrained_encoder_exports_for_any_batch_and_length(backend):
         return ids * keep, keep
 
     graph = torch.export.export(model, padded([7, 12], seed=0), dynamic_shapes=dims)
+    assert ("attnkit.tiled_forward" in graph.graph_module.code) is (backend != "sdpa")
     for sizes in ([5], [3, 40, 17], [128, 90]):
         ids, keep = padded(sizes, seed=len(sizes))
         torch.testing.assert_close(
@@ -205,23 +208,33 @@ def test_the_pretrained_encoder_exports_for_any_batch_and_length(backend):
 def test_an_aot_inductor_package_runs_in_a_fresh_process(tmp_path):
     """AOTInductor compiles the exported graph to a package whose C++ calls attnkit's tiled
     ops; a new process registers them (``cpu_kernel.available()``) before loading it, and the
-    package gives the module's outputs at lengths it was not traced at."""
+    package gives the module's outputs at lengths it was not traced at, causal & a left
+    padding that the kernels read as kept keys."""
     module = MultiHeadAttention(32, 4, num_kv_heads=2, mask=masks.causal(), backend="tiled")
     module.eval()
-    dims = {"query": {1: Dim("L", min=2, max=1024)}}
-    graph = torch.export.export(module, (torch.randn(1, 40, 32),), dynamic_shapes=dims)
+    length = Dim("L", min=2, max=1024)
+    dims = {"query": {1: length}, "key_padding_mask": {1: length}}
+
+    def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        padding = torch.arange(n)[None, :] < n // 3  # batch 1, as traced
+        return torch.randn(1, n, 32), padding
+
+    x, padding = inputs(40)
+    kwargs = {"key_padding_mask": padding}
+    graph = torch.export.export(module, (x,), kwargs=kwargs, dynamic_shapes=dims)
     package = torch._inductor.aoti_compile_and_package(graph, package_path=str(tmp_path / "a.pt2"))
-    inputs = [torch.randn(1, n, 32) for n in (3, 300)]  # batch 1, as traced
-    torch.save(inputs, tmp_path / "inputs.pt")
+    cases = [inputs(n) for n in (3, 300)]
+    torch.save(cases, tmp_path / "inputs.pt")
     script = (
         "import sys, torch\n"
         "from attnkit.backends import cpu_kernel\n"
         "assert cpu_kernel.available()\n"
         "run = torch._inductor.aoti_load_package(sys.argv[1])\n"
-        "inputs = torch.load(sys.argv[2])\n"
-        "torch.save([run(x)[0] for x in inputs], sys.argv[3])\n"
+        "cases = torch.load(sys.argv[2])\n"
+        "torch.save([run(x, key_padding_mask=p)[0] for x, p in cases], sys.argv[3])\n"
     )
     args = [package, tmp_path / "inputs.pt", tmp_path / "outputs.pt"]
     subprocess.run([sys.executable, "-c", script, *map(str, args)], check=True)
-    for x, got in zip(inputs, torch.load(tmp_path / "outputs.pt"), strict=True):
-        torch.testing.assert_close(got, module(x)[0], rtol=1e-5, atol=1e-5)
+    for (x, padding), got in zip(cases, torch.load(tmp_path / "outputs.pt"), strict=True):
+        want = module(x, key_padding_mask=padding)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -502,3 +502,38 @@ def test_band_is_exactly_the_diagonals_a_mask_keeps(mask, Lq, Lk):
 )
 def test_band_is_none_for_other_masks(mask):
     assert masks.band(mask, 9, 9) is None
+
+
+PADDINGS = [
+    masks.key_padding([3, 30]),
+    masks.key_padding([7]),  # one length for every sequence: (1, Lk)
+    masks.from_padding_mask(torch.tensor([[False] * 4 + [True] * 26, [True, False] * 15])),
+]
+
+
+@pytest.mark.parametrize("band_mask", [*BANDS[:5], BANDS[-2]], ids=repr)
+@pytest.mark.parametrize("padding", PADDINGS, ids=repr)
+@pytest.mark.parametrize(("Lq", "Lk"), [(1, 30), (9, 30), (30, 30)])
+def test_padded_band_is_exactly_what_a_band_and_padding_keep(band_mask, padding, Lq, Lk):
+    """``padded_band``: the band's diagonals and the keys each sequence keeps, whichever side
+    of the ``&`` the padding stands on, two paddings ANDed too."""
+    for mask in (band_mask & padding, padding & band_mask, band_mask & padding & padding):
+        lo, hi, keys = masks.padded_band(mask, Lq, Lk)
+        d = torch.arange(Lk)[None, :] - torch.arange(Lq)[:, None]
+        kept = ((d >= lo) & (d <= hi))[None] & keys[:, None, :]  # (B or 1, Lq, Lk)
+        assert torch.equal(mask.dense(Lq, Lk, B=2)[:, 0], kept.expand(2, Lq, Lk)), mask
+    assert masks.padded_band(band_mask, Lq, Lk) == (*masks.band(band_mask, Lq, Lk), None)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        masks.dilated(3, 2) & masks.key_padding([5]),
+        masks.causal() | masks.key_padding([5]),
+        ~masks.key_padding([5]),
+        masks.document([0] * 4 + [1] * 5) & masks.key_padding([5]),
+    ],
+    ids=repr,
+)
+def test_padded_band_is_none_for_other_masks(mask):
+    assert masks.padded_band(mask, 9, 9) is None

@@ -204,9 +204,11 @@ def test_dispatch_rule_on_cpu():
 
 
 def test_dispatch_few_queries_under_masks_that_share_no_tile_maps():
-    """Decoding a ragged batch: the padding mask is made anew each step, so tiled would build
-    its tile map every call; up to FEW_QUERIES queries go to SDPA, more to tiled. Masks with a
-    plain spec share tile maps and stay on tiled."""
+    """Decoding under a custom predicate (or a bool tensor) made anew each step: tiled would
+    build its tile map every call; up to FEW_QUERIES queries go to SDPA, more to tiled. A
+    ragged batch's padding & causal is made anew too, but the compiled kernels take its kept
+    keys beside the band, no tile map: tiled at any length (SDPA where they cannot serve it,
+    float64). Masks with a plain spec share tile maps and stay on tiled."""
     from attnkit.functional import FEW_QUERIES
 
     valid = torch.ones(2, 300, dtype=torch.bool)
@@ -216,13 +218,14 @@ def test_dispatch_few_queries_under_masks_that_share_no_tile_maps():
     assert not padded.shares_tiles
     assert not custom.shares_tiles
     assert masks.sliding_window(8).shares_tiles
-    for mask in (padded, custom):
-        for Lq, expected in ((1, "sdpa"), (FEW_QUERIES, "sdpa"), (FEW_QUERIES + 1, "tiled")):
-            q, k, v = rand_qkv(2, 2, 2, Lq, 300, 16)
-            assert attnkit.dispatch(q, k, v, mask=mask).backend == expected, (mask, Lq)
+    for Lq, expected in ((1, "sdpa"), (FEW_QUERIES, "sdpa"), (FEW_QUERIES + 1, "tiled")):
+        q, k, v = rand_qkv(2, 2, 2, Lq, 300, 16)
+        assert attnkit.dispatch(q, k, v, mask=custom).backend == expected, Lq
+        assert attnkit.dispatch(q, k, v, mask=padded).backend == "tiled", Lq
     q, k, v = rand_qkv(2, 2, 2, 1, 300, 16, dtype=torch.float16)  # no fast fp16 SDPA on CPU
-    assert attnkit.dispatch(q, k, v, mask=padded).backend == "tiled"
+    assert attnkit.dispatch(q, k, v, mask=custom).backend == "tiled"
     q, k, v = rand_qkv(2, 2, 2, 1, 300, 16, dtype=torch.float64)
+    assert attnkit.dispatch(q, k, v, mask=padded).backend == "sdpa"  # tiled's loops: a tile map
     for mask in (padded, custom):  # and the result is the same
         got = attnkit.attention(q, k, v, mask=mask)
         torch.testing.assert_close(got, attnkit.attention(q, k, v, mask=mask, backend="reference"))

@@ -152,7 +152,9 @@ def test_independent_of_tile_sizes(cfg):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "mask", [masks.causal(), masks.sliding_window(64)], ids=["causal", "window"]
+    "mask",
+    [masks.causal(), masks.sliding_window(64), masks.causal() & masks.key_padding([200])],
+    ids=["causal", "window", "causal&padding"],
 )
 def test_low_precision_within_scaled_reference_error(dtype, mask):
     """DESIGN §7: error <= 2x (outputs) / 4x (gradients) the reference's own error in dtype."""
@@ -320,8 +322,8 @@ def test_portable_simd_kernel_every_mask():
         assert torch.equal(torch.isfinite(lse), finite), name
         torch.testing.assert_close(lse[finite], lse64[finite].float(), rtol=1e-5, atol=1e-5)
         tiles = tiled.kernel_tiles(req, TileConfig(32, 32, 64))
-        if isinstance(tiles, cpu_kernel.Band):  # the band computed in the kernel: the same
-            band = {"band": True, "band_lo": tiles.lo, "band_hi": tiles.hi}
+        if isinstance(tiles, cpu_kernel.Band):  # the band (and padding) in the kernel: the same
+            band = cpu_kernel._mask_args(tiles)[1]
             by_band = torch.ops.attnkit_portable.tiled_forward(*args, False, **band)
             assert torch.equal(by_band[0], out), name
             assert torch.equal(by_band[1], lse), name
@@ -374,13 +376,49 @@ BANDS = {  # mask, Lq, Lk: empty, partial and full tiles, keyless rows, both ali
 }
 
 
+def _padding(Lk):
+    """Keys two sequences keep: the first left-padded over half its keys, both at random."""
+    valid = torch.rand(2, Lk, generator=torch.Generator().manual_seed(3)) > 0.3
+    valid[0, : Lk // 2] = False  # whole tiles and a partial one
+    return valid
+
+
+PADDED_BANDS = {  # a band & padding: the kernels take the kept keys (B or 1, Lk) beside it
+    "key_padding, a sequence all padding": (masks.key_padding([181, 0]), 150, 181),
+    "causal & left, random padding": (
+        masks.causal() & masks.from_padding_mask(_padding(130)),
+        77,
+        130,
+    ),
+    "window(37, 5) & key_padding": (
+        masks.sliding_window(37, 5) & masks.key_padding([100, 181]),
+        150,
+        181,
+    ),
+    "one length for the batch & causal, Lq > Lk": (
+        masks.key_padding([70]) & masks.causal(),
+        130,
+        77,
+    ),
+    "window & two paddings": (
+        masks.sliding_window(20)
+        & masks.key_padding([60, 90])
+        & masks.from_padding_mask(_padding(90)),
+        181,
+        90,
+    ),
+}
+
+
 @pytest.mark.parametrize("mod_name", [None, "alibi+softcap"])
-@pytest.mark.parametrize(("mask", "Lq", "Lk"), BANDS.values(), ids=BANDS)
+@pytest.mark.parametrize(
+    ("mask", "Lq", "Lk"), [*BANDS.values(), *PADDED_BANDS.values()], ids=[*BANDS, *PADDED_BANDS]
+)
 def test_compiled_kernels_compute_band_masks(mask, Lq, Lk, mod_name, monkeypatch):
-    """Causal, window and no mask: the kernels find tiles and mask entries from the band
-    lo <= j - i <= hi (no BlockMask is built). Out, LSE and grads vs float64, GQA, score mods;
-    and bit for bit what the same kernels give walking the BlockMask's tile map (dQ: to
-    rounding)."""
+    """Causal, window and no mask, and those & padding: the kernels find tiles and mask
+    entries from the band lo <= j - i <= hi and the kept keys (no BlockMask is built). Out,
+    LSE and grads vs float64, GQA, score mods; and bit for bit what the same kernels give
+    walking the BlockMask's tile map (dQ: to rounding)."""
     from attnkit.backends import cpu_kernel
 
     mod = None if mod_name is None else KERNEL_MODS[mod_name](4)
@@ -689,6 +727,12 @@ PACKED_DECODING = {  # (B, Hq, Hkv, Lq, Lk, D), mask, score_mod, dropout_p
     ),
     "5 queries, MQA G=8, softcap": ((1, 8, 1, 5, 97, 16), masks.causal(), "softcap", 0.0),
     "padding, a keyless row, B=2": ((2, 4, 2, 3, 90, 16), "padding", None, 0.0),
+    "causal & left padding (kept keys), G=4": (
+        (2, 8, 2, 1, 300, 64),
+        masks.causal() & masks.from_padding_mask(_padding(300)),
+        None,
+        0.0,
+    ),
     "dropout, G=2": ((2, 4, 2, 2, 70, 16), masks.sliding_window(30), None, 0.25),
 }
 
@@ -802,6 +846,12 @@ SPLIT_DECODING = {  # (B, Hq, Hkv, Lq, Lk, D), mask, score_mod, dropout_p
     ),
     "MLA widths, softcap": ((1, 4, 1, 2, 250, 40), masks.causal(), "softcap", 0.0),
     "padding, a keyless row": ((2, 2, 1, 3, 90, 16), "padding", None, 0.0),
+    "causal & left padding (kept keys)": (
+        (2, 2, 1, 1, 300, 16),
+        masks.causal() & masks.from_padding_mask(_padding(300)),
+        None,
+        0.0,
+    ),
     "dropout": ((1, 2, 1, 2, 200, 16), None, None, 0.25),
 }
 

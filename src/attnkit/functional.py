@@ -168,12 +168,13 @@ FULL_TILE_COST = 0.7
 PARTIAL_TILE_COST = 1.9
 
 #: Up to this many queries (decoding, speculative drafts) under a bool tensor or a Mask that
-#: shares no tile maps (held in tensors: padding, documents; or a custom predicate), CPU goes
-#: to SDPA with a dense mask: a model makes such a mask anew at every call, so tiled builds
-#: its tile map every time. Causal & the padding of a ragged batch of 4
-#: (benchmarks/cpu_dispatch_rule.py --tables few_queries): tiled ran at 0.41-0.85x SDPA's
-#: speed over 512 keys and 0.88-0.99x over 2048 for 1-16 queries, 1.09-1.31x from 64 queries;
-#: as a bool tensor 0.48-0.77x and 0.67-0.89x for 1-16 queries.
+#: shares no tile maps (held in tensors: documents; or a custom predicate), CPU goes to SDPA
+#: with a dense mask: a model makes such a mask anew at every call, so tiled builds its tile
+#: map every time. Causal & the padding of a ragged batch of 4 as a bool tensor
+#: (benchmarks/cpu_dispatch_rule.py --tables few_queries): tiled ran at 0.50-0.81x SDPA's
+#: speed over 512 keys and 0.76-0.98x over 2048 for 1-16 queries, 1.02-1.35x from 64.
+#: Padding *Masks* & a band are exempt: the compiled kernels take their kept keys as they
+#: are, no tile map (``tiled.builds_tile_map``): tiled ran at 1.07-1.65x SDPA's speed there.
 FEW_QUERIES = 16
 
 #: Plain causal attention on CPU goes to tiled from this many (query, key) pairs B·Hq·Lq·Lk
@@ -259,7 +260,7 @@ def _auto_rule(req: Request) -> DispatchDecision:
         return DispatchDecision("sdpa", "non-CPU tensors: SDPA with the mask as a bool tensor")
     # a bool tensor too: models make one per call, so its tile map serves one call's layers
     unshared = isinstance(req.mask, Tensor) or (
-        isinstance(req.mask, Mask) and not req.mask.shares_tiles
+        isinstance(req.mask, Mask) and not req.mask.shares_tiles and tiled.builds_tile_map(req)
     )
     # not float16 (SDPA has no fast CPU kernel for it) nor where SDPA's bf16 backward is slow
     sdpa_fast = req.q.dtype != torch.float16 and not slow_sdpa_training
@@ -461,13 +462,15 @@ def dispatch(
        and at any size for bfloat16 training where rule 2 sends it to tiled; otherwise
        SDPA's is_causal.
     4. Any other Mask or BlockMask on CPU: tiled, except up to ``FEW_QUERIES`` queries
-       under a Mask that shares no tile maps (``Mask.shares_tiles``): SDPA, since a model
+       under a Mask that shares no tile maps (``Mask.shares_tiles``) and that the compiled
+       kernels cannot take without one (they take a band & padding): SDPA, since a model
        makes such masks anew each call. A bool tensor mask on CPU: as an unshared Mask up
        to ``FEW_QUERIES`` queries (with no mask where it is all True), then tiled when its
        tiles' modelled cost (``FULL_TILE_COST``, ``PARTIAL_TILE_COST``) is below SDPA's.
        Otherwise (and on other devices): SDPA with a bool mask.
     5. Under torch.export, what rules 1-4 give tiled that would need a tile map (any mask but
-       causal and sliding-window ones): SDPA with a bool mask (reference where SDPA cannot).
+       causal and sliding-window ones, & padding): SDPA with a bool mask (reference where
+       SDPA cannot).
 
     Sizes that torch.compile or torch.export keep symbolic take, without a guard, the branch
     for long sequences (rules 3 and 4) unless their range decides it (``attnkit._symbolic``).

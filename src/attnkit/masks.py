@@ -30,7 +30,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, cast
+from typing import Any, ParamSpec
 
 import torch
 from torch import Tensor
@@ -61,6 +61,7 @@ __all__ = [
     "global_tokens",
     "key_padding",
     "lookback",
+    "padded_band",
     "prefix_lm",
     "sliding_window",
     "strided",
@@ -572,34 +573,82 @@ def band(mask: Mask, Lq: int, Lk: int) -> tuple[int, int] | None:
         (lo, hi), clamped to the differences the lengths hold, [-(Lq - 1), Lk - 1] (so lo > hi
         keeps nothing); None for any other mask.
     """
-    d = _band(mask.spec, Lq, Lk)
-    if d is None:
+    found = padded_band(mask, Lq, Lk)
+    return None if found is None or found[2] is not None else found[:2]
+
+
+def padded_band(mask: Mask, Lq: int, Lk: int) -> tuple[int, int, Tensor | None] | None:
+    """``band``, and the keys each sequence keeps, for a band ``&`` padding masks.
+
+    Sequence b's query i attends key j exactly where ``lo <= j - i <= hi`` and ``keys[b, j]``:
+    ``band``'s masks ``&`` ``key_padding`` and ``from_padding_mask`` (any padding, left or
+    right). Kernels then need no tile map: a tile's kind follows from its bounds and from
+    how many of its keys the sequence keeps.
+
+    >>> padded_band(causal() & key_padding([2, 3]), 3, 3)
+    (-2, 0, tensor([[ True,  True, False],
+            [ True,  True,  True]]))
+
+    Returns:
+        (lo, hi, keys): lo and hi as ``band`` gives them; keys a bool (B or 1, Lk) tensor, or
+        None where the mask pads nothing. None for any other mask.
+    """
+    lo: float = -math.inf
+    hi: float = math.inf
+    keys: Tensor | None = None
+    for part in _and_parts(mask.spec):
+        kept = _kept_keys(part, Lk)
+        if kept is not None:
+            keys = kept if keys is None else keys & kept
+            continue
+        d = _band(part, Lq, Lk)
+        if d is None:
+            return None
+        lo, hi = _clamped(d[0], lo, torch.sym_max), _clamped(d[1], hi, torch.sym_min)
+    lo_hi = _clamped(lo, 1 - Lq, torch.sym_max), _clamped(hi, Lk - 1, torch.sym_min)
+    return (*lo_hi, keys)
+
+
+def _and_parts(spec: tuple[Any, ...] | None) -> list[tuple[Any, ...] | None]:
+    """The specs that ``spec`` ANDs together (itself, if it is no ``&``)."""
+    if spec is not None and spec[0] == "&":
+        return [*_and_parts(spec[1]), *_and_parts(spec[2])]
+    return [spec]
+
+
+def _kept_keys(spec: tuple[Any, ...] | None, Lk: int) -> Tensor | None:
+    """The keys a padding mask's spec keeps, bool (B or 1, Lk); None for other specs."""
+    if spec is None or spec[0] not in ("key_padding", "from_padding_mask"):
         return None
-    return _clamped(d[0], 1 - Lq, torch.sym_max), _clamped(d[1], Lk - 1, torch.sym_min)
+    if spec[0] == "from_padding_mask":
+        valid: Tensor = spec[1]
+        if valid.shape[1] != Lk:  # as its predicate would say
+            raise ValueError(f"padding mask has shape {tuple(valid.shape)}, but Lk={Lk}")
+        return valid
+    lengths = _as_index_tensor("lengths", spec[1]).flatten()
+    return torch.arange(Lk, device=lengths.device) < lengths[:, None]
 
 
-def _clamped(diagonal: float, bound: int, sym_op: Any) -> int:
-    """``sym_op`` (sym_max / sym_min) of a diagonal, maybe ±inf, and the lengths' ``bound``.
+def _clamped(diagonal: float, bound: float, sym_op: Any) -> Any:
+    """``sym_op`` (sym_max / sym_min) of a diagonal and a bound, either maybe ±inf.
 
     torch's sym_max / sym_min keep symbolic lengths (torch.compile, torch.export) symbolic:
     Python's max and int() would specialise the graph to the traced length.
     """
-    if isinstance(diagonal, float):
-        if math.isinf(diagonal):
-            return bound
-        diagonal = int(diagonal)
-    return cast(int, sym_op(diagonal, bound))
+    if isinstance(diagonal, float) and math.isinf(diagonal):
+        return bound
+    if isinstance(bound, float) and math.isinf(bound):
+        return diagonal
+    return sym_op(int(diagonal) if isinstance(diagonal, float) else diagonal, bound)
 
 
 def _band(spec: tuple[Any, ...] | None, Lq: int, Lk: int) -> tuple[float, float] | None:
+    """The diagonals (lo, hi), maybe infinite, that one part of an ``&`` keeps, or None."""
     if spec is None:
         return None
     name, *args = spec
     if name == "full":
         return (-math.inf, math.inf)
-    if name == "&":
-        a, b = _band(args[0], Lq, Lk), _band(args[1], Lq, Lk)
-        return None if a is None or b is None else (max(a[0], b[0]), min(a[1], b[1]))
     if name not in ("causal", "sliding_window"):
         return None
     off = _offset(args[-1], Lq, Lk)  # key i + off lines up with query i

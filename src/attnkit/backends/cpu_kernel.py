@@ -14,7 +14,7 @@ import os
 import shutil
 import sysconfig
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -45,12 +45,22 @@ class Band:
     so no BlockMask, tile map or bitmap is built: a new length costs nothing (decoding under a
     window over a growing cache built a map per step). Tiles of block_q × block_k, as a
     BlockMask's.
+
+    ``keys`` (B or 1, Lk) bool, where given, also masks the keys each sequence pads
+    (``masks.padded_band``): the kernels count each kv tile's kept keys once per call, so a
+    padding mask made anew at every call builds no tile map either. The counts below are the
+    band's (an upper bound), and ``==`` compares the band alone.
     """
 
     lo: int
     hi: int
     block_q: int
     block_k: int
+    keys: Tensor | None = field(default=None, compare=False)
+
+    def __repr__(self) -> str:
+        keys = "" if self.keys is None else f", keys={tuple(self.keys.shape)}"
+        return f"Band(lo={self.lo}, hi={self.hi}, tiles={self.block_q}×{self.block_k}{keys})"
 
     def kv_tiles(self, first_row: int, Lq: int, Lk: int) -> int:
         """How many kv tiles the query tile from ``first_row`` visits (``tile_mask.h``'s kv_tiles).
@@ -97,7 +107,8 @@ _NO_MAP = (  # a band's kinds, tile_index and bitmaps: unused
 def _mask_args(tiles: Tiles) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, object]]:
     """The ops' (kinds, tile_index, bitmaps) and their band keywords for ``tiles``."""
     if isinstance(tiles, Band):
-        return _NO_MAP, {"band": True, "band_lo": tiles.lo, "band_hi": tiles.hi}
+        keys = None if tiles.keys is None else tiles.keys.to("cpu").contiguous()
+        return _NO_MAP, {"band": True, "band_lo": tiles.lo, "band_hi": tiles.hi, "keys": keys}
     tile_index, bitmaps = partial_bitmaps(tiles)
     return (tiles.kinds.contiguous(), tile_index, bitmaps), {}
 

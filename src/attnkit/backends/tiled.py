@@ -41,7 +41,7 @@ from attnkit.backends._common import (
 )
 from attnkit.backends.tensor_masks import tensor_block_mask
 from attnkit.block_mask import BlockMask
-from attnkit.masks import Mask, band, full
+from attnkit.masks import Mask, full, padded_band
 from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "tiled"
@@ -146,20 +146,22 @@ def kernel_tiles(req: Request, cfg: TileConfig) -> cpu_kernel.Tiles:
     lo <= j - i <= hi (``masks.band``): the kernels find each tile's kind from its bounds, so
     no tile map is built for a new length (a window over a growing cache built one per
     decoding step: ``benchmarks/cpu_decoding.py`` measured 3.40-3.46 ms per step of 6 layers
-    with maps, 1.94-2.08 ms without).
+    with maps, 1.94-2.08 ms without). ``&`` padding masks too (``masks.padded_band``): the
+    kernels take the kept keys (B, Lk) beside the band.
     """
     found = _kernel_band(req)
     if found is None:
         return block_mask_for(req, cfg)
-    return cpu_kernel.Band(*found, cfg.block_q, cfg.block_k)
+    lo, hi, keys = found
+    return cpu_kernel.Band(lo, hi, cfg.block_q, cfg.block_k, keys)
 
 
-def _kernel_band(req: Request) -> tuple[int, int] | None:
-    """The band (lo, hi) the kernels compute for ``req``'s mask, or None (``kernel_tiles``)."""
+def _kernel_band(req: Request) -> tuple[int, int, Tensor | None] | None:
+    """The band and kept keys the kernels compute for ``req``'s mask, or None (``kernel_tiles``)."""
     mask = _NO_MASK if req.mask is None else req.mask
     if not BAND_IN_KERNEL or not isinstance(mask, Mask):
         return None
-    return band(mask, req.shapes.Lq, req.shapes.Lk)
+    return padded_band(mask, req.shapes.Lq, req.shapes.Lk)
 
 
 def make_plan(req: Request, cfg: TileConfig) -> Plan:
@@ -499,10 +501,11 @@ def unsupported_reason(req: Request) -> str | None:
     """
     if (why := inside_torch_func()) is not None:
         return why
-    if torch.compiler.is_exporting() and _builds_tile_map(req):
+    if torch.compiler.is_exporting() and builds_tile_map(req):
         return (
             "under torch.export, tiled serves only what the compiled CPU kernels compute without "
-            "a tile map (no mask, causal and sliding-window masks, ALiBi, softcap): a BlockMask "
+            "a tile map (no mask, causal and sliding-window masks, & padding; ALiBi, softcap): "
+            "a BlockMask "
             "is built from data for each length, which an exported graph cannot hold (sdpa "
             "and reference serve the rest)"
         )
@@ -527,8 +530,8 @@ def _kernel_mods(req: Request, cfg: TileConfig) -> KernelMods | None:
     return mods if runs_kernels else None
 
 
-def _builds_tile_map(req: Request) -> bool:
-    """Whether a call builds a BlockMask: all but the kernels' band masks (``kernel_tiles``)."""
+def builds_tile_map(req: Request) -> bool:
+    """Whether a call builds a BlockMask: all but the kernels' band & padding (``kernel_tiles``)."""
     return _kernel_mods(req, TileConfig()) is None or _kernel_band(req) is None
 
 

@@ -3,14 +3,18 @@
 // partial tiles) or a band lo <= j - i <= hi (causal and sliding-window masks: masks.band),
 // whose tiles' kinds and masked entries follow from their bounds. A band needs no tile map:
 // none is built, stored or read (decoding under a window over a growing cache built one per
-// step, with a bitmap per partial tile).
+// step, with a bitmap per partial tile). A band may also carry a key mask, one row of Lk
+// flags per sequence (padding): its kv tiles' kinds are counted here, once per call, so a
+// padded batch needs no tile map either (a model makes its padding mask anew at every call).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <utility>
+#include <vector>
 
 #include "cpu_common.h"
 
@@ -28,10 +32,16 @@ struct TileMask {
   // or a band: query i attends key j where lo <= j - i <= hi
   bool band = false;
   int64_t lo = 0, hi = 0;
+  // and, with a band, maybe a key mask: sequence b keeps key j only where keys[b·Lk + j]
+  const bool* keys = nullptr;
+  int64_t Bk = 1;
+  std::vector<int8_t> key_kinds;  // (Bk, nK): each kv tile's kind under the key mask alone
 
-  // Where (b, h)'s tiles start in the map (0 for a band): the `map` argument below.
+  // Where (b, h)'s tiles start in the map (for a band, the sequence's row of the key mask):
+  // the `map` argument below.
   int64_t map_of(int64_t b, int64_t h) const {
-    return band ? 0 : ((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * nQ * nK;
+    if (band) return Bk > 1 ? b : 0;
+    return ((Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0)) * nQ * nK;
   }
   bool shared_by_heads() const { return band || Hm == 1; }
 
@@ -40,7 +50,9 @@ struct TileMask {
     const int64_t i0 = qt * block_q, i1 = std::min(i0 + block_q, Lq) - 1;
     const int64_t j0 = kt * block_k, j1 = std::min(j0 + block_k, Lk) - 1;
     if (j1 - i0 < lo || j0 - i1 > hi) return kEmpty;
-    return (j0 - i1 >= lo && j1 - i0 <= hi) ? kFull : kPartial;
+    const int8_t in_band = (j0 - i1 >= lo && j1 - i0 <= hi) ? kFull : kPartial;
+    // empty < partial < full: the tile is as full as the emptier of band and key mask
+    return keys ? std::min(in_band, key_kinds[map * nK + kt]) : in_band;
   }
 
   // The kv tiles [first, end) query tile qt may visit: the band's, else all of them.
@@ -86,6 +98,9 @@ struct TileMask {
       std::fill(srow, srow + a, kNegInf);
       std::fill(srow + z, srow + cols, kNegInf);
     }
+    if (keys && key_kinds[map * nK + kt] == kPartial) {  // every row: the same keys (stride 0)
+      apply_bitmap(s, ld, keys + map * Lk + kt * block_k, 0, rows, cols);
+    }
   }
 
  private:
@@ -99,18 +114,39 @@ struct TileMask {
   }
 };
 
+// Points m at the key mask `keys` (B or 1, Lk) and counts its kv tiles' kinds.
+inline void set_keys(TileMask& m, const at::Tensor& keys, int64_t B, const char* who) {
+  TORCH_CHECK(keys.dim() == 2 && keys.scalar_type() == at::kBool && keys.is_contiguous() &&
+                  (keys.size(0) == B || keys.size(0) == 1) && keys.size(1) == m.Lk,
+              who, ": keys must be contiguous bool (", B, " or 1, ", m.Lk, "), got ",
+              keys.sizes());
+  m.keys = keys.data_ptr<bool>();
+  m.Bk = keys.size(0);
+  m.key_kinds.resize(m.Bk * m.nK);
+  for (int64_t b = 0; b < m.Bk; ++b) {
+    for (int64_t kt = 0; kt < m.nK; ++kt) {
+      const int64_t j0 = kt * m.block_k, j1 = std::min(j0 + m.block_k, m.Lk);
+      const int64_t kept = std::count(m.keys + b * m.Lk + j0, m.keys + b * m.Lk + j1, true);
+      m.key_kinds[b * m.nK + kt] = kept == 0 ? kEmpty : kept == j1 - j0 ? kFull : kPartial;
+    }
+  }
+}
+
 // The TileMask of a kernel call's arguments: the band where `band` is set (kinds, tile_index
-// and bitmaps are then unused), else the BlockMask's tensors, checked against the tile grid.
+// and bitmaps are then unused) and its key mask `keys` (B or 1, Lk) if given, else the
+// BlockMask's tensors, checked against the tile grid.
 inline TileMask tile_mask_for(const at::Tensor& kinds, const at::Tensor& tile_index,
-                              const at::Tensor& bitmaps, int64_t Lq, int64_t Lk, int64_t block_q,
-                              int64_t block_k, bool band, int64_t lo, int64_t hi,
-                              const char* who) {
+                              const at::Tensor& bitmaps, int64_t B, int64_t Lq, int64_t Lk,
+                              int64_t block_q, int64_t block_k, bool band, int64_t lo, int64_t hi,
+                              const std::optional<at::Tensor>& keys, const char* who) {
   TORCH_CHECK(block_q > 0 && block_k > 0, who, ": tile sizes must be positive");
   TileMask m{block_q, block_k, Lq, Lk, (Lq + block_q - 1) / block_q, (Lk + block_k - 1) / block_k};
+  TORCH_CHECK(band || !keys.has_value(), who, ": a key mask goes with a band only");
   if (band) {
     m.band = true;
     m.lo = lo;
     m.hi = hi;
+    if (keys.has_value()) set_keys(m, *keys, B, who);
     return m;
   }
   TORCH_CHECK(kinds.dim() == 4 && kinds.scalar_type() == at::kChar && kinds.is_contiguous() &&

@@ -46,6 +46,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p,  // seed < 0: none
     bool pack_gqa,
     bool band, int64_t band_lo, int64_t band_hi,  // band: lo <= j - i <= hi, no kinds/bitmaps
+    const std::optional<at::Tensor>& keys,        // with a band: (B or 1, Lk) bool, or none
     int64_t kv_splits) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
@@ -59,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t G = Hq / Hkv;
-  const TileMask mask = tile_mask_for(kinds, tile_index, bitmaps, Lq, Lk, block_q, block_k, band,
-                                      band_lo, band_hi, "tiled_forward");
+  const TileMask mask = tile_mask_for(kinds, tile_index, bitmaps, B, Lq, Lk, block_q, block_k,
+                                      band, band_lo, band_hi, keys, "tiled_forward");
   const int64_t nQ = mask.nQ;
   const int64_t tiles_per_chunk = std::max<int64_t>(1, max_chunk / block_k);
   // packed: one query tile whose tile map serves every head
