@@ -98,15 +98,28 @@ def _band(draw):
     return draw(st.sampled_from([causal, window, causal & window]))
 
 
+@st.composite
+def _padded_band(draw, B: int, Lk: int):
+    """A band & a batch's padding, as models attend (the CPU kernels read its kept keys)."""
+    if draw(st.booleans()):
+        padding = masks.key_padding(draw(st.lists(st.integers(0, Lk), min_size=B, max_size=B)))
+    else:
+        gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+        valid = torch.rand(B, Lk, generator=gen) < 0.7
+        valid[:, : draw(st.integers(0, Lk))] = False  # left padding
+        padding = masks.from_padding_mask(valid)
+    return draw(_band()) & padding
+
+
 def any_mask(B: int, Lq: int, Lk: int):
-    """No mask, a band, a pattern, or &, |, ~ of patterns."""
+    """No mask, a band, a band & padding, a pattern, or &, |, ~ of patterns."""
     leaf = _pattern(B, Lq, Lk).filter(lambda m: isinstance(m, masks.Mask))
     combined = st.one_of(
         st.tuples(leaf, leaf).map(lambda ab: ab[0] & ab[1]),
         st.tuples(leaf, leaf).map(lambda ab: ab[0] | ab[1]),
         leaf.map(lambda a: ~a),
     )
-    return st.one_of(st.none(), _band(), _pattern(B, Lq, Lk), combined)
+    return st.one_of(st.none(), _band(), _padded_band(B, Lk), _pattern(B, Lq, Lk), combined)
 
 
 SCORE_MODS = {

@@ -173,6 +173,27 @@ def test_self_attention_on_one_tensor_compiles_fullgraph():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_tiled_compiles_fullgraph_under_a_padding_mask_made_in_the_graph(grad):
+    """A model makes its padding mask from an input at every call: causal & that padding is
+    one graph whose ops take the kept keys as an argument (no BlockMask is built)."""
+    torch.manual_seed(0)
+    leaves = [torch.randn(2, h, 37, 16, requires_grad=grad) for h in (4, 2, 2)]
+    valid = torch.ones(2, 37, dtype=torch.bool)
+    valid[1, :20] = False  # left padding: a whole kv tile and a part of one
+
+    def f(q, k, v, valid):
+        mask = masks.causal() & masks.from_padding_mask(valid)
+        return attnkit.attention(q, k, v, mask=mask, backend="tiled")
+
+    graphs = CompileCounterWithBackend("aot_eager")
+    got = torch.compile(f, backend=graphs, fullgraph=True)(*leaves, valid)
+    assert_same_outputs_and_gradients(got, f(*leaves, valid), leaves)
+    assert graphs.frame_count == 1
+    assert "attnkit.tiled_forward" in ops_in(graphs)
+
+
+@pytest.mark.slow
 def test_tiled_compiles_under_masks_whose_tiles_come_from_data():
     """A document mask's BlockMask is built from its ids: graph breaks, the same results."""
     torch.manual_seed(0)

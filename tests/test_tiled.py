@@ -921,8 +921,14 @@ def test_forward_splits_keys_only_where_units_leave_threads_idle(monkeypatch):
 
 @pytest.mark.parametrize(
     "mask",
-    [None, masks.causal(), masks.sliding_window(70), masks.document([0] * 130 + [1] * 170)],
-    ids=["dense", "causal", "window", "documents"],
+    [
+        None,
+        masks.causal(),
+        masks.sliding_window(70),
+        masks.document([0] * 130 + [1] * 170),
+        masks.causal() & masks.from_padding_mask(_padding(300)),  # tiles the keys empty skipped
+    ],
+    ids=["dense", "causal", "window", "documents", "causal&padding"],
 )
 def test_deterministic_backward_is_the_same_on_every_run_and_thread_count(mask):
     """Under torch.use_deterministic_algorithms(True) the kernel adds dQ's parts in kv-tile
