@@ -196,10 +196,13 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
 
+_NO_SLOPES = torch.empty(0)
+
+
 def _slopes(mods: KernelMods, Hq: int) -> Tensor:
     """The kernels' slopes argument: float32 (Hq,) (one shared slope repeated), or empty."""
     if mods.slopes is None:
-        return torch.empty(0)
+        return _NO_SLOPES
     return mods.slopes.detach().to(device="cpu", dtype=torch.float32).expand(Hq).contiguous()
 
 
@@ -209,6 +212,8 @@ def _rows_contiguous(t: Tensor) -> Tensor:
     The forward kernel reads batch, head and row through strides, so a KV cache's slice or a
     (B, L, H, D) projection's transpose goes in as it is.
     """
+    if t.is_contiguous():  # the common case, in one call
+        return t
     D = t.shape[-1]
     if (t.stride(-1) == 1 or D == 1) and (t.shape[-2] == 1 or t.stride(-2) >= D):
         return t
