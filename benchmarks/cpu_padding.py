@@ -10,7 +10,8 @@ makes them walk a BlockMask built for each call instead, as tiled ran padding be
 - encoder: B = 8 sequences right-padded to L, lengths L/4 … L, 12 heads of 32 (MiniLM's
   shape), bidirectional, fp32, forward and forward+backward;
 - decoding: 1, 4 and 16 queries over L cached keys under causal & left padding (a ragged
-  batch of 4, 8 heads of 64, fp32), forward;
+  batch of 4, 8 heads of 64, fp32), forward; one query also under the bool tensor
+  (B, 1, 1, L) of its kept keys, made anew each call, as transformers passes it;
 - model: the pretrained all-MiniLM-L6-v2 encoding a batch of 32 token sequences of 8 … L
   tokens (right-padded), without gradients: attention, linear layers and all.
 
@@ -53,14 +54,18 @@ def attend(
     v: torch.Tensor,
     valid: torch.Tensor,
     causal: bool,
+    as_tensor: bool,
     backend: str,
 ) -> None:
     """Attention under a padding mask made anew, as a model makes it (& causal), backward
-    too where q requires grad."""
-    mask = masks.from_padding_mask(valid)
-    out = attnkit.attention(
-        q, k, v, mask=masks.causal() & mask if causal else mask, backend=backend
-    )
+    too where q requires grad. ``as_tensor``: a new bool tensor (B, 1, 1, L) of the keys kept,
+    as transformers passes one query's mask (equal to causal & the padding there)."""
+    if as_tensor:
+        mask: masks.Mask | torch.Tensor = valid[:, None, None, :].clone()
+    else:
+        padding = masks.from_padding_mask(valid)
+        mask = masks.causal() & padding if causal else padding
+    out = attnkit.attention(q, k, v, mask=mask, backend=backend)
     if q.requires_grad:
         out.sum().backward()
 
@@ -102,7 +107,7 @@ def encoder_table(lengths: list[int]) -> Table:
         for grad in (False, True):
             q, k, v = (torch.randn(8, 12, L, 32, requires_grad=grad) for _ in range(3))
             auto = attnkit.dispatch(q, k, v, mask=masks.from_padding_mask(valid)).backend
-            row = cells(timed(partial(attend, q, k, v, valid, False)), 1e3, auto)
+            row = cells(timed(partial(attend, q, k, v, valid, False, False)), 1e3, auto)
             table.add_row(str(L), "fwd+bwd" if grad else "fwd", *row)
     return table
 
@@ -111,18 +116,22 @@ def decoding_table(lengths: list[int]) -> Table:
     table = new_table(
         "Lq queries over L cached keys, causal & left padding of a ragged batch of 4, "
         "8 heads of 64, fp32",
-        ["L", "Lq"],
+        ["L", "Lq", "mask"],
         "µs",
     )
     torch.manual_seed(0)
     for L in lengths:
         valid = ragged(4, L, L // 4).flip(-1)  # left padding: the prompts end together
-        for Lq in (1, 4, 16):
+        for Lq, as_tensor in ((1, False), (1, True), (4, False), (16, False)):
             q = torch.randn(4, 8, Lq, 64)
             k, v = (torch.randn(4, 8, L, 64) for _ in range(2))
-            auto = attnkit.dispatch(q, k, v, mask=masks.causal() & masks.from_padding_mask(valid))
-            row = cells(timed(partial(attend, q, k, v, valid, True)), 1e6, auto.backend)
-            table.add_row(str(L), str(Lq), *row)
+            if as_tensor:
+                mask: masks.Mask | torch.Tensor = valid[:, None, None, :]
+            else:
+                mask = masks.causal() & masks.from_padding_mask(valid)
+            auto = attnkit.dispatch(q, k, v, mask=mask).backend
+            row = cells(timed(partial(attend, q, k, v, valid, True, as_tensor)), 1e6, auto)
+            table.add_row(str(L), str(Lq), "bool tensor" if as_tensor else "Mask", *row)
     return table
 
 
@@ -163,7 +172,7 @@ def main() -> None:
         "--tables", nargs="*", default=["encoder", "decoding", "model"], help="which tables"
     )
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=120)  # whole cells in a file too
     tables = {"encoder": encoder_table, "decoding": decoding_table, "model": model_table}
     for name in args.tables:
         console.print(tables[name](args.lengths))

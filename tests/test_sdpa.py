@@ -231,29 +231,36 @@ def test_dispatch_few_queries_under_masks_that_share_no_tile_maps():
         torch.testing.assert_close(got, attnkit.attention(q, k, v, mask=mask, backend="reference"))
     q, k, v = rand_qkv(1, 2, 2, 1, 300, 16)
     assert attnkit.dispatch(q, k, v, mask=masks.sliding_window(8)).backend == "tiled"
-    for Lq, expected in ((1, "sdpa"), (FEW_QUERIES, "sdpa"), (FEW_QUERIES + 1, "tiled")):
+    for Lq, expected in ((2, "sdpa"), (FEW_QUERIES, "sdpa"), (FEW_QUERIES + 1, "tiled")):
         q, k, v = rand_qkv(1, 2, 2, Lq, 300, 16)  # a bool tensor is made anew each call too
         window = masks.sliding_window(8).dense(Lq, 300)
         assert attnkit.dispatch(q, k, v, mask=window).backend == expected, Lq
+    # but one query's tensor is the keys it keeps, which the kernels read without a tile map
+    q, k, v = rand_qkv(1, 2, 2, 1, 300, 16)
+    assert attnkit.dispatch(q, k, v, mask=masks.sliding_window(8).dense(1, 300)).backend == "tiled"
 
 
 def test_small_bool_tensors_that_hide_nothing_run_sdpa_without_a_mask():
     """A decoding step's mask over a windowed cache is all True: auto sends the few queries
-    to SDPA, which runs its unmasked kernel; a mask hiding one key is passed on."""
+    to SDPA, which runs its unmasked kernel; a mask hiding one key is passed on (one query's
+    mask is the keys it keeps: tiled's kernels read it, no tile map)."""
     from attnkit.functional import FEW_QUERIES
 
     with sdpa_attn_masks() as seen:
-        for Lq in (1, FEW_QUERIES):
+        for Lq in (1, 2, FEW_QUERIES):
             q, k, v = rand_qkv(2, 4, 2, Lq, 300, 16)
             everything = torch.ones(2, 1, Lq, 300, dtype=torch.bool)
             hides_one = everything.clone()
             hides_one[1, 0, -1, 7] = False
-            for mask in (everything, hides_one):
-                assert attnkit.dispatch(q, k, v, mask=mask).backend == "sdpa"
+            for mask, expected in (
+                (everything, "sdpa"),
+                (hides_one, "tiled" if Lq == 1 else "sdpa"),
+            ):
+                assert attnkit.dispatch(q, k, v, mask=mask).backend == expected, Lq
                 got = attnkit.attention(q, k, v, mask=mask)
                 want = attnkit.attention(q, k, v, mask=mask, backend="reference")
                 torch.testing.assert_close(got, want)
-    assert [m is None for m in seen] == [True, False] * 2  # nothing hidden: no mask passed
+    assert [m is None for m in seen] == [True, True, False, True, False]  # nothing hidden: none
 
 
 @pytest.mark.parametrize(("Hq", "Hkv", "Lq"), [(8, 2, 1), (8, 1, 1), (12, 3, 1), (8, 2, 3)])

@@ -459,6 +459,65 @@ def test_compiled_kernels_compute_band_masks(mask, Lq, Lk, mod_name, monkeypatch
             assert_close_scaled(g[finite], r64[finite], r32[finite], mult=mult, floor=1e-5)
 
 
+KEY_TENSORS = {  # bool tensors that vary over neither heads nor queries: the keys kept
+    "(B, 1, 1, Lk)": lambda valid: valid[:, None, None, :],
+    "(1, 1, 1, Lk)": lambda valid: valid[:1, None, None, :],
+    "(Lk,)": lambda valid: valid[0],
+    "(B, 1, 1, 1): one flag a sequence": lambda valid: valid[:, None, None, :1],
+}
+
+
+@pytest.mark.parametrize("Lq", [1, 70])
+@pytest.mark.parametrize("make", KEY_TENSORS.values(), ids=KEY_TENSORS)
+def test_compiled_kernels_read_a_bool_tensor_of_kept_keys(make, Lq, monkeypatch):
+    """A bool tensor that varies over neither heads nor queries (a decoding step's, a padding
+    mask (B, 1, 1, Lk)) goes to the kernels as the keys each sequence keeps, no tile map: out,
+    LSE and grads vs float64, and bit for bit the same kernels walking its tile map."""
+    from attnkit.backends import tensor_masks
+
+    mask = make(_padding(130))  # sequence 0 keeps none of its first 65 keys, 1 at random
+    q64, k64, v64 = rand_qkv(2, 4, 2, Lq, 130, 24, dtype=torch.float64)
+    dout = torch.randn(2, 4, Lq, 24, dtype=torch.float64)
+
+    def run(q, k, v, backend):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        if backend == "reference":
+            out, lse = attnkit.attention(q, k, v, mask=mask, backend=backend, return_lse=True)
+        else:
+            monkeypatch.setattr(tiled, "BAND_IN_KERNEL", backend)
+            req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, True)
+            assert tiled.builds_tile_map(req) is not backend
+            out, lse = tiled.run(req, TileConfig(32, 16, 64))
+        loss = (out * dout.to(out.dtype)).sum() + lse.masked_fill(torch.isinf(lse), 0).sum()
+        return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
+
+    ref64 = run(q64, k64, v64, "reference")
+    q, k, v = q64.float(), k64.float(), v64.float()
+    ref32 = run(q, k, v, "reference")
+    walked = run(q, k, v, False)
+    monkeypatch.setattr(
+        tensor_masks, "tensor_block_mask", lambda *a: pytest.fail("built a tile map")
+    )
+    got = run(q, k, v, True)
+    names = ("out", "lse", "dq", "dk", "dv")
+    for what, g, w, r64, r32 in zip(names, got, walked, ref64, ref32, strict=True):
+        if what == "dq":  # summed over kv tiles in the order threads finish them
+            torch.testing.assert_close(g, w, msg=what)
+        else:
+            assert torch.equal(g, w), what
+        finite = torch.isfinite(r64)
+        assert torch.equal(torch.isfinite(g), finite), what
+        mult = 2.0 if what in ("out", "lse") else 4.0
+        assert_close_scaled(g[finite], r64[finite], r32[finite], mult=mult, floor=1e-5)
+
+
+def test_tensors_that_vary_over_heads_or_queries_are_no_kept_keys():
+    valid = torch.rand(2, 1, 1, 50) > 0.5
+    assert tiled.kept_keys(valid.expand(2, 3, 1, 50), 50) is None  # per head
+    assert tiled.kept_keys(valid.expand(2, 1, 4, 50), 50) is None  # per query
+    assert torch.equal(tiled.kept_keys(valid, 50), valid[:, 0, 0])
+
+
 @pytest.mark.parametrize(("mask", "Lq", "Lk"), BANDS.values(), ids=BANDS)
 def test_band_visits_the_kv_tiles_its_block_mask_lists(mask, Lq, Lk):
     """``Band.kv_tile_counts`` (tile_mask.h's kv_tiles, in Python) against the BlockMask."""

@@ -258,10 +258,11 @@ def _auto_rule(req: Request) -> DispatchDecision:
         return DispatchDecision("sdpa", "causal: torch SDPA's fused is_causal kernel")
     if req.q.device.type != "cpu":
         return DispatchDecision("sdpa", "non-CPU tensors: SDPA with the mask as a bool tensor")
-    # a bool tensor too: models make one per call, so its tile map serves one call's layers
-    unshared = isinstance(req.mask, Tensor) or (
-        isinstance(req.mask, Mask) and not req.mask.shares_tiles and tiled.builds_tile_map(req)
-    )
+    # a bool tensor too: models make one per call, so its tile map serves one call's layers;
+    # none of it where the kernels read the mask without a map (a band & padding, kept keys)
+    unshared = (
+        isinstance(req.mask, Tensor) or (isinstance(req.mask, Mask) and not req.mask.shares_tiles)
+    ) and tiled.builds_tile_map(req)
     # not float16 (SDPA has no fast CPU kernel for it) nor where SDPA's bf16 backward is slow
     sdpa_fast = req.q.dtype != torch.float16 and not slow_sdpa_training
     if unshared and surely(req.shapes.Lq <= FEW_QUERIES) and sdpa_fast:
@@ -276,6 +277,16 @@ def _auto_rule(req: Request) -> DispatchDecision:
             "tiled",
             "a mask on CPU: tiled skips its empty tiles and runs the rest at SDPA's dense speed, "
             "while SDPA with a bool mask computes every pair, slower than without a mask",
+        )
+    if not tiled.builds_tile_map(req):  # the same keys for every query: tiled.kept_keys
+        if sdpa_fast and surely(req.shapes.Lq <= FEW_QUERIES) and sdpa.hides_nothing(req.mask):
+            return DispatchDecision(
+                "sdpa", "a bool tensor that hides no key, few queries: SDPA without a mask"
+            )
+        return DispatchDecision(
+            "tiled",
+            "a bool tensor of the keys each sequence keeps: tiled's kernels read it as they "
+            "are (no tile map), skipping the tiles it empties",
         )
     # the BlockMask alone gives the work in each kind of tile (no chunk planning needed)
     bm = tiled.block_mask_for(req, tiled.default_config(req.shapes.Lq))
@@ -464,8 +475,11 @@ def dispatch(
     4. Any other Mask or BlockMask on CPU: tiled, except up to ``FEW_QUERIES`` queries
        under a Mask that shares no tile maps (``Mask.shares_tiles``) and that the compiled
        kernels cannot take without one (they take a band & padding): SDPA, since a model
-       makes such masks anew each call. A bool tensor mask on CPU: as an unshared Mask up
-       to ``FEW_QUERIES`` queries (with no mask where it is all True), then tiled when its
+       makes such masks anew each call. A bool tensor mask on CPU that varies over neither
+       heads nor queries (one query's, a (B, 1, 1, Lk) padding: ``tiled.kept_keys``): tiled,
+       whose kernels read it without a tile map, or SDPA without a mask where it is all
+       True and the queries few. Any other bool tensor: as an unshared Mask up to
+       ``FEW_QUERIES`` queries (with no mask where it is all True), then tiled when its
        tiles' modelled cost (``FULL_TILE_COST``, ``PARTIAL_TILE_COST``) is below SDPA's.
        Otherwise (and on other devices): SDPA with a bool mask.
     5. Under torch.export, what rules 1-4 give tiled that would need a tile map (any mask but

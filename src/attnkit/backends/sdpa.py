@@ -57,7 +57,7 @@ def attends_every_key(mask: object, Lq: int, Lk: int) -> bool:
     return reach is not None and surely(Lk <= reach + 1)
 
 
-def _hides_nothing(allowed: Tensor) -> bool:
+def hides_nothing(allowed: Tensor) -> bool:
     """Whether a CPU bool mask is all True.
 
     Not checked elsewhere: it would sync the device, and it would break a compiled graph.
@@ -106,7 +106,7 @@ def run(req: Request) -> tuple[Tensor, None]:
     allowed = (
         None if attends_every_key(req.mask, s.Lq, s.Lk) else dense_mask(req.mask, s, req.q.device)
     )
-    if allowed is not None and _hides_nothing(allowed):
+    if allowed is not None and hides_nothing(allowed):
         allowed = None  # SDPA with a bool mask takes a slower kernel than without one
     if allowed is None:
         return _sdpa(req), None

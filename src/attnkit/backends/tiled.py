@@ -159,9 +159,26 @@ def kernel_tiles(req: Request, cfg: TileConfig) -> cpu_kernel.Tiles:
 def _kernel_band(req: Request) -> tuple[int, int, Tensor | None] | None:
     """The band and kept keys the kernels compute for ``req``'s mask, or None (``kernel_tiles``)."""
     mask = _NO_MASK if req.mask is None else req.mask
-    if not BAND_IN_KERNEL or not isinstance(mask, Mask):
+    Lq, Lk = req.shapes.Lq, req.shapes.Lk
+    if not BAND_IN_KERNEL:
         return None
-    return padded_band(mask, req.shapes.Lq, req.shapes.Lk)
+    if isinstance(mask, Tensor):  # every query of a sequence keeps the same keys: no band
+        keys = kept_keys(mask, Lk)
+        return None if keys is None else (1 - Lq, Lk - 1, keys)
+    return padded_band(mask, Lq, Lk) if isinstance(mask, Mask) else None
+
+
+def kept_keys(mask: Tensor, Lk: int) -> Tensor | None:
+    """The keys each sequence keeps (B|1, Lk), of a bool mask varying by neither head nor query.
+
+    A decoding step's mask (one query) or a padding mask (B, 1, 1, Lk): the kernels read it
+    as they read ``masks.padded_band``'s keys, with no tile map. Only its shape is looked at;
+    None for any other mask (…, Lq|1, Lk).
+    """
+    if (mask.dim() >= 2 and mask.shape[-2] != 1) or (mask.dim() >= 3 and mask.shape[-3] != 1):
+        return None
+    rows = mask.shape[0] if mask.dim() == 4 else 1
+    return mask.expand(*mask.shape[:-1], Lk).reshape(rows, Lk)
 
 
 def make_plan(req: Request, cfg: TileConfig) -> Plan:
