@@ -170,11 +170,12 @@ PARTIAL_TILE_COST = 1.9
 #: Up to this many queries (decoding, speculative drafts) under a bool tensor or a Mask that
 #: shares no tile maps (held in tensors: documents; or a custom predicate), CPU goes to SDPA
 #: with a dense mask: a model makes such a mask anew at every call, so tiled builds its tile
-#: map every time. Causal & the padding of a ragged batch of 4 as a bool tensor
-#: (benchmarks/cpu_dispatch_rule.py --tables few_queries): tiled ran at 0.50-0.81x SDPA's
-#: speed over 512 keys and 0.76-0.98x over 2048 for 1-16 queries, 1.02-1.35x from 64.
-#: Padding *Masks* & a band are exempt: the compiled kernels take their kept keys as they
-#: are, no tile map (``tiled.builds_tile_map``): tiled ran at 1.07-1.65x SDPA's speed there.
+#: map every time. Causal & the padding of a ragged batch of 4 as a bool tensor of 4 or 16
+#: queries (benchmarks/cpu_dispatch_rule.py --tables few_queries): tiled ran at 0.63-0.81x
+#: SDPA's speed over 512 keys and 0.89-0.98x over 2048, 1.02-1.32x from 64 queries. Exempt:
+#: what the compiled kernels read without a map (``tiled.builds_tile_map``: a band & padding
+#: Masks, a bool tensor of kept keys), where tiled ran at 1.23-2.88x SDPA's speed
+#: (benchmarks/cpu_padding.py).
 FEW_QUERIES = 16
 
 #: Plain causal attention on CPU goes to tiled from this many (query, key) pairs B·Hq·Lq·Lk

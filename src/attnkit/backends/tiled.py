@@ -522,9 +522,8 @@ def unsupported_reason(req: Request) -> str | None:
         return (
             "under torch.export, tiled serves only what the compiled CPU kernels compute without "
             "a tile map (no mask, causal and sliding-window masks, & padding; ALiBi, softcap): "
-            "a BlockMask "
-            "is built from data for each length, which an exported graph cannot hold (sdpa "
-            "and reference serve the rest)"
+            "a BlockMask is built from data for each length, which an exported graph cannot "
+            "hold (sdpa and reference serve the rest)"
         )
     return None
 
