@@ -171,8 +171,8 @@ PARTIAL_TILE_COST = 1.9
 #: shares no tile maps (held in tensors: documents; or a custom predicate), CPU goes to SDPA
 #: with a dense mask: a model makes such a mask anew at every call, so tiled builds its tile
 #: map every time. Causal & the padding of a ragged batch of 4 as a bool tensor of 4 or 16
-#: queries (benchmarks/cpu_dispatch_rule.py --tables few_queries): tiled ran at 0.63-0.81x
-#: SDPA's speed over 512 keys and 0.89-0.98x over 2048, 1.02-1.32x from 64 queries. Exempt:
+#: queries (benchmarks/cpu_dispatch_rule.py --tables few_queries, two runs): tiled ran at
+#: 0.54-0.81x SDPA's speed over 512 keys and 0.88-0.98x over 2048, 1.02-1.33x from 64. Exempt:
 #: what the compiled kernels read without a map (``tiled.builds_tile_map``: a band & padding
 #: Masks, a bool tensor of kept keys), where tiled ran at 1.23-2.88x SDPA's speed
 #: (benchmarks/cpu_padding.py).
