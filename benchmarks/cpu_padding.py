@@ -16,6 +16,7 @@ makes them walk a BlockMask built for each call instead, as tiled ran padding be
   tokens (right-padded), without gradients: attention, linear layers and all.
 
     python benchmarks/cpu_padding.py [--lengths 128 512 2048] [--tables encoder decoding model]
+        [--min-time 1.0]
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ from attnkit.bench import seconds
 WAYS = (("tiled", "tiled", False), ("walking a map", "tiled", True), ("SDPA", "sdpa", False))
 
 
-def timed(fn: Callable[[str], object]) -> list[float]:
-    """Seconds per call of ``fn(backend)`` for each of ``WAYS``."""
+def timed(fn: Callable[[str], object], min_time: float) -> list[float]:
+    """Seconds per call of ``fn(backend)`` for each of ``WAYS`` (each timed ``min_time`` s)."""
     times = []
     for _, backend, walks in WAYS:
         with mock.patch.object(tiled, "BAND_IN_KERNEL", not walks):
-            times.append(seconds(partial(fn, backend)))
+            times.append(seconds(partial(fn, backend), min_time))
     return times
 
 
@@ -95,7 +96,7 @@ def ragged(B: int, L: int, shortest: int) -> torch.Tensor:
     return torch.arange(L)[None, :] < lengths[:, None]
 
 
-def encoder_table(lengths: list[int]) -> Table:
+def encoder_table(lengths: list[int], min_time: float) -> Table:
     table = new_table(
         "bidirectional attention, 8 sequences right-padded to L (L/4 … L), 12 heads of 32, fp32",
         ["L", "pass"],
@@ -107,12 +108,12 @@ def encoder_table(lengths: list[int]) -> Table:
         for grad in (False, True):
             q, k, v = (torch.randn(8, 12, L, 32, requires_grad=grad) for _ in range(3))
             auto = attnkit.dispatch(q, k, v, mask=masks.from_padding_mask(valid)).backend
-            row = cells(timed(partial(attend, q, k, v, valid, False, False)), 1e3, auto)
+            row = cells(timed(partial(attend, q, k, v, valid, False, False), min_time), 1e3, auto)
             table.add_row(str(L), "fwd+bwd" if grad else "fwd", *row)
     return table
 
 
-def decoding_table(lengths: list[int]) -> Table:
+def decoding_table(lengths: list[int], min_time: float) -> Table:
     table = new_table(
         "Lq queries over L cached keys, causal & left padding of a ragged batch of 4, "
         "8 heads of 64, fp32",
@@ -130,7 +131,9 @@ def decoding_table(lengths: list[int]) -> Table:
             else:
                 mask = masks.causal() & masks.from_padding_mask(valid)
             auto = attnkit.dispatch(q, k, v, mask=mask).backend
-            row = cells(timed(partial(attend, q, k, v, valid, True, as_tensor)), 1e6, auto)
+            row = cells(
+                timed(partial(attend, q, k, v, valid, True, as_tensor), min_time), 1e6, auto
+            )
             table.add_row(str(L), str(Lq), "bool tensor" if as_tensor else "Mask", *row)
     return table
 
@@ -139,7 +142,7 @@ def encode(models: dict[str, Any], ids: torch.Tensor, keep: torch.Tensor, backen
     models[backend](ids, keep)
 
 
-def model_table(lengths: list[int]) -> Table:
+def model_table(lengths: list[int], min_time: float) -> Table:
     from attnkit.models import load_pretrained
 
     table = new_table(
@@ -160,7 +163,7 @@ def model_table(lengths: list[int]) -> Table:
             for model in models.values():  # the same embeddings
                 got = model(ids, keep).last_hidden_state
                 torch.testing.assert_close(got * keep[..., None], want * keep[..., None])
-            row = cells(timed(partial(encode, models, ids, keep)), 1e3, "—")
+            row = cells(timed(partial(encode, models, ids, keep), min_time), 1e3, "—")
         table.add_row(str(L), *row)
     return table
 
@@ -171,11 +174,12 @@ def main() -> None:
     ap.add_argument(
         "--tables", nargs="*", default=["encoder", "decoding", "model"], help="which tables"
     )
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds to time each cell")
     args = ap.parse_args()
     console = Console(width=120)  # whole cells in a file too
     tables = {"encoder": encoder_table, "decoding": decoding_table, "model": model_table}
     for name in args.tables:
-        console.print(tables[name](args.lengths))
+        console.print(tables[name](args.lengths, args.min_time))
 
 
 if __name__ == "__main__":

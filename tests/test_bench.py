@@ -78,6 +78,21 @@ def test_cpu_varlen_bench_runs_and_checks_its_three_ways_agree():
 
 
 @pytest.mark.slow
+def test_cpu_padding_bench_runs_and_its_backends_agree():
+    """benchmarks/cpu_padding.py on short lengths: its model table asserts the three ways give
+    the same embeddings; every table prints its rows, ``auto`` picking tiled for padding."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/cpu_padding.py"), "--lengths", "16"]
+    out = subprocess.run(
+        [*cmd, "--min-time", "0.01"], check=True, capture_output=True, text=True
+    ).stdout
+    assert len(re.findall(r"│\s+16 │\s+(fwd|fwd\+bwd) │.*│\s+tiled │", out)) == 2, out
+    assert (
+        len(re.findall(r"│\s+16 │\s+(1|4|16) │\s+(Mask|bool tensor) │.*│\s+tiled │", out)) == 4
+    ), out
+    assert re.search(r"│\s+16 │(\s+[\d.]+ │){3}(\s+[\d.]+x │){2}\s+— │", out), out
+
+
+@pytest.mark.slow
 def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
     """benchmarks/gpu.py --smoke: every case and pass once, Markdown and JSON written."""
     pytest.importorskip("triton")
