@@ -410,18 +410,12 @@ PADDED_BANDS = {  # a band & padding: the kernels take the kept keys (B or 1, Lk
 }
 
 
-@pytest.mark.parametrize("mod_name", [None, "alibi+softcap"])
-@pytest.mark.parametrize(
-    ("mask", "Lq", "Lk"), [*BANDS.values(), *PADDED_BANDS.values()], ids=[*BANDS, *PADDED_BANDS]
-)
-def test_compiled_kernels_compute_band_masks(mask, Lq, Lk, mod_name, monkeypatch):
-    """Causal, window and no mask, and those & padding: the kernels find tiles and mask
-    entries from the band lo <= j - i <= hi and the kept keys (no BlockMask is built). Out,
-    LSE and grads vs float64, GQA, score mods; and bit for bit what the same kernels give
-    walking the BlockMask's tile map (dQ: to rounding)."""
+def assert_kernels_need_no_tile_map(mask, Lq, Lk, mod, monkeypatch):
+    """The kernels on ``mask`` with no tile map built: out, LSE and grads vs float64 (GQA),
+    and bit for bit what the same kernels give walking the mask's tile map (dQ: to rounding,
+    summed over kv tiles in the order threads finish them)."""
     from attnkit.backends import cpu_kernel
 
-    mod = None if mod_name is None else KERNEL_MODS[mod_name](4)
     q64, k64, v64 = rand_qkv(2, 4, 2, Lq, Lk, 24, dtype=torch.float64)
     dout = torch.randn(2, 4, Lq, 24, dtype=torch.float64)
     cfg = TileConfig(32, 16, 64)  # block_q != block_k: a tile's rows and columns differ
@@ -444,11 +438,12 @@ def test_compiled_kernels_compute_band_masks(mask, Lq, Lk, mod_name, monkeypatch
     q, k, v = q64.float(), k64.float(), v64.float()
     ref32 = run(q, k, v, "reference")
     walked = run(q, k, v, False)
+    monkeypatch.setattr(tiled, "block_mask_for", lambda *a: pytest.fail("built a tile map"))
     monkeypatch.setattr(masks.Mask, "blocks", lambda *a, **kw: pytest.fail("built a BlockMask"))
     got = run(q, k, v, True)
     names = ("out", "lse", "dq", "dk", "dv")
     for what, g, w, r64, r32 in zip(names, got, walked, ref64, ref32, strict=True):
-        if what == "dq":  # summed over kv tiles in the order threads finish them
+        if what == "dq":
             torch.testing.assert_close(g, w, msg=what)
         else:
             assert torch.equal(g, w), what
@@ -457,6 +452,18 @@ def test_compiled_kernels_compute_band_masks(mask, Lq, Lk, mod_name, monkeypatch
         if finite.any():  # not the LSE of a band that keeps nothing: -inf, checked above
             mult = 2.0 if what in ("out", "lse") else 4.0
             assert_close_scaled(g[finite], r64[finite], r32[finite], mult=mult, floor=1e-5)
+
+
+@pytest.mark.parametrize("mod_name", [None, "alibi+softcap"])
+@pytest.mark.parametrize(
+    ("mask", "Lq", "Lk"), [*BANDS.values(), *PADDED_BANDS.values()], ids=[*BANDS, *PADDED_BANDS]
+)
+def test_compiled_kernels_compute_band_masks(mask, Lq, Lk, mod_name, monkeypatch):
+    """Causal, window and no mask, and those & padding: the kernels find tiles and mask
+    entries from the band lo <= j - i <= hi and the kept keys, no BlockMask built; ALiBi and
+    softcap too."""
+    mod = None if mod_name is None else KERNEL_MODS[mod_name](4)
+    assert_kernels_need_no_tile_map(mask, Lq, Lk, mod, monkeypatch)
 
 
 KEY_TENSORS = {  # bool tensors that vary over neither heads nor queries: the keys kept
@@ -471,44 +478,9 @@ KEY_TENSORS = {  # bool tensors that vary over neither heads nor queries: the ke
 @pytest.mark.parametrize("make", KEY_TENSORS.values(), ids=KEY_TENSORS)
 def test_compiled_kernels_read_a_bool_tensor_of_kept_keys(make, Lq, monkeypatch):
     """A bool tensor that varies over neither heads nor queries (a decoding step's, a padding
-    mask (B, 1, 1, Lk)) goes to the kernels as the keys each sequence keeps, no tile map: out,
-    LSE and grads vs float64, and bit for bit the same kernels walking its tile map."""
-    from attnkit.backends import tensor_masks
-
+    mask (B, 1, 1, Lk)) goes to the kernels as the keys each sequence keeps, no tile map."""
     mask = make(_padding(130))  # sequence 0 keeps none of its first 65 keys, 1 at random
-    q64, k64, v64 = rand_qkv(2, 4, 2, Lq, 130, 24, dtype=torch.float64)
-    dout = torch.randn(2, 4, Lq, 24, dtype=torch.float64)
-
-    def run(q, k, v, backend):
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        if backend == "reference":
-            out, lse = attnkit.attention(q, k, v, mask=mask, backend=backend, return_lse=True)
-        else:
-            monkeypatch.setattr(tiled, "BAND_IN_KERNEL", backend)
-            req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, True)
-            assert tiled.builds_tile_map(req) is not backend
-            out, lse = tiled.run(req, TileConfig(32, 16, 64))
-        loss = (out * dout.to(out.dtype)).sum() + lse.masked_fill(torch.isinf(lse), 0).sum()
-        return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
-
-    ref64 = run(q64, k64, v64, "reference")
-    q, k, v = q64.float(), k64.float(), v64.float()
-    ref32 = run(q, k, v, "reference")
-    walked = run(q, k, v, False)
-    monkeypatch.setattr(
-        tensor_masks, "tensor_block_mask", lambda *a: pytest.fail("built a tile map")
-    )
-    got = run(q, k, v, True)
-    names = ("out", "lse", "dq", "dk", "dv")
-    for what, g, w, r64, r32 in zip(names, got, walked, ref64, ref32, strict=True):
-        if what == "dq":  # summed over kv tiles in the order threads finish them
-            torch.testing.assert_close(g, w, msg=what)
-        else:
-            assert torch.equal(g, w), what
-        finite = torch.isfinite(r64)
-        assert torch.equal(torch.isfinite(g), finite), what
-        mult = 2.0 if what in ("out", "lse") else 4.0
-        assert_close_scaled(g[finite], r64[finite], r32[finite], mult=mult, floor=1e-5)
+    assert_kernels_need_no_tile_map(mask, Lq, 130, None, monkeypatch)
 
 
 def test_tensors_that_vary_over_heads_or_queries_are_no_kept_keys():
