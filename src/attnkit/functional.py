@@ -261,9 +261,10 @@ def _auto_rule(req: Request) -> DispatchDecision:
         return DispatchDecision("sdpa", "non-CPU tensors: SDPA with the mask as a bool tensor")
     # a bool tensor too: models make one per call, so its tile map serves one call's layers;
     # none of it where the kernels read the mask without a map (a band & padding, kept keys)
-    unshared = (
-        isinstance(req.mask, Tensor) or (isinstance(req.mask, Mask) and not req.mask.shares_tiles)
-    ) and tiled.builds_tile_map(req)
+    made_anew = isinstance(req.mask, Tensor) or (
+        isinstance(req.mask, Mask) and not req.mask.shares_tiles
+    )
+    unshared = made_anew and tiled.builds_tile_map(req)
     # not float16 (SDPA has no fast CPU kernel for it) nor where SDPA's bf16 backward is slow
     sdpa_fast = req.q.dtype != torch.float16 and not slow_sdpa_training
     if unshared and surely(req.shapes.Lq <= FEW_QUERIES) and sdpa_fast:
@@ -279,7 +280,7 @@ def _auto_rule(req: Request) -> DispatchDecision:
             "a mask on CPU: tiled skips its empty tiles and runs the rest at SDPA's dense speed, "
             "while SDPA with a bool mask computes every pair, slower than without a mask",
         )
-    if not tiled.builds_tile_map(req):  # the same keys for every query: tiled.kept_keys
+    if not unshared:  # a tensor the kernels read as it is: the same keys for every query
         if sdpa_fast and surely(req.shapes.Lq <= FEW_QUERIES) and sdpa.hides_nothing(req.mask):
             return DispatchDecision(
                 "sdpa", "a bool tensor that hides no key, few queries: SDPA without a mask"

@@ -625,8 +625,7 @@ def _kept_keys(spec: tuple[Any, ...] | None, Lk: int) -> Tensor | None:
         return None
     if spec[0] == "from_padding_mask":
         valid: Tensor = spec[1]
-        if valid.shape[1] != Lk:  # as its predicate would say
-            raise ValueError(f"padding mask has shape {tuple(valid.shape)}, but Lk={Lk}")
+        _check_padding_width(valid, Lk)
         return valid
     lengths = _as_index_tensor("lengths", spec[1]).flatten()
     return torch.arange(Lk, device=lengths.device) < lengths[:, None]
@@ -849,8 +848,7 @@ def from_padding_mask(valid: Tensor) -> Mask:
         raise TypeError("from_padding_mask expects a bool tensor of shape (B, Lk), True = keep")
 
     def bind(Lq: int, Lk: int) -> BoundMask:
-        if valid.shape[1] != Lk:
-            raise ValueError(f"padding mask has shape {tuple(valid.shape)}, but Lk={Lk}")
+        _check_padding_width(valid, Lk)
 
         def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
             return valid.to(kv.device)[_select(b, valid.shape[0]), kv]
@@ -865,6 +863,11 @@ def from_padding_mask(valid: Tensor) -> Mask:
         return BoundMask(fn, tiles, exact=True)
 
     return Mask(f"from_padding_mask(B={valid.shape[0]})", bind, batch=_batch_of(valid.shape[0]))
+
+
+def _check_padding_width(valid: Tensor, Lk: int) -> None:
+    if valid.shape[1] != Lk:
+        raise ValueError(f"padding mask has shape {tuple(valid.shape)}, but Lk={Lk}")
 
 
 @_builtin
