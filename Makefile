@@ -70,6 +70,8 @@ package: $(STAMP)
 	assert 'flash kernel' in pattern_view_html({'c': attnkit.masks.causal()}, 8); \
 	print('package ok:', attnkit.__version__, tuple(q.grad.shape))"
 	ls dist
+	# the throwaway venv holds a second torch (~1 GB): left behind, repeated runs fill the disk
+	rm -rf /tmp/attnkit-pkg-venv /tmp/attnkit-pkg-ext
 
 bench: $(STAMP)
 	$(BIN)/attnkit bench --json benchmarks/results/cpu.json --png docs/tiled-scaling.png
