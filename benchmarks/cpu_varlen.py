@@ -5,9 +5,11 @@ each adding ``--queries`` new tokens, causal (each aligned bottom-right by its o
 so the sequences' offsets differ). Three ways to run it, forward only, in milliseconds per
 call, building the mask every call as a server would (the lengths change every step):
 
-- ``varlen``: ``attnkit.varlen_attention`` (one packed row, tiles of other sequences and
-  beyond each causal edge skipped; the per-query window's tiles classified from their
-  bounds);
+- ``varlen``: ``attnkit.varlen_attention`` (one packed row; the CPU kernels read each
+  query's range of keys, skipping the tiles of other sequences and beyond each causal edge,
+  with no tile map);
+- ``varlen, tile map``: the same call with the kernels walking a tile map of those ranges
+  built at every call (``tiled.BAND_IN_KERNEL = False``: how attnkit ran it before);
 - ``varlen, predicate``: the same packed call with the window as a plain predicate, which
   classifies tiles by evaluating every (query, key) pair (how attnkit ran it before);
 - ``SDPA padded``: torch SDPA on the batch padded to the longest sequence, with a boolean
@@ -15,8 +17,8 @@ call, building the mask every call as a server would (the lengths change every s
 
 ``--tiles`` adds the packed call on tiled at every query-tile height from 1 to 64 rows, beside
 the cost ``attnkit.varlen.query_tile_costs`` gives each (what ``KV_TILE_COST_ROWS`` was fitted
-to). ``--decode`` times instead one decoding query per sequence for 2-16 sequences, SDPA with
-a dense mask against tiled at 1-row tiles (what ``SIZED_TILES_MIN_PAIRS`` was read from), and
+to). ``--decode`` times instead one decoding query per sequence for 2-16 sequences: SDPA with
+a dense mask, tiled on the key ranges and tiled walking a tile map built at every step, and
 names the one "auto" runs.
 
     python benchmarks/cpu_varlen.py [--queries 256] [--cached 0 256 512 1024 2048 3072]
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +40,9 @@ from torch.utils import benchmark
 
 import attnkit
 from attnkit import masks
-from attnkit.varlen import (
-    SIZED_TILES_MIN_PAIRS,
-    query_tile_costs,
-    query_tile_rows,
-    tile_visits,
-    varlen_mask,
-)
+from attnkit.backends import tiled
+from attnkit.functional import _request, dispatch
+from attnkit.varlen import query_tile_costs, query_tile_rows, tile_visits, varlen_mask
 
 
 def packed(queries: int, cached: list[int], H: int, D: int) -> tuple[Tensor, ...]:
@@ -94,57 +93,71 @@ def ms(fn: Callable[..., Tensor], *args: Tensor) -> float:
 
 
 def at_tile_height(rows: int) -> Callable[..., Tensor]:
-    """The packed causal call on tiled at ``rows``-row query tiles, its BlockMask built each call
-    (as varlen_attention builds it)."""
+    """The packed causal call on tiled's kernels at ``rows``-row query tiles (key ranges)."""
 
     def run(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> Tensor:
-        blocks = varlen_mask(cu_q, cu_k, causal=True).blocks(q.shape[0], k.shape[0], rows, 64)
-        packed_qkv = (t.transpose(0, 1)[None] for t in (q, k, v))
-        out: Tensor = attnkit.attention(*packed_qkv, mask=blocks, backend="tiled")
-        return out
+        packed_qkv = [t.transpose(0, 1)[None] for t in (q, k, v)]
+        mask = varlen_mask(cu_q, cu_k, causal=True)
+        req = _request(*packed_qkv, mask, None, None, 0.0, None, False)
+        return tiled.run(req, tiled.TileConfig(block_q=rows))[0]
 
     return run
 
 
-def tile_heights(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> Table:
+def with_tile_map(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> Tensor:
+    """``varlen_attention`` on tiled, its kernels walking a tile map built at every call."""
+    with mock.patch.object(tiled, "BAND_IN_KERNEL", False):
+        out: Tensor = attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend="tiled")
+    return out
+
+
+def height_table(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> Table:
     """The packed causal call on tiled at each query-tile height, beside its modelled cost."""
-    chosen = query_tile_rows(cu_q, cu_k)
+    chosen = query_tile_rows(cu_q, cu_k, causal=True)
     table = Table(title=f"tiled at each query-tile height (query_tile_rows picks {chosen})")
     for col in ("rows", "ms per call", "kv tiles visited", "modelled cost (relative)"):
         table.add_column(col, justify="right")
-    costs = query_tile_costs(cu_q, cu_k)
+    costs = query_tile_costs(cu_q, cu_k, causal=True)
     for rows, cost in reversed(costs.items()):  # 1 row up to 64
         table.add_row(
             f"{rows}{' (picked)' if rows == chosen else ''}",
             f"{ms(at_tile_height(rows), q, k, v, cu_q, cu_k):.2f}",
-            str(tile_visits(cu_q, cu_k, rows)),
+            str(tile_visits(cu_q, cu_k, rows, causal=True)),
             f"{cost / costs[chosen]:.2f}",
         )
     return table
 
 
 def decode_table(H: int, D: int) -> Table:
-    """One query per sequence: SDPA with a dense mask against tiled at 1-row tiles."""
+    """One query per sequence: SDPA with a dense mask against tiled, with and without a map."""
     table = Table(title=f"decoding: 1 query per sequence, causal, H={H}, D={D}, fp32")
-    for col in ("sequences", "keys each (mean)", "query·key pairs", "sdpa ms", "tiled ms"):
+    columns = ("sequences", "keys each (mean)", "sdpa ms", "tiled ms", "tiled, tile map ms")
+    for col in columns:
         table.add_column(col, justify="right")
     table.add_column("auto runs")
 
-    def sdpa(*a: Tensor) -> Tensor:
-        out: Tensor = attnkit.varlen_attention(*a, causal=True, backend="sdpa")
-        return out
+    def run_on(backend: str) -> Callable[..., Tensor]:
+        def run(*a: Tensor) -> Tensor:
+            out: Tensor = attnkit.varlen_attention(*a, causal=True, backend=backend)
+            return out
+
+        return run
 
     for n in (2, 4, 8, 16):
         for base in (256, 2048):
             args = packed(1, [base * (i % 4 + 1) for i in range(n)], H, D)
-            total_k = args[1].shape[0]
-            pairs = n * total_k
+            q, k, v, cu_q, cu_k = args
+            torch.testing.assert_close(run_on("tiled")(*args), run_on("sdpa")(*args))
+            packed_qkv = (t.transpose(0, 1)[None] for t in (q, k, v))
+            auto = dispatch(*packed_qkv, mask=varlen_mask(cu_q, cu_k, causal=True)).backend
             table.add_row(
                 str(n),
-                str(total_k // n),
-                str(pairs),
-                *(f"{ms(fn, *args):.2f}" for fn in (sdpa, at_tile_height(1))),
-                "tiled" if pairs >= SIZED_TILES_MIN_PAIRS else "sdpa",
+                str(k.shape[0] // n),
+                *(
+                    f"{ms(fn, *args):.2f}"
+                    for fn in (run_on("sdpa"), run_on("tiled"), with_tile_map)
+                ),
+                auto,
             )
     return table
 
@@ -170,10 +183,17 @@ def main() -> None:
 
     expected = varlen(q, k, v, cu_q, cu_k)
     torch.testing.assert_close(by_predicate(q, k, v, cu_q, cu_k)[0].transpose(0, 1), expected)
+    torch.testing.assert_close(with_tile_map(q, k, v, cu_q, cu_k), expected)
     mask = varlen_mask(cu_q, cu_k, causal=True)
-    rows = min(query_tile_rows(cu_q, cu_k), 64)  # the query-tile height varlen runs (about)
+    default_rows = tiled.default_config(q.shape[0]).block_q
+    rows = min(query_tile_rows(cu_q, cu_k, causal=True), default_rows)  # the height varlen runs
     blocks = mask.blocks(q.shape[0], k.shape[0], rows, 64)
-    runs = {"varlen": varlen, "varlen, predicate": by_predicate, "SDPA padded": padded_sdpa}
+    runs = {
+        "varlen": varlen,
+        "varlen, tile map": with_tile_map,
+        "varlen, predicate": by_predicate,
+        "SDPA padded": padded_sdpa,
+    }
     times = {name: ms(fn, q, k, v, cu_q, cu_k) for name, fn in runs.items()}
     table = Table(
         title=(
@@ -189,7 +209,7 @@ def main() -> None:
         table.add_row(name, f"{t:.2f}", f"{t / times['varlen']:.2f}x")
     Console().print(table)
     if args.tiles:
-        Console().print(tile_heights(q, k, v, cu_q, cu_k))
+        Console().print(height_table(q, k, v, cu_q, cu_k))
 
 
 if __name__ == "__main__":

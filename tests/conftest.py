@@ -81,6 +81,9 @@ def every_mask(Lq, Lk):
     """Every built-in mask kind, combinations, a custom predicate and a bool tensor."""
     layout = torch.rand(2, -(-Lq // 32) + 1, -(-Lk // 32) + 1) < 0.4
     ids = torch.arange(Lk) * 4 // Lk
+    g = torch.Generator().manual_seed(Lq * 7919 + Lk)
+    first = torch.randint(0, Lk, (Lq,), generator=g)  # some rows keep none (first > last)
+    last = first + torch.randint(-4, Lk // 3 + 1, (Lq,), generator=g)
     return {
         "full": masks.full(),
         "causal": masks.causal(),
@@ -97,6 +100,7 @@ def every_mask(Lq, Lk):
         "padding_mask": masks.from_padding_mask(torch.rand(2, Lk) > 0.3),
         "document&causal": masks.document(ids) & masks.causal(),
         "prefix_lm": masks.prefix_lm(40),
+        "key_ranges": masks.key_ranges(first, last),
         "custom": masks.custom(lambda b, h, q, kv: (q + 2 * kv) % 5 != 0),
         "custom_per_head": masks.custom(per_head_predicate),
         "bool_tensor": torch.rand(2, 1, Lq, Lk) > 0.5,

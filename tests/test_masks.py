@@ -537,3 +537,57 @@ def test_padded_band_is_exactly_what_a_band_and_padding_keep(band_mask, padding,
 )
 def test_padded_band_is_none_for_other_masks(mask):
     assert masks.padded_band(mask, 9, 9) is None
+
+
+RANGE_MASKS = [  # masks of one range of keys per query, with bands and padding ANDed
+    masks.key_ranges([0, 3, 9, 4, 29, 12, 0, 5, 30], [29, 2, 20, 4, 29, 40, -1, 17, 31]),
+    masks.key_ranges(torch.tensor([[0] * 9, [20] * 9]), torch.tensor([[10] * 9, [25] * 9])),
+    masks.document([0] * 7 + [1] * 3 + [2] * 20) & masks.causal(),
+    masks.document(torch.tensor([[0] * 12 + [1] * 18, [0] * 3 + [1] * 5 + [3] * 22])),
+    masks.document(torch.arange(9) // 3, torch.arange(30) // 7) & masks.sliding_window(4, 2),
+    masks.prefix_lm(25),  # the prefix beyond some queries' diagonal
+    masks.prefix_lm(6, align="top_left") & PADDINGS[2],
+    masks.key_ranges(list(range(9)), [29] * 9) & masks.causal() & masks.key_padding([20, 30]),
+]
+
+
+@pytest.mark.parametrize("mask", RANGE_MASKS, ids=repr)
+def test_padded_ranges_is_exactly_what_the_mask_keeps(mask):
+    """``padded_ranges``: each query's first and last key and the keys each sequence keeps,
+    the mask's pairs exactly (empty rows too: first > last)."""
+    Lq, Lk = 9, 30
+    ranges, keys = masks.padded_ranges(mask, Lq, Lk)
+    assert ranges.dtype == torch.int64
+    assert ranges.shape[1:] == (2, Lq)
+    j = torch.arange(Lk)
+    kept = (j >= ranges[:, 0, :, None]) & (j <= ranges[:, 1, :, None])  # (B or 1, Lq, Lk)
+    if keys is not None:
+        kept = kept & keys[:, None, :]
+    dense = mask.dense(Lq, Lk, B=2)[:, 0]
+    assert torch.equal(dense.expand(2, Lq, Lk), kept.expand(2, Lq, Lk))
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        masks.causal() & masks.key_padding([5]),  # a band: padded_band serves it
+        masks.document([0, 1, 0, 1, 0, 1, 1, 1, 1]),  # a document's keys apart
+        masks.document([0] * 4 + [1] * 5) | masks.causal(),
+        masks.prefix_lm(3) & masks.dilated(2, 2),
+        masks.global_tokens([0]),
+        masks.custom(lambda b, h, q, kv: q >= kv),
+    ],
+    ids=repr,
+)
+def test_padded_ranges_is_none_for_bands_and_other_masks(mask):
+    assert masks.padded_ranges(mask, 9, 9) is None
+
+
+def test_key_ranges_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"first and last must share one shape"):
+        masks.key_ranges([0, 1], [1, 2, 3])
+    with pytest.raises(ValueError, match="key_ranges for 2 queries, but Lq=3"):
+        masks.key_ranges([0, 1], [1, 2]).dense(3, 5)
+    assert masks.from_spec(masks.key_ranges([0, 1], [1, 2]).spec).dense(2, 3).tolist() == [
+        [[[True, True, False], [False, True, True]]]
+    ]

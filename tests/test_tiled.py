@@ -17,6 +17,7 @@ from attnkit import masks, score_mods
 from attnkit._types import EMPTY
 from attnkit.backends import tiled
 from attnkit.backends.tiled import TileConfig
+from attnkit.varlen import varlen_mask
 from conftest import MASK_NAMES, assert_close_scaled, every_mask, rand_qkv
 
 
@@ -410,6 +411,61 @@ PADDED_BANDS = {  # a band & padding: the kernels take the kept keys (B or 1, Lk
 }
 
 
+def _doc_ids(lengths, B=1):
+    """Document ids (B, L) of packed documents of these lengths, sequence b's ends 7·b later."""
+    ids = torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
+    return torch.stack(
+        [torch.cat([ids[:1].expand(7 * b), ids[: ids.numel() - 7 * b]]) for b in range(B)]
+    )
+
+
+def _random_ranges(Lq, Lk, seed=5):
+    """(2, Lq) first and last keys at random: some rows keep none (first > last)."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, Lk, (2, Lq), generator=g)
+    return first, first + torch.randint(-8, 90, (2, Lq), generator=g)
+
+
+RANGES = {  # one range of keys per query: the kernels take its first and last keys (B|1, 2, Lq)
+    "document & causal: a 3-key document": (
+        masks.document(_doc_ids([50, 3, 60, 37])[0]) & masks.causal(),
+        150,
+        150,
+    ),
+    "document, query ids, Lq != Lk, ids the keys lack": (
+        masks.document(torch.arange(77) // 10, torch.arange(130) // 20),
+        77,
+        130,
+    ),
+    "document per sequence & window": (
+        masks.document(_doc_ids([40, 41, 60, 40], B=2)) & masks.sliding_window(20),
+        181,
+        181,
+    ),
+    "document & causal & padding": (
+        masks.document(_doc_ids([30, 60, 40])) & masks.causal() & masks.key_padding([130, 90]),
+        100,
+        130,
+    ),
+    "prefix_lm(40)": (masks.prefix_lm(40), 130, 130),
+    "prefix_lm(40) & random padding, Lq < Lk": (
+        masks.prefix_lm(40) & masks.from_padding_mask(_padding(130)),
+        77,
+        130,
+    ),
+    "key_ranges at random, empty rows": (masks.key_ranges(*_random_ranges(90, 181)), 90, 181),
+    "varlen, offsets differ, causal": (
+        varlen_mask(
+            torch.tensor([0, 1, 6, 40, 41, 90]),
+            torch.tensor([0, 30, 35, 100, 140, 181]),
+            causal=True,
+        ),
+        90,
+        181,
+    ),
+}
+
+
 def assert_kernels_need_no_tile_map(mask, Lq, Lk, mod, monkeypatch):
     """The kernels on ``mask`` with no tile map built: out, LSE and grads vs float64 (GQA),
     and bit for bit what the same kernels give walking the mask's tile map (dQ: to rounding,
@@ -429,7 +485,10 @@ def assert_kernels_need_no_tile_map(mask, Lq, Lk, mod, monkeypatch):
         else:
             monkeypatch.setattr(tiled, "BAND_IN_KERNEL", backend)
             req = attnkit.functional._request(q, k, v, mask, mod, None, 0.0, None, True)
-            assert isinstance(tiled.kernel_tiles(req, cfg), cpu_kernel.Band) is backend
+            computed = isinstance(
+                tiled.kernel_tiles(req, cfg), cpu_kernel.Band | cpu_kernel.KeyRanges
+            )
+            assert computed is backend
             out, lse = tiled.run(req, cfg)
         loss = (out * dout.to(out.dtype)).sum() + lse.masked_fill(torch.isinf(lse), 0).sum()
         return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
@@ -462,6 +521,15 @@ def test_compiled_kernels_compute_band_masks(mask, Lq, Lk, mod_name, monkeypatch
     """Causal, window and no mask, and those & padding: the kernels find tiles and mask
     entries from the band lo <= j - i <= hi and the kept keys, no BlockMask built; ALiBi and
     softcap too."""
+    mod = None if mod_name is None else KERNEL_MODS[mod_name](4)
+    assert_kernels_need_no_tile_map(mask, Lq, Lk, mod, monkeypatch)
+
+
+@pytest.mark.parametrize("mod_name", [None, "alibi+softcap"])
+@pytest.mark.parametrize(("mask", "Lq", "Lk"), RANGES.values(), ids=RANGES)
+def test_compiled_kernels_compute_key_ranges(mask, Lq, Lk, mod_name, monkeypatch):
+    """Documents, prefix-LM, varlen and any key ranges, & a band and padding: the kernels
+    find tiles and mask entries from each query's first and last key, no BlockMask built."""
     mod = None if mod_name is None else KERNEL_MODS[mod_name](4)
     assert_kernels_need_no_tile_map(mask, Lq, Lk, mod, monkeypatch)
 

@@ -9,14 +9,9 @@ from hypothesis import strategies as st
 
 import attnkit
 from attnkit import masks
-from attnkit.block_mask import BlockMask
-from attnkit.varlen import (
-    SIZED_TILES_MIN_PAIRS,
-    _packed_mask,
-    query_tile_rows,
-    tile_visits,
-    varlen_mask,
-)
+from attnkit.backends import cpu_kernel, tiled
+from attnkit.functional import _request, dispatch
+from attnkit.varlen import query_tile_rows, tile_visits, varlen_mask
 from conftest import assert_close_scaled
 
 # (queries, keys) per sequence: prefill, a chunk after cached keys, one decoding query, a
@@ -88,16 +83,32 @@ def test_varlen_equals_each_sequence_alone_forward_and_backward(backend, case):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_self_packing_uses_the_built_in_pattern_and_mixed_offsets_a_predicate():
-    cu = torch.tensor([0, 3, 8])
-    same = varlen_mask(cu, cu, causal=True)
-    assert "sliding_window" in repr(same)
-    assert "varlen_window" not in repr(same)
-    mixed = varlen_mask(torch.tensor([0, 3, 4]), torch.tensor([0, 3, 9]), causal=True)
-    assert "varlen_window(-1, 0)" in repr(mixed)
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(
+        st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=5
+    ).filter(lambda ls: sum(a for a, _ in ls) > 0 and sum(b for _, b in ls) > 0),
+    case=st.sampled_from(list(CASES)),
+)
+def test_varlen_mask_is_each_sequences_mask_on_the_diagonal(lengths, case):
+    """The packed mask holds each sequence's own mask (aligned bottom-right by its own
+    lengths) in its diagonal block, and nothing else: offsets that differ, sequences with
+    more queries than keys, empty ones."""
+    kwargs, mask = CASES[case]
+    cu_q, cu_k = cu_seqlens(lengths)
+    expected = torch.zeros(int(cu_q[-1]), int(cu_k[-1]), dtype=torch.bool)
+    for i, (a, b) in enumerate(lengths):
+        if a and b:
+            own = (mask or masks.full()).dense(a, b)[0, 0]
+            expected[cu_q[i] : cu_q[i + 1], cu_k[i] : cu_k[i + 1]] = own
+    got = varlen_mask(cu_q, cu_k, **kwargs).dense(int(cu_q[-1]), int(cu_k[-1]))[0, 0]
+    assert torch.equal(got, expected)
+
+
+def test_varlen_cu_seqlens_k_defaults_to_q():
     q, k, v, _, _ = packed([(4, 4), (6, 6)])
     cu = torch.tensor([0, 4, 10])
-    out = attnkit.varlen_attention(q, k, v, cu, causal=True)  # cu_seqlens_k defaults to q's
+    out = attnkit.varlen_attention(q, k, v, cu, causal=True)
     torch.testing.assert_close(out, one_by_one(q, k, v, cu, cu, masks.causal())[0])
 
 
@@ -166,7 +177,6 @@ def test_varlen_window_tiles_agree_with_its_predicate(lengths, window, block_q, 
     sequences with more queries than keys (aligned positions that step back)."""
     cu_q, cu_k = cu_seqlens(lengths)
     mask = varlen_mask(cu_q, cu_k, window=window)
-    assert "varlen_window" in repr(mask)
     Lq, Lk = int(cu_q[-1]), int(cu_k[-1])
     dense = mask.dense(Lq, Lk)[0, 0]
     pad_q, pad_k = -Lq % block_q, -Lk % block_k
@@ -180,51 +190,56 @@ def test_varlen_window_tiles_agree_with_its_predicate(lengths, window, block_q, 
     assert torch.equal(mask.blocks(Lq, Lk, block_q, block_k).kinds[0, 0].long(), expected)
 
 
+def _request_of(cu_q, cu_k, dtype=torch.float32, **kwargs):
+    q = torch.zeros(1, 1, int(cu_q[-1]), 8, dtype=dtype)
+    k = torch.zeros(1, 1, int(cu_k[-1]), 8, dtype=dtype)
+    return _request(q, k, k, varlen_mask(cu_q, cu_k, **kwargs), None, None, 0.0, None, False)
+
+
 @pytest.mark.parametrize(
     ("queries", "keys", "rows"),
     [
         ([1] * 32, [300 + 64 * i for i in range(32)], 1),  # a decoding batch: one row each
         ([4] * 32, [300 + 64 * i for i in range(32)], 4),
         ([16] * 32, [300 + 64 * i for i in range(32)], 16),
-        ([256] * 6, [256 * (i + 1) for i in range(6)], 64),  # chunked prefill: tiled's own
+        ([256] * 6, [256 * (i + 1) for i in range(6)], 64),  # chunked prefill: the default
         ([5000], [5000], 64),  # one sequence: every height visits alike, the tallest wins
+        ([4], [5000], 64),  # 4 queries: capped at tiled's default for them, 16 rows
     ],
 )
 def test_query_tiles_follow_the_sequences(queries, keys, rows):
+    """tiled runs the height ``query_tile_rows`` models cheapest (capped at its default), on
+    the kernels' key ranges: no tile map."""
     cu_q, cu_k = cu_seqlens(zip(queries, keys, strict=True))
-    assert query_tile_rows(cu_q, cu_k) == rows
-    mask = varlen_mask(cu_q, cu_k, causal=True)
-    q = torch.zeros(int(cu_q[-1]), 1, 8)
-    for backend in ("auto", "tiled"):
-        got = _packed_mask(mask, cu_q, cu_k, q, backend)
-        if rows < 64:
-            assert isinstance(got, BlockMask)
-            assert (got.block_q, got.block_k) == (rows, 64)
-        else:
-            assert got is mask  # tiled's own tiles, taller ones where its rule picks them
-    assert _packed_mask(mask, cu_q, cu_k, q, "reference") is mask
+    assert query_tile_rows(cu_q, cu_k, causal=True) == rows
+    req = _request_of(cu_q, cu_k, causal=True)
+    cfg = tiled.tuned_config(req)
+    assert cfg.block_q == min(rows, tiled.default_config(req.shapes.Lq).block_q)
+    assert isinstance(tiled.kernel_tiles(req, cfg), cpu_kernel.KeyRanges)
 
 
 def test_varlen_tiles_cost_visits_times_rows():
     # two sequences of 3 queries over 1 and 2 kv tiles; a tile straddling both visits 3
     cu_q, cu_k = cu_seqlens([(3, 64), (3, 128)])
     assert [tile_visits(cu_q, cu_k, b) for b in (1, 2, 4, 8, 16)] == [9, 6, 5, 3, 3]
-    # costs 9·7, 6·8, 5·10, 3·14, 3·22: one 8-row tile is cheapest
-    assert query_tile_rows(cu_q, cu_k) == 8
+    # costs 9·7, 6·8, 5·10, then 3·12 from 8 rows (a tile holds the 6 rows there are): the
+    # tallest of those
+    assert query_tile_rows(cu_q, cu_k) == 64
+    cu_q, cu_k = cu_seqlens([(3, 64), (3, 128)] * 4)  # 24 rows: 4-row tiles, 18 visits
+    assert query_tile_rows(cu_q, cu_k) == 4  # 18·10 = 180; 8 rows 15·14, 2 rows 24·8
+    # causal prefill of 128 tokens: the first 64-row tile sees one kv tile, not two
+    cu = cu_seqlens([(128, 128)])
+    assert (tile_visits(*cu, 64), tile_visits(*cu, 64, causal=True)) == (4, 3)
 
 
-@pytest.mark.parametrize("backend", ["auto", "tiled"])
-def test_small_packed_calls_keep_the_mask(backend):
-    # 4 decoding queries: below SIZED_TILES_MIN_PAIRS the Mask goes on ("auto": SDPA, dense)
-    q = torch.zeros(4, 1, 8)
-    below = cu_seqlens([(1, 8192)] * 3 + [(1, 8191)])
-    mask = varlen_mask(*below, causal=True)
-    assert _packed_mask(mask, *below, q, backend) is mask
-    at = cu_seqlens([(1, 8192)] * 4)
-    assert 4 * int(at[1][-1]) == SIZED_TILES_MIN_PAIRS
-    got = _packed_mask(varlen_mask(*at, causal=True), *at, q, backend)
-    assert isinstance(got, BlockMask)
-    assert got.block_q == 1
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_runs_decoding_batches_on_tiled_without_a_tile_map(dtype):
+    """A decoding batch (one query per sequence) goes to tiled at any size: its kernels read
+    the key ranges, so the per-step tile map that sent small batches to SDPA is gone."""
+    for lengths in ([(1, 6), (1, 300)], [(1, 2048)] * 16):
+        req = _request_of(*cu_seqlens(lengths), dtype=dtype, causal=True)
+        assert dispatch(req.q, req.k, req.v, mask=req.mask).backend == "tiled"
+        assert not tiled.builds_tile_map(req)
 
 
 @pytest.mark.parametrize("case", ["causal", "causal window 2", "none"])

@@ -60,8 +60,10 @@ __all__ = [
     "full",
     "global_tokens",
     "key_padding",
+    "key_ranges",
     "lookback",
     "padded_band",
+    "padded_ranges",
     "prefix_lm",
     "sliding_window",
     "strided",
@@ -134,6 +136,8 @@ class Mask:
         # blocks() results by arguments: every layer and step that reuses this mask object
         # skips the tile classification and the partial tiles' bitmaps (~10 ms at 16k tokens)
         self._blocks_cache: OrderedDict[tuple[Any, ...], BlockMask] = OrderedDict()
+        # padded_ranges by (Lq, Lk), kept by the tiled backend for the calls sharing this mask
+        self._ranges_cache: dict[tuple[int, int], Any] = {}
 
     @property
     def spec(self) -> tuple[Any, ...] | None:
@@ -324,7 +328,7 @@ def _as_index_tensor(name: str, values: Sequence[int] | Tensor) -> Tensor:
 
 
 def _short(t: Tensor) -> str:
-    flat = t.flatten().tolist()
+    flat = t.flatten()[:7].tolist()  # not all of it: a name, made at every call
     body = ", ".join(str(x) for x in flat[:6]) + (", …" if len(flat) > 6 else "")
     return f"[{body}]" if t.dim() <= 1 else f"tensor{tuple(t.shape)}[{body}]"
 
@@ -610,6 +614,88 @@ def padded_band(mask: Mask, Lq: int, Lk: int) -> tuple[int, int, Tensor | None] 
         lo, hi = _clamped(d[0], lo, torch.sym_max), _clamped(d[1], hi, torch.sym_min)
     lo_hi = _clamped(lo, 1 - Lq, torch.sym_max), _clamped(hi, Lk - 1, torch.sym_min)
     return (*lo_hi, keys)
+
+
+def padded_ranges(mask: Mask, Lq: int, Lk: int) -> tuple[Tensor, Tensor | None] | None:
+    """Each query's range of keys, and the keys each sequence keeps, for masks made of them.
+
+    Sequence b's query i attends key j exactly where ``ranges[b, 0, i] <= j <= ranges[b, 1, i]``
+    and ``keys[b, j]``: ``key_ranges``, ``document`` with key ids in order (each document's
+    keys side by side, as packing lays them out), ``prefix_lm``, and ``&`` of those with
+    ``band``'s masks and padding masks, where at least one part is not a band (``padded_band``
+    serves those). Kernels then need no tile map: a tile's kind follows from its rows' least
+    and greatest first and last keys.
+
+    >>> padded_ranges(document([0, 0, 1, 1, 1]) & causal(), 5, 5)[0]
+    tensor([[[0, 0, 2, 2, 2],
+             [0, 1, 2, 3, 4]]])
+
+    Returns:
+        (ranges, keys): ranges an int64 (B or 1, 2, Lq) tensor of first and last keys (first >
+        last: the query keeps none); keys a bool (B or 1, Lk) tensor or None, as
+        ``padded_band``'s. None for any other mask.
+    """
+    ranges: Tensor | None = None
+    lo: float = -math.inf
+    hi: float = math.inf
+    keys: Tensor | None = None
+    for part in _and_parts(mask.spec):
+        kept = _kept_keys(part, Lk)
+        if kept is not None:
+            keys = kept if keys is None else keys & kept
+            continue
+        d = _band(part, Lq, Lk)
+        if d is not None:
+            lo, hi = max(d[0], lo), min(d[1], hi)
+            continue
+        r = _ranges(part, Lq, Lk)
+        if r is None:
+            return None
+        ranges = (
+            r
+            if ranges is None
+            else torch.stack((r[:, 0].maximum(ranges[:, 0]), r[:, 1].minimum(ranges[:, 1])), 1)
+        )
+    if ranges is None:
+        return None
+    i = torch.arange(Lq, device=ranges.device)
+    first = ranges[:, 0].clamp(min=0) if lo == -math.inf else ranges[:, 0].maximum(i + int(lo))
+    last = ranges[:, 1] if hi == math.inf else ranges[:, 1].minimum(i + int(hi))
+    return torch.stack((first.clamp(min=0), last.clamp(max=Lk - 1)), 1), keys
+
+
+def _ranges(spec: tuple[Any, ...] | None, Lq: int, Lk: int) -> Tensor | None:
+    """The (B|1, 2, Lq) first and last keys of one part of an ``&``, or None (``padded_ranges``)."""
+    if spec is None:
+        return None
+    name, *args = spec
+    if name == "key_ranges":
+        first, last = (_as_index_tensor(n, t) for n, t in zip(("first", "last"), args, strict=True))
+        if first.shape[-1] != Lq:
+            raise ValueError(f"key_ranges for {first.shape[-1]} queries, but Lq={Lq}")
+        return torch.stack((first, last), -2).view(-1, 2, Lq)
+    if name == "prefix_lm":  # keys [0, max(prefix_len - 1, i + offset)]
+        prefix_len, align = args
+        last = (torch.arange(Lq) + _offset(align, Lq, Lk)).clamp(min=prefix_len - 1)
+        return torch.stack((torch.zeros_like(last), last))[None]
+    if name == "document":
+        ids, kv_ids, align = args
+        q2, k2 = (
+            t if t.dim() == 2 else t[None]
+            for t in (
+                _as_index_tensor("ids", ids),
+                _as_index_tensor("kv_ids", ids if kv_ids is None else kv_ids),
+            )
+        )
+        qi = _document_query_ids(q2, k2, kv_ids is not None, align, Lq, Lk)
+        if bool((k2.diff(dim=1) < 0).any()):  # a document's keys apart: no one range
+            return None
+        n = max(qi.shape[0], k2.shape[0])
+        qi, k2 = qi.expand(n, Lq).contiguous(), k2.expand(n, Lk).contiguous()
+        first = torch.searchsorted(k2, qi)  # a query's document's first and last key
+        last = torch.searchsorted(k2, qi, right=True) - 1
+        return torch.stack((first, last), 1)
+    return None
 
 
 def _and_parts(spec: tuple[Any, ...] | None) -> list[tuple[Any, ...] | None]:
@@ -899,17 +985,7 @@ def document(
     nb = max(q2.shape[0], k2.shape[0])
 
     def bind(Lq: int, Lk: int) -> BoundMask:
-        if k2.shape[1] != Lk:
-            raise ValueError(f"document ids have length {k2.shape[1]}, but Lk={Lk}")
-        if kv_ids is None:
-            off = _offset(align, Lq, Lk)
-            if off < 0:
-                raise ValueError(f"document(ids) needs Lq <= Lk, got Lq={Lq}, Lk={Lk}")
-            qi = q2[:, off : off + Lq]
-        else:
-            if q2.shape[1] != Lq:
-                raise ValueError(f"query document ids have length {q2.shape[1]}, but Lq={Lq}")
-            qi = q2
+        qi = _document_query_ids(q2, k2, kv_ids is not None, align, Lq, Lk)
 
         def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
             qd = qi.to(q.device)[_select(b, qi.shape[0]), q]
@@ -932,6 +1008,68 @@ def document(
         return BoundMask(fn, tiles, exact=is_sorted)
 
     return Mask(f"document(ids={_short(q_src)})", bind, batch=_batch_of(nb))
+
+
+def _document_query_ids(
+    q2: Tensor, k2: Tensor, own_query_ids: bool, align: Align, Lq: int, Lk: int
+) -> Tensor:
+    """The queries' document ids (B|1, Lq): their own, or their aligned keys' (``document``)."""
+    if k2.shape[1] != Lk:
+        raise ValueError(f"document ids have length {k2.shape[1]}, but Lk={Lk}")
+    if own_query_ids:
+        if q2.shape[1] != Lq:
+            raise ValueError(f"query document ids have length {q2.shape[1]}, but Lq={Lq}")
+        return q2
+    off = _offset(align, Lq, Lk)
+    if off < 0:
+        raise ValueError(f"document(ids) needs Lq <= Lk, got Lq={Lq}, Lk={Lk}")
+    return q2[:, off : off + Lq]
+
+
+@_builtin
+def key_ranges(first: Sequence[int] | Tensor, last: Sequence[int] | Tensor) -> Mask:
+    """Query i attends keys ``first[i]`` … ``last[i]``: one unbroken range of keys per query.
+
+    The shape of packed sequences (``document`` with sorted ids, ``varlen.varlen_mask``),
+    ``causal`` and windows within them, and ``prefix_lm``: the CPU kernels read such masks
+    as the ranges themselves (``padded_ranges``), with no tile map, however often the ranges
+    change (a varlen decoding batch's change at every step).
+
+    Args:
+        first: (Lq,) or (B, Lq) integer key indices, where each query's keys begin.
+        last: the same shape, where they end (inclusive); ``first > last`` keeps nothing.
+    """
+    lo = _as_index_tensor("first", first)
+    hi = _as_index_tensor("last", last)
+    if lo.shape != hi.shape or lo.dim() not in (1, 2):
+        raise ValueError(
+            "first and last must share one shape, (Lq,) or (B, Lq); got "
+            f"{tuple(lo.shape)} and {tuple(hi.shape)}"
+        )
+    lo2, hi2 = (t if t.dim() == 2 else t[None] for t in (lo, hi))  # (B | 1, Lq)
+
+    def bind(Lq: int, Lk: int) -> BoundMask:
+        if lo2.shape[1] != Lq:
+            raise ValueError(f"key_ranges for {lo2.shape[1]} queries, but Lq={Lq}")
+
+        def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            rows = _select(b, lo2.shape[0])
+            return (kv >= lo2.to(q.device)[rows, q]) & (kv <= hi2.to(q.device)[rows, q])
+
+        def tiles(
+            q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+        ) -> tuple[Tensor, Tensor]:
+            block = int(q_hi[0, 0] - q_lo[0, 0]) + 1
+            f_min, f_max = (x[:, None, :, None] for x in _tile_min_max(lo2.to(q_lo), block))
+            l_min, l_max = (x[:, None, :, None] for x in _tile_min_max(hi2.to(q_lo), block))
+            # a tile of rows keeps keys [f_min, l_max] at most, [f_max, l_min] for sure
+            return (k_hi >= f_min) & (k_lo <= l_max), (k_lo >= f_max) & (k_hi <= l_min)
+
+        return BoundMask(fn, tiles, exact=False)
+
+    return Mask(
+        f"key_ranges(first={_short(lo)}, last={_short(hi)})", bind, batch=_batch_of(lo2.shape[0])
+    )
 
 
 def _tile_min_max(ids: Tensor, block: int) -> tuple[Tensor, Tensor]:

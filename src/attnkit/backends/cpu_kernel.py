@@ -95,9 +95,32 @@ class Band:
         return max(self.kv_tiles(t * bq, Lq, Lk) for t in tiles if 0 <= t <= last_tile)
 
 
-#: The mask of a kernel call: a BlockMask, or a band the kernels compute from tile bounds.
-Tiles = BlockMask | Band
-_NO_MAP = (  # a band's kinds, tile_index and bitmaps: unused
+@dataclass(frozen=True)
+class KeyRanges:
+    """A mask the kernels compute themselves: query i attends keys first[i] … last[i].
+
+    ``ranges`` (B or 1, 2, Lq) int64 holds each query's first and last key (``masks.key_ranges``
+    of packed documents, varlen batches, prefix-LM). The kernels find each query tile's least
+    and greatest first and last key once per call, a tile's kind from those bounds, and mask
+    the partial tiles by comparing indices (``tile_mask.h``): no BlockMask is built (a varlen
+    decoding batch built one at every step). ``keys`` (B or 1, Lk) bool, where given, also
+    masks the keys each sequence pads, as ``Band``'s.
+    """
+
+    ranges: Tensor = field(compare=False)
+    block_q: int
+    block_k: int
+    keys: Tensor | None = field(default=None, compare=False)
+
+    def __repr__(self) -> str:
+        keys = "" if self.keys is None else f", keys={tuple(self.keys.shape)}"
+        shape = tuple(self.ranges.shape)
+        return f"KeyRanges(ranges={shape}, tiles={self.block_q}×{self.block_k}{keys})"
+
+
+#: The mask of a kernel call: a BlockMask, or a band or key ranges the kernels compute.
+Tiles = BlockMask | Band | KeyRanges
+_NO_MAP = (  # a band's or key ranges' kinds, tile_index and bitmaps: unused
     torch.empty(0, dtype=torch.int8),
     torch.empty(0, dtype=torch.int64),
     torch.empty(0, dtype=torch.bool),
@@ -105,9 +128,12 @@ _NO_MAP = (  # a band's kinds, tile_index and bitmaps: unused
 
 
 def _mask_args(tiles: Tiles) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, object]]:
-    """The ops' (kinds, tile_index, bitmaps) and their band keywords for ``tiles``."""
-    if isinstance(tiles, Band):
+    """The ops' (kinds, tile_index, bitmaps) and their band or ranges keywords for ``tiles``."""
+    if isinstance(tiles, Band | KeyRanges):
         keys = None if tiles.keys is None else tiles.keys.to("cpu").contiguous()
+        if isinstance(tiles, KeyRanges):
+            ranges = tiles.ranges.to(device="cpu", dtype=torch.int64).contiguous()
+            return _NO_MAP, {"ranges": ranges, "keys": keys}
         return _NO_MAP, {"band": True, "band_lo": tiles.lo, "band_hi": tiles.hi, "keys": keys}
     tile_index, bitmaps = partial_bitmaps(tiles)
     return (tiles.kinds.contiguous(), tile_index, bitmaps), {}
@@ -236,7 +262,7 @@ def packs_gqa(q: Tensor, k: Tensor, tiles: Tiles) -> bool:
     16,384; 1.01-1.03x where the keys read fit the CPU's caches (1,024 of them).
     """
     Lq, G = q.shape[2], q.shape[1] // k.shape[1]
-    shared_by_heads = isinstance(tiles, Band) or tiles.kinds.shape[1] == 1
+    shared_by_heads = isinstance(tiles, Band | KeyRanges) or tiles.kinds.shape[1] == 1
     fits = surely(Lq <= tiles.block_q) and surely(G * Lq <= MAX_PACKED_ROWS)
     return PACK_GQA and G > 1 and shared_by_heads and fits
 
@@ -265,7 +291,7 @@ def kv_splits(q: Tensor, k: Tensor, tiles: Tiles, packed: bool) -> int:
     units = q.shape[0] * heads * -(-q.shape[2] // tiles.block_q)
     if not SPLIT_KV or not surely(units < threads):
         return 1
-    keys = k.shape[2]  # a BlockMask's: at most all (its parts may differ in non-empty tiles)
+    keys = k.shape[2]  # a BlockMask's or ranges': at most all (parts may differ in their tiles)
     if isinstance(tiles, Band):  # the most its query tiles visit
         keys = tiles.most_kv_tiles(q.shape[2], k.shape[2]) * tiles.block_k
     # sym_max / sym_min: a symbolic cache length stays symbolic (``_symbolic``)
@@ -290,7 +316,7 @@ def forward(
 
     ``dropout`` is ``attnkit._dropout.kernel_args(seed, p)``.
     """
-    mask_tensors, band = _mask_args(tiles)
+    mask_tensors, mask_kw = _mask_args(tiles)
     packed = packs_gqa(q, k, tiles)
     out, lse = torch.ops.attnkit.tiled_forward(
         _rows_contiguous(q),
@@ -306,7 +332,7 @@ def forward(
         *dropout,
         pack_gqa=packed,
         kv_splits=kv_splits(q, k, tiles, packed),
-        **band,
+        **mask_kw,
     )
     return out, lse
 
@@ -336,7 +362,7 @@ def backward(
         delta = delta - dlse
     # rows with no key have lse = -inf and only masked scores: any finite shift gives P = 0
     lse2 = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse) * LOG2E
-    mask_tensors, band = _mask_args(tiles)
+    mask_tensors, mask_kw = _mask_args(tiles)
     dq, dk, dv = torch.ops.attnkit.tiled_backward(
         dout.contiguous(),
         q.contiguous(),
@@ -352,7 +378,7 @@ def backward(
         scale,
         mods.softcap,
         *dropout,
-        **band,
+        **mask_kw,
         deterministic=torch.are_deterministic_algorithms_enabled(),
     )
     return dq, dk, dv

@@ -32,7 +32,7 @@ from torch import Tensor
 from attnkit import _dropout
 from attnkit._symbolic import surely
 from attnkit._types import EMPTY, FULL, MaskFn, ScoreModFn
-from attnkit.backends import cpu_kernel
+from attnkit.backends import cpu_kernel, tile_heights
 from attnkit.backends._common import (
     Request,
     compute_dtype,
@@ -41,7 +41,7 @@ from attnkit.backends._common import (
 )
 from attnkit.backends.tensor_masks import tensor_block_mask
 from attnkit.block_mask import BlockMask
-from attnkit.masks import Mask, full, padded_band
+from attnkit.masks import Mask, full, padded_band, padded_ranges
 from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "tiled"
@@ -81,14 +81,27 @@ def default_config(Lq: int) -> TileConfig:
 
 
 def tuned_config(req: Request) -> TileConfig:
-    """``default_config``, with 128-row query tiles where rows are wide (``WIDE_ROW_KEYS``)."""
+    """``default_config``, with 128-row query tiles where rows are wide (``WIDE_ROW_KEYS``).
+
+    Under key ranges (packed sequences), the height of at most the default's that
+    ``tile_heights`` models cheapest: short tiles for many short sequences (whether the
+    kernels read the ranges or walk their tile map, ``BAND_IN_KERNEL``).
+    """
     s = req.shapes
     cfg = default_config(s.Lq)
+    if _kernel_mods(req, cfg) is not None and (found := _ranges_of(req)) is not None:
+        ranges = tile_heights.host_ranges(found[0])
+        return replace(
+            cfg, block_q=tile_heights.cheapest_tile_height(ranges, cfg.block_k, cfg.block_q)
+        )
     if cfg.block_q < 64 or not surely(s.Lq >= 2 * WIDE_ROW_KEYS):
         return cfg
     tiles = kernel_tiles(req, cfg)  # a band's counts follow from its bounds: no map built
     if isinstance(tiles, cpu_kernel.Band):  # its middle query tile's (compile: no loop over Lq)
         visited: float = tiles.kv_tiles(s.Lq // 2 // cfg.block_q * cfg.block_q, s.Lq, s.Lk)
+    elif isinstance(tiles, cpu_kernel.KeyRanges):  # a row's keys on average
+        kept = (tiles.ranges[:, 1] - tiles.ranges[:, 0] + 1).clamp(min=0)
+        visited = float(kept.double().mean()) / cfg.block_k
     else:
         visited = float((tiles.kinds != EMPTY).sum(dim=-1).float().mean())
     if visited * cfg.block_k >= WIDE_ROW_KEYS:
@@ -134,8 +147,8 @@ def block_mask_for(req: Request, cfg: TileConfig) -> BlockMask:
     return mask.blocks(s.Lq, s.Lk, cfg.block_q, cfg.block_k, B=s.B, H=s.Hq)
 
 
-#: Set False to have the compiled kernels walk a BlockMask for causal and window masks too
-#: (``benchmarks/cpu_decoding.py`` compares).
+#: Set False to have the compiled kernels walk a BlockMask for causal and window masks and key
+#: ranges too (``benchmarks/cpu_decoding.py``, ``cpu_padding.py``, ``cpu_varlen.py`` compare).
 BAND_IN_KERNEL = True
 
 
@@ -150,10 +163,12 @@ def kernel_tiles(req: Request, cfg: TileConfig) -> cpu_kernel.Tiles:
     kernels take the kept keys (B, Lk) beside the band.
     """
     found = _kernel_band(req)
-    if found is None:
-        return block_mask_for(req, cfg)
-    lo, hi, keys = found
-    return cpu_kernel.Band(lo, hi, cfg.block_q, cfg.block_k, keys)
+    if found is not None:
+        lo, hi, keys = found
+        return cpu_kernel.Band(lo, hi, cfg.block_q, cfg.block_k, keys)
+    if (in_ranges := _kernel_ranges(req)) is not None:
+        return cpu_kernel.KeyRanges(in_ranges[0], cfg.block_q, cfg.block_k, in_ranges[1])
+    return block_mask_for(req, cfg)
 
 
 def _kernel_band(req: Request) -> tuple[int, int, Tensor | None] | None:
@@ -166,6 +181,31 @@ def _kernel_band(req: Request) -> tuple[int, int, Tensor | None] | None:
         keys = kept_keys(mask, Lk)
         return None if keys is None else (1 - Lq, Lk - 1, keys)
     return padded_band(mask, Lq, Lk) if isinstance(mask, Mask) else None
+
+
+def _kernel_ranges(req: Request) -> tuple[Tensor, Tensor | None] | None:
+    """The key ranges and kept keys the kernels compute for ``req``'s mask, or None."""
+    return _ranges_of(req) if BAND_IN_KERNEL else None
+
+
+def _ranges_of(req: Request) -> tuple[Tensor, Tensor | None] | None:
+    """``req``'s mask as key ranges and kept keys, or None (``_kernel_ranges``).
+
+    ``masks.padded_ranges``, found once per mask object and lengths: a model's layers share
+    one mask, and dispatch, the tile height and the kernels' arguments all ask. Eager only:
+    the ranges and tile height are read from data (documents' ids), so torch.compile and
+    torch.export keep the BlockMask path (export refuses it: ``unsupported_reason``).
+    """
+    mask, s = req.mask, req.shapes
+    if not isinstance(mask, Mask) or mask.spec is None or torch.compiler.is_compiling():
+        return None
+    key = (s.Lq, s.Lk)
+    cached = mask._ranges_cache
+    if key not in cached:
+        cached.clear()  # one entry: the lengths of the calls sharing this mask
+        cached[key] = padded_ranges(mask, s.Lq, s.Lk)
+    found: tuple[Tensor, Tensor | None] | None = cached[key]
+    return found
 
 
 def kept_keys(mask: Tensor, Lk: int) -> Tensor | None:
@@ -547,8 +587,10 @@ def _kernel_mods(req: Request, cfg: TileConfig) -> KernelMods | None:
 
 
 def builds_tile_map(req: Request) -> bool:
-    """Whether a call builds a BlockMask: all but the kernels' band & padding (``kernel_tiles``)."""
-    return _kernel_mods(req, TileConfig()) is None or _kernel_band(req) is None
+    """Whether a call builds a BlockMask: all but bands or key ranges, & padding (kernel_tiles)."""
+    if _kernel_mods(req, TileConfig()) is None:
+        return True
+    return _kernel_band(req) is None and _kernel_ranges(req) is None
 
 
 def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]:

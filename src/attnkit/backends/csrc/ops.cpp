@@ -13,7 +13,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const at::Tensor& tile_index, const at::Tensor& bitmaps, const at::Tensor& slopes,
     int64_t block_q, int64_t block_k, int64_t max_chunk, double scale, double softcap,
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p, bool pack_gqa, bool band,
-    int64_t band_lo, int64_t band_hi, const std::optional<at::Tensor>& keys, int64_t kv_splits);
+    int64_t band_lo, int64_t band_hi, const std::optional<at::Tensor>& keys,
+    const std::optional<at::Tensor>& ranges, int64_t kv_splits);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -21,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const at::Tensor& tile_index, const at::Tensor& bitmaps, const at::Tensor& slopes,
     int64_t block_q, int64_t block_k, int64_t max_rows, double scale, double softcap,
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p, bool band, int64_t band_lo,
-    int64_t band_hi, const std::optional<at::Tensor>& keys, bool deterministic);
+    int64_t band_hi, const std::optional<at::Tensor>& keys, const std::optional<at::Tensor>& ranges,
+    bool deterministic);
 
 TORCH_LIBRARY(ATTNKIT_OP_NAMESPACE, m) {
   m.def(
@@ -29,14 +31,14 @@ TORCH_LIBRARY(ATTNKIT_OP_NAMESPACE, m) {
       "Tensor bitmaps, Tensor slopes, int block_q, int block_k, int max_chunk, float scale, "
       "float softcap, int dropout_seed, int dropout_threshold, float dropout_p, "
       "bool pack_gqa=False, bool band=False, SymInt band_lo=0, SymInt band_hi=0, "
-      "Tensor? keys=None, SymInt kv_splits=1) "
+      "Tensor? keys=None, Tensor? ranges=None, SymInt kv_splits=1) "
       "-> (Tensor, Tensor)");
   m.def(
       "tiled_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse2, Tensor delta, "
       "Tensor kinds, Tensor tile_index, Tensor bitmaps, Tensor slopes, int block_q, "
       "int block_k, int max_rows, float scale, float softcap, int dropout_seed, "
       "int dropout_threshold, float dropout_p, bool band=False, SymInt band_lo=0, "
-      "SymInt band_hi=0, Tensor? keys=None, bool deterministic=False) "
+      "SymInt band_hi=0, Tensor? keys=None, Tensor? ranges=None, bool deterministic=False) "
       "-> (Tensor, Tensor, Tensor)");
 }
 

@@ -50,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     int64_t block_q, int64_t block_k, int64_t max_rows, double scale, double softcap,
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p,  // seed < 0: none
     bool band, int64_t band_lo, int64_t band_hi,  // band: lo <= j - i <= hi, no kinds/bitmaps
-    const std::optional<at::Tensor>& keys,        // with a band: (B or 1, Lk) bool, or none
+    const std::optional<at::Tensor>& keys,        // with a band or ranges: (B or 1, Lk) bool
+    const std::optional<at::Tensor>& ranges,      // per-row first, last keys: (B or 1, 2, Lq)
     bool deterministic) {
   for (const auto* t : {&dout, &q, &k, &v, &lse2, &delta}) {
     TORCH_CHECK(t->dtype() == at::kFloat && t->is_contiguous(),
@@ -60,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t G = Hq / Hkv;
   const TileMask mask = tile_mask_for(kinds, tile_index, bitmaps, B, Lq, Lk, block_q, block_k,
-                                      band, band_lo, band_hi, keys, "tiled_backward");
+                                      band, band_lo, band_hi, keys, ranges, "tiled_backward");
   const int64_t nQ = mask.nQ, nK = mask.nK;
   const int64_t tiles_per_step = std::max<int64_t>(1, max_rows / block_q);
   const int64_t rows_max = tiles_per_step * block_q;

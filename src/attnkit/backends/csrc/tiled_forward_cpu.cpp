@@ -46,7 +46,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p,  // seed < 0: none
     bool pack_gqa,
     bool band, int64_t band_lo, int64_t band_hi,  // band: lo <= j - i <= hi, no kinds/bitmaps
-    const std::optional<at::Tensor>& keys,        // with a band: (B or 1, Lk) bool, or none
+    const std::optional<at::Tensor>& keys,        // with a band or ranges: (B or 1, Lk) bool
+    const std::optional<at::Tensor>& ranges,      // per-row first, last keys: (B or 1, 2, Lq)
     int64_t kv_splits) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
@@ -61,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const int64_t G = Hq / Hkv;
   const TileMask mask = tile_mask_for(kinds, tile_index, bitmaps, B, Lq, Lk, block_q, block_k,
-                                      band, band_lo, band_hi, keys, "tiled_forward");
+                                      band, band_lo, band_hi, keys, ranges, "tiled_forward");
   const int64_t nQ = mask.nQ;
   const int64_t tiles_per_chunk = std::max<int64_t>(1, max_chunk / block_k);
   // packed: one query tile whose tile map serves every head
@@ -141,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
         std::fill(m.begin(), m.begin() + rows, kNegInf);
         std::fill(l.begin(), l.begin() + rows, 0.0f);
         bool any = false;
-        auto [kt, kt_end] = mask.kv_tiles(qt);
+        auto [kt, kt_end] = mask.kv_tiles(map, qt);
         if (splits > 1) {  // this part's share of the unit's tiles
           const int64_t per_split = (kt_end - kt + splits - 1) / splits;
           kt = std::min(kt + split * per_split, kt_end);
