@@ -45,6 +45,7 @@ def _pattern(draw, B: int, Lq: int, Lk: int):
                 "padding",
                 "padding_mask",
                 "document",
+                "key_ranges",
                 "bigbird",
                 "block_sparse",
                 "dense",
@@ -78,6 +79,9 @@ def _pattern(draw, B: int, Lq: int, Lk: int):
         return masks.from_padding_mask(torch.rand(B, Lk, generator=gen) < 0.7)
     if kind == "document" and Lq <= Lk:
         return masks.document(torch.randint(0, 3, (Lk,), generator=gen).sort().values)
+    if kind == "key_ranges":  # some rows keep none (first > last)
+        first = torch.randint(0, Lk, (B, Lq), generator=gen)
+        return masks.key_ranges(first, first + torch.randint(-3, Lk, (B, Lq), generator=gen))
     if kind == "bigbird" and Lq <= Lk:
         return masks.bigbird(draw(st.sampled_from([4, 8, 16])), 1, 1, 1, seed=seed)
     if kind == "block_sparse":

@@ -154,8 +154,13 @@ def test_independent_of_tile_sizes(cfg):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "mask",
-    [masks.causal(), masks.sliding_window(64), masks.causal() & masks.key_padding([200])],
-    ids=["causal", "window", "causal&padding"],
+    [
+        masks.causal(),
+        masks.sliding_window(64),
+        masks.causal() & masks.key_padding([200]),
+        masks.document(torch.arange(333) // 70) & masks.causal(),  # key ranges
+    ],
+    ids=["causal", "window", "causal&padding", "documents&causal"],
 )
 def test_low_precision_within_scaled_reference_error(dtype, mask):
     """DESIGN §7: error <= 2x (outputs) / 4x (gradients) the reference's own error in dtype."""
@@ -810,6 +815,13 @@ def test_compiled_forward_names_the_input_it_cannot_read():
         torch.ops.attnkit.tiled_forward(q, k.transpose(-1, -2), v, bm.kinds, *args)
 
 
+#: two queries over 300 keys, a range each, sequence by sequence (one chunk of a sequence:
+#: one query tile serves both, so the forward packs the query heads)
+KEY_RANGES_300 = masks.key_ranges(
+    torch.tensor([[0, 0], [50, 45]]), torch.tensor([[150, 151], [290, 299]])
+)
+
+
 def _padding_with_a_keyless_row(B, Hq, Lq, Lk):
     dense = torch.rand(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(3)) < 0.7
     dense[..., Lq // 2, :] = False
@@ -832,6 +844,7 @@ PACKED_DECODING = {  # (B, Hq, Hkv, Lq, Lk, D), mask, score_mod, dropout_p
         None,
         0.0,
     ),
+    "key ranges (varlen decoding), G=4": ((2, 8, 2, 2, 300, 64), KEY_RANGES_300, None, 0.0),
     "dropout, G=2": ((2, 4, 2, 2, 70, 16), masks.sliding_window(30), None, 0.25),
 }
 
@@ -951,6 +964,7 @@ SPLIT_DECODING = {  # (B, Hq, Hkv, Lq, Lk, D), mask, score_mod, dropout_p
         None,
         0.0,
     ),
+    "key ranges": ((2, 2, 1, 2, 300, 16), KEY_RANGES_300, None, 0.0),
     "dropout": ((1, 2, 1, 2, 200, 16), None, None, 0.25),
 }
 

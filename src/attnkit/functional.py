@@ -174,8 +174,9 @@ PARTIAL_TILE_COST = 1.9
 #: queries (benchmarks/cpu_dispatch_rule.py --tables few_queries, two runs): tiled ran at
 #: 0.54-0.81x SDPA's speed over 512 keys and 0.88-0.98x over 2048, 1.02-1.33x from 64. Exempt:
 #: what the compiled kernels read without a map (``tiled.builds_tile_map``: a band & padding
-#: Masks, a bool tensor of kept keys), where tiled ran at 1.23-2.88x SDPA's speed
-#: (benchmarks/cpu_padding.py).
+#: Masks, a bool tensor of kept keys, key ranges: documents, varlen, prefix-LM), where tiled
+#: ran at 1.23-2.88x SDPA's speed (benchmarks/cpu_padding.py) and a varlen decoding batch's
+#: step at 1.1-2.4x (benchmarks/cpu_varlen.py --decode).
 FEW_QUERIES = 16
 
 #: Plain causal attention on CPU goes to tiled from this many (query, key) pairs B·Hq·Lq·Lk
