@@ -635,11 +635,14 @@ def padded_ranges(mask: Mask, Lq: int, Lk: int) -> tuple[Tensor, Tensor | None] 
         last: the query keeps none); keys a bool (B or 1, Lk) tensor or None, as
         ``padded_band``'s. None for any other mask.
     """
+    parts = _and_parts(mask.spec)
+    if not any(part is not None and part[0] in _RANGE_SPECS for part in parts):
+        return None  # bands and padding alone: padded_band's
     ranges: Tensor | None = None
     lo: float = -math.inf
     hi: float = math.inf
     keys: Tensor | None = None
-    for part in _and_parts(mask.spec):
+    for part in parts:
         kept = _kept_keys(part, Lk)
         if kept is not None:
             keys = kept if keys is None else keys & kept
@@ -662,6 +665,10 @@ def padded_ranges(mask: Mask, Lq: int, Lk: int) -> tuple[Tensor, Tensor | None] 
     first = ranges[:, 0].clamp(min=0) if lo == -math.inf else ranges[:, 0].maximum(i + int(lo))
     last = ranges[:, 1] if hi == math.inf else ranges[:, 1].minimum(i + int(hi))
     return torch.stack((first.clamp(min=0), last.clamp(max=Lk - 1)), 1), keys
+
+
+#: the specs ``_ranges`` turns into key ranges
+_RANGE_SPECS = ("key_ranges", "prefix_lm", "document")
 
 
 def _ranges(spec: tuple[Any, ...] | None, Lq: int, Lk: int) -> Tensor | None:

@@ -89,7 +89,7 @@ def tuned_config(req: Request) -> TileConfig:
     """
     s = req.shapes
     cfg = default_config(s.Lq)
-    if _kernel_mods(req, cfg) is not None and (found := _ranges_of(req)) is not None:
+    if (found := _ranges_of(req)) is not None and _kernel_mods(req, cfg) is not None:
         ranges = tile_heights.host_ranges(found[0])
         return replace(
             cfg, block_q=tile_heights.cheapest_tile_height(ranges, cfg.block_k, cfg.block_q)
