@@ -22,7 +22,7 @@ a dense mask, tiled on the key ranges and tiled walking a tile map built at ever
 names the one "auto" runs.
 
     python benchmarks/cpu_varlen.py [--queries 256] [--cached 0 256 512 1024 2048 3072]
-        [--heads 8] [--dim 64] [--tiles] [--decode]
+        [--heads 8] [--kv-heads 8] [--dim 64] [--tiles] [--decode]
 """
 
 from __future__ import annotations
@@ -40,18 +40,20 @@ from torch.utils import benchmark
 
 import attnkit
 from attnkit import masks
-from attnkit.backends import tiled
+from attnkit.backends import cpu_kernel, tiled
 from attnkit.functional import _request, dispatch
 from attnkit.varlen import query_tile_costs, query_tile_rows, tile_visits, varlen_mask
 
 
-def packed(queries: int, cached: list[int], H: int, D: int) -> tuple[Tensor, ...]:
-    """q (total_q, H, D), k, v (total_k, H, D), cu_seqlens_q, cu_seqlens_k."""
+def packed(
+    queries: int, cached: list[int], H: int, D: int, Hkv: int | None = None
+) -> tuple[Tensor, ...]:
+    """q (total_q, H, D), k, v (total_k, Hkv, D), cu_seqlens_q, cu_seqlens_k."""
     g = torch.Generator().manual_seed(0)
     lengths_k = [c + queries for c in cached]
     total_q, total_k = queries * len(cached), sum(lengths_k)
     q = torch.randn(total_q, H, D, generator=g)
-    k, v = (torch.randn(total_k, H, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(total_k, Hkv or H, D, generator=g) for _ in range(2))
     cu_q = torch.arange(len(cached) + 1) * queries
     cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()])
     return q, k, v, cu_q, cu_k
@@ -128,36 +130,39 @@ def height_table(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) ->
     return table
 
 
-def decode_table(H: int, D: int) -> Table:
-    """One query per sequence: SDPA with a dense mask against tiled, with and without a map."""
-    table = Table(title=f"decoding: 1 query per sequence, causal, H={H}, D={D}, fp32")
-    columns = ("sequences", "keys each (mean)", "sdpa ms", "tiled ms", "tiled, tile map ms")
+def decode_table(H: int, D: int, Hkv: int) -> Table:
+    """One query per sequence: SDPA with a dense mask against tiled, with and without a map
+    (and, for GQA, without stacking each kv head's query heads: ``cpu_kernel.PACK_GQA``)."""
+    table = Table(
+        title=f"decoding: 1 query per sequence, causal, {H} heads over {Hkv}, D={D}, fp32"
+    )
+    columns = ["sequences", "keys each (mean)", "sdpa ms", "tiled ms", "tiled, tile map ms"]
+    if Hkv < H:
+        columns.append("tiled, heads unpacked ms")
     for col in columns:
         table.add_column(col, justify="right")
     table.add_column("auto runs")
 
-    def run_on(backend: str) -> Callable[..., Tensor]:
+    def run_on(backend: str, pack: bool = True) -> Callable[..., Tensor]:
         def run(*a: Tensor) -> Tensor:
-            out: Tensor = attnkit.varlen_attention(*a, causal=True, backend=backend)
+            with mock.patch.object(cpu_kernel, "PACK_GQA", pack):
+                out: Tensor = attnkit.varlen_attention(*a, causal=True, backend=backend)
             return out
 
         return run
 
+    ways = [run_on("sdpa"), run_on("tiled"), with_tile_map]
+    if Hkv < H:
+        ways.append(run_on("tiled", pack=False))
     for n in (2, 4, 8, 16):
         for base in (256, 2048):
-            args = packed(1, [base * (i % 4 + 1) for i in range(n)], H, D)
+            args = packed(1, [base * (i % 4 + 1) for i in range(n)], H, D, Hkv)
             q, k, v, cu_q, cu_k = args
             torch.testing.assert_close(run_on("tiled")(*args), run_on("sdpa")(*args))
             packed_qkv = (t.transpose(0, 1)[None] for t in (q, k, v))
             auto = dispatch(*packed_qkv, mask=varlen_mask(cu_q, cu_k, causal=True)).backend
             table.add_row(
-                str(n),
-                str(k.shape[0] // n),
-                *(
-                    f"{ms(fn, *args):.2f}"
-                    for fn in (run_on("sdpa"), run_on("tiled"), with_tile_map)
-                ),
-                auto,
+                str(n), str(k.shape[0] // n), *(f"{ms(fn, *args):.2f}" for fn in ways), auto
             )
     return table
 
@@ -167,13 +172,16 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=256, help="new tokens per sequence")
     ap.add_argument("--cached", type=int, nargs="+", default=[0, 256, 512, 1024, 2048, 3072])
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument(
+        "--kv-heads", type=int, help="key/value heads (GQA) of --decode; default --heads"
+    )
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--tiles", action="store_true", help="also time every query-tile height")
     ap.add_argument("--decode", action="store_true", help="time decoding batches instead")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.decode:
-        Console().print(decode_table(args.heads, args.dim))
+        Console().print(decode_table(args.heads, args.dim, args.kv_heads or args.heads))
         return
     q, k, v, cu_q, cu_k = packed(args.queries, args.cached, args.heads, args.dim)
 

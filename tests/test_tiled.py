@@ -816,9 +816,13 @@ def test_compiled_forward_names_the_input_it_cannot_read():
 
 
 #: two queries over 300 keys, a range each, sequence by sequence (one chunk of a sequence:
-#: one query tile serves both, so the forward packs the query heads)
+#: one query tile serves both)
 KEY_RANGES_300 = masks.key_ranges(
     torch.tensor([[0, 0], [50, 45]]), torch.tensor([[150, 151], [290, 299]])
+)
+#: the same, the queries of different sequences (a varlen decoding step's): one-row tiles
+KEY_RANGES_APART_300 = masks.key_ranges(
+    torch.tensor([[0, 100], [50, 290]]), torch.tensor([[150, 299], [60, 299]])
 )
 
 
@@ -844,7 +848,8 @@ PACKED_DECODING = {  # (B, Hq, Hkv, Lq, Lk, D), mask, score_mod, dropout_p
         None,
         0.0,
     ),
-    "key ranges (varlen decoding), G=4": ((2, 8, 2, 2, 300, 64), KEY_RANGES_300, None, 0.0),
+    "key ranges, one tile, G=4": ((2, 8, 2, 2, 300, 64), KEY_RANGES_300, None, 0.0),
+    "key ranges, a tile a query, G=4": ((2, 8, 2, 2, 300, 64), KEY_RANGES_APART_300, None, 0.0),
     "dropout, G=2": ((2, 4, 2, 2, 70, 16), masks.sliding_window(30), None, 0.25),
 }
 
@@ -894,7 +899,7 @@ def test_compiled_forward_packs_query_heads_by_kv_head(shape, mask, mod, p, dtyp
         assert_close_scaled(lse[finite], ref64[1][finite], ref_low[1][finite], floor=1e-5)
 
 
-def test_forward_packs_query_heads_only_where_they_fit_one_unit():
+def test_forward_packs_query_heads_only_where_their_rows_fit_one_unit():
     from attnkit.backends import cpu_kernel
 
     def packs(Hq, Hkv, Lq, mask, block_q=16):
@@ -907,7 +912,9 @@ def test_forward_packs_query_heads_only_where_they_fit_one_unit():
     assert packs(8, 1, 8, None)  # 64 rows
     assert not packs(16, 1, 8, None)  # 128 rows
     assert not packs(8, 8, 1, None)  # MHA: nothing to share
-    assert not packs(8, 2, 17, None)  # two query tiles
+    assert not packs(16, 2, 17, None)  # 8 heads of 16-row tiles: 128 rows
+    assert packs(16, 2, 17, None, block_q=8)  # of 8-row tiles (a varlen batch's short ones)
+    assert packs(32, 2, 3, None, block_q=64)  # 16 heads of the 3 queries there are
     assert not packs(8, 2, 1, per_head)  # a tile map per head
 
 
@@ -965,6 +972,7 @@ SPLIT_DECODING = {  # (B, Hq, Hkv, Lq, Lk, D), mask, score_mod, dropout_p
         0.0,
     ),
     "key ranges": ((2, 2, 1, 2, 300, 16), KEY_RANGES_300, None, 0.0),
+    "key ranges, a tile a query": ((2, 2, 1, 2, 300, 16), KEY_RANGES_APART_300, None, 0.0),
     "dropout": ((1, 2, 1, 2, 200, 16), None, None, 0.25),
 }
 

@@ -255,15 +255,16 @@ PACK_GQA = True
 def packs_gqa(q: Tensor, k: Tensor, tiles: Tiles) -> bool:
     """Whether the forward stacks each kv head's G query heads as rows of one unit (PackGQA).
 
-    Where the queries fit one query tile and G·Lq rows at most ``MAX_PACKED_ROWS``, under a
-    tile map shared by every head (decoding, GQA): the kv head's keys and values are read once
-    instead of G times. ``benchmarks/cpu_decoding.py --tables gqa`` (32 query heads over 8 kv
-    heads, D=128, fp32, one query, causal): 1.61x faster over 4,096 cached keys, 2.37x over
-    16,384; 1.01-1.03x where the keys read fit the CPU's caches (1,024 of them).
+    Where G times a query tile's rows (the queries, or the tile's height) is at most
+    ``MAX_PACKED_ROWS``, under a tile map shared by every head (decoding, GQA; a varlen
+    decoding batch's one-row tiles): the kv head's keys and values are read once instead of
+    G times. ``benchmarks/cpu_decoding.py --tables gqa`` (32 query heads over 8 kv heads,
+    D=128, fp32, one query, causal): 1.61x faster over 4,096 cached keys, 2.37x over 16,384;
+    1.01-1.03x where the keys read fit the CPU's caches (1,024 of them).
     """
     Lq, G = q.shape[2], q.shape[1] // k.shape[1]
     shared_by_heads = isinstance(tiles, Band | KeyRanges) or tiles.kinds.shape[1] == 1
-    fits = surely(Lq <= tiles.block_q) and surely(G * Lq <= MAX_PACKED_ROWS)
+    fits = surely(G * Lq <= MAX_PACKED_ROWS) or G * tiles.block_q <= MAX_PACKED_ROWS
     return PACK_GQA and G > 1 and shared_by_heads and fits
 
 

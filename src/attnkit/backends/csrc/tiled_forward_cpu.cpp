@@ -1,10 +1,10 @@
 // Block-sparse flash-attention forward for CPUs (float32).
 //
 // One work unit per (batch, query head, query tile), spread over threads by at::parallel_for.
-// With pack_gqa (few queries, as in decoding, under a mask shared by every head: the caller
-// decides, cpu_kernel.packs_gqa) one unit per (batch, kv head) instead stacks its G query
-// heads' queries as G·Lq rows (PackGQA): the kv head's keys and values are read once, not G
-// times, and multiplied by G·Lq rows at a time.
+// With pack_gqa (short query tiles, as in decoding, under a mask shared by every head: the
+// caller decides, cpu_kernel.packs_gqa) one unit per (batch, kv head, query tile) instead
+// stacks its G query heads' rows as G·tq rows (PackGQA): the kv head's keys and values are
+// read once, not G times, and multiplied by G·tq rows at a time.
 // With kv_splits = S > 1 (fewer units than threads, as in decoding one sequence: the caller
 // decides, cpu_kernel.kv_splits) each unit's kv tiles are split into S parts run as work
 // items of their own, each writing a normalised partial output and LSE, merged by their
@@ -65,14 +65,15 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
                                       band, band_lo, band_hi, keys, ranges, "tiled_forward");
   const int64_t nQ = mask.nQ;
   const int64_t tiles_per_chunk = std::max<int64_t>(1, max_chunk / block_k);
-  // packed: one query tile whose tile map serves every head
+  // packed: query tiles whose tile map serves every head
   const bool packed = pack_gqa && G > 1;
-  TORCH_CHECK(!packed || (nQ == 1 && mask.shared_by_heads() && G * Lq <= kMaxPackedRows),
-              "tiled_forward: pack_gqa needs one query tile, a tile map shared by the heads and "
-              "at most ", kMaxPackedRows, " stacked rows; got ", nQ, " query tiles, ", mask.Hm,
-              " head maps, ", G * Lq, " rows");
+  const int64_t tile_rows = std::min(block_q, Lq);  // a query tile's rows at most
+  TORCH_CHECK(!packed || (mask.shared_by_heads() && G * tile_rows <= kMaxPackedRows),
+              "tiled_forward: pack_gqa needs a tile map shared by the heads and at most ",
+              kMaxPackedRows, " stacked rows; got ", mask.Hm, " head maps, ", G * tile_rows,
+              " rows");
   const int64_t groups = packed ? G : 1;  // query heads per unit
-  const int64_t max_rows = packed ? G * Lq : block_q;
+  const int64_t max_rows = groups * tile_rows;
   const int64_t heads_per_unit = packed ? Hkv : Hq;
   const int64_t units = B * heads_per_unit * nQ;
   TORCH_CHECK(kv_splits >= 1, "tiled_forward: kv_splits must be >= 1, got ", kv_splits);
