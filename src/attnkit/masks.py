@@ -654,16 +654,17 @@ def padded_ranges(mask: Mask, Lq: int, Lk: int) -> tuple[Tensor, Tensor | None] 
         r = _ranges(part, Lq, Lk)
         if r is None:
             return None
-        ranges = (
-            r
-            if ranges is None
-            else torch.stack((r[:, 0].maximum(ranges[:, 0]), r[:, 1].minimum(ranges[:, 1])), 1)
-        )
+        if ranges is not None:  # both: the later first key, the earlier last one
+            r = torch.stack((r[:, 0].maximum(ranges[:, 0]), r[:, 1].minimum(ranges[:, 1])), 1)
+        ranges = r
     if ranges is None:
         return None
+    first, last = ranges[:, 0], ranges[:, 1]
     i = torch.arange(Lq, device=ranges.device)
-    first = ranges[:, 0].clamp(min=0) if lo == -math.inf else ranges[:, 0].maximum(i + int(lo))
-    last = ranges[:, 1] if hi == math.inf else ranges[:, 1].minimum(i + int(hi))
+    if lo > -math.inf:  # the band's diagonals: keys i + lo … i + hi
+        first = first.maximum(i + int(lo))
+    if hi < math.inf:
+        last = last.minimum(i + int(hi))
     return torch.stack((first.clamp(min=0), last.clamp(max=Lk - 1)), 1), keys
 
 
