@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import shutil
+import tempfile
 
 # Triton's interpreter on machines without a GPU (a GPU run sets TRITON_INTERPRET=0). Set before
 # any test module imports triton: triton decides at import whether its own jit functions run
 # interpreted, and transformers imports it at collection.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The compile, export and AOTInductor tests' generated code goes to a folder of this run,
+# removed at its end (each xdist worker its own): torch's default, /tmp/torchinductor_<user>,
+# is kept across runs and had grown to 5 GB on a long-lived machine whose disk then filled.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnkit-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest
 import torch
