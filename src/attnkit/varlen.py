@@ -37,8 +37,9 @@ def _check_cu_seqlens(name: str, cu: object, total: int) -> Tensor:
         raise ValueError(f"{name} must be a 1-D tensor of n + 1 >= 2 offsets, got {cu!r}")
     if cu.dtype.is_floating_point or cu.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got {cu.dtype}")
-    cu = cu.long().cpu()
-    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+    cu = _host_cu(cu)
+    host = cu.numpy()  # numpy: checked at every call, on a few values (torch ops cost more)
+    if host[0] != 0 or host[-1] != total or (host[1:] < host[:-1]).any():
         raise ValueError(f"{name} must rise from 0 to the packed length {total}, got {cu.tolist()}")
     return cu
 
