@@ -22,7 +22,7 @@ a dense mask, tiled on the key ranges and tiled walking a tile map built at ever
 names the one "auto" runs.
 
     python benchmarks/cpu_varlen.py [--queries 256] [--cached 0 256 512 1024 2048 3072]
-        [--heads 8] [--kv-heads 8] [--dim 64] [--tiles] [--decode]
+        [--heads 8] [--kv-heads 8] [--dim 64] [--tiles] [--decode] [--min-time 1.0]
 """
 
 from __future__ import annotations
@@ -89,9 +89,13 @@ def padded_sdpa(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> 
     return out
 
 
+#: Seconds each way is timed for at least (``--min-time``; the smoke test runs it short).
+MIN_TIME = 1.0
+
+
 def ms(fn: Callable[..., Tensor], *args: Tensor) -> float:
     timer = benchmark.Timer(stmt="fn(*args)", globals={"fn": fn, "args": args})
-    return timer.blocked_autorange(min_run_time=1.0).median * 1e3
+    return timer.blocked_autorange(min_run_time=MIN_TIME).median * 1e3
 
 
 def at_tile_height(rows: int) -> Callable[..., Tensor]:
@@ -168,6 +172,7 @@ def decode_table(H: int, D: int, Hkv: int) -> Table:
 
 
 def main() -> None:
+    global MIN_TIME
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--queries", type=int, default=256, help="new tokens per sequence")
     ap.add_argument("--cached", type=int, nargs="+", default=[0, 256, 512, 1024, 2048, 3072])
@@ -178,7 +183,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--tiles", action="store_true", help="also time every query-tile height")
     ap.add_argument("--decode", action="store_true", help="time decoding batches instead")
+    ap.add_argument("--min-time", type=float, default=MIN_TIME, help="seconds per timing")
     args = ap.parse_args()
+    MIN_TIME = args.min_time
     torch.manual_seed(0)
     if args.decode:
         Console().print(decode_table(args.heads, args.dim, args.kv_heads or args.heads))

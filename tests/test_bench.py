@@ -78,6 +78,18 @@ def test_cpu_varlen_bench_runs_and_checks_its_ways_agree():
 
 
 @pytest.mark.slow
+def test_cpu_varlen_decode_table_runs_with_grouped_heads():
+    """``cpu_varlen.py --decode`` with GQA: it asserts tiled and SDPA agree on every batch,
+    and prints each batch's row with the packed-heads column and ``auto``'s choice."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/cpu_varlen.py"), "--decode", "--kv-heads", "2"]
+    out = subprocess.run(
+        [*cmd, "--min-time", "0.01"], check=True, capture_output=True, text=True
+    ).stdout
+    rows = re.findall(r"│\s+(\d+) │\s+\d+ │(?:\s+[\d.]+ │){4}\s+tiled\s+│", out)
+    assert rows == ["2", "2", "4", "4", "8", "8", "16", "16"], out
+
+
+@pytest.mark.slow
 def test_cpu_padding_bench_runs_and_its_backends_agree():
     """benchmarks/cpu_padding.py on short lengths: its model table asserts the three ways give
     the same embeddings; every table prints its rows, ``auto`` picking tiled for padding."""
