@@ -83,17 +83,17 @@ def default_config(Lq: int) -> TileConfig:
 def tuned_config(req: Request) -> TileConfig:
     """``default_config``, with 128-row query tiles where rows are wide (``WIDE_ROW_KEYS``).
 
-    Under key ranges (packed sequences), the height of at most the default's that
-    ``tile_heights`` models cheapest: short tiles for many short sequences (whether the
-    kernels read the ranges or walk their tile map, ``BAND_IN_KERNEL``).
+    Under key ranges (packed sequences), shorter tiles where ``tile_heights`` models them
+    cheaper: many short sequences (whether the kernels read the ranges or walk their tile
+    map, ``BAND_IN_KERNEL``); long ones keep the rule for wide rows.
     """
     s = req.shapes
     cfg = default_config(s.Lq)
     if (found := _ranges_of(req)) is not None and _kernel_mods(req, cfg) is not None:
         ranges = tile_heights.host_ranges(found[0])
-        return replace(
-            cfg, block_q=tile_heights.cheapest_tile_height(ranges, cfg.block_k, cfg.block_q)
-        )
+        rows = tile_heights.cheapest_tile_height(ranges, cfg.block_k, cfg.block_q)
+        if rows < cfg.block_q:
+            return replace(cfg, block_q=rows)
     if cfg.block_q < 64 or not surely(s.Lq >= 2 * WIDE_ROW_KEYS):
         return cfg
     tiles = kernel_tiles(req, cfg)  # a band's counts follow from its bounds: no map built
