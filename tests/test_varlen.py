@@ -197,24 +197,24 @@ def _request_of(cu_q, cu_k, dtype=torch.float32, **kwargs):
 
 
 @pytest.mark.parametrize(
-    ("queries", "keys", "rows"),
+    ("queries", "keys", "rows", "runs"),
     [
-        ([1] * 32, [300 + 64 * i for i in range(32)], 1),  # a decoding batch: one row each
-        ([4] * 32, [300 + 64 * i for i in range(32)], 4),
-        ([16] * 32, [300 + 64 * i for i in range(32)], 16),
-        ([256] * 6, [256 * (i + 1) for i in range(6)], 64),  # chunked prefill: the default
-        ([5000], [5000], 64),  # one sequence: every height visits alike, the tallest wins
-        ([4], [5000], 64),  # 4 queries: capped at tiled's default for them, 16 rows
+        ([1] * 32, [300 + 64 * i for i in range(32)], 1, 1),  # a decoding batch: a row each
+        ([4] * 32, [300 + 64 * i for i in range(32)], 4, 4),
+        ([16] * 32, [300 + 64 * i for i in range(32)], 16, 16),
+        ([256] * 6, [256 * (i + 1) for i in range(6)], 64, 64),  # chunked prefill: the default
+        ([5000], [5000], 64, 128),  # one long sequence: every height visits alike; wide rows
+        ([4], [5000], 64, 16),  # 4 queries: tiled's default for them, 16 rows
     ],
 )
-def test_query_tiles_follow_the_sequences(queries, keys, rows):
-    """tiled runs the height ``query_tile_rows`` models cheapest (capped at its default), on
-    the kernels' key ranges: no tile map."""
+def test_query_tiles_follow_the_sequences(queries, keys, rows, runs):
+    """tiled runs the height ``query_tile_rows`` models cheapest where it is shorter than its
+    default (else its own rule, 128 rows for wide rows), on the kernels' key ranges."""
     cu_q, cu_k = cu_seqlens(zip(queries, keys, strict=True))
     assert query_tile_rows(cu_q, cu_k, causal=True) == rows
     req = _request_of(cu_q, cu_k, causal=True)
     cfg = tiled.tuned_config(req)
-    assert cfg.block_q == min(rows, tiled.default_config(req.shapes.Lq).block_q)
+    assert cfg.block_q == runs
     assert isinstance(tiled.kernel_tiles(req, cfg), cpu_kernel.KeyRanges)
 
 
