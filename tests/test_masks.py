@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnkit import masks
+from attnkit import block_mask, masks
 from attnkit._types import EMPTY, FULL, PARTIAL
-from attnkit.block_mask import BlockMask, retile
+from attnkit.block_mask import BlockMask, partial_bitmaps, retile
 from conftest import MASK_NAMES, every_mask, per_head_predicate
 
 
@@ -591,3 +591,17 @@ def test_key_ranges_refuses_mismatched_shapes():
     assert masks.from_spec(masks.key_ranges([0, 1], [1, 2]).spec).dense(2, 3).tolist() == [
         [[[True, True, False], [False, True, True]]]
     ]
+
+
+@pytest.mark.parametrize("name", MASK_NAMES)
+def test_refined_tiles_keep_the_bitmaps_a_fresh_evaluation_gives(name):
+    """Refinement keeps the bitmaps of the tiles it leaves partial (the kernels then skip a
+    second evaluation): exactly what evaluating the predicate on them again gives."""
+    mask = every_mask(130, 150)[name]
+    if not isinstance(mask, masks.Mask):
+        pytest.skip("a bool tensor: its BlockMask is built from the tensor")
+    for bm in (mask.blocks(130, 150, 32, 16, B=2, H=2), retile(mask.blocks(130, 150), 16, 8)):
+        kept = partial_bitmaps(bm)
+        fresh = block_mask._evaluate_partial_tiles(bm)
+        assert torch.equal(kept[0], fresh[0])
+        assert torch.equal(kept[1], fresh[1])

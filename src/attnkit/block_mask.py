@@ -173,16 +173,25 @@ def _eval(fn: MaskFn, b: Tensor, h: Tensor, q: Tensor, kv: Tensor, valid: Tensor
 
 
 def refine_partial_tiles(bm: BlockMask) -> BlockMask:
-    """Evaluate the predicate on every partial tile and reclassify it exactly (in place)."""
+    """Evaluate the predicate on every partial tile and reclassify it exactly (in place).
+
+    The tiles left partial keep their evaluated bitmaps as ``partial_bitmaps``' result, so
+    the kernels that read them do not evaluate the predicate a second time.
+    """
     assert bm.mask_fn is not None
     kinds = bm.kinds
     bm._derived.clear()  # tile kinds change: anything derived from them before is stale
+    still_partial: list[Tensor] = []  # in row-major tile order, as partial_tile_index numbers
     for tiles, b, h, q, kv, valid in iter_partial_tiles(bm):
         vals = _eval(bm.mask_fn, b, h, q, kv, valid)
         any_ = vals.flatten(1).any(1)
         all_ = (vals | ~valid).flatten(1).all(1)
         new = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
         kinds[tiles[:, 0], tiles[:, 1], tiles[:, 2], tiles[:, 3]] = new
+        still_partial.append(vals[new == PARTIAL])
+    empty = kinds.new_zeros(0, bm.block_q, bm.block_k, dtype=torch.bool)
+    bitmaps = torch.cat(still_partial) if still_partial else empty
+    bm._derived["partial_bitmaps"] = (partial_tile_index(kinds), bitmaps)
     return bm
 
 
