@@ -12,17 +12,20 @@ import tempfile
 # any test module imports triton: triton decides at import whether its own jit functions run
 # interpreted, and transformers imports it at collection.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# The compile, export and AOTInductor tests' generated code goes to a folder of this run,
-# removed at its end (each xdist worker its own): torch's default, /tmp/torchinductor_<user>,
-# is kept across runs and had grown to 5 GB on a long-lived machine whose disk then filled.
-if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnkit-inductor-")
-    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest
 import torch
 
 from attnkit import masks
+
+# Temporary files of this run, the compile, export and AOTInductor tests' generated code and
+# inductor's precompiled headers (~140 MB each) among them, go to a folder of the run, removed
+# at its end (each xdist worker its own): inductor's default, /tmp/torchinductor_<user>, is
+# kept across runs and had grown to 5 GB on a long-lived machine whose disk then filled.
+# Before any compile: inductor fixes its headers' folder when it first imports codecache.
+_RUN_TMP = tempfile.mkdtemp(prefix="attnkit-tests-")
+tempfile.tempdir = os.environ["TMPDIR"] = _RUN_TMP  # this process and its subprocesses
+atexit.register(shutil.rmtree, _RUN_TMP, ignore_errors=True)
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
