@@ -325,8 +325,8 @@ def run(
     if json_path:
         data = {"machine": info, "matmul_flops": peak, "rows": rows, "scaling": sweep}
         Path(json_path).write_text(json.dumps(data, indent=1))
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}", soft_wrap=True)
     if png_path and sweep:
         save_plot(sweep, png_path)
-        console.print(f"wrote {png_path}")
+        console.print(f"wrote {png_path}", soft_wrap=True)
     return 0

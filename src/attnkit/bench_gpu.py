@@ -365,5 +365,5 @@ def run(
                 console.print(f"  {' '.join(table.cells(r)[:3])}: {r['note']}")
     for path in (json_path, markdown_path):
         if path:
-            console.print(f"wrote {path}")
+            console.print(f"wrote {path}", soft_wrap=True)
     return 0

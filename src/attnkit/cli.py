@@ -164,7 +164,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         for png, (what, r) in zip(_png_paths(args.png, len(runs)), runs.items(), strict=True):
             title = f"{name}, layer {layer}: {what}, per head"
             save_head_grid(r.attention(layer), r.tokens, png, title, signed=r.differential)
-            console.print(f"wrote {png} ({what})")
+            console.print(f"wrote {png} ({what})", soft_wrap=True)  # a path, never wrapped
     if args.html:
         from attnkit.viz import save_head_view
 
@@ -195,7 +195,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             layer=layer,
             signed=full.differential,
         )
-        console.print(f"wrote {args.html}")
+        console.print(f"wrote {args.html}", soft_wrap=True)
     return 0
 
 
