@@ -172,6 +172,10 @@ def _eval(fn: MaskFn, b: Tensor, h: Tensor, q: Tensor, kv: Tensor, valid: Tensor
     return torch.as_tensor(fn(b, h, q, kv), device=valid.device).expand_as(valid) & valid
 
 
+#: the key under which a BlockMask keeps ``partial_bitmaps``' result
+_PARTIAL_BITMAPS = "partial_bitmaps"
+
+
 def refine_partial_tiles(bm: BlockMask) -> BlockMask:
     """Evaluate the predicate on every partial tile and reclassify it exactly (in place).
 
@@ -191,7 +195,7 @@ def refine_partial_tiles(bm: BlockMask) -> BlockMask:
         still_partial.append(vals[new == PARTIAL])
     empty = kinds.new_zeros(0, bm.block_q, bm.block_k, dtype=torch.bool)
     bitmaps = torch.cat(still_partial) if still_partial else empty
-    bm._derived["partial_bitmaps"] = (partial_tile_index(kinds), bitmaps)
+    bm._derived[_PARTIAL_BITMAPS] = (partial_tile_index(kinds), bitmaps)
     return bm
 
 
@@ -213,7 +217,7 @@ def partial_bitmaps(bm: BlockMask) -> tuple[Tensor, Tensor]:
         bitmaps bool (nPartial, block_q, block_k): True = attend (False past Lq / Lk).
         Computed once per BlockMask and kept on it.
     """
-    return bm.derived("partial_bitmaps", lambda: _evaluate_partial_tiles(bm))
+    return bm.derived(_PARTIAL_BITMAPS, lambda: _evaluate_partial_tiles(bm))
 
 
 def partial_tile_index(kinds: Tensor) -> Tensor:

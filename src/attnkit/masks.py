@@ -600,20 +600,11 @@ def padded_band(mask: Mask, Lq: int, Lk: int) -> tuple[int, int, Tensor | None] 
         (lo, hi, keys): lo and hi as ``band`` gives them; keys a bool (B or 1, Lk) tensor, or
         None where the mask pads nothing. None for any other mask.
     """
-    lo: float = -math.inf
-    hi: float = math.inf
-    keys: Tensor | None = None
-    for part in _and_parts(mask.spec):
-        kept = _kept_keys(part, Lk)
-        if kept is not None:
-            keys = kept if keys is None else keys & kept
-            continue
-        d = _band(part, Lq, Lk)
-        if d is None:
-            return None
-        lo, hi = _clamped(d[0], lo, torch.sym_max), _clamped(d[1], hi, torch.sym_min)
+    lo, hi, paddings, others = _bands_and_paddings(mask, Lq, Lk)
+    if others:
+        return None
     lo_hi = _clamped(lo, 1 - Lq, torch.sym_max), _clamped(hi, Lk - 1, torch.sym_min)
-    return (*lo_hi, keys)
+    return (*lo_hi, _kept_by_all(paddings, Lk))
 
 
 def padded_ranges(mask: Mask, Lq: int, Lk: int) -> tuple[Tensor, Tensor | None] | None:
@@ -635,41 +626,54 @@ def padded_ranges(mask: Mask, Lq: int, Lk: int) -> tuple[Tensor, Tensor | None] 
         last: the query keeps none); keys a bool (B or 1, Lk) tensor or None, as
         ``padded_band``'s. None for any other mask.
     """
-    parts = _and_parts(mask.spec)
-    if not any(part is not None and part[0] in _RANGE_SPECS for part in parts):
+    lo, hi, paddings, others = _bands_and_paddings(mask, Lq, Lk)
+    if not others:
         return None  # bands and padding alone: padded_band's
-    ranges: Tensor | None = None
-    lo: float = -math.inf
-    hi: float = math.inf
-    keys: Tensor | None = None
-    for part in parts:
-        kept = _kept_keys(part, Lk)
-        if kept is not None:
-            keys = kept if keys is None else keys & kept
-            continue
-        d = _band(part, Lq, Lk)
-        if d is not None:
-            lo, hi = max(d[0], lo), min(d[1], hi)
-            continue
-        r = _ranges(part, Lq, Lk)
-        if r is None:
-            return None
-        if ranges is not None:  # both: the later first key, the earlier last one
-            r = torch.stack((r[:, 0].maximum(ranges[:, 0]), r[:, 1].minimum(ranges[:, 1])), 1)
-        ranges = r
-    if ranges is None:
+    ranges = [r for part in others if (r := _ranges(part, Lq, Lk)) is not None]
+    if len(ranges) < len(others):  # a part that is none of these
         return None
-    first, last = ranges[:, 0], ranges[:, 1]
-    i = torch.arange(Lq, device=ranges.device)
+    # all of them: the latest first key, the earliest last one
+    first = functools.reduce(torch.maximum, [r[:, 0] for r in ranges])
+    last = functools.reduce(torch.minimum, [r[:, 1] for r in ranges])
+    i = torch.arange(Lq, device=first.device)
     if lo > -math.inf:  # the band's diagonals: keys i + lo … i + hi
         first = first.maximum(i + int(lo))
     if hi < math.inf:
         last = last.minimum(i + int(hi))
+    keys = _kept_by_all(paddings, Lk)
     return torch.stack((first.clamp(min=0), last.clamp(max=Lk - 1)), 1), keys
 
 
-#: the specs ``_ranges`` turns into key ranges
-_RANGE_SPECS = ("key_ranges", "prefix_lm", "document")
+def _bands_and_paddings(
+    mask: Mask, Lq: int, Lk: int
+) -> tuple[Any, Any, list[tuple[Any, ...]], list[tuple[Any, ...] | None]]:
+    """The parts of ``mask``'s ``&``, sorted for ``padded_band`` and ``padded_ranges``.
+
+    Returns the diagonals (lo, hi) its bands keep together (maybe ±inf; symbolic lengths stay
+    symbolic), its padding parts (their keys are found only if asked: ``_kept_by_all``), and
+    the other parts.
+    """
+    lo: Any = -math.inf
+    hi: Any = math.inf
+    paddings: list[tuple[Any, ...]] = []
+    others: list[tuple[Any, ...] | None] = []
+    for part in _and_parts(mask.spec):
+        if part is not None and part[0] in _PADDING_SPECS:
+            paddings.append(part)
+        elif (d := _band(part, Lq, Lk)) is not None:
+            lo, hi = _clamped(d[0], lo, torch.sym_max), _clamped(d[1], hi, torch.sym_min)
+        else:
+            others.append(part)
+    return lo, hi, paddings, others
+
+
+def _kept_by_all(paddings: list[tuple[Any, ...]], Lk: int) -> Tensor | None:
+    """The keys every one of the padding specs keeps, bool (B or 1, Lk); None if none."""
+    keys: Tensor | None = None
+    for part in paddings:
+        kept = _kept_keys(part, Lk)
+        keys = kept if keys is None else keys & kept
+    return keys
 
 
 def _ranges(spec: tuple[Any, ...] | None, Lq: int, Lk: int) -> Tensor | None:
@@ -713,10 +717,12 @@ def _and_parts(spec: tuple[Any, ...] | None) -> list[tuple[Any, ...] | None]:
     return [spec]
 
 
-def _kept_keys(spec: tuple[Any, ...] | None, Lk: int) -> Tensor | None:
-    """The keys a padding mask's spec keeps, bool (B or 1, Lk); None for other specs."""
-    if spec is None or spec[0] not in ("key_padding", "from_padding_mask"):
-        return None
+#: the specs of padding masks, whose kept keys ``_kept_keys`` gives
+_PADDING_SPECS = ("key_padding", "from_padding_mask")
+
+
+def _kept_keys(spec: tuple[Any, ...], Lk: int) -> Tensor:
+    """The keys a padding mask's spec keeps, bool (B or 1, Lk)."""
     if spec[0] == "from_padding_mask":
         valid: Tensor = spec[1]
         _check_padding_width(valid, Lk)
