@@ -7,10 +7,12 @@
 #   env.txt    GPU, driver, torch and triton versions
 #   tests.log  pytest of tests/test_triton*.py on CUDA (TRITON_INTERPRET=0)
 #   gpu_decode.md  the decoding table (one query over a KV cache), gpu_decode.json, decode.log
+#   walks.txt  host and device time to make a packed step's tile walks (benchmarks/triton_walks.py)
 #   gpu.md     the attention table (TFLOP/s), gpu.json every figure; bench.log its output
 #
-#   STAGES="tests decode bench" (default), any of them, or "autotune" (bench, tuned tiles)
-#   TESTS_S=150 DECODE_S=90 BENCH_S=300  seconds each stage may take (rows so far are kept)
+#   STAGES="tests decode walks bench" (default), any of them, or "autotune" (bench, tuned tiles)
+#   TESTS_S=150 DECODE_S=90 WALKS_S=40 BENCH_S=300  seconds each stage may take (rows so far
+#   are kept)
 #   QUICK=1                  bench N <= 8k and D = 64 only
 #   BENCH_ARGS="--dims 64 --lengths 16384 32768"   the part of the table still missing
 #   WORKERS=8                pytest-xdist workers for the tests (they compile in parallel)
@@ -20,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_session}
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-tests decode bench}
+STAGES=${STAGES:-tests decode walks bench}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -55,6 +57,12 @@ for stage in $STAGES; do
       timeout "${DECODE_S:-90}" $PY benchmarks/gpu.py --only decode "${bench_args[@]}" \
         --out "$OUT/gpu_decode.md" --json "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/decode.log"
       ;;
+    walks)
+      walks_args=()
+      [ "${SMOKE:-0}" = 1 ] && walks_args=(--device cpu --lengths 256 --min-time 0.01)
+      timeout "${WALKS_S:-40}" $PY benchmarks/triton_walks.py "${walks_args[@]}" 2>&1 |
+        tee "$OUT/walks.txt"
+      ;;
     bench)
       timeout "${BENCH_S:-300}" $PY benchmarks/gpu.py --only attention "${bench_args[@]}" \
         --out "$OUT/gpu.md" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
@@ -65,7 +73,7 @@ for stage in $STAGES; do
         2>&1 | tee "$OUT/autotune.log"
       ;;
     *)
-      echo "unknown stage $stage (tests, decode, bench, autotune)"
+      echo "unknown stage $stage (tests, decode, walks, bench, autotune)"
       status=2
       continue
       ;;

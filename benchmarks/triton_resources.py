@@ -9,6 +9,9 @@
     python benchmarks/triton_resources.py --band --alibi --gqa-group 4 --dtype bfloat16 \
         --out benchmarks/results/triton_resources_band.md
                                     # kernels computing a causal/window mask (one stage fewer)
+    python benchmarks/triton_resources.py --ranges --alibi --gqa-group 4 --dtype bfloat16 \
+        --out benchmarks/results/triton_resources_ranges.md
+                                    # kernels masking from key ranges (documents, padding)
 
 For each arch, dtype and head dim, per kernel: the tiles ``choose_launches`` picks, the
 registers per thread, spilled bytes per thread, shared memory per block and the instruction
@@ -53,10 +56,11 @@ def rows(
     pack_gqa: bool = False,
     band: bool = False,
     alibi: bool = False,
+    ranges: bool = False,
 ):
     """One row per compiled kernel."""
     options = {"launch": launch, "gqa_group": gqa_group, "kv_splits": kv_splits}
-    options |= {"band": band, "alibi": alibi}
+    options |= {"band": band, "alibi": alibi, "ranges": ranges}
     for arch in archs:
         for dtype in dtypes:
             for D in head_dims:
@@ -92,6 +96,7 @@ def main() -> None:
     )
     ap.add_argument("--band", action="store_true", help="kernels computing a causal/window mask")
     ap.add_argument("--alibi", action="store_true", help="with ALiBi in-kernel")
+    ap.add_argument("--ranges", action="store_true", help="kernels masking from key ranges")
     args = ap.parse_args()
     launch = Launch(*map(int, args.launch.split(","))) if args.launch else None
     dtypes = [getattr(torch, d) for d in args.dtype]
@@ -109,6 +114,7 @@ def main() -> None:
         args.pack_gqa,
         args.band,
         args.alibi,
+        args.ranges,
     ):
         table.add_row(*row)
         found.append(row)

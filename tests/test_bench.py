@@ -62,6 +62,19 @@ def test_bench_usage_errors(argv, why, capsys):
     assert why in capsys.readouterr().err
 
 
+def test_triton_walks_bench_times_both_ways():
+    """benchmarks/triton_walks.py at one small length: a row of both ways' times."""
+    pytest.importorskip("triton")
+    cmd = [sys.executable, str(ROOT / "benchmarks/triton_walks.py"), "--device", "cpu"]
+    out = subprocess.run(
+        [*cmd, "--lengths", "256", "--min-time", "0.01"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert re.search(r"│\s+256 │\s+[\d.]+ │\s+[\d.]+ │\s+[\d.]+x │", out), out
+
+
 @pytest.mark.slow
 def test_cpu_varlen_bench_runs_and_checks_its_ways_agree():
     """benchmarks/cpu_varlen.py on a small batch: it asserts the packed paths agree before
@@ -116,16 +129,23 @@ def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
     rows, decode_rows = saved["attention"], saved["decode"]
     assert {(r["case"], r["pass"]) for r in rows} == {
         (c, p)
-        for c in ("dense", "causal", "sliding_window(16)", "block_sparse(16, 25 %)")
+        for c in (
+            "dense",
+            "causal",
+            "sliding_window(16)",
+            "block_sparse(16, 25 %)",
+            "8 documents & causal",
+        )
         for p in ("fwd", "fwd+bwd")
     }
     assert all(r["triton_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
-    # tile lists: only where the kernels would otherwise compute the mask (a band)
-    banded = {r["case"]: r.get("tile_lists_s") for r in rows}
-    assert banded["causal"] > 0
-    assert banded["sliding_window(16)"] > 0
-    assert banded["dense"] is None
-    assert banded["block_sparse(16, 25 %)"] is None
+    # tile lists: only where the kernels would otherwise compute the mask (a band, ranges)
+    walked = {r["case"]: r.get("tile_lists_s") for r in rows}
+    assert walked["causal"] > 0
+    assert walked["sliding_window(16)"] > 0
+    assert walked["8 documents & causal"] > 0
+    assert walked["dense"] is None
+    assert walked["block_sparse(16, 25 %)"] is None
     assert [r["case"] for r in decode_rows] == ["whole cache", "sliding_window(16)"]
     CONTENDERS = ("triton", "unsplit", "unpacked", "growing", "sdpa", "flex")
     # FlexAttention's forward runs on CPU, so every decoding contender has a time
@@ -163,11 +183,15 @@ def test_gpu_decode_bench_times_the_kernel_packed_split_unsplit_and_unpacked(mon
     assert (cells[:3], cells[8]) == (["sliding_window(16)", "1", "64"], "—")
 
 
-def test_gpu_bench_times_band_masks_computed_in_kernel_and_walked_through_tile_lists(
-    monkeypatch,
+@pytest.mark.parametrize(
+    ("case", "computed"), [("causal", "BAND"), ("8 documents & causal", "RANGES")]
+)
+def test_gpu_bench_times_masks_computed_in_kernel_and_walked_through_tile_lists(
+    monkeypatch, case, computed
 ):
-    """The attention table's causal and window rows: "triton" computes the band in the
-    kernels, "tile lists" walks the mask as any other (the band gain is between them)."""
+    """The attention table's causal, window and document rows: "triton" computes the mask in
+    the kernels (a band, key ranges), "tile lists" walks its BlockMask as any other's (the
+    in-kernel gain is between them)."""
     pytest.importorskip("triton")
     from attnkit import bench_gpu
     from conftest import record_launches
@@ -175,13 +199,13 @@ def test_gpu_bench_times_band_masks_computed_in_kernel_and_walked_through_tile_l
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(bench_gpu, "flex", lambda *args: None)  # fails when called: noted
     launched = record_launches(monkeypatch)
-    causal = next(c for c in bench_gpu.cases(smoke=True) if c.name == "causal")
-    row = bench_gpu.measure(causal, "cpu", torch.float32, smoke=True)
-    assert [c.meta["BAND"] for c in launched] == [True, False]
+    found = next(c for c in bench_gpu.cases(smoke=True) if c.name == case)
+    row = bench_gpu.measure(found, "cpu", torch.float32, smoke=True)
+    assert [c.meta[computed] for c in launched] == [True, False]
     cells = dict(zip(bench_gpu.COLUMNS, bench_gpu.cells(row), strict=True))
     assert row["tile_lists_s"] > 0
     assert cells["tile lists TFLOP/s"] != "—"
-    assert cells["band gain"] == f"{row['tile_lists_s'] / row['triton_s']:.2f}x"
+    assert cells["in-kernel gain"] == f"{row['tile_lists_s'] / row['triton_s']:.2f}x"
 
 
 @pytest.mark.slow

@@ -577,6 +577,153 @@ def test_decoding_under_a_window_builds_no_block_mask_as_the_cache_grows(monkeyp
     assert k.grad is not None
 
 
+def _doc_ids(*lengths):
+    return torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
+
+
+def _random_ranges(Lq, Lk):
+    """(2, Lq) first and last keys at random: some rows keep none (first > last)."""
+    g = torch.Generator().manual_seed(5)
+    first = torch.randint(0, Lk, (2, Lq), generator=g)
+    return first, first + torch.randint(-6, 30, (2, Lq), generator=g)
+
+
+KEY_RANGES = {  # (mask, Lq, Lk, score_mod)
+    "documents": (masks.document(_doc_ids(10, 3, 24)), 37, 37, None),
+    "documents & causal & padding": (
+        masks.document(_doc_ids(20, 1, 16)) & masks.causal() & masks.key_padding([37, 19]),
+        37,
+        37,
+        None,
+    ),
+    "documents, query ids, Lq != Lk": (
+        masks.document(torch.arange(23) // 6, torch.arange(41) // 10),
+        23,
+        41,
+        None,
+    ),
+    "prefix_lm & padding, Lq < Lk": (
+        masks.prefix_lm(9) & masks.key_padding([41, 30]),
+        23,
+        41,
+        None,
+    ),
+    "key_ranges at random, empty rows": (masks.key_ranges(*_random_ranges(29, 45)), 29, 45, None),
+    "ranges from a tile's last key to the next one's first": (
+        masks.key_ranges([31] * 16 + [15] * 13, [32] * 16 + [16] * 13),
+        29,
+        45,
+        None,
+    ),
+    "causal & padding": (masks.causal() & masks.key_padding([30, 37]), 37, 37, None),
+    "window & random padding, alibi": (
+        masks.sliding_window(5, 2)
+        & masks.from_padding_mask(
+            torch.rand(2, 37, generator=torch.Generator().manual_seed(1)) > 0.2
+        ),
+        37,
+        37,
+        score_mods.alibi(score_mods.alibi_slopes(4)),
+    ),
+    "varlen, causal": (
+        attnkit.varlen.varlen_mask(
+            torch.tensor([0, 1, 6, 20, 35]), torch.tensor([0, 9, 14, 40, 50]), causal=True
+        ),
+        35,
+        50,
+        score_mods.alibi(score_mods.alibi_slopes(4)),
+    ),
+}
+
+
+def _triton_results(q, k, v, mask, mod):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = attnkit.attention(
+        q, k, v, mask=mask, score_mod=mod, backend="triton", return_lse=True
+    )
+    loss = (out * torch.arange(out.shape[-1], device=DEVICE)).sum()
+    loss = loss + lse.masked_fill(torch.isinf(lse), 0).sum()
+    return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
+
+
+@pytest.mark.parametrize(("mask", "Lq", "Lk", "mod"), KEY_RANGES.values(), ids=KEY_RANGES)
+def test_key_ranges_are_masked_in_the_kernels(monkeypatch, mask, Lq, Lk, mod):
+    """Documents, prefix LM, varlen, key ranges and padding: tile lists found from each query
+    tile's first and last keys, partial tiles masked by comparing indices, no BlockMask built
+    and no bitmap read. Output, LSE and gradients as the float64 reference, and bit for bit
+    what the same kernels give walking the mask's BlockMask (GQA, two sequences)."""
+    from attnkit.backends import triton as tr
+
+    shape = (2, 4, 2, Lq, Lk, 16, 16)
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(*shape))
+    monkeypatch.setattr(tr.walks, "BAND_IN_KERNEL", False)
+    walked = _triton_results(q, k, v, mask, mod)
+    monkeypatch.setattr(tr.walks, "BAND_IN_KERNEL", True)
+    launched = record_launches(monkeypatch)
+    monkeypatch.setattr(masks.Mask, "blocks", _no_block_mask)
+    got = _triton_results(q, k, v, mask, mod)
+    assert [(c.meta["RANGES"], c.meta["BAND"]) for c in launched] == [(True, False)] * 3
+    for what, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, walked, strict=True):
+        assert torch.equal(g, w), what
+    check(shape, mask=mask, score_mod=mod, return_lse=True)
+
+
+@pytest.mark.parametrize("by_columns", [False, True], ids=["rows", "columns"])
+@pytest.mark.parametrize(("mask", "Lq", "Lk", "mod"), KEY_RANGES.values(), ids=KEY_RANGES)
+def test_key_range_walks_list_every_tile_the_block_mask_does(by_columns, mask, Lq, Lk, mod):
+    """The walk found from key ranges visits every non-empty tile of the mask's BlockMask, and
+    calls full only its full tiles (it may visit more: tiles between two rows' ranges)."""
+    from attnkit.backends import triton as tr
+
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(2, 4, 2, Lq, Lk, 16))
+    req = attnkit.functional._request(q, k, v, mask, mod, None, 0.0, None, False)
+    launch = tr.Launch(16, 32, 1, 1)
+    walk = tr.tile_walk(req, launch, by_columns)
+    assert walk.in_ranges
+    kinds = mask.blocks(Lq, Lk, 16, 32, B=2, H=4).kinds
+    kinds = kinds.expand(walk.tile.shape[0], *kinds.shape[1:])[:, :1]
+    listed = torch.zeros_like(kinds, dtype=torch.bool)
+    lists = listed.transpose(-1, -2) if by_columns else listed
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in walk.num.shape)).tolist():
+        b, h, row = index
+        lists[b, h, row, walk.idx[b, h, row, : walk.num[b, h, row]].long()] = True
+    assert torch.all(listed | (kinds == 0)), "a non-empty tile is not listed"
+    full = walk.tile == -1
+    assert torch.all(~(full & listed) | (kinds == 2)), "a tile called full is not"
+
+
+def test_key_ranges_with_softcap_walk_bitmaps():
+    """Softcap's kernels spilled registers masking from ranges (see ``kernel_ranges``)."""
+    from attnkit.backends import triton as tr
+
+    mask = masks.document(_doc_ids(10, 3, 24))
+    for mod, in_ranges in ((score_mods.softcap(30.0), False), (None, True)):
+        q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 37, 37, 16))
+        req = attnkit.functional._request(q, k, v, mask, mod, None, 0.0, None, False)
+        assert (tr.kernel_ranges(req) is not None) is in_ranges
+
+
+def test_key_range_walks_made_once_per_mask_and_lengths():
+    """A model's layers share the mask: its ranges and walks are made once per device and
+    tiles (varlen makes a new mask, and so new walks, at each call)."""
+    from attnkit.backends import triton as tr
+
+    mask = masks.document(_doc_ids(10, 3, 24)) & masks.causal()
+
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 37, 37, 16))
+    req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, False)
+
+    def walk(by_columns=False):
+        return tr.tile_walk(req, tr.Launch(16, 16, 1, 1), by_columns)
+
+    first = walk()
+    assert first.in_ranges
+    assert walk() is first
+    columns = walk(by_columns=True)
+    assert columns is not first
+    assert columns.ranges is first.ranges
+
+
 def test_tile_walks_built_once_per_mask_and_device():
     """Calls that reuse a mask, or an equal one, reuse its tile walks (no argsort or
     host-to-device copy)."""

@@ -4,10 +4,11 @@ attnkit's Triton kernels against torch SDPA (flash; a dense bool mask where the 
 causal) and compiled FlexAttention, in one run: TFLOP/s counted on the FLOPs each mask needs
 (4·B·H·D per attended pair forward, 3.5x that forward+backward), bf16, B=1, H=16 (so the GPU
 is busy at short N too), D = 64 and 128, N = 1k … 32k, dense, causal, sliding window
-(left 1024) and block-sparse (128-token cells, a quarter of them plus the diagonal). Causal
-and the window are also timed as the kernels ran them before they computed a band mask
-themselves (``BAND_IN_KERNEL = False``: tile lists and bitmaps), the "band gain". A second
-table times decoding (``attnkit.bench_gpu_decode``); ``only`` picks tables.
+(left 1024), block-sparse (128-token cells, a quarter of them plus the diagonal) and 8 packed
+documents, causal within each. Causal, the window and the documents are also timed as the
+kernels ran them before they computed those masks themselves (``BAND_IN_KERNEL = False``:
+tile lists and bitmaps of a BlockMask), the "in-kernel gain". A second table times decoding
+(``attnkit.bench_gpu_decode``); ``only`` picks tables.
 
 ``ATTNKIT_TRITON_AUTOTUNE=1`` times tile variants in each case's untimed first call (the
 title says so). ``smoke=True`` runs every code path once on tiny shapes; on CPU tensors that needs
@@ -50,7 +51,7 @@ COLUMNS = (
     "tile lists TFLOP/s",
     "SDPA TFLOP/s",
     "Flex TFLOP/s",
-    "band gain",
+    "in-kernel gain",
     "triton / SDPA",
     "triton / Flex",
 )
@@ -80,6 +81,11 @@ def block_sparse_mask(block: int, max_len: int) -> Mask:
     return masks.block_sparse(keep | torch.eye(n, dtype=torch.bool), block)
 
 
+def documents_mask(N: int, count: int = 8) -> Mask:
+    """``count`` documents packed into N tokens, causal within each (packed training)."""
+    return masks.document(torch.arange(N) * count // N) & masks.causal()
+
+
 def cases(
     quick: bool = False,
     smoke: bool = False,
@@ -94,12 +100,16 @@ def cases(
     """
     window = 16 if smoke else WINDOW
     block = 16 if smoke else BLOCK
-    kinds = {
+    fixed = {
         "dense": None,
         "causal": masks.causal(),
         f"sliding_window({window})": masks.sliding_window(window),
         f"block_sparse({block}, 25 %)": block_sparse_mask(block, 64 if smoke else 32768),
     }
+
+    def kinds(N: int) -> dict[str, Mask | None]:
+        return {**fixed, "8 documents & causal": documents_mask(N)}
+
     if smoke:
         default_lengths, default_dims = [64], [32]
     elif quick:
@@ -112,7 +122,7 @@ def cases(
         GpuCase(name, mask, N, D, backward, SMOKE_HEADS if smoke else H)
         for D in dims
         for N in lengths
-        for name, mask in kinds.items()
+        for name, mask in kinds(N).items()
         for backward in (False, True)
     ]
 
@@ -133,7 +143,10 @@ def seconds(fn: Callable[[], object], smoke: bool) -> float:
 
 @contextmanager
 def tile_lists() -> Iterator[None]:
-    """The Triton backend walking causal and window masks through tile lists and bitmaps."""
+    """The Triton backend walking every mask through a BlockMask's tile lists and bitmaps.
+
+    Causal, window and document masks are otherwise computed in the kernels.
+    """
     with mock.patch.object(triton_backend.walks, "BAND_IN_KERNEL", False):
         yield
 
@@ -208,7 +221,10 @@ def measure(case: GpuCase, device: str, dtype: torch.dtype, smoke: bool = False)
         "sdpa": (lambda: sdpa, nullcontext()),
         "flex": (lambda: flex(case.mask, N, N, device), nullcontext()),
     }
-    if case.mask is None or masks.band(case.mask, N, N) is None:
+    computed = case.mask is not None and (
+        masks.band(case.mask, N, N) is not None or masks.padded_ranges(case.mask, N, N) is not None
+    )
+    if not computed:
         del contenders["tile_lists"]  # walked either way
     notes = []
     for name, (make, context) in contenders.items():

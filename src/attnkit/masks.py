@@ -136,8 +136,9 @@ class Mask:
         # blocks() results by arguments: every layer and step that reuses this mask object
         # skips the tile classification and the partial tiles' bitmaps (~10 ms at 16k tokens)
         self._blocks_cache: OrderedDict[tuple[Any, ...], BlockMask] = OrderedDict()
-        # padded_ranges by (Lq, Lk), kept by the tiled backend for the calls sharing this mask
-        self._ranges_cache: dict[tuple[int, int], Any] = {}
+        # padded_ranges by (Lq, Lk), kept by the tiled backend for the calls sharing this mask,
+        # and the triton backend's ranges and tile walks made from them (keys start with a name)
+        self._ranges_cache: dict[tuple[Any, ...], Any] = {}
 
     @property
     def spec(self) -> tuple[Any, ...] | None:

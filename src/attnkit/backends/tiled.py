@@ -89,7 +89,7 @@ def tuned_config(req: Request) -> TileConfig:
     """
     s = req.shapes
     cfg = default_config(s.Lq)
-    if (found := _ranges_of(req)) is not None and _kernel_mods(req, cfg) is not None:
+    if (found := mask_ranges(req)) is not None and _kernel_mods(req, cfg) is not None:
         ranges = tile_heights.host_ranges(found[0])
         rows = tile_heights.cheapest_tile_height(ranges, cfg.block_k, cfg.block_q)
         if rows < cfg.block_q:
@@ -185,10 +185,10 @@ def _kernel_band(req: Request) -> tuple[int, int, Tensor | None] | None:
 
 def _kernel_ranges(req: Request) -> tuple[Tensor, Tensor | None] | None:
     """The key ranges and kept keys the kernels compute for ``req``'s mask, or None."""
-    return _ranges_of(req) if BAND_IN_KERNEL else None
+    return mask_ranges(req) if BAND_IN_KERNEL else None
 
 
-def _ranges_of(req: Request) -> tuple[Tensor, Tensor | None] | None:
+def mask_ranges(req: Request) -> tuple[Tensor, Tensor | None] | None:
     """``req``'s mask as key ranges and kept keys, or None (``_kernel_ranges``).
 
     ``masks.padded_ranges``, found once per mask object and lengths: a model's layers share
@@ -202,7 +202,7 @@ def _ranges_of(req: Request) -> tuple[Tensor, Tensor | None] | None:
     key = (s.Lq, s.Lk)
     cached = mask._ranges_cache
     if key not in cached:
-        cached.clear()  # one entry: the lengths of the calls sharing this mask
+        cached.clear()  # the lengths of the calls sharing this mask (and what triton made)
         cached[key] = padded_ranges(mask, s.Lq, s.Lk)
     found: tuple[Tensor, Tensor | None] | None = cached[key]
     return found

@@ -20,7 +20,30 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc);
 
+// MKL's mkl_set_num_threads_local in C (mkl_service.h's name for it; the lower-case symbol is
+// the Fortran one, taking a pointer). torch links MKL in statically where it uses it; weak, so
+// builds on another BLAS still load.
+extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+
 namespace attnkit_cpu {
+
+// While alive, MKL runs this thread's sgemm calls on one thread. The kernels' own threads
+// share out the tiles; left to itself MKL chose its code path, and with it the order it sums
+// in, by how many threads it could use (the team's size: on AVX-512 machines this gave
+// last-bit differences by torch.get_num_threads(), even under deterministic algorithms).
+// Restores the thread's previous setting: the caller's thread is in the team.
+class OneBlasThread {
+ public:
+  OneBlasThread() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  int prev_;
+};
 
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

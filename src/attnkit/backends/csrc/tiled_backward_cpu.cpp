@@ -93,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   const int64_t units = B * Hkv * nK;
 #pragma omp parallel num_threads(at::get_num_threads())
   {
+    const OneBlasThread one_blas_thread;
     std::vector<float> P(rows_max * block_k), dP(rows_max * block_k), dq_part(rows_max * D);
     std::vector<float> T(mods.softcap > 0.0f ? rows_max * block_k : 0);  // tanh(s / c)
     // dropout: Z (0 or 1/(1-p) per score) and P∘Z, regenerated from the counter-based hash

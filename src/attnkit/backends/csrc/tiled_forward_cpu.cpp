@@ -115,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const T* vp = v.data_ptr<T>();
     T* op = out.data_ptr<T>();
     at::parallel_for(0, units * splits, 1, [&](int64_t begin, int64_t end) {
+      const OneBlasThread one_blas_thread;
       const int64_t chunk_keys = tiles_per_chunk * block_k;
       std::vector<float> S(max_rows * chunk_keys);
       std::vector<float> Qf(kWide || packed ? max_rows * D : 0), Kf(kWide ? chunk_keys * D : 0),

@@ -25,6 +25,7 @@ from attnkit.backends.triton.calls import (
     forward_calls,
     kernel_input,
     slice_extent,
+    walk_tensors,
     with_gradient,
 )
 from attnkit.backends.triton.launches import (
@@ -40,6 +41,7 @@ from attnkit.backends.triton.launches import (
 from attnkit.backends.triton.walks import (
     TileWalk,
     kernel_band,
+    kernel_ranges,
     row_kv_tiles,
     tile_walk,
 )
@@ -95,7 +97,7 @@ def unsupported_reason(req: Request) -> str | None:
     return None
 
 
-# Custom-op schemas take tensors, scalars and int lists: a TileWalk travels as its four
+# Custom-op schemas take tensors, scalars and int lists: a TileWalk travels as its six
 # tensors and a Launch as [block_m, block_n, num_warps, num_stages].
 
 
@@ -118,6 +120,8 @@ def _forward(
     idx: Tensor,
     tile: Tensor,
     bits: Tensor,
+    ranges: Tensor,
+    keys: Tensor,
     slopes: Tensor,
     scale: float,
     softcap: float,
@@ -138,7 +142,7 @@ def _forward(
     out = torch.empty(splits, B, H, Lq, v.shape[3], dtype=parts, device=q.device)
     lse = torch.empty(splits, B, H, Lq, dtype=torch.float32, device=q.device)
     sc = Scalars(scale, softcap, q_off, has_alibi, tuple(band))
-    walk = TileWalk(num, idx, tile, bits)
+    walk = TileWalk(num, idx, tile, bits, ranges, keys)
     for call in forward_calls(q, k, v, out, lse, walk, slopes, sc, Launch(*launch), pack_gqa):
         call.launch()
     if splits == 1:
@@ -170,10 +174,14 @@ def _backward(
     dkdv_idx: Tensor,
     dkdv_tile: Tensor,
     dkdv_bits: Tensor,
+    dkdv_ranges: Tensor,
+    dkdv_keys: Tensor,
     dq_num: Tensor,
     dq_idx: Tensor,
     dq_tile: Tensor,
     dq_bits: Tensor,
+    dq_ranges: Tensor,
+    dq_keys: Tensor,
     slopes: Tensor,
     scale: float,
     softcap: float,
@@ -200,8 +208,8 @@ def _backward(
         dq,
         dk,
         dv,
-        TileWalk(dkdv_num, dkdv_idx, dkdv_tile, dkdv_bits),
-        TileWalk(dq_num, dq_idx, dq_tile, dq_bits),
+        TileWalk(dkdv_num, dkdv_idx, dkdv_tile, dkdv_bits, dkdv_ranges, dkdv_keys),
+        TileWalk(dq_num, dq_idx, dq_tile, dq_bits, dq_ranges, dq_keys),
         slopes,
         Scalars(scale, softcap, q_off, has_alibi, tuple(band)),
         Launch(*dkdv_launch),
@@ -221,10 +229,6 @@ def _(
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _walk_args(walk: TileWalk) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return walk.num, walk.idx, walk.tile, walk.bits
-
-
 def _launch_args(launch: Launch) -> list[int]:
     return [launch.block_m, launch.block_n, launch.num_warps, launch.num_stages]
 
@@ -238,7 +242,7 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
     q, k, v = (kernel_input(x) for x in (req.q, req.k, req.v))
     band = list(kernel_band(req))
     scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None, band)
-    if band:
+    if band or kernel_ranges(req) is not None:
         launches = band_launches(launches)
     grads = req.needs_grad
     if os.environ.get(AUTOTUNE_ENV) == "1" and not torch.compiler.is_compiling():
@@ -252,9 +256,9 @@ def run(req: Request) -> tuple[Tensor, Tensor]:
         k,
         v,
         slopes,
-        *_walk_args(tile_walk(req, launches.forward)),
-        *_walk_args(tile_walk(req, launches.dkdv, by_columns=True)),
-        *_walk_args(tile_walk(req, launches.dq)),
+        *walk_tensors(tile_walk(req, launches.forward)),
+        *walk_tensors(tile_walk(req, launches.dkdv, by_columns=True)),
+        *walk_tensors(tile_walk(req, launches.dq)),
         *scalars,
         *(_launch_args(x) for x in (launches.forward, launches.dkdv, launches.dq)),
     )
@@ -279,7 +283,7 @@ def _inference(
     launch, walk, packed = _inference_tiles(req, launch)
     programs = s.B * s.Hkv if packed else -(-s.Lq // launch.block_m) * s.B * s.Hq
     splits = kv_splits(programs, row_kv_tiles(req, launch), sm_count(req.q.device))
-    args = (*_walk_args(walk), slopes, *scalars, _launch_args(launch), splits, packed)
+    args = (*walk_tensors(walk), slopes, *scalars, _launch_args(launch), splits, packed)
     out, lse = (_forward if _eager() else triton_forward)(q, k, v, *args)
     return out, lse
 
@@ -311,7 +315,7 @@ def _slopes(mods: KernelMods, heads: int, device: torch.device) -> Tensor:
 class _TritonAttention(torch.autograd.Function):
     """Autograd over the forward and backward kernels (through their custom ops when compiled).
 
-    After q, k, v and slopes come the forward's, dK/dV's and dQ's tile walks (four tensors
+    After q, k, v and slopes come the forward's, dK/dV's and dQ's tile walks (six tensors
     each), the scalars, then the three launches.
     """
 
@@ -319,11 +323,11 @@ class _TritonAttention(torch.autograd.Function):
     def forward(
         ctx: Any, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *rest: Any
     ) -> tuple[Tensor, Tensor]:
-        walks, params = rest[:12], rest[12:]
+        walks, params = rest[:18], rest[18:]
         scalars, (forward_launch, dkdv_launch, dq_launch) = params[:5], params[5:]
         forward: Any = _forward if _eager() else triton_forward
-        out, lse = forward(q, k, v, *walks[:4], slopes, *scalars, forward_launch)
-        ctx.save_for_backward(q, k, v, out, lse, slopes, *walks[4:])
+        out, lse = forward(q, k, v, *walks[:6], slopes, *scalars, forward_launch)
+        ctx.save_for_backward(q, k, v, out, lse, slopes, *walks[6:])
         ctx.params = (*scalars, dkdv_launch, dq_launch)
         ctx.n_inputs = 4 + len(rest)
         return out, lse

@@ -180,6 +180,7 @@ def launcher_resources(
     wide_offsets: bool = False,
     pack_gqa: bool = False,
     band: bool = False,
+    ranges: bool = False,
 ) -> list[KernelResources]:
     """Compile forward, dK/dV and dQ as the launcher would run them on ``arch``.
 
@@ -192,12 +193,14 @@ def launcher_resources(
     ``pack_gqa`` compiles only a decoding step's forward (one query per head over ``seq_len``
     keys), a kv head's ``gqa_group`` query heads packed in one ``decoding_launch`` tile.
     ``band`` compiles the kernels that compute a causal or sliding-window mask themselves (a
-    window of 1024 keys back, ``kernel_band``) instead of walking tile lists and bitmaps.
+    window of 1024 keys back, ``kernel_band``) instead of walking tile lists and bitmaps;
+    ``ranges`` those that walk tile lists but mask partial tiles from key ranges
+    (``kernel_ranges``: documents, padding).
     """
     launches = (
         Launches(launch, launch, launch) if launch else choose_launches(head_dim, dtype, arch)
     )
-    if band and launch is None:
+    if (band or ranges) and launch is None:
         launches = band_launches(launches)
     hq, lq = 2 * gqa_group, 1 if pack_gqa else seq_len
     q, out, dout, dq = (torch.zeros(1, hq, lq, head_dim, dtype=dtype) for _ in range(4))
@@ -209,7 +212,12 @@ def launcher_resources(
     def walk(tiles: Launch) -> TileWalk:
         n_q, n_k = -(-lq // tiles.block_m), -(-seq_len // tiles.block_n)
         ints = torch.zeros(1, 1, n_q, n_k, dtype=torch.int32)
-        return TileWalk(ints, ints, ints, torch.zeros(16, dtype=torch.int8))
+        if ranges:
+            key_ranges = torch.zeros(1, 2, lq, dtype=torch.int32)
+            kept = torch.zeros(1, seq_len, dtype=torch.int8)
+        else:
+            key_ranges, kept = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int8)
+        return TileWalk(ints, ints, ints, torch.zeros(16, dtype=torch.int8), key_ranges, kept)
 
     fwd, dkdv, dq_ = launches.forward, launches.dkdv, launches.dq
     packed = decoding_launch(fwd, gqa_group, lq) if pack_gqa else None
@@ -246,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         "--pack-gqa", action="store_true", help="a decoding step's forward, heads packed"
     )
     ap.add_argument("--band", action="store_true", help="a causal window computed in-kernel")
+    ap.add_argument("--ranges", action="store_true", help="partial tiles masked from key ranges")
     args = ap.parse_args(argv)
     launch = Launch(*map(int, args.launch.split(","))) if args.launch else None
     for r in launcher_resources(
@@ -260,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         wide_offsets=args.wide_offsets,
         pack_gqa=args.pack_gqa,
         band=args.band,
+        ranges=args.ranges,
     ):
         print(json.dumps(r.to_json()))
 

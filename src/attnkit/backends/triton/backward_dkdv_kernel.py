@@ -36,6 +36,8 @@ def attention_backward_dkdv_kernel(
     Q_IDX,
     TILE,
     BITS,
+    KEY_RANGES,
+    KEPT_KEYS,
     SLOPES,
     sm_scale,
     softcap,
@@ -69,6 +71,7 @@ def attention_backward_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,
     BAND: tl.constexpr,
+    RANGES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -98,6 +101,8 @@ def attention_backward_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     mb = tl.where(Bm > 1, b, 0)
+    seq_ranges = KEY_RANGES + mb * 2 * Lq  # RANGES: the sequence's first and last keys
+    seq_keys = KEPT_KEYS + mb * Lk
     if BAND:  # the tiles of the queries whose band reaches these keys, the same for every head
         band_start, band_tiles = band_tile_span(col_lo - band_hi, col_hi - band_lo, Lq, BLOCK_M)
     for g in tl.static_range(G):  # unrolled: a runtime outer loop spilled registers
@@ -138,12 +143,15 @@ def attention_backward_dkdv_kernel(
                 rows,
                 cols,
                 h,
+                Lq,
                 Lk,
                 q_off,
                 sm_scale,
                 SLOPES,
                 softcap,
                 tile_bits,
+                seq_ranges,
+                seq_keys,
                 masked,
                 band_lo,
                 band_hi,
@@ -155,6 +163,7 @@ def attention_backward_dkdv_kernel(
                 BLOCK_N,
                 False,
                 BAND,
+                RANGES,
             )
             lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
             p_t = tl.exp2(s_t - lse2[None, :])  # Pᵀ (BLOCK_N, BLOCK_M)

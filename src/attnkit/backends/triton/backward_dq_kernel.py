@@ -34,6 +34,8 @@ def attention_backward_dq_kernel(
     KV_IDX,
     TILE,
     BITS,
+    KEY_RANGES,
+    KEPT_KEYS,
     SLOPES,
     sm_scale,
     softcap,
@@ -67,6 +69,7 @@ def attention_backward_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,
     BAND: tl.constexpr,
+    RANGES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -99,6 +102,8 @@ def attention_backward_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     mb = tl.where(Bm > 1, b, 0)
+    seq_ranges = KEY_RANGES + mb * 2 * Lq  # RANGES: the sequence's first and last keys
+    seq_keys = KEPT_KEYS + mb * Lk
     mh = tl.where(Hm > 1, h, 0)
     row_base = wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + pid_m
     band_start, n_tiles = kv_tile_count(
@@ -140,12 +145,15 @@ def attention_backward_dq_kernel(
             rows,
             cols,
             h,
+            Lq,
             Lk,
             q_off,
             sm_scale,
             SLOPES,
             softcap,
             tile_bits,
+            seq_ranges,
+            seq_keys,
             masked,
             band_lo,
             band_hi,
@@ -157,6 +165,7 @@ def attention_backward_dq_kernel(
             BLOCK_N,
             False,
             BAND,
+            RANGES,
         )
         p = tl.exp2(s - lse2[:, None])
         dp = dot(do, tl.trans(v), DOT_PRECISION).to(tl.float32)

@@ -107,6 +107,11 @@ class Scalars:
     band: Sequence[int] = ()  # (lo, hi): the kernels compute the mask (``kernel_band``)
 
 
+def walk_tensors(walk: TileWalk) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The walk's tensors in the order every kernel and custom op takes them."""
+    return walk.num, walk.idx, walk.tile, walk.bits, walk.ranges, walk.keys
+
+
 def _common_args(
     q: Tensor, k: Tensor, v: Tensor, o_like: Tensor, walk: TileWalk, sc: Scalars, launch: Launch
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -144,6 +149,7 @@ def _common_args(
         "HAS_SOFTCAP": sc.softcap > 0,
         "DOT_PRECISION": dot_precision(q.dtype),
         "BAND": bool(sc.band),
+        "RANGES": walk.in_ranges,
         "BLOCK_M": launch.block_m,
         "BLOCK_N": launch.block_n,
         "BLOCK_D": pow2(D),
@@ -177,7 +183,7 @@ def forward_calls(
 
     B, H, Lq = q.shape[:3]
     scalars, meta = _common_args(q, k, v, out[0], walk, sc, launch)
-    tensors = (q, k, v, out, lse, walk.num, walk.idx, walk.tile, walk.bits, slopes)
+    tensors = (q, k, v, out, lse, *walk_tensors(walk), slopes)
     splits = out.shape[0]
     # packed: one program per (batch, kv head); else per (query tile, batch, query head)
     programs = (1, B * k.shape[1]) if pack_gqa else (-(-Lq // launch.block_m), B * H)
@@ -221,8 +227,8 @@ def backward_calls(
     dkdv_scalars, dkdv_meta = _common_args(q, k, v, dout, dkdv_walk, sc, dkdv_launch)
     dq_scalars, dq_meta = _common_args(q, k, v, dout, dq_walk, sc, dq_launch)
     w1, w2 = dkdv_walk, dq_walk
-    dkdv = (q, k, v, dout, lse, delta, dk, dv, w1.num, w1.idx, w1.tile, w1.bits, slopes)
-    dq_ = (q, k, v, dout, lse, delta, dq, w2.num, w2.idx, w2.tile, w2.bits, slopes)
+    dkdv = (q, k, v, dout, lse, delta, dk, dv, *walk_tensors(w1), slopes)
+    dq_ = (q, k, v, dout, lse, delta, dq, *walk_tensors(w2), slopes)
     return [
         KernelCall(
             attention_backward_dkdv_kernel,

@@ -4,7 +4,8 @@ Online softmax in fp32 (running max, sum and accumulator; O rescaled only by exp
 divided by the sum once at the end); writes the output and the LSE the backward pass needs.
 Block sparsity: a program walks only the kv tiles that its BlockMask row lists as non-empty
 (or, for a causal or sliding-window mask, the band's tiles found from its own bounds); partial
-tiles are masked, full tiles are not. ALiBi and softcap apply in-kernel, before the mask.
+tiles are masked (from their bitmaps, the band, or each query's range of keys), full tiles are
+not. ALiBi and softcap apply in-kernel, before the mask.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def attention_forward_kernel(
     KV_IDX,
     TILE,
     BITS,
+    KEY_RANGES,
+    KEPT_KEYS,
     SLOPES,
     sm_scale,
     softcap,
@@ -69,6 +72,7 @@ def attention_forward_kernel(
     DOT_PRECISION: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr,  # 64-bit offsets past the (batch, head) slice
     BAND: tl.constexpr,  # the mask is the band band_lo <= j - i <= band_hi: no tile lists
+    RANGES: tl.constexpr,  # partial tiles are masked from key ranges, not bitmaps
     SPLIT_KV: tl.constexpr,
     PACK_GQA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -118,6 +122,8 @@ def attention_forward_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     mb = tl.where(Bm > 1, b, 0)
+    seq_ranges = KEY_RANGES + mb * 2 * Lq  # RANGES: the sequence's first and last keys
+    seq_keys = KEPT_KEYS + mb * Lk
     # the launcher packs heads only under a mask that is the same for every head
     mh = 0 if PACK_GQA else tl.where(Hm > 1, h, 0)
     row_base = wide(mb * Hm + mh, WIDE_OFFSETS) * nQ + pid_m
@@ -168,12 +174,15 @@ def attention_forward_kernel(
             rows,
             cols,
             h,
+            Lq,
             Lk,
             q_off,
             sm_scale,
             SLOPES,
             softcap,
             tile_bits,
+            seq_ranges,
+            seq_keys,
             masked,
             band_lo,
             band_hi,
@@ -185,6 +194,7 @@ def attention_forward_kernel(
             BLOCK_N,
             PACK_GQA,
             BAND,
+            RANGES,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet

@@ -155,18 +155,40 @@ def in_band(s, qi, ki, band_lo, band_hi):
 
 
 @triton.jit
+def in_ranges(s, rows, cols, ranges_ptr, keys_ptr, Lq, Lk, TRANSPOSED: tl.constexpr):
+    """Scores ``s`` with -inf where a key lies outside its query's range or is not kept.
+
+    ``ranges_ptr``: the sequence's first keys (Lq) then last keys (Lq); ``keys_ptr``: its
+    kept keys (Lk). Rows past Lq keep none, columns past Lk are not kept.
+    """
+    first = tl.load(ranges_ptr + rows, mask=rows < Lq, other=1)
+    last = tl.load(ranges_ptr + Lq + rows, mask=rows < Lq, other=0)
+    kept = tl.load(keys_ptr + cols, mask=cols < Lk, other=0) != 0
+    if TRANSPOSED:  # s is (keys, queries)
+        keep = (cols[:, None] >= first[None, :]) & (cols[:, None] <= last[None, :])
+        keep = keep & kept[:, None]
+    else:
+        keep = (cols[None, :] >= first[:, None]) & (cols[None, :] <= last[:, None])
+        keep = keep & kept[None, :]
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
 def tile_scores(
     q,
     k,
     rows,
     cols,
     h,
+    Lq,
     Lk,
     q_off,
     sm_scale,
     slope_ptr,
     softcap,
     tile_bits_ptr,
+    ranges_ptr,
+    keys_ptr,
     masked,
     band_lo,
     band_hi,
@@ -178,6 +200,7 @@ def tile_scores(
     BLOCK_N: tl.constexpr,
     PACKED_GQA: tl.constexpr,
     BAND: tl.constexpr,
+    RANGES: tl.constexpr,
 ):
     """Scores of one tile in log2 units, and tanh(s/c) for the softcap gradient.
 
@@ -186,8 +209,9 @@ def tile_scores(
     multiplies Pᵀ and dSᵀ as they come, instead of transposing register tiles.
     With PACKED_GQA the tile's rows are several query heads' queries 0 … Lq-1 (the forward's
     packed decoding tile): ``h`` holds each row's head, and a row's bitmap row is its query's.
-    ``masked``: whether the tile needs its mask, the band band_lo <= j - i <= band_hi (BAND)
-    or its bitmap at ``tile_bits_ptr``.
+    ``masked``: whether the tile needs its mask: the band band_lo <= j - i <= band_hi (BAND),
+    the sequence's key ranges and kept keys at ``ranges_ptr`` / ``keys_ptr`` (RANGES), or its
+    bitmap at ``tile_bits_ptr``.
     """
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
@@ -223,6 +247,9 @@ def tile_scores(
             s = in_band(s, qi, ki, band_lo, band_hi)
         elif masked:
             s = in_band(s, qi, ki, band_lo, band_hi)
+    elif RANGES:
+        if masked:
+            s = in_ranges(s, rows, cols, ranges_ptr, keys_ptr, Lq, Lk, TRANSPOSED)
     elif masked:
         bits = tl.load(tile_bits_ptr + bit_offsets).to(tl.float32)
         s = tl.where(bits != 0.0, s, float("-inf"))

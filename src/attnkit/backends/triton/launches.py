@@ -192,6 +192,10 @@ def pow2(n: int) -> int:
 def band_launches(launches: Launches) -> Launches:
     """The tiles of kernels that compute a band mask (``kernel_band``): one stage fewer.
 
+    Those that mask partial tiles from key ranges (``kernel_ranges``) too: without bitmaps to
+    load, their loops pipeline like the band's (sm_90's D=128 forward took 229 KB of shared
+    memory at 3 stages, against 180 KB walking bitmaps; 164 KB at 2).
+
     Their loops' key (or query) tiles follow from the loop counter, not from a tile list
     loaded in the loop, so Triton's pipeliner buffers every stage of them where the walked
     kernels' loads wait a stage on their index. At the table's stages they took up to 64 KB
