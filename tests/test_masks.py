@@ -548,6 +548,12 @@ RANGE_MASKS = [  # masks of one range of keys per query, with bands and padding 
     masks.prefix_lm(25),  # the prefix beyond some queries' diagonal
     masks.prefix_lm(6, align="top_left") & PADDINGS[2],
     masks.key_ranges(list(range(9)), [29] * 9) & masks.causal() & masks.key_padding([20, 30]),
+    # ids out of order, each document's keys side by side (dataset ids, not renumbered)
+    masks.document([7] * 10 + [2] * 5 + [4] * 15) & masks.causal(),
+    masks.document(
+        torch.tensor([[5, 5, 5, 1, 1, 9, 9, 9, 8], [0] * 9]),
+        torch.tensor([[5] * 10 + [1] * 10 + [9] * 10, [3] * 20 + [0] * 10]),
+    ),
 ]
 
 
@@ -572,6 +578,7 @@ def test_padded_ranges_is_exactly_what_the_mask_keeps(mask):
     [
         masks.causal() & masks.key_padding([5]),  # a band: padded_band serves it
         masks.document([0, 1, 0, 1, 0, 1, 1, 1, 1]),  # a document's keys apart
+        masks.document([2, 2, 0, 0, 2, 1, 1, 1, 1]),  # apart, the ids out of order
         masks.document([0] * 4 + [1] * 5) | masks.causal(),
         masks.prefix_lm(3) & masks.dilated(2, 2),
         masks.global_tokens([0]),

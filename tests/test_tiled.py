@@ -452,6 +452,12 @@ RANGES = {  # one range of keys per query: the kernels take its first and last k
         100,
         130,
     ),
+    "documents, ids out of order, & causal": (
+        masks.document(torch.tensor([9, 2, 5, 0]).repeat_interleave(torch.tensor([40, 3, 70, 37])))
+        & masks.causal(),
+        150,
+        150,
+    ),
     "prefix_lm(40)": (masks.prefix_lm(40), 130, 130),
     "prefix_lm(40) & random padding, Lq < Lk": (
         masks.prefix_lm(40) & masks.from_padding_mask(_padding(130)),

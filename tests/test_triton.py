@@ -589,7 +589,12 @@ def _random_ranges(Lq, Lk):
 
 
 KEY_RANGES = {  # (mask, Lq, Lk, score_mod)
-    "documents": (masks.document(_doc_ids(10, 3, 24)), 37, 37, None),
+    "documents, ids out of order": (
+        masks.document(torch.tensor([2, 0, 1]).repeat_interleave(torch.tensor([10, 3, 24]))),
+        37,
+        37,
+        None,
+    ),
     "documents & causal & padding": (
         masks.document(_doc_ids(20, 1, 16)) & masks.causal() & masks.key_padding([37, 19]),
         37,
@@ -666,6 +671,25 @@ def test_key_ranges_are_masked_in_the_kernels(monkeypatch, mask, Lq, Lk, mod):
     for what, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, walked, strict=True):
         assert torch.equal(g, w), what
     check(shape, mask=mask, score_mod=mod, return_lse=True)
+
+
+def test_a_varlen_decoding_batch_packs_heads_over_key_ranges(monkeypatch):
+    """One query per sequence over its own cache (a serving step): query heads packed by kv
+    head, rows split over programs, partial tiles masked from each sequence's key range."""
+    cu_q = torch.arange(5)
+    cu_k = torch.tensor([0, 9, 40, 41, 75])
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 8, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(75, 2, 16, generator=g).to(DEVICE) for _ in range(2))
+    want = attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend="reference")
+    launched = record_launches(monkeypatch)
+    monkeypatch.setattr(masks.Mask, "blocks", _no_block_mask)
+    with torch.no_grad():
+        got = attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend="triton")
+    ((meta, grid),) = [(c.meta, c.grid) for c in launched]
+    assert (meta["RANGES"], meta["PACK_GQA"]) == (True, True)
+    assert grid[2] > 1  # kv splits
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
 
 
 @pytest.mark.parametrize("by_columns", [False, True], ids=["rows", "columns"])

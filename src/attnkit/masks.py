@@ -612,8 +612,8 @@ def padded_ranges(mask: Mask, Lq: int, Lk: int) -> tuple[Tensor, Tensor | None] 
     """Each query's range of keys, and the keys each sequence keeps, for masks made of them.
 
     Sequence b's query i attends key j exactly where ``ranges[b, 0, i] <= j <= ranges[b, 1, i]``
-    and ``keys[b, j]``: ``key_ranges``, ``document`` with key ids in order (each document's
-    keys side by side, as packing lays them out), ``prefix_lm``, and ``&`` of those with
+    and ``keys[b, j]``: ``key_ranges``, ``document`` where each document's keys lie side by
+    side (as packing lays them out; its ids in any order), ``prefix_lm``, and ``&`` of those with
     ``band``'s masks and padding masks, where at least one part is not a band (``padded_band``
     serves those). Kernels then need no tile map: a tile's kind follows from its rows' least
     and greatest first and last keys.
@@ -701,14 +701,36 @@ def _ranges(spec: tuple[Any, ...] | None, Lq: int, Lk: int) -> Tensor | None:
             )
         )
         qi = _document_query_ids(q2, k2, kv_ids is not None, align, Lq, Lk)
-        if bool((k2.diff(dim=1) < 0).any()):  # a document's keys apart: no one range
-            return None
         n = max(qi.shape[0], k2.shape[0])
         qi, k2 = qi.expand(n, Lq).contiguous(), k2.expand(n, Lk).contiguous()
+        if bool((k2.diff(dim=1) < 0).any()):  # ids out of order: each one's keys may still
+            return _document_runs(qi, k2)  # lie side by side
         first = torch.searchsorted(k2, qi)  # a query's document's first and last key
         last = torch.searchsorted(k2, qi, right=True) - 1
         return torch.stack((first, last), 1)
     return None
+
+
+def _document_runs(qi: Tensor, k2: Tensor) -> Tensor | None:
+    """(n, 2, Lq) first and last keys of each query's document, its ids in any order.
+
+    Each document's keys lie side by side ([2, 2, 0, 0, 1]); None where one's lie apart.
+    ``qi`` (n, Lq) the queries' ids, ``k2`` (n, Lk) the keys'. A query whose id no key has
+    keeps none (first > last).
+    """
+    rows = []
+    for q_ids, k_ids in zip(qi, k2, strict=True):
+        starts = torch.cat((k_ids.new_zeros(1), (k_ids.diff() != 0).nonzero()[:, 0] + 1))
+        ends = torch.cat((starts[1:], k_ids.new_tensor([k_ids.numel()]))) - 1
+        run_ids, order = k_ids[starts].sort()
+        if bool((run_ids.diff() == 0).any()):  # one id in two runs: its keys lie apart
+            return None
+        at = torch.searchsorted(run_ids, q_ids).clamp(max=run_ids.numel() - 1)
+        found = run_ids[at] == q_ids
+        first = torch.where(found, starts[order][at], 0)
+        last = torch.where(found, ends[order][at], -1)
+        rows.append(torch.stack((first, last)))
+    return torch.stack(rows)
 
 
 def _and_parts(spec: tuple[Any, ...] | None) -> list[tuple[Any, ...] | None]:
@@ -1045,7 +1067,8 @@ def _document_query_ids(
 def key_ranges(first: Sequence[int] | Tensor, last: Sequence[int] | Tensor) -> Mask:
     """Query i attends keys ``first[i]`` … ``last[i]``: one unbroken range of keys per query.
 
-    The shape of packed sequences (``document`` with sorted ids, ``varlen.varlen_mask``),
+    The shape of packed sequences (``document`` with each one's keys side by side,
+    ``varlen.varlen_mask``),
     ``causal`` and windows within them, and ``prefix_lm``: the CPU kernels read such masks
     as the ranges themselves (``padded_ranges``), with no tile map, however often the ranges
     change (a varlen decoding batch's change at every step).

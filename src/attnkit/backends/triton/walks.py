@@ -127,7 +127,7 @@ def kernel_ranges(req: Request) -> tuple[Tensor, Tensor] | None:
 
     ``ranges`` (B|1, 2, Lq) int32: query i keeps keys ranges[b, 0, i] … ranges[b, 1, i];
     ``keys`` (B|1, Lk) int8: the keys sequence b keeps. For ``masks.padded_ranges``' masks
-    (documents with key ids in order, ``key_ranges``, ``prefix_lm``, and ``&`` of them with
+    (documents whose keys lie side by side, ``key_ranges``, ``prefix_lm``, and ``&`` of them with
     bands and padding) and ``masks.padded_band``'s that are not bands alone (a band ``&``
     padding). The tile lists are then found from each query tile's bounds on the device
     (``_range_walk``), with no BlockMask evaluated and no bitmap made: varlen's packed
