@@ -18,6 +18,7 @@ import triton.language as tl
 
 import attnkit
 from attnkit import masks, score_mods
+from attnkit.backends.tensor_masks import tensor_block_mask
 from attnkit.backends.triton.kernel_parts import cast
 from conftest import (
     TRITON_DEVICE,
@@ -588,6 +589,11 @@ def _random_ranges(Lq, Lk):
     return first, first + torch.randint(-6, 30, (2, Lq), generator=g)
 
 
+def _kept_at_random(B, Lk):
+    """(B, Lk) bool: about 80 % of the keys kept, at random (seed 1)."""
+    return torch.rand(B, Lk, generator=torch.Generator().manual_seed(1)) > 0.2
+
+
 KEY_RANGES = {  # (mask, Lq, Lk, score_mod)
     "documents, ids out of order": (
         masks.document(torch.tensor([2, 0, 1]).repeat_interleave(torch.tensor([10, 3, 24]))),
@@ -621,11 +627,15 @@ KEY_RANGES = {  # (mask, Lq, Lk, score_mod)
         None,
     ),
     "causal & padding": (masks.causal() & masks.key_padding([30, 37]), 37, 37, None),
+    "padding tensor (B, 1, 1, Lk)": (_kept_at_random(2, 41)[:, None, None], 23, 41, None),
+    "padding tensor (Lk,), alibi": (
+        _kept_at_random(1, 41)[0],
+        23,
+        41,
+        score_mods.alibi(score_mods.alibi_slopes(4)),
+    ),
     "window & random padding, alibi": (
-        masks.sliding_window(5, 2)
-        & masks.from_padding_mask(
-            torch.rand(2, 37, generator=torch.Generator().manual_seed(1)) > 0.2
-        ),
+        masks.sliding_window(5, 2) & masks.from_padding_mask(_kept_at_random(2, 37)),
         37,
         37,
         score_mods.alibi(score_mods.alibi_slopes(4)),
@@ -704,7 +714,10 @@ def test_key_range_walks_list_every_tile_the_block_mask_does(by_columns, mask, L
     launch = tr.Launch(16, 32, 1, 1)
     walk = tr.tile_walk(req, launch, by_columns)
     assert walk.in_ranges
-    kinds = mask.blocks(Lq, Lk, 16, 32, B=2, H=4).kinds
+    if isinstance(mask, torch.Tensor):
+        kinds = tensor_block_mask(mask, Lq, Lk, 16, 32, 2, 4).kinds
+    else:
+        kinds = mask.blocks(Lq, Lk, 16, 32, B=2, H=4).kinds
     kinds = kinds.expand(walk.tile.shape[0], *kinds.shape[1:])[:, :1]
     listed = torch.zeros_like(kinds, dtype=torch.bool)
     lists = listed.transpose(-1, -2) if by_columns else listed
@@ -746,6 +759,27 @@ def test_key_range_walks_made_once_per_mask_and_lengths():
     columns = walk(by_columns=True)
     assert columns is not first
     assert columns.ranges is first.ranges
+
+
+def test_padding_tensor_walks_made_once_per_tensor_until_written():
+    """A model passes one padding tensor to every layer: its ranges and walk are made once,
+    and again after an in-place write (its version counter moves)."""
+    from attnkit.backends import triton as tr
+
+    keep = _kept_at_random(2, 37)[:, None, None]
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(2, 2, 2, 37, 37, 16))
+
+    def walk():
+        req = attnkit.functional._request(q, k, v, keep, None, None, 0.0, None, False)
+        return tr.tile_walk(req, tr.Launch(16, 16, 1, 1))
+
+    first = walk()
+    assert first.in_ranges
+    assert walk() is first
+    keep[0, ..., :5] = False
+    again = walk()
+    assert again is not first
+    assert torch.equal(again.keys[0, :5].cpu(), torch.zeros(5, dtype=torch.int8))
 
 
 def test_tile_walks_built_once_per_mask_and_device():

@@ -12,7 +12,9 @@ tensor bumps its version counter, which makes its entries stale.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +27,16 @@ from attnkit.masks import _select, from_dense
 
 @dataclass
 class _Entry:
-    """The BlockMasks of one tensor at one version, by (Lq, Lk, block_q, block_k, B, H)."""
+    """What was made from one tensor at one version.
+
+    Its BlockMasks by (Lq, Lk, block_q, block_k, B, H), and the Triton backend's key ranges
+    and tile walks (keys that start with a name).
+    """
 
     tensor: weakref.ref[Tensor]
     version: int
     shape: tuple[tuple[int, ...], tuple[int, ...]]  # the tensor's sizes and strides
-    maps: dict[tuple[int, ...], BlockMask] = field(default_factory=dict)
+    maps: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
 
 _ENTRIES: dict[int, _Entry] = {}  # by id() of the mask tensor
@@ -45,9 +51,15 @@ def tensor_block_mask(
     kinds, and the predicate on partial tiles), cached on the tensor's identity and version.
     """
     key = (Lq, Lk, block_q, block_k, B, H)
+    bm: BlockMask = tensor_cached(mask, key, lambda: _build(mask, *key))
+    return bm
+
+
+def tensor_cached(mask: Tensor, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """``make()``, kept under ``key`` while ``mask`` lives and is not written in place."""
     version = _version(mask)
     if version is None:  # inference tensors have no version counter: nothing to trust
-        return _build(mask, *key)
+        return make()
     entry = _ENTRIES.get(id(mask))
     shape = (tuple(mask.shape), mask.stride())
     if entry is None or entry.tensor() is not mask:
@@ -56,9 +68,9 @@ def tensor_block_mask(
         weakref.finalize(mask, _ENTRIES.pop, id(mask), None).atexit = False
     elif (entry.version, entry.shape) != (version, shape):  # written in place since
         entry.version, entry.shape, entry.maps = version, shape, {}
-    if (bm := entry.maps.get(key)) is None:
-        bm = entry.maps[key] = _build(mask, *key)
-    return bm
+    if key not in entry.maps:
+        entry.maps[key] = make()
+    return entry.maps[key]
 
 
 def _version(mask: Tensor) -> int | None:

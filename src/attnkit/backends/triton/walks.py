@@ -17,7 +17,8 @@ from torch import Tensor
 from attnkit._types import EMPTY
 from attnkit.backends._common import Request
 from attnkit.backends.sdpa import attends_every_key
-from attnkit.backends.tiled import TileConfig, block_mask_for, mask_ranges
+from attnkit.backends.tensor_masks import tensor_cached
+from attnkit.backends.tiled import TileConfig, block_mask_for, kept_keys, mask_ranges
 from attnkit.backends.triton.launches import Launch
 from attnkit.block_mask import BlockMask, partial_bitmaps, retile
 from attnkit.masks import Mask, band, padded_band
@@ -128,23 +129,25 @@ def kernel_ranges(req: Request) -> tuple[Tensor, Tensor] | None:
     ``ranges`` (B|1, 2, Lq) int32: query i keeps keys ranges[b, 0, i] … ranges[b, 1, i];
     ``keys`` (B|1, Lk) int8: the keys sequence b keeps. For ``masks.padded_ranges``' masks
     (documents whose keys lie side by side, ``key_ranges``, ``prefix_lm``, and ``&`` of them with
-    bands and padding) and ``masks.padded_band``'s that are not bands alone (a band ``&``
-    padding). The tile lists are then found from each query tile's bounds on the device
-    (``_range_walk``), with no BlockMask evaluated and no bitmap made: varlen's packed
-    sequences make a new mask at every call.
+    bands and padding), ``masks.padded_band``'s that are not bands alone (a band ``&``
+    padding), and bool tensors of kept keys (B|1, 1, 1, Lk) (``tiled.kept_keys``: a model's
+    padding mask, a decoding step's). The tile lists are then found from each query tile's
+    bounds on the device (``_range_walk``), with no BlockMask evaluated and no bitmap made:
+    varlen's packed sequences make a new mask at every call, a decoding loop a new padding
+    mask at every step.
 
     Not with softcap, as ``kernel_band``: with ALiBi too, sm_90's D=64 dQ kernel spilled 152 B
     masking from ranges (``python -m attnkit.backends.triton.aot --arch 90 --head-dim 64
     --ranges --alibi --softcap 30``).
 
-    Found once per mask object and lengths (a model's layers share one mask). Eager only,
+    Found once per mask object (or tensor) and lengths (a model's layers share one). Eager only,
     as the tiled backend's ranges: they are read from data (documents' ids), which
     torch.compile would bake into its graph; such masks walk a BlockMask there.
     """
     mask, s = req.mask, req.shapes
     if (
         not BAND_IN_KERNEL
-        or not isinstance(mask, Mask)
+        or not isinstance(mask, Mask | Tensor)
         or keeps_every_key(mask, s.Lq, s.Lk)
         or torch.compiler.is_compiling()
         or kernel_band(req)
@@ -153,18 +156,30 @@ def kernel_ranges(req: Request) -> tuple[Tensor, Tensor] | None:
     mods = kernel_mods(req.score_mod_source)
     if mods is None or mods.softcap > 0:
         return None
-    found = mask_ranges(req)  # cached on the mask; clears its entries for other lengths
     dev = req.q.device
+    key = ("triton_ranges", s.Lq, s.Lk, str(dev))
+    if isinstance(mask, Tensor):  # a padding mask (B|1, 1, 1, Lk): every key, those kept
+        kept = kept_keys(mask, s.Lk)
+        if kept is None:
+            return None
+        every_key = torch.tensor([[[0], [s.Lk - 1]]]).expand(1, 2, s.Lq)
+        found: Any = (every_key, kept)
+    else:
+        found = mask_ranges(req)  # cached on the mask; clears its entries for other lengths
     ranges: tuple[Tensor, Tensor] | None = _cached(
-        mask,
-        ("triton_ranges", s.Lq, s.Lk, str(dev)),
-        lambda: _device_ranges(found, mask, s.Lq, s.Lk, dev),
+        mask, key, lambda: _device_ranges(found, mask, s.Lq, s.Lk, dev)
     )
     return ranges
 
 
 def _cached(mask: object, key: tuple[Any, ...], make: Any) -> Any:
-    """``make()``, kept on the mask beside its ranges (cleared when its lengths change)."""
+    """``make()``, kept with the mask object or tensor.
+
+    On a mask beside its ranges (cleared when its lengths change); for a tensor while it
+    lives unchanged (``tensor_masks.tensor_cached``).
+    """
+    if isinstance(mask, Tensor):
+        return tensor_cached(mask, key, make)
     cache = mask._ranges_cache  # type: ignore[attr-defined]
     if key not in cache:
         cache[key] = make()
@@ -172,14 +187,18 @@ def _cached(mask: object, key: tuple[Any, ...], make: Any) -> Any:
 
 
 def _device_ranges(
-    found: tuple[Tensor, Tensor | None] | None, mask: Mask, Lq: int, Lk: int, dev: torch.device
+    found: tuple[Tensor, Tensor | None] | None,
+    mask: Mask | Tensor,
+    Lq: int,
+    Lk: int,
+    dev: torch.device,
 ) -> tuple[Tensor, Tensor] | None:
     """``padded_ranges``' result ``found`` as the kernels read it, on ``dev``.
 
     Else the mask's ``padded_band`` as ranges. int32 ranges and int8 keys of one batch size.
     """
     if found is None:
-        banded = padded_band(mask, Lq, Lk)
+        banded = padded_band(mask, Lq, Lk) if isinstance(mask, Mask) else None
         if banded is None:
             return None
         lo, hi, kept = banded
