@@ -729,6 +729,24 @@ def test_key_range_walks_list_every_tile_the_block_mask_does(by_columns, mask, L
     assert torch.all(~(full & listed) | (kinds == 2)), "a tile called full is not"
 
 
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["key ranges", "BlockMask"])
+def test_key_range_kernels_take_one_stage_fewer(monkeypatch, in_kernel):
+    """As the band's (``launches.band_launches``): with no bitmap to load, their loops
+    pipelined every stage and overflowed shared memory at the table's stages."""
+    from attnkit.backends import triton as tr
+
+    two_stages = tr.Launch(16, 16, 1, 2)
+    monkeypatch.setattr(tr, "choose_launches", lambda *a: tr.launches.Launches(*[two_stages] * 3))
+    monkeypatch.setattr(tr.walks, "BAND_IN_KERNEL", in_kernel)
+    launched = record_launches(monkeypatch)
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in rand_qkv(1, 2, 2, 20, 20, 16))
+    attnkit.attention(
+        q, k, v, mask=masks.document(_doc_ids(7, 13)), backend="triton"
+    ).sum().backward()
+    stages = 1 if in_kernel else 2
+    assert [(c.meta["RANGES"], c.meta["num_stages"]) for c in launched] == [(in_kernel, stages)] * 3
+
+
 def test_key_ranges_with_softcap_walk_bitmaps():
     """Softcap's kernels spilled registers masking from ranges (see ``kernel_ranges``)."""
     from attnkit.backends import triton as tr
