@@ -666,7 +666,8 @@ def test_key_ranges_are_masked_in_the_kernels(monkeypatch, mask, Lq, Lk, mod):
     """Documents, prefix LM, varlen, key ranges and padding: tile lists found from each query
     tile's first and last keys, partial tiles masked by comparing indices, no BlockMask built
     and no bitmap read. Output, LSE and gradients as the float64 reference, and bit for bit
-    what the same kernels give walking the mask's BlockMask (GQA, two sequences)."""
+    what the same kernels give walking the mask's BlockMask (GQA, two sequences; under the
+    interpreter: compiled for a GPU, to fp32 rounding)."""
     from attnkit.backends import triton as tr
 
     shape = (2, 4, 2, Lq, Lk, 16, 16)
@@ -679,7 +680,10 @@ def test_key_ranges_are_masked_in_the_kernels(monkeypatch, mask, Lq, Lk, mod):
     got = _triton_results(q, k, v, mask, mod)
     assert [(c.meta["RANGES"], c.meta["BAND"]) for c in launched] == [(True, False)] * 3
     for what, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, walked, strict=True):
-        assert torch.equal(g, w), what
+        if DEVICE == "cpu":
+            assert torch.equal(g, w), what
+        else:  # compiled at one stage fewer: the compiler may fuse other multiply-adds
+            torch.testing.assert_close(g, w, msg=what)
     check(shape, mask=mask, score_mod=mod, return_lse=True)
 
 

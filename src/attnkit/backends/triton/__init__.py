@@ -10,6 +10,7 @@ autograd, so they work under torch.compile.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from typing import Any
@@ -99,6 +100,7 @@ def unsupported_reason(req: Request) -> str | None:
 
 # Custom-op schemas take tensors, scalars and int lists: a TileWalk travels as its six
 # tensors and a Launch as [block_m, block_n, num_warps, num_stages].
+_WALK = len(dataclasses.fields(TileWalk))  # tensors per walk
 
 
 def _eager() -> bool:
@@ -323,11 +325,11 @@ class _TritonAttention(torch.autograd.Function):
     def forward(
         ctx: Any, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, *rest: Any
     ) -> tuple[Tensor, Tensor]:
-        walks, params = rest[:18], rest[18:]
+        walks, params = rest[: 3 * _WALK], rest[3 * _WALK :]
         scalars, (forward_launch, dkdv_launch, dq_launch) = params[:5], params[5:]
         forward: Any = _forward if _eager() else triton_forward
-        out, lse = forward(q, k, v, *walks[:6], slopes, *scalars, forward_launch)
-        ctx.save_for_backward(q, k, v, out, lse, slopes, *walks[6:])
+        out, lse = forward(q, k, v, *walks[:_WALK], slopes, *scalars, forward_launch)
+        ctx.save_for_backward(q, k, v, out, lse, slopes, *walks[_WALK:])
         ctx.params = (*scalars, dkdv_launch, dq_launch)
         ctx.n_inputs = 4 + len(rest)
         return out, lse
