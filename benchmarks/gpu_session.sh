@@ -11,8 +11,8 @@
 #   gpu.md     the attention table (TFLOP/s), gpu.json every figure; bench.log its output
 #
 #   STAGES="tests decode walks bench" (default), any of them, or "autotune" (bench, tuned tiles)
-#   TESTS_S=150 DECODE_S=90 WALKS_S=40 BENCH_S=300  seconds each stage may take (rows so far
-#   are kept)
+#   TESTS_S=150 DECODE_S=110 WALKS_S=40 BENCH_S=280  seconds each stage may take (rows so
+#   far are kept)
 #   QUICK=1                  bench N <= 8k and D = 64 only
 #   BENCH_ARGS="--dims 64 --lengths 16384 32768"   the part of the table still missing
 #   WORKERS=8                pytest-xdist workers for the tests (they compile in parallel)
@@ -54,7 +54,7 @@ for stage in $STAGES; do
         tee "$OUT/tests.log"
       ;;
     decode)
-      timeout "${DECODE_S:-90}" $PY benchmarks/gpu.py --only decode "${bench_args[@]}" \
+      timeout "${DECODE_S:-110}" $PY benchmarks/gpu.py --only decode "${bench_args[@]}" \
         --out "$OUT/gpu_decode.md" --json "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/decode.log"
       ;;
     walks)
@@ -64,11 +64,11 @@ for stage in $STAGES; do
         tee "$OUT/walks.txt"
       ;;
     bench)
-      timeout "${BENCH_S:-300}" $PY benchmarks/gpu.py --only attention "${bench_args[@]}" \
+      timeout "${BENCH_S:-280}" $PY benchmarks/gpu.py --only attention "${bench_args[@]}" \
         --out "$OUT/gpu.md" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
       ;;
     autotune)
-      ATTNKIT_TRITON_AUTOTUNE=1 timeout "${BENCH_S:-300}" $PY benchmarks/gpu.py --only attention \
+      ATTNKIT_TRITON_AUTOTUNE=1 timeout "${BENCH_S:-280}" $PY benchmarks/gpu.py --only attention \
         "${bench_args[@]}" --out "$OUT/gpu_autotune.md" --json "$OUT/gpu_autotune.json" \
         2>&1 | tee "$OUT/autotune.log"
       ;;

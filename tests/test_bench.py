@@ -146,7 +146,7 @@ def test_gpu_bench_smoke_under_the_triton_interpreter(tmp_path):
     assert walked["8 documents & causal"] > 0
     assert walked["dense"] is None
     assert walked["block_sparse(16, 25 %)"] is None
-    assert [r["case"] for r in decode_rows] == ["whole cache", "sliding_window(16)"]
+    assert [r["case"] for r in decode_rows] == ["whole cache", "sliding_window(16)", "padded batch"]
     CONTENDERS = ("triton", "unsplit", "unpacked", "growing", "sdpa", "flex")
     # FlexAttention's forward runs on CPU, so every decoding contender has a time
     assert all(r[f"{c}_s"] > 0 for r in decode_rows for c in CONTENDERS)
@@ -181,6 +181,32 @@ def test_gpu_decode_bench_times_the_kernel_packed_split_unsplit_and_unpacked(mon
     assert row["bytes"] == 2 * window.Hkv * 17 * window.D * 4  # the query and 16 keys left, fp32
     cells = bench_gpu_decode.cells(row)
     assert (cells[:3], cells[8]) == (["sliding_window(16)", "1", "64"], "—")
+
+
+def test_gpu_decode_bench_padded_batch_reads_each_sequences_kept_keys(monkeypatch):
+    """The padded batch's row: the kernels read each sequence's kept keys (key ranges, no tile
+    map), its bytes count only those keys, and FlexAttention gets a block mask per sequence."""
+    pytest.importorskip("triton")
+    from attnkit import bench_gpu, bench_gpu_decode
+    from conftest import record_launches
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    batches = []
+
+    def flex(mask, Lq, Lk, device):
+        batches.append(mask.batch)
+        return bench_gpu.flex(mask, Lq, Lk, device)
+
+    monkeypatch.setattr(bench_gpu_decode, "flex", flex)
+    monkeypatch.setattr(masks.Mask, "blocks", lambda *a, **kw: pytest.fail("built a BlockMask"))
+    launched = record_launches(monkeypatch)
+    padded = bench_gpu_decode.cases(smoke=True)[2]
+    row = bench_gpu_decode.measure(padded, "cpu", torch.float32, smoke=True)
+    assert launched
+    assert all(c.meta["RANGES"] for c in launched)
+    assert row["bytes"] == 2 * padded.Hkv * (32 + 64) * padded.D * 4  # fp32 keys and values
+    assert batches == [2]
+    assert all(row[f"{c}_s"] is not None for c in bench_gpu_decode.CONTENDERS), row["note"]
 
 
 @pytest.mark.parametrize(

@@ -152,12 +152,16 @@ def tile_lists() -> Iterator[None]:
 
 
 def flex(mask: Mask | None, Lq: int, Lk: int, device: str) -> Callable[..., torch.Tensor]:
-    """Compiled FlexAttention under ``mask``'s block mask; grouped query heads allowed."""
+    """Compiled FlexAttention under ``mask``'s block mask; grouped query heads allowed.
+
+    A mask that differs by sequence (padding) gets a block mask per sequence.
+    """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     block = None
     if mask is not None:
-        block = create_block_mask(mask.bind(Lq, Lk).fn, None, None, Lq, Lk, device=device)
+        fn = mask.bind(Lq, Lk).fn
+        block = create_block_mask(fn, mask.batch, None, Lq, Lk, device=device)
     compiled = torch.compile(flex_attention)
 
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

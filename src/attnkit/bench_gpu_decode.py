@@ -4,7 +4,9 @@ Decoding reads the whole cache for a single query, so it is bound by memory band
 by matrix products: the table reports microseconds per call and the bandwidth that reading
 the attended keys and values once represents (GB/s; an H200's HBM peaks at 4.8 TB/s).
 Llama-3-8B's attention shapes (32 query heads over 8 kv heads, D = 128), bf16, batch 1
-and 8, caches of 1k … 32k tokens, attending the whole cache and a ``sliding_window(4096)``.
+and 8, caches of 1k … 32k tokens, attending the whole cache and a ``sliding_window(4096)``;
+at batch 8 also a padded batch, sequence b keeping the first (b + 1)/8 of the cache
+(``key_padding``, as batched generation pads prompts of different lengths).
 
 Contenders in one run: attnkit's Triton backend as ``auto`` runs it on CUDA (the 4 query
 heads of a kv head packed in one 16-row tile, PackGQA; each (batch, kv head)'s kv tiles
@@ -15,10 +17,11 @@ is what packing buys), torch SDPA (``enable_gqa``; a bool mask for the window) a
 FlexAttention (its decoding kernel; a block mask for the window). Every mask is built outside
 the timed calls, as at a fixed cache length; "growing" is attnkit's Triton call over caches of
 128 lengths in turn (L, L-1, … L-127), as a decoding loop whose cache grows by one key per
-step makes it. Neither mask here needs a tile map (the whole cache keeps every key; the
-kernels compute the window themselves, ``kernel_band``), so "growing" shows what a new length
-still costs the host; a mask with a tile map would build one at every length (attnkit keeps
-64 shared by the built-in masks, fewer than these 128).
+step makes it. No mask here needs a tile map (the whole cache keeps every key; the kernels
+compute the window themselves, ``kernel_band``, and read the padded batch's kept keys,
+``kernel_ranges``), so "growing" shows what a new length still costs the host; a mask with a
+tile map would build one at every length (attnkit keeps 64 shared by the built-in masks, fewer
+than these 128).
 """
 
 from __future__ import annotations
@@ -83,15 +86,27 @@ def cases(quick: bool = False, smoke: bool = False) -> list[DecodeCase]:
     if smoke:
         window = 16
         kinds = {"whole cache": None, f"sliding_window({window})": masks.sliding_window(window)}
-        return [DecodeCase(n, m, 1, 64, SMOKE_HQ, SMOKE_HKV, SMOKE_D) for n, m in kinds.items()]
+        smoke_cases = [
+            DecodeCase(n, m, 1, 64, SMOKE_HQ, SMOKE_HKV, SMOKE_D) for n, m in kinds.items()
+        ]
+        padded = DecodeCase(PADDED, padded_batch(2, 64), 2, 64, SMOKE_HQ, SMOKE_HKV, SMOKE_D)
+        return [*smoke_cases, padded]
     kinds = {"whole cache": None, f"sliding_window({WINDOW})": masks.sliding_window(WINDOW)}
     lengths = [1024, 4096, 16384] if quick else [1024, 4096, 16384, 32768]
     return [
         DecodeCase(name, mask, B, L)
         for B in (1, 8)
         for L in lengths
-        for name, mask in kinds.items()
+        for name, mask in [*kinds.items(), *([(PADDED, padded_batch(B, L))] if B > 1 else [])]
     ]
+
+
+PADDED = "padded batch"
+
+
+def padded_batch(B: int, L: int) -> Mask:
+    """Sequence b keeps the first (b + 1)/B of a cache of L keys."""
+    return masks.key_padding([L * (b + 1) // B for b in range(B)])
 
 
 def growing_lengths(L: int) -> Iterator[int]:
@@ -121,9 +136,10 @@ def measure(
     q = torch.randn(B, case.Hq, 1, case.D, device=device, dtype=dtype)
     k, v = (torch.randn(B, case.Hkv, L, case.D, device=device, dtype=dtype) for _ in range(2))
     allowed = None if case.mask is None else case.mask.dense(1, L, device=device)
-    attended = L if allowed is None else int(allowed.sum())
+    # keys attended over the batch (a padded batch's sequences keep different numbers)
+    attended = B * L if allowed is None else int(allowed.expand(B, -1, -1, -1).sum())
     row: dict[str, Any] = {"case": case.name, "B": B, "L": L}
-    row["bytes"] = 2 * B * case.Hkv * attended * case.D * k.element_size()  # keys and values
+    row["bytes"] = 2 * case.Hkv * attended * case.D * k.element_size()  # keys and values
 
     def triton() -> torch.Tensor:
         return attnkit.attention(q, k, v, mask=case.mask, backend="triton")
