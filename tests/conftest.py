@@ -63,6 +63,22 @@ def naive_attention(q, k, v, allowed=None, scale=None, bias=None):
     return torch.einsum("bhij,bhjd->bhid", p, v), lse
 
 
+def packed_document_ids(lengths, B=1):
+    """Document ids (B, L) of packed documents of these lengths, sequence b's ends 7·b later."""
+    ids = torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
+    return torch.stack(
+        [torch.cat([ids[:1].expand(7 * b), ids[: ids.numel() - 7 * b]]) for b in range(B)]
+    )
+
+
+def random_key_ranges(Lq, Lk, spans):
+    """(2, Lq) first and last keys at random (seed 5), last - first drawn from ``spans`` (lo,
+    hi): where it is negative the row keeps none (first > last)."""
+    g = torch.Generator().manual_seed(5)
+    first = torch.randint(0, Lk, (2, Lq), generator=g)
+    return first, first + torch.randint(*spans, (2, Lq), generator=g)
+
+
 def rand_qkv(B, Hq, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32, requires_grad=False):
     Dv = D if Dv is None else Dv
     q = torch.randn(B, Hq, Lq, D, dtype=dtype)

@@ -18,7 +18,14 @@ from attnkit._types import EMPTY
 from attnkit.backends import tiled
 from attnkit.backends.tiled import TileConfig
 from attnkit.varlen import varlen_mask
-from conftest import MASK_NAMES, assert_close_scaled, every_mask, rand_qkv
+from conftest import (
+    MASK_NAMES,
+    assert_close_scaled,
+    every_mask,
+    packed_document_ids,
+    rand_qkv,
+    random_key_ranges,
+)
 
 
 def run_both(q, k, v, backend_kwargs=None, **kw):
@@ -416,24 +423,9 @@ PADDED_BANDS = {  # a band & padding: the kernels take the kept keys (B or 1, Lk
 }
 
 
-def _doc_ids(lengths, B=1):
-    """Document ids (B, L) of packed documents of these lengths, sequence b's ends 7·b later."""
-    ids = torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
-    return torch.stack(
-        [torch.cat([ids[:1].expand(7 * b), ids[: ids.numel() - 7 * b]]) for b in range(B)]
-    )
-
-
-def _random_ranges(Lq, Lk, seed=5):
-    """(2, Lq) first and last keys at random: some rows keep none (first > last)."""
-    g = torch.Generator().manual_seed(seed)
-    first = torch.randint(0, Lk, (2, Lq), generator=g)
-    return first, first + torch.randint(-8, 90, (2, Lq), generator=g)
-
-
 RANGES = {  # one range of keys per query: the kernels take its first and last keys (B|1, 2, Lq)
     "document & causal: a 3-key document": (
-        masks.document(_doc_ids([50, 3, 60, 37])[0]) & masks.causal(),
+        masks.document(packed_document_ids([50, 3, 60, 37])[0]) & masks.causal(),
         150,
         150,
     ),
@@ -443,12 +435,14 @@ RANGES = {  # one range of keys per query: the kernels take its first and last k
         130,
     ),
     "document per sequence & window": (
-        masks.document(_doc_ids([40, 41, 60, 40], B=2)) & masks.sliding_window(20),
+        masks.document(packed_document_ids([40, 41, 60, 40], B=2)) & masks.sliding_window(20),
         181,
         181,
     ),
     "document & causal & padding": (
-        masks.document(_doc_ids([30, 60, 40])) & masks.causal() & masks.key_padding([130, 90]),
+        masks.document(packed_document_ids([30, 60, 40]))
+        & masks.causal()
+        & masks.key_padding([130, 90]),
         100,
         130,
     ),
@@ -464,7 +458,11 @@ RANGES = {  # one range of keys per query: the kernels take its first and last k
         77,
         130,
     ),
-    "key_ranges at random, empty rows": (masks.key_ranges(*_random_ranges(90, 181)), 90, 181),
+    "key_ranges at random, empty rows": (
+        masks.key_ranges(*random_key_ranges(90, 181, (-8, 90))),
+        90,
+        181,
+    ),
     "varlen, offsets differ, causal": (
         varlen_mask(
             torch.tensor([0, 1, 6, 40, 41, 90]),

@@ -24,8 +24,10 @@ from conftest import (
     TRITON_DEVICE,
     assert_close_scaled,
     needs_triton_device,
+    packed_document_ids,
     per_head_predicate,
     rand_qkv,
+    random_key_ranges,
     record_launches,
 )
 
@@ -578,17 +580,6 @@ def test_decoding_under_a_window_builds_no_block_mask_as_the_cache_grows(monkeyp
     assert k.grad is not None
 
 
-def _doc_ids(*lengths):
-    return torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
-
-
-def _random_ranges(Lq, Lk):
-    """(2, Lq) first and last keys at random: some rows keep none (first > last)."""
-    g = torch.Generator().manual_seed(5)
-    first = torch.randint(0, Lk, (2, Lq), generator=g)
-    return first, first + torch.randint(-6, 30, (2, Lq), generator=g)
-
-
 def _kept_at_random(B, Lk):
     """(B, Lk) bool: about 80 % of the keys kept, at random (seed 1)."""
     return torch.rand(B, Lk, generator=torch.Generator().manual_seed(1)) > 0.2
@@ -602,7 +593,9 @@ KEY_RANGES = {  # (mask, Lq, Lk, score_mod)
         None,
     ),
     "documents & causal & padding": (
-        masks.document(_doc_ids(20, 1, 16)) & masks.causal() & masks.key_padding([37, 19]),
+        masks.document(packed_document_ids([20, 1, 16])[0])
+        & masks.causal()
+        & masks.key_padding([37, 19]),
         37,
         37,
         None,
@@ -619,7 +612,12 @@ KEY_RANGES = {  # (mask, Lq, Lk, score_mod)
         41,
         None,
     ),
-    "key_ranges at random, empty rows": (masks.key_ranges(*_random_ranges(29, 45)), 29, 45, None),
+    "key_ranges at random, empty rows": (
+        masks.key_ranges(*random_key_ranges(29, 45, (-6, 30))),
+        29,
+        45,
+        None,
+    ),
     "ranges from a tile's last key to the next one's first": (
         masks.key_ranges([31] * 16 + [15] * 13, [32] * 16 + [16] * 13),
         29,
@@ -745,7 +743,7 @@ def test_key_range_kernels_take_one_stage_fewer(monkeypatch, in_kernel):
     launched = record_launches(monkeypatch)
     q, k, v = (t.to(DEVICE).requires_grad_() for t in rand_qkv(1, 2, 2, 20, 20, 16))
     attnkit.attention(
-        q, k, v, mask=masks.document(_doc_ids(7, 13)), backend="triton"
+        q, k, v, mask=masks.document(packed_document_ids([7, 13])[0]), backend="triton"
     ).sum().backward()
     stages = 1 if in_kernel else 2
     assert [(c.meta["RANGES"], c.meta["num_stages"]) for c in launched] == [(in_kernel, stages)] * 3
@@ -755,7 +753,7 @@ def test_key_ranges_with_softcap_walk_bitmaps():
     """Softcap's kernels spilled registers masking from ranges (see ``kernel_ranges``)."""
     from attnkit.backends import triton as tr
 
-    mask = masks.document(_doc_ids(10, 3, 24))
+    mask = masks.document(packed_document_ids([10, 3, 24])[0])
     for mod, in_ranges in ((score_mods.softcap(30.0), False), (None, True)):
         q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 37, 37, 16))
         req = attnkit.functional._request(q, k, v, mask, mod, None, 0.0, None, False)
@@ -767,7 +765,7 @@ def test_key_range_walks_made_once_per_mask_and_lengths():
     tiles (varlen makes a new mask, and so new walks, at each call)."""
     from attnkit.backends import triton as tr
 
-    mask = masks.document(_doc_ids(10, 3, 24)) & masks.causal()
+    mask = masks.document(packed_document_ids([10, 3, 24])[0]) & masks.causal()
 
     q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 2, 2, 37, 37, 16))
     req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, False)

@@ -139,43 +139,34 @@ def test_score_mods_compile_in_kernel(arch, head_dim):
 
 
 @pytest.mark.parametrize(
-    ("arch", "head_dim", "options"),
+    ("computed", "arch", "head_dim", "options"),
     [
-        (80, 128, ()),
-        (86, 128, ()),
-        (90, 128, ()),
-        (90, 256, ()),
-        (100, 64, ()),
-        (120, 128, ()),
-        (90, 64, ("--alibi", "--gqa-group", "4")),
-        (100, 128, ("--alibi", "--gqa-group", "4")),
-        (90, 128, ("--pack-gqa", "--gqa-group", "4", "--kv-splits", "8")),
+        ("--band", 80, 128, ()),
+        ("--band", 86, 128, ()),
+        ("--band", 90, 128, ()),
+        ("--band", 90, 256, ()),
+        ("--band", 100, 64, ()),
+        ("--band", 120, 128, ()),
+        ("--band", 90, 64, ("--alibi", "--gqa-group", "4")),
+        ("--band", 100, 128, ("--alibi", "--gqa-group", "4")),
+        ("--band", 90, 128, ("--pack-gqa", "--gqa-group", "4", "--kv-splits", "8")),
+        ("--ranges", 80, 128, ()),
+        ("--ranges", 86, 128, ()),
+        ("--ranges", 90, 256, ()),
+        ("--ranges", 100, 128, ()),
+        ("--ranges", 90, 64, ("--alibi", "--gqa-group", "4")),
+        ("--ranges", 90, 128, ("--pack-gqa", "--gqa-group", "4", "--kv-splits", "8")),
     ],
 )
-def test_band_kernels_compile_fit_and_do_not_spill(arch, head_dim, options):
-    """Kernels that compute a causal or window mask themselves (``kernel_band``) pipeline
-    every stage of their loops' tiles: at the table's stages they overflowed shared memory
-    (sm_80's D=128 dQ, 176 KB of 163), so they take one stage fewer (``band_launches``)."""
-    found = check(arch, torch.bfloat16, head_dim, "--band", *options)
-    assert len(found) == (1 if "--pack-gqa" in options else 3)
-
-
-@pytest.mark.parametrize(
-    ("arch", "head_dim", "options"),
-    [
-        (80, 128, ()),
-        (86, 128, ()),
-        (90, 256, ()),
-        (100, 128, ()),
-        (90, 64, ("--alibi", "--gqa-group", "4")),
-        (90, 128, ("--pack-gqa", "--gqa-group", "4", "--kv-splits", "8")),
-    ],
-)
-def test_range_kernels_compile_fit_and_do_not_spill(arch, head_dim, options):
-    """Kernels that mask partial tiles from key ranges (``kernel_ranges``) pipeline like the
-    band's: at the table's stages sm_90's D=128 forward took 229 KB of shared memory (180 KB
-    walking bitmaps), so they too take one stage fewer."""
-    found = check(arch, torch.bfloat16, head_dim, "--ranges", *options)
+def test_kernels_computing_their_mask_compile_fit_and_do_not_spill(
+    computed, arch, head_dim, options
+):
+    """Kernels that compute a causal or window mask themselves (``--band``, ``kernel_band``),
+    or mask partial tiles from key ranges (``--ranges``, ``kernel_ranges``), pipeline every
+    stage of their loops' tiles: at the table's stages they overflowed shared memory (sm_80's
+    D=128 band dQ, 176 KB of 163; sm_90's D=128 ranges forward took 229 KB, 180 KB walking
+    bitmaps), so they take one stage fewer (``band_launches``)."""
+    found = check(arch, torch.bfloat16, head_dim, computed, *options)
     assert len(found) == (1 if "--pack-gqa" in options else 3)
 
 
