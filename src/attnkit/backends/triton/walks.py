@@ -157,17 +157,16 @@ def kernel_ranges(req: Request) -> tuple[Tensor, Tensor] | None:
     if mods is None or mods.softcap > 0:
         return None
     dev = req.q.device
-    key = ("triton_ranges", s.Lq, s.Lk, str(dev))
     if isinstance(mask, Tensor):  # a padding mask (B|1, 1, 1, Lk): every key, those kept
-        kept = kept_keys(mask, s.Lk)
-        if kept is None:
+        if (kept := kept_keys(mask, s.Lk)) is None:
             return None
-        every_key = torch.tensor([[[0], [s.Lk - 1]]]).expand(1, 2, s.Lq)
-        found: Any = (every_key, kept)
+        found: Any = (None, kept)
     else:
         found = mask_ranges(req)  # cached on the mask; clears its entries for other lengths
     ranges: tuple[Tensor, Tensor] | None = _cached(
-        mask, key, lambda: _device_ranges(found, mask, s.Lq, s.Lk, dev)
+        mask,
+        ("triton_ranges", s.Lq, s.Lk, str(dev)),
+        lambda: _device_ranges(found, mask, s.Lq, s.Lk, dev),
     )
     return ranges
 
@@ -187,7 +186,7 @@ def _cached(mask: object, key: tuple[Any, ...], make: Any) -> Any:
 
 
 def _device_ranges(
-    found: tuple[Tensor, Tensor | None] | None,
+    found: tuple[Tensor | None, Tensor | None] | None,
     mask: Mask | Tensor,
     Lq: int,
     Lk: int,
@@ -195,8 +194,10 @@ def _device_ranges(
 ) -> tuple[Tensor, Tensor] | None:
     """``padded_ranges``' result ``found`` as the kernels read it, on ``dev``.
 
-    Else the mask's ``padded_band`` as ranges. int32 ranges and int8 keys of one batch size.
+    Else the mask's ``padded_band`` as ranges; ranges None: every key. int32 ranges and int8
+    keys of one batch size.
     """
+    ranges: Tensor | None
     if found is None:
         banded = padded_band(mask, Lq, Lk) if isinstance(mask, Mask) else None
         if banded is None:
@@ -206,6 +207,8 @@ def _device_ranges(
         ranges = torch.stack(((i + lo).clamp(min=0), (i + hi).clamp(max=Lk - 1)))[None]
     else:
         ranges, kept = found
+    if ranges is None:
+        ranges = torch.tensor([[[0], [Lk - 1]]]).expand(1, 2, Lq)
     if kept is None:
         kept = torch.ones(1, Lk, dtype=torch.bool)
     B = max(ranges.shape[0], kept.shape[0])
