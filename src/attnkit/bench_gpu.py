@@ -34,6 +34,7 @@ import attnkit
 from attnkit import masks
 from attnkit.backends import triton as triton_backend
 from attnkit.backends.triton import AUTOTUNE_ENV
+from attnkit.functional import _request
 from attnkit.masks import Mask
 
 H = 16
@@ -225,11 +226,10 @@ def measure(case: GpuCase, device: str, dtype: torch.dtype, smoke: bool = False)
         "sdpa": (lambda: sdpa, nullcontext()),
         "flex": (lambda: flex(case.mask, N, N, device), nullcontext()),
     }
-    computed = case.mask is not None and (
-        masks.band(case.mask, N, N) is not None or masks.padded_ranges(case.mask, N, N) is not None
-    )
-    if not computed:
-        del contenders["tile_lists"]  # walked either way
+    req = _request(*qkv, case.mask, None, None, 0.0, None, False)
+    walks = triton_backend.walks
+    if not (walks.kernel_band(req) or walks.kernel_ranges(req) is not None):
+        del contenders["tile_lists"]  # the kernels walk a BlockMask either way
     notes = []
     for name, (make, context) in contenders.items():
         row[f"{name}_s"] = None
