@@ -226,7 +226,8 @@ def measure(case: GpuCase, device: str, dtype: torch.dtype, smoke: bool = False)
         "sdpa": (lambda: sdpa, nullcontext()),
         "flex": (lambda: flex(case.mask, N, N, device), nullcontext()),
     }
-    req = _request(*qkv, case.mask, None, None, 0.0, None, False)
+    q, k, v = qkv
+    req = _request(q, k, v, case.mask, None, None, 0.0, None, False)
     walks = triton_backend.walks
     if not (walks.kernel_band(req) or walks.kernel_ranges(req) is not None):
         del contenders["tile_lists"]  # the kernels walk a BlockMask either way
