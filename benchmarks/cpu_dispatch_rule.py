@@ -2,6 +2,8 @@
 
     python benchmarks/cpu_dispatch_rule.py
     python benchmarks/cpu_dispatch_rule.py --tables unmasked --dtype float16 float64
+    python benchmarks/cpu_dispatch_rule.py --tables unmasked masked --masked-dtype bfloat16 \
+        [--no-bf16-gemm]
 
 For N = 64 … 4096 (B=1, H=8, D=64): first no mask and causal (SDPA's fused kernels,
 no mask tensor) in float32/bfloat16, forward and forward+backward; then, in float32 forward,
@@ -24,7 +26,7 @@ from rich.table import Table
 
 import attnkit
 from attnkit import masks
-from attnkit.backends import sdpa
+from attnkit.backends import cpu_kernel, sdpa
 from attnkit.backends._common import MaskLike
 from attnkit.bench import seconds
 from attnkit.functional import BackendName
@@ -224,14 +226,15 @@ def time_forward(
         return seconds(lambda: attnkit.attention(q, k, v, mask=mask, backend=backend))
 
 
-def masked_table() -> Table:
-    """Masks from dense to sparse, as Mask objects and as bool tensors, float32 forward."""
-    table = Table(title="tiled vs SDPA with a bool mask, forward ms (B=1, H=8, D=64, fp32)")
+def masked_table(dtype: torch.dtype = torch.float32) -> Table:
+    """Masks from dense to sparse, as Mask objects and as bool tensors, forward."""
+    title = f"tiled vs SDPA with a bool mask, forward ms (B=1, H=8, D=64, {dtype})"
+    table = Table(title=title)
     for col in ("N", "mask", "density", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
         table.add_column(col, justify="left" if col == "mask" else "right")
     torch.manual_seed(0)
     for N in LENGTHS:
-        q, k, v = (torch.randn(1, 8, N, 64) for _ in range(3))
+        q, k, v = (torch.randn(1, 8, N, 64, dtype=dtype) for _ in range(3))
         for name, mask in cases(N).items():
             if isinstance(mask, torch.Tensor):
                 density = float(mask.float().mean())
@@ -244,6 +247,12 @@ def masked_table() -> Table:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"], help="unmasked table")
+    ap.add_argument("--masked-dtype", default="float32", help="masked table")
+    ap.add_argument(
+        "--no-bf16-gemm",
+        action="store_true",
+        help="widen bfloat16 tiles to float32 (cpu_kernel.BF16_GEMM = False)",
+    )
     ap.add_argument(
         "--tables",
         nargs="*",
@@ -252,6 +261,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     console = Console(width=140)
+    cpu_kernel.BF16_GEMM = cpu_kernel.BF16_GEMM and not args.no_bf16_gemm
+    console.print(f"cpu_kernel.BF16_GEMM = {cpu_kernel.BF16_GEMM}")
     if "unmasked" in args.tables:
         console.print(unmasked_table([getattr(torch, d) for d in args.dtype]))
     if "decoding" in args.tables:
@@ -259,7 +270,7 @@ def main() -> None:
     if "few_queries" in args.tables:
         console.print(few_queries_table())
     if "masked" in args.tables:
-        console.print(masked_table())
+        console.print(masked_table(getattr(torch, args.masked_dtype)))
     if "head_dims" in args.tables:
         console.print(head_dims_table())
     if "gqa_fold" in args.tables:

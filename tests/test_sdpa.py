@@ -77,16 +77,21 @@ def test_dispatch_prefers_sdpa_when_expressible():
     assert set(attnkit.backends()) >= {"reference", "sdpa"}
 
 
-def test_dispatch_causal_on_cpu_by_size_and_dtype():
-    """Causal goes to tiled from TILED_CAUSAL_MIN_PAIRS pairs in float32/bfloat16, at any size
-    in float16 (SDPA has no fast float16 CPU kernel), never in float64."""
+@pytest.mark.parametrize("amx", [False, True], ids=["no_amx", "amx"])
+def test_dispatch_causal_on_cpu_by_size_and_dtype(monkeypatch, amx):
+    """Causal goes to tiled from TILED_CAUSAL_MIN_PAIRS pairs in float32 and, unless SDPA runs
+    it on AMX, bfloat16; at any size in float16 (SDPA has no fast float16 CPU kernel), never
+    in float64."""
     from attnkit.functional import TILED_CAUSAL_MIN_PAIRS
 
+    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_bf16", lambda: amx)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     causal = masks.causal()
     side = math.isqrt(TILED_CAUSAL_MIN_PAIRS // 4 - 1) + 1  # smallest L with 4·L² >= it
     for L, dtype, expected in (
         (side, torch.float32, "tiled"),
-        (side, torch.bfloat16, "tiled"),
+        (side, torch.bfloat16, "sdpa" if amx else "tiled"),
+        (side * 4, torch.bfloat16, "sdpa" if amx else "tiled"),
         (side - 1, torch.float32, "sdpa"),
         (side, torch.float64, "sdpa"),
         (side - 1, torch.float16, "tiled"),
@@ -162,6 +167,7 @@ def test_dispatch_bfloat16_training_by_cpu_capability(monkeypatch, capability, t
     """No mask, bfloat16: tiled when gradients are needed on a CPU where torch runs at AVX2
     (SDPA's bf16 backward is slow there), SDPA for inference and with AVX-512."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_bf16", lambda: capability == "AVX512")
     q, k, v = rand_qkv(1, 2, 2, 64, 64, 8, dtype=torch.bfloat16)
     assert attnkit.dispatch(q, k, v).backend == "sdpa"
     q.requires_grad_()

@@ -158,7 +158,16 @@ def test_independent_of_tile_sizes(cfg):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("dtype", "bf16_gemm"),
+    [
+        (torch.float32, False),
+        (torch.bfloat16, False),
+        (torch.bfloat16, True),
+        (torch.float16, False),
+    ],
+    ids=["fp32", "bf16_widened", "bf16_gemm", "fp16"],
+)
 @pytest.mark.parametrize(
     "mask",
     [
@@ -169,8 +178,12 @@ def test_independent_of_tile_sizes(cfg):
     ],
     ids=["causal", "window", "causal&padding", "documents&causal"],
 )
-def test_low_precision_within_scaled_reference_error(dtype, mask):
-    """DESIGN §7: error <= 2x (outputs) / 4x (gradients) the reference's own error in dtype."""
+def test_low_precision_within_scaled_reference_error(dtype, bf16_gemm, mask, monkeypatch):
+    """DESIGN §7: error <= 2x (outputs) / 4x (gradients) the reference's own error in dtype;
+    bfloat16 with its tiles widened to float32 and on MKL's bfloat16 GEMM."""
+    from attnkit.backends import cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "BF16_GEMM", bf16_gemm)
     q64, k64, v64 = rand_qkv(1, 4, 2, 301, 333, 64, dtype=torch.float64)
     low = [t.to(dtype).requires_grad_() for t in (q64, k64, v64)]
     gold = [t.to(dtype).double().requires_grad_() for t in (q64, k64, v64)]
@@ -187,6 +200,38 @@ def test_low_precision_within_scaled_reference_error(dtype, mask):
     for i, (g, r64, rl) in enumerate(zip(got, ref64, ref_low, strict=True)):
         assert g.dtype == dtype
         assert_close_scaled(g, r64, rl, mult=2.0 if i == 0 else 4.0, floor=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [masks.causal(), masks.sliding_window(40) | masks.global_tokens([3]), None],
+    ids=["causal", "window|global", "none"],
+)
+def test_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch):
+    """On MKL's bfloat16 GEMM (``cpu_kernel.BF16_GEMM``) the kernels multiply the bfloat16
+    inputs as they are and P and dS as hi + lo bfloat16 parts: the float32 gradients stay
+    within 3e-6 to 1.3e-4 of the widened path's (relative to their largest value). With the lo
+    parts zeroed (P and dS rounded to bfloat16), 1.6e-3 to 2.7e-3."""
+    from attnkit.backends import cpu_kernel
+
+    q, k, v = rand_qkv(1, 4, 2, 150, 181, 64, dtype=torch.bfloat16)
+    dout = torch.randn(1, 4, 150, 64, dtype=torch.bfloat16)
+    req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, False)
+    cfg = tiled.tuned_config(req)
+    tiles = tiled.kernel_tiles(req, cfg)
+    runs = []
+    for bf16_gemm in (False, True):
+        monkeypatch.setattr(cpu_kernel, "BF16_GEMM", bf16_gemm)
+        out, lse = cpu_kernel.forward(q, k, v, tiles, cfg.max_chunk, req.scale)
+        grads = cpu_kernel.backward(dout, q, k, v, out, lse, None, tiles, cfg.max_chunk, req.scale)
+        runs.append((out, lse, *grads))
+    (out, lse, *grads), (out_n, lse_n, *grads_n) = runs
+    torch.testing.assert_close(out_n, out, rtol=0, atol=4e-3)  # 1 bf16 ulp at |out| < 2
+    torch.testing.assert_close(lse_n, lse, rtol=1e-6, atol=1e-6)  # S's products are exact
+    for name, got, want in zip(("dq", "dk", "dv"), grads_n, grads, strict=True):
+        assert got.dtype == torch.float32
+        err = (got - want).abs().max().item()
+        assert err < 3e-4 * want.abs().max().item(), f"{name}: {err:.3g}"
 
 
 def test_lse_gradient_flows():

@@ -16,7 +16,7 @@ from attnkit import _validation as check
 from attnkit import backends as _backends
 from attnkit._symbolic import surely
 from attnkit._types import FULL, PARTIAL, DispatchDecision, ScoreModFn, Shapes, UnsupportedError
-from attnkit.backends import reference, sdpa, tiled, triton
+from attnkit.backends import cpu_kernel, reference, sdpa, tiled, triton
 from attnkit.backends._common import MaskLike, Request, inside_torch_func
 from attnkit.block_mask import BlockMask
 from attnkit.masks import Mask
@@ -199,6 +199,16 @@ def _slow_sdpa_bf16_backward() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
 
 
+def _fast_sdpa_bf16() -> bool:
+    """Whether SDPA's bfloat16 CPU kernels run on AMX tile units (torch's brgemm uses them).
+
+    There SDPA ran causal bfloat16 at 1.9-2.4x tiled's speed forward and 1.06-1.17x
+    forward+backward at N = 1024-4096 (tiled on MKL's bfloat16 GEMM too;
+    benchmarks/results/cpu_dispatch_amx.txt).
+    """
+    return cpu_kernel.has_amx()
+
+
 def _auto(req: Request) -> DispatchDecision:
     decision = _auto_rule(req)
     if decision.backend == "tiled" and (why := tiled.unsupported_reason(req)) is not None:
@@ -253,7 +263,12 @@ def _auto_rule(req: Request) -> DispatchDecision:
         s = req.shapes
         big = not surely(s.B * s.Hq * s.Lq * s.Lk < TILED_CAUSAL_MIN_PAIRS)
         # bf16 training where SDPA's backward is slow: tiled ran 2.1x faster already at N = 64
+        amx_bf16 = req.q.dtype == torch.bfloat16 and _fast_sdpa_bf16()
         if on_cpu and req.q.dtype in _CPU_KERNEL_DTYPES and (big or slow_sdpa_training):
+            if amx_bf16 and not slow_sdpa_training:
+                return DispatchDecision(
+                    "sdpa", "causal bfloat16 on a CPU with AMX: SDPA's fused kernel runs on it"
+                )
             return DispatchDecision(
                 "tiled", "causal on CPU: tiled skips the upper tiles and beats SDPA's is_causal"
             )

@@ -268,6 +268,19 @@ def packs_gqa(q: Tensor, k: Tensor, tiles: Tiles) -> bool:
     return PACK_GQA and G > 1 and shared_by_heads and fits
 
 
+#: bfloat16 q, k, v (and dO) go to MKL's bfloat16 GEMM as they are, P and dS as two
+#: bfloat16 parts each (float32-like accuracy), instead of being widened to float32 for
+#: sgemm: on by default where torch links MKL and the CPU has AMX, whose tile units ran that
+#: GEMM at 2.7-3.6x sgemm's speed on the kernels' tiles. Set False to widen
+#: (``benchmarks/cpu_dispatch_rule.py --no-bf16-gemm`` compares).
+def has_amx() -> bool:
+    """Whether the CPU has AMX tile units (torch's own check; False where torch lacks it)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+BF16_GEMM = torch.backends.mkl.is_available() and has_amx()  # type: ignore[no-untyped-call]
+
+
 #: Keys a forward part takes at least when a unit's keys are split over threads (``kv_splits``).
 MIN_SPLIT_KEYS = 1024
 #: Set False to run each unit's keys on one thread (``benchmarks/cpu_decoding.py`` compares).
@@ -333,6 +346,7 @@ def forward(
         *dropout,
         pack_gqa=packed,
         kv_splits=kv_splits(q, k, tiles, packed),
+        bf16_gemm=BF16_GEMM,
         **mask_kw,
     )
     return out, lse
@@ -352,23 +366,27 @@ def backward(
     mods: KernelMods = NO_MODS,
     dropout: tuple[int, int, float] = NO_DROPOUT,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv (float32) from float32 tensors on the CPU; ``dlse`` is the LSE's gradient.
+    """dq, dk, dv (float32) on the CPU; ``dlse`` is the LSE's gradient.
 
-    dQ rows take the kv tiles' parts as threads finish them (last-bit differences between
-    runs, as FlashAttention's atomics); under ``torch.use_deterministic_algorithms(True)`` in
-    kv-tile order: the same bits on every run and thread count.
+    dout, q, k, v: float32, or 16-bit, widened here to float32 unless bfloat16 goes to the
+    bfloat16 GEMM as it is (``BF16_GEMM``). dQ rows take the kv tiles' parts as threads finish
+    them (last-bit differences between runs, as FlashAttention's atomics); under
+    ``torch.use_deterministic_algorithms(True)`` in kv-tile order: the same bits on every run
+    and thread count.
     """
-    delta = (dout * out).sum(dim=-1)  # rowsum(dO ∘ O), (B, Hq, Lq)
+    delta = (dout.float() * out.float()).sum(dim=-1)  # rowsum(dO ∘ O), (B, Hq, Lq)
     if dlse is not None:
         delta = delta - dlse
     # rows with no key have lse = -inf and only masked scores: any finite shift gives P = 0
     lse2 = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse) * LOG2E
     mask_tensors, mask_kw = _mask_args(tiles)
+    kept = torch.bfloat16 if BF16_GEMM and q.dtype == torch.bfloat16 else torch.float32
+    dout, q, k, v = (t.to(kept).contiguous() for t in (dout, q, k, v))
     dq, dk, dv = torch.ops.attnkit.tiled_backward(
-        dout.contiguous(),
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
+        dout,
+        q,
+        k,
+        v,
         lse2.contiguous(),
         delta.contiguous(),
         *mask_tensors,

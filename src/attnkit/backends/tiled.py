@@ -495,21 +495,18 @@ class _TiledAttention(torch.autograd.Function):
     @first_order_only("the tiled backend")
     def backward(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, *captured = ctx.saved_tensors
-        compute = compute_dtype(ctx.dtype)
-        qc, kc, vc, out = (t.to(compute) for t in (q, k, v, out))
-        dout = torch.zeros_like(out) if dout is None else dout.to(compute)
-        dlse = None if dlse is None else dlse.to(qc.dtype)
+        dout = torch.zeros_like(out) if dout is None else dout
         d_cap: list[Tensor | None] = []
         if ctx.kernel is not None:  # compiled CPU backward (ALiBi/softcap at most, dropout)
             kn: _Kernel = ctx.kernel
-            dq, dk, dv = cpu_kernel.backward(
+            dq, dk, dv = cpu_kernel.backward(  # widens 16-bit tensors itself, where it must
                 dout,
-                qc,
-                kc,
-                vc,
+                q,
+                k,
+                v,
                 out,
                 lse,
-                dlse,
+                None if dlse is None else dlse.float(),
                 kn.tiles,
                 kn.max_chunk,
                 ctx.c.scale,
@@ -517,6 +514,9 @@ class _TiledAttention(torch.autograd.Function):
                 kn.dropout,
             )
         else:
+            compute = compute_dtype(ctx.dtype)
+            qc, kc, vc, out, dout = (t.to(compute) for t in (q, k, v, out, dout))
+            dlse = None if dlse is None else dlse.to(compute)
             dq, dk, dv, d_cap = backward(
                 dout, qc, kc, vc, out, lse, ctx.plan, ctx.c, tuple(captured), dlse
             )

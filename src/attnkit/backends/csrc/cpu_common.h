@@ -25,6 +25,13 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 // builds on another BLAS still load.
 extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 
+// MKL's bfloat16 GEMM with float32 output (CBLAS layout and transpose codes). On CPUs with
+// AMX it runs on the tile units, ~3x sgemm's speed on the kernels' tiles; weak, as above.
+extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k,
+                                       float alpha, const uint16_t* a, int lda,
+                                       const uint16_t* b, int ldb, float beta, float* c,
+                                       int ldc) __attribute__((weak));
+
 namespace attnkit_cpu {
 
 // While alive, MKL runs this thread's sgemm calls on one thread. The kernels' own threads
@@ -58,14 +65,69 @@ inline void gemm_rowmajor(bool trans_a, bool trans_b, int m, int n, int k, float
   sgemm_(&ta, &tb, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
-// Copy rows × cols elements of src (rows ld apart) into dst as float32, rows cols apart.
-template <typename T>
-inline void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+// Whether this torch links a bfloat16 GEMM (MKL's): the kernels' bf16_gemm path needs it.
+inline bool has_gemm_bf16() { return cblas_gemm_bf16bf16f32 != nullptr; }
+
+// gemm_rowmajor with bfloat16 A and B: products exact in float32, sums in float32.
+inline void gemm_bf16_rowmajor(bool trans_a, bool trans_b, int m, int n, int k, float alpha,
+                               const at::BFloat16* a, int lda, const at::BFloat16* b, int ldb,
+                               float beta, float* c, int ldc) {
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  cblas_gemm_bf16bf16f32(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, m,
+                         n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
+                         reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
+}
+
+// float32 -> bfloat16 bits, rounded to nearest even, NaN kept NaN; written with integer ops
+// and a select so that row loops vectorise (c10's conversion branches on NaN: scalar loops).
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
+}
+
+inline float bf16_value(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// x as the sum of two bfloat16 numbers, hi + lo, within ~2^-16 of x (relative): a float32
+// operand (probabilities, dS) of a bfloat16 GEMM goes in as two GEMMs, hi's and lo's, and the
+// result keeps float32-like accuracy where rounding x to bfloat16 alone would lose 8 bits.
+inline void split_bf16(const float* x, int64_t n, at::BFloat16* hi, at::BFloat16* lo) {
+  uint16_t* h = reinterpret_cast<uint16_t*>(hi);
+  uint16_t* l = reinterpret_cast<uint16_t*>(lo);
+  int64_t i = 0;
+#if defined(__AVX512BF16__)  // (every CPU with AMX): vcvtneps2bf16 rounds 16 lanes at once
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m256i hv = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+    const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hv), 16));
+    const __m256i lv = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + i), hv);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(l + i), lv);
+  }
+#endif
+#pragma omp simd
+  for (int64_t j = i; j < n; ++j) {  // the tail (all, without AVX512-BF16)
+    const uint16_t bits = bf16_bits(x[j]);
+    h[j] = bits;
+    l[j] = bf16_bits(x[j] - bf16_value(bits));
+  }
+}
+
+// Copy rows × cols elements of src (rows ld apart) into dst (as float32, or as they are),
+// rows cols apart.
+template <typename T, typename U>
+inline void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t ld, U* dst) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * ld;
-    float* d = dst + r * cols;
+    U* d = dst + r * cols;
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]);
+    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<U>(s[c]);
   }
 }
 

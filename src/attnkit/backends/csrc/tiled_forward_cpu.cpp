@@ -1,4 +1,5 @@
-// Block-sparse flash-attention forward for CPUs (float32).
+// Block-sparse flash-attention forward for CPUs: float32, bfloat16 and float16 in and out,
+// float32 math (16-bit tiles widened, or bfloat16 on MKL's bfloat16 GEMM: see `run`).
 //
 // One work unit per (batch, query head, query tile), spread over threads by at::parallel_for.
 // With pack_gqa (short query tiles, as in decoding, under a mask shared by every head: the
@@ -48,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     bool band, int64_t band_lo, int64_t band_hi,  // band: lo <= j - i <= hi, no kinds/bitmaps
     const std::optional<at::Tensor>& keys,        // with a band or ranges: (B or 1, Lk) bool
     const std::optional<at::Tensor>& ranges,      // per-row first, last keys: (B or 1, 2, Lq)
-    int64_t kv_splits) {
+    int64_t kv_splits, bool bf16_gemm) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
                   k.scalar_type() == dtype && v.scalar_type() == dtype,
@@ -106,10 +107,14 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   const float alpha_qk = static_cast<float>(mods.any() ? scale : scale * 1.4426950408889634);
 
   // T: the input/output dtype. 16-bit inputs are widened tile by tile into float32 scratch
-  // (the GEMMs are sgemm), so no float32 copy of q, k, v or out is ever made.
+  // (the GEMMs are sgemm), so no float32 copy of q, k, v or out is ever made. bfloat16 with
+  // bf16_gemm: q, k and v tiles go to MKL's bfloat16 GEMM as they are, and P as its hi and
+  // lo bfloat16 parts (split_bf16: two GEMMs, float32-like accuracy).
   auto run = [&](auto dtype_tag) {
     using T = decltype(dtype_tag);
-    constexpr bool kWide = !std::is_same_v<T, float>;
+    constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
+    const bool native = kBf16 && bf16_gemm && has_gemm_bf16();
+    const bool widen = !std::is_same_v<T, float> && !native;  // tiles widened to float32
     const T* qp = q.data_ptr<T>();
     const T* kp = k.data_ptr<T>();
     const T* vp = v.data_ptr<T>();
@@ -118,8 +123,10 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
       const OneBlasThread one_blas_thread;
       const int64_t chunk_keys = tiles_per_chunk * block_k;
       std::vector<float> S(max_rows * chunk_keys);
-      std::vector<float> Qf(kWide || packed ? max_rows * D : 0), Kf(kWide ? chunk_keys * D : 0),
-          Vf(kWide ? chunk_keys * Dv : 0);
+      std::vector<float> Qf(widen || (packed && !native) ? max_rows * D : 0),
+          Kf(widen ? chunk_keys * D : 0), Vf(widen ? chunk_keys * Dv : 0);
+      std::vector<T> Qn(native && packed ? max_rows * D : 0);  // packed rows, as they are
+      std::vector<at::BFloat16> Ph(native ? max_rows * chunk_keys : 0), Pl(Ph.size());
       std::vector<float> acc(max_rows * Dv), m(max_rows), l(max_rows);
       std::vector<float> Z(dropout.on() ? chunk_keys : 0);  // dropout scales
       for (int64_t work = begin; work < end; ++work) {
@@ -130,14 +137,20 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
         const T* qsrc = qp + b * q.stride(0) + h0 * q.stride(1) + q0 * ldq;
         const T* kbase = kp + b * k.stride(0) + hk * k.stride(1);
         const T* vbase = vp + b * v.stride(0) + hk * v.stride(1);
-        int64_t ldqt, ldkc, ldvc;  // leading dims of the float32 tiles the GEMMs read
+        int64_t ldqt = ldq, ldkc, ldvc;  // leading dims of the tiles the GEMMs read
         const float* qtile = Qf.data();
-        if (packed) {  // gather the G heads' rows into one float32 tile
+        const T* qtile_n = qsrc;  // native: the rows as they are
+        if (packed) {  // gather the G heads' rows into one tile
           for (int64_t g = 0; g < G; ++g) {
-            copy_rows(qsrc + g * q.stride(1), tq, D, ldq, Qf.data() + g * tq * D);
+            if (native) {
+              copy_rows(qsrc + g * q.stride(1), tq, D, ldq, Qn.data() + g * tq * D);
+            } else {
+              copy_rows(qsrc + g * q.stride(1), tq, D, ldq, Qf.data() + g * tq * D);
+            }
           }
           ldqt = D;
-        } else {
+          qtile_n = Qn.data();
+        } else if (!native) {
           qtile = widen_rows(qsrc, tq, D, ldq, Qf.data(), ldqt);
         }
         std::fill(acc.begin(), acc.begin() + rows * Dv, 0.0f);
@@ -159,8 +172,16 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
           const int64_t k0 = kt0 * block_k, k1 = std::min(kt * block_k, Lk), n = k1 - k0;
           any = true;
           float* s = S.data();
-          const float* kchunk = widen_rows(kbase + k0 * ldk, n, D, ldk, Kf.data(), ldkc);
-          gemm_rowmajor(false, true, rows, n, D, alpha_qk, qtile, ldqt, kchunk, ldkc, 0.0f, s, n);
+          if constexpr (kBf16) {
+            if (native) {
+              gemm_bf16_rowmajor(false, true, rows, n, D, alpha_qk, qtile_n, ldqt, kbase + k0 * ldk,
+                                 ldk, 0.0f, s, n);
+            }
+          }
+          if (!native) {
+            const float* kchunk = widen_rows(kbase + k0 * ldk, n, D, ldk, Kf.data(), ldkc);
+            gemm_rowmajor(false, true, rows, n, D, alpha_qk, qtile, ldqt, kchunk, ldkc, 0.0f, s, n);
+          }
           if (mods.any()) {
             for (int64_t r = 0; r < rows; ++r) {
               apply_score_mods(s + r * n, n, h0 + r / tq, q0 + r % tq, k0, mods, nullptr);
@@ -198,8 +219,20 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
               for (int64_t c = 0; c < Dv; ++c) arow[c] *= rescale;
             }
           }
-          const float* vchunk = widen_rows(vbase + k0 * ldv, n, Dv, ldv, Vf.data(), ldvc);
-          gemm_rowmajor(false, false, rows, Dv, n, 1.0f, s, n, vchunk, ldvc, 1.0f, acc.data(), Dv);
+          if constexpr (kBf16) {
+            if (native) {
+              split_bf16(s, rows * n, Ph.data(), Pl.data());
+              for (const at::BFloat16* part : {Ph.data(), Pl.data()}) {
+                gemm_bf16_rowmajor(false, false, rows, Dv, n, 1.0f, part, n, vbase + k0 * ldv, ldv,
+                                   1.0f, acc.data(), Dv);
+              }
+            }
+          }
+          if (!native) {
+            const float* vchunk = widen_rows(vbase + k0 * ldv, n, Dv, ldv, Vf.data(), ldvc);
+            gemm_rowmajor(false, false, rows, Dv, n, 1.0f, s, n, vchunk, ldvc, 1.0f, acc.data(),
+                          Dv);
+          }
         }
         for (int64_t r = 0; r < rows; ++r) {
           const bool attended = any && l[r] != 0.0f;  // l >= 1 once a key is attended, or NaN
