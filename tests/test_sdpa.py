@@ -13,6 +13,13 @@ from attnkit import masks
 from attnkit.backends import sdpa
 from conftest import rand_qkv
 
+
+@pytest.fixture(autouse=True)
+def _no_amx(monkeypatch):
+    """Dispatch as on a CPU without AMX unless a test says otherwise (the rules differ there)."""
+    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_16bit", lambda: False)
+
+
 MASKS = {
     "none": None,
     "causal": masks.causal(),
@@ -80,11 +87,11 @@ def test_dispatch_prefers_sdpa_when_expressible():
 @pytest.mark.parametrize("amx", [False, True], ids=["no_amx", "amx"])
 def test_dispatch_causal_on_cpu_by_size_and_dtype(monkeypatch, amx):
     """Causal goes to tiled from TILED_CAUSAL_MIN_PAIRS pairs in float32 and, unless SDPA runs
-    it on AMX, bfloat16; at any size in float16 (SDPA has no fast float16 CPU kernel), never
-    in float64."""
+    it on AMX, bfloat16; at any size in float16 (SDPA has no fast float16 CPU kernel), except
+    without gradients on AMX; never in float64."""
     from attnkit.functional import TILED_CAUSAL_MIN_PAIRS
 
-    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_bf16", lambda: amx)
+    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_16bit", lambda: amx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     causal = masks.causal()
     side = math.isqrt(TILED_CAUSAL_MIN_PAIRS // 4 - 1) + 1  # smallest L with 4·L² >= it
@@ -94,11 +101,14 @@ def test_dispatch_causal_on_cpu_by_size_and_dtype(monkeypatch, amx):
         (side * 4, torch.bfloat16, "sdpa" if amx else "tiled"),
         (side - 1, torch.float32, "sdpa"),
         (side, torch.float64, "sdpa"),
-        (side - 1, torch.float16, "tiled"),
-        (2, torch.float16, "tiled"),
+        (side - 1, torch.float16, "sdpa" if amx else "tiled"),
+        (2, torch.float16, "sdpa" if amx else "tiled"),
     ):
         q, k, v = rand_qkv(2, 2, 1, L, L, 8, dtype=dtype)
         assert attnkit.dispatch(q, k, v, mask=causal).backend == expected, (L, dtype)
+    q, k, v = rand_qkv(2, 2, 1, 8, 8, 8, dtype=torch.float16, requires_grad=True)
+    for mask in (causal, None):  # float16 training: tiled, AMX or not
+        assert attnkit.dispatch(q, k, v, mask=mask).backend == "tiled"
     q, k, v = rand_qkv(2, 2, 1, side, side + 5, 8)  # bottom-right, Lq != Lk: a general mask
     assert attnkit.dispatch(q, k, v, mask=causal).backend == "tiled"
 
@@ -167,7 +177,7 @@ def test_dispatch_bfloat16_training_by_cpu_capability(monkeypatch, capability, t
     """No mask, bfloat16: tiled when gradients are needed on a CPU where torch runs at AVX2
     (SDPA's bf16 backward is slow there), SDPA for inference and with AVX-512."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_bf16", lambda: capability == "AVX512")
+    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_16bit", lambda: capability == "AVX512")
     q, k, v = rand_qkv(1, 2, 2, 64, 64, 8, dtype=torch.bfloat16)
     assert attnkit.dispatch(q, k, v).backend == "sdpa"
     q.requires_grad_()

@@ -199,12 +199,13 @@ def _slow_sdpa_bf16_backward() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
 
 
-def _fast_sdpa_bf16() -> bool:
-    """Whether SDPA's bfloat16 CPU kernels run on AMX tile units (torch's brgemm uses them).
+def _fast_sdpa_16bit() -> bool:
+    """Whether SDPA's 16-bit CPU kernels are fast here: a CPU with AMX (and so AVX512-FP16).
 
     There SDPA ran causal bfloat16 at 1.9-2.4x tiled's speed forward and 1.06-1.17x
-    forward+backward at N = 1024-4096 (tiled on MKL's bfloat16 GEMM too;
-    benchmarks/results/cpu_dispatch_amx.txt).
+    forward+backward at N = 1024-4096 (tiled on MKL's bfloat16 GEMM too), and float16 forward
+    at 1.1-2.1x, no mask or causal, N = 64-4096 (tiled still 1.06-1.52x faster
+    forward+backward; benchmarks/results/cpu_dispatch_amx.txt).
     """
     return cpu_kernel.has_amx()
 
@@ -243,7 +244,12 @@ def _auto_rule(req: Request) -> DispatchDecision:
     )
     # decoding's causal or window mask may hide nothing: then the no-mask rules apply
     no_mask = req.mask is None or sdpa.attends_every_key(req.mask, req.shapes.Lq, req.shapes.Lk)
+    fp16_inference_on_amx = not req.needs_grad and _fast_sdpa_16bit()
     if on_cpu and req.q.dtype == torch.float16 and (no_mask or plain_causal):
+        if fp16_inference_on_amx:
+            return DispatchDecision(
+                "sdpa", "float16 without gradients on a CPU with AMX: SDPA's kernel is faster"
+            )
         return DispatchDecision(
             "tiled",
             "float16 on CPU: SDPA has no fast kernel for it, tiled widens tiles to fp32 in-kernel",
@@ -263,7 +269,7 @@ def _auto_rule(req: Request) -> DispatchDecision:
         s = req.shapes
         big = not surely(s.B * s.Hq * s.Lq * s.Lk < TILED_CAUSAL_MIN_PAIRS)
         # bf16 training where SDPA's backward is slow: tiled ran 2.1x faster already at N = 64
-        amx_bf16 = req.q.dtype == torch.bfloat16 and _fast_sdpa_bf16()
+        amx_bf16 = req.q.dtype == torch.bfloat16 and _fast_sdpa_16bit()
         if on_cpu and req.q.dtype in _CPU_KERNEL_DTYPES and (big or slow_sdpa_training):
             if amx_bf16 and not slow_sdpa_training:
                 return DispatchDecision(
