@@ -202,16 +202,11 @@ def test_low_precision_within_scaled_reference_error(dtype, bf16_gemm, mask, mon
         assert_close_scaled(g, r64, rl, mult=2.0 if i == 0 else 4.0, floor=1e-5)
 
 
-@pytest.mark.parametrize(
-    "mask",
-    [masks.causal(), masks.sliding_window(40) | masks.global_tokens([3]), None],
-    ids=["causal", "window|global", "none"],
-)
-def test_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch):
-    """On MKL's bfloat16 GEMM (``cpu_kernel.BF16_GEMM``) the kernels multiply the bfloat16
-    inputs as they are and P and dS as hi + lo bfloat16 parts: the float32 gradients stay
-    within 3e-6 to 1.3e-4 of the widened path's (relative to their largest value). With the lo
-    parts zeroed (P and dS rounded to bfloat16), 1.6e-3 to 2.7e-3."""
+BF16_GEMM_MASKS = [masks.causal(), masks.sliding_window(40) | masks.global_tokens([3]), None]
+
+
+def assert_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch):
+    """bfloat16 on MKL's bfloat16 GEMM against the same kernels widening to float32."""
     from attnkit.backends import cpu_kernel
 
     q, k, v = rand_qkv(1, 4, 2, 150, 181, 64, dtype=torch.bfloat16)
@@ -232,6 +227,32 @@ def test_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch):
         assert got.dtype == torch.float32
         err = (got - want).abs().max().item()
         assert err < 3e-4 * want.abs().max().item(), f"{name}: {err:.3g}"
+
+
+@pytest.mark.parametrize("mask", BF16_GEMM_MASKS, ids=["causal", "window|global", "none"])
+def test_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch):
+    """On MKL's bfloat16 GEMM (``cpu_kernel.BF16_GEMM``) the kernels multiply the bfloat16
+    inputs as they are and P and dS as hi + lo bfloat16 parts: the float32 gradients stay
+    within 3e-6 to 1.3e-4 of the widened path's (relative to their largest value). With the lo
+    parts zeroed (P and dS rounded to bfloat16), 1.6e-3 to 2.7e-3."""
+    assert_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", BF16_GEMM_MASKS, ids=["causal", "window|global", "none"])
+def test_portable_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch):
+    """The same with the portable loops, whose hi/lo split is plain C++ (the default build
+    rounds 16 lanes at once with AVX512-BF16 where the CPU has it)."""
+    from attnkit.backends import cpu_kernel
+
+    assert cpu_kernel.available()  # torch.ops.attnkit's ops, replaced below
+    cpu_kernel.build(
+        "attnkit_tiled_forward_cpu_portable",
+        ["ATTNKIT_PORTABLE_SIMD", "ATTNKIT_OP_NAMESPACE=attnkit_portable"],
+    )
+    for op in ("tiled_forward", "tiled_backward"):
+        monkeypatch.setattr(torch.ops.attnkit, op, getattr(torch.ops.attnkit_portable, op))
+    assert_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch)
 
 
 def test_lse_gradient_flows():

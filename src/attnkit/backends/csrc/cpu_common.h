@@ -101,7 +101,7 @@ inline void split_bf16(const float* x, int64_t n, at::BFloat16* hi, at::BFloat16
   uint16_t* h = reinterpret_cast<uint16_t*>(hi);
   uint16_t* l = reinterpret_cast<uint16_t*>(lo);
   int64_t i = 0;
-#if defined(__AVX512BF16__)  // (every CPU with AMX): vcvtneps2bf16 rounds 16 lanes at once
+#if defined(__AVX512BF16__) && !defined(ATTNKIT_PORTABLE_SIMD)  // every CPU with AMX has it
   for (; i + 16 <= n; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
     const __m256i hv = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
