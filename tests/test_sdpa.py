@@ -191,6 +191,26 @@ def test_dispatch_bfloat16_training_by_cpu_capability(monkeypatch, capability, t
     assert attnkit.dispatch(q32, k.float(), v.float(), mask=masks.causal()).backend == "sdpa"
 
 
+def test_dispatch_bfloat16_inference_under_masks_on_amx(monkeypatch):
+    """With AMX, bfloat16 inference goes to SDPA where tiled would compute most of the pairs
+    (AMX_BF16_SDPA_FROM_FRACTION); sparser masks, float32 and training stay on tiled."""
+    N = 512
+    q, k, v = rand_qkv(1, 2, 2, N, N, 8, dtype=torch.bfloat16)
+    padding = masks.key_padding([N - 7])
+    kept_most = (padding, padding.dense(N, N)[0, 0], masks.causal(align="top_left") | padding)
+    documents = masks.document(torch.arange(N) * 4 // N) & masks.causal()
+    sparser = (masks.sliding_window(N // 4), masks.prefix_lm(N // 2), documents)
+    for amx in (False, True):
+        monkeypatch.setattr(attnkit.functional, "_fast_sdpa_16bit", lambda amx=amx: amx)
+        for mask in kept_most:
+            assert attnkit.dispatch(q, k, v, mask=mask).backend == ("sdpa" if amx else "tiled")
+            assert attnkit.dispatch(q.float(), k.float(), v.float(), mask=mask).backend == "tiled"
+        for mask in sparser:
+            assert attnkit.dispatch(q, k, v, mask=mask).backend == "tiled"
+    q.requires_grad_()
+    assert attnkit.dispatch(q, k, v, mask=padding).backend == "tiled"
+
+
 def test_dispatch_rule_on_cpu():
     q, k, v = rand_qkv(1, 2, 2, 4096, 4096, 8)
     assert attnkit.dispatch(q, k, v).backend == "sdpa"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import attnkit
 from attnkit import masks, score_mods
 from attnkit._types import EMPTY
-from attnkit.backends import tiled
+from attnkit.backends import cpu_kernel, tiled
 from attnkit.backends.tiled import TileConfig
 from attnkit.varlen import varlen_mask
 from conftest import (
@@ -181,8 +181,6 @@ def test_independent_of_tile_sizes(cfg):
 def test_low_precision_within_scaled_reference_error(dtype, bf16_gemm, mask, monkeypatch):
     """DESIGN §7: error <= 2x (outputs) / 4x (gradients) the reference's own error in dtype;
     bfloat16 with its tiles widened to float32 and on MKL's bfloat16 GEMM."""
-    from attnkit.backends import cpu_kernel
-
     monkeypatch.setattr(cpu_kernel, "BF16_GEMM", bf16_gemm)
     q64, k64, v64 = rand_qkv(1, 4, 2, 301, 333, 64, dtype=torch.float64)
     low = [t.to(dtype).requires_grad_() for t in (q64, k64, v64)]
@@ -207,8 +205,6 @@ BF16_GEMM_MASKS = [masks.causal(), masks.sliding_window(40) | masks.global_token
 
 def assert_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch):
     """bfloat16 on MKL's bfloat16 GEMM against the same kernels widening to float32."""
-    from attnkit.backends import cpu_kernel
-
     q, k, v = rand_qkv(1, 4, 2, 150, 181, 64, dtype=torch.bfloat16)
     dout = torch.randn(1, 4, 150, 64, dtype=torch.bfloat16)
     req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, False)
@@ -243,8 +239,6 @@ def test_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch):
 def test_portable_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch):
     """The same with the portable loops, whose hi/lo split is plain C++ (the default build
     rounds 16 lanes at once with AVX512-BF16 where the CPU has it)."""
-    from attnkit.backends import cpu_kernel
-
     assert cpu_kernel.available()  # torch.ops.attnkit's ops, replaced below
     cpu_kernel.build(
         "attnkit_tiled_forward_cpu_portable",
@@ -253,6 +247,36 @@ def test_portable_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch):
     for op in ("tiled_forward", "tiled_backward"):
         monkeypatch.setattr(torch.ops.attnkit, op, getattr(torch.ops.attnkit_portable, op))
     assert_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        None,
+        masks.causal(),
+        masks.sliding_window(50, 7),
+        masks.causal(align="top_left") & masks.key_padding([150]),
+        masks.prefix_lm(40),
+        masks.document(torch.arange(203) * 3 // 203) & masks.causal(),
+        masks.dilated(8, 3),
+    ],
+    ids=["none", "causal", "window", "causal&padding", "prefix_lm", "documents", "dilated"],
+)
+def test_computed_fraction(mask):
+    """A band's count is its tiles' area (as the BlockMask's density), key ranges' the pairs
+    they keep (at most the tiles'), a BlockMask's its density."""
+    q, k, v = rand_qkv(1, 2, 2, 181, 203, 8)
+    req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, False)
+    cfg = TileConfig(32, 64, 128)
+    got = tiled.computed_fraction(req, cfg)
+    tiles = tiled.kernel_tiles(req, cfg)
+    density = tiled.block_mask_for(req, cfg).density
+    if isinstance(tiles, cpu_kernel.KeyRanges):
+        kept = (mask.dense(181, 203) if mask is not None else torch.ones(1)).double().mean()
+        assert got == pytest.approx(float(kept))
+        assert got <= density
+    else:
+        assert got == pytest.approx(density)
 
 
 def test_lse_gradient_flows():
@@ -345,8 +369,6 @@ def test_memory_65536_tokens_forward_backward():
 
 def test_compiled_cpu_kernel_builds():
     """The compiled forward must build wherever `make test` runs (it needs only g++)."""
-    from attnkit.backends import cpu_kernel
-
     assert cpu_kernel.available()
 
 
@@ -375,7 +397,6 @@ def test_portable_simd_kernel_every_mask():
     The default build uses AVX-512 intrinsics on this machine, so the portable branch is built
     as a second copy of the op under another namespace.
     """
-    from attnkit.backends import cpu_kernel
     from attnkit.block_mask import partial_bitmaps
 
     cpu_kernel.build(
@@ -545,8 +566,6 @@ def assert_kernels_need_no_tile_map(mask, Lq, Lk, mod, monkeypatch):
     """The kernels on ``mask`` with no tile map built: out, LSE and grads vs float64 (GQA),
     and bit for bit what the same kernels give walking the mask's tile map (dQ: to rounding,
     summed over kv tiles in the order threads finish them)."""
-    from attnkit.backends import cpu_kernel
-
     q64, k64, v64 = rand_qkv(2, 4, 2, Lq, Lk, 24, dtype=torch.float64)
     dout = torch.randn(2, 4, Lq, 24, dtype=torch.float64)
     cfg = TileConfig(32, 16, 64)  # block_q != block_k: a tile's rows and columns differ
@@ -636,8 +655,6 @@ def test_tensors_that_vary_over_heads_or_queries_are_no_kept_keys():
 @pytest.mark.parametrize(("mask", "Lq", "Lk"), BANDS.values(), ids=BANDS)
 def test_band_visits_the_kv_tiles_its_block_mask_lists(mask, Lq, Lk):
     """``Band.kv_tile_counts`` (tile_mask.h's kv_tiles, in Python) against the BlockMask."""
-    from attnkit.backends import cpu_kernel
-
     for block_q, block_k in ((32, 16), (16, 64)):
         band = cpu_kernel.Band(*masks.band(mask or masks.full(), Lq, Lk), block_q, block_k)
         listed = (mask or masks.full()).blocks(Lq, Lk, block_q, block_k).kinds != EMPTY
@@ -647,8 +664,6 @@ def test_band_visits_the_kv_tiles_its_block_mask_lists(mask, Lq, Lk):
 def test_the_most_kv_tiles_a_band_visits_comes_from_a_few_query_tiles():
     """``Band.most_kv_tiles`` (a few candidate query tiles, so that a symbolic length under
     torch.compile stays symbolic) equals the most over every query tile."""
-    from attnkit.backends import cpu_kernel
-
     for (block_q, block_k), Lq, Lk in itertools.product(
         ((64, 64), (128, 64), (64, 32), (16, 64)), (1, 63, 65, 200, 257), (1, 64, 65, 300)
     ):
@@ -672,8 +687,6 @@ def test_long_band_requests_pick_tiles_without_a_block_mask(monkeypatch):
 
 
 def test_kernels_walk_a_block_mask_where_the_mask_is_no_band(monkeypatch):
-    from attnkit.backends import cpu_kernel
-
     q, k, v = rand_qkv(1, 2, 2, 40, 50, 8)
     cfg = TileConfig(16, 16, 64)
 
@@ -729,8 +742,6 @@ KERNEL_MODS = {
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Records which compiled CPU kernels run ("forward", "backward")."""
-    from attnkit.backends import cpu_kernel
-
     calls = []
     for fn in ("forward", "backward"):
         real = getattr(cpu_kernel, fn)
@@ -852,8 +863,6 @@ def _strided_layouts(B, Hq, Hkv, Lq, Lk, D, dtype):
 def test_compiled_forward_reads_strided_inputs_in_place(layout, dtype):
     """The compiled forward reads q, k, v through their strides (no copy of a KV cache per
     step), and gives what it gives on contiguous copies of the same values."""
-    from attnkit.backends import cpu_kernel
-
     B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 37, 150, 24  # several query tiles and a partial kv tile
     q, k, v = _strided_layouts(B, Hq, Hkv, Lq, Lk, D, dtype)[layout]
     in_place = layout != "last_dim_strided"
@@ -874,7 +883,6 @@ def test_compiled_forward_reads_strided_inputs_in_place(layout, dtype):
 
 
 def test_compiled_forward_names_the_input_it_cannot_read():
-    from attnkit.backends import cpu_kernel
     from attnkit.block_mask import partial_bitmaps
 
     assert cpu_kernel.available()
@@ -932,8 +940,6 @@ def test_compiled_forward_packs_query_heads_by_kv_head(shape, mask, mod, p, dtyp
     """Few queries under a mask shared by the heads: one unit per (batch, kv head) stacks its G
     query heads' rows (PackGQA). Output and LSE as the float64 reference, ALiBi's per-head
     slopes, dropout's per-head entries and keyless rows included; the same unpacked."""
-    from attnkit.backends import cpu_kernel
-
     B, Hq, Hkv, Lq, Lk, D = shape
     mask = _padding_with_a_keyless_row(B, Hq, Lq, Lk) if mask == "padding" else mask
     mod = score_mods.softcap(2.0) if mod == "softcap" else mod
@@ -970,8 +976,6 @@ def test_compiled_forward_packs_query_heads_by_kv_head(shape, mask, mod, p, dtyp
 
 
 def test_forward_packs_query_heads_only_where_their_rows_fit_one_unit():
-    from attnkit.backends import cpu_kernel
-
     def packs(Hq, Hkv, Lq, mask, block_q=16):
         q, k, _ = rand_qkv(1, Hq, Hkv, Lq, 64, 8)
         req = attnkit.functional._request(q, k, k, mask, None, None, 0.0, None, False)
@@ -1053,8 +1057,6 @@ def test_compiled_forward_splits_a_units_keys_into_parts(shape, mask, mod, p, sp
     """Each unit's kv tiles in parts merged by their LSEs (FlashDecoding on CPU): the float64
     reference's output and LSE, as unsplit to rounding; more parts than tiles leave parts with
     no key (40 parts of 300 keys in 16-key tiles)."""
-    from attnkit.backends import cpu_kernel
-
     B, Hq, Hkv, Lq, Lk, D = shape
     mask = _padding_with_a_keyless_row(B, Hq, Lq, Lk) if mask == "padding" else mask
     mod = score_mods.softcap(2.0) if mod == "softcap" else mod
@@ -1091,8 +1093,6 @@ def test_compiled_forward_splits_a_units_keys_into_parts(shape, mask, mod, p, sp
 
 
 def test_forward_splits_keys_only_where_units_leave_threads_idle(monkeypatch):
-    from attnkit.backends import cpu_kernel
-
     def splits(B, Hq, Hkv, Lq, Lk, mask=None, threads=8):
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
         q, k, _ = rand_qkv(B, Hq, Hkv, Lq, Lk, 8)
@@ -1149,8 +1149,6 @@ def test_deterministic_backward_is_the_same_on_every_run_and_thread_count(mask):
 def test_split_forward_keeps_nan_rows_nan(nan_key, monkeypatch):
     """A NaN key makes the rows that see it NaN, as in the reference, also where the other
     parts hold no key of theirs; rows that cannot see it stay finite."""
-    from attnkit.backends import cpu_kernel
-
     q, k, v = rand_qkv(1, 4, 1, 2, 300, 16)
     k[0, 0, nan_key] = float("nan")
     mask = torch.arange(300) < 40  # a tile map over all 300 keys: the first part's keys only

@@ -179,6 +179,15 @@ PARTIAL_TILE_COST = 1.9
 #: step at 1.1-2.4x (benchmarks/cpu_varlen.py --decode).
 FEW_QUERIES = 16
 
+#: bfloat16 inference on a CPU with AMX under a mask goes to SDPA where tiled would compute
+#: at least this fraction of the score pairs: SDPA's kernel runs on the tile units, and with a
+#: bool mask ran at 1.1-1.6x tiled's speed under key padding (tiled computing every tile) from
+#: N = 256 to 4096, while tiled ran 0.91-1.54x under prefix_lm(N/2) (63 % of the pairs) and
+#: 1.1-5.2x under sliding_window(3N/4) and two documents (two runs of
+#: benchmarks/cpu_dispatch_rule.py --tables masked --masked-dtype bfloat16,
+#: benchmarks/results/cpu_dispatch_amx.txt).
+AMX_BF16_SDPA_FROM_FRACTION = 0.8
+
 #: Plain causal attention on CPU goes to tiled from this many (query, key) pairs B·Hq·Lq·Lk
 #: (8 heads of 128²): tiled ran at 1.12-1.72x SDPA's is_causal from N = 128 to 4096 in fp32
 #: and bf16, forward and forward+backward, except bf16 fwd+bwd at 4096 (0.93x); at N = 64 it
@@ -296,6 +305,20 @@ def _auto_rule(req: Request) -> DispatchDecision:
             "custom predicate: tiled would build its tile map for this call alone, SDPA's "
             "masked pass over so few rows costs less",
         )
+    if (
+        req.q.dtype == torch.bfloat16
+        and not req.needs_grad
+        and _fast_sdpa_16bit()
+        and not surely(req.shapes.Lq <= FEW_QUERIES)
+        and not torch.compiler.is_compiling()
+    ):
+        computed = tiled.computed_fraction(req, tiled.default_config(req.shapes.Lq))
+        if computed >= AMX_BF16_SDPA_FROM_FRACTION:
+            return DispatchDecision(
+                "sdpa",
+                f"bfloat16 inference on a CPU with AMX: tiled would compute {computed:.0%} of "
+                "the pairs, and SDPA's masked kernel on the tile units is faster",
+            )
     if not isinstance(req.mask, Tensor):
         return DispatchDecision(
             "tiled",

@@ -67,11 +67,16 @@ class Band:
 
         Python ints: decoding asks for one query tile, where torch ops cost ~10x more.
         """
+        keys = self.kv_keys(first_row, Lq, Lk)
+        return 0 if keys is None else keys[1] // self.block_k - keys[0] // self.block_k + 1
+
+    def kv_keys(self, first_row: int, Lq: int, Lk: int) -> tuple[int, int] | None:
+        """The first and last key the query tile from ``first_row`` attends, or None."""
         first = max(first_row + self.lo, 0)
         last = min(min(first_row + self.block_q, Lq) - 1 + self.hi, Lk - 1)
         if first > last or self.lo > self.hi:
-            return 0
-        return last // self.block_k - first // self.block_k + 1
+            return None
+        return first, last
 
     def kv_tile_counts(self, Lq: int, Lk: int) -> list[int]:
         """``kv_tiles`` of every query tile."""

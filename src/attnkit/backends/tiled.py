@@ -171,6 +171,27 @@ def kernel_tiles(req: Request, cfg: TileConfig) -> cpu_kernel.Tiles:
     return block_mask_for(req, cfg)
 
 
+def computed_fraction(req: Request, cfg: TileConfig) -> float:
+    """Fraction of the Lq×Lk scores the kernels compute for ``req``: the tiles not skipped.
+
+    A band's from its bounds and key ranges' from their lengths (no tile map built); padding
+    beside them is not counted (an upper bound).
+    """
+    s = req.shapes
+    tiles = kernel_tiles(req, cfg)
+    if isinstance(tiles, cpu_kernel.Band):
+        bk, pairs = cfg.block_k, 0
+        for row in range(0, s.Lq, cfg.block_q):  # each query tile: its rows × its kv tiles' keys
+            if (keys := tiles.kv_keys(row, s.Lq, s.Lk)) is not None:
+                first, last = keys[0] // bk * bk, min((keys[1] // bk + 1) * bk, s.Lk)
+                pairs += min(cfg.block_q, s.Lq - row) * (last - first)
+        return pairs / (s.Lq * s.Lk)
+    if isinstance(tiles, cpu_kernel.KeyRanges):
+        kept = (tiles.ranges[:, 1] - tiles.ranges[:, 0] + 1).clamp(min=0)
+        return float(kept.double().mean()) / s.Lk
+    return tiles.density
+
+
 def _kernel_band(req: Request) -> tuple[int, int, Tensor | None] | None:
     """The band and kept keys the kernels compute for ``req``'s mask, or None (``kernel_tiles``)."""
     mask = _NO_MASK if req.mask is None else req.mask
