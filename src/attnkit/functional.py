@@ -216,7 +216,7 @@ def _fast_sdpa_16bit() -> bool:
     at 1.1-2.1x, no mask or causal, N = 64-4096 (tiled still 1.06-1.52x faster
     forward+backward; benchmarks/results/cpu_dispatch_amx.txt).
     """
-    return cpu_kernel.has_amx()
+    return cpu_kernel.HAS_AMX
 
 
 def _auto(req: Request) -> DispatchDecision:
@@ -253,9 +253,8 @@ def _auto_rule(req: Request) -> DispatchDecision:
     )
     # decoding's causal or window mask may hide nothing: then the no-mask rules apply
     no_mask = req.mask is None or sdpa.attends_every_key(req.mask, req.shapes.Lq, req.shapes.Lk)
-    fp16_inference_on_amx = not req.needs_grad and _fast_sdpa_16bit()
     if on_cpu and req.q.dtype == torch.float16 and (no_mask or plain_causal):
-        if fp16_inference_on_amx:
+        if not req.needs_grad and _fast_sdpa_16bit():
             return DispatchDecision(
                 "sdpa", "float16 without gradients on a CPU with AMX: SDPA's kernel is faster"
             )

@@ -278,12 +278,10 @@ def packs_gqa(q: Tensor, k: Tensor, tiles: Tiles) -> bool:
 #: sgemm: on by default where torch links MKL and the CPU has AMX, whose tile units ran that
 #: GEMM at 2.7-3.6x sgemm's speed on the kernels' tiles. Set False to widen
 #: (``benchmarks/cpu_dispatch_rule.py --no-bf16-gemm`` compares).
-def has_amx() -> bool:
-    """Whether the CPU has AMX tile units (torch's own check; False where torch lacks it)."""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-BF16_GEMM = torch.backends.mkl.is_available() and has_amx()  # type: ignore[no-untyped-call]
+#: Whether the CPU has AMX tile units (torch's own check, made once: torch.compile does not
+#: trace into it; False where torch lacks it).
+HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+BF16_GEMM = torch.backends.mkl.is_available() and HAS_AMX  # type: ignore[no-untyped-call]
 
 
 #: Keys a forward part takes at least when a unit's keys are split over threads (``kv_splits``).
