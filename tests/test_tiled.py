@@ -249,6 +249,25 @@ def test_portable_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch):
     assert_bf16_gemm_keeps_float32_accuracy(mask, monkeypatch)
 
 
+@pytest.mark.parametrize("bf16_gemm", [False, True], ids=["widened", "bf16_gemm"])
+@pytest.mark.parametrize(
+    "mask", [masks.causal(), masks.sliding_window(500)], ids=["causal", "window"]
+)
+def test_bf16_decoding_packs_gqa_and_splits_keys(mask, bf16_gemm, monkeypatch):
+    """A bfloat16 decoding step, its 4 query heads per kv head stacked as one unit's rows and
+    its keys split over 3 parts: within the scaled reference error on both GEMM paths."""
+    monkeypatch.setattr(cpu_kernel, "BF16_GEMM", bf16_gemm)
+    monkeypatch.setattr(cpu_kernel, "kv_splits", lambda *a: 3)
+    q64, k64, v64 = rand_qkv(2, 8, 2, 3, 3001, 64, dtype=torch.float64)
+    q, k, v = (t.bfloat16() for t in (q64, k64, v64))
+    req = attnkit.functional._request(q, k, v, mask, None, None, 0.0, None, False)
+    assert cpu_kernel.packs_gqa(q, k, tiled.kernel_tiles(req, tiled.tuned_config(req)))
+    got = attnkit.attention(q, k, v, mask=mask, backend="tiled")
+    ref64 = attnkit.attention(*(t.double() for t in (q, k, v)), mask=mask, backend="reference")
+    ref_low = attnkit.attention(q, k, v, mask=mask, backend="reference")
+    assert_close_scaled(got, ref64, ref_low, mult=2.0, floor=1e-5)
+
+
 @pytest.mark.parametrize(
     "mask",
     [
