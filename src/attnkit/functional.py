@@ -277,9 +277,8 @@ def _auto_rule(req: Request) -> DispatchDecision:
         s = req.shapes
         big = not surely(s.B * s.Hq * s.Lq * s.Lk < TILED_CAUSAL_MIN_PAIRS)
         # bf16 training where SDPA's backward is slow: tiled ran 2.1x faster already at N = 64
-        amx_bf16 = req.q.dtype == torch.bfloat16 and _fast_sdpa_16bit()
         if on_cpu and req.q.dtype in _CPU_KERNEL_DTYPES and (big or slow_sdpa_training):
-            if amx_bf16 and not slow_sdpa_training:
+            if req.q.dtype == torch.bfloat16 and _fast_sdpa_16bit() and not slow_sdpa_training:
                 return DispatchDecision(
                     "sdpa", "causal bfloat16 on a CPU with AMX: SDPA's fused kernel runs on it"
                 )
@@ -304,6 +303,7 @@ def _auto_rule(req: Request) -> DispatchDecision:
             "custom predicate: tiled would build its tile map for this call alone, SDPA's "
             "masked pass over so few rows costs less",
         )
+    # not while compiling: counting the tiles would fix the lengths (tiled serves it there)
     if (
         req.q.dtype == torch.bfloat16
         and not req.needs_grad

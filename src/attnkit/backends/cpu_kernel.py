@@ -273,14 +273,14 @@ def packs_gqa(q: Tensor, k: Tensor, tiles: Tiles) -> bool:
     return PACK_GQA and G > 1 and shared_by_heads and fits
 
 
+#: Whether the CPU has AMX tile units (torch's own check, made once: torch.compile does not
+#: trace into it; False where torch lacks it).
+HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 #: bfloat16 q, k, v (and dO) go to MKL's bfloat16 GEMM as they are, P and dS as two
 #: bfloat16 parts each (float32-like accuracy), instead of being widened to float32 for
 #: sgemm: on by default where torch links MKL and the CPU has AMX, whose tile units ran that
 #: GEMM at 2.7-3.6x sgemm's speed on the kernels' tiles. Set False to widen
 #: (``benchmarks/cpu_dispatch_rule.py --no-bf16-gemm`` compares).
-#: Whether the CPU has AMX tile units (torch's own check, made once: torch.compile does not
-#: trace into it; False where torch lacks it).
-HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 BF16_GEMM = torch.backends.mkl.is_available() and HAS_AMX  # type: ignore[no-untyped-call]
 
 
