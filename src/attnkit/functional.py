@@ -191,8 +191,14 @@ AMX_BF16_SDPA_FROM_FRACTION = 0.8
 #: Plain causal attention on CPU goes to tiled from this many (query, key) pairs B·Hq·Lq·Lk
 #: (8 heads of 128²): tiled ran at 1.12-1.72x SDPA's is_causal from N = 128 to 4096 in fp32
 #: and bf16, forward and forward+backward, except bf16 fwd+bwd at 4096 (0.93x); at N = 64 it
-#: ran at 0.60-0.89x (1.5x for bf16 fwd+bwd), its fixed cost per call showing.
-TILED_CAUSAL_MIN_PAIRS = 8 * 128 * 128
+#: ran at 0.60-0.89x (1.5x for bf16 fwd+bwd), its fixed cost per call showing (AVX2). Where
+#: torch runs at AVX-512, from 8 heads of 256²: on the AMX VM tiled ran fp32 at 0.76-0.94x
+#: SDPA's speed at N = 128-192, 1.02-1.11x at 256, 1.06-1.35x from 384 (three runs, one of
+#: them benchmarks/results/cpu_dispatch_amx.txt's). Read once: torch.compile does not trace
+#: the capability query.
+TILED_CAUSAL_MIN_PAIRS = (
+    8 * (256 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 128) ** 2
+)
 #: the dtypes the causal rule was measured in; float64 (PyTorch ops in tiled) stays on SDPA:
 #: tiled ran at 0.20-0.86x its speed, no mask or causal, N = 64-4096
 _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
