@@ -181,24 +181,18 @@ FEW_QUERIES = 16
 
 #: bfloat16 inference on a CPU with AMX under a mask goes to SDPA where tiled would compute
 #: at least this fraction of the score pairs: SDPA's kernel runs on the tile units, and with a
-#: bool mask ran at 1.1-1.6x tiled's speed under key padding (tiled computing every tile) from
-#: N = 256 to 4096, while tiled ran 0.91-1.54x under prefix_lm(N/2) (63 % of the pairs) and
-#: 1.1-5.2x under sliding_window(3N/4) and two documents (two runs of
-#: benchmarks/cpu_dispatch_rule.py --tables masked --masked-dtype bfloat16,
-#: benchmarks/results/cpu_dispatch_amx.txt).
+#: bool mask ran at 1.1-1.5x tiled's speed under key padding (tiled computing every tile) from
+#: N = 256 to 4096, while tiled ran 1.05-1.25x under prefix_lm(N/2) (63 % of the pairs) and
+#: 1.7-5.3x under sliding_window(3N/4) and two documents (benchmarks/cpu_dispatch_rule.py
+#: --tables masked --masked-dtype bfloat16, benchmarks/results/cpu_dispatch_amx.txt's last).
 AMX_BF16_SDPA_FROM_FRACTION = 0.8
 
 #: Plain causal attention on CPU goes to tiled from this many (query, key) pairs B·Hq·Lq·Lk
 #: (8 heads of 128²): tiled ran at 1.12-1.72x SDPA's is_causal from N = 128 to 4096 in fp32
 #: and bf16, forward and forward+backward, except bf16 fwd+bwd at 4096 (0.93x); at N = 64 it
-#: ran at 0.60-0.89x (1.5x for bf16 fwd+bwd), its fixed cost per call showing (AVX2). Where
-#: torch runs at AVX-512, from 8 heads of 256²: on the AMX VM tiled ran fp32 at 0.76-0.94x
-#: SDPA's speed at N = 128-192, 1.02-1.11x at 256, 1.06-1.35x from 384 (three runs, one of
-#: them benchmarks/results/cpu_dispatch_amx.txt's). Read once: torch.compile does not trace
-#: the capability query.
-TILED_CAUSAL_MIN_PAIRS = (
-    8 * (256 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 128) ** 2
-)
+#: ran at 0.60-0.89x (1.5x for bf16 fwd+bwd), its fixed cost per call showing (AVX2). On the
+#: AMX VM (AVX-512) fp32 at N = 128: 1.26-1.32x forward, 1.05-1.12x forward+backward.
+TILED_CAUSAL_MIN_PAIRS = 8 * 128 * 128
 #: the dtypes the causal rule was measured in; float64 (PyTorch ops in tiled) stays on SDPA:
 #: tiled ran at 0.20-0.86x its speed, no mask or causal, N = 64-4096
 _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -217,7 +211,7 @@ def _slow_sdpa_bf16_backward() -> bool:
 def _fast_sdpa_16bit() -> bool:
     """Whether SDPA's 16-bit CPU kernels are fast here: a CPU with AMX (and so AVX512-FP16).
 
-    There SDPA ran causal bfloat16 at 1.9-2.4x tiled's speed forward and 1.06-1.17x
+    There SDPA ran causal bfloat16 at 1.5-2.2x tiled's speed forward and 1.05-1.15x
     forward+backward at N = 1024-4096 (tiled on MKL's bfloat16 GEMM too), and float16 forward
     at 1.1-2.1x, no mask or causal, N = 64-4096 (tiled still 1.06-1.52x faster
     forward+backward; benchmarks/results/cpu_dispatch_amx.txt).

@@ -303,12 +303,15 @@ inline bool any_nan(const float* s, int64_t n) {
 // 0.06 ns/element).
 #if defined(__AVX512F__) && !defined(ATTNKIT_PORTABLE_SIMD)
 
-// 16 lanes of 2^x for x <= 0 or -inf. vscalefps computes p·2^round(x) with correct underflow
-// (exactly 0 below 2^-149), so no exponent-bit arithmetic and no select are needed.
+// 16 lanes of 2^x for x <= 0 or -inf: 0 below -126, as exp2_nonpositive. Lanes below -126
+// (-inf: masked scores) are zeroed by the mask, not computed: 2^x there would underflow, and
+// each vscalefps whose result underflows costs a microcode assist (on a Sapphire Rapids VM an
+// exp pass over rows a fifth of which was -inf ran at 4.7 ns per element, 0.16 without).
 inline __m512 exp2_16(__m512 x) {
-  // -inf -> -150 -> exactly 0. maxps returns its second operand when either is NaN, so x goes
-  // second: a NaN score stays NaN (as in the reference) instead of becoming probability 0.
-  x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
+  // NaN compares unordered (not below -126), and maxps returns its second operand when either
+  // is NaN, so x goes second: a NaN score stays NaN (as in the reference), not probability 0.
+  const __mmask16 computed = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);
   const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, xi);  // in [-0.5, 0.5]
   __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
@@ -318,7 +321,7 @@ inline __m512 exp2_16(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, xi);
+  return _mm512_maskz_scalef_ps(computed, p, xi);
 }
 
 inline __mmask16 tail_mask(int64_t count) {
