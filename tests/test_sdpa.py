@@ -211,7 +211,8 @@ def test_dispatch_bfloat16_inference_under_masks_on_amx(monkeypatch):
     assert attnkit.dispatch(q, k, v, mask=padding).backend == "tiled"
 
 
-def test_dispatch_rule_on_cpu():
+def test_dispatch_rule_on_cpu(monkeypatch):
+    monkeypatch.setattr(attnkit.functional, "PARTIAL_TILE_COST", 1.9)  # the AVX2 measurement's
     q, k, v = rand_qkv(1, 2, 2, 4096, 4096, 8)
     assert attnkit.dispatch(q, k, v).backend == "sdpa"
     assert attnkit.dispatch(q.half(), k.half(), v.half()).backend == "tiled"
@@ -228,6 +229,9 @@ def test_dispatch_rule_on_cpu():
     assert attnkit.dispatch(q, k, v, mask=~window).backend == "tiled"  # mostly full tiles
     unstructured = torch.rand(4096, 4096, generator=torch.Generator().manual_seed(0)) < 0.9
     assert attnkit.dispatch(q, k, v, mask=unstructured).backend == "sdpa"  # all partial
+    with monkeypatch.context() as avx512:  # partial tiles as cheap as full ones: tiled
+        avx512.setattr(attnkit.functional, "PARTIAL_TILE_COST", 0.75)
+        assert attnkit.dispatch(q, k, v, mask=unstructured).backend == "tiled"
     # a cost of 0.7 · 0.6 + 1.9 · 0.3 = 0.99 runs tiled, 0.7 · 0.5 + 1.9 · 0.35 = 1.015 SDPA
     for n_full, n_partial, expected in ((60, 30, "tiled"), (50, 35, "sdpa")):
         rows = torch.zeros(100, 6400, dtype=torch.bool)  # 100 query tiles of 64 x 6400 keys

@@ -163,9 +163,14 @@ def _request(
 #: N = 256 to 4096, a cost of 1.5-2.0; with full tiles (key padding, as a tensor) at
 #: 1.27-1.41x, a cost of 0.71-0.79 (benchmarks/cpu_dispatch_rule.py --tables masked). Below
 #: 256 tokens partial tiles cost less (tiled 1.33-1.48x on a padding tensor of 64-128 tokens,
-#: 0.82-0.97x on the random one) and the rule errs towards SDPA there.
+#: 0.82-0.97x on the random one) and the rule errs towards SDPA there. That was on AVX2 (the
+#: kernels' portable loops). Where torch runs at AVX-512 partial tiles cost about what full
+#: ones do: the random mask ran at 1.39-1.71x SDPA's speed from N = 128 to 4096 in fp32, a cost
+#: of 0.58-0.72 (on the AMX VM, once the exp pass stopped underflowing on masked scores;
+#: benchmarks/results/cpu_dispatch_amx.txt's last table). Read once at import, as
+#: torch.compile does not trace the capability query.
 FULL_TILE_COST = 0.7
-PARTIAL_TILE_COST = 1.9
+PARTIAL_TILE_COST = 0.75 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 1.9
 
 #: Up to this many queries (decoding, speculative drafts) under a bool tensor or a Mask that
 #: shares no tile maps (held in tensors: documents; or a custom predicate), CPU goes to SDPA
