@@ -106,18 +106,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     constexpr bool kBf16 = std::is_same_v<In, at::BFloat16>;
     const In *dop = dout.data_ptr<In>(), *qp = q.data_ptr<In>();
     const In *kp = k.data_ptr<In>(), *vp = v.data_ptr<In>();
-    // C (+)= alpha·op(A)·op(B): A float32 scores (P, dS), B the inputs (bfloat16: A in parts)
-    auto gemm_scores = [&](bool trans_a, bool trans_b, int m, int n, int kd, float alpha,
-                           const float* a, int lda, const In* b, int ldb, float beta, float* c,
-                           int ldc, at::BFloat16* hi, at::BFloat16* lo, bool split) {
-      if constexpr (kBf16) {
-        if (split) split_bf16(a, static_cast<int64_t>(trans_a ? kd : m) * lda, hi, lo);
-        gemm_bf16_rowmajor(trans_a, trans_b, m, n, kd, alpha, hi, lda, b, ldb, beta, c, ldc);
-        gemm_bf16_rowmajor(trans_a, trans_b, m, n, kd, alpha, lo, lda, b, ldb, 1.0f, c, ldc);
-      } else {
-        gemm_rowmajor(trans_a, trans_b, m, n, kd, alpha, a, lda, b, ldb, beta, c, ldc);
-      }
-    };
     // C = alpha·A·Bᵀ of two inputs (S = Q·Kᵀ, dP = dO·Vᵀ)
     auto gemm_inputs = [&](int m, int n, int kd, float alpha, const In* a, const In* b, float* c) {
       if constexpr (kBf16) {
@@ -131,6 +119,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
       const OneBlasThread one_blas_thread;
       // bfloat16: the hi and lo parts of P (then dS)
       std::vector<at::BFloat16> Ph(kBf16 ? rows_max * block_k : 0), Pl(Ph.size());
+      // C (+)= alpha·op(A)·op(B): A float32 scores (P, dS), B the inputs; bfloat16: A as its
+      // parts in Ph, Pl (split: made from A here, else the last call's, of the same A)
+      auto gemm_scores = [&](bool trans_a, bool trans_b, int m, int n, int kd, float alpha,
+                             const float* a, int lda, const In* b, int ldb, float beta, float* c,
+                             int ldc, bool split) {
+        if constexpr (kBf16) {
+          at::BFloat16 *hi = Ph.data(), *lo = Pl.data();
+          if (split) split_bf16(a, static_cast<int64_t>(trans_a ? kd : m) * lda, hi, lo);
+          gemm_bf16_rowmajor(trans_a, trans_b, m, n, kd, alpha, hi, lda, b, ldb, beta, c, ldc);
+          gemm_bf16_rowmajor(trans_a, trans_b, m, n, kd, alpha, lo, lda, b, ldb, 1.0f, c, ldc);
+        } else {
+          gemm_rowmajor(trans_a, trans_b, m, n, kd, alpha, a, lda, b, ldb, beta, c, ldc);
+        }
+      };
       std::vector<float> P(rows_max * block_k), dP(rows_max * block_k), dq_part(rows_max * D);
       std::vector<float> T(mods.softcap > 0.0f ? rows_max * block_k : 0);  // tanh(s / c)
       // dropout: Z (0 or 1/(1-p) per score) and P∘Z, regenerated from the counter-based hash
@@ -187,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
             }
             // dV += (P∘Z)ᵀ·dO ; dP = dO·Vᵀ (∘Z)
             gemm_scores(true, false, tk, Dv, rows, 1.0f, pv, tk, dorows, Dv, 1.0f, dv_acc.data(),
-                        Dv, Ph.data(), Pl.data(), true);
+                        Dv, true);
             gemm_inputs(rows, tk, Dv, 1.0f, dorows, vtile, dp);
             if (dropout.on()) {
 #pragma omp simd
@@ -207,9 +209,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
             }
             // dK += scale·dSᵀ·Q ; dQ_rows += scale·dS·K (added under each query tile's lock)
             gemm_scores(true, false, tk, D, rows, fscale, p, tk, qrows, D, 1.0f, dk_acc.data(), D,
-                        Ph.data(), Pl.data(), true);
+                        true);
             gemm_scores(false, false, rows, D, tk, fscale, p, tk, ktile, D, 0.0f, dq_part.data(), D,
-                        Ph.data(), Pl.data(), false);  // dS's parts, split just above
+                        false);  // dS's parts, split just above
             for (int64_t t = qt0; t < qt; ++t) {
               const int64_t a = t * block_q - r0, z = std::min((t + 1) * block_q, Lq) - r0;
               float* dst = dqp + (row_base + r0 + a) * D;
