@@ -2,11 +2,13 @@
 
     python benchmarks/cpu_dispatch_rule.py
     python benchmarks/cpu_dispatch_rule.py --tables unmasked --dtype float16 float64
+    python benchmarks/cpu_dispatch_rule.py --tables bf16_training
     python benchmarks/cpu_dispatch_rule.py --tables unmasked masked --masked-dtype bfloat16 \
         [--no-bf16-gemm]
 
 For N = 64 … 4096 (B=1, H=8, D=64): first no mask and causal (SDPA's fused kernels,
-no mask tensor) in float32/bfloat16, forward and forward+backward; then, in float32 forward,
+no mask tensor) in float32/bfloat16, forward and forward+backward (bfloat16 training also
+over batch, heads and head dims up to N = 1024); then, in float32 forward,
 masks from fully dense to sparse, as Mask objects and as a bool tensor; one query over a
 KV cache (also with grouped / multi-query heads); a few queries under a padding mask made
 anew at every call; and key and value head dims that differ (D != Dv, as MLA's 192 / 128).
@@ -98,6 +100,23 @@ def unmasked_table(dtypes: list[torch.dtype]) -> Table:
                         "fwd+bwd" if backward else "fwd",
                         *compared(q, k, v, mask, time_pass),
                     )
+    return table
+
+
+def bf16_training_table() -> Table:
+    """bfloat16 forward+backward, no mask and causal, over batch, heads and head dims: where
+    SDPA's fused kernels overtake tiled on a CPU with AMX as sequences grow."""
+    table = Table(title="bfloat16 forward+backward: tiled vs SDPA's fused kernels, ms")
+    for col in ("B", "H", "D", "N", "mask", "tiled", "SDPA", "SDPA / tiled", "auto picks"):
+        table.add_column(col, justify="left" if col == "mask" else "right")
+    for B, H, D in ((1, 8, 64), (4, 8, 64), (1, 32, 64), (1, 8, 128)):
+        for N in (128, 256, 384, 512, 768, 1024):
+            q, k, v = (
+                torch.randn(B, H, N, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+            )
+            for name, mask in (("none", None), ("causal", masks.causal())):
+                cells = compared(q, k, v, mask, time_pass)
+                table.add_row(str(B), str(H), str(D), str(N), name, *cells)
     return table
 
 
@@ -256,7 +275,15 @@ def main() -> None:
     ap.add_argument(
         "--tables",
         nargs="*",
-        default=["unmasked", "decoding", "few_queries", "masked", "head_dims", "gqa_fold"],
+        default=[
+            "unmasked",
+            "bf16_training",
+            "decoding",
+            "few_queries",
+            "masked",
+            "head_dims",
+            "gqa_fold",
+        ],
         help="which to run",
     )
     args = ap.parse_args()
@@ -265,6 +292,8 @@ def main() -> None:
     console.print(f"cpu_kernel.BF16_GEMM = {cpu_kernel.BF16_GEMM}")
     if "unmasked" in args.tables:
         console.print(unmasked_table([getattr(torch, d) for d in args.dtype]))
+    if "bf16_training" in args.tables:
+        console.print(bf16_training_table())
     if "decoding" in args.tables:
         console.print(decoding_table())
     if "few_queries" in args.tables:

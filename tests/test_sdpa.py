@@ -172,23 +172,44 @@ def test_masks_that_hide_no_key_dispatch_as_no_mask(mask, Lq, sees_all):
     assert (decision.backend == "sdpa" and "no mask" in decision.reason) is sees_all
 
 
-@pytest.mark.parametrize(("capability", "training"), [("AVX2", "tiled"), ("AVX512", "sdpa")])
-def test_dispatch_bfloat16_training_by_cpu_capability(monkeypatch, capability, training):
-    """No mask, bfloat16: tiled when gradients are needed on a CPU where torch runs at AVX2
-    (SDPA's bf16 backward is slow there), SDPA for inference and with AVX-512."""
+@pytest.mark.parametrize(
+    ("capability", "amx"), [("AVX2", False), ("AVX512", False), ("AVX512", True)]
+)
+def test_dispatch_bfloat16_training_by_cpu(monkeypatch, capability, amx):
+    """bfloat16 with gradients: tiled at any size where torch runs at AVX2 (SDPA's bf16 backward
+    is slow there); on AMX for short sequences, up to AMX_BF16_TILED_TRAINING_PAIRS per head
+    without a mask and AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS under causal; SDPA for inference,
+    for float32 and for small causal calls on AVX-512 without AMX."""
+    from attnkit.functional import (
+        AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS,
+        AMX_BF16_TILED_TRAINING_PAIRS,
+    )
+
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_16bit", lambda: capability == "AVX512")
-    q, k, v = rand_qkv(1, 2, 2, 64, 64, 8, dtype=torch.bfloat16)
+    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_16bit", lambda: amx)
+    slow_backward = capability == "AVX2"
+    causal = masks.causal()
+
+    def picks(Lq: int, Lk: int, mask: masks.Mask | None, **kw) -> str:
+        q, k, v = rand_qkv(1, 2, 2, Lq, Lk, 8, dtype=torch.bfloat16, **kw)
+        return attnkit.dispatch(q, k, v, mask=mask).backend
+
+    side = math.isqrt(AMX_BF16_TILED_TRAINING_PAIRS)
+    for Lq, Lk, short in ((64, 64, True), (side // 2, side * 2, True), (side, side + 1, False)):
+        assert picks(Lq, Lk, None) == "sdpa"
+        want = "tiled" if slow_backward or (amx and short) else "sdpa"
+        assert picks(Lq, Lk, None, requires_grad=True) == want, (Lq, Lk)
+        with torch.no_grad():
+            assert picks(Lq, Lk, None, requires_grad=True) == "sdpa"
+    side = math.isqrt(AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS)
+    # 2 heads of 64² are below TILED_CAUSAL_MIN_PAIRS: SDPA on AVX-512 without AMX
+    expected = {"AVX2": "tiled " * 3, "AVX512": "sdpa tiled tiled", "AMX": "tiled tiled sdpa"}
+    wants = expected["AMX" if amx else capability].split()
+    for L, want in zip((64, side, side + 1), wants, strict=True):
+        assert picks(L, L, causal, requires_grad=True) == want, L
+    q, k, v = rand_qkv(1, 2, 2, 64, 64, 8, requires_grad=True)
     assert attnkit.dispatch(q, k, v).backend == "sdpa"
-    q.requires_grad_()
-    assert attnkit.dispatch(q, k, v).backend == training
-    with torch.no_grad():
-        assert attnkit.dispatch(q, k, v).backend == "sdpa"
-    q32 = q.detach().float().requires_grad_()
-    assert attnkit.dispatch(q32, k.float(), v.float()).backend == "sdpa"
-    # small causal calls too (below TILED_CAUSAL_MIN_PAIRS, which keeps fp32 on SDPA)
-    assert attnkit.dispatch(q, k, v, mask=masks.causal()).backend == training
-    assert attnkit.dispatch(q32, k.float(), v.float(), mask=masks.causal()).backend == "sdpa"
+    assert attnkit.dispatch(q, k, v, mask=causal).backend == "sdpa"
 
 
 def test_dispatch_bfloat16_inference_under_masks_on_amx(monkeypatch):

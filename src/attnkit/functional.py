@@ -198,6 +198,14 @@ AMX_BF16_SDPA_FROM_FRACTION = 0.8
 #: ran at 0.60-0.89x (1.5x for bf16 fwd+bwd), its fixed cost per call showing (AVX2). On the
 #: AMX VM (AVX-512) fp32 at N = 128: 1.26-1.32x forward, 1.05-1.12x forward+backward.
 TILED_CAUSAL_MIN_PAIRS = 8 * 128 * 128
+#: bfloat16 training on a CPU with AMX stays on tiled up to these many (query, key) pairs per
+#: head, Lq·Lk, without a mask and under plain causal: SDPA's bf16 backward costs more per call
+#: there. Forward+backward, B·H = 8-32, D = 64: tiled ran at 1.02-2.32x SDPA's speed up to
+#: N = 256 without a mask (0.91-1.02x at 384), 1.13-2.71x up to 512 under causal (0.93-1.11x
+#: at 768); at D = 128 alike, except no mask at 256 (0.91x) (benchmarks/cpu_dispatch_rule.py
+#: --tables bf16_training, benchmarks/results/cpu_dispatch_amx.txt).
+AMX_BF16_TILED_TRAINING_PAIRS = 256 * 256
+AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS = 512 * 512
 #: the dtypes the causal rule was measured in; float64 (PyTorch ops in tiled) stays on SDPA:
 #: tiled ran at 0.20-0.86x its speed, no mask or causal, N = 64-4096
 _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -270,6 +278,10 @@ def _auto_rule(req: Request) -> DispatchDecision:
     slow_sdpa_training = (
         on_cpu and req.q.dtype == torch.bfloat16 and req.needs_grad and _slow_sdpa_bf16_backward()
     )
+    amx_bf16_training = (
+        on_cpu and req.q.dtype == torch.bfloat16 and req.needs_grad and _fast_sdpa_16bit()
+    )
+    per_head_pairs = req.shapes.Lq * req.shapes.Lk
     if no_mask:
         if slow_sdpa_training:
             return DispatchDecision(
@@ -277,8 +289,20 @@ def _auto_rule(req: Request) -> DispatchDecision:
                 "bfloat16 with gradients on a CPU without AVX-512: SDPA's bf16 backward is slow "
                 "here, tiled's runs in float32 tiles",
             )
+        if amx_bf16_training and surely(per_head_pairs <= AMX_BF16_TILED_TRAINING_PAIRS):
+            return DispatchDecision(
+                "tiled",
+                "short bfloat16 training on a CPU with AMX: SDPA's bf16 backward costs more "
+                "per call than tiled's",
+            )
         return DispatchDecision("sdpa", "no mask: torch SDPA's fused kernel (tiled is no faster)")
     if plain_causal:
+        if amx_bf16_training and surely(per_head_pairs <= AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS):
+            return DispatchDecision(
+                "tiled",
+                "short causal bfloat16 training on a CPU with AMX: tiled skips the upper tiles "
+                "and its backward costs less per call than SDPA's",
+            )
         s = req.shapes
         big = not surely(s.B * s.Hq * s.Lq * s.Lk < TILED_CAUSAL_MIN_PAIRS)
         # bf16 training where SDPA's backward is slow: tiled ran 2.1x faster already at N = 64
