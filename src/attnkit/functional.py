@@ -561,6 +561,12 @@ def dispatch(
        causal and sliding-window ones, & padding): SDPA with a bool mask (reference where
        SDPA cannot).
 
+    On a CPU with AMX (SDPA's 16-bit kernels run on its tile units): float16 needing no
+    gradients under rules 2-3, causal bfloat16, and bfloat16 inference under a mask tiled
+    would mostly compute (``AMX_BF16_SDPA_FROM_FRACTION``) go to SDPA; bfloat16 training of
+    short sequences to tiled (``AMX_BF16_TILED_TRAINING_PAIRS`` per head without a mask,
+    ``AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS`` under causal).
+
     Sizes that torch.compile or torch.export keep symbolic take, without a guard, the branch
     for long sequences (rules 3 and 4) unless their range decides it (``attnkit._symbolic``).
 
