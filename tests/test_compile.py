@@ -249,3 +249,34 @@ def test_a_decoding_step_over_kv_caches_compiles_once(window):
         outs += [step(ids[:, t : t + 1], t, caches) for t in range(6, 40)]
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
     assert graphs.frame_count == (2 if window is None else 4)
+
+
+def test_constant_marks_are_torch_compilers_own():
+    """cpu_kernel marks its cached queries as torch.compiler.assume_constant_result does,
+    without importing torch._dynamo at ``import attnkit``; a torch that marks differently
+    fails here (the compiled graphs would then call them, or break on them)."""
+    from attnkit.backends import cpu_kernel
+
+    def probe() -> int:
+        return 0
+
+    torch.compiler.assume_constant_result(probe)
+    for marked in (cpu_kernel.available, cpu_kernel._threads):
+        assert {k: v for k, v in vars(marked).items() if k in vars(probe)} == vars(probe)
+
+
+def test_import_leaves_dynamo_and_sympy_unloaded():
+    """``import attnkit`` (and a first attention call) stays ~1 s lighter: neither
+    torch._dynamo nor sympy (torch's symbolic shapes) is loaded by it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, attnkit\n"
+        "from attnkit import masks\n"
+        "q = torch.randn(1, 2, 130, 16)\n"
+        "attnkit.attention(q, q, q, mask=masks.sliding_window(20))\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -11,7 +11,6 @@ known to be short, else the one for long sequences, which serves every length.
 from __future__ import annotations
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 def surely(condition: bool | torch.SymBool) -> bool:
@@ -20,4 +19,9 @@ def surely(condition: bool | torch.SymBool) -> bool:
     A plain bool is returned as it is; a symbolic one is decided without adding a guard, False
     where the lengths' known range leaves it open.
     """
+    if isinstance(condition, bool):
+        return condition
+    # imported here: symbolic_shapes pulls in sympy, ~0.3 s of `import attnkit` otherwise
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
     return bool(statically_known_true(condition))

@@ -145,9 +145,13 @@ def _mask_args(tiles: Tiles) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, o
 
 
 def _traced_as_constant(fn: Callable[[], T]) -> Callable[[], T]:
-    """torch.compile calls ``fn`` once while tracing and keeps its result as a constant."""
-    constant = torch.compiler.assume_constant_result(fn)  # type: ignore[no-untyped-call]
-    return cast(Callable[[], T], constant)
+    """torch.compile calls ``fn`` once while tracing and keeps its result as a constant.
+
+    The mark ``torch.compiler.assume_constant_result`` sets, set here: that function imports
+    torch._dynamo, ~0.8 s of ``import attnkit`` (test_compile checks the two agree).
+    """
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
 
 
 @_traced_as_constant
