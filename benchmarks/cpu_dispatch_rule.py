@@ -5,6 +5,8 @@
     python benchmarks/cpu_dispatch_rule.py --tables bf16_training
     python benchmarks/cpu_dispatch_rule.py --tables unmasked masked --masked-dtype bfloat16 \
         [--no-bf16-gemm]
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 MKL_ENABLE_INSTRUCTIONS=AVX512 \
+        python benchmarks/cpu_dispatch_rule.py --no-amx --tables unmasked --dtype bfloat16
 
 For N = 64 … 4096 (B=1, H=8, D=64): first no mask and causal (SDPA's fused kernels,
 no mask tensor) in float32/bfloat16, forward and forward+backward (bfloat16 training also
@@ -18,6 +20,7 @@ Prints what ``attnkit.dispatch`` picks.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from functools import partial
 
@@ -273,6 +276,13 @@ def main() -> None:
         help="widen bfloat16 tiles to float32 (cpu_kernel.BF16_GEMM = False)",
     )
     ap.add_argument(
+        "--no-amx",
+        action="store_true",
+        help="as on an AVX-512 CPU without AMX (Zen 4, Cooper Lake): attnkit's AMX rules and "
+        "bf16 GEMM off; run with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 and "
+        "MKL_ENABLE_INSTRUCTIONS=AVX512 set, so torch's kernels leave the tile units too",
+    )
+    ap.add_argument(
         "--tables",
         nargs="*",
         default=[
@@ -289,6 +299,12 @@ def main() -> None:
     args = ap.parse_args()
     console = Console(width=140)
     cpu_kernel.BF16_GEMM = cpu_kernel.BF16_GEMM and not args.no_bf16_gemm
+    if args.no_amx:
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+        if "AMX" in isa.upper() or not isa or "MKL_ENABLE_INSTRUCTIONS" not in os.environ:
+            ap.error("--no-amx needs ONEDNN_MAX_CPU_ISA (without AMX) and MKL_ENABLE_INSTRUCTIONS")
+        cpu_kernel.HAS_AMX = cpu_kernel.BF16_GEMM = False
+        console.print(f"as without AMX: ONEDNN_MAX_CPU_ISA={isa}")
     console.print(f"cpu_kernel.BF16_GEMM = {cpu_kernel.BF16_GEMM}")
     if "unmasked" in args.tables:
         console.print(unmasked_table([getattr(torch, d) for d in args.dtype]))

@@ -14,10 +14,16 @@ from attnkit.backends import sdpa
 from conftest import rand_qkv
 
 
+def as_on_cpu(monkeypatch, cpu: str) -> None:
+    """Dispatch as on an "AVX2" CPU, an "AVX512" one without AMX, or one with "AMX"."""
+    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_bf16", lambda: cpu == "AMX")
+    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_fp16_forward", lambda: cpu != "AVX2")
+
+
 @pytest.fixture(autouse=True)
-def _no_amx(monkeypatch):
-    """Dispatch as on a CPU without AMX unless a test says otherwise (the rules differ there)."""
-    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_16bit", lambda: False)
+def _as_on_avx2(monkeypatch):
+    """Dispatch as on an AVX2 CPU unless a test says otherwise (the 16-bit rules differ)."""
+    as_on_cpu(monkeypatch, "AVX2")
 
 
 MASKS = {
@@ -84,25 +90,26 @@ def test_dispatch_prefers_sdpa_when_expressible():
     assert set(attnkit.backends()) >= {"reference", "sdpa"}
 
 
-@pytest.mark.parametrize("amx", [False, True], ids=["no_amx", "amx"])
-def test_dispatch_causal_on_cpu_by_size_and_dtype(monkeypatch, amx):
+@pytest.mark.parametrize("cpu", ["AVX2", "AVX512", "AMX"])
+def test_dispatch_causal_on_cpu_by_size_and_dtype(monkeypatch, cpu):
     """Causal goes to tiled from TILED_CAUSAL_MIN_PAIRS pairs in float32 and, unless SDPA runs
-    it on AMX, bfloat16; at any size in float16 (SDPA has no fast float16 CPU kernel), except
-    without gradients on AMX; never in float64."""
+    it on AMX, bfloat16; in float16 at any size, except without gradients where torch runs
+    at AVX-512; never in float64."""
     from attnkit.functional import TILED_CAUSAL_MIN_PAIRS
 
-    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_16bit", lambda: amx)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    as_on_cpu(monkeypatch, cpu)
     causal = masks.causal()
     side = math.isqrt(TILED_CAUSAL_MIN_PAIRS // 4 - 1) + 1  # smallest L with 4·L² >= it
+    fp16 = "tiled" if cpu == "AVX2" else "sdpa"
     for L, dtype, expected in (
         (side, torch.float32, "tiled"),
-        (side, torch.bfloat16, "sdpa" if amx else "tiled"),
-        (side * 4, torch.bfloat16, "sdpa" if amx else "tiled"),
+        (side, torch.bfloat16, "sdpa" if cpu == "AMX" else "tiled"),
+        (side * 4, torch.bfloat16, "sdpa" if cpu == "AMX" else "tiled"),
         (side - 1, torch.float32, "sdpa"),
+        (side - 1, torch.bfloat16, "sdpa"),
         (side, torch.float64, "sdpa"),
-        (side - 1, torch.float16, "sdpa" if amx else "tiled"),
-        (2, torch.float16, "sdpa" if amx else "tiled"),
+        (side - 1, torch.float16, fp16),
+        (2, torch.float16, fp16),
     ):
         q, k, v = rand_qkv(2, 2, 1, L, L, 8, dtype=dtype)
         assert attnkit.dispatch(q, k, v, mask=causal).backend == expected, (L, dtype)
@@ -172,44 +179,40 @@ def test_masks_that_hide_no_key_dispatch_as_no_mask(mask, Lq, sees_all):
     assert (decision.backend == "sdpa" and "no mask" in decision.reason) is sees_all
 
 
-@pytest.mark.parametrize(
-    ("capability", "amx"), [("AVX2", False), ("AVX512", False), ("AVX512", True)]
-)
-def test_dispatch_bfloat16_training_by_cpu(monkeypatch, capability, amx):
-    """bfloat16 with gradients: tiled at any size where torch runs at AVX2 (SDPA's bf16 backward
-    is slow there); on AMX for short sequences, up to AMX_BF16_TILED_TRAINING_PAIRS per head
+@pytest.mark.parametrize("cpu", ["AVX2", "AVX512", "AMX"])
+def test_dispatch_bfloat16_training_by_cpu(monkeypatch, cpu):
+    """bfloat16 with gradients: tiled at any size on a CPU without AMX (SDPA's bf16 backward
+    is slow there); with AMX for short sequences, up to AMX_BF16_TILED_TRAINING_PAIRS per head
     without a mask and AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS under causal; SDPA for inference,
-    for float32 and for small causal calls on AVX-512 without AMX."""
+    and for float32 calls below TILED_CAUSAL_MIN_PAIRS."""
     from attnkit.functional import (
         AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS,
         AMX_BF16_TILED_TRAINING_PAIRS,
     )
 
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(attnkit.functional, "_fast_sdpa_16bit", lambda: amx)
-    slow_backward = capability == "AVX2"
-    causal = masks.causal()
+    as_on_cpu(monkeypatch, cpu)
+    amx = cpu == "AMX"
 
     def picks(Lq: int, Lk: int, mask: masks.Mask | None, **kw) -> str:
         q, k, v = rand_qkv(1, 2, 2, Lq, Lk, 8, dtype=torch.bfloat16, **kw)
         return attnkit.dispatch(q, k, v, mask=mask).backend
 
-    side = math.isqrt(AMX_BF16_TILED_TRAINING_PAIRS)
-    for Lq, Lk, short in ((64, 64, True), (side // 2, side * 2, True), (side, side + 1, False)):
-        assert picks(Lq, Lk, None) == "sdpa"
-        want = "tiled" if slow_backward or (amx and short) else "sdpa"
-        assert picks(Lq, Lk, None, requires_grad=True) == want, (Lq, Lk)
-        with torch.no_grad():
-            assert picks(Lq, Lk, None, requires_grad=True) == "sdpa"
-    side = math.isqrt(AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS)
-    # 2 heads of 64² are below TILED_CAUSAL_MIN_PAIRS: SDPA on AVX-512 without AMX
-    expected = {"AVX2": "tiled " * 3, "AVX512": "sdpa tiled tiled", "AMX": "tiled tiled sdpa"}
-    wants = expected["AMX" if amx else capability].split()
-    for L, want in zip((64, side, side + 1), wants, strict=True):
-        assert picks(L, L, causal, requires_grad=True) == want, L
+    for pairs, mask in (
+        (AMX_BF16_TILED_TRAINING_PAIRS, None),
+        (AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS, masks.causal()),
+    ):
+        side = math.isqrt(pairs)
+        shapes = ((64, 64, True), (side, side, True), (side + 1, side + 1, False))
+        if mask is None:  # Lq != Lk: pairs per head count
+            shapes += ((side // 2, side * 2, True), (side, side + 1, False))
+        for Lq, Lk, short in shapes:
+            want = "tiled" if short or not amx else "sdpa"
+            assert picks(Lq, Lk, mask, requires_grad=True) == want, (Lq, Lk, mask)
+            with torch.no_grad():
+                assert picks(Lq, Lk, None, requires_grad=True) == "sdpa"
     q, k, v = rand_qkv(1, 2, 2, 64, 64, 8, requires_grad=True)
     assert attnkit.dispatch(q, k, v).backend == "sdpa"
-    assert attnkit.dispatch(q, k, v, mask=causal).backend == "sdpa"
+    assert attnkit.dispatch(q, k, v, mask=masks.causal()).backend == "sdpa"
 
 
 def test_dispatch_bfloat16_inference_under_masks_on_amx(monkeypatch):
@@ -222,7 +225,7 @@ def test_dispatch_bfloat16_inference_under_masks_on_amx(monkeypatch):
     documents = masks.document(torch.arange(N) * 4 // N) & masks.causal()
     sparser = (masks.sliding_window(N // 4), masks.prefix_lm(N // 2), documents)
     for amx in (False, True):
-        monkeypatch.setattr(attnkit.functional, "_fast_sdpa_16bit", lambda amx=amx: amx)
+        as_on_cpu(monkeypatch, "AMX" if amx else "AVX512")
         for mask in kept_most:
             assert attnkit.dispatch(q, k, v, mask=mask).backend == ("sdpa" if amx else "tiled")
             assert attnkit.dispatch(q.float(), k.float(), v.float(), mask=mask).backend == "tiled"

@@ -156,6 +156,10 @@ def _request(
     )
 
 
+#: Whether torch's CPU kernels run at AVX-512 here; read once at import, as torch.compile does
+#: not trace the capability query.
+_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
 #: A bool *tensor* mask on CPU goes to tiled when FULL_TILE_COST × (the fraction of score pairs
 #: in full tiles) + PARTIAL_TILE_COST × (the fraction in partial ones) is below 1, SDPA's
 #: masked pass over every pair; empty tiles cost nothing. Partial tiles read a bitmap per
@@ -167,10 +171,9 @@ def _request(
 #: kernels' portable loops). Where torch runs at AVX-512 partial tiles cost about what full
 #: ones do: the random mask ran at 1.39-1.71x SDPA's speed from N = 128 to 4096 in fp32, a cost
 #: of 0.58-0.72 (on the AMX VM, once the exp pass stopped underflowing on masked scores;
-#: benchmarks/results/cpu_dispatch_amx.txt's last table). Read once at import, as
-#: torch.compile does not trace the capability query.
+#: benchmarks/results/cpu_dispatch_amx.txt's last table).
 FULL_TILE_COST = 0.7
-PARTIAL_TILE_COST = 0.75 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 1.9
+PARTIAL_TILE_COST = 0.75 if _AVX512 else 1.9
 
 #: Up to this many queries (decoding, speculative drafts) under a bool tensor or a Mask that
 #: shares no tile maps (held in tensors: documents; or a custom predicate), CPU goes to SDPA
@@ -211,25 +214,34 @@ AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS = 512 * 512
 _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _slow_sdpa_bf16_backward() -> bool:
-    """Whether SDPA's bfloat16 CPU backward is the slow one: where torch runs at AVX2 or less.
-
-    No mask, tiled ran 1.8-6.0x faster forward+backward at N = 64-4096 on a Zen 3 VM (AVX2),
-    the forward alone at parity (benchmarks/results/cpu_dispatch_avx2.txt); with AVX-512 SDPA
-    was competitive (causal 0.93x at 4096).
-    """
-    return torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
-
-
-def _fast_sdpa_16bit() -> bool:
-    """Whether SDPA's 16-bit CPU kernels are fast here: a CPU with AMX (and so AVX512-FP16).
+def _fast_sdpa_bf16() -> bool:
+    """Whether SDPA's bfloat16 CPU kernels run on the tile units: a CPU with AMX.
 
     There SDPA ran causal bfloat16 at 1.5-2.2x tiled's speed forward and 1.05-1.15x
-    forward+backward at N = 1024-4096 (tiled on MKL's bfloat16 GEMM too), and float16 forward
-    at 1.1-2.1x, no mask or causal, N = 64-4096 (tiled still 1.06-1.52x faster
-    forward+backward; benchmarks/results/cpu_dispatch_amx.txt).
+    forward+backward at N = 1024-4096 (tiled on MKL's bfloat16 GEMM too), though tiled ran
+    short training faster (``AMX_BF16_TILED_TRAINING_PAIRS``). Without AMX, SDPA's bfloat16
+    backward is the slow one: with no mask tiled ran 1.8-6.0x faster forward+backward at
+    N = 64-4096 on a Zen 3 VM (AVX2, benchmarks/results/cpu_dispatch_avx2.txt) and 1.20-2.21x
+    at N = 128-1024 at AVX-512 without AMX (emulated on the AMX VM, oneDNN and MKL kept off
+    its tile units: cpu_dispatch_avx512_no_amx.txt), the forward alone at parity.
     """
     return cpu_kernel.HAS_AMX
+
+
+def _fast_sdpa_fp16_forward() -> bool:
+    """Whether SDPA's float16 CPU forward is faster than tiled's: where torch runs at AVX-512.
+
+    No mask or causal, N = 64-4096: SDPA ran 1.1-2.1x faster on the AMX VM and 1.07-1.59x with
+    its tile units kept off (cpu_dispatch_avx512_no_amx.txt); at AVX2 tiled ran 1.2-2.5x
+    faster. Training stays on tiled (1.06-1.52x faster with AMX, 3.1-15.8x without).
+    """
+    return _AVX512
+
+
+def _bf16_training_reason(amx: bool) -> str:
+    if amx:
+        return "short bfloat16 training on a CPU with AMX: SDPA's backward costs more per call"
+    return "bfloat16 with gradients on a CPU without AMX: SDPA's bf16 backward is slow here"
 
 
 def _auto(req: Request) -> DispatchDecision:
@@ -267,47 +279,32 @@ def _auto_rule(req: Request) -> DispatchDecision:
     # decoding's causal or window mask may hide nothing: then the no-mask rules apply
     no_mask = req.mask is None or sdpa.attends_every_key(req.mask, req.shapes.Lq, req.shapes.Lk)
     if on_cpu and req.q.dtype == torch.float16 and (no_mask or plain_causal):
-        if not req.needs_grad and _fast_sdpa_16bit():
+        if not req.needs_grad and _fast_sdpa_fp16_forward():
             return DispatchDecision(
-                "sdpa", "float16 without gradients on a CPU with AMX: SDPA's kernel is faster"
+                "sdpa", "float16 without gradients on an AVX-512 CPU: SDPA's kernel is faster"
             )
         return DispatchDecision(
             "tiled",
             "float16 on CPU: SDPA has no fast kernel for it, tiled widens tiles to fp32 in-kernel",
         )
-    slow_sdpa_training = (
-        on_cpu and req.q.dtype == torch.bfloat16 and req.needs_grad and _slow_sdpa_bf16_backward()
-    )
-    amx_bf16_training = (
-        on_cpu and req.q.dtype == torch.bfloat16 and req.needs_grad and _fast_sdpa_16bit()
-    )
+    bf16_training = on_cpu and req.q.dtype == torch.bfloat16 and req.needs_grad
+    amx = _fast_sdpa_bf16()
+    slow_sdpa_training = bf16_training and not amx
     per_head_pairs = req.shapes.Lq * req.shapes.Lk
     if no_mask:
-        if slow_sdpa_training:
-            return DispatchDecision(
-                "tiled",
-                "bfloat16 with gradients on a CPU without AVX-512: SDPA's bf16 backward is slow "
-                "here, tiled's runs in float32 tiles",
-            )
-        if amx_bf16_training and surely(per_head_pairs <= AMX_BF16_TILED_TRAINING_PAIRS):
-            return DispatchDecision(
-                "tiled",
-                "short bfloat16 training on a CPU with AMX: SDPA's bf16 backward costs more "
-                "per call than tiled's",
-            )
+        short = surely(per_head_pairs <= AMX_BF16_TILED_TRAINING_PAIRS)
+        if bf16_training and (not amx or short):
+            return DispatchDecision("tiled", _bf16_training_reason(amx))
         return DispatchDecision("sdpa", "no mask: torch SDPA's fused kernel (tiled is no faster)")
     if plain_causal:
-        if amx_bf16_training and surely(per_head_pairs <= AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS):
-            return DispatchDecision(
-                "tiled",
-                "short causal bfloat16 training on a CPU with AMX: tiled skips the upper tiles "
-                "and its backward costs less per call than SDPA's",
-            )
+        # bf16 training at any size without AMX: tiled ran 1.24-2.1x faster already at N = 64
+        short = surely(per_head_pairs <= AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS)
+        if bf16_training and (not amx or short):
+            return DispatchDecision("tiled", _bf16_training_reason(amx))
         s = req.shapes
         big = not surely(s.B * s.Hq * s.Lq * s.Lk < TILED_CAUSAL_MIN_PAIRS)
-        # bf16 training where SDPA's backward is slow: tiled ran 2.1x faster already at N = 64
-        if on_cpu and req.q.dtype in _CPU_KERNEL_DTYPES and (big or slow_sdpa_training):
-            if req.q.dtype == torch.bfloat16 and _fast_sdpa_16bit() and not slow_sdpa_training:
+        if on_cpu and req.q.dtype in _CPU_KERNEL_DTYPES and big:
+            if req.q.dtype == torch.bfloat16 and amx:
                 return DispatchDecision(
                     "sdpa", "causal bfloat16 on a CPU with AMX: SDPA's fused kernel runs on it"
                 )
@@ -336,7 +333,7 @@ def _auto_rule(req: Request) -> DispatchDecision:
     if (
         req.q.dtype == torch.bfloat16
         and not req.needs_grad
-        and _fast_sdpa_16bit()
+        and amx
         and not surely(req.shapes.Lq <= FEW_QUERIES)
         and not torch.compiler.is_compiling()
     ):
@@ -539,10 +536,10 @@ def dispatch(
     2. No mask, or a mask whose spec shows it hides no key (``full()``; one query under
        bottom-right causal, or under a window reaching the first key, as decoding): SDPA
        (torch's fused kernel; tiled runs at 0.55-1.8x its speed, with no consistent
-       winner), except float16 on CPU: tiled (SDPA has no fast float16 CPU kernel;
-       tiled ran 1.2-8.6x faster, N = 64-4096, forward and forward+backward), and bfloat16
-       needing gradients on a CPU where torch runs at AVX2 or less: tiled (SDPA's bf16
-       backward is slow there: tiled 1.8-6.0x faster forward+backward).
+       winner), except float16 on CPU: tiled (SDPA has no fast float16 CPU kernel at AVX2:
+       tiled ran 1.2-8.6x faster, N = 64-4096, forward and forward+backward; at AVX-512 only
+       float16 that needs gradients), and bfloat16 needing gradients on a CPU without AMX:
+       tiled (SDPA's bf16 backward is slow there: tiled 1.2-6.0x faster forward+backward).
     3. Plain causal: on CPU in float16 (1.7-9.8x SDPA's speed) or in float32/bfloat16 with at
        least ``TILED_CAUSAL_MIN_PAIRS`` (query, key) pairs, tiled (it skips the upper tiles),
        and at any size for bfloat16 training where rule 2 sends it to tiled; otherwise
@@ -561,10 +558,10 @@ def dispatch(
        causal and sliding-window ones, & padding): SDPA with a bool mask (reference where
        SDPA cannot).
 
-    On a CPU with AMX (SDPA's 16-bit kernels run on its tile units): float16 needing no
-    gradients under rules 2-3, causal bfloat16, and bfloat16 inference under a mask tiled
-    would mostly compute (``AMX_BF16_SDPA_FROM_FRACTION``) go to SDPA; bfloat16 training of
-    short sequences to tiled (``AMX_BF16_TILED_TRAINING_PAIRS`` per head without a mask,
+    On a CPU with AMX (SDPA's bfloat16 kernels run on its tile units): causal bfloat16 and
+    bfloat16 inference under a mask tiled would mostly compute (``AMX_BF16_SDPA_FROM_FRACTION``)
+    go to SDPA; bfloat16 training goes to tiled only for short sequences
+    (``AMX_BF16_TILED_TRAINING_PAIRS`` per head without a mask,
     ``AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS`` under causal).
 
     Sizes that torch.compile or torch.export keep symbolic take, without a guard, the branch
