@@ -8,6 +8,7 @@ torch.Size([2, 4, 16, 32])
 """
 
 from attnkit import masks, score_mods
+from attnkit._mkl_warmup import warm_vml
 from attnkit._types import DispatchDecision, UnsupportedError
 from attnkit.block_mask import BlockMask
 from attnkit.functional import attention, attention_weights, dispatch
@@ -16,6 +17,8 @@ from attnkit.masks import Mask
 from attnkit.varlen import varlen_attention
 
 __version__ = "0.1.0"
+
+warm_vml()  # before any threaded first call of MKL's vector math (pytorch/pytorch#188792)
 
 # ``attnkit.backends`` is also the name of the sub-package that holds the kernels. The
 # public API (DESIGN §3) is the function, so it is bound after every sub-package import.

@@ -285,7 +285,8 @@ def _auto_rule(req: Request) -> DispatchDecision:
             )
         return DispatchDecision(
             "tiled",
-            "float16 on CPU: SDPA has no fast kernel for it, tiled widens tiles to fp32 in-kernel",
+            "float16 on CPU: SDPA's kernel is slow for it (at AVX2, and in its backward), "
+            "tiled widens tiles to fp32 in-kernel",
         )
     bf16_training = on_cpu and req.q.dtype == torch.bfloat16 and req.needs_grad
     amx = _fast_sdpa_bf16()
