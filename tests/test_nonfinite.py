@@ -131,3 +131,39 @@ def test_portable_kernel_propagates_nan():
             assert ref.isnan().any()
             assert torch.equal(out.isnan(), ref.isnan()), (where, mask)
             assert torch.equal(lse.isnan(), ref_lse.isnan()), (where, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", ["none", "causal"])
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+@pytest.mark.parametrize("lengths", [(1, 5), (7, 7), (3, 15), (20, 40)], ids=str)
+def test_sdpa_keeps_a_nan_query_row_nan(lengths, backend, mask, dtype):
+    """Below 16 keys torch's CPU kernel returns zeros for a NaN query row (pytorch#141128).
+
+    ``auto`` sends such unmasked calls to SDPA, so this is what a model's NaN meets there.
+    """
+    Lq, Lk = lengths
+    q, k, v = rand_qkv(B, HQ, HKV, Lq, Lk, D, dtype=torch.float64)
+    q[1, 1, Lq // 2, 5] = float("nan")
+    ref = attnkit.attention(q, k, v, mask=MASKS[mask], backend="reference")
+    assert ref.isnan().any()
+    assert not ref.isnan().all()
+    out = attnkit.attention(
+        *(t.to(dtype) for t in (q, k, v)), mask=MASKS[mask], backend=backend
+    )  # fmt: skip
+    assert torch.equal(out.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("Lk", [5, 15, 40])
+def test_sdpa_gives_a_nan_query_row_the_gradients_the_reference_gives(Lk):
+    q, k, v = rand_qkv(B, HQ, HKV, 3, Lk, D, dtype=torch.float64)
+    q[1, 1, 1, 5] = float("nan")
+    dout = torch.randn(B, HQ, 3, D, dtype=torch.float64)
+    grads = {}
+    for backend, dtype in (("reference", torch.float64), ("sdpa", torch.float32)):
+        inputs = tuple(t.to(dtype).requires_grad_() for t in (q, k, v))
+        out = attnkit.attention(*inputs, backend=backend)
+        grads[backend] = torch.autograd.grad(out, inputs, dout.to(dtype))
+    for name, got, want in zip("qkv", grads["sdpa"], grads["reference"], strict=True):
+        assert want.isnan().any()
+        assert torch.equal(got.isnan(), want.isnan()), f"d{name}"

@@ -95,6 +95,28 @@ def _sdpa(req: Request, attn_mask: Tensor | None = None) -> Tensor:
     return out.view(s.B, s.Hq, 1, s.Dv)
 
 
+#: torch's CPU kernel finds a row's max with scalar code below one vector of float lanes
+#: (16 at AVX-512, 8 at AVX2), which drops NaN: a NaN query row comes out as zeros, like a
+#: fully masked row (pytorch/pytorch#141128). Below this many keys, eager calls make such
+#: rows NaN.
+SCALAR_ROW_MAX_BELOW = 16
+
+
+def _keep_nan_query_rows(out: Tensor, req: Request) -> Tensor:
+    """``out`` with the rows of NaN queries NaN, as every other backend gives them.
+
+    Their gradients are NaN already: SDPA's backward does not drop the NaN.
+    """
+    if torch.compiler.is_compiling():  # eager only: a length test would guard the graph
+        return out
+    if req.q.device.type != "cpu" or req.shapes.Lk >= SCALAR_ROW_MAX_BELOW:
+        return out
+    if not req.q.sum().isnan():  # one sum finds any NaN: 2-7 µs, the search by rows 3-60
+        return out
+    nan_rows = req.q.isnan().any(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
+    return out.masked_fill(nan_rows, float("nan"))
+
+
 def run(req: Request) -> tuple[Tensor, None]:
     """Output (B, Hq, Lq, Dv) in q's dtype; fully masked rows are zeros."""
     s = req.shapes
@@ -102,15 +124,16 @@ def run(req: Request) -> tuple[Tensor, None]:
         out = F.scaled_dot_product_attention(
             req.q, req.k, req.v, is_causal=True, scale=req.scale, enable_gqa=s.Hq != s.Hkv
         )
-        return out, None
+        return _keep_nan_query_rows(out, req), None
     allowed = (
         None if attends_every_key(req.mask, s.Lq, s.Lk) else dense_mask(req.mask, s, req.q.device)
     )
     if allowed is not None and hides_nothing(allowed):
         allowed = None  # SDPA with a bool mask takes a slower kernel than without one
     if allowed is None:
-        return _sdpa(req), None
+        return _keep_nan_query_rows(_sdpa(req), req), None
     # SDPA turns a fully masked row into NaN (and NaN gradients). Let such rows attend
     # everywhere, then zero their output: the zeroing also zeroes their gradient.
     dead = ~allowed.any(dim=-1, keepdim=True)
-    return _sdpa(req, allowed | dead).masked_fill(dead, 0.0), None
+    out = _keep_nan_query_rows(_sdpa(req, allowed | dead), req)
+    return out.masked_fill(dead, 0.0), None
