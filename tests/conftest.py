@@ -15,6 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from attnkit import masks
 
@@ -35,6 +36,24 @@ needs_triton_device = pytest.mark.skipif(
     TRITON_DEVICE == "cuda" and not torch.cuda.is_available(),
     reason="needs a GPU or TRITON_INTERPRET=1",
 )
+
+
+# Property tests run the same examples every run, so CI runs what was run here (no deadline:
+# first calls build kernels; filters that retry often are fine). `--hypothesis-seed N` explores
+# other examples: a derandomized run would ignore the seed.
+settings.register_profile(
+    "derandomized",
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
+settings.register_profile("explore", settings.get_profile("derandomized"), derandomize=False)
+settings.load_profile("derandomized")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--hypothesis-seed", None) is not None:
+        settings.load_profile("explore")
 
 
 @pytest.fixture(autouse=True)

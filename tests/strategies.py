@@ -7,7 +7,6 @@ Shared by the CPU backends' property test and the Triton one (``tests/test_trito
 from __future__ import annotations
 
 import torch
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import attnkit
@@ -15,18 +14,6 @@ from attnkit import masks, score_mods
 from conftest import assert_close_scaled
 
 ALIGNS = st.sampled_from(["bottom_right", "top_left"])
-
-
-def derandomized(max_examples: int) -> settings:
-    """The random tests' settings: the same examples every run (so CI runs what was run
-    here; ``--hypothesis-seed`` explores others), no deadline (first calls build kernels),
-    and draws that filters often retry."""
-    return settings(
-        max_examples=max_examples,
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
-    )
 
 
 @st.composite

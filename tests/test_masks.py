@@ -261,7 +261,7 @@ def test_retile_matches_building_at_the_new_tiles(name):
     assert retile(bm, 32, 128) is bm
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(
     kinds=st.lists(st.sampled_from([EMPTY, FULL]), min_size=6, max_size=6),
     old=st.tuples(st.integers(1, 20), st.integers(1, 20)),

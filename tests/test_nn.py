@@ -215,7 +215,7 @@ def test_module_mask_and_backend_and_dropout():
 # ---- windowed KV cache (sliding-window decoding in bounded memory) ----------------------
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(
     window=st.integers(0, 6),
     extra=st.integers(1, 6),
@@ -352,7 +352,7 @@ def test_windowed_cache_refuses_masks_it_would_change(mask, reason):
     assert cache.position == 2
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(
     window=st.integers(0, 5),
     chunks=st.lists(st.integers(1, 4), min_size=1, max_size=12),

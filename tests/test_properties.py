@@ -20,7 +20,7 @@ MASKS = {
 }
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(Lq=dims, Lk=dims, H=st.integers(1, 3), mask=st.sampled_from(list(MASKS)))
 def test_weights_rows_sum_to_one_or_zero(Lq, Lk, H, mask):
     m = MASKS[mask]()
@@ -35,7 +35,7 @@ def test_weights_rows_sum_to_one_or_zero(Lq, Lk, H, mask):
     torch.testing.assert_close(sums, alive.expand_as(sums).float())
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(L=st.integers(2, 12), cut=st.integers(0, 11), seed=st.integers(0, 1000))
 def test_causal_output_independent_of_future(L, cut, seed):
     cut = cut % L
@@ -49,7 +49,7 @@ def test_causal_output_independent_of_future(L, cut, seed):
     torch.testing.assert_close(out[:, :, : cut + 1], out2[:, :, : cut + 1])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(Lq=dims, Lk=st.integers(2, 12), split=st.integers(1, 11), masked=st.booleans())
 def test_merging_halves_by_lse_equals_whole(Lq, Lk, split, masked):
     split = 1 + split % (Lk - 1)
@@ -69,7 +69,7 @@ def test_merging_halves_by_lse_equals_whole(Lq, Lk, split, masked):
     torch.testing.assert_close(w1 * o1 + w2 * o2, o)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(Hkv=st.integers(1, 3), groups=st.integers(1, 3), Lq=dims, Lk=dims)
 def test_gqa_equals_mha_with_repeated_kv(Hkv, groups, Lq, Lk):
     q, k, v = rand_qkv(2, Hkv * groups, Hkv, Lq, Lk, 8, dtype=torch.float64)
@@ -102,7 +102,7 @@ def test_gradcheck_reference_with_mask_and_score_mods():
     assert torch.autograd.gradcheck(f, (q, k, v, table))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(
     Lq=dims,
     Lk=dims,

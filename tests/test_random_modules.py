@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import event, given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import attnkit
 from attnkit.masks import Mask
 from attnkit.nn import MultiHeadAttention, RotaryEmbedding
 from conftest import assert_close_scaled
-from strategies import SCORE_MODS, any_mask, derandomized
+from strategies import SCORE_MODS, any_mask
 
 
 @st.composite
@@ -72,7 +72,7 @@ def run(module, x, memory, call):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tiled", "sdpa", "auto"])
-@derandomized(max_examples=150)
+@settings(max_examples=150)
 @given(data=st.data())
 def test_random_modules_match_the_reference_backend(backend, data):
     drawn = data.draw(module_calls(lse_free=backend == "sdpa"), label="module and call")

@@ -9,15 +9,15 @@ that CI runs the same ones every time; ``--hypothesis-seed`` explores others.
 from __future__ import annotations
 
 import pytest
-from hypothesis import event, given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from strategies import check_against_reference, derandomized, requests
+from strategies import check_against_reference, requests
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tiled", "sdpa", "auto"])
-@derandomized(max_examples=200)
+@settings(max_examples=200)
 @given(data=st.data())
 def test_random_requests_match_the_reference(backend, data):
     sdpa = backend == "sdpa"  # torch SDPA: no score_mod, no LSE, no reproducible dropout

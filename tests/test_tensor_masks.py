@@ -132,7 +132,7 @@ def test_tiles_whose_kind_differs_between_batch_rows(dtype):
     assert_close_scaled(out, ref, low, floor=1e-12)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(
     B=st.integers(1, 2),
     H=st.sampled_from([1, 2]),

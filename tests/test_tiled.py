@@ -1014,7 +1014,7 @@ def test_forward_packs_query_heads_only_where_their_rows_fit_one_unit():
     assert not packs(8, 2, 1, per_head)  # a tile map per head
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(
     Lq=st.integers(1, 90),
     Lk=st.integers(1, 90),

@@ -15,17 +15,17 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first c
 pytest.importorskip("triton", reason="triton is not installed (pip install 'attnkit[triton]')")
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
 
-from hypothesis import event, given
+from hypothesis import event, given, settings
 
 from conftest import TRITON_DEVICE, needs_triton_device
-from strategies import check_against_reference, derandomized, requests
+from strategies import check_against_reference, requests
 
 pytestmark = needs_triton_device
 DEVICE = TRITON_DEVICE
 
 
 @pytest.mark.slow
-@derandomized(max_examples=30)
+@settings(max_examples=30)
 @given(request=requests(lengths=(1, 2, 17, 33), head_dims=(8, 16, 40), dropout=False))
 def test_random_requests_match_the_reference(request):
     """Random shapes, masks (patterns and their combinations), score mods, scale, sinks and

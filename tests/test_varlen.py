@@ -83,7 +83,7 @@ def test_varlen_equals_each_sequence_alone_forward_and_backward(backend, case):
         torch.testing.assert_close(a, b, msg=name)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(
     lengths=st.lists(
         st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=5
@@ -138,7 +138,7 @@ def test_varlen_refuses_bad_offsets_and_layouts():
         attnkit.varlen_attention(q, k[:0], v[:0], cu_q[[0, 2, -1]], empty)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(
     lengths=st.lists(
         st.tuples(st.integers(0, 6), st.integers(0, 6)).map(lambda t: (min(t), max(t))),
@@ -163,7 +163,7 @@ def packed_offsets(lengths):
     return {int(k - q) for (a, _), q, k in zip(lengths, ends_q, ends_k, strict=True) if a}
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(
     lengths=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), min_size=2, max_size=6)
     .filter(lambda ls: sum(a for a, _ in ls) > 0 and sum(b for _, b in ls) > 0)
