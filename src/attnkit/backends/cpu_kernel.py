@@ -329,16 +329,21 @@ def forward(
     scale: float,
     mods: KernelMods = NO_MODS,
     dropout: tuple[int, int, float] = NO_DROPOUT,
+    for_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) float32, on the CPU.
 
     q, k, v: float32, bfloat16 or float16 (16-bit tiles are widened inside the kernel); any
     strides with a contiguous last dim (others are copied first).
 
-    ``dropout`` is ``attnkit._dropout.kernel_args(seed, p)``.
+    ``dropout`` is ``attnkit._dropout.kernel_args(seed, p)``. ``for_backward``: the backward
+    will recompute P = 2^(S - LSE), so S is made with the GEMM calls it makes (one per query
+    tile and kv tile, no PackGQA): MKL's sgemm rounds alike only within one call shape, and
+    S made otherwise left float32 gradients 2.5-7x the reference's error at large logits
+    (``benchmarks/cpu_gradient_accuracy.py``).
     """
     mask_tensors, mask_kw = _mask_args(tiles)
-    packed = packs_gqa(q, k, tiles)
+    packed = not for_backward and packs_gqa(q, k, tiles)
     out, lse = torch.ops.attnkit.tiled_forward(
         _rows_contiguous(q),
         _rows_contiguous(k),
@@ -354,6 +359,7 @@ def forward(
         pack_gqa=packed,
         kv_splits=kv_splits(q, k, tiles, packed),
         bf16_gemm=BF16_GEMM,
+        tile_scores=for_backward,
         **mask_kw,
     )
     return out, lse

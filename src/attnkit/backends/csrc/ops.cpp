@@ -14,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     int64_t block_q, int64_t block_k, int64_t max_chunk, double scale, double softcap,
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p, bool pack_gqa, bool band,
     int64_t band_lo, int64_t band_hi, const std::optional<at::Tensor>& keys,
-    const std::optional<at::Tensor>& ranges, int64_t kv_splits, bool bf16_gemm);
+    const std::optional<at::Tensor>& ranges, int64_t kv_splits, bool bf16_gemm, bool tile_scores);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -31,8 +31,8 @@ TORCH_LIBRARY(ATTNKIT_OP_NAMESPACE, m) {
       "Tensor bitmaps, Tensor slopes, int block_q, int block_k, int max_chunk, float scale, "
       "float softcap, int dropout_seed, int dropout_threshold, float dropout_p, "
       "bool pack_gqa=False, bool band=False, SymInt band_lo=0, SymInt band_hi=0, "
-      "Tensor? keys=None, Tensor? ranges=None, SymInt kv_splits=1, bool bf16_gemm=False) "
-      "-> (Tensor, Tensor)");
+      "Tensor? keys=None, Tensor? ranges=None, SymInt kv_splits=1, bool bf16_gemm=False, "
+      "bool tile_scores=False) -> (Tensor, Tensor)");
   m.def(
       "tiled_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse2, Tensor delta, "
       "Tensor kinds, Tensor tile_index, Tensor bitmaps, Tensor slopes, int block_q, "

@@ -6,6 +6,8 @@
 // every query head of its group, walks the runs of non-empty query tiles in its column
 // (at most max_rows rows per step), recomputing the probabilities from the saved LSE:
 //   S  = Q_rows · K_tileᵀ · scale·log2(e)      mask: on PARTIAL tiles (TileMask)
+//        (one GEMM per query tile, as the forward's tile_scores made S for the LSE: sgemm
+//        rounds by call shape, and P must sum to 1 as that LSE has it)
 //        (with ALiBi / softcap: the same mods as the forward, tanh kept for dS)
 //   P  = exp2(S - LSE·log2(e))                 (rows with no key have LSE = -inf: passed as 0)
 //   dV += Pᵀ · dO_rows          dP = dO_rows · V_tileᵀ   (P∘Z and dP∘Z with dropout)
@@ -161,7 +163,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
             const In* dorows = dop + (row_base + r0) * Dv;
             float* p = P.data();
             float* dp = dP.data();
-            gemm_inputs(rows, tk, D, alpha_qk, qrows, ktile, p);
+            for (int64_t t = qt0; t < qt; ++t) {  // S per query tile: the forward's GEMM calls
+              const int64_t tr = (t - qt0) * block_q, tq = std::min(block_q, rows - tr);
+              gemm_inputs(tq, tk, D, alpha_qk, qrows + tr * D, ktile, p + tr * tk);
+            }
             if (mods.any()) {
               for (int64_t r = 0; r < rows; ++r) {
                 apply_score_mods(p + r * tk, tk, h, r0 + r, k0, mods,

@@ -11,7 +11,8 @@
 // items of their own, each writing a normalised partial output and LSE, merged by their
 // LSEs at the end (FlashDecoding), so idle threads share a unit's keys.
 // Within a unit, maximal runs of non-empty kv tiles (at most max_chunk keys) form a chunk:
-//   S = Q_tile · K_chunkᵀ · scale·log2(e)      one sgemm (MKL, as torch's own CPU kernels)
+//   S = Q_tile · K_chunkᵀ · scale·log2(e)      one sgemm (MKL, as torch's own CPU kernels);
+//       with tile_scores (a backward will run) one per kv tile, the backward's calls
 //   (with ALiBi / softcap: S·scale, the mods, then ·log2(e); see apply_score_mods)
 //   EMPTY tiles (for this b, h) are skipped, PARTIAL tiles masked, FULL tiles not (TileMask:
 //   a BlockMask's kinds and bitmaps, or a band's tiles found from their bounds)
@@ -49,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     bool band, int64_t band_lo, int64_t band_hi,  // band: lo <= j - i <= hi, no kinds/bitmaps
     const std::optional<at::Tensor>& keys,        // with a band or ranges: (B or 1, Lk) bool
     const std::optional<at::Tensor>& ranges,      // per-row first, last keys: (B or 1, 2, Lq)
-    int64_t kv_splits, bool bf16_gemm) {
+    int64_t kv_splits, bool bf16_gemm,
+    bool tile_scores) {  // S one kv tile per GEMM, as the backward recomputes it (no packing)
   const auto dtype = q.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
                   k.scalar_type() == dtype && v.scalar_type() == dtype,
@@ -68,6 +70,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   const int64_t tiles_per_chunk = std::max<int64_t>(1, max_chunk / block_k);
   // packed: query tiles whose tile map serves every head
   const bool packed = pack_gqa && G > 1;
+  TORCH_CHECK(!(packed && tile_scores), "tiled_forward: tile_scores makes S per head's query "
+              "tile, as the backward does: no pack_gqa with it");
   const int64_t tile_rows = std::min(block_q, Lq);  // a query tile's rows at most
   TORCH_CHECK(!packed || (mask.shared_by_heads() && G * tile_rows <= kMaxPackedRows),
               "tiled_forward: pack_gqa needs a tile map shared by the heads and at most ",
@@ -172,15 +176,24 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
           const int64_t k0 = kt0 * block_k, k1 = std::min(kt * block_k, Lk), n = k1 - k0;
           any = true;
           float* s = S.data();
+          // S = alpha·Q·Kᵀ over the chunk's keys in one GEMM; with tile_scores one GEMM per kv
+          // tile: MKL's rounding depends on the call's shape, and the backward's P = 2^(S - LSE)
+          // sums to 1 only where it recomputes S with the very calls that made the LSE.
+          const int64_t keys_per_gemm = tile_scores ? block_k : n;
           if constexpr (kBf16) {
             if (native) {
-              gemm_bf16_rowmajor(false, true, rows, n, D, alpha_qk, qtile_n, ldqt, kbase + k0 * ldk,
-                                 ldk, 0.0f, s, n);
+              for (int64_t c0 = 0; c0 < n; c0 += keys_per_gemm) {
+                gemm_bf16_rowmajor(false, true, rows, std::min(keys_per_gemm, n - c0), D, alpha_qk,
+                                   qtile_n, ldqt, kbase + (k0 + c0) * ldk, ldk, 0.0f, s + c0, n);
+              }
             }
           }
           if (!native) {
             const float* kchunk = widen_rows(kbase + k0 * ldk, n, D, ldk, Kf.data(), ldkc);
-            gemm_rowmajor(false, true, rows, n, D, alpha_qk, qtile, ldqt, kchunk, ldkc, 0.0f, s, n);
+            for (int64_t c0 = 0; c0 < n; c0 += keys_per_gemm) {
+              gemm_rowmajor(false, true, rows, std::min(keys_per_gemm, n - c0), D, alpha_qk, qtile,
+                            ldqt, kchunk + c0 * ldkc, ldkc, 0.0f, s + c0, n);
+            }
           }
           if (mods.any()) {
             for (int64_t r = 0; r < rows; ++r) {
