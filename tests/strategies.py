@@ -198,7 +198,15 @@ def check_against_reference(shape, dtype, kwargs, backend, device="cpu", with_ls
             # reference's autograd, from its exact output. dS then differs by P·c, with
             # c = rowsum(dO∘(O_exact − O_16)): the gradient of c·LSE. With few keys per row
             # (dS's terms cancel) that alone took them to 5-9x the reference's gradient error.
-            c = (dout * (results["ref64"][0] - out.double())).sum(-1).to(lse.dtype)
+            # O_exact: of these 16-bit inputs (the float64 output's c would add their rounding)
+            with torch.no_grad():
+                exact = attnkit.attention(
+                    *(t.double() for t in (q, k, v)),
+                    **kwargs,
+                    generator=torch.Generator().manual_seed(1),
+                    backend="reference",
+                )
+            c = (dout * (exact - out.double())).sum(-1).to(lse.dtype)
             outputs, seeds = [out, lse], [*seeds, c]
         grads = torch.autograd.grad(outputs, (q, k, v), seeds)
         results[name] = (out, lse, *grads)
