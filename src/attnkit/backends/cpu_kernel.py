@@ -339,7 +339,7 @@ def forward(
     ``dropout`` is ``attnkit._dropout.kernel_args(seed, p)``. ``for_backward``: the backward
     will recompute P = 2^(S - LSE), so S is made with the GEMM calls it makes (one per query
     tile and kv tile, no PackGQA): MKL's sgemm rounds alike only within one call shape, and
-    S made otherwise left float32 gradients 2.5-7x the reference's error at large logits
+    S made otherwise left float32 gradients up to 7x the reference's error at large logits
     (``benchmarks/cpu_gradient_accuracy.py``).
     """
     mask_tensors, mask_kw = _mask_args(tiles)

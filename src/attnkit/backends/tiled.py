@@ -502,7 +502,15 @@ class _TiledAttention(torch.autograd.Function):
         # q, k, v are saved as given (16-bit stays 16-bit) and widened in backward, if it runs
         if kernel is not None:  # compiled CPU forward: widens 16-bit tiles itself, out in q.dtype
             out, lse = cpu_kernel.forward(
-                q, k, v, kernel.tiles, kernel.max_chunk, c.scale, kernel.mods, kernel.dropout, True
+                q,
+                k,
+                v,
+                kernel.tiles,
+                kernel.max_chunk,
+                c.scale,
+                kernel.mods,
+                kernel.dropout,
+                for_backward=True,
             )
             ctx.save_for_backward(q, k, v, out, lse)
             return out, lse
