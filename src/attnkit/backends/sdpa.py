@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit._symbolic import surely
-from attnkit.backends._common import Request, dense_mask
+from attnkit.backends._common import Request, dense_mask, inside_torch_func
 from attnkit.masks import Mask, lookback
 
 NAME = "sdpa"
@@ -113,7 +113,7 @@ def _keep_nan_query_rows(out: Tensor, req: Request) -> Tensor:
         return out
     # one sum finds any NaN (2-7 µs; the search by rows, 3-60) where a branch on data may be
     # taken: torch.func's transforms (vmap) refuse it, so there the search always runs
-    if not torch._C._are_functorch_transforms_active() and not req.q.sum().isnan():
+    if inside_torch_func() is None and not req.q.sum().isnan():
         return out
     nan_rows = req.q.isnan().any(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
     return out.masked_fill(nan_rows, float("nan"))
