@@ -39,8 +39,9 @@ def test_explain_all_layers_and_word(capsys):
     assert len(re.findall(r"│\s+\d+ │\s+\d+ │", out)) == 6 * 12
 
 
-def test_explain_steps_match_the_model(capsys):
-    assert main(["explain", "--steps", "--layer", "2", "--head", "7"]) == 0
+@pytest.mark.parametrize("layer", ["2", "-4"])  # negative: from the end of 6
+def test_explain_steps_match_the_model(layer, capsys):
+    assert main(["explain", "--steps", "--layer", layer, "--head", "7"]) == 0
     out = capsys.readouterr().out
     assert "Layer 2, head 7" in out
     assert "These weights match the model's own attention" in out
@@ -94,6 +95,7 @@ def test_explain_sparse_pictures_show_both_runs(tmp_path, capsys):
         (["explain", ""], "text is empty"),
         (["explain", "word " * 600], "reads at most 512"),
         (["explain", "--layer", "6"], "layer 6 is out of range"),
+        (["explain", "--layer", "-7"], "layer -7 is out of range: the model has layers 0..5 (-6"),
         (["explain", "--steps", "--head", "12"], "head 12 is out of range"),
         (["explain", "--model", "bert-huge"], "unknown model 'bert-huge'"),
         (["explain", "--word", "scalpel"], "word 'scalpel' is not a token"),

@@ -60,6 +60,27 @@ def test_relative_bias_plain_and_t5():
     assert b[-1].item() == 31
 
 
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_a_custom_score_mod_of_another_dtype_computes_in_the_scores_dtype(backend):
+    """A user's bias of another dtype (float64 on float32 scores) is cast to the scores'
+    dtype, as the built-in mods cast theirs: tiled's loops once failed on it deep inside
+    ("expected scalar type Float but found Double"). Its gradient reaches the bias."""
+    q, k, v = rand_qkv(1, 2, 2, 6, 9, 8, dtype=torch.float32)
+    bias = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
+    out = attnkit.attention(
+        q, k, v, score_mod=lambda s, b, h, i, j: s + bias[h, i, j], backend=backend
+    )
+    assert out.dtype == torch.float32
+    exact_bias = bias.detach().clone().requires_grad_()
+    want = naive_attention(q, k, v, bias=exact_bias.unsqueeze(0))[0]
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    want.sum().backward()
+    assert bias.grad is not None
+    assert bias.grad.dtype == torch.float64
+    torch.testing.assert_close(bias.grad, exact_bias.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_score_mod_validation():
     with pytest.raises(ValueError, match="cap"):
         score_mods.softcap(0)

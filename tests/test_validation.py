@@ -68,7 +68,13 @@ v2 = torch.randn(2, 2, 10, 12)
             (q4, k2, v2),
             {"score_mod": lambda s, b, h, i, j: s[..., :3]},
             ValueError,
-            r"score_mod <lambda> must return a tensor shaped like its score .*, got .*3\)",
+            r"score_mod <lambda> must return a float tensor shaped like its score .*, got .*3\)",
+        ),
+        (
+            (q4, k2, v2),
+            {"score_mod": lambda s, b, h, i, j: (i >= j).expand_as(s)},
+            ValueError,
+            r"score_mod <lambda> must return a float tensor .*, got torch.bool",
         ),
         (
             (q4, k2, v2),

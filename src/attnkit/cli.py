@@ -134,10 +134,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     n_layers = len(full.output.attentions)
     all_layers = args.layer == "all"
     layer = None if all_layers else args.layer
-    if layer is not None and layer < 0:
-        layer += n_layers
     ex.check_layer_head(full, layer, args.head)
-    layer = n_layers - 1 if layer is None else layer
+    layer = n_layers - 1 if layer is None else layer % n_layers
     if full.encoding.truncated:
         console.print(f"[yellow]warning: text cut to {len(full.tokens)} tokens[/yellow]")
     i = ex.choose_token(full, args.word)

@@ -185,10 +185,13 @@ def choose_token(r: Run, word: str | None) -> int:
 
 
 def check_layer_head(r: Run, layer: int | None, head: int | None) -> None:
-    """UsageError when a layer or head index is out of range."""
+    """UsageError when a layer (negative: from the end) or head index is out of range."""
     n_layers, n_heads = len(r.output.attentions), r.attention(0).shape[0]
-    if layer is not None and not 0 <= layer < n_layers:
-        raise UsageError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
+    if layer is not None and not -n_layers <= layer < n_layers:
+        raise UsageError(
+            f"layer {layer} is out of range: the model has layers 0..{n_layers - 1} "
+            f"(-{n_layers}..-1 from the end)"
+        )
     if head is not None and not 0 <= head < n_heads:
         raise UsageError(f"head {head} is out of range: the model has heads 0..{n_heads - 1}")
 

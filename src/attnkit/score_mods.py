@@ -95,21 +95,25 @@ def resolve(score_mod: ScoreMod | ScoreModFn | None, Lq: int, Lk: int) -> ScoreM
 
 
 def shape_checked(fn: ScoreModFn, name: str) -> ScoreModFn:
-    """``fn``, raising a clear error when its result is not a tensor shaped like its score.
+    """``fn``, raising a clear error when its result is not a float tensor shaped like its score.
 
     A user's score_mod that drops or adds a dim would otherwise fail deep in a backend, or
-    broadcast silently into a wrong shape.
+    broadcast silently into a wrong shape. A float result of another dtype (scores plus a
+    float64 bias, say) is cast to the score's: every backend computes scores in one dtype
+    (float32, float64 for float64 inputs), and the cast passes gradients to the bias.
     """
 
     def checked(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         out = fn(score, b, h, q_idx, kv_idx)
-        if not isinstance(out, Tensor) or out.shape != score.shape:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        if not isinstance(out, Tensor) or out.shape != score.shape or not out.is_floating_point():
+            got = (
+                f"{out.dtype} {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            )
             raise ValueError(
-                f"score_mod {name} must return a tensor shaped like its score "
+                f"score_mod {name} must return a float tensor shaped like its score "
                 f"{tuple(score.shape)}, got {got}"
             )
-        return out
+        return out if out.dtype == score.dtype else out.to(score.dtype)
 
     return checked
 
