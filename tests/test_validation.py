@@ -109,6 +109,25 @@ def test_model_configuration_errors():
         MultiHeadAttention(8, 2)(torch.randn(1, 3, 8), need_weights="yes")
 
 
+def test_token_ids_are_checked_before_the_embedding():
+    """Ids of the wrong dtype, shape or range get their own message, not the embedding's
+    "index out of range in self" or an IndexError of a shape read."""
+    from attnkit.nn import CausalLM, Transformer
+
+    lm = CausalLM(50, d_model=16, nhead=2, max_len=32)
+    with pytest.raises(TypeError, match=r"ids must be an int64 or int32 .* got torch.float32"):
+        lm(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"ids must be \(B, L\) token ids, got shape \(3\)"):
+        lm(torch.tensor([1, 2, 3]))
+    for bad in (50, -1):
+        with pytest.raises(ValueError, match=rf"token id {bad}, outside the vocabulary 0\.\.49"):
+            lm(torch.tensor([[1, bad, 2]]))
+    assert lm(torch.tensor([[0, 49]], dtype=torch.int32))[0].shape == (1, 2, 50)
+    seq2seq = Transformer(20, 12, d_model=16, nhead=2)
+    with pytest.raises(ValueError, match=r"token id 12, outside the vocabulary 0\.\.11"):
+        seq2seq.generate(torch.tensor([[1, 2]]), bos_id=12, eos_id=2)
+
+
 def test_dispatch_rejects_what_attention_rejects():
     with pytest.raises(TypeError, match="return_lse must be a bool"):
         attnkit.dispatch(q4, k2, v2, return_lse=torch.tensor(True))

@@ -138,6 +138,26 @@ def check_int(name: str, value: Any, least: int = 1) -> int:
     return value
 
 
+def check_token_ids(name: str, ids: Any, vocab: int) -> None:
+    """Token ids: an integer tensor (B, L) of ids in 0..vocab-1.
+
+    The range is read on CPU tensors outside torch.compile and torch.export only: on a GPU it
+    would wait for the device at every step (an id out of range then fails in the embedding).
+    """
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got {got}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be (B, L) token ids, got shape {_shape(ids)}")
+    if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = (int(x) for x in torch.aminmax(ids))
+    if lo < 0 or hi >= vocab:
+        raise ValueError(
+            f"{name} holds token id {lo if lo < 0 else hi}, outside the vocabulary 0..{vocab - 1}"
+        )
+
+
 def check_align(align: Any) -> str | int:
     """'bottom_right', 'top_left', or an int offset (query i lines up with key i + offset)."""
     if isinstance(align, int) and not isinstance(align, bool):

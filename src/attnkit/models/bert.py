@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnkit._validation import check_token_ids
 from attnkit.backends._common import MaskLike
 from attnkit.functional import BackendName
 from attnkit.masks import Mask
@@ -119,8 +120,7 @@ class BertEncoder(nn.Module):
             ``EncoderOutput`` with last_hidden_state (B, L, E), hidden_states (embeddings +
             one per layer) and attentions.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+        check_token_ids("input_ids", input_ids, self.word_embeddings.num_embeddings)
         L = input_ids.shape[1]
         if self.config.max_position_embeddings < L:
             raise ValueError(

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit import masks, score_mods
-from attnkit._validation import check_int
+from attnkit._validation import check_int, check_token_ids
 from attnkit.functional import BackendName
 from attnkit.masks import Mask
 from attnkit.nn.attention import MultiHeadAttention
@@ -355,6 +355,7 @@ class _Embedding(nn.Module):
         ``pads`` (B,): how many padding tokens precede each row's first token; learned
         positions count from that token.
         """
+        check_token_ids("ids", ids, self.tokens.num_embeddings)
         x = self.tokens(ids)
         if self.positions is not None:
             if start + ids.shape[1] > self.max_len:
