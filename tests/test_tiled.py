@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import subprocess
 import sys
@@ -106,6 +107,58 @@ def test_score_mods_float64_with_captured_gradients(mod_name):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
     if mod_name.startswith("relative") or mod_name in ("compose", "lambda"):
         assert grads[1][3].abs().sum() > 0
+
+
+#: a learned bias (H, Lq, Lk) that the score mods below reach in every way Python allows
+BIAS = torch.nn.Parameter(torch.randn(4, 40, 70, dtype=torch.float64))
+
+
+class _BiasModule(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = BIAS
+
+    def score_mod(self, s, b, h, i, j):
+        return s + self.table[h, i, j]
+
+    def forward(self, s, b, h, i, j):
+        return s + self.table[h, i, j]
+
+
+def _add_bias(s, b, h, i, j, table):
+    return s + table[h, i, j]
+
+
+def _closing_over(table):
+    return lambda s, b, h, i, j: s + table[h, i, j]
+
+
+CAPTURES = {
+    "closure": lambda: _closing_over(BIAS),
+    "global": lambda: lambda s, b, h, i, j: s + BIAS[h, i, j],
+    "default argument": lambda: lambda s, b, h, i, j, t=BIAS: s + t[h, i, j],
+    "bound method": lambda: _BiasModule().score_mod,
+    "module": lambda: _BiasModule(),
+    "partial": lambda: functools.partial(_add_bias, table=BIAS),
+    "a computed bias": lambda: _closing_over(BIAS * 2.0),  # not a leaf: its graph continues
+}
+
+
+@pytest.mark.parametrize("backend", ["tiled", "auto"])
+@pytest.mark.parametrize("capture", list(CAPTURES))
+def test_score_mod_gradients_reach_tensors_however_captured(capture, backend):
+    """The backward computes gradients of the tensors the score_mod reads; once only those of
+    its closure cells were found, so a bias reached through ``self`` or a global got none."""
+    mod = CAPTURES[capture]()
+    q, k, v = rand_qkv(1, 4, 2, 40, 70, 16, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for name in ("reference", backend):
+        out = attnkit.attention(q, k, v, mask=masks.causal(), score_mod=mod, backend=name)
+        # (both runs go back through the computed bias's graph)
+        grads.append(torch.autograd.grad((out**2).sum(), (q, k, v, BIAS), retain_graph=True))
+    for want, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert grads[0][3].abs().sum() > 0
 
 
 def test_fully_masked_rows_zero_output_and_grads():

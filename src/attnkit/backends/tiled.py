@@ -23,11 +23,13 @@ it in one matmul, and dK/dV sum over them for free: k and v are never repeated.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from attnkit import _dropout
 from attnkit._symbolic import surely
@@ -553,31 +555,55 @@ class _TiledAttention(torch.autograd.Function):
         return (dq.to(dt), dk.to(dt), dv.to(dt), None, None, None, *d_cap)
 
 
-def captured_tensors(fn: object, depth: int = 4) -> tuple[Tensor, ...]:
-    """Tensors requiring grad that a score_mod closes over (its closure cells, recursively)."""
-    found: dict[int, Tensor] = {}
+def captured_tensors(c: _Ctx, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """The tensors requiring grad that the score_mod reads besides its arguments (none without).
 
-    def visit(obj: object, d: int) -> None:
-        if isinstance(obj, Tensor):
-            if obj.requires_grad:
-                found.setdefault(id(obj), obj)
-        elif isinstance(obj, list | tuple):
-            for item in obj:
-                visit(item, d)
-        elif isinstance(obj, dict):
-            for item in obj.values():
-                visit(item, d)
-        elif callable(obj) and d > 0:
-            for cell in getattr(obj, "__closure__", None) or ():
-                try:
-                    visit(cell.cell_contents, d - 1)
-                except ValueError:  # empty cell
-                    continue
-            for item in getattr(obj, "__defaults__", None) or ():
-                visit(item, d - 1)
+    The backward computes their gradients, so every way of reaching one must count: a
+    closure's, a global, a bound method's module (``self.table``), a partial's argument. The
+    score_mod runs once on a 1 × 1 tile of the call's form while a torch function mode
+    records the tensors each torch call receives, but those the call itself made.
+    """
+    if c.score_mod is None:
+        return ()
+    score = torch.zeros(c.B, c.Hkv, c.G, 1, 1, device=device, dtype=dtype)
+    with torch.no_grad(), _TensorsRead() as reads:
+        c.score_mod(score, *_indices(c, 0, 1, 0, 1, device))
+    return tuple(reads.found.values())
 
-    visit(fn, depth)
-    return tuple(found.values())
+
+class _TensorsRead(TorchFunctionMode):
+    """Records the tensors requiring grad that torch calls receive, other than their outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: dict[int, Tensor] = {}
+        self._made: dict[int, Tensor] = {}  # held, so that no id is reused while recording
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        for t in _tensors_in((args, kwargs)):
+            if t.requires_grad and id(t) not in self._made:
+                self.found.setdefault(id(t), t)
+        out = func(*args, **kwargs)
+        self._made.update((id(t), t) for t in _tensors_in(out))
+        return out
+
+
+def _tensors_in(obj: object) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            yield from _tensors_in(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors_in(item)
 
 
 def unsupported_reason(req: Request) -> str | None:
@@ -637,9 +663,10 @@ def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]
         args: tuple[object, ...] = (None, c, kernel)
     else:
         bm = block_mask_for(req, cfg)
-        captured = () if req.score_mod is None else captured_tensors(req.score_mod)
+        c = _ctx_for(req, bm.mask_fn)
+        captured = captured_tensors(c, req.q.device, compute_dtype(req.q.dtype))
         plan = plan_from_block_mask(bm, cfg.max_chunk)  # drives the PyTorch forward, backward
-        args = (plan, _ctx_for(req, bm.mask_fn), None, *captured)
+        args = (plan, c, None, *captured)
     out, lse = _TiledAttention.apply(req.q, req.k, req.v, *args)  # type: ignore[no-untyped-call]
     return out, lse
 
