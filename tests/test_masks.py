@@ -612,3 +612,58 @@ def test_refined_tiles_keep_the_bitmaps_a_fresh_evaluation_gives(name):
         fresh = block_mask._evaluate_partial_tiles(bm)
         assert torch.equal(kept[0], fresh[0])
         assert torch.equal(kept[1], fresh[1])
+
+
+def _written_after(name: str):
+    """A built-in mask made from a tensor, and a write to that tensor afterwards."""
+    L = 200
+    t = {
+        "document": torch.repeat_interleave(torch.arange(2), L // 2),
+        "from_padding_mask": torch.arange(L)[None] < 150,
+        "from_dense": torch.rand(L, L, generator=torch.Generator().manual_seed(0)) < 0.5,
+        "block_sparse": torch.eye(13, dtype=torch.bool),
+        "global_tokens": torch.tensor([3, 7]),
+        "key_padding": torch.tensor([150]),
+        "key_ranges": torch.zeros(L, dtype=torch.long),
+    }[name]
+    make = {
+        "block_sparse": lambda: masks.block_sparse(t, 16),
+        "key_ranges": lambda: masks.key_ranges(t, torch.arange(L)),
+    }.get(name, lambda: getattr(masks, name)(t))
+    write = {"global_tokens": lambda: t.fill_(100), "key_padding": lambda: t.fill_(20)}.get(
+        name, lambda: t.fill_(True if t.dtype == torch.bool else 1)
+    )
+    return make(), write
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "document",
+        "from_padding_mask",
+        "from_dense",
+        "block_sparse",
+        "global_tokens",
+        "key_padding",
+        "key_ranges",
+    ],
+)
+def test_a_mask_keeps_its_tensors_when_the_caller_writes_to_them(name):
+    """Masks are values: their tile maps and ranges are cached, so a mask that read the
+    caller's tensor would change for the predicate but not for the cache. Once the tiled
+    backend ran such a mask with its old tiles and the reference with the new values."""
+    import attnkit
+
+    mask, write = _written_after(name)
+    q, k, v = (
+        torch.randn(1, 2, 200, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)
+    )
+    before = mask.dense(200, 200)
+    outputs = {b: attnkit.attention(q, k, v, mask=mask, backend=b) for b in ("tiled", "sdpa")}
+    write()
+    assert torch.equal(mask.dense(200, 200), before)
+    want = attnkit.attention(q.double(), k.double(), v.double(), mask=mask, backend="reference")
+    for backend, first in outputs.items():
+        again = attnkit.attention(q, k, v, mask=mask, backend=backend)
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        torch.testing.assert_close(again.double(), want, rtol=1e-5, atol=1e-5)

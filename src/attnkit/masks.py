@@ -435,6 +435,10 @@ _P = ParamSpec("_P")
 _FACTORIES: dict[str, Callable[..., Mask]] = {}
 
 
+def _copied(arg: object) -> object:
+    return arg.clone() if isinstance(arg, Tensor) else arg
+
+
 def _builtin(factory: Callable[_P, Mask]) -> Callable[_P, Mask]:
     """Record each call of a built-in factory as its mask's ``spec``: name, then arguments."""
     params = inspect.signature(factory).parameters
@@ -444,6 +448,10 @@ def _builtin(factory: Callable[_P, Mask]) -> Callable[_P, Mask]:
 
     @functools.wraps(factory)
     def make(*args: _P.args, **kwargs: _P.kwargs) -> Mask:
+        # Masks are values (their tile maps are cached): tensor arguments are copied, so that
+        # writing to the caller's tensor later changes no mask (it changed some readers only)
+        args = tuple(_copied(a) for a in args)  # type: ignore[assignment]
+        kwargs = {name: _copied(a) for name, a in kwargs.items()}  # type: ignore[assignment]
         mask = factory(*args, **kwargs)  # arguments that do not bind raise here
         # by hand, not Signature.bind (~12 µs): models make masks at every call of a layer
         given = {**dict(zip(names, args, strict=False)), **kwargs}  # the rest: keywords, defaults
@@ -1271,6 +1279,9 @@ def custom(fn: MaskFn, name: str | None = None) -> Mask:
     and head dims it varies over are read off the shape of its result at the ``B``, ``H``
     passed to ``blocks`` / ``dense`` (backends pass the request's B and Hq): a predicate that
     uses ``h`` gets tiles per head. Without them it is evaluated at b = h = 0 only.
+
+    A mask's tile maps are cached (masks are values; the built-in patterns copy the tensors
+    they are given): a predicate that reads a tensor written to later needs a new mask.
     """
     if not callable(fn):
         raise TypeError(f"custom mask needs a callable fn(b, h, q_idx, kv_idx), got {fn!r}")
