@@ -280,3 +280,33 @@ def test_import_leaves_dynamo_and_sympy_unloaded():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_a_custom_score_mod_compiles_with_graph_breaks_and_trains_its_bias():
+    """A score mod attnkit does not know runs tiled's PyTorch loops, which torch.compile
+    reaches through graph breaks (fullgraph=True refuses them); the backward still finds the
+    bias the mod reads through ``self`` and gives it eager's gradient. (Naming the bound
+    method with ``repr`` once stopped dynamo with an internal error.)"""
+
+    class Bias(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(2, 9, 9))
+
+        def score_mod(self, s, b, h, i, j):
+            return s + self.table[h, i, j]
+
+    bias = Bias()
+
+    def f(q, k, v):
+        return attnkit.attention(q, k, v, score_mod=bias.score_mod, backend="tiled")
+
+    leaves = [torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(3)]
+    grads = []
+    for fn in (f, torch.compile(f)):
+        out = fn(*leaves)
+        grads.append(torch.autograd.grad((out**2).sum(), [*leaves, bias.table]))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want)
+    assert grads[1][3].abs().sum() > 0

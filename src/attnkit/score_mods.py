@@ -88,7 +88,10 @@ def resolve(score_mod: ScoreMod | ScoreModFn | None, Lq: int, Lk: int) -> ScoreM
     if isinstance(score_mod, ScoreMod):
         return score_mod.bind(Lq, Lk)
     if callable(score_mod):
-        return shape_checked(score_mod, getattr(score_mod, "__name__", repr(score_mod)))
+        # not repr(score_mod) as the default: torch.compile cannot trace the repr of a bound
+        # method of an nn.Module (an internal dynamo error, not a graph break)
+        name = getattr(score_mod, "__name__", None) or type(score_mod).__name__
+        return shape_checked(score_mod, name)
     raise TypeError(
         f"score_mod must be callable as fn(score, b, h, q_idx, kv_idx), got {score_mod!r}"
     )
