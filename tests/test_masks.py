@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import attnkit
 from attnkit import block_mask, masks
 from attnkit._types import EMPTY, FULL, PARTIAL
 from attnkit.block_mask import BlockMask, partial_bitmaps, retile
@@ -614,6 +615,18 @@ def test_refined_tiles_keep_the_bitmaps_a_fresh_evaluation_gives(name):
         assert torch.equal(kept[1], fresh[1])
 
 
+#: the built-in patterns made from tensors
+TENSOR_FACTORIES = (
+    "document",
+    "from_padding_mask",
+    "from_dense",
+    "block_sparse",
+    "global_tokens",
+    "key_padding",
+    "key_ranges",
+)
+
+
 def _written_after(name: str):
     """A built-in mask made from a tensor, and a write to that tensor afterwards."""
     L = 200
@@ -636,24 +649,11 @@ def _written_after(name: str):
     return make(), write
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "document",
-        "from_padding_mask",
-        "from_dense",
-        "block_sparse",
-        "global_tokens",
-        "key_padding",
-        "key_ranges",
-    ],
-)
+@pytest.mark.parametrize("name", TENSOR_FACTORIES)
 def test_a_mask_keeps_its_tensors_when_the_caller_writes_to_them(name):
     """Masks are values: their tile maps and ranges are cached, so a mask that read the
     caller's tensor would change for the predicate but not for the cache. Once the tiled
     backend ran such a mask with its old tiles and the reference with the new values."""
-    import attnkit
-
     mask, write = _written_after(name)
     q, k, v = (
         torch.randn(1, 2, 200, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)

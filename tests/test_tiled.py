@@ -122,7 +122,7 @@ class _BiasModule(torch.nn.Module):
         return s + self.table[h, i, j]
 
     def forward(self, s, b, h, i, j):
-        return s + self.table[h, i, j]
+        return self.score_mod(s, b, h, i, j)
 
 
 def _add_bias(s, b, h, i, j, table):

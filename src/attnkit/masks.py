@@ -449,7 +449,8 @@ def _builtin(factory: Callable[_P, Mask]) -> Callable[_P, Mask]:
     @functools.wraps(factory)
     def make(*args: _P.args, **kwargs: _P.kwargs) -> Mask:
         # Masks are values (their tile maps are cached): tensor arguments are copied, so that
-        # writing to the caller's tensor later changes no mask (it changed some readers only)
+        # writing to the caller's tensor later changes no mask (it reached the predicate and
+        # the kernels' padding and ranges, not the cached tile maps)
         args = tuple(_copied(a) for a in args)  # type: ignore[assignment]
         kwargs = {name: _copied(a) for name, a in kwargs.items()}  # type: ignore[assignment]
         mask = factory(*args, **kwargs)  # arguments that do not bind raise here

@@ -91,13 +91,13 @@ def resolve(score_mod: ScoreMod | ScoreModFn | None, Lq: int, Lk: int) -> ScoreM
         # not repr(score_mod) as the default: torch.compile cannot trace the repr of a bound
         # method of an nn.Module (an internal dynamo error, not a graph break)
         name = getattr(score_mod, "__name__", None) or type(score_mod).__name__
-        return shape_checked(score_mod, name)
+        return result_checked(score_mod, name)
     raise TypeError(
         f"score_mod must be callable as fn(score, b, h, q_idx, kv_idx), got {score_mod!r}"
     )
 
 
-def shape_checked(fn: ScoreModFn, name: str) -> ScoreModFn:
+def result_checked(fn: ScoreModFn, name: str) -> ScoreModFn:
     """``fn``, raising a clear error when its result is not a float tensor shaped like its score.
 
     A user's score_mod that drops or adds a dim would otherwise fail deep in a backend, or
@@ -286,7 +286,7 @@ def custom(fn: ScoreModFn, name: str | None = None) -> ScoreMod:
     if not callable(fn):
         raise TypeError(f"custom score_mod needs a callable, got {fn!r}")
     name = name or f"custom({getattr(fn, '__name__', 'fn')})"
-    checked = shape_checked(fn, name)
+    checked = result_checked(fn, name)
     return ScoreMod(name, lambda Lq, Lk: checked)
 
 
