@@ -120,6 +120,9 @@ def _odd_worker(rank, world, init_file, results_dir):
         q = torch.randn(1, 2, 5, 8)  # 10 positions over 2 ranks: not 4 zigzag chunks
         with pytest.raises(ValueError, match="pad it to a multiple of 4"):
             ring_attention(q, q, q, causal=True, layout="zigzag")
+        empty = torch.randn(1, 2, 0, 8)
+        with pytest.raises(ValueError, match="a shard of at least one position"):
+            ring_attention(empty, empty, empty)
         uneven = torch.randn(1, 2, 4 + rank, 8)
         with pytest.raises(ValueError, match="same shard length"):
             ring_attention(uneven, uneven, uneven)

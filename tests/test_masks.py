@@ -348,7 +348,7 @@ def test_batch_size_checks():
         (lambda: masks.global_tokens([-1]), ValueError),
         (lambda: masks.global_tokens({0, 3}), TypeError),  # a set has no order
         (lambda: masks.document([[0, 0], [1]]), TypeError),
-        (lambda: masks.key_padding([]), ValueError),
+        (lambda: masks.key_padding([-1]), ValueError),
         (lambda: masks.causal(align="left"), ValueError),
         (lambda: masks.from_dense(torch.ones(3, 3)), TypeError),
         (lambda: masks.block_sparse(torch.ones(3), 4), TypeError),

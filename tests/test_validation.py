@@ -55,10 +55,10 @@ v2 = torch.randn(2, 2, 10, 12)
             r"\(Lq, Lk\) = \(8, 12\)",
         ),
         (
-            (q4, torch.randn(2, 2, 0, 16), torch.randn(2, 2, 0, 12)),
+            (q4, k2, torch.randn(2, 2, 10, 0)),
             {},
             ValueError,
-            "empty dimension",
+            r"empty dimension: .* \(heads and head dims must be >= 1\)",
         ),
         (("q", k2, v2), {}, TypeError, "q must be a torch.Tensor"),
         ((q4, k2, v2), {"dropout_p": 0.1, "generator": 3}, TypeError, "generator must be"),

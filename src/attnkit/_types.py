@@ -51,3 +51,8 @@ class Shapes:
     Lk: int
     D: int
     Dv: int
+
+    @property
+    def no_pairs(self) -> bool:
+        """Whether there is no (query, key) pair to score: B, Lq or Lk is 0."""
+        return 0 in (self.B, self.Lq, self.Lk)

@@ -50,9 +50,10 @@ def check_qkv(q: Any, k: Any, v: Any) -> Shapes:
             f"query heads must be a multiple of key/value heads (GQA/MQA): "
             f"q {_shape(q)} has {Hq}, k {_shape(k)} has {Hkv}"
         )
-    if 0 in (B, Hq, Lq, D) or Lk == 0 or v.shape[3] == 0:
+    if 0 in (Hq, D, v.shape[3]):
         raise ValueError(
-            f"empty dimension: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (all sizes must be >= 1)"
+            f"empty dimension: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (heads and head dims "
+            f"must be >= 1)"
         )
     return Shapes(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=v.shape[3])
 

@@ -244,7 +244,38 @@ def _bf16_training_reason(amx: bool) -> str:
     return "bfloat16 with gradients on a CPU without AMX: SDPA's bf16 backward is slow here"
 
 
+_NO_PAIRS = "B, Lq or Lk is 0: no (query, key) pair to score, so no kernel runs"
+
+
+def _compute_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _scores_without_pairs(req: Request) -> Tensor:
+    """q·kᵀ (B, Hkv, Hq/Hkv, Lq, Lk) where B, Lq or Lk is 0: a product with no element."""
+    s = req.shapes
+    q = req.q.reshape(s.B, s.Hkv, s.Hq // s.Hkv, s.Lq, s.D)
+    return q @ req.k.unsqueeze(2).transpose(-1, -2)
+
+
+def _without_pairs(req: Request) -> tuple[Tensor, Tensor]:
+    """The result where B, Lq or Lk is 0, as SDPA gives it: an empty output, or zeros.
+
+    Output (B, Hq, Lq, Dv) and LSE (B, Hq, Lq) = -inf: with no key each row is fully masked
+    (DESIGN §2). It is (q·kᵀ)·v over the empty dimension: autograd gives q, k and v zero
+    gradients, and a NaN in q has no product to reach.
+    """
+    s = req.shapes
+    out = (_scores_without_pairs(req) @ req.v.unsqueeze(2)).reshape(s.B, s.Hq, s.Lq, s.Dv)
+    lse = torch.full(
+        (s.B, s.Hq, s.Lq), float("-inf"), dtype=_compute_dtype(req.q), device=req.q.device
+    )
+    return out, lse
+
+
 def _auto(req: Request) -> DispatchDecision:
+    if req.shapes.no_pairs:  # (the rules' size arithmetic divides by these)
+        return DispatchDecision("reference", _NO_PAIRS)
     decision = _auto_rule(req)
     if decision.backend == "tiled" and (why := tiled.unsupported_reason(req)) is not None:
         fallback = "sdpa" if sdpa.unsupported_reason(req) is None else "reference"
@@ -472,7 +503,8 @@ def attention(
             )
     decision = _choose(req, backend)
     with autocast_off(q):  # a backend's own float32 math stays float32
-        out, lse = _backends.get(decision.backend).run(req)
+        run = _without_pairs if req.shapes.no_pairs else _backends.get(decision.backend).run
+        out, lse = run(req)
         if sinks is not None:
             assert lse is not None
             out, lse = apply_sinks(out, lse, sinks)
@@ -502,6 +534,9 @@ def attention_weights(
         sink's weight).
     """
     req = _request(q, k, v, mask, score_mod, scale, 0.0, None, False)
+    if req.shapes.no_pairs:  # (B, Hq, Lq, Lk) holds no element
+        s = req.shapes
+        return _scores_without_pairs(req).reshape(s.B, s.Hq, s.Lq, s.Lk).to(_compute_dtype(q))
     with autocast_off(q):
         probs, lse = reference.probabilities(req)
         if sinks is not None:

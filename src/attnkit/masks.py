@@ -193,7 +193,9 @@ class Mask:
         for arg, own, what in ((B, self.batch, "B"), (H, self.heads, "H")):
             if arg is not None and own is not None and arg != own:
                 raise ValueError(f"{self!r} is built for {what}={own}, but {what}={arg} was asked")
-        return (B or self.batch or 1, H or self.heads or 1)
+        B = B if B is not None else self.batch
+        H = H if H is not None else self.heads
+        return (1 if B is None else B, 1 if H is None else H)
 
     def dense(
         self,
@@ -951,8 +953,8 @@ def global_tokens(indices: Sequence[int] | Tensor, *, align: Align = "bottom_rig
 def key_padding(lengths: Sequence[int] | Tensor) -> Mask:
     """Sequence b attends to its first ``lengths[b]`` keys only (right padding)."""
     lens = _as_index_tensor("lengths", lengths).flatten()
-    if lens.numel() == 0 or int(lens.min()) < 0:
-        raise ValueError(f"lengths must be a non-empty list of ints >= 0, got {_short(lens)}")
+    if lens.numel() > 0 and int(lens.min()) < 0:  # (an empty batch has no lengths)
+        raise ValueError(f"lengths must be a list of ints >= 0, got {_short(lens)}")
 
     def bind(Lq: int, Lk: int) -> BoundMask:
         def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
@@ -1128,7 +1130,8 @@ def _tile_min_max(ids: Tensor, block: int) -> tuple[Tensor, Tensor]:
 
 
 def _batch_of(n: int) -> int | None:
-    return n if n > 1 else None
+    """The batch a mask made from n rows is for: None (any) for one row; an empty one: 0."""
+    return None if n == 1 else n
 
 
 def _layout_bound(layout: Tensor, block: int, q_shift: int) -> BoundMask:

@@ -239,11 +239,6 @@ def varlen_attention(
         if not isinstance(t, Tensor) or t.dim() != 3:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{name} must be (total, H, D) for varlen_attention, got {shape}")
-    if q.shape[0] == 0 or k.shape[0] == 0:  # as attention refuses an empty length
-        raise ValueError(
-            f"varlen_attention needs at least one query and one key in the batch, got q "
-            f"{tuple(q.shape)}, k {tuple(k.shape)} (sequences may be empty, not all of them)"
-        )
     cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
     cu_k = cu_q
     if cu_seqlens_k is not None:

@@ -234,6 +234,11 @@ def ring_attention(
         raise RuntimeError("ring_attention needs torch.distributed to be initialised")
     q, k, v = autocast_inputs(q, k, v)
     shapes = check.check_qkv(q, k, v)
+    if shapes.no_pairs:
+        raise ValueError(
+            f"ring_attention needs a batch and a shard of at least one position, got q "
+            f"{tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     if shapes.Lq != shapes.Lk:
         raise ValueError(
             f"ring_attention is self-attention: q has {shapes.Lq} positions, k {shapes.Lk}"

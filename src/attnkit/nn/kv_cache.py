@@ -54,8 +54,8 @@ class KVCache:
         value_dim: int | None = None,
         window: int | None = None,
     ) -> None:
+        check_int("KVCache batch", batch, least=0)  # (an empty batch, as attention takes)
         for name, n in (
-            ("batch", batch),
             ("num_kv_heads", num_kv_heads),
             ("max_len", max_len),
             ("head_dim", head_dim),
