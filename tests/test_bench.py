@@ -62,6 +62,16 @@ def test_bench_usage_errors(argv, why, capsys):
     assert why in capsys.readouterr().err
 
 
+def test_call_overhead_bench_checks_its_ways_agree_and_times_them():
+    """benchmarks/cpu_call_overhead.py at one length: it asserts every way gives SDPA's output
+    before timing, and prints a row with every column."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/cpu_call_overhead.py"), "--lengths", "16"]
+    out = subprocess.run(
+        [*cmd, "--min-time", "0.01"], check=True, capture_output=True, text=True
+    ).stdout
+    assert re.search(r"│\s+16 │(\s+-?[\d.]+ │){7}", out), out
+
+
 def test_triton_walks_bench_times_both_ways():
     """benchmarks/triton_walks.py at one small length: a row of both ways' times."""
     pytest.importorskip("triton")

@@ -1267,3 +1267,17 @@ def test_split_forward_keeps_nan_rows_nan(nan_key, monkeypatch):
     assert torch.equal(lse.isnan(), ref_lse.isnan())
     assert bool(out.isnan().any()) == (nan_key == 5)
     torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num())
+
+
+def test_one_mask_object_at_alternating_lengths():
+    """The band a mask keeps is remembered per mask object for the last lengths asked (the
+    layers sharing a mask ask alike): other lengths, alternating, must not read it."""
+    mask = masks.sliding_window(5) & masks.key_padding([40])
+    for Lq, Lk in [(1, 30), (7, 40), (1, 30), (40, 40), (1, 31), (7, 40)]:
+        q, k, v = rand_qkv(1, 2, 2, Lq, Lk, 16, dtype=torch.float64)
+        got = attnkit.attention(q, k, v, mask=mask, backend="tiled")
+        want = attnkit.attention(q, k, v, mask=mask, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        q32, k32, v32 = (t.float() for t in (q, k, v))  # the compiled kernels' path
+        got32 = attnkit.attention(q32, k32, v32, mask=mask, backend="tiled")
+        torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-5)

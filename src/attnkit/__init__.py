@@ -21,8 +21,11 @@ __version__ = "0.1.0"
 warm_vml()  # before any threaded first call of MKL's vector math (pytorch/pytorch#188792)
 
 # ``attnkit.backends`` is also the name of the sub-package that holds the kernels. The
-# public API (DESIGN §3) is the function, so it is bound after every sub-package import.
+# public API (DESIGN §3) is the function, so it is bound after every sub-package import, under
+# the package's name: ``import attnkit.backends.tiled as t`` looks ``tiled`` up on what
+# ``attnkit.backends`` holds, then in sys.modules by that object's ``__name__`` + ".tiled".
 backends = _backend_names
+backends.__name__ = "attnkit.backends"
 
 __all__ = [
     "BlockMask",

@@ -35,27 +35,26 @@ def check_qkv(q: Any, k: Any, v: Any) -> Shapes:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, Hq, Lq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
+    (B, Hq, Lq, D), (Bk, Hkv, Lk, Dk), (Bv, Hv, Lv, Dv) = q.shape, k.shape, v.shape
+    if Bk != B or Bv != B:
         raise ValueError(
             f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (dim 0 must match)"
         )
-    Hkv, Lk = k.shape[1], k.shape[2]
-    if v.shape[1] != Hkv or v.shape[2] != Lk:
+    if Hv != Hkv or Lv != Lk:
         raise ValueError(f"k and v must agree on heads and length: k {_shape(k)}, v {_shape(v)}")
-    if k.shape[3] != D:
+    if Dk != D:
         raise ValueError(f"q and k head dims differ: q {_shape(q)}, k {_shape(k)} (dim 3)")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
             f"query heads must be a multiple of key/value heads (GQA/MQA): "
             f"q {_shape(q)} has {Hq}, k {_shape(k)} has {Hkv}"
         )
-    if 0 in (Hq, D, v.shape[3]):
+    if 0 in (Hq, D, Dv):
         raise ValueError(
             f"empty dimension: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (heads and head dims "
             f"must be >= 1)"
         )
-    return Shapes(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=v.shape[3])
+    return Shapes(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv)
 
 
 def check_scale(scale: Any, D: int) -> float:

@@ -238,6 +238,15 @@ def _fast_sdpa_fp16_forward() -> bool:
     return _AVX512
 
 
+def _bf16_training_on_tiled(req: Request, amx: bool, amx_pairs_limit: int) -> bool:
+    """Whether bfloat16 training goes to tiled, by the pairs per head (Lq·Lk).
+
+    Without AMX at any size (causal: tiled ran 1.24-2.1x faster already at N = 64); with AMX
+    up to ``amx_pairs_limit``.
+    """
+    return not amx or surely(req.shapes.Lq * req.shapes.Lk <= amx_pairs_limit)
+
+
 def _bf16_training_reason(amx: bool) -> str:
     if amx:
         return "short bfloat16 training on a CPU with AMX: SDPA's backward costs more per call"
@@ -289,7 +298,8 @@ def _auto_rule(req: Request) -> DispatchDecision:
         if why_not_sdpa is None:
             return DispatchDecision("sdpa", under_torch_func)
         return DispatchDecision("reference", f"{under_torch_func}; {why_not_sdpa}")
-    if req.q.device.type == "cuda" and triton.unsupported_reason(req) is None:
+    device = req.q.device.type
+    if device == "cuda" and triton.unsupported_reason(req) is None:
         if req.q.dtype != torch.float32 or why_not_sdpa is not None:
             return DispatchDecision("triton", "CUDA tensors: attnkit's Triton kernels serve it")
         return DispatchDecision(
@@ -297,7 +307,7 @@ def _auto_rule(req: Request) -> DispatchDecision:
         )
     if why_not_sdpa is not None:
         return DispatchDecision("tiled", f"{why_not_sdpa}; tiled can, in O(N) memory")
-    on_cpu = req.q.device.type == "cpu"
+    on_cpu = device == "cpu"
     if on_cpu and req.shapes.Dv != req.shapes.D:  # Dv last: ruff reads D as a constant
         return DispatchDecision(
             "tiled",
@@ -322,16 +332,13 @@ def _auto_rule(req: Request) -> DispatchDecision:
     bf16_training = on_cpu and req.q.dtype == torch.bfloat16 and req.needs_grad
     amx = _fast_sdpa_bf16()
     slow_sdpa_training = bf16_training and not amx
-    per_head_pairs = req.shapes.Lq * req.shapes.Lk
     if no_mask:
-        short = surely(per_head_pairs <= AMX_BF16_TILED_TRAINING_PAIRS)
-        if bf16_training and (not amx or short):
+        if bf16_training and _bf16_training_on_tiled(req, amx, AMX_BF16_TILED_TRAINING_PAIRS):
             return DispatchDecision("tiled", _bf16_training_reason(amx))
         return DispatchDecision("sdpa", "no mask: torch SDPA's fused kernel (tiled is no faster)")
     if plain_causal:
-        # bf16 training at any size without AMX: tiled ran 1.24-2.1x faster already at N = 64
-        short = surely(per_head_pairs <= AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS)
-        if bf16_training and (not amx or short):
+        limit = AMX_BF16_TILED_CAUSAL_TRAINING_PAIRS
+        if bf16_training and _bf16_training_on_tiled(req, amx, limit):
             return DispatchDecision("tiled", _bf16_training_reason(amx))
         s = req.shapes
         big = not surely(s.B * s.Hq * s.Lq * s.Lk < TILED_CAUSAL_MIN_PAIRS)

@@ -149,6 +149,9 @@ class Mask:
     def spec(self, value: tuple[Any, ...] | None) -> None:
         self._spec = value
         self._shared_key = _plain_key(value)  # once, not at every blocks() call
+        # padded_band of the last (Lq, Lk) the tiled backend asked for (dispatch, the kernels'
+        # arguments and every layer sharing the mask ask alike), found from the spec
+        self._band_cache: tuple[tuple[int, int], Any] | None = None
 
     @property
     def shares_tiles(self) -> bool:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,9 +16,8 @@ from attnkit.masks import Mask
 MaskLike = Mask | BlockMask | Tensor | None
 
 
-@dataclass(frozen=True)
-class Request:
-    """One validated attention call.
+class Request(NamedTuple):
+    """One validated attention call (a NamedTuple: made at every call, it costs least).
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv); ``score_mod`` is already bound
     to (Lq, Lk) and ``score_mod_source`` is what the caller passed (kernels recognise built-in

@@ -86,7 +86,7 @@ def _sdpa(req: Request, attn_mask: Tensor | None = None) -> Tensor:
     s = req.shapes
     G = s.Hq // s.Hkv
     per_head = attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] != 1
-    if s.Lq != 1 or G < FOLD_MIN_GROUP or req.q.device.type != "cpu" or per_head:
+    if s.Lq != 1 or G < FOLD_MIN_GROUP or not req.q.is_cpu or per_head:
         return F.scaled_dot_product_attention(
             req.q, req.k, req.v, attn_mask=attn_mask, scale=req.scale, enable_gqa=G > 1
         )
@@ -109,7 +109,7 @@ def _keep_nan_query_rows(out: Tensor, req: Request) -> Tensor:
     """
     if torch.compiler.is_compiling():  # eager only: a length test would guard the graph
         return out
-    if req.q.device.type != "cpu" or req.shapes.Lk >= SCALAR_ROW_MAX_BELOW:
+    if not req.q.is_cpu or req.shapes.Lk >= SCALAR_ROW_MAX_BELOW:
         return out
     # one sum finds any NaN (2-7 µs; the search by rows, 3-60) where a branch on data may be
     # taken: torch.func's transforms (vmap) refuse it, so there the search always runs

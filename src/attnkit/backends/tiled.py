@@ -203,7 +203,15 @@ def _kernel_band(req: Request) -> tuple[int, int, Tensor | None] | None:
     if isinstance(mask, Tensor):  # every query of a sequence keeps the same keys: no band
         keys = kept_keys(mask, Lk)
         return None if keys is None else (1 - Lq, Lk - 1, keys)
-    return padded_band(mask, Lq, Lk) if isinstance(mask, Mask) else None
+    if not isinstance(mask, Mask):
+        return None
+    if torch.compiler.is_compiling():  # (symbolic lengths: nothing to key a cache by)
+        return padded_band(mask, Lq, Lk)
+    last = mask._band_cache
+    if last is None or last[0] != (Lq, Lk):
+        last = mask._band_cache = ((Lq, Lk), padded_band(mask, Lq, Lk))
+    found: tuple[int, int, Tensor | None] | None = last[1]
+    return found
 
 
 def _kernel_ranges(req: Request) -> tuple[Tensor, Tensor | None] | None:
@@ -632,7 +640,7 @@ def _kernel_mods(req: Request, cfg: TileConfig) -> KernelMods | None:
     mods = kernel_mods(req.score_mod_source)
     runs_kernels = (
         cfg.use_kernel
-        and req.q.device.type == "cpu"
+        and req.q.is_cpu
         and req.q.dtype != torch.float64
         and mods is not None
         and not mods.learns_slopes
