@@ -13,6 +13,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import attnkit
 from attnkit import masks, score_mods
+from attnkit.backends import tiled
 from attnkit.nn import CausalLM
 
 
@@ -263,6 +264,31 @@ def test_constant_marks_are_torch_compilers_own():
     torch.compiler.assume_constant_result(probe)
     for marked in (cpu_kernel.available, cpu_kernel._threads):
         assert {k: v for k, v in vars(marked).items() if k in vars(probe)} == vars(probe)
+
+
+def test_eager_loops_carry_torch_compilers_disable_marks():
+    """tiled's PyTorch loops carry the marks torch.compiler.disable(reason=...) sets (set by
+    hand: it imports torch._dynamo); a torch that marks differently fails here (fullgraph
+    would then fail inside the loops, not say why)."""
+    probe = torch.compiler.disable(lambda: 0, reason="why")
+    assert probe._torchdynamo_disable is True
+    assert probe._torchdynamo_disable_msg == "why"
+    assert tiled._run_loops._torchdynamo_disable is True
+    assert "PyTorch loops" in tiled._run_loops._torchdynamo_disable_msg
+
+
+def test_fullgraph_with_a_custom_score_mod_says_why_it_cannot():
+    """A custom score_mod runs tiled's PyTorch loops, which no graph holds: fullgraph=True
+    stops with the reason and the ways out (it used to fail inside the loops' torch function
+    mode with "Observed exception ... AttributeError('found')")."""
+    table = torch.randn(2, 9, 9, requires_grad=True)
+
+    def f(q, k, v):
+        return attnkit.attention(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h, i, j])
+
+    q = torch.randn(1, 2, 9, 8)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="backend='reference'"):
+        torch.compile(f, backend="aot_eager", fullgraph=True)(q, q, q)
 
 
 def test_import_leaves_dynamo_and_sympy_unloaded():

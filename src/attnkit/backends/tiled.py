@@ -659,24 +659,41 @@ def builds_tile_map(req: Request) -> bool:
 def run(req: Request, config: TileConfig | None = None) -> tuple[Tensor, Tensor]:
     """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32 (float64 for float64)."""
     cfg = config or tuned_config(req)
-    if (mods := _kernel_mods(req, cfg)) is not None:
-        tiles = kernel_tiles(req, cfg)
-        dropout = _dropout.kernel_args(req.seed, req.dropout_p)
-        if not req.needs_grad:  # inference (decoding): no autograd node
-            return cpu_kernel.forward(
-                req.q, req.k, req.v, tiles, cfg.max_chunk, req.scale, mods, dropout
-            )
-        kernel = _Kernel(tiles, cfg.max_chunk, mods, dropout)
-        c = _ctx_for(req, None)  # the kernels need neither the predicate nor a chunk plan
-        args: tuple[object, ...] = (None, c, kernel)
-    else:
-        bm = block_mask_for(req, cfg)
-        c = _ctx_for(req, bm.mask_fn)
-        captured = captured_tensors(c, req.q.device, compute_dtype(req.q.dtype))
-        plan = plan_from_block_mask(bm, cfg.max_chunk)  # drives the PyTorch forward, backward
-        args = (plan, c, None, *captured)
-    out, lse = _TiledAttention.apply(req.q, req.k, req.v, *args)  # type: ignore[no-untyped-call]
+    if (mods := _kernel_mods(req, cfg)) is None:
+        return _run_loops(req, cfg)
+    tiles = kernel_tiles(req, cfg)
+    dropout = _dropout.kernel_args(req.seed, req.dropout_p)
+    if not req.needs_grad:  # inference (decoding): no autograd node
+        return cpu_kernel.forward(
+            req.q, req.k, req.v, tiles, cfg.max_chunk, req.scale, mods, dropout
+        )
+    kernel = _Kernel(tiles, cfg.max_chunk, mods, dropout)
+    c = _ctx_for(req, None)  # the kernels need neither the predicate nor a chunk plan
+    out, lse = _TiledAttention.apply(req.q, req.k, req.v, None, c, kernel)  # type: ignore[no-untyped-call]
     return out, lse
+
+
+def _run_loops(req: Request, cfg: TileConfig) -> tuple[Tensor, Tensor]:
+    """``run`` in PyTorch loops over the tiles of a BlockMask (what the kernels do not serve)."""
+    bm = block_mask_for(req, cfg)
+    c = _ctx_for(req, bm.mask_fn)
+    captured = captured_tensors(c, req.q.device, compute_dtype(req.q.dtype))
+    plan = plan_from_block_mask(bm, cfg.max_chunk)  # drives the PyTorch forward, backward
+    out, lse = _TiledAttention.apply(req.q, req.k, req.v, plan, c, None, *captured)  # type: ignore[no-untyped-call]
+    return out, lse
+
+
+# The marks ``torch.compiler.disable(_run_loops, reason=...)`` sets, set without importing
+# torch._dynamo (0.8 s of ``import attnkit``): torch.compile breaks its graph at the call, as
+# neither the loops' tile plan (read from data) nor ``captured_tensors`` (a torch function
+# mode) traces, and under fullgraph=True it says why instead of failing inside them
+_run_loops._torchdynamo_disable = True  # type: ignore[attr-defined]
+_run_loops._torchdynamo_disable_msg = (  # type: ignore[attr-defined]
+    "attnkit's tiled backend runs this request in PyTorch loops over a tile plan read from "
+    "data (a custom score_mod, ALiBi slopes that learn, float64 or a non-CPU device), between "
+    "graphs; with fullgraph=True use backend='reference' (it materialises the scores) or, on "
+    "CPU in float32/16/bf16, ALiBi with fixed slopes or softcap, which the compiled kernels apply"
+)
 
 
 def block_forward(
