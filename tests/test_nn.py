@@ -72,13 +72,26 @@ def test_per_head_custom_mask_with_a_tensor_mask_matches_torch():
     torch.testing.assert_close(w, exp_w, atol=1e-5, rtol=1e-5)
 
 
-def test_to_torch_round_trip():
-    a = MultiHeadAttention(32, 4, kdim=16, vdim=16)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"bias": False}, {"batch_first": False}, {"kdim": 16, "vdim": 12, "bias": False}],
+    ids=["packed in_proj", "no bias", "sequence first", "kdim/vdim"],
+)
+def test_to_torch_round_trip(kwargs):
+    a = MultiHeadAttention(32, 4, **kwargs)
     m = a.to_torch()
-    x, kv = torch.randn(2, 5, 32), torch.randn(2, 6, 16)
-    torch.testing.assert_close(
-        a(x, kv)[0], m(x, kv, kv, need_weights=False)[0], atol=1e-6, rtol=1e-6
-    )
+    batch_first = kwargs.get("batch_first", True)
+
+    def seq(L, width):
+        return torch.randn(2, L, width) if batch_first else torch.randn(L, 2, width)
+
+    x, k, v = seq(5, 32), seq(6, kwargs.get("kdim", 32)), seq(6, kwargs.get("vdim", 32))
+    torch.testing.assert_close(a(x, k, v)[0], m(x, k, v, need_weights=False)[0])
+
+
+def test_to_torch_refuses_grouped_heads():
+    with pytest.raises(ValueError, match="grouped-query"):
+        MultiHeadAttention(32, 4, num_kv_heads=2).to_torch()
     with pytest.raises(ValueError, match="grouped-query"):
         MultiHeadAttention(32, 4, num_kv_heads=2).to_torch()
 
@@ -147,6 +160,27 @@ def test_kv_cache_decoding_equals_full_causal_pass(num_kv_heads, use_rope):
     steps += [a(x[:, t : t + 1], cache=cache)[0] for t in range(5, L)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == L
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_reset_cache_decodes_a_new_text_as_a_fresh_one(window):
+    """``KVCache.reset`` forgets every position, windowed or not: a second text decoded in
+    it gives what a new cache gives (with RoPE, whose positions restart at 0)."""
+    E, H, L = 32, 4, 10
+    mask = masks.causal() if window is None else masks.sliding_window(window)
+    a = MultiHeadAttention(E, H, num_kv_heads=2, mask=mask, rope=RotaryEmbedding(E // H)).eval()
+    first, second = torch.randn(2, L, E), torch.randn(2, L, E)
+
+    def decode(x, cache):
+        return torch.cat([a(x[:, t : t + 1], cache=cache)[0] for t in range(L)], dim=1)
+
+    cache = KVCache(2, 2, L if window is None else window + 2, E // H, window=window)
+    decode(first, cache)
+    cache.reset()
+    assert (cache.length, cache.position) == (0, 0)
+    fresh = KVCache(2, 2, L if window is None else window + 2, E // H, window=window)
+    torch.testing.assert_close(decode(second, cache), decode(second, fresh), rtol=0, atol=0)
+    assert repr(cache) == repr(fresh)
 
 
 def test_cross_attention_cache_reuses_encoder_keys():

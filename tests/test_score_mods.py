@@ -43,6 +43,9 @@ def test_softcap_and_compose():
     torch.testing.assert_close(out2, naive_attention(q, k, v, bias=both - scores)[0])
     assert "alibi" in repr(mod)
     assert "softcap(3)" in repr(mod)
+    # called directly, a ScoreMod applies itself as to square scores (no alignment offset)
+    b, h = torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(2).view(1, 2, 1, 1)
+    torch.testing.assert_close(mod(scores, b, h, i, j), both)
 
 
 def test_relative_bias_plain_and_t5():
@@ -58,6 +61,21 @@ def test_relative_bias_plain_and_t5():
     assert b.tolist()[1:6] == [3, 1, 0, 17, 19]
     assert b[0].item() == 15
     assert b[-1].item() == 31
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize(("num_buckets", "max_distance"), [(32, 128), (16, 64), (8, 20)])
+def test_t5_buckets_are_t5s(bidirectional, num_buckets, max_distance):
+    """Every distance to ±300 lands in the bucket transformers' T5 gives it, in encoders
+    (bidirectional) and decoders (keys up to the query only; once untested here)."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    rel = torch.arange(-300, 301)
+    want = T5Attention._relative_position_bucket(
+        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    got = score_mods.t5_bucket(rel, num_buckets, max_distance, bidirectional)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "tiled"])

@@ -14,6 +14,11 @@ k2 = torch.randn(2, 2, 10, 16)
 v2 = torch.randn(2, 2, 10, 12)
 
 
+def ids(*shape: int, value: int = 0) -> torch.Tensor:
+    """An int64 index tensor, as the patterns take them."""
+    return torch.full(shape, value)
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "err", "match"),
     [
@@ -33,6 +38,27 @@ v2 = torch.randn(2, 2, 10, 12)
             {},
             ValueError,
             "batch sizes differ",
+        ),
+        ((q4, k2.to("meta"), v2), {}, ValueError, "must be on one device, got cpu, meta, cpu"),
+        ((q4, k2, v2), {"scale": "0.1"}, TypeError, "scale must be a float or None, got str"),
+        ((q4, k2, v2), {"dropout_p": "0.1"}, TypeError, "dropout_p must be a float, got str"),
+        (
+            (q4, k2, v2),
+            {"mask": torch.ones(1, 2, 4, 8, 10, dtype=torch.bool)},
+            ValueError,
+            r"mask has 5 dims, shape \(1, 2, 4, 8, 10\); at most 4 allowed",
+        ),
+        (
+            (q4, k2, v2),
+            {"mask": masks.block_sparse(torch.ones(3, 2, 2, dtype=torch.bool), 8)},
+            ValueError,
+            "is built for 3 heads, but q has Hq=4",
+        ),
+        (
+            (q4, k2, v2),
+            {"mask": masks.key_padding([1, 2, 3]).blocks(8, 10, 4, 4)},
+            ValueError,
+            r"BlockMask kinds \(3, 1, 2, 3\) do not broadcast to B=2, H=4",
         ),
         ((q4, k2, v2), {"scale": float("nan")}, ValueError, "scale must be finite"),
         ((q4, k2, v2), {"dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
@@ -126,6 +152,47 @@ def test_token_ids_are_checked_before_the_embedding():
     seq2seq = Transformer(20, 12, d_model=16, nhead=2)
     with pytest.raises(ValueError, match=r"token id 12, outside the vocabulary 0\.\.11"):
         seq2seq.generate(torch.tensor([[1, 2]]), bos_id=12, eos_id=2)
+
+
+@pytest.mark.parametrize(
+    ("make", "err", "match"),
+    [
+        (lambda: masks.key_padding([1.5]), TypeError, "lengths must hold integers, got dtype"),
+        (lambda: masks.causal() & "causal", TypeError, "can only combine a Mask with a Mask"),
+        (lambda: masks.from_padding_mask(torch.ones(2, 10)), TypeError, r"bool tensor .*\(B, Lk\)"),
+        (
+            lambda: masks.from_padding_mask(torch.ones(2, 9, dtype=torch.bool)).dense(8, 10),
+            ValueError,
+            r"padding mask has shape \(2, 9\), but Lk=10",
+        ),
+        (
+            lambda: masks.document(ids(1, 2, 3)),
+            ValueError,
+            r"\(L,\) or \(B, L\)",
+        ),
+        (
+            lambda: masks.document(ids(2, 10), kv_ids=ids(3, 10)),
+            ValueError,
+            "ids and kv_ids batch sizes differ: 2 vs 3",
+        ),
+        (
+            lambda: masks.document(ids(7), kv_ids=ids(10)).dense(8, 10),
+            ValueError,
+            "query document ids have length 7, but Lq=8",
+        ),
+        (lambda: masks.document(ids(5)).dense(8, 5), ValueError, "needs Lq <= Lk"),
+        (lambda: masks.bigbird(2).dense(12, 8), ValueError, "needs Lq <= Lk, got 12, 8"),
+        (
+            lambda: masks.key_ranges(ids(7), ids(7, value=1)).dense(8, 10),
+            ValueError,
+            "key_ranges for 7 queries, but Lq=8",
+        ),
+    ],
+)
+def test_masks_reject(make, err, match):
+    """Bad pattern arguments, at the factory or where the lengths meet them."""
+    with pytest.raises(err, match=match):
+        make()
 
 
 def test_dispatch_rejects_what_attention_rejects():
