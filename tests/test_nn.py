@@ -512,6 +512,25 @@ ROPE_SCALINGS = {  # name -> (our constructor, transformers' rope_parameters), h
             "beta_slow": 1,
         },
     ),
+    "yarn, the config's attention factor": (
+        lambda: RotaryEmbedding.yarn(32, 8.0, original_max_len=1024, attention_factor=1.5),
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 1024,
+            "attention_factor": 1.5,
+        },
+    ),
+    "yarn, factor from the context": (  # max_position_embeddings / original: 8192 / 1024
+        lambda: RotaryEmbedding.yarn(32, 8.0, original_max_len=1024),
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": None,
+            "original_max_position_embeddings": 1024,
+        },
+    ),
     "yarn, mscale 1 vs all-dim 0.5": (
         lambda: RotaryEmbedding.yarn(
             32, 16.0, original_max_len=1024, mscale=1.0, mscale_all_dim=0.5, truncate=False
@@ -541,7 +560,7 @@ def test_rope_scalings_match_transformers(name, partial):
     ours_fn, params = ROPE_SCALINGS[name]
     params = {**params, "partial_rotary_factor": partial}
     original = params.get("original_max_position_embeddings", 2048)
-    max_len = int(original * params["factor"])
+    max_len = int(original * (params["factor"] or 8))  # (factor None: the context gives it)
     config = transformers.LlamaConfig(  # the context the factor reaches, so no warning
         hidden_size=64,
         num_attention_heads=2,

@@ -123,13 +123,15 @@ class RotaryEmbedding(nn.Module):
         mscale_all_dim: float | None = None,
         truncate: bool = True,
         rotary_dim: int | None = None,
+        attention_factor: float | None = None,
     ) -> RotaryEmbedding:
         """YaRN's frequencies and attention factor.
 
         Dims that turn fewer than ``beta_slow`` times over the original context are
         interpolated by ``factor``, those that turn more than ``beta_fast`` times kept, with a
         linear ramp between; cos and sin are scaled by 0.1·ln(factor) + 1 (or DeepSeek's
-        ratio of two such terms with ``mscale`` and ``mscale_all_dim``).
+        ratio of two such terms with ``mscale`` and ``mscale_all_dim``), or by
+        ``attention_factor`` where a model's configuration gives it.
         """
         _check_factor(factor)
         dim = _rotary_dim(head_dim, rotary_dim)  # the formulas see only the rotated channels
@@ -153,11 +155,12 @@ class RotaryEmbedding(nn.Module):
         def m(scale: float, ms: float = 1.0) -> float:
             return 1.0 if scale <= 1 else 0.1 * ms * math.log(scale) + 1.0
 
-        attention = (
-            m(factor, mscale) / m(factor, mscale_all_dim)
-            if mscale and mscale_all_dim
-            else m(factor)
-        )
+        if attention_factor is not None:
+            attention = attention_factor
+        elif mscale and mscale_all_dim:
+            attention = m(factor, mscale) / m(factor, mscale_all_dim)
+        else:
+            attention = m(factor)
         return cls(head_dim, base, inv_freq=inv, attention_factor=attention, rotary_dim=rotary_dim)
 
     @classmethod
@@ -210,6 +213,7 @@ class RotaryEmbedding(nn.Module):
                 mscale_all_dim=params.get("mscale_all_dim"),
                 truncate=params.get("truncate", True),
                 rotary_dim=rotary,
+                attention_factor=params.get("attention_factor"),
             )
         raise ValueError(
             f"rope_type {kind!r} is not supported (default, linear, llama3, yarn, proportional)"
