@@ -145,6 +145,26 @@ FAMILIES = {  # family -> config; the comment says what each one exercises
         "num_attention_heads": 4,
         "qk_layernorm": True,
     },
+    "falcon (multi-query)": {  # fused: every query's rows, then one key's and one value's
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "multi_query": True,
+        "new_decoder_architecture": False,
+    },
+    "falcon (new architecture)": {  # fused per kv head: its 2 queries, its key, its value
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_kv_heads": 2,
+        "new_decoder_architecture": True,
+        "bias": True,
+    },
+    "falcon (a kv head per head)": {  # fused per head: query, key, value (as GPT-NeoX)
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "multi_query": False,
+        "new_decoder_architecture": False,
+        "bias": True,
+    },
     "phi (qk LayerNorm)": {  # LayerNorm q/k norms over 20 channels, GQA
         "hidden_size": 80,
         "num_attention_heads": 4,
@@ -279,6 +299,15 @@ def test_what_each_family_turns_into():
     assert "qk_norm='layer'" in repr(persimmon)
     neox = from_transformers(hf_attention("gpt_neox", **FAMILIES["gpt_neox"]))
     assert (neox.num_kv_heads, neox.gate_proj, neox.rope.rotary_dim) == (4, None, 4)
+    # a fused projection's rows count its kv heads, whatever the config says beside them
+    # (num_key_value_heads, which GPT-NeoX ignores, once split its rows as grouped heads)
+    stray = hf_attention("gpt_neox", **FAMILIES["gpt_neox"], num_key_value_heads=2)
+    assert from_transformers(stray).num_kv_heads == 4
+    variants = ("multi-query", "new architecture", "a kv head per head")
+    falcons = [
+        from_transformers(hf_attention("falcon", **FAMILIES[f"falcon ({v})"])) for v in variants
+    ]
+    assert [f.num_kv_heads for f in falcons] == [1, 2, 4]
     gemma4 = from_transformers(hf_attention("gemma4", **FAMILIES["gemma4 (global, k = v)"]))
     assert gemma4.v_proj is gemma4.k_proj  # one projection for keys and values, trained as one
     assert (gemma4.head_dim, gemma4.num_kv_heads, gemma4.scale) == (32, 1, 1.0)
@@ -318,6 +347,14 @@ def test_refuses_what_it_cannot_convert():
     )
     with pytest.raises(ValueError, match=r"\(layer 1\) reuses the keys and values of an earlier"):
         from_transformers(reusing)
+    for family, config, option in (  # options that change what the layer computes
+        ("olmo", {"clip_qkv": 0.5}, r"clip_qkv=0\.5 \(OLMo clamps q, k and v"),
+        ("falcon", {"alibi": True}, r"alibi=True \(Falcon adds ALiBi biases"),
+        ("ministral3", {"head_dim": 16}, r"llama_4_scaling_beta=0\.1 \(Ministral 3 scales"),
+    ):
+        layer = hf_attention(family, hidden_size=64, num_attention_heads=4, **config)
+        with pytest.raises(ValueError, match=option):
+            from_transformers(layer)
     odd = hf_attention(
         "phi", **{**FAMILIES["phi"], "rope_parameters": {"partial_rotary_factor": 0.45}}
     )  # 0.45 · 20 = 9 channels: no pairs

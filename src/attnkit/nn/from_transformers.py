@@ -1,16 +1,18 @@
 """attnkit attention modules from transformers' attention modules, weights copied.
 
 Modules with q/k/v/o projections over ``head_dim``-wide heads (separate, or fused as Phi-3's
-``qkv_proj`` and GPT-NeoX's ``query_key_value``; the output named ``o_proj`` or ``dense``),
+``qkv_proj`` and GPT-NeoX's and Falcon's ``query_key_value``; the output named ``o_proj`` or
+``dense``),
 grouped kv heads and rotary positions from ``config.rope_parameters`` (full or partial,
 rotate-half or GLM's interleaved pairs, per layer type as Gemma 3) become
 ``MultiHeadAttention``, with their q/k norms (RMS: Qwen3, Gemma 3, Qwen3-Next; LayerNorm: Phi,
 Persimmon), value norms and keys-as-values (Gemma 4), attention sinks (gpt-oss), logit
 softcapping and softmax scale (Gemma 2), output gates (Qwen3-Next), attention dropout and
 sliding-window layers, causal or bidirectional. Llama, Mistral, Qwen2/3, Qwen3-Next,
-Gemma 2/3/4, gpt-oss, Phi, Phi-3, GPT-NeoX, Persimmon, GLM and Nemotron are tested. DeepSeek-V2/V3
-(multi-head latent attention) become ``MultiHeadLatentAttention``, DiffLlama
+Gemma 2/3/4, gpt-oss, Phi, Phi-3, GPT-NeoX, Persimmon, GLM, Nemotron and Falcon are tested.
+DeepSeek-V2/V3 (multi-head latent attention) become ``MultiHeadLatentAttention``, DiffLlama
 ``DifferentialAttention``. The tests run each against the transformers module it came from.
+Config options with no attnkit counterpart (``_DROPPED_OPTIONS``) are refused by name.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ _NORMS: dict[NormKind, tuple[str, str]] = {
 _KNOWN_CHILDREN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "dense"}
 _KNOWN_CHILDREN |= {name for names in _NORMS.values() for name in names} | {"v_norm"}
 Norm = tuple[Tensor, Tensor | None, float]  # (gain, bias or None, eps)
+#: options of a config (or its rope_parameters) that change what an attention layer computes
+#: and have no attnkit counterpart: a layer whose config sets one is refused, not converted
+#: without it (its outputs would differ, at long positions only for the last)
+_DROPPED_OPTIONS = {
+    "clip_qkv": "OLMo clamps q, k and v to ±clip_qkv",
+    "alibi": "Falcon adds ALiBi biases through its attention mask",
+    "llama_4_scaling_beta": "Ministral 3 scales queries past original_max_position_embeddings",
+}
 
 
 def from_transformers(
@@ -67,13 +77,20 @@ def from_transformers(
             "keys and values of an earlier layer (Gemma 4's KV sharing) and has no k/v "
             "projections of its own; only layers that compute their keys and values convert"
         )
+    rope_parameters = _rope_parameters(module)
+    for option, what in _DROPPED_OPTIONS.items():
+        value = rope_parameters.get(option, getattr(config, option, None))
+        if value not in (None, False, 0):
+            raise ValueError(
+                f"from_transformers: {type(module).__name__}'s config sets {option}={value!r} "
+                f"({what}), which the conversion would drop"
+            )
     heads = config.num_attention_heads
-    groups = getattr(module, "num_key_value_groups", None)  # per layer where kv heads vary
-    kv_heads = heads // groups if groups else getattr(config, "num_key_value_heads", None) or heads
     head_dim = int(getattr(module, "head_dim", None) or module.head_size)
+    kv_heads = _kv_heads(module, heads, head_dim)
     weights = _projections(module, heads, kv_heads, head_dim)
     rope = RotaryEmbedding.from_parameters(
-        head_dim, _rope_parameters(module), getattr(config, "max_position_embeddings", None)
+        head_dim, rope_parameters, getattr(config, "max_position_embeddings", None)
     )
     if _rotates_interleaved_pairs(module):  # GLM: reorder each head's rotary rows, see below
         for name, n in (("q", heads), ("k", kv_heads)):
@@ -204,8 +221,11 @@ def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[
         found |= {
             name: (ws, bs) for name, ws, bs in zip("qkv", w.split(sizes), biases, strict=True)
         }
-    elif hasattr(module, "query_key_value"):  # GPT-NeoX, Persimmon: q, k, v rows per head
-        found |= dict(zip("qkv", rows(module.query_key_value, heads, 3), strict=True))
+    elif hasattr(module, "query_key_value"):
+        fused = module.query_key_value
+        for name, index in _query_key_value_rows(module, heads, kv_heads, head_dim).items():
+            index = index.flatten()
+            found[name] = (fused.weight[index], None if fused.bias is None else fused.bias[index])
     elif all(hasattr(module, f"{name}_proj") for name in "qkv"):
         found["k"] = linear(module.k_proj)
         found["v"] = found["k"] if _values_are_keys(module) else linear(module.v_proj)
@@ -221,6 +241,42 @@ def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[
             f"none"
         )
     return found
+
+
+def _kv_heads(module: Any, heads: int, head_dim: int) -> int:
+    """The layer's key/value heads.
+
+    A fused ``query_key_value``'s rows count them, as (heads + 2 · kv_heads) · head_dim (a
+    config's ``num_key_value_heads`` may be one its model ignores); else the layer's groups
+    (they vary by layer in some models), else the config's.
+    """
+    if (fused := getattr(module, "query_key_value", None)) is not None:
+        return int((fused.out_features // head_dim - heads) // 2)
+    if groups := getattr(module, "num_key_value_groups", None):
+        return int(heads // groups)
+    return int(getattr(module.config, "num_key_value_heads", None) or heads)
+
+
+def _query_key_value_rows(
+    module: Any, heads: int, kv_heads: int, head_dim: int
+) -> dict[str, Tensor]:
+    """Which rows of a fused ``query_key_value`` projection are q's, k's and v's.
+
+    GPT-NeoX, Persimmon and Falcon with a kv head per head: (heads, 3, head_dim), per head its
+    query, key and value. Falcon's ``multi_query``: every query, then the one key and value.
+    Falcon's ``new_decoder_architecture``: (kv_heads, G + 2, head_dim), per kv head its group
+    of G queries, its key and its value.
+    """
+    if getattr(module, "new_decoder_architecture", False):
+        group = heads // kv_heads
+        rows = torch.arange(kv_heads * (group + 2) * head_dim).view(kv_heads, group + 2, head_dim)
+        return {"q": rows[:, :group], "k": rows[:, group], "v": rows[:, -1]}
+    if kv_heads != heads:  # multi-query: [all queries; key; value]
+        q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
+        rows = torch.arange(q_rows + 2 * kv_rows)
+        return {"q": rows[:q_rows], "k": rows[q_rows:-kv_rows], "v": rows[-kv_rows:]}
+    rows = torch.arange(heads * 3 * head_dim).view(heads, 3, head_dim)
+    return {"q": rows[:, 0], "k": rows[:, 1], "v": rows[:, 2]}
 
 
 def _values_are_keys(module: Any) -> bool:
