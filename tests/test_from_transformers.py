@@ -165,6 +165,44 @@ FAMILIES = {  # family -> config; the comment says what each one exercises
         "new_decoder_architecture": False,
         "bias": True,
     },
+    "cohere2 (sliding layer)": {  # interleaved rotary pairs, a window
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "sliding_window": 4,
+        "num_hidden_layers": 1,
+        "layer_types": ["sliding_attention"],
+    },
+    "cohere2 (global layer)": {  # no positions (NoPE) on its global layers
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "sliding_window": 4,
+        "num_hidden_layers": 1,
+        "layer_types": ["full_attention"],
+    },
+    "smollm3": {  # no positions (NoPE) in the layers no_rope_layers marks 0
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 1,
+        "no_rope_layers": [0],
+    },
+    "exaone4 (global layer)": {  # q/k norms, NoPE, no window though the config has one
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "sliding_window": 4,
+        "num_hidden_layers": 1,
+        "layer_types": ["full_attention"],
+    },
+    "exaone4 (sliding layer)": {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "sliding_window": 4,
+        "num_hidden_layers": 1,
+        "layer_types": ["sliding_attention"],
+    },
     "phi (qk LayerNorm)": {  # LayerNorm q/k norms over 20 channels, GQA
         "hidden_size": 80,
         "num_attention_heads": 4,
@@ -186,6 +224,9 @@ def transformers_reference(family, hf, x):
     q, kv = torch.arange(L)[:, None], torch.arange(L)[None]
     allowed = kv <= q
     window = getattr(hf, "sliding_window", getattr(hf.config, "sliding_window", None))
+    layer_types = getattr(hf.config, "layer_types", None)  # where given, the config's word
+    if layer_types is not None and layer_types[hf.layer_idx] != "sliding_attention":
+        window = None
     if window:
         allowed &= q - kv < window
     additive = torch.zeros(L, L).masked_fill(~allowed, float("-inf"))
@@ -223,6 +264,8 @@ MODEL_MASKS = {  # family (variant) -> config of a two-layer model: a sliding an
     "gemma3 (bidirectional)": {"use_bidirectional_attention": True},  # EmbeddingGemma
     "gemma4": {},
     "gemma4 (bidirectional)": {"use_bidirectional_attention": "all"},
+    "exaone4": {},  # its global layer keeps the config's sliding_window, unused
+    "cohere2": {},
 }
 
 

@@ -9,7 +9,8 @@ rotate-half or GLM's interleaved pairs, per layer type as Gemma 3) become
 Persimmon), value norms and keys-as-values (Gemma 4), attention sinks (gpt-oss), logit
 softcapping and softmax scale (Gemma 2), output gates (Qwen3-Next), attention dropout and
 sliding-window layers, causal or bidirectional. Llama, Mistral, Qwen2/3, Qwen3-Next,
-Gemma 2/3/4, gpt-oss, Phi, Phi-3, GPT-NeoX, Persimmon, GLM, Nemotron and Falcon are tested.
+Gemma 2/3/4, gpt-oss, Phi, Phi-3, GPT-NeoX, Persimmon, GLM, Nemotron, Falcon, Cohere 2,
+SmolLM3 and EXAONE 4 (their layers without positions too) are tested.
 DeepSeek-V2/V3 (multi-head latent attention) become ``MultiHeadLatentAttention``, DiffLlama
 ``DifferentialAttention``. The tests run each against the transformers module it came from.
 Config options with no attnkit counterpart (``_DROPPED_OPTIONS``) are refused by name.
@@ -89,10 +90,14 @@ def from_transformers(
     head_dim = int(getattr(module, "head_dim", None) or module.head_size)
     kv_heads = _kv_heads(module, heads, head_dim)
     weights = _projections(module, heads, kv_heads, head_dim)
-    rope = RotaryEmbedding.from_parameters(
-        head_dim, rope_parameters, getattr(config, "max_position_embeddings", None)
+    rope = (
+        RotaryEmbedding.from_parameters(
+            head_dim, rope_parameters, getattr(config, "max_position_embeddings", None)
+        )
+        if _rotates_positions(module)
+        else None
     )
-    if _rotates_interleaved_pairs(module):  # GLM: reorder each head's rotary rows, see below
+    if rope is not None and _rotates_interleaved_pairs(module):  # GLM: reorder rotary rows
         for name, n in (("q", heads), ("k", kv_heads)):
             weights[name] = _deinterleave(weights[name], n, head_dim, rope.rotary_dim)
     norm_kind, norms = _qk_norms(module, head_dim)
@@ -154,6 +159,8 @@ def _mask(module: Any) -> masks.Mask | None:
     the overlay that builds it, as the model does.
     """
     window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
+    if getattr(module, "is_sliding", True) is False:  # EXAONE 4 keeps the window on every layer
+        window = None
     if getattr(module, "is_causal", True) is not False:
         return masks.sliding_window(window - 1) if window else masks.causal()
     if not window:
@@ -295,6 +302,23 @@ def _rope_parameters(module: Any) -> dict[str, Any]:
     if layer_type in params and isinstance(params[layer_type], dict):
         params = dict(params[layer_type])
     return params
+
+
+def _rotates_positions(module: Any) -> bool:
+    """Whether the layer rotates q and k (some families leave positions out of some layers).
+
+    Each family by the rule in its forward: SmolLM3 and Llama 4 by ``use_rope`` (from
+    ``config.no_rope_layers``), Cohere 2 in its sliding layers only, EXAONE 4 in its sliding
+    layers or in every layer of a model without windows.
+    """
+    if hasattr(module, "use_rope"):
+        return bool(module.use_rope)
+    family = type(module).__name__
+    if family == "Cohere2Attention":
+        return module.sliding_window is not None
+    if family == "Exaone4Attention":
+        return module.sliding_window is None or bool(module.is_sliding)
+    return True
 
 
 def _rotates_interleaved_pairs(module: Any) -> bool:
