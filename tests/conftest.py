@@ -165,6 +165,7 @@ HF_PREFIXES = {  # family -> (config class prefix, attention/rotary class prefix
     "gemma3": ("Gemma3Text", "Gemma3"),
     "gemma4": ("Gemma4Text", "Gemma4Text"),
     "smollm3": ("SmolLM3", "SmolLM3"),
+    "granite_swa": ("GraniteSWA", "GraniteSWA"),
 }
 
 

@@ -403,3 +403,82 @@ def test_refuses_what_it_cannot_convert():
     )  # 0.45 · 20 = 9 channels: no pairs
     with pytest.raises(ValueError, match=r"rotary_dim must be even and in 2 \.\. head_dim = 20"):
         from_transformers(odd)
+
+
+class _Converted(torch.nn.Module):
+    """A converted attention in its transformers model's place: positions and mask its own."""
+
+    def __init__(self, attention: torch.nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.attention(hidden_states)[0], None
+
+
+WHOLE_MODELS = {  # family -> config of a two-layer model whose layers differ in their positions
+    "cohere2": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "flint": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "exaone4": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "smollm3": {"no_rope_layers": [1, 0]},
+    "mellum": {  # a base per layer type
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+        },
+    },
+    "granite_swa": {  # a base per layer, 0 for none
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "layer_rope_theta": [50.0, 0.0],
+    },
+}
+
+
+@pytest.mark.parametrize("family", list(WHOLE_MODELS))
+def test_converted_layers_give_their_models_logits(family):
+    """Every attention layer of a model replaced by its conversion, the model's logits stay:
+    the positions each layer rotates (none in some: NoPE; a base per layer or layer type)
+    and its mask, whatever the family's rule, as the model applies them."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config_prefix = hf_prefixes(family)[0]
+    config = getattr(transformers, f"{config_prefix}Config")(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        pad_token_id=0,
+        **WHOLE_MODELS[family],
+    )
+    model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])(config).eval()
+    ids = torch.randint(1, 64, (1, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        for layer in model.model.layers:
+            layer.self_attn = _Converted(from_transformers(layer.self_attn))
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_rotation_under_a_condition_it_cannot_evaluate_is_refused():
+    """A layer that rotates only under a condition on its call's arguments is refused: the
+    layer alone does not say which way it goes."""
+    llama = importlib.import_module("transformers.models.llama.modeling_llama")
+
+    class CallDependent(llama.LlamaAttention):
+        def forward(self, hidden_states, position_embeddings, attention_mask, rotate=True):
+            q = k = hidden_states
+            if rotate:
+                q, k = llama.apply_rotary_pos_emb(q, k, *position_embeddings)
+            return q, k
+
+    config = hf_attention("llama", **FAMILIES["qwen2"]).config
+    with pytest.raises(ValueError, match="rotates positions only if rotate, which cannot be told"):
+        from_transformers(CallDependent(config, layer_idx=0))

@@ -10,7 +10,8 @@ Persimmon), value norms and keys-as-values (Gemma 4), attention sinks (gpt-oss),
 softcapping and softmax scale (Gemma 2), output gates (Qwen3-Next), attention dropout and
 sliding-window layers, causal or bidirectional. Llama, Mistral, Qwen2/3, Qwen3-Next,
 Gemma 2/3/4, gpt-oss, Phi, Phi-3, GPT-NeoX, Persimmon, GLM, Nemotron, Falcon, Cohere 2,
-SmolLM3 and EXAONE 4 (their layers without positions too) are tested.
+Flint, SmolLM3, EXAONE 4, Mellum and Granite SWA (their layers without positions, and bases
+per layer, too) are tested.
 DeepSeek-V2/V3 (multi-head latent attention) become ``MultiHeadLatentAttention``, DiffLlama
 ``DifferentialAttention``. The tests run each against the transformers module it came from.
 Config options with no attnkit counterpart (``_DROPPED_OPTIONS``) are refused by name.
@@ -18,8 +19,11 @@ Config options with no attnkit counterpart (``_DROPPED_OPTIONS``) are refused by
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
 import sys
+import textwrap
 from typing import Any, Literal
 
 import torch
@@ -296,29 +300,78 @@ def _values_are_keys(module: Any) -> bool:
 
 
 def _rope_parameters(module: Any) -> dict[str, Any]:
-    """The layer's rope_parameters; Gemma 3 keeps one dict per layer type (local, global)."""
-    params = dict(module.config.rope_parameters or {})
-    layer_type = getattr(module, "layer_type", None)
-    if layer_type in params and isinstance(params[layer_type], dict):
-        params = dict(params[layer_type])
+    """The layer's rope_parameters.
+
+    Where the config keeps one dict per layer type (Gemma 3, Mellum: local and global), the
+    one of the layer's type: its ``layer_type``, else ``config.layer_types[layer_idx]``. Where
+    it gives each layer its own base (Granite SWA's ``layer_rope_theta``), that base.
+    """
+    config = module.config
+    params = dict(config.rope_parameters or {})
+    per_type = {name: value for name, value in params.items() if isinstance(value, dict)}
+    if per_type:
+        layer_type = getattr(module, "layer_type", None)
+        if layer_type is None and getattr(config, "layer_types", None) is not None:
+            layer_type = config.layer_types[module.layer_idx]
+        if layer_type not in per_type:
+            raise ValueError(
+                f"from_transformers: {type(module).__name__}'s config has rope_parameters per "
+                f"layer type ({', '.join(per_type)}), but not for its type {layer_type!r}"
+            )
+        params = dict(per_type[layer_type])
+    if getattr(config, "layer_rope_theta", None):
+        params["rope_theta"] = config.layer_rope_theta[module.layer_idx]
     return params
 
 
 def _rotates_positions(module: Any) -> bool:
-    """Whether the layer rotates q and k (some families leave positions out of some layers).
+    """Whether the layer rotates q and k, read off its ``forward`` as it runs.
 
-    Each family by the rule in its forward: SmolLM3 and Llama 4 by ``use_rope`` (from
-    ``config.no_rope_layers``), Cohere 2 in its sliding layers only, EXAONE 4 in its sliding
-    layers or in every layer of a model without windows.
+    Most rotate always. Some families leave positions out of some layers (NoPE) and say so
+    in an ``if`` around their rotation: on the layer's attributes (SmolLM3's
+    ``self.use_rope``, Cohere 2's ``self.sliding_window is not None``, EXAONE 4's, CodeGen's,
+    ...), evaluated here on the layer; or on the position embeddings the model passes it,
+    which it leaves out where its config says so (``position_embedding_type`` other than
+    "rope", a ``layer_rope_theta`` of 0). Any other condition is refused: nothing here could
+    tell which way it goes.
     """
-    if hasattr(module, "use_rope"):
-        return bool(module.use_rope)
-    family = type(module).__name__
-    if family == "Cohere2Attention":
-        return module.sliding_window is not None
-    if family == "Exaone4Attention":
-        return module.sliding_window is None or bool(module.is_sliding)
-    return True
+    condition = _rotation_condition(type(module))
+    if condition is None:
+        return True
+    names = {node.id for node in ast.walk(condition) if isinstance(node, ast.Name)}
+    if names == {"self"}:  # transformers' own expression on the layer's attributes
+        return bool(eval(compile(ast.Expression(condition), "<forward>", "eval"), {"self": module}))
+    config = module.config
+    if ast.unparse(condition) == "position_embeddings is not None":
+        if getattr(config, "position_embedding_type", "rope") != "rope":
+            return False
+        return not getattr(config, "layer_rope_theta", None) or bool(
+            config.layer_rope_theta[module.layer_idx]
+        )
+    raise ValueError(
+        f"from_transformers: {type(module).__name__} rotates positions only "
+        f"if {ast.unparse(condition)}, which cannot be told from the layer"
+    )
+
+
+def _rotation_condition(cls: type[nn.Module]) -> ast.expr | None:
+    """The condition of the ``if`` around the rotary call in ``cls.forward``; None if none."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError):  # no source at hand: as most layers, rotating always
+        return None
+
+    def rotates(statements: list[ast.stmt]) -> bool:
+        return any(
+            isinstance(call, ast.Call) and "rotary" in ast.unparse(call.func)
+            for statement in statements
+            for call in ast.walk(statement)
+        )
+
+    for node in ast.walk(tree):  # (an if whose else rotates too, as DeepSeek's, rotates always)
+        if isinstance(node, ast.If) and rotates(node.body) and not rotates(node.orelse):
+            return node.test
+    return None
 
 
 def _rotates_interleaved_pairs(module: Any) -> bool:
