@@ -371,6 +371,13 @@ def test_refuses_what_it_cannot_convert():
     phi.extra = torch.nn.Linear(2, 2)  # a submodule it does not know
     with pytest.raises(ValueError, match="submodules it does not know: extra"):
         from_transformers(phi)
+    class PerCodebookLinear(torch.nn.Module):  # as Moshi's: no single weight
+        pass
+
+    qwen2 = hf_attention("qwen2", **FAMILIES["qwen2"])
+    qwen2.k_proj = PerCodebookLinear()
+    with pytest.raises(ValueError, match="must be torch Linear layers, got PerCodebookLinear"):
+        from_transformers(qwen2)
     olmo2 = hf_attention("olmo2", hidden_size=64, num_attention_heads=4)  # norm over all heads
     with pytest.raises(ValueError, match=r"q_norm \(Olmo2RMSNorm\) is not an RMS norm over each"):
         from_transformers(olmo2)

@@ -137,6 +137,15 @@ def test_refuses_bad_sizes_and_inputs():
     assert "kv_rank=20" in repr(mla)
 
 
+def test_from_transformers_refuses_parameters_it_has_no_place_for():
+    """A DeepSeek-like layer with more (sinks, DeepSeek-V3.2's indexer) is refused by name,
+    not failed inside load_state_dict."""
+    hf = deepseek(None)
+    hf.sinks = torch.nn.Parameter(torch.zeros(H))
+    with pytest.raises(ValueError, match=r"has no place for: \.sinks"):
+        MultiHeadLatentAttention.from_transformers(hf)
+
+
 def test_causal_lm_layers_refuse_what_latent_attention_does_not_have():
     from attnkit.nn import CausalLM
 

@@ -208,6 +208,11 @@ def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[
     """q, k, v, o (and gate) weights and biases, split from fused projections where fused."""
 
     def linear(layer: nn.Linear) -> Linear:
+        if not isinstance(layer, nn.Linear):  # (Moshi's per-codebook projections)
+            raise ValueError(
+                f"from_transformers: {type(module).__name__}'s projections must be torch "
+                f"Linear layers, got {type(layer).__name__}"
+            )
         return layer.weight, layer.bias
 
     def rows(layer: nn.Linear, heads: int, parts: int) -> list[Linear]:

@@ -196,6 +196,11 @@ class MultiHeadLatentAttention(nn.Module):
             for key in ("kv_down.weight", "kv_down.bias"):
                 if key in state:
                     state[key] = torch.cat([state[key][:r], state[key][r:][order]])
+        if unknown := sorted(set(state) - set(new.state_dict())):
+            raise ValueError(  # (DeepSeek-V3.2's indexer, sinks: parts with no counterpart here)
+                f"from_transformers: {type(module).__name__} has parameters "
+                f"MultiHeadLatentAttention has no place for: {', '.join(unknown)}"
+            )
         new.load_state_dict(state)
         return new.train(module.training)
 
