@@ -371,6 +371,7 @@ def test_refuses_what_it_cannot_convert():
     phi.extra = torch.nn.Linear(2, 2)  # a submodule it does not know
     with pytest.raises(ValueError, match="submodules it does not know: extra"):
         from_transformers(phi)
+
     class PerCodebookLinear(torch.nn.Module):  # as Moshi's: no single weight
         pass
 
