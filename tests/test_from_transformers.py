@@ -181,6 +181,7 @@ FAMILIES = {  # family -> config; the comment says what each one exercises
         "num_hidden_layers": 1,
         "layer_types": ["full_attention"],
     },
+    "jamba": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2},  # NoPE
     "smollm3": {  # no positions (NoPE) in the layers no_rope_layers marks 0
         "hidden_size": 64,
         "num_attention_heads": 4,
@@ -217,10 +218,13 @@ def transformers_reference(family, hf, x):
     modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     B, L, _ = x.shape
     positions = torch.arange(L)[None].expand(B, L)
-    rotary = getattr(modeling, f"{hf_prefixes(family)[1]}RotaryEmbedding")(hf.config)
-    layer_type = getattr(hf, "layer_type", None)
-    per_layer_type = layer_type in hf.config.rope_parameters  # Gemma 3: local and global
-    cos, sin = rotary(x, positions, *([layer_type] if per_layer_type else []))
+    rotary = getattr(modeling, f"{hf_prefixes(family)[1]}RotaryEmbedding", None)
+    positional = {}  # the model's cos and sin; none where it has no rotary embedding (Jamba)
+    if rotary is not None:
+        layer_type = getattr(hf, "layer_type", None)
+        per_layer_type = layer_type in hf.config.rope_parameters  # Gemma 3: local and global
+        args = [layer_type] if per_layer_type else []
+        positional["position_embeddings"] = rotary(hf.config)(x, positions, *args)
     q, kv = torch.arange(L)[:, None], torch.arange(L)[None]
     allowed = kv <= q
     window = getattr(hf, "sliding_window", getattr(hf.config, "sliding_window", None))
@@ -232,9 +236,7 @@ def transformers_reference(family, hf, x):
     additive = torch.zeros(L, L).masked_fill(~allowed, float("-inf"))
     # Gemma 4 passes keys and values between layers that share them; this layer shares none
     shared = {"shared_kv_states": {}} if family == "gemma4" else {}
-    out, weights = hf(
-        x, position_embeddings=(cos, sin), attention_mask=additive.expand(B, 1, L, L), **shared
-    )[:2]
+    out, weights = hf(x, attention_mask=additive.expand(B, 1, L, L), **positional, **shared)[:2]
     return out, weights
 
 

@@ -312,7 +312,7 @@ def _rope_parameters(module: Any) -> dict[str, Any]:
     it gives each layer its own base (Granite SWA's ``layer_rope_theta``), that base.
     """
     config = module.config
-    params = dict(config.rope_parameters or {})
+    params = dict(getattr(config, "rope_parameters", None) or {})  # (none: Jamba)
     per_type = {name: value for name, value in params.items() if isinstance(value, dict)}
     if per_type:
         layer_type = getattr(module, "layer_type", None)
@@ -343,6 +343,8 @@ def _rotates_positions(module: Any) -> bool:
     condition = _rotation_condition(type(module))
     if condition is None:
         return True
+    if condition is _NEVER:  # no rotary call at all (Jamba: positions come from its Mamba layers)
+        return False
     names = {node.id for node in ast.walk(condition) if isinstance(node, ast.Name)}
     if names == {"self"}:  # transformers' own expression on the layer's attributes
         return bool(eval(compile(ast.Expression(condition), "<forward>", "eval"), {"self": module}))
@@ -359,8 +361,16 @@ def _rotates_positions(module: Any) -> bool:
     )
 
 
+#: ``_rotation_condition`` of a forward that calls no rotary function
+_NEVER = ast.Constant(value=False)
+
+
 def _rotation_condition(cls: type[nn.Module]) -> ast.expr | None:
-    """The condition of the ``if`` around the rotary call in ``cls.forward``; None if none."""
+    """The condition of the ``if`` around the rotary call in ``cls.forward``.
+
+    None where it rotates unconditionally (or its source is not at hand), ``_NEVER`` where it
+    calls no function named ``*rotary*``.
+    """
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
     except (OSError, TypeError):  # no source at hand: as most layers, rotating always
@@ -373,6 +383,8 @@ def _rotation_condition(cls: type[nn.Module]) -> ast.expr | None:
             for call in ast.walk(statement)
         )
 
+    if not rotates(tree.body):
+        return _NEVER
     for node in ast.walk(tree):  # (an if whose else rotates too, as DeepSeek's, rotates always)
         if isinstance(node, ast.If) and rotates(node.body) and not rotates(node.orelse):
             return node.test
