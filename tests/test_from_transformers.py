@@ -261,6 +261,21 @@ def test_converted_attention_matches_transformers_and_decodes_the_same(case):
     assert_close_scaled(torch.cat(steps, 1), true_out, exp_out, floor=1e-6)
 
 
+def tiny_config(family, **overrides):
+    """A two-layer transformers config of ``family`` at test sizes; ``overrides`` win."""
+    transformers = pytest.importorskip("transformers")
+    sizes = {
+        "vocab_size": 64,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    }
+    return getattr(transformers, f"{hf_prefixes(family)[0]}Config")(**{**sizes, **overrides})
+
+
 MODEL_MASKS = {  # family (variant) -> config of a two-layer model: a sliding and a full layer
     "gemma3": {},
     "gemma3 (bidirectional)": {"use_bidirectional_attention": True},  # EmbeddingGemma
@@ -277,15 +292,14 @@ def test_each_layers_mask_is_the_one_its_transformers_model_builds(case):
     transformers = pytest.importorskip("transformers")
     family, L = case.split(" (")[0], 13
     config_prefix = hf_prefixes(family)[0]
-    config = getattr(transformers, f"{config_prefix}Config")(
+    config = tiny_config(
+        family,
         vocab_size=16,
         hidden_size=32,
         intermediate_size=32,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
         sliding_window=6,
-        num_hidden_layers=2,
         layer_types=["sliding_attention", "full_attention"],
         **({"vocab_size_per_layer_input": 16, "global_head_dim": 16} if family == "gemma4" else {}),
         **MODEL_MASKS[case],
@@ -455,18 +469,7 @@ def test_converted_layers_give_their_models_logits(family):
     transformers = pytest.importorskip("transformers")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    config_prefix = hf_prefixes(family)[0]
-    config = getattr(transformers, f"{config_prefix}Config")(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        pad_token_id=0,
-        **WHOLE_MODELS[family],
-    )
+    config = tiny_config(family, pad_token_id=0, **WHOLE_MODELS[family])
     model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])(config).eval()
     ids = torch.randint(1, 64, (1, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
