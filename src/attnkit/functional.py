@@ -17,7 +17,7 @@ from attnkit import backends as _backends
 from attnkit._symbolic import surely
 from attnkit._types import FULL, PARTIAL, DispatchDecision, ScoreModFn, Shapes, UnsupportedError
 from attnkit.backends import cpu_kernel, reference, sdpa, tiled, triton
-from attnkit.backends._common import MaskLike, Request, inside_torch_func
+from attnkit.backends._common import MaskLike, Request, compute_dtype, inside_torch_func
 from attnkit.block_mask import BlockMask
 from attnkit.masks import Mask
 from attnkit.score_mods import ScoreMod, resolve
@@ -256,10 +256,6 @@ def _bf16_training_reason(amx: bool) -> str:
 _NO_PAIRS = "B, Lq or Lk is 0: no (query, key) pair to score, so no kernel runs"
 
 
-def _compute_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _scores_without_pairs(req: Request) -> Tensor:
     """q·kᵀ (B, Hkv, Hq/Hkv, Lq, Lk) where B, Lq or Lk is 0: a product with no element."""
     s = req.shapes
@@ -277,7 +273,7 @@ def _without_pairs(req: Request) -> tuple[Tensor, Tensor]:
     s = req.shapes
     out = (_scores_without_pairs(req) @ req.v.unsqueeze(2)).reshape(s.B, s.Hq, s.Lq, s.Dv)
     lse = torch.full(
-        (s.B, s.Hq, s.Lq), float("-inf"), dtype=_compute_dtype(req.q), device=req.q.device
+        (s.B, s.Hq, s.Lq), float("-inf"), dtype=compute_dtype(req.q.dtype), device=req.q.device
     )
     return out, lse
 
@@ -543,7 +539,7 @@ def attention_weights(
     req = _request(q, k, v, mask, score_mod, scale, 0.0, None, False)
     if req.shapes.no_pairs:  # (B, Hq, Lq, Lk) holds no element
         s = req.shapes
-        return _scores_without_pairs(req).reshape(s.B, s.Hq, s.Lq, s.Lk).to(_compute_dtype(q))
+        return _scores_without_pairs(req).reshape(s.B, s.Hq, s.Lq, s.Lk).to(compute_dtype(q.dtype))
     with autocast_off(q):
         probs, lse = reference.probabilities(req)
         if sinks is not None:
