@@ -24,6 +24,20 @@ GEMMA4_ROPE = {
         "rope_theta": 1e4,
     },
 }
+
+
+def one_layer(layer_type):
+    """The config of a one-layer model whose layer is ``layer_type``, the window 4."""
+    return {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "sliding_window": 4,
+        "num_hidden_layers": 1,
+        "layer_types": [layer_type],
+    }
+
+
 FAMILIES = {  # family -> config; the comment says what each one exercises
     "llama": {  # GQA, Llama 3.1 rope scaling, no biases
         "hidden_size": 64,
@@ -165,22 +179,8 @@ FAMILIES = {  # family -> config; the comment says what each one exercises
         "new_decoder_architecture": False,
         "bias": True,
     },
-    "cohere2 (sliding layer)": {  # interleaved rotary pairs, a window
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "sliding_window": 4,
-        "num_hidden_layers": 1,
-        "layer_types": ["sliding_attention"],
-    },
-    "cohere2 (global layer)": {  # no positions (NoPE) on its global layers
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "sliding_window": 4,
-        "num_hidden_layers": 1,
-        "layer_types": ["full_attention"],
-    },
+    "cohere2 (sliding layer)": one_layer("sliding_attention"),  # interleaved rotary pairs
+    "cohere2 (global layer)": one_layer("full_attention"),  # no positions (NoPE)
     "jamba": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2},  # NoPE
     "smollm3": {  # no positions (NoPE) in the layers no_rope_layers marks 0
         "hidden_size": 64,
@@ -188,22 +188,9 @@ FAMILIES = {  # family -> config; the comment says what each one exercises
         "num_hidden_layers": 1,
         "no_rope_layers": [0],
     },
-    "exaone4 (global layer)": {  # q/k norms, NoPE, no window though the config has one
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "sliding_window": 4,
-        "num_hidden_layers": 1,
-        "layer_types": ["full_attention"],
-    },
-    "exaone4 (sliding layer)": {
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "sliding_window": 4,
-        "num_hidden_layers": 1,
-        "layer_types": ["sliding_attention"],
-    },
+    # q/k norms; the global layer: NoPE, and no window though the config has one
+    "exaone4 (global layer)": one_layer("full_attention"),
+    "exaone4 (sliding layer)": one_layer("sliding_attention"),
     "phi (qk LayerNorm)": {  # LayerNorm q/k norms over 20 channels, GQA
         "hidden_size": 80,
         "num_attention_heads": 4,
