@@ -2,10 +2,12 @@
 
 MultiHeadAttention (self, cross, GQA), MultiHeadLatentAttention (DeepSeek MLA),
 DifferentialAttention (DIFF Transformer), KVCache,
-RotaryEmbedding, and transformers built on them (encoder/decoder layers, Transformer, CausalLM).
+RotaryEmbedding, and transformers built on them (encoder/decoder layers, Transformer, CausalLM)
+with greedy, sampled and beam-search decoding (``Beams``).
 """
 
 from attnkit.nn.attention import MultiHeadAttention
+from attnkit.nn.beam_search import Beams
 from attnkit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from attnkit.nn.differential_attention import DifferentialAttention
 from attnkit.nn.from_transformers import from_transformers
@@ -21,6 +23,7 @@ from attnkit.nn.transformer import (
 )
 
 __all__ = [
+    "Beams",
     "CausalLM",
     "Checkpoint",
     "DifferentialAttention",

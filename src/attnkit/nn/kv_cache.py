@@ -173,6 +173,35 @@ class KVCache:
         self._hi -= self.position - position
         self.position = position
 
+    def reorder(self, index: Tensor) -> None:
+        """Row i of the batch becomes a copy of row ``index[i]`` (beam search).
+
+        ``index`` (B',) int64 may repeat rows or change the batch size: ``arange(B)
+        .repeat_interleave(K)`` gives each row K beams, and each step then keeps the rows
+        of the beams that survive.
+        """
+        if (
+            not isinstance(index, Tensor)
+            or index.dtype != torch.long
+            or index.dim() != 1
+            or index.device != self._k.device
+        ):
+            raise TypeError(
+                f"KVCache.reorder takes a 1-D int64 tensor on {self._k.device}, got "
+                + (
+                    f"{index.dtype} {tuple(index.shape)} on {index.device}"
+                    if isinstance(index, Tensor)
+                    else type(index).__name__
+                )
+            )
+        batch = self._k.shape[0]
+        if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < batch:
+            raise ValueError(
+                f"KVCache.reorder index must lie in 0 .. {batch - 1} (the batch), got "
+                f"{int(index.min())} .. {int(index.max())}"
+            )
+        self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+
     def reset(self) -> None:
         """Forget every cached position (buffers are kept)."""
         self._lo = self._hi = self.position = 0

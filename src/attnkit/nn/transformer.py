@@ -23,6 +23,7 @@ from attnkit._validation import check_int, check_token_ids
 from attnkit.functional import BackendName
 from attnkit.masks import Mask
 from attnkit.nn.attention import MultiHeadAttention
+from attnkit.nn.beam_search import Beams, Decoding, beam_search, check_search
 from attnkit.nn.differential_attention import DifferentialAttention
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
@@ -317,6 +318,19 @@ def _check_sampling(temperature: float, top_k: int | None, name: str, n: int, le
         check_int("top_k", top_k)
 
 
+def _check_beams(
+    num_beams: int, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> None:
+    """Beam search keeps the most probable continuations: it takes no sampling arguments."""
+    check_int("num_beams", num_beams)
+    if num_beams > 1 and (temperature != 0 or top_k is not None or generator is not None):
+        raise ValueError(
+            f"num_beams={num_beams} searches for the most probable continuations and does "
+            f"not sample: pass temperature=0 and no top_k or generator (got temperature="
+            f"{temperature}, top_k={top_k}, generator={'set' if generator else None})"
+        )
+
+
 def _sample(
     logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> Tensor:
@@ -525,6 +539,25 @@ class Transformer(nn.Module):
             caches.append((sa.new_cache(batch, max_new), ca.new_cache(batch, src_len)))
         return caches
 
+    def _decoding(self, src: Tensor, bos_id: int, max_len: int, copies: int) -> Decoding:
+        """Decoding of ``copies`` rows per source (B·copies), fed ``bos_id``, for max_len tokens."""
+        memory, padding = self.encode(src)
+        if copies > 1:  # every beam of a source reads the same memory
+            memory, padding = (t.repeat_interleave(copies, 0) for t in (memory, padding))
+        N = memory.shape[0]
+        caches = self.new_caches(N, src.shape[1], max_len)
+
+        def step(token: Tensor, t: int) -> Tensor:  # token t in (bos as t = -1), logits out
+            logits, _ = self.decode(token[:, None], memory, padding, start=t + 1, caches=caches)
+            return logits[:, -1]
+
+        def reorder(index: Tensor) -> None:  # cross caches hold the same keys for every beam
+            for self_cache, _ in caches:
+                self_cache.reorder(index)
+
+        bos = torch.full((N,), bos_id, dtype=torch.long, device=src.device)
+        return Decoding(step(bos, -1), step, reorder)
+
     @torch.no_grad()
     def generate(
         self,
@@ -536,30 +569,70 @@ class Transformer(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
     ) -> Tensor:
         """Decode token by token with KV caches (cross-attention keys/values computed once).
+
+        ``num_beams`` > 1: the best of ``beam_search`` (which does not sample: temperature 0).
 
         Returns:
             (B, ≤ max_len) target ids after ``bos_id``; finished rows are padded with pad_id.
             Stops when every row has produced ``eos_id`` (kept) or at ``max_len``.
         """
         _check_sampling(temperature, top_k, "max_len", max_len, 1)
-        memory, padding = self.encode(src)
-        B = src.shape[0]
-        caches = self.new_caches(B, src.shape[1], max_len)
-        token = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
-        done = torch.zeros(B, dtype=torch.bool, device=src.device)
+        _check_beams(num_beams, temperature, top_k, generator)
+        if num_beams > 1:
+            found = self.beam_search(
+                src,
+                bos_id=bos_id,
+                eos_id=eos_id,
+                num_beams=num_beams,
+                max_len=max_len,
+                length_penalty=length_penalty,
+            )
+            return found.tokens[:, 0]
+        logits, step, _ = self._decoding(src, bos_id, max_len, 1)
+        done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         out = []
         for t in range(max_len):
-            logits, _ = self.decode(token, memory, padding, start=t, caches=caches)
-            nxt = _sample(logits[:, -1], temperature, top_k, generator)
+            nxt = _sample(logits, temperature, top_k, generator)
             nxt = nxt.masked_fill(done, self.pad_id)
             out.append(nxt)
             done |= nxt == eos_id
-            if bool(done.all()):
+            if bool(done.all()) or t + 1 == max_len:
                 break
-            token = nxt[:, None]
+            logits = step(nxt, t)
         return torch.stack(out, dim=1)
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        src: Tensor,
+        *,
+        bos_id: int,
+        eos_id: int,
+        num_beams: int,
+        max_len: int = 64,
+        length_penalty: float = 1.0,
+    ) -> Beams:
+        """The ``num_beams`` best translations of each source, best first, with their scores.
+
+        Beam search (``attnkit.nn.beam_search``) over KV caches: ``tokens`` (B, num_beams,
+        ≤ max_len) after ``bos_id``, each ended by ``eos_id`` and padded with pad_id after it
+        (or cut at max_len); ``scores`` (B, num_beams): log-probability / length **
+        ``length_penalty``.
+        """
+        check_int("max_len", max_len)
+        check_search(num_beams, max_len, length_penalty)
+        return beam_search(
+            self._decoding(src, bos_id, max_len, num_beams),
+            num_beams=num_beams,
+            max_new_tokens=max_len,
+            end_id=eos_id,
+            fill_id=self.pad_id,
+            length_penalty=length_penalty,
+        )
 
 
 class CausalLM(nn.Module):
@@ -709,6 +782,46 @@ class CausalLM(nn.Module):
         chunk = max(int(reach), 1)
         return self.new_caches(batch, 2 * chunk, window=int(reach)), chunk
 
+    def _decoding(
+        self, prompt: Tensor, prompt_padding: Tensor | None, max_new_tokens: int, copies: int
+    ) -> Decoding:
+        """Decoding of ``copies`` rows per prompt (B·copies), the prompt already fed."""
+        B, P = prompt.shape
+        if P < 1:
+            raise ValueError(
+                f"prompt must hold at least one token, got shape {tuple(prompt.shape)}"
+            )
+        padding = _generation_padding(prompt_padding, B, P, max_new_tokens)
+        total = P + max_new_tokens
+        if self.embed.positions is not None and total > self.max_len:
+            raise ValueError(
+                f"prompt {P} + {max_new_tokens} new tokens exceed max_len {self.max_len} "
+                "(learned positions)"
+            )
+        if copies > 1:  # beams of a prompt start from copies of it
+            prompt = prompt.repeat_interleave(copies, 0)
+            padding = None if padding is None else padding.repeat_interleave(copies, 0)
+        caches, chunk = self._generation_caches(prompt.shape[0], total)
+
+        def upto(end: int) -> Tensor | None:
+            return None if padding is None else padding[:, :end]
+
+        for start in range(0, P, chunk):
+            ids = prompt[:, start : start + chunk]
+            logits, _ = self(ids, start=start, caches=caches, padding=upto(start + ids.shape[1]))
+
+        def step(token: Tensor, t: int) -> Tensor:  # token t of the continuation in, logits out
+            logits: Tensor = self(
+                token[:, None], start=P + t, caches=caches, padding=upto(P + t + 1)
+            )[0]
+            return logits[:, -1]
+
+        def reorder(index: Tensor) -> None:
+            for cache in caches:
+                cache.reorder(index)
+
+        return Decoding(logits[:, -1], step, reorder)
+
     @torch.no_grad()
     def generate(
         self,
@@ -720,6 +833,8 @@ class CausalLM(nn.Module):
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
         prompt_padding: Tensor | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
     ) -> Tensor:
         """Continue prompt (B, P) by up to ``max_new_tokens`` tokens with a KV cache.
 
@@ -733,32 +848,27 @@ class CausalLM(nn.Module):
 
         With ``eos_id``, a row that has produced it continues with ``eos_id`` only, and
         generation stops once every row has.
+
+        ``num_beams`` > 1: the best of ``beam_search`` (which does not sample: pass
+        temperature=0).
         """
         _check_sampling(temperature, top_k, "max_new_tokens", max_new_tokens, 0)
-        B, P = prompt.shape
-        if P < 1:
-            raise ValueError(
-                f"prompt must hold at least one token, got shape {tuple(prompt.shape)}"
+        _check_beams(num_beams, temperature, top_k, generator)
+        if num_beams > 1:
+            found = self.beam_search(
+                prompt,
+                num_beams=num_beams,
+                max_new_tokens=max_new_tokens,
+                eos_id=eos_id,
+                prompt_padding=prompt_padding,
+                length_penalty=length_penalty,
             )
-        padding = _generation_padding(prompt_padding, B, P, max_new_tokens)
-        total = P + max_new_tokens
-        if self.embed.positions is not None and total > self.max_len:
-            raise ValueError(
-                f"prompt {P} + {max_new_tokens} new tokens exceed max_len {self.max_len} "
-                "(learned positions)"
-            )
-        caches, chunk = self._generation_caches(B, total)
-
-        def upto(end: int) -> Tensor | None:
-            return None if padding is None else padding[:, :end]
-
-        for start in range(0, P, chunk):
-            ids = prompt[:, start : start + chunk]
-            logits, _ = self(ids, start=start, caches=caches, padding=upto(start + ids.shape[1]))
+            return torch.cat([prompt, found.tokens[:, 0]], dim=1)
+        logits, step, _ = self._decoding(prompt, prompt_padding, max_new_tokens, 1)
         out = [prompt]
-        done = torch.zeros(B, 1, dtype=torch.bool, device=prompt.device)
+        done = torch.zeros(prompt.shape[0], 1, dtype=torch.bool, device=prompt.device)
         for t in range(max_new_tokens):
-            nxt = _sample(logits[:, -1], temperature, top_k, generator)[:, None]
+            nxt = _sample(logits, temperature, top_k, generator)[:, None]
             if eos_id is not None:
                 nxt = nxt.masked_fill(done, eos_id)  # finished rows stay finished
                 done |= nxt == eos_id
@@ -766,5 +876,34 @@ class CausalLM(nn.Module):
             if bool(done.all()):
                 break
             if t + 1 < max_new_tokens:
-                logits, _ = self(nxt, start=P + t, caches=caches, padding=upto(P + t + 1))
+                logits = step(nxt[:, 0], t)
         return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        prompt: Tensor,
+        *,
+        num_beams: int,
+        max_new_tokens: int,
+        eos_id: int | None = None,
+        prompt_padding: Tensor | None = None,
+        length_penalty: float = 1.0,
+    ) -> Beams:
+        """The ``num_beams`` best continuations of each prompt, best first, with their scores.
+
+        Beam search (``attnkit.nn.beam_search``) over KV caches (windowed under a
+        sliding-window mask, as ``generate``'s): ``tokens`` (B, num_beams, ≤ max_new_tokens),
+        the continuations without the prompt, each ended by ``eos_id`` and holding it after
+        (or cut at max_new_tokens); ``scores`` (B, num_beams): log-probability / length **
+        ``length_penalty``. ``prompt_padding`` as ``generate`` takes it.
+        """
+        check_search(num_beams, max_new_tokens, length_penalty)
+        return beam_search(
+            self._decoding(prompt, prompt_padding, max_new_tokens, num_beams),
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            end_id=eos_id,
+            fill_id=0 if eos_id is None else eos_id,
+            length_penalty=length_penalty,
+        )

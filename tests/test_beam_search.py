@@ -1,0 +1,246 @@
+"""Beam search: exhaustive beams find the best continuation found by enumerating them all.
+
+With K beams at least the number of continuations alive at every step, beam search drops
+none, so it must return the continuation that enumeration scores best. That checks the
+scoring, the freezing of finished beams and the cache reordering (a wrong row's cache gives
+wrong logits) at once; K = 1 must be greedy decoding.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from attnkit import masks
+from attnkit.nn import CausalLM, KVCache, Transformer
+from attnkit.nn.beam_search import Decoding, beam_search
+
+BOS, EOS = 1, 2
+
+
+def continuations(vocab, steps, end_id):
+    """Every continuation of up to ``steps`` tokens: ended by end_id, or cut at ``steps``."""
+    for n in range(1, steps + 1):
+        for seq in itertools.product(range(vocab), repeat=n):
+            if end_id not in seq[:-1] and (n == steps or seq[-1] == end_id):
+                yield seq
+
+
+def enumerated(log_probs, vocab, steps, end_id, length_penalty):
+    """{continuation: log-probability / length ** length_penalty} of every continuation;
+    ``log_probs(seq)`` gives the (len(seq), V) float64 log-probabilities it is made from."""
+    found = {}
+    for seq in continuations(vocab, steps, end_id):
+        lp = log_probs(seq)
+        total = sum(float(lp[i, token]) for i, token in enumerate(seq))
+        found[seq] = total / len(seq) ** length_penalty
+    return found
+
+
+def assert_beams_are(tokens, scores, expected, fill_id):
+    """The beams (K, T) hold every expected continuation once, best first, filled after its
+    end; beams beyond them score -inf."""
+    got = {}
+    for row, score in zip(tokens.tolist(), scores.tolist(), strict=True):
+        if score == float("-inf"):
+            continue
+        seq = min((s for s in expected if row == filled(s, len(row), fill_id)), key=len)
+        assert seq not in got, f"{seq} twice"
+        got[seq] = score
+    assert got.keys() == expected.keys()
+    for seq, score in got.items():
+        assert score == pytest.approx(expected[seq], abs=1e-4), seq
+    assert scores.tolist() == sorted(scores.tolist(), reverse=True)
+    assert scores[len(expected) :].eq(float("-inf")).all()
+
+
+def filled(seq, steps, fill_id):
+    return list(seq) + [fill_id] * (steps - len(seq))
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_search_over_a_history_dependent_model_equals_enumeration(length_penalty):
+    """A model whose logits hash the whole history (which reorder must copy between rows)."""
+    V, steps, K = 3, 4, 3**4
+    table = torch.randn(V**steps * 2, V, generator=torch.Generator().manual_seed(0)) * 3
+
+    def logits_after(histories):  # (N, t) -> (N, V): a row of the table per history
+        code = torch.zeros(histories.shape[0], dtype=torch.long)
+        for t in range(histories.shape[1]):
+            code = code * V + histories[:, t] + 1
+        return table[code % table.shape[0]]
+
+    history = torch.empty(K, 0, dtype=torch.long)
+
+    def step(tokens, t):
+        nonlocal history
+        assert history.shape[1] == t
+        history = torch.cat([history, tokens[:, None]], 1)
+        return logits_after(history)
+
+    def reorder(index):
+        nonlocal history
+        history = history[index]
+
+    found = beam_search(
+        Decoding(logits_after(history), step, reorder),
+        num_beams=K,
+        max_new_tokens=steps,
+        end_id=0,
+        fill_id=0,
+        length_penalty=length_penalty,
+    )
+
+    def log_probs(seq):
+        prefixes = [torch.tensor([seq[:i]], dtype=torch.long) for i in range(len(seq))]
+        return torch.log_softmax(torch.cat([logits_after(p) for p in prefixes]).double(), -1)
+
+    expected = enumerated(log_probs, V, steps, 0, length_penalty)
+    assert_beams_are(found.tokens[0], found.scores[0], expected, fill_id=0)
+
+
+def sharp(model, scale=4.0):
+    """Scale the output head so the next-token distributions differ clearly between prefixes."""
+    with torch.no_grad():
+        model.head.weight.mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_translation_beams_equal_enumeration(length_penalty):
+    """Transformer.beam_search with 4³ beams over a 4-token target vocabulary, batch of 2."""
+    torch.manual_seed(0)
+    V, steps = 4, 3
+    model = sharp(Transformer(12, V, d_model=16, nhead=2, max_len=8, pad_id=0)).eval()
+    src = torch.randint(3, 12, (2, 5))
+    src[1, 3:] = 0  # a padded source
+    kwargs = {"bos_id": BOS, "eos_id": EOS, "max_len": steps, "length_penalty": length_penalty}
+    found = model.beam_search(src, num_beams=V**steps, **kwargs)
+    memory, padding = model.encode(src)
+    for b in range(2):
+
+        def log_probs(seq, b=b):
+            tgt = torch.tensor([[BOS, *seq[:-1]]])
+            logits, _ = model.decode(tgt, memory[b : b + 1], padding[b : b + 1])
+            return torch.log_softmax(logits[0].double(), -1)
+
+        with torch.no_grad():
+            expected = enumerated(log_probs, V, steps, EOS, length_penalty)
+        assert_beams_are(found.tokens[b], found.scores[b], expected, model.pad_id)
+    best = model.generate(src, num_beams=V**steps, **kwargs)
+    assert torch.equal(best, found.tokens[:, 0])
+
+
+@pytest.mark.parametrize("variant", ["rope", "latent", "window"])
+def test_language_model_beams_equal_enumeration(variant):
+    """CausalLM.beam_search with 4³ beams, ragged left-padded prompts; with a window, over
+    windowed caches and a chunked prompt; multi-head latent attention's latent caches."""
+    torch.manual_seed(1)
+    V, steps = 4, 3
+    kwargs = {
+        "rope": {"positions": "rope"},
+        "latent": {
+            "positions": "rope",
+            "latent": {"kv_rank": 12, "nope_dim": 4, "rope_dim": 4, "v_dim": 6},
+        },
+        "window": {"positions": "alibi", "mask": masks.sliding_window(2)},
+    }[variant]
+    lm = sharp(CausalLM(V, d_model=32, nhead=4, num_layers=2, max_len=32, **kwargs)).eval()
+    prompt = torch.randint(0, V, (2, 6))
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, :2] = True
+    found = lm.beam_search(
+        prompt, num_beams=V**steps, max_new_tokens=steps, eos_id=EOS, prompt_padding=padding
+    )
+    for b in range(2):
+        alone = prompt[b, padding[b].sum() :]
+
+        def log_probs(seq, alone=alone):
+            with torch.no_grad():
+                logits, _ = lm(torch.cat([alone, torch.tensor(seq[:-1], dtype=torch.long)])[None])
+            return torch.log_softmax(logits[0, len(alone) - 1 :].double(), -1)
+
+        expected = enumerated(log_probs, V, steps, EOS, 1.0)
+        assert_beams_are(found.tokens[b], found.scores[b], expected, EOS)
+    best = lm.generate(
+        prompt, max_new_tokens=steps, temperature=0, eos_id=EOS, prompt_padding=padding,
+        num_beams=V**steps,
+    )  # fmt: skip
+    assert torch.equal(best, torch.cat([prompt, found.tokens[:, 0]], 1))
+
+
+def test_one_beam_is_greedy_decoding():
+    torch.manual_seed(2)
+    model = Transformer(12, 12, d_model=16, nhead=2, max_len=16).eval()
+    src = torch.randint(3, 12, (3, 5))
+    greedy = model.generate(src, bos_id=BOS, eos_id=EOS, max_len=10)
+    found = model.beam_search(src, bos_id=BOS, eos_id=EOS, max_len=10, num_beams=1)
+    assert torch.equal(found.tokens[:, 0], greedy)
+    lm = CausalLM(30, d_model=16, nhead=2, num_layers=2, max_len=32).eval()
+    prompt = torch.randint(0, 30, (2, 4))
+    greedy = lm.generate(prompt, max_new_tokens=8, temperature=0, eos_id=EOS)
+    found = lm.beam_search(prompt, max_new_tokens=8, eos_id=EOS, num_beams=1)
+    assert torch.equal(found.tokens[:, 0], greedy[:, 4:])
+
+
+def test_more_beams_than_continuations_and_no_end_token():
+    """32 beams over the 9 two-token continuations of a 3-token vocabulary: 23 score -inf."""
+    torch.manual_seed(3)
+    lm = sharp(CausalLM(3, d_model=16, nhead=2, num_layers=1, max_len=16)).eval()
+    prompt = torch.randint(0, 3, (1, 3))
+    found = lm.beam_search(prompt, max_new_tokens=2, num_beams=32, length_penalty=0.0)
+
+    def log_probs(seq):
+        with torch.no_grad():
+            logits, _ = lm(torch.cat([prompt[0], torch.tensor(seq[:-1], dtype=torch.long)])[None])
+        return torch.log_softmax(logits[0, 2:].double(), -1)
+
+    expected = enumerated(log_probs, 3, 2, None, 0.0)
+    assert len(expected) == 9
+    assert_beams_are(found.tokens[0], found.scores[0], expected, fill_id=0)
+
+
+def test_generate_refuses_sampling_with_beams():
+    lm = CausalLM(10, d_model=16, nhead=2, num_layers=1, max_len=16).eval()
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    for kwargs, match in (
+        ({}, "temperature=1.0"),  # CausalLM samples by default
+        ({"temperature": 0, "top_k": 3}, "top_k=3"),
+        ({"temperature": 0, "generator": torch.Generator()}, "generator=set"),
+    ):
+        with pytest.raises(ValueError, match=f"num_beams=2 .* does not sample.*{match}"):
+            lm.generate(prompt, max_new_tokens=2, num_beams=2, **kwargs)
+    with pytest.raises(ValueError, match="num_beams"):
+        lm.generate(prompt, max_new_tokens=2, temperature=0, num_beams=0)
+    for bad in (float("nan"), float("inf"), "1", True):
+        with pytest.raises(
+            ValueError, match=f"length_penalty must be a finite number, got {bad!r}"
+        ):
+            lm.beam_search(prompt, max_new_tokens=2, num_beams=2, length_penalty=bad)
+    with pytest.raises(ValueError, match="5 decoding rows are not num_beams=2 per batch row"):
+        beam_search(Decoding(torch.zeros(5, 3), None, None), num_beams=2, max_new_tokens=1,
+                    end_id=None, fill_id=0)  # fmt: skip
+
+
+def test_kv_cache_reorder_copies_rows_and_checks_its_index():
+    cache = KVCache(3, 2, max_len=6, head_dim=4, window=2)
+    k, v = torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4)
+    cache.append(k, v)  # window 2: keeps positions 1, 2 once the next append comes
+    cache.reorder(torch.tensor([2, 2, 0, 1]))  # the batch may grow (or shrink)
+    assert cache.keys.shape == (4, 2, 3, 4)
+    assert torch.equal(cache.keys, k[[2, 2, 0, 1]])
+    assert torch.equal(cache.values, v[[2, 2, 0, 1]])
+    keys, _ = cache.append(torch.ones(4, 2, 1, 4), torch.ones(4, 2, 1, 4))
+    assert torch.equal(keys[:, :, :2], k[[2, 2, 0, 1]][:, :, 1:])
+    assert cache.position == 4
+    for index, error, match in (
+        (torch.tensor([0, 4]), ValueError, r"in 0 \.\. 3 .* got 0 \.\. 4"),
+        (torch.tensor([-1]), ValueError, r"got -1 \.\. -1"),
+        (torch.tensor([0.0]), TypeError, "1-D int64 .* got torch.float32"),
+        (torch.tensor([[0]]), TypeError, r"torch.int64 \(1, 1\)"),
+        ([0, 1], TypeError, "got list"),
+    ):
+        with pytest.raises(error, match=match):
+            cache.reorder(index)
