@@ -157,13 +157,43 @@ def requests(
     return (B, Hq, Hkv, Lq, Lk, D, Dv), dtype, kwargs
 
 
+def _flash_rowsum_error(q, k, v, kwargs, dout):
+    """c (B, Hq, Lq): how far a flash backward's rowsum(dO∘O) is from the exact one.
+
+    Flash backward passes (tiled's, triton's, FlashAttention-2's; torch SDPA's on CPU errs
+    alike) take dS = P ∘ (dP − rowsum(dO∘O)), with O the output as stored (16 bits in 16-bit
+    runs) and the rowsum in float32; the reference's autograd takes Σ_j P_j·dP_j instead. dS
+    then differs by P·c: the gradient of c·LSE, which the reference gets added. With few keys
+    per row (dS's terms cancel: with one key, dS is exactly 0 in the reference, not in a
+    flash pass) this alone took them to 5-9x the reference's gradient error.
+
+    With sinks, the kernels store the output over the real keys (``apply_sinks`` scales it
+    after): its rounding is the one to take. The seed on LSE' = logaddexp(lse, sink) is then
+    c / share, and dO reaches the kernel as share·dO: the shares cancel.
+    """
+    pre = kwargs | {"sinks": None}  # (the same dropout seed, so the same dropped pairs)
+    with torch.no_grad():
+        stored, exact = (
+            attnkit.attention(
+                *(t.to(dtype) for t in (q, k, v)),
+                **pre,
+                generator=torch.Generator().manual_seed(1),
+                backend="reference",
+            )
+            for dtype in (q.dtype, torch.float64)
+        )
+    seed = dout.to(q.dtype)  # what dP and the rowsum both take
+    flash = (seed.float() * stored.float()).sum(-1).double()
+    return ((seed.double() * exact).sum(-1) - flash).to(torch.promote_types(q.dtype, torch.float32))
+
+
 def check_against_reference(shape, dtype, kwargs, backend, device="cpu", with_lse=True):
     """DESIGN §7 for one request: out and LSE within 2x, dq/dk/dv within 4x the error of the
     reference run in ``dtype``, against float64; -inf LSE exactly on the reference's keyless rows
     (``with_lse=False`` for backends that do not return it: SDPA).
 
-    In 16 bits the floor is one unit of the dtype at the largest value, and the reference's
-    gradients take rowsum(dO∘O) from its 16-bit output, as flash backward passes do (below).
+    In 16 bits the floor is one unit of the dtype at the largest value. The reference's
+    gradients take rowsum(dO∘O) as flash backward passes do (``_flash_rowsum_error``).
 
     Returns False where ``backend`` refuses the request (``UnsupportedError``), else True.
     """
@@ -192,22 +222,8 @@ def check_against_reference(shape, dtype, kwargs, backend, device="cpu", with_ls
             return False
         out, lse = got if lse_too else (got, None)
         outputs, seeds = [out], [dout.to(run_dtype)]
-        if name == "low" and dtype != torch.float32:
-            # Flash backward passes (tiled's, triton's, FlashAttention-2's; torch SDPA's on CPU
-            # errs alike) compute rowsum(dO∘O) from the output as stored, in 16 bits; the
-            # reference's autograd, from its exact output. dS then differs by P·c, with
-            # c = rowsum(dO∘(O_exact − O_16)): the gradient of c·LSE. With few keys per row
-            # (dS's terms cancel) that alone took them to 5-9x the reference's gradient error.
-            # O_exact: of these 16-bit inputs (the float64 output's c would add their rounding)
-            with torch.no_grad():
-                exact = attnkit.attention(
-                    *(t.double() for t in (q, k, v)),
-                    **kwargs,
-                    generator=torch.Generator().manual_seed(1),
-                    backend="reference",
-                )
-            c = (dout * (exact - out.double())).sum(-1).to(lse.dtype)
-            outputs, seeds = [out, lse], [*seeds, c]
+        if name == "low":
+            outputs, seeds = [out, lse], [*seeds, _flash_rowsum_error(q, k, v, kwargs, dout)]
         grads = torch.autograd.grad(outputs, (q, k, v), seeds)
         results[name] = (out, lse, *grads)
     for i, what in enumerate(("output", "lse", "dq", "dk", "dv")):
