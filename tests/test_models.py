@@ -1,11 +1,15 @@
-"""attnkit's BERT with the real all-MiniLM-L6-v2 weights against transformers' BertModel."""
+"""attnkit's BERT with the real all-MiniLM-L6-v2 weights, and BERT folders saved by transformers,
+against transformers' BertModel."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
-from attnkit.models import load_pretrained
+from attnkit.cli import main
+from attnkit.models import BertConfig, load_pretrained
 from attnkit.models.pretrained import model_dir
 
 TEXTS = ["The skilled surgeon operated on the patient with a", "Attention is all you need."]
@@ -81,3 +85,67 @@ def test_bad_inputs(model):
     assert cut.tokens[-1] == "[SEP]"
     with pytest.raises(ValueError, match="unknown model 'bert-huge'"):
         load_pretrained("bert-huge")
+
+
+def save_bert(folder, head, **config):
+    """A small random BERT (``head``: transformers' class name) saved as a model folder,
+    with MiniLM's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    cfg = transformers.BertConfig(
+        intermediate_size=64, attn_implementation="eager", **(sizes | config)
+    )
+    torch.manual_seed(0)
+    hf = getattr(transformers, head)(cfg).eval()
+    hf.save_pretrained(folder)
+    shutil.copy(model_dir("all-MiniLM-L6-v2") / "tokenizer.json", folder)
+    return hf if head == "BertModel" else hf.bert
+
+
+@pytest.mark.parametrize("head", ["BertModel", "BertForMaskedLM", "BertForPreTraining"])
+def test_a_bert_model_folder_matches_transformers(head, tmp_path, capsys):
+    """A folder transformers saved (any BERT with heads: its encoder) loads, runs as
+    transformers runs it, and `attnkit explain --model FOLDER` explains it."""
+    hf = save_bert(tmp_path, head)
+    model = load_pretrained(tmp_path)
+    assert model.name == tmp_path.name
+    enc = model.tokenize(TEXTS[0])
+    with torch.no_grad():
+        ours = model(enc.ids, output_attentions=True)
+        theirs = hf(enc.ids, output_hidden_states=True, output_attentions=True)
+    for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(ours.attentions, theirs.attentions, strict=True):
+        assert a.shape == (1, 4, 11, 11)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert main(["explain", "--model", str(tmp_path), "--steps", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "what 'a' (token 9) attends to, per head" in out
+    assert "These weights match the model's own attention" in out
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"position_embedding_type": "relative_key"}, "position_embedding_type='absolute'"),
+        ({"hidden_act": "relu"}, "hidden_act='gelu' are supported, got 'relu'"),
+    ],
+)
+def test_a_bert_folder_that_would_compute_something_else_is_refused(config, message, tmp_path):
+    save_bert(tmp_path, "BertModel", **config)
+    with pytest.raises(ValueError, match=message):
+        load_pretrained(tmp_path)
+    roberta = BertConfig.from_dict
+    with pytest.raises(ValueError, match="model_type='bert' are supported, got 'roberta'"):
+        roberta({"model_type": "roberta", "hidden_size": 32})
+
+
+def test_a_folder_without_the_model_files_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"has no model\.safetensors or tokenizer\.json"):
+        load_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", str(tmp_path / "none")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "or a folder with config.json, model.safetensors, tokenizer.json" in err

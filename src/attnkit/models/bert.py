@@ -33,9 +33,21 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BertConfig:
-        """Keep the known fields of a ``config.json``; check the activation is GELU."""
-        if d.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"only GELU BERT models are supported, got {d['hidden_act']!r}")
+        """Keep the known fields of a ``config.json``; refuse what this encoder would get wrong.
+
+        Other model types (RoBERTa counts positions from its padding id, ELECTRA projects its
+        embeddings, ...), relative position embeddings and activations other than GELU would
+        load and run, and compute something else.
+        """
+        for key, supported in (
+            ("model_type", "bert"),
+            ("position_embedding_type", "absolute"),
+            ("hidden_act", "gelu"),
+        ):
+            if d.get(key, supported) != supported:
+                raise ValueError(
+                    f"only BERT models with {key}={supported!r} are supported, got {d[key]!r}"
+                )
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -158,12 +170,16 @@ class BertEncoder(nn.Module):
     )
 
     def load_hf_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load a Hugging Face ``BertModel`` state dict (pooler and buffers are ignored)."""
+        """Load a Hugging Face ``BertModel`` state dict, or the ``bert.`` part of one with heads.
+
+        (``BertForMaskedLM``, ``BertForPreTraining``, ...) The pooler, the heads and buffers
+        are ignored: the encoder ends at the last layer's hidden states.
+        """
         ours: dict[str, Tensor] = {}
         for name, tensor in state.items():
-            if name.startswith("pooler.") or name.endswith("position_ids"):
-                continue
             new = name.removeprefix("bert.")
+            if new.startswith(("pooler.", "cls.")) or new.endswith("position_ids"):
+                continue
             for old, repl in self._RENAMES:
                 new = new.replace(old, repl)
             ours[new] = tensor

