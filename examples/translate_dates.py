@@ -2,6 +2,7 @@
 
     python examples/translate_dates.py [--minutes 5] [--out out/dates]
     python examples/translate_dates.py --load out/dates/dates.pt "march 3rd 1998" "4/7/76"
+    python examples/translate_dates.py --load out/dates/dates.pt --beams 3 "4/7/76"
 
 "Tuesday, 3 March 1998", "03/03/98", "march 3rd 1998", "3.3.1998" ... -> "1998-03-03".
 Characters in, characters out. The decoder's cross-attention reads the encoder's keys and
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import random
 import time
 from pathlib import Path
@@ -197,6 +199,17 @@ def translate(model: Transformer, text: str) -> str:
     return decode(model.generate(src, bos_id=BOS, eos_id=EOS, max_len=TGT_LEN)[0].tolist())
 
 
+def n_best(model: Transformer, text: str, beams: int) -> list[tuple[str, float]]:
+    """The ``beams`` most probable translations of one text (beam search), with their
+    probabilities (length_penalty 0: scores are log-probabilities)."""
+    src = torch.tensor([encode(text, SRC_LEN)])
+    found = model.beam_search(
+        src, bos_id=BOS, eos_id=EOS, num_beams=beams, max_len=TGT_LEN, length_penalty=0.0
+    )
+    pairs = zip(found.tokens[0].tolist(), found.scores[0].tolist(), strict=True)
+    return [(decode(tokens), math.exp(score)) for tokens, score in pairs]
+
+
 def cross_attention(
     model: Transformer, text: str
 ) -> tuple[str, list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -267,12 +280,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--load", help="a saved checkpoint: translate the given texts with it")
     ap.add_argument("texts", nargs="*", help="dates to translate with --load")
+    ap.add_argument(
+        "--beams", type=int, default=1, help="with --load: show the n best (beam search)"
+    )
     args = ap.parse_args()
     if args.load:
         model = load_checkpoint(args.load).model
         assert isinstance(model, Transformer)
         for text in args.texts or ["Tuesday, 3 March 1998"]:
-            print(f"{text!r} -> {translate(model, text)!r}")
+            if args.beams > 1:
+                best = ", ".join(f"{t!r} {p:.3g}" for t, p in n_best(model, text, args.beams))
+                print(f"{text!r} -> {best}")
+            else:
+                print(f"{text!r} -> {translate(model, text)!r}")
         return
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -293,6 +313,8 @@ def main() -> None:
     print(f"worst format: {_formats(test_dates[0])[worst]!r} style, {per_format[worst]:.2%}")
     for text in ("Tuesday, 3 March 1998", "03/03/98", "march 3rd 1998"):
         print(f"  {text!r} -> {translate(model, text)!r}")
+    best = ", ".join(f"{t!r} {p:.3g}" for t, p in n_best(model, "4/7/76", 3))
+    print(f"  the 3 most probable translations of '4/7/76' (beam search): {best}")
     picture = out / "cross_attention.png"
     save_alignment(model, "Tuesday, 3 March 1998", picture)
     checkpoint = out / "dates.pt"

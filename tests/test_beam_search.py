@@ -219,6 +219,8 @@ def test_generate_refuses_sampling_with_beams():
             ValueError, match=f"length_penalty must be a finite number, got {bad!r}"
         ):
             lm.beam_search(prompt, max_new_tokens=2, num_beams=2, length_penalty=bad)
+    with pytest.raises(ValueError, match="end_id 10 is not a token of the 10 logits"):
+        lm.beam_search(prompt, max_new_tokens=2, num_beams=2, eos_id=10)
     with pytest.raises(ValueError, match="5 decoding rows are not num_beams=2 per batch row"):
         beam_search(Decoding(torch.zeros(5, 3), None, None), num_beams=2, max_new_tokens=1,
                     end_id=None, fill_id=0)  # fmt: skip

@@ -237,6 +237,10 @@ def test_date_task_training_smoke(tmp_path):
     assert sum(losses[-20:]) / 20 < 0.85, f"loss after 120 steps: {losses[-20:]}"
     src, _, _ = dates.batch(test_dates, random.Random(1), 1)
     assert model.generate(src, bos_id=dates.BOS, eos_id=dates.EOS, max_len=11).shape[1] <= 11
+    best = dates.n_best(model, "march 3rd 1998", 3)  # beam search: three distinct translations
+    assert len({text for text, _ in best}) == 3
+    assert best[0][1] >= best[1][1] >= best[2][1] > 0
+    assert sum(p for _, p in best) <= 1 + 1e-5
     # the alignment picture and its HTML page: every decoder layer's cross-attention
     answer = dates.save_alignment(model, "march 3rd 1998", tmp_path / "cross.png")
     assert (tmp_path / "cross.png").stat().st_size > 0

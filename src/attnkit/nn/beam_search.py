@@ -76,6 +76,9 @@ def beam_search(
     K = num_beams
     if N % K:
         raise ValueError(f"beam_search: {N} decoding rows are not num_beams={K} per batch row")
+    for name, token_id in (("end_id", end_id), ("fill_id", fill_id)):
+        if token_id is not None and not 0 <= token_id < V:
+            raise ValueError(f"beam_search: {name} {token_id} is not a token of the {V} logits")
     B = N // K
     device = logits.device
     # The K rows of a batch row start alike: only the first may expand, or the first step
