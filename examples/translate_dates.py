@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from attnkit.explain import decoder_cross_attention
 from attnkit.nn import Transformer, load_checkpoint, save_checkpoint
 
 MONTHS = [
@@ -220,27 +221,11 @@ def cross_attention(
     src = torch.tensor([encode(text, SRC_LEN)])
     pred = model.generate(src, bos_id=BOS, eos_id=EOS, max_len=TGT_LEN)[0].tolist()
     answer = decode(pred)
-    dec_in = torch.tensor([[BOS, *pred[: len(answer)]]])
-    inputs = []  # each decoder layer's cross-attention inputs: its queries' source, the memory
-    hooks = [
-        layer.cross_attn.register_forward_pre_hook(lambda _, args: inputs.append(args[:2]))
-        for layer in model.decoder
-    ]
-    try:
-        with torch.no_grad():
-            memory, padding = model.encode(src)
-            _, weights = model.decode(dec_in, memory, padding, need_weights=True)
-            heads = [lay.cross_attn.heads(*a) for lay, a in zip(model.decoder, inputs, strict=True)]
-    finally:
-        for hook in hooks:
-            hook.remove()
-    T, S = len(answer), len(text)
-    vectors = {
-        "q": torch.stack([q[0, :, :T] for q, _, _ in heads]),
-        "k": torch.stack([k[0, :, :S] for _, k, _ in heads]),
-        "v": torch.stack([v[0, :, :S] for _, _, v in heads]),
-    }
-    return answer, [w[0, :, :T, :S] for w in weights], vectors
+    found = decoder_cross_attention(model, src, torch.tensor([[BOS, *pred[: len(answer)]]]))
+    T, S = len(answer), len(text)  # (the source is padded to SRC_LEN)
+    vectors = {"q": found.vectors["q"][:, :, :T]}
+    vectors |= {name: found.vectors[name][:, :, :S] for name in "kv"}
+    return answer, [w[:, :T, :S] for w in found.weights], vectors
 
 
 def save_alignment(model: Transformer, text: str, path: Path) -> str:

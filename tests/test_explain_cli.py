@@ -161,6 +161,89 @@ def test_explain_checkpoint_heads_pictures_and_guesses(char_lm, tmp_path, capsys
     assert r.next_tokens[0][0] == {" ": "␣"}.get(vocab[top], vocab[top])
 
 
+def translator(tmp_path, vocab):
+    """A small random character-level Transformer (GQA) saved with its vocabulary. Its
+    <pad> and <bos> embeddings (tied to its output) are zero, so it never writes them: with
+    this seed it writes 'a', seven '1's and <eos> for "ab 12"."""
+    from attnkit.nn import Transformer, save_checkpoint
+
+    torch.manual_seed(20)
+    model = Transformer(
+        len(vocab), len(vocab), d_model=32, nhead=4, num_kv_heads=2, max_len=12
+    ).eval()
+    with torch.no_grad():
+        model.tgt_embed.tokens.weight[:2] = 0
+    return save_checkpoint(tmp_path / "tr.pt", model, vocab=vocab), model
+
+
+def test_explain_a_translation_shows_its_cross_attention(tmp_path, capsys):
+    """A Transformer checkpoint: the decoder's cross-attention over the source while it writes
+    its greedy translation, in the table, the PNG and the HTML page (whose neuron view's
+    vectors give the weights)."""
+    from attnkit.explain import run_checkpoint
+    from attnkit.nn import load_checkpoint
+
+    vocab = ["<pad>", "<bos>", "<eos>", *"abc 123"]
+    path, model = translator(tmp_path, vocab)
+    png, page = tmp_path / "cross.png", tmp_path / "cross.html"
+    argv = ["explain", "--checkpoint", str(path), "ab 12", "--layer", "all"]
+    assert main([*argv, "--png", str(png), "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    src = torch.tensor([[vocab.index(c) for c in "ab 12"]])
+    written = model.generate(src, bos_id=1, eos_id=2, max_len=12)[0].tolist()
+    if 2 in written:
+        written = written[: written.index(2) + 1]
+    shown = [{" ": "␣"}.get(vocab[t], vocab[t]) for t in written]
+    assert f"the translation, token by token: {' '.join(shown)}" in out
+    assert shown[0] == "a"  # what the test needs from this model
+    assert shown[-1] == "<eos>"
+    assert len(shown) > 2
+    last = len(shown) - 2  # the last token before <eos>, by default
+    title = " ".join(out.split())  # (rich wraps the table's title)
+    assert f"what {shown[last]!r} (output token {last}) attends to in the source" in title
+    assert len(re.findall(r"│\s+\d+ │\s+\d+ │", out)) == 2 * 4  # layers x heads
+    assert png_size(png)[0] > 300
+    data = page_data(page.read_text())
+    assert data["tokens"] == ["a", "b", "␣", "1", "2"]
+    assert data["query_tokens"] == shown
+    # the weights are the decoder's own cross-attention, step by step
+    r = run_checkpoint(load_checkpoint(path), "ab 12")
+    with torch.no_grad():
+        memory, padding = model.encode(src)
+        _, weights = model.decode(
+            torch.tensor([[1, *written[:-1]]]), memory, padding, need_weights=True
+        )
+    for got, want in zip(r.output.attentions, weights, strict=True):
+        torch.testing.assert_close(got, want)
+    # and the neuron view's queries and keys (kv heads repeated) give them
+    q, k = r.vectors["q"], r.vectors["k"]
+    scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+    torch.testing.assert_close(scores, torch.cat(weights), rtol=0, atol=1e-5)
+    assert main([*argv, "--word", "a"]) == 0
+    assert "what 'a' (output token 0) attends to in the source" in " ".join(
+        capsys.readouterr().out.split()
+    )
+
+
+def test_explain_a_translation_refuses_what_it_cannot_run(tmp_path, capsys):
+    path, _ = translator(tmp_path, ["<pad>", "<bos>", "a", "b"])  # no <eos>
+    for argv, message in (([str(path), "ab"], "vocabulary must hold '<eos>'"),):
+        with pytest.raises(SystemExit) as exc:
+            main(["explain", "--checkpoint", *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    path, _ = translator(tmp_path, ["<pad>", "<bos>", "<eos>", "a", "b"])
+    for argv, message in (
+        ([str(path), "abz"], "not in the checkpoint's vocabulary: 'z'"),
+        ([str(path), "ab", "--word", "q"], "'q' is not a token of the translation"),
+        ([str(path), "ab", "--steps"], "--steps and --sparse explain the pretrained encoder"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["explain", "--checkpoint", *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 def test_explain_checkpoint_shows_the_sinks_share(tmp_path, capsys):
     """With attention sinks, each head's row sums to 1 minus its sink column."""
     from attnkit.explain import run_checkpoint
@@ -233,10 +316,10 @@ def test_explain_checkpoint_usage_errors(char_lm, extra, message, capsys):
 def test_explain_checkpoint_refuses_other_files(tmp_path, capsys):
     from attnkit.nn import Transformer, save_checkpoint
 
-    seq2seq = save_checkpoint(tmp_path / "t.pt", Transformer(9, 9, d_model=16, nhead=2))
+    no_vocab = save_checkpoint(tmp_path / "t.pt", Transformer(9, 9, d_model=16, nhead=2))
     torch.save([1, 2], tmp_path / "junk.pt")
     for path, message in (
-        (seq2seq, "takes a CausalLM checkpoint"),
+        (no_vocab, "takes a checkpoint saved with its vocabulary"),
         (tmp_path / "junk.pt", "not an attnkit checkpoint"),
     ):
         with pytest.raises(SystemExit):

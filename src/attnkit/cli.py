@@ -120,7 +120,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         except (ValueError, OSError, RuntimeError) as exc:
             raise ex.UsageError(f"cannot load {args.checkpoint}: {exc}") from exc
         full = ex.run_checkpoint(ckpt, args.text, truncate=args.truncate)
-        lm = ckpt.model if isinstance(ckpt.model, CausalLM) else None
+        lm = ckpt.model if isinstance(ckpt.model, CausalLM) else None  # else a translator
         name = Path(args.checkpoint).name
     else:
         from attnkit.models import load_pretrained
@@ -145,11 +145,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if full.next_tokens:
         guesses = ", ".join(f"{t!r} {p:.2f}" for t, p in full.next_tokens)
         console.print(f"the model's next-token guesses after the text: {guesses}")
+    if full.query_tokens is not None:
+        console.print(f"the translation, token by token: {' '.join(full.query_tokens)}")
     if args.steps:
         assert model is not None
         for part in ex.render_steps(model, full, i, layer, args.head):
             console.print(part)
-    runs = {"full attention": full}
+    runs = {"full attention" if full.query_tokens is None else "cross-attention": full}
     if sparse_mask is not None:
         assert model is not None
         sparse = ex.run(model, args.text, mask=sparse_mask, truncate=args.truncate)
@@ -161,7 +163,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
         for png, (what, r) in zip(_png_paths(args.png, len(runs)), runs.items(), strict=True):
             title = f"{name}, layer {layer}: {what}, per head"
-            save_head_grid(r.attention(layer), r.tokens, png, title, signed=r.differential)
+            save_head_grid(
+                r.attention(layer),
+                r.tokens,
+                png,
+                title,
+                signed=r.differential,
+                query_tokens=r.query_tokens,
+            )
             console.print(f"wrote {png} ({what})", soft_wrap=True)  # a path, never wrapped
     if args.html:
         from attnkit.viz import save_head_view
@@ -171,7 +180,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         vectors: dict[str, dict[str, torch.Tensor]] = {}
         if len(full.tokens) <= NEURON_VIEW_TOKENS:
             for what, r in runs.items():
-                found = None
+                found = r.vectors
                 if model is not None:
                     found = ex.head_vectors(model, r)
                     if r is not full:  # the --sparse run, under its mask
@@ -192,6 +201,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             head=args.head,
             layer=layer,
             signed=full.differential,
+            query_tokens=full.query_tokens,
         )
         console.print(f"wrote {args.html}", soft_wrap=True)
     return 0
@@ -323,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
         "config.json, model.safetensors, tokenizer.json",
     )
     e.add_argument(
-        "--checkpoint", help="explain a CausalLM saved by attnkit.nn.save_checkpoint instead"
+        "--checkpoint",
+        help="explain a model saved by attnkit.nn.save_checkpoint instead: a CausalLM's "
+        "self-attention, or a Transformer's cross-attention while it translates the text",
     )
     e.add_argument("--backend", default="auto", choices=["auto", "reference", "tiled", "sdpa"])
     e.add_argument("--truncate", action="store_true", help="cut texts past 512 tokens")

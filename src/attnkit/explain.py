@@ -1,7 +1,9 @@
 """``attnkit explain``: which words each head of a real model attends to, and how Q, K, V get there.
 
 The model is all-MiniLM-L6-v2 (6 layers × 12 heads, width 384), run through attnkit's own
-modules, or a CausalLM checkpoint of one's own (``--checkpoint``, e.g. from examples/tiny_lm.py).
+modules, or a checkpoint of one's own (``--checkpoint``): a CausalLM's self-attention (e.g.
+from examples/tiny_lm.py), or a Transformer's cross-attention while it translates (its
+decoder's queries over the source, e.g. from examples/translate_dates.py).
 Output goes through rich; pictures through ``attnkit.viz``.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -19,7 +21,7 @@ from attnkit import masks
 from attnkit.masks import Mask
 from attnkit.models.bert import BertLayer, EncoderOutput
 from attnkit.models.pretrained import Encoding, PretrainedEncoder
-from attnkit.nn import CausalLM, MultiHeadAttention
+from attnkit.nn import CausalLM, MultiHeadAttention, Transformer
 from attnkit.nn.checkpoint import Checkpoint
 
 DEFAULT_TEXT = "The skilled surgeon operated on the patient with a"
@@ -76,6 +78,10 @@ class Run:
     predictions for the token after the text, [(token, probability), ...]; ``sinks`` says the
     model has attention sinks, so a row's weights sum to 1 minus the sink's share;
     ``differential`` that its weights are differential maps A1 − λ·A2, rows summing to 1 − λ.
+    ``query_tokens``: a translation's cross-attention, the decoder's tokens (each the one it
+    wrote at that step) attending over ``tokens``, the source; None: self-attention.
+    ``vectors``: the queries, keys and values the maps came from, where the run keeps them
+    (a translation's), for the neuron view.
     """
 
     encoding: Encoding
@@ -85,14 +91,21 @@ class Run:
     next_tokens: list[tuple[str, float]] = field(default_factory=list)
     sinks: bool = False
     differential: bool = False
+    query_tokens: list[str] | None = None
+    vectors: dict[str, Tensor] | None = None
 
     @property
     def tokens(self) -> list[str]:
-        """Readable tokens, [CLS] ... [SEP]."""
+        """Readable tokens, [CLS] ... [SEP] (the keys; a translation's source)."""
         return self.encoding.tokens
 
+    @property
+    def queries(self) -> list[str]:
+        """The tokens whose rows the maps are: ``query_tokens``, else ``tokens``."""
+        return self.tokens if self.query_tokens is None else self.query_tokens
+
     def attention(self, layer: int) -> Tensor:
-        """(H, L, L) probabilities of ``layer``."""
+        """(H, Lq, Lk) probabilities of ``layer``."""
         return self.output.attentions[layer][0]
 
 
@@ -110,46 +123,27 @@ def run(
 
 
 def run_checkpoint(ckpt: Checkpoint, text: str, *, truncate: bool = False) -> Run:
-    """Tokenise ``text`` with a CausalLM checkpoint's vocabulary and run it with attentions.
+    """Tokenise ``text`` with a checkpoint's vocabulary and run it with attentions.
 
-    A vocabulary of single characters tokenises by character, any other by whitespace.
+    A CausalLM reads the text (self-attention); a Transformer translates it, and the run is its
+    decoder's cross-attention over the text while it writes the translation (greedy). A
+    vocabulary of single characters (besides a Transformer's ``<pad>``, ``<bos>`` and
+    ``<eos>``) tokenises by character, any other by whitespace.
     """
     model, vocab = ckpt.model, ckpt.vocab
-    if not isinstance(model, CausalLM) or not vocab:
+    if not vocab:
         raise UsageError(
-            "explain --checkpoint takes a CausalLM checkpoint saved with its vocabulary "
-            "(e.g. examples/tiny_lm.py); the date translator draws its own cross-attention"
+            "explain --checkpoint takes a checkpoint saved with its vocabulary "
+            "(save_checkpoint(..., vocab=...), as examples/tiny_lm.py and translate_dates.py do)"
         )
-    char_level = all(len(t) == 1 for t in vocab)
-    pieces = list(text) if char_level else text.split()
-    index = {t: i for i, t in enumerate(vocab)}
-    unknown = sorted({p for p in pieces if p not in index})
-    if unknown:
-        raise UsageError(f"not in the checkpoint's vocabulary: {' '.join(map(repr, unknown))}")
-    if not pieces:
-        raise UsageError("the text is empty")
-    truncated = len(pieces) > model.max_len
-    if truncated and not truncate:
-        raise UsageError(
-            f"the text has {len(pieces)} tokens, the model at most {model.max_len}; "
-            "pass --truncate to cut it"
-        )
-    pieces = pieces[: model.max_len]
-    ids = torch.tensor([[index[p] for p in pieces]])
-    words: list[int | None] = []
-    n = 0
-    for p in pieces:  # a word index per token; spaces belong to no word
-        if char_level and p.isspace():
-            words.append(None)
-            n += 1
-        else:
-            words.append(n if char_level else len(words))
+    if isinstance(model, Transformer):
+        return _run_translation(model, vocab, ckpt.meta, text, truncate)
+    ids, pieces, encoding, char_level = _tokenise(vocab, set(), text, model.max_len, truncate)
     with torch.no_grad():
         logits, weights = model(ids, need_weights=True)
     probs, top = logits[0, -1].softmax(-1).topk(min(5, len(vocab)))
-    enc = Encoding(ids, [_show(p) for p in pieces], words, truncated)
     return Run(
-        enc,
+        encoding,
         EncoderOutput(logits, attentions=list(weights)),
         text="".join(pieces) if char_level else " ".join(pieces),
         char_level=char_level,
@@ -159,6 +153,117 @@ def run_checkpoint(ckpt: Checkpoint, text: str, *, truncate: bool = False) -> Ru
     )
 
 
+def _tokenise(
+    vocab: list[str], special: set[str], text: str, max_len: int, truncate: bool
+) -> tuple[Tensor, list[str], Encoding, bool]:
+    """ids (1, L), the pieces, their Encoding and whether by character (``special`` aside)."""
+    char_level = all(len(t) == 1 for t in vocab if t not in special)
+    pieces = list(text) if char_level else text.split()
+    index = {t: i for i, t in enumerate(vocab) if t not in special}
+    unknown = sorted({p for p in pieces if p not in index})
+    if unknown:
+        raise UsageError(f"not in the checkpoint's vocabulary: {' '.join(map(repr, unknown))}")
+    if not pieces:
+        raise UsageError("the text is empty")
+    truncated = len(pieces) > max_len
+    if truncated and not truncate:
+        raise UsageError(
+            f"the text has {len(pieces)} tokens, the model at most {max_len}; "
+            "pass --truncate to cut it"
+        )
+    pieces = pieces[:max_len]
+    words: list[int | None] = []
+    n = 0
+    for p in pieces:  # a word index per token; spaces belong to no word
+        if char_level and p.isspace():
+            words.append(None)
+            n += 1
+        else:
+            words.append(n if char_level else len(words))
+    ids = torch.tensor([[index[p] for p in pieces]])
+    encoding = Encoding(ids, [_show(p) for p in pieces], words, truncated)
+    return ids, pieces, encoding, char_level
+
+
+#: a Transformer checkpoint's special tokens, by name in its vocabulary (or ``meta``'s ids)
+_SPECIAL = {"bos_id": "<bos>", "eos_id": "<eos>"}
+
+
+def _run_translation(
+    model: Transformer, vocab: list[str], meta: dict[str, Any], text: str, truncate: bool
+) -> Run:
+    """Translate ``text`` greedily; the run is the cross-attention of every decoder step."""
+    ids_of = {}
+    for key, name in _SPECIAL.items():
+        found = meta.get(key, vocab.index(name) if name in vocab else None)
+        if not isinstance(found, int) or not 0 <= found < len(vocab):
+            raise UsageError(
+                f"a Transformer checkpoint's vocabulary must hold {name!r} (or its meta "
+                f"{key!r}): explain starts the translation with <bos> and ends it at <eos>"
+            )
+        ids_of[key] = found
+    bos, eos = ids_of["bos_id"], ids_of["eos_id"]
+    special = {vocab[bos], vocab[eos], vocab[model.pad_id]}
+    max_len = int(model.config["max_len"])
+    src, pieces, encoding, char_level = _tokenise(vocab, special, text, max_len, truncate)
+    with torch.no_grad():
+        written = model.generate(src, bos_id=bos, eos_id=eos, max_len=max_len)[0].tolist()
+    if eos in written:
+        written = written[: written.index(eos) + 1]
+    decoder_input = torch.tensor([[bos, *written[:-1]]])  # step t reads token t - 1
+    found = decoder_cross_attention(model, src, decoder_input)
+    return Run(
+        encoding,
+        EncoderOutput(found.logits, attentions=[w[None] for w in found.weights]),
+        text="".join(pieces) if char_level else " ".join(pieces),
+        char_level=char_level,
+        query_tokens=[_show(vocab[t]) for t in written],
+        vectors=found.vectors,
+    )
+
+
+class CrossAttention(NamedTuple):
+    """A decoder's pass over one source: what ``decoder_cross_attention`` returns."""
+
+    logits: Tensor  # (1, T, V)
+    weights: list[Tensor]  # per layer (H, T, S)
+    vectors: dict[str, Tensor]  # "q" (layers, H, T, d), "k" (layers, H, S, d), "v" (..., dv)
+
+
+def decoder_cross_attention(
+    model: Transformer, src: Tensor, decoder_input: Tensor
+) -> CrossAttention:
+    """Each decoder layer's cross-attention and the vectors it came from, for one source.
+
+    Args:
+        model: the encoder–decoder.
+        src: (1, S) source ids.
+        decoder_input: (1, T) what the decoder reads: <bos>, then the tokens written so far.
+
+    Returns:
+        the logits, the weights (H, T, S) per layer, and the queries, keys and values (kv
+        heads repeated) that give them, for the neuron view.
+    """
+    attns = [cast(MultiHeadAttention, layer.cross_attn) for layer in model.decoder]
+    inputs: list[tuple[Tensor, Tensor]] = []  # each cross-attention's queries' input, memory
+    hooks = [a.register_forward_pre_hook(lambda _, args: inputs.append(args[:2])) for a in attns]
+    try:
+        with torch.no_grad():
+            memory, padding = model.encode(src)
+            logits, weights = model.decode(decoder_input, memory, padding, need_weights=True)
+            heads = [a.heads(*args) for a, args in zip(attns, inputs, strict=True)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups = attns[0].num_heads // attns[0].num_kv_heads
+    vectors = {
+        name: torch.stack([t[n][0] if name == "q" else t[n][0].repeat_interleave(groups, 0)
+                           for t in heads])
+        for n, name in enumerate("qkv")
+    }  # fmt: skip
+    return CrossAttention(logits, [w[0] for w in weights], vectors)
+
+
 def _show(token: str) -> str:
     return {" ": "␣", "\n": "⏎"}.get(token, token)
 
@@ -166,8 +271,19 @@ def _show(token: str) -> str:
 def choose_token(r: Run, word: str | None) -> int:
     """Index of the token to explain: the last occurrence of ``word``, or the last word.
 
-    In a character-level run, a word's last character stands for it.
+    In a character-level run, a word's last character stands for it. In a translation the
+    token is one the decoder wrote (default: the last before <eos>).
     """
+    if r.query_tokens is not None:
+        written = r.query_tokens
+        if word is None:
+            return max(len(written) - 2, 0) if written[-1] == "<eos>" else len(written) - 1
+        matches = [i for i, t in enumerate(written) if t.lower() == word.lower()]
+        if not matches:
+            raise UsageError(
+                f"{word!r} is not a token of the translation; it wrote: {' '.join(written)}"
+            )
+        return matches[-1]
     tokens = r.tokens
     if word is None:
         candidates = [i for i, w in enumerate(r.encoding.words) if w is not None]
@@ -217,7 +333,12 @@ def render_tokens(r: Run, i: int) -> Any:
     from rich.text import Text
 
     text = Text()
-    for j, tok in enumerate(r.tokens):
+    if r.query_tokens is not None:
+        text.append("source:      ", style="dim")
+        for j, tok in enumerate(r.tokens):
+            text.append(f"{j}:{tok}  ")
+        text.append("\ntranslation: ", style="dim")  # each step labelled by the token it writes
+    for j, tok in enumerate(r.queries):
         style = "bold reverse" if j == i else ("dim" if tok in ("[CLS]", "[SEP]") else "")
         text.append(f"{j}:{tok}", style=style)
         text.append("  ")
@@ -229,10 +350,12 @@ def render_heads(r: Run, i: int, layers: list[int], k: int, title: str = "") -> 
     from rich.table import Table
 
     maps = ", differential maps A1 − λ·A2" if r.differential else ""
-    table = Table(
-        title=title or f"what {r.tokens[i]!r} (token {i}) attends to, per head{maps}",
-        show_lines=False,
+    what = (
+        f"what {r.tokens[i]!r} (token {i}) attends to"
+        if r.query_tokens is None
+        else f"what {r.queries[i]!r} (output token {i}) attends to in the source"
     )
+    table = Table(title=title or f"{what}, per head{maps}", show_lines=False)
     table.add_column("layer", justify="right")
     table.add_column("head", justify="right")
     for n in range(k):

@@ -17,24 +17,28 @@ def save_head_grid(
     path: str | Path,
     title: str = "",
     signed: bool = False,
+    query_tokens: Sequence[str] | None = None,
 ) -> Path:
     """Save a grid of heatmaps.
 
     Args:
-        attention: (H, L, L) probabilities of one layer (row i: where token i looks).
-        tokens: the L token labels.
+        attention: (H, Lq, Lk) probabilities of one layer (row i: where query i looks).
+        tokens: the Lk key token labels, and the queries' unless ``query_tokens``.
         path: PNG file to write.
         title: figure title.
         signed: differential attention's maps A1 − λ·A2, in [-1, 1]: drawn on [-1, 1].
+        query_tokens: the Lq query labels of cross-attention (a decoder's tokens over an
+            encoder's ``tokens``).
     """
-    check_attention_map("attention", attention, len(tokens), len(tokens), signed)
+    queries = tokens if query_tokens is None else query_tokens
+    check_attention_map("attention", attention, len(queries), len(tokens), signed)
     plt = _pyplot()
-    H, L, _ = attention.shape
+    H, Lq, L = attention.shape
     cols = min(4, H)
     rows = -(-H // cols)
-    size = 2.2 + 0.16 * min(L, 60)
+    size = 2.2 + 0.16 * min(max(L, Lq), 60)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
-    labels = L <= 60
+    labels = max(L, Lq) <= 60
     for h, ax in enumerate(axes.flat):
         if h >= H:
             ax.axis("off")
@@ -48,7 +52,7 @@ def save_head_grid(
         ax.set_title(f"head {h}", fontsize=9)
         if labels:
             ax.set_xticks(range(L), tokens, rotation=90, fontsize=7)
-            ax.set_yticks(range(L), tokens, fontsize=7)
+            ax.set_yticks(range(Lq), queries, fontsize=7)
         else:
             ax.set_xticks([])
             ax.set_yticks([])
