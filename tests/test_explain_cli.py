@@ -161,7 +161,7 @@ def test_explain_checkpoint_heads_pictures_and_guesses(char_lm, tmp_path, capsys
     assert r.next_tokens[0][0] == {" ": "␣"}.get(vocab[top], vocab[top])
 
 
-def translator(tmp_path, vocab):
+def translator(tmp_path, vocab, **options):
     """A small random character-level Transformer (GQA) saved with its vocabulary. Its
     <pad> and <bos> embeddings (tied to its output) are zero, so it never writes them: with
     this seed it writes 'a', seven '1's and <eos> for "ab 12"."""
@@ -169,7 +169,7 @@ def translator(tmp_path, vocab):
 
     torch.manual_seed(20)
     model = Transformer(
-        len(vocab), len(vocab), d_model=32, nhead=4, num_kv_heads=2, max_len=12
+        len(vocab), len(vocab), d_model=32, nhead=4, num_kv_heads=2, max_len=12, **options
     ).eval()
     with torch.no_grad():
         model.tgt_embed.tokens.weight[:2] = 0
@@ -223,6 +223,19 @@ def test_explain_a_translation_shows_its_cross_attention(tmp_path, capsys):
     assert "what 'a' (output token 0) attends to in the source" in " ".join(
         capsys.readouterr().out.split()
     )
+
+
+def test_explain_a_translation_with_sinks_shows_their_share(tmp_path, capsys):
+    """Sinks in every attention: rows of cross-attention sum to 1 minus the sink's share, shown
+    in a sink column; the page has no neuron view (softmax(q·kᵀ/√d) is not the layer's)."""
+    vocab = ["<pad>", "<bos>", "<eos>", *"abc 123"]
+    path, _ = translator(tmp_path, vocab, sinks=True)
+    page = tmp_path / "sinks.html"
+    assert main(["explain", "--checkpoint", str(path), "ab 12", "--html", str(page)]) == 0
+    assert "sink" in capsys.readouterr().out
+    data = page_data(page.read_text())
+    assert data["sink"]  # each row's share, drawn as a "(sink)" key
+    assert data["vectors"] == [None]  # (the one run has none)
 
 
 def test_explain_a_translation_refuses_what_it_cannot_run(tmp_path, capsys):

@@ -212,13 +212,17 @@ def _run_translation(
         written = written[: written.index(eos) + 1]
     decoder_input = torch.tensor([[bos, *written[:-1]]])  # step t reads token t - 1
     found = decoder_cross_attention(model, src, decoder_input)
+    cross = [cast(MultiHeadAttention, layer.cross_attn) for layer in model.decoder]
+    # the neuron view draws softmax(q·kᵀ/√d): only where that is what the layers compute
+    plain = all(a.score_mod is None and a.sinks is None and a.scale is None for a in cross)
     return Run(
         encoding,
         EncoderOutput(found.logits, attentions=[w[None] for w in found.weights]),
         text="".join(pieces) if char_level else " ".join(pieces),
         char_level=char_level,
+        sinks=bool(model.config.get("sinks")),
         query_tokens=[_show(vocab[t]) for t in written],
-        vectors=found.vectors,
+        vectors=found.vectors if plain else None,
     )
 
 
@@ -255,13 +259,22 @@ def decoder_cross_attention(
     finally:
         for hook in hooks:
             hook.remove()
-    groups = attns[0].num_heads // attns[0].num_kv_heads
-    vectors = {
+    return CrossAttention(logits, [w[0] for w in weights], _stacked(heads, attns[0]))
+
+
+def _stacked(
+    per_layer: list[tuple[Tensor, Tensor, Tensor]], attn: MultiHeadAttention
+) -> dict[str, Tensor]:
+    """Every layer's (q, k, v) of batch row 0 as {"q", "k", "v"}: (layers, H, L, d).
+
+    Kv heads are repeated (``attn``'s grouping), as the neuron view takes them.
+    """
+    groups = attn.num_heads // attn.num_kv_heads
+    return {
         name: torch.stack([t[n][0] if name == "q" else t[n][0].repeat_interleave(groups, 0)
-                           for t in heads])
+                           for t in per_layer])
         for n, name in enumerate("qkv")
     }  # fmt: skip
-    return CrossAttention(logits, [w[0] for w in weights], vectors)
 
 
 def _show(token: str) -> str:
@@ -427,12 +440,7 @@ def causal_lm_vectors(model: CausalLM, r: Run) -> dict[str, Tensor] | None:
     finally:
         for hook in hooks:
             hook.remove()
-    groups = plain[0].num_heads // plain[0].num_kv_heads
-    vectors = {
-        name: torch.stack([t[n][0] if name == "q" else t[n][0].repeat_interleave(groups, 0)
-                           for t in per_layer])
-        for n, name in enumerate("qkv")
-    }  # fmt: skip
+    vectors = _stacked(per_layer, plain[0])
     vectors["mask"] = dense[0][0, 0]
     return vectors
 
