@@ -191,6 +191,11 @@ FAMILIES = {  # family -> config; the comment says what each one exercises
     # q/k norms; the global layer: NoPE, and no window though the config has one
     "exaone4 (global layer)": one_layer("full_attention"),
     "exaone4 (sliding layer)": one_layer("sliding_attention"),
+    "lfm2": {  # RMS q/k norms named q_layernorm / k_layernorm, out_proj
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
     "phi (qk LayerNorm)": {  # LayerNorm q/k norms over 20 channels, GQA
         "hidden_size": 80,
         "num_attention_heads": 4,
@@ -482,3 +487,154 @@ def test_a_rotation_under_a_condition_it_cannot_evaluate_is_refused():
     config = hf_attention("llama", **FAMILIES["qwen2"]).config
     with pytest.raises(ValueError, match="rotates positions only if rotate, which cannot be told"):
         from_transformers(CallDependent(config, layer_idx=0))
+
+
+SEQ2SEQ = {  # family -> (config class, model class); their attentions are BART's
+    "bart": ("BartConfig", "BartForConditionalGeneration"),
+    "marian": ("MarianConfig", "MarianMTModel"),
+    "m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration"),
+    "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration"),
+    "whisper": ("WhisperConfig", "WhisperForConditionalGeneration"),  # k_proj without bias
+}
+
+
+def seq2seq_model(family):
+    """A one-layer encoder–decoder of ``family``: 4 encoder heads, 2 decoder heads (its
+    config's num_attention_heads is the encoder's), random weights, eager attention."""
+    transformers = pytest.importorskip("transformers")
+    config_class, model_class = SEQ2SEQ[family]
+    sizes = {"encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}
+    config = getattr(transformers, config_class)(
+        vocab_size=64,
+        d_model=32,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4 if family == "whisper" else 2,
+        max_position_embeddings=64,
+        max_source_positions=32,
+        max_target_positions=32,
+        num_mel_bins=8,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        attention_dropout=0.1,  # (eval mode: kept, not applied)
+        attn_implementation="eager",
+        **sizes,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(config).eval()
+
+
+def additive(keep):
+    """transformers' eager attention mask (B, 1, Lq, Lk) from a bool one, True = attend."""
+    return torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, -1e30)[:, None]
+
+
+@pytest.mark.parametrize("family", list(SEQ2SEQ))
+def test_encoder_decoder_attentions_convert(family):
+    """BART-style attention (out_proj, heads of the module's own, a float dropout): the
+    encoder's bidirectional self-attention over a padded batch, the decoder's causal one,
+    and the decoder's cross-attention over the padded encoder output, in float64."""
+    model = seq2seq_model(family).double()
+    core = model.model
+    attentions = {
+        "encoder": core.encoder.layers[0].self_attn,
+        "decoder": core.decoder.layers[0].self_attn,
+        "cross": core.decoder.layers[0].encoder_attn,
+    }
+    g = torch.Generator().manual_seed(0)
+    x, memory = (torch.randn(2, n, 32, dtype=torch.float64, generator=g) for n in (7, 9))
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 6:] = True  # the second source has 6 tokens
+    for kind, hf in attentions.items():
+        ours = from_transformers(hf)
+        assert ours.num_heads == hf.num_heads
+        assert ours.dropout == hf.dropout == 0.1
+        with torch.no_grad():
+            if kind == "encoder":
+                want = hf(memory, attention_mask=additive(~padding[:, None].expand(2, 9, 9)))[0]
+                got = ours(memory, key_padding_mask=padding)[0]
+            elif kind == "decoder":
+                causal = torch.ones(7, 7, dtype=torch.bool).tril().expand(2, 7, 7)
+                want, got = hf(x, attention_mask=additive(causal))[0], ours(x)[0]
+            else:
+                keep = ~padding[:, None].expand(2, 7, 9)
+                want = hf(x, key_value_states=memory, attention_mask=additive(keep))[0]
+                got = ours(x, memory, memory, key_padding_mask=padding)[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=f"{family} {kind}")
+
+
+class _Seq2SeqConverted(torch.nn.Module):
+    """A converted BART-style attention in its model's place: self- or cross-attention."""
+
+    def __init__(self, attention: torch.nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden_states, key_value_states=None, *args, **kwargs):
+        memory = () if key_value_states is None else (key_value_states, key_value_states)
+        return self.attention(hidden_states, *memory)[0], None
+
+
+@pytest.mark.parametrize("family", ["bart", "opt"])
+def test_converted_attentions_give_their_models_logits(family):
+    """Every attention of a translation model (encoder, decoder, cross) or of OPT (a causal
+    LM whose config's num_key_value_heads it ignores) replaced by its conversion: the logits
+    stay."""
+    transformers = pytest.importorskip("transformers")
+    if family == "opt":
+        config = transformers.OPTConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+            word_embed_proj_dim=32, pad_token_id=1, attn_implementation="eager",
+            num_key_value_heads=2,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model, inputs = transformers.OPTForCausalLM(config).eval(), {}
+    else:
+        model, inputs = seq2seq_model(family), {"decoder_input_ids": torch.tensor([[2, 5, 9]])}
+    inputs["input_ids"] = torch.randint(3, 64, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        found = [
+            (name, module)
+            for name, module in model.named_modules()
+            if name.endswith(("self_attn", "encoder_attn"))
+        ]
+        for name, module in found:
+            parent, _, child = name.rpartition(".")
+            setattr(
+                model.get_submodule(parent), child, _Seq2SeqConverted(from_transformers(module))
+            )
+        got = model(**inputs).logits
+    assert len(found) == (3 if family == "bart" else 2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_vision_encoder_attention_converts(family):
+    """CLIP's and SigLIP's vision attention (its softmax scale kept as ``scale``, out_proj,
+    bidirectional) over 10 patches: against the module in float32, and in float64 against
+    its arithmetic by hand (its eager softmax runs in float32 whatever the dtype)."""
+    transformers = pytest.importorskip("transformers")
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    prefix = {"clip": "CLIP", "siglip": "Siglip"}[family]
+    config = getattr(transformers, f"{prefix}VisionConfig")(
+        hidden_size=32, num_attention_heads=4, attention_dropout=0.0
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = getattr(modeling, f"{prefix}Attention")(config).eval()
+    ours = from_transformers(hf)
+    assert ours.mask is None
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], hf(x)[0], rtol=1e-5, atol=1e-6)
+        hf, ours, x = hf.double(), ours.double(), x.double()
+
+        def heads(t):
+            return t.view(2, 10, 4, 8).transpose(1, 2)
+
+        q, k, v = (heads(getattr(hf, f"{n}_proj")(x)) for n in "qkv")
+        weights = (q @ k.transpose(-1, -2) * hf.scale).softmax(-1)
+        want = hf.out_proj((weights @ v).transpose(1, 2).reshape(2, 10, 32))
+        torch.testing.assert_close(ours(x)[0], want, rtol=0, atol=1e-12)

@@ -1,8 +1,8 @@
 """attnkit attention modules from transformers' attention modules, weights copied.
 
 Modules with q/k/v/o projections over ``head_dim``-wide heads (separate, or fused as Phi-3's
-``qkv_proj`` and GPT-NeoX's and Falcon's ``query_key_value``; the output named ``o_proj`` or
-``dense``),
+``qkv_proj`` and GPT-NeoX's and Falcon's ``query_key_value``; the output named ``o_proj``,
+``dense`` or ``out_proj``: BART's self- and cross-attention, OPT's, CLIP's),
 grouped kv heads and rotary positions from ``config.rope_parameters`` (full or partial,
 rotate-half or GLM's interleaved pairs, per layer type as Gemma 3) become
 ``MultiHeadAttention``, with their q/k norms (RMS: Qwen3, Gemma 3, Qwen3-Next; LayerNorm: Phi,
@@ -11,7 +11,7 @@ softcapping and softmax scale (Gemma 2), output gates (Qwen3-Next), attention dr
 sliding-window layers, causal or bidirectional. Llama, Mistral, Qwen2/3, Qwen3-Next,
 Gemma 2/3/4, gpt-oss, Phi, Phi-3, GPT-NeoX, Persimmon, GLM, Nemotron, Falcon, Cohere 2,
 Flint, SmolLM3, EXAONE 4, Mellum and Granite SWA (their layers without positions, and bases
-per layer, too) are tested.
+per layer, too), LFM2, BART, Marian, M2M100, Pegasus, Whisper, OPT, CLIP and SigLIP are tested.
 DeepSeek-V2/V3 (multi-head latent attention) become ``MultiHeadLatentAttention``, DiffLlama
 ``DifferentialAttention``. The tests run each against the transformers module it came from.
 Config options with no attnkit counterpart (``_DROPPED_OPTIONS``) are refused by name.
@@ -42,7 +42,8 @@ _NORMS: dict[NormKind, tuple[str, str]] = {
     "rms": ("q_norm", "k_norm"),
     "layer": ("q_layernorm", "k_layernorm"),
 }
-_KNOWN_CHILDREN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "dense"}
+_KNOWN_CHILDREN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value"}
+_KNOWN_CHILDREN |= {"o_proj", "dense", "out_proj"}
 _KNOWN_CHILDREN |= {name for names in _NORMS.values() for name in names} | {"v_norm"}
 Norm = tuple[Tensor, Tensor | None, float]  # (gain, bias or None, eps)
 #: options of a config (or its rope_parameters) that change what an attention layer computes
@@ -90,7 +91,8 @@ def from_transformers(
                 f"from_transformers: {type(module).__name__}'s config sets {option}={value!r} "
                 f"({what}), which the conversion would drop"
             )
-    heads = config.num_attention_heads
+    # (BART's own: its config's num_attention_heads is the encoder's)
+    heads = int(getattr(module, "num_heads", None) or config.num_attention_heads)
     head_dim = int(getattr(module, "head_dim", None) or module.head_size)
     kv_heads = _kv_heads(module, heads, head_dim)
     weights = _projections(module, heads, kv_heads, head_dim)
@@ -108,7 +110,7 @@ def from_transformers(
     v_norm_eps = _v_norm_eps(module, head_dim)
     sinks = getattr(module, "sinks", None)
     cap = getattr(module, "attn_logit_softcapping", None)  # Gemma 2: c·tanh(s / c)
-    scale = float(module.scaling)
+    scale = _softmax_scale(module)
     weight = weights["q"][0]
     new = MultiHeadAttention(
         weight.shape[1],
@@ -183,9 +185,14 @@ def _mask(module: Any) -> masks.Mask | None:
 
 
 def _attention_dropout(module: Any) -> float:
-    """The module's attention-weight dropout p: a float, or an ``nn.Dropout`` (Persimmon)."""
-    p = getattr(module, "attention_dropout", None) or 0.0
-    return float(p.p if isinstance(p, nn.Dropout) else p)
+    """The module's attention-weight dropout p.
+
+    A float, or an ``nn.Dropout`` (Persimmon); BART and OPT keep it as a float ``dropout``.
+    """
+    p = getattr(module, "attention_dropout", None)
+    if p is None and isinstance(getattr(module, "dropout", None), float):
+        p = module.dropout
+    return float(p.p if isinstance(p, nn.Dropout) else p or 0.0)
 
 
 def _check_children(module: nn.Module) -> None:
@@ -224,10 +231,18 @@ def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[
             for i in range(parts)
         ]
 
-    out = getattr(module, "o_proj", None) or getattr(module, "dense", None)
+    out = next(
+        (
+            getattr(module, name)
+            for name in ("o_proj", "dense", "out_proj")
+            if getattr(module, name, None) is not None
+        ),
+        None,
+    )
     if out is None:
         raise ValueError(
-            f"from_transformers: {type(module).__name__} has no output projection (o_proj or dense)"
+            f"from_transformers: {type(module).__name__} has no output projection (o_proj, "
+            "dense or out_proj)"
         )
     found: dict[str, Linear] = {"o": linear(out)}
     if hasattr(module, "qkv_proj"):  # Phi-3: [all q rows; all k rows; all v rows]
@@ -260,17 +275,33 @@ def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[
 
 
 def _kv_heads(module: Any, heads: int, head_dim: int) -> int:
-    """The layer's key/value heads.
+    """The layer's key/value heads, counted from its weights.
 
-    A fused ``query_key_value``'s rows count them, as (heads + 2 · kv_heads) · head_dim (a
-    config's ``num_key_value_heads`` may be one its model ignores); else the layer's groups
-    (they vary by layer in some models), else the config's.
+    A separate ``k_proj`` has kv_heads · head_dim rows, a fused ``query_key_value`` or
+    ``qkv_proj`` (heads + 2 · kv_heads) · head_dim: a config's ``num_key_value_heads`` may be
+    one its model ignores (OPT's, GPT-NeoX's given one), and some models vary them by layer.
+    Else the layer's groups, else the config's.
     """
-    if (fused := getattr(module, "query_key_value", None)) is not None:
-        return int((fused.out_features // head_dim - heads) // 2)
+    for name in ("query_key_value", "qkv_proj"):
+        if isinstance(fused := getattr(module, name, None), nn.Linear):
+            return int((fused.out_features // head_dim - heads) // 2)
+    if isinstance(k := getattr(module, "k_proj", None), nn.Linear):
+        return int(k.out_features // head_dim)
     if groups := getattr(module, "num_key_value_groups", None):
         return int(heads // groups)
     return int(getattr(module.config, "num_key_value_heads", None) or heads)
+
+
+def _softmax_scale(module: Any) -> float:
+    """The factor scores are multiplied by: ``scaling`` (most), ``scale`` (CLIP's vision)."""
+    for name in ("scaling", "scale"):
+        value = getattr(module, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    raise ValueError(
+        f"from_transformers: {type(module).__name__} keeps its softmax scale in neither "
+        "`scaling` nor `scale`"
+    )
 
 
 def _query_key_value_rows(
@@ -431,6 +462,11 @@ def _qk_norms(module: Any, head_dim: int) -> tuple[NormKind | None, list[Norm]]:
         found = [getattr(module, name, None) for name in names]
         if all(n is None for n in found):
             continue
+        if kind == "layer" and not any(isinstance(n, nn.LayerNorm) for n in found):
+            try:  # LFM2 names its RMS norms q_layernorm, k_layernorm
+                return "rms", [_rms_gain(n, head_dim, m) for n, m in zip(found, names, strict=True)]
+            except ValueError:
+                pass  # neither kind: refused by the LayerNorm reader, which says why
         read = _rms_gain if kind == "rms" else _layer_norm
         return kind, [read(n, head_dim, name) for n, name in zip(found, names, strict=True)]
     return None, []
