@@ -565,48 +565,80 @@ def test_encoder_decoder_attentions_convert(family):
 
 
 class _Seq2SeqConverted(torch.nn.Module):
-    """A converted BART-style attention in its model's place: self- or cross-attention."""
+    """A converted attention in its model's place: self-attention, or cross-attention over
+    the memory BART (``key_value_states``) or GPT-2 (``encoder_hidden_states``) passes it."""
 
     def __init__(self, attention: torch.nn.Module) -> None:
         super().__init__()
         self.attention = attention
 
     def forward(self, hidden_states, key_value_states=None, *args, **kwargs):
-        memory = () if key_value_states is None else (key_value_states, key_value_states)
-        return self.attention(hidden_states, *memory)[0], None
+        memory = key_value_states
+        if memory is None:
+            memory = kwargs.get("encoder_hidden_states")
+        return self.attention(hidden_states, *(() if memory is None else (memory, memory)))[0], None
 
 
-@pytest.mark.parametrize("family", ["bart", "opt"])
-def test_converted_attentions_give_their_models_logits(family):
-    """Every attention of a translation model (encoder, decoder, cross) or of OPT (a causal
-    LM whose config's num_key_value_heads it ignores) replaced by its conversion: the logits
-    stay."""
+def causal_lm_config(family):
+    """A two-layer config of a causal LM family at test sizes (OPT's with a
+    num_key_value_heads it ignores; GPT-2's scaled by 1 / (layer + 1), with cross-attention)."""
     transformers = pytest.importorskip("transformers")
-    if family == "opt":
-        config = transformers.OPTConfig(
-            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-            word_embed_proj_dim=32, pad_token_id=1, attn_implementation="eager",
-            num_key_value_heads=2,
-        )  # fmt: skip
-        torch.manual_seed(0)
-        model, inputs = transformers.OPTForCausalLM(config).eval(), {}
+    common = {"vocab_size": 64, "attn_implementation": "eager", "pad_token_id": 1}
+    gpt = {"n_embd": 32, "n_head": 4, "n_layer": 2, "bos_token_id": 0, "eos_token_id": 2}
+    return {
+        "opt": lambda: transformers.OPTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+            word_embed_proj_dim=32, num_key_value_heads=2, **common,
+        ),
+        "gpt2": lambda: transformers.GPT2Config(
+            scale_attn_by_inverse_layer_idx=True, add_cross_attention=True, **gpt, **common
+        ),
+        "gpt_bigcode (multi-query)": lambda: transformers.GPTBigCodeConfig(
+            multi_query=True, **gpt, **common
+        ),
+        "gpt_bigcode": lambda: transformers.GPTBigCodeConfig(multi_query=False, **gpt, **common),
+    }[family]()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("family", "attentions"),
+    [("bart", 3), ("opt", 2), ("gpt2", 4), ("gpt_bigcode (multi-query)", 2), ("gpt_bigcode", 2)],
+)
+def test_converted_attentions_give_their_models_logits(family, attentions):
+    """Every attention of a translation model (encoder, decoder, cross), of OPT, of GPT-2
+    (Conv1D projections fused as c_attn; its cross-attention's q_attn) and of GPT-BigCode
+    (c_attn fused per head, or multi-query) replaced by its conversion: the logits stay."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    inputs = {
+        "input_ids": torch.randint(3, 64, (1, 11), generator=torch.Generator().manual_seed(0))
+    }
+    if family == "bart":
+        model = seq2seq_model(family)
+        inputs["decoder_input_ids"] = torch.tensor([[2, 5, 9]])
     else:
-        model, inputs = seq2seq_model(family), {"decoder_input_ids": torch.tensor([[2, 5, 9]])}
-    inputs["input_ids"] = torch.randint(3, 64, (1, 11), generator=torch.Generator().manual_seed(0))
+        config = causal_lm_config(family)
+        torch.manual_seed(0)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+        model = getattr(transformers, model_class)(config).eval()
+    if family == "gpt2":  # a source its cross-attention reads
+        inputs["encoder_hidden_states"] = torch.randn(1, 5, 32)
     with torch.no_grad():
         expected = model(**inputs).logits
         found = [
             (name, module)
             for name, module in model.named_modules()
-            if name.endswith(("self_attn", "encoder_attn"))
+            if name.endswith(("self_attn", "encoder_attn", ".attn", ".crossattention"))
         ]
-        for name, module in found:
+        converted = [from_transformers(module) for _, module in found]
+        for (name, _), attention in zip(found, converted, strict=True):
             parent, _, child = name.rpartition(".")
-            setattr(
-                model.get_submodule(parent), child, _Seq2SeqConverted(from_transformers(module))
-            )
+            setattr(model.get_submodule(parent), child, _Seq2SeqConverted(attention))
         got = model(**inputs).logits
-    assert len(found) == (3 if family == "bart" else 2)
+    assert len(found) == attentions
+    if family == "gpt2":  # its attention dropout is an nn.Dropout named attn_dropout
+        assert {a.dropout for a in converted} == {model.config.attn_pdrop} == {0.1}
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 

@@ -2,7 +2,8 @@
 
 Modules with q/k/v/o projections over ``head_dim``-wide heads (separate, or fused as Phi-3's
 ``qkv_proj`` and GPT-NeoX's and Falcon's ``query_key_value``; the output named ``o_proj``,
-``dense`` or ``out_proj``: BART's self- and cross-attention, OPT's, CLIP's),
+``dense`` or ``out_proj``: BART's self- and cross-attention, OPT's, CLIP's; GPT-2's Conv1D
+``c_attn`` / ``c_proj`` and GPT-BigCode's),
 grouped kv heads and rotary positions from ``config.rope_parameters`` (full or partial,
 rotate-half or GLM's interleaved pairs, per layer type as Gemma 3) become
 ``MultiHeadAttention``, with their q/k norms (RMS: Qwen3, Gemma 3, Qwen3-Next; LayerNorm: Phi,
@@ -11,7 +12,8 @@ softcapping and softmax scale (Gemma 2), output gates (Qwen3-Next), attention dr
 sliding-window layers, causal or bidirectional. Llama, Mistral, Qwen2/3, Qwen3-Next,
 Gemma 2/3/4, gpt-oss, Phi, Phi-3, GPT-NeoX, Persimmon, GLM, Nemotron, Falcon, Cohere 2,
 Flint, SmolLM3, EXAONE 4, Mellum and Granite SWA (their layers without positions, and bases
-per layer, too), LFM2, BART, Marian, M2M100, Pegasus, Whisper, OPT, CLIP and SigLIP are tested.
+per layer, too), LFM2, BART, Marian, M2M100, Pegasus, Whisper, OPT, GPT-2, GPT-BigCode,
+CLIP and SigLIP are tested.
 DeepSeek-V2/V3 (multi-head latent attention) become ``MultiHeadLatentAttention``, DiffLlama
 ``DifferentialAttention``. The tests run each against the transformers module it came from.
 Config options with no attnkit counterpart (``_DROPPED_OPTIONS``) are refused by name.
@@ -24,7 +26,7 @@ import inspect
 import math
 import sys
 import textwrap
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +45,7 @@ _NORMS: dict[NormKind, tuple[str, str]] = {
     "layer": ("q_layernorm", "k_layernorm"),
 }
 _KNOWN_CHILDREN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value"}
-_KNOWN_CHILDREN |= {"o_proj", "dense", "out_proj"}
+_KNOWN_CHILDREN |= {"o_proj", "dense", "out_proj", "c_attn", "q_attn", "c_proj"}
 _KNOWN_CHILDREN |= {name for names in _NORMS.values() for name in names} | {"v_norm"}
 Norm = tuple[Tensor, Tensor | None, float]  # (gain, bias or None, eps)
 #: options of a config (or its rope_parameters) that change what an attention layer computes
@@ -187,11 +189,14 @@ def _mask(module: Any) -> masks.Mask | None:
 def _attention_dropout(module: Any) -> float:
     """The module's attention-weight dropout p.
 
-    A float, or an ``nn.Dropout`` (Persimmon); BART and OPT keep it as a float ``dropout``.
+    A float, or an ``nn.Dropout`` (Persimmon); BART and OPT keep it as a float ``dropout``,
+    GPT-2 as ``attn_dropout``. (Dropout of the output, GPT-2's ``resid_dropout``, is its
+    block's business: the converted module does not apply it.)
     """
     p = getattr(module, "attention_dropout", None)
-    if p is None and isinstance(getattr(module, "dropout", None), float):
-        p = module.dropout
+    for name in ("dropout", "attn_dropout"):  # BART's, OPT's float; GPT-2's nn.Dropout
+        if p is None and isinstance(getattr(module, name, None), float | nn.Dropout):
+            p = getattr(module, name)
     return float(p.p if isinstance(p, nn.Dropout) else p or 0.0)
 
 
@@ -214,7 +219,10 @@ def _check_children(module: nn.Module) -> None:
 def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[str, Linear]:
     """q, k, v, o (and gate) weights and biases, split from fused projections where fused."""
 
-    def linear(layer: nn.Linear) -> Linear:
+    def linear(layer: nn.Module) -> Linear:
+        if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):  # GPT-2's: (in, out)
+            weight, bias = cast(Tensor, layer.weight), cast(Tensor | None, layer.bias)
+            return weight.t(), bias
         if not isinstance(layer, nn.Linear):  # (Moshi's per-codebook projections)
             raise ValueError(
                 f"from_transformers: {type(module).__name__}'s projections must be torch "
@@ -234,7 +242,7 @@ def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[
     out = next(
         (
             getattr(module, name)
-            for name in ("o_proj", "dense", "out_proj")
+            for name in ("o_proj", "dense", "out_proj", "c_proj")
             if getattr(module, name, None) is not None
         ),
         None,
@@ -242,18 +250,28 @@ def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[
     if out is None:
         raise ValueError(
             f"from_transformers: {type(module).__name__} has no output projection (o_proj, "
-            "dense or out_proj)"
+            "dense, out_proj or c_proj)"
         )
     found: dict[str, Linear] = {"o": linear(out)}
-    if hasattr(module, "qkv_proj"):  # Phi-3: [all q rows; all k rows; all v rows]
-        w, b = module.qkv_proj.weight, module.qkv_proj.bias
+    fused_qkv = getattr(module, "qkv_proj", None) or getattr(module, "c_attn", None)
+    if getattr(module, "multi_query", None) is False and isinstance(fused_qkv, nn.Linear):
+        # GPT-BigCode with a kv head per head: per head its query, key and value rows
+        found |= dict(zip("qkv", rows(fused_qkv, heads, 3), strict=True))
+    elif fused_qkv is not None:  # Phi-3's qkv_proj, GPT-2's c_attn: [all q; all k; all v]
+        w, b = linear(fused_qkv)
+        names = "qkv"
         sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-        biases = (None,) * 3 if b is None else b.split(sizes)
+        if getattr(module, "is_cross_attention", False):  # GPT-2's: c_attn [k; v], q_attn q
+            names, sizes = "kv", sizes[1:]
+            found["q"] = linear(module.q_attn)
+        biases = (None,) * len(sizes) if b is None else torch.split(b, sizes)
         found |= {
-            name: (ws, bs) for name, ws, bs in zip("qkv", w.split(sizes), biases, strict=True)
+            name: (ws, bs)
+            for name, ws, bs in zip(names, torch.split(w, sizes), biases, strict=True)
         }
     elif hasattr(module, "query_key_value"):
         fused = module.query_key_value
+        assert fused is not None
         for name, index in _query_key_value_rows(module, heads, kv_heads, head_dim).items():
             index = index.flatten()
             found[name] = (fused.weight[index], None if fused.bias is None else fused.bias[index])
@@ -282,9 +300,13 @@ def _kv_heads(module: Any, heads: int, head_dim: int) -> int:
     one its model ignores (OPT's, GPT-NeoX's given one), and some models vary them by layer.
     Else the layer's groups, else the config's.
     """
-    for name in ("query_key_value", "qkv_proj"):
-        if isinstance(fused := getattr(module, name, None), nn.Linear):
-            return int((fused.out_features // head_dim - heads) // 2)
+    for name in ("query_key_value", "qkv_proj", "c_attn"):
+        if (fused := getattr(module, name, None)) is None:
+            continue
+        rows = fused.nf if type(fused).__name__ == "Conv1D" else fused.out_features
+        if getattr(module, "is_cross_attention", False):  # GPT-2's: [k; v] only
+            return int(rows // head_dim // 2)
+        return int((rows // head_dim - heads) // 2)
     if isinstance(k := getattr(module, "k_proj", None), nn.Linear):
         return int(k.out_features // head_dim)
     if groups := getattr(module, "num_key_value_groups", None):
