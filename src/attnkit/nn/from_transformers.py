@@ -295,8 +295,9 @@ def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[
 def _kv_heads(module: Any, heads: int, head_dim: int) -> int:
     """The layer's key/value heads, counted from its weights.
 
-    A separate ``k_proj`` has kv_heads · head_dim rows, a fused ``query_key_value`` or
-    ``qkv_proj`` (heads + 2 · kv_heads) · head_dim: a config's ``num_key_value_heads`` may be
+    A separate ``k_proj`` has kv_heads · head_dim rows, a fused ``query_key_value``,
+    ``qkv_proj`` or ``c_attn`` (heads + 2 · kv_heads) · head_dim (GPT-2's cross-attention's
+    2 · kv_heads · head_dim): a config's ``num_key_value_heads`` may be
     one its model ignores (OPT's, GPT-NeoX's given one), and some models vary them by layer.
     Else the layer's groups, else the config's.
     """
