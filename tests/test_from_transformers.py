@@ -508,7 +508,7 @@ def seq2seq_model(family):
         vocab_size=64,
         d_model=32,
         encoder_attention_heads=4,
-        decoder_attention_heads=4 if family == "whisper" else 2,
+        decoder_attention_heads=2,
         max_position_embeddings=64,
         max_source_positions=32,
         max_target_positions=32,
