@@ -236,6 +236,30 @@ def test_explain_a_translation_with_sinks_shows_their_share(tmp_path, capsys):
     data = page_data(page.read_text())
     assert data["sink"]  # each row's share, drawn as a "(sink)" key
     assert data["vectors"] == [None]  # (the one run has none)
+    with pytest.raises(SystemExit) as exc:  # nor a walk through softmax(q·kᵀ/√d)·v
+        main(["explain", "--checkpoint", str(path), "ab 12", "--steps"])
+    assert exc.value.code == 2
+    assert "--steps walks softmax(q·kᵀ/√d)·v" in capsys.readouterr().err
+
+
+def test_explain_steps_of_checkpoints_match_their_models(char_lm, tmp_path, capsys):
+    """--steps on a checkpoint walks one head from the run's own queries, keys and values:
+    a translation's cross-attention (the decoder's query over the source), and a causal LM's
+    self-attention under its sliding window (the keys it hides get -inf); both give the
+    model's own weights."""
+    path, _ = translator(tmp_path, ["<pad>", "<bos>", "<eos>", *"abc 123"])
+    assert main(["explain", "--checkpoint", str(path), "ab 12", "--steps", "--head", "3"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Layer 1, head 3: how 1 decides where to look" in out  # the last token before <eos>
+    assert "(the query from the decoder, keys and values from the encoder)" in out
+    assert "These weights match the model's own attention" in out
+    assert "The 4 heads' outputs" in out
+    argv = ["explain", "--checkpoint", str(char_lm[0]), "--steps", "--layer", "0", "--head", "1"]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(keys the mask hides: -∞)" in out
+    assert "These weights match the model's own attention" in out
+    assert "The 2 heads' outputs" in out
 
 
 def test_explain_a_translation_refuses_what_it_cannot_run(tmp_path, capsys):
@@ -249,7 +273,7 @@ def test_explain_a_translation_refuses_what_it_cannot_run(tmp_path, capsys):
     for argv, message in (
         ([str(path), "abz"], "not in the checkpoint's vocabulary: 'z'"),
         ([str(path), "ab", "--word", "q"], "'q' is not a token of the translation"),
-        ([str(path), "ab", "--steps"], "--steps and --sparse explain the pretrained encoder"),
+        ([str(path), "ab", "--sparse", "causal"], "--sparse explains the pretrained encoder"),
     ):
         with pytest.raises(SystemExit) as exc:
             main(["explain", "--checkpoint", *argv])
@@ -313,7 +337,7 @@ def test_explain_checkpoint_of_a_differential_model(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--steps"], "--steps and --sparse explain the pretrained encoder"),
+        (["--sparse", "causal"], "--sparse explains the pretrained encoder"),
         (["The surgeon's scalpel!"], "not in the checkpoint's vocabulary"),
         (["--word", "scalpel"], "word 'scalpel' is not in the text"),
         (["--layer", "2"], "layer 2 is out of range"),

@@ -113,14 +113,21 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from attnkit.nn import CausalLM, load_checkpoint
 
-        if args.steps or args.sparse:
-            raise ex.UsageError("--steps and --sparse explain the pretrained encoder (--model)")
+        if args.sparse:
+            raise ex.UsageError("--sparse explains the pretrained encoder (--model)")
         try:
             ckpt = load_checkpoint(args.checkpoint)
         except (ValueError, OSError, RuntimeError) as exc:
             raise ex.UsageError(f"cannot load {args.checkpoint}: {exc}") from exc
         full = ex.run_checkpoint(ckpt, args.text, truncate=args.truncate)
         lm = ckpt.model if isinstance(ckpt.model, CausalLM) else None  # else a translator
+        if lm is not None and (args.steps or args.html):
+            full.vectors = ex.causal_lm_vectors(lm, full)
+        if args.steps and full.vectors is None:
+            raise ex.UsageError(
+                "--steps walks softmax(q·kᵀ/√d)·v, which this checkpoint's attention is not "
+                "(latent or differential attention, score mods, sinks or another scale)"
+            )
         name = Path(args.checkpoint).name
     else:
         from attnkit.models import load_pretrained
@@ -148,7 +155,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if full.query_tokens is not None:
         console.print(f"the translation, token by token: {' '.join(full.query_tokens)}")
     if args.steps:
-        assert model is not None
         for part in ex.render_steps(model, full, i, layer, args.head):
             console.print(part)
     runs = {"full attention" if full.query_tokens is None else "cross-attention": full}
@@ -180,14 +186,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         vectors: dict[str, dict[str, torch.Tensor]] = {}
         if len(full.tokens) <= NEURON_VIEW_TOKENS:
             for what, r in runs.items():
-                found = r.vectors
+                found = r.vectors  # a checkpoint's (None where the view would mislead)
                 if model is not None:
                     found = ex.head_vectors(model, r)
                     if r is not full:  # the --sparse run, under its mask
                         assert sparse_mask is not None
                         found["mask"] = sparse_mask.dense(len(r.tokens), len(r.tokens))[0, 0]
-                elif lm is not None:
-                    found = ex.causal_lm_vectors(lm, r)
                 if found is not None:
                     vectors[what] = found
         save_head_view(

@@ -445,13 +445,27 @@ def causal_lm_vectors(model: CausalLM, r: Run) -> dict[str, Tensor] | None:
     return vectors
 
 
-def head_steps(model: PretrainedEncoder, r: Run, i: int, layer: int, head: int) -> dict[str, Any]:
-    """Recompute one head's output for token ``i`` by hand from the layer's input and weights."""
-    q, k, v = (t[head] for t in layer_qkv(model, r, layer))
+def head_steps(
+    model: PretrainedEncoder | None, r: Run, i: int, layer: int, head: int
+) -> dict[str, Any]:
+    """Recompute one head's output for query ``i`` by hand.
+
+    From the layer's input and weights (the pretrained encoder), or from the run's own
+    queries, keys and values (``r.vectors``: a checkpoint's, with its mask where it has one).
+    """
+    if r.vectors is not None:
+        q, k, v = (r.vectors[name][layer, head] for name in "qkv")
+        allowed = r.vectors.get("mask")
+    else:
+        assert model is not None
+        q, k, v = (t[head] for t in layer_qkv(model, r, layer))
+        allowed = None
     d = q.shape[-1]
     with torch.no_grad():
         dots = k @ q[i]
         scaled = dots / math.sqrt(d)
+        if allowed is not None:  # keys the mask hides get no weight
+            scaled = scaled.masked_fill(~allowed[i], -math.inf)
         weights = scaled.softmax(-1)
         out = weights @ v
     return {
@@ -467,23 +481,30 @@ def head_steps(model: PretrainedEncoder, r: Run, i: int, layer: int, head: int) 
     }
 
 
-def render_steps(model: PretrainedEncoder, r: Run, i: int, layer: int, head: int) -> list[Any]:
+def render_steps(
+    model: PretrainedEncoder | None, r: Run, i: int, layer: int, head: int
+) -> list[Any]:
     """Step-by-step walkthrough of one head with the real numbers, in plain words."""
     from rich.markdown import Markdown
     from rich.table import Table
 
     s = head_steps(model, r, i, layer, head)
-    tok = r.tokens[i]
+    tok = r.queries[i]
+    width = "" if model is None else f" (width {model.config.hidden_size})"
+    cross = r.query_tokens is not None
+    keys = "every source token's key" if cross else "every token's key"
+    masked = "" if r.vectors is None or "mask" not in r.vectors else " (keys the mask hides: -∞)"
     parts: list[Any] = [
         Markdown(
             f"### Layer {layer}, head {head}: how **{tok}** decides where to look\n"
-            f"1. Each token's vector (width {model.config.hidden_size}) is multiplied by this "
-            f"head's three learned matrices, giving a **query**, a **key** and a **value** of "
-            f"{s['d']} numbers each. The query of **{tok}** (first dims): `{_fmt(s['q'])}`\n"
-            f"2. The query is compared with every token's key by a **dot product**: a large value "
+            f"1. Each token's vector{width} is multiplied by this head's three learned "
+            f"matrices, giving a **query**, a **key** and a **value** of {s['d']} numbers each"
+            f"{' (the query from the decoder, keys and values from the encoder)' if cross else ''}"
+            f". The query of **{tok}** (first dims): `{_fmt(s['q'])}`\n"
+            f"2. The query is compared with {keys} by a **dot product**: a large value "
             f"means the key answers the query well.\n"
             f"3. The dot products are divided by √{s['d']} = {math.sqrt(s['d']):.2f} so they stay "
-            f"in a range where softmax does not saturate.\n"
+            f"in a range where softmax does not saturate{masked}.\n"
             f"4. **Softmax** turns them into weights that are positive and sum to 1.\n"
             f"5. The head's output is the **weighted sum of the values**."
         )
@@ -504,13 +525,14 @@ def render_steps(model: PretrainedEncoder, r: Run, i: int, layer: int, head: int
         )
     parts.append(table)
     agree = torch.allclose(s["weights"], s["model_weights"], atol=1e-5)
+    heads = r.attention(layer).shape[0]
     parts.append(
         Markdown(
             f"Output of this head for **{tok}** = Σ weight·value = `{_fmt(s['out'])}`.\n\n"
             f"These weights {'match' if agree else 'DO NOT match'} the model's own attention "
             f"(max difference {(s['weights'] - s['model_weights']).abs().max():.1e}). The "
-            "12 heads' outputs are concatenated and mixed by the output matrix W0 into the next "
-            "layer."
+            f"{heads} heads' outputs are concatenated and mixed by the output matrix W0 into "
+            "the next layer."
         )
     )
     return parts
