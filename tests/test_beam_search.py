@@ -237,6 +237,20 @@ def test_kv_cache_reorder_copies_rows_and_checks_its_index():
     keys, _ = cache.append(torch.ones(4, 2, 1, 4), torch.ones(4, 2, 1, 4))
     assert torch.equal(keys[:, :, :2], k[[2, 2, 0, 1]][:, :, 1:])
     assert cache.position == 4
+    # the same batch size: the held slots are rewritten in place, the buffers kept
+    before, held = cache._k.data_ptr(), cache.keys.clone()
+    cache.reorder(torch.tensor([3, 0, 0, 1]))
+    assert cache._k.data_ptr() == before
+    assert torch.equal(cache.keys, held[[3, 0, 0, 1]])
+    cache.reorder(torch.arange(4))  # the identity: nothing moves
+    assert torch.equal(cache.keys, held[[3, 0, 0, 1]])
+    # while autograd records the cache, new buffers (the graph holds the old), gradients flow
+    k = torch.randn(2, 1, 2, 4, requires_grad=True)
+    recorded = KVCache(2, 1, max_len=4, head_dim=4)
+    recorded.append(k, k.detach())
+    recorded.reorder(torch.tensor([1, 1]))
+    (grad,) = torch.autograd.grad(recorded.keys.sum(), k)
+    assert torch.equal(grad, torch.tensor([0.0, 2.0])[:, None, None, None].expand(2, 1, 2, 4))
     for index, error, match in (
         (torch.tensor([0, 4]), ValueError, r"in 0 \.\. 3 .* got 0 \.\. 4"),
         (torch.tensor([-1]), ValueError, r"got -1 \.\. -1"),

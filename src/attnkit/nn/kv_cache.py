@@ -178,7 +178,8 @@ class KVCache:
 
         ``index`` (B',) int64 may repeat rows or change the batch size: ``arange(B)
         .repeat_interleave(K)`` gives each row K beams, and each step then keeps the rows
-        of the beams that survive.
+        of the beams that survive. With the batch size unchanged only the held positions
+        are rewritten, in place, and an identity index copies nothing.
         """
         if (
             not isinstance(index, Tensor)
@@ -200,7 +201,15 @@ class KVCache:
                 f"KVCache.reorder index must lie in 0 .. {batch - 1} (the batch), got "
                 f"{int(index.min())} .. {int(index.max())}"
             )
-        self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+        if index.numel() != batch or (
+            torch.is_grad_enabled() and (self._k.requires_grad or self._v.requires_grad)
+        ):  # a new batch size, or buffers autograd holds: new buffers
+            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+        elif not torch.equal(index, torch.arange(batch, device=index.device)):
+            # the same batch: rewrite only the slots in use, in place (no new buffers per step)
+            for buffer in (self._k, self._v):
+                held = buffer[:, :, self._lo : self._hi]
+                held.copy_(held.index_select(0, index))
 
     def reset(self) -> None:
         """Forget every cached position (buffers are kept)."""
