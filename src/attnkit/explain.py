@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeGuard, cast
 
 import torch
 from torch import Tensor
@@ -80,8 +80,8 @@ class Run:
     ``differential`` that its weights are differential maps A1 − λ·A2, rows summing to 1 − λ.
     ``query_tokens``: a translation's cross-attention, the decoder's tokens (each the one it
     wrote at that step) attending over ``tokens``, the source; None: self-attention.
-    ``vectors``: the queries, keys and values the maps came from, where the run keeps them
-    (a translation's), for the neuron view.
+    ``vectors``: the queries, keys and values the maps came from (and a causal LM's mask),
+    where the run keeps them (a checkpoint's), for the neuron view and ``--steps``.
     """
 
     encoding: Encoding
@@ -212,9 +212,7 @@ def _run_translation(
         written = written[: written.index(eos) + 1]
     decoder_input = torch.tensor([[bos, *written[:-1]]])  # step t reads token t - 1
     found = decoder_cross_attention(model, src, decoder_input)
-    cross = [cast(MultiHeadAttention, layer.cross_attn) for layer in model.decoder]
-    # the neuron view draws softmax(q·kᵀ/√d): only where that is what the layers compute
-    plain = all(a.score_mod is None and a.sinks is None and a.scale is None for a in cross)
+    plain = all(_plain_softmax(layer.cross_attn) for layer in model.decoder)
     return Run(
         encoding,
         EncoderOutput(found.logits, attentions=[w[None] for w in found.weights]),
@@ -223,6 +221,20 @@ def _run_translation(
         sinks=bool(model.config.get("sinks")),
         query_tokens=[_show(vocab[t]) for t in written],
         vectors=found.vectors if plain else None,
+    )
+
+
+def _plain_softmax(attention: object) -> TypeGuard[MultiHeadAttention]:
+    """Whether ``attention`` computes softmax(q·kᵀ/√d)·v, as the neuron view draws it.
+
+    A ``MultiHeadAttention`` without score mods (ALiBi), sinks or another scale: its
+    ``heads`` then give its weights, which ``--steps`` checks.
+    """
+    return (
+        isinstance(attention, MultiHeadAttention)
+        and attention.score_mod is None
+        and attention.sinks is None
+        and attention.scale is None
     )
 
 
@@ -421,12 +433,7 @@ def causal_lm_vectors(model: CausalLM, r: Run) -> dict[str, Tensor] | None:
     than 1/√d, or layers under different masks.
     """
     attns = [layer.self_attn for layer in model.layers]
-    plain = [
-        a
-        for a in attns
-        if isinstance(a, MultiHeadAttention) and a.score_mod is None and a.sinks is None
-        and a.scale is None
-    ]  # fmt: skip
+    plain = [a for a in attns if _plain_softmax(a)]
     L = r.encoding.ids.shape[1]
     dense = [masks.causal().dense(L, L) if a.mask is None else a.mask.dense(L, L) for a in plain]
     if len(plain) < len(attns) or any(not torch.equal(m, dense[0]) for m in dense):
