@@ -36,26 +36,23 @@ def model_dir(name: str | Path) -> Path:
 
     ``name``: a model in ``KNOWN_MODELS`` (from the package that ships it), or such a folder.
     """
+    remedy = "a model folder holds " + ", ".join(MODEL_FILES)
     if str(name) in KNOWN_MODELS:
         package, module, folder = KNOWN_MODELS[str(name)]
         spec = util.find_spec(module)
         if spec is None or spec.origin is None:
             raise ImportError(f"model {name!r} needs the package {package}: pip install {package}")
-        path = Path(spec.origin).parent / folder
-        if not (path / "model.safetensors").exists():
-            raise FileNotFoundError(f"{path} has no model.safetensors: reinstall {package}")
-        return path
-    path = Path(name)
-    if not path.is_dir():
-        raise ValueError(
-            f"unknown model {str(name)!r}; known: {', '.join(KNOWN_MODELS)}, or a folder "
-            f"with {', '.join(MODEL_FILES)} (a BERT model saved by transformers)"
-        )
+        path, remedy = Path(spec.origin).parent / folder, f"reinstall {package}"
+    else:
+        path = Path(name)
+        if not path.is_dir():
+            raise ValueError(
+                f"unknown model {str(name)!r}; known: {', '.join(KNOWN_MODELS)}, or a folder "
+                f"with {', '.join(MODEL_FILES)} (a BERT model saved by transformers)"
+            )
     missing = [f for f in MODEL_FILES if not (path / f).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{path} has no {' or '.join(missing)}; a model folder holds {', '.join(MODEL_FILES)}"
-        )
+        raise FileNotFoundError(f"{path} has no {' or '.join(missing)}; {remedy}")
     return path
 
 
