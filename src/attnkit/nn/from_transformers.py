@@ -216,11 +216,16 @@ def _check_children(module: nn.Module) -> None:
         )
 
 
+def _is_conv1d(layer: object) -> bool:
+    """Whether ``layer`` is transformers' ``Conv1D`` (GPT-2's): weight (in, out), ``nf`` outputs."""
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
+
+
 def _projections(module: Any, heads: int, kv_heads: int, head_dim: int) -> dict[str, Linear]:
     """q, k, v, o (and gate) weights and biases, split from fused projections where fused."""
 
     def linear(layer: nn.Module) -> Linear:
-        if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):  # GPT-2's: (in, out)
+        if _is_conv1d(layer):  # GPT-2's: weight (in, out)
             weight, bias = cast(Tensor, layer.weight), cast(Tensor | None, layer.bias)
             return weight.t(), bias
         if not isinstance(layer, nn.Linear):  # (Moshi's per-codebook projections)
@@ -304,7 +309,7 @@ def _kv_heads(module: Any, heads: int, head_dim: int) -> int:
     for name in ("query_key_value", "qkv_proj", "c_attn"):
         if (fused := getattr(module, name, None)) is None:
             continue
-        rows = fused.nf if type(fused).__name__ == "Conv1D" else fused.out_features
+        rows = fused.nf if _is_conv1d(fused) else fused.out_features
         if getattr(module, "is_cross_attention", False):  # GPT-2's: [k; v] only
             return int(rows // head_dim // 2)
         return int((rows // head_dim - heads) // 2)
