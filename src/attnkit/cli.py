@@ -121,7 +121,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             raise ex.UsageError(f"cannot load {args.checkpoint}: {exc}") from exc
         full = ex.run_checkpoint(ckpt, args.text, truncate=args.truncate)
         lm = ckpt.model if isinstance(ckpt.model, CausalLM) else None  # else a translator
-        if lm is not None and (args.steps or args.html):
+        shown = args.html and len(full.tokens) <= NEURON_VIEW_TOKENS  # (the page's limit)
+        if lm is not None and (args.steps or shown):
             full.vectors = ex.causal_lm_vectors(lm, full)
         if args.steps and full.vectors is None:
             raise ex.UsageError(
