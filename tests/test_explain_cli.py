@@ -225,6 +225,24 @@ def test_explain_a_translation_shows_its_cross_attention(tmp_path, capsys):
     )
 
 
+def test_a_translations_end_token_is_found_by_its_id_not_its_spelling(tmp_path, capsys):
+    """An end token spelled "</s>" (named by meta's eos_id): the default output token is
+    still the last before it."""
+    from attnkit.nn import save_checkpoint
+
+    vocab = ["<pad>", "<s>", "</s>", *"abc 123"]
+    _, model = translator(tmp_path, vocab)
+    path = save_checkpoint(
+        tmp_path / "named.pt", model, vocab=vocab, meta={"bos_id": 1, "eos_id": 2}
+    )
+    assert main(["explain", "--checkpoint", str(path), "ab 12"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    written = out.split("the translation, token by token: ")[1].split()
+    assert written[-1] == "</s>"
+    last = len(written) - 2
+    assert f"what {written[last]!r} (output token {last}) attends to in the source" in out
+
+
 def test_explain_a_translation_with_sinks_shows_their_share(tmp_path, capsys):
     """Sinks in every attention: rows of cross-attention sum to 1 minus the sink's share, shown
     in a sink column; the page has no neuron view (softmax(q·kᵀ/√d) is not the layer's)."""

@@ -80,6 +80,7 @@ class Run:
     ``differential`` that its weights are differential maps A1 − λ·A2, rows summing to 1 − λ.
     ``query_tokens``: a translation's cross-attention, the decoder's tokens (each the one it
     wrote at that step) attending over ``tokens``, the source; None: self-attention.
+    ``ended``: the translation's last query token is its end token (whatever it is called).
     ``vectors``: the queries, keys and values the maps came from (and a causal LM's mask),
     where the run keeps them (a checkpoint's), for the neuron view and ``--steps``.
     """
@@ -92,6 +93,7 @@ class Run:
     sinks: bool = False
     differential: bool = False
     query_tokens: list[str] | None = None
+    ended: bool = False
     vectors: dict[str, Tensor] | None = None
 
     @property
@@ -220,6 +222,7 @@ def _run_translation(
         char_level=char_level,
         sinks=bool(model.config.get("sinks")),
         query_tokens=[_show(vocab[t]) for t in written],
+        ended=written[-1] == eos,
         vectors=found.vectors if plain else None,
     )
 
@@ -297,12 +300,12 @@ def choose_token(r: Run, word: str | None) -> int:
     """Index of the token to explain: the last occurrence of ``word``, or the last word.
 
     In a character-level run, a word's last character stands for it. In a translation the
-    token is one the decoder wrote (default: the last before <eos>).
+    token is one the decoder wrote (default: the last before the end token).
     """
     if r.query_tokens is not None:
         written = r.query_tokens
         if word is None:
-            return max(len(written) - 2, 0) if written[-1] == "<eos>" else len(written) - 1
+            return max(len(written) - 2, 0) if r.ended else len(written) - 1
         matches = [i for i, t in enumerate(written) if t.lower() == word.lower()]
         if not matches:
             raise UsageError(
