@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--window", type=int, default=None, help="causal sliding window (keys back)")
     ap.add_argument("--full", action="store_true", help="non-causal attention")
+    ap.add_argument("--documents", type=int, default=None, help="pack N documents of equal length")
     ap.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
     ap.add_argument("--backward", action="store_true", help="time forward + backward")
     ap.add_argument("--check-seq", type=int, default=2048, help="length for the error check")
@@ -37,19 +38,52 @@ def main() -> None:
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device = None
+    if backend == "nccl":  # one GPU per rank
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     causal = not args.full
     kw = {"causal": causal, "window": args.window, "layout": args.layout}
+
+    def peak_mb(reset: bool = False) -> float:
+        """Peak memory in MB since the last reset (resetting it first): the GPU's, else RSS."""
+        if device is not None:
+            if reset:
+                torch.cuda.reset_peak_memory_stats(device)
+            return torch.cuda.max_memory_allocated(device) / 2**20
+        return (_memory.reset_peak() if reset else _memory.peak_kb()) / 1024
+
+    def documents(length: int) -> torch.Tensor:
+        """Document ids of ``length`` positions: --documents of equal length, shifted by half
+        a document (one more, cut in two at the ends) so that they straddle the shards."""
+        shift = length // (2 * args.documents)
+        return (torch.arange(length, device=device) + shift) * args.documents // length
+
+    def shard_of_documents(length: int) -> torch.Tensor | None:
+        """This rank's shard of ``documents(length)``, or None without --documents."""
+        if args.documents is None:
+            return None
+        return shard_sequence(documents(length), world, rank, args.layout, dim=0)
 
     # 1. correctness: the same global tensors on every rank, compared with one process
     torch.manual_seed(0)
     L = args.check_seq
-    q, k, v = (torch.randn(1, h, L, args.dim) for h in (args.heads, args.kv_heads, args.kv_heads))
+    q, k, v = (
+        torch.randn(1, h, L, args.dim, device=device)
+        for h in (args.heads, args.kv_heads, args.kv_heads)
+    )
     if args.window is not None:
         mask = masks.sliding_window(args.window, 0 if causal else args.window)
     else:
-        mask = masks.causal() if causal else None
+        mask = masks.causal() if causal else masks.full()
+    if args.documents is not None:
+        mask = mask & masks.document(documents(L))
     whole = attnkit.attention(q, k, v, mask=mask, backend="tiled")
-    local = ring_attention(*(shard_sequence(t, world, rank, args.layout) for t in (q, k, v)), **kw)
+    local = ring_attention(
+        *(shard_sequence(t, world, rank, args.layout) for t in (q, k, v)),
+        document_ids=shard_of_documents(L),
+        **kw,
+    )
     err = (local - shard_sequence(whole, world, rank, args.layout)).abs().max().reshape(1)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
 
@@ -57,20 +91,21 @@ def main() -> None:
     torch.manual_seed(rank)
     n = args.seq // world
     q, k, v = (
-        torch.randn(1, h, n, args.dim, requires_grad=args.backward)
+        torch.randn(1, h, n, args.dim, device=device, requires_grad=args.backward)
         for h in (args.heads, args.kv_heads, args.kv_heads)
     )
+    ids = shard_of_documents(args.seq)
     ring_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], causal=causal)  # warm-up
     dist.barrier()
-    base_kb = _memory.reset_peak()
+    base_mb = peak_mb(reset=True)
     start = time.perf_counter()
-    out = ring_attention(q, k, v, **kw)
+    out = ring_attention(q, k, v, document_ids=ids, **kw)
     if args.backward:
         out.sum().backward()
     dist.barrier()
     seconds = time.perf_counter() - start
-    peak = torch.tensor([(_memory.peak_kb() - base_kb) / 1024])
-    peaks = [torch.zeros(1) for _ in range(world)]
+    peak = torch.tensor([peak_mb() - base_mb], device=device)
+    peaks = [torch.zeros(1, device=device) for _ in range(world)]  # (NCCL takes no CPU tensor)
     dist.all_gather(peaks, peak)
     if rank == 0:
         sent = 2 * args.kv_heads * n * args.dim * 4  # k and v shard, float32
@@ -78,7 +113,7 @@ def main() -> None:
         print(
             f"ring attention, P={world} ({backend}), seq={args.seq}, heads={args.heads}/"
             f"{args.kv_heads}, dim={args.dim}, causal={causal}, window={args.window}, "
-            f"layout={args.layout}"
+            f"layout={args.layout}, documents={args.documents}"
         )
         print(f"  {what}: {seconds:.2f} s")
         print(f"  peak extra memory per rank: {', '.join(f'{p.item():.0f}' for p in peaks)} MB")

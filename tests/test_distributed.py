@@ -20,7 +20,9 @@ from attnkit.distributed import (
 )
 from conftest import rand_qkv
 
-# (name, L, Hq, Hkv, causal, window, layout); a name ending in "sinks" adds attention sinks
+# (name, L, Hq, Hkv, causal, window, layout); a name ending in "sinks" adds attention sinks,
+# one starting with "documents" packs documents (DOCUMENT_LENGTHS, one list per batch row;
+# "documents_shared": row 0's for every row, so blocks that share no document are skipped)
 CASES = [
     ("full", 24, 2, 2, False, None, "contiguous"),
     ("full_zigzag", 24, 2, 2, False, None, "zigzag"),
@@ -29,14 +31,34 @@ CASES = [
     ("window", 40, 2, 1, True, 5, "zigzag"),
     ("window_sym", 24, 2, 2, False, (3, 2), "contiguous"),
     ("causal_zigzag_sinks", 32, 4, 2, True, None, "zigzag"),
+    ("documents_causal_zigzag", 32, 4, 2, True, None, "zigzag"),
+    ("documents_shared_full_contiguous", 24, 2, 2, False, None, "contiguous"),
+    ("documents_window_zigzag", 40, 2, 1, True, 6, "zigzag"),
 ]
+#: documents of a batch row, in order: many short ones in row 0 (blocks of the ring that share
+#: none are skipped), one long one in row 1; each case's length cuts the last one short
+DOCUMENT_LENGTHS = ([3, 5, 1, 9, 2, 4, 40], [40])
 
 
-def global_mask(causal, window):
+def document_ids(L):
+    """(2, L) document ids of DOCUMENT_LENGTHS' rows cut to L positions."""
+    return torch.stack(
+        [
+            torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n))[:L]
+            for n in DOCUMENT_LENGTHS
+        ]
+    )
+
+
+def global_mask(causal, window, ids=None):
     if window is not None:
         left, right = (window, 0 if causal else window) if isinstance(window, int) else window
-        return masks.sliding_window(left, 0 if causal else right)
-    return masks.causal() if causal else None
+        mask = masks.sliding_window(left, 0 if causal else right)
+    else:
+        mask = masks.causal() if causal else None
+    if ids is None:
+        return mask
+    return masks.document(ids) if mask is None else mask & masks.document(ids)
 
 
 def _join(rank, world, init_file):
@@ -60,14 +82,17 @@ def _worker(rank, world, init_file, results_dir):
             sinks = None
             if name.endswith("sinks"):
                 sinks = torch.randn(Hq, dtype=torch.float64, requires_grad=True)
-            mask = global_mask(causal, window)
+            ids = document_ids(L) if name.startswith("documents") else None
+            if name.startswith("documents_shared"):
+                ids = ids[0]
+            mask = global_mask(causal, window, ids)
             ref, ref_lse = attnkit.attention(
                 q, k, v, mask=mask, sinks=sinks, backend="reference", return_lse=True
             )
             ((ref * weight).sum() + ref_lse.sum() * 0.1).backward()
 
-            def shard(t, layout=layout):
-                return shard_sequence(t.detach(), world, rank, layout)
+            def shard(t, layout=layout, dim=2):
+                return shard_sequence(t.detach(), world, rank, layout, dim)
 
             lq, lk, lv = (shard(t).requires_grad_() for t in (q, k, v))
             local_sinks = None if sinks is None else sinks.detach().clone().requires_grad_()
@@ -79,6 +104,7 @@ def _worker(rank, world, init_file, results_dir):
                 window=window,
                 layout=layout,
                 sinks=local_sinks,
+                document_ids=None if ids is None else shard(ids, dim=-1),
                 return_lse=True,
             )
             ((out * shard(weight)).sum() + lse.sum() * 0.1).backward()
@@ -126,6 +152,15 @@ def _odd_worker(rank, world, init_file, results_dir):
         uneven = torch.randn(1, 2, 4 + rank, 8)
         with pytest.raises(ValueError, match="same shard length"):
             ring_attention(uneven, uneven, uneven)
+        q = torch.randn(2, 2, 4, 8)
+        with pytest.raises(ValueError, match="document_ids must be an integer tensor"):
+            ring_attention(q, q, q, document_ids=torch.zeros(4))
+        with pytest.raises(
+            ValueError, match=r"\(4,\) or \(2, 4\) for q \(2, 2, 4, 8\); got \(3, 4\)"
+        ):
+            ring_attention(q, q, q, document_ids=torch.zeros(3, 4, dtype=torch.long))
+        with pytest.raises(ValueError, match="on every rank or none"):  # rank 1 gives none
+            ring_attention(q, q, q, document_ids=torch.zeros(4, dtype=torch.long) if rank else None)
         x = torch.randn(1, 2, 8, 8, requires_grad=True)
         (dx,) = torch.autograd.grad(ring_attention(x, x, x).sum(), (x,), create_graph=True)
         with pytest.raises(attnkit.UnsupportedError, match="ring_attention computes first-order"):
@@ -145,6 +180,27 @@ def _odd_worker(rank, world, init_file, results_dir):
 def test_ring_attention_refuses_bad_shards_and_second_derivatives_and_follows_autocast(tmp_path):
     mp.spawn(_odd_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("ok")) == ["ok0", "ok1"]
+
+
+def test_ring_blocks_that_share_no_document_are_skipped():
+    """Four ranks, one document each (contiguous): each rank's queries meet only its own
+    block, whole (no mask); a batch row that is one document makes every block visited."""
+    from attnkit.distributed.ring import _pairs, _Setup
+
+    def pairs(rank, src, ids):
+        setup = _Setup(None, rank, 4, 32, "contiguous", False, None, 1.0)
+        shard = [shard_sequence(ids, 4, r, "contiguous", dim=1) for r in (rank, src)]
+        return _pairs(setup, src, *shard)
+
+    one_each = (torch.arange(32) // 8)[None]
+    for rank in range(4):
+        for src in range(4):
+            found = pairs(rank, src, one_each)
+            assert [mask for *_, mask in found] == ([None] if src == rank else [])
+    with_one_long = torch.cat([one_each, torch.zeros_like(one_each)])
+    found = pairs(0, 1, with_one_long)
+    assert len(found) == 1
+    assert found[0][-1] is not None  # row 0 masks it all, row 1 none of it
 
 
 def test_ring_attention_needs_a_process_group():

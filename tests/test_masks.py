@@ -218,6 +218,45 @@ def test_blocks_exact_against_dense(name, bq, bk):
     torch.testing.assert_close(bm.to_dense(), dense)
 
 
+@pytest.mark.parametrize("name", list(CASES_BIG))
+def test_kind_by_rule_is_never_wrong_about_empty_or_full(name):
+    """A whole grid said EMPTY attends nowhere, FULL everywhere; where the mask's tile rule is
+    exact, so is its kind. At every size the mask binds to (some hold tensors of one size)."""
+    mask = CASES_BIG[name]
+    for Lq, Lk in [(257, 513), (1, 513), (1, 1), (5, 5), (257, 1), (513, 257)]:
+        try:
+            dense = mask.dense(Lq, Lk)
+        except ValueError:
+            continue
+        truth = FULL if dense.all() else EMPTY if not dense.any() else PARTIAL
+        kind = mask.kind_by_rule(Lq, Lk)
+        exact = mask.bind(Lq, Lk).exact
+        assert kind == truth or (kind == PARTIAL and not exact), (Lq, Lk)
+
+
+def test_kind_by_rule_finds_blocks_a_ring_skips_without_evaluating_pairs():
+    """The blocks ring attention meets: keys all before or after the queries, other
+    documents; a predicate that cannot run is never called."""
+    before, after = masks.causal(align=600), masks.causal(align=-600)
+    assert (before.kind_by_rule(257, 513), after.kind_by_rule(257, 513)) == (FULL, EMPTY)
+    own, other = torch.zeros(1, 257, dtype=torch.long), torch.ones(1, 513, dtype=torch.long)
+    assert masks.document(own, kv_ids=other).kind_by_rule(257, 513) == EMPTY
+    same = masks.document(own, kv_ids=own[:, :1].expand(1, 513))
+    assert (before & same).kind_by_rule(257, 513) == FULL
+    assert (after & same).kind_by_rule(257, 513) == EMPTY
+    rows = torch.cat([own, own + 1])  # batch row 0 sees the keys' document, row 1 does not
+    assert masks.document(rows, kv_ids=other.expand(2, 513)).kind_by_rule(257, 513) == PARTIAL
+
+    pairs_evaluated = []
+
+    def counted(b, h, q, kv):
+        pairs_evaluated.append(torch.broadcast_shapes(q.shape, kv.shape).numel())
+        return q >= kv
+
+    assert (before & masks.custom(counted)).kind_by_rule(257, 513) == PARTIAL
+    assert pairs_evaluated == [1]  # custom's rule probes one pair for its batch and head dims
+
+
 def test_custom_mask_tiles_per_batch_and_head_when_its_predicate_varies():
     """blocks(B=, H=) reads off the predicate's result which of b and h it depends on: tiles
     are classified per (b, h) for one that does, once for one that does not."""

@@ -278,6 +278,21 @@ class Mask:
         bm = BlockMask(kinds, block_q, block_k, Lq, Lk, bound.fn, name=self.name)
         return bm if bound.exact else refine_partial_tiles(bm)
 
+    def kind_by_rule(self, Lq: int, Lk: int) -> int:
+        """EMPTY, PARTIAL or FULL for the whole Lq × Lk grid (every batch row and head).
+
+        From the tile rule alone, without evaluating the predicate pair by pair (``blocks``
+        would, over one Lq × Lk tile, on a combination): EMPTY and FULL are certain, PARTIAL
+        may hide either where a combination's rule cannot tell. Ring attention skips blocks
+        of keys with it.
+        """
+        bound = self.bind(Lq, Lk)
+        first = torch.zeros(1, 1, dtype=torch.long)
+        any_, all_ = bound.tiles(
+            first, first + Lq - 1, first, first + Lk - 1, *self._sizes(None, None)
+        )
+        return EMPTY if not bool(any_.any()) else FULL if bool(all_.all()) else PARTIAL
+
     def density(self, Lq: int, Lk: int, B: int | None = None, H: int | None = None) -> float:
         """Fraction of (query, key) pairs that attend, averaged over batch and heads."""
         bm = self.blocks(Lq, Lk, 64, 64, B=B, H=H)

@@ -3,7 +3,9 @@
 Each rank keeps its queries and passes its key/value block around the ring. In step s, rank r
 attends over the block of rank r - s while the block of rank r - s - 1 is already in flight
 (isend/irecv overlap communication with compute). Partial results merge exactly through their
-log-sum-exp. Blocks a causal or window mask leaves empty are skipped (but still passed on).
+log-sum-exp. Blocks a causal or window mask leaves empty are skipped (but still passed on);
+with packed documents, so are blocks that share no document with the rank's queries (the
+keys' document ids travel the ring with their block).
 
 Backward (FlashAttention-2 style) runs the ring once more: each block travels with the
 gradient accumulators of its keys and values; every rank adds its queries' contribution,
@@ -27,7 +29,7 @@ from attnkit.backends.tiled import block_backward, block_forward
 from attnkit.distributed.layout import check_layout, chunks_of
 from attnkit.distributed.merge import merge_partials
 from attnkit.functional import autocast_inputs, autocast_off
-from attnkit.masks import Mask, causal, sliding_window
+from attnkit.masks import Mask, causal, document, sliding_window
 from attnkit.sinks import apply_sinks, check_sinks
 
 
@@ -44,22 +46,29 @@ class _Setup:
 
 
 def _pair_mask(
-    s: _Setup, q_chunk: tuple[int, int], k_chunk: tuple[int, int]
+    s: _Setup,
+    q_chunk: tuple[int, int],
+    k_chunk: tuple[int, int],
+    ids: tuple[Tensor, Tensor] | None,
 ) -> tuple[bool, Mask | None]:
-    """(visit, mask) for global query range × key range; mask None means every pair attends."""
+    """(visit, mask) for global query range × key range; mask None means every pair attends.
+
+    ``ids``: the query and key chunks' document ids (B|1, chunk length), or None.
+    """
     offset = q_chunk[0] - k_chunk[0]  # local query i sits at local key i + offset
+    mask: Mask | None = None
     if s.window is not None:
         left, right = s.window
         mask = sliding_window(left, 0 if s.causal else right, align=offset)
     elif s.causal:
         mask = causal(align=offset)
-    else:
+    if ids is not None:
+        same_document = document(ids[0], kv_ids=ids[1])
+        mask = same_document if mask is None else mask & same_document
+    if mask is None:
         return True, None
-    lq, lk = q_chunk[1] - q_chunk[0], k_chunk[1] - k_chunk[0]
-    kind = int(mask.blocks(lq, lk, lq, lk).kinds.max())
-    if kind == EMPTY:
-        return False, None
-    return True, (None if kind == FULL else mask)
+    kind = mask.kind_by_rule(q_chunk[1] - q_chunk[0], k_chunk[1] - k_chunk[0])
+    return kind != EMPTY, (None if kind in (EMPTY, FULL) else mask)
 
 
 def _local_slices(chunks: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -88,11 +97,13 @@ def _exchange(s: _Setup, send: list[Tensor]) -> tuple[list[Any], list[Tensor]]:
 
 
 def _pairs(
-    s: _Setup, src: int
+    s: _Setup, src: int, q_ids: Tensor | None = None, k_ids: Tensor | None = None
 ) -> list[tuple[int, int, tuple[int, int], tuple[int, int], Mask | None]]:
     """Pairs of chunks to compute when this rank's queries meet rank ``src``'s block.
 
-    Each is (q chunk index, k chunk index, local q range, local k range, mask).
+    ``q_ids``, ``k_ids``: the document ids (B|1, L/P) of this rank's queries and of the
+    block's keys, with packed documents. Each pair is (q chunk index, k chunk index, local q
+    range, local k range, mask).
     """
     q_chunks = chunks_of(s.rank, s.world, s.length, s.layout)
     k_chunks = chunks_of(src, s.world, s.length, s.layout)
@@ -100,20 +111,31 @@ def _pairs(
     todo = []
     for i, qc in enumerate(q_chunks):
         for j, kc in enumerate(k_chunks):
-            visit, mask = _pair_mask(s, qc, kc)
+            (qa, qb), (ka, kb) = q_local[i], k_local[j]
+            ids = None
+            if q_ids is not None and k_ids is not None:
+                ids = (q_ids[:, qa:qb], k_ids[:, ka:kb])
+            visit, mask = _pair_mask(s, qc, kc, ids)
             if visit:
                 todo.append((i, j, q_local[i], k_local[j], mask))
     return todo
 
 
-def _forward(s: _Setup, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _block(k: Tensor, v: Tensor, ids: Tensor | None) -> list[Tensor]:
+    """What travels the ring: a rank's keys and values, and their document ids if any."""
+    return [k, v] if ids is None else [k, v, ids]
+
+
+def _forward(
+    s: _Setup, q: Tensor, k: Tensor, v: Tensor, ids: Tensor | None
+) -> tuple[Tensor, Tensor]:
     n_chunks = len(chunks_of(s.rank, s.world, s.length, s.layout))
     parts: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in range(n_chunks)]
-    kv = [k, v]
+    kv = _block(k, v, ids)
     for step in range(s.world):
         src = (s.rank - step) % s.world
         pending = _exchange(s, kv) if step < s.world - 1 else None
-        for i, _, (qa, qb), (ka, kb), mask in _pairs(s, src):
+        for i, _, (qa, qb), (ka, kb), mask in _pairs(s, src, ids, None if ids is None else kv[2]):
             o, lse = block_forward(
                 q[:, :, qa:qb], kv[0][:, :, ka:kb], kv[1][:, :, ka:kb], mask=mask, scale=s.scale
             )
@@ -146,15 +168,16 @@ def _backward(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
+    ids: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     ct = compute_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=ct)
-    kv = [k, v]
+    kv = _block(k, v, ids)
     dkv = [torch.zeros_like(k, dtype=ct), torch.zeros_like(v, dtype=ct)]
     for step in range(s.world):
         src = (s.rank - step) % s.world
         pending_kv = _exchange(s, kv) if step < s.world - 1 else None
-        for _, _, (qa, qb), (ka, kb), mask in _pairs(s, src):
+        for _, _, (qa, qb), (ka, kb), mask in _pairs(s, src, ids, None if ids is None else kv[2]):
             dq_p, dk_p, dv_p = block_backward(
                 dout[:, :, qa:qb],
                 q[:, :, qa:qb],
@@ -182,10 +205,12 @@ def _backward(
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, s: _Setup) -> tuple[Tensor, Tensor]:
-        out, lse = _forward(s, q, k, v)
+    def forward(
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, ids: Tensor | None, s: _Setup
+    ) -> tuple[Tensor, Tensor]:
+        out, lse = _forward(s, q, k, v, ids)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.setup = s
+        ctx.ids, ctx.setup = ids, s
         return out, lse
 
     @staticmethod
@@ -193,8 +218,8 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
-        dq, dk, dv = _backward(ctx.setup, dout, dlse, q, k, v, out, lse)
-        return dq, dk, dv, None
+        dq, dk, dv = _backward(ctx.setup, dout, dlse, q, k, v, out, lse, ctx.ids)
+        return dq, dk, dv, None, None
 
 
 def ring_attention(
@@ -208,6 +233,7 @@ def ring_attention(
     group: dist.ProcessGroup | None = None,
     layout: str = "zigzag",
     sinks: Tensor | None = None,
+    document_ids: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Self-attention over a sequence sharded along dim 2 across the ranks of ``group``.
@@ -225,6 +251,10 @@ def ring_attention(
         sinks: attention-sink logits (Hq,), the same on every rank (``attnkit.sinks``),
             applied to the merged output. Each rank's gradient covers its own queries: sum
             it over ranks, as for any replicated parameter.
+        document_ids: packed documents: this rank's shard (sharded as q is, along its last
+            dim) of the global sequence's document ids, (L/P,) or (B, L/P), integers. A query
+            sees only keys of its own document (``masks.document``), on top of ``causal`` and
+            ``window``; blocks that share no document with a rank's queries are skipped.
         return_lse: also return the LSE (B, Hq, L/P) of this rank's queries.
 
     Returns:
@@ -244,12 +274,23 @@ def ring_attention(
             f"ring_attention is self-attention: q has {shapes.Lq} positions, k {shapes.Lk}"
         )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    lengths = torch.tensor([shapes.Lq, -shapes.Lq])
-    dist.all_reduce(lengths, op=dist.ReduceOp.MAX, group=group)
-    if int(lengths[0]) != -int(lengths[1]):
+    ids = None if document_ids is None else _document_ids(document_ids, q, shapes.B, shapes.Lq)
+    # shapes that travel the ring must agree on every rank (on q's device: NCCL takes no CPU)
+    rows = 0 if ids is None else ids.shape[0]
+    agreed = torch.tensor([shapes.Lq, -shapes.Lq, rows, -rows], device=q.device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+    longest, shortest, most_rows, fewest_rows = (
+        int(x) for x in agreed * agreed.new_tensor([1, -1, 1, -1])
+    )
+    if longest != shortest:
         raise ValueError(
-            f"every rank must hold the same shard length; lengths range from {-int(lengths[1])} "
-            f"to {int(lengths[0])} (rank {rank} has {shapes.Lq})"
+            f"every rank must hold the same shard length; lengths range from {shortest} "
+            f"to {longest} (rank {rank} has {shapes.Lq})"
+        )
+    if most_rows != fewest_rows:
+        raise ValueError(
+            "document_ids must be given on every rank or none, each of the same shape; ranks "
+            f"have from {fewest_rows} to {most_rows} rows of ids (0: none; rank {rank} has {rows})"
         )
     check_layout(layout, shapes.Lq * world, world)
     win: tuple[int, int] | None = None
@@ -273,7 +314,21 @@ def ring_attention(
         check_sinks(sinks, shapes.Hq, q.device)
     check.check_flag("return_lse", return_lse)
     with autocast_off(q):
-        out, lse = _RingAttention.apply(q, k, v, setup)  # type: ignore[no-untyped-call]
+        out, lse = _RingAttention.apply(q, k, v, ids, setup)  # type: ignore[no-untyped-call]
         if sinks is not None:
             out, lse = apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
+
+
+def _document_ids(ids: Tensor, q: Tensor, B: int, length: int) -> Tensor:
+    """``document_ids`` as (B|1, L/P) int64 on q's device, or ValueError naming the shapes."""
+    if not isinstance(ids, Tensor) or ids.dtype == torch.bool or ids.is_floating_point():
+        what = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"document_ids must be an integer tensor, got {what}")
+    shard = ids[None] if ids.dim() == 1 else ids
+    if shard.dim() != 2 or shard.shape[0] not in (1, B) or shard.shape[1] != length:
+        raise ValueError(
+            f"document_ids must be this rank's shard of the ids, ({length},) or ({B}, {length})"
+            f" for q {tuple(q.shape)}; got {tuple(ids.shape)}"
+        )
+    return shard.to(q.device, torch.int64)
