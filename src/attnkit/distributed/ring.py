@@ -153,7 +153,9 @@ def _forward(
             o, lse = merge_partials(os_, ls)
         else:  # no key at all for these queries
             o = q.new_zeros(*q.shape[:2], qb - qa, v.shape[-1])
-            lse = torch.full((*q.shape[:2], qb - qa), -math.inf, dtype=torch.float32)
+            lse = torch.full(
+                (*q.shape[:2], qb - qa), -math.inf, dtype=torch.float32, device=q.device
+            )
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
