@@ -792,3 +792,98 @@ def test_neuron_view_of_a_causal_lm_checkpoint_in_chromium(browser, tmp_path):
         torch.testing.assert_close(weights, r.attention(1)[3, query], rtol=0, atol=1e-5)
         hidden = [j for j, row in enumerate(rows) if "masked" in row.text]
         assert hidden == [j for j in range(len(rows)) if not query - 4 <= j <= query]
+
+
+def _run_of(maps, tokens):
+    """A Run over ``tokens`` whose layers' (H, L, L) attention maps are ``maps``."""
+    from attnkit.explain import Run
+    from attnkit.models.bert import EncoderOutput
+    from attnkit.models.pretrained import Encoding
+
+    ids = torch.arange(len(tokens))[None]
+    encoding = Encoding(ids, list(tokens), list(range(len(tokens))), False)
+    return Run(
+        encoding, EncoderOutput(torch.zeros(1, len(tokens), 4), attentions=[m[None] for m in maps])
+    )
+
+
+def test_rollout_by_hand():
+    """Two tokens, two layers in which both heads send every token to token 0: Â = ½·I + ½·A
+    = [[1, 0], [½, ½]], and after two layers token 1 is ¾ token 0."""
+    from attnkit.explain import rollout
+
+    to_first = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(2, 2, 2)
+    rolled = rollout(_run_of([to_first, to_first], "ab"))
+    expected = torch.tensor([[[1, 0], [0.5, 0.5]], [[1, 0], [0.75, 0.25]]], dtype=torch.float64)
+    torch.testing.assert_close(rolled, expected)
+    # heads are averaged: one head to token 0, one to itself, is Â = [[1, 0], [¼, ¾]]
+    mixed = torch.stack([to_first[0], torch.eye(2)])
+    torch.testing.assert_close(
+        rollout(_run_of([mixed], "ab"))[0, 1], torch.tensor([0.25, 0.75], dtype=torch.float64)
+    )
+    # a row whose weight went to a sink (sums to ½) is renormalised: [[¾, 0], [¼, ½]] / rows
+    half = to_first * 0.5
+    torch.testing.assert_close(
+        rollout(_run_of([half], "ab"))[0],
+        torch.tensor([[1, 0], [1 / 3, 2 / 3]], dtype=torch.float64),
+    )
+
+
+def test_rollout_of_the_model_multiplies_its_layers_maps(capsys):
+    """all-MiniLM-L6-v2 on the default text: the rollout is the product of its layers'
+    head-averaged maps with the residual, computed here row by row in plain Python; --rollout
+    prints its top tokens after each layer."""
+    from attnkit import explain
+    from attnkit.models import load_pretrained
+
+    r = explain.run(load_pretrained(), DEFAULT_TEXT)
+    L = len(r.tokens)
+    rolled = [[float(i == j) for j in range(L)] for i in range(L)]
+    for layer in range(len(r.output.attentions)):
+        mean = r.attention(layer).double().mean(0).tolist()
+        mixed = [[0.5 * (i == j) + 0.5 * mean[i][j] for j in range(L)] for i in range(L)]
+        mixed = [[x / sum(row) for x in row] for row in mixed]
+        rolled = [
+            [sum(mixed[i][m] * rolled[m][j] for m in range(L)) for j in range(L)] for i in range(L)
+        ]
+    got = explain.rollout(r)
+    torch.testing.assert_close(got[-1], torch.tensor(rolled, dtype=torch.float64))
+    torch.testing.assert_close(got.sum(-1), torch.ones(6, L, dtype=torch.float64))
+    assert main(["explain", "--rollout", "--top", "2"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "what 'a' (token 9) is made of after each layer: attention rollout" in out
+    for n in range(6):
+        (w1, w2), (j1, j2) = got[n, 9].topk(2)
+        row = f"│ {n} │ {r.tokens[j1]} {w1:.2f} │ {r.tokens[j2]} {w2:.2f} │ {got[n, 9, 9]:.2f} │"
+        assert row in out
+
+
+def test_rollout_of_a_causal_lm_never_reaches_ahead(char_lm):
+    """A CausalLM's rollout stays causal: no token is made of later ones."""
+    from attnkit import explain
+    from attnkit.nn import load_checkpoint
+
+    rolled = explain.rollout(explain.run_checkpoint(load_checkpoint(char_lm[0]), DEFAULT_TEXT))
+    assert rolled.shape[0] == 2
+    assert (rolled.triu(1) == 0).all()
+    assert (rolled.tril() > 0).any()
+
+
+def test_rollout_refuses_translations_and_differential_maps(tmp_path, capsys):
+    from attnkit.explain import rollout
+    from attnkit.nn import CausalLM, save_checkpoint
+
+    path, _ = translator(tmp_path, ["<pad>", "<bos>", "<eos>", *"abc 123"])
+    vocab = sorted(set(DEFAULT_TEXT))
+    model = CausalLM(len(vocab), d_model=32, nhead=4, num_layers=2, differential=True)
+    diff = save_checkpoint(tmp_path / "diff.pt", model, vocab=vocab)
+    for argv, why in [
+        ([str(path), "ab 12"], "a translation's cross-attention mixes"),
+        ([str(diff)], "differential maps A1 − λ·A2 are not"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["explain", "--checkpoint", *argv, "--rollout"])
+        assert exc.value.code == 2
+        assert why in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(ValueError, match=r"residual share must be in \[0, 1\], got 1.5"):
+        rollout(_run_of([torch.eye(2)[None]], "ab"), residual=1.5)

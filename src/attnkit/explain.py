@@ -579,3 +579,57 @@ def render_sparse(full: Run, sparse: Run, mask: Mask, i: int, layer: int, k: int
         )
     parts.append(table)
     return parts
+
+
+def rollout(r: Run, residual: float = 0.5) -> Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): how far attention has mixed the tokens.
+
+    Each layer's map averaged over heads, with the residual connection around it as an
+    identity: Â = residual·I + (1 − residual)·mean_h(A), rows renormalised to sum to 1 (a
+    row's share that went to a sink is thus spread over the rest). Rolled out layer by layer,
+    R_n = Â_n ··· Â_0. Row i of R_n: the input tokens that token i's representation after
+    layer n traces back to, through attention alone (MLPs and value norms ignored: a picture
+    of the mixing, not an attribution).
+
+    Returns:
+        (layers, L, L) float64: R_0 (the first layer's Â) to R_last, rows summing to 1.
+    """
+    if r.query_tokens is not None:
+        raise UsageError(
+            "rollout follows one sequence through its self-attention; a translation's "
+            "cross-attention mixes the output tokens with the source"
+        )
+    if r.differential:
+        raise UsageError("rollout needs maps of weights ≥ 0; differential maps A1 − λ·A2 are not")
+    if not 0 <= residual <= 1:
+        raise UsageError(f"rollout's residual share must be in [0, 1], got {residual}")
+    L = len(r.tokens)
+    eye = torch.eye(L, dtype=torch.float64)
+    rolled, found = eye, []
+    for n in range(len(r.output.attentions)):
+        mixed = residual * eye + (1 - residual) * r.attention(n).double().mean(0)
+        rolled = (mixed / mixed.sum(-1, keepdim=True)) @ rolled
+        found.append(rolled)
+    return torch.stack(found)
+
+
+def render_rollout(r: Run, i: int, k: int) -> Any:
+    """A table: the input tokens token ``i`` traces back to after each layer (``rollout``)."""
+    from rich.table import Table
+
+    rolled = rollout(r)
+    table = Table(
+        title=f"what {r.tokens[i]!r} (token {i}) is made of after each layer: attention "
+        "rollout (heads averaged, residual as ½·I)"
+    )
+    table.add_column("after layer", justify="right")
+    for n in range(k):
+        table.add_column(f"#{n + 1}")
+    table.add_column(f"{r.tokens[i]!r} itself", justify="right")
+    for n, tops in enumerate(top_attended(rolled, i, k)):  # layers in place of heads
+        where = [f"@{j}" if r.char_level else "" for j, _ in tops]
+        cells = [
+            f"{r.tokens[j]}{at} [dim]{w:.2f}[/dim]" for (j, w), at in zip(tops, where, strict=True)
+        ]
+        table.add_row(str(n), *cells, f"{float(rolled[n, i, i]):.2f}")
+    return table
