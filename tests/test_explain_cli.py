@@ -829,10 +829,10 @@ def test_rollout_by_hand():
     )
 
 
-def test_rollout_of_the_model_multiplies_its_layers_maps(capsys):
+def test_rollout_of_the_model_multiplies_its_layers_maps(tmp_path, capsys):
     """all-MiniLM-L6-v2 on the default text: the rollout is the product of its layers'
     head-averaged maps with the residual, computed here row by row in plain Python; --rollout
-    prints its top tokens after each layer."""
+    prints its top tokens after each layer, and draws every layer's with --png."""
     from attnkit import explain
     from attnkit.models import load_pretrained
 
@@ -849,8 +849,9 @@ def test_rollout_of_the_model_multiplies_its_layers_maps(capsys):
     got = explain.rollout(r)
     torch.testing.assert_close(got[-1], torch.tensor(rolled, dtype=torch.float64))
     torch.testing.assert_close(got.sum(-1), torch.ones(6, L, dtype=torch.float64))
-    assert main(["explain", "--rollout", "--top", "2"]) == 0
+    assert main(["explain", "--rollout", "--top", "2", "--png", str(tmp_path / "h.png")]) == 0
     out = " ".join(capsys.readouterr().out.split())
+    assert png_size(tmp_path / "h.rollout.png")[0] > 300
     assert "what 'a' (token 9) is made of after each layer: attention rollout" in out
     for n in range(6):
         (w1, w2), (j1, j2) = got[n, 9].topk(2)
@@ -885,5 +886,9 @@ def test_rollout_refuses_translations_and_differential_maps(tmp_path, capsys):
             main(["explain", "--checkpoint", *argv, "--rollout"])
         assert exc.value.code == 2
         assert why in " ".join(capsys.readouterr().err.split())
+    from attnkit.viz import save_head_grid
+
+    with pytest.raises(ValueError, match="panel_titles has 1 titles for 2 maps"):
+        save_head_grid(torch.eye(2).expand(2, 2, 2), "ab", tmp_path / "x.png", panel_titles=["a"])
     with pytest.raises(ValueError, match=r"residual share must be in \[0, 1\], got 1.5"):
         rollout(_run_of([torch.eye(2)[None]], "ab"), residual=1.5)

@@ -182,6 +182,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 query_tokens=r.query_tokens,
             )
             console.print(f"wrote {png} ({what})", soft_wrap=True)  # a path, never wrapped
+        if args.rollout:
+            png = Path(args.png).with_suffix(".rollout" + Path(args.png).suffix)
+            rolled = ex.rollout(full).float()
+            save_head_grid(
+                rolled,
+                full.tokens,
+                png,
+                f"{name}: attention rollout, what each token is made of",
+                panel_titles=[f"after layer {n}" for n in range(len(rolled))],
+            )
+            console.print(f"wrote {png} (attention rollout)", soft_wrap=True)
     if args.html:
         from attnkit.viz import save_head_view
 
@@ -330,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--rollout",
         action="store_true",
-        help="the tokens the word is made of after each layer (attention rollout)",
+        help="the tokens the word is made of after each layer (attention rollout; with --png "
+        "also NAME.rollout.png)",
     )
     e.add_argument("--png", type=_output_file, help="save the layer's head heatmaps as a PNG")
     e.add_argument(

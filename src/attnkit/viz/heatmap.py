@@ -18,6 +18,7 @@ def save_head_grid(
     title: str = "",
     signed: bool = False,
     query_tokens: Sequence[str] | None = None,
+    panel_titles: Sequence[str] | None = None,
 ) -> Path:
     """Save a grid of heatmaps.
 
@@ -29,9 +30,15 @@ def save_head_grid(
         signed: differential attention's maps A1 − λ·A2, in [-1, 1]: drawn on [-1, 1].
         query_tokens: the Lq query labels of cross-attention (a decoder's tokens over an
             encoder's ``tokens``).
+        panel_titles: a title per map (default "head h").
     """
     queries = tokens if query_tokens is None else query_tokens
     check_attention_map("attention", attention, len(queries), len(tokens), signed)
+    titles = [f"head {h}" for h in range(attention.shape[0])]
+    if panel_titles is not None:
+        if len(panel_titles) != len(titles):
+            raise ValueError(f"panel_titles has {len(panel_titles)} titles for {len(titles)} maps")
+        titles = list(panel_titles)
     plt = _pyplot()
     H, Lq, L = attention.shape
     cols = min(4, H)
@@ -49,7 +56,7 @@ def save_head_grid(
             vmin=-1 if signed else 0,
             vmax=1,
         )
-        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_title(titles[h], fontsize=9)
         if labels:
             ax.set_xticks(range(L), tokens, rotation=90, fontsize=7)
             ax.set_yticks(range(Lq), queries, fontsize=7)
