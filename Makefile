@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	mkdir -p out
-	HF_HUB_OFFLINE=1 $(BIN)/attnkit explain --steps --sparse sliding_window:2,2 \
+	HF_HUB_OFFLINE=1 $(BIN)/attnkit explain --steps --rollout --sparse sliding_window:2,2 \
 		--png out/attention.png --html out/attention.html
 	$(BIN)/attnkit patterns --length 64 --block 8 --html out/patterns.html > /dev/null
 	@echo "open out/attention.html (head, model and neuron views) and out/patterns.html (the \
-	sparse patterns' tiles) in a browser; out/attention.png is the layer's heatmaps"
+	sparse patterns' tiles) in a browser; out/attention.png is the layer's heatmaps, \
+	out/attention.rollout.png the attention rollout after each layer"
 
 # Headless Chromium for the HTML head-view test; where apt-get cannot install it, that one
 # test is skipped with a message saying so.
