@@ -87,6 +87,19 @@ def test_explain_sparse_pictures_show_both_runs(tmp_path, capsys):
     sparse = weights.view(2, data["layers"], data["heads"], L, L)[1]
     far = (torch.arange(L).view(-1, 1) - torch.arange(L).view(1, -1)).abs() > 2
     assert not sparse[..., far].any()  # the sparse run is the sparse model's own weights
+    # and each run's rollout, a column of the model view
+    rolled = torch.frombuffer(bytearray(base64.b64decode(data["rollout"])), dtype=torch.uint8)
+    rolled = rolled.view(2, data["layers"], L, L)
+    from attnkit import explain
+    from attnkit.models import load_pretrained
+
+    model = load_pretrained()
+    runs = [
+        explain.run(model, DEFAULT_TEXT),
+        explain.run(model, DEFAULT_TEXT, mask=parse_mask("sliding_window:2,2")),
+    ]
+    for got, r in zip(rolled, runs, strict=True):
+        assert torch.equal(got, quantize(list(explain.rollout(r).float())))
 
 
 @pytest.mark.parametrize(
@@ -206,6 +219,7 @@ def test_explain_a_translation_shows_its_cross_attention(tmp_path, capsys):
     data = page_data(page.read_text())
     assert data["tokens"] == ["a", "b", "␣", "1", "2"]
     assert data["query_tokens"] == shown
+    assert data["rollout"] is None  # (cross-attention has none)
     # the weights are the decoder's own cross-attention, step by step
     r = run_checkpoint(load_checkpoint(path), "ab 12")
     with torch.no_grad():
@@ -613,6 +627,57 @@ def test_model_view_in_chromium(browser, tmp_path):
     Select(browser.find_element(By.ID, "run")).select_by_visible_text("second")
     assert alpha(1, 2) == quantize(maps["second"])[1, 2].flatten().tolist()
     assert alpha(1, 2) != quantize(maps["first"])[1, 2].flatten().tolist()
+    assert not browser.find_elements(By.CSS_SELECTOR, "canvas.rollout")  # none given
+
+
+@pytest.mark.slow
+def test_model_views_rollout_column_in_chromium(browser, tmp_path):
+    """Given each run's rollout, the model view has one more column whose cells carry the
+    selected run's rollout after each layer; its cells are no head's (never outlined)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from attnkit.explain import rollout
+
+    layers, H, L = 3, 2, 4
+    g = torch.Generator().manual_seed(1)
+    maps = {
+        name: [torch.randn(H, L, L, generator=g).mul(2).softmax(-1) for _ in range(layers)]
+        for name in ("first", "second")
+    }
+    rolled = {name: rollout(_run_of(run, "abcd")).float() for name, run in maps.items()}
+    page = tmp_path / "rollout.html"
+    page.write_text(head_view_html(list("abcd"), maps, rollout=rolled))
+    browser.get(page.as_uri())
+    assert len(browser.find_elements(By.CSS_SELECTOR, "canvas.thumb")) == layers * (H + 1)
+    headers = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#model-view .axis")]
+    assert headers[: H + 2] == ["", "head 0", "head 1", "rollout"]
+
+    def alpha(layer):
+        return browser.execute_script(
+            "const c = document.querySelector(`canvas.rollout[data-layer='${arguments[0]}']`);"
+            "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
+            ".filter((_, i) => i % 4 === 3);",
+            layer,
+        )
+
+    for layer in range(layers):
+        assert alpha(layer) == quantize(list(rolled["first"]))[layer].flatten().tolist()
+    Select(browser.find_element(By.ID, "run")).select_by_visible_text("second")
+    assert alpha(2) == quantize(list(rolled["second"]))[2].flatten().tolist()
+    assert alpha(2) != quantize(list(rolled["first"]))[2].flatten().tolist()
+    assert not browser.find_elements(By.CSS_SELECTOR, "canvas.rollout.shown")
+
+
+def test_head_view_refuses_a_rollout_that_does_not_fit():
+    maps = {"a": [torch.eye(3)[None]] * 2, "b": [torch.eye(3)[None]] * 2}
+    good = torch.eye(3).expand(2, 3, 3)
+    with pytest.raises(ValueError, match=r"rollout must be given for every run, \['a', 'b'\]"):
+        head_view_html(list("xyz"), maps, rollout=good)
+    with pytest.raises(ValueError, match=r"rollout\['b'\] must be \(layers, L, L\) = \(2, 3, 3\)"):
+        head_view_html(list("xyz"), maps, rollout={"a": good, "b": good[:1]})
+    with pytest.raises(ValueError, match="weights ≥ 0 whose rows sum to 1"):
+        head_view_html(list("xyz"), maps, rollout={"a": good, "b": good * 0.5})
 
 
 @pytest.mark.slow

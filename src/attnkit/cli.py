@@ -221,6 +221,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             layer=layer,
             signed=full.differential,
             query_tokens=full.query_tokens,
+            rollout=None  # a column of the model view, where it is defined
+            if full.query_tokens is not None or full.differential
+            else {what: ex.rollout(r).float() for what, r in runs.items()},
         )
         console.print(f"wrote {args.html}", soft_wrap=True)
     return 0

@@ -58,6 +58,7 @@ def head_view_html(
     layer: int | None = None,
     query_tokens: Sequence[str] | None = None,
     signed: bool = False,
+    rollout: Tensor | Mapping[str, Tensor] | None = None,
 ) -> str:
     """The page as a string.
 
@@ -84,6 +85,9 @@ def head_view_html(
             ``tokens``); None: self-attention, the queries are ``tokens``.
         signed: the maps are differential attention's A1 − λ·A2, in [-1, 1]; negative
             weights are drawn as 0.
+        rollout: each run's attention rollout (``attnkit.explain.rollout``), (layers, L, L)
+            with rows summing to 1, drawn as one more column of the model view; one tensor
+            for a single run, else one per run by name.
     """
     runs = dict(attentions) if isinstance(attentions, Mapping) else {"attention": attentions}
     queries = tokens if query_tokens is None else query_tokens
@@ -108,6 +112,7 @@ def head_view_html(
         raise ValueError(f"layer {layer} is out of range: the maps have layers 0..{n_layers - 1}")
     q = torch.stack(quantized)  # (runs, layers, H, Lq, Lk)
     neuron = _neuron_view(vectors, runs, query, head)
+    rolled = _rollout(rollout, runs, (n_layers, Lq, Lk))
     data = {
         "tokens": list(tokens),
         "query_tokens": None if query_tokens is None else list(query_tokens),
@@ -119,6 +124,7 @@ def head_view_html(
         "initial_layer": n_layers - 1 if layer is None else layer,
         "weights": base64.b64encode(q.numpy().tobytes()).decode("ascii"),
         "sink": None,
+        "rollout": rolled,
         **neuron,
     }
     if sinks:  # (runs, layers, H, Lq): each row's weight on no token, bytes as the weights
@@ -133,6 +139,30 @@ def head_view_html(
         .replace("__SVGNS__", "http://www.w3.org/2000/svg")  # an XML namespace, never fetched
         .replace("__DATA__", payload)
     )
+
+
+def _rollout(
+    rollout: Tensor | Mapping[str, Tensor] | None,
+    runs: Mapping[str, Run],
+    sizes: tuple[int, int, int],
+) -> str | None:
+    """Every run's rollout maps (runs, layers, L, L) as base64 bytes, or None without."""
+    if rollout is None:
+        return None
+    per_run = rollout if isinstance(rollout, Mapping) else {next(iter(runs)): rollout}
+    if set(per_run) != set(runs):
+        raise ValueError(f"rollout must be given for every run, {list(runs)}; got {list(per_run)}")
+    for name, maps in per_run.items():
+        if tuple(maps.shape) != sizes or sizes[1] != sizes[2]:
+            raise ValueError(
+                f"rollout[{name!r}] must be (layers, L, L) = {sizes} as the self-attention "
+                f"maps, got {tuple(maps.shape)}"
+            )
+        rows = maps.detach().double().sum(-1)
+        if bool((maps < 0).any()) or not torch.allclose(rows, torch.ones_like(rows), atol=1e-3):
+            raise ValueError(f"rollout[{name!r}] must hold weights ≥ 0 whose rows sum to 1")
+    data = torch.stack([quantize(list(per_run[name])) for name in runs])
+    return base64.b64encode(data.numpy().tobytes()).decode("ascii")
 
 
 def _neuron_view(
