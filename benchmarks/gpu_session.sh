@@ -9,12 +9,16 @@
 #   gpu_decode.md  the decoding table (one query over a KV cache), gpu_decode.json, decode.log
 #   walks.txt  host and device time to make a packed step's tile walks (benchmarks/triton_walks.py)
 #   gpu.md     the attention table (TFLOP/s), gpu.json every figure; bench.log its output
+#   ring.txt   (stage "ring", not run by default) ring attention on one GPU over NCCL, plain
+#              and with packed documents: NCCL's collectives and the example's CUDA tensors
 #
-#   STAGES="tests decode walks bench" (default), any of them, or "autotune" (bench, tuned tiles)
+#   STAGES="tests decode walks bench" (default), any of them, "autotune" (bench, tuned tiles)
+#   or "ring"
 #   TESTS_S=150 DECODE_S=110 WALKS_S=40 BENCH_S=280  seconds each stage may take (rows so
 #   far are kept)
 #   QUICK=1                  bench N <= 8k and D = 64 only
 #   BENCH_ARGS="--dims 64 --lengths 16384 32768"   the part of the table still missing
+#   RING_S=60 RING_SEQ=65536  the ring stage's limit per run and its length
 #   WORKERS=8                pytest-xdist workers for the tests (they compile in parallel)
 #   SMOKE=1                  dry run on a CPU: tests and a tiny bench under TRITON_INTERPRET=1
 # Needs only python3 with torch and triton (the device image has both): attnkit runs from src/.
@@ -72,8 +76,15 @@ for stage in $STAGES; do
         "${bench_args[@]}" --out "$OUT/gpu_autotune.md" --json "$OUT/gpu_autotune.json" \
         2>&1 | tee "$OUT/autotune.log"
       ;;
+    ring)
+      for docs in "" "--documents 16"; do
+        # shellcheck disable=SC2086  # $docs: no option, or the option and its value
+        timeout "${RING_S:-60}" $PY -m torch.distributed.run --nproc-per-node 1 \
+          examples/ring_attention.py --seq "${RING_SEQ:-65536}" $docs 2>&1 | tee -a "$OUT/ring.txt"
+      done
+      ;;
     *)
-      echo "unknown stage $stage (tests, decode, walks, bench, autotune)"
+      echo "unknown stage $stage (tests, decode, walks, bench, autotune, ring)"
       status=2
       continue
       ;;
