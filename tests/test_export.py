@@ -238,3 +238,100 @@ def test_an_aot_inductor_package_runs_in_a_fresh_process(tmp_path):
     for (x, padding), got in zip(cases, torch.load(tmp_path / "outputs.pt"), strict=True):
         want = module(x, key_padding_mask=padding)[0]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+#: CausalLM options of the models a DecodingStep exports, one per kind of attention and cache
+DECODERS = {
+    "rope, gqa, window": {"positions": "rope", "num_kv_heads": 2, "mask": masks.sliding_window(8)},
+    "learned, causal": {"positions": "learned"},
+    "latent": {
+        "positions": "rope",
+        "latent": {"kv_rank": 16, "nope_dim": 8, "rope_dim": 8, "v_dim": 16},
+    },
+    "differential": {"positions": "rope", "differential": True},
+}
+
+
+def decoder(kind: str, **extra: object) -> CausalLM:
+    torch.manual_seed(0)
+    options = {
+        "d_model": 32,
+        "nhead": 4,
+        "num_layers": 2,
+        "max_len": 256,
+        **DECODERS[kind],
+        **extra,
+    }
+    return CausalLM(50, **options).eval()
+
+
+@pytest.mark.parametrize("kind", list(DECODERS))
+def test_one_exported_decoding_step_serves_the_prompt_and_every_step(kind):
+    """DecodingStep.export(): one graph, the prompt (no cache) then steps over ever longer
+    caches, gives the logits of the model's full pass and the greedy tokens of its generate."""
+    from attnkit.nn import DecodingStep
+
+    lm = decoder(kind)
+    step = DecodingStep(lm)
+    graph = step.export(batch=2).module()
+    text = torch.randint(0, 50, (2, 60))
+    full, _ = lm(text)
+    keys, values = step.empty_caches(2)
+    logits, keys, values = graph(text[:, :37], keys, values)  # a prompt of 37
+    torch.testing.assert_close(logits, full[:, :37], rtol=1e-5, atol=1e-5)
+    for t in range(37, 60):  # a token at a time
+        logits, keys, values = graph(text[:, t : t + 1], keys, values)
+        torch.testing.assert_close(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+    assert keys.shape[3] == values.shape[3] == 60
+    # greedy decoding through the graph writes what generate writes
+    prompt = text[:, :5]
+    keys, values = step.empty_caches(2)
+    logits, keys, values = graph(prompt, keys, values)
+    written = []
+    for _ in range(12):
+        written.append(logits[:, -1].argmax(-1, keepdim=True))
+        logits, keys, values = graph(written[-1], keys, values)
+    torch.testing.assert_close(
+        torch.cat(written, 1), lm.generate(prompt, max_new_tokens=12, temperature=0.0)[:, 5:]
+    )
+
+
+def test_a_decoding_step_refuses_caches_that_do_not_fit():
+    from attnkit.nn import DecodingStep
+
+    step = DecodingStep(decoder("rope, gqa, window"))
+    keys, values = step.empty_caches(2)
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"ids must be \(B, T\) with T >= 1, got \(2, 0\)"):
+        step(ids[:, :0], keys, values)
+    with pytest.raises(
+        ValueError,
+        match=r"keys must be \(layers, B, Hkv, P, D\) = \(2, 3, 2, P, 8\) .* got \(2, 2, 2, 0, 8\)",
+    ):
+        step(torch.zeros(3, 1, dtype=torch.long), keys, values)
+    with pytest.raises(ValueError, match=r"values must be \(layers, B, Hkv, P, Dv\)"):
+        step(ids, keys, values[:1])
+    with pytest.raises(ValueError, match="as many positions, got 3 and 0"):
+        step(ids, torch.zeros(2, 2, 2, 3, 8), values)
+
+
+def test_an_aot_inductor_package_of_a_decoding_step_decodes_as_generate(tmp_path):
+    """The DecodingStep graph compiled by AOTInductor: prompt and steps in C++ kernels, the
+    caches handed from call to call, give generate's greedy tokens."""
+    from attnkit.nn import DecodingStep
+
+    lm = decoder("rope, gqa, window", num_layers=1)
+    step = DecodingStep(lm)
+    package = torch._inductor.aoti_compile_and_package(
+        step.export(), package_path=str(tmp_path / "step.pt2")
+    )
+    run = torch._inductor.aoti_load_package(package)
+    prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(3))
+    logits, keys, values = run(prompt, *step.empty_caches(1))
+    written = []
+    for _ in range(10):
+        written.append(logits[:, -1].argmax(-1, keepdim=True))
+        logits, keys, values = run(written[-1], keys, values)
+    want = lm.generate(prompt, max_new_tokens=10, temperature=0.0)[:, 5:]
+    torch.testing.assert_close(torch.cat(written, 1), want)
+    assert len(set(want[0].tolist())) > 1  # (a model that writes one token would prove little)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit import masks as _masks
+from attnkit._symbolic import surely
 from attnkit._types import ScoreModFn
 from attnkit._validation import check_dropout, check_flag, check_int
 from attnkit.backends._common import MaskLike
@@ -221,11 +222,12 @@ class MultiHeadLatentAttention(nn.Module):
         numbers, the expanded nope_dim + rope_dim + v_dim plus kv_rank·(nope_dim + v_dim)
         per key to expand it: absorbed below kv_rank·(nope + v) / (2·kv_rank − nope − v)
         queries (170 at DeepSeek-V3's sizes), so decoding steps absorb and long prompts
-        do not.
+        do not. A symbolic ``Lq`` (torch.export, torch.compile) absorbs only where its
+        range is known to be short: the expanded form serves every length.
         """
         r, nope, v = self.kv_rank, self.nope_dim, self.v_dim
         extra = 2 * r - nope - v  # absorbed minus expanded, per pair
-        return extra <= 0 or Lq * extra < r * (nope + v)
+        return extra <= 0 or surely(Lq * extra < r * (nope + v))
 
     def _up(self) -> tuple[Tensor, Tensor]:
         """K (H, nope_dim, kv_rank) and V (H, v_dim, kv_rank), the per-head up-projections."""

@@ -372,9 +372,12 @@ class _Embedding(nn.Module):
         check_token_ids("ids", ids, self.tokens.num_embeddings)
         x = self.tokens(ids)
         if self.positions is not None:
-            if start + ids.shape[1] > self.max_len:
+            end = start + ids.shape[1]
+            # (a symbolic end, under torch.export, is left to the table's lookup, which fails
+            # past its rows: a check here would bound the graph's lengths to one side)
+            if isinstance(end, int) and end > self.max_len:
                 raise ValueError(
-                    f"positions up to {start + ids.shape[1]} exceed max_len {self.max_len} "
+                    f"positions up to {end} exceed max_len {self.max_len} "
                     "(the learned position table's size)"
                 )
             at = torch.arange(start, start + ids.shape[1], device=ids.device)
