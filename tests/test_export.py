@@ -296,6 +296,32 @@ def test_one_exported_decoding_step_serves_the_prompt_and_every_step(kind):
     )
 
 
+@pytest.mark.parametrize("kind", ["rope, gqa, window", "learned, causal"])
+def test_an_exported_decoding_step_decodes_left_padded_prompts_as_generate(kind):
+    """Prompts of 6, 2 and 4 tokens left-padded into one batch: the graph (``pads`` an input)
+    writes what generate writes for the padded batch, and each row what it writes alone."""
+    from attnkit.nn import DecodingStep
+
+    lm = decoder(kind)
+    step = DecodingStep(lm)
+    graph = step.export(batch=3, padded=True).module()
+    pads = torch.tensor([0, 4, 2])
+    prompt = torch.randint(1, 50, (3, 6), generator=torch.Generator().manual_seed(5))
+    prompt[torch.arange(6)[None, :] < pads[:, None]] = 0  # (whatever a pad's id)
+    logits, keys, values = graph(prompt, *step.empty_caches(3), pads)
+    written = []
+    for _ in range(8):
+        written.append(logits[:, -1].argmax(-1, keepdim=True))
+        logits, keys, values = graph(written[-1], keys, values, pads)
+    written = torch.cat(written, 1)
+    padding = torch.arange(6)[None, :] < pads[:, None]
+    want = lm.generate(prompt, max_new_tokens=8, temperature=0.0, prompt_padding=padding)
+    torch.testing.assert_close(written, want[:, 6:])
+    for row, n in enumerate(pads.tolist()):
+        alone = lm.generate(prompt[row : row + 1, n:], max_new_tokens=8, temperature=0.0)
+        torch.testing.assert_close(written[row], alone[0, 6 - n :])
+
+
 def test_a_decoding_step_refuses_caches_that_do_not_fit():
     from attnkit.nn import DecodingStep
 
@@ -313,6 +339,10 @@ def test_a_decoding_step_refuses_caches_that_do_not_fit():
         step(ids, keys, values[:1])
     with pytest.raises(ValueError, match="as many positions, got 3 and 0"):
         step(ids, torch.zeros(2, 2, 2, 3, 8), values)
+    with pytest.raises(
+        ValueError, match=r"pads must be \(B,\) = \(2,\) integers, got torch.float32"
+    ):
+        step(ids, keys, values, torch.zeros(2))
 
 
 def test_an_aot_inductor_package_of_a_decoding_step_decodes_as_generate(tmp_path):

@@ -28,7 +28,8 @@ class DecodingStep(nn.Module):
 
     Each call copies the P cached positions into caches T longer (as a concatenation would).
     Positions count from P, so a sliding-window model's caches are kept whole (its mask still
-    limits what each query sees). Every row has the same length (no padding).
+    limits what each query sees). Prompts of different lengths share a batch left-padded, as
+    ``CausalLM.generate`` takes them: ``pads`` says how many pads each row starts with.
     """
 
     def __init__(self, lm: CausalLM) -> None:
@@ -48,13 +49,18 @@ class DecodingStep(nn.Module):
         )
         return keys, values
 
-    def forward(self, ids: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, ids: Tensor, keys: Tensor, values: Tensor, pads: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """ids (B, T) at positions P .. P + T - 1 over P cached ones.
 
         Args:
             ids: (B, T) token ids, T >= 1.
             keys: (layers, B, Hkv, P, D), every layer's cached keys (``empty_caches``: P = 0).
             values: (layers, B, Hkv, P, Dv).
+            pads: (B,) integers: how many padding tokens each row's prompt starts with (the
+                same at every step); none attends to them, and learned positions count from
+                each row's first token. None: no padding.
 
         Returns:
             logits (B, T, V), keys (layers, B, Hkv, P + T, D), values (layers, B, Hkv,
@@ -77,18 +83,27 @@ class DecodingStep(nn.Module):
             raise ValueError(
                 f"keys and values must hold as many positions, got {P} and {values.shape[3]}"
             )
+        padding = None
+        if pads is not None:
+            if pads.shape != (B,) or pads.is_floating_point() or pads.dtype == torch.bool:
+                raise ValueError(
+                    f"pads must be (B,) = ({B},) integers, got {pads.dtype} {tuple(pads.shape)}"
+                )
+            padding = torch.arange(P + T, device=ids.device)[None, :] < pads[:, None]
         caches = self.lm.new_caches(B, P + T)
         for n, cache in enumerate(caches):
             cache.append(keys[n], values[n])
-        logits, _ = self.lm(ids, start=P, caches=caches)
+        logits, _ = self.lm(ids, start=P, caches=caches, padding=padding)
         return (
             logits,
             torch.stack([cache.keys for cache in caches]),
             torch.stack([cache.values for cache in caches]),
         )
 
-    def export(self, batch: int = 1, max_len: int | None = None) -> ExportedProgram:
-        """``torch.export`` of this step for ``batch`` rows.
+    def export(
+        self, batch: int = 1, max_len: int | None = None, *, padded: bool = False
+    ) -> ExportedProgram:
+        """``torch.export`` of this step for ``batch`` rows (taking ``pads`` if ``padded``).
 
         One graph for T in 1 .. max_len new tokens over P in 0 .. max_len - 1 cached ones
         (``max_len``: the model's by default).
@@ -101,8 +116,9 @@ class DecodingStep(nn.Module):
         sample = torch.zeros(batch, 2, dtype=torch.long, device=keys.device)
         with torch.no_grad():  # caches of three positions: no size 0 or 1 to specialise on
             _, keys, values = self(torch.zeros_like(sample[:, :1]).repeat(1, 3), keys, values)
-            return torch.export.export(
-                self,
-                (sample, keys, values),
-                dynamic_shapes={"ids": {1: new}, "keys": {3: cached}, "values": {3: cached}},
-            )
+            inputs: tuple[Tensor, ...] = (sample, keys, values)
+            dims: dict[str, object] = {"ids": {1: new}, "keys": {3: cached}, "values": {3: cached}}
+            if padded:
+                inputs += (torch.zeros(batch, dtype=torch.long, device=keys.device),)
+                dims["pads"] = None
+            return torch.export.export(self, inputs, dynamic_shapes=dims)
