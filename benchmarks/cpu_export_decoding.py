@@ -1,0 +1,124 @@
+"""A decoding step on CPU: eager over KVCaches, and DecodingStep eager, exported, AOTInductor.
+
+One token over caches holding ``--contexts`` tokens, batch 1, under no_grad, a CausalLM with
+rotary positions and grouped heads. ``KVCache`` writes the token into preallocated buffers
+(cropped back after each step); ``DecodingStep`` takes the caches as tensors and returns them
+one position longer, copying them (what lets one exported graph serve every step). Variants
+take turns for ``--rounds`` rounds and each keeps its best median; every variant's logits are
+checked against eager's first. AOTInductor's compile time is reported apart.
+
+    python benchmarks/cpu_export_decoding.py [--contexts 512 4096] [--layers 2] [--width 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils import benchmark
+
+from attnkit.nn import CausalLM, DecodingStep
+
+VOCAB = 512
+
+
+def ms(fn: Callable[[], object]) -> float:
+    return (
+        benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0).median * 1e3
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    most = max(args.contexts) + 1
+    lm = CausalLM(
+        VOCAB,
+        d_model=args.width,
+        nhead=args.heads,
+        num_kv_heads=args.kv_heads,
+        num_layers=args.layers,
+        positions="rope",
+        max_len=most + 1,
+    ).eval()
+    step = DecodingStep(lm)
+    start = time.perf_counter()
+    graph = step.export(max_len=most + 1)
+    exported_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        package = torch._inductor.aoti_compile_and_package(
+            graph, package_path=str(Path(tmp) / "step.pt2")
+        )
+        compiled = torch._inductor.aoti_load_package(package)
+    compiled_s = time.perf_counter() - start
+    exported = graph.module()
+
+    def best_at(P: int) -> dict[str, float]:
+        """Each variant's best median (ms) for one token over P cached ones."""
+        context = torch.randint(0, VOCAB, (1, P))
+        token = context[:, -1:]
+        caches = lm.new_caches(1, P + 1)
+        lm(context, caches=caches)
+        keys = torch.stack([cache.keys for cache in caches])
+        values = torch.stack([cache.values for cache in caches])
+
+        def eager() -> torch.Tensor:
+            logits, _ = lm(token, start=P, caches=caches)
+            for cache in caches:
+                cache.crop(P)
+            return logits
+
+        variants: dict[str, Callable[[], torch.Tensor]] = {
+            "eager, KVCache": eager,
+            "DecodingStep, eager": lambda: step(token, keys, values)[0],
+            "exported graph": lambda: exported(token, keys, values)[0],
+            "AOTInductor": lambda: compiled(token, keys, values)[0],
+        }
+        want = eager()
+        for name, fn in variants.items():
+            torch.testing.assert_close(fn(), want, rtol=1e-4, atol=1e-4, msg=name)
+        best = dict.fromkeys(variants, float("inf"))
+        for _ in range(args.rounds):
+            for name, fn in variants.items():
+                best[name] = min(best[name], ms(fn))
+        return best
+
+    with torch.no_grad():
+        rows = [(P, best_at(P)) for P in args.contexts]
+
+    table = Table(
+        title=f"one decoding step, batch 1, {args.layers} layers, width {args.width}, "
+        f"{args.heads}/{args.kv_heads} heads, {torch.get_num_threads()} threads, ms "
+        f"(export {exported_s:.1f} s, AOTInductor compile {compiled_s:.0f} s)"
+    )
+    table.add_column("cached tokens", justify="right")
+    for name in rows[0][1]:
+        table.add_column(name, justify="right")
+    for P, best in rows:
+        eager_ms = best["eager, KVCache"]
+        table.add_row(
+            str(P),
+            *(
+                f"{t:.2f}" + ("" if t == eager_ms else f" ({eager_ms / t:.2f}x)")
+                for t in best.values()
+            ),
+        )
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
