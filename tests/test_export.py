@@ -325,6 +325,8 @@ def test_an_exported_decoding_step_decodes_left_padded_prompts_as_generate(kind)
 def test_a_decoding_step_refuses_caches_that_do_not_fit():
     from attnkit.nn import DecodingStep
 
+    with pytest.raises(TypeError, match="DecodingStep takes a CausalLM, got Linear"):
+        DecodingStep(nn.Linear(2, 2))
     step = DecodingStep(decoder("rope, gqa, window"))
     keys, values = step.empty_caches(2)
     ids = torch.zeros(2, 1, dtype=torch.long)

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from attnkit.nn.transformer import CausalLM
+
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
-
-    from attnkit.nn.transformer import CausalLM
 
 
 class DecodingStep(nn.Module):
@@ -33,6 +33,8 @@ class DecodingStep(nn.Module):
     """
 
     def __init__(self, lm: CausalLM) -> None:
+        if not isinstance(lm, CausalLM):
+            raise TypeError(f"DecodingStep takes a CausalLM, got {type(lm).__name__}")
         super().__init__()
         self.lm = lm
 
