@@ -924,6 +924,30 @@ def test_rollout_of_the_model_multiplies_its_layers_maps(tmp_path, capsys):
         assert row in out
 
 
+def test_rollout_under_a_window_reaches_one_window_further_each_layer(capsys):
+    """Under sliding_window(1, 1) a token is made of its neighbours after layer 0, and of
+    tokens up to n + 1 away after layer n, never further; --rollout --sparse prints it."""
+    from attnkit import explain
+    from attnkit.models import load_pretrained
+
+    r = explain.run(load_pretrained(), DEFAULT_TEXT, mask=parse_mask("sliding_window:1,1"))
+    rolled = explain.rollout(r)
+    L = len(r.tokens)
+    distance = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).abs()
+    for n in range(6):
+        assert (rolled[n][distance > n + 1] == 0).all()
+        assert (rolled[n][distance == min(n + 1, L - 1)] > 0).any()
+    argv = ["explain", "--rollout", "--sparse", "sliding_window:1,1", "--word", "surgeon"]
+    assert main([*argv, "--top", "4"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "made of after each layer under sliding_window(left=1, right=1)" in out
+    i = r.tokens.index("surgeon")
+    weights, at = rolled[0, i].topk(4)
+    shown = [f"{r.tokens[j]} {w:.2f}" if w > 0 else "·" for w, j in zip(weights, at, strict=True)]
+    assert f"│ 0 │ {' │ '.join(shown)} │ {rolled[0, i, i]:.2f} │" in out
+    assert shown[-1] == "·"  # three tokens within reach after one layer
+
+
 def test_rollout_of_a_causal_lm_never_reaches_ahead(char_lm):
     """A CausalLM's rollout stays causal: no token is made of later ones."""
     from attnkit import explain

@@ -167,6 +167,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         sparse = ex.run(model, args.text, mask=sparse_mask, truncate=args.truncate)
         for part in ex.render_sparse(full, sparse, sparse_mask, i, layer, args.top):
             console.print(part)
+        if args.rollout:  # how far the pattern lets the word reach, layer after layer
+            console.print(ex.render_rollout(sparse, i, args.top, f"under {sparse_mask!r}"))
         runs[f"under {sparse_mask!r}"] = sparse
     if args.png:
         from attnkit.viz import save_head_grid

@@ -613,14 +613,17 @@ def rollout(r: Run, residual: float = 0.5) -> Tensor:
     return torch.stack(found)
 
 
-def render_rollout(r: Run, i: int, k: int) -> Any:
-    """A table: the input tokens token ``i`` traces back to after each layer (``rollout``)."""
+def render_rollout(r: Run, i: int, k: int, what: str = "") -> Any:
+    """A table: the input tokens token ``i`` traces back to after each layer (``rollout``).
+
+    ``what`` names the run in the title (e.g. the sparse pattern it ran under).
+    """
     from rich.table import Table
 
     rolled = rollout(r)
     table = Table(
-        title=f"what {r.tokens[i]!r} (token {i}) is made of after each layer: attention "
-        "rollout (heads averaged, residual as ½·I)"
+        title=f"what {r.tokens[i]!r} (token {i}) is made of after each layer"
+        f"{' ' + what if what else ''}: attention rollout (heads averaged, residual as ½·I)"
     )
     table.add_column("after layer", justify="right")
     for n in range(k):
@@ -628,8 +631,9 @@ def render_rollout(r: Run, i: int, k: int) -> Any:
     table.add_column(f"{r.tokens[i]!r} itself", justify="right")
     for n, tops in enumerate(top_attended(rolled, i, k)):  # layers in place of heads
         where = [f"@{j}" if r.char_level else "" for j, _ in tops]
-        cells = [
-            f"{r.tokens[j]}{at} [dim]{w:.2f}[/dim]" for (j, w), at in zip(tops, where, strict=True)
+        cells = [  # (a token it has no share of yet, under a sparse pattern: none)
+            f"{r.tokens[j]}{at} [dim]{w:.2f}[/dim]" if w > 0 else "·"
+            for (j, w), at in zip(tops, where, strict=True)
         ]
         table.add_row(str(n), *cells, f"{float(rolled[n, i, i]):.2f}")
     return table
