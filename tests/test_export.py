@@ -322,11 +322,60 @@ def test_an_exported_decoding_step_decodes_left_padded_prompts_as_generate(kind)
         torch.testing.assert_close(written[row], alone[0, 6 - n :])
 
 
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_exported_encoder_and_translation_step_translate_as_generate(positions):
+    """TranslationStep.export(): the encoder graph and the step graph, sources of two lengths
+    padded into one batch, write generate's greedy translation, and the step's logits are
+    the teacher-forced pass's."""
+    from attnkit.nn import Transformer, TranslationStep
+
+    torch.manual_seed(0)
+    model = Transformer(
+        30, 30, d_model=32, nhead=4, num_kv_heads=2, max_len=64, positions=positions
+    )
+    model.eval()
+    step = TranslationStep(model)
+    encode, decode = (program.module() for program in step.export(batch=2))
+    src = torch.randint(3, 30, (2, 11), generator=torch.Generator().manual_seed(1))
+    src[1, 7:] = model.pad_id  # the second source is 7 tokens long
+    memory, padding = encode(src)
+    keys, values = step.empty_caches(2)
+    bos, eos = 1, 2
+    logits, keys, values = decode(torch.full((2, 1), bos), memory, padding, keys, values)
+    written = []
+    for _ in range(9):
+        written.append(logits[:, -1].argmax(-1, keepdim=True))
+        logits, keys, values = decode(written[-1], memory, padding, keys, values)
+    written = torch.cat(written, 1)
+    want = model.generate(src, bos_id=bos, eos_id=eos, max_len=9)
+    got = written[:, : want.shape[1]]
+    ended = (got == eos).long().cumsum(1) - (got == eos).long() > 0  # after each row's eos
+    torch.testing.assert_close(got.masked_fill(ended, model.pad_id), want)
+    # a chunk of targets at once over the cache: the teacher-forced logits
+    tgt = torch.cat([torch.full((2, 1), bos), written], 1)
+    full = model(src, tgt)
+    logits, keys, values = decode(tgt[:, :4], memory, padding, *step.empty_caches(2))
+    torch.testing.assert_close(logits, full[:, :4], rtol=1e-5, atol=1e-5)
+    logits, _, _ = decode(tgt[:, 4:], memory, padding, keys, values)
+    torch.testing.assert_close(logits, full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
 def test_a_decoding_step_refuses_caches_that_do_not_fit():
-    from attnkit.nn import DecodingStep
+    from attnkit.nn import DecodingStep, Transformer, TranslationStep
 
     with pytest.raises(TypeError, match="DecodingStep takes a CausalLM, got Linear"):
         DecodingStep(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="TranslationStep takes a Transformer, got CausalLM"):
+        TranslationStep(decoder("latent"))
+    translation = TranslationStep(Transformer(10, 10, d_model=16, nhead=2))
+    memory = torch.zeros(2, 5, 16)
+    with pytest.raises(ValueError, match=r"memory must be \(B, S, E\) and memory_padding \(B, S\)"):
+        translation(
+            torch.zeros(2, 1, dtype=torch.long),
+            memory,
+            torch.zeros(2, 4, dtype=torch.bool),
+            *translation.empty_caches(2),
+        )
     step = DecodingStep(decoder("rope, gqa, window"))
     keys, values = step.empty_caches(2)
     ids = torch.zeros(2, 1, dtype=torch.long)

@@ -3,14 +3,15 @@
 MultiHeadAttention (self, cross, GQA), MultiHeadLatentAttention (DeepSeek MLA),
 DifferentialAttention (DIFF Transformer), KVCache,
 RotaryEmbedding, and transformers built on them (encoder/decoder layers, Transformer, CausalLM)
-with greedy, sampled and beam-search decoding (``Beams``), and ``DecodingStep``: a CausalLM
-over caches held as tensors, which torch.export takes.
+with greedy, sampled and beam-search decoding (``Beams``), and ``DecodingStep`` /
+``TranslationStep``: a CausalLM / Transformer over caches held as tensors, which torch.export
+takes.
 """
 
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.beam_search import Beams
 from attnkit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from attnkit.nn.decoding_step import DecodingStep
+from attnkit.nn.decoding_step import DecodingStep, TranslationStep
 from attnkit.nn.differential_attention import DifferentialAttention
 from attnkit.nn.from_transformers import from_transformers
 from attnkit.nn.kv_cache import KVCache
@@ -39,6 +40,7 @@ __all__ = [
     "Transformer",
     "TransformerDecoderLayer",
     "TransformerEncoderLayer",
+    "TranslationStep",
     "from_transformers",
     "load_checkpoint",
     "save_checkpoint",

@@ -1,4 +1,15 @@
-"""A CausalLM's decoding step over caches held as tensors: what torch.export can take."""
+"""Decoding steps over caches held as tensors, which torch.export can take.
+
+A ``KVCache`` is Python state, which an exported graph cannot hold. These modules take every
+layer's cached keys and values as inputs and return them with the new positions appended, so
+one exported graph, with the new tokens T and the cached positions P both dynamic, serves the
+prompt and every decoding step (AOTInductor compiles it too): ``DecodingStep`` for a
+``CausalLM``, ``TranslationStep`` for a ``Transformer``'s decoder.
+
+Each call copies the P cached positions into caches T longer (as a concatenation would).
+Positions count from P, so a sliding-window model's caches are kept whole (its mask still
+limits what each query sees).
+"""
 
 from __future__ import annotations
 
@@ -7,29 +18,62 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from attnkit.nn.transformer import CausalLM
+from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.transformer import CausalLM, Transformer
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
 
 
-class DecodingStep(nn.Module):
-    """``lm`` over every layer's keys and values, passed in and handed back as tensors.
+def _empty(cache: KVCache, layers: int) -> tuple[Tensor, Tensor]:
+    """Every layer's keys (layers, B, Hkv, 0, D) and values (..., Dv), alike ``cache``'s."""
+    keys, values = (
+        t[None, :, :, :0].repeat(layers, 1, 1, 1, 1) for t in (cache.keys, cache.values)
+    )
+    return keys, values
 
-    A ``KVCache`` is Python state, which an exported graph cannot hold. This module takes the
-    cached keys and values as inputs and returns them with the new positions appended, so one
-    exported graph, with the new tokens T and the cached positions P both dynamic, serves the
-    prompt and every decoding step (``export``; AOTInductor compiles it too):
+
+def _check_step(ids: Tensor, keys: Tensor, values: Tensor, empty: tuple[Tensor, Tensor]) -> int:
+    """ValueError unless ids (B, T >= 1) and caches fit ``empty``'s sizes; returns P."""
+    if ids.dim() != 2 or ids.shape[1] < 1:
+        raise ValueError(f"ids must be (B, T) with T >= 1, got {tuple(ids.shape)}")
+    for name, t, like in zip(("keys", "values"), (keys, values), empty, strict=True):
+        if t.dim() != 5 or (*t.shape[:3], t.shape[4]) != (*like.shape[:3], like.shape[4]):
+            size = ", ".join(map(str, like.shape[:3])) + f", P, {like.shape[4]}"
+            raise ValueError(
+                f"{name} must be (layers, B, Hkv, P, {'D' if name == 'keys' else 'Dv'}) = "
+                f"({size}) for ids {tuple(ids.shape)}, got {tuple(t.shape)}"
+            )
+    P = keys.shape[3]
+    if values.shape[3] != P:
+        raise ValueError(
+            f"keys and values must hold as many positions, got {P} and {values.shape[3]}"
+        )
+    return int(P) if isinstance(P, int) else P  # (a SymInt under export)
+
+
+def _filled(caches: list[KVCache], keys: Tensor, values: Tensor) -> list[KVCache]:
+    """``caches`` holding layer n's ``keys[n]`` and ``values[n]``."""
+    for n, cache in enumerate(caches):
+        cache.append(keys[n], values[n])
+    return caches
+
+
+def _stacked(caches: list[KVCache]) -> tuple[Tensor, Tensor]:
+    """Every layer's cached keys and values, stacked (layers, B, Hkv, length, ·)."""
+    return torch.stack([c.keys for c in caches]), torch.stack([c.values for c in caches])
+
+
+class DecodingStep(nn.Module):
+    """A ``CausalLM`` over every layer's keys and values, passed in and handed back as tensors.
 
         step = DecodingStep(lm)
         keys, values = step.empty_caches(batch=1)
         logits, keys, values = step(prompt, keys, values)  # P = 0: the prompt
         logits, keys, values = step(next_token, keys, values)  # P = the prompt's length
 
-    Each call copies the P cached positions into caches T longer (as a concatenation would).
-    Positions count from P, so a sliding-window model's caches are kept whole (its mask still
-    limits what each query sees). Prompts of different lengths share a batch left-padded, as
-    ``CausalLM.generate`` takes them: ``pads`` says how many pads each row starts with.
+    Prompts of different lengths share a batch left-padded, as ``CausalLM.generate`` takes
+    them: ``pads`` says how many pads each row starts with.
     """
 
     def __init__(self, lm: CausalLM) -> None:
@@ -44,12 +88,7 @@ class DecodingStep(nn.Module):
         In the dtype and on the device of the model's caches (Dv = 0 for latent attention,
         whose values are part of its keys); every layer's are alike.
         """
-        cache = self.lm.new_caches(batch, 1)[0]
-        layers = len(self.lm.layers)
-        keys, values = (
-            t[None, :, :, :0].repeat(layers, 1, 1, 1, 1) for t in (cache.keys, cache.values)
-        )
-        return keys, values
+        return _empty(self.lm.new_caches(batch, 1)[0], len(self.lm.layers))
 
     def forward(
         self, ids: Tensor, keys: Tensor, values: Tensor, pads: Tensor | None = None
@@ -68,23 +107,8 @@ class DecodingStep(nn.Module):
             logits (B, T, V), keys (layers, B, Hkv, P + T, D), values (layers, B, Hkv,
             P + T, Dv).
         """
-        if ids.dim() != 2 or ids.shape[1] < 1:
-            raise ValueError(f"ids must be (B, T) with T >= 1, got {tuple(ids.shape)}")
-        B, T = ids.shape
-        for name, t, empty in zip(
-            ("keys", "values"), (keys, values), self.empty_caches(B), strict=True
-        ):
-            if t.dim() != 5 or (*t.shape[:3], t.shape[4]) != (*empty.shape[:3], empty.shape[4]):
-                size = ", ".join(map(str, empty.shape[:3])) + f", P, {empty.shape[4]}"
-                raise ValueError(
-                    f"{name} must be (layers, B, Hkv, P, {'D' if name == 'keys' else 'Dv'}) = "
-                    f"({size}) for ids {tuple(ids.shape)}, got {tuple(t.shape)}"
-                )
-        P = keys.shape[3]
-        if values.shape[3] != P:
-            raise ValueError(
-                f"keys and values must hold as many positions, got {P} and {values.shape[3]}"
-            )
+        B, T = ids.shape[0], ids.shape[-1]
+        P = _check_step(ids, keys, values, self.empty_caches(B))
         padding = None
         if pads is not None:
             if pads.shape != (B,) or pads.is_floating_point() or pads.dtype == torch.bool:
@@ -92,15 +116,9 @@ class DecodingStep(nn.Module):
                     f"pads must be (B,) = ({B},) integers, got {pads.dtype} {tuple(pads.shape)}"
                 )
             padding = torch.arange(P + T, device=ids.device)[None, :] < pads[:, None]
-        caches = self.lm.new_caches(B, P + T)
-        for n, cache in enumerate(caches):
-            cache.append(keys[n], values[n])
+        caches = _filled(self.lm.new_caches(B, P + T), keys, values)
         logits, _ = self.lm(ids, start=P, caches=caches, padding=padding)
-        return (
-            logits,
-            torch.stack([cache.keys for cache in caches]),
-            torch.stack([cache.values for cache in caches]),
-        )
+        return (logits, *_stacked(caches))
 
     def export(
         self, batch: int = 1, max_len: int | None = None, *, padded: bool = False
@@ -110,10 +128,8 @@ class DecodingStep(nn.Module):
         One graph for T in 1 .. max_len new tokens over P in 0 .. max_len - 1 cached ones
         (``max_len``: the model's by default).
         """
-        from torch.export import Dim
-
         most = self.lm.max_len if max_len is None else max_len
-        new, cached = Dim("T", min=1, max=most), Dim("P", min=0, max=most - 1)
+        new, cached = _dims(most)
         keys, values = self.empty_caches(batch)
         sample = torch.zeros(batch, 2, dtype=torch.long, device=keys.device)
         with torch.no_grad():  # caches of three positions: no size 0 or 1 to specialise on
@@ -124,3 +140,113 @@ class DecodingStep(nn.Module):
                 inputs += (torch.zeros(batch, dtype=torch.long, device=keys.device),)
                 dims["pads"] = None
             return torch.export.export(self, inputs, dynamic_shapes=dims)
+
+
+class TranslationStep(nn.Module):
+    """A ``Transformer``'s decoder over its self-attention caches, passed in as tensors.
+
+    ``export()`` gives two graphs that translate as ``generate`` does: the encoder (source
+    length dynamic) and the decoding step (new tokens, cached positions and source length
+    dynamic):
+
+        step = TranslationStep(model)
+        encode, decode = (program.module() for program in step.export())
+        memory, padding = encode(src)
+        keys, values = step.empty_caches(batch)
+        logits, keys, values = decode(start_tokens, memory, padding, keys, values)  # and on
+
+    Cross-attention reads the memory at every step, its keys and values projected anew (a
+    small cost for short sources, and no second pair of caches to carry).
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        if not isinstance(model, Transformer):
+            raise TypeError(f"TranslationStep takes a Transformer, got {type(model).__name__}")
+        super().__init__()
+        self.model = model
+
+    def _self_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        return [cache for cache, _ in self.model.new_caches(batch, 1, max_len)]
+
+    def empty_caches(self, batch: int) -> tuple[Tensor, Tensor]:
+        """The decoder's self-attention keys (layers, B, Hkv, 0, D) and values, empty."""
+        return _empty(self._self_caches(batch, 1)[0], len(self.model.decoder))
+
+    def forward(
+        self, ids: Tensor, memory: Tensor, memory_padding: Tensor, keys: Tensor, values: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Target ids (B, T) at positions P .. P + T - 1 over P cached ones, and the source.
+
+        Args:
+            ids: (B, T) target ids (the first call's start with the start token).
+            memory: (B, S, E), the encoder's output (``Transformer.encode``).
+            memory_padding: (B, S) bool, True = a padded source token.
+            keys: (layers, B, Hkv, P, D), the decoder's cached self-attention keys
+                (``empty_caches``: P = 0).
+            values: (layers, B, Hkv, P, Dv).
+
+        Returns:
+            logits (B, T, V), keys and values (layers, B, Hkv, P + T, ·).
+        """
+        B, T = ids.shape[0], ids.shape[-1]
+        P = _check_step(ids, keys, values, self.empty_caches(B))
+        if memory.dim() != 3 or memory.shape[0] != B or memory_padding.shape != memory.shape[:2]:
+            raise ValueError(
+                f"memory must be (B, S, E) and memory_padding (B, S) for ids {tuple(ids.shape)},"
+                f" got {tuple(memory.shape)} and {tuple(memory_padding.shape)}"
+            )
+        caches = _filled(self._self_caches(B, P + T), keys, values)
+        logits, _ = self.model.decode(
+            ids, memory, memory_padding, start=P, caches=[(c, None) for c in caches]
+        )
+        return (logits, *_stacked(caches))
+
+    def export(
+        self, batch: int = 1, max_len: int | None = None
+    ) -> tuple[ExportedProgram, ExportedProgram]:
+        """``torch.export`` of the encoder and of this step, for ``batch`` rows.
+
+        Sources of 1 .. max_len tokens; T in 1 .. max_len new target tokens over P in 0 ..
+        max_len - 1 cached ones (``max_len``: the model's by default).
+        """
+        most = int(self.model.config["max_len"]) if max_len is None else max_len
+        new, cached = _dims(most)
+        source = torch.export.Dim("S", min=1, max=most)
+        keys, values = self.empty_caches(batch)
+        src = torch.ones(batch, 3, dtype=torch.long, device=keys.device)
+        sample = torch.zeros(batch, 2, dtype=torch.long, device=keys.device)
+        with torch.no_grad():
+            encoder = torch.export.export(
+                _Encoder(self.model), (src,), dynamic_shapes={"src": {1: source}}
+            )
+            memory, padding = self.model.encode(src)
+            _, keys, values = self(sample[:, :1].repeat(1, 3), memory, padding, keys, values)
+            dims = {
+                "ids": {1: new},
+                "memory": {1: source},
+                "memory_padding": {1: source},
+                "keys": {3: cached},
+                "values": {3: cached},
+            }
+            step = torch.export.export(
+                self, (sample, memory, padding, keys, values), dynamic_shapes=dims
+            )
+        return encoder, step
+
+
+class _Encoder(nn.Module):
+    """``Transformer.encode`` as a module's forward, for torch.export."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.encode(src)
+
+
+def _dims(most: int) -> tuple[torch.export.Dim, torch.export.Dim]:
+    """The new tokens' dim T in 1 .. most and the cached positions' P in 0 .. most - 1."""
+    from torch.export import Dim
+
+    return Dim("T", min=1, max=most), Dim("P", min=0, max=most - 1)

@@ -13,6 +13,7 @@ Shape legend: B batch, S source length, T target length, E model width, V vocabu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast, get_args
 
 import torch
@@ -508,10 +509,14 @@ class Transformer(nn.Module):
         memory_padding: Tensor,
         *,
         start: int = 0,
-        caches: list[tuple[KVCache, KVCache]] | None = None,
+        caches: Sequence[tuple[KVCache, KVCache | None]] | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
-        """tgt (B, T) at positions start.. -> logits (B, T, V), cross weights per layer."""
+        """tgt (B, T) at positions start.. -> logits (B, T, V), cross weights per layer.
+
+        ``caches``: per layer (self-attention's, cross-attention's or None: the memory's keys
+        and values projected at this call).
+        """
         x = self.tgt_embed(tgt, start)
         weights = []
         for n, layer in enumerate(self.decoder):
