@@ -49,7 +49,7 @@ def _check_step(ids: Tensor, keys: Tensor, values: Tensor, empty: tuple[Tensor, 
         raise ValueError(
             f"keys and values must hold as many positions, got {P} and {values.shape[3]}"
         )
-    return int(P) if isinstance(P, int) else P  # (a SymInt under export)
+    return P  # (a SymInt under export)
 
 
 def _filled(caches: list[KVCache], keys: Tensor, values: Tensor) -> list[KVCache]:
