@@ -6,6 +6,7 @@ without guarding symbolic lengths (``attnkit._symbolic.surely``), so exporting w
 every threshold. Masks whose tile map is built in Python for each length cannot be in such a
 graph: tiled refuses them by name under export, and ``auto`` gives them to SDPA. Padding
 masks & a band are in the graph as tensors (the kept keys), which the compiled kernels read.
+Decoding exports through ``DecodingStep`` / ``TranslationStep``: caches in and out as tensors.
 """
 
 from __future__ import annotations
