@@ -250,6 +250,12 @@ DECODERS = {
         "latent": {"kv_rank": 16, "nope_dim": 8, "rope_dim": 8, "v_dim": 16},
     },
     "differential": {"positions": "rope", "differential": True},
+    "alibi, sinks, qk-norm, gate": {
+        "positions": "alibi",
+        "sinks": True,
+        "qk_norm": True,
+        "output_gate": True,
+    },
 }
 
 
