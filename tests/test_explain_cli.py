@@ -948,6 +948,52 @@ def test_rollout_under_a_window_reaches_one_window_further_each_layer(capsys):
     assert shown[-1] == "·"  # three tokens within reach after one layer
 
 
+def test_head_roles_by_hand():
+    """Four heads over five tokens: to the previous token (the first query to itself), to
+    the next, to the first token, and uniform; their roles, shares, entropies, distances."""
+    import math
+
+    from attnkit.explain import head_roles
+
+    L = 5
+    previous = torch.eye(L).roll(-1, 1).tril()
+    previous[0, 0] = 1
+    following = torch.eye(L).roll(1, 1).triu()
+    following[-1, -1] = 1
+    maps = torch.stack([previous, following, torch.eye(L)[[0] * L], torch.full((L, L), 1 / L)])
+    found = head_roles(_run_of([maps], "abcde"))
+    assert [(f.role, round(f.share, 6)) for f in found] == [
+        ("previous token", 1.0),
+        ("next token", 1.0),
+        ("first token 'a'", 1.0),
+        ("mixed", 0.2),
+    ]
+    assert [round(f.entropy, 6) for f in found] == [0, 0, 0, round(math.log2(L), 6)]
+    assert [round(f.distance, 6) for f in found] == [0.8, 0.8, 2.0, 1.6]  # (|i-j| over 25: 40/25)
+    assert found[3].pattern in {"previous token", "next token", "itself", "first token 'a'",
+                                "last token 'e'"}  # fmt: skip
+    assert head_roles(_run_of([maps], "abcde"), threshold=0.2)[3].role != "mixed"
+
+
+def test_head_roles_of_the_model_name_its_positional_heads(capsys):
+    """all-MiniLM-L6-v2 on the default text: layer 0 head 2 looks at the previous token,
+    layer 1 head 8 at the next (as the README's model view shows); --roles prints them."""
+    from attnkit import explain
+    from attnkit.models import load_pretrained
+
+    r = explain.run(load_pretrained(), DEFAULT_TEXT)
+    roles = {(f.layer, f.head): f for f in explain.head_roles(r)}
+    assert len(roles) == 6 * 12
+    assert roles[0, 2].role == "previous token"
+    assert roles[0, 2].share > 0.9
+    assert roles[1, 8].role == "next token"
+    assert sum(f.role == "first token '[CLS]'" for f in roles.values()) > 20
+    assert main(["explain", "--roles"]) == 0
+    out = capsys.readouterr().out
+    for f in (roles[0, 2], roles[1, 8]):
+        assert re.search(rf"│\s+{f.layer} │\s+{f.head} │ {f.role}\s+│\s+{f.share:.2f} │", out)
+
+
 def test_rollout_of_a_causal_lm_never_reaches_ahead(char_lm):
     """A CausalLM's rollout stays causal: no token is made of later ones."""
     from attnkit import explain
@@ -959,7 +1005,7 @@ def test_rollout_of_a_causal_lm_never_reaches_ahead(char_lm):
     assert (rolled.tril() > 0).any()
 
 
-def test_rollout_refuses_translations_and_differential_maps(tmp_path, capsys):
+def test_rollout_and_roles_refuse_translations_and_differential_maps(tmp_path, capsys):
     from attnkit.explain import rollout
     from attnkit.nn import CausalLM, save_checkpoint
 
@@ -968,11 +1014,13 @@ def test_rollout_refuses_translations_and_differential_maps(tmp_path, capsys):
     model = CausalLM(len(vocab), d_model=32, nhead=4, num_layers=2, differential=True)
     diff = save_checkpoint(tmp_path / "diff.pt", model, vocab=vocab)
     for argv, why in [
-        ([str(path), "ab 12"], "a translation's cross-attention mixes"),
-        ([str(diff)], "differential maps A1 − λ·A2 are not"),
+        ([str(path), "ab 12", "--rollout"], "a translation's cross-attention mixes"),
+        ([str(diff), "--rollout"], "differential maps A1 − λ·A2 are not"),
+        ([str(path), "ab 12", "--roles"], "has its queries in another sequence"),
+        ([str(diff), "--roles"], "differential maps are not"),
     ]:
         with pytest.raises(SystemExit) as exc:
-            main(["explain", "--checkpoint", *argv, "--rollout"])
+            main(["explain", "--checkpoint", *argv])
         assert exc.value.code == 2
         assert why in " ".join(capsys.readouterr().err.split())
     from attnkit.viz import save_head_grid

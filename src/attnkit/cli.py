@@ -4,8 +4,8 @@ attnkit patterns [--length N] [--png F] [--html F] [--block B] [--mask SPEC ...]
                                               draw the built-in (or given) sparse patterns
 attnkit bench [--quick] [--json F] [--png F]  tiled vs SDPA / FlexAttention, time and memory
 attnkit bench --device cuda [--quick] [--json F] [--markdown F]   triton vs SDPA / Flex on a GPU
-attnkit explain ["TEXT"] [--word W] [--layer L|all] [--steps] [--rollout] [--png F] [--html F]
-                [--sparse M]
+attnkit explain ["TEXT"] [--word W] [--layer L|all] [--steps] [--rollout] [--roles] [--png F]
+                [--html F] [--sparse M]
                 [--checkpoint LM.pt]            the same for a CausalLM of one's own
 """
 
@@ -158,6 +158,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         console.print(f"the translation, token by token: {' '.join(full.query_tokens)}")
     if args.rollout:
         console.print(ex.render_rollout(full, i, args.top))
+    if args.roles:
+        console.print(ex.render_roles(full))
     if args.steps:
         for part in ex.render_steps(model, full, i, layer, args.head):
             console.print(part)
@@ -343,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--top", type=_positive_int, default=3, help="words shown per head")
     e.add_argument("--steps", action="store_true", help="walk one head through Q, K, V")
+    e.add_argument(
+        "--roles",
+        action="store_true",
+        help="what each head does: previous/next token, itself, [CLS], [SEP] or mixed",
+    )
     e.add_argument(
         "--rollout",
         action="store_true",

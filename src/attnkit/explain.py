@@ -637,3 +637,87 @@ def render_rollout(r: Run, i: int, k: int, what: str = "") -> Any:
         ]
         table.add_row(str(n), *cells, f"{float(rolled[n, i, i]):.2f}")
     return table
+
+
+class HeadRole(NamedTuple):
+    """What one head does, averaged over its queries (``head_roles``)."""
+
+    layer: int
+    head: int
+    role: str  # ``pattern``, or "mixed" where it takes too little weight
+    pattern: str  # the pattern that takes most weight ("previous token", "itself", ...)
+    share: float  # the mean weight a query gives that pattern
+    entropy: float  # the mean entropy of a query's weights, bits: 0 = one key
+    distance: float  # the mean |i − j| between a query and the keys, under its weights
+
+
+def head_roles(r: Run, threshold: float = 0.5) -> list[HeadRole]:
+    """Each head's role, as Clark et al. (2019) sorted BERT's heads.
+
+    Its queries' mean weight on the previous token, the next one, themselves, the first token
+    ([CLS]) and the last ([SEP]); the largest names the head where it is at least
+    ``threshold``, else "mixed". The previous (next) token's share averages the queries that
+    have one.
+    """
+    if r.query_tokens is not None:
+        raise UsageError(
+            "head roles compare a query's position with its keys'; a translation's "
+            "cross-attention has its queries in another sequence"
+        )
+    if r.differential:
+        raise UsageError("head roles need maps of weights ≥ 0; differential maps are not")
+    L = len(r.tokens)
+    i = torch.arange(L)
+    distance = (i[:, None] - i[None, :]).abs().double()
+    found = []
+    for layer in range(len(r.output.attentions)):
+        maps = r.attention(layer).double()  # (H, L, L)
+        shares = {
+            "previous token": maps[:, i[1:], i[1:] - 1].mean(-1) if L > 1 else None,
+            "next token": maps[:, i[:-1], i[:-1] + 1].mean(-1) if L > 1 else None,
+            "itself": maps[:, i, i].mean(-1),
+            f"first token {r.tokens[0]!r}": maps[:, :, 0].mean(-1),
+            f"last token {r.tokens[-1]!r}": maps[:, :, -1].mean(-1),
+        }
+        entropy = -(maps * maps.clamp_min(1e-30).log2()).sum(-1).mean(-1)
+        reach = (maps * distance).sum(-1).mean(-1)
+        for h in range(maps.shape[0]):
+            pattern, share = max(
+                ((name, float(s[h])) for name, s in shares.items() if s is not None),
+                key=lambda pair: pair[1],
+            )
+            found.append(
+                HeadRole(
+                    layer,
+                    h,
+                    pattern if share >= threshold else "mixed",
+                    pattern,
+                    share,
+                    float(entropy[h]),
+                    float(reach[h]),
+                )
+            )
+    return found
+
+
+def render_roles(r: Run, threshold: float = 0.5) -> Any:
+    """A table of ``head_roles``: each head's role, share, entropy and reach."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"what each head does, over the {len(r.tokens)} tokens (the pattern taking ≥ "
+        f"{threshold:.0%} of a query's weight on average, else mixed)"
+    )
+    for name in ("layer", "head", "role", "its share", "entropy (bits)", "mean distance"):
+        table.add_column(name, justify="left" if name == "role" else "right")
+    for found in head_roles(r, threshold):
+        mixed = found.role == "mixed"
+        table.add_row(
+            str(found.layer),
+            str(found.head),
+            f"[dim]mixed (most: {found.pattern})[/dim]" if mixed else found.role,
+            f"{found.share:.2f}",
+            f"{found.entropy:.2f}",
+            f"{found.distance:.1f}",
+        )
+    return table
