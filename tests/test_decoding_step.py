@@ -1,0 +1,69 @@
+"""DecodingStep on random CausalLMs: a text fed in random chunks, caches passed as tensors.
+
+Each example draws a model (positions, grouped heads, a window, latent or differential
+attention, sinks, QK-norm, an output gate), a batch of left-padded texts and a split of the
+text into chunks (a prompt, then steps of one or more tokens). Feeding the chunks through
+``DecodingStep``, the caches handed from call to call, must give the full pass's logits at
+every position of every row (its exports are tested in test_export.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnkit import masks
+from attnkit.nn import CausalLM, DecodingStep
+
+
+@st.composite
+def models_and_texts(draw):
+    """A CausalLM, ids (B, L), each row's count of left pads, and the chunks' lengths."""
+    kind = draw(st.sampled_from(["plain", "latent", "differential"]))
+    options: dict[str, object] = {
+        "positions": draw(st.sampled_from(["learned", "rope", "alibi"])),
+        "sinks": draw(st.booleans()),
+        "qk_norm": draw(st.booleans()),
+        "output_gate": draw(st.booleans()),
+    }
+    if kind == "latent":
+        options = {
+            "positions": "rope",
+            "latent": {"kv_rank": 8, "nope_dim": 4, "rope_dim": 4, "v_dim": 4},
+        }
+    elif kind == "differential":
+        options = {"positions": draw(st.sampled_from(["learned", "rope"])), "differential": True}
+    else:
+        options["num_kv_heads"] = draw(st.sampled_from([1, 2, 4]))
+    if draw(st.booleans()):
+        options["mask"] = masks.sliding_window(draw(st.integers(1, 6)))
+    B, L = draw(st.integers(1, 3)), draw(st.integers(1, 24))
+    pads = [draw(st.integers(0, L - 1)) for _ in range(B)]
+    chunks, left = [], L
+    while left:
+        chunks.append(draw(st.integers(1, left)))
+        left -= chunks[-1]
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    lm = CausalLM(40, d_model=16, nhead=4, num_layers=2, max_len=32, **options).eval()
+    return lm, torch.randint(0, 40, (B, L)), torch.tensor(pads), chunks
+
+
+@settings(max_examples=40)
+@given(case=models_and_texts())
+def test_chunks_through_a_decoding_step_give_the_full_pass(case):
+    lm, ids, pads, chunks = case
+    padding = torch.arange(ids.shape[1])[None, :] < pads[:, None]
+    step = DecodingStep(lm)
+    keys, values = step.empty_caches(ids.shape[0])
+    got, at = [], 0
+    with torch.no_grad():
+        full, _ = lm(ids, padding=padding)
+        for n in chunks:
+            logits, keys, values = step(ids[:, at : at + n], keys, values, pads)
+            got.append(logits)
+            at += n
+    assert keys.shape[3] == values.shape[3] == ids.shape[1]
+    kept = ~padding  # a pad's own logits are not the model's business
+    torch.testing.assert_close(torch.cat(got, 1)[kept], full[kept], rtol=1e-4, atol=1e-5)
