@@ -1,10 +1,12 @@
-"""DecodingStep on random CausalLMs: a text fed in random chunks, caches passed as tensors.
+"""DecodingStep and TranslationStep on random models: texts fed in random chunks.
 
 Each example draws a model (positions, grouped heads, a window, latent or differential
 attention, sinks, QK-norm, an output gate), a batch of left-padded texts and a split of the
 text into chunks (a prompt, then steps of one or more tokens). Feeding the chunks through
 ``DecodingStep``, the caches handed from call to call, must give the full pass's logits at
-every position of every row (its exports are tested in test_export.py).
+every position of every row; through ``TranslationStep``, a random Transformer's targets
+over padded sources give its teacher-forced logits (the exports are tested in
+test_export.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnkit import masks
-from attnkit.nn import CausalLM, DecodingStep
+from attnkit.nn import CausalLM, DecodingStep, Transformer, TranslationStep
 
 
 @st.composite
@@ -67,3 +69,43 @@ def test_chunks_through_a_decoding_step_give_the_full_pass(case):
     assert keys.shape[3] == values.shape[3] == ids.shape[1]
     kept = ~padding  # a pad's own logits are not the model's business
     torch.testing.assert_close(torch.cat(got, 1)[kept], full[kept], rtol=1e-4, atol=1e-5)
+
+
+@st.composite
+def translators_and_pairs(draw):
+    """A Transformer, padded sources (B, S), targets (B, T) and the targets' chunk lengths."""
+    options = {
+        "positions": draw(st.sampled_from(["learned", "rope", "alibi"])),
+        "num_kv_heads": draw(st.sampled_from([1, 2, 4])),
+        "sinks": draw(st.booleans()),
+        "qk_norm": draw(st.booleans()),
+        "output_gate": draw(st.booleans()),
+    }
+    B, S, T = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    lengths = [draw(st.integers(1, S)) for _ in range(B)]
+    chunks, left = [], T
+    while left:
+        chunks.append(draw(st.integers(1, left)))
+        left -= chunks[-1]
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    model = Transformer(30, 30, d_model=16, nhead=4, max_len=32, **options).eval()
+    src = torch.randint(1, 30, (B, S))
+    src[torch.arange(S)[None, :] >= torch.tensor(lengths)[:, None]] = model.pad_id
+    return model, src, torch.randint(1, 30, (B, T)), chunks
+
+
+@settings(max_examples=30)
+@given(case=translators_and_pairs())
+def test_targets_in_chunks_through_a_translation_step_give_teacher_forcing(case):
+    model, src, tgt, chunks = case
+    step = TranslationStep(model)
+    keys, values = step.empty_caches(src.shape[0])
+    got, at = [], 0
+    with torch.no_grad():
+        full = model(src, tgt)
+        memory, padding = model.encode(src)
+        for n in chunks:
+            logits, keys, values = step(tgt[:, at : at + n], memory, padding, keys, values)
+            got.append(logits)
+            at += n
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-4, atol=1e-5)
