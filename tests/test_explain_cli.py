@@ -100,6 +100,9 @@ def test_explain_sparse_pictures_show_both_runs(tmp_path, capsys):
     ]
     for got, r in zip(rolled, runs, strict=True):
         assert torch.equal(got, quantize(list(explain.rollout(r).float())))
+    # and what each head does, per run
+    assert data["roles"] == [explain.role_words(r) for r in runs]
+    assert data["roles"][0][0][2] == "previous token 1.00"
 
 
 @pytest.mark.parametrize(
@@ -220,6 +223,7 @@ def test_explain_a_translation_shows_its_cross_attention(tmp_path, capsys):
     assert data["tokens"] == ["a", "b", "␣", "1", "2"]
     assert data["query_tokens"] == shown
     assert data["rollout"] is None  # (cross-attention has none)
+    assert data["roles"] is None
     # the weights are the decoder's own cross-attention, step by step
     r = run_checkpoint(load_checkpoint(path), "ab 12")
     with torch.no_grad():
@@ -669,7 +673,41 @@ def test_model_views_rollout_column_in_chromium(browser, tmp_path):
     assert not browser.find_elements(By.CSS_SELECTOR, "canvas.rollout.shown")
 
 
-def test_head_view_refuses_a_rollout_that_does_not_fit():
+@pytest.mark.slow
+def test_heads_roles_show_on_their_cells_and_toggles_in_chromium(browser, tmp_path):
+    """Given each run's roles, a model-view cell's title and a head toggle's (at the layer
+    shown) name what that head does in the selected run."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    maps = {name: [torch.eye(3)[None].expand(2, 3, 3)] * 2 for name in ("first", "second")}
+    roles = {
+        name: [[f"{name} {layer}.{h}" for h in range(2)] for layer in range(2)] for name in maps
+    }
+    page = tmp_path / "roles.html"
+    page.write_text(head_view_html(list("abc"), maps, roles=roles))
+    browser.get(page.as_uri())
+
+    def titles(selector):
+        return [e.get_attribute("title") for e in browser.find_elements(By.CSS_SELECTOR, selector)]
+
+    assert titles("canvas.thumb") == [
+        f"layer {layer}, head {h}: first {layer}.{h}" for layer in range(2) for h in range(2)
+    ]
+    assert titles("label.head-toggle-label") == [
+        "layer 1, head 0: first 1.0",
+        "layer 1, head 1: first 1.1",
+    ]
+    Select(browser.find_element(By.ID, "run")).select_by_visible_text("second")
+    Select(browser.find_element(By.ID, "layer")).select_by_visible_text("0")
+    assert titles("label.head-toggle-label") == [
+        "layer 0, head 0: second 0.0",
+        "layer 0, head 1: second 0.1",
+    ]
+    assert titles("canvas.thumb")[3] == "layer 1, head 1: second 1.1"
+
+
+def test_head_view_refuses_a_rollout_or_roles_that_do_not_fit():
     maps = {"a": [torch.eye(3)[None]] * 2, "b": [torch.eye(3)[None]] * 2}
     good = torch.eye(3).expand(2, 3, 3)
     with pytest.raises(ValueError, match=r"rollout must be given for every run, \['a', 'b'\]"):
@@ -678,6 +716,14 @@ def test_head_view_refuses_a_rollout_that_does_not_fit():
         head_view_html(list("xyz"), maps, rollout={"a": good, "b": good[:1]})
     with pytest.raises(ValueError, match="weights ≥ 0 whose rows sum to 1"):
         head_view_html(list("xyz"), maps, rollout={"a": good, "b": good * 0.5})
+    words = [["x"], ["y"]]
+    with pytest.raises(ValueError, match=r"roles must be given for every run, \['a', 'b'\]"):
+        head_view_html(list("xyz"), maps, roles=words)
+    with pytest.raises(
+        ValueError,
+        match=r"roles\['b'\] must hold \(layers, heads\) = \(2, 1\) strings, got \(2, 2\)",
+    ):
+        head_view_html(list("xyz"), maps, roles={"a": words, "b": [["x", "y"], ["z", "w"]]})
 
 
 @pytest.mark.slow

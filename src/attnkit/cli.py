@@ -213,6 +213,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                         found["mask"] = sparse_mask.dense(len(r.tokens), len(r.tokens))[0, 0]
                 if found is not None:
                     vectors[what] = found
+        self_attention = full.query_tokens is None and not full.differential
         save_head_view(
             full.tokens,
             {what: [r.attention(n) for n in range(n_layers)] for what, r in runs.items()},
@@ -226,8 +227,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             signed=full.differential,
             query_tokens=full.query_tokens,
             rollout=None  # a column of the model view, where it is defined
-            if full.query_tokens is not None or full.differential
+            if not self_attention
             else {what: ex.rollout(r).float() for what, r in runs.items()},
+            roles=None  # what each head does, on its model-view cell
+            if not self_attention
+            else {what: ex.role_words(r) for what, r in runs.items()},
         )
         console.print(f"wrote {args.html}", soft_wrap=True)
     return 0

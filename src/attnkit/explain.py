@@ -700,6 +700,19 @@ def head_roles(r: Run, threshold: float = 0.5) -> list[HeadRole]:
     return found
 
 
+def _described(found: HeadRole) -> str:
+    """A head's role in words: "previous token", or "mixed (most: itself)"."""
+    return f"mixed (most: {found.pattern})" if found.role == "mixed" else found.role
+
+
+def role_words(r: Run) -> list[list[str]]:
+    """``head_roles`` as words per [layer][head], e.g. "previous token 1.00" (the HTML page's)."""
+    words: list[list[str]] = [[] for _ in r.output.attentions]
+    for found in head_roles(r):
+        words[found.layer].append(f"{_described(found)} {found.share:.2f}")
+    return words
+
+
 def render_roles(r: Run, threshold: float = 0.5) -> Any:
     """A table of ``head_roles``: each head's role, share, entropy and reach."""
     from rich.table import Table
@@ -711,11 +724,11 @@ def render_roles(r: Run, threshold: float = 0.5) -> Any:
     for name in ("layer", "head", "role", "its share", "entropy (bits)", "mean distance"):
         table.add_column(name, justify="left" if name == "role" else "right")
     for found in head_roles(r, threshold):
-        mixed = found.role == "mixed"
+        described = _described(found)
         table.add_row(
             str(found.layer),
             str(found.head),
-            f"[dim]mixed (most: {found.pattern})[/dim]" if mixed else found.role,
+            f"[dim]{described}[/dim]" if found.role == "mixed" else described,
             f"{found.share:.2f}",
             f"{found.entropy:.2f}",
             f"{found.distance:.1f}",

@@ -59,6 +59,7 @@ def head_view_html(
     query_tokens: Sequence[str] | None = None,
     signed: bool = False,
     rollout: Tensor | Mapping[str, Tensor] | None = None,
+    roles: Sequence[Sequence[str]] | Mapping[str, Sequence[Sequence[str]]] | None = None,
 ) -> str:
     """The page as a string.
 
@@ -88,6 +89,9 @@ def head_view_html(
         rollout: each run's attention rollout (``attnkit.explain.rollout``), (layers, L, L)
             with rows summing to 1, drawn as one more column of the model view; one tensor
             for a single run, else one per run by name.
+        roles: a few words per head of each layer, [layer][head] (e.g. ``head_roles``'
+            "previous token 1.00"), shown when the pointer rests on its model-view cell or
+            its head's toggle; one list for a single run, else one per run by name.
     """
     runs = dict(attentions) if isinstance(attentions, Mapping) else {"attention": attentions}
     queries = tokens if query_tokens is None else query_tokens
@@ -113,6 +117,7 @@ def head_view_html(
     q = torch.stack(quantized)  # (runs, layers, H, Lq, Lk)
     neuron = _neuron_view(vectors, runs, query, head)
     rolled = _rollout(rollout, runs, (n_layers, Lq, Lk))
+    described = _roles(roles, runs, (n_layers, H))
     data = {
         "tokens": list(tokens),
         "query_tokens": None if query_tokens is None else list(query_tokens),
@@ -125,6 +130,7 @@ def head_view_html(
         "weights": base64.b64encode(q.numpy().tobytes()).decode("ascii"),
         "sink": None,
         "rollout": rolled,
+        "roles": described,
         **neuron,
     }
     if sinks:  # (runs, layers, H, Lq): each row's weight on no token, bytes as the weights
@@ -163,6 +169,26 @@ def _rollout(
             raise ValueError(f"rollout[{name!r}] must hold weights ≥ 0 whose rows sum to 1")
     data = torch.stack([quantize(list(per_run[name])) for name in runs])
     return base64.b64encode(data.numpy().tobytes()).decode("ascii")
+
+
+def _roles(
+    roles: Sequence[Sequence[str]] | Mapping[str, Sequence[Sequence[str]]] | None,
+    runs: Mapping[str, Run],
+    sizes: tuple[int, int],
+) -> list[list[list[str]]] | None:
+    """Every run's words per (layer, head), or None without."""
+    if roles is None:
+        return None
+    per_run = roles if isinstance(roles, Mapping) else {next(iter(runs)): roles}
+    if set(per_run) != set(runs):
+        raise ValueError(f"roles must be given for every run, {list(runs)}; got {list(per_run)}")
+    for name, words in per_run.items():
+        found = (len(words), *{len(layer) for layer in words})
+        if found != sizes or not all(isinstance(w, str) for layer in words for w in layer):
+            raise ValueError(
+                f"roles[{name!r}] must hold (layers, heads) = {sizes} strings, got {found}"
+            )
+    return [[list(layer) for layer in per_run[name]] for name in runs]
 
 
 def _neuron_view(
