@@ -20,6 +20,7 @@ import json
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -33,6 +34,7 @@ _PAGE = (resources.files("attnkit.viz") / "pages" / "head_view.html").read_text(
 
 #: One run's attention: an (H, Lq, Lk) tensor of probabilities per layer.
 Run = Sequence[Tensor]
+T = TypeVar("T")
 
 
 def _stacked(attentions: Run) -> Tensor:
@@ -147,6 +149,14 @@ def head_view_html(
     )
 
 
+def _every_run(given: T | Mapping[str, T], runs: Mapping[str, Run], what: str) -> Mapping[str, T]:
+    """``given`` by run name: one value is the single run's; a mapping must name every run."""
+    per_run: Mapping[str, T] = given if isinstance(given, Mapping) else {next(iter(runs)): given}
+    if set(per_run) != set(runs):
+        raise ValueError(f"{what} must be given for every run, {list(runs)}; got {list(per_run)}")
+    return per_run
+
+
 def _rollout(
     rollout: Tensor | Mapping[str, Tensor] | None,
     runs: Mapping[str, Run],
@@ -155,9 +165,7 @@ def _rollout(
     """Every run's rollout maps (runs, layers, L, L) as base64 bytes, or None without."""
     if rollout is None:
         return None
-    per_run = rollout if isinstance(rollout, Mapping) else {next(iter(runs)): rollout}
-    if set(per_run) != set(runs):
-        raise ValueError(f"rollout must be given for every run, {list(runs)}; got {list(per_run)}")
+    per_run = _every_run(rollout, runs, "rollout")
     for name, maps in per_run.items():
         if tuple(maps.shape) != sizes or sizes[1] != sizes[2]:
             raise ValueError(
@@ -179,9 +187,7 @@ def _roles(
     """Every run's words per (layer, head), or None without."""
     if roles is None:
         return None
-    per_run = roles if isinstance(roles, Mapping) else {next(iter(runs)): roles}
-    if set(per_run) != set(runs):
-        raise ValueError(f"roles must be given for every run, {list(runs)}; got {list(per_run)}")
+    per_run = _every_run(roles, runs, "roles")
     for name, words in per_run.items():
         found = (len(words), *{len(layer) for layer in words})
         if found != sizes or not all(isinstance(w, str) for layer in words for w in layer):
