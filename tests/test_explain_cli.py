@@ -1038,6 +1038,12 @@ def test_head_roles_of_the_model_name_its_positional_heads(capsys):
     out = capsys.readouterr().out
     for f in (roles[0, 2], roles[1, 8]):
         assert re.search(rf"│\s+{f.layer} │\s+{f.head} │ {f.role}\s+│\s+{f.share:.2f} │", out)
+    # under a sparse pattern, its run's roles too: the previous-token head stays one
+    assert main(["explain", "--roles", "--sparse", "sliding_window:1,1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "what each head does under sliding_window(left=1, right=1), over the 11 tokens" in out
+    sparse = explain.run(load_pretrained(), DEFAULT_TEXT, mask=parse_mask("sliding_window:1,1"))
+    assert explain.head_roles(sparse)[2].role == "previous token"
 
 
 def test_rollout_of_a_causal_lm_never_reaches_ahead(char_lm):

@@ -171,6 +171,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             console.print(part)
         if args.rollout:  # how far the pattern lets the word reach, layer after layer
             console.print(ex.render_rollout(sparse, i, args.top, f"under {sparse_mask!r}"))
+        if args.roles:
+            console.print(ex.render_roles(sparse, what=f"under {sparse_mask!r}"))
         runs[f"under {sparse_mask!r}"] = sparse
     if args.png:
         from attnkit.viz import save_head_grid

@@ -713,13 +713,17 @@ def role_words(r: Run) -> list[list[str]]:
     return words
 
 
-def render_roles(r: Run, threshold: float = 0.5) -> Any:
-    """A table of ``head_roles``: each head's role, share, entropy and reach."""
+def render_roles(r: Run, threshold: float = 0.5, what: str = "") -> Any:
+    """A table of ``head_roles``: each head's role, share, entropy and reach.
+
+    ``what`` names the run in the title (e.g. the sparse pattern it ran under).
+    """
     from rich.table import Table
 
     table = Table(
-        title=f"what each head does, over the {len(r.tokens)} tokens (the pattern taking ≥ "
-        f"{threshold:.0%} of a query's weight on average, else mixed)"
+        title=f"what each head does{' ' + what if what else ''}, over the {len(r.tokens)} "
+        f"tokens (the pattern taking ≥ {threshold:.0%} of a query's weight on average, else "
+        "mixed)"
     )
     for name in ("layer", "head", "role", "its share", "entropy (bits)", "mean distance"):
         table.add_column(name, justify="left" if name == "role" else "right")
