@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.nn.kv_cache import KVCache
-from attnkit.nn.transformer import CausalLM, Transformer
+from attnkit.nn.transformer import CausalLM, Transformer, TransformerDecoderLayer
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -33,27 +33,32 @@ def _empty(cache: KVCache, layers: int) -> tuple[Tensor, Tensor]:
     return keys, values
 
 
-def _check_step(ids: Tensor, keys: Tensor, values: Tensor, empty: tuple[Tensor, Tensor]) -> int:
-    """ValueError unless ids (B, T >= 1) and caches fit ``empty``'s sizes; returns P."""
+def _new_tokens(ids: Tensor, keys: Tensor) -> tuple[int, int, int]:
+    """B and T of ids (B, T >= 1), and P: the positions ``keys`` holds (checked later)."""
     if ids.dim() != 2 or ids.shape[1] < 1:
         raise ValueError(f"ids must be (B, T) with T >= 1, got {tuple(ids.shape)}")
-    for name, t, like in zip(("keys", "values"), (keys, values), empty, strict=True):
-        if t.dim() != 5 or (*t.shape[:3], t.shape[4]) != (*like.shape[:3], like.shape[4]):
-            size = ", ".join(map(str, like.shape[:3])) + f", P, {like.shape[4]}"
+    return ids.shape[0], ids.shape[1], keys.shape[3] if keys.dim() == 5 else 0
+
+
+def _filled(ids: Tensor, keys: Tensor, values: Tensor, caches: list[KVCache]) -> list[KVCache]:
+    """``caches`` (one per layer) holding layer n's ``keys[n]`` and ``values[n]``.
+
+    ValueError unless keys (layers, B, Hkv, P, D) and values (..., P, Dv) fit the caches.
+    """
+    layers, held = len(caches), caches[0]
+    for name, t, like in (("keys", keys, held.keys), ("values", values, held.values)):
+        want = (layers, like.shape[0], like.shape[1], like.shape[3])  # (layers, B, Hkv, ·)
+        if t.dim() != 5 or (*t.shape[:3], t.shape[4]) != want:
             raise ValueError(
                 f"{name} must be (layers, B, Hkv, P, {'D' if name == 'keys' else 'Dv'}) = "
-                f"({size}) for ids {tuple(ids.shape)}, got {tuple(t.shape)}"
+                f"({', '.join(map(str, want[:3]))}, P, {want[3]}) for ids {tuple(ids.shape)}, "
+                f"got {tuple(t.shape)}"
             )
-    P = keys.shape[3]
-    if values.shape[3] != P:
+    if values.shape[3] != keys.shape[3]:
         raise ValueError(
-            f"keys and values must hold as many positions, got {P} and {values.shape[3]}"
+            f"keys and values must hold as many positions, got {keys.shape[3]} and "
+            f"{values.shape[3]}"
         )
-    return P  # (a SymInt under export)
-
-
-def _filled(caches: list[KVCache], keys: Tensor, values: Tensor) -> list[KVCache]:
-    """``caches`` holding layer n's ``keys[n]`` and ``values[n]``."""
     for n, cache in enumerate(caches):
         cache.append(keys[n], values[n])
     return caches
@@ -107,8 +112,8 @@ class DecodingStep(nn.Module):
             logits (B, T, V), keys (layers, B, Hkv, P + T, D), values (layers, B, Hkv,
             P + T, Dv).
         """
-        B, T = ids.shape[0], ids.shape[-1]
-        P = _check_step(ids, keys, values, self.empty_caches(B))
+        B, T, P = _new_tokens(ids, keys)
+        caches = _filled(ids, keys, values, self.lm.new_caches(B, P + T))
         padding = None
         if pads is not None:
             if pads.shape != (B,) or pads.is_floating_point() or pads.dtype == torch.bool:
@@ -116,7 +121,6 @@ class DecodingStep(nn.Module):
                     f"pads must be (B,) = ({B},) integers, got {pads.dtype} {tuple(pads.shape)}"
                 )
             padding = torch.arange(P + T, device=ids.device)[None, :] < pads[:, None]
-        caches = _filled(self.lm.new_caches(B, P + T), keys, values)
         logits, _ = self.lm(ids, start=P, caches=caches, padding=padding)
         return (logits, *_stacked(caches))
 
@@ -166,7 +170,12 @@ class TranslationStep(nn.Module):
         self.model = model
 
     def _self_caches(self, batch: int, max_len: int) -> list[KVCache]:
-        return [cache for cache, _ in self.model.new_caches(batch, 1, max_len)]
+        """The decoder's self-attention caches (no cross-attention ones: the memory is read)."""
+        caches = []
+        for layer in self.model.decoder:
+            assert isinstance(layer, TransformerDecoderLayer)
+            caches.append(layer.self_attn.new_cache(batch, max_len))
+        return caches
 
     def empty_caches(self, batch: int) -> tuple[Tensor, Tensor]:
         """The decoder's self-attention keys (layers, B, Hkv, 0, D) and values, empty."""
@@ -188,14 +197,13 @@ class TranslationStep(nn.Module):
         Returns:
             logits (B, T, V), keys and values (layers, B, Hkv, P + T, ·).
         """
-        B, T = ids.shape[0], ids.shape[-1]
-        P = _check_step(ids, keys, values, self.empty_caches(B))
+        B, T, P = _new_tokens(ids, keys)
+        caches = _filled(ids, keys, values, self._self_caches(B, P + T))
         if memory.dim() != 3 or memory.shape[0] != B or memory_padding.shape != memory.shape[:2]:
             raise ValueError(
                 f"memory must be (B, S, E) and memory_padding (B, S) for ids {tuple(ids.shape)},"
                 f" got {tuple(memory.shape)} and {tuple(memory_padding.shape)}"
             )
-        caches = _filled(self._self_caches(B, P + T), keys, values)
         logits, _ = self.model.decode(
             ids, memory, memory_padding, start=P, caches=[(c, None) for c in caches]
         )

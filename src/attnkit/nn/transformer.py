@@ -381,7 +381,7 @@ class _Embedding(nn.Module):
                     f"positions up to {end} exceed max_len {self.max_len} "
                     "(the learned position table's size)"
                 )
-            at = torch.arange(start, start + ids.shape[1], device=ids.device)
+            at = torch.arange(start, end, device=ids.device)
             if pads is not None:
                 at = (at[None, :] - pads[:, None]).clamp(min=0)  # (B, L); pads sit at 0
             x = x + self.positions(at)
