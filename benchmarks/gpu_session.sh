@@ -10,7 +10,8 @@
 #   walks.txt  host and device time to make a packed step's tile walks (benchmarks/triton_walks.py)
 #   gpu.md     the attention table (TFLOP/s), gpu.json every figure; bench.log its output
 #   ring.txt   (stage "ring", not run by default) ring attention on one GPU over NCCL, plain
-#              and with packed documents: NCCL's collectives and the example's CUDA tensors
+#              and with packed documents, bf16 forward+backward, its blocks on Triton's
+#              kernels then on tiled's: NCCL's collectives and the example's CUDA tensors
 #
 #   STAGES="tests decode walks bench" (default), any of them, "autotune" (bench, tuned tiles)
 #   or "ring"
@@ -77,10 +78,13 @@ for stage in $STAGES; do
         2>&1 | tee "$OUT/autotune.log"
       ;;
     ring)
-      for docs in "" "--documents 16"; do
-        # shellcheck disable=SC2086  # $docs: no option, or the option and its value
-        timeout "${RING_S:-60}" $PY -m torch.distributed.run --nproc-per-node 1 \
-          examples/ring_attention.py --seq "${RING_SEQ:-65536}" $docs 2>&1 | tee -a "$OUT/ring.txt"
+      for blocks in triton tiled; do
+        for docs in "" "--documents 16"; do
+          # shellcheck disable=SC2086  # $docs: no option, or the option and its value
+          timeout "${RING_S:-60}" $PY -m torch.distributed.run --nproc-per-node 1 \
+            examples/ring_attention.py --seq "${RING_SEQ:-65536}" --dtype bfloat16 --backward \
+            --backend "$blocks" $docs 2>&1 | tee -a "$OUT/ring.txt"
+        done
       done
       ;;
     *)

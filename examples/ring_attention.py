@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 4 examples/ring_attention.py --seq 65536
 
 Prints the time per call, each rank's peak memory, the bytes each rank sends per ring step,
-and the max error against a single-process tiled run at --check-seq tokens.
+and the max error against a single-process float32 run at --check-seq tokens. ``--backend``
+picks what computes each block (default: Triton's kernels on GPUs, tiled's on CPUs).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
     ap.add_argument("--backward", action="store_true", help="time forward + backward")
     ap.add_argument("--check-seq", type=int, default=2048, help="length for the error check")
+    ap.add_argument("--backend", default="auto", choices=["auto", "tiled", "triton"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -43,7 +46,8 @@ def main() -> None:
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     causal = not args.full
-    kw = {"causal": causal, "window": args.window, "layout": args.layout}
+    dtype = getattr(torch, args.dtype)
+    kw = {"causal": causal, "window": args.window, "layout": args.layout, "backend": args.backend}
 
     def peak_mb(reset: bool = False) -> float:
         """Peak memory in MB since the last reset (resetting it first): the GPU's, else RSS."""
@@ -69,7 +73,7 @@ def main() -> None:
     torch.manual_seed(0)
     L = args.check_seq
     q, k, v = (
-        torch.randn(1, h, L, args.dim, device=device)
+        torch.randn(1, h, L, args.dim, device=device, dtype=dtype)
         for h in (args.heads, args.kv_heads, args.kv_heads)
     )
     if args.window is not None:
@@ -78,24 +82,24 @@ def main() -> None:
         mask = masks.causal() if causal else masks.full()
     if args.documents is not None:
         mask = mask & masks.document(documents(L))
-    whole = attnkit.attention(q, k, v, mask=mask, backend="tiled")
+    whole = attnkit.attention(q.float(), k.float(), v.float(), mask=mask, backend="tiled")
     local = ring_attention(
         *(shard_sequence(t, world, rank, args.layout) for t in (q, k, v)),
         document_ids=shard_of_documents(L),
         **kw,
     )
-    err = (local - shard_sequence(whole, world, rank, args.layout)).abs().max().reshape(1)
+    err = (local.float() - shard_sequence(whole, world, rank, args.layout)).abs().max().reshape(1)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
 
     # 2. time and memory at --seq tokens: each rank makes only its own shard
     torch.manual_seed(rank)
     n = args.seq // world
     q, k, v = (
-        torch.randn(1, h, n, args.dim, device=device, requires_grad=args.backward)
+        torch.randn(1, h, n, args.dim, device=device, dtype=dtype, requires_grad=args.backward)
         for h in (args.heads, args.kv_heads, args.kv_heads)
     )
     ids = shard_of_documents(args.seq)
-    ring_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], causal=causal)  # warm-up
+    ring_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], **kw)  # warm-up
     dist.barrier()
     base_mb = peak_mb(reset=True)
     start = time.perf_counter()
@@ -108,12 +112,13 @@ def main() -> None:
     peaks = [torch.zeros(1, device=device) for _ in range(world)]  # (NCCL takes no CPU tensor)
     dist.all_gather(peaks, peak)
     if rank == 0:
-        sent = 2 * args.kv_heads * n * args.dim * 4  # k and v shard, float32
+        sent = 2 * args.kv_heads * n * args.dim * q.element_size()  # k and v shards
         what = "forward+backward" if args.backward else "forward"
         print(
             f"ring attention, P={world} ({backend}), seq={args.seq}, heads={args.heads}/"
             f"{args.kv_heads}, dim={args.dim}, causal={causal}, window={args.window}, "
-            f"layout={args.layout}, documents={args.documents}"
+            f"layout={args.layout}, documents={args.documents}, {args.dtype}, "
+            f"blocks on {args.backend}"
         )
         print(f"  {what}: {seconds:.2f} s")
         print(f"  peak extra memory per rank: {', '.join(f'{p.item():.0f}' for p in peaks)} MB")

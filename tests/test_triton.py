@@ -129,6 +129,60 @@ def test_lse_and_its_gradient():
     check((1, 2, 2, 21, 21, 16, 16), mask=masks.causal(), return_lse=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_block_backward_parts_add_up_to_the_whole_gradient(dtype):
+    """Ring attention's backward on the kernels: two blocks of keys, each given the *global*
+    out and LSE as slices of longer tensors (a zigzag chunk's are), add up to the gradient of
+    attention over both, returned in float32 (no 16-bit rounding per block)."""
+    from attnkit.backends import triton as triton_backend
+
+    Lq, Lk, split, scale = 23, 37, 16, 40**-0.5
+    q64, k64, v64 = (t.to(DEVICE) for t in rand_qkv(1, 4, 2, Lq + 9, Lk, 40, 24, torch.float64))
+    dout64 = torch.randn(1, 4, Lq + 9, 24, dtype=torch.float64, device=DEVICE)
+    dlse64 = torch.randn(1, 4, Lq + 9, dtype=torch.float64, device=DEVICE)
+    rows = slice(5, 5 + Lq)  # the queries: a slice of a longer shard, as in a ring's chunk
+
+    def window(k0):  # a causal window of 20 keys, for keys from k0 on
+        return masks.sliding_window(20, align=Lk - Lq - k0)
+
+    def whole(run_dtype):
+        q = q64[:, :, rows].to(run_dtype).requires_grad_()
+        k, v = (t.to(run_dtype).requires_grad_() for t in (k64, v64))
+        out, lse = attnkit.attention(q, k, v, mask=window(0), backend="reference", return_lse=True)
+        seeds = [dout64[:, :, rows].to(run_dtype), dlse64[:, :, rows].to(torch.float32)]
+        return (out, lse), torch.autograd.grad([out, lse], (q, k, v), [seeds[0], seeds[1].to(lse)])
+
+    (out, lse), ref64 = whole(torch.float64)
+    _, ref_low = whole(dtype)
+    # the global out and LSE as slices of longer tensors (their rows outside are never read)
+    out_long = torch.zeros(1, 4, Lq + 9, 24, dtype=dtype, device=DEVICE)
+    lse_long = torch.zeros(1, 4, Lq + 9, dtype=torch.float32, device=DEVICE)
+    out_long[:, :, rows], lse_long[:, :, rows] = out.to(dtype), lse.float()
+    q, k, v, dout = (t.to(dtype) for t in (q64, k64, v64, dout64))
+    parts = [
+        triton_backend.block_backward(
+            dout[:, :, rows],
+            q[:, :, rows],
+            k[:, :, a:b],
+            v[:, :, a:b],
+            out_long[:, :, rows],
+            lse_long[:, :, rows],
+            mask=window(a),
+            scale=scale,
+            dlse=dlse64[:, :, rows].float(),
+        )
+        for a, b in ((0, split), (split, Lk))
+    ]
+    assert all(g.dtype == torch.float32 for part in parts for g in part)
+    got = (
+        parts[0][0] + parts[1][0],
+        torch.cat([parts[0][1], parts[1][1]], dim=2),
+        torch.cat([parts[0][2], parts[1][2]], dim=2),
+    )
+    for g, r64, r_low in zip(got, ref64, ref_low, strict=True):
+        assert_close_scaled(g, r64, r_low, mult=4.0, floor=2e-5)
+
+
 def test_attention_sinks_through_the_lse():
     """Sinks rescale out by the triton LSE: forward and every gradient, sinks' included."""
     q64, k64, v64 = (t.to(DEVICE) for t in rand_qkv(1, 4, 2, 19, 26, 16, 16, torch.float64))

@@ -696,19 +696,6 @@ _run_loops._torchdynamo_disable_msg = (  # type: ignore[attr-defined]
 )
 
 
-def block_forward(
-    q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale: float
-) -> tuple[Tensor, Tensor]:
-    """Attention of q over one block of keys, without autograd (for ring attention).
-
-    Returns out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) float32.
-    """
-    from attnkit.functional import attention
-
-    with torch.no_grad():
-        return attention(q, k, v, mask=mask, scale=scale, backend="tiled", return_lse=True)
-
-
 def block_backward(
     dout: Tensor,
     q: Tensor,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -24,11 +24,11 @@ from torch import Tensor
 
 from attnkit import _validation as check
 from attnkit._types import EMPTY, FULL
+from attnkit.backends import tiled, triton
 from attnkit.backends._common import compute_dtype, first_order_only
-from attnkit.backends.tiled import block_backward, block_forward
 from attnkit.distributed.layout import check_layout, chunks_of
 from attnkit.distributed.merge import merge_partials
-from attnkit.functional import autocast_inputs, autocast_off
+from attnkit.functional import _request, attention, autocast_inputs, autocast_off
 from attnkit.masks import Mask, causal, document, sliding_window
 from attnkit.sinks import apply_sinks, check_sinks
 
@@ -43,6 +43,7 @@ class _Setup:
     causal: bool
     window: tuple[int, int] | None
     scale: float
+    backend: Literal["tiled", "triton"]  # what computes each block
 
 
 def _pair_mask(
@@ -121,6 +122,15 @@ def _pairs(
     return todo
 
 
+def _block_forward(
+    s: _Setup, q: Tensor, k: Tensor, v: Tensor, mask: Mask | None
+) -> tuple[Tensor, Tensor]:
+    """Attention of q over one block of keys, without autograd: out in q's dtype, LSE float32."""
+    with torch.no_grad():
+        out, lse = attention(q, k, v, mask=mask, scale=s.scale, backend=s.backend, return_lse=True)
+    return out, lse
+
+
 def _block(k: Tensor, v: Tensor, ids: Tensor | None) -> list[Tensor]:
     """What travels the ring: a rank's keys and values, and their document ids if any."""
     return [k, v] if ids is None else [k, v, ids]
@@ -136,9 +146,7 @@ def _forward(
         src = (s.rank - step) % s.world
         pending = _exchange(s, kv) if step < s.world - 1 else None
         for i, _, (qa, qb), (ka, kb), mask in _pairs(s, src, ids, None if ids is None else kv[2]):
-            o, lse = block_forward(
-                q[:, :, qa:qb], kv[0][:, :, ka:kb], kv[1][:, :, ka:kb], mask=mask, scale=s.scale
-            )
+            o, lse = _block_forward(s, q[:, :, qa:qb], kv[0][:, :, ka:kb], kv[1][:, :, ka:kb], mask)
             parts[i][0].append(o)
             parts[i][1].append(lse)
         if pending is not None:
@@ -176,6 +184,7 @@ def _backward(
     dq = torch.zeros_like(q, dtype=ct)
     kv = _block(k, v, ids)
     dkv = [torch.zeros_like(k, dtype=ct), torch.zeros_like(v, dtype=ct)]
+    block_backward = (triton if s.backend == "triton" else tiled).block_backward
     for step in range(s.world):
         src = (s.rank - step) % s.world
         pending_kv = _exchange(s, kv) if step < s.world - 1 else None
@@ -236,6 +245,7 @@ def ring_attention(
     layout: str = "zigzag",
     sinks: Tensor | None = None,
     document_ids: Tensor | None = None,
+    backend: str = "auto",
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Self-attention over a sequence sharded along dim 2 across the ranks of ``group``.
@@ -257,6 +267,9 @@ def ring_attention(
             dim) of the global sequence's document ids, (L/P,) or (B, L/P), integers. A query
             sees only keys of its own document (``masks.document``), on top of ``causal`` and
             ``window``; blocks that share no document with a rank's queries are skipped.
+        backend: what computes each block, forward and backward: "tiled" (any device; its
+            compiled kernels on CPU), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), or
+            "auto": triton on CUDA tensors it supports, tiled otherwise.
         return_lse: also return the LSE (B, Hq, L/P) of this rank's queries.
 
     Returns:
@@ -311,6 +324,7 @@ def ring_attention(
         causal,
         win,
         check.check_scale(scale, shapes.D),
+        _block_backend(backend, q, k, v),
     )
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
@@ -320,6 +334,20 @@ def ring_attention(
         if sinks is not None:
             out, lse = apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
+
+
+def _block_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> Literal["tiled", "triton"]:
+    """The backend that computes the ring's blocks, or ValueError saying why it cannot."""
+    if backend not in ("auto", "tiled", "triton"):
+        raise ValueError(f"backend must be 'auto', 'tiled' or 'triton', got {backend!r}")
+    if backend == "tiled":
+        return "tiled"
+    # the blocks' masks are chunks of causal, window and document masks, all of which the
+    # kernels take: the inputs decide
+    why = triton.unsupported_reason(_request(q, k, v, None, None, None, 0.0, None, False))
+    if backend == "triton" and why is not None:
+        raise ValueError(f"ring_attention backend='triton' cannot serve these inputs: {why}")
+    return "triton" if why is None and (backend == "triton" or q.device.type == "cuda") else "tiled"
 
 
 def _document_ids(ids: Tensor, q: Tensor, B: int, length: int) -> Tensor:

@@ -31,6 +31,7 @@ from attnkit.backends.triton.calls import (
 )
 from attnkit.backends.triton.launches import (
     Launch,
+    Launches,
     band_launches,
     choose_launches,
     decoding_launch,
@@ -46,6 +47,7 @@ from attnkit.backends.triton.walks import (
     row_kv_tiles,
     tile_walk,
 )
+from attnkit.masks import Mask
 from attnkit.score_mods import KernelMods, kernel_mods
 
 NAME = "triton"
@@ -197,9 +199,43 @@ def _backward(
 
     Preprocess: delta = rowsum(dO ∘ O) - dLSE (the LSE's own gradient enters as dS += P·dLSE).
     """
-    dout = dout.contiguous()
+    return _launch_backward(
+        dout,
+        dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        TileWalk(dkdv_num, dkdv_idx, dkdv_tile, dkdv_bits, dkdv_ranges, dkdv_keys),
+        TileWalk(dq_num, dq_idx, dq_tile, dq_bits, dq_ranges, dq_keys),
+        slopes,
+        Scalars(scale, softcap, q_off, has_alibi, tuple(band)),
+        Launch(*dkdv_launch),
+        Launch(*dq_launch),
+    )
+
+
+def _launch_backward(
+    dout: Tensor,
+    dlse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dkdv_walk: TileWalk,
+    dq_walk: TileWalk,
+    slopes: Tensor,
+    sc: Scalars,
+    dkdv_launch: Launch,
+    dq_launch: Launch,
+    grad_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's preprocess and launches: gradients in ``grad_dtype`` (default: q's)."""
+    dout, lse = dout.contiguous(), lse.contiguous()  # (a ring's blocks pass slices of them)
     delta = ((dout.float() * out.float()).sum(-1) - dlse.float()).contiguous()
-    (q, dq), (k, dk), (v, dv) = (with_gradient(x) for x in (q, k, v))
+    (q, dq), (k, dk), (v, dv) = (with_gradient(x, grad_dtype) for x in (q, k, v))
     for call in backward_calls(
         q,
         k,
@@ -210,12 +246,12 @@ def _backward(
         dq,
         dk,
         dv,
-        TileWalk(dkdv_num, dkdv_idx, dkdv_tile, dkdv_bits, dkdv_ranges, dkdv_keys),
-        TileWalk(dq_num, dq_idx, dq_tile, dq_bits, dq_ranges, dq_keys),
+        dkdv_walk,
+        dq_walk,
         slopes,
-        Scalars(scale, softcap, q_off, has_alibi, tuple(band)),
-        Launch(*dkdv_launch),
-        Launch(*dq_launch),
+        sc,
+        dkdv_launch,
+        dq_launch,
     ):
         call.launch()
     return dq, dk, dv
@@ -235,17 +271,22 @@ def _launch_args(launch: Launch) -> list[int]:
     return [launch.block_m, launch.block_n, launch.num_warps, launch.num_stages]
 
 
-def run(req: Request) -> tuple[Tensor, Tensor]:
-    """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32."""
+def _setup(req: Request) -> tuple[Launches, Tensor, tuple[float, float, int, bool, list[int]]]:
+    """The request's launches, ALiBi slopes and kernel scalars."""
     mods = kernel_mods(req.score_mod_source) or KernelMods()
     s = req.shapes
     launches = choose_launches(max(s.D, s.Dv), req.q.dtype, gpu_arch(req.q.device))
-    slopes = _slopes(mods, s.Hq, req.q.device)
-    q, k, v = (kernel_input(x) for x in (req.q, req.k, req.v))
     band = list(kernel_band(req))
-    scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None, band)
     if band or kernel_ranges(req) is not None:
         launches = band_launches(launches)
+    scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None, band)
+    return launches, _slopes(mods, s.Hq, req.q.device), scalars
+
+
+def run(req: Request) -> tuple[Tensor, Tensor]:
+    """Output (B, Hq, Lq, Dv) in q's dtype and LSE (B, Hq, Lq) float32."""
+    launches, slopes, scalars = _setup(req)
+    q, k, v = (kernel_input(x) for x in (req.q, req.k, req.v))
     grads = req.needs_grad
     if os.environ.get(AUTOTUNE_ENV) == "1" and not torch.compiler.is_compiling():
         from attnkit.backends.triton import autotune
@@ -343,3 +384,57 @@ class _TritonAttention(torch.autograd.Function):
         backward: Any = _backward if _eager() else triton_backward
         dq, dk, dv = backward(dout, dlse, q, k, v, out, lse, *walks, slopes, *ctx.params)
         return (dq, dk, dv, *([None] * (ctx.n_inputs - 3)))
+
+
+def block_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    mask: Mask | None,
+    scale: float,
+    dlse: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients that one block of keys contributes, given the *global* out and LSE.
+
+    Ring attention's backward on the kernels, as ``tiled.block_backward`` on CPU.
+
+    Args:
+        dout: (B, Hq, Lq, Dv) gradient of the whole attention's output.
+        q: (B, Hq, Lq, D).
+        k: (B, Hkv, Lk, D), this block's keys.
+        v: (B, Hkv, Lk, Dv), this block's values.
+        out: (B, Hq, Lq, Dv) output of the whole attention (all blocks).
+        lse: (B, Hq, Lq) log-sum-exp over all blocks.
+        mask: which (query, key) pairs of this block attend (None: all).
+        scale: the softmax scale.
+        dlse: gradient reaching ``lse``, if any.
+
+    Returns:
+        dq (B, Hq, Lq, D), dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv), float32: the kernels
+        store them unrounded, so that summing blocks' parts adds no 16-bit rounding per block.
+    """
+    from attnkit.functional import _request
+
+    req = _request(q, k, v, mask, None, scale, 0.0, None, False)
+    launches, slopes, scalars = _setup(req)
+    q, k, v = (kernel_input(x) for x in (req.q, req.k, req.v))
+    return _launch_backward(
+        dout,
+        torch.zeros_like(lse) if dlse is None else dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        tile_walk(req, launches.dkdv, by_columns=True),
+        tile_walk(req, launches.dq),
+        slopes,
+        Scalars(*scalars),
+        launches.dkdv,
+        launches.dq,
+        grad_dtype=torch.float32,
+    )

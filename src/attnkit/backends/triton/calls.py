@@ -55,16 +55,17 @@ def wide_offsets(tensors: tuple[Tensor, ...], walk: TileWalk) -> bool:
     return any(_reaches_2_31(t) for t in (*tensors, walk.idx, walk.bits))
 
 
-def with_gradient(x: Tensor) -> tuple[Tensor, Tensor]:
+def with_gradient(x: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``x`` and an empty gradient of the same strides (a kernel stores it through x's).
 
-    A layout that is not dense (a view into a longer buffer, an expanded tensor) has no
-    gradient of its strides; it is copied to a contiguous one first.
+    The gradient is in ``dtype`` (default x's). A layout that is not dense (a view into a
+    longer buffer, an expanded tensor) has no gradient of its strides; it is copied to a
+    contiguous one first.
     """
-    grad = torch.empty_like(x)  # keeps x's strides exactly when x is dense
+    grad = torch.empty_like(x, dtype=dtype)  # keeps x's strides exactly when x is dense
     if grad.stride() != x.stride():
         x = x.contiguous()
-        grad = torch.empty_like(x)
+        grad = torch.empty_like(x, dtype=dtype)
     return x, grad
 
 
