@@ -103,9 +103,9 @@ def test_targets_in_chunks_through_a_translation_step_give_teacher_forcing(case)
     got, at = [], 0
     with torch.no_grad():
         full = model(src, tgt)
-        memory, padding = model.encode(src)
+        source = step.encode(src)
         for n in chunks:
-            logits, keys, values = step(tgt[:, at : at + n], memory, padding, keys, values)
+            logits, keys, values = step(tgt[:, at : at + n], keys, values, *source)
             got.append(logits)
             at += n
     torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-4, atol=1e-5)

@@ -345,14 +345,14 @@ def test_exported_encoder_and_translation_step_translate_as_generate(positions):
     encode, decode = (program.module() for program in step.export(batch=2))
     src = torch.randint(3, 30, (2, 11), generator=torch.Generator().manual_seed(1))
     src[1, 7:] = model.pad_id  # the second source is 7 tokens long
-    memory, padding = encode(src)
+    source = encode(src)  # every layer's cross-attention keys and values, and the padding
     keys, values = step.empty_caches(2)
     bos, eos = 1, 2
-    logits, keys, values = decode(torch.full((2, 1), bos), memory, padding, keys, values)
+    logits, keys, values = decode(torch.full((2, 1), bos), keys, values, *source)
     written = []
     for _ in range(9):
         written.append(logits[:, -1].argmax(-1, keepdim=True))
-        logits, keys, values = decode(written[-1], memory, padding, keys, values)
+        logits, keys, values = decode(written[-1], keys, values, *source)
     written = torch.cat(written, 1)
     want = model.generate(src, bos_id=bos, eos_id=eos, max_len=9)
     got = written[:, : want.shape[1]]
@@ -361,10 +361,32 @@ def test_exported_encoder_and_translation_step_translate_as_generate(positions):
     # a chunk of targets at once over the cache: the teacher-forced logits
     tgt = torch.cat([torch.full((2, 1), bos), written], 1)
     full = model(src, tgt)
-    logits, keys, values = decode(tgt[:, :4], memory, padding, *step.empty_caches(2))
+    logits, keys, values = decode(tgt[:, :4], *step.empty_caches(2), *source)
     torch.testing.assert_close(logits, full[:, :4], rtol=1e-5, atol=1e-5)
-    logits, _, _ = decode(tgt[:, 4:], memory, padding, keys, values)
+    logits, _, _ = decode(tgt[:, 4:], keys, values, *source)
     torch.testing.assert_close(logits, full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_translation_step_reads_the_sources_keys_and_values_it_is_given():
+    """Projected once by ``encode``: a step projects no cross-attention keys or values, and
+    what it is given is what it reads."""
+    from attnkit.nn import Transformer, TranslationStep
+
+    torch.manual_seed(0)
+    model = Transformer(20, 20, d_model=16, nhead=2, num_decoder_layers=2).eval()
+    step = TranslationStep(model)
+    ids = torch.tensor([[1, 5]])
+    with torch.no_grad():
+        source = step.encode(torch.tensor([[3, 4, 5, 6]]))
+        projected = []
+        for layer in model.decoder:
+            for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj):
+                proj.register_forward_hook(lambda *_: projected.append(1))
+        logits, _, _ = step(ids, *step.empty_caches(1), *source)
+        assert projected == []
+        other_values = source[1].flip(3)  # the same values at other source positions
+        changed, _, _ = step(ids, *step.empty_caches(1), source[0], other_values, source[2])
+    assert not torch.allclose(logits, changed)
 
 
 def test_a_decoding_step_refuses_caches_that_do_not_fit():
@@ -374,15 +396,24 @@ def test_a_decoding_step_refuses_caches_that_do_not_fit():
         DecodingStep(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="TranslationStep takes a Transformer, got CausalLM"):
         TranslationStep(decoder("latent"))
-    translation = TranslationStep(Transformer(10, 10, d_model=16, nhead=2))
-    memory = torch.zeros(2, 5, 16)
-    with pytest.raises(ValueError, match=r"memory must be \(B, S, E\) and memory_padding \(B, S\)"):
-        translation(
-            torch.zeros(2, 1, dtype=torch.long),
-            memory,
-            torch.zeros(2, 4, dtype=torch.bool),
-            *translation.empty_caches(2),
-        )
+    translation = TranslationStep(Transformer(10, 10, d_model=16, nhead=2, num_kv_heads=1))
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    caches = translation.empty_caches(2)
+    cross_keys, cross_values, padding = translation.encode(torch.ones(2, 5, dtype=torch.long))
+    assert cross_keys.shape == cross_values.shape == (2, 2, 1, 5, 8)  # layers, B, Hkv, S, D
+    with pytest.raises(ValueError, match=r"memory_padding be \(B, S\) = \(2, 5\), got .* \(2, 4\)"):
+        translation(ids, *caches, cross_keys, cross_values, padding[:, :4])
+    with pytest.raises(ValueError, match="cross_values must hold as many positions as cross_k"):
+        translation(ids, *caches, cross_keys, cross_values[:, :, :, :4], padding)
+    with pytest.raises(
+        ValueError,
+        match=r"cross_keys must be \(layers, B, Hkv, S, D\) = \(2, 2, 1, S, 8\) .* \(2, 2, 2, 5,",
+    ):
+        translation(ids, *caches, cross_keys.view(2, 2, 2, 5, 4), cross_values, padding)
+    with pytest.raises(
+        ValueError, match=r"cross_values must be torch\.float32 on cpu as the model"
+    ):
+        translation(ids, *caches, cross_keys, cross_values.double(), padding)
     step = DecodingStep(decoder("rope, gqa, window"))
     keys, values = step.empty_caches(2)
     ids = torch.zeros(2, 1, dtype=torch.long)

@@ -195,6 +195,28 @@ def test_cross_attention_cache_reuses_encoder_keys():
     torch.testing.assert_close(torch.cat([first, later], dim=1), full, atol=1e-6, rtol=1e-6)
 
 
+def test_a_cache_holding_given_keys_serves_cross_attention_without_a_copy():
+    """``key_value_heads`` gives what a filled cross cache holds; ``KVCache.holding`` wraps
+    them, uncopied, and cross-attention over it is cross-attention over the memory."""
+    a = MultiHeadAttention(32, 4, num_kv_heads=2, kdim=24, vdim=20, qk_norm=True).eval()
+    memory, values_in = torch.randn(2, 10, 24), torch.randn(2, 10, 20)
+    x = torch.randn(2, 3, 32)
+    k, v = a.key_value_heads(memory, values_in)
+    filled = KVCache(2, 2, 10, 8)
+    a(x, memory, values_in, cache=filled)
+    torch.testing.assert_close((k, v), (filled.keys, filled.values))
+    held = KVCache.holding(k, v)
+    assert (held.length, held.position, held.start) == (10, 10, 0)
+    assert held.keys.data_ptr() == k.data_ptr()
+    assert held.values.data_ptr() == v.data_ptr()
+    out, _ = a(x, memory, values_in, cache=held)
+    torch.testing.assert_close(out, a(x, memory, values_in)[0])
+    with pytest.raises(ValueError, match=r"KVCache.holding takes keys \(B, Hkv, L, D\)"):
+        KVCache.holding(k, v[:, :, :9])
+    with pytest.raises(ValueError, match=r"key must be \(B, Lk, kdim=24\)"):
+        a.key_value_heads(values_in)
+
+
 def test_rope_scores_depend_only_on_relative_position():
     rope = RotaryEmbedding(16)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)

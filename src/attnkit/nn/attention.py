@@ -280,23 +280,35 @@ class MultiHeadAttention(nn.Module):
         """
         self._check_query(query)
         is_self = key is None
-        key = query if key is None else key
+        k, v = self.key_value_heads(query if key is None else key, value)
+        q = self._query_heads(query)
+        if self.rope is not None and is_self:
+            q, k = self.rope.rotate_qk(q, k, offset=position)
+        return q, k, v
+
+    def key_value_heads(self, key: Tensor, value: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-head keys and values, before RoPE: what a cross-attention's cache holds.
+
+        Args:
+            key: (B, Lk, kdim), batch first whatever ``batch_first`` says.
+            value: (B, Lk, vdim); defaults to ``key``.
+
+        Returns:
+            k (B, Hkv, Lk, head_dim), v (B, Hkv, Lk, head_dim): projected and normed.
+        """
         value = key if value is None else value
         if key.dim() != 3 or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
             raise ValueError(
                 f"key must be (B, Lk, kdim={self.kdim}) and value (B, Lk, vdim={self.vdim}), "
                 f"got {tuple(key.shape)} and {tuple(value.shape)}"
             )
-        q = self._query_heads(query)
         k = self._heads(self.k_proj(key), self.num_kv_heads)
         if self.k_norm is not None:
             k = self.k_norm(k)
         v = self._heads(self.v_proj(value), self.num_kv_heads)
         if self.v_norm is not None:
             v = self.v_norm(v)
-        if self.rope is not None and is_self:
-            q, k = self.rope.rotate_qk(q, k, offset=position)
-        return q, k, v
+        return k, v
 
     def forward(
         self,

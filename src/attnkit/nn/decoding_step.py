@@ -40,20 +40,35 @@ def _new_tokens(ids: Tensor, keys: Tensor) -> tuple[int, int, int]:
     return ids.shape[0], ids.shape[1], keys.shape[3] if keys.dim() == 5 else 0
 
 
+def _check_stacked(
+    ids: Tensor, keys: Tensor, values: Tensor, like: KVCache, layers: int, prefix: str = ""
+) -> None:
+    """ValueError unless keys (layers, B, Hkv, ·, D) and values (..., Dv) match ``like``.
+
+    Their B, Hkv and head dims, dtype and device must be those of the cache ``like``.
+    """
+    length = "S" if prefix else "P"
+    for name, t, held in (("keys", keys, like.keys), ("values", values, like.values)):
+        want = (layers, held.shape[0], held.shape[1], held.shape[3])  # (layers, B, Hkv, ·)
+        if t.dim() != 5 or (*t.shape[:3], t.shape[4]) != want:
+            raise ValueError(
+                f"{prefix}{name} must be (layers, B, Hkv, {length}, "
+                f"{'D' if name == 'keys' else 'Dv'}) = ({', '.join(map(str, want[:3]))}, "
+                f"{length}, {want[3]}) for ids {tuple(ids.shape)}, got {tuple(t.shape)}"
+            )
+        if (t.dtype, t.device) != (held.dtype, held.device):
+            raise ValueError(
+                f"{prefix}{name} must be {held.dtype} on {held.device} as the model's caches, "
+                f"got {t.dtype} on {t.device}"
+            )
+
+
 def _filled(ids: Tensor, keys: Tensor, values: Tensor, caches: list[KVCache]) -> list[KVCache]:
     """``caches`` (one per layer) holding layer n's ``keys[n]`` and ``values[n]``.
 
     ValueError unless keys (layers, B, Hkv, P, D) and values (..., P, Dv) fit the caches.
     """
-    layers, held = len(caches), caches[0]
-    for name, t, like in (("keys", keys, held.keys), ("values", values, held.values)):
-        want = (layers, like.shape[0], like.shape[1], like.shape[3])  # (layers, B, Hkv, ·)
-        if t.dim() != 5 or (*t.shape[:3], t.shape[4]) != want:
-            raise ValueError(
-                f"{name} must be (layers, B, Hkv, P, {'D' if name == 'keys' else 'Dv'}) = "
-                f"({', '.join(map(str, want[:3]))}, P, {want[3]}) for ids {tuple(ids.shape)}, "
-                f"got {tuple(t.shape)}"
-            )
+    _check_stacked(ids, keys, values, caches[0], len(caches))
     if values.shape[3] != keys.shape[3]:
         raise ValueError(
             f"keys and values must hold as many positions, got {keys.shape[3]} and "
@@ -147,20 +162,20 @@ class DecodingStep(nn.Module):
 
 
 class TranslationStep(nn.Module):
-    """A ``Transformer``'s decoder over its self-attention caches, passed in as tensors.
+    """A ``Transformer``'s decoder over its caches, passed in as tensors.
 
-    ``export()`` gives two graphs that translate as ``generate`` does: the encoder (source
-    length dynamic) and the decoding step (new tokens, cached positions and source length
-    dynamic):
+    ``encode`` gives every decoder layer's cross-attention keys and values, projected once
+    from the encoder's memory; each step reads them and hands back its self-attention caches
+    one step longer. ``export()`` gives both as graphs that translate as ``generate`` does: the
+    encoder (source length dynamic) and the decoding step (new tokens, cached positions and
+    source length dynamic):
 
         step = TranslationStep(model)
         encode, decode = (program.module() for program in step.export())
-        memory, padding = encode(src)
+        cross_keys, cross_values, padding = encode(src)
         keys, values = step.empty_caches(batch)
-        logits, keys, values = decode(start_tokens, memory, padding, keys, values)  # and on
-
-    Cross-attention reads the memory at every step, its keys and values projected anew (a
-    small cost for short sources, and no second pair of caches to carry).
+        logits, keys, values = decode(start_tokens, keys, values, cross_keys, cross_values,
+                                      padding)  # and on, with the tokens it chose
     """
 
     def __init__(self, model: Transformer) -> None:
@@ -169,50 +184,74 @@ class TranslationStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def _self_caches(self, batch: int, max_len: int) -> list[KVCache]:
-        """The decoder's self-attention caches (no cross-attention ones: the memory is read)."""
-        caches = []
-        for layer in self.model.decoder:
-            assert isinstance(layer, TransformerDecoderLayer)
-            caches.append(layer.self_attn.new_cache(batch, max_len))
-        return caches
+    def _layers(self) -> list[TransformerDecoderLayer]:
+        layers = list(self.model.decoder)
+        assert all(isinstance(layer, TransformerDecoderLayer) for layer in layers)
+        return layers  # type: ignore[return-value]
 
     def empty_caches(self, batch: int) -> tuple[Tensor, Tensor]:
         """The decoder's self-attention keys (layers, B, Hkv, 0, D) and values, empty."""
-        return _empty(self._self_caches(batch, 1)[0], len(self.model.decoder))
+        layers = self._layers()
+        return _empty(layers[0].self_attn.new_cache(batch, 1), len(layers))
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Source ids (B, S) -> every decoder layer's cross-attention keys and values.
+
+        Returns:
+            cross_keys (layers, B, Hkv, S, D), cross_values (layers, B, Hkv, S, D) and the
+            padding (B, S) bool, True = a padded source token.
+        """
+        memory, padding = self.model.encode(src)
+        heads = [layer.cross_attn.key_value_heads(memory) for layer in self._layers()]
+        return torch.stack([k for k, _ in heads]), torch.stack([v for _, v in heads]), padding
 
     def forward(
-        self, ids: Tensor, memory: Tensor, memory_padding: Tensor, keys: Tensor, values: Tensor
+        self,
+        ids: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        cross_keys: Tensor,
+        cross_values: Tensor,
+        memory_padding: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Target ids (B, T) at positions P .. P + T - 1 over P cached ones, and the source.
 
         Args:
             ids: (B, T) target ids (the first call's start with the start token).
-            memory: (B, S, E), the encoder's output (``Transformer.encode``).
-            memory_padding: (B, S) bool, True = a padded source token.
             keys: (layers, B, Hkv, P, D), the decoder's cached self-attention keys
                 (``empty_caches``: P = 0).
             values: (layers, B, Hkv, P, Dv).
+            cross_keys: (layers, B, Hkv, S, D), the source's keys in each layer (``encode``).
+            cross_values: (layers, B, Hkv, S, D).
+            memory_padding: (B, S) bool, True = a padded source token.
 
         Returns:
             logits (B, T, V), keys and values (layers, B, Hkv, P + T, ·).
         """
         B, T, P = _new_tokens(ids, keys)
-        caches = _filled(ids, keys, values, self._self_caches(B, P + T))
-        if memory.dim() != 3 or memory.shape[0] != B or memory_padding.shape != memory.shape[:2]:
+        layers = self._layers()
+        caches = _filled(ids, keys, values, [x.self_attn.new_cache(B, P + T) for x in layers])
+        S = cross_keys.shape[3] if cross_keys.dim() == 5 else 0
+        like = layers[0].cross_attn.new_cache(B, 1)
+        _check_stacked(ids, cross_keys, cross_values, like, len(layers), "cross_")
+        if cross_values.shape[3] != S or memory_padding.shape != (B, S):
             raise ValueError(
-                f"memory must be (B, S, E) and memory_padding (B, S) for ids {tuple(ids.shape)},"
-                f" got {tuple(memory.shape)} and {tuple(memory_padding.shape)}"
+                f"cross_values must hold as many positions as cross_keys ({S}) and "
+                f"memory_padding be (B, S) = ({B}, {S}), got {tuple(cross_values.shape)} and "
+                f"{tuple(memory_padding.shape)}"
             )
+        cross = [KVCache.holding(k, v) for k, v in zip(cross_keys, cross_values, strict=True)]
+        # filled cross caches are read instead of the memory, which only its shape stands for
+        memory = cross_keys.new_empty(B, S, 0)
         logits, _ = self.model.decode(
-            ids, memory, memory_padding, start=P, caches=[(c, None) for c in caches]
+            ids, memory, memory_padding, start=P, caches=list(zip(caches, cross, strict=True))
         )
         return (logits, *_stacked(caches))
 
     def export(
         self, batch: int = 1, max_len: int | None = None
     ) -> tuple[ExportedProgram, ExportedProgram]:
-        """``torch.export`` of the encoder and of this step, for ``batch`` rows.
+        """``torch.export`` of ``encode`` and of this step, for ``batch`` rows.
 
         Sources of 1 .. max_len tokens; T in 1 .. max_len new target tokens over P in 0 ..
         max_len - 1 cached ones (``max_len``: the model's by default).
@@ -225,32 +264,31 @@ class TranslationStep(nn.Module):
         sample = torch.zeros(batch, 2, dtype=torch.long, device=keys.device)
         with torch.no_grad():
             encoder = torch.export.export(
-                _Encoder(self.model), (src,), dynamic_shapes={"src": {1: source}}
+                _Encoder(self), (src,), dynamic_shapes={"src": {1: source}}
             )
-            memory, padding = self.model.encode(src)
-            _, keys, values = self(sample[:, :1].repeat(1, 3), memory, padding, keys, values)
+            cross = self.encode(src)
+            _, keys, values = self(sample[:, :1].repeat(1, 3), keys, values, *cross)
             dims = {
                 "ids": {1: new},
-                "memory": {1: source},
-                "memory_padding": {1: source},
                 "keys": {3: cached},
                 "values": {3: cached},
+                "cross_keys": {3: source},
+                "cross_values": {3: source},
+                "memory_padding": {1: source},
             }
-            step = torch.export.export(
-                self, (sample, memory, padding, keys, values), dynamic_shapes=dims
-            )
+            step = torch.export.export(self, (sample, keys, values, *cross), dynamic_shapes=dims)
         return encoder, step
 
 
 class _Encoder(nn.Module):
-    """``Transformer.encode`` as a module's forward, for torch.export."""
+    """``TranslationStep.encode`` as a module's forward, for torch.export."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, step: TranslationStep) -> None:
         super().__init__()
-        self.model = model
+        self.step = step
 
-    def forward(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.encode(src)
+    def forward(self, src: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.step.encode(src)
 
 
 def _dims(most: int) -> tuple[torch.export.Dim, torch.export.Dim]:

@@ -75,6 +75,30 @@ class KVCache:
         self._lo = self._hi = 0  # keys/values are buffer slots [_lo, _hi)
         self.position = 0  # positions appended since the last reset
 
+    @classmethod
+    def holding(cls, keys: Tensor, values: Tensor) -> KVCache:
+        """A full cache over keys (B, Hkv, L, D) and values (B, Hkv, L, Dv), not copied.
+
+        For keys and values computed elsewhere and handed in as tensors, such as the encoder
+        memory's that a cross-attention reads at every step of an exported decoder.
+        """
+        if (
+            keys.dim() != 4
+            or values.dim() != 4
+            or keys.shape[:3] != values.shape[:3]
+            or (keys.dtype, keys.device) != (values.dtype, values.device)
+        ):
+            raise ValueError(
+                f"KVCache.holding takes keys (B, Hkv, L, D) and values (B, Hkv, L, Dv) of one "
+                f"dtype and device, got {keys.dtype} {tuple(keys.shape)} and {values.dtype} "
+                f"{tuple(values.shape)}"
+            )
+        cache = cls.__new__(cls)
+        cache._k, cache._v, cache.window = keys, values, None
+        cache._lo, cache._hi = 0, keys.shape[2]
+        cache.position = keys.shape[2]
+        return cache
+
     @property
     def max_len(self) -> int:
         """Capacity in positions."""
