@@ -1,6 +1,9 @@
 """Ring attention across processes: a sequence split over P ranks (gloo on CPU, NCCL on GPU).
 
     torchrun --nproc-per-node 4 examples/ring_attention.py --seq 65536
+    torchrun --nproc-per-node 4 examples/ring_attention.py --seq 65536 --ulysses
+
+``--ulysses`` runs ``ulysses_attention`` instead (all-to-all to a split of the heads).
 
 Prints the time per call, each rank's peak memory, the bytes each rank sends per ring step,
 and the max error against a single-process float32 run at --check-seq tokens. ``--backend``
@@ -18,7 +21,7 @@ import torch.distributed as dist
 
 import attnkit
 from attnkit import _memory, masks
-from attnkit.distributed import ring_attention, shard_sequence
+from attnkit.distributed import ring_attention, shard_sequence, ulysses_attention
 
 
 def main() -> None:
@@ -35,6 +38,7 @@ def main() -> None:
     ap.add_argument("--check-seq", type=int, default=2048, help="length for the error check")
     ap.add_argument("--backend", default="auto", choices=["auto", "tiled", "triton"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--ulysses", action="store_true", help="ulysses_attention, not the ring")
     args = ap.parse_args()
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -47,7 +51,6 @@ def main() -> None:
         torch.cuda.set_device(device)
     causal = not args.full
     dtype = getattr(torch, args.dtype)
-    kw = {"causal": causal, "window": args.window, "layout": args.layout, "backend": args.backend}
 
     def peak_mb(reset: bool = False) -> float:
         """Peak memory in MB since the last reset (resetting it first): the GPU's, else RSS."""
@@ -69,6 +72,29 @@ def main() -> None:
             return None
         return shard_sequence(documents(length), world, rank, args.layout, dim=0)
 
+    def whole_mask(length: int) -> masks.Mask:
+        """The mask over the whole sequence."""
+        if args.window is not None:
+            mask = masks.sliding_window(args.window, 0 if causal else args.window)
+        else:
+            mask = masks.causal() if causal else masks.full()
+        return mask if args.documents is None else mask & masks.document(documents(length))
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention over every rank's shard of q, k, v (B, H, L/P, D)."""
+        length = q.shape[2] * world
+        if args.ulysses:
+            out = ulysses_attention(
+                q, k, v, mask=whole_mask(length), layout=args.layout, backend=args.backend
+            )
+        else:
+            out = ring_attention(
+                q, k, v, causal=causal, window=args.window, layout=args.layout,
+                document_ids=shard_of_documents(length), backend=args.backend,
+            )  # fmt: skip
+        assert isinstance(out, torch.Tensor)
+        return out
+
     # 1. correctness: the same global tensors on every rank, compared with one process
     torch.manual_seed(0)
     L = args.check_seq
@@ -76,18 +102,8 @@ def main() -> None:
         torch.randn(1, h, L, args.dim, device=device, dtype=dtype)
         for h in (args.heads, args.kv_heads, args.kv_heads)
     )
-    if args.window is not None:
-        mask = masks.sliding_window(args.window, 0 if causal else args.window)
-    else:
-        mask = masks.causal() if causal else masks.full()
-    if args.documents is not None:
-        mask = mask & masks.document(documents(L))
-    whole = attnkit.attention(q.float(), k.float(), v.float(), mask=mask, backend="tiled")
-    local = ring_attention(
-        *(shard_sequence(t, world, rank, args.layout) for t in (q, k, v)),
-        document_ids=shard_of_documents(L),
-        **kw,
-    )
+    whole = attnkit.attention(q.float(), k.float(), v.float(), mask=whole_mask(L), backend="tiled")
+    local = attend(*(shard_sequence(t, world, rank, args.layout) for t in (q, k, v)))
     err = (local.float() - shard_sequence(whole, world, rank, args.layout)).abs().max().reshape(1)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
 
@@ -98,12 +114,11 @@ def main() -> None:
         torch.randn(1, h, n, args.dim, device=device, dtype=dtype, requires_grad=args.backward)
         for h in (args.heads, args.kv_heads, args.kv_heads)
     )
-    ids = shard_of_documents(args.seq)
-    ring_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], **kw)  # warm-up
+    attend(q[:, :, :64], k[:, :, :64], v[:, :, :64])  # warm-up
     dist.barrier()
     base_mb = peak_mb(reset=True)
     start = time.perf_counter()
-    out = ring_attention(q, k, v, document_ids=ids, **kw)
+    out = attend(q, k, v)
     if args.backward:
         out.sum().backward()
     dist.barrier()
@@ -112,21 +127,25 @@ def main() -> None:
     peaks = [torch.zeros(1, device=device) for _ in range(world)]  # (NCCL takes no CPU tensor)
     dist.all_gather(peaks, peak)
     if rank == 0:
-        sent = 2 * args.kv_heads * n * args.dim * q.element_size()  # k and v shards
+        method = "ulysses" if args.ulysses else "ring"
         what = "forward+backward" if args.backward else "forward"
         print(
-            f"ring attention, P={world} ({backend}), seq={args.seq}, heads={args.heads}/"
+            f"{method} attention, P={world} ({backend}), seq={args.seq}, heads={args.heads}/"
             f"{args.kv_heads}, dim={args.dim}, causal={causal}, window={args.window}, "
             f"layout={args.layout}, documents={args.documents}, {args.dtype}, "
-            f"blocks on {args.backend}"
+            f"on {args.backend}"
         )
         print(f"  {what}: {seconds:.2f} s")
         print(f"  peak extra memory per rank: {', '.join(f'{p.item():.0f}' for p in peaks)} MB")
-        print(
-            f"  bytes sent per rank per ring step: {sent / 2**20:.1f} MiB "
-            f"({world - 1} steps forward)"
-        )
-        print(f"  max |ring - single process| at seq={args.check_seq}: {err.item():.2e}")
+        if args.ulysses:  # all but its own 1/P of q, k, v and the output (k, v repeated to P)
+            kv_heads = max(args.kv_heads, world)
+            shards = (2 * args.heads + 2 * kv_heads) * n * args.dim * q.element_size()
+            sent = f"{shards * (world - 1) / world / 2**20:.1f} MiB in 4 all-to-alls forward"
+        else:
+            shards = 2 * args.kv_heads * n * args.dim * q.element_size()  # k and v
+            sent = f"{shards / 2**20:.1f} MiB per ring step ({world - 1} steps forward)"
+        print(f"  bytes sent per rank: {sent}")
+        print(f"  max |{method} - single process| at seq={args.check_seq}: {err.item():.2e}")
     dist.destroy_process_group()
 
 

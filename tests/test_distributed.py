@@ -15,14 +15,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import attnkit
-from attnkit import masks
+from attnkit import masks, score_mods
 from attnkit.distributed import (
     merge_partials,
     ring_attention,
     shard_sequence,
+    ulysses_attention,
     unshard_sequence,
 )
-from conftest import TRITON_DEVICE, assert_close_scaled, needs_triton_device, rand_qkv
+from conftest import (
+    TRITON_DEVICE,
+    assert_close_scaled,
+    needs_triton_device,
+    per_head_predicate,
+    rand_qkv,
+)
 
 # (name, L, Hq, Hkv, causal, window, layout); a name ending in "sinks" adds attention sinks,
 # one starting with "documents" packs documents (DOCUMENT_LENGTHS, one list per batch row;
@@ -183,6 +190,166 @@ def test_ring_attention_on_the_triton_kernels(dtype, tmp_path):
     _spawn_ok(_worker, 2, tmp_path, "triton", dtype)
 
 
+def ulysses_cases(L, Hq):
+    """(name, mask, score_mod, Hkv, layout, sinks) for ulysses_attention: masks and mods that
+    read the head (cut to each rank's heads) and ones that do not."""
+    g = torch.Generator().manual_seed(7)
+    per_head = torch.rand(2, Hq, L, L, generator=g) > 0.3
+    per_head[..., 0] = True  # (every query keeps a key: the tensor is also the dense form)
+    layout = torch.rand(Hq, L // 4, L // 4, generator=g) < 0.5
+    slopes = score_mods.alibi_slopes(Hq)
+    ids = document_ids(L)
+    return [
+        ("none", None, None, 2, "contiguous", False),
+        ("causal_zigzag_sinks", masks.causal(), None, 2, "zigzag", True),
+        ("window_mqa", masks.sliding_window(5, 3), None, 1, "contiguous", False),
+        ("documents_causal", masks.causal() & masks.document(ids), None, 4, "zigzag", False),
+        ("bigbird", masks.bigbird(4, 1, 1, 1, seed=0), None, 2, "contiguous", False),
+        ("dilated|global", masks.dilated(3, 2) | masks.global_tokens([0, 5]), None, 2, "zigzag",
+         False),
+        ("per_head_predicate", masks.custom(per_head_predicate), None, 2, "contiguous", False),
+        ("per_head_layout", masks.block_sparse(layout, 4) & masks.causal(), None, 2, "zigzag",
+         False),
+        ("per_head_tensor", per_head, None, 4, "contiguous", False),
+        ("alibi_softcap", masks.causal(), score_mods.compose(
+            score_mods.alibi(slopes), score_mods.softcap(3.0)), 2, "zigzag", False),
+        ("head_score_mod", None, lambda s, b, h, q, kv: s + 0.3 * h - 0.01 * (q - kv).abs(),
+         1, "contiguous", False),
+    ]  # fmt: skip
+
+
+def _ulysses_worker(rank, world, init_file, results_dir):
+    _join(rank, world, init_file)
+    try:
+        L, Hq = 24, 4
+        for name, mask, score_mod, Hkv, layout, with_sinks in ulysses_cases(L, Hq):
+            torch.manual_seed(0)  # the same global tensors on every rank
+            q, k, v = rand_qkv(2, Hq, Hkv, L, L, 8, 6, dtype=torch.float64)
+            weight = torch.randn(2, Hq, L, 6, dtype=torch.float64)
+            sinks = torch.randn(Hq, dtype=torch.float64) if with_sinks else None
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+            ref, ref_lse = attnkit.attention(
+                *inputs, mask=mask, score_mod=score_mod, sinks=sinks, return_lse=True,
+                backend="reference",
+            )  # fmt: skip
+            ref_grads = torch.autograd.grad((ref * weight).sum() + ref_lse.sum() * 0.1, inputs)
+
+            def shard(t, layout=layout):
+                return shard_sequence(t.detach(), world, rank, layout)
+
+            local = [shard(t).requires_grad_() for t in (q, k, v)]
+            out, lse = ulysses_attention(
+                *local, mask=mask, score_mod=score_mod, sinks=sinks, layout=layout,
+                return_lse=True,
+            )  # fmt: skip
+            grads = torch.autograd.grad((out * shard(weight)).sum() + lse.sum() * 0.1, local)
+            for what, got, want in [
+                ("out", out, shard(ref)),
+                ("lse", lse, shard(ref_lse)),
+                *((f"d{x}", g, shard(r)) for x, g, r in zip("qkv", grads, ref_grads, strict=True)),
+            ]:
+                torch.testing.assert_close(
+                    got, want, rtol=1e-9, atol=1e-9,
+                    msg=lambda m, w=what, n=name: f"{n} {w}: {m}",
+                )  # fmt: skip
+        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_ulysses_attention_matches_single_process(world, tmp_path):
+    """Every mask and score_mod, GQA and MQA (kv heads repeated), both layouts, sinks: out,
+    LSE and dq, dk, dv against one process's float64 reference."""
+    _spawn_ok(_ulysses_worker, world, tmp_path)
+
+
+def _ulysses_odd_worker(rank, world, init_file, results_dir):
+    _join(rank, world, init_file)
+    try:
+        x = torch.randn(1, 6, 4, 8)
+        with pytest.raises(ValueError, match="Hq must be a multiple of 2 and Hkv a multiple"):
+            ulysses_attention(x[:, :3], x[:, :3], x[:, :3])
+        with pytest.raises(ValueError, match=r"got Hq=6, Hkv=3 \(ring_attention splits"):
+            ulysses_attention(x, x[:, :3], x[:, :3])
+        uneven = torch.randn(1, 2, 4 + rank, 8)
+        with pytest.raises(ValueError, match="same shard length"):
+            ulysses_attention(uneven, uneven, uneven)
+        with pytest.raises(ValueError, match="pad it to a multiple of 4"):
+            ulysses_attention(x[:, :, :3], x[:, :, :3], x[:, :, :3], layout="zigzag")
+        per_head = masks.block_sparse(torch.rand(6, 2, 2) < 0.5, 4).blocks(8, 8, 4, 4, H=6)
+        with pytest.raises(ValueError, match="BlockMask only when it is the same for every head"):
+            ulysses_attention(x, x, x, mask=per_head)
+        with pytest.raises(ValueError, match=r"built for 4 heads, but q has Hq=6"):
+            ulysses_attention(x, x, x, score_mod=score_mods.alibi(score_mods.alibi_slopes(4)))
+        with pytest.raises((TypeError, ValueError), match="sinks"):
+            ulysses_attention(x, x, x, sinks=torch.zeros(4))
+        # float32 on tiled's kernels, and a second derivative through the reference backend
+        torch.manual_seed(0)
+        q, k, v = rand_qkv(1, 4, 2, 16, 16, 8, 8, dtype=torch.float32)
+        mask = masks.causal() & masks.document(torch.arange(16) // 5)
+        whole = attnkit.attention(q, k, v, mask=mask, backend="reference")
+        local = [shard_sequence(t, world, rank, "zigzag") for t in (q, k, v)]
+        out = ulysses_attention(*local, mask=mask, layout="zigzag", backend="tiled")
+        torch.testing.assert_close(out, shard_sequence(whole, world, rank, "zigzag"))
+        q, k, v = rand_qkv(1, 2, 2, 8, 8, 4, 4, dtype=torch.float64)
+
+        def second_derivative(inputs, attend):
+            inputs = [t.requires_grad_() for t in inputs]
+            (dq,) = torch.autograd.grad(
+                attend(*inputs).square().sum(), inputs[:1], create_graph=True
+            )
+            return torch.autograd.grad(dq.square().sum(), inputs)
+
+        want = second_derivative(
+            [t.clone() for t in (q, k, v)], lambda *t: attnkit.attention(*t, backend="reference")
+        )
+        got = second_derivative(
+            [shard_sequence(t, world, rank, "contiguous") for t in (q, k, v)],
+            lambda *t: ulysses_attention(*t, backend="reference"),
+        )
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, shard_sequence(w, world, rank, "contiguous"))
+        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ulysses_attention_refuses_what_does_not_split_and_runs_tiled_and_second_derivatives(
+    tmp_path,
+):
+    _spawn_ok(_ulysses_odd_worker, 2, tmp_path)
+
+
+def test_ulysses_keeps_what_reads_no_head_and_cuts_what_does():
+    """Built-in patterns pass unchanged (backends keep recognising them: a causal band, ALiBi
+    in-kernel); per-head masks and mods become exactly the rank's heads of the whole."""
+    from attnkit.distributed.ulysses import _mask_for_heads, _score_mod_for_heads
+
+    for mask in (masks.causal(), masks.document(torch.arange(8) // 3), None):
+        assert _mask_for_heads(mask, 2, 2, 4) is mask
+    layout = torch.rand(4, 2, 2, generator=torch.Generator().manual_seed(0)) < 0.5
+    for mask in (masks.custom(per_head_predicate), masks.block_sparse(layout, 4)):
+        cut = _mask_for_heads(mask, 2, 2, 4)
+        assert torch.equal(cut.dense(8, 8, B=2, H=2), mask.dense(8, 8, B=2, H=4)[:, 2:])
+        blocks = cut.blocks(8, 8, 4, 4, B=2, H=2)
+        assert torch.equal(blocks.kinds, mask.blocks(8, 8, 4, 4, B=2, H=4).kinds[:, 2:])
+    tensor = torch.rand(1, 4, 8, 8) > 0.5
+    assert torch.equal(_mask_for_heads(tensor, 2, 2, 4), tensor[:, 2:])
+    slopes = score_mods.alibi_slopes(4)
+    both = score_mods.compose(score_mods.alibi(slopes), score_mods.softcap(2.0))
+    kernel = score_mods.kernel_mods(_score_mod_for_heads(both, 2, 2, 8))
+    assert kernel is not None
+    assert torch.equal(kernel.slopes, slopes[2:])
+    assert kernel.softcap == 2.0
+    cap = score_mods.softcap(2.0)
+    assert _score_mod_for_heads(cap, 2, 2, 8) is cap
+
+
 def _odd_worker(rank, world, init_file, results_dir):
     _join(rank, world, init_file)
     try:
@@ -334,12 +501,15 @@ def test_merge_stacked_takes_the_same_few_operations_for_any_number_of_parts():
 
 
 @pytest.mark.slow
-def test_the_ring_example_runs_under_torchrun_and_matches_one_process():
+@pytest.mark.parametrize("method", ["ring", "ulysses"])
+def test_the_ring_example_runs_under_torchrun_and_matches_one_process(method):
     """examples/ring_attention.py as its docstring runs it (2 ranks, packed documents,
     forward and backward): it reports its error against one process, and that error is small."""
     example = Path(__file__).parents[1] / "examples" / "ring_attention.py"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
     options = ["--seq", "1024", "--check-seq", "256", "--documents", "4", "--backward"]
+    if method == "ulysses":
+        options.append("--ulysses")
     run = subprocess.run(
         [*torchrun, "2", str(example), *options],
         capture_output=True,
@@ -347,8 +517,8 @@ def test_the_ring_example_runs_under_torchrun_and_matches_one_process():
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "P=2 (gloo), seq=1024" in run.stdout
+    assert f"{method} attention, P=2 (gloo), seq=1024" in run.stdout
     assert "forward+backward:" in run.stdout
-    error = re.search(r"max \|ring - single process\| at seq=256: (\S+)", run.stdout)
+    error = re.search(rf"max \|{method} - single process\| at seq=256: (\S+)", run.stdout)
     assert error is not None, run.stdout
     assert float(error.group(1)) < 1e-5

@@ -1,4 +1,7 @@
-"""Past one machine: ring attention over torch.distributed (gloo on CPUs, NCCL on GPUs).
+"""Past one machine: a sequence split over processes (gloo on CPUs, NCCL on GPUs).
+
+``ring_attention`` passes key/value blocks around the ranks; ``ulysses_attention`` swaps the
+sequence split for a head split (all-to-all) and attends locally, under any mask.
 
 torchrun --nproc-per-node 4 examples/ring_attention.py --seq 65536
 """
@@ -6,11 +9,13 @@ torchrun --nproc-per-node 4 examples/ring_attention.py --seq 65536
 from attnkit.distributed.layout import gather_sequence, shard_sequence, unshard_sequence
 from attnkit.distributed.merge import merge_partials
 from attnkit.distributed.ring import ring_attention
+from attnkit.distributed.ulysses import ulysses_attention
 
 __all__ = [
     "gather_sequence",
     "merge_partials",
     "ring_attention",
     "shard_sequence",
+    "ulysses_attention",
     "unshard_sequence",
 ]

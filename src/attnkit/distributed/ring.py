@@ -136,6 +136,11 @@ def _block(k: Tensor, v: Tensor, ids: Tensor | None) -> list[Tensor]:
     return [k, v] if ids is None else [k, v, ids]
 
 
+def _ids_of(block: list[Tensor]) -> Tensor | None:
+    """The document ids of a ``_block``'s keys, or None."""
+    return block[2] if len(block) == 3 else None
+
+
 def _forward(
     s: _Setup, q: Tensor, k: Tensor, v: Tensor, ids: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -145,7 +150,7 @@ def _forward(
     for step in range(s.world):
         src = (s.rank - step) % s.world
         pending = _exchange(s, kv) if step < s.world - 1 else None
-        for i, _, (qa, qb), (ka, kb), mask in _pairs(s, src, ids, None if ids is None else kv[2]):
+        for i, _, (qa, qb), (ka, kb), mask in _pairs(s, src, ids, _ids_of(kv)):
             o, lse = _block_forward(s, q[:, :, qa:qb], kv[0][:, :, ka:kb], kv[1][:, :, ka:kb], mask)
             parts[i][0].append(o)
             parts[i][1].append(lse)
@@ -188,7 +193,7 @@ def _backward(
     for step in range(s.world):
         src = (s.rank - step) % s.world
         pending_kv = _exchange(s, kv) if step < s.world - 1 else None
-        for _, _, (qa, qb), (ka, kb), mask in _pairs(s, src, ids, None if ids is None else kv[2]):
+        for _, _, (qa, qb), (ka, kb), mask in _pairs(s, src, ids, _ids_of(kv)):
             dq_p, dk_p, dv_p = block_backward(
                 dout[:, :, qa:qb],
                 q[:, :, qa:qb],
