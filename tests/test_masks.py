@@ -257,6 +257,30 @@ def test_kind_by_rule_finds_blocks_a_ring_skips_without_evaluating_pairs():
     assert pairs_evaluated == [1]  # custom's rule probes one pair for its batch and head dims
 
 
+@pytest.mark.parametrize("name", [n for n in MASK_NAMES if n != "bool_tensor"])
+def test_a_part_of_a_mask_is_the_same_pairs_and_tiles(name):
+    """``Mask.part``: the queries and keys of a part of the grid, counted from its corner, attend
+    as in the whole; its tiles (at tile sizes that do not divide the corner) are those of its
+    pairs, exactly where the whole's rule is exact. Masks whose rule reads whole grids only
+    refuse."""
+    mask = every_mask(150, 150)[name]
+    whole = mask.dense(150, 150, B=2, H=2)
+    for q0, k0, lq, lk in [(0, 0, 150, 150), (37, 101, 60, 49), (75, 0, 75, 75), (149, 3, 1, 5)]:
+        if not mask.bind(150, 150).any_ranges:
+            with pytest.raises(ValueError, match="for a whole grid only"):
+                mask.part(150, 150, q0, k0)
+            return
+        part = mask.part(150, 150, q0, k0)
+        dense = part.dense(lq, lk, B=2, H=2)
+        want = whole[..., q0 : q0 + lq, k0 : k0 + lk]
+        assert torch.equal(*torch.broadcast_tensors(dense, want)), (q0, k0)
+        kinds = part.blocks(lq, lk, 16, 32, B=2, H=2).kinds
+        expected = kinds_from_dense(dense, 16, 32)
+        assert torch.equal(*torch.broadcast_tensors(kinds, expected)), (q0, k0)
+    with pytest.raises(ValueError, match="do not fit the 150 x 150 grid"):
+        mask.part(150, 150, 100, 0).dense(51, 10)
+
+
 def test_custom_mask_tiles_per_batch_and_head_when_its_predicate_varies():
     """blocks(B=, H=) reads off the predicate's result which of b and h it depends on: tiles
     are classified per (b, h) for one that does, once for one that does not."""

@@ -97,11 +97,16 @@ def _plain_key(spec: object) -> object | None:
 
 @dataclass(frozen=True)
 class BoundMask:
-    """A mask bound to lengths: its predicate, its tile rule, and whether the rule is exact."""
+    """A mask bound to lengths: its predicate, its tile rule, and whether the rule is exact.
+
+    ``any_ranges``: the rule answers for any ranges of queries and keys within the grid, not
+    only for a grid of equal tiles from (0, 0) (what ``Mask.part`` needs).
+    """
 
     fn: MaskFn
     tiles: TileRule
     exact: bool
+    any_ranges: bool = False
 
 
 class Mask:
@@ -171,6 +176,47 @@ class Mask:
     def __repr__(self) -> str:
         return self.name
 
+    def part(self, Lq: int, Lk: int, q_start: int, k_start: int) -> Mask:
+        """The part of this mask over an Lq × Lk grid from query q_start and key k_start on.
+
+        A mask of its own, its positions counted from the part's corner (ring attention's
+        blocks of one long sequence): bound to the part's lengths, it answers as this mask
+        bound to (Lq, Lk) does at the shifted positions, tile rule included.
+        """
+        for name, n in (("Lq", Lq), ("Lk", Lk)):
+            check.check_int(name, n)
+        for name, n in (("q_start", q_start), ("k_start", k_start)):
+            check.check_int(name, n, least=0)
+        whole = self.bind(Lq, Lk)
+        if not whole.any_ranges:
+            raise ValueError(
+                f"{self.name} finds its tiles for a whole grid only, not for a part of it "
+                "(documents, padding from a tensor, key ranges and dense masks; for documents "
+                "ring_attention takes document_ids=)"
+            )
+
+        def bind(lq: int, lk: int) -> BoundMask:
+            if q_start + lq > Lq or k_start + lk > Lk:
+                raise ValueError(
+                    f"{lq} queries from {q_start} and {lk} keys from {k_start} do not fit the "
+                    f"{Lq} x {Lk} grid of {self.name}"
+                )
+
+            def fn(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+                return whole.fn(b, h, q + q_start, kv + k_start)
+
+            def tiles(
+                q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
+            ) -> tuple[Tensor, Tensor]:
+                return whole.tiles(
+                    q_lo + q_start, q_hi + q_start, k_lo + k_start, k_hi + k_start, B, H
+                )
+
+            return BoundMask(fn, tiles, whole.exact, any_ranges=True)
+
+        name = f"{self.name}[q {q_start}.., k {k_start}.. of {Lq}x{Lk}]"
+        return Mask(name, bind, batch=self.batch, heads=self.heads)
+
     # ---- combinators -------------------------------------------------------------------
     def __and__(self, other: Mask) -> Mask:
         return _combine(self, other, "&")
@@ -186,7 +232,7 @@ class Mask:
                 any_a, all_a = a.tiles(*args)  # type: ignore[arg-type]
                 return ~all_a, ~any_a  # exact: complement swaps "all" and "any"
 
-            return BoundMask(lambda b, h, q, kv: ~a.fn(b, h, q, kv), tiles, a.exact)
+            return BoundMask(lambda b, h, q, kv: ~a.fn(b, h, q, kv), tiles, a.exact, a.any_ranges)
 
         spec = None if self.spec is None else ("~", self.spec)
         return Mask(f"~{self.name}", bind, batch=self.batch, heads=self.heads, spec=spec)
@@ -386,7 +432,7 @@ def _combine(a: Mask, b: Mask, op: str) -> Mask:
                 return any_a & any_b, all_a & all_b
             return any_a | any_b, all_a | all_b  # any() exact for OR; all() a lower bound
 
-        return BoundMask(fn, tiles, exact=False)
+        return BoundMask(fn, tiles, exact=False, any_ranges=ba.any_ranges and bb.any_ranges)
 
     return Mask(
         f"({a.name} {op} {b.name})",
@@ -395,6 +441,11 @@ def _combine(a: Mask, b: Mask, op: str) -> Mask:
         heads=_merged_size(a.heads, b.heads, "H"),
         spec=None if a.spec is None or b.spec is None else (op, a.spec, b.spec),
     )
+
+
+def _prefix_sum(flags: Tensor) -> Tensor:
+    """(n + 1,) counts of True in flags[:i] for every i."""
+    return torch.nn.functional.pad(flags.long().cumsum(0), (1, 0))
 
 
 def _tile_counts(flags: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -443,7 +494,7 @@ def _diff_mask(name: str, keep: Callable[[Tensor], Tensor], align: Align) -> Mas
             n = csum[hi + 1] - csum[lo]
             return n > 0, n == hi - lo + 1
 
-        return BoundMask(fn, tiles, exact=True)
+        return BoundMask(fn, tiles, exact=True, any_ranges=True)
 
     return Mask(name, bind)
 
@@ -492,6 +543,7 @@ def full() -> Mask:
             lambda b, h, q, kv: torch.ones_like(q - kv, dtype=torch.bool),
             _const_tiles(True),
             exact=True,
+            any_ranges=True,
         )
 
     return Mask("full()", bind)
@@ -896,7 +948,7 @@ def fixed(block: int, summary: int = 1, *, align: Align = "bottom_right") -> Mas
             )
             return any_same | any_summary, (k_hi <= a) & (~has_ns | one_block)
 
-        return BoundMask(fn, tiles, exact=True)
+        return BoundMask(fn, tiles, exact=True, any_ranges=True)
 
     return Mask(f"fixed(block={block}, summary={summary})", bind)
 
@@ -920,7 +972,7 @@ def prefix_lm(prefix_len: int, *, align: Align = "bottom_right") -> Mask:
                 k_hi <= q_lo + off
             )
 
-        return BoundMask(fn, tiles, exact=True)
+        return BoundMask(fn, tiles, exact=True, any_ranges=True)
 
     return Mask(f"prefix_lm(prefix_len={prefix_len})", bind)
 
@@ -954,15 +1006,14 @@ def global_tokens(indices: Sequence[int] | Tensor, *, align: Align = "bottom_rig
         def tiles(
             q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, B: int, H: int
         ) -> tuple[Tensor, Tensor]:
-            block_q = int(q_hi[0, 0] - q_lo[0, 0]) + 1
-            block_k = int(k_hi[0, 0] - k_lo[0, 0]) + 1
-            cq, lq = _tile_counts(g_q.to(q_lo.device), block_q)
-            ck, lk = _tile_counts(g_k.to(q_lo.device), block_k)
-            any_ = (cq[:, None] > 0) | (ck[None, :] > 0)
-            all_ = (cq == lq)[:, None] | (ck == lk)[None, :]
+            # global queries in [q_lo, q_hi] and global keys in [k_lo, k_hi], by prefix sums
+            cq, ck = (_prefix_sum(g.to(q_lo.device)) for g in (g_q, g_k))
+            nq, nk = cq[q_hi + 1] - cq[q_lo], ck[k_hi + 1] - ck[k_lo]
+            any_ = (nq > 0) | (nk > 0)
+            all_ = (nq == q_hi - q_lo + 1) | (nk == k_hi - k_lo + 1)
             return any_, all_
 
-        return BoundMask(fn, tiles, exact=True)
+        return BoundMask(fn, tiles, exact=True, any_ranges=True)
 
     return Mask(f"global_tokens({_short(idx)})", bind)
 
@@ -984,7 +1035,7 @@ def key_padding(lengths: Sequence[int] | Tensor) -> Mask:
             n = lens.to(q_lo.device).view(-1, 1, 1, 1)
             return k_lo < n, k_hi < n
 
-        return BoundMask(fn, tiles, exact=True)
+        return BoundMask(fn, tiles, exact=True, any_ranges=True)
 
     return Mask(f"key_padding(lengths={_short(lens)})", bind, batch=_batch_of(lens.numel()))
 
@@ -1175,7 +1226,7 @@ def _layout_bound(layout: Tensor, block: int, q_shift: int) -> BoundMask:
         area = (r1 - r0 + 1) * (c1 - c0 + 1)
         return (n > 0)[None], (n == area)[None]
 
-    return BoundMask(fn, tiles, exact=True)
+    return BoundMask(fn, tiles, exact=True, any_ranges=True)
 
 
 @_builtin
@@ -1331,7 +1382,7 @@ def custom(fn: MaskFn, name: str | None = None) -> Mask:
                 shape, dtype=torch.bool, device=dev
             )
 
-        return BoundMask(fn, tiles, exact=False)
+        return BoundMask(fn, tiles, exact=False, any_ranges=True)
 
     return Mask(name, bind)
 

@@ -5,7 +5,8 @@ attends over the block of rank r - s while the block of rank r - s - 1 is alread
 (isend/irecv overlap communication with compute). Partial results merge exactly through their
 log-sum-exp. Blocks a causal or window mask leaves empty are skipped (but still passed on);
 with packed documents, so are blocks that share no document with the rank's queries (the
-keys' document ids travel the ring with their block).
+keys' document ids travel the ring with their block). Any other mask over the whole sequence
+applies to each pair of chunks as its part (``Mask.part``), and skips what it leaves empty.
 
 Backward (FlashAttention-2 style) runs the ring once more: each block travels with the
 gradient accumulators of its keys and values; every rank adds its queries' contribution,
@@ -15,7 +16,7 @@ computed from the global output and LSE, and after P hops the accumulators are h
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -44,6 +45,10 @@ class _Setup:
     window: tuple[int, int] | None
     scale: float
     backend: Literal["tiled", "triton"]  # what computes each block
+    mask: Mask | None = None  # over the whole sequence, beside causal, window and documents
+    # ``mask``'s part for each (query chunk, key chunk): one object per call, so forward and
+    # backward share its tile maps
+    parts: dict[tuple[int, int], Mask] = field(default_factory=dict, compare=False)
 
 
 def _pair_mask(
@@ -66,6 +71,11 @@ def _pair_mask(
     if ids is not None:
         same_document = document(ids[0], kv_ids=ids[1])
         mask = same_document if mask is None else mask & same_document
+    if s.mask is not None:
+        corner = (q_chunk[0], k_chunk[0])
+        if corner not in s.parts:
+            s.parts[corner] = s.mask.part(s.length, s.length, *corner)
+        mask = s.parts[corner] if mask is None else mask & s.parts[corner]
     if mask is None:
         return True, None
     kind = mask.kind_by_rule(q_chunk[1] - q_chunk[0], k_chunk[1] - k_chunk[0])
@@ -245,6 +255,7 @@ def ring_attention(
     *,
     causal: bool = False,
     window: int | tuple[int, int] | None = None,
+    mask: Mask | None = None,
     scale: float | None = None,
     group: dist.ProcessGroup | None = None,
     layout: str = "zigzag",
@@ -262,6 +273,10 @@ def ring_attention(
         causal: query at global position i sees keys j <= i.
         window: FlashAttention's window_size: (left, right), or an int w for (w, 0) when
             causal and (w, w) otherwise; -1 leaves a side unbounded.
+        mask: any ``Mask`` over the whole sequence (L, L), its positions global (dilated,
+            BigBird, global tokens, block layouts, ...), on top of ``causal``, ``window`` and
+            ``document_ids``; blocks it leaves empty are skipped. (Not a tensor or BlockMask:
+            every rank would need the whole L x L.)
         scale: default 1/sqrt(D).
         group: the process group (default: the world).
         layout: "zigzag" (balanced causal work: chunks r and 2P-1-r of 2P) or "contiguous".
@@ -330,6 +345,7 @@ def ring_attention(
         win,
         check.check_scale(scale, shapes.D),
         _block_backend(backend, q, k, v),
+        _whole_sequence_mask(mask),
     )
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
@@ -339,6 +355,17 @@ def ring_attention(
         if sinks is not None:
             out, lse = apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
+
+
+def _whole_sequence_mask(mask: object) -> Mask | None:
+    """``mask`` if it is a Mask (or None), else ValueError."""
+    if mask is None or isinstance(mask, Mask):
+        return mask
+    raise ValueError(
+        f"ring_attention takes a Mask over the whole sequence (attnkit.masks), got "
+        f"{type(mask).__name__}: a bool tensor or BlockMask would need the whole L x L on "
+        "every rank (causal=, window= and document_ids= cover the common cases)"
+    )
 
 
 def _block_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> Literal["tiled", "triton"]:
