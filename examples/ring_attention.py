@@ -4,6 +4,8 @@
     torchrun --nproc-per-node 4 examples/ring_attention.py --seq 65536 --ulysses
 
 ``--ulysses`` runs ``ulysses_attention`` instead (all-to-all to a split of the heads).
+``--mask`` adds a sparse pattern over the whole sequence, as ``attnkit patterns --mask`` takes
+it (e.g. ``sliding_window:256,256+global:0``).
 
 Prints the time per call, each rank's peak memory, the bytes each rank sends per ring step,
 and the max error against a single-process float32 run at --check-seq tokens. ``--backend``
@@ -22,6 +24,7 @@ import torch.distributed as dist
 import attnkit
 from attnkit import _memory, masks
 from attnkit.distributed import ring_attention, shard_sequence, ulysses_attention
+from attnkit.explain import parse_mask
 
 
 def main() -> None:
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", choices=["auto", "tiled", "triton"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--ulysses", action="store_true", help="ulysses_attention, not the ring")
+    ap.add_argument("--mask", default=None, help="a sparse pattern, e.g. dilated:64,4+global:0")
     args = ap.parse_args()
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -50,6 +54,7 @@ def main() -> None:
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     causal = not args.full
+    pattern = None if args.mask is None else parse_mask(args.mask, "--mask")
     dtype = getattr(torch, args.dtype)
 
     def peak_mb(reset: bool = False) -> float:
@@ -78,6 +83,8 @@ def main() -> None:
             mask = masks.sliding_window(args.window, 0 if causal else args.window)
         else:
             mask = masks.causal() if causal else masks.full()
+        if pattern is not None:
+            mask = mask & pattern
         return mask if args.documents is None else mask & masks.document(documents(length))
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -89,7 +96,7 @@ def main() -> None:
             )
         else:
             out = ring_attention(
-                q, k, v, causal=causal, window=args.window, layout=args.layout,
+                q, k, v, causal=causal, window=args.window, mask=pattern, layout=args.layout,
                 document_ids=shard_of_documents(length), backend=args.backend,
             )  # fmt: skip
         assert isinstance(out, torch.Tensor)
@@ -132,8 +139,8 @@ def main() -> None:
         print(
             f"{method} attention, P={world} ({backend}), seq={args.seq}, heads={args.heads}/"
             f"{args.kv_heads}, dim={args.dim}, causal={causal}, window={args.window}, "
-            f"layout={args.layout}, documents={args.documents}, {args.dtype}, "
-            f"on {args.backend}"
+            f"layout={args.layout}, documents={args.documents}, mask={args.mask}, "
+            f"{args.dtype}, on {args.backend}"
         )
         print(f"  {what}: {seconds:.2f} s")
         print(f"  peak extra memory per rank: {', '.join(f'{p.item():.0f}' for p in peaks)} MB")

@@ -123,12 +123,15 @@ def _reference(q, k, v, sinks, mask, weight, dtype):
     }
 
 
-def _worker(rank, world, init_file, results_dir, backend="tiled", dtype=torch.float64):
-    """Every case on ``backend`` in ``dtype`` vs one process's reference: to 1e-9 in float64,
-    else within 4x the reference's own error in dtype (DESIGN §7)."""
+def _worker(rank, world, init_file, results_dir, backend="tiled", dtype=torch.float64, names=None):
+    """Every case (or those ``names``) on ``backend`` in ``dtype`` vs one process's reference:
+    to 1e-9 in float64, else within 4x the reference's own error in dtype (DESIGN §7)."""
+    assert names is None or set(names) <= {case[0] for case in CASES}, names
     _join(rank, world, init_file)
     try:
         for name, L, Hq, Hkv, causal, window, layout in CASES:
+            if names is not None and name not in names:
+                continue
             torch.manual_seed(0)  # the same global tensors on every rank
             q, k, v = rand_qkv(2, Hq, Hkv, L, L, 8, 6, dtype=torch.float64)
             weight = torch.randn(2, Hq, L, 6, dtype=torch.float64)
@@ -214,9 +217,10 @@ def test_ring_attention_matches_single_process(world, tmp_path):
 @pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="gloo passes CPU tensors: the interpreter's")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_ring_attention_on_the_triton_kernels(dtype, tmp_path):
-    """backend="triton" (on a GPU, what "auto" picks): every case, forward and backward, with
-    the kernels computing each block under TRITON_INTERPRET=1."""
-    _spawn_ok(_worker, 2, tmp_path, "triton", dtype)
+    """backend="triton" (on a GPU, what "auto" picks): forward and backward, with the kernels
+    computing each block under TRITON_INTERPRET=1; every case in float32, a few in bfloat16."""
+    few = ["causal_zigzag_sinks", "documents_window_zigzag", "dilated|global_causal"]
+    _spawn_ok(_worker, 2, tmp_path, "triton", dtype, None if dtype == torch.float32 else few)
 
 
 def ulysses_cases(L, Hq):
@@ -530,15 +534,21 @@ def test_merge_stacked_takes_the_same_few_operations_for_any_number_of_parts():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ring", "ulysses"])
-def test_the_ring_example_runs_under_torchrun_and_matches_one_process(method):
+@pytest.mark.parametrize(
+    ("method", "more"),
+    [
+        ("ring", []),
+        ("ulysses", ["--ulysses"]),
+        ("ring", ["--full", "--mask", "dilated:8,4+global:0"]),
+    ],
+    ids=["ring", "ulysses", "ring_sparse"],
+)
+def test_the_ring_example_runs_under_torchrun_and_matches_one_process(method, more):
     """examples/ring_attention.py as its docstring runs it (2 ranks, packed documents,
     forward and backward): it reports its error against one process, and that error is small."""
     example = Path(__file__).parents[1] / "examples" / "ring_attention.py"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-    options = ["--seq", "1024", "--check-seq", "256", "--documents", "4", "--backward"]
-    if method == "ulysses":
-        options.append("--ulysses")
+    options = ["--seq", "1024", "--check-seq", "256", "--documents", "4", "--backward", *more]
     run = subprocess.run(
         [*torchrun, "2", str(example), *options],
         capture_output=True,
