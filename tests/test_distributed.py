@@ -371,6 +371,7 @@ def test_ulysses_keeps_what_reads_no_head_and_cuts_what_does():
         assert torch.equal(cut.dense(8, 8, B=2, H=2), mask.dense(8, 8, B=2, H=4)[:, 2:])
         blocks = cut.blocks(8, 8, 4, 4, B=2, H=2)
         assert torch.equal(blocks.kinds, mask.blocks(8, 8, 4, 4, B=2, H=4).kinds[:, 2:])
+        assert cut.bind(8, 8).any_ranges  # (so a ring's Mask.part can take it too)
     tensor = torch.rand(1, 4, 8, 8) > 0.5
     assert torch.equal(_mask_for_heads(tensor, 2, 2, 4), tensor[:, 2:])
     slopes = score_mods.alibi_slopes(4)

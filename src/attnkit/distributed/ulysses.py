@@ -111,7 +111,7 @@ def _mask_for_heads(mask: MaskLike, first: int, heads: int, Hq: int) -> MaskLike
                 t[:, first : first + heads] if t.dim() == 4 and t.shape[1] > 1 else t for t in found
             )
 
-        return BoundMask(fn, tiles, whole.exact)
+        return BoundMask(fn, tiles, whole.exact, whole.any_ranges)
 
     last = first + heads - 1
     return Mask(
