@@ -405,6 +405,10 @@ def _odd_worker(rank, world, init_file, results_dir):
             ring_attention(q, q, q, document_ids=torch.zeros(3, 4, dtype=torch.long))
         with pytest.raises(ValueError, match="on every rank or none"):  # rank 1 gives none
             ring_attention(q, q, q, document_ids=torch.zeros(4, dtype=torch.long) if rank else None)
+        with pytest.raises(ValueError, match=r"takes a Mask over the whole sequence .* got Tensor"):
+            ring_attention(q, q, q, mask=torch.ones(8, 8, dtype=torch.bool))
+        with pytest.raises(ValueError, match="finds its tiles for a whole grid only"):
+            ring_attention(q, q, q, mask=masks.document(torch.arange(8) // 3))
         with pytest.raises(
             ValueError, match="backend must be 'auto', 'tiled' or 'triton', got 'x'"
         ):

@@ -345,7 +345,7 @@ def ring_attention(
         win,
         check.check_scale(scale, shapes.D),
         _block_backend(backend, q, k, v),
-        _whole_sequence_mask(mask),
+        _whole_sequence_mask(mask, shapes.Lq * world),
     )
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
@@ -357,10 +357,13 @@ def ring_attention(
     return (out, lse) if return_lse else out
 
 
-def _whole_sequence_mask(mask: object) -> Mask | None:
-    """``mask`` if it is a Mask (or None), else ValueError."""
-    if mask is None or isinstance(mask, Mask):
-        return mask
+def _whole_sequence_mask(mask: object, length: int) -> Mask | None:
+    """``mask`` if it is a Mask whose parts the ring can take (or None), else ValueError."""
+    if mask is None:
+        return None
+    if isinstance(mask, Mask):
+        mask.part(length, length, 0, 0)  # refuses, before any block travels, a rule that
+        return mask  # answers for whole grids only
     raise ValueError(
         f"ring_attention takes a Mask over the whole sequence (attnkit.masks), got "
         f"{type(mask).__name__}: a bool tensor or BlockMask would need the whole L x L on "
