@@ -487,7 +487,7 @@ def _diff_mask(name: str, keep: Callable[[Tensor], Tensor], align: Align) -> Mas
         ) -> tuple[Tensor, Tensor]:
             d_min = -(Lq - 1) - off
             d = torch.arange(d_min, Lk - off, device=q_lo.device)
-            csum = torch.nn.functional.pad(keep(d).cumsum(0), (1, 0))  # bool cumsum is int64
+            csum = _prefix_sum(keep(d))
             shift = off + d_min  # a difference's index in d
             lo = k_lo - q_hi - shift
             hi = k_hi - q_lo - shift
