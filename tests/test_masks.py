@@ -678,6 +678,45 @@ def test_refined_tiles_keep_the_bitmaps_a_fresh_evaluation_gives(name):
         assert torch.equal(kept[1], fresh[1])
 
 
+@pytest.mark.parametrize("name", [n for n in MASK_NAMES if n != "bool_tensor"])
+def test_refinement_in_chunks_of_few_tiles_finds_what_one_chunk_does(name, monkeypatch):
+    """Partial tiles are evaluated in chunks (a few hundred thousand pairs on CPUs, to stay in
+    cache): chunks of three tiles give the same kinds and bitmaps as one chunk, and the
+    bitmaps are the dense mask's."""
+    mask = every_mask(130, 150)[name]
+    assert isinstance(mask, masks.Mask)
+    found = {}
+    for tiles_per_chunk in (3, 10_000):
+        monkeypatch.setitem(block_mask._REFINE_CHUNK_ELEMENTS, "cpu", tiles_per_chunk * 32 * 16)
+        bm = mask._build_blocks(130, 150, 32, 16, 2, 2, None, refine=True)
+        found[tiles_per_chunk] = (bm.kinds, *partial_bitmaps(bm))
+    for mine, theirs in zip(found[3], found[10_000], strict=True):
+        assert torch.equal(mine, theirs)
+    kinds, tile_index, bitmaps = found[3]
+    dense = mask.dense(130, 150, B=2, H=2).expand(2, 2, 130, 150)
+    padded = torch.zeros(2, 2, 5 * 32, 10 * 16, dtype=torch.bool)
+    padded[..., :130, :150] = dense
+    for b, h, i, j in (kinds == PARTIAL).nonzero().tolist():
+        tile = padded[b if kinds.shape[0] > 1 else 0, h if kinds.shape[1] > 1 else 0]
+        want = tile[i * 32 : (i + 1) * 32, j * 16 : (j + 1) * 16]
+        assert torch.equal(bitmaps[tile_index[b, h, i, j]], want)
+
+
+@pytest.mark.parametrize("name", [n for n in MASK_NAMES if n != "bool_tensor"])
+def test_blocks_without_refinement_keep_the_rules_tiles(name):
+    """``refine=False`` evaluates nothing: the rule's EMPTY and FULL tiles are the refined
+    map's, and what it leaves PARTIAL the refined map may have decided either way."""
+    mask = every_mask(130, 150)[name]
+    assert isinstance(mask, masks.Mask)
+    rough = mask.blocks(130, 150, 32, 16, B=2, H=2, refine=False)
+    exact = mask.blocks(130, 150, 32, 16, B=2, H=2)
+    rough_kinds, exact_kinds = (bm.kinds.expand(2, 2, -1, -1) for bm in (rough, exact))
+    decided = rough_kinds != PARTIAL
+    assert torch.equal(rough_kinds[decided], exact_kinds[decided])
+    if mask.bind(130, 150).exact:
+        assert torch.equal(rough_kinds, exact_kinds)
+
+
 #: the built-in patterns made from tensors
 TENSOR_FACTORIES = (
     "document",

@@ -279,25 +279,30 @@ class Mask:
         B: int | None = None,
         H: int | None = None,
         device: torch.device | str | None = None,
+        refine: bool = True,
     ) -> BlockMask:
         """Classify every (q-tile, kv-tile) pair as empty, partial or full.
 
         Built-in patterns use their analytic rule; combinations refine the tiles their rule
-        leaves undecided by evaluating the predicate on those tiles only. Masks are immutable
-        values, so the result is cached (the last few argument sets): on this mask, or, for a
-        mask that a plain spec describes, shared by every mask with the same spec.
+        leaves undecided by evaluating the predicate on those tiles only (``refine=False``
+        leaves them partial: enough to estimate the work, as the tiled backend does to pick
+        its tile height). Masks are immutable values, so the result is cached (the last few
+        argument sets): on this mask, or, for a mask that a plain spec describes, shared by
+        every mask with the same spec.
         """
         check.check_int("block_q", block_q)
         check.check_int("block_k", block_k)
+        check.check_flag("refine", refine)
         B, H = self._sizes(B, H)
-        key: tuple[Any, ...] = (Lq, Lk, block_q, block_k, B, H, str(torch.device(device or "cpu")))
+        device_name = str(torch.device(device or "cpu"))
+        key: tuple[Any, ...] = (Lq, Lk, block_q, block_k, B, H, device_name, refine)
         cache, size = self._blocks_cache, _BLOCKS_CACHE_SIZE
         if self._shared_key is not None:
             cache, size, key = _SHARED_BLOCKS, _SHARED_BLOCKS_SIZE, (self._shared_key, *key)
         if (cached := cache.get(key)) is not None:
             cache.move_to_end(key)
             return cached
-        bm = self._build_blocks(Lq, Lk, block_q, block_k, B, H, device)
+        bm = self._build_blocks(Lq, Lk, block_q, block_k, B, H, device, refine)
         cache[key] = bm
         if len(cache) > size:
             cache.popitem(last=False)
@@ -312,6 +317,7 @@ class Mask:
         B: int,
         H: int,
         device: torch.device | str | None,
+        refine: bool,
     ) -> BlockMask:
         bound = self.bind(Lq, Lk)
         # few torch ops: decoding builds a tile map at every step, and each costs microseconds
@@ -322,7 +328,7 @@ class Mask:
         shape = _broadcast_shapes(kinds.shape, (1, 1, q_lo.numel(), k_lo.numel()))
         kinds = kinds.expand(shape).contiguous()
         bm = BlockMask(kinds, block_q, block_k, Lq, Lk, bound.fn, name=self.name)
-        return bm if bound.exact else refine_partial_tiles(bm)
+        return bm if bound.exact or not refine else refine_partial_tiles(bm)
 
     def kind_by_rule(self, Lq: int, Lk: int) -> int:
         """EMPTY, PARTIAL or FULL for the whole Lq × Lk grid (every batch row and head).

@@ -98,7 +98,9 @@ def tuned_config(req: Request) -> TileConfig:
             return replace(cfg, block_q=rows)
     if cfg.block_q < 64 or not surely(s.Lq >= 2 * WIDE_ROW_KEYS):
         return cfg
-    tiles = kernel_tiles(req, cfg)  # a band's counts follow from its bounds: no map built
+    # a band's counts follow from its bounds: no map built; nor a map refined at a height
+    # that may not be kept
+    tiles = kernel_tiles(req, cfg, refine=False)
     if isinstance(tiles, cpu_kernel.Band):  # its middle query tile's (compile: no loop over Lq)
         visited: float = tiles.kv_tiles(s.Lq // 2 // cfg.block_q * cfg.block_q, s.Lq, s.Lk)
     elif isinstance(tiles, cpu_kernel.KeyRanges):  # a row's keys on average
@@ -135,8 +137,11 @@ class Plan:
 _NO_MASK = full()
 
 
-def block_mask_for(req: Request, cfg: TileConfig) -> BlockMask:
-    """The request's mask as a BlockMask (all tiles full when there is no mask)."""
+def block_mask_for(req: Request, cfg: TileConfig, *, refine: bool = True) -> BlockMask:
+    """The request's mask as a BlockMask (all tiles full when there is no mask).
+
+    ``refine``: as ``Mask.blocks``' (False: a combination's undecided tiles stay partial).
+    """
     s, mask = req.shapes, req.mask
     if isinstance(mask, BlockMask):
         return mask
@@ -146,7 +151,7 @@ def block_mask_for(req: Request, cfg: TileConfig) -> BlockMask:
         return tensor_block_mask(mask, s.Lq, s.Lk, cfg.block_q, cfg.block_k, s.B, s.Hq)
     # the request's B and Hq: a custom predicate's result shows which of them it varies over
     # (tiles for each head where it depends on h); built-in patterns' rules ignore them
-    return mask.blocks(s.Lq, s.Lk, cfg.block_q, cfg.block_k, B=s.B, H=s.Hq)
+    return mask.blocks(s.Lq, s.Lk, cfg.block_q, cfg.block_k, B=s.B, H=s.Hq, refine=refine)
 
 
 #: Set False to have the compiled kernels walk a BlockMask for causal and window masks and key
@@ -154,7 +159,7 @@ def block_mask_for(req: Request, cfg: TileConfig) -> BlockMask:
 BAND_IN_KERNEL = True
 
 
-def kernel_tiles(req: Request, cfg: TileConfig) -> cpu_kernel.Tiles:
+def kernel_tiles(req: Request, cfg: TileConfig, *, refine: bool = True) -> cpu_kernel.Tiles:
     """The mask as the compiled kernels take it: a band they compute, else a BlockMask.
 
     No mask, causal and sliding-window masks (any alignment, and ``&`` of them) keep the band
@@ -162,7 +167,7 @@ def kernel_tiles(req: Request, cfg: TileConfig) -> cpu_kernel.Tiles:
     no tile map is built for a new length (a window over a growing cache built one per
     decoding step: ``benchmarks/cpu_decoding.py`` measured 3.40-3.46 ms per step of 6 layers
     with maps, 1.94-2.08 ms without). ``&`` padding masks too (``masks.padded_band``): the
-    kernels take the kept keys (B, Lk) beside the band.
+    kernels take the kept keys (B, Lk) beside the band. ``refine``: ``block_mask_for``'s.
     """
     found = _kernel_band(req)
     if found is not None:
@@ -170,7 +175,7 @@ def kernel_tiles(req: Request, cfg: TileConfig) -> cpu_kernel.Tiles:
         return cpu_kernel.Band(lo, hi, cfg.block_q, cfg.block_k, keys)
     if (in_ranges := _kernel_ranges(req)) is not None:
         return cpu_kernel.KeyRanges(in_ranges[0], cfg.block_q, cfg.block_k, in_ranges[1])
-    return block_mask_for(req, cfg)
+    return block_mask_for(req, cfg, refine=refine)
 
 
 def computed_fraction(req: Request, cfg: TileConfig) -> float:
