@@ -3,7 +3,9 @@
     torchrun --nproc-per-node 4 examples/ring_attention.py --seq 65536
     torchrun --nproc-per-node 4 examples/ring_attention.py --seq 65536 --ulysses
 
-``--ulysses`` runs ``ulysses_attention`` instead (all-to-all to a split of the heads).
+``--ulysses`` runs ``ulysses_attention`` instead (all-to-all to a split of the heads), and
+``--hybrid U`` runs ``hybrid_attention`` on a grid of P/U x U ranks (Ulysses within groups of U
+consecutive ranks, the ring across them).
 ``--mask`` adds a sparse pattern over the whole sequence, as ``attnkit patterns --mask`` takes
 it (e.g. ``sliding_window:256,256+global:0``).
 
@@ -23,7 +25,14 @@ import torch.distributed as dist
 
 import attnkit
 from attnkit import _memory, masks
-from attnkit.distributed import ring_attention, shard_sequence, ulysses_attention
+from attnkit.distributed import (
+    hybrid_attention,
+    hybrid_groups,
+    ring_attention,
+    shard_hybrid,
+    shard_sequence,
+    ulysses_attention,
+)
 from attnkit.explain import parse_mask
 
 
@@ -42,6 +51,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", choices=["auto", "tiled", "triton"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--ulysses", action="store_true", help="ulysses_attention, not the ring")
+    ap.add_argument("--hybrid", type=int, default=None, metavar="U", help="hybrid, U-rank heads")
     ap.add_argument("--mask", default=None, help="a sparse pattern, e.g. dilated:64,4+global:0")
     args = ap.parse_args()
 
@@ -55,6 +65,7 @@ def main() -> None:
         torch.cuda.set_device(device)
     causal = not args.full
     pattern = None if args.mask is None else parse_mask(args.mask, "--mask")
+    groups = None if args.hybrid is None else hybrid_groups(args.hybrid)
     dtype = getattr(torch, args.dtype)
 
     def peak_mb(reset: bool = False) -> float:
@@ -71,11 +82,15 @@ def main() -> None:
         shift = length // (2 * args.documents)
         return (torch.arange(length, device=device) + shift) * args.documents // length
 
+    def shard(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """This rank's shard of the whole sequence ``x``."""
+        if groups is not None:
+            return shard_hybrid(x, *groups, args.layout, dim)
+        return shard_sequence(x, world, rank, args.layout, dim)
+
     def shard_of_documents(length: int) -> torch.Tensor | None:
         """This rank's shard of ``documents(length)``, or None without --documents."""
-        if args.documents is None:
-            return None
-        return shard_sequence(documents(length), world, rank, args.layout, dim=0)
+        return None if args.documents is None else shard(documents(length), dim=0)
 
     def whole_mask(length: int) -> masks.Mask:
         """The mask over the whole sequence."""
@@ -95,9 +110,12 @@ def main() -> None:
                 q, k, v, mask=whole_mask(length), layout=args.layout, backend=args.backend
             )
         else:
-            out = ring_attention(
-                q, k, v, causal=causal, window=args.window, mask=pattern, layout=args.layout,
-                document_ids=shard_of_documents(length), backend=args.backend,
+            method, grid = ring_attention, {}
+            if groups is not None:
+                method, grid = hybrid_attention, {"head_group": groups[0], "ring_group": groups[1]}
+            out = method(
+                q, k, v, **grid, causal=causal, window=args.window, mask=pattern,
+                layout=args.layout, document_ids=shard_of_documents(length), backend=args.backend,
             )  # fmt: skip
         assert isinstance(out, torch.Tensor)
         return out
@@ -110,8 +128,8 @@ def main() -> None:
         for h in (args.heads, args.kv_heads, args.kv_heads)
     )
     whole = attnkit.attention(q.float(), k.float(), v.float(), mask=whole_mask(L), backend="tiled")
-    local = attend(*(shard_sequence(t, world, rank, args.layout) for t in (q, k, v)))
-    err = (local.float() - shard_sequence(whole, world, rank, args.layout)).abs().max().reshape(1)
+    local = attend(*(shard(t) for t in (q, k, v)))
+    err = (local.float() - shard(whole)).abs().max().reshape(1)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
 
     # 2. time and memory at --seq tokens: each rank makes only its own shard
@@ -134,10 +152,11 @@ def main() -> None:
     peaks = [torch.zeros(1, device=device) for _ in range(world)]  # (NCCL takes no CPU tensor)
     dist.all_gather(peaks, peak)
     if rank == 0:
-        method = "ulysses" if args.ulysses else "ring"
+        method = "ulysses" if args.ulysses else "ring" if groups is None else "hybrid"
+        grid = "" if args.hybrid is None else f" as {world // args.hybrid} x {args.hybrid}"
         what = "forward+backward" if args.backward else "forward"
         print(
-            f"{method} attention, P={world} ({backend}), seq={args.seq}, heads={args.heads}/"
+            f"{method} attention, P={world}{grid} ({backend}), seq={args.seq}, heads={args.heads}/"
             f"{args.kv_heads}, dim={args.dim}, causal={causal}, window={args.window}, "
             f"layout={args.layout}, documents={args.documents}, mask={args.mask}, "
             f"{args.dtype}, on {args.backend}"
@@ -148,9 +167,18 @@ def main() -> None:
             kv_heads = max(args.kv_heads, world)
             shards = (2 * args.heads + 2 * kv_heads) * n * args.dim * q.element_size()
             sent = f"{shards * (world - 1) / world / 2**20:.1f} MiB in 4 all-to-alls forward"
-        else:
+        elif groups is None:
             shards = 2 * args.kv_heads * n * args.dim * q.element_size()  # k and v
             sent = f"{shards / 2**20:.1f} MiB per ring step ({world - 1} steps forward)"
+        else:  # Ulysses over U ranks, then blocks U times a shard's around R ranks
+            U, R = args.hybrid, world // args.hybrid
+            kv_heads = max(args.kv_heads, U)
+            shards = (2 * args.heads + 2 * kv_heads) * n * args.dim * q.element_size()
+            block = 2 * kv_heads // U * n * U * args.dim * q.element_size()
+            sent = (
+                f"{shards * (U - 1) / U / 2**20:.1f} MiB in 4 all-to-alls and "
+                f"{block / 2**20:.1f} MiB per ring step ({R - 1} steps) forward"
+            )
         print(f"  bytes sent per rank: {sent}")
         print(f"  max |{method} - single process| at seq={args.check_seq}: {err.item():.2e}")
     dist.destroy_process_group()

@@ -17,8 +17,11 @@ import torch.multiprocessing as mp
 import attnkit
 from attnkit import masks, score_mods
 from attnkit.distributed import (
+    hybrid_attention,
+    hybrid_groups,
     merge_partials,
     ring_attention,
+    shard_hybrid,
     shard_sequence,
     ulysses_attention,
     unshard_sequence,
@@ -123,12 +126,23 @@ def _reference(q, k, v, sinks, mask, weight, dtype):
     }
 
 
-def _worker(rank, world, init_file, results_dir, backend="tiled", dtype=torch.float64, names=None):
+def _worker(
+    rank,
+    world,
+    init_file,
+    results_dir,
+    backend="tiled",
+    dtype=torch.float64,
+    names=None,
+    head_ranks=None,
+):
     """Every case (or those ``names``) on ``backend`` in ``dtype`` vs one process's reference:
-    to 1e-9 in float64, else within 4x the reference's own error in dtype (DESIGN §7)."""
+    to 1e-9 in float64, else within 4x the reference's own error in dtype (DESIGN §7).
+    ``head_ranks``: hybrid_attention over a grid of world / head_ranks x head_ranks ranks."""
     assert names is None or set(names) <= {case[0] for case in CASES}, names
     _join(rank, world, init_file)
     try:
+        groups = None if head_ranks is None else hybrid_groups(head_ranks)
         for name, L, Hq, Hkv, causal, window, layout in CASES:
             if names is not None and name not in names:
                 continue
@@ -147,14 +161,20 @@ def _worker(rank, world, init_file, results_dir, backend="tiled", dtype=torch.fl
             )
 
             def shard(t, layout=layout, dim=2):
+                if groups is not None:
+                    return shard_hybrid(t.detach(), *groups, layout, dim)
                 return shard_sequence(t.detach(), world, rank, layout, dim)
 
             lq, lk, lv = (shard(t).to(dtype).requires_grad_() for t in (q, k, v))
             local_sinks = None if sinks is None else sinks.to(dtype).requires_grad_()
-            out, lse = ring_attention(
+            method, more = ring_attention, {}
+            if groups is not None:
+                method, more = hybrid_attention, {"head_group": groups[0], "ring_group": groups[1]}
+            out, lse = method(
                 lq,
                 lk,
                 lv,
+                **more,
                 causal=causal,
                 window=window,
                 layout=layout,
@@ -221,6 +241,16 @@ def test_ring_attention_on_the_triton_kernels(dtype, tmp_path):
     computing each block under TRITON_INTERPRET=1; every case in float32, a few in bfloat16."""
     few = ["causal_zigzag_sinks", "documents_window_zigzag", "dilated|global_causal"]
     _spawn_ok(_worker, 2, tmp_path, "triton", dtype, None if dtype == torch.float32 else few)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_ranks", [2, 4, 1], ids=["2x2", "1x4", "4x1"])
+def test_hybrid_attention_matches_single_process(head_ranks, tmp_path):
+    """Every ring case on a grid of 4 ranks: Ulysses over head groups of ``head_ranks``, the
+    ring over the others (2 x 2), and the grid's edges: Ulysses alone (1 x 4: the cases whose
+    heads split 4 ways) and the ring alone (4 x 1)."""
+    names = None if head_ranks < 4 else [case[0] for case in CASES if case[2] % 4 == 0]
+    _spawn_ok(_worker, 4, tmp_path, "tiled", torch.float64, names, head_ranks)
 
 
 def ulysses_cases(L, Hq):
@@ -299,6 +329,37 @@ def test_ulysses_attention_matches_single_process(world, tmp_path):
     _spawn_ok(_ulysses_worker, world, tmp_path)
 
 
+def _hybrid_odd_worker(rank, world, init_file, results_dir):
+    _join(rank, world, init_file)
+    try:
+        with pytest.raises(ValueError, match="head_ranks=3 does not divide the world's 2 ranks"):
+            hybrid_groups(3)
+        with pytest.raises(ValueError, match="head_ranks must be a positive int"):
+            hybrid_groups(0)
+        groups = dict(zip(("head_group", "ring_group"), hybrid_groups(2), strict=True))
+        x = torch.randn(1, 6, 4, 8)
+        with pytest.raises(ValueError, match=r"hybrid_attention splits the heads over the 2"):
+            hybrid_attention(x[:, :3], x[:, :3], x[:, :3], **groups)
+        with pytest.raises(TypeError, match="mask must be a Mask over the whole sequence"):
+            hybrid_attention(x, x, x, mask=torch.ones(8, 8, dtype=torch.bool), **groups)
+        with pytest.raises(ValueError, match=r"document_ids must be this rank's shard.*\(8,\)"):
+            hybrid_attention(x, x, x, document_ids=torch.zeros(8, dtype=torch.long), **groups)
+        with pytest.raises((TypeError, ValueError), match="sinks"):
+            hybrid_attention(x, x, x, sinks=torch.zeros(4), **groups)
+        ring = dict(zip(("head_group", "ring_group"), hybrid_groups(1), strict=True))
+        with pytest.raises(ValueError, match="pad it to a multiple of 4"):  # L = 6, 2 x 2 chunks
+            hybrid_attention(x[:, :, :3], x[:, :, :3], x[:, :, :3], **ring)
+        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_hybrid_attention_refuses_grids_heads_masks_and_shards_that_do_not_fit(tmp_path):
+    _spawn_ok(_hybrid_odd_worker, 2, tmp_path)
+
+
 def _ulysses_odd_worker(rank, world, init_file, results_dir):
     _join(rank, world, init_file)
     try:
@@ -361,19 +422,19 @@ def test_ulysses_attention_refuses_what_does_not_split_and_runs_tiled_and_second
 def test_ulysses_keeps_what_reads_no_head_and_cuts_what_does():
     """Built-in patterns pass unchanged (backends keep recognising them: a causal band, ALiBi
     in-kernel); per-head masks and mods become exactly the rank's heads of the whole."""
-    from attnkit.distributed.ulysses import _mask_for_heads, _score_mod_for_heads
+    from attnkit.distributed.ulysses import _score_mod_for_heads, mask_for_heads
 
     for mask in (masks.causal(), masks.document(torch.arange(8) // 3), None):
-        assert _mask_for_heads(mask, 2, 2, 4) is mask
+        assert mask_for_heads(mask, 2, 2, 4) is mask
     layout = torch.rand(4, 2, 2, generator=torch.Generator().manual_seed(0)) < 0.5
     for mask in (masks.custom(per_head_predicate), masks.block_sparse(layout, 4)):
-        cut = _mask_for_heads(mask, 2, 2, 4)
+        cut = mask_for_heads(mask, 2, 2, 4)
         assert torch.equal(cut.dense(8, 8, B=2, H=2), mask.dense(8, 8, B=2, H=4)[:, 2:])
         blocks = cut.blocks(8, 8, 4, 4, B=2, H=2)
         assert torch.equal(blocks.kinds, mask.blocks(8, 8, 4, 4, B=2, H=4).kinds[:, 2:])
         assert cut.bind(8, 8).any_ranges  # (so a ring's Mask.part can take it too)
     tensor = torch.rand(1, 4, 8, 8) > 0.5
-    assert torch.equal(_mask_for_heads(tensor, 2, 2, 4), tensor[:, 2:])
+    assert torch.equal(mask_for_heads(tensor, 2, 2, 4), tensor[:, 2:])
     slopes = score_mods.alibi_slopes(4)
     both = score_mods.compose(score_mods.alibi(slopes), score_mods.softcap(2.0))
     kernel = score_mods.kernel_mods(_score_mod_for_heads(both, 2, 2, 8))
@@ -473,6 +534,10 @@ def test_ring_attention_needs_a_process_group():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match=r"torch\.distributed"):
         ring_attention(q, q, q)
+    with pytest.raises(RuntimeError, match=r"hybrid_groups needs torch\.distributed"):
+        hybrid_groups(2)
+    with pytest.raises(RuntimeError, match=r"hybrid_attention needs torch\.distributed"):
+        hybrid_attention(q, q, q, head_group=None, ring_group=None)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
@@ -540,28 +605,30 @@ def test_merge_stacked_takes_the_same_few_operations_for_any_number_of_parts():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("method", "more"),
+    ("method", "ranks", "more"),
     [
-        ("ring", []),
-        ("ulysses", ["--ulysses"]),
-        ("ring", ["--full", "--mask", "dilated:8,4+global:0"]),
+        ("ring", 2, []),
+        ("ulysses", 2, ["--ulysses"]),
+        ("ring", 2, ["--full", "--mask", "dilated:8,4+global:0"]),
+        ("hybrid", 4, ["--hybrid", "2", "--mask", "dilated:8,4+global:0"]),
     ],
-    ids=["ring", "ulysses", "ring_sparse"],
+    ids=["ring", "ulysses", "ring_sparse", "hybrid_2x2_sparse"],
 )
-def test_the_ring_example_runs_under_torchrun_and_matches_one_process(method, more):
-    """examples/ring_attention.py as its docstring runs it (2 ranks, packed documents,
-    forward and backward): it reports its error against one process, and that error is small."""
+def test_the_ring_example_runs_under_torchrun_and_matches_one_process(method, ranks, more):
+    """examples/ring_attention.py as its docstring runs it (packed documents, forward and
+    backward): it reports its error against one process, and that error is small."""
     example = Path(__file__).parents[1] / "examples" / "ring_attention.py"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
     options = ["--seq", "1024", "--check-seq", "256", "--documents", "4", "--backward", *more]
     run = subprocess.run(
-        [*torchrun, "2", str(example), *options],
+        [*torchrun, str(ranks), str(example), *options],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"{method} attention, P=2 (gloo), seq=1024" in run.stdout
+    grid = " as 2 x 2" if method == "hybrid" else ""
+    assert f"{method} attention, P={ranks}{grid} (gloo), seq=1024" in run.stdout
     assert "forward+backward:" in run.stdout
     error = re.search(rf"max \|{method} - single process\| at seq=256: (\S+)", run.stdout)
     assert error is not None, run.stdout

@@ -15,6 +15,7 @@ those that depend on the head (per-head layouts and tensors, ALiBi slopes, predi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +81,7 @@ def _swap(x: Tensor, s: _Setup, to_heads: bool) -> Tensor:
     return out
 
 
-def _mask_for_heads(mask: MaskLike, first: int, heads: int, Hq: int) -> MaskLike:
+def mask_for_heads(mask: MaskLike, first: int, heads: int, Hq: int) -> MaskLike:
     """``mask`` (for all Hq heads) as it applies to heads first .. first + heads - 1."""
     if mask is None:
         return None
@@ -189,45 +190,80 @@ def ulysses_attention(
         raise ValueError(
             f"ulysses_attention is self-attention: q has {shapes.Lq} positions, k {shapes.Lk}"
         )
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if shapes.Hq % world or (shapes.Hkv % world and world % shapes.Hkv):
-        raise ValueError(
-            f"ulysses_attention splits the heads over the {world} ranks: Hq must be a multiple "
-            f"of {world} and Hkv a multiple or a divisor of it, got Hq={shapes.Hq}, "
-            f"Hkv={shapes.Hkv} (ring_attention splits the sequence instead)"
-        )
-    # every rank must send and receive alike (on q's device: NCCL takes no CPU tensor)
-    agreed = torch.tensor([shapes.Lq, -shapes.Lq], device=q.device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
-    if int(agreed[0]) != -int(agreed[1]):
-        raise ValueError(
-            f"every rank must hold the same shard length; lengths range from {-int(agreed[1])} "
-            f"to {int(agreed[0])} (rank {rank} has {shapes.Lq})"
-        )
-    length = shapes.Lq * world
-    check_layout(layout, length, world)
     check.check_flag("return_lse", return_lse)
     _check_score_mod(score_mod, shapes)
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
-    s = _Setup(group, world, layout)
-    heads = shapes.Hq // world
-    first = rank * heads
-    if shapes.Hkv % world:  # each kv head to the P / Hkv ranks whose query heads read it
-        k, v = (t.repeat_interleave(world // shapes.Hkv, dim=1) for t in (k, v))
-    qh, kh, vh = (_swap(t, s, to_heads=True) for t in (q, k, v))
-    out, lse = attention(
-        qh,
-        kh,
-        vh,
-        mask=_mask_for_heads(mask, first, heads, shapes.Hq),
-        score_mod=_score_mod_for_heads(score_mod, first, heads, length),
-        scale=scale,
-        sinks=None if sinks is None else sinks[first : first + heads],
-        backend=backend,
-        return_lse=True,
+    world = dist.get_world_size(group)
+
+    def attend(qh: Tensor, kh: Tensor, vh: Tensor, first: int, heads: int) -> tuple[Tensor, Tensor]:
+        length = qh.shape[2]
+        out, lse = attention(
+            qh,
+            kh,
+            vh,
+            mask=mask_for_heads(mask, first, heads, shapes.Hq),
+            score_mod=_score_mod_for_heads(score_mod, first, heads, length),
+            scale=scale,
+            sinks=None if sinks is None else sinks[first : first + heads],
+            backend=backend,
+            return_lse=True,
+        )
+        return out, lse
+
+    out, lse = over_heads(
+        q, k, v, attend, group, layout, lambda length: check_layout(layout, length, world)
     )
-    out = _swap(out, s, to_heads=False)
-    if not return_lse:
-        return out
-    return out, _swap(lse[..., None], s, to_heads=False)[..., 0]
+    return (out, lse) if return_lse else out
+
+
+def over_heads(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attend: Callable[[Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor]],
+    group: dist.ProcessGroup | None,
+    layout: str,
+    check_length: Callable[[int], None],
+    caller: str = "ulysses_attention",
+) -> tuple[Tensor, Tensor]:
+    """Ulysses' exchange around ``attend``: sequence shards to head shards over ``group``, back.
+
+    Args:
+        q: this rank's shard (B, Hq, L/P, D) of every query head (checked by the caller).
+        k: (B, Hkv, L/P, D).
+        v: (B, Hkv, L/P, Dv).
+        attend: (q, k, v) (B, H/P, L, ·) of heads first .. first + heads - 1 over the whole
+            sequence, and first, heads -> out (B, Hq/P, L, Dv) and LSE (B, Hq/P, L).
+        group: the ranks that swap shards.
+        layout: how the sequence is sharded over ``group``.
+        check_length: raises unless the whole sequence's length L splits under ``layout``.
+        caller: the function named in errors.
+
+    Returns:
+        this rank's out (B, Hq, L/P, Dv) and LSE (B, Hq, L/P).
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    Hq, Hkv, Lq = q.shape[1], k.shape[1], q.shape[2]
+    if Hq % world or (Hkv % world and world % Hkv):
+        raise ValueError(
+            f"{caller} splits the heads over the {world} ranks: Hq must be a multiple "
+            f"of {world} and Hkv a multiple or a divisor of it, got Hq={Hq}, "
+            f"Hkv={Hkv} (ring_attention splits the sequence instead)"
+        )
+    # every rank must send and receive alike (on q's device: NCCL takes no CPU tensor)
+    agreed = torch.tensor([Lq, -Lq], device=q.device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+    if int(agreed[0]) != -int(agreed[1]):
+        raise ValueError(
+            f"every rank must hold the same shard length; lengths range from {-int(agreed[1])} "
+            f"to {int(agreed[0])} (rank {rank} has {Lq})"
+        )
+    check_length(Lq * world)
+    s = _Setup(group, world, layout)
+    heads = Hq // world
+    if Hkv % world:  # each kv head to the P / Hkv ranks whose query heads read it
+        k, v = (t.repeat_interleave(world // Hkv, dim=1) for t in (k, v))
+    qh, kh, vh = (_swap(t, s, to_heads=True) for t in (q, k, v))
+    out, lse = attend(qh, kh, vh, rank * heads, heads)
+    return _swap(out, s, to_heads=False), _swap(lse[..., None], s, to_heads=False)[..., 0]
