@@ -329,6 +329,21 @@ def test_an_exported_decoding_step_decodes_left_padded_prompts_as_generate(kind)
         torch.testing.assert_close(written[row], alone[0, 6 - n :])
 
 
+def test_exported_steps_refuse_positions_past_the_learned_table_by_name():
+    """Learned positions end at max_len: an exported step asked past it says so (an op in the
+    graph checks it at run time; a guard at export would bound the lengths), where the table's
+    lookup raised a bare IndexError. (A Transformer's decoder embeds its targets alike.)"""
+    from attnkit.nn import DecodingStep
+
+    step = DecodingStep(decoder("learned, causal", max_len=16))
+    graph = step.export().module()
+    _, keys, values = graph(torch.randint(0, 50, (1, 12)), *step.empty_caches(1))
+    logits, _, _ = graph(torch.randint(0, 50, (1, 4)), keys, values)  # positions 12 .. 15
+    assert logits.shape == (1, 4, 50)
+    with pytest.raises(RuntimeError, match=r"exceed max_len 16 \(the learned position table"):
+        graph(torch.randint(0, 50, (1, 5)), keys, values)
+
+
 @pytest.mark.parametrize("positions", ["learned", "rope"])
 def test_exported_encoder_and_translation_step_translate_as_generate(positions):
     """TranslationStep.export(): the encoder graph and the step graph, sources of two lengths

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from attnkit import _validation as check
-from attnkit.distributed.layout import check_layout, shard_sequence
+from attnkit.distributed.layout import check_layout, check_shards, shard_sequence
 from attnkit.distributed.ring import ring_attention
 from attnkit.distributed.ulysses import mask_for_heads, over_heads
 from attnkit.masks import Mask
@@ -113,13 +113,7 @@ def hybrid_attention(
     Returns:
         this rank's output (B, Hq, L/P, Dv) (and LSE). Gradients flow to q, k, v and sinks.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("hybrid_attention needs torch.distributed to be initialised")
-    shapes = check.check_qkv(q, k, v)
-    if shapes.Lq != shapes.Lk:
-        raise ValueError(
-            f"hybrid_attention is self-attention: q has {shapes.Lq} positions, k {shapes.Lk}"
-        )
+    shapes = check_shards(q, k, v, "hybrid_attention")
     check.check_flag("return_lse", return_lse)
     if mask is not None and not isinstance(mask, Mask):
         raise TypeError(
@@ -136,9 +130,10 @@ def hybrid_attention(
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
     rings = dist.get_world_size(ring_group)
-    ids = None if document_ids is None else _ring_shard(document_ids, head_group)
 
     def attend(qh: Tensor, kh: Tensor, vh: Tensor, first: int, heads: int) -> tuple[Tensor, Tensor]:
+        # (over_heads has checked that every rank's shards are alike: the ids gather evenly)
+        ids = None if document_ids is None else _ring_shard(document_ids.to(q.device), head_group)
         cut = mask_for_heads(mask, first, heads, shapes.Hq)
         assert cut is None or isinstance(cut, Mask)
         found = ring_attention(

@@ -12,6 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from attnkit import _validation as check
+from attnkit._types import Shapes
+
 LAYOUTS = ("zigzag", "contiguous")
 
 
@@ -25,6 +28,20 @@ def check_layout(layout: str, length: int, world_size: int) -> None:
             f"sequence length {length} does not split into {parts} equal chunks "
             f"(layout={layout!r}, world_size={world_size}); pad it to a multiple of {parts}"
         )
+
+
+def check_shards(q: Tensor, k: Tensor, v: Tensor, caller: str) -> Shapes:
+    """The shapes of this rank's q, k, v shards; errors name ``caller``.
+
+    RuntimeError unless torch.distributed is initialised; ValueError unless q, k and v hold
+    the same positions (self-attention: every rank holds a shard of one sequence).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{caller} needs torch.distributed to be initialised")
+    shapes = check.check_qkv(q, k, v)
+    if shapes.Lq != shapes.Lk:
+        raise ValueError(f"{caller} is self-attention: q has {shapes.Lq} positions, k {shapes.Lk}")
+    return shapes
 
 
 def chunks_of(rank: int, world_size: int, length: int, layout: str) -> list[tuple[int, int]]:

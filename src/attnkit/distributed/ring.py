@@ -27,7 +27,7 @@ from attnkit import _validation as check
 from attnkit._types import EMPTY, FULL
 from attnkit.backends import tiled, triton
 from attnkit.backends._common import compute_dtype, first_order_only
-from attnkit.distributed.layout import check_layout, chunks_of
+from attnkit.distributed.layout import check_layout, check_shards, chunks_of
 from attnkit.distributed.merge import merge_partials
 from attnkit.functional import _request, attention, autocast_inputs, autocast_off
 from attnkit.masks import Mask, causal, document, sliding_window
@@ -295,18 +295,12 @@ def ring_attention(
     Returns:
         this rank's output (B, Hq, L/P, Dv) (and LSE). Gradients flow to q, k and v.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("ring_attention needs torch.distributed to be initialised")
     q, k, v = autocast_inputs(q, k, v)
-    shapes = check.check_qkv(q, k, v)
+    shapes = check_shards(q, k, v, "ring_attention")
     if shapes.no_pairs:
         raise ValueError(
             f"ring_attention needs a batch and a shard of at least one position, got q "
             f"{tuple(q.shape)}, k {tuple(k.shape)}"
-        )
-    if shapes.Lq != shapes.Lk:
-        raise ValueError(
-            f"ring_attention is self-attention: q has {shapes.Lq} positions, k {shapes.Lk}"
         )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     ids = None if document_ids is None else _document_ids(document_ids, q, shapes.B, shapes.Lq)

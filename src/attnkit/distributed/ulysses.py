@@ -28,7 +28,7 @@ from attnkit import score_mods as mods
 from attnkit._types import ScoreModFn
 from attnkit.backends._common import MaskLike
 from attnkit.block_mask import BlockMask
-from attnkit.distributed.layout import check_layout, shard_sequence, unshard_sequence
+from attnkit.distributed.layout import check_layout, check_shards, shard_sequence, unshard_sequence
 from attnkit.functional import BackendName, _check_score_mod, attention
 from attnkit.masks import BoundMask, Mask
 from attnkit.score_mods import ScoreMod
@@ -183,13 +183,7 @@ def ulysses_attention(
         this rank's output (B, Hq, L/P, Dv) (and LSE). Gradients flow to q, k, v, sinks and
         learnable score_mod parameters.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("ulysses_attention needs torch.distributed to be initialised")
-    shapes = check.check_qkv(q, k, v)
-    if shapes.Lq != shapes.Lk:
-        raise ValueError(
-            f"ulysses_attention is self-attention: q has {shapes.Lq} positions, k {shapes.Lk}"
-        )
+    shapes = check_shards(q, k, v, "ulysses_attention")
     check.check_flag("return_lse", return_lse)
     _check_score_mod(score_mod, shapes)
     if sinks is not None:
