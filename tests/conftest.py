@@ -28,7 +28,12 @@ _RUN_TMP = tempfile.mkdtemp(prefix="attnkit-tests-")
 tempfile.tempdir = os.environ["TMPDIR"] = _RUN_TMP  # this process and its subprocesses
 atexit.register(shutil.rmtree, _RUN_TMP, ignore_errors=True)
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+# Each pytest-xdist worker takes its share of the cores: two workers of two OpenMP threads each
+# on two cores left threads waiting at barriers on partners the scheduler had put aside (the
+# date-task training test: 14 s alone, 213 s beside another worker's kernels). Tests of
+# threading set their thread counts themselves.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
 
 #: Where the Triton tests run: CPU tensors under the interpreter, or a GPU (TRITON_INTERPRET=0).
 TRITON_DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
