@@ -374,17 +374,17 @@ class _Embedding(nn.Module):
         x = self.tokens(ids)
         if self.positions is not None:
             end = start + ids.shape[1]
-            if isinstance(end, int) and end > self.max_len:
-                raise ValueError(
-                    f"positions up to {end} exceed max_len {self.max_len} "
-                    "(the learned position table's size)"
-                )
-            if not isinstance(end, int):  # symbolic (torch.export, compile): checked at run
-                # time by an op, as a guard here would bound the graph's lengths to one side
+            if torch.compiler.is_compiling():  # lengths may be symbolic (export, compile):
+                # an op checks at run time, where a guard would bound the graph's lengths
                 torch._assert_async(
                     torch.scalar_tensor(end) <= self.max_len,
                     f"positions (cached + new tokens) exceed max_len {self.max_len} (the "
                     "learned position table's size)",
+                )
+            elif end > self.max_len:
+                raise ValueError(
+                    f"positions up to {end} exceed max_len {self.max_len} "
+                    "(the learned position table's size)"
                 )
             at = torch.arange(start, end, device=ids.device)
             if pads is not None:
