@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import re
 import subprocess
@@ -52,6 +53,9 @@ CASES = [
     ("dilated|global_causal", 32, 4, 2, True, None, "zigzag"),
     ("per_head_contiguous", 24, 2, 2, False, None, "contiguous"),
     ("documents_block_layout", 32, 2, 1, True, None, "zigzag"),
+    ("softcap_causal_zigzag", 32, 4, 2, True, None, "zigzag"),
+    ("alibi_window", 40, 4, 2, True, 6, "zigzag"),
+    ("positional_full_contiguous", 24, 2, 2, False, None, "contiguous"),
 ]
 #: a Mask over the whole sequence given as ``mask=``, for the cases so named (on top of their
 #: causal, window and documents)
@@ -63,6 +67,25 @@ WHOLE_MASKS = {
         torch.rand(L // 4, L // 4, generator=torch.Generator().manual_seed(L)) < 0.6, 4
     ),
 }
+
+
+#: a score_mod over the whole sequence for the cases so named: a softcap (in the kernels), and
+#: mods that read positions (called at each block's global positions)
+SCORE_MODS = {
+    "softcap": lambda Hq: score_mods.softcap(1.5),
+    "alibi": lambda Hq: score_mods.alibi(score_mods.alibi_slopes(Hq)),
+    "positional": lambda Hq: (
+        lambda s, b, h, q, kv: s + 0.5 * torch.cos((q - kv).to(s.dtype)) - 0.2 * h
+    ),
+}
+#: the cases whose score_mod reads positions, which Triton's kernels do not compute
+READS_POSITIONS = ("alibi", "positional")
+
+
+def score_mod_of(name, Hq):
+    """The case's ``score_mod=`` (SCORE_MODS), or None."""
+    found = [make(Hq) for key, make in SCORE_MODS.items() if key in name]
+    return found[0] if found else None
 
 
 def whole_mask(name, L):
@@ -110,12 +133,17 @@ def _join(rank, world, init_file):
     )
 
 
-def _reference(q, k, v, sinks, mask, weight, dtype):
+def _reference(q, k, v, sinks, mask, weight, dtype, score_mod=None):
     """out, LSE and the gradients of q, k, v (and sinks) of one process's attention in dtype."""
     inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     sinks = None if sinks is None else sinks.detach().to(dtype).requires_grad_()
     out, lse = attnkit.attention(
-        *inputs, mask=mask, sinks=sinks, backend="reference", return_lse=True
+        *inputs,
+        mask=mask,
+        score_mod=score_mod,
+        sinks=sinks,
+        backend="reference",
+        return_lse=True,
     )
     wanted = inputs if sinks is None else [*inputs, sinks]
     grads = torch.autograd.grad((out * weight.to(dtype)).sum() + lse.sum() * 0.1, wanted)
@@ -155,9 +183,12 @@ def _worker(
                 ids = ids[0]
             extra = whole_mask(name, L)
             mask = global_mask(causal, window, ids, extra)
-            want = _reference(q, k, v, sinks, mask, weight, torch.float64)
+            mod = score_mod_of(name, Hq)
+            want = _reference(q, k, v, sinks, mask, weight, torch.float64, mod)
             low = (
-                want if dtype == torch.float64 else _reference(q, k, v, sinks, mask, weight, dtype)
+                want
+                if dtype == torch.float64
+                else _reference(q, k, v, sinks, mask, weight, dtype, mod)
             )
 
             def shard(t, layout=layout, dim=2):
@@ -181,6 +212,7 @@ def _worker(
                 sinks=local_sinks,
                 document_ids=None if ids is None else shard(ids, dim=-1),
                 mask=extra,
+                score_mod=mod,
                 backend=backend,
                 return_lse=True,
             )
@@ -238,9 +270,11 @@ def test_ring_attention_matches_single_process(world, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_ring_attention_on_the_triton_kernels(dtype, tmp_path):
     """backend="triton" (on a GPU, what "auto" picks): forward and backward, with the kernels
-    computing each block under TRITON_INTERPRET=1; every case in float32, a few in bfloat16."""
+    computing each block under TRITON_INTERPRET=1; every case in float32 but those whose
+    score_mod reads positions (the kernels do not shift them), a few in bfloat16."""
     few = ["causal_zigzag_sinks", "documents_window_zigzag", "dilated|global_causal"]
-    _spawn_ok(_worker, 2, tmp_path, "triton", dtype, None if dtype == torch.float32 else few)
+    kernels = [c[0] for c in CASES if not any(key in c[0] for key in READS_POSITIONS)]
+    _spawn_ok(_worker, 2, tmp_path, "triton", dtype, kernels if dtype == torch.float32 else few)
 
 
 @pytest.mark.slow
@@ -422,7 +456,7 @@ def test_ulysses_attention_refuses_what_does_not_split_and_runs_tiled_and_second
 def test_ulysses_keeps_what_reads_no_head_and_cuts_what_does():
     """Built-in patterns pass unchanged (backends keep recognising them: a causal band, ALiBi
     in-kernel); per-head masks and mods become exactly the rank's heads of the whole."""
-    from attnkit.distributed.ulysses import _score_mod_for_heads, mask_for_heads
+    from attnkit.distributed.ulysses import mask_for_heads, score_mod_for_heads
 
     for mask in (masks.causal(), masks.document(torch.arange(8) // 3), None):
         assert mask_for_heads(mask, 2, 2, 4) is mask
@@ -437,12 +471,12 @@ def test_ulysses_keeps_what_reads_no_head_and_cuts_what_does():
     assert torch.equal(mask_for_heads(tensor, 2, 2, 4), tensor[:, 2:])
     slopes = score_mods.alibi_slopes(4)
     both = score_mods.compose(score_mods.alibi(slopes), score_mods.softcap(2.0))
-    kernel = score_mods.kernel_mods(_score_mod_for_heads(both, 2, 2, 8))
+    kernel = score_mods.kernel_mods(score_mod_for_heads(both, 2, 2, 8))
     assert kernel is not None
     assert torch.equal(kernel.slopes, slopes[2:])
     assert kernel.softcap == 2.0
     cap = score_mods.softcap(2.0)
-    assert _score_mod_for_heads(cap, 2, 2, 8) is cap
+    assert score_mod_for_heads(cap, 2, 2, 8) is cap
 
 
 def _odd_worker(rank, world, init_file, results_dir):
@@ -476,6 +510,19 @@ def _odd_worker(rank, world, init_file, results_dir):
             ring_attention(q, q, q, backend="x")
         with pytest.raises(ValueError, match="backend='triton' cannot serve these inputs: tri"):
             ring_attention(q.double(), q.double(), q.double(), backend="triton")
+        alibi = score_mods.alibi(score_mods.alibi_slopes(2))
+        if importlib.util.find_spec("triton") is not None:
+            with pytest.raises(
+                ValueError, match=r"score_mod that reads positions .*backend='tiled' does"
+            ):
+                ring_attention(q, q, q, score_mod=alibi, backend="triton")
+        learning = score_mods.alibi(score_mods.alibi_slopes(2).requires_grad_())
+        with pytest.raises(ValueError, match="does not differentiate score_mod parameters"):
+            ring_attention(q, q, q, score_mod=score_mods.compose(learning, score_mods.softcap(2)))
+        with pytest.raises(ValueError, match=r"built for 4 heads, but q has Hq=2"):
+            ring_attention(q, q, q, score_mod=score_mods.alibi(score_mods.alibi_slopes(4)))
+        with pytest.raises(TypeError, match="score_mod must be a ScoreMod or fn"):
+            ring_attention(q, q, q, score_mod=3.0)
         x = torch.randn(1, 2, 8, 8, requires_grad=True)
         (dx,) = torch.autograd.grad(ring_attention(x, x, x).sum(), (x,), create_graph=True)
         with pytest.raises(attnkit.UnsupportedError, match="ring_attention computes first-order"):
@@ -510,11 +557,11 @@ def test_ring_blocks_that_share_no_document_are_skipped():
     for rank in range(4):
         for src in range(4):
             found = pairs(rank, src, one_each)
-            assert [mask for *_, mask in found] == ([None] if src == rank else [])
+            assert [pair[4] for pair in found] == ([None] if src == rank else [])
     with_one_long = torch.cat([one_each, torch.zeros_like(one_each)])
     found = pairs(0, 1, with_one_long)
     assert len(found) == 1
-    assert found[0][-1] is not None  # row 0 masks it all, row 1 none of it
+    assert found[0][4] is not None  # row 0 masks it all, row 1 none of it
 
 
 @needs_triton_device
@@ -523,11 +570,14 @@ def test_ring_blocks_run_on_triton_for_cuda_tensors_it_takes_and_on_tiled_otherw
     from attnkit.distributed.ring import _block_backend
 
     x = torch.randn(1, 2, 4, 8, device=TRITON_DEVICE)
-    assert _block_backend("triton", x, x, x) == "triton"
-    assert _block_backend("tiled", x, x, x) == "tiled"
+    softcap, alibi = score_mods.softcap(2.0), score_mods.alibi(score_mods.alibi_slopes(2))
+    assert _block_backend("triton", x, x, x, None) == "triton"
+    assert _block_backend("triton", x, x, x, softcap) == "triton"
+    assert _block_backend("tiled", x, x, x, None) == "tiled"
     # CPU tensors stay on tiled's compiled kernels, even under the interpreter
-    assert _block_backend("auto", x, x, x) == ("triton" if x.is_cuda else "tiled")
-    assert _block_backend("auto", x.double(), x.double(), x.double()) == "tiled"
+    assert _block_backend("auto", x, x, x, softcap) == ("triton" if x.is_cuda else "tiled")
+    assert _block_backend("auto", x.double(), x.double(), x.double(), None) == "tiled"
+    assert _block_backend("auto", x, x, x, alibi) == "tiled"  # shifted per block: tiled's loops
 
 
 def test_ring_attention_needs_a_process_group():

@@ -810,16 +810,21 @@ def test_kernels_walk_a_block_mask_where_the_mask_is_no_band(monkeypatch):
     assert not isinstance(tiles(masks.causal()), cpu_kernel.Band)
 
 
+@pytest.mark.parametrize("mod", [None, "softcap", "alibi"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_block_backward_matches_reference(dtype):
-    """Ring attention's per-block backward (compiled kernel in float32) given the global out/LSE."""
+def test_block_backward_matches_reference(dtype, mod):
+    """Ring attention's per-block backward (compiled kernel in float32, score mods in it) given
+    the global out/LSE."""
     Lq, Lk, mask = 75, 130, masks.sliding_window(20) & masks.causal()
+    score_mod = None if mod is None else KERNEL_MODS[mod](4)
     q64, k64, v64 = rand_qkv(2, 4, 2, Lq, Lk, 24, 16, dtype=torch.float64, requires_grad=True)
     dout = torch.randn(2, 4, Lq, 16, dtype=torch.float64)
     dlse = torch.randn(2, 4, Lq, dtype=torch.float64)
 
     def reference(q, k, v):
-        out, lse = attnkit.attention(q, k, v, mask=mask, backend="reference", return_lse=True)
+        out, lse = attnkit.attention(
+            q, k, v, mask=mask, score_mod=score_mod, backend="reference", return_lse=True
+        )
         lse = lse.masked_fill(torch.isinf(lse), 0)
         loss = (out * dout.to(dtype)).sum() + (lse * dlse.to(dtype)).sum()
         return out.detach(), lse.detach(), torch.autograd.grad(loss, (q, k, v))
@@ -828,7 +833,16 @@ def test_block_backward_matches_reference(dtype):
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
     out, lse, ref_low = reference(q, k, v)
     got = tiled.block_backward(
-        dout.to(dtype), q, k, v, out, lse, mask=mask, scale=24**-0.5, dlse=dlse.to(dtype)
+        dout.to(dtype),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask=mask,
+        scale=24**-0.5,
+        dlse=dlse.to(dtype),
+        score_mod=score_mod,
     )
     for what, g, r64, r_low in zip("qkv", got, ref64, ref_low, strict=True):
         assert g.dtype == dtype, f"d{what}"

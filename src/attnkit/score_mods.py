@@ -38,6 +38,7 @@ __all__ = [
     "compose",
     "custom",
     "kernel_mods",
+    "learns",
     "relative_bias",
     "resolve",
     "softcap",
@@ -288,6 +289,21 @@ def custom(fn: ScoreModFn, name: str | None = None) -> ScoreMod:
     name = name or f"custom({getattr(fn, '__name__', 'fn')})"
     checked = result_checked(fn, name)
     return ScoreMod(name, lambda Lq, Lk: checked)
+
+
+def learns(score_mod: object) -> bool:
+    """Whether a ``ScoreMod``'s parameters require grad (slopes, tables, composed mods').
+
+    A plain callable's closure is not looked into: False.
+    """
+    if not isinstance(score_mod, ScoreMod):
+        return False
+    for value in score_mod.params.values():
+        values = value if isinstance(value, tuple | list) else (value,)
+        for v in values:
+            if (isinstance(v, Tensor) and v.requires_grad) or learns(v):
+                return True
+    return False
 
 
 @dataclass(frozen=True)

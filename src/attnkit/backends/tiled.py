@@ -44,7 +44,7 @@ from attnkit.backends._common import (
 from attnkit.backends.tensor_masks import tensor_block_mask
 from attnkit.block_mask import BlockMask
 from attnkit.masks import Mask, full, padded_band, padded_ranges
-from attnkit.score_mods import KernelMods, kernel_mods
+from attnkit.score_mods import KernelMods, ScoreMod, kernel_mods
 
 NAME = "tiled"
 
@@ -712,6 +712,7 @@ def block_backward(
     mask: Mask | None,
     scale: float,
     dlse: Tensor | None = None,
+    score_mod: ScoreMod | ScoreModFn | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients that one block of keys contributes, given the *global* out and LSE.
 
@@ -728,21 +729,22 @@ def block_backward(
         mask: which (query, key) pairs of this block attend (None: all).
         scale: the softmax scale.
         dlse: gradient reaching ``lse``, if any.
+        score_mod: the block's score mod (its parameters get no gradient).
 
     Returns:
         dq (B, Hq, Lq, D), dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv), float32 (float64 in).
     """
     from attnkit.functional import _request
 
-    req = _request(q, k, v, mask, None, scale, 0.0, None, False)
+    req = _request(q, k, v, mask, score_mod, scale, 0.0, None, False)
     cfg = default_config(req.shapes.Lq)
     ct = compute_dtype(q.dtype)
     dout_c, q_c, k_c, v_c, out_c, lse_c = (t.to(ct) for t in (dout, q, k, v, out, lse))
     dlse_c = None if dlse is None else dlse.to(ct)
-    if ct == torch.float32 and q.device.type == "cpu" and cpu_kernel.available():
+    if (mods := _kernel_mods(req, cfg)) is not None:
         tiles = kernel_tiles(req, cfg)
         return cpu_kernel.backward(
-            dout_c, q_c, k_c, v_c, out_c, lse_c, dlse_c, tiles, cfg.max_chunk, req.scale
+            dout_c, q_c, k_c, v_c, out_c, lse_c, dlse_c, tiles, cfg.max_chunk, req.scale, mods
         )
     bm = block_mask_for(req, cfg)
     plan = plan_from_block_mask(bm, cfg.max_chunk)

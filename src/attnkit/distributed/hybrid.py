@@ -18,10 +18,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from attnkit import _validation as check
+from attnkit._types import ScoreModFn
 from attnkit.distributed.layout import check_layout, check_shards, shard_sequence
 from attnkit.distributed.ring import ring_attention
-from attnkit.distributed.ulysses import mask_for_heads, over_heads
+from attnkit.distributed.ulysses import mask_for_heads, over_heads, score_mod_for_heads
 from attnkit.masks import Mask
+from attnkit.score_mods import ScoreMod
 from attnkit.sinks import check_sinks
 
 
@@ -81,6 +83,7 @@ def hybrid_attention(
     causal: bool = False,
     window: int | tuple[int, int] | None = None,
     mask: Mask | None = None,
+    score_mod: ScoreMod | ScoreModFn | None = None,
     scale: float | None = None,
     layout: str = "zigzag",
     sinks: Tensor | None = None,
@@ -101,6 +104,8 @@ def hybrid_attention(
         mask: any ``Mask`` over the whole sequence (L, L) and every head, on top of
             ``causal``, ``window`` and ``document_ids`` (those that read the head are cut to
             the rank's heads).
+        score_mod: as ``ring_attention``'s (those that read the head are cut to the rank's
+            heads).
         scale: default 1/sqrt(D).
         layout: how the ring's shards are cut, "zigzag" or "contiguous" (``shard_hybrid``).
         sinks: attention-sink logits (Hq,), the same on every rank. Each rank's gradient
@@ -136,6 +141,7 @@ def hybrid_attention(
         ids = None if document_ids is None else _ring_shard(document_ids.to(q.device), head_group)
         cut = mask_for_heads(mask, first, heads, shapes.Hq)
         assert cut is None or isinstance(cut, Mask)
+        mod = score_mod_for_heads(score_mod, first, heads, qh.shape[2] * rings)
         found = ring_attention(
             qh,
             kh,
@@ -143,6 +149,7 @@ def hybrid_attention(
             causal=causal,
             window=window,
             mask=cut,
+            score_mod=mod,
             scale=scale,
             group=ring_group,
             layout=layout,

@@ -24,13 +24,21 @@ import torch.distributed as dist
 from torch import Tensor
 
 from attnkit import _validation as check
-from attnkit._types import EMPTY, FULL
+from attnkit import score_mods as mods
+from attnkit._types import EMPTY, FULL, ScoreModFn, Shapes
 from attnkit.backends import tiled, triton
 from attnkit.backends._common import compute_dtype, first_order_only
 from attnkit.distributed.layout import check_layout, check_shards, chunks_of
 from attnkit.distributed.merge import merge_partials
-from attnkit.functional import _request, attention, autocast_inputs, autocast_off
+from attnkit.functional import (
+    _check_score_mod,
+    _request,
+    attention,
+    autocast_inputs,
+    autocast_off,
+)
 from attnkit.masks import Mask, causal, document, sliding_window
+from attnkit.score_mods import ScoreMod
 from attnkit.sinks import apply_sinks, check_sinks
 
 
@@ -46,9 +54,34 @@ class _Setup:
     scale: float
     backend: Literal["tiled", "triton"]  # what computes each block
     mask: Mask | None = None  # over the whole sequence, beside causal, window and documents
+    score_mod: ScoreMod | ScoreModFn | None = None  # over the whole sequence
     # ``mask``'s part for each (query chunk, key chunk): one object per call, so forward and
     # backward share its tile maps
     parts: dict[tuple[int, int], Mask] = field(default_factory=dict, compare=False)
+
+
+def _pair_score_mod(s: _Setup, corner: tuple[int, int]) -> ScoreMod | ScoreModFn | None:
+    """``s.score_mod`` on the block whose first query and key sit at global ``corner``.
+
+    A softcap reads no position and stays as it is (the kernels apply it); any other mod is
+    called at the global positions (``mods.resolve`` over the whole sequence, shifted).
+    """
+    if _reads_no_position(s.score_mod):
+        return s.score_mod
+    whole = mods.resolve(s.score_mod, s.length, s.length)
+    assert whole is not None
+    q_start, k_start = corner
+
+    def fn(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return whole(score, b, h, q + q_start, kv + k_start)
+
+    return fn
+
+
+def _reads_no_position(score_mod: object) -> bool:
+    """Whether ``score_mod`` is None or a softcap: the same on every block, in the kernels."""
+    found = mods.kernel_mods(score_mod)
+    return found is not None and found.slopes is None
 
 
 def _pair_mask(
@@ -109,12 +142,14 @@ def _exchange(s: _Setup, send: list[Tensor]) -> tuple[list[Any], list[Tensor]]:
 
 def _pairs(
     s: _Setup, src: int, q_ids: Tensor | None = None, k_ids: Tensor | None = None
-) -> list[tuple[int, int, tuple[int, int], tuple[int, int], Mask | None]]:
+) -> list[
+    tuple[int, int, tuple[int, int], tuple[int, int], Mask | None, ScoreMod | ScoreModFn | None]
+]:
     """Pairs of chunks to compute when this rank's queries meet rank ``src``'s block.
 
     ``q_ids``, ``k_ids``: the document ids (B|1, L/P) of this rank's queries and of the
     block's keys, with packed documents. Each pair is (q chunk index, k chunk index, local q
-    range, local k range, mask).
+    range, local k range, mask, score_mod).
     """
     q_chunks = chunks_of(s.rank, s.world, s.length, s.layout)
     k_chunks = chunks_of(src, s.world, s.length, s.layout)
@@ -128,16 +163,31 @@ def _pairs(
                 ids = (q_ids[:, qa:qb], k_ids[:, ka:kb])
             visit, mask = _pair_mask(s, qc, kc, ids)
             if visit:
-                todo.append((i, j, q_local[i], k_local[j], mask))
+                mod = _pair_score_mod(s, (qc[0], kc[0]))
+                todo.append((i, j, q_local[i], k_local[j], mask, mod))
     return todo
 
 
 def _block_forward(
-    s: _Setup, q: Tensor, k: Tensor, v: Tensor, mask: Mask | None
+    s: _Setup,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Mask | None,
+    score_mod: ScoreMod | ScoreModFn | None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of q over one block of keys, without autograd: out in q's dtype, LSE float32."""
     with torch.no_grad():
-        out, lse = attention(q, k, v, mask=mask, scale=s.scale, backend=s.backend, return_lse=True)
+        out, lse = attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            score_mod=score_mod,
+            scale=s.scale,
+            backend=s.backend,
+            return_lse=True,
+        )
     return out, lse
 
 
@@ -160,8 +210,10 @@ def _forward(
     for step in range(s.world):
         src = (s.rank - step) % s.world
         pending = _exchange(s, kv) if step < s.world - 1 else None
-        for i, _, (qa, qb), (ka, kb), mask in _pairs(s, src, ids, _ids_of(kv)):
-            o, lse = _block_forward(s, q[:, :, qa:qb], kv[0][:, :, ka:kb], kv[1][:, :, ka:kb], mask)
+        for i, _, (qa, qb), (ka, kb), mask, mod in _pairs(s, src, ids, _ids_of(kv)):
+            o, lse = _block_forward(
+                s, q[:, :, qa:qb], kv[0][:, :, ka:kb], kv[1][:, :, ka:kb], mask, mod
+            )
             parts[i][0].append(o)
             parts[i][1].append(lse)
         if pending is not None:
@@ -203,7 +255,7 @@ def _backward(
     for step in range(s.world):
         src = (s.rank - step) % s.world
         pending_kv = _exchange(s, kv) if step < s.world - 1 else None
-        for _, _, (qa, qb), (ka, kb), mask in _pairs(s, src, ids, _ids_of(kv)):
+        for _, _, (qa, qb), (ka, kb), mask, mod in _pairs(s, src, ids, _ids_of(kv)):
             dq_p, dk_p, dv_p = block_backward(
                 dout[:, :, qa:qb],
                 q[:, :, qa:qb],
@@ -212,6 +264,7 @@ def _backward(
                 out[:, :, qa:qb],
                 lse[:, :, qa:qb],
                 mask=mask,
+                score_mod=mod,
                 scale=s.scale,
                 dlse=None if dlse is None else dlse[:, :, qa:qb],
             )
@@ -256,6 +309,7 @@ def ring_attention(
     causal: bool = False,
     window: int | tuple[int, int] | None = None,
     mask: Mask | None = None,
+    score_mod: ScoreMod | ScoreModFn | None = None,
     scale: float | None = None,
     group: dist.ProcessGroup | None = None,
     layout: str = "zigzag",
@@ -277,6 +331,12 @@ def ring_attention(
             BigBird, global tokens, block layouts, ...), on top of ``causal``, ``window`` and
             ``document_ids``; blocks it leaves empty are skipped. (Not a tensor or BlockMask:
             every rank would need the whole L x L.)
+        score_mod: as ``attention``'s, over the whole sequence (positions global): ALiBi,
+            relative biases, any ``fn(score, b, h, q, kv)``. A softcap runs in the blocks'
+            kernels; mods that read positions are called at each block's global positions,
+            which the tiled backend's PyTorch loops do (and Triton's kernels do not: "auto"
+            then computes the blocks on tiled). Gradients do not reach a mod's parameters:
+            learnable ones are refused.
         scale: default 1/sqrt(D).
         group: the process group (default: the world).
         layout: "zigzag" (balanced causal work: chunks r and 2P-1-r of 2P) or "contiguous".
@@ -338,8 +398,9 @@ def ring_attention(
         causal,
         win,
         check.check_scale(scale, shapes.D),
-        _block_backend(backend, q, k, v),
+        _block_backend(backend, q, k, v, _learning_nothing(score_mod, shapes)),
         _whole_sequence_mask(mask, shapes.Lq * world),
+        score_mod,
     )
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
@@ -365,15 +426,40 @@ def _whole_sequence_mask(mask: object, length: int) -> Mask | None:
     )
 
 
-def _block_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> Literal["tiled", "triton"]:
+def _learning_nothing(
+    score_mod: ScoreMod | ScoreModFn | None, shapes: Shapes
+) -> ScoreMod | ScoreModFn | None:
+    """``score_mod`` if it fits q's heads and has no parameter that learns, else an error."""
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(
+            "score_mod must be a ScoreMod or fn(score, b, h, q, kv), got "
+            f"{type(score_mod).__name__}"
+        )
+    _check_score_mod(score_mod, shapes)
+    if mods.learns(score_mod):
+        raise ValueError(
+            f"ring_attention does not differentiate score_mod parameters, and {score_mod!r} "
+            "has some that require grad (detach them, or use attention on one process)"
+        )
+    return score_mod
+
+
+def _block_backend(
+    backend: str, q: Tensor, k: Tensor, v: Tensor, score_mod: object
+) -> Literal["tiled", "triton"]:
     """The backend that computes the ring's blocks, or ValueError saying why it cannot."""
     if backend not in ("auto", "tiled", "triton"):
         raise ValueError(f"backend must be 'auto', 'tiled' or 'triton', got {backend!r}")
     if backend == "tiled":
         return "tiled"
     # the blocks' masks are chunks of causal, window and document masks, all of which the
-    # kernels take: the inputs decide
+    # kernels take; their score_mods are kernel ones only where they read no position
     why = triton.unsupported_reason(_request(q, k, v, None, None, None, 0.0, None, False))
+    if why is None and not _reads_no_position(score_mod):
+        why = (
+            "a score_mod that reads positions is called at each block's global positions, "
+            "which the kernels do not do (backend='tiled' does)"
+        )
     if backend == "triton" and why is not None:
         raise ValueError(f"ring_attention backend='triton' cannot serve these inputs: {why}")
     return "triton" if why is None and (backend == "triton" or q.device.type == "cuda") else "tiled"

@@ -123,7 +123,7 @@ def mask_for_heads(mask: MaskLike, first: int, heads: int, Hq: int) -> MaskLike:
     )
 
 
-def _score_mod_for_heads(
+def score_mod_for_heads(
     score_mod: ScoreMod | ScoreModFn | None, first: int, heads: int, L: int
 ) -> ScoreMod | ScoreModFn | None:
     """``score_mod`` (for all query heads) as it applies to heads first .. first + heads - 1.
@@ -197,7 +197,7 @@ def ulysses_attention(
             kh,
             vh,
             mask=mask_for_heads(mask, first, heads, shapes.Hq),
-            score_mod=_score_mod_for_heads(score_mod, first, heads, length),
+            score_mod=score_mod_for_heads(score_mod, first, heads, length),
             scale=scale,
             sinks=None if sinks is None else sinks[first : first + heads],
             backend=backend,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from attnkit._types import ScoreModFn
 from attnkit.backends._common import Request, first_order_only, inside_torch_func
 from attnkit.backends.triton.calls import (
     Scalars,
@@ -48,7 +49,7 @@ from attnkit.backends.triton.walks import (
     tile_walk,
 )
 from attnkit.masks import Mask
-from attnkit.score_mods import KernelMods, kernel_mods
+from attnkit.score_mods import KernelMods, ScoreMod, kernel_mods
 
 NAME = "triton"
 #: Set to 1 to time a few tile variants per kernel on first use (``autotune.py``).
@@ -397,6 +398,7 @@ def block_backward(
     mask: Mask | None,
     scale: float,
     dlse: Tensor | None = None,
+    score_mod: ScoreMod | ScoreModFn | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients that one block of keys contributes, given the *global* out and LSE.
 
@@ -412,6 +414,7 @@ def block_backward(
         mask: which (query, key) pairs of this block attend (None: all).
         scale: the softmax scale.
         dlse: gradient reaching ``lse``, if any.
+        score_mod: the block's score mod, one the kernels apply (ALiBi, softcap).
 
     Returns:
         dq (B, Hq, Lq, D), dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv), float32: the kernels
@@ -419,7 +422,7 @@ def block_backward(
     """
     from attnkit.functional import _request
 
-    req = _request(q, k, v, mask, None, scale, 0.0, None, False)
+    req = _request(q, k, v, mask, score_mod, scale, 0.0, None, False)
     launches, slopes, scalars = _setup(req)
     q, k, v = (kernel_input(x) for x in (req.q, req.k, req.v))
     return _launch_backward(
