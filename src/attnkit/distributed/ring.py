@@ -63,10 +63,14 @@ class _Setup:
 def _pair_score_mod(s: _Setup, corner: tuple[int, int]) -> ScoreMod | ScoreModFn | None:
     """``s.score_mod`` on the block whose first query and key sit at global ``corner``.
 
-    A softcap reads no position and stays as it is (the kernels apply it); any other mod is
-    called at the global positions (``mods.resolve`` over the whole sequence, shifted).
+    A softcap reads no position and stays as it is (the kernels apply it), as do ALiBi's on
+    a diagonal block (square: chunks are equal), where local distances are the global ones;
+    any other mod is called at the global positions (``mods.resolve`` over the whole
+    sequence, shifted).
     """
-    if _reads_no_position(s.score_mod):
+    if _reads_no_position(s.score_mod) or (
+        corner[0] == corner[1] and mods.kernel_mods(s.score_mod) is not None
+    ):
         return s.score_mod
     whole = mods.resolve(s.score_mod, s.length, s.length)
     assert whole is not None
