@@ -7,7 +7,7 @@
 ``--hybrid U`` runs ``hybrid_attention`` on a grid of P/U x U ranks (Ulysses within groups of U
 consecutive ranks, the ring across them).
 ``--mask`` adds a sparse pattern over the whole sequence, as ``attnkit patterns --mask`` takes
-it (e.g. ``sliding_window:256,256+global:0``).
+it (e.g. ``sliding_window:256,256+global:0``); ``--alibi`` and ``--softcap C`` score mods.
 
 Prints the time per call, each rank's peak memory, the bytes each rank sends per ring step,
 and the max error against a single-process float32 run at --check-seq tokens. ``--backend``
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import attnkit
-from attnkit import _memory, masks
+from attnkit import _memory, masks, score_mods
 from attnkit.distributed import (
     hybrid_attention,
     hybrid_groups,
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--ulysses", action="store_true", help="ulysses_attention, not the ring")
     ap.add_argument("--hybrid", type=int, default=None, metavar="U", help="hybrid, U-rank heads")
     ap.add_argument("--mask", default=None, help="a sparse pattern, e.g. dilated:64,4+global:0")
+    ap.add_argument("--softcap", type=float, default=None, help="logit soft-capping at this cap")
+    ap.add_argument("--alibi", action="store_true", help="ALiBi biases (global positions)")
     args = ap.parse_args()
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -65,6 +67,9 @@ def main() -> None:
         torch.cuda.set_device(device)
     causal = not args.full
     pattern = None if args.mask is None else parse_mask(args.mask, "--mask")
+    found = [score_mods.alibi(score_mods.alibi_slopes(args.heads))] if args.alibi else []
+    found += [] if args.softcap is None else [score_mods.softcap(args.softcap)]
+    score_mod = None if not found else found[0] if len(found) == 1 else score_mods.compose(*found)
     groups = None if args.hybrid is None else hybrid_groups(args.hybrid)
     dtype = getattr(torch, args.dtype)
 
@@ -107,15 +112,17 @@ def main() -> None:
         length = q.shape[2] * world
         if args.ulysses:
             out = ulysses_attention(
-                q, k, v, mask=whole_mask(length), layout=args.layout, backend=args.backend
-            )
+                q, k, v, mask=whole_mask(length), score_mod=score_mod, layout=args.layout,
+                backend=args.backend,
+            )  # fmt: skip
         else:
             method, grid = ring_attention, {}
             if groups is not None:
                 method, grid = hybrid_attention, {"head_group": groups[0], "ring_group": groups[1]}
             out = method(
                 q, k, v, **grid, causal=causal, window=args.window, mask=pattern,
-                layout=args.layout, document_ids=shard_of_documents(length), backend=args.backend,
+                score_mod=score_mod, layout=args.layout, document_ids=shard_of_documents(length),
+                backend=args.backend,
             )  # fmt: skip
         assert isinstance(out, torch.Tensor)
         return out
@@ -127,7 +134,9 @@ def main() -> None:
         torch.randn(1, h, L, args.dim, device=device, dtype=dtype)
         for h in (args.heads, args.kv_heads, args.kv_heads)
     )
-    whole = attnkit.attention(q.float(), k.float(), v.float(), mask=whole_mask(L), backend="tiled")
+    whole = attnkit.attention(
+        q.float(), k.float(), v.float(), mask=whole_mask(L), score_mod=score_mod, backend="tiled"
+    )
     local = attend(*(shard(t) for t in (q, k, v)))
     err = (local.float() - shard(whole)).abs().max().reshape(1)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
@@ -159,6 +168,7 @@ def main() -> None:
             f"{method} attention, P={world}{grid} ({backend}), seq={args.seq}, heads={args.heads}/"
             f"{args.kv_heads}, dim={args.dim}, causal={causal}, window={args.window}, "
             f"layout={args.layout}, documents={args.documents}, mask={args.mask}, "
+            f"score_mod={score_mod!r}, "
             f"{args.dtype}, on {args.backend}"
         )
         print(f"  {what}: {seconds:.2f} s")

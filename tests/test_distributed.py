@@ -661,8 +661,9 @@ def test_merge_stacked_takes_the_same_few_operations_for_any_number_of_parts():
         ("ulysses", 2, ["--ulysses"]),
         ("ring", 2, ["--full", "--mask", "dilated:8,4+global:0"]),
         ("hybrid", 4, ["--hybrid", "2", "--mask", "dilated:8,4+global:0"]),
+        ("ring", 2, ["--alibi", "--softcap", "5"]),
     ],
-    ids=["ring", "ulysses", "ring_sparse", "hybrid_2x2_sparse"],
+    ids=["ring", "ulysses", "ring_sparse", "hybrid_2x2_sparse", "ring_alibi_softcap"],
 )
 def test_the_ring_example_runs_under_torchrun_and_matches_one_process(method, ranks, more):
     """examples/ring_attention.py as its docstring runs it (packed documents, forward and
