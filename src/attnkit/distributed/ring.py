@@ -15,6 +15,7 @@ computed from the global output and LSE, and after P hops the accumulators are h
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -59,6 +60,11 @@ class _Setup:
     # backward share its tile maps
     parts: dict[tuple[int, int], Mask] = field(default_factory=dict, compare=False)
 
+    @functools.cached_property
+    def whole_score_mod(self) -> ScoreModFn | None:
+        """``score_mod`` bound to the whole sequence, once per call (every block shifts it)."""
+        return mods.resolve(self.score_mod, self.length, self.length)
+
 
 def _pair_score_mod(s: _Setup, corner: tuple[int, int]) -> ScoreMod | ScoreModFn | None:
     """``s.score_mod`` on the block whose first query and key sit at global ``corner``.
@@ -68,11 +74,10 @@ def _pair_score_mod(s: _Setup, corner: tuple[int, int]) -> ScoreMod | ScoreModFn
     any other mod is called at the global positions (``mods.resolve`` over the whole
     sequence, shifted).
     """
-    if _reads_no_position(s.score_mod) or (
-        corner[0] == corner[1] and mods.kernel_mods(s.score_mod) is not None
-    ):
+    kernel = mods.kernel_mods(s.score_mod)
+    if kernel is not None and (kernel.slopes is None or corner[0] == corner[1]):
         return s.score_mod
-    whole = mods.resolve(s.score_mod, s.length, s.length)
+    whole = s.whole_score_mod
     assert whole is not None
     q_start, k_start = corner
 
