@@ -173,20 +173,24 @@ def main() -> None:
         )
         print(f"  {what}: {seconds:.2f} s")
         print(f"  peak extra memory per rank: {', '.join(f'{p.item():.0f}' for p in peaks)} MB")
-        if args.ulysses:  # all but its own 1/P of q, k, v and the output (k, v repeated to P)
-            kv_heads = max(args.kv_heads, world)
+
+        def all_to_all_mib(ranks: int) -> float:
+            """MiB a rank sends in Ulysses' 4 all-to-alls over ``ranks``: all but its own
+            1/ranks of q, k, v and the output (k, v repeated to ``ranks`` heads)."""
+            kv_heads = max(args.kv_heads, ranks)
             shards = (2 * args.heads + 2 * kv_heads) * n * args.dim * q.element_size()
-            sent = f"{shards * (world - 1) / world / 2**20:.1f} MiB in 4 all-to-alls forward"
+            return shards * (ranks - 1) / ranks / 2**20
+
+        if args.ulysses:
+            sent = f"{all_to_all_mib(world):.1f} MiB in 4 all-to-alls forward"
         elif groups is None:
             shards = 2 * args.kv_heads * n * args.dim * q.element_size()  # k and v
             sent = f"{shards / 2**20:.1f} MiB per ring step ({world - 1} steps forward)"
-        else:  # Ulysses over U ranks, then blocks U times a shard's around R ranks
+        else:  # Ulysses over U ranks, then k and v of U shards (a 1/U of the heads) around R
             U, R = args.hybrid, world // args.hybrid
-            kv_heads = max(args.kv_heads, U)
-            shards = (2 * args.heads + 2 * kv_heads) * n * args.dim * q.element_size()
-            block = 2 * kv_heads // U * n * U * args.dim * q.element_size()
+            block = 2 * max(args.kv_heads, U) * n * args.dim * q.element_size()
             sent = (
-                f"{shards * (U - 1) / U / 2**20:.1f} MiB in 4 all-to-alls and "
+                f"{all_to_all_mib(U):.1f} MiB in 4 all-to-alls and "
                 f"{block / 2**20:.1f} MiB per ring step ({R - 1} steps) forward"
             )
         print(f"  bytes sent per rank: {sent}")
