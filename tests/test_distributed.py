@@ -380,6 +380,9 @@ def _hybrid_odd_worker(rank, world, init_file, results_dir):
             hybrid_attention(x, x, x, document_ids=torch.zeros(8, dtype=torch.long), **groups)
         with pytest.raises((TypeError, ValueError), match="sinks"):
             hybrid_attention(x, x, x, sinks=torch.zeros(4), **groups)
+        alibi = score_mods.alibi(score_mods.alibi_slopes(4))
+        with pytest.raises(ValueError, match=r"built for 4 heads, but q has Hq=6"):
+            hybrid_attention(x, x, x, score_mod=alibi, **groups)
         ring = dict(zip(("head_group", "ring_group"), hybrid_groups(1), strict=True))
         with pytest.raises(ValueError, match="pad it to a multiple of 4"):  # L = 6, 2 x 2 chunks
             hybrid_attention(x[:, :, :3], x[:, :, :3], x[:, :, :3], **ring)

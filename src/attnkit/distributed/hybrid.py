@@ -22,6 +22,7 @@ from attnkit._types import ScoreModFn
 from attnkit.distributed.layout import check_layout, check_shards, shard_sequence
 from attnkit.distributed.ring import ring_attention
 from attnkit.distributed.ulysses import mask_for_heads, over_heads, score_mod_for_heads
+from attnkit.functional import _check_score_mod
 from attnkit.masks import Mask
 from attnkit.score_mods import ScoreMod
 from attnkit.sinks import check_sinks
@@ -132,6 +133,7 @@ def hybrid_attention(
             f"document_ids must be this rank's shard, (L/P,) or (B, L/P) with L/P = "
             f"{shapes.Lq}, got {tuple(document_ids.shape)}"
         )
+    _check_score_mod(score_mod, shapes)  # (before it is cut to each rank's heads)
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
     rings = dist.get_world_size(ring_group)
