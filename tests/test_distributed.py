@@ -78,8 +78,8 @@ SCORE_MODS = {
         lambda s, b, h, q, kv: s + 0.5 * torch.cos((q - kv).to(s.dtype)) - 0.2 * h
     ),
 }
-#: the cases whose score_mod reads positions, which Triton's kernels do not compute
-READS_POSITIONS = ("alibi", "positional")
+#: the cases whose score_mod the kernels do not compute (called at global positions on loops)
+CALLED_AT_POSITIONS = ("positional",)
 
 
 def score_mod_of(name, Hq):
@@ -271,10 +271,18 @@ def test_ring_attention_matches_single_process(world, tmp_path):
 def test_ring_attention_on_the_triton_kernels(dtype, tmp_path):
     """backend="triton" (on a GPU, what "auto" picks): forward and backward, with the kernels
     computing each block under TRITON_INTERPRET=1; every case in float32 but those whose
-    score_mod reads positions (the kernels do not shift them), a few in bfloat16."""
+    score_mod the kernels do not compute, a few in bfloat16."""
     few = ["causal_zigzag_sinks", "documents_window_zigzag", "dilated|global_causal"]
-    kernels = [c[0] for c in CASES if not any(key in c[0] for key in READS_POSITIONS)]
+    kernels = [c[0] for c in CASES if not any(key in c[0] for key in CALLED_AT_POSITIONS)]
     _spawn_ok(_worker, 2, tmp_path, "triton", dtype, kernels if dtype == torch.float32 else few)
+
+
+@pytest.mark.slow
+def test_ring_attention_on_the_compiled_cpu_kernels(tmp_path):
+    """float32 on tiled: each block on the compiled CPU kernels, ALiBi (at the block's offset)
+    and the softcap in them; four ranks, so blocks sit at many offsets."""
+    names = ["causal_zigzag", "softcap_causal_zigzag", "alibi_window", "documents_window_zigzag"]
+    _spawn_ok(_worker, 4, tmp_path, "tiled", torch.float32, names)
 
 
 @pytest.mark.slow
@@ -513,12 +521,12 @@ def _odd_worker(rank, world, init_file, results_dir):
             ring_attention(q, q, q, backend="x")
         with pytest.raises(ValueError, match="backend='triton' cannot serve these inputs: tri"):
             ring_attention(q.double(), q.double(), q.double(), backend="triton")
-        alibi = score_mods.alibi(score_mods.alibi_slopes(2))
+        positional = score_mods.relative_bias(torch.randn(2, 5))
         if importlib.util.find_spec("triton") is not None:
             with pytest.raises(
-                ValueError, match=r"score_mod that reads positions .*backend='tiled' does"
+                ValueError, match=r"other than ALiBi and softcap .*backend='tiled' does"
             ):
-                ring_attention(q, q, q, score_mod=alibi, backend="triton")
+                ring_attention(q, q, q, score_mod=positional, backend="triton")
         learning = score_mods.alibi(score_mods.alibi_slopes(2).requires_grad_())
         with pytest.raises(ValueError, match="does not differentiate score_mod parameters"):
             ring_attention(q, q, q, score_mod=score_mods.compose(learning, score_mods.softcap(2)))
@@ -567,6 +575,40 @@ def test_ring_blocks_that_share_no_document_are_skipped():
     assert found[0][4] is not None  # row 0 masks it all, row 1 none of it
 
 
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_ring_blocks_keep_alibi_in_the_kernels_at_their_global_distances(layout):
+    """Each block's score mod is the whole sequence's at the block's global positions; ALiBi
+    (alone, with its own offset, or under a softcap) stays a mod the kernels apply."""
+    from attnkit.distributed.ring import _pairs, _Setup
+
+    L, world, H = 24, 3, 2
+    slopes = score_mods.alibi_slopes(H).double()
+    b, h = torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(H).view(1, H, 1, 1)
+    for mod in (
+        score_mods.alibi(slopes),
+        score_mods.alibi(slopes, offset=3),
+        score_mods.compose(score_mods.alibi(slopes), score_mods.softcap(2.0)),
+    ):
+        whole = score_mods.resolve(mod, L, L)
+        scores = torch.randn(1, H, L, L, dtype=torch.float64)
+        i, j = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
+        want = whole(scores, b, h, i, j)
+        for rank in range(world):
+            q_pos = shard_sequence(torch.arange(L), world, rank, layout, dim=0)
+            for src in range(world):
+                k_pos = shard_sequence(torch.arange(L), world, src, layout, dim=0)
+                setup = _Setup(None, rank, world, L, layout, False, None, 1.0, "tiled", None, mod)
+                for _, _, (qa, qb), (ka, kb), _, block_mod in _pairs(setup, src):
+                    assert score_mods.kernel_mods(block_mod) is not None, (mod, rank, src)
+                    rows, cols = q_pos[qa:qb], k_pos[ka:kb]
+                    local = scores[:, :, rows][:, :, :, cols]
+                    fn = score_mods.resolve(block_mod, qb - qa, kb - ka)
+                    li, lj = torch.arange(qb - qa).view(-1, 1), torch.arange(kb - ka).view(1, -1)
+                    got = fn(local, b, h, li, lj)
+                    expected = want[:, :, rows][:, :, :, cols]
+                    torch.testing.assert_close(got, expected, msg=f"{mod} {rank} {src}")
+
+
 @needs_triton_device
 def test_ring_blocks_run_on_triton_for_cuda_tensors_it_takes_and_on_tiled_otherwise():
     pytest.importorskip("triton")
@@ -580,7 +622,12 @@ def test_ring_blocks_run_on_triton_for_cuda_tensors_it_takes_and_on_tiled_otherw
     # CPU tensors stay on tiled's compiled kernels, even under the interpreter
     assert _block_backend("auto", x, x, x, softcap) == ("triton" if x.is_cuda else "tiled")
     assert _block_backend("auto", x.double(), x.double(), x.double(), None) == "tiled"
-    assert _block_backend("auto", x, x, x, alibi) == "tiled"  # shifted per block: tiled's loops
+    assert _block_backend("triton", x, x, x, alibi) == "triton"  # at each block's offset
+    assert _block_backend("auto", x, x, x, alibi) == ("triton" if x.is_cuda else "tiled")
+    positional = score_mods.relative_bias(torch.randn(2, 7))
+    assert _block_backend("auto", x, x, x, positional) == "tiled"  # shifted per block: loops
+    with pytest.raises(ValueError, match="other than ALiBi and softcap"):
+        _block_backend("triton", x, x, x, positional)
 
 
 def test_ring_attention_needs_a_process_group():

@@ -126,7 +126,7 @@ def test_portable_kernel_propagates_nan():
             tile_index, bitmaps = partial_bitmaps(bm)
             out, lse = torch.ops.attnkit_portable.tiled_forward(
                 q, k, v, bm.kinds, tile_index, bitmaps, torch.empty(0), 32, 32, 64, D**-0.5, 0.0,
-                -1, 0, 0.0,
+                k.shape[2] - q.shape[2], -1, 0, 0.0,
             )  # fmt: skip
             assert ref.isnan().any()
             assert torch.equal(out.isnan(), ref.isnan()), (where, mask)

@@ -28,6 +28,42 @@ def test_alibi_bottom_right_formula(Lq, Lk):
     torch.testing.assert_close(out, naive_attention(q, k, v, bias=bias)[0])
 
 
+@pytest.mark.parametrize("offset", [0, -4, 9, 30])
+def test_alibi_offset_places_the_queries_among_the_keys(offset):
+    """alibi(slopes, offset=o): query i sits at key i + o, whatever Lq and Lk are."""
+    Lq, Lk = 5, 11
+    q, k, v = rand_qkv(1, 4, 4, Lq, Lk, 8, dtype=torch.float64)
+    slopes = score_mods.alibi_slopes(4).double()
+    i, j = torch.arange(Lq).view(-1, 1), torch.arange(Lk).view(1, -1)
+    bias = -slopes.view(1, 4, 1, 1) * (i + offset - j).abs()
+    mod = score_mods.alibi(slopes, offset=offset)
+    assert repr(mod) == f"alibi(H=4, offset={offset})"
+    for backend in ("reference", "tiled"):  # (the compiled kernels': tests/test_tiled.py)
+        out = attnkit.attention(q, k, v, score_mod=mod, backend=backend)
+        torch.testing.assert_close(out, naive_attention(q, k, v, bias=bias)[0], msg=backend)
+
+
+def test_kernel_mods_read_back_as_the_score_mod_they_came_from():
+    """``KernelMods.score_mod()`` rebuilds what ``kernel_mods`` read (ring blocks and Ulysses'
+    head cuts rebuild ALiBi from it)."""
+    slopes = score_mods.alibi_slopes(4)
+    for mod in (
+        score_mods.alibi(slopes),
+        score_mods.alibi(slopes, offset=-7),
+        score_mods.softcap(3.0),
+        score_mods.compose(score_mods.alibi(slopes, offset=5), score_mods.softcap(3.0)),
+    ):
+        found = score_mods.kernel_mods(mod)
+        assert found is not None
+        again = found.score_mod()
+        assert repr(again) == repr(mod)
+        assert score_mods.kernel_mods(again) == found
+    assert score_mods.kernel_mods(None) == score_mods.KernelMods()
+    assert score_mods.KernelMods().score_mod() is None
+    assert score_mods.KernelMods(alibi_offset=3).offset_for(5, 11) == 3
+    assert score_mods.KernelMods().offset_for(5, 11) == 6
+
+
 def test_softcap_and_compose():
     q, k, v = rand_qkv(1, 2, 2, 6, 6, 8, dtype=torch.float64)
     q = q * 10
@@ -102,6 +138,9 @@ def test_a_custom_score_mod_of_another_dtype_computes_in_the_scores_dtype(backen
 def test_score_mod_validation():
     with pytest.raises(ValueError, match="cap"):
         score_mods.softcap(0)
+    for offset in (1.5, True, "3"):
+        with pytest.raises(TypeError, match="alibi offset must be an int or None"):
+            score_mods.alibi(score_mods.alibi_slopes(2), offset=offset)
     with pytest.raises(ValueError, match="odd"):
         score_mods.relative_bias(torch.zeros(2, 6))
     q = torch.randn(1, 1, 2, 4)

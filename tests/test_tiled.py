@@ -522,7 +522,7 @@ def test_portable_simd_kernel_every_mask():
         bm = tiled.block_mask_for(req, TileConfig(32, 32, 64))
         tile_index, bitmaps = partial_bitmaps(bm)
         args = (q, k, v, bm.kinds, tile_index, bitmaps, torch.empty(0), 32, 32, 64, 24**-0.5, 0.0)
-        args = (*args, -1, 0, 0.0)  # no dropout
+        args = (*args, Lk - Lq, -1, 0, 0.0)  # no ALiBi to align, no dropout
         out, lse = torch.ops.attnkit_portable.tiled_forward(*args)
         assert_close_scaled(out, ref64, ref32, mult=2.0, floor=1e-6)
         finite = torch.isfinite(lse64)
@@ -857,6 +857,8 @@ KERNEL_MODS = {
     "alibi+softcap": lambda H: score_mods.compose(
         score_mods.alibi(score_mods.alibi_slopes(H)), score_mods.softcap(2.0)
     ),
+    # queries placed among the keys otherwise than bottom-right (a ring block's offset)
+    "alibi(offset=-40)": lambda H: score_mods.alibi(score_mods.alibi_slopes(H), offset=-40),
 }
 
 
@@ -1009,7 +1011,7 @@ def test_compiled_forward_names_the_input_it_cannot_read():
     assert cpu_kernel.available()
     q, k, v = rand_qkv(1, 1, 1, 8, 8, 4, dtype=torch.float32)
     bm = masks.causal().blocks(8, 8, 16, 16)
-    args = (*partial_bitmaps(bm), torch.empty(0), 16, 16, 64, 0.5, 0.0, -1, 0, 0.0)
+    args = (*partial_bitmaps(bm), torch.empty(0), 16, 16, 64, 0.5, 0.0, 0, -1, 0, 0.0)
     with pytest.raises(RuntimeError, match="k needs a contiguous last dim"):
         torch.ops.attnkit.tiled_forward(q, k.transpose(-1, -2), v, bm.kinds, *args)
 

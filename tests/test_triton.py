@@ -113,8 +113,11 @@ def test_masks(mask):
         score_mods.alibi(score_mods.alibi_slopes(4)),
         score_mods.softcap(2.0),
         score_mods.compose(score_mods.alibi(score_mods.alibi_slopes(4)), score_mods.softcap(3.0)),
+        score_mods.compose(
+            score_mods.alibi(score_mods.alibi_slopes(4), offset=-40), score_mods.softcap(3.0)
+        ),
     ],
-    ids=["alibi", "softcap", "alibi+softcap"],
+    ids=["alibi", "softcap", "alibi+softcap", "alibi(offset=-40)+softcap"],
 )
 def test_in_kernel_score_mods(mod):
     check((1, 4, 2, 20, 29, 32, 32), mask=masks.causal(), score_mod=mod)

@@ -149,18 +149,24 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def alibi(slopes: Tensor) -> ScoreMod:
-    """ALiBi: adds -slope_h · |i + (Lk - Lq) - j| to score (h, i, j).
+def alibi(slopes: Tensor, *, offset: int | None = None) -> ScoreMod:
+    """ALiBi: adds -slope_h · |i + offset - j| to score (h, i, j).
 
     Args:
         slopes: (Hq,) per query head (see ``alibi_slopes``), or (1,) shared by every head;
             may require grad.
+        offset: where the queries sit among the keys: query i at key i + offset. None (the
+            default) aligns the last query with the last key, offset = Lk - Lq, as
+            FlashAttention does (a decoding step's queries are the cache's last positions).
+            A part of a longer sequence gives its own (a ring block: q_start - k_start).
     """
     if not isinstance(slopes, Tensor) or slopes.dim() != 1:
         raise TypeError("alibi slopes must be a 1-D tensor (Hq,)")
+    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
+        raise TypeError(f"alibi offset must be an int or None, got {offset!r}")
 
     def bind(Lq: int, Lk: int) -> ScoreModFn:
-        off = Lk - Lq
+        off = Lk - Lq if offset is None else offset
 
         def fn(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
             s = slopes.to(device=score.device, dtype=score.dtype)[_select(h, slopes.numel())]
@@ -169,10 +175,10 @@ def alibi(slopes: Tensor) -> ScoreMod:
         return fn
 
     return ScoreMod(
-        f"alibi(H={slopes.numel()})",
+        f"alibi(H={slopes.numel()}" + ("" if offset is None else f", offset={offset}") + ")",
         bind,
         kind="alibi",
-        params={"slopes": slopes},
+        params={"slopes": slopes, "offset": offset},
         heads=_per_head(slopes.numel()),
     )
 
@@ -311,16 +317,29 @@ class KernelMods:
     """Score mods that attnkit's kernels apply themselves: ALiBi slopes and/or a softcap.
 
     Applied in that order, in natural units after scaling and before the mask, as
-    ``compose(alibi(slopes), softcap(cap))`` would. ``softcap`` 0 means none.
+    ``compose(alibi(slopes, offset=alibi_offset), softcap(cap))`` would. ``softcap`` 0 means
+    none; ``alibi_offset`` None means ALiBi's default alignment, Lk - Lq.
     """
 
     slopes: Tensor | None = None
     softcap: float = 0.0
+    alibi_offset: int | None = None
 
     @property
     def learns_slopes(self) -> bool:
         """Whether the slopes want a gradient (kernels do not compute one)."""
         return self.slopes is not None and self.slopes.requires_grad and torch.is_grad_enabled()
+
+    def offset_for(self, Lq: int, Lk: int) -> int:
+        """ALiBi's offset for Lq queries over Lk keys: query i sits at key i + offset."""
+        return Lk - Lq if self.alibi_offset is None else self.alibi_offset
+
+    def score_mod(self) -> ScoreMod | None:
+        """These mods as the ``ScoreMod`` that ``kernel_mods`` reads back as them (None: none)."""
+        found = [] if self.slopes is None else [alibi(self.slopes, offset=self.alibi_offset)]
+        if self.softcap:
+            found.append(softcap(self.softcap))
+        return None if not found else found[0] if len(found) == 1 else compose(*found)
 
 
 def kernel_mods(score_mod: object) -> KernelMods | None:
@@ -330,12 +349,13 @@ def kernel_mods(score_mod: object) -> KernelMods | None:
     if not isinstance(score_mod, ScoreMod):
         return None
     if score_mod.kind == "alibi":
-        return KernelMods(slopes=score_mod.params["slopes"])
+        return KernelMods(score_mod.params["slopes"], 0.0, score_mod.params["offset"])
     if score_mod.kind == "softcap":
         return KernelMods(softcap=score_mod.params["cap"])
     if score_mod.kind == "compose":
         mods = score_mod.params["mods"]
         kinds = [m.kind if isinstance(m, ScoreMod) else "" for m in mods]
         if kinds == ["alibi", "softcap"]:
-            return KernelMods(slopes=mods[0].params["slopes"], softcap=mods[1].params["cap"])
+            first, cap = mods[0].params, mods[1].params["cap"]
+            return KernelMods(first["slopes"], cap, first["offset"])
     return None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -69,28 +69,25 @@ class _Setup:
 def _pair_score_mod(s: _Setup, corner: tuple[int, int]) -> ScoreMod | ScoreModFn | None:
     """``s.score_mod`` on the block whose first query and key sit at global ``corner``.
 
-    A softcap reads no position and stays as it is (the kernels apply it), as do ALiBi's on
-    a diagonal block (square: chunks are equal), where local distances are the global ones;
-    any other mod is called at the global positions (``mods.resolve`` over the whole
-    sequence, shifted).
+    The kernels' mods stay in the kernels: a softcap reads no position, and ALiBi's distance
+    takes the block's offset (its query i is global query q_start + i, its key j global key
+    k_start + j). Any other mod is called at the global positions (``mods.resolve`` over the
+    whole sequence, shifted).
     """
     kernel = mods.kernel_mods(s.score_mod)
-    if kernel is not None and (kernel.slopes is None or corner[0] == corner[1]):
-        return s.score_mod
-    whole = s.whole_score_mod
-    assert whole is not None
     q_start, k_start = corner
+    if kernel is not None:
+        if kernel.slopes is None:
+            return s.score_mod
+        whole = kernel.offset_for(s.length, s.length)
+        return replace(kernel, alibi_offset=whole + q_start - k_start).score_mod()
+    whole_fn = s.whole_score_mod
+    assert whole_fn is not None
 
     def fn(score: Tensor, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        return whole(score, b, h, q + q_start, kv + k_start)
+        return whole_fn(score, b, h, q + q_start, kv + k_start)
 
     return fn
-
-
-def _reads_no_position(score_mod: object) -> bool:
-    """Whether ``score_mod`` is None or a softcap: the same on every block, in the kernels."""
-    found = mods.kernel_mods(score_mod)
-    return found is not None and found.slopes is None
 
 
 def _pair_mask(
@@ -341,11 +338,11 @@ def ring_attention(
             ``document_ids``; blocks it leaves empty are skipped. (Not a tensor or BlockMask:
             every rank would need the whole L x L.)
         score_mod: as ``attention``'s, over the whole sequence (positions global): ALiBi,
-            relative biases, any ``fn(score, b, h, q, kv)``. A softcap runs in the blocks'
-            kernels; mods that read positions are called at each block's global positions,
-            which the tiled backend's PyTorch loops do (and Triton's kernels do not: "auto"
-            then computes the blocks on tiled). Gradients do not reach a mod's parameters:
-            learnable ones are refused.
+            relative biases, any ``fn(score, b, h, q, kv)``. ALiBi and softcap run in the
+            blocks' kernels (ALiBi at each block's offset); other mods are called at each
+            block's global positions, which the tiled backend's PyTorch loops do (and
+            Triton's kernels do not: "auto" then computes the blocks on tiled). Gradients do
+            not reach a mod's parameters: learnable ones are refused.
         scale: default 1/sqrt(D).
         group: the process group (default: the world).
         layout: "zigzag" (balanced causal work: chunks r and 2P-1-r of 2P) or "contiguous".
@@ -464,10 +461,10 @@ def _block_backend(
     # the blocks' masks are chunks of causal, window and document masks, all of which the
     # kernels take; their score_mods are kernel ones only where they read no position
     why = triton.unsupported_reason(_request(q, k, v, None, None, None, 0.0, None, False))
-    if why is None and not _reads_no_position(score_mod):
+    if why is None and mods.kernel_mods(score_mod) is None:
         why = (
-            "a score_mod that reads positions is called at each block's global positions, "
-            "which the kernels do not do (backend='tiled' does)"
+            "a score_mod other than ALiBi and softcap is called at each block's global "
+            "positions, which the kernels do not do (backend='tiled' does)"
         )
     if backend == "triton" and why is not None:
         raise ValueError(f"ring_attention backend='triton' cannot serve these inputs: {why}")

@@ -16,7 +16,7 @@ those that depend on the head (per-head layouts and tensors, ALiBi slopes, predi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -136,8 +136,8 @@ def score_mod_for_heads(
     kernel = mods.kernel_mods(score_mod)
     if kernel is not None and kernel.slopes is not None:
         slopes = kernel.slopes
-        alibi = mods.alibi(slopes if slopes.numel() == 1 else slopes[first : first + heads])
-        return alibi if not kernel.softcap else mods.compose(alibi, mods.softcap(kernel.softcap))
+        cut = slopes if slopes.numel() == 1 else slopes[first : first + heads]
+        return replace(kernel, slopes=cut).score_mod()
     whole = mods.resolve(score_mod, L, L)
     assert whole is not None
 

@@ -201,7 +201,7 @@ inline float tanh_float(float x) {
 struct ScoreMods {
   const float* slopes;  // (Hq,) ALiBi slopes, or nullptr
   float softcap;        // c of c·tanh(s/c), or 0
-  int64_t offset;       // ALiBi's alignment: query i sits at key i + Lk - Lq
+  int64_t offset;       // ALiBi's alignment: query i sits at key i + offset
   bool any() const { return slopes != nullptr || softcap > 0.0f; }
 };
 

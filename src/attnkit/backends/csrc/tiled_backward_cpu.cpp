@@ -53,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
     const at::Tensor& bitmaps,      // (nPartial, block_q, block_k) bool
     const at::Tensor& slopes,       // (Hq,) float32 ALiBi slopes, or empty: no ALiBi
     int64_t block_q, int64_t block_k, int64_t max_rows, double scale, double softcap,
+    int64_t alibi_offset,  // query i sits at key i + alibi_offset (ALiBi's distance)
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p,  // seed < 0: none
     bool band, int64_t band_lo, int64_t band_hi,  // band: lo <= j - i <= hi, no kinds/bitmaps
     const std::optional<at::Tensor>& keys,        // with a band or ranges: (B or 1, Lk) bool
@@ -85,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tiled_backward(
   auto dv = at::empty(v.sizes(), f32);
   const float *lp = lse2.data_ptr<float>(), *dlp = delta.data_ptr<float>();
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  const ScoreMods mods = score_mods_for(slopes, Hq, softcap, Lk - Lq, "tiled_backward");
+  const ScoreMods mods = score_mods_for(slopes, Hq, softcap, alibi_offset, "tiled_backward");
   const Dropout dropout = dropout_for(dropout_seed, dropout_threshold, dropout_p, "tiled_backward");
   const float alpha_qk = static_cast<float>(mods.any() ? scale : scale * 1.4426950408889634);
   const float fscale = static_cast<float>(scale);

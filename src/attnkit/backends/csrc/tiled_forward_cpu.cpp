@@ -45,6 +45,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
     const at::Tensor& bitmaps,      // (nPartial, block_q, block_k) bool
     const at::Tensor& slopes,       // (Hq,) float32 ALiBi slopes, or empty: no ALiBi
     int64_t block_q, int64_t block_k, int64_t max_chunk, double scale, double softcap,
+    int64_t alibi_offset,  // query i sits at key i + alibi_offset (ALiBi's distance)
     int64_t dropout_seed, int64_t dropout_threshold, double dropout_p,  // seed < 0: none
     bool pack_gqa,
     bool band, int64_t band_lo, int64_t band_hi,  // band: lo <= j - i <= hi, no kinds/bitmaps
@@ -105,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_forward(
   auto out = at::empty({B, Hq, Lq, Dv}, q.options());
   auto lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
   float* lp = lse.data_ptr<float>();
-  const ScoreMods mods = score_mods_for(slopes, Hq, softcap, Lk - Lq, "tiled_forward");
+  const ScoreMods mods = score_mods_for(slopes, Hq, softcap, alibi_offset, "tiled_forward");
   const Dropout dropout = dropout_for(dropout_seed, dropout_threshold, dropout_p, "tiled_forward");
   // without mods, log2(e) folds into the GEMM; with them, the mods see natural units first
   const float alpha_qk = static_cast<float>(mods.any() ? scale : scale * 1.4426950408889634);

@@ -280,7 +280,7 @@ def _setup(req: Request) -> tuple[Launches, Tensor, tuple[float, float, int, boo
     band = list(kernel_band(req))
     if band or kernel_ranges(req) is not None:
         launches = band_launches(launches)
-    scalars = (req.scale, mods.softcap, s.Lk - s.Lq, mods.slopes is not None, band)
+    scalars = (req.scale, mods.softcap, mods.offset_for(s.Lq, s.Lk), mods.slopes is not None, band)
     return launches, _slopes(mods, s.Hq, req.q.device), scalars
 
 
