@@ -120,6 +120,7 @@ SCORE_MODS = {
     "alibi+softcap": lambda H: score_mods.compose(
         score_mods.alibi(score_mods.alibi_slopes(H)), score_mods.softcap(10.0)
     ),
+    "alibi(offset=-7)": lambda H: score_mods.alibi(score_mods.alibi_slopes(H), offset=-7),
 }
 
 
