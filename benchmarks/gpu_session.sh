@@ -11,7 +11,8 @@
 #   gpu.md     the attention table (TFLOP/s), gpu.json every figure; bench.log its output
 #   ring.txt   (stage "ring", not run by default) ring attention on one GPU over NCCL, plain
 #              and with packed documents, bf16 forward+backward, its blocks on Triton's
-#              kernels then on tiled's, with a softcap, ulysses_attention and hybrid_attention:
+#              kernels then on tiled's, with a softcap, with ALiBi (each block at its offset),
+#              ulysses_attention and hybrid_attention:
 #              NCCL's collectives and the example's CUDA tensors
 #
 #   STAGES="tests decode walks bench" (default), any of them, "autotune" (bench, tuned tiles)
@@ -87,7 +88,7 @@ for stage in $STAGES; do
             --backend "$blocks" $docs 2>&1 | tee -a "$OUT/ring.txt"
         done
       done
-      for method in "--softcap 30" "--ulysses" "--hybrid 1"; do
+      for method in "--softcap 30" "--alibi" "--ulysses" "--hybrid 1"; do
         # shellcheck disable=SC2086  # $method: the option and its value
         timeout "${RING_S:-60}" $PY -m torch.distributed.run --nproc-per-node 1 \
           examples/ring_attention.py --seq "${RING_SEQ:-65536}" --dtype bfloat16 --backward \
