@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import math
 import os
 import shutil
@@ -15,6 +16,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hypothesis import HealthCheck, settings
 
 from attnkit import masks
@@ -264,3 +267,22 @@ def browser(chromium):
     yield chromium
     errors = [e["message"] for e in chromium.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, f"the page logged errors: {errors}"
+
+
+def join_gloo(rank, world, init_file):
+    """Join a loopback gloo group; a hung collective fails after 60 s instead of hanging."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+
+
+def spawn_ok(worker, world, tmp_path, *args):
+    """Run ``worker`` on ``world`` ranks; each writes ok{rank} into tmp_path when it passed."""
+    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path), *args), nprocs=world)
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("ok")) == [
+        f"ok{r}" for r in range(world)
+    ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import os
 import re
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import attnkit
 from attnkit import masks, score_mods
@@ -30,9 +28,11 @@ from attnkit.distributed import (
 from conftest import (
     TRITON_DEVICE,
     assert_close_scaled,
+    join_gloo,
     needs_triton_device,
     per_head_predicate,
     rand_qkv,
+    spawn_ok,
 )
 
 # (name, L, Hq, Hkv, causal, window, layout); a name ending in "sinks" adds attention sinks,
@@ -122,17 +122,6 @@ def global_mask(causal, window, ids=None, extra=None):
     return mask
 
 
-def _join(rank, world, init_file):
-    """Join a loopback gloo group; a hung collective fails after 60 s instead of hanging."""
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-
-
 def _reference(q, k, v, sinks, mask, weight, dtype, score_mod=None):
     """out, LSE and the gradients of q, k, v (and sinks) of one process's attention in dtype."""
     inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
@@ -168,7 +157,7 @@ def _worker(
     to 1e-9 in float64, else within 4x the reference's own error in dtype (DESIGN §7).
     ``head_ranks``: hybrid_attention over a grid of world / head_ranks x head_ranks ranks."""
     assert names is None or set(names) <= {case[0] for case in CASES}, names
-    _join(rank, world, init_file)
+    join_gloo(rank, world, init_file)
     try:
         groups = None if head_ranks is None else hybrid_groups(head_ranks)
         for name, L, Hq, Hkv, causal, window, layout in CASES:
@@ -250,18 +239,10 @@ def _worker(
         dist.destroy_process_group()
 
 
-def _spawn_ok(worker, world, tmp_path, *args):
-    """Run ``worker`` on ``world`` ranks; each writes ok{rank} into tmp_path when it passed."""
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path), *args), nprocs=world)
-    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("ok")) == [
-        f"ok{r}" for r in range(world)
-    ]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_ring_attention_matches_single_process(world, tmp_path):
-    _spawn_ok(_worker, world, tmp_path)
+    spawn_ok(_worker, world, tmp_path)
 
 
 @pytest.mark.slow
@@ -274,7 +255,7 @@ def test_ring_attention_on_the_triton_kernels(dtype, tmp_path):
     score_mod the kernels do not compute, a few in bfloat16."""
     few = ["causal_zigzag_sinks", "documents_window_zigzag", "dilated|global_causal"]
     kernels = [c[0] for c in CASES if not any(key in c[0] for key in CALLED_AT_POSITIONS)]
-    _spawn_ok(_worker, 2, tmp_path, "triton", dtype, kernels if dtype == torch.float32 else few)
+    spawn_ok(_worker, 2, tmp_path, "triton", dtype, kernels if dtype == torch.float32 else few)
 
 
 @pytest.mark.slow
@@ -282,7 +263,7 @@ def test_ring_attention_on_the_compiled_cpu_kernels(tmp_path):
     """float32 on tiled: each block on the compiled CPU kernels, ALiBi (at the block's offset)
     and the softcap in them; four ranks, so blocks sit at many offsets."""
     names = ["causal_zigzag", "softcap_causal_zigzag", "alibi_window", "documents_window_zigzag"]
-    _spawn_ok(_worker, 4, tmp_path, "tiled", torch.float32, names)
+    spawn_ok(_worker, 4, tmp_path, "tiled", torch.float32, names)
 
 
 @pytest.mark.slow
@@ -292,7 +273,7 @@ def test_hybrid_attention_matches_single_process(head_ranks, tmp_path):
     ring over the others (2 x 2), and the grid's edges: Ulysses alone (1 x 4: the cases whose
     heads split 4 ways) and the ring alone (4 x 1)."""
     names = None if head_ranks < 4 else [case[0] for case in CASES if case[2] % 4 == 0]
-    _spawn_ok(_worker, 4, tmp_path, "tiled", torch.float64, names, head_ranks)
+    spawn_ok(_worker, 4, tmp_path, "tiled", torch.float64, names, head_ranks)
 
 
 def ulysses_cases(L, Hq):
@@ -324,7 +305,7 @@ def ulysses_cases(L, Hq):
 
 
 def _ulysses_worker(rank, world, init_file, results_dir):
-    _join(rank, world, init_file)
+    join_gloo(rank, world, init_file)
     try:
         L, Hq = 24, 4
         for name, mask, score_mod, Hkv, layout, with_sinks in ulysses_cases(L, Hq):
@@ -368,11 +349,11 @@ def _ulysses_worker(rank, world, init_file, results_dir):
 def test_ulysses_attention_matches_single_process(world, tmp_path):
     """Every mask and score_mod, GQA and MQA (kv heads repeated), both layouts, sinks: out,
     LSE and dq, dk, dv against one process's float64 reference."""
-    _spawn_ok(_ulysses_worker, world, tmp_path)
+    spawn_ok(_ulysses_worker, world, tmp_path)
 
 
 def _hybrid_odd_worker(rank, world, init_file, results_dir):
-    _join(rank, world, init_file)
+    join_gloo(rank, world, init_file)
     try:
         with pytest.raises(ValueError, match="head_ranks=3 does not divide the world's 2 ranks"):
             hybrid_groups(3)
@@ -402,11 +383,11 @@ def _hybrid_odd_worker(rank, world, init_file, results_dir):
 
 @pytest.mark.slow
 def test_hybrid_attention_refuses_grids_heads_masks_and_shards_that_do_not_fit(tmp_path):
-    _spawn_ok(_hybrid_odd_worker, 2, tmp_path)
+    spawn_ok(_hybrid_odd_worker, 2, tmp_path)
 
 
 def _ulysses_odd_worker(rank, world, init_file, results_dir):
-    _join(rank, world, init_file)
+    join_gloo(rank, world, init_file)
     try:
         x = torch.randn(1, 6, 4, 8)
         with pytest.raises(ValueError, match="Hq must be a multiple of 2 and Hkv a multiple"):
@@ -461,7 +442,7 @@ def _ulysses_odd_worker(rank, world, init_file, results_dir):
 def test_ulysses_attention_refuses_what_does_not_split_and_runs_tiled_and_second_derivatives(
     tmp_path,
 ):
-    _spawn_ok(_ulysses_odd_worker, 2, tmp_path)
+    spawn_ok(_ulysses_odd_worker, 2, tmp_path)
 
 
 def test_ulysses_keeps_what_reads_no_head_and_cuts_what_does():
@@ -491,7 +472,7 @@ def test_ulysses_keeps_what_reads_no_head_and_cuts_what_does():
 
 
 def _odd_worker(rank, world, init_file, results_dir):
-    _join(rank, world, init_file)
+    join_gloo(rank, world, init_file)
     try:
         q = torch.randn(1, 2, 5, 8)  # 10 positions over 2 ranks: not 4 zigzag chunks
         with pytest.raises(ValueError, match="pad it to a multiple of 4"):
@@ -551,7 +532,7 @@ def _odd_worker(rank, world, init_file, results_dir):
 
 @pytest.mark.slow
 def test_ring_attention_refuses_bad_shards_and_second_derivatives_and_follows_autocast(tmp_path):
-    _spawn_ok(_odd_worker, 2, tmp_path)
+    spawn_ok(_odd_worker, 2, tmp_path)
 
 
 def test_ring_blocks_that_share_no_document_are_skipped():

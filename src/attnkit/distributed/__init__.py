@@ -3,6 +3,7 @@
 ``ring_attention`` passes key/value blocks around the ranks; ``ulysses_attention`` swaps the
 sequence split for a head split (all-to-all) and attends locally, under any mask;
 ``hybrid_attention`` does both on a grid of ranks (Ulysses within groups, the ring across).
+``sharded_cache_attention`` decodes over a KV cache sharded along the sequence.
 
 torchrun --nproc-per-node 4 examples/ring_attention.py --seq 65536
 """
@@ -11,6 +12,7 @@ from attnkit.distributed.hybrid import hybrid_attention, hybrid_groups, shard_hy
 from attnkit.distributed.layout import gather_sequence, shard_sequence, unshard_sequence
 from attnkit.distributed.merge import merge_partials
 from attnkit.distributed.ring import ring_attention
+from attnkit.distributed.sharded_cache import sharded_cache_attention
 from attnkit.distributed.ulysses import ulysses_attention
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "ring_attention",
     "shard_hybrid",
     "shard_sequence",
+    "sharded_cache_attention",
     "ulysses_attention",
     "unshard_sequence",
 ]

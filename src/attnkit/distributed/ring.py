@@ -405,7 +405,7 @@ def ring_attention(
         win,
         check.check_scale(scale, shapes.D),
         _block_backend(backend, q, k, v, _learning_nothing(score_mod, shapes)),
-        _whole_sequence_mask(mask, shapes.Lq * world),
+        _whole_sequence_mask(mask, shapes.Lq * world, "ring_attention"),
         score_mod,
     )
     if sinks is not None:
@@ -418,17 +418,17 @@ def ring_attention(
     return (out, lse) if return_lse else out
 
 
-def _whole_sequence_mask(mask: object, length: int) -> Mask | None:
-    """``mask`` if it is a Mask whose parts the ring can take (or None), else ValueError."""
+def _whole_sequence_mask(mask: object, length: int, caller: str) -> Mask | None:
+    """``mask`` if it is a Mask whose parts ``caller`` can take (or None), else ValueError."""
     if mask is None:
         return None
     if isinstance(mask, Mask):
         mask.part(length, length, 0, 0)  # refuses, before any block travels, a rule that
         return mask  # answers for whole grids only
     raise ValueError(
-        f"ring_attention takes a Mask over the whole sequence (attnkit.masks), got "
+        f"{caller} takes a Mask over the whole sequence (attnkit.masks), got "
         f"{type(mask).__name__}: a bool tensor or BlockMask would need the whole L x L on "
-        "every rank (causal=, window= and document_ids= cover the common cases)"
+        "every rank (causal= and window= take the common cases)"
     )
 
 

@@ -1,0 +1,217 @@
+"""sharded_cache_attention (context-parallel decoding) against one process's attention.
+
+Each case runs on gloo ranks holding uneven shards of one cache (an empty one too, in any
+rank order), and is checked against the full L x L attention of one process sliced to the
+queries' rows, in float64 to 1e-9: output, LSE, and the gradients of each rank's k and v,
+of q (summed over ranks) and of the sinks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import attnkit
+from attnkit import masks, score_mods
+from attnkit.distributed import sharded_cache_attention
+from conftest import assert_close_scaled, join_gloo, spawn_ok
+
+L, B, HQ, HKV, D, DV = 23, 2, 4, 2, 8, 6
+
+#: per world size, each rank's (kv_start, S): out of order, uneven, one empty
+SHARDS = {
+    1: [(0, L)],
+    2: [(9, 14), (0, 9)],
+    3: [(14, 9), (0, 0), (0, 14)],
+}
+
+#: (name, T, q_start, causal, window, whole mask, score_mod, sinks)
+CASES = [
+    ("full_one_query", 1, None, False, None, None, None, False),
+    ("causal_three_queries", 3, None, True, None, None, None, False),
+    ("window_skips_far_shards", 2, None, True, 4, None, None, False),
+    ("alibi_causal", 2, None, True, None, None, "alibi", False),
+    ("alibi_softcap_window_sinks", 1, None, True, (6, 0), None, "alibi+softcap", True),
+    ("relative_bias", 2, None, False, None, None, "relative", False),
+    ("dilated|global", 3, None, True, None, "dilated|global", None, True),
+    ("mid_sequence_queries", 4, 10, True, None, None, "alibi", False),
+]
+
+
+def _score_mod(name):
+    slopes = score_mods.alibi_slopes(HQ).double()
+    return {
+        None: None,
+        "alibi": score_mods.alibi(slopes),
+        "alibi+softcap": score_mods.compose(score_mods.alibi(slopes), score_mods.softcap(2.0)),
+        "relative": score_mods.relative_bias(torch.linspace(-1, 1, 2 * 9 + 1).repeat(HQ, 1)),
+    }[name]
+
+
+def _whole_mask(causal, window, extra):
+    found = []
+    if window is not None:
+        left, right = (window, 0) if isinstance(window, int) else window
+        found.append(masks.sliding_window(left, right))
+    elif causal:
+        found.append(masks.causal())
+    if extra == "dilated|global":
+        found.append(masks.dilated(2, 2) | masks.global_tokens([0, 5]))
+    mask = None
+    for m in found:
+        mask = m if mask is None else mask & m
+    return mask
+
+
+def _reference(dtype, Q, K, V, sinks, mask, score_mod, rows, weight):
+    """One process, in dtype: out, LSE and the gradients of q, K, V (and sinks) of the rows'
+    queries, attending over the whole L x L grid (its masks and mods aligned as the ranks')."""
+    inputs = [t.detach().to(dtype).requires_grad_() for t in (Q, K, V)]
+    sk = None if sinks is None else sinks.detach().to(dtype).requires_grad_()
+    out, lse = attnkit.attention(
+        *inputs, mask=mask, score_mod=score_mod, sinks=sk, return_lse=True, backend="reference"
+    )
+    out, lse = out[:, :, rows], lse[:, :, rows]
+    loss = (out * weight.to(dtype)).sum() + 0.1 * lse.sum()
+    grads = torch.autograd.grad(loss, inputs + ([] if sk is None else [sk]))
+    return [out, lse, grads[0][:, :, rows], *grads[1:]]
+
+
+def _case_worker(rank, world, init_file, results_dir, dtype):
+    join_gloo(rank, world, init_file)
+    try:
+        start, S = SHARDS[world][rank]
+        for name, T, q_start, causal, window, extra, mod_name, with_sinks in CASES:
+            torch.manual_seed(0)  # the same global tensors on every rank
+            Q = torch.randn(B, HQ, L, D, dtype=torch.float64)
+            K = torch.randn(B, HKV, L, D, dtype=torch.float64)
+            V = torch.randn(B, HKV, L, DV, dtype=torch.float64)
+            sinks = torch.randn(HQ, dtype=torch.float64) if with_sinks else None
+            weight = torch.randn(B, HQ, T, DV, dtype=torch.float64)
+            first = L - T if q_start is None else q_start
+            rows = slice(first, first + T)
+            mod = _score_mod(mod_name)
+            whole = _whole_mask(causal, window, extra)
+
+            args = (Q, K, V, sinks, whole, mod, rows, weight)
+            want = _reference(torch.float64, *args)
+            low = want if dtype == torch.float64 else _reference(dtype, *args)
+            q = Q[:, :, rows].to(dtype).requires_grad_()
+            k, v = (t[:, :, start : start + S].to(dtype).requires_grad_() for t in (K, V))
+            local_sinks = None if sinks is None else sinks.to(dtype).requires_grad_()
+            out, lse = sharded_cache_attention(
+                q, k, v, kv_start=start, q_start=q_start, causal=causal, window=window,
+                mask=None if extra is None else _whole_mask(False, None, extra),
+                score_mod=mod, sinks=local_sinks, return_lse=True,
+            )  # fmt: skip
+            ((out * weight.to(dtype)).sum() + 0.1 * lse.sum()).backward()
+            dist.all_reduce(q.grad)  # each rank's covers its own keys
+            got = [out, lse, q.grad, k.grad, v.grad]
+            cut = [lambda t: t] * 3 + [lambda t, a=start, n=S: t[:, :, a : a + n]] * 2
+            if local_sinks is not None:
+                got.append(local_sinks.grad)  # whole on every rank: not summed
+                cut.append(lambda t: t)
+            names = ["out", "lse", "dq", "dk", "dv", "dsinks"]
+            for what, g, c, w, lo in zip(names, got, cut, want, low, strict=False):
+                exact, low_exact = c(w), c(lo)
+                if dtype == torch.float64 or exact.numel() == 0:
+                    torch.testing.assert_close(
+                        g,
+                        exact.to(g.dtype),
+                        rtol=1e-9,
+                        atol=1e-9,
+                        msg=lambda m, n=name, x=what: f"{n} {x}: {m}",
+                    )
+                else:
+                    assert_close_scaled(
+                        g, exact, low_exact, mult=4.0, floor=2e-5, what=f"{name} {what}"
+                    )
+        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_cache_attention_matches_one_process(world, tmp_path):
+    spawn_ok(_case_worker, world, tmp_path, torch.float64)
+
+
+@pytest.mark.slow
+def test_sharded_cache_attention_on_the_compiled_cpu_kernels(tmp_path):
+    """float32: each rank's part on tiled's kernels, ALiBi at its shard's offset in them."""
+    spawn_ok(_case_worker, 3, tmp_path, torch.float32)
+
+
+def _refusal_worker(rank, world, init_file, results_dir):
+    join_gloo(rank, world, init_file)
+    try:
+        q = torch.randn(1, 2, 1, 8)
+        kv = torch.randn(1, 2, 5, 8)
+        with pytest.raises(
+            ValueError, match=r"they overlap at position 0 .*\[\(0, 5\), \(0, 5\)\]"
+        ):
+            sharded_cache_attention(q, kv, kv, kv_start=0)
+        with pytest.raises(ValueError, match=r"they leave a gap at position 5"):
+            sharded_cache_attention(q, kv, kv, kv_start=6 * rank)
+        with pytest.raises(ValueError, match=r"the same queries \(B, Hq, T, D\)"):
+            sharded_cache_attention(q.expand(1, 2, 1 + rank, 8), kv, kv, kv_start=5 * rank)
+        with pytest.raises(ValueError, match=r"positions 9 \.\. 10 run past the cache's 10"):
+            sharded_cache_attention(q.expand(1, 2, 2, 8), kv, kv, kv_start=5 * rank, q_start=9)
+        with pytest.raises(
+            ValueError, match=r"sharded_cache_attention takes a Mask over the whole"
+        ):
+            sharded_cache_attention(
+                q, kv, kv, kv_start=5 * rank, mask=torch.ones(1, 10, dtype=torch.bool)
+            )
+        with pytest.raises(TypeError, match="kv_start must be an int"):
+            sharded_cache_attention(q, kv, kv, kv_start=5.0)
+        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_cache_attention_refuses_shards_that_do_not_tile_the_cache(tmp_path):
+    spawn_ok(_refusal_worker, 2, tmp_path)
+
+
+def test_sharded_cache_attention_needs_a_process_group():
+    q = torch.randn(1, 1, 1, 8)
+    with pytest.raises(RuntimeError, match=r"sharded_cache_attention needs torch\.distributed"):
+        sharded_cache_attention(q, q, q, kv_start=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("ranks", "more"),
+    [(2, []), (3, ["--alibi", "--window", "300"])],
+    ids=["causal", "alibi_window_3_ranks"],
+)
+def test_the_sharded_decoding_example_runs_under_torchrun_and_matches_one_process(ranks, more):
+    """examples/sharded_decoding.py as its docstring runs it, smaller: it reports its error
+    against one process holding the whole cache, and that error is small."""
+    example = Path(__file__).parents[1] / "examples" / "sharded_decoding.py"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    options = ["--context", "1000", "--steps", "3", "--heads", "4", "--kv-heads", "2", *more]
+    run = subprocess.run(
+        [*torchrun, str(ranks), str(example), *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"sharded-cache decoding, P={ranks} (gloo), context=1000" in run.stdout
+    assert "per step:" in run.stdout
+    error = re.search(r"max \|sharded - one process\|: (\S+)", run.stdout)
+    assert error is not None, run.stdout
+    assert float(error.group(1)) < 1e-5
