@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import math
 import os
@@ -269,8 +270,11 @@ def browser(chromium):
     assert not errors, f"the page logged errors: {errors}"
 
 
-def join_gloo(rank, world, init_file):
-    """Join a loopback gloo group; a hung collective fails after 60 s instead of hanging."""
+@contextlib.contextmanager
+def gloo_rank(rank, world, init_file, results_dir):
+    """A spawned worker's body as rank ``rank`` of a loopback gloo group: ok{rank} is written
+    into ``results_dir`` if it passes (``spawn_ok`` checks); a hung collective fails after
+    60 s instead of hanging."""
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
@@ -278,6 +282,12 @@ def join_gloo(rank, world, init_file):
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
+    try:
+        yield
+        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()
 
 
 def spawn_ok(worker, world, tmp_path, *args):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from attnkit.distributed import (
 from conftest import (
     TRITON_DEVICE,
     assert_close_scaled,
-    join_gloo,
+    gloo_rank,
     needs_triton_device,
     per_head_predicate,
     rand_qkv,
@@ -157,8 +156,7 @@ def _worker(
     to 1e-9 in float64, else within 4x the reference's own error in dtype (DESIGN §7).
     ``head_ranks``: hybrid_attention over a grid of world / head_ranks x head_ranks ranks."""
     assert names is None or set(names) <= {case[0] for case in CASES}, names
-    join_gloo(rank, world, init_file)
-    try:
+    with gloo_rank(rank, world, init_file, results_dir):
         groups = None if head_ranks is None else hybrid_groups(head_ranks)
         for name, L, Hq, Hkv, causal, window, layout in CASES:
             if names is not None and name not in names:
@@ -233,10 +231,6 @@ def _worker(
                         floor=2e-5,
                         what=f"{name} {what}",
                     )
-        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
-            f.write("ok")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -305,8 +299,7 @@ def ulysses_cases(L, Hq):
 
 
 def _ulysses_worker(rank, world, init_file, results_dir):
-    join_gloo(rank, world, init_file)
-    try:
+    with gloo_rank(rank, world, init_file, results_dir):
         L, Hq = 24, 4
         for name, mask, score_mod, Hkv, layout, with_sinks in ulysses_cases(L, Hq):
             torch.manual_seed(0)  # the same global tensors on every rank
@@ -338,10 +331,6 @@ def _ulysses_worker(rank, world, init_file, results_dir):
                     got, want, rtol=1e-9, atol=1e-9,
                     msg=lambda m, w=what, n=name: f"{n} {w}: {m}",
                 )  # fmt: skip
-        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
-            f.write("ok")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -353,8 +342,7 @@ def test_ulysses_attention_matches_single_process(world, tmp_path):
 
 
 def _hybrid_odd_worker(rank, world, init_file, results_dir):
-    join_gloo(rank, world, init_file)
-    try:
+    with gloo_rank(rank, world, init_file, results_dir):
         with pytest.raises(ValueError, match="head_ranks=3 does not divide the world's 2 ranks"):
             hybrid_groups(3)
         with pytest.raises(ValueError, match="head_ranks must be a positive int"):
@@ -375,10 +363,6 @@ def _hybrid_odd_worker(rank, world, init_file, results_dir):
         ring = dict(zip(("head_group", "ring_group"), hybrid_groups(1), strict=True))
         with pytest.raises(ValueError, match="pad it to a multiple of 4"):  # L = 6, 2 x 2 chunks
             hybrid_attention(x[:, :, :3], x[:, :, :3], x[:, :, :3], **ring)
-        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
-            f.write("ok")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -387,8 +371,7 @@ def test_hybrid_attention_refuses_grids_heads_masks_and_shards_that_do_not_fit(t
 
 
 def _ulysses_odd_worker(rank, world, init_file, results_dir):
-    join_gloo(rank, world, init_file)
-    try:
+    with gloo_rank(rank, world, init_file, results_dir):
         x = torch.randn(1, 6, 4, 8)
         with pytest.raises(ValueError, match="Hq must be a multiple of 2 and Hkv a multiple"):
             ulysses_attention(x[:, :3], x[:, :3], x[:, :3])
@@ -432,10 +415,6 @@ def _ulysses_odd_worker(rank, world, init_file, results_dir):
         )
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, shard_sequence(w, world, rank, "contiguous"))
-        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
-            f.write("ok")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -472,8 +451,7 @@ def test_ulysses_keeps_what_reads_no_head_and_cuts_what_does():
 
 
 def _odd_worker(rank, world, init_file, results_dir):
-    join_gloo(rank, world, init_file)
-    try:
+    with gloo_rank(rank, world, init_file, results_dir):
         q = torch.randn(1, 2, 5, 8)  # 10 positions over 2 ranks: not 4 zigzag chunks
         with pytest.raises(ValueError, match="pad it to a multiple of 4"):
             ring_attention(q, q, q, causal=True, layout="zigzag")
@@ -524,10 +502,6 @@ def _odd_worker(rank, world, init_file, results_dir):
         cast = x.detach().bfloat16()
         expected = ring_attention(cast, cast, cast, causal=True)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
-        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
-            f.write("ok")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ of q (summed over ranks) and of the sinks.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import torch.distributed as dist
 import attnkit
 from attnkit import masks, score_mods
 from attnkit.distributed import sharded_cache_attention
-from conftest import assert_close_scaled, join_gloo, spawn_ok
+from conftest import assert_close_scaled, gloo_rank, spawn_ok
 
 L, B, HQ, HKV, D, DV = 23, 2, 4, 2, 8, 6
 
@@ -85,8 +84,7 @@ def _reference(dtype, Q, K, V, sinks, mask, score_mod, rows, weight):
 
 
 def _case_worker(rank, world, init_file, results_dir, dtype):
-    join_gloo(rank, world, init_file)
-    try:
+    with gloo_rank(rank, world, init_file, results_dir):
         start, S = SHARDS[world][rank]
         for name, T, q_start, causal, window, extra, mod_name, with_sinks in CASES:
             torch.manual_seed(0)  # the same global tensors on every rank
@@ -133,10 +131,6 @@ def _case_worker(rank, world, init_file, results_dir, dtype):
                     assert_close_scaled(
                         g, exact, low_exact, mult=4.0, floor=2e-5, what=f"{name} {what}"
                     )
-        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
-            f.write("ok")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -152,8 +146,7 @@ def test_sharded_cache_attention_on_the_compiled_cpu_kernels(tmp_path):
 
 
 def _refusal_worker(rank, world, init_file, results_dir):
-    join_gloo(rank, world, init_file)
-    try:
+    with gloo_rank(rank, world, init_file, results_dir):
         q = torch.randn(1, 2, 1, 8)
         kv = torch.randn(1, 2, 5, 8)
         with pytest.raises(
@@ -174,10 +167,6 @@ def _refusal_worker(rank, world, init_file, results_dir):
             )
         with pytest.raises(TypeError, match="kv_start must be an int"):
             sharded_cache_attention(q, kv, kv, kv_start=5.0)
-        with open(os.path.join(results_dir, f"ok{rank}"), "w") as f:
-            f.write("ok")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -388,13 +388,7 @@ def ring_attention(
             f"have from {fewest_rows} to {most_rows} rows of ids (0: none; rank {rank} has {rows})"
         )
     check_layout(layout, shapes.Lq * world, world)
-    win: tuple[int, int] | None = None
-    if window is not None:
-        pair = (window, 0 if causal else window) if isinstance(window, int) else tuple(window)
-        win = (
-            check.check_window("window left", pair[0]),
-            check.check_window("window right", pair[1]),
-        )
+    win = window_sides(window, causal)
     setup = _Setup(
         group,
         rank,
@@ -416,6 +410,18 @@ def ring_attention(
         if sinks is not None:
             out, lse = apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
+
+
+def window_sides(window: int | tuple[int, int] | None, causal: bool) -> tuple[int, int] | None:
+    """FlashAttention's window_size (left, right) from ``window=``, or None.
+
+    An int w is (w, 0) when causal and (w, w) otherwise; each side a non-negative int or -1
+    (unbounded).
+    """
+    if window is None:
+        return None
+    pair = (window, 0 if causal else window) if isinstance(window, int) else tuple(window)
+    return check.check_window("window left", pair[0]), check.check_window("window right", pair[1])
 
 
 def _whole_sequence_mask(mask: object, length: int, caller: str) -> Mask | None:

@@ -22,7 +22,13 @@ from attnkit import _validation as check
 from attnkit._types import ScoreModFn
 from attnkit.backends._common import compute_dtype
 from attnkit.distributed.merge import merge_stacked
-from attnkit.distributed.ring import _pair_mask, _pair_score_mod, _Setup, _whole_sequence_mask
+from attnkit.distributed.ring import (
+    _pair_mask,
+    _pair_score_mod,
+    _Setup,
+    _whole_sequence_mask,
+    window_sides,
+)
 from attnkit.functional import BackendName, _check_score_mod, attention
 from attnkit.masks import Mask
 from attnkit.score_mods import ScoreMod
@@ -96,13 +102,7 @@ def sharded_cache_attention(
     _check_score_mod(score_mod, shapes)
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
-    win: tuple[int, int] | None = None
-    if window is not None:
-        pair = (window, 0 if causal else window) if isinstance(window, int) else tuple(window)
-        win = (
-            check.check_window("window left", pair[0]),
-            check.check_window("window right", pair[1]),
-        )
+    win = window_sides(window, causal)
     setup = _Setup(
         group,
         rank,
