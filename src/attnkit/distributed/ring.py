@@ -465,7 +465,8 @@ def _block_backend(
     if backend == "tiled":
         return "tiled"
     # the blocks' masks are chunks of causal, window and document masks, all of which the
-    # kernels take; their score_mods are kernel ones only where they read no position
+    # kernels take; their score_mods are kernel ones for ALiBi (at each block's offset) and
+    # softcap
     why = triton.unsupported_reason(_request(q, k, v, None, None, None, 0.0, None, False))
     if why is None and mods.kernel_mods(score_mod) is None:
         why = (
