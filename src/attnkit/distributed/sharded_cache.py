@@ -86,23 +86,25 @@ def sharded_cache_attention(
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sharded_cache_attention needs torch.distributed to be initialised")
+    # what each rank can check alone first: a rank that raises leaves the others waiting
     shapes = check.check_qkv(q, k, v)
     kv_start = check.check_int("kv_start", kv_start, least=0)
+    if q_start is not None:
+        check.check_int("q_start", q_start, least=0)
     check.check_flag("return_lse", return_lse)
+    _check_score_mod(score_mod, shapes)
+    if sinks is not None:
+        check_sinks(sinks, shapes.Hq, q.device)
+    win = window_sides(window, causal)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     length, first_query = _agreed_layout(q, k, v, kv_start, group, world, rank)
     T = shapes.Lq
-    if q_start is not None:
-        first_query = check.check_int("q_start", q_start, least=0)
+    first_query = first_query if q_start is None else q_start
     if first_query + T > length:
         raise ValueError(
             f"the queries' positions {first_query} .. {first_query + T - 1} run past the "
             f"cache's {length} positions (q_start={q_start}, T={T})"
         )
-    _check_score_mod(score_mod, shapes)
-    if sinks is not None:
-        check_sinks(sinks, shapes.Hq, q.device)
-    win = window_sides(window, causal)
     setup = _Setup(
         group,
         rank,
