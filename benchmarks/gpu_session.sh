@@ -12,8 +12,9 @@
 #   ring.txt   (stage "ring", not run by default) ring attention on one GPU over NCCL, plain
 #              and with packed documents, bf16 forward+backward, its blocks on Triton's
 #              kernels then on tiled's, with a softcap, with ALiBi (each block at its offset),
-#              ulysses_attention and hybrid_attention:
-#              NCCL's collectives and the example's CUDA tensors
+#              ulysses_attention and hybrid_attention, then one token decoded over a
+#              sharded cache (examples/sharded_decoding.py): NCCL's collectives and the
+#              examples' CUDA tensors
 #
 #   STAGES="tests decode walks bench" (default), any of them, "autotune" (bench, tuned tiles)
 #   or "ring"
@@ -22,6 +23,7 @@
 #   QUICK=1                  bench N <= 8k and D = 64 only
 #   BENCH_ARGS="--dims 64 --lengths 16384 32768"   the part of the table still missing
 #   RING_S=60 RING_SEQ=65536  the ring stage's limit per run and its length
+#   DECODE_CONTEXT=1048576   the sharded-cache decoding's context (ring stage)
 #   WORKERS=8                pytest-xdist workers for the tests (they compile in parallel)
 #   SMOKE=1                  dry run on a CPU: tests and a tiny bench under TRITON_INTERPRET=1
 # Needs only python3 with torch and triton (the device image has both): attnkit runs from src/.
@@ -94,6 +96,9 @@ for stage in $STAGES; do
           examples/ring_attention.py --seq "${RING_SEQ:-65536}" --dtype bfloat16 --backward \
           $method 2>&1 | tee -a "$OUT/ring.txt"
       done
+      timeout "${RING_S:-60}" $PY -m torch.distributed.run --nproc-per-node 1 \
+        examples/sharded_decoding.py --context "${DECODE_CONTEXT:-1048576}" --dtype bfloat16 \
+        2>&1 | tee -a "$OUT/ring.txt"
       ;;
     *)
       echo "unknown stage $stage (tests, decode, walks, bench, autotune, ring)"

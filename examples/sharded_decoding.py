@@ -51,9 +51,9 @@ def main() -> None:
 
     def token(step: int) -> tuple[torch.Tensor, ...]:
         """Step ``step``'s query, key and value (1, H, 1, D): the same on every rank."""
-        g = torch.Generator().manual_seed(1000 + step)
+        g = torch.Generator(device or "cpu").manual_seed(1000 + step)
         return tuple(
-            torch.randn(1, h, 1, D, generator=g, dtype=dtype).to(device) for h in (H, Hkv, Hkv)
+            torch.randn(1, h, 1, D, generator=g, dtype=dtype, device=device) for h in (H, Hkv, Hkv)
         )
 
     # rank r holds positions [r·L/P, (r+1)·L/P) of the starting cache (the last rank also
@@ -63,10 +63,10 @@ def main() -> None:
 
     def shard(r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank r's keys and values of the starting cache (1, Hkv, L/P, D)."""
-        g = torch.Generator().manual_seed(r)
+        g = torch.Generator(device or "cpu").manual_seed(r)  # (made where it is used)
         n = bounds[r + 1] - bounds[r]
-        k, v = (torch.randn(1, Hkv, n, D, generator=g, dtype=dtype) for _ in "kv")
-        return k.to(device), v.to(device)
+        k, v = (torch.randn(1, Hkv, n, D, generator=g, dtype=dtype, device=device) for _ in "kv")
+        return k, v
 
     keys, values = shard(rank)
     if rank == world - 1:
