@@ -41,7 +41,10 @@ CASES = [
     ("relative_bias", 2, None, False, None, None, "relative", False),
     ("dilated|global", 3, None, True, None, "dilated|global", None, True),
     ("mid_sequence_queries", 4, 10, True, None, None, "alibi", False),
+    ("left_padded_batch", 2, None, True, None, "padding", None, False),
 ]
+#: a left-padded batch's pads (B, L), True = padding: row 1's run past the first shards
+PADDING = torch.arange(L)[None, :] < torch.tensor([3, 12])[:, None]
 
 
 def _score_mod(name):
@@ -63,6 +66,8 @@ def _whole_mask(causal, window, extra):
         found.append(masks.causal())
     if extra == "dilated|global":
         found.append(masks.dilated(2, 2) | masks.global_tokens([0, 5]))
+    if extra == "padding":
+        found.append(masks.from_padding_mask(~PADDING))
     mask = None
     for m in found:
         mask = m if mask is None else mask & m
@@ -106,7 +111,8 @@ def _case_worker(rank, world, init_file, results_dir, dtype):
             local_sinks = None if sinks is None else sinks.to(dtype).requires_grad_()
             out, lse = sharded_cache_attention(
                 q, k, v, kv_start=start, q_start=q_start, causal=causal, window=window,
-                mask=None if extra is None else _whole_mask(False, None, extra),
+                mask=_whole_mask(False, None, extra) if extra == "dilated|global" else None,
+                padding=PADDING[:, start : start + S] if extra == "padding" else None,
                 score_mod=mod, sinks=local_sinks, return_lse=True,
             )  # fmt: skip
             ((out * weight.to(dtype)).sum() + 0.1 * lse.sum()).backward()
@@ -165,6 +171,8 @@ def _refusal_worker(rank, world, init_file, results_dir):
             sharded_cache_attention(
                 q, kv, kv, kv_start=5 * rank, mask=torch.ones(1, 10, dtype=torch.bool)
             )
+        with pytest.raises(ValueError, match=r"padding must be a bool tensor \(B, S\) = \(1, 5\)"):
+            sharded_cache_attention(q, kv, kv, kv_start=5 * rank, padding=torch.ones(1, 4) > 0)
         with pytest.raises(TypeError, match="kv_start must be an int"):
             sharded_cache_attention(q, kv, kv, kv_start=5.0)
 

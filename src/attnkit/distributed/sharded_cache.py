@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from attnkit import _validation as check
+from attnkit import masks
 from attnkit._types import ScoreModFn
 from attnkit.backends._common import compute_dtype
 from attnkit.distributed.merge import merge_stacked
@@ -45,6 +46,7 @@ def sharded_cache_attention(
     causal: bool = False,
     window: int | tuple[int, int] | None = None,
     mask: Mask | None = None,
+    padding: Tensor | None = None,
     score_mod: ScoreMod | ScoreModFn | None = None,
     scale: float | None = None,
     sinks: Tensor | None = None,
@@ -71,6 +73,8 @@ def sharded_cache_attention(
             causal and (w, w) otherwise; -1 leaves a side unbounded.
         mask: any ``Mask`` over the whole sequence (L, L), its positions global, on top of
             ``causal`` and ``window``; a rank whose part it leaves empty computes nothing.
+        padding: (B, S) bool, True where this rank's key is padding (a left-padded batch's
+            pads, say), as ``CausalLM``'s ``padding`` marks them; none attends to them.
         score_mod: as ``attention``'s, at global positions (ALiBi in the kernels at each
             shard's offset, as ``ring_attention`` does).
         scale: default 1/sqrt(D).
@@ -96,6 +100,16 @@ def sharded_cache_attention(
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
     win = window_sides(window, causal)
+    if padding is not None and (
+        not isinstance(padding, Tensor)
+        or padding.dtype != torch.bool
+        or tuple(padding.shape) != (shapes.B, shapes.Lk)
+    ):
+        got = f"{padding.dtype} {tuple(padding.shape)}" if isinstance(padding, Tensor) else padding
+        raise ValueError(
+            f"padding must be a bool tensor (B, S) = ({shapes.B}, {shapes.Lk}) over this rank's "
+            f"keys, True = padding; got {got}"
+        )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     length, first_query = _agreed_layout(q, k, v, kv_start, group, world, rank)
     T = shapes.Lq
@@ -120,6 +134,9 @@ def sharded_cache_attention(
     )
     queries, keys = (first_query, first_query + T), (kv_start, kv_start + shapes.Lk)
     visit, part_mask = _pair_mask(setup, queries, keys, None) if shapes.Lk else (False, None)
+    if visit and padding is not None:
+        kept = masks.from_padding_mask(~padding.to(q.device))
+        part_mask = kept if part_mask is None else part_mask & kept
     if visit:
         out, lse = attention(
             q,
