@@ -5,9 +5,9 @@ run of the cache's positions (any lengths, empty ones too) and every rank holds 
 queries. Each rank attends its queries over its own keys, with the mask and score mod at the
 keys' global positions; the ranks all-gather their small partial outputs and log-sum-exps
 and merge them exactly (``merge_stacked``), so every rank ends with the whole attention. What
-travels is a few integers (the shards' layout, checked) and (B, Hq, T, Dv + 1) float32 per
-rank, whatever the cache length: made for decoding, where T is a handful of tokens (a long
-prompt is ``ring_attention``'s work).
+travels is a few integers (the shards' layout, checked) and (B, Hq, T, Dv + 1) per rank in
+the LSE's dtype (float32; float64 for float64 inputs), whatever the cache length: made for
+decoding, where T is a handful of tokens (a long prompt is ``ring_attention``'s work).
 """
 
 from __future__ import annotations
