@@ -60,8 +60,8 @@ def _score_mod(name):
 def _whole_mask(causal, window, extra):
     found = []
     if window is not None:
-        left, right = (window, 0) if isinstance(window, int) else window
-        found.append(masks.sliding_window(left, right))
+        left, right = (window, window) if isinstance(window, int) else window
+        found.append(masks.sliding_window(left, 0 if causal else right))  # as the ring's
     elif causal:
         found.append(masks.causal())
     if extra == "dilated|global":
@@ -149,6 +149,50 @@ def test_sharded_cache_attention_matches_one_process(world, tmp_path):
 def test_sharded_cache_attention_on_the_compiled_cpu_kernels(tmp_path):
     """float32: each rank's part on tiled's kernels, ALiBi at its shard's offset in them."""
     spawn_ok(_case_worker, 3, tmp_path, torch.float32)
+
+
+def _random_layouts_worker(rank, world, init_file, results_dir):
+    """Random caches split at random points over the ranks in a random order (empty runs
+    too), random queries and options: output and LSE as one process's, float64."""
+    with gloo_rank(rank, world, init_file, results_dir):
+        g = torch.Generator().manual_seed(11)  # the same draws on every rank
+        for trial in range(30):
+
+            def draw(n, g=g):
+                return int(torch.randint(n, (), generator=g))
+
+            length, T = 1 + draw(40), 1 + draw(4)
+            T = min(T, length)
+            cuts = sorted(draw(length + 1) for _ in range(world - 1))
+            bounds = [0, *cuts, length]
+            owner = torch.randperm(world, generator=g).tolist()  # rank owner[i] holds run i
+            start = bounds[owner.index(rank)]
+            S = bounds[owner.index(rank) + 1] - start
+            q_start = draw(length - T + 1) if draw(2) else None
+            causal, window = bool(draw(2)), [None, 3, (2, 5)][draw(3)]
+            mod = [None, score_mods.alibi(score_mods.alibi_slopes(HQ).double())][draw(2)]
+            Q = torch.randn(B, HQ, length, D, generator=g, dtype=torch.float64)
+            K = torch.randn(B, HKV, length, D, generator=g, dtype=torch.float64)
+            V = torch.randn(B, HKV, length, DV, generator=g, dtype=torch.float64)
+            first = length - T if q_start is None else q_start
+            rows = slice(first, first + T)
+            want, want_lse = attnkit.attention(
+                Q, K, V, mask=_whole_mask(causal, window, None), score_mod=mod,
+                return_lse=True, backend="reference",
+            )  # fmt: skip
+            out, lse = sharded_cache_attention(
+                Q[:, :, rows], K[:, :, start : start + S], V[:, :, start : start + S],
+                kv_start=start, q_start=q_start, causal=causal, window=window, score_mod=mod,
+                return_lse=True,
+            )  # fmt: skip
+            what = f"trial {trial}: L={length} T={T} runs {bounds} q_start={q_start} {window}"
+            torch.testing.assert_close(out, want[:, :, rows], msg=lambda m, w=what: f"{w}: {m}")
+            torch.testing.assert_close(lse, want_lse[:, :, rows], msg=lambda m, w=what: f"{w}")
+
+
+@pytest.mark.slow
+def test_sharded_cache_attention_over_random_layouts(tmp_path):
+    spawn_ok(_random_layouts_worker, 3, tmp_path)
 
 
 def _refusal_worker(rank, world, init_file, results_dir):
