@@ -20,6 +20,7 @@ import torch.distributed as dist
 import attnkit
 from attnkit import masks, score_mods
 from attnkit.distributed import sharded_cache_attention
+from attnkit.nn import CausalLM
 from conftest import assert_close_scaled, gloo_rank, spawn_ok
 
 L, B, HQ, HKV, D, DV = 23, 2, 4, 2, 8, 6
@@ -219,11 +220,49 @@ def _refusal_worker(rank, world, init_file, results_dir):
             sharded_cache_attention(q, kv, kv, kv_start=5 * rank, padding=torch.ones(1, 4) > 0)
         with pytest.raises(TypeError, match="kv_start must be an int"):
             sharded_cache_attention(q, kv, kv, kv_start=5.0)
+        # a CausalLM over sharded caches: chunks that are not rank r's r·n, then misuse
+        lm = CausalLM(40, d_model=16, nhead=2, num_layers=1, max_len=32).eval()
+        ids = torch.randint(0, 40, (1, 4))
+        with torch.no_grad():
+            caches = lm.new_sharded_caches(1, 8, kv_start=1)
+            with pytest.raises(ValueError, match=r"equal chunks, rank r's at r·n, in one call"):
+                lm(ids, start=1, caches=caches)  # neither rank's chunk starts at 1
+            caches = lm.new_sharded_caches(1, 8, kv_start=4 * rank)
+            lm(ids, start=4 * rank, caches=caches)
+            caches[0].start_decoding()
+            assert caches[0].position == 8
+            with pytest.raises(RuntimeError, match="start_decoding was called already"):
+                caches[0].start_decoding()
+            attn = lm.layers[0].self_attn
+            x = torch.randn(1, 1, 16)
+            with pytest.raises(ValueError, match="need_weights is not served"):
+                attn(x, cache=caches[0], need_weights=True)
+            with pytest.raises(ValueError, match=r"masks must be attnkit\.masks Mask objects"):
+                attn(x, cache=caches[0], mask=torch.ones(1, 9, dtype=torch.bool))
+            with pytest.raises(ValueError, match="without key_padding_mask or dropout"):
+                attn(x, cache=caches[0], key_padding_mask=torch.zeros(1, 9, dtype=torch.bool))
 
 
 @pytest.mark.slow
 def test_sharded_cache_attention_refuses_shards_that_do_not_tile_the_cache(tmp_path):
     spawn_ok(_refusal_worker, 2, tmp_path)
+
+
+def test_sharded_caches_refuse_what_they_cannot_serve():
+    """Cropping (the positions may lie on other ranks), latent and differential attention."""
+    from attnkit.nn import LatentSizes, ShardedKVCache
+
+    cache = ShardedKVCache(1, 2, 8, 4, kv_start=4)
+    assert (cache.position, cache.start, cache.length) == (4, 4, 0)
+    with pytest.raises(attnkit.UnsupportedError, match="ShardedKVCache cannot crop"):
+        cache.crop(4)
+    latent = LatentSizes(kv_rank=8, nope_dim=4, rope_dim=4, v_dim=8)
+    for options in ({"latent": latent, "positions": "rope"}, {"differential": True}):
+        lm = CausalLM(40, d_model=16, nhead=2, num_layers=1, max_len=32, **options)
+        with pytest.raises(ValueError, match="sharded caches need MultiHeadAttention layers"):
+            lm.new_sharded_caches(1, 8, kv_start=0)
+        with pytest.raises(ValueError, match="served by MultiHeadAttention only"):
+            lm(torch.randint(0, 40, (1, 3)), caches=[ShardedKVCache(1, 2, 8, 4, kv_start=0)])
 
 
 def test_sharded_cache_attention_needs_a_process_group():
@@ -256,3 +295,55 @@ def test_the_sharded_decoding_example_runs_under_torchrun_and_matches_one_proces
     error = re.search(r"max \|sharded - one process\|: (\S+)", run.stdout)
     assert error is not None, run.stdout
     assert float(error.group(1)) < 1e-5
+
+
+#: (name, CausalLM options): positions of each kind, grouped heads, a window, sinks, a gate
+MODELS = [
+    ("rope_gqa", {"positions": "rope", "num_kv_heads": 2}),
+    (
+        "learned_window_sinks",
+        {"positions": "learned", "mask": masks.sliding_window(5), "sinks": True},
+    ),
+    ("alibi_gate", {"positions": "alibi", "output_gate": True}),
+]
+
+
+def _generation_worker(rank, world, init_file, results_dir):
+    """A CausalLM's prompt in equal chunks over the ranks' sharded caches (ring attention),
+    then greedy tokens decoded over them: every step's logits as the model's full pass."""
+    with gloo_rank(rank, world, init_file, results_dir):
+        n, new = 4, 5  # prompt tokens per rank, tokens decoded
+        for name, options in MODELS:
+            torch.manual_seed(0)  # the same model and prompt on every rank
+            lm = CausalLM(40, d_model=32, nhead=4, num_layers=2, max_len=64, **options).eval()
+            lm = lm.double()
+            prompt = torch.randint(0, 40, (2, n * world))
+            with torch.no_grad():
+                caches = lm.new_sharded_caches(2, n + new, kv_start=rank * n)
+                chunk = prompt[:, rank * n : (rank + 1) * n]
+                logits, _ = lm(chunk, start=rank * n, caches=caches)
+                full, _ = lm(prompt)
+                torch.testing.assert_close(logits, full[:, rank * n : (rank + 1) * n])
+                token = logits[:, -1:].argmax(-1)
+                dist.broadcast(token, src=world - 1)  # the last rank's logits chose it
+                for cache in caches:
+                    cache.start_decoding()
+                assert [c.takes_new for c in caches] == [rank == world - 1] * 2, name
+                text = torch.cat([prompt, token], dim=1)
+                for _ in range(new - 1):
+                    logits, _ = lm(token, start=caches[0].position, caches=caches)
+                    full, _ = lm(text)
+                    torch.testing.assert_close(
+                        logits[:, -1], full[:, -1], msg=lambda m, x=name: f"{x}: {m}"
+                    )
+                    token = logits[:, -1:].argmax(-1)
+                    text = torch.cat([text, token], dim=1)
+                assert caches[0].position == n * world + new - 1
+                held = sum(c.length for c in caches[:1])
+                assert held == n + (new - 1 if rank == world - 1 else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_causal_lm_generates_over_sharded_caches_as_over_one(world, tmp_path):
+    spawn_ok(_generation_worker, world, tmp_path)

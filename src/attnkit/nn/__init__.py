@@ -1,7 +1,7 @@
 """attnkit modules.
 
 MultiHeadAttention (self, cross, GQA), MultiHeadLatentAttention (DeepSeek MLA),
-DifferentialAttention (DIFF Transformer), KVCache,
+DifferentialAttention (DIFF Transformer), KVCache, ShardedKVCache (a cache split over processes),
 RotaryEmbedding, and transformers built on them (encoder/decoder layers, Transformer, CausalLM)
 with greedy, sampled and beam-search decoding (``Beams``), and ``DecodingStep`` /
 ``TranslationStep``: a CausalLM / Transformer over caches held as tensors, which torch.export
@@ -17,6 +17,7 @@ from attnkit.nn.from_transformers import from_transformers
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
+from attnkit.nn.sharded_kv_cache import ShardedKVCache
 from attnkit.nn.transformer import (
     CausalLM,
     FeedForward,
@@ -37,6 +38,7 @@ __all__ = [
     "MultiHeadAttention",
     "MultiHeadLatentAttention",
     "RotaryEmbedding",
+    "ShardedKVCache",
     "Transformer",
     "TransformerDecoderLayer",
     "TransformerEncoderLayer",

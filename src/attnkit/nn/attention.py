@@ -8,6 +8,7 @@ from functools import partial, reduce
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from attnkit import masks as _masks
@@ -25,6 +26,7 @@ from attnkit.functional import (
 from attnkit.masks import Mask
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
+from attnkit.nn.sharded_kv_cache import ShardedKVCache
 from attnkit.score_mods import ScoreMod
 
 
@@ -66,6 +68,11 @@ def append_to_cache(
     it drops. A ``key_padding_mask`` over every position since the cache's reset is cut to
     the positions it still holds.
     """
+    if isinstance(cache, ShardedKVCache):  # (MultiHeadAttention takes it before this)
+        raise ValueError(
+            "a ShardedKVCache is served by MultiHeadAttention only (not latent or differential "
+            "attention)"
+        )
     if cache.window is not None:
         check_window(cache.window, [m for m in masks if isinstance(m, Mask)])
     k, v = cache.append(k, v)
@@ -358,6 +365,12 @@ class MultiHeadAttention(nn.Module):
         else:
             start = cache.position if cache is not None else 0
             q, k, v = self.heads(query, key, value, position=start)
+        if isinstance(cache, ShardedKVCache):
+            out = self._over_sharded_cache(q, k, v, cache, mask, key, key_padding_mask)
+            check_flag("need_weights", need_weights)
+            if need_weights:
+                raise ValueError("need_weights is not served over a ShardedKVCache")
+            return self._output(out, query), None
         if cache is not None and not reuse_cross:
             k, v, key_padding_mask = append_to_cache(
                 cache, k, v, [self.mask, mask], key_padding_mask
@@ -383,13 +396,71 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, mask=full_mask, score_mod=self.score_mod, scale=self.scale,
                 sinks=self.sinks,
             )  # fmt: skip
+        return self._output(out, query), weights
+
+    def _output(self, out: Tensor, query: Tensor) -> Tensor:
+        """Heads' outputs (B, H, Lq, hd) -> (B, Lq, E) through the gate and W0.
+
+        ``query`` is batch-first (B, Lq, E); the result is (Lq, B, E) when the module is not.
+        """
+        B, _, Lq, _ = out.shape
         out = out.transpose(1, 2).reshape(B, Lq, self.num_heads * self.head_dim)
         if self.gate_proj is not None:
             out = out * torch.sigmoid(self.gate_proj(query))
         out = self.out_proj(out)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
+        return out if self.batch_first else out.transpose(0, 1)
+
+    def _over_sharded_cache(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cache: ShardedKVCache,
+        mask: MaskLike,
+        key: Tensor | None,
+        key_padding_mask: Tensor | None,
+    ) -> Tensor:
+        """Self-attention of q (B, H, Lq, hd) with a cache sharded over processes.
+
+        Before ``cache.start_decoding``, q, k and v are this rank's prompt chunk, attended
+        with ``ring_attention``; after it, every rank's same new tokens, attended over every
+        rank's run with ``sharded_cache_attention``. Masks must be ``Mask`` objects (over the
+        whole sequence).
+        """
+        from attnkit.distributed import ring_attention, sharded_cache_attention
+
+        if key is not None or key_padding_mask is not None or (self.training and self.dropout):
+            raise ValueError(
+                "a ShardedKVCache serves self-attention without key_padding_mask or dropout"
+            )
+        given = [m for m in (self.mask, mask) if m is not None]
+        parts = [m for m in given if isinstance(m, Mask)]
+        if len(parts) != len(given):
+            raise ValueError(
+                "over a ShardedKVCache, masks must be attnkit.masks Mask objects (over the "
+                f"whole sequence), got {[type(m).__name__ for m in given]}"
+            )
+        whole = reduce(operator.and_, parts) if parts else None
+        n = q.shape[2]
+        k, v = cache.append(k, v)
+        if not cache.decoding:
+            if cache.length != n or cache.kv_start != dist.get_rank(cache.group) * n:
+                raise ValueError(
+                    f"a ShardedKVCache's prompt goes in equal chunks, rank r's at r·n, in one "
+                    f"call: this rank's cache starts at {cache.kv_start} and holds "
+                    f"{cache.length} positions after a chunk of {n}"
+                )
+            out = ring_attention(
+                q, k, v, mask=whole, score_mod=self.score_mod, scale=self.scale,
+                sinks=self.sinks, group=cache.group, layout="contiguous",
+            )  # fmt: skip
+        else:
+            out = sharded_cache_attention(
+                q, k, v, kv_start=cache.kv_start, q_start=cache.position - n, mask=whole,
+                score_mod=self.score_mod, scale=self.scale, sinks=self.sinks, group=cache.group,
+            )  # fmt: skip
+        assert isinstance(out, Tensor)
+        return out
 
     # ---- conversion to and from torch.nn.MultiheadAttention -----------------------------
     def _in_projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast, get_args
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from attnkit import masks, score_mods
@@ -29,6 +30,7 @@ from attnkit.nn.differential_attention import DifferentialAttention
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
+from attnkit.nn.sharded_kv_cache import ShardedKVCache
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's from Python 3.11
@@ -777,6 +779,37 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             assert isinstance(layer, TransformerEncoderLayer)
             caches.append(layer.self_attn.new_cache(batch, max_len, window))
+        return caches
+
+    def new_sharded_caches(
+        self,
+        batch: int,
+        max_len: int,
+        *,
+        kv_start: int,
+        group: dist.ProcessGroup | None = None,
+    ) -> list[ShardedKVCache]:
+        """One ShardedKVCache per layer: this rank's run of a cache sharded over ``group``.
+
+        ``max_len``: the positions this rank may hold (its prompt chunk, and on the last rank
+        every new token); ``kv_start``: its chunk's first position (rank r of chunks of n:
+        r·n). Needs MultiHeadAttention layers (see ``attnkit.nn.sharded_kv_cache``).
+        """
+        caches = []
+        for layer in self.layers:
+            assert isinstance(layer, TransformerEncoderLayer)
+            attn = layer.self_attn
+            if not isinstance(attn, MultiHeadAttention):
+                raise ValueError(
+                    f"sharded caches need MultiHeadAttention layers, not {type(attn).__name__}"
+                )
+            like = attn.new_cache(batch, 1)
+            caches.append(
+                ShardedKVCache(
+                    batch, attn.num_kv_heads, max_len, attn.head_dim, like.keys.dtype,
+                    like.keys.device, kv_start=kv_start, group=group,
+                )
+            )  # fmt: skip
         return caches
 
     def _generation_caches(self, batch: int, total: int) -> tuple[list[KVCache], int]:
