@@ -450,14 +450,16 @@ class MultiHeadAttention(nn.Module):
                     f"call: this rank's cache starts at {cache.kv_start} and holds "
                     f"{cache.length} positions after a chunk of {n}"
                 )
+            blocks = self.backend if self.backend in ("tiled", "triton") else "auto"
             out = ring_attention(
                 q, k, v, mask=whole, score_mod=self.score_mod, scale=self.scale,
-                sinks=self.sinks, group=cache.group, layout="contiguous",
+                sinks=self.sinks, group=cache.group, layout="contiguous", backend=blocks,
             )  # fmt: skip
         else:
             out = sharded_cache_attention(
                 q, k, v, kv_start=cache.kv_start, q_start=cache.position - n, mask=whole,
                 score_mod=self.score_mod, scale=self.scale, sinks=self.sinks, group=cache.group,
+                backend=self.backend,
             )  # fmt: skip
         assert isinstance(out, Tensor)
         return out
