@@ -442,14 +442,15 @@ class MultiHeadAttention(nn.Module):
             )
         whole = reduce(operator.and_, parts) if parts else None
         n = q.shape[2]
+        prompt = not cache.decoding
+        if prompt and (cache.length or cache.kv_start != dist.get_rank(cache.group) * n):
+            raise ValueError(
+                f"a ShardedKVCache's prompt goes in equal chunks, rank r's at r·n, in one "
+                f"call: this rank's cache starts at {cache.kv_start} and holds "
+                f"{cache.length} positions before a chunk of {n}"
+            )
         k, v = cache.append(k, v)
-        if not cache.decoding:
-            if cache.length != n or cache.kv_start != dist.get_rank(cache.group) * n:
-                raise ValueError(
-                    f"a ShardedKVCache's prompt goes in equal chunks, rank r's at r·n, in one "
-                    f"call: this rank's cache starts at {cache.kv_start} and holds "
-                    f"{cache.length} positions after a chunk of {n}"
-                )
+        if prompt:
             blocks = self.backend if self.backend in ("tiled", "triton") else "auto"
             out = ring_attention(
                 q, k, v, mask=whole, score_mod=self.score_mod, scale=self.scale,
