@@ -347,3 +347,21 @@ def _generation_worker(rank, world, init_file, results_dir):
 @pytest.mark.parametrize("world", [2, 3])
 def test_a_causal_lm_generates_over_sharded_caches_as_over_one(world, tmp_path):
     spawn_ok(_generation_worker, world, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_sharded_generation_example_generates_what_one_process_does():
+    """examples/sharded_generation.py as its docstring runs it, smaller: its greedy tokens
+    are those ``lm.generate`` picks in one process."""
+    example = Path(__file__).parents[1] / "examples" / "sharded_generation.py"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    options = ["--prompt", "96", "--new", "6", "--d-model", "64", "--layers", "2"]
+    run = subprocess.run(
+        [*torchrun, "2", str(example), *options], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "sharded generation, P=2 (gloo), prompt=96, new=6" in run.stdout
+    assert "tokens match one process: True" in run.stdout, run.stdout
+    error = re.search(r"max \|last logits - one process's full pass\|: (\S+)", run.stdout)
+    assert error is not None, run.stdout
+    assert float(error.group(1)) < 1e-4
