@@ -366,10 +366,8 @@ class MultiHeadAttention(nn.Module):
             start = cache.position if cache is not None else 0
             q, k, v = self.heads(query, key, value, position=start)
         if isinstance(cache, ShardedKVCache):
-            out = self._over_sharded_cache(q, k, v, cache, mask, key, key_padding_mask)
-            check_flag("need_weights", need_weights)
-            if need_weights:
-                raise ValueError("need_weights is not served over a ShardedKVCache")
+            wanted = check_flag("need_weights", need_weights)
+            out = self._over_sharded_cache(q, k, v, cache, mask, key, key_padding_mask, wanted)
             return self._output(out, query), None
         if cache is not None and not reuse_cross:
             k, v, key_padding_mask = append_to_cache(
@@ -419,6 +417,7 @@ class MultiHeadAttention(nn.Module):
         mask: MaskLike,
         key: Tensor | None,
         key_padding_mask: Tensor | None,
+        need_weights: bool,
     ) -> Tensor:
         """Self-attention of q (B, H, Lq, hd) with a cache sharded over processes.
 
@@ -429,6 +428,9 @@ class MultiHeadAttention(nn.Module):
         """
         from attnkit.distributed import ring_attention, sharded_cache_attention
 
+        # refusals first: the cache is still as it was, and no rank has entered a collective
+        if need_weights:
+            raise ValueError("need_weights is not served over a ShardedKVCache")
         if key is not None or key_padding_mask is not None or (self.training and self.dropout):
             raise ValueError(
                 "a ShardedKVCache serves self-attention without key_padding_mask or dropout"
