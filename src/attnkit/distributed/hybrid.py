@@ -19,7 +19,12 @@ from torch import Tensor
 
 from attnkit import _validation as check
 from attnkit._types import ScoreModFn
-from attnkit.distributed.layout import check_layout, check_shards, shard_sequence
+from attnkit.distributed.layout import (
+    check_initialised,
+    check_layout,
+    check_shards,
+    shard_sequence,
+)
 from attnkit.distributed.ring import ring_attention
 from attnkit.distributed.ulysses import mask_for_heads, over_heads, score_mod_for_heads
 from attnkit.functional import _check_score_mod
@@ -35,8 +40,7 @@ def hybrid_groups(head_ranks: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup
     torchrun), ring groups the ranks alike mod U. Every rank must call it (it makes every
     group, as ``dist.new_group`` requires).
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("hybrid_groups needs torch.distributed to be initialised")
+    check_initialised("hybrid_groups")
     world, rank = dist.get_world_size(), dist.get_rank()
     if isinstance(head_ranks, bool) or not isinstance(head_ranks, int) or head_ranks < 1:
         raise ValueError(f"head_ranks must be a positive int, got {head_ranks!r}")

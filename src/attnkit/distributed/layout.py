@@ -30,14 +30,19 @@ def check_layout(layout: str, length: int, world_size: int) -> None:
         )
 
 
+def check_initialised(caller: str) -> None:
+    """RuntimeError naming ``caller`` unless torch.distributed is initialised."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{caller} needs torch.distributed to be initialised")
+
+
 def check_shards(q: Tensor, k: Tensor, v: Tensor, caller: str) -> Shapes:
     """The shapes of this rank's q, k, v shards; errors name ``caller``.
 
     RuntimeError unless torch.distributed is initialised; ValueError unless q, k and v hold
     the same positions (self-attention: every rank holds a shard of one sequence).
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{caller} needs torch.distributed to be initialised")
+    check_initialised(caller)
     shapes = check.check_qkv(q, k, v)
     if shapes.Lq != shapes.Lk:
         raise ValueError(f"{caller} is self-attention: q has {shapes.Lq} positions, k {shapes.Lk}")

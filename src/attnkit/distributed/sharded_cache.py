@@ -22,6 +22,7 @@ from attnkit import _validation as check
 from attnkit import masks
 from attnkit._types import ScoreModFn
 from attnkit.backends._common import compute_dtype
+from attnkit.distributed.layout import check_initialised
 from attnkit.distributed.merge import merge_stacked
 from attnkit.distributed.ring import (
     _pair_mask,
@@ -88,8 +89,7 @@ def sharded_cache_attention(
         this rank's k and v exactly; q's (and a score mod's parameters') cover this rank's
         keys only: sum them over ranks, as for any replicated input (sinks' are whole).
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("sharded_cache_attention needs torch.distributed to be initialised")
+    check_initialised("sharded_cache_attention")
     # what each rank can check alone first: a rank that raises leaves the others waiting
     shapes = check.check_qkv(q, k, v)
     kv_start = check.check_int("kv_start", kv_start, least=0)
