@@ -171,6 +171,17 @@ def test_language_model_beams_equal_enumeration(variant):
     assert torch.equal(best, torch.cat([prompt, found.tokens[:, 0]], 1))
 
 
+def test_a_language_model_feeds_its_prompt_once_for_every_beam():
+    """The beams of a prompt start from copies of its caches: the prompt goes through the
+    model with its own B rows, only the new tokens with B·K."""
+    torch.manual_seed(3)
+    lm = CausalLM(8, d_model=16, nhead=2, num_layers=1, max_len=32).eval()
+    fed = []
+    lm.embed.register_forward_hook(lambda module, args, out: fed.append(tuple(args[0].shape)))
+    lm.beam_search(torch.randint(0, 8, (2, 7)), num_beams=3, max_new_tokens=4)
+    assert fed == [(2, 7)] + [(6, 1)] * 3
+
+
 def test_one_beam_is_greedy_decoding():
     torch.manual_seed(2)
     model = Transformer(12, 12, d_model=16, nhead=2, max_len=16).eval()

@@ -1,5 +1,8 @@
 """A KV cache sharded along the sequence over processes: generation past one device's memory.
 
+``CausalLM.generate(..., group=g)`` drives these caches (``attnkit.nn.sharded_decoding``); by
+hand:
+
 Each rank's ``ShardedKVCache`` holds a contiguous run of the cache's positions. The prompt is
 fed in equal chunks, rank r's chunk at positions r·n .. (r+1)·n - 1 (``MultiHeadAttention``
 attends them with ``ring_attention``); after ``start_decoding`` every rank feeds the same new
@@ -79,12 +82,14 @@ class ShardedKVCache(KVCache):
         ends = torch.tensor([end], device=self._k.device)
         dist.all_reduce(ends, op=dist.ReduceOp.MAX, group=self.group)
         total = int(ends[0])
-        # the last run with keys takes them (an empty run may end there too)
-        rank = dist.get_rank(self.group) if self.length and end == total else -1
-        taker = torch.tensor([rank], device=self._k.device)
+        # the run with keys that ends the prompt takes them (empty runs may end there too);
+        # with no keys anywhere (a prompt shorter than the ranks), the highest rank
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        claim = rank + world * bool(self.length) if end == total else -1
+        taker = torch.tensor([claim], device=self._k.device)
         dist.all_reduce(taker, op=dist.ReduceOp.MAX, group=self.group)
         self.position, self.decoding = total, True
-        self.takes_new = int(taker[0]) == dist.get_rank(self.group)
+        self.takes_new = int(taker[0]) % world == rank
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k and v if they are this rank's to hold; advance ``position``; return the run.

@@ -30,6 +30,7 @@ from attnkit.nn.differential_attention import DifferentialAttention
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
+from attnkit.nn.sharded_decoding import sharded_decoding
 from attnkit.nn.sharded_kv_cache import ShardedKVCache
 
 if TYPE_CHECKING:
@@ -829,13 +830,25 @@ class CausalLM(nn.Module):
         return self.new_caches(batch, 2 * chunk, window=int(reach)), chunk
 
     def _decoding(
-        self, prompt: Tensor, prompt_padding: Tensor | None, max_new_tokens: int, copies: int
+        self,
+        prompt: Tensor,
+        prompt_padding: Tensor | None,
+        max_new_tokens: int,
+        copies: int,
+        group: dist.ProcessGroup | None = None,
     ) -> Decoding:
-        """Decoding of ``copies`` rows per prompt (B·copies), the prompt already fed."""
+        """Decoding of ``copies`` rows per prompt (B·copies), the prompt already fed.
+
+        With ``group``, over caches sharded across its ranks (``sharded_decoding``).
+        """
         B, P = prompt.shape
         if P < 1:
             raise ValueError(
                 f"prompt must hold at least one token, got shape {tuple(prompt.shape)}"
+            )
+        if group is not None and prompt_padding is not None:
+            raise ValueError(
+                "prompt_padding is not served with group= (sharded caches take no key padding)"
             )
         padding = _generation_padding(prompt_padding, B, P, max_new_tokens)
         total = P + max_new_tokens
@@ -844,9 +857,23 @@ class CausalLM(nn.Module):
                 f"prompt {P} + {max_new_tokens} new tokens exceed max_len {self.max_len} "
                 "(learned positions)"
             )
-        if copies > 1:  # beams of a prompt start from copies of it
-            prompt = prompt.repeat_interleave(copies, 0)
-            padding = None if padding is None else padding.repeat_interleave(copies, 0)
+        if group is not None:
+            decoding = sharded_decoding(self, prompt, max_new_tokens, group)
+        else:
+            decoding = self._fed(prompt, padding, total)
+        if copies == 1:
+            return decoding
+        # beams of a prompt start from copies of its caches: the prompt is fed once
+        rows = torch.arange(B, device=prompt.device).repeat_interleave(copies)
+        decoding.reorder(rows)
+        return decoding._replace(logits=decoding.logits[rows])
+
+    def _fed(self, prompt: Tensor, padding: Tensor | None, total: int) -> Decoding:
+        """Decoding of prompt (B, P)'s rows, fed into caches for ``total`` positions.
+
+        ``padding`` (B, total): True = pad, over the whole text, or None.
+        """
+        P = prompt.shape[1]
         caches, chunk = self._generation_caches(prompt.shape[0], total)
 
         def upto(end: int) -> Tensor | None:
@@ -862,9 +889,11 @@ class CausalLM(nn.Module):
             )[0]
             return logits[:, -1]
 
-        def reorder(index: Tensor) -> None:
+        def reorder(index: Tensor) -> None:  # row i continues as row index[i]
+            nonlocal padding
             for cache in caches:
                 cache.reorder(index)
+            padding = None if padding is None else padding[index]
 
         return Decoding(logits[:, -1], step, reorder)
 
@@ -881,6 +910,7 @@ class CausalLM(nn.Module):
         prompt_padding: Tensor | None = None,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        group: dist.ProcessGroup | None = None,
     ) -> Tensor:
         """Continue prompt (B, P) by up to ``max_new_tokens`` tokens with a KV cache.
 
@@ -897,6 +927,13 @@ class CausalLM(nn.Module):
 
         ``num_beams`` > 1: the best of ``beam_search`` (which does not sample: pass
         temperature=0).
+
+        ``group`` (a process group, e.g. ``dist.group.WORLD``): context parallelism. Every
+        rank of it passes the same prompt and arguments and gets the same tokens; the KV
+        cache is split along the sequence over the ranks, each holding about 1/P of the
+        prompt's keys and values, the last rank also the new tokens'
+        (``attnkit.nn.sharded_decoding``). Needs MultiHeadAttention layers with ``Mask``
+        masks; takes no ``prompt_padding``. Tokens are sampled on the last rank.
         """
         _check_sampling(temperature, top_k, "max_new_tokens", max_new_tokens, 0)
         _check_beams(num_beams, temperature, top_k, generator)
@@ -908,13 +945,16 @@ class CausalLM(nn.Module):
                 eos_id=eos_id,
                 prompt_padding=prompt_padding,
                 length_penalty=length_penalty,
+                group=group,
             )
             return torch.cat([prompt, found.tokens[:, 0]], dim=1)
-        logits, step, _ = self._decoding(prompt, prompt_padding, max_new_tokens, 1)
+        logits, step, _ = self._decoding(prompt, prompt_padding, max_new_tokens, 1, group)
         out = [prompt]
         done = torch.zeros(prompt.shape[0], 1, dtype=torch.bool, device=prompt.device)
         for t in range(max_new_tokens):
             nxt = _sample(logits, temperature, top_k, generator)[:, None]
+            if group is not None and temperature != 0:  # the last rank's sample, everywhere
+                dist.broadcast(nxt, group_src=dist.get_world_size(group) - 1, group=group)
             if eos_id is not None:
                 nxt = nxt.masked_fill(done, eos_id)  # finished rows stay finished
                 done |= nxt == eos_id
@@ -935,6 +975,7 @@ class CausalLM(nn.Module):
         eos_id: int | None = None,
         prompt_padding: Tensor | None = None,
         length_penalty: float = 1.0,
+        group: dist.ProcessGroup | None = None,
     ) -> Beams:
         """The ``num_beams`` best continuations of each prompt, best first, with their scores.
 
@@ -942,11 +983,11 @@ class CausalLM(nn.Module):
         sliding-window mask, as ``generate``'s): ``tokens`` (B, num_beams, ≤ max_new_tokens),
         the continuations without the prompt, each ended by ``eos_id`` and holding it after
         (or cut at max_new_tokens); ``scores`` (B, num_beams): log-probability / length **
-        ``length_penalty``. ``prompt_padding`` as ``generate`` takes it.
+        ``length_penalty``. ``prompt_padding`` and ``group`` as ``generate`` takes them.
         """
         check_search(num_beams, max_new_tokens, length_penalty)
         return beam_search(
-            self._decoding(prompt, prompt_padding, max_new_tokens, num_beams),
+            self._decoding(prompt, prompt_padding, max_new_tokens, num_beams, group),
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
             end_id=eos_id,
