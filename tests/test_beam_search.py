@@ -182,6 +182,20 @@ def test_a_language_model_feeds_its_prompt_once_for_every_beam():
     assert fed == [(2, 7)] + [(6, 1)] * 3
 
 
+def test_a_translation_projects_its_source_once_for_every_beam():
+    """The beams of a source start from copies of its cross-attention caches: the memory's
+    keys and values are projected for its own B rows, not B·K."""
+    torch.manual_seed(3)
+    model = Transformer(12, 12, d_model=16, nhead=2, max_len=16).eval()
+    projected = []
+    for layer in model.decoder:
+        layer.cross_attn.k_proj.register_forward_hook(
+            lambda module, args, out: projected.append(args[0].shape[0])
+        )
+    model.beam_search(torch.randint(1, 12, (2, 5)), num_beams=3, bos_id=1, eos_id=2, max_len=4)
+    assert projected == [2] * len(model.decoder)
+
+
 def test_one_beam_is_greedy_decoding():
     torch.manual_seed(2)
     model = Transformer(12, 12, d_model=16, nhead=2, max_len=16).eval()

@@ -558,10 +558,8 @@ class Transformer(nn.Module):
     def _decoding(self, src: Tensor, bos_id: int, max_len: int, copies: int) -> Decoding:
         """Decoding of ``copies`` rows per source (B·copies), fed ``bos_id``, for max_len tokens."""
         memory, padding = self.encode(src)
-        if copies > 1:  # every beam of a source reads the same memory
-            memory, padding = (t.repeat_interleave(copies, 0) for t in (memory, padding))
-        N = memory.shape[0]
-        caches = self.new_caches(N, src.shape[1], max_len)
+        B = memory.shape[0]
+        caches = self.new_caches(B, src.shape[1], max_len)
 
         def step(token: Tensor, t: int) -> Tensor:  # token t in (bos as t = -1), logits out
             logits, _ = self.decode(token[:, None], memory, padding, start=t + 1, caches=caches)
@@ -571,8 +569,15 @@ class Transformer(nn.Module):
             for self_cache, _ in caches:
                 self_cache.reorder(index)
 
-        bos = torch.full((N,), bos_id, dtype=torch.long, device=src.device)
-        return Decoding(step(bos, -1), step, reorder)
+        bos = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
+        logits = step(bos, -1)  # projects each source's cross keys and values once
+        if copies > 1:  # every beam of a source starts from copies of its caches
+            rows = torch.arange(B, device=src.device).repeat_interleave(copies)
+            memory, padding, logits = memory[rows], padding[rows], logits[rows]
+            for self_cache, cross_cache in caches:
+                self_cache.reorder(rows)
+                cross_cache.reorder(rows)
+        return Decoding(logits, step, reorder)
 
     @torch.no_grad()
     def generate(
