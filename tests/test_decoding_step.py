@@ -11,12 +11,13 @@ test_export.py).
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnkit import masks
-from attnkit.nn import CausalLM, DecodingStep, Transformer, TranslationStep
+from attnkit.nn import CausalLM, DecodingStep, KVCache, Transformer, TranslationStep
 
 
 @st.composite
@@ -109,3 +110,31 @@ def test_targets_in_chunks_through_a_translation_step_give_teacher_forcing(case)
             got.append(logits)
             at += n
     torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_a_decoding_step_recording_gradients_hands_back_what_it_does_without():
+    """With autograd recording, the caches write into copies (``KVCache.append``): the step
+    hands back those, the same keys and values as without, and gradients reach the weights."""
+    torch.manual_seed(0)
+    lm = CausalLM(16, d_model=16, nhead=2, num_kv_heads=1, num_layers=2, max_len=32).double()
+    step = DecodingStep(lm)
+    ids, more = torch.randint(0, 16, (2, 5)), torch.randint(0, 16, (2, 2))
+    with torch.no_grad():
+        _, keys, values = step(ids, *step.empty_caches(2))
+        want = step(more, keys, values)
+    got = step(more, keys, values)
+    for name, a, b in zip(("logits", "keys", "values"), got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    got[1].sum().backward()
+    assert lm.layers[1].self_attn.k_proj.weight.grad is not None
+
+
+def test_kv_cache_holding_part_of_its_buffers_appends_after_them():
+    keys, values = torch.zeros(1, 2, 6, 4), torch.zeros(1, 2, 6, 3)
+    cache = KVCache.holding(keys, values, length=2)
+    assert (cache.length, cache.position, cache.max_len) == (2, 2, 6)
+    cache.append(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 3))
+    assert keys[:, :, 2:5].eq(1).all()  # written in place
+    assert keys[:, :, 5].eq(0).all()
+    with pytest.raises(ValueError, match=r"length must lie in 0 \.\. 6"):
+        KVCache.holding(keys, values, length=7)

@@ -6,7 +6,8 @@ one exported graph, with the new tokens T and the cached positions P both dynami
 prompt and every decoding step (AOTInductor compiles it too): ``DecodingStep`` for a
 ``CausalLM``, ``TranslationStep`` for a ``Transformer``'s decoder.
 
-Each call copies the P cached positions into caches T longer (as a concatenation would).
+Each call copies the P cached positions once, into tensors T longer that the layers' caches
+append to and that it hands back (as a concatenation would).
 Positions count from P, so a sliding-window model's caches are kept whole (its mask still
 limits what each query sees).
 """
@@ -63,25 +64,39 @@ def _check_stacked(
             )
 
 
-def _filled(ids: Tensor, keys: Tensor, values: Tensor, caches: list[KVCache]) -> list[KVCache]:
-    """``caches`` (one per layer) holding layer n's ``keys[n]`` and ``values[n]``.
+def _grown(
+    ids: Tensor, keys: Tensor, values: Tensor, like: KVCache, layers: int
+) -> tuple[Tensor, Tensor, list[KVCache]]:
+    """keys (layers, B, Hkv, P, D) and values (..., Dv) copied into tensors T longer.
 
-    ValueError unless keys (layers, B, Hkv, P, D) and values (..., P, Dv) fit the caches.
+    Returns them and, per layer, a cache over its slice of them holding the P positions,
+    whose appends fill the T new ones. ValueError unless keys and values fit caches alike
+    ``like``.
     """
-    _check_stacked(ids, keys, values, caches[0], len(caches))
-    if values.shape[3] != keys.shape[3]:
+    _check_stacked(ids, keys, values, like, layers)
+    P, T = keys.shape[3], ids.shape[1]
+    if values.shape[3] != P:
         raise ValueError(
-            f"keys and values must hold as many positions, got {keys.shape[3]} and "
-            f"{values.shape[3]}"
+            f"keys and values must hold as many positions, got {P} and {values.shape[3]}"
         )
-    for n, cache in enumerate(caches):
-        cache.append(keys[n], values[n])
-    return caches
+    grown = []
+    for t in (keys, values):
+        room = t.new_empty(*t.shape[:3], P + T, t.shape[4])
+        room[:, :, :, :P] = t  # the one copy of the cached positions a step makes
+        grown.append(room)
+    caches = [KVCache.holding(grown[0][n], grown[1][n], length=P) for n in range(layers)]
+    return grown[0], grown[1], caches
 
 
-def _stacked(caches: list[KVCache]) -> tuple[Tensor, Tensor]:
-    """Every layer's cached keys and values, stacked (layers, B, Hkv, length, ·)."""
-    return torch.stack([c.keys for c in caches]), torch.stack([c.values for c in caches])
+def _handed_back(keys: Tensor, values: Tensor, caches: list[KVCache]) -> tuple[Tensor, Tensor]:
+    """Every layer's keys and values after the step.
+
+    ``_grown``'s tensors, which the caches wrote into, unless autograd made the caches write
+    into copies (``KVCache.append``).
+    """
+    if torch.is_grad_enabled():
+        return torch.stack([c.keys for c in caches]), torch.stack([c.values for c in caches])
+    return keys, values
 
 
 class DecodingStep(nn.Module):
@@ -128,7 +143,8 @@ class DecodingStep(nn.Module):
             P + T, Dv).
         """
         B, T, P = _new_tokens(ids, keys)
-        caches = _filled(ids, keys, values, self.lm.new_caches(B, P + T))
+        like = self.lm.new_caches(B, 1)[0]
+        keys, values, caches = _grown(ids, keys, values, like, len(self.lm.layers))
         padding = None
         if pads is not None:
             if pads.shape != (B,) or pads.is_floating_point() or pads.dtype == torch.bool:
@@ -137,7 +153,7 @@ class DecodingStep(nn.Module):
                 )
             padding = torch.arange(P + T, device=ids.device)[None, :] < pads[:, None]
         logits, _ = self.lm(ids, start=P, caches=caches, padding=padding)
-        return (logits, *_stacked(caches))
+        return (logits, *_handed_back(keys, values, caches))
 
     def export(
         self, batch: int = 1, max_len: int | None = None, *, padded: bool = False
@@ -228,9 +244,10 @@ class TranslationStep(nn.Module):
         Returns:
             logits (B, T, V), keys and values (layers, B, Hkv, P + T, ·).
         """
-        B, T, P = _new_tokens(ids, keys)
+        B, _, P = _new_tokens(ids, keys)
         layers = self._layers()
-        caches = _filled(ids, keys, values, [x.self_attn.new_cache(B, P + T) for x in layers])
+        like = layers[0].self_attn.new_cache(B, 1)
+        keys, values, caches = _grown(ids, keys, values, like, len(layers))
         S = cross_keys.shape[3] if cross_keys.dim() == 5 else 0
         like = layers[0].cross_attn.new_cache(B, 1)
         _check_stacked(ids, cross_keys, cross_values, like, len(layers), "cross_")
@@ -246,7 +263,7 @@ class TranslationStep(nn.Module):
         logits, _ = self.model.decode(
             ids, memory, memory_padding, start=P, caches=list(zip(caches, cross, strict=True))
         )
-        return (logits, *_stacked(caches))
+        return (logits, *_handed_back(keys, values, caches))
 
     def export(
         self, batch: int = 1, max_len: int | None = None

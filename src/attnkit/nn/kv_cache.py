@@ -76,11 +76,12 @@ class KVCache:
         self.position = 0  # positions appended since the last reset
 
     @classmethod
-    def holding(cls, keys: Tensor, values: Tensor) -> KVCache:
-        """A full cache over keys (B, Hkv, L, D) and values (B, Hkv, L, Dv), not copied.
+    def holding(cls, keys: Tensor, values: Tensor, length: int | None = None) -> KVCache:
+        """A cache over keys (B, Hkv, L, D) and values (B, Hkv, L, Dv), not copied.
 
         For keys and values computed elsewhere and handed in as tensors, such as the encoder
-        memory's that a cross-attention reads at every step of an exported decoder.
+        memory's that a cross-attention reads at every step of an exported decoder. It holds
+        their first ``length`` positions (default: all L); appends write into the rest.
         """
         if (
             keys.dim() != 4
@@ -93,10 +94,16 @@ class KVCache:
                 f"dtype and device, got {keys.dtype} {tuple(keys.shape)} and {values.dtype} "
                 f"{tuple(values.shape)}"
             )
+        held = keys.shape[2] if length is None else length
+        if not 0 <= held <= keys.shape[2]:
+            raise ValueError(
+                f"KVCache.holding length must lie in 0 .. {keys.shape[2]} (the buffers' L), "
+                f"got {length}"
+            )
         cache = cls.__new__(cls)
         cache._k, cache._v, cache.window = keys, values, None
-        cache._lo, cache._hi = 0, keys.shape[2]
-        cache.position = keys.shape[2]
+        cache._lo, cache._hi = 0, held
+        cache.position = held
         return cache
 
     @property
