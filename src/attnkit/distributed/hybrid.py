@@ -25,7 +25,7 @@ from attnkit.distributed.layout import (
     check_shards,
     shard_sequence,
 )
-from attnkit.distributed.ring import ring_attention
+from attnkit.distributed.ring import _whole_sequence_mask, ring_attention
 from attnkit.distributed.ulysses import mask_for_heads, over_heads, score_mod_for_heads
 from attnkit.functional import _check_score_mod
 from attnkit.masks import Mask
@@ -125,11 +125,9 @@ def hybrid_attention(
     """
     shapes = check_shards(q, k, v, "hybrid_attention")
     check.check_flag("return_lse", return_lse)
-    if mask is not None and not isinstance(mask, Mask):
-        raise TypeError(
-            f"hybrid_attention's mask must be a Mask over the whole sequence, got "
-            f"{type(mask).__name__} (every rank would need the whole L x L)"
-        )
+    rings = dist.get_world_size(ring_group)
+    length = shapes.Lq * dist.get_world_size(head_group) * rings
+    mask = _whole_sequence_mask(mask, length, "hybrid_attention")  # before any exchange
     if document_ids is not None and (
         document_ids.dim() not in (1, 2) or document_ids.shape[-1] != shapes.Lq
     ):
@@ -140,7 +138,6 @@ def hybrid_attention(
     _check_score_mod(score_mod, shapes)  # (before it is cut to each rank's heads)
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
-    rings = dist.get_world_size(ring_group)
 
     def attend(qh: Tensor, kh: Tensor, vh: Tensor, first: int, heads: int) -> tuple[Tensor, Tensor]:
         # (over_heads has checked that every rank's shards are alike: the ids gather evenly)
