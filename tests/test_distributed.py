@@ -264,9 +264,9 @@ def test_ring_attention_on_the_compiled_cpu_kernels(tmp_path):
 @pytest.mark.parametrize("head_ranks", [2, 4, 1], ids=["2x2", "1x4", "4x1"])
 def test_hybrid_attention_matches_single_process(head_ranks, tmp_path):
     """Every ring case on a grid of 4 ranks: Ulysses over head groups of ``head_ranks``, the
-    ring over the others (2 x 2), and the grid's edges: Ulysses alone (1 x 4: the cases whose
-    heads split 4 ways) and the ring alone (4 x 1)."""
-    names = None if head_ranks < 4 else [case[0] for case in CASES if case[2] % 4 == 0]
+    ring over the others (2 x 2), and the grid's edges: Ulysses alone (1 x 4: the cases with
+    a query head for each rank) and the ring alone (4 x 1)."""
+    names = None if head_ranks < 4 else [case[0] for case in CASES if case[2] >= 4]
     spawn_ok(_worker, 4, tmp_path, "tiled", torch.float64, names, head_ranks)
 
 
@@ -298,9 +298,9 @@ def ulysses_cases(L, Hq):
     ]  # fmt: skip
 
 
-def _ulysses_worker(rank, world, init_file, results_dir):
+def _ulysses_worker(rank, world, init_file, results_dir, Hq=4):
     with gloo_rank(rank, world, init_file, results_dir):
-        L, Hq = 24, 4
+        L = 24
         for name, mask, score_mod, Hkv, layout, with_sinks in ulysses_cases(L, Hq):
             torch.manual_seed(0)  # the same global tensors on every rank
             q, k, v = rand_qkv(2, Hq, Hkv, L, L, 8, 6, dtype=torch.float64)
@@ -341,6 +341,14 @@ def test_ulysses_attention_matches_single_process(world, tmp_path):
     spawn_ok(_ulysses_worker, world, tmp_path)
 
 
+@pytest.mark.slow
+def test_ulysses_attention_splits_heads_that_do_not_divide_over_the_ranks(tmp_path):
+    """8 query heads over 3 ranks: 2, 3 and 3 each; the middle rank's cut runs through a kv
+    head's group, so it gets one kv head per query head (2 or 4 kv heads), the others their
+    groups' (MQA, GQA): every case, against one process's float64 reference."""
+    spawn_ok(_ulysses_worker, 3, tmp_path, 8)
+
+
 def _hybrid_odd_worker(rank, world, init_file, results_dir):
     with gloo_rank(rank, world, init_file, results_dir):
         with pytest.raises(ValueError, match="head_ranks=3 does not divide the world's 2 ranks"):
@@ -349,8 +357,8 @@ def _hybrid_odd_worker(rank, world, init_file, results_dir):
             hybrid_groups(0)
         groups = dict(zip(("head_group", "ring_group"), hybrid_groups(2), strict=True))
         x = torch.randn(1, 6, 4, 8)
-        with pytest.raises(ValueError, match=r"hybrid_attention splits the heads over the 2"):
-            hybrid_attention(x[:, :3], x[:, :3], x[:, :3], **groups)
+        with pytest.raises(ValueError, match=r"hybrid_attention: every rank must hold shards"):
+            hybrid_attention(x[:, : 3 + rank], x[:, : 3 + rank], x[:, : 3 + rank], **groups)
         with pytest.raises(ValueError, match="hybrid_attention takes a Mask over the whole"):
             hybrid_attention(x, x, x, mask=torch.ones(8, 8, dtype=torch.bool), **groups)
         with pytest.raises(ValueError, match=r"document_ids must be this rank's shard.*\(8,\)"):
@@ -373,13 +381,15 @@ def test_hybrid_attention_refuses_grids_heads_masks_and_shards_that_do_not_fit(t
 def _ulysses_odd_worker(rank, world, init_file, results_dir):
     with gloo_rank(rank, world, init_file, results_dir):
         x = torch.randn(1, 6, 4, 8)
-        with pytest.raises(ValueError, match="Hq must be a multiple of 2 and Hkv a multiple"):
-            ulysses_attention(x[:, :3], x[:, :3], x[:, :3])
-        with pytest.raises(ValueError, match=r"got Hq=6, Hkv=3 \(ring_attention splits"):
-            ulysses_attention(x, x[:, :3], x[:, :3])
         uneven = torch.randn(1, 2, 4 + rank, 8)
-        with pytest.raises(ValueError, match="same shard length"):
+        shapes = r"same shape \(B, Hq, Hkv, L/P, D, Dv\); they range from \[1, 2, 2, 4, 8, 8\]"
+        with pytest.raises(ValueError, match=shapes):
             ulysses_attention(uneven, uneven, uneven)
+        heads = x[:, : 4 + 2 * rank]  # 4 heads on rank 0, 6 on rank 1
+        with pytest.raises(ValueError, match=r"they range from \[1, 4, 4, 4, 8, 8\] to \[1, 6"):
+            ulysses_attention(heads, heads, heads)
+        with pytest.raises(ValueError, match=r"at least one query head, got Hq=1 \(ring_att"):
+            ulysses_attention(x[:, :1], x[:, :1], x[:, :1])
         with pytest.raises(ValueError, match="pad it to a multiple of 4"):
             ulysses_attention(x[:, :, :3], x[:, :, :3], x[:, :, :3], layout="zigzag")
         per_head = masks.block_sparse(torch.rand(6, 2, 2) < 0.5, 4).blocks(8, 8, 4, 4, H=6)
@@ -422,6 +432,18 @@ def test_ulysses_attention_refuses_what_does_not_split_and_runs_tiled_and_second
     tmp_path,
 ):
     spawn_ok(_ulysses_odd_worker, 2, tmp_path)
+
+
+def test_ulysses_shares_heads_out_as_evenly_as_they_go_with_the_kv_heads_they_read():
+    from attnkit.distributed.ulysses import head_bounds, kv_heads_for
+
+    assert head_bounds(12, 8) == [0, 1, 3, 4, 6, 7, 9, 10, 12]
+    assert head_bounds(8, 4) == [0, 2, 4, 6, 8]
+    # 8 query heads over 2 kv heads (groups of 4), cut 2 / 3 / 3 over three ranks
+    assert [kv_heads_for(a, n, 4) for a, n in ((0, 2), (2, 3), (5, 3))] == [[0], [0, 0, 1], [1]]
+    assert kv_heads_for(4, 4, 2) == [2, 3]  # whole groups: grouped attention on the rank
+    assert kv_heads_for(1, 4, 2) == [0, 1, 1, 2]  # a cut through groups: one per query head
+    assert kv_heads_for(3, 2, 1) == [3, 4]  # MHA
 
 
 def test_ulysses_keeps_what_reads_no_head_and_cuts_what_does():

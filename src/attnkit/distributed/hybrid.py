@@ -3,9 +3,9 @@
 P = R x U ranks form a grid. Within a head group of U ranks (the GPUs of one machine, whose
 all-to-alls are fast) Ulysses' all-to-all swaps sequence shards for head shards; across the R
 ranks of a ring group (one per head group) ring attention then runs over the whole sequence,
-each rank holding 1/R of it for Hq/U heads (USP: Fang & Zhao, 2024). Ulysses alone needs
-Hq % P == 0 and sends everything through all-to-alls of every rank; the ring alone passes P - 1
-key/value blocks; the hybrid needs Hq % U == 0 and passes R - 1 blocks U times as large.
+each rank holding 1/R of it for about Hq/U heads (USP: Fang & Zhao, 2024). Ulysses alone needs
+Hq >= P and sends everything through all-to-alls of every rank; the ring alone passes P - 1
+key/value blocks; the hybrid needs Hq >= U and passes R - 1 blocks U times as large.
 
 The whole sequence is sharded twice (``shard_hybrid``): by ``layout`` over the ring, then each
 ring shard contiguously over its head group. ``hybrid_groups`` makes the two groups.
@@ -99,8 +99,8 @@ def hybrid_attention(
     """Self-attention over a sequence sharded over a grid of ranks (``shard_hybrid``).
 
     Args:
-        q: this rank's queries (B, Hq, L/P, D); Hq % U == 0 (U: the head group's size).
-        k: this rank's keys (B, Hkv, L/P, D); Hkv % U == 0 or U % Hkv == 0.
+        q: this rank's queries (B, Hq, L/P, D); Hq >= U (U: the head group's size).
+        k: this rank's keys (B, Hkv, L/P, D); GQA allowed.
         v: this rank's values (B, Hkv, L/P, Dv).
         head_group: the U ranks that swap sequence shards for head shards (``hybrid_groups``).
         ring_group: the R ranks that pass key/value blocks around (``hybrid_groups``).

@@ -5,8 +5,10 @@ position of a 1/P share of the heads; attention then runs locally over the whole
 any backend, under any mask or score_mod; a second all-to-all swaps the output back. Where ring
 attention passes key/value blocks P - 1 times, this sends each of q, k, v and out once
 (3 + 1 all-to-alls of 1/P of them per rank), at the price of holding the whole sequence for
-H/P heads, and of needing the heads to split: Hq % P == 0, and Hkv % P == 0 or P % Hkv == 0
-(then each kv head is repeated to the P / Hkv ranks whose query heads read it).
+about H/P heads, and of needing at least one query head per rank (Hq >= P). Heads that do not
+divide go as evenly as they can (12 over 8 ranks: 1 or 2 each); each rank gets the kv heads
+its query heads read, once each where they read them in equal groups (grouped attention),
+else one per query head (a cut through a group).
 
 Masks and score_mods are given for the whole sequence and every head, as to ``attention``;
 those that depend on the head (per-head layouts and tensors, ALiBi slopes, predicates reading
@@ -15,8 +17,9 @@ those that depend on the head (per-head layouts and tensors, ALiBi slopes, predi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,50 +38,63 @@ from attnkit.score_mods import ScoreMod
 from attnkit.sinks import check_sinks
 
 
-@dataclass(frozen=True)
-class _Setup:
-    group: dist.ProcessGroup | None
-    world: int
-    layout: str
+class _Exchange(torch.autograd.Function):
+    """One all-to-all of tensors of any shapes; its gradient is the exchange back.
 
-
-def _sequence_to_heads(x: Tensor, s: _Setup) -> Tensor:
-    """(B, H, L/P, ·) every head of this rank's shard -> (B, H/P, L, ·) its heads, in order."""
-    send = [part.contiguous() for part in x.chunk(s.world, dim=1)]
-    recv = [torch.empty_like(send[0]) for _ in range(s.world)]
-    dist.all_to_all(recv, send, group=s.group)  # recv[j]: rank j's shard of this rank's heads
-    return unshard_sequence(recv, s.layout)
-
-
-def _heads_to_sequence(x: Tensor, s: _Setup) -> Tensor:
-    """(B, H/P, L, ·) this rank's heads -> (B, H, L/P, ·) every head of its shard."""
-    send = [shard_sequence(x, s.world, j, s.layout).contiguous() for j in range(s.world)]
-    recv = [torch.empty_like(send[0]) for _ in range(s.world)]
-    dist.all_to_all(recv, send, group=s.group)  # recv[j]: rank j's heads of this shard
-    return torch.cat(recv, dim=1)
-
-
-class _AllToAll(torch.autograd.Function):
-    """One all-to-all, from sequence shards to head groups or back; its gradient is the other.
-
-    The backward applies this Function again, so derivatives of any order pass through it
-    (as far as the attention backend gives them).
+    ``sends[j]`` goes to rank j; what comes from rank j has ``shapes[j]``. Packed into one
+    flat ``all_to_all_single`` (gloo's list all_to_all takes equal shapes only). The
+    backward applies this Function again, so derivatives of any order pass through it (as
+    far as the attention backend gives them).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, s: _Setup, to_heads: bool) -> Tensor:
-        ctx.setup, ctx.to_heads = s, to_heads
-        return _sequence_to_heads(x, s) if to_heads else _heads_to_sequence(x, s)
+    def forward(
+        ctx: Any, group: dist.ProcessGroup | None, shapes: list[torch.Size], *sends: Tensor
+    ) -> tuple[Tensor, ...]:
+        ctx.group, ctx.shapes = group, [t.shape for t in sends]
+        sizes = [shape.numel() for shape in shapes]
+        flat = torch.cat([t.reshape(-1) for t in sends])
+        out = flat.new_empty(sum(sizes))
+        dist.all_to_all_single(out, flat, sizes, [t.numel() for t in sends], group=group)
+        return tuple(
+            part.view(shape)
+            for part, shape in zip(out.split_with_sizes(sizes), shapes, strict=True)
+        )
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        return _swap(grad, ctx.setup, not ctx.to_heads), None, None
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        return None, None, *_exchange(list(grads), ctx.shapes, ctx.group)
 
 
-def _swap(x: Tensor, s: _Setup, to_heads: bool) -> Tensor:
-    """``_AllToAll``, typed."""
-    out: Tensor = _AllToAll.apply(x, s, to_heads)  # type: ignore[no-untyped-call]
-    return out
+def _exchange(
+    sends: list[Tensor], shapes: list[torch.Size], group: dist.ProcessGroup | None
+) -> list[Tensor]:
+    """``_Exchange``, typed."""
+    return list(_Exchange.apply(group, shapes, *sends))  # type: ignore[no-untyped-call]
+
+
+def head_bounds(heads: int, world: int) -> list[int]:
+    """Where each rank's share of ``heads`` starts (and, last, ends): as even as they go.
+
+    Rank r takes heads bounds[r] .. bounds[r + 1] - 1: 12 heads over 8 ranks, 1 or 2 each.
+    """
+    return [r * heads // world for r in range(world + 1)]
+
+
+def kv_heads_for(first: int, count: int, group_size: int) -> list[int]:
+    """The kv heads a rank holding query heads first .. first + count - 1 receives.
+
+    Each kv head once when its query heads read the same number of kv heads each (grouped
+    attention on that rank); otherwise one kv head per query head (``h // group_size``),
+    repeats included: an uneven cut through a group leaves no common group size.
+    """
+    read = [h // group_size for h in range(first, first + count)]
+    distinct = sorted(set(read))
+    if all(read.count(kv) == count // len(distinct) for kv in distinct) and not (
+        count % max(len(distinct), 1)
+    ):
+        return distinct
+    return read
 
 
 def mask_for_heads(mask: MaskLike, first: int, heads: int, Hq: int) -> MaskLike:
@@ -165,8 +181,8 @@ def ulysses_attention(
 
     Args:
         q: this rank's queries (B, Hq, L/P, D), sharded by ``layout`` (see ``shard_sequence``);
-            Hq % P == 0.
-        k: this rank's keys (B, Hkv, L/P, D); Hkv % P == 0 or P % Hkv == 0.
+            Hq >= P (``head_bounds`` says which heads each rank attends).
+        k: this rank's keys (B, Hkv, L/P, D); GQA allowed.
         v: this rank's values (B, Hkv, L/P, Dv).
         mask: as ``attention``'s, over the whole sequence (L, L) and every head: any ``Mask``,
             a bool tensor, or a BlockMask that is the same for every head.
@@ -223,12 +239,16 @@ def over_heads(
 ) -> tuple[Tensor, Tensor]:
     """Ulysses' exchange around ``attend``: sequence shards to head shards over ``group``, back.
 
+    Rank r attends query heads ``head_bounds(Hq, P)[r]`` on, as many as the next bound
+    leaves (Hq >= P; with Hq % P != 0 some ranks take one more), with the kv heads
+    ``kv_heads_for`` gives it.
+
     Args:
         q: this rank's shard (B, Hq, L/P, D) of every query head (checked by the caller).
         k: (B, Hkv, L/P, D).
         v: (B, Hkv, L/P, Dv).
-        attend: (q, k, v) (B, H/P, L, ·) of heads first .. first + heads - 1 over the whole
-            sequence, and first, heads -> out (B, Hq/P, L, Dv) and LSE (B, Hq/P, L).
+        attend: (q, k, v) (B, ·, L, ·) of heads first .. first + heads - 1 over the whole
+            sequence, and first, heads -> out (B, heads, L, Dv) and LSE (B, heads, L).
         group: the ranks that swap shards.
         layout: how the sequence is sharded over ``group``.
         check_length: raises unless the whole sequence's length L splits under ``layout``.
@@ -238,26 +258,48 @@ def over_heads(
         this rank's out (B, Hq, L/P, Dv) and LSE (B, Hq, L/P).
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    Hq, Hkv, Lq = q.shape[1], k.shape[1], q.shape[2]
-    if Hq % world or (Hkv % world and world % Hkv):
-        raise ValueError(
-            f"{caller} splits the heads over the {world} ranks: Hq must be a multiple "
-            f"of {world} and Hkv a multiple or a divisor of it, got Hq={Hq}, "
-            f"Hkv={Hkv} (ring_attention splits the sequence instead)"
-        )
+    B, Hq, Lq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
     # every rank must send and receive alike (on q's device: NCCL takes no CPU tensor)
-    agreed = torch.tensor([Lq, -Lq], device=q.device)
+    mine = torch.tensor([B, Hq, Hkv, Lq, D, Dv], device=q.device)
+    agreed = torch.cat([mine, -mine])
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
-    if int(agreed[0]) != -int(agreed[1]):
+    if not torch.equal(agreed[:6], -agreed[6:]):
         raise ValueError(
-            f"every rank must hold the same shard length; lengths range from {-int(agreed[1])} "
-            f"to {int(agreed[0])} (rank {rank} has {Lq})"
+            f"{caller}: every rank must hold shards of the same shape (B, Hq, Hkv, L/P, D, "
+            f"Dv); they range from {(-agreed[6:]).tolist()} to {agreed[:6].tolist()} "
+            f"(rank {rank} has {mine.tolist()})"
+        )
+    if Hq < world:  # (a rank without heads would leave its backward's exchanges unmatched)
+        raise ValueError(
+            f"{caller} gives each of its {world} ranks at least one query head, got Hq={Hq} "
+            "(ring_attention splits the sequence instead)"
         )
     check_length(Lq * world)
-    s = _Setup(group, world, layout)
-    heads = Hq // world
-    if Hkv % world:  # each kv head to the P / Hkv ranks whose query heads read it
-        k, v = (t.repeat_interleave(world // Hkv, dim=1) for t in (k, v))
-    qh, kh, vh = (_swap(t, s, to_heads=True) for t in (q, k, v))
-    out, lse = attend(qh, kh, vh, rank * heads, heads)
-    return _swap(out, s, to_heads=False), _swap(lse[..., None], s, to_heads=False)[..., 0]
+    bounds = head_bounds(Hq, world)
+    first, heads = bounds[rank], bounds[rank + 1] - bounds[rank]
+    kv_for = [kv_heads_for(a, b - a, Hq // Hkv) for a, b in itertools.pairwise(bounds)]
+
+    def to_heads(x: Tensor, picks: list[list[int]]) -> Tensor:
+        """(B, H, L/P, ·) every head of this shard -> (B, picks[rank], L, ·) over all L."""
+        sends = [_heads(x, pick) for pick in picks]
+        shapes = [torch.Size((B, len(picks[rank]), Lq, x.shape[3]))] * world
+        return unshard_sequence(_exchange(sends, shapes, group), layout)
+
+    def to_sequence(x: Tensor) -> Tensor:
+        """(B, heads, L, ·) this rank's heads over all L -> (B, Hq, L/P, ·) of its shard."""
+        sends = [shard_sequence(x, world, j, layout) for j in range(world)]
+        shapes = [torch.Size((B, b - a, Lq, x.shape[3])) for a, b in itertools.pairwise(bounds)]
+        return torch.cat(_exchange(sends, shapes, group), dim=1)
+
+    qs = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
+    qh, kh, vh = to_heads(q, qs), to_heads(k, kv_for), to_heads(v, kv_for)
+    out, lse = attend(qh, kh, vh, first, heads)
+    return to_sequence(out), to_sequence(lse[..., None])[..., 0]
+
+
+def _heads(x: Tensor, picks: list[int]) -> Tensor:
+    """Heads ``picks`` of x (B, H, ·, ·): a slice where they run on, else a gather."""
+    if picks and picks == list(range(picks[0], picks[-1] + 1)):
+        return x[:, picks[0] : picks[-1] + 1]
+    return x.index_select(1, torch.tensor(picks, dtype=torch.long, device=x.device))
