@@ -17,6 +17,7 @@ picks what computes each block (default: Triton's kernels on GPUs, tiled's on CP
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 
@@ -33,6 +34,7 @@ from attnkit.distributed import (
     shard_sequence,
     ulysses_attention,
 )
+from attnkit.distributed.ulysses import head_bounds, kv_heads_for
 from attnkit.explain import parse_mask
 
 
@@ -175,20 +177,25 @@ def main() -> None:
         print(f"  peak extra memory per rank: {', '.join(f'{p.item():.0f}' for p in peaks)} MB")
 
         def all_to_all_mib(ranks: int) -> float:
-            """MiB a rank sends in Ulysses' 4 all-to-alls over ``ranks``: all but its own
-            1/ranks of q, k, v and the output (k, v repeated to ``ranks`` heads)."""
-            kv_heads = max(args.kv_heads, ranks)
-            shards = (2 * args.heads + 2 * kv_heads) * n * args.dim * q.element_size()
-            return shards * (ranks - 1) / ranks / 2**20
+            """MiB rank 0 sends in Ulysses' 4 all-to-alls over ``ranks``: to each other rank
+            its query heads and the kv heads they read, and its own heads of their output."""
+            bounds = head_bounds(args.heads, ranks)
+            group = args.heads // args.kv_heads
+            heads = 0
+            for a, b in itertools.pairwise(bounds[1:]):  # the other ranks' shares
+                heads += (b - a) + 2 * len(kv_heads_for(a, b - a, group)) + bounds[1]
+            return heads * n * args.dim * q.element_size() / 2**20
 
         if args.ulysses:
             sent = f"{all_to_all_mib(world):.1f} MiB in 4 all-to-alls forward"
         elif groups is None:
             shards = 2 * args.kv_heads * n * args.dim * q.element_size()  # k and v
             sent = f"{shards / 2**20:.1f} MiB per ring step ({world - 1} steps forward)"
-        else:  # Ulysses over U ranks, then k and v of U shards (a 1/U of the heads) around R
+        else:  # Ulysses over U ranks, then k and v of U shards (rank 0's heads) around R
             U, R = args.hybrid, world // args.hybrid
-            block = 2 * max(args.kv_heads, U) * n * args.dim * q.element_size()
+            bounds = head_bounds(args.heads, U)  # rank 0's kv heads, over U shards
+            kv = len(kv_heads_for(0, bounds[1], args.heads // args.kv_heads))
+            block = 2 * kv * U * n * args.dim * q.element_size()
             sent = (
                 f"{all_to_all_mib(U):.1f} MiB in 4 all-to-alls and "
                 f"{block / 2**20:.1f} MiB per ring step ({R - 1} steps) forward"

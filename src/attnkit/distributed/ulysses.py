@@ -52,10 +52,12 @@ class _Exchange(torch.autograd.Function):
         ctx: Any, group: dist.ProcessGroup | None, shapes: list[torch.Size], *sends: Tensor
     ) -> tuple[Tensor, ...]:
         ctx.group, ctx.shapes = group, [t.shape for t in sends]
-        sizes = [shape.numel() for shape in shapes]
-        flat = torch.cat([t.reshape(-1) for t in sends])
+        sizes, sent = [shape.numel() for shape in shapes], [t.numel() for t in sends]
+        flat = sends[0].new_empty(sum(sent))
+        for t, part in zip(sends, flat.split_with_sizes(sent), strict=True):
+            part.view(t.shape).copy_(t)  # the one copy of a (strided) slice of heads
         out = flat.new_empty(sum(sizes))
-        dist.all_to_all_single(out, flat, sizes, [t.numel() for t in sends], group=group)
+        dist.all_to_all_single(out, flat, sizes, sent, group=group)
         return tuple(
             part.view(shape)
             for part, shape in zip(out.split_with_sizes(sizes), shapes, strict=True)
