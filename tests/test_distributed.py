@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import re
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnkit
 from attnkit import masks, score_mods
@@ -444,6 +447,27 @@ def test_ulysses_shares_heads_out_as_evenly_as_they_go_with_the_kv_heads_they_re
     assert kv_heads_for(4, 4, 2) == [2, 3]  # whole groups: grouped attention on the rank
     assert kv_heads_for(1, 4, 2) == [0, 1, 1, 2]  # a cut through groups: one per query head
     assert kv_heads_for(3, 2, 1) == [3, 4]  # MHA
+
+
+@settings(max_examples=200)
+@given(st.integers(1, 16), st.integers(1, 6), st.data())
+def test_every_ranks_query_heads_read_the_kv_heads_they_would_alone(groups, size, data):
+    """Over any world <= Hq: the shares cover the heads in order, differ by at most one, and
+    on each rank query head i reads (attention's GQA mapping over the kv heads it got) the
+    kv head the whole model's head first + i reads."""
+    from attnkit.distributed.ulysses import head_bounds, kv_heads_for
+
+    Hq = groups * size  # Hkv = groups kv heads of ``size`` query heads each
+    world = data.draw(st.integers(1, Hq))
+    bounds = head_bounds(Hq, world)
+    shares = [b - a for a, b in itertools.pairwise(bounds)]
+    assert (bounds[0], bounds[-1]) == (0, Hq)
+    assert max(shares) - min(shares) <= 1
+    for first, count in zip(bounds, shares, strict=False):
+        kv = kv_heads_for(first, count, size)
+        assert count % len(kv) == 0  # a grouping attention takes
+        per = count // len(kv)
+        assert [kv[i // per] for i in range(count)] == [(first + i) // size for i in range(count)]
 
 
 def test_ulysses_keeps_what_reads_no_head_and_cuts_what_does():
