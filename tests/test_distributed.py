@@ -352,6 +352,102 @@ def test_ulysses_attention_splits_heads_that_do_not_divide_over_the_ranks(tmp_pa
     spawn_ok(_ulysses_worker, 3, tmp_path, 8)
 
 
+#: (name, layout, Hq, Hkv, causal, window, extra mask, score_mod, packed pairs, sinks) for
+#: cross-attention: 12 queries over 36 keys (the queries aligned to the keys' end)
+CROSS_CASES = [
+    ("full_gqa", "contiguous", 4, 2, False, None, None, None, False, False),
+    ("full_zigzag_sinks", "zigzag", 2, 2, False, None, None, None, False, True),
+    ("causal_suffix", "zigzag", 2, 1, True, None, None, None, False, False),
+    ("window", "contiguous", 2, 2, True, 5, None, None, False, False),
+    ("dilated|global", "zigzag", 2, 2, False, None,
+     masks.dilated(3, 2) | masks.global_tokens([0, 5]), None, False, False),
+    ("alibi_softcap_causal", "contiguous", 4, 2, True, None, None, score_mods.compose(
+        score_mods.alibi(score_mods.alibi_slopes(4)), score_mods.softcap(2.0)), False, False),
+    ("relative_bias", "zigzag", 2, 2, False, None, None,
+     lambda s, b, h, q, kv: s + 0.3 * torch.cos((q - kv).to(s.dtype)) - 0.1 * h, False, False),
+    ("packed_pairs", "contiguous", 2, 2, False, None, None, None, True, False),
+]  # fmt: skip
+#: packed translation pairs, (B, L) ids: targets (queries) and sources (keys), pair by pair
+CROSS_IDS = (
+    torch.tensor([[0] * 3 + [1] * 5 + [2] * 4, [0] * 12]),
+    torch.tensor([[0] * 10 + [1] * 8 + [2] * 18, [0] * 36]),
+)
+
+
+def _cross_worker(
+    rank, world, init_file, results_dir, dtype=torch.float64, names=None, backend="auto"
+):
+    """ring_attention's cross-attention against one process's float64 reference: to 1e-9 in
+    float64, else within 4x the reference's own error in dtype."""
+    with gloo_rank(rank, world, init_file, results_dir):
+        Lq, Lk = 12, 36
+        for name, layout, Hq, Hkv, causal, window, extra, mod, packed, with_sinks in CROSS_CASES:
+            if names is not None and name not in names:
+                continue
+            torch.manual_seed(0)
+            q, k, v = rand_qkv(2, Hq, Hkv, Lq, Lk, 8, 6, dtype=torch.float64)
+            weight = torch.randn(2, Hq, Lq, 6, dtype=torch.float64)
+            sinks = torch.randn(Hq, dtype=torch.float64) if with_sinks else None
+            mask = global_mask(causal, window, None, extra)
+            if packed:
+                pairs = masks.document(CROSS_IDS[0], kv_ids=CROSS_IDS[1])
+                mask = pairs if mask is None else mask & pairs
+            want = _reference(q, k, v, sinks, mask, weight, torch.float64, mod)
+            low = _reference(q, k, v, sinks, mask, weight, dtype, mod)
+
+            def shard(t, dim=2, layout=layout):
+                return shard_sequence(t.detach(), world, rank, layout, dim)
+
+            local = [shard(t).to(dtype).requires_grad_() for t in (q, k, v)]
+            sinks = None if sinks is None else sinks.to(dtype)
+            out, lse = ring_attention(
+                *local, causal=causal, window=window, mask=extra, score_mod=mod, layout=layout,
+                sinks=sinks, return_lse=True, backend=backend,
+                document_ids=shard(CROSS_IDS[0], -1) if packed else None,
+                kv_document_ids=shard(CROSS_IDS[1], -1) if packed else None,
+            )  # fmt: skip
+            grads = torch.autograd.grad(
+                (out * shard(weight).to(dtype)).sum() + lse.sum() * 0.1, local
+            )
+            for what, got in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), strict=True):
+                if dtype == torch.float64:
+                    torch.testing.assert_close(
+                        got, shard(want[what]), rtol=1e-9, atol=1e-9,
+                        msg=lambda m, w=what, n=name: f"{n} {w}: {m}",
+                    )  # fmt: skip
+                else:
+                    assert_close_scaled(
+                        got, shard(want[what]), shard(low[what]), mult=4.0, floor=1e-5,
+                        what=f"{name} {what}",
+                    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_cross_attention_matches_single_process(world, tmp_path):
+    """Decoder queries over encoder keys, each sharded: masks, windows and mods over the
+    whole 12 x 36 grid, GQA, sinks, packed pairs (kv_document_ids): out, LSE, dq, dk, dv."""
+    spawn_ok(_cross_worker, world, tmp_path)
+
+
+@pytest.mark.slow
+def test_ring_cross_attention_on_the_compiled_cpu_kernels(tmp_path):
+    """float32 on tiled's kernels: the causal and window offsets and ALiBi's of a 12 x 36
+    grid in the kernels, block by block."""
+    names = ["causal_suffix", "window", "alibi_softcap_causal"]
+    spawn_ok(_cross_worker, 2, tmp_path, torch.float32, names)
+
+
+@pytest.mark.slow
+@needs_triton_device
+@pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="gloo passes CPU tensors: the interpreter's")
+def test_ring_cross_attention_on_the_triton_kernels(tmp_path):
+    """backend="triton" under TRITON_INTERPRET=1, float32: every cross case whose score_mod
+    the kernels compute."""
+    names = [c[0] for c in CROSS_CASES if c[0] != "relative_bias"]
+    spawn_ok(_cross_worker, 2, tmp_path, torch.float32, names, "triton")
+
+
 def _hybrid_odd_worker(rank, world, init_file, results_dir):
     with gloo_rank(rank, world, init_file, results_dir):
         with pytest.raises(ValueError, match="head_ranks=3 does not divide the world's 2 ranks"):
@@ -505,8 +601,17 @@ def _odd_worker(rank, world, init_file, results_dir):
         with pytest.raises(ValueError, match="a shard of at least one position"):
             ring_attention(empty, empty, empty)
         uneven = torch.randn(1, 2, 4 + rank, 8)
-        with pytest.raises(ValueError, match="same shard length"):
+        with pytest.raises(ValueError, match=r"same shard lengths \(queries, keys\); they ra"):
             ring_attention(uneven, uneven, uneven)
+        with pytest.raises(ValueError, match=r"from \(4, 4\) to \(4, 5\)"):  # the keys'
+            ring_attention(torch.randn(1, 2, 4, 8), uneven, uneven)
+        ids, kv = torch.zeros(4, dtype=torch.long), torch.randn(1, 2, 6, 8)
+        with pytest.raises(ValueError, match="takes the keys' ids as kv_document_ids: quer"):
+            ring_attention(torch.randn(1, 2, 4, 8), kv, kv, document_ids=ids)
+        with pytest.raises(ValueError, match=r"kv_document_ids must be .*\(6,\) or \(1, 6\) for k"):
+            ring_attention(torch.randn(1, 2, 4, 8), kv, kv, document_ids=ids, kv_document_ids=ids)
+        with pytest.raises(ValueError, match="kv_document_ids needs document_ids"):
+            ring_attention(kv, kv, kv, kv_document_ids=torch.zeros(6, dtype=torch.long))
         q = torch.randn(2, 2, 4, 8)
         with pytest.raises(ValueError, match="document_ids must be an integer tensor"):
             ring_attention(q, q, q, document_ids=torch.zeros(4))
@@ -561,7 +666,7 @@ def test_ring_blocks_that_share_no_document_are_skipped():
     from attnkit.distributed.ring import _pairs, _Setup
 
     def pairs(rank, src, ids):
-        setup = _Setup(None, rank, 4, 32, "contiguous", False, None, 1.0, "tiled")
+        setup = _Setup(None, rank, 4, 32, 32, "contiguous", False, None, 1.0, "tiled")
         shard = [shard_sequence(ids, 4, r, "contiguous", dim=1) for r in (rank, src)]
         return _pairs(setup, src, *shard)
 
@@ -598,7 +703,9 @@ def test_ring_blocks_keep_alibi_in_the_kernels_at_their_global_distances(layout)
             q_pos = shard_sequence(torch.arange(L), world, rank, layout, dim=0)
             for src in range(world):
                 k_pos = shard_sequence(torch.arange(L), world, src, layout, dim=0)
-                setup = _Setup(None, rank, world, L, layout, False, None, 1.0, "tiled", None, mod)
+                setup = _Setup(
+                    None, rank, world, L, L, layout, False, None, 1.0, "tiled", None, mod
+                )
                 for _, _, (qa, qb), (ka, kb), _, block_mod in _pairs(setup, src):
                     assert score_mods.kernel_mods(block_mod) is not None, (mod, rank, src)
                     rows, cols = q_pos[qa:qb], k_pos[ka:kb]

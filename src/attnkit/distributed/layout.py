@@ -36,15 +36,16 @@ def check_initialised(caller: str) -> None:
         raise RuntimeError(f"{caller} needs torch.distributed to be initialised")
 
 
-def check_shards(q: Tensor, k: Tensor, v: Tensor, caller: str) -> Shapes:
+def check_shards(q: Tensor, k: Tensor, v: Tensor, caller: str, cross: bool = False) -> Shapes:
     """The shapes of this rank's q, k, v shards; errors name ``caller``.
 
     RuntimeError unless torch.distributed is initialised; ValueError unless q, k and v hold
-    the same positions (self-attention: every rank holds a shard of one sequence).
+    the same positions (self-attention: every rank holds a shard of one sequence), where
+    ``caller`` does not take ``cross``-attention.
     """
     check_initialised(caller)
     shapes = check.check_qkv(q, k, v)
-    if shapes.Lq != shapes.Lk:
+    if not cross and shapes.Lq != shapes.Lk:
         raise ValueError(f"{caller} is self-attention: q has {shapes.Lq} positions, k {shapes.Lk}")
     return shapes
 

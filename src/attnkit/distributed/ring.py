@@ -48,7 +48,8 @@ class _Setup:
     group: dist.ProcessGroup | None
     rank: int
     world: int
-    length: int  # global sequence length
+    q_length: int  # the whole sequence's queries
+    k_length: int  # and keys (the same but for cross-attention)
     layout: str
     causal: bool
     window: tuple[int, int] | None
@@ -63,7 +64,7 @@ class _Setup:
     @functools.cached_property
     def whole_score_mod(self) -> ScoreModFn | None:
         """``score_mod`` bound to the whole sequence, once per call (every block shifts it)."""
-        return mods.resolve(self.score_mod, self.length, self.length)
+        return mods.resolve(self.score_mod, self.q_length, self.k_length)
 
 
 def _pair_score_mod(s: _Setup, corner: tuple[int, int]) -> ScoreMod | ScoreModFn | None:
@@ -79,7 +80,7 @@ def _pair_score_mod(s: _Setup, corner: tuple[int, int]) -> ScoreMod | ScoreModFn
     if kernel is not None:
         if kernel.slopes is None:
             return s.score_mod
-        whole = kernel.offset_for(s.length, s.length)
+        whole = kernel.offset_for(s.q_length, s.k_length)
         return replace(kernel, alibi_offset=whole + q_start - k_start).score_mod()
     whole_fn = s.whole_score_mod
     assert whole_fn is not None
@@ -100,7 +101,9 @@ def _pair_mask(
 
     ``ids``: the query and key chunks' document ids (B|1, chunk length), or None.
     """
-    offset = q_chunk[0] - k_chunk[0]  # local query i sits at local key i + offset
+    # local query i sits at local key i + offset (the whole grid's queries aligned to the
+    # end of its keys, as causal() and sliding_window() align them)
+    offset = q_chunk[0] - k_chunk[0] + s.k_length - s.q_length
     mask: Mask | None = None
     if s.window is not None:
         left, right = s.window
@@ -113,7 +116,7 @@ def _pair_mask(
     if s.mask is not None:
         corner = (q_chunk[0], k_chunk[0])
         if corner not in s.parts:
-            s.parts[corner] = s.mask.part(s.length, s.length, *corner)
+            s.parts[corner] = s.mask.part(s.q_length, s.k_length, *corner)
         mask = s.parts[corner] if mask is None else mask & s.parts[corner]
     if mask is None:
         return True, None
@@ -157,8 +160,8 @@ def _pairs(
     block's keys, with packed documents. Each pair is (q chunk index, k chunk index, local q
     range, local k range, mask, score_mod).
     """
-    q_chunks = chunks_of(s.rank, s.world, s.length, s.layout)
-    k_chunks = chunks_of(src, s.world, s.length, s.layout)
+    q_chunks = chunks_of(s.rank, s.world, s.q_length, s.layout)
+    k_chunks = chunks_of(src, s.world, s.k_length, s.layout)
     q_local, k_local = _local_slices(q_chunks), _local_slices(k_chunks)
     todo = []
     for i, qc in enumerate(q_chunks):
@@ -208,15 +211,15 @@ def _ids_of(block: list[Tensor]) -> Tensor | None:
 
 
 def _forward(
-    s: _Setup, q: Tensor, k: Tensor, v: Tensor, ids: Tensor | None
+    s: _Setup, q: Tensor, k: Tensor, v: Tensor, q_ids: Tensor | None, kv_ids: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    n_chunks = len(chunks_of(s.rank, s.world, s.length, s.layout))
+    n_chunks = len(chunks_of(s.rank, s.world, s.q_length, s.layout))
     parts: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in range(n_chunks)]
-    kv = _block(k, v, ids)
+    kv = _block(k, v, kv_ids)
     for step in range(s.world):
         src = (s.rank - step) % s.world
         pending = _exchange(s, kv) if step < s.world - 1 else None
-        for i, _, (qa, qb), (ka, kb), mask, mod in _pairs(s, src, ids, _ids_of(kv)):
+        for i, _, (qa, qb), (ka, kb), mask, mod in _pairs(s, src, q_ids, _ids_of(kv)):
             o, lse = _block_forward(
                 s, q[:, :, qa:qb], kv[0][:, :, ka:kb], kv[1][:, :, ka:kb], mask, mod
             )
@@ -228,7 +231,7 @@ def _forward(
             kv = pending[1]
     outs, lses = [], []
     for (qa, qb), (os_, ls) in zip(
-        _local_slices(chunks_of(s.rank, s.world, s.length, s.layout)), parts, strict=True
+        _local_slices(chunks_of(s.rank, s.world, s.q_length, s.layout)), parts, strict=True
     ):
         if os_:
             o, lse = merge_partials(os_, ls)
@@ -251,17 +254,18 @@ def _backward(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    ids: Tensor | None,
+    q_ids: Tensor | None,
+    kv_ids: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     ct = compute_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=ct)
-    kv = _block(k, v, ids)
+    kv = _block(k, v, kv_ids)
     dkv = [torch.zeros_like(k, dtype=ct), torch.zeros_like(v, dtype=ct)]
     block_backward = (triton if s.backend == "triton" else tiled).block_backward
     for step in range(s.world):
         src = (s.rank - step) % s.world
         pending_kv = _exchange(s, kv) if step < s.world - 1 else None
-        for _, _, (qa, qb), (ka, kb), mask, mod in _pairs(s, src, ids, _ids_of(kv)):
+        for _, _, (qa, qb), (ka, kb), mask, mod in _pairs(s, src, q_ids, _ids_of(kv)):
             dq_p, dk_p, dv_p = block_backward(
                 dout[:, :, qa:qb],
                 q[:, :, qa:qb],
@@ -291,11 +295,17 @@ def _backward(
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, q: Tensor, k: Tensor, v: Tensor, ids: Tensor | None, s: _Setup
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_ids: Tensor | None,
+        kv_ids: Tensor | None,
+        s: _Setup,
     ) -> tuple[Tensor, Tensor]:
-        out, lse = _forward(s, q, k, v, ids)
+        out, lse = _forward(s, q, k, v, q_ids, kv_ids)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ids, ctx.setup = ids, s
+        ctx.ids, ctx.setup = (q_ids, kv_ids), s
         return out, lse
 
     @staticmethod
@@ -303,8 +313,8 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
-        dq, dk, dv = _backward(ctx.setup, dout, dlse, q, k, v, out, lse, ctx.ids)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _backward(ctx.setup, dout, dlse, q, k, v, out, lse, *ctx.ids)
+        return dq, dk, dv, None, None, None
 
 
 def ring_attention(
@@ -321,19 +331,26 @@ def ring_attention(
     layout: str = "zigzag",
     sinks: Tensor | None = None,
     document_ids: Tensor | None = None,
+    kv_document_ids: Tensor | None = None,
     backend: str = "auto",
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Self-attention over a sequence sharded along dim 2 across the ranks of ``group``.
+    """Attention over sequences sharded along dim 2 across the ranks of ``group``.
+
+    Self-attention, or cross-attention: queries of one sequence (Lq) over keys of another
+    (Lk; a decoder's over an encoder's), each sharded over the ranks by ``layout``. Masks,
+    score mods and windows read positions in the whole Lq x Lk grid, as ``attention``'s.
 
     Args:
-        q: this rank's queries (B, Hq, L/P, D), sharded by ``layout`` (see ``shard_sequence``).
-        k: this rank's keys (B, Hkv, L/P, D); GQA allowed.
-        v: this rank's values (B, Hkv, L/P, Dv).
-        causal: query at global position i sees keys j <= i.
+        q: this rank's queries (B, Hq, Lq/P, D), sharded by ``layout`` (see
+            ``shard_sequence``).
+        k: this rank's keys (B, Hkv, Lk/P, D); GQA allowed.
+        v: this rank's values (B, Hkv, Lk/P, Dv).
+        causal: query at global position i sees keys j <= i (j <= i + Lk - Lq: the queries
+            aligned to the end of the keys, as ``masks.causal()``).
         window: FlashAttention's window_size: (left, right), or an int w for (w, 0) when
             causal and (w, w) otherwise; -1 leaves a side unbounded.
-        mask: any ``Mask`` over the whole sequence (L, L), its positions global (dilated,
+        mask: any ``Mask`` over the whole grid (Lq, Lk), its positions global (dilated,
             BigBird, global tokens, block layouts, ...), on top of ``causal``, ``window`` and
             ``document_ids``; blocks it leaves empty are skipped. (Not a tensor or BlockMask:
             every rank would need the whole L x L.)
@@ -350,63 +367,73 @@ def ring_attention(
             applied to the merged output. Each rank's gradient covers its own queries: sum
             it over ranks, as for any replicated parameter.
         document_ids: packed documents: this rank's shard (sharded as q is, along its last
-            dim) of the global sequence's document ids, (L/P,) or (B, L/P), integers. A query
-            sees only keys of its own document (``masks.document``), on top of ``causal`` and
-            ``window``; blocks that share no document with a rank's queries are skipped.
+            dim) of the global sequence's document ids, (Lq/P,) or (B, Lq/P), integers. A
+            query sees only keys of its own document (``masks.document``), on top of
+            ``causal`` and ``window``; blocks that share no document with a rank's queries
+            are skipped.
+        kv_document_ids: the keys' document ids, sharded as k is, (Lk/P,) or (B, Lk/P):
+            for cross-attention over packed pairs (default: ``document_ids``, which
+            self-attention's keys share).
         backend: what computes each block, forward and backward: "tiled" (any device; its
             compiled kernels on CPU), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), or
             "auto": triton on CUDA tensors it supports, tiled otherwise.
         return_lse: also return the LSE (B, Hq, L/P) of this rank's queries.
 
     Returns:
-        this rank's output (B, Hq, L/P, Dv) (and LSE). Gradients flow to q, k and v.
+        this rank's output (B, Hq, Lq/P, Dv) (and LSE). Gradients flow to q, k and v.
     """
     q, k, v = autocast_inputs(q, k, v)
-    shapes = check_shards(q, k, v, "ring_attention")
+    shapes = check_shards(q, k, v, "ring_attention", cross=True)
     if shapes.no_pairs:
         raise ValueError(
             f"ring_attention needs a batch and a shard of at least one position, got q "
             f"{tuple(q.shape)}, k {tuple(k.shape)}"
         )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    ids = None if document_ids is None else _document_ids(document_ids, q, shapes.B, shapes.Lq)
+    q_ids, kv_ids = _both_document_ids(document_ids, kv_document_ids, q, k, shapes)
     # shapes that travel the ring must agree on every rank (on q's device: NCCL takes no CPU)
-    rows = 0 if ids is None else ids.shape[0]
-    agreed = torch.tensor([shapes.Lq, -shapes.Lq, rows, -rows], device=q.device)
+    rows = [0 if ids is None else ids.shape[0] for ids in (q_ids, kv_ids)]
+    mine = torch.tensor([shapes.Lq, shapes.Lk, *rows], device=q.device)
+    agreed = torch.cat([mine, -mine])
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
-    longest, shortest, most_rows, fewest_rows = (
-        int(x) for x in agreed * agreed.new_tensor([1, -1, 1, -1])
-    )
-    if longest != shortest:
+    most, fewest = agreed[:4].tolist(), (-agreed[4:]).tolist()
+    if most[:2] != fewest[:2]:
         raise ValueError(
-            f"every rank must hold the same shard length; lengths range from {shortest} "
-            f"to {longest} (rank {rank} has {shapes.Lq})"
+            f"every rank must hold the same shard lengths (queries, keys); they range from "
+            f"{tuple(fewest[:2])} to {tuple(most[:2])} (rank {rank} has "
+            f"{(shapes.Lq, shapes.Lk)})"
         )
-    if most_rows != fewest_rows:
+    if most[2:] != fewest[2:]:
         raise ValueError(
-            "document_ids must be given on every rank or none, each of the same shape; ranks "
-            f"have from {fewest_rows} to {most_rows} rows of ids (0: none; rank {rank} has {rows})"
+            "document_ids (and kv_document_ids) must be given on every rank or none, each of "
+            f"the same shape; ranks have from {fewest[2:]} to {most[2:]} rows of ids (0: none; "
+            f"rank {rank} has {rows})"
         )
-    check_layout(layout, shapes.Lq * world, world)
+    q_length, k_length = shapes.Lq * world, shapes.Lk * world
+    check_layout(layout, q_length, world)
+    check_layout(layout, k_length, world)
     win = window_sides(window, causal)
     setup = _Setup(
         group,
         rank,
         world,
-        shapes.Lq * world,
+        q_length,
+        k_length,
         layout,
         causal,
         win,
         check.check_scale(scale, shapes.D),
         _block_backend(backend, q, k, v, _learning_nothing(score_mod, shapes)),
-        _whole_sequence_mask(mask, shapes.Lq * world, "ring_attention"),
+        _whole_sequence_mask(mask, q_length, "ring_attention", k_length),
         score_mod,
     )
     if sinks is not None:
         check_sinks(sinks, shapes.Hq, q.device)
     check.check_flag("return_lse", return_lse)
     with autocast_off(q):
-        out, lse = _RingAttention.apply(q, k, v, ids, setup)  # type: ignore[no-untyped-call]
+        out, lse = _RingAttention.apply(  # type: ignore[no-untyped-call]
+            q, k, v, q_ids, kv_ids, setup
+        )
         if sinks is not None:
             out, lse = apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
@@ -424,13 +451,19 @@ def window_sides(window: int | tuple[int, int] | None, causal: bool) -> tuple[in
     return check.check_window("window left", pair[0]), check.check_window("window right", pair[1])
 
 
-def _whole_sequence_mask(mask: object, length: int, caller: str) -> Mask | None:
-    """``mask`` if it is a Mask whose parts ``caller`` can take (or None), else ValueError."""
+def _whole_sequence_mask(
+    mask: object, length: int, caller: str, k_length: int | None = None
+) -> Mask | None:
+    """``mask`` if it is a Mask whose parts ``caller`` can take (or None), else ValueError.
+
+    ``length`` x ``k_length`` (default: ``length``): the whole grid of queries and keys.
+    """
     if mask is None:
         return None
     if isinstance(mask, Mask):
-        mask.part(length, length, 0, 0)  # refuses, before any block travels, a rule that
-        return mask  # answers for whole grids only
+        # refuses, before any block travels, a rule that answers for whole grids only
+        mask.part(length, length if k_length is None else k_length, 0, 0)
+        return mask
     raise ValueError(
         f"{caller} takes a Mask over the whole sequence (attnkit.masks), got "
         f"{type(mask).__name__}: a bool tensor or BlockMask would need the whole L x L on "
@@ -478,15 +511,38 @@ def _block_backend(
     return "triton" if why is None and (backend == "triton" or q.device.type == "cuda") else "tiled"
 
 
-def _document_ids(ids: Tensor, q: Tensor, B: int, length: int) -> Tensor:
-    """``document_ids`` as (B|1, L/P) int64 on q's device, or ValueError naming the shapes."""
+def _both_document_ids(
+    ids: Tensor | None, kv_ids: Tensor | None, q: Tensor, k: Tensor, shapes: Shapes
+) -> tuple[Tensor | None, Tensor | None]:
+    """The queries' and the keys' document ids as (B|1, ·) int64 shards, or (None, None)."""
+    if ids is None:
+        if kv_ids is not None:
+            raise ValueError("kv_document_ids needs document_ids (the queries' ids)")
+        return None, None
+    if kv_ids is None:
+        if shapes.Lq != shapes.Lk:
+            raise ValueError(
+                f"cross-attention over packed documents takes the keys' ids as "
+                f"kv_document_ids: queries and keys hold {shapes.Lq} and {shapes.Lk} positions"
+            )
+        kv_ids = ids
+    return (
+        _document_ids(ids, q, shapes.B, shapes.Lq),
+        _document_ids(kv_ids, k, shapes.B, shapes.Lk, "kv_document_ids", "k"),
+    )
+
+
+def _document_ids(
+    ids: Tensor, x: Tensor, B: int, length: int, name: str = "document_ids", of: str = "q"
+) -> Tensor:
+    """``ids`` as (B|1, L/P) int64 on x's device, or ValueError naming the shapes."""
     if not isinstance(ids, Tensor) or ids.dtype == torch.bool or ids.is_floating_point():
         what = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
-        raise ValueError(f"document_ids must be an integer tensor, got {what}")
+        raise ValueError(f"{name} must be an integer tensor, got {what}")
     shard = ids[None] if ids.dim() == 1 else ids
     if shard.dim() != 2 or shard.shape[0] not in (1, B) or shard.shape[1] != length:
         raise ValueError(
-            f"document_ids must be this rank's shard of the ids, ({length},) or ({B}, {length})"
-            f" for q {tuple(q.shape)}; got {tuple(ids.shape)}"
+            f"{name} must be this rank's shard of the ids, ({length},) or ({B}, {length})"
+            f" for {of} {tuple(x.shape)}; got {tuple(ids.shape)}"
         )
-    return shard.to(q.device, torch.int64)
+    return shard.to(x.device, torch.int64)

@@ -124,6 +124,7 @@ def sharded_cache_attention(
         rank,
         world,
         length,
+        length,
         "contiguous",
         causal,
         win,
