@@ -7,6 +7,8 @@ log-sum-exp. Blocks a causal or window mask leaves empty are skipped (but still 
 with packed documents, so are blocks that share no document with the rank's queries (the
 keys' document ids travel the ring with their block). Any other mask over the whole sequence
 applies to each pair of chunks as its part (``Mask.part``), and skips what it leaves empty.
+Cross-attention (each rank's queries of one sequence, its keys and values of another) takes
+the same path over the Lq x Lk grid.
 
 Backward (FlashAttention-2 style) runs the ring once more: each block travels with the
 gradient accumulators of its keys and values; every rank adds its queries' contribution,

@@ -92,10 +92,8 @@ def kv_heads_for(first: int, count: int, group_size: int) -> list[int]:
     """
     read = [h // group_size for h in range(first, first + count)]
     distinct = sorted(set(read))
-    if all(read.count(kv) == count // len(distinct) for kv in distinct) and not (
-        count % max(len(distinct), 1)
-    ):
-        return distinct
+    if read and all(read.count(kv) * len(distinct) == count for kv in distinct):
+        return distinct  # each read by count / len(distinct) query heads
     return read
 
 
