@@ -8,6 +8,8 @@
 consecutive ranks, the ring across them).
 ``--mask`` adds a sparse pattern over the whole sequence, as ``attnkit patterns --mask`` takes
 it (e.g. ``sliding_window:256,256+global:0``); ``--alibi`` and ``--softcap C`` score mods.
+``--kv-seq N`` makes it cross-attention: the --seq queries over keys and values of another
+sequence of N tokens (the ring only; --check-seq scales with it).
 
 Prints the time per call, each rank's peak memory, the bytes each rank sends per ring step,
 and the max error against a single-process float32 run at --check-seq tokens. ``--backend``
@@ -57,7 +59,13 @@ def main() -> None:
     ap.add_argument("--mask", default=None, help="a sparse pattern, e.g. dilated:64,4+global:0")
     ap.add_argument("--softcap", type=float, default=None, help="logit soft-capping at this cap")
     ap.add_argument("--alibi", action="store_true", help="ALiBi biases (global positions)")
+    ap.add_argument("--kv-seq", type=int, default=None, help="cross-attention over N keys")
     args = ap.parse_args()
+    kv_seq = args.seq if args.kv_seq is None else args.kv_seq
+    if args.kv_seq is not None and (args.ulysses or args.hybrid):
+        ap.error("--kv-seq (cross-attention) runs on the ring alone")
+    if (args.check_seq * kv_seq) % args.seq:
+        ap.error(f"--check-seq {args.check_seq} must scale to a whole number of keys")
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
@@ -99,26 +107,30 @@ def main() -> None:
         """This rank's shard of ``documents(length)``, or None without --documents."""
         return None if args.documents is None else shard(documents(length), dim=0)
 
-    def whole_mask(length: int) -> masks.Mask:
-        """The mask over the whole sequence."""
+    def whole_mask(length: int, kv_length: int | None = None) -> masks.Mask:
+        """The mask over the whole sequence (over the ``kv_length`` keys: cross-attention,
+        document i of the queries with document i of the keys)."""
         if args.window is not None:
             mask = masks.sliding_window(args.window, 0 if causal else args.window)
         else:
             mask = masks.causal() if causal else masks.full()
         if pattern is not None:
             mask = mask & pattern
-        return mask if args.documents is None else mask & masks.document(documents(length))
+        if args.documents is None:
+            return mask
+        kv_ids = None if kv_length is None else documents(kv_length)
+        return mask & masks.document(documents(length), kv_ids=kv_ids)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention over every rank's shard of q, k, v (B, H, L/P, D)."""
-        length = q.shape[2] * world
+        length, kv_length = q.shape[2] * world, k.shape[2] * world
         if args.ulysses:
             out = ulysses_attention(
                 q, k, v, mask=whole_mask(length), score_mod=score_mod, layout=args.layout,
                 backend=args.backend,
             )  # fmt: skip
         else:
-            method, grid = ring_attention, {}
+            method, grid = ring_attention, {"kv_document_ids": shard_of_documents(kv_length)}
             if groups is not None:
                 method, grid = hybrid_attention, {"head_group": groups[0], "ring_group": groups[1]}
             out = method(
@@ -129,27 +141,28 @@ def main() -> None:
         assert isinstance(out, torch.Tensor)
         return out
 
+    def qkv(Lq: int, Lk: int, grad: bool = False) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            torch.randn(1, h, n, args.dim, device=device, dtype=dtype, requires_grad=grad)
+            for h, n in ((args.heads, Lq), (args.kv_heads, Lk), (args.kv_heads, Lk))
+        )
+
     # 1. correctness: the same global tensors on every rank, compared with one process
     torch.manual_seed(0)
     L = args.check_seq
-    q, k, v = (
-        torch.randn(1, h, L, args.dim, device=device, dtype=dtype)
-        for h in (args.heads, args.kv_heads, args.kv_heads)
-    )
+    q, k, v = qkv(L, L * kv_seq // args.seq)
     whole = attnkit.attention(
-        q.float(), k.float(), v.float(), mask=whole_mask(L), score_mod=score_mod, backend="tiled"
-    )
+        q.float(), k.float(), v.float(), mask=whole_mask(L, k.shape[2]), score_mod=score_mod,
+        backend="tiled",
+    )  # fmt: skip
     local = attend(*(shard(t) for t in (q, k, v)))
     err = (local.float() - shard(whole)).abs().max().reshape(1)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
 
     # 2. time and memory at --seq tokens: each rank makes only its own shard
     torch.manual_seed(rank)
-    n = args.seq // world
-    q, k, v = (
-        torch.randn(1, h, n, args.dim, device=device, dtype=dtype, requires_grad=args.backward)
-        for h in (args.heads, args.kv_heads, args.kv_heads)
-    )
+    n = kv_seq // world  # keys per rank
+    q, k, v = qkv(args.seq // world, n, args.backward)
     attend(q[:, :, :64], k[:, :, :64], v[:, :, :64])  # warm-up
     dist.barrier()
     base_mb = peak_mb(reset=True)
@@ -167,7 +180,8 @@ def main() -> None:
         grid = "" if args.hybrid is None else f" as {world // args.hybrid} x {args.hybrid}"
         what = "forward+backward" if args.backward else "forward"
         print(
-            f"{method} attention, P={world}{grid} ({backend}), seq={args.seq}, heads={args.heads}/"
+            f"{method} attention, P={world}{grid} ({backend}), seq={args.seq}"
+            f"{'' if args.kv_seq is None else f' over kv_seq={kv_seq}'}, heads={args.heads}/"
             f"{args.kv_heads}, dim={args.dim}, causal={causal}, window={args.window}, "
             f"layout={args.layout}, documents={args.documents}, mask={args.mask}, "
             f"score_mod={score_mod!r}, "

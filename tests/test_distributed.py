@@ -820,12 +820,14 @@ def test_merge_stacked_takes_the_same_few_operations_for_any_number_of_parts():
         ("ring", 2, ["--full", "--mask", "dilated:8,4+global:0"]),
         ("hybrid", 4, ["--hybrid", "2", "--mask", "dilated:8,4+global:0"]),
         ("ring", 2, ["--alibi", "--softcap", "5"]),
+        ("ring", 2, ["--kv-seq", "3072", "--alibi"]),
     ],
-    ids=["ring", "ulysses", "ring_sparse", "hybrid_2x2_sparse", "ring_alibi_softcap"],
+    ids=["ring", "ulysses", "ring_sparse", "hybrid_2x2_sparse", "ring_alibi_softcap", "cross"],
 )
 def test_the_ring_example_runs_under_torchrun_and_matches_one_process(method, ranks, more):
     """examples/ring_attention.py as its docstring runs it (packed documents, forward and
-    backward): it reports its error against one process, and that error is small."""
+    backward; cross-attention: 1,024 queries over 3,072 keys, 4 packed pairs): it reports its
+    error against one process, and that error is small."""
     example = Path(__file__).parents[1] / "examples" / "ring_attention.py"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
     options = ["--seq", "1024", "--check-seq", "256", "--documents", "4", "--backward", *more]
