@@ -239,8 +239,8 @@ def _refusal_worker(rank, world, init_file, results_dir):
                 attn(x, cache=caches[0], need_weights=True)
             with pytest.raises(ValueError, match=r"masks must be attnkit\.masks Mask objects"):
                 attn(x, cache=caches[0], mask=torch.ones(1, 9, dtype=torch.bool))
-            with pytest.raises(ValueError, match="without key_padding_mask or dropout"):
-                attn(x, cache=caches[0], key_padding_mask=torch.zeros(1, 9, dtype=torch.bool))
+            with pytest.raises(ValueError, match=r"every position so far\) = \(1, 9\), got"):
+                attn(x, cache=caches[0], key_padding_mask=torch.zeros(1, 1, dtype=torch.bool))
 
 
 @pytest.mark.slow
@@ -371,8 +371,8 @@ PROMPTS = {2: [8, 7], 3: [9, 11, 2]}
 def _generate_worker(rank, world, init_file, results_dir):
     """``lm.generate(..., group=WORLD)`` on every rank against ``lm.generate`` in one
     process: greedy on every prompt length; for one length per model (a different one each)
-    also sampled (each rank's generator seeded apart: the last rank's draws), with an end
-    token, and beam search."""
+    also a left-padded batch (greedy and beam search), sampled (each rank's generator seeded
+    apart: the last rank's draws), with an end token, and beam search."""
     with gloo_rank(rank, world, init_file, results_dir):
         everyone = dist.group.WORLD
         for i, (name, options) in enumerate(MODELS):
@@ -388,6 +388,19 @@ def _generate_worker(rank, world, init_file, results_dir):
                 assert torch.equal(shared, alone), what
                 if lengths[i % len(lengths)] != P:
                     continue
+                pads = (
+                    torch.arange(P)[None, :] < torch.tensor([0, P - 1])[:, None]
+                )  # row 1: 1 token
+                alone = lm.generate(prompt, max_new_tokens=6, temperature=0, prompt_padding=pads)
+                shared = lm.generate(
+                    prompt, max_new_tokens=6, temperature=0, prompt_padding=pads, group=everyone
+                )
+                assert torch.equal(shared, alone), f"{what}, left-padded"
+                found = lm.beam_search(prompt, num_beams=2, max_new_tokens=4, prompt_padding=pads)
+                shared = lm.beam_search(
+                    prompt, num_beams=2, max_new_tokens=4, prompt_padding=pads, group=everyone
+                )
+                assert torch.equal(shared.tokens, found.tokens), f"{what}, left-padded beams"
                 eos = int(alone[0, P + 2])  # row 0 ends there; then every row ends or stops
                 alone = lm.generate(prompt, max_new_tokens=6, temperature=0, eos_id=eos)
                 shared = lm.generate(
@@ -414,17 +427,18 @@ def test_generate_over_a_process_group_matches_one_process(world, tmp_path):
 
 
 def _disagreeing_worker(rank, world, init_file, results_dir):
-    """Ranks passing different prompts all raise, naming what each passed; a refused
-    request (prompt_padding) raises before any collective."""
+    """Ranks passing different prompts, or different padding, all raise, naming what each
+    passed; the group still works after."""
     with gloo_rank(rank, world, init_file, results_dir):
         torch.manual_seed(0)
         lm = CausalLM(40, d_model=32, nhead=4, num_layers=1, max_len=64).eval()
         prompt = torch.full((1, 6), 3 + rank)
-        with pytest.raises(ValueError, match="same prompt and max_new_tokens on every rank"):
+        with pytest.raises(ValueError, match="same prompt, prompt_padding and max_new_tokens on"):
             lm.generate(prompt, max_new_tokens=2, group=dist.group.WORLD)
-        with pytest.raises(ValueError, match="prompt_padding is not served with group="):
+        pads = torch.arange(6)[None, :] < rank  # rank 1 pads one token, rank 0 none
+        with pytest.raises(ValueError, match=r"token checksum, padding checksum or -1\) per"):
             lm.generate(
-                prompt, max_new_tokens=2, prompt_padding=torch.zeros(1, 6, dtype=torch.bool),
+                torch.ones(1, 6, dtype=torch.long), max_new_tokens=2, prompt_padding=pads,
                 group=dist.group.WORLD,
             )  # fmt: skip
         # the group still works after the refusals

@@ -424,16 +424,26 @@ class MultiHeadAttention(nn.Module):
         Before ``cache.start_decoding``, q, k and v are this rank's prompt chunk, attended
         with ``ring_attention``; after it, every rank's same new tokens, attended over every
         rank's run with ``sharded_cache_attention``. Masks must be ``Mask`` objects (over the
-        whole sequence).
+        whole sequence); ``key_padding_mask`` (B, position after this call) must cover every
+        position so far (the ring takes its pads as document ids: a token sees no pad).
         """
         from attnkit.distributed import ring_attention, sharded_cache_attention
 
         # refusals first: the cache is still as it was, and no rank has entered a collective
         if need_weights:
             raise ValueError("need_weights is not served over a ShardedKVCache")
-        if key is not None or key_padding_mask is not None or (self.training and self.dropout):
+        if key is not None or (self.training and self.dropout):
+            raise ValueError("a ShardedKVCache serves self-attention without dropout")
+        n = q.shape[2]
+        end = (cache.kv_start if not cache.decoding else cache.position) + n
+        if key_padding_mask is not None and (
+            key_padding_mask.dtype != torch.bool
+            or tuple(key_padding_mask.shape) != (q.shape[0], end)
+        ):
             raise ValueError(
-                "a ShardedKVCache serves self-attention without key_padding_mask or dropout"
+                f"over a ShardedKVCache, key_padding_mask must be bool (B, every position so "
+                f"far) = ({q.shape[0]}, {end}), got {key_padding_mask.dtype} "
+                f"{tuple(key_padding_mask.shape)}"
             )
         given = [m for m in (self.mask, mask) if m is not None]
         parts = [m for m in given if isinstance(m, Mask)]
@@ -443,7 +453,6 @@ class MultiHeadAttention(nn.Module):
                 f"whole sequence), got {[type(m).__name__ for m in given]}"
             )
         whole = reduce(operator.and_, parts) if parts else None
-        n = q.shape[2]
         prompt = not cache.decoding
         if prompt and (cache.length or cache.kv_start != dist.get_rank(cache.group) * n):
             raise ValueError(
@@ -452,17 +461,21 @@ class MultiHeadAttention(nn.Module):
                 f"{cache.length} positions before a chunk of {n}"
             )
         k, v = cache.append(k, v)
+        held = None  # the pads among this rank's keys (decided alike on every rank)
+        if key_padding_mask is not None:
+            held = key_padding_mask[:, cache.kv_start : cache.kv_start + cache.length]
         if prompt:
             blocks = self.backend if self.backend in ("tiled", "triton") else "auto"
             out = ring_attention(
                 q, k, v, mask=whole, score_mod=self.score_mod, scale=self.scale,
                 sinks=self.sinks, group=cache.group, layout="contiguous", backend=blocks,
+                document_ids=None if held is None else (~held).long(),  # pads: document 0
             )  # fmt: skip
         else:
             out = sharded_cache_attention(
                 q, k, v, kv_start=cache.kv_start, q_start=cache.position - n, mask=whole,
                 score_mod=self.score_mod, scale=self.scale, sinks=self.sinks, group=cache.group,
-                backend=self.backend,
+                backend=self.backend, padding=held,
             )  # fmt: skip
         assert isinstance(out, Tensor)
         return out

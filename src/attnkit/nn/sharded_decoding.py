@@ -7,7 +7,9 @@ prompt (len mod P tokens) and every new token go to every rank, the last rank st
 keys and values, attention merging every rank's run (``sharded_cache_attention``). Each rank
 holds about 1/P of the prompt's cache, the last one also the new tokens'.
 
-The last rank's logits are broadcast, so every rank continues with the same tokens.
+The last rank's logits are broadcast, so every rank continues with the same tokens. A
+left-padded batch's pads reach the ring as document ids and the decoding as padding over each
+rank's keys (``MultiHeadAttention`` over a ``ShardedKVCache``).
 """
 
 from __future__ import annotations
@@ -25,13 +27,18 @@ if TYPE_CHECKING:
 
 
 def sharded_decoding(
-    lm: CausalLM, prompt: Tensor, max_new_tokens: int, group: dist.ProcessGroup
+    lm: CausalLM,
+    prompt: Tensor,
+    padding: Tensor | None,
+    max_new_tokens: int,
+    group: dist.ProcessGroup,
 ) -> Decoding:
     """Feed prompt (N, P), the same on every rank of ``group``, into caches sharded over it.
 
-    A collective: every rank of ``group`` calls it with the same prompt and max_new_tokens
-    (checked: ranks that disagree all raise ValueError), then calls ``step`` and
-    ``reorder`` with the same arguments in the same order.
+    ``padding`` (N, P + max_new_tokens) bool, True = pad, over the whole text (left-padded
+    prompts), or None. A collective: every rank of ``group`` calls it with the same prompt,
+    padding and max_new_tokens (checked: ranks that disagree all raise ValueError), then
+    calls ``step`` and ``reorder`` with the same arguments in the same order.
     """
     if not dist.is_initialized():
         raise RuntimeError("group= needs torch.distributed initialised (init_process_group)")
@@ -42,7 +49,10 @@ def sharded_decoding(
     # the last rank holds the rest of the prompt and every new token; a run holds >= 1 slot
     held = n + (rest + max_new_tokens if rank == last else 0)
     caches = lm.new_sharded_caches(N, max(held, 1), kv_start=rank * n, group=group)
-    _check_ranks_agree(prompt, max_new_tokens, group)
+    _check_ranks_agree(prompt, padding, max_new_tokens, group)
+
+    def upto(end: int) -> Tensor | None:
+        return None if padding is None else padding[:, :end]
 
     def shared(logits: Tensor) -> Tensor:  # (N, V): the last rank's, on every rank
         logits = logits.contiguous()
@@ -51,34 +61,45 @@ def sharded_decoding(
 
     logits = None
     if n:  # every rank's equal chunk, attended by ring attention
-        logits, _ = lm(prompt[:, rank * n : (rank + 1) * n], start=rank * n, caches=caches)
+        chunk = prompt[:, rank * n : (rank + 1) * n]
+        logits, _ = lm(chunk, start=rank * n, caches=caches, padding=upto((rank + 1) * n))
     for cache in caches:
         cache.start_decoding()
     if rest:  # the prompt's last tokens, as every rank's same new tokens
-        logits, _ = lm(prompt[:, world * n :], start=world * n, caches=caches)
+        logits, _ = lm(prompt[:, world * n :], start=world * n, caches=caches, padding=upto(P))
     assert logits is not None  # P >= 1, so n or rest is
 
     def step(token: Tensor, t: int) -> Tensor:  # token t of the continuation in, logits out
-        out: Tensor = lm(token[:, None], start=P + t, caches=caches)[0]
+        out: Tensor = lm(token[:, None], start=P + t, caches=caches, padding=upto(P + t + 1))[0]
         return shared(out[:, -1])
 
-    def reorder(index: Tensor) -> None:
+    def reorder(index: Tensor) -> None:  # row i continues as row index[i]
+        nonlocal padding
         for cache in caches:
             cache.reorder(index)
+        padding = None if padding is None else padding[index]
 
     return Decoding(shared(logits[:, -1]), step, reorder)
 
 
-def _check_ranks_agree(prompt: Tensor, max_new_tokens: int, group: dist.ProcessGroup) -> None:
-    """Every rank the same prompt shape, token ids (a checksum) and max_new_tokens."""
-    ids = prompt.reshape(-1).long()
-    weights = torch.arange(1, ids.numel() + 1, device=ids.device)
+def _check_ranks_agree(
+    prompt: Tensor, padding: Tensor | None, max_new_tokens: int, group: dist.ProcessGroup
+) -> None:
+    """Every rank the same prompt shape, token ids and padding (checksums), max_new_tokens."""
+
+    def checksum(t: Tensor) -> Tensor:  # int64 wraps: equal tensors, equal sums
+        flat = t.reshape(-1).long()
+        return (flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum()
+
+    device = prompt.device
+    pads = torch.tensor(-1, device=device) if padding is None else checksum(padding)
     mine = torch.stack(
         [
-            torch.tensor(prompt.shape[0], device=ids.device),
-            torch.tensor(prompt.shape[1], device=ids.device),
-            torch.tensor(max_new_tokens, device=ids.device),
-            (ids * weights).sum(),  # int64 wraps: equal prompts, equal sums
+            torch.tensor(prompt.shape[0], device=device),
+            torch.tensor(prompt.shape[1], device=device),
+            torch.tensor(max_new_tokens, device=device),
+            checksum(prompt),
+            pads,
         ]
     )
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -86,7 +107,8 @@ def _check_ranks_agree(prompt: Tensor, max_new_tokens: int, group: dist.ProcessG
     seen = {tuple(int(x) for x in t) for t in everyone}
     if len(seen) > 1:
         raise ValueError(
-            "generation over sharded caches needs the same prompt and max_new_tokens on "
-            "every rank; (batch, prompt length, max_new_tokens, token checksum) per rank: "
+            "generation over sharded caches needs the same prompt, prompt_padding and "
+            "max_new_tokens on every rank; (batch, prompt length, max_new_tokens, token "
+            "checksum, padding checksum or -1) per rank: "
             f"{[tuple(int(x) for x in t) for t in everyone]}"
         )

@@ -851,10 +851,6 @@ class CausalLM(nn.Module):
             raise ValueError(
                 f"prompt must hold at least one token, got shape {tuple(prompt.shape)}"
             )
-        if group is not None and prompt_padding is not None:
-            raise ValueError(
-                "prompt_padding is not served with group= (sharded caches take no key padding)"
-            )
         padding = _generation_padding(prompt_padding, B, P, max_new_tokens)
         total = P + max_new_tokens
         if self.embed.positions is not None and total > self.max_len:
@@ -863,7 +859,7 @@ class CausalLM(nn.Module):
                 "(learned positions)"
             )
         if group is not None:
-            decoding = sharded_decoding(self, prompt, max_new_tokens, group)
+            decoding = sharded_decoding(self, prompt, padding, max_new_tokens, group)
         else:
             decoding = self._fed(prompt, padding, total)
         if copies == 1:
@@ -938,7 +934,7 @@ class CausalLM(nn.Module):
         cache is split along the sequence over the ranks, each holding about 1/P of the
         prompt's keys and values, the last rank also the new tokens'
         (``attnkit.nn.sharded_decoding``). Needs MultiHeadAttention layers with ``Mask``
-        masks; takes no ``prompt_padding``. Tokens are sampled on the last rank.
+        masks. Tokens are sampled on the last rank.
         """
         _check_sampling(temperature, top_k, "max_new_tokens", max_new_tokens, 0)
         _check_beams(num_beams, temperature, top_k, generator)
