@@ -12,7 +12,8 @@
 #   ring.txt   (stage "ring", not run by default) ring attention on one GPU over NCCL, plain
 #              and with packed documents, bf16 forward+backward, its blocks on Triton's
 #              kernels then on tiled's, with a softcap, with ALiBi (each block at its offset),
-#              ulysses_attention and hybrid_attention, then one token decoded over a
+#              ulysses_attention and hybrid_attention, cross-attention over twice as many
+#              keys (--kv-seq), then one token decoded over a
 #              sharded cache (examples/sharded_decoding.py): NCCL's collectives and the
 #              examples' CUDA tensors
 #
@@ -90,7 +91,8 @@ for stage in $STAGES; do
             --backend "$blocks" $docs 2>&1 | tee -a "$OUT/ring.txt"
         done
       done
-      for method in "--softcap 30" "--alibi" "--ulysses" "--hybrid 1"; do
+      cross="--kv-seq $((2 * ${RING_SEQ:-65536}))"  # cross-attention over twice as many keys
+      for method in "--softcap 30" "--alibi" "--ulysses" "--hybrid 1" "$cross"; do
         # shellcheck disable=SC2086  # $method: the option and its value
         timeout "${RING_S:-60}" $PY -m torch.distributed.run --nproc-per-node 1 \
           examples/ring_attention.py --seq "${RING_SEQ:-65536}" --dtype bfloat16 --backward \
