@@ -1,9 +1,11 @@
 """Past one machine: a sequence split over processes (gloo on CPUs, NCCL on GPUs).
 
-``ring_attention`` passes key/value blocks around the ranks; ``ulysses_attention`` swaps the
-sequence split for a head split (all-to-all) and attends locally, under any mask;
-``hybrid_attention`` does both on a grid of ranks (Ulysses within groups, the ring across).
-``sharded_cache_attention`` decodes over a KV cache sharded along the sequence.
+``ring_attention`` passes key/value blocks around the ranks (self-attention, or a decoder's
+queries over an encoder's keys); ``ulysses_attention`` swaps the sequence split for a head
+split (all-to-all; heads that do not divide go as evenly as they can) and attends locally,
+under any mask; ``hybrid_attention`` does both on a grid of ranks (Ulysses within groups, the
+ring across). ``sharded_cache_attention`` decodes over a KV cache sharded along the sequence
+(``CausalLM.generate(..., group=)`` drives it).
 
 torchrun --nproc-per-node 4 examples/ring_attention.py --seq 65536
 """
