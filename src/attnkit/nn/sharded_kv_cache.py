@@ -1,13 +1,11 @@
 """A KV cache sharded along the sequence over processes: generation past one device's memory.
 
-``CausalLM.generate(..., group=g)`` drives these caches (``attnkit.nn.sharded_decoding``); by
-hand:
-
-Each rank's ``ShardedKVCache`` holds a contiguous run of the cache's positions. The prompt is
-fed in equal chunks, rank r's chunk at positions r·n .. (r+1)·n - 1 (``MultiHeadAttention``
-attends them with ``ring_attention``); after ``start_decoding`` every rank feeds the same new
-tokens, the rank holding the last run stores their keys and values, and attention runs over
-every rank's run with ``sharded_cache_attention``:
+Each rank's ``ShardedKVCache`` holds a contiguous run of the cache's positions.
+``CausalLM.generate(..., group=g)`` drives these caches (``attnkit.nn.sharded_decoding``). By
+hand, the prompt is fed in equal chunks, rank r's chunk at positions r·n .. (r+1)·n - 1
+(``MultiHeadAttention`` attends them with ``ring_attention``); after ``start_decoding`` every
+rank feeds the same new tokens, the rank holding the last run stores their keys and values,
+and attention runs over every rank's run with ``sharded_cache_attention``:
 
     caches = lm.new_sharded_caches(batch, max_len=n + new_tokens, kv_start=rank * n)
     logits, _ = lm(prompt[:, rank * n : (rank + 1) * n], start=rank * n, caches=caches)
@@ -78,18 +76,17 @@ class ShardedKVCache(KVCache):
         """
         if self.decoding:
             raise RuntimeError("ShardedKVCache.start_decoding was called already")
-        end = self.kv_start + self.length
-        ends = torch.tensor([end], device=self._k.device)
-        dist.all_reduce(ends, op=dist.ReduceOp.MAX, group=self.group)
-        total = int(ends[0])
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        mine = torch.tensor([self.kv_start + self.length, self.length], device=self._k.device)
+        runs = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(runs, mine, group=self.group)  # every rank's (end, length)
+        ends = [int(run[0]) for run in runs]
+        total = max(ends)
         # the run with keys that ends the prompt takes them (empty runs may end there too);
         # with no keys anywhere (a prompt shorter than the ranks), the highest rank
-        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        claim = rank + world * bool(self.length) if end == total else -1
-        taker = torch.tensor([claim], device=self._k.device)
-        dist.all_reduce(taker, op=dist.ReduceOp.MAX, group=self.group)
+        taker = max(range(world), key=lambda r: (ends[r] == total, int(runs[r][1]) > 0, r))
         self.position, self.decoding = total, True
-        self.takes_new = int(taker[0]) % world == rank
+        self.takes_new = taker == rank
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k and v if they are this rank's to hold; advance ``position``; return the run.
