@@ -7,13 +7,14 @@ beams are rows b·K .. b·K + K - 1), V vocabulary, T tokens generated.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from attnkit._validation import check_int
+from attnkit.nn.kv_cache import KVCache
 
 
 class Decoding(NamedTuple):
@@ -26,6 +27,38 @@ class Decoding(NamedTuple):
     step: Callable[[Tensor, int], Tensor]
     #: ``reorder(index (N,))``: row i continues as row ``index[i]`` (``KVCache.reorder``)
     reorder: Callable[[Tensor], None]
+
+
+def padding_upto(padding: Tensor | None, end: int) -> Tensor | None:
+    """``padding`` (N, ·) over positions 0 .. end - 1, or None."""
+    return None if padding is None else padding[:, :end]
+
+
+def over_caches(
+    feed: Callable[[Tensor, int, Tensor | None], Tensor],
+    caches: Sequence[KVCache],
+    padding: Tensor | None,
+    fed: int,
+    logits: Tensor,
+) -> Decoding:
+    """The ``Decoding`` of a decoder whose ``caches`` hold ``fed`` positions of every row.
+
+    ``feed(ids (N, 1), start, padding so far)`` runs the decoder over the caches and returns
+    the next logits (N, V); ``padding`` (N, fed + new) bool, True = pad, over the whole text,
+    or None; ``logits`` (N, V): those after the fed positions. Reordering moves the caches'
+    rows and the padding's.
+    """
+
+    def step(token: Tensor, t: int) -> Tensor:  # token t of the continuation in, logits out
+        return feed(token[:, None], fed + t, padding_upto(padding, fed + t + 1))
+
+    def reorder(index: Tensor) -> None:  # row i continues as row index[i]
+        nonlocal padding
+        for cache in caches:
+            cache.reorder(index)
+        padding = None if padding is None else padding[index]
+
+    return Decoding(logits, step, reorder)
 
 
 class Beams(NamedTuple):

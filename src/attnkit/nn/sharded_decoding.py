@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from attnkit.nn.beam_search import Decoding
+from attnkit.nn.beam_search import Decoding, over_caches, padding_upto
 
 if TYPE_CHECKING:
     from attnkit.nn.transformer import CausalLM
@@ -51,8 +51,9 @@ def sharded_decoding(
     caches = lm.new_sharded_caches(N, max(held, 1), kv_start=rank * n, group=group)
     _check_ranks_agree(prompt, padding, max_new_tokens, group)
 
-    def upto(end: int) -> Tensor | None:
-        return None if padding is None else padding[:, :end]
+    def feed(ids: Tensor, start: int, pads: Tensor | None) -> Tensor:
+        logits: Tensor = lm(ids, start=start, caches=caches, padding=pads)[0]
+        return logits[:, -1]
 
     def shared(logits: Tensor) -> Tensor:  # (N, V): the last rank's, on every rank
         logits = logits.contiguous()
@@ -62,24 +63,16 @@ def sharded_decoding(
     logits = None
     if n:  # every rank's equal chunk, attended by ring attention
         chunk = prompt[:, rank * n : (rank + 1) * n]
-        logits, _ = lm(chunk, start=rank * n, caches=caches, padding=upto((rank + 1) * n))
+        logits = feed(chunk, rank * n, padding_upto(padding, (rank + 1) * n))
     for cache in caches:
         cache.start_decoding()
     if rest:  # the prompt's last tokens, as every rank's same new tokens
-        logits, _ = lm(prompt[:, world * n :], start=world * n, caches=caches, padding=upto(P))
+        logits = feed(prompt[:, world * n :], world * n, padding_upto(padding, P))
     assert logits is not None  # P >= 1, so n or rest is
+    def feed_shared(ids: Tensor, start: int, pads: Tensor | None) -> Tensor:
+        return shared(feed(ids, start, pads))
 
-    def step(token: Tensor, t: int) -> Tensor:  # token t of the continuation in, logits out
-        out: Tensor = lm(token[:, None], start=P + t, caches=caches, padding=upto(P + t + 1))[0]
-        return shared(out[:, -1])
-
-    def reorder(index: Tensor) -> None:  # row i continues as row index[i]
-        nonlocal padding
-        for cache in caches:
-            cache.reorder(index)
-        padding = None if padding is None else padding[index]
-
-    return Decoding(shared(logits[:, -1]), step, reorder)
+    return over_caches(feed_shared, caches, padding, P, shared(logits))
 
 
 def _check_ranks_agree(

@@ -25,7 +25,14 @@ from attnkit._validation import check_int, check_token_ids
 from attnkit.functional import BackendName
 from attnkit.masks import Mask
 from attnkit.nn.attention import MultiHeadAttention
-from attnkit.nn.beam_search import Beams, Decoding, beam_search, check_search
+from attnkit.nn.beam_search import (
+    Beams,
+    Decoding,
+    beam_search,
+    check_search,
+    over_caches,
+    padding_upto,
+)
 from attnkit.nn.differential_attention import DifferentialAttention
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
@@ -877,26 +884,14 @@ class CausalLM(nn.Module):
         P = prompt.shape[1]
         caches, chunk = self._generation_caches(prompt.shape[0], total)
 
-        def upto(end: int) -> Tensor | None:
-            return None if padding is None else padding[:, :end]
+        def feed(ids: Tensor, start: int, pads: Tensor | None) -> Tensor:
+            logits: Tensor = self(ids, start=start, caches=caches, padding=pads)[0]
+            return logits[:, -1]
 
         for start in range(0, P, chunk):
             ids = prompt[:, start : start + chunk]
-            logits, _ = self(ids, start=start, caches=caches, padding=upto(start + ids.shape[1]))
-
-        def step(token: Tensor, t: int) -> Tensor:  # token t of the continuation in, logits out
-            logits: Tensor = self(
-                token[:, None], start=P + t, caches=caches, padding=upto(P + t + 1)
-            )[0]
-            return logits[:, -1]
-
-        def reorder(index: Tensor) -> None:  # row i continues as row index[i]
-            nonlocal padding
-            for cache in caches:
-                cache.reorder(index)
-            padding = None if padding is None else padding[index]
-
-        return Decoding(logits[:, -1], step, reorder)
+            logits = feed(ids, start, padding_upto(padding, start + ids.shape[1]))
+        return over_caches(feed, caches, padding, P, logits)
 
     @torch.no_grad()
     def generate(
