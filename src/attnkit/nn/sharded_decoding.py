@@ -69,6 +69,7 @@ def sharded_decoding(
     if rest:  # the prompt's last tokens, as every rank's same new tokens
         logits = feed(prompt[:, world * n :], world * n, padding_upto(padding, P))
     assert logits is not None  # P >= 1, so n or rest is
+
     def feed_shared(ids: Tensor, start: int, pads: Tensor | None) -> Tensor:
         return shared(feed(ids, start, pads))
 
