@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import attnkit
+from _torchrun import join  # (this folder's; torchrun puts it on sys.path)
 from attnkit import _memory, masks, score_mods
 from attnkit.distributed import (
     hybrid_attention,
@@ -67,14 +68,8 @@ def main() -> None:
     if (args.check_seq * kv_seq) % args.seq:
         ap.error(f"--check-seq {args.check_seq} must scale to a whole number of keys")
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    backend, rank, world, device = join()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    device = None
-    if backend == "nccl":  # one GPU per rank
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
     causal = not args.full
     pattern = None if args.mask is None else parse_mask(args.mask, "--mask")
     found = [score_mods.alibi(score_mods.alibi_slopes(args.heads))] if args.alibi else []

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import attnkit
+from _torchrun import join  # (this folder's; torchrun puts it on sys.path)
 from attnkit import masks, score_mods
 from attnkit.distributed import sharded_cache_attention
 from attnkit.nn import KVCache
@@ -37,13 +38,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = None
-    if backend == "nccl":  # one GPU per rank
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+    backend, rank, world, device = join()
     dtype = getattr(torch, args.dtype)
     slopes = score_mods.alibi_slopes(args.heads)
     score_mod = score_mods.alibi(slopes) if args.alibi else None

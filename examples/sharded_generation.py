@@ -19,6 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from _torchrun import join  # (this folder's; torchrun puts it on sys.path)
 from attnkit.nn import CausalLM
 
 
@@ -33,13 +34,7 @@ def main() -> None:
     if args.new < 2:
         raise SystemExit("--new must be at least 2 (the first token is timed apart)")
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = None
-    if backend == "nccl":  # one GPU per rank
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+    backend, rank, world, device = join()
 
     torch.manual_seed(0)  # the same model and prompt on every rank
     lm = CausalLM(
