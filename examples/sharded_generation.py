@@ -1,6 +1,7 @@
-"""A CausalLM generating over a KV cache sharded across P processes (context parallelism).
+"""Generation over a context sharded across P processes (context / sequence parallelism).
 
     torchrun --nproc-per-node 2 examples/sharded_generation.py --prompt 8192 --new 16
+    torchrun --nproc-per-node 2 examples/sharded_generation.py --prompt 8192 --translate
 
 ``lm.generate(prompt, ..., group=dist.group.WORLD)`` on every rank, with the same prompt:
 rank r feeds its share of the prompt (ring attention across the ranks) into its own
@@ -9,6 +10,12 @@ their keys and values, attention merging every rank's run. A random model (RoPE,
 heads), the same on every rank. Prints the time to the first token and per new token, and on
 rank 0 whether the tokens are those ``lm.generate`` picks in one process holding the whole
 cache (timed there too).
+
+``--translate``: an encoder-decoder ``Transformer`` instead, its source ``--prompt`` tokens
+long. ``model.generate(src, ..., group=)``: rank r encodes its share of the source (ring
+attention in the encoder) and keeps that part of the memory and of every decoder layer's
+cross-attention keys and values; every rank decodes the same tokens, cross-attention merging
+every rank's part.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from _torchrun import join  # (this folder's; torchrun puts it on sys.path)
-from attnkit.nn import CausalLM
+from attnkit.nn import CausalLM, Transformer
 
 
 def main() -> None:
@@ -29,7 +36,10 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=16, help="tokens to generate (at least 2)")
     ap.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
     ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=4, help="layers (encoder and decoder each)")
+    ap.add_argument(
+        "--translate", action="store_true", help="a Transformer with a --prompt-token source"
+    )
     args = ap.parse_args()
     if args.new < 2:
         raise SystemExit("--new must be at least 2 (the first token is timed apart)")
@@ -37,11 +47,25 @@ def main() -> None:
     backend, rank, world, device = join()
 
     torch.manual_seed(0)  # the same model and prompt on every rank
-    lm = CausalLM(
-        1000, d_model=args.d_model, nhead=8, num_kv_heads=2, num_layers=args.layers,
-        positions="rope", max_len=args.prompt + args.new,
-    ).to(device).eval()  # fmt: skip
-    prompt = torch.randint(0, 1000, (1, args.prompt), device=device)
+    sizes = {"d_model": args.d_model, "nhead": 8, "num_kv_heads": 2, "positions": "rope"}
+    max_len = args.prompt + args.new
+    model: CausalLM | Transformer
+    if args.translate:
+        layers = {"num_encoder_layers": args.layers, "num_decoder_layers": args.layers}
+        model = Transformer(1000, 1000, **sizes, **layers, max_len=max_len)
+    else:
+        model = CausalLM(1000, **sizes, num_layers=args.layers, max_len=max_len)
+    model = model.to(device).eval()
+    prompt = torch.randint(3, 1000, (1, args.prompt), device=device)  # (0-2: pad, bos, eos)
+
+    def generate(text: torch.Tensor, new: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+        if isinstance(model, Transformer):  # the translation, bos first, without the source
+            return model.generate(
+                text, bos_id=1, eos_id=2, max_len=new, num_beams=args.beams, group=group
+            )
+        return model.generate(
+            text, max_new_tokens=new, temperature=0, num_beams=args.beams, group=group
+        )
 
     def timed(
         new: int, group: dist.ProcessGroup | None, text: torch.Tensor = prompt
@@ -49,9 +73,7 @@ def main() -> None:
         if group is not None:
             dist.barrier()
         begin = time.perf_counter()
-        out = lm.generate(
-            text, max_new_tokens=new, temperature=0, num_beams=args.beams, group=group
-        )
+        out = generate(text, new, group)
         if device is not None:
             torch.cuda.synchronize(device)
         return out, time.perf_counter() - begin
@@ -63,14 +85,16 @@ def main() -> None:
     if rank == 0:
         timed(2, None, warm_up)
         alone, one = timed(args.new, None)
+        kind = "translation (source" if args.translate else "generation (prompt"
+        made = tokens.shape[1] - (0 if args.translate else args.prompt)  # (an end token stops)
         print(
-            f"sharded generation, P={world} ({backend}), prompt={args.prompt}, "
-            f"new={args.new}, beams={args.beams}, d_model={args.d_model}, "
+            f"sharded {kind}={args.prompt}), P={world} ({backend}), "
+            f"new={args.new} (made {made}), beams={args.beams}, d_model={args.d_model}, "
             f"layers={args.layers}, heads=8/2"
         )
-        per_token = (whole - first) / (args.new - 1)
+        per_token = (whole - first) / max(made - 1, 1)
         print(f"  first token: {first:.2f} s; then {per_token * 1e3:.1f} ms per token")
-        print(f"  one process, lm.generate: {one:.2f} s in all ({whole:.2f} s sharded)")
+        print(f"  one process, model.generate: {one:.2f} s in all ({whole:.2f} s sharded)")
         print(f"  tokens match one process: {torch.equal(tokens, alone)}")
     dist.destroy_process_group()
 

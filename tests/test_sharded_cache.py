@@ -209,7 +209,18 @@ def _refusal_worker(rank, world, init_file, results_dir):
         with pytest.raises(ValueError, match=r"the same queries \(B, Hq, T, D\)"):
             sharded_cache_attention(q.expand(1, 2, 1 + rank, 8), kv, kv, kv_start=5 * rank)
         with pytest.raises(ValueError, match=r"positions 9 \.\. 10 run past the cache's 10"):
-            sharded_cache_attention(q.expand(1, 2, 2, 8), kv, kv, kv_start=5 * rank, q_start=9)
+            sharded_cache_attention(
+                q.expand(1, 2, 2, 8), kv, kv, kv_start=5 * rank, q_start=9, causal=True
+            )
+        # with nothing that places them (a decoder's queries over an encoder's memory), more
+        # queries than the cache holds positions
+        torch.manual_seed(0)  # the same on every rank
+        many, whole = torch.randn(1, 2, 12, 8), torch.randn(1, 2, 10, 8)
+        mine = whole[:, :, 5 * rank : 5 * rank + 5]
+        torch.testing.assert_close(
+            sharded_cache_attention(many, mine, mine, kv_start=5 * rank),
+            attnkit.attention(many, whole, whole),
+        )
         with pytest.raises(
             ValueError, match=r"sharded_cache_attention takes a Mask over the whole"
         ):
@@ -350,17 +361,20 @@ def test_a_causal_lm_generates_over_sharded_caches_as_over_one(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_sharded_generation_example_generates_what_one_process_does():
-    """examples/sharded_generation.py as its docstring runs it, smaller, on a prompt that
-    does not split evenly: its tokens are those ``lm.generate`` picks in one process."""
+@pytest.mark.parametrize("translate", [[], ["--translate"]], ids=["lm", "translate"])
+def test_the_sharded_generation_example_generates_what_one_process_does(translate):
+    """examples/sharded_generation.py as its docstring runs it, smaller, on a prompt (a
+    source) that does not split evenly: its tokens are those ``generate`` picks in one
+    process."""
     example = Path(__file__).parents[1] / "examples" / "sharded_generation.py"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-    options = ["--prompt", "97", "--new", "6", "--d-model", "64", "--layers", "2"]
+    options = ["--prompt", "97", "--new", "6", "--d-model", "64", "--layers", "2", *translate]
     run = subprocess.run(
         [*torchrun, "2", str(example), *options], capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "sharded generation, P=2 (gloo), prompt=97, new=6, beams=1" in run.stdout
+    kind = "translation (source" if translate else "generation (prompt"
+    assert f"sharded {kind}=97), P=2 (gloo), new=6 (made " in run.stdout, run.stdout
     assert "tokens match one process: True" in run.stdout, run.stdout
 
 
@@ -433,10 +447,15 @@ def _disagreeing_worker(rank, world, init_file, results_dir):
         torch.manual_seed(0)
         lm = CausalLM(40, d_model=32, nhead=4, num_layers=1, max_len=64).eval()
         prompt = torch.full((1, 6), 3 + rank)
-        with pytest.raises(ValueError, match="same prompt, prompt_padding and max_new_tokens on"):
+        with pytest.raises(
+            ValueError, match="same prompt, prompt_padding, max_new_tokens on every rank"
+        ):
             lm.generate(prompt, max_new_tokens=2, group=dist.group.WORLD)
         pads = torch.arange(6)[None, :] < rank  # rank 1 pads one token, rank 0 none
-        with pytest.raises(ValueError, match=r"token checksum, padding checksum or -1\) per"):
+        with pytest.raises(
+            ValueError,
+            match=r"rank 0: .*prompt_padding None.*rank 1: .*prompt_padding \(1, 8\) checksum",
+        ):
             lm.generate(
                 torch.ones(1, 6, dtype=torch.long), max_new_tokens=2, prompt_padding=pads,
                 group=dist.group.WORLD,

@@ -68,7 +68,9 @@ def sharded_cache_attention(
         v: this rank's values (B, Hkv, S, Dv).
         kv_start: the global position of this rank's first key.
         q_start: the global position of the first query; None: L - T (the queries are the
-            cache's last T positions, as after ``KVCache.append`` of their keys).
+            cache's last T positions, as after ``KVCache.append`` of their keys). Only
+            ``causal``, ``window``, ``mask`` and ``score_mod`` read it; without them T may
+            exceed L (a decoder's cross-attention over an encoder memory sharded over ranks).
         causal: query at global position i sees keys j <= i.
         window: FlashAttention's window_size: (left, right), or an int w for (w, 0) when
             causal and (w, w) otherwise; -1 leaves a side unbounded.
@@ -114,7 +116,10 @@ def sharded_cache_attention(
     length, first_query = _agreed_layout(q, k, v, kv_start, group, world, rank)
     T = shapes.Lq
     first_query = first_query if q_start is None else q_start
-    if first_query + T > length:
+    # only masks, windows and score mods place the queries (a decoder's cross-attention over
+    # a sharded encoder memory has none, and may have more queries than the memory positions)
+    placed = causal or win is not None or mask is not None or score_mod is not None
+    if placed and first_query + T > length:
         raise ValueError(
             f"the queries' positions {first_query} .. {first_query + T - 1} run past the "
             f"cache's {length} positions (q_start={q_start}, T={T})"

@@ -249,6 +249,19 @@ class MultiHeadAttention(nn.Module):
             window=window,
         )
 
+    def new_sharded_cache(
+        self, batch: int, max_len: int, *, kv_start: int, group: dist.ProcessGroup | None = None
+    ) -> ShardedKVCache:
+        """This rank's run of a cache sharded along the sequence over ``group``.
+
+        A ``ShardedKVCache`` of ``max_len`` positions from global position ``kv_start``.
+        """
+        like = self.new_cache(batch, 1)
+        return ShardedKVCache(
+            batch, self.num_kv_heads, max_len, self.head_dim, like.keys.dtype, like.keys.device,
+            kv_start=kv_start, group=group,
+        )  # fmt: skip
+
     def _heads(self, x: Tensor, n: int) -> Tensor:
         """(B, L, n·hd) -> (B, n, L, hd)."""
         return x.view(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)
@@ -367,7 +380,12 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self.heads(query, key, value, position=start)
         if isinstance(cache, ShardedKVCache):
             wanted = check_flag("need_weights", need_weights)
-            out = self._over_sharded_cache(q, k, v, cache, mask, key, key_padding_mask, wanted)
+            if key is None:
+                out = self._over_sharded_cache(q, k, v, cache, mask, key_padding_mask, wanted)
+            else:
+                out = self._over_sharded_memory(
+                    q, k, v, cache, mask, key_padding_mask, wanted, reuse_cross
+                )
             return self._output(out, query), None
         if cache is not None and not reuse_cross:
             k, v, key_padding_mask = append_to_cache(
@@ -415,7 +433,6 @@ class MultiHeadAttention(nn.Module):
         v: Tensor,
         cache: ShardedKVCache,
         mask: MaskLike,
-        key: Tensor | None,
         key_padding_mask: Tensor | None,
         need_weights: bool,
     ) -> Tensor:
@@ -430,10 +447,7 @@ class MultiHeadAttention(nn.Module):
         from attnkit.distributed import ring_attention, sharded_cache_attention
 
         # refusals first: the cache is still as it was, and no rank has entered a collective
-        if need_weights:
-            raise ValueError("need_weights is not served over a ShardedKVCache")
-        if key is not None or (self.training and self.dropout):
-            raise ValueError("a ShardedKVCache serves self-attention without dropout")
+        self._check_sharded(need_weights)
         n = q.shape[2]
         end = (cache.kv_start if not cache.decoding else cache.position) + n
         if key_padding_mask is not None and (
@@ -477,6 +491,62 @@ class MultiHeadAttention(nn.Module):
                 score_mod=self.score_mod, scale=self.scale, sinks=self.sinks, group=cache.group,
                 backend=self.backend, padding=held,
             )  # fmt: skip
+        assert isinstance(out, Tensor)
+        return out
+
+    def _check_sharded(self, need_weights: bool) -> None:
+        """What attention over a ShardedKVCache does not serve, refused before any collective."""
+        if need_weights:
+            raise ValueError("need_weights is not served over a ShardedKVCache")
+        if self.training and self.dropout:
+            raise ValueError("attention over a ShardedKVCache is served without dropout")
+
+    def _over_sharded_memory(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cache: ShardedKVCache,
+        mask: MaskLike,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        reused: bool,
+    ) -> Tensor:
+        """Cross-attention of q (B, H, T, hd), the same on every rank, over a sharded memory.
+
+        The encoder memory is split along its sequence over ``cache.group``. This rank's k
+        and v come from its shard of the memory (positions ``cache.kv_start`` on), projected
+        into ``cache`` on the first call and reused after (``reused``); every rank's part is
+        merged with ``sharded_cache_attention``. ``key_padding_mask`` (B, S) marks this
+        rank's padded memory positions. Queries have no place in the memory's sequence, so
+        masks and score mods are refused.
+        """
+        from attnkit.distributed import sharded_cache_attention
+
+        self._check_sharded(need_weights)
+        given = [name for name, m in (("mask", mask), ("the module's mask", self.mask),
+                 ("score_mod", self.score_mod)) if m is not None]  # fmt: skip
+        if given:
+            raise ValueError(
+                "cross-attention over a sharded memory (ShardedKVCache) takes no masks or "
+                "score mods (its queries have no place in the memory's sequence); got "
+                f"{', '.join(given)}"
+            )
+        S = cache.length if reused else k.shape[2]
+        if key_padding_mask is not None and (
+            key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (q.shape[0], S)
+        ):
+            raise ValueError(
+                f"over a sharded memory, key_padding_mask must be bool (B, this rank's memory "
+                f"positions) = ({q.shape[0]}, {S}), got {key_padding_mask.dtype} "
+                f"{tuple(key_padding_mask.shape)}"
+            )
+        if not reused:
+            k, v = cache.append(k, v)
+        out = sharded_cache_attention(
+            q, k, v, kv_start=cache.kv_start, q_start=0, scale=self.scale, sinks=self.sinks,
+            group=cache.group, backend=self.backend, padding=key_padding_mask,
+        )  # fmt: skip
         assert isinstance(out, Tensor)
         return out
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from attnkit.distributed.agreement import check_ranks_agree
 from attnkit.nn.beam_search import Decoding, over_caches, padding_upto
 
 if TYPE_CHECKING:
@@ -49,16 +49,14 @@ def sharded_decoding(
     # the last rank holds the rest of the prompt and every new token; a run holds >= 1 slot
     held = n + (rest + max_new_tokens if rank == last else 0)
     caches = lm.new_sharded_caches(N, max(held, 1), kv_start=rank * n, group=group)
-    _check_ranks_agree(prompt, padding, max_new_tokens, group)
+    check_ranks_agree(
+        group, "generation over sharded caches", prompt.device,
+        prompt=prompt, prompt_padding=padding, max_new_tokens=max_new_tokens,
+    )  # fmt: skip
 
     def feed(ids: Tensor, start: int, pads: Tensor | None) -> Tensor:
         logits: Tensor = lm(ids, start=start, caches=caches, padding=pads)[0]
         return logits[:, -1]
-
-    def shared(logits: Tensor) -> Tensor:  # (N, V): the last rank's, on every rank
-        logits = logits.contiguous()
-        dist.broadcast(logits, group_src=last, group=group)
-        return logits
 
     logits = None
     if n:  # every rank's equal chunk, attended by ring attention
@@ -71,38 +69,13 @@ def sharded_decoding(
     assert logits is not None  # P >= 1, so n or rest is
 
     def feed_shared(ids: Tensor, start: int, pads: Tensor | None) -> Tensor:
-        return shared(feed(ids, start, pads))
+        return last_ranks(feed(ids, start, pads), group)
 
-    return over_caches(feed_shared, caches, padding, P, shared(logits))
+    return over_caches(feed_shared, caches, padding, P, last_ranks(logits, group))
 
 
-def _check_ranks_agree(
-    prompt: Tensor, padding: Tensor | None, max_new_tokens: int, group: dist.ProcessGroup
-) -> None:
-    """Every rank the same prompt shape, token ids and padding (checksums), max_new_tokens."""
-
-    def checksum(t: Tensor) -> Tensor:  # int64 wraps: equal tensors, equal sums
-        flat = t.reshape(-1).long()
-        return (flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum()
-
-    device = prompt.device
-    pads = torch.tensor(-1, device=device) if padding is None else checksum(padding)
-    mine = torch.stack(
-        [
-            torch.tensor(prompt.shape[0], device=device),
-            torch.tensor(prompt.shape[1], device=device),
-            torch.tensor(max_new_tokens, device=device),
-            checksum(prompt),
-            pads,
-        ]
-    )
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
-    seen = {tuple(int(x) for x in t) for t in everyone}
-    if len(seen) > 1:
-        raise ValueError(
-            "generation over sharded caches needs the same prompt, prompt_padding and "
-            "max_new_tokens on every rank; (batch, prompt length, max_new_tokens, token "
-            "checksum, padding checksum or -1) per rank: "
-            f"{[tuple(int(x) for x in t) for t in everyone]}"
-        )
+def last_ranks(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """The last rank's ``x`` (logits, sampled tokens) on every rank of ``group``."""
+    x = x.contiguous()
+    dist.broadcast(x, group_src=dist.get_world_size(group) - 1, group=group)
+    return x

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from attnkit import masks, score_mods
 from attnkit._validation import check_int, check_token_ids
+from attnkit.distributed.agreement import check_ranks_agree
 from attnkit.functional import BackendName
 from attnkit.masks import Mask
 from attnkit.nn.attention import MultiHeadAttention
@@ -37,7 +38,8 @@ from attnkit.nn.differential_attention import DifferentialAttention
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.latent_attention import LatentSizes, MultiHeadLatentAttention
 from attnkit.nn.rope import RotaryEmbedding
-from attnkit.nn.sharded_decoding import sharded_decoding
+from attnkit.nn.sharded_decoding import last_ranks, sharded_decoding
+from attnkit.nn.sharded_encoding import sharded_encode
 from attnkit.nn.sharded_kv_cache import ShardedKVCache
 
 if TYPE_CHECKING:
@@ -343,16 +345,24 @@ def _check_beams(
 
 
 def _sample(
-    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None,
+    group: dist.ProcessGroup | None = None,
 ) -> Tensor:
-    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else sampled."""
+    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else sampled.
+
+    With ``group`` (every rank holding the same logits), the last rank's sample, everywhere.
+    """
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    drawn = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return drawn if group is None else last_ranks(drawn, group)
 
 
 class _Embedding(nn.Module):
@@ -509,8 +519,17 @@ class Transformer(nn.Module):
             if src_vocab == tgt_vocab:
                 self.src_embed.tokens.weight = self.tgt_embed.tokens.weight
 
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        """src (B, S) -> memory (B, S, E) and its padding mask (B, S), True = padding."""
+    def encode(
+        self, src: Tensor, *, group: dist.ProcessGroup | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """src (B, S) -> memory (B, S, E) and its padding mask (B, S), True = padding.
+
+        ``group``: the same src on every rank of it, split along the sequence over them
+        (``attnkit.nn.sharded_encoding``); each rank gets its shard of the memory, (B, n, E)
+        and (B, n) at positions rank·n .., n = ⌈S / P⌉, places past S marked as padding.
+        """
+        if group is not None:
+            return sharded_encode(self, src, group)
         padding = src == self.pad_id
         x = self.src_embed(src)
         for layer in self.encoder:
@@ -553,24 +572,51 @@ class Transformer(nn.Module):
         memory, padding = self.encode(src)
         return self.decode(tgt, memory, padding)[0]
 
-    def new_caches(self, batch: int, src_len: int, max_new: int) -> list[tuple[KVCache, KVCache]]:
-        """One (self, cross) KVCache pair per decoder layer."""
-        caches = []
+    def new_caches(
+        self, batch: int, src_len: int, max_new: int, *, group: dist.ProcessGroup | None = None
+    ) -> list[tuple[KVCache, KVCache]]:
+        """One (self, cross) KVCache pair per decoder layer.
+
+        ``group``: the memory is split over its ranks (``encode(src, group=)``), ``src_len``
+        this rank's shard; the cross caches are ``ShardedKVCache`` runs from rank·src_len.
+        """
+        caches: list[tuple[KVCache, KVCache]] = []
         for layer in self.decoder:
             assert isinstance(layer, TransformerDecoderLayer)
             sa, ca = layer.self_attn, layer.cross_attn
-            caches.append((sa.new_cache(batch, max_new), ca.new_cache(batch, src_len)))
+            if group is None:
+                cross = ca.new_cache(batch, src_len)
+            else:
+                start = dist.get_rank(group) * src_len
+                cross = ca.new_sharded_cache(batch, src_len, kv_start=start, group=group)
+            caches.append((sa.new_cache(batch, max_new), cross))
         return caches
 
-    def _decoding(self, src: Tensor, bos_id: int, max_len: int, copies: int) -> Decoding:
-        """Decoding of ``copies`` rows per source (B·copies), fed ``bos_id``, for max_len tokens."""
-        memory, padding = self.encode(src)
+    def _decoding(
+        self,
+        src: Tensor,
+        bos_id: int,
+        max_len: int,
+        copies: int,
+        group: dist.ProcessGroup | None = None,
+    ) -> Decoding:
+        """Decoding of ``copies`` rows per source (B·copies), fed ``bos_id``, for max_len tokens.
+
+        With ``group``, over a source split across its ranks (``attnkit.nn.sharded_encoding``).
+        """
+        if group is not None:
+            check_ranks_agree(
+                group, "generation over a process group", src.device,
+                src=src, bos_id=bos_id, max_len=max_len, num_beams=copies,
+            )  # fmt: skip
+        memory, padding = self.encode(src, group=group)
         B = memory.shape[0]
-        caches = self.new_caches(B, src.shape[1], max_len)
+        caches = self.new_caches(B, memory.shape[1], max_len, group=group)
 
         def step(token: Tensor, t: int) -> Tensor:  # token t in (bos as t = -1), logits out
             logits, _ = self.decode(token[:, None], memory, padding, start=t + 1, caches=caches)
-            return logits[:, -1]
+            # the last rank's: ranks could otherwise part on a near tie
+            return logits[:, -1] if group is None else last_ranks(logits[:, -1], group)
 
         def reorder(index: Tensor) -> None:  # cross caches hold the same keys for every beam
             for self_cache, _ in caches:
@@ -599,10 +645,17 @@ class Transformer(nn.Module):
         generator: torch.Generator | None = None,
         num_beams: int = 1,
         length_penalty: float = 1.0,
+        group: dist.ProcessGroup | None = None,
     ) -> Tensor:
         """Decode token by token with KV caches (cross-attention keys/values computed once).
 
         ``num_beams`` > 1: the best of ``beam_search`` (which does not sample: temperature 0).
+
+        ``group`` (a process group, e.g. ``dist.group.WORLD``): sequence parallelism over the
+        source. Every rank of it passes the same src and arguments and gets the same tokens;
+        each encodes about 1/P of the source (ring attention) and holds that part of the
+        memory and of the cross-attention keys and values, merged over the ranks at every
+        step (``attnkit.nn.sharded_encoding``). Tokens are sampled on the last rank.
 
         Returns:
             (B, ≤ max_len) target ids after ``bos_id``; finished rows are padded with pad_id.
@@ -618,13 +671,14 @@ class Transformer(nn.Module):
                 num_beams=num_beams,
                 max_len=max_len,
                 length_penalty=length_penalty,
+                group=group,
             )
             return found.tokens[:, 0]
-        logits, step, _ = self._decoding(src, bos_id, max_len, 1)
+        logits, step, _ = self._decoding(src, bos_id, max_len, 1, group)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         out = []
         for t in range(max_len):
-            nxt = _sample(logits, temperature, top_k, generator)
+            nxt = _sample(logits, temperature, top_k, generator, group)
             nxt = nxt.masked_fill(done, self.pad_id)
             out.append(nxt)
             done |= nxt == eos_id
@@ -643,18 +697,19 @@ class Transformer(nn.Module):
         num_beams: int,
         max_len: int = 64,
         length_penalty: float = 1.0,
+        group: dist.ProcessGroup | None = None,
     ) -> Beams:
         """The ``num_beams`` best translations of each source, best first, with their scores.
 
         Beam search (``attnkit.nn.beam_search``) over KV caches: ``tokens`` (B, num_beams,
         ≤ max_len) after ``bos_id``, each ended by ``eos_id`` and padded with pad_id after it
         (or cut at max_len); ``scores`` (B, num_beams): log-probability / length **
-        ``length_penalty``.
+        ``length_penalty``. ``group`` as ``generate`` takes it.
         """
         check_int("max_len", max_len)
         check_search(num_beams, max_len, length_penalty)
         return beam_search(
-            self._decoding(src, bos_id, max_len, num_beams),
+            self._decoding(src, bos_id, max_len, num_beams, group),
             num_beams=num_beams,
             max_new_tokens=max_len,
             end_id=eos_id,
@@ -816,13 +871,7 @@ class CausalLM(nn.Module):
                 raise ValueError(
                     f"sharded caches need MultiHeadAttention layers, not {type(attn).__name__}"
                 )
-            like = attn.new_cache(batch, 1)
-            caches.append(
-                ShardedKVCache(
-                    batch, attn.num_kv_heads, max_len, attn.head_dim, like.keys.dtype,
-                    like.keys.device, kv_start=kv_start, group=group,
-                )
-            )  # fmt: skip
+            caches.append(attn.new_sharded_cache(batch, max_len, kv_start=kv_start, group=group))
         return caches
 
     def _generation_caches(self, batch: int, total: int) -> tuple[list[KVCache], int]:
@@ -948,9 +997,7 @@ class CausalLM(nn.Module):
         out = [prompt]
         done = torch.zeros(prompt.shape[0], 1, dtype=torch.bool, device=prompt.device)
         for t in range(max_new_tokens):
-            nxt = _sample(logits, temperature, top_k, generator)[:, None]
-            if group is not None and temperature != 0:  # the last rank's sample, everywhere
-                dist.broadcast(nxt, group_src=dist.get_world_size(group) - 1, group=group)
+            nxt = _sample(logits, temperature, top_k, generator, group)[:, None]
             if eos_id is not None:
                 nxt = nxt.masked_fill(done, eos_id)  # finished rows stay finished
                 done |= nxt == eos_id
