@@ -5,7 +5,8 @@ queries over an encoder's keys); ``ulysses_attention`` swaps the sequence split 
 split (all-to-all; heads that do not divide go as evenly as they can) and attends locally,
 under any mask; ``hybrid_attention`` does both on a grid of ranks (Ulysses within groups, the
 ring across). ``sharded_cache_attention`` decodes over a KV cache sharded along the sequence
-(``CausalLM.generate(..., group=)`` drives it).
+(``CausalLM.generate(..., group=)`` drives it, and ``Transformer.generate(..., group=)`` its
+cross-attention over an encoder memory split over the ranks).
 
 torchrun --nproc-per-node 4 examples/ring_attention.py --seq 65536
 """
