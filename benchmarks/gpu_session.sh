@@ -14,8 +14,9 @@
 #              kernels then on tiled's, with a softcap, with ALiBi (each block at its offset),
 #              ulysses_attention and hybrid_attention, cross-attention over twice as many
 #              keys (--kv-seq), then one token decoded over a
-#              sharded cache (examples/sharded_decoding.py): NCCL's collectives and the
-#              examples' CUDA tensors
+#              sharded cache (examples/sharded_decoding.py), generation over a sharded
+#              prompt and source (examples/sharded_generation.py [--translate]): NCCL's
+#              collectives and the examples' CUDA tensors
 #
 #   STAGES="tests decode walks bench" (default), any of them, "autotune" (bench, tuned tiles)
 #   or "ring"
@@ -101,6 +102,12 @@ for stage in $STAGES; do
       timeout "${RING_S:-60}" $PY -m torch.distributed.run --nproc-per-node 1 \
         examples/sharded_decoding.py --context "${DECODE_CONTEXT:-1048576}" --dtype bfloat16 \
         2>&1 | tee -a "$OUT/ring.txt"
+      for model in "" "--translate"; do  # a CausalLM's prompt, a Transformer's source
+        # shellcheck disable=SC2086  # $model: no option, or the option
+        timeout "${RING_S:-60}" $PY -m torch.distributed.run --nproc-per-node 1 \
+          examples/sharded_generation.py --prompt 32768 --new 16 $model 2>&1 \
+          | tee -a "$OUT/ring.txt"
+      done
       ;;
     *)
       echo "unknown stage $stage (tests, decode, walks, bench, autotune, ring)"

@@ -27,8 +27,9 @@ MODELS = [
     ("alibi_sinks_gate", {"positions": "alibi", "sinks": True, "output_gate": True}),
 ]
 
-#: source lengths per world size: equal shards, a short last shard, fewer tokens than ranks
-SOURCES = {2: [10, 7], 3: [9, 13, 2]}
+#: source lengths per world size: equal shards and a short last shard (2 ranks); a short last
+#: shard and fewer tokens than ranks (3 ranks)
+SOURCES = {2: [10, 7], 3: [13, 2]}
 
 
 def _model(options):
