@@ -13,8 +13,9 @@ import itertools
 import pytest
 import torch
 
-from attnkit import masks
-from attnkit.nn import CausalLM, KVCache, Transformer
+from attnkit import masks, score_mods
+from attnkit.nn import CausalLM, KVCache, MultiHeadAttention, RotaryEmbedding, Transformer
+from attnkit.nn.beam_kv_cache import BeamKVCache
 from attnkit.nn.beam_search import Decoding, beam_search
 
 BOS, EOS = 1, 2
@@ -133,14 +134,22 @@ def test_translation_beams_equal_enumeration(length_penalty):
     assert torch.equal(best, found.tokens[:, 0])
 
 
-@pytest.mark.parametrize("variant", ["rope", "latent", "window"])
+@pytest.mark.parametrize("variant", ["rope", "alibi_gqa_sinks", "latent", "window"])
 def test_language_model_beams_equal_enumeration(variant):
-    """CausalLM.beam_search with 4³ beams, ragged left-padded prompts; with a window, over
-    windowed caches and a chunked prompt; multi-head latent attention's latent caches."""
+    """CausalLM.beam_search with 4³ beams, ragged left-padded prompts: the beams sharing the
+    prompt's caches (RoPE; ALiBi with grouped heads, sinks and gates); copying them (a
+    window, over windowed caches and a chunked prompt; multi-head latent attention's latent
+    caches)."""
     torch.manual_seed(1)
     V, steps = 4, 3
     kwargs = {
         "rope": {"positions": "rope"},
+        "alibi_gqa_sinks": {
+            "positions": "alibi",
+            "num_kv_heads": 2,
+            "sinks": True,
+            "output_gate": True,
+        },
         "latent": {
             "positions": "rope",
             "latent": {"kv_rank": 12, "nope_dim": 4, "rope_dim": 4, "v_dim": 6},
@@ -148,6 +157,8 @@ def test_language_model_beams_equal_enumeration(variant):
         "window": {"positions": "alibi", "mask": masks.sliding_window(2)},
     }[variant]
     lm = sharp(CausalLM(V, d_model=32, nhead=4, num_layers=2, max_len=32, **kwargs)).eval()
+    shared = lm._beams_share_prompts(lm.new_caches(1, 8))
+    assert shared == (variant in ("rope", "alibi_gqa_sinks")), variant
     prompt = torch.randint(0, V, (2, 6))
     padding = torch.zeros(2, 6, dtype=torch.bool)
     padding[1, :2] = True
@@ -285,3 +296,65 @@ def test_kv_cache_reorder_copies_rows_and_checks_its_index():
     ):
         with pytest.raises(error, match=match):
             cache.reorder(index)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("positions", ["rope", "alibi"])
+def test_attention_over_a_beam_cache_is_attention_over_copies_of_the_prompt(positions, T):
+    """MultiHeadAttention over a BeamKVCache (the prompt's keys once, the beams' own after)
+    against a KVCache holding a copy of the prompt for every beam, in float64: T new tokens a
+    step, a padded prompt, grouped heads, sinks and a gate; reorders among a prompt's beams."""
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(8) if positions == "rope" else None
+    mod = score_mods.alibi(score_mods.alibi_slopes(4)) if positions == "alibi" else None
+    attn = MultiHeadAttention(
+        32, 4, num_kv_heads=2, mask=masks.causal(), rope=rope, score_mod=mod, sinks=True,
+        output_gate=True,
+    ).double().eval()  # fmt: skip
+    B, K, P, steps = 2, 3, 5, 3
+    pads = torch.zeros(B, P + steps * T, dtype=torch.bool)
+    pads[1, :2] = True  # the second prompt is left-padded
+    rows = torch.arange(B).repeat_interleave(K)
+    with torch.no_grad():
+        prompt = attn.new_cache(B, P)
+        attn(torch.randn(B, P, 32).double(), cache=prompt, key_padding_mask=pads[:, :P])
+        copied = attn.new_cache(B, P + steps * T)
+        copied.append(prompt.keys, prompt.values)
+        copied.reorder(rows)
+        beams = BeamKVCache(prompt, K, steps * T)
+        for step in range(steps):
+            x = torch.randn(B * K, T, 32).double()
+            seen = pads[rows, : P + (step + 1) * T]
+            want, _ = attn(x, cache=copied, key_padding_mask=seen)
+            got, _ = attn(x, cache=beams, key_padding_mask=seen)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            index = torch.tensor([2, 2, 0, 4, 3, 4])  # beams die and split within a prompt
+            copied.reorder(index)
+            beams.reorder(index)
+    assert (beams.position, beams.length, prompt.keys.shape[0]) == (P + steps * T, steps * T, B)
+
+
+def test_a_beam_cache_refuses_what_it_cannot_serve():
+    torch.manual_seed(0)
+    prompt = KVCache(2, 1, max_len=4, head_dim=8)
+    prompt.append(torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8))
+    beams = BeamKVCache(prompt, 2, 4)
+    assert repr(beams) == "BeamKVCache(beams=2, prefix=3, length=0, position=3)"
+    with pytest.raises(ValueError, match=r"among its prompt's 2 beams"):
+        beams.reorder(torch.tensor([1, 2, 2, 3]))  # row 1 would take prompt 1's beam
+    with pytest.raises(ValueError, match=r"an index of its 4 rows, got \(2,\)"):
+        beams.reorder(torch.tensor([0, 1]))
+    windowed = KVCache(2, 1, max_len=4, head_dim=8, window=2)
+    with pytest.raises(ValueError, match="no windowed cache"):
+        BeamKVCache(windowed, 2, 4)
+    x = torch.randn(4, 1, 8)
+    with pytest.raises(ValueError, match="every new query sees the whole prompt"):
+        MultiHeadAttention(8, 1, mask=masks.sliding_window(2))(x, cache=beams)
+    with pytest.raises(ValueError, match="served without need_weights"):
+        MultiHeadAttention(8, 1, mask=masks.causal())(x, cache=beams, need_weights=True)
+    with pytest.raises(ValueError, match="serves self-attention"):
+        MultiHeadAttention(8, 1)(x, torch.randn(4, 3, 8), cache=beams)
+    assert beams.length == 0  # nothing was stored by the refusals
+    lm = CausalLM(8, d_model=16, nhead=2, num_layers=1, max_len=16, differential=True)
+    with pytest.raises(ValueError, match="BeamKVCache is served by MultiHeadAttention only"):
+        lm(torch.randint(0, 8, (4, 1)), start=3, caches=[BeamKVCache(prompt, 2, 4)])

@@ -2,6 +2,7 @@
 
 MultiHeadAttention (self, cross, GQA), MultiHeadLatentAttention (DeepSeek MLA),
 DifferentialAttention (DIFF Transformer), KVCache, ShardedKVCache (a cache split over processes),
+BeamKVCache (beams sharing their prompt's cache),
 RotaryEmbedding, and transformers built on them (encoder/decoder layers, Transformer, CausalLM)
 with greedy, sampled and beam-search decoding (``Beams``), and ``DecodingStep`` /
 ``TranslationStep``: a CausalLM / Transformer over caches held as tensors, which torch.export
@@ -9,6 +10,7 @@ takes.
 """
 
 from attnkit.nn.attention import MultiHeadAttention
+from attnkit.nn.beam_kv_cache import BeamKVCache
 from attnkit.nn.beam_search import Beams
 from attnkit.nn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from attnkit.nn.decoding_step import DecodingStep, TranslationStep
@@ -27,6 +29,7 @@ from attnkit.nn.transformer import (
 )
 
 __all__ = [
+    "BeamKVCache",
     "Beams",
     "CausalLM",
     "Checkpoint",

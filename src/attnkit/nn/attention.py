@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from attnkit import masks as _masks
+from attnkit import score_mods as _score_mods
 from attnkit._types import ScoreModFn
 from attnkit._validation import check_flag, check_int
 from attnkit.backends._common import MaskLike
@@ -24,10 +25,12 @@ from attnkit.functional import (
     check_mask_kind,
 )
 from attnkit.masks import Mask
+from attnkit.nn.beam_kv_cache import BeamKVCache
 from attnkit.nn.kv_cache import KVCache
 from attnkit.nn.rope import RotaryEmbedding
 from attnkit.nn.sharded_kv_cache import ShardedKVCache
 from attnkit.score_mods import ScoreMod
+from attnkit.sinks import apply_sinks
 
 
 def check_window(window: int, mask_parts: list[Mask]) -> None:
@@ -68,10 +71,10 @@ def append_to_cache(
     it drops. A ``key_padding_mask`` over every position since the cache's reset is cut to
     the positions it still holds.
     """
-    if isinstance(cache, ShardedKVCache):  # (MultiHeadAttention takes it before this)
+    if isinstance(cache, ShardedKVCache | BeamKVCache):  # (MultiHeadAttention takes them)
         raise ValueError(
-            "a ShardedKVCache is served by MultiHeadAttention only (not latent or differential "
-            "attention)"
+            f"a {type(cache).__name__} is served by MultiHeadAttention only (not latent or "
+            "differential attention)"
         )
     if cache.window is not None:
         check_window(cache.window, [m for m in masks if isinstance(m, Mask)])
@@ -378,6 +381,12 @@ class MultiHeadAttention(nn.Module):
         else:
             start = cache.position if cache is not None else 0
             q, k, v = self.heads(query, key, value, position=start)
+        if isinstance(cache, BeamKVCache):
+            if key is not None:
+                raise ValueError("a BeamKVCache serves self-attention (a prompt's beams)")
+            wanted = check_flag("need_weights", need_weights)
+            out = self._over_beam_cache(q, k, v, cache, mask, key_padding_mask, wanted)
+            return self._output(out, query), None
         if isinstance(cache, ShardedKVCache):
             wanted = check_flag("need_weights", need_weights)
             if key is None:
@@ -492,6 +501,94 @@ class MultiHeadAttention(nn.Module):
                 backend=self.backend, padding=held,
             )  # fmt: skip
         assert isinstance(out, Tensor)
+        return out
+
+    def shares_prompts(self) -> bool:
+        """Whether beams may share a prompt's cache here (``BeamKVCache``).
+
+        Under no mask or a causal one every new query sees the whole prompt, so the prompt's
+        part needs no mask but its padding; ALiBi (or no score mod) is applied there at the
+        queries' positions.
+        """
+        mask_ok = self.mask is None or (
+            isinstance(self.mask, Mask) and self.mask.spec == _masks.causal().spec
+        )
+        mod = self.score_mod
+        return mask_ok and (
+            mod is None
+            or (isinstance(mod, ScoreMod) and mod.kind == "alibi" and mod.params["offset"] is None)
+        )
+
+    def _over_beam_cache(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cache: BeamKVCache,
+        mask: MaskLike,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+    ) -> Tensor:
+        """Self-attention of beams' queries q (N = B·K, H, T, hd) over a ``BeamKVCache``.
+
+        Over the prompt's keys (B rows) with the K beams as K times the heads, head h·K + k
+        reading kv head h // G as grouped-query attention does (its keys are read once for
+        every beam); over each beam's own keys as usual; the two merged by their log-sum-exps.
+        ``key_padding_mask`` (N, position after this call): True = pad, over every position.
+        """
+        from attnkit.distributed.merge import merge_partials
+
+        if need_weights or (self.training and self.dropout) or mask is not None:
+            raise ValueError(
+                "attention over a BeamKVCache is served without need_weights, dropout or a "
+                "call's mask"
+            )
+        if not self.shares_prompts():
+            raise ValueError(
+                "a BeamKVCache needs a module whose every new query sees the whole prompt (no "
+                f"mask or a causal one; no score mod or ALiBi), got mask {self.mask} and "
+                f"score_mod {self.score_mod}"
+            )
+        K, P = cache.beams, cache.prefix.length
+        N, Hq, T, hd = q.shape
+        B = N // K
+        end = cache.position + T
+        if key_padding_mask is not None and (
+            key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (N, end)
+        ):
+            raise ValueError(
+                f"over a BeamKVCache, key_padding_mask must be bool (B·K, every position so "
+                f"far) = ({N}, {end}), got {key_padding_mask.dtype} "
+                f"{tuple(key_padding_mask.shape)}"
+            )
+        own_k, own_v = cache.append(k, v)  # positions P .. position - 1
+        S = own_k.shape[2]
+        # the prompt: every beam's queries as more heads of its prompt's row
+        beams_as_heads = q.view(B, K, Hq, T, hd).transpose(1, 2).reshape(B, Hq * K, T, hd)
+        prompt_mask = None
+        if key_padding_mask is not None:  # every beam of a prompt has its padding
+            prompt_mask = _masks.from_padding_mask(~key_padding_mask[::K, :P])
+        prompt_mod = None
+        if isinstance(self.score_mod, ScoreMod):  # ALiBi: query i at position P + S - T + i
+            slopes = self.score_mod.params["slopes"]
+            slopes = slopes if slopes.numel() == 1 else slopes.repeat_interleave(K)
+            prompt_mod = _score_mods.alibi(slopes, offset=P + S - T)
+        out_p, lse_p = attention(
+            beams_as_heads, cache.prefix.keys, cache.prefix.values, mask=prompt_mask,
+            score_mod=prompt_mod, scale=self.scale, backend=self.backend, return_lse=True,
+        )  # fmt: skip
+        Dv = out_p.shape[-1]
+        out_p = out_p.view(B, Hq, K, T, Dv).transpose(1, 2).reshape(N, Hq, T, Dv)
+        lse_p = lse_p.view(B, Hq, K, T).transpose(1, 2).reshape(N, Hq, T)
+        own_pads = None if key_padding_mask is None else key_padding_mask[:, P:]
+        own_mask = combine_masks([self.mask], own_pads, N, Hq, T, S, q.device)
+        out_o, lse_o = attention(
+            q, own_k, own_v, mask=own_mask, score_mod=self.score_mod, scale=self.scale,
+            backend=self.backend, return_lse=True,
+        )  # fmt: skip
+        out, lse = merge_partials([out_o, out_p], [lse_o, lse_p])
+        if self.sinks is not None:
+            out, _ = apply_sinks(out, lse, self.sinks)
         return out
 
     def _check_sharded(self, need_weights: bool) -> None:

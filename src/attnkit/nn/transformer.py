@@ -25,7 +25,9 @@ from attnkit._validation import check_int, check_token_ids
 from attnkit.distributed.agreement import check_ranks_agree
 from attnkit.functional import BackendName
 from attnkit.masks import Mask
+from attnkit.nn import beam_kv_cache
 from attnkit.nn.attention import MultiHeadAttention
+from attnkit.nn.beam_kv_cache import BeamKVCache
 from attnkit.nn.beam_search import (
     Beams,
     Decoding,
@@ -917,7 +919,9 @@ class CausalLM(nn.Module):
         if group is not None:
             decoding = sharded_decoding(self, prompt, padding, max_new_tokens, group)
         else:
-            decoding = self._fed(prompt, padding, total)
+            decoding = self._fed(prompt, padding, total, copies)
+            if decoding.logits.shape[0] == B * copies:  # the beams share the prompt's caches
+                return decoding
         if copies == 1:
             return decoding
         # beams of a prompt start from copies of its caches: the prompt is fed once
@@ -925,22 +929,39 @@ class CausalLM(nn.Module):
         decoding.reorder(rows)
         return decoding._replace(logits=decoding.logits[rows])
 
-    def _fed(self, prompt: Tensor, padding: Tensor | None, total: int) -> Decoding:
+    def _fed(self, prompt: Tensor, padding: Tensor | None, total: int, beams: int) -> Decoding:
         """Decoding of prompt (B, P)'s rows, fed into caches for ``total`` positions.
 
-        ``padding`` (B, total): True = pad, over the whole text, or None.
+        ``padding`` (B, total): True = pad, over the whole text, or None. With ``beams`` > 1,
+        where every layer can (``MultiHeadAttention.shares_prompts``, caches keeping every
+        position), the decoding of B·beams rows, whose beams share the prompt's caches
+        (``BeamKVCache``); else of the B rows.
         """
-        P = prompt.shape[1]
-        caches, chunk = self._generation_caches(prompt.shape[0], total)
+        B, P = prompt.shape
+        caches, chunk = self._generation_caches(B, total)
+        fed: list[KVCache] = caches
 
         def feed(ids: Tensor, start: int, pads: Tensor | None) -> Tensor:
-            logits: Tensor = self(ids, start=start, caches=caches, padding=pads)[0]
+            logits: Tensor = self(ids, start=start, caches=fed, padding=pads)[0]
             return logits[:, -1]
 
         for start in range(0, P, chunk):
             ids = prompt[:, start : start + chunk]
             logits = feed(ids, start, padding_upto(padding, start + ids.shape[1]))
-        return over_caches(feed, caches, padding, P, logits)
+        if beams > 1 and self._beams_share_prompts(caches):  # (feed reads fed when called)
+            fed = [BeamKVCache(cache, beams, total - P) for cache in caches]
+            rows = torch.arange(B, device=prompt.device).repeat_interleave(beams)
+            padding, logits = None if padding is None else padding[rows], logits[rows]
+        return over_caches(feed, fed, padding, P, logits)
+
+    def _beams_share_prompts(self, caches: list[KVCache]) -> bool:
+        """Whether every layer's beams can share its prompt's cache (``BeamKVCache``)."""
+        if not beam_kv_cache.SHARE_PROMPTS:
+            return False
+        layers = [layer.self_attn for layer in self.layers]
+        return all(
+            isinstance(attn, MultiHeadAttention) and attn.shares_prompts() for attn in layers
+        ) and all(cache.window is None for cache in caches)
 
     @torch.no_grad()
     def generate(
