@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from attnkit import masks, score_mods
-from attnkit.nn import CausalLM, KVCache, MultiHeadAttention, RotaryEmbedding, Transformer
+from attnkit.nn import (
+    CausalLM,
+    KVCache,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    Transformer,
+    beam_kv_cache,
+)
 from attnkit.nn.beam_kv_cache import BeamKVCache
 from attnkit.nn.beam_search import Decoding, beam_search
 
@@ -109,12 +116,34 @@ def sharp(model, scale=4.0):
     return model
 
 
-@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
-def test_translation_beams_equal_enumeration(length_penalty):
-    """Transformer.beam_search with 4³ beams over a 4-token target vocabulary, batch of 2."""
+def with_random_sinks(model):
+    """Sinks that differ from head to head (they start equal), so a head that reads another
+    head's sink shows."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MultiHeadAttention) and module.sinks is not None:
+                module.sinks.normal_()
+    return model
+
+
+@pytest.mark.parametrize(
+    ("length_penalty", "options"),
+    [
+        (0.0, {}),
+        (1.0, {}),
+        (2.0, {}),
+        (1.0, {"num_kv_heads": 1, "sinks": True, "output_gate": True}),
+    ],
+)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "copied"])
+def test_translation_beams_equal_enumeration(length_penalty, options, shared, monkeypatch):
+    """Transformer.beam_search with 4³ beams over a 4-token target vocabulary, batch of 2,
+    the beams reading their source's cross-attention keys and values (or copies of them)."""
+    monkeypatch.setattr(beam_kv_cache, "SHARE_PROMPTS", shared)
     torch.manual_seed(0)
     V, steps = 4, 3
-    model = sharp(Transformer(12, V, d_model=16, nhead=2, max_len=8, pad_id=0)).eval()
+    model = Transformer(12, V, d_model=16, nhead=2, max_len=8, pad_id=0, **options)
+    model = sharp(with_random_sinks(model)).eval()
     src = torch.randint(3, 12, (2, 5))
     src[1, 3:] = 0  # a padded source
     kwargs = {"bos_id": BOS, "eos_id": EOS, "max_len": steps, "length_penalty": length_penalty}
@@ -156,7 +185,8 @@ def test_language_model_beams_equal_enumeration(variant):
         },
         "window": {"positions": "alibi", "mask": masks.sliding_window(2)},
     }[variant]
-    lm = sharp(CausalLM(V, d_model=32, nhead=4, num_layers=2, max_len=32, **kwargs)).eval()
+    lm = CausalLM(V, d_model=32, nhead=4, num_layers=2, max_len=32, **kwargs)
+    lm = sharp(with_random_sinks(lm)).eval()
     shared = lm._beams_share_prompts(lm.new_caches(1, 8))
     assert shared == (variant in ("rope", "alibi_gqa_sinks")), variant
     prompt = torch.randint(0, V, (2, 6))
@@ -203,8 +233,14 @@ def test_a_translation_projects_its_source_once_for_every_beam():
         layer.cross_attn.k_proj.register_forward_hook(
             lambda module, args, out: projected.append(args[0].shape[0])
         )
+    read = []  # the memory's rows at every cross-attention: the sources', never the beams'
+    model.decoder[0].cross_attn.register_forward_pre_hook(
+        lambda module, args: read.append(args[1].shape[0])
+    )
     model.beam_search(torch.randint(1, 12, (2, 5)), num_beams=3, bos_id=1, eos_id=2, max_len=4)
     assert projected == [2] * len(model.decoder)
+    assert len(read) >= 2  # bos, then the beams' steps
+    assert set(read) == {2}
 
 
 def test_one_beam_is_greedy_decoding():
@@ -352,8 +388,11 @@ def test_a_beam_cache_refuses_what_it_cannot_serve():
         MultiHeadAttention(8, 1, mask=masks.sliding_window(2))(x, cache=beams)
     with pytest.raises(ValueError, match="served without need_weights"):
         MultiHeadAttention(8, 1, mask=masks.causal())(x, cache=beams, need_weights=True)
-    with pytest.raises(ValueError, match="serves self-attention"):
-        MultiHeadAttention(8, 1)(x, torch.randn(4, 3, 8), cache=beams)
+    memory = torch.randn(2, 3, 8)  # cross-attention: the sources' rows
+    with pytest.raises(ValueError, match=r"over a BeamKVCache is served without .* got mask"):
+        MultiHeadAttention(8, 1)(x, memory, cache=beams, mask=masks.causal())
+    with pytest.raises(ValueError, match=r"key_padding_mask must be bool \(B, S\) = \(2, 3\)"):
+        MultiHeadAttention(8, 1)(x, memory, cache=beams, key_padding_mask=torch.ones(4, 3) > 0)
     assert beams.length == 0  # nothing was stored by the refusals
     lm = CausalLM(8, d_model=16, nhead=2, num_layers=1, max_len=16, differential=True)
     with pytest.raises(ValueError, match="BeamKVCache is served by MultiHeadAttention only"):

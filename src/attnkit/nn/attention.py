@@ -126,6 +126,22 @@ def combine_masks(
     return reduce(torch.logical_and, dense)
 
 
+def _beams_as_heads(q: Tensor, beams: int) -> Tensor:
+    """Beams' queries (B·K, H, T, D) as (B, H·K, T, D): beam k's head h is head h·K + k.
+
+    Grouped-query attention then reads kv head (h·K + k) // (G·K) = h // G for it, the kv
+    head its own head h reads: one prompt's keys serve all its beams.
+    """
+    N, H, T, D = q.shape
+    return q.view(N // beams, beams, H, T, D).transpose(1, 2).reshape(N // beams, H * beams, T, D)
+
+
+def _heads_as_beams(out: Tensor, beams: int) -> Tensor:
+    """(B, H·K, T, Dv) back to (B·K, H, T, Dv), as ``_beams_as_heads`` folded them."""
+    B, HK, T, Dv = out.shape
+    return out.view(B, HK // beams, beams, T, Dv).transpose(1, 2).reshape(B * beams, -1, T, Dv)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: project, split into heads, attend, concatenate, project with W0.
 
@@ -374,6 +390,12 @@ class MultiHeadAttention(nn.Module):
             value = None if value is None else value.transpose(0, 1)
         self._check_query(query)
         B, Lq, _ = query.shape
+        if isinstance(cache, BeamKVCache) and key is not None:
+            wanted = check_flag("need_weights", need_weights)
+            out = self._over_beam_memory(
+                self._query_heads(query), cache, mask, key_padding_mask, wanted
+            )
+            return self._output(out, query), None
         reuse_cross = cache is not None and key is not None and cache.length > 0
         if reuse_cross:
             assert cache is not None
@@ -382,8 +404,6 @@ class MultiHeadAttention(nn.Module):
             start = cache.position if cache is not None else 0
             q, k, v = self.heads(query, key, value, position=start)
         if isinstance(cache, BeamKVCache):
-            if key is not None:
-                raise ValueError("a BeamKVCache serves self-attention (a prompt's beams)")
             wanted = check_flag("need_weights", need_weights)
             out = self._over_beam_cache(q, k, v, cache, mask, key_padding_mask, wanted)
             return self._output(out, query), None
@@ -550,8 +570,7 @@ class MultiHeadAttention(nn.Module):
                 f"score_mod {self.score_mod}"
             )
         K, P = cache.beams, cache.prefix.length
-        N, Hq, T, hd = q.shape
-        B = N // K
+        N, Hq, T, _ = q.shape
         end = cache.position + T
         if key_padding_mask is not None and (
             key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (N, end)
@@ -563,8 +582,6 @@ class MultiHeadAttention(nn.Module):
             )
         own_k, own_v = cache.append(k, v)  # positions P .. position - 1
         S = own_k.shape[2]
-        # the prompt: every beam's queries as more heads of its prompt's row
-        beams_as_heads = q.view(B, K, Hq, T, hd).transpose(1, 2).reshape(B, Hq * K, T, hd)
         prompt_mask = None
         if key_padding_mask is not None:  # every beam of a prompt has its padding
             prompt_mask = _masks.from_padding_mask(~key_padding_mask[::K, :P])
@@ -574,12 +591,10 @@ class MultiHeadAttention(nn.Module):
             slopes = slopes if slopes.numel() == 1 else slopes.repeat_interleave(K)
             prompt_mod = _score_mods.alibi(slopes, offset=P + S - T)
         out_p, lse_p = attention(
-            beams_as_heads, cache.prefix.keys, cache.prefix.values, mask=prompt_mask,
+            _beams_as_heads(q, K), cache.prefix.keys, cache.prefix.values, mask=prompt_mask,
             score_mod=prompt_mod, scale=self.scale, backend=self.backend, return_lse=True,
         )  # fmt: skip
-        Dv = out_p.shape[-1]
-        out_p = out_p.view(B, Hq, K, T, Dv).transpose(1, 2).reshape(N, Hq, T, Dv)
-        lse_p = lse_p.view(B, Hq, K, T).transpose(1, 2).reshape(N, Hq, T)
+        out_p, lse_p = _heads_as_beams(out_p, K), _heads_as_beams(lse_p[..., None], K)[..., 0]
         own_pads = None if key_padding_mask is None else key_padding_mask[:, P:]
         own_mask = combine_masks([self.mask], own_pads, N, Hq, T, S, q.device)
         out_o, lse_o = attention(
@@ -590,6 +605,46 @@ class MultiHeadAttention(nn.Module):
         if self.sinks is not None:
             out, _ = apply_sinks(out, lse, self.sinks)
         return out
+
+    def _over_beam_memory(
+        self,
+        q: Tensor,
+        cache: BeamKVCache,
+        mask: MaskLike,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+    ) -> Tensor:
+        """Cross-attention of beams' queries q (N = B·K, H, T, hd) over their sources' keys.
+
+        ``cache.prefix`` holds each source's keys and values (B rows, filled by an earlier
+        call); the K beams of a source read them as K times the heads, once for every beam.
+        ``key_padding_mask`` (B, S): True = padded source token, the memory's rows.
+        """
+        given = [name for name, m in (("mask", mask), ("the module's mask", self.mask),
+                 ("score_mod", self.score_mod)) if m is not None]  # fmt: skip
+        if need_weights or (self.training and self.dropout) or given:
+            raise ValueError(
+                "cross-attention over a BeamKVCache is served without need_weights, dropout, "
+                f"masks or score mods; got {', '.join(given) or 'need_weights or dropout'}"
+            )
+        K, prefix = cache.beams, cache.prefix
+        B, S = prefix.keys.shape[0], prefix.length
+        if key_padding_mask is not None and (
+            key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, S)
+        ):
+            raise ValueError(
+                f"over a BeamKVCache, a cross-attention's key_padding_mask must be bool (B, S) "
+                f"= ({B}, {S}), the sources' rows, got {key_padding_mask.dtype} "
+                f"{tuple(key_padding_mask.shape)}"
+            )
+        out = attention(
+            _beams_as_heads(q, K), prefix.keys, prefix.values,
+            mask=None if key_padding_mask is None else _masks.from_padding_mask(~key_padding_mask),
+            scale=self.scale, backend=self.backend,
+            sinks=None if self.sinks is None else self.sinks.repeat_interleave(K),
+        )  # fmt: skip
+        assert isinstance(out, Tensor)
+        return _heads_as_beams(out, K)
 
     def _check_sharded(self, need_weights: bool) -> None:
         """What attention over a ShardedKVCache does not serve, refused before any collective."""

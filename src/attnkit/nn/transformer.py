@@ -628,10 +628,16 @@ class Transformer(nn.Module):
         logits = step(bos, -1)  # projects each source's cross keys and values once
         if copies > 1:  # every beam of a source starts from copies of its caches
             rows = torch.arange(B, device=src.device).repeat_interleave(copies)
-            memory, padding, logits = memory[rows], padding[rows], logits[rows]
-            for self_cache, cross_cache in caches:
+            logits = logits[rows]
+            shared = beam_kv_cache.SHARE_PROMPTS and group is None
+            if not shared:
+                memory, padding = memory[rows], padding[rows]
+            for n, (self_cache, cross_cache) in enumerate(caches):
                 self_cache.reorder(rows)
-                cross_cache.reorder(rows)
+                if shared:  # the beams read their source's keys and values, not copies
+                    caches[n] = (self_cache, BeamKVCache(cross_cache, copies, 0))
+                else:
+                    cross_cache.reorder(rows)
         return Decoding(logits, step, reorder)
 
     @torch.no_grad()
