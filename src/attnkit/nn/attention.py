@@ -620,8 +620,7 @@ class MultiHeadAttention(nn.Module):
         call); the K beams of a source read them as K times the heads, once for every beam.
         ``key_padding_mask`` (B, S): True = padded source token, the memory's rows.
         """
-        given = [name for name, m in (("mask", mask), ("the module's mask", self.mask),
-                 ("score_mod", self.score_mod)) if m is not None]  # fmt: skip
+        given = self._placing(mask)
         if need_weights or (self.training and self.dropout) or given:
             raise ValueError(
                 "cross-attention over a BeamKVCache is served without need_weights, dropout, "
@@ -645,6 +644,14 @@ class MultiHeadAttention(nn.Module):
         )  # fmt: skip
         assert isinstance(out, Tensor)
         return _heads_as_beams(out, K)
+
+    def _placing(self, mask: MaskLike) -> list[str]:
+        """The names of what would place queries among keys here: masks and a score mod.
+
+        A cross-attention over keys split by rows or ranks takes none of them.
+        """
+        found = (("mask", mask), ("the module's mask", self.mask), ("score_mod", self.score_mod))
+        return [name for name, given in found if given is not None]
 
     def _check_sharded(self, need_weights: bool) -> None:
         """What attention over a ShardedKVCache does not serve, refused before any collective."""
@@ -676,8 +683,7 @@ class MultiHeadAttention(nn.Module):
         from attnkit.distributed import sharded_cache_attention
 
         self._check_sharded(need_weights)
-        given = [name for name, m in (("mask", mask), ("the module's mask", self.mask),
-                 ("score_mod", self.score_mod)) if m is not None]  # fmt: skip
+        given = self._placing(mask)
         if given:
             raise ValueError(
                 "cross-attention over a sharded memory (ShardedKVCache) takes no masks or "
