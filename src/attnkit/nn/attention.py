@@ -554,8 +554,12 @@ class MultiHeadAttention(nn.Module):
         Over the prompt's keys (B rows) with the K beams as K times the heads, head h·K + k
         reading kv head h // G as grouped-query attention does (its keys are read once for
         every beam); over each beam's own keys as usual; the two merged by their log-sum-exps.
-        ``key_padding_mask`` (N, position after this call): True = pad, over every position.
+        A prompt sharded over processes (a ``ShardedKVCache`` prefix) is attended with
+        ``sharded_cache_attention`` over every rank's run; the beams' own keys, the same on
+        every rank, are every rank's. ``key_padding_mask`` (N, position after this call):
+        True = pad, over every position.
         """
+        from attnkit.distributed import sharded_cache_attention
         from attnkit.distributed.merge import merge_partials
 
         if need_weights or (self.training and self.dropout) or mask is not None:
@@ -569,7 +573,10 @@ class MultiHeadAttention(nn.Module):
                 f"mask or a causal one; no score mod or ALiBi), got mask {self.mask} and "
                 f"score_mod {self.score_mod}"
             )
-        K, P = cache.beams, cache.prefix.length
+        prefix = cache.prefix
+        if isinstance(prefix, ShardedKVCache) and self.score_mod is not None:
+            raise ValueError("a BeamKVCache over a ShardedKVCache serves no score mod")
+        K, P = cache.beams, prefix.position  # the prompt: positions 0 .. P - 1
         N, Hq, T, _ = q.shape
         end = cache.position + T
         if key_padding_mask is not None and (
@@ -582,18 +589,16 @@ class MultiHeadAttention(nn.Module):
             )
         own_k, own_v = cache.append(k, v)  # positions P .. position - 1
         S = own_k.shape[2]
-        prompt_mask = None
-        if key_padding_mask is not None:  # every beam of a prompt has its padding
-            prompt_mask = _masks.from_padding_mask(~key_padding_mask[::K, :P])
-        prompt_mod = None
-        if isinstance(self.score_mod, ScoreMod):  # ALiBi: query i at position P + S - T + i
-            slopes = self.score_mod.params["slopes"]
-            slopes = slopes if slopes.numel() == 1 else slopes.repeat_interleave(K)
-            prompt_mod = _score_mods.alibi(slopes, offset=P + S - T)
-        out_p, lse_p = attention(
-            _beams_as_heads(q, K), cache.prefix.keys, cache.prefix.values, mask=prompt_mask,
-            score_mod=prompt_mod, scale=self.scale, backend=self.backend, return_lse=True,
-        )  # fmt: skip
+        run = slice(prefix.start, prefix.start + prefix.length)  # the prompt's keys held here
+        prompt_pads = None if key_padding_mask is None else key_padding_mask[::K, run]
+        if isinstance(prefix, ShardedKVCache):
+            out_p, lse_p = sharded_cache_attention(
+                _beams_as_heads(q, K), prefix.keys, prefix.values, kv_start=prefix.kv_start,
+                q_start=0, scale=self.scale, group=prefix.group, backend=self.backend,
+                padding=prompt_pads, return_lse=True,
+            )  # fmt: skip
+        else:
+            out_p, lse_p = self._over_prompt(q, cache, prompt_pads, P + S - T)
         out_p, lse_p = _heads_as_beams(out_p, K), _heads_as_beams(lse_p[..., None], K)[..., 0]
         own_pads = None if key_padding_mask is None else key_padding_mask[:, P:]
         own_mask = combine_masks([self.mask], own_pads, N, Hq, T, S, q.device)
@@ -605,6 +610,27 @@ class MultiHeadAttention(nn.Module):
         if self.sinks is not None:
             out, _ = apply_sinks(out, lse, self.sinks)
         return out
+
+    def _over_prompt(
+        self, q: Tensor, cache: BeamKVCache, pads: Tensor | None, first: int
+    ) -> tuple[Tensor, Tensor]:
+        """Beams' queries (B·K, H, T, hd) at positions first .. over their prompt's keys.
+
+        The beams as heads: out (B, H·K, T, Dv) and LSE (B, H·K, T).
+        """
+        K, prefix = cache.beams, cache.prefix
+        prompt_mask = None if pads is None else _masks.from_padding_mask(~pads)
+        prompt_mod = None
+        if isinstance(self.score_mod, ScoreMod):  # ALiBi: query i at position first + i
+            slopes = self.score_mod.params["slopes"]
+            slopes = slopes if slopes.numel() == 1 else slopes.repeat_interleave(K)
+            prompt_mod = _score_mods.alibi(slopes, offset=first)
+        found = attention(
+            _beams_as_heads(q, K), prefix.keys, prefix.values, mask=prompt_mask,
+            score_mod=prompt_mod, scale=self.scale, backend=self.backend, return_lse=True,
+        )  # fmt: skip
+        assert isinstance(found, tuple)
+        return found
 
     def _over_beam_memory(
         self,

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from attnkit._validation import check_int
 from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.sharded_kv_cache import ShardedKVCache
 
 #: Set False to copy a prompt's caches to every beam instead (``benchmarks/cpu_beam_search.py``
 #: compares).
@@ -32,14 +33,18 @@ class BeamKVCache(KVCache):
 
     Args:
         prefix: the prompt's cache (B rows), fed and holding every position from 0 (not a
-            windowed cache that dropped some).
+            windowed cache that dropped some), or this rank's run of a prompt's cache sharded
+            over processes (a ``ShardedKVCache``; the beams' own positions are then held on
+            every rank alike).
         beams: K.
         max_new: the beams' own positions it may hold.
     """
 
     def __init__(self, prefix: KVCache, beams: int, max_new: int) -> None:
         check_int("BeamKVCache beams", beams)
-        if prefix.window is not None or prefix.start != 0:
+        if prefix.window is not None or (
+            prefix.start != 0 and not isinstance(prefix, ShardedKVCache)
+        ):
             raise ValueError(
                 "a BeamKVCache shares a prompt's whole cache: it takes no windowed cache "
                 f"(got window={prefix.window}, start={prefix.start})"

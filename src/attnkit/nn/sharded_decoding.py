@@ -16,11 +16,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from attnkit.distributed.agreement import check_ranks_agree
+from attnkit.nn.beam_kv_cache import BeamKVCache
 from attnkit.nn.beam_search import Decoding, over_caches, padding_upto
+from attnkit.nn.kv_cache import KVCache
+from attnkit.nn.sharded_kv_cache import ShardedKVCache
 
 if TYPE_CHECKING:
     from attnkit.nn.transformer import CausalLM
@@ -32,13 +36,17 @@ def sharded_decoding(
     padding: Tensor | None,
     max_new_tokens: int,
     group: dist.ProcessGroup,
+    beams: int = 1,
 ) -> Decoding:
     """Feed prompt (N, P), the same on every rank of ``group``, into caches sharded over it.
 
     ``padding`` (N, P + max_new_tokens) bool, True = pad, over the whole text (left-padded
     prompts), or None. A collective: every rank of ``group`` calls it with the same prompt,
     padding and max_new_tokens (checked: ranks that disagree all raise ValueError), then
-    calls ``step`` and ``reorder`` with the same arguments in the same order.
+    calls ``step`` and ``reorder`` with the same arguments in the same order. With ``beams``
+    > 1, where the layers can (``CausalLM._beams_share_prompts``), the decoding of N·beams
+    rows whose beams share the sharded prompt's caches (``BeamKVCache``, the beams' own keys
+    and values on every rank); else of the N rows.
     """
     if not dist.is_initialized():
         raise RuntimeError("group= needs torch.distributed initialised (init_process_group)")
@@ -46,16 +54,22 @@ def sharded_decoding(
     last = world - 1
     N, P = prompt.shape
     n, rest = divmod(P, world)
-    # the last rank holds the rest of the prompt and every new token; a run holds >= 1 slot
-    held = n + (rest + max_new_tokens if rank == last else 0)
-    caches = lm.new_sharded_caches(N, max(held, 1), kv_start=rank * n, group=group)
+    shared = beams > 1 and lm._beams_share_prompts(windowed=False, sharded=True)
+    # the last rank holds the rest of the prompt and every new token (the beams' own, when
+    # they share the prompt, on every rank); a run holds >= 1 slot
+    held = n + (rest + (0 if shared else max_new_tokens) if rank == last else 0)
+    caches: list[KVCache] = list(
+        lm.new_sharded_caches(N, max(held, 1), kv_start=rank * n, group=group)
+    )
     check_ranks_agree(
         group, "generation over sharded caches", prompt.device,
         prompt=prompt, prompt_padding=padding, max_new_tokens=max_new_tokens,
     )  # fmt: skip
 
+    fed = caches
+
     def feed(ids: Tensor, start: int, pads: Tensor | None) -> Tensor:
-        logits: Tensor = lm(ids, start=start, caches=caches, padding=pads)[0]
+        logits: Tensor = lm(ids, start=start, caches=fed, padding=pads)[0]
         return logits[:, -1]
 
     logits = None
@@ -63,15 +77,20 @@ def sharded_decoding(
         chunk = prompt[:, rank * n : (rank + 1) * n]
         logits = feed(chunk, rank * n, padding_upto(padding, (rank + 1) * n))
     for cache in caches:
+        assert isinstance(cache, ShardedKVCache)
         cache.start_decoding()
     if rest:  # the prompt's last tokens, as every rank's same new tokens
         logits = feed(prompt[:, world * n :], world * n, padding_upto(padding, P))
     assert logits is not None  # P >= 1, so n or rest is
+    if shared:  # (feed reads fed when called)
+        fed = [BeamKVCache(cache, beams, max_new_tokens) for cache in caches]
+        rows = torch.arange(N, device=prompt.device).repeat_interleave(beams)
+        padding, logits = None if padding is None else padding[rows], logits[rows]
 
     def feed_shared(ids: Tensor, start: int, pads: Tensor | None) -> Tensor:
         return last_ranks(feed(ids, start, pads), group)
 
-    return over_caches(feed_shared, caches, padding, P, last_ranks(logits, group))
+    return over_caches(feed_shared, fed, padding, P, last_ranks(logits, group))
 
 
 def last_ranks(x: Tensor, group: dist.ProcessGroup) -> Tensor:

@@ -923,12 +923,10 @@ class CausalLM(nn.Module):
                 "(learned positions)"
             )
         if group is not None:
-            decoding = sharded_decoding(self, prompt, padding, max_new_tokens, group)
+            decoding = sharded_decoding(self, prompt, padding, max_new_tokens, group, copies)
         else:
             decoding = self._fed(prompt, padding, total, copies)
-            if decoding.logits.shape[0] == B * copies:  # the beams share the prompt's caches
-                return decoding
-        if copies == 1:
+        if decoding.logits.shape[0] == B * copies:  # one beam, or beams sharing the prompt's
             return decoding
         # beams of a prompt start from copies of its caches: the prompt is fed once
         rows = torch.arange(B, device=prompt.device).repeat_interleave(copies)
@@ -954,20 +952,28 @@ class CausalLM(nn.Module):
         for start in range(0, P, chunk):
             ids = prompt[:, start : start + chunk]
             logits = feed(ids, start, padding_upto(padding, start + ids.shape[1]))
-        if beams > 1 and self._beams_share_prompts(caches):  # (feed reads fed when called)
+        windowed = any(cache.window is not None for cache in caches)
+        if beams > 1 and self._beams_share_prompts(windowed):  # (feed reads fed when called)
             fed = [BeamKVCache(cache, beams, total - P) for cache in caches]
             rows = torch.arange(B, device=prompt.device).repeat_interleave(beams)
             padding, logits = None if padding is None else padding[rows], logits[rows]
         return over_caches(feed, fed, padding, P, logits)
 
-    def _beams_share_prompts(self, caches: list[KVCache]) -> bool:
-        """Whether every layer's beams can share its prompt's cache (``BeamKVCache``)."""
-        if not beam_kv_cache.SHARE_PROMPTS:
+    def _beams_share_prompts(self, windowed: bool, sharded: bool = False) -> bool:
+        """Whether every layer's beams can share its prompt's cache (``BeamKVCache``).
+
+        Not over ``windowed`` caches (they drop prompt positions); over ``sharded`` ones
+        (``ShardedKVCache``) only without a score mod.
+        """
+        if not beam_kv_cache.SHARE_PROMPTS or windowed:
             return False
         layers = [layer.self_attn for layer in self.layers]
         return all(
-            isinstance(attn, MultiHeadAttention) and attn.shares_prompts() for attn in layers
-        ) and all(cache.window is None for cache in caches)
+            isinstance(attn, MultiHeadAttention)
+            and attn.shares_prompts()
+            and not (sharded and attn.score_mod is not None)
+            for attn in layers
+        )
 
     @torch.no_grad()
     def generate(
