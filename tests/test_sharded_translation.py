@@ -35,6 +35,10 @@ SOURCES = {2: [10, 7], 3: [13, 2]}
 def _model(options):
     torch.manual_seed(0)  # the same weights on every rank
     model = Transformer(VOCAB, VOCAB, d_model=32, nhead=4, max_len=32, **options)
+    with torch.no_grad():  # sinks that differ by head (they start equal)
+        for module in model.modules():
+            if isinstance(module, MultiHeadAttention) and module.sinks is not None:
+                module.sinks.normal_()
     return model.double().eval()
 
 

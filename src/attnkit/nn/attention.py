@@ -644,7 +644,8 @@ class MultiHeadAttention(nn.Module):
 
         ``cache.prefix`` holds each source's keys and values (B rows, filled by an earlier
         call); the K beams of a source read them as K times the heads, once for every beam.
-        ``key_padding_mask`` (B, S): True = padded source token, the memory's rows.
+        ``key_padding_mask`` (B, S): True = padded source token, the memory's rows. A memory
+        sharded over processes (a ``ShardedKVCache`` prefix) is merged over every rank's.
         """
         given = self._placing(mask)
         if need_weights or (self.training and self.dropout) or given:
@@ -662,12 +663,22 @@ class MultiHeadAttention(nn.Module):
                 f"= ({B}, {S}), the sources' rows, got {key_padding_mask.dtype} "
                 f"{tuple(key_padding_mask.shape)}"
             )
-        out = attention(
-            _beams_as_heads(q, K), prefix.keys, prefix.values,
-            mask=None if key_padding_mask is None else _masks.from_padding_mask(~key_padding_mask),
-            scale=self.scale, backend=self.backend,
-            sinks=None if self.sinks is None else self.sinks.repeat_interleave(K),
-        )  # fmt: skip
+        sinks = None if self.sinks is None else self.sinks.repeat_interleave(K)
+        if isinstance(prefix, ShardedKVCache):  # this rank's shard of the sources' memory
+            from attnkit.distributed import sharded_cache_attention
+
+            out = sharded_cache_attention(
+                _beams_as_heads(q, K), prefix.keys, prefix.values, kv_start=prefix.kv_start,
+                q_start=0, scale=self.scale, sinks=sinks, group=prefix.group,
+                backend=self.backend, padding=key_padding_mask,
+            )  # fmt: skip
+        else:
+            kept = None if key_padding_mask is None else ~key_padding_mask
+            out = attention(
+                _beams_as_heads(q, K), prefix.keys, prefix.values,
+                mask=None if kept is None else _masks.from_padding_mask(kept),
+                scale=self.scale, backend=self.backend, sinks=sinks,
+            )  # fmt: skip
         assert isinstance(out, Tensor)
         return _heads_as_beams(out, K)
 

@@ -629,7 +629,7 @@ class Transformer(nn.Module):
         if copies > 1:  # every beam of a source starts from copies of its caches
             rows = torch.arange(B, device=src.device).repeat_interleave(copies)
             logits = logits[rows]
-            shared = beam_kv_cache.SHARE_PROMPTS and group is None
+            shared = beam_kv_cache.SHARE_PROMPTS
             if not shared:
                 memory, padding = memory[rows], padding[rows]
             for n, (self_cache, cross_cache) in enumerate(caches):
