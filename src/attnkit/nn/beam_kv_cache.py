@@ -11,6 +11,8 @@ own keys, and merges the two exactly by their log-sum-exps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -84,3 +86,20 @@ class BeamKVCache(KVCache):
             f"BeamKVCache(beams={self.beams}, prefix={self.prefix.length}, "
             f"length={self.length}, position={self.position})"
         )
+
+
+def beams_sharing(
+    caches: Sequence[KVCache],
+    beams: int,
+    max_new: int,
+    padding: Tensor | None,
+    logits: Tensor,
+) -> tuple[list[KVCache], Tensor | None, Tensor]:
+    """Fed prompts' B rows as their beams' B·K: ``BeamKVCache``s over ``caches``.
+
+    ``padding`` (B, ·) and the next-token ``logits`` (B, V) come back repeated for every beam
+    (row b·K + k is beam k of prompt b).
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device).repeat_interleave(beams)
+    shared: list[KVCache] = [BeamKVCache(cache, beams, max_new) for cache in caches]
+    return shared, None if padding is None else padding[rows], logits[rows]

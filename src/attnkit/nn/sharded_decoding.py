@@ -16,15 +16,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from attnkit.distributed.agreement import check_ranks_agree
-from attnkit.nn.beam_kv_cache import BeamKVCache
+from attnkit.nn.beam_kv_cache import beams_sharing
 from attnkit.nn.beam_search import Decoding, over_caches, padding_upto
 from attnkit.nn.kv_cache import KVCache
-from attnkit.nn.sharded_kv_cache import ShardedKVCache
 
 if TYPE_CHECKING:
     from attnkit.nn.transformer import CausalLM
@@ -58,15 +56,13 @@ def sharded_decoding(
     # the last rank holds the rest of the prompt and every new token (the beams' own, when
     # they share the prompt, on every rank); a run holds >= 1 slot
     held = n + (rest + (0 if shared else max_new_tokens) if rank == last else 0)
-    caches: list[KVCache] = list(
-        lm.new_sharded_caches(N, max(held, 1), kv_start=rank * n, group=group)
-    )
+    caches = lm.new_sharded_caches(N, max(held, 1), kv_start=rank * n, group=group)
     check_ranks_agree(
         group, "generation over sharded caches", prompt.device,
         prompt=prompt, prompt_padding=padding, max_new_tokens=max_new_tokens,
     )  # fmt: skip
 
-    fed = caches
+    fed: list[KVCache] = list(caches)
 
     def feed(ids: Tensor, start: int, pads: Tensor | None) -> Tensor:
         logits: Tensor = lm(ids, start=start, caches=fed, padding=pads)[0]
@@ -77,15 +73,12 @@ def sharded_decoding(
         chunk = prompt[:, rank * n : (rank + 1) * n]
         logits = feed(chunk, rank * n, padding_upto(padding, (rank + 1) * n))
     for cache in caches:
-        assert isinstance(cache, ShardedKVCache)
         cache.start_decoding()
     if rest:  # the prompt's last tokens, as every rank's same new tokens
         logits = feed(prompt[:, world * n :], world * n, padding_upto(padding, P))
     assert logits is not None  # P >= 1, so n or rest is
     if shared:  # (feed reads fed when called)
-        fed = [BeamKVCache(cache, beams, max_new_tokens) for cache in caches]
-        rows = torch.arange(N, device=prompt.device).repeat_interleave(beams)
-        padding, logits = None if padding is None else padding[rows], logits[rows]
+        fed, padding, logits = beams_sharing(caches, beams, max_new_tokens, padding, logits)
 
     def feed_shared(ids: Tensor, start: int, pads: Tensor | None) -> Tensor:
         return last_ranks(feed(ids, start, pads), group)

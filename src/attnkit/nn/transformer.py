@@ -27,7 +27,7 @@ from attnkit.functional import BackendName
 from attnkit.masks import Mask
 from attnkit.nn import beam_kv_cache
 from attnkit.nn.attention import MultiHeadAttention
-from attnkit.nn.beam_kv_cache import BeamKVCache
+from attnkit.nn.beam_kv_cache import BeamKVCache, beams_sharing
 from attnkit.nn.beam_search import (
     Beams,
     Decoding,
@@ -954,9 +954,7 @@ class CausalLM(nn.Module):
             logits = feed(ids, start, padding_upto(padding, start + ids.shape[1]))
         windowed = any(cache.window is not None for cache in caches)
         if beams > 1 and self._beams_share_prompts(windowed):  # (feed reads fed when called)
-            fed = [BeamKVCache(cache, beams, total - P) for cache in caches]
-            rows = torch.arange(B, device=prompt.device).repeat_interleave(beams)
-            padding, logits = None if padding is None else padding[rows], logits[rows]
+            fed, padding, logits = beams_sharing(caches, beams, total - P, padding, logits)
         return over_caches(feed, fed, padding, P, logits)
 
     def _beams_share_prompts(self, windowed: bool, sharded: bool = False) -> bool:
