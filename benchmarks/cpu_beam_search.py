@@ -8,7 +8,13 @@ every beam, the beams' own positions reordered; "copies": the prompt's caches co
 beam, every held position reordered at every step. Each variant keeps its best of
 ``--rounds``; the two variants' logits are checked against each other.
 
+``--translation``: a Transformer (as many encoder and decoder layers) over sources of each
+length instead: "shared", the beams read their source's cross-attention keys and values as K
+times the heads; "copies", the memory and its keys and values copied to every beam (the
+cache column counts both).
+
     python benchmarks/cpu_beam_search.py [--prompts 1024 8192] [--beams 4] [--steps 16]
+    python benchmarks/cpu_beam_search.py --translation
 """
 
 from __future__ import annotations
@@ -20,15 +26,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from attnkit.nn import CausalLM, beam_kv_cache
+from attnkit.nn import CausalLM, Transformer, beam_kv_cache
 
 
 def timed_steps(
-    lm: CausalLM, prompt: torch.Tensor, beams: int, steps: int
+    model: CausalLM | Transformer, prompt: torch.Tensor, beams: int, steps: int
 ) -> tuple[float, torch.Tensor]:
     """(seconds per step, the last logits) of ``steps`` reorders and tokens after the prompt."""
     # (the decoding beam_search drives, so that the prompt's feeding stays out of the timing)
-    logits, step, reorder = lm._decoding(prompt, None, steps, beams)
+    if isinstance(model, Transformer):
+        logits, step, reorder = model._decoding(prompt, 1, steps + 1, beams)
+    else:
+        logits, step, reorder = model._decoding(prompt, None, steps, beams)
     moved = torch.arange(logits.shape[0]).roll(1)  # one prompt: every beam takes another's row
     tokens = logits.argmax(-1)
     begin = time.perf_counter()
@@ -46,34 +55,45 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--translation", action="store_true", help="a Transformer over sources")
     args = ap.parse_args()
     torch.manual_seed(0)
-    lm = CausalLM(
-        1000, d_model=args.width, nhead=8, num_kv_heads=2, num_layers=args.layers,
-        positions="rope", max_len=max(args.prompts) + args.steps,
-    ).eval()  # fmt: skip
+    sizes = {"d_model": args.width, "nhead": 8, "num_kv_heads": 2, "positions": "rope"}
+    model: CausalLM | Transformer
+    if args.translation:
+        layers = {"num_encoder_layers": args.layers, "num_decoder_layers": args.layers}
+        model = Transformer(1000, 1000, **sizes, **layers, max_len=max(args.prompts) + 1)
+    else:
+        model = CausalLM(1000, **sizes, num_layers=args.layers, max_len=max(args.prompts) + 1)
+    model.eval()
     head_dim = args.width // 8
+    what = "translation" if args.translation else "beam search"
     table = Table(
-        title=f"beam search, {args.beams} beams, {args.steps} steps, {args.layers} layers, "
+        title=f"{what}, {args.beams} beams, {args.steps} steps, {args.layers} layers, "
         f"width {args.width}, 8/2 heads, float32, {torch.get_num_threads()} threads"
     )
-    for column in ("prompt", "copies ms/step", "shared ms/step", "speed-up", "cache MiB"):
+    first = "source" if args.translation else "prompt"
+    for column in (first, "copies ms/step", "shared ms/step", "speed-up", "cache MiB"):
         table.add_column(column, justify="right")
     for length in args.prompts:
-        prompt = torch.randint(0, 1000, (1, length))
+        prompt = torch.randint(3, 1000, (1, length))  # (0: a source's pad)
         best, last = {}, {}
         with torch.no_grad():
             for _ in range(args.rounds):
                 for share in (False, True):
                     beam_kv_cache.SHARE_PROMPTS = share
-                    seconds, last[share] = timed_steps(lm, prompt, args.beams, args.steps)
+                    seconds, last[share] = timed_steps(model, prompt, args.beams, args.steps)
                     best[share] = min(best.get(share, float("inf")), seconds)
         beam_kv_cache.SHARE_PROMPTS = True
         torch.testing.assert_close(last[True], last[False], rtol=1e-4, atol=1e-4)
-        # keys and values of every layer: the prompt per beam, or once and the beams' own
+        # keys and values of every layer: the prompt per beam, or once and the beams' own (a
+        # translation's cross-attention keys and values and its memory, the beams' own apart)
         per_position = 2 * 2 * head_dim * 4 * args.layers / 2**20
-        copies = args.beams * (length + args.steps) * per_position
-        shared = (length + args.beams * args.steps) * per_position
+        if args.translation:
+            per_position += args.width * 4 / 2**20
+        own = 0 if args.translation else args.steps
+        copies = args.beams * (length + own) * per_position
+        shared = (length + args.beams * own) * per_position
         table.add_row(
             f"{length:,}",
             f"{best[False] * 1e3:.1f}",
