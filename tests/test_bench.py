@@ -72,6 +72,20 @@ def test_call_overhead_bench_checks_its_ways_agree_and_times_them():
     assert re.search(r"│\s+16 │(\s+-?[\d.]+ │){7}", out), out
 
 
+@pytest.mark.parametrize("model", [[], ["--translation"]], ids=["lm", "translation"])
+def test_beam_search_bench_checks_shared_and_copied_beams_agree(model):
+    """benchmarks/cpu_beam_search.py, tiny: it asserts both ways' logits agree, then prints a
+    row with both times and the caches' sizes."""
+    cmd = [sys.executable, str(ROOT / "benchmarks/cpu_beam_search.py"), "--prompts", "40"]
+    out = subprocess.run(
+        [*cmd, "--steps", "3", "--layers", "1", "--width", "32", "--rounds", "1", *model],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert re.search(r"│\s+40 │\s+[\d.]+ │\s+[\d.]+ │\s+[\d.]+x │\s+[\d.]+ -> [\d.]+ │", out), out
+
+
 def test_triton_walks_bench_times_both_ways():
     """benchmarks/triton_walks.py at one small length: a row of both ways' times."""
     pytest.importorskip("triton")
