@@ -397,3 +397,18 @@ def test_a_beam_cache_refuses_what_it_cannot_serve():
     lm = CausalLM(8, d_model=16, nhead=2, num_layers=1, max_len=16, differential=True)
     with pytest.raises(ValueError, match="BeamKVCache is served by MultiHeadAttention only"):
         lm(torch.randint(0, 8, (4, 1)), start=3, caches=[BeamKVCache(prompt, 2, 4)])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "tiled"])
+def test_beams_copy_the_prompt_where_the_backend_returns_no_lse(backend):
+    """The "sdpa" backend returns no log-sum-exp to merge a shared prompt's part with: its
+    beams copy the prompt's caches, and find what the tiled backend's sharing beams find."""
+    torch.manual_seed(0)
+    lm = CausalLM(20, d_model=32, nhead=4, num_layers=1, max_len=32, backend=backend).eval()
+    assert lm._beams_share_prompts(windowed=False) == (backend != "sdpa")
+    prompt = torch.randint(0, 20, (2, 5))
+    found = lm.beam_search(prompt, num_beams=3, max_new_tokens=3)
+    lm_tiled = CausalLM(20, d_model=32, nhead=4, num_layers=1, max_len=32, backend="tiled")
+    lm_tiled.load_state_dict(lm.state_dict())
+    expected = lm_tiled.eval().beam_search(prompt, num_beams=3, max_new_tokens=3)
+    assert torch.equal(found.tokens, expected.tokens)

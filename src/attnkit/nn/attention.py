@@ -528,8 +528,11 @@ class MultiHeadAttention(nn.Module):
 
         Under no mask or a causal one every new query sees the whole prompt, so the prompt's
         part needs no mask but its padding; ALiBi (or no score mod) is applied there at the
-        queries' positions.
+        queries' positions. The two parts merge by their log-sum-exps, which the "sdpa"
+        backend does not return.
         """
+        if self.backend == "sdpa":
+            return False
         mask_ok = self.mask is None or (
             isinstance(self.mask, Mask) and self.mask.spec == _masks.causal().spec
         )
