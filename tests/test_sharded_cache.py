@@ -462,6 +462,13 @@ def _disagreeing_worker(rank, world, init_file, results_dir):
                 torch.ones(1, 6, dtype=torch.long), max_new_tokens=2, prompt_padding=pads,
                 group=dist.group.WORLD,
             )  # fmt: skip
+        ones = torch.ones(1, 6, dtype=torch.long)
+        with pytest.raises(ValueError, match=r"rank 1: eos_id 5, sampled 0"):
+            lm.generate(ones, max_new_tokens=2, temperature=0, eos_id=4 + rank,
+                        group=dist.group.WORLD)  # fmt: skip
+        with pytest.raises(ValueError, match=r"rank 0: eos_id None, length_penalty 1\.0; "):
+            lm.beam_search(ones, num_beams=2, max_new_tokens=2, length_penalty=1.0 + rank,
+                           group=dist.group.WORLD)  # fmt: skip
         # the group still works after the refusals
         out = lm.generate(torch.ones(1, 5, dtype=torch.long), max_new_tokens=3,
                           temperature=0, group=dist.group.WORLD)  # fmt: skip

@@ -122,6 +122,16 @@ def _disagreeing_worker(rank, world, init_file, results_dir):
         bad[0, -1] = VOCAB  # on rank 1's shard only: every rank refuses it
         with pytest.raises(ValueError, match="src"):
             model.generate(bad, bos_id=BOS, eos_id=EOS, max_len=3, group=everyone)
+        same = torch.full((1, 6), 3)
+        with pytest.raises(ValueError, match=r"rank 0: eos_id 2, sampled 0; rank 1: eos_id 3"):
+            model.generate(same, bos_id=BOS, eos_id=EOS + rank, max_len=3, group=everyone)
+        with pytest.raises(ValueError, match=r"rank 1: eos_id 2, sampled 1"):
+            model.generate(same, bos_id=BOS, eos_id=EOS, temperature=rank, group=everyone)
+        with pytest.raises(ValueError, match=r"rank 1: eos_id 2, length_penalty 2\.0"):
+            model.beam_search(
+                same, bos_id=BOS, eos_id=EOS, num_beams=2, length_penalty=1 + rank,
+                group=everyone,
+            )  # fmt: skip
         with pytest.raises(ValueError, match="source length 40 exceeds max_len 32"):
             model.generate(torch.full((1, 40), 3), bos_id=BOS, eos_id=EOS, group=everyone)
         src = torch.arange(3, 9)[None]

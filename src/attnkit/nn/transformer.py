@@ -346,6 +346,18 @@ def _check_beams(
         )
 
 
+def _check_ranks_stop_alike(
+    group: dist.ProcessGroup | None, device: torch.device, **given: int | float | None
+) -> None:
+    """With ``group``: every rank picks and ends its tokens alike, or every rank raises.
+
+    The end token, sampling or not, beams' length penalty: ranks that stop at different
+    steps, or broadcast samples some do not wait for, hang in their next collective.
+    """
+    if group is not None:
+        check_ranks_agree(group, "generation over a process group", device, **given)
+
+
 def _sample(
     logits: Tensor,
     temperature: float,
@@ -671,6 +683,7 @@ class Transformer(nn.Module):
         """
         _check_sampling(temperature, top_k, "max_len", max_len, 1)
         _check_beams(num_beams, temperature, top_k, generator)
+        _check_ranks_stop_alike(group, src.device, eos_id=eos_id, sampled=int(temperature != 0))
         if num_beams > 1:
             found = self.beam_search(
                 src,
@@ -716,6 +729,9 @@ class Transformer(nn.Module):
         """
         check_int("max_len", max_len)
         check_search(num_beams, max_len, length_penalty)
+        _check_ranks_stop_alike(
+            group, src.device, eos_id=eos_id, length_penalty=float(length_penalty)
+        )
         return beam_search(
             self._decoding(src, bos_id, max_len, num_beams, group),
             num_beams=num_beams,
@@ -1013,6 +1029,7 @@ class CausalLM(nn.Module):
         """
         _check_sampling(temperature, top_k, "max_new_tokens", max_new_tokens, 0)
         _check_beams(num_beams, temperature, top_k, generator)
+        _check_ranks_stop_alike(group, prompt.device, eos_id=eos_id, sampled=int(temperature != 0))
         if num_beams > 1:
             found = self.beam_search(
                 prompt,
@@ -1060,6 +1077,9 @@ class CausalLM(nn.Module):
         ``length_penalty``. ``prompt_padding`` and ``group`` as ``generate`` takes them.
         """
         check_search(num_beams, max_new_tokens, length_penalty)
+        _check_ranks_stop_alike(
+            group, prompt.device, eos_id=eos_id, length_penalty=float(length_penalty)
+        )
         return beam_search(
             self._decoding(prompt, prompt_padding, max_new_tokens, num_beams, group),
             num_beams=num_beams,
