@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from attnkit import _validation as check
-from attnkit import masks
+from attnkit import masks, score_mods
 from attnkit._types import ScoreModFn
 from attnkit.backends._common import compute_dtype
 from attnkit.distributed.layout import check_initialised
@@ -69,8 +69,9 @@ def sharded_cache_attention(
         kv_start: the global position of this rank's first key.
         q_start: the global position of the first query; None: L - T (the queries are the
             cache's last T positions, as after ``KVCache.append`` of their keys). Only
-            ``causal``, ``window``, ``mask`` and ``score_mod`` read it; without them T may
-            exceed L (a decoder's cross-attention over an encoder memory sharded over ranks).
+            ``causal``, ``window``, ``mask`` and a ``score_mod`` other than ALiBi and softcap
+            bound it; without them the queries may sit past L (a decoder's cross-attention
+            over an encoder memory sharded over ranks; beams past their prompt's end).
         causal: query at global position i sees keys j <= i.
         window: FlashAttention's window_size: (left, right), or an int w for (w, 0) when
             causal and (w, w) otherwise; -1 leaves a side unbounded.
@@ -116,9 +117,11 @@ def sharded_cache_attention(
     length, first_query = _agreed_layout(q, k, v, kv_start, group, world, rank)
     T = shapes.Lq
     first_query = first_query if q_start is None else q_start
-    # only masks, windows and score mods place the queries (a decoder's cross-attention over
-    # a sharded encoder memory has none, and may have more queries than the memory positions)
-    placed = causal or win is not None or mask is not None or score_mod is not None
+    # only masks, windows and score mods over the whole sequence bound the queries' positions
+    # (a decoder's cross-attention over a sharded memory has none and may have more queries
+    # than memory positions; ALiBi and softcap run at any offset: beams past a prompt's end)
+    whole_mod = score_mod is not None and score_mods.kernel_mods(score_mod) is None
+    placed = causal or win is not None or mask is not None or whole_mod
     if placed and first_query + T > length:
         raise ValueError(
             f"the queries' positions {first_query} .. {first_query + T - 1} run past the "

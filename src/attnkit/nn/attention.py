@@ -577,8 +577,6 @@ class MultiHeadAttention(nn.Module):
                 f"score_mod {self.score_mod}"
             )
         prefix = cache.prefix
-        if isinstance(prefix, ShardedKVCache) and self.score_mod is not None:
-            raise ValueError("a BeamKVCache over a ShardedKVCache serves no score mod")
         K, P = cache.beams, prefix.position  # the prompt: positions 0 .. P - 1
         N, Hq, T, _ = q.shape
         end = cache.position + T
@@ -594,14 +592,15 @@ class MultiHeadAttention(nn.Module):
         S = own_k.shape[2]
         run = slice(prefix.start, prefix.start + prefix.length)  # the prompt's keys held here
         prompt_pads = None if key_padding_mask is None else key_padding_mask[::K, run]
-        if isinstance(prefix, ShardedKVCache):
+        first = P + S - T  # the queries' first position
+        if isinstance(prefix, ShardedKVCache):  # ALiBi at the whole sequence's positions
             out_p, lse_p = sharded_cache_attention(
                 _beams_as_heads(q, K), prefix.keys, prefix.values, kv_start=prefix.kv_start,
-                q_start=0, scale=self.scale, group=prefix.group, backend=self.backend,
-                padding=prompt_pads, return_lse=True,
+                q_start=first, score_mod=self._beams_alibi(K, None), scale=self.scale,
+                group=prefix.group, backend=self.backend, padding=prompt_pads, return_lse=True,
             )  # fmt: skip
         else:
-            out_p, lse_p = self._over_prompt(q, cache, prompt_pads, P + S - T)
+            out_p, lse_p = self._over_prompt(q, cache, prompt_pads, first)
         out_p, lse_p = _heads_as_beams(out_p, K), _heads_as_beams(lse_p[..., None], K)[..., 0]
         own_pads = None if key_padding_mask is None else key_padding_mask[:, P:]
         own_mask = combine_masks([self.mask], own_pads, N, Hq, T, S, q.device)
@@ -623,17 +622,24 @@ class MultiHeadAttention(nn.Module):
         """
         K, prefix = cache.beams, cache.prefix
         prompt_mask = None if pads is None else _masks.from_padding_mask(~pads)
-        prompt_mod = None
-        if isinstance(self.score_mod, ScoreMod):  # ALiBi: query i at position first + i
-            slopes = self.score_mod.params["slopes"]
-            slopes = slopes if slopes.numel() == 1 else slopes.repeat_interleave(K)
-            prompt_mod = _score_mods.alibi(slopes, offset=first)
         found = attention(
             _beams_as_heads(q, K), prefix.keys, prefix.values, mask=prompt_mask,
-            score_mod=prompt_mod, scale=self.scale, backend=self.backend, return_lse=True,
+            score_mod=self._beams_alibi(K, first), scale=self.scale, backend=self.backend,
+            return_lse=True,
         )  # fmt: skip
         assert isinstance(found, tuple)
         return found
+
+    def _beams_alibi(self, beams: int, offset: int | None) -> ScoreMod | None:
+        """The module's ALiBi (or None) for its heads with K beams folded into each.
+
+        Query i at key i + ``offset`` (None: at the whole sequence's positions).
+        """
+        if not isinstance(self.score_mod, ScoreMod):
+            return None
+        slopes = self.score_mod.params["slopes"]
+        slopes = slopes if slopes.numel() == 1 else slopes.repeat_interleave(beams)
+        return _score_mods.alibi(slopes, offset=offset)
 
     def _over_beam_memory(
         self,

@@ -52,7 +52,7 @@ def sharded_decoding(
     last = world - 1
     N, P = prompt.shape
     n, rest = divmod(P, world)
-    shared = beams > 1 and lm._beams_share_prompts(windowed=False, sharded=True)
+    shared = beams > 1 and lm._beams_share_prompts(windowed=False)
     # the last rank holds the rest of the prompt and every new token (the beams' own, when
     # they share the prompt, on every rank); a run holds >= 1 slot
     held = n + (rest + (0 if shared else max_new_tokens) if rank == last else 0)

@@ -973,20 +973,16 @@ class CausalLM(nn.Module):
             fed, padding, logits = beams_sharing(caches, beams, total - P, padding, logits)
         return over_caches(feed, fed, padding, P, logits)
 
-    def _beams_share_prompts(self, windowed: bool, sharded: bool = False) -> bool:
+    def _beams_share_prompts(self, windowed: bool) -> bool:
         """Whether every layer's beams can share its prompt's cache (``BeamKVCache``).
 
-        Not over ``windowed`` caches (they drop prompt positions); over ``sharded`` ones
-        (``ShardedKVCache``) only without a score mod.
+        Not over ``windowed`` caches: they drop prompt positions.
         """
         if not beam_kv_cache.SHARE_PROMPTS or windowed:
             return False
         layers = [layer.self_attn for layer in self.layers]
         return all(
-            isinstance(attn, MultiHeadAttention)
-            and attn.shares_prompts()
-            and not (sharded and attn.score_mod is not None)
-            for attn in layers
+            isinstance(attn, MultiHeadAttention) and attn.shares_prompts() for attn in layers
         )
 
     @torch.no_grad()
