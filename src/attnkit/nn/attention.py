@@ -126,6 +126,22 @@ def combine_masks(
     return reduce(torch.logical_and, dense)
 
 
+def _check_key_padding(
+    key_padding_mask: Tensor | None, shape: tuple[int, int], over: str, described: str
+) -> None:
+    """ValueError unless ``key_padding_mask`` is None or bool of ``shape`` (``described``).
+
+    ``over`` names the cache it was given with.
+    """
+    if key_padding_mask is not None and (
+        key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != shape
+    ):
+        raise ValueError(
+            f"over {over}, key_padding_mask must be bool ({described}) = {shape}, got "
+            f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+        )
+
+
 def _beams_as_heads(q: Tensor, beams: int) -> Tensor:
     """Beams' queries (B·K, H, T, D) as (B, H·K, T, D): beam k's head h is head h·K + k.
 
@@ -479,15 +495,9 @@ class MultiHeadAttention(nn.Module):
         self._check_sharded(need_weights)
         n = q.shape[2]
         end = (cache.kv_start if not cache.decoding else cache.position) + n
-        if key_padding_mask is not None and (
-            key_padding_mask.dtype != torch.bool
-            or tuple(key_padding_mask.shape) != (q.shape[0], end)
-        ):
-            raise ValueError(
-                f"over a ShardedKVCache, key_padding_mask must be bool (B, every position so "
-                f"far) = ({q.shape[0]}, {end}), got {key_padding_mask.dtype} "
-                f"{tuple(key_padding_mask.shape)}"
-            )
+        _check_key_padding(
+            key_padding_mask, (q.shape[0], end), "a ShardedKVCache", "B, every position so far"
+        )
         given = [m for m in (self.mask, mask) if m is not None]
         parts = [m for m in given if isinstance(m, Mask)]
         if len(parts) != len(given):
@@ -580,14 +590,9 @@ class MultiHeadAttention(nn.Module):
         K, P = cache.beams, prefix.position  # the prompt: positions 0 .. P - 1
         N, Hq, T, _ = q.shape
         end = cache.position + T
-        if key_padding_mask is not None and (
-            key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (N, end)
-        ):
-            raise ValueError(
-                f"over a BeamKVCache, key_padding_mask must be bool (B·K, every position so "
-                f"far) = ({N}, {end}), got {key_padding_mask.dtype} "
-                f"{tuple(key_padding_mask.shape)}"
-            )
+        _check_key_padding(
+            key_padding_mask, (N, end), "a BeamKVCache", "B·K, every position so far"
+        )
         own_k, own_v = cache.append(k, v)  # positions P .. position - 1
         S = own_k.shape[2]
         run = slice(prefix.start, prefix.start + prefix.length)  # the prompt's keys held here
@@ -664,14 +669,9 @@ class MultiHeadAttention(nn.Module):
             )
         K, prefix = cache.beams, cache.prefix
         B, S = prefix.keys.shape[0], prefix.length
-        if key_padding_mask is not None and (
-            key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, S)
-        ):
-            raise ValueError(
-                f"over a BeamKVCache, a cross-attention's key_padding_mask must be bool (B, S) "
-                f"= ({B}, {S}), the sources' rows, got {key_padding_mask.dtype} "
-                f"{tuple(key_padding_mask.shape)}"
-            )
+        _check_key_padding(
+            key_padding_mask, (B, S), "a BeamKVCache's cross-attention (the sources' rows)", "B, S"
+        )
         sinks = None if self.sinks is None else self.sinks.repeat_interleave(K)
         if isinstance(prefix, ShardedKVCache):  # this rank's shard of the sources' memory
             from attnkit.distributed import sharded_cache_attention
@@ -737,14 +737,9 @@ class MultiHeadAttention(nn.Module):
                 f"{', '.join(given)}"
             )
         S = cache.length if reused else k.shape[2]
-        if key_padding_mask is not None and (
-            key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (q.shape[0], S)
-        ):
-            raise ValueError(
-                f"over a sharded memory, key_padding_mask must be bool (B, this rank's memory "
-                f"positions) = ({q.shape[0]}, {S}), got {key_padding_mask.dtype} "
-                f"{tuple(key_padding_mask.shape)}"
-            )
+        _check_key_padding(
+            key_padding_mask, (q.shape[0], S), "a sharded memory", "B, this rank's memory positions"
+        )
         if not reused:
             k, v = cache.append(k, v)
         out = sharded_cache_attention(
